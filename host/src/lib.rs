@@ -1,0 +1,12 @@
+//! node-runtime: a worker node that runs business-process agents as
+//! WebAssembly components, each inside its own budgets.
+//!
+//! Data flows one way: a run request goes into the [`sandbox`], which
+//! executes the agent and returns a classified outcome and a report.
+//!
+//! - [`sandbox`]: the wasmtime engine, the agent world's host capabilities,
+//!   the four meters (fuel, memory, wall clock, tokens) and run outcomes.
+//! - [`cli`]: the `node-runtime` command line.
+
+pub mod cli;
+pub mod sandbox;

@@ -1,0 +1,164 @@
+//! Turning bytes into a runnable agent.
+//!
+//! An artifact is a `.wasm` component (compiled here) or a `.cwasm`
+//! precompiled by `node-runtime compile` (checked, then loaded). Either way
+//! the result is an [`Agent`]: a component already linked against the
+//! node's host capabilities (`InstancePre`), so each run only instantiates.
+//! Everything that makes an artifact unrunnable is found here, before any
+//! run starts, and reported as an [`InvalidAgent`] naming the problem.
+
+use std::fmt;
+
+use thiserror::Error;
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::Engine;
+
+use super::bindings::AgentPre;
+use super::precompiled;
+use super::state::RunState;
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+/// Why an artifact cannot run. Shown to users as `agent.invalid`.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidAgent(pub String);
+
+/// Which calling convention the component follows.
+pub(crate) enum Entry {
+    /// The node-runtime agent world: `run(context) -> result<map, error>`.
+    World(AgentPre<RunState>),
+    /// A plain WASI command: context as JSON on stdin, result on stdout.
+    Command(CommandPre<RunState>),
+}
+
+/// A component ready to be instantiated, once per run.
+pub struct Agent {
+    pub(crate) entry: Entry,
+    /// SHA-256 of the artifact, hex.
+    digest: String,
+}
+
+impl Agent {
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// `"agent"` for the agent world, `"command"` for a WASI command.
+    pub fn kind(&self) -> &'static str {
+        match self.entry {
+            Entry::World(_) => "agent",
+            Entry::Command(_) => "command",
+        }
+    }
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("kind", &self.kind())
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+
+/// Compiles (or, for a `.cwasm`, loads) `bytes`. CPU-heavy for a `.wasm`:
+/// call it off the async runtime's worker threads.
+pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, InvalidAgent> {
+    if bytes.is_empty() {
+        return Err(InvalidAgent("the file is empty (0 bytes)".into()));
+    }
+    if precompiled::is_precompiled(bytes) {
+        let artifact =
+            precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
+        // SAFETY: the artifact carries the digest `node-runtime compile`
+        // recorded, so it is the bytes wasmtime produced; wasmtime checks its
+        // own version and configuration before using it.
+        return unsafe { Component::deserialize(engine, artifact) }.map_err(|err| {
+            InvalidAgent(format!(
+                "the .cwasm was precompiled for a different engine and cannot run here: {}; \
+                 compile it again with this node's `node-runtime compile`",
+                error_chain(&err)
+            ))
+        });
+    }
+    if wasmtime::Engine::detect_precompiled(bytes).is_some() {
+        return Err(InvalidAgent(
+            precompiled::PrecompiledError::ForeignArtifact.to_string(),
+        ));
+    }
+    if !bytes.starts_with(WASM_MAGIC) {
+        return Err(InvalidAgent(
+            "the file is not WebAssembly (it does not start with the `\\0asm` header) \
+             nor a .cwasm from `node-runtime compile`"
+                .into(),
+        ));
+    }
+    if bytes.get(4..8) == Some(&CORE_MODULE_VERSION) {
+        return Err(InvalidAgent(
+            "the file is a core WebAssembly module, not a component; build the agent for \
+             the wasm32-wasip2 target (or wrap the module with `wasm-tools component new`)"
+                .into(),
+        ));
+    }
+    Component::new(engine, bytes).map_err(|err| {
+        InvalidAgent(format!(
+            "the file is not a valid WebAssembly component (truncated or corrupt?): {}",
+            error_chain(&err)
+        ))
+    })
+}
+
+/// Links `component` against the node's capabilities and finds its entry
+/// point.
+pub(crate) fn link(
+    engine: &Engine,
+    linker: &Linker<RunState>,
+    component: &Component,
+    digest: String,
+) -> Result<Agent, InvalidAgent> {
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let pre: InstancePre<RunState> = linker.instantiate_pre(component).map_err(|err| {
+        InvalidAgent(format!(
+            "the component needs an import this node does not provide: {}",
+            error_chain(&err)
+        ))
+    })?;
+    let entry = if exports.iter().any(|name| name == "run") {
+        Entry::World(AgentPre::new(pre).map_err(|err| {
+            InvalidAgent(format!(
+                "the component exports `run` but not as the node-runtime agent world \
+                 defines it (wit/agent.wit): {}",
+                error_chain(&err)
+            ))
+        })?)
+    } else if exports.iter().any(|name| name.starts_with("wasi:cli/run@")) {
+        Entry::Command(CommandPre::new(pre).map_err(|err| {
+            InvalidAgent(format!(
+                "the component's `wasi:cli/run` export does not match WASI 0.2: {}",
+                error_chain(&err)
+            ))
+        })?)
+    } else {
+        return Err(InvalidAgent(format!(
+            "the component is of another world: it exports neither `run` (the node-runtime \
+             agent world, wit/agent.wit) nor `wasi:cli/run` (a WASI command); its exports: [{}]",
+            exports.join(", ")
+        )));
+    };
+    Ok(Agent { entry, digest })
+}
+
+/// `outer: inner: innermost`, the way wasmtime's errors read best.
+pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
+    err.chain()
+        .map(|cause| cause.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}

@@ -1,0 +1,34 @@
+//! `budget.remaining`: what is left of each meter.
+//!
+//! Linked by hand rather than through the generated trait because reading
+//! the fuel needs the `Store`, not only the host state.
+
+use std::time::Instant;
+
+use wasmtime::component::Linker;
+use wasmtime::StoreContextMut;
+
+use crate::sandbox::bindings::budget::RemainingBudget;
+use crate::sandbox::state::RunState;
+
+const INTERFACE: &str = "node-runtime:agent/budget@0.1.0";
+
+pub fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    linker
+        .instance(INTERFACE)?
+        .func_wrap("remaining", |store: StoreContextMut<'_, RunState>, (): ()| {
+            let fuel = store.get_fuel()?;
+            let state = store.data();
+            let time_ms = state
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis();
+            Ok((RemainingBudget {
+                fuel,
+                memory_bytes: state.memory.remaining_bytes(),
+                time_ms: u64::try_from(time_ms).unwrap_or(u64::MAX),
+                tokens: state.tokens.remaining(),
+            },))
+        })?;
+    Ok(())
+}

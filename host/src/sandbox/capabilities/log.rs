@@ -1,0 +1,126 @@
+//! `log.log`: the agent's structured log lines, passed on through
+//! `tracing` inside the run's span (which carries the run id, lease id,
+//! agent id and trace id), and capped per run.
+
+use crate::sandbox::bindings::log::{Host, Level};
+use crate::sandbox::budget::NodeLimits;
+use crate::sandbox::state::RunState;
+
+/// A run's log budget and what it has used.
+#[derive(Debug)]
+pub struct RunLog {
+    max_lines: u32,
+    max_bytes: usize,
+    max_line_bytes: usize,
+    lines: u32,
+    bytes: usize,
+    dropped: u32,
+}
+
+impl RunLog {
+    pub fn new(limits: &NodeLimits) -> Self {
+        RunLog {
+            max_lines: limits.log_lines,
+            max_bytes: limits.log_bytes,
+            max_line_bytes: limits.log_line_bytes,
+            lines: 0,
+            bytes: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn lines(&self) -> u32 {
+        self.lines
+    }
+
+    pub fn dropped(&self) -> u32 {
+        self.dropped
+    }
+
+    /// Counts a line of `len` bytes; false when it must be dropped. The
+    /// first drop is announced once, so a flood costs one warning.
+    fn admit(&mut self, len: usize) -> bool {
+        let len = len.min(self.max_line_bytes);
+        if self.lines >= self.max_lines || self.bytes + len > self.max_bytes {
+            if self.dropped == 0 {
+                tracing::warn!(
+                    max_lines = self.max_lines,
+                    max_bytes = self.max_bytes,
+                    "agent log cap reached: further lines of this run are dropped and counted"
+                );
+            }
+            self.dropped += 1;
+            return false;
+        }
+        self.lines += 1;
+        self.bytes += len;
+        true
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the
+/// cut.
+pub(crate) fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes cut]", &text[..end], text.len() - end).into()
+}
+
+impl Host for RunState {
+    fn log(
+        &mut self,
+        level: Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) -> wasmtime::Result<()> {
+        let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if !self.log.admit(size) {
+            return Ok(());
+        }
+        let max = self.log.max_line_bytes;
+        let message = truncate(&message, max);
+        let fields: String = fields
+            .iter()
+            .map(|(key, value)| format!("{key}={}", truncate(value, max)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let fields = truncate(&fields, max);
+        match level {
+            Level::Trace => tracing::trace!(target: "agent", %fields, "{message}"),
+            Level::Debug => tracing::debug!(target: "agent", %fields, "{message}"),
+            Level::Info => tracing::info!(target: "agent", %fields, "{message}"),
+            Level::Warn => tracing::warn!(target: "agent", %fields, "{message}"),
+            Level::Error => tracing::error!(target: "agent", %fields, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_past_the_cap_are_dropped_and_counted() {
+        let mut log = RunLog::new(&NodeLimits {
+            log_lines: 2,
+            ..NodeLimits::default()
+        });
+        assert!(log.admit(10));
+        assert!(log.admit(10));
+        assert!(!log.admit(10));
+        assert!(!log.admit(10));
+        assert_eq!((log.lines(), log.dropped()), (2, 2));
+    }
+
+    #[test]
+    fn truncation_respects_character_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h... [5 bytes cut]");
+        assert_eq!(truncate("short", 10), "short");
+    }
+}

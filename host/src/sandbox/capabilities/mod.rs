@@ -1,0 +1,30 @@
+//! The host side of the agent world's imports, one module per interface,
+//! and the linker that offers them (plus WASI) to every component.
+
+pub mod budget;
+pub mod http;
+pub mod llm;
+pub mod log;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::Engine;
+
+use super::bindings;
+use super::state::RunState;
+
+/// Every import an agent may use. Built once per engine; components that
+/// import anything else are refused at load time.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<RunState>> {
+    let mut linker = Linker::new(engine);
+    // The WASI a `wasm32-wasip2` toolchain links against. Its grants come
+    // from each run's `WasiCtx`, which grants nothing by default.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    bindings::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    bindings::llm::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    budget::add_to_linker(&mut linker)?;
+    Ok(linker)
+}
+
+impl bindings::types::Host for RunState {}

@@ -1,0 +1,149 @@
+//! The one place wasmtime is configured.
+//!
+//! Every component this process compiles or loads goes through the
+//! [`Engine`] built here, so fuel, epochs, the allocator and the compiler
+//! settings are the same for all of them, and a precompiled `.cwasm` is
+//! accepted only if it was produced under this exact configuration.
+//!
+//! The pooling allocator reserves its whole pool of virtual address space
+//! up front (several GiB per linear memory). That fails where the address
+//! space is small (39-bit ARM boards) or `ulimit -v` is set; the engine then
+//! falls back to on-demand allocation and says so, instead of refusing to
+//! start.
+
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
+};
+
+use super::budget::NodeLimits;
+
+/// How instances get their memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllocatorChoice {
+    /// Pooling, falling back to on-demand when the pool cannot be reserved.
+    #[default]
+    Auto,
+    /// Pooling only: fail when the pool cannot be reserved.
+    Pooling,
+    /// Allocate each instance's memory when it is created.
+    OnDemand,
+}
+
+/// The allocator the engine actually uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocator {
+    Pooling { slots: u32 },
+    OnDemand { reason: String },
+}
+
+/// Settings that shape the engine. Everything that affects compiled code
+/// lives in [`compiler_config`], so both allocators accept the same
+/// `.cwasm` files.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub allocator: AllocatorChoice,
+    /// Runs that may be instantiated at once; sizes the pool.
+    pub max_concurrent_runs: u32,
+    /// How often the epoch advances: the granularity of deadlines and of
+    /// guest yields to the async runtime.
+    pub epoch_tick: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            allocator: AllocatorChoice::Auto,
+            max_concurrent_runs: 16,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Core instances one component may contain. Rust components have a
+/// handful; interpreters built with componentize-py or jco have dozens.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+const MEMORIES_PER_COMPONENT: u32 = 8;
+const TABLES_PER_COMPONENT: u32 = 64;
+
+/// Settings that change generated code. A `.cwasm` records them and is
+/// refused by an engine whose settings differ.
+fn compiler_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
+    config
+}
+
+/// Builds the process's engine, with the pool when it can be reserved.
+pub fn build_engine(
+    settings: &EngineSettings,
+    limits: &NodeLimits,
+) -> wasmtime::Result<(Engine, Allocator)> {
+    let on_demand = |reason: String| -> wasmtime::Result<(Engine, Allocator)> {
+        let mut config = compiler_config();
+        config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+        Ok((Engine::new(&config)?, Allocator::OnDemand { reason }))
+    };
+    match settings.allocator {
+        AllocatorChoice::OnDemand => on_demand("configured".to_string()),
+        choice => {
+            let slots = settings.max_concurrent_runs.max(1);
+            let mut config = compiler_config();
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+                slots, limits,
+            )));
+            match Engine::new(&config) {
+                Ok(engine) => Ok((engine, Allocator::Pooling { slots })),
+                Err(err) if choice == AllocatorChoice::Auto => {
+                    let reason = format!("the instance pool could not be reserved: {err}");
+                    tracing::warn!(%reason, "falling back to on-demand instance allocation");
+                    on_demand(reason)
+                }
+                Err(err) => Err(err.context(format!(
+                    "could not reserve the instance pool for {slots} concurrent runs \
+                     (set the allocator to auto or on-demand, or lower the slot count)"
+                ))),
+            }
+        }
+    }
+}
+
+fn pool_config(slots: u32, limits: &NodeLimits) -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(slots * MEMORIES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .total_tables(slots * TABLES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .table_elements(limits.table_elements as usize)
+        .total_stacks(slots)
+        // A pooled memory never needs to be larger than the whole run may
+        // use; the store limiter enforces the sum across memories.
+        // use; the store limiter enforces the sum across memories. 32-bit
+        // memories cannot exceed 4 GiB, the default reservation.
+        .max_memory_size(limits.memory_bytes.min(4 << 30) as usize);
+    pool
+}
+
+/// Advances the engine's epoch every `tick` on a dedicated thread, so
+/// deadlines fire even when the async runtime is busy. The thread ends
+/// when the engine is dropped.
+pub fn start_epoch_ticker(engine: &Engine, tick: Duration) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}

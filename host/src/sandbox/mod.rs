@@ -1,0 +1,152 @@
+//! The sandbox: runs one agent, once, inside budgets.
+//!
+//! [`Sandbox`] owns the process's wasmtime engine, the linker with the host
+//! capabilities, and the compiled agents (one per content hash). A run gets
+//! a fresh `Store`, so nothing leaks between runs, and ends in a classified
+//! [`RunOutcome`] with a [`RunReport`] of what its four meters read: fuel
+//! (CPU), memory, wall clock and LLM tokens.
+
+mod agent;
+mod bindings;
+pub mod budget;
+mod capabilities;
+pub mod engine;
+mod meters;
+pub mod outcome;
+mod output;
+pub mod precompiled;
+mod run;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tracing::Instrument;
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+
+pub use agent::{Agent, InvalidAgent};
+pub use budget::{Budget, BudgetRequest, NodeLimits};
+pub use engine::{Allocator, AllocatorChoice, EngineSettings};
+pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
+pub use run::{RunContext, RunRequest, RunResult};
+
+use state::RunState;
+
+/// Everything that shapes a sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    pub limits: NodeLimits,
+    pub engine: EngineSettings,
+}
+
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("could not start the WebAssembly engine: {0}")]
+    Engine(String),
+}
+
+/// The process's one WebAssembly engine and the agents compiled for it.
+pub struct Sandbox {
+    engine: Engine,
+    allocator: Allocator,
+    linker: Linker<RunState>,
+    limits: NodeLimits,
+    /// Compiled and linked agents by SHA-256 of their artifact.
+    agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
+}
+
+impl Sandbox {
+    /// Builds the engine and starts its epoch ticker. Call once per
+    /// process.
+    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let fail = |err: wasmtime::Error| SandboxError::Engine(agent::error_chain(&err));
+        let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
+        let linker = capabilities::linker(&engine).map_err(fail)?;
+        engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
+        Ok(Sandbox {
+            engine,
+            allocator,
+            linker,
+            limits: config.limits,
+            agents: Mutex::default(),
+        })
+    }
+
+    pub fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    pub fn limits(&self) -> &NodeLimits {
+        &self.limits
+    }
+
+    /// Compiles, checks and links an artifact (`.wasm` component or
+    /// `.cwasm`), or returns the one already loaded with the same bytes.
+    /// Compilation runs on a blocking thread.
+    pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(agent) = self.cached(&digest) {
+            return Ok(agent);
+        }
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        let agent = tokio::task::spawn_blocking(move || {
+            let component = agent::compile(&engine, &bytes)?;
+            agent::link(&engine, &linker, &component, hex::encode(digest))
+        })
+        .await
+        .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
+        let agent = Arc::new(agent);
+        self.agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(digest, agent.clone());
+        Ok(agent)
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Arc<Agent>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`
+    /// that this engine configuration (and only a compatible one) loads.
+    /// The component is linked first, so an agent that could never run
+    /// here is refused now rather than on the edge device.
+    pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, InvalidAgent> {
+        if precompiled::is_precompiled(wasm) {
+            return Err(InvalidAgent("the file is already a precompiled .cwasm".into()));
+        }
+        let component = agent::compile(&self.engine, wasm)?;
+        agent::link(&self.engine, &self.linker, &component, String::new())?;
+        let artifact = component.serialize().map_err(|err| {
+            InvalidAgent(format!(
+                "could not serialise the component: {}",
+                agent::error_chain(&err)
+            ))
+        })?;
+        Ok(precompiled::seal(artifact))
+    }
+
+    /// Runs `agent` once in a fresh store. Never panics on guest behaviour:
+    /// every way a run can end is a [`RunOutcome`].
+    pub async fn run(&self, agent: &Agent, request: RunRequest) -> RunResult {
+        let context = &request.context;
+        let span = tracing::info_span!(
+            "run",
+            run_id = %context.run_id,
+            lease_id = %context.lease_id,
+            agent_id = %context.agent_id,
+            trace_id = %context.trace_id,
+        );
+        run::execute(&self.engine, &self.limits, agent, request)
+            .instrument(span)
+            .await
+    }
+}

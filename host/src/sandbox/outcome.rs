@@ -1,0 +1,154 @@
+//! How a run ended, and what it consumed.
+//!
+//! Every run produces a [`RunOutcome`] (the lease's `Complete` or `Fail`)
+//! and a [`RunReport`] (the meters' readings). A failure carries a
+//! [`FailKind`]: a machine-readable class the control plane, the CLI's exit
+//! code and the telemetry all key on, so it is a closed enum and not a
+//! free-form string.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+/// The result map of a completed run: it becomes `CompleteRequest.result`.
+pub type ResultMap = BTreeMap<String, String>;
+
+/// Why a run failed. The string form (`as_str`) is stable: it appears in
+/// `FailRequest.error_details`, in `run-agent --json`, and in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum FailKind {
+    /// The agent returned an error of its own (its `retryable` flag is kept).
+    #[serde(rename = "agent.error")]
+    AgentError,
+    /// The agent trapped: a panic, `unreachable`, a stack overflow...
+    #[serde(rename = "agent.trap")]
+    AgentTrap,
+    /// The artifact is not a runnable agent: not Wasm, a core module, a
+    /// component of another world, or imports the node does not provide.
+    #[serde(rename = "agent.invalid")]
+    AgentInvalid,
+    /// CPU fuel ran out.
+    #[serde(rename = "budget.fuel")]
+    BudgetFuel,
+    /// Linear memory (or a table) would have grown past the run's limit.
+    #[serde(rename = "budget.memory")]
+    BudgetMemory,
+    /// The run's deadline passed: its duration budget or the lease deadline.
+    #[serde(rename = "budget.deadline")]
+    BudgetDeadline,
+    /// The agent went on past its LLM token budget.
+    #[serde(rename = "budget.tokens")]
+    BudgetTokens,
+    /// The agent's result (or a command agent's stdout) is larger than the
+    /// node accepts.
+    #[serde(rename = "budget.output")]
+    BudgetOutput,
+}
+
+impl FailKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailKind::AgentError => "agent.error",
+            FailKind::AgentTrap => "agent.trap",
+            FailKind::AgentInvalid => "agent.invalid",
+            FailKind::BudgetFuel => "budget.fuel",
+            FailKind::BudgetMemory => "budget.memory",
+            FailKind::BudgetDeadline => "budget.deadline",
+            FailKind::BudgetTokens => "budget.tokens",
+            FailKind::BudgetOutput => "budget.output",
+        }
+    }
+
+    /// True for the kinds that mean "a meter ran out".
+    pub fn is_budget(self) -> bool {
+        matches!(
+            self,
+            FailKind::BudgetFuel
+                | FailKind::BudgetMemory
+                | FailKind::BudgetDeadline
+                | FailKind::BudgetTokens
+                | FailKind::BudgetOutput
+        )
+    }
+}
+
+impl fmt::Display for FailKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed run, as the control plane and the developer see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFailure {
+    pub kind: FailKind,
+    /// One line for a human: what happened, with the numbers.
+    pub message: String,
+    /// Whether running the same input again could succeed. Only the agent
+    /// can know that for `agent.error`; every other kind is final.
+    pub retryable: bool,
+    /// Longer evidence: the guest backtrace, the tail of the agent's stderr.
+    pub details: String,
+}
+
+impl RunFailure {
+    /// A failure the node decided on, never retryable.
+    pub fn new(kind: FailKind, message: impl Into<String>) -> Self {
+        RunFailure {
+            kind,
+            message: message.into(),
+            retryable: false,
+            details: String::new(),
+        }
+    }
+
+    pub fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = details.into();
+        self
+    }
+}
+
+impl fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for RunFailure {}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    Completed(ResultMap),
+    Failed(RunFailure),
+}
+
+impl RunOutcome {
+    pub fn failure(&self) -> Option<&RunFailure> {
+        match self {
+            RunOutcome::Completed(_) => None,
+            RunOutcome::Failed(failure) => Some(failure),
+        }
+    }
+}
+
+/// What one run consumed. Filled for every run, failed ones included.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RunReport {
+    /// Fuel (about one unit per WebAssembly instruction) the run burned.
+    pub fuel_consumed: u64,
+    /// Largest sum of the run's linear memories, in bytes.
+    pub peak_memory_bytes: u64,
+    /// From the start of instantiation to the outcome.
+    pub wall_ms: u64,
+    /// Time to instantiate the component into a fresh store.
+    pub instantiate_us: u64,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub usd_cost: f64,
+    /// Log lines the agent emitted and the node passed on.
+    pub log_lines: u32,
+    /// Log lines dropped because the run's log cap was reached.
+    pub log_lines_dropped: u32,
+}
