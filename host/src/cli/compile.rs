@@ -1,0 +1,78 @@
+//! `node-runtime compile`: precompile a component into a `.cwasm`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+
+use super::{CommandError, Exit, read_file};
+use crate::sandbox::budget::format_bytes;
+use crate::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// The component to compile (.wasm).
+    pub agent: PathBuf,
+
+    /// Where to write the .cwasm (default: next to the input, with the
+    /// .cwasm extension).
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
+    let wasm = read_file("the agent file", &args.agent)?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.agent.with_extension("cwasm"));
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: 1,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .map_err(|err| CommandError::internal(err.to_string()))?;
+
+    let started = Instant::now();
+    let wasm: Arc<[u8]> = Arc::from(wasm);
+    let input = wasm.clone();
+    let compiled = tokio::task::spawn_blocking(move || sandbox.precompile(&input))
+        .await
+        .map_err(|err| CommandError::internal(format!("compilation panicked: {err}")))?;
+    let cwasm = match compiled {
+        Ok(cwasm) => cwasm,
+        Err(invalid) => {
+            eprintln!("error: {}: {invalid}", args.agent.display());
+            return Ok(Exit::AgentInvalid);
+        }
+    };
+    write_atomically(&output, &cwasm)?;
+    println!(
+        "compiled {} ({}) -> {} ({}) in {} ms",
+        args.agent.display(),
+        format_bytes(wasm.len() as u64),
+        output.display(),
+        format_bytes(cwasm.len() as u64),
+        started.elapsed().as_millis()
+    );
+    Ok(Exit::Completed)
+}
+
+/// Writes to a temporary file beside `path`, then renames it into place,
+/// so a reader never sees half a `.cwasm`.
+fn write_atomically(path: &PathBuf, bytes: &[u8]) -> Result<(), CommandError> {
+    let fail = |err: std::io::Error| {
+        CommandError::internal(format!("cannot write {}: {err}", path.display()))
+    };
+    let mut temp = path.clone().into_os_string();
+    temp.push(format!(".tmp-{}", std::process::id()));
+    let temp = PathBuf::from(temp);
+    std::fs::write(&temp, bytes).map_err(fail)?;
+    std::fs::rename(&temp, path).map_err(|err| {
+        let _ = std::fs::remove_file(&temp);
+        fail(err)
+    })
+}

@@ -1,0 +1,105 @@
+//! The `node-runtime` command line: argument parsing and the commands.
+//!
+//! Parsing (this file and `args`) is separate from what each command does
+//! (`run_agent`, `compile`), and both are separate from the engine, so each
+//! can be tested alone. Exit codes are part of the interface: see
+//! [`Exit`].
+
+mod args;
+mod compile;
+mod run_agent;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use args::{parse_duration, parse_key_value, parse_size};
+
+/// Run business-process agents as sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "node-runtime", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an agent once, locally, in the sandbox production uses, and
+    /// print its result and what it consumed.
+    RunAgent(run_agent::RunAgentArgs),
+    /// Precompile a component to a .cwasm for this node's engine, so that
+    /// nodes (edge devices above all) skip compilation at run time.
+    Compile(compile::CompileArgs),
+}
+
+/// The process exit codes. Stable: scripts and CI key on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The run completed.
+    Completed = 0,
+    /// The node itself failed (the engine could not start, an output file
+    /// could not be written).
+    Internal = 1,
+    /// The command line was wrong, or a file it names could not be read.
+    Usage = 2,
+    /// The agent returned an error (`agent.error`).
+    AgentError = 3,
+    /// The agent trapped (`agent.trap`).
+    AgentTrap = 4,
+    /// The artifact is not a runnable agent (`agent.invalid`).
+    AgentInvalid = 5,
+    /// A budget ran out (`budget.*`).
+    BudgetExceeded = 6,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// An error that ends a command, with the exit code it maps to.
+#[derive(Debug)]
+pub struct CommandError {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn usage(message: impl Into<String>) -> Self {
+        CommandError {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        CommandError {
+            exit: Exit::Internal,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs the parsed command and returns the process's exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::RunAgent(args) => run_agent::run(args).await,
+        Command::Compile(args) => compile::run(args).await,
+    };
+    match result {
+        Ok(exit) => exit.into(),
+        Err(err) => {
+            eprintln!("error: {}", err.message);
+            err.exit.into()
+        }
+    }
+}
+
+/// Reads a file a flag names, with an error that names the flag and path.
+pub(crate) fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, CommandError> {
+    std::fs::read(path)
+        .map_err(|err| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display())))
+}

@@ -1,0 +1,267 @@
+//! `node-runtime run-agent`: one run of one agent, as production runs it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::args::{parse_duration, parse_key_value, parse_size};
+use super::{CommandError, Exit, read_file};
+use crate::sandbox::budget::format_bytes;
+use crate::sandbox::{
+    BudgetRequest, EngineSettings, FailKind, RunContext, RunOutcome, RunReport, RunRequest,
+    Sandbox, SandboxConfig,
+};
+
+#[derive(Debug, Args)]
+pub struct RunAgentArgs {
+    /// The agent: a component (.wasm) or a file from `node-runtime compile`
+    /// (.cwasm).
+    pub agent: PathBuf,
+
+    /// The input as JSON; shorthand for `--input-ref message=JSON`.
+    #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
+    pub input: Option<String>,
+
+    /// Read the input JSON from a file; also becomes `input_ref["message"]`.
+    #[arg(long, value_name = "PATH")]
+    pub input_file: Option<PathBuf>,
+
+    /// An `input_ref` entry (repeatable).
+    #[arg(long = "input-ref", value_name = "K=V", value_parser = parse_key_value)]
+    pub input_ref: Vec<(String, String)>,
+
+    /// A `metadata` entry (repeatable).
+    #[arg(long = "metadata", value_name = "K=V", value_parser = parse_key_value)]
+    pub metadata: Vec<(String, String)>,
+
+    /// CPU fuel for the run (about one unit per WebAssembly instruction).
+    #[arg(long, value_name = "N")]
+    pub fuel: Option<u64>,
+
+    /// Memory limit for the run: 32MiB, 1GiB, 64MB, or bytes.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+
+    /// Wall-clock limit for the run: 1s, 500ms, 2m, or seconds.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// The agent id the run reports (default: the file name without its
+    /// extension).
+    #[arg(long, value_name = "ID")]
+    pub agent_id: Option<String>,
+
+    /// The agent version the run reports.
+    #[arg(long, value_name = "VERSION", default_value = "local")]
+    pub agent_version: String,
+
+    /// Print one JSON object instead of the human-readable report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
+    let bytes = read_file("the agent file", &args.agent)?;
+    let context = context(&args)?;
+    let budget = BudgetRequest {
+        fuel: args.fuel,
+        memory_bytes: args.max_memory,
+        duration: args.timeout,
+        tokens: None,
+    };
+    let config = SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: 1,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    };
+    config.limits.check(&budget).map_err(|err| {
+        CommandError::usage(format!(
+            "{err} (--fuel, --max-memory and --timeout can only lower the node's limits)"
+        ))
+    })?;
+    let sandbox = Sandbox::new(config).map_err(|err| CommandError::internal(err.to_string()))?;
+
+    let agent = match sandbox.load(Arc::from(bytes)).await {
+        Ok(agent) => agent,
+        Err(invalid) => {
+            let message = format!("{}: {invalid}", args.agent.display());
+            print_invalid(&args, &message);
+            return Ok(Exit::AgentInvalid);
+        }
+    };
+    let result = sandbox
+        .run(
+            &agent,
+            RunRequest {
+                context,
+                budget,
+                deadline: None,
+            },
+        )
+        .await;
+
+    if args.json {
+        println!("{}", json_report(&result.outcome, &result.report));
+    } else {
+        print!("{}", human_report(&result.outcome, &result.report));
+    }
+    Ok(exit_for(&result.outcome))
+}
+
+fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {
+    let mut input_ref: BTreeMap<String, String> = args.input_ref.iter().cloned().collect();
+    let message = match (&args.input, &args.input_file) {
+        (Some(json), _) => Some(("--input", json.clone())),
+        (None, Some(path)) => {
+            let bytes = read_file("--input-file", path)?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                CommandError::usage(format!("--input-file {} is not UTF-8 text", path.display()))
+            })?;
+            Some(("--input-file", text))
+        }
+        (None, None) => None,
+    };
+    if let Some((flag, json)) = message {
+        if let Err(err) = serde_json::from_str::<serde_json::Value>(&json) {
+            return Err(CommandError::usage(format!(
+                "{flag} is not valid JSON ({err}); for plain text use --input-ref message=TEXT"
+            )));
+        }
+        if input_ref.contains_key("message") {
+            return Err(CommandError::usage(format!(
+                "{flag} sets input_ref[\"message\"], which --input-ref message=... also sets; \
+                 use one of them"
+            )));
+        }
+        input_ref.insert("message".to_string(), json);
+    }
+    let agent_id = args.agent_id.clone().unwrap_or_else(|| {
+        args.agent
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "agent".to_string())
+    });
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    Ok(RunContext {
+        run_id: format!("local-{run}"),
+        lease_id: format!("lease-local-{run}"),
+        agent_id,
+        agent_version: args.agent_version.clone(),
+        trace_id: uuid::Uuid::new_v4().simple().to_string(),
+        input_ref,
+        metadata: args.metadata.iter().cloned().collect(),
+    })
+}
+
+fn exit_for(outcome: &RunOutcome) -> Exit {
+    match outcome.failure().map(|failure| failure.kind) {
+        None => Exit::Completed,
+        Some(FailKind::AgentError) => Exit::AgentError,
+        Some(FailKind::AgentTrap) => Exit::AgentTrap,
+        Some(FailKind::AgentInvalid) => Exit::AgentInvalid,
+        Some(kind) => {
+            debug_assert!(kind.is_budget());
+            Exit::BudgetExceeded
+        }
+    }
+}
+
+fn print_invalid(args: &RunAgentArgs, message: &str) {
+    if args.json {
+        let outcome = RunOutcome::Failed(crate::sandbox::RunFailure::new(
+            FailKind::AgentInvalid,
+            message,
+        ));
+        println!("{}", json_report(&outcome, &RunReport::default()));
+    } else {
+        println!("failed: agent.invalid: {message}");
+    }
+}
+
+/// The `--json` form: one object, stable field names.
+pub fn json_report(outcome: &RunOutcome, report: &RunReport) -> serde_json::Value {
+    match outcome {
+        RunOutcome::Completed(result) => serde_json::json!({
+            "outcome": "completed",
+            "kind": null,
+            "message": null,
+            "retryable": false,
+            "result": result,
+            "details": null,
+            "report": report,
+        }),
+        RunOutcome::Failed(failure) => serde_json::json!({
+            "outcome": "failed",
+            "kind": failure.kind,
+            "message": failure.message,
+            "retryable": failure.retryable,
+            "result": null,
+            "details": failure.details,
+            "report": report,
+        }),
+    }
+}
+
+/// Shows a result value on one line: newlines escaped, long values cut.
+fn one_line(value: &str, max_chars: usize) -> String {
+    let escaped = value.replace('\n', "\\n");
+    match escaped.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &escaped[..cut], value.len()),
+        None => escaped,
+    }
+}
+
+/// The human form: the outcome, the result or the failure's evidence, and
+/// the meters.
+pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
+    let mut out = String::new();
+    match outcome {
+        RunOutcome::Completed(result) => {
+            out.push_str("completed\n\nresult:\n");
+            let width = result.keys().map(String::len).max().unwrap_or(0);
+            for (key, value) in result {
+                let value = one_line(value, 200);
+                let _ = writeln!(out, "  {key:width$}  {value}");
+            }
+            if result.is_empty() {
+                out.push_str("  (empty)\n");
+            }
+        }
+        RunOutcome::Failed(failure) => {
+            let retry = if failure.retryable { " (retryable)" } else { "" };
+            let _ = writeln!(out, "failed: {}{retry}\n  {}", failure.kind, failure.message);
+            if !failure.details.is_empty() {
+                out.push_str("\ndetails:\n");
+                for line in failure.details.lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
+        }
+    }
+    let rows = [
+        ("fuel consumed", report.fuel_consumed.to_string()),
+        ("peak memory", format_bytes(report.peak_memory_bytes)),
+        ("wall time", format!("{} ms", report.wall_ms)),
+        ("instantiate", format!("{} us", report.instantiate_us)),
+        (
+            "tokens in/out",
+            format!("{} / {}", report.tokens_in, report.tokens_out),
+        ),
+        ("cost", format!("${:.6}", report.usd_cost)),
+        (
+            "log lines",
+            format!("{} ({} dropped)", report.log_lines, report.log_lines_dropped),
+        ),
+    ];
+    out.push_str("\nreport:\n");
+    for (name, value) in rows {
+        let _ = writeln!(out, "  {name:<14} {value}");
+    }
+    out
+}
