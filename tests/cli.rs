@@ -1,0 +1,164 @@
+//! The `node-runtime` binary, driven the way a developer drives it: flags
+//! in, report and exit code out.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::agent_path;
+
+fn node_runtime(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the node-runtime binary runs")
+}
+
+fn run_agent_json(agent: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["run-agent", agent.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let output = node_runtime(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|err| {
+        panic!(
+            "stdout is not one JSON object ({err}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().expect("exited"), json)
+}
+
+#[test]
+fn run_agent_json_reports_a_completed_echo() {
+    let (code, json) = run_agent_json(
+        &agent_path("echo"),
+        &["--input", r#"{"invoice": 7}"#, "--metadata", "tenant=acme", "--input-ref", "extra=1"],
+    );
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["outcome"], "completed");
+    assert_eq!(json["kind"], serde_json::Value::Null);
+    assert_eq!(json["retryable"], false);
+    assert_eq!(json["result"]["message"], r#"{"invoice": 7}"#);
+    assert_eq!(json["result"]["extra"], "1");
+    assert_eq!(json["result"]["metadata.tenant"], "acme");
+    assert_eq!(json["result"]["agent_id"], "echo");
+    let report = &json["report"];
+    for field in [
+        "fuel_consumed",
+        "peak_memory_bytes",
+        "wall_ms",
+        "instantiate_us",
+        "tokens_in",
+        "tokens_out",
+        "usd_cost",
+    ] {
+        assert!(report[field].is_number(), "report.{field} in {report}");
+    }
+    assert!(report["fuel_consumed"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn run_agent_prints_a_readable_report() {
+    let echo = agent_path("echo");
+    let output = node_runtime(&["run-agent", echo.to_str().unwrap(), "--input", "\"hello\""]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.starts_with("completed"), "{stdout}");
+    assert!(stdout.contains("\"hello\""), "{stdout}");
+    assert!(stdout.contains("fuel consumed"), "{stdout}");
+    assert!(stdout.contains("peak memory"), "{stdout}");
+}
+
+#[test]
+fn each_failure_class_has_its_own_exit_code() {
+    let cases: [(&str, &[&str], i32, &str); 5] = [
+        ("agent-error", &[], 3, "agent.error"),
+        ("panic", &[], 4, "agent.trap"),
+        ("other-world", &[], 5, "agent.invalid"),
+        ("spin-forever", &["--fuel", "1000000"], 6, "budget.fuel"),
+        ("memory-bomb", &["--max-memory", "32MiB"], 6, "budget.memory"),
+    ];
+    for (agent, flags, expected_code, kind) in cases {
+        let (code, json) = run_agent_json(&agent_path(agent), flags);
+        assert_eq!(code, expected_code, "{agent}: {json}");
+        assert_eq!(json["outcome"], "failed", "{agent}");
+        assert_eq!(json["kind"], kind, "{agent}: {json}");
+        assert!(json["message"].as_str().unwrap().len() > 10, "{agent}: {json}");
+    }
+    let (_, json) = run_agent_json(&agent_path("agent-error"), &[]);
+    assert_eq!(json["retryable"], true);
+}
+
+#[test]
+fn spin_forever_with_a_timeout_fails_budget_deadline() {
+    let (code, json) = run_agent_json(&agent_path("spin-forever"), &["--timeout", "1s"]);
+    assert_eq!(code, 6, "{json}");
+    assert_eq!(json["kind"], "budget.deadline");
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_problem() {
+    let echo = agent_path("echo");
+    let echo = echo.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["run-agent", echo, "--max-memory", "lots"], "invalid size `lots`"),
+        (&["run-agent", echo, "--timeout", "soon"], "invalid duration `soon`"),
+        (&["run-agent", echo, "--input", "{not json"], "--input is not valid JSON"),
+        (&["run-agent", echo, "--fuel", "99999999999999"], "above the node's limit"),
+        (&["run-agent", "/nonexistent/agent.wasm"], "cannot read the agent file /nonexistent/agent.wasm"),
+        (&["run-agent", echo, "--input-ref", "novalue"], "expected KEY=VALUE"),
+    ];
+    for (args, expected) in cases {
+        let output = node_runtime(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
+    }
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_refused_as_agent_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("agent.wasm");
+    std::fs::write(&script, "#!/bin/sh\n").unwrap();
+    let (code, json) = run_agent_json(&script, &[]);
+    assert_eq!(code, 5);
+    assert_eq!(json["kind"], "agent.invalid");
+    assert!(json["message"].as_str().unwrap().contains("not WebAssembly"), "{json}");
+}
+
+#[test]
+fn compile_produces_a_cwasm_that_runs_and_a_tampered_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwasm = dir.path().join("echo.cwasm");
+    let echo = agent_path("echo");
+    let output = node_runtime(&["compile", echo.to_str().unwrap(), "-o", cwasm.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("compiled"));
+
+    let (code, json) = run_agent_json(&cwasm, &["--input", "1"]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["result"]["message"], "1");
+
+    let mut bytes = std::fs::read(&cwasm).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    let tampered = dir.path().join("tampered.cwasm");
+    std::fs::write(&tampered, bytes).unwrap();
+    let (code, json) = run_agent_json(&tampered, &[]);
+    assert_eq!(code, 5, "{json}");
+    assert!(json["message"].as_str().unwrap().contains("damaged"), "{json}");
+}
+
+#[test]
+fn compile_refuses_what_could_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let output_path = dir.path().join("other.cwasm");
+    let other = agent_path("other-world");
+    let output = node_runtime(&["compile", other.to_str().unwrap(), "-o", output_path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("another world"));
+    assert!(!output_path.exists(), "nothing is written");
+}

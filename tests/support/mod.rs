@@ -1,0 +1,88 @@
+//! What the end-to-end tests share: where the sample agents are, and a
+//! sandbox and run request built the way the node builds them.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use node_runtime::sandbox::{
+    Agent, BudgetRequest, EngineSettings, NodeLimits, RunContext, RunRequest, Sandbox,
+    SandboxConfig,
+};
+
+/// The workspace's target directory, where `scripts/build-agents` puts the
+/// sample agents.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// Path of a sample agent built by `scripts/build-agents`.
+pub fn agent_path(name: &str) -> PathBuf {
+    let path = target_dir().join("agents").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "sample agent {} is missing: run scripts/build-agents (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn agent_bytes(name: &str) -> Arc<[u8]> {
+    Arc::from(std::fs::read(agent_path(name)).expect("reading a sample agent"))
+}
+
+pub fn sandbox() -> Sandbox {
+    sandbox_with(NodeLimits::default())
+}
+
+pub fn sandbox_with(limits: NodeLimits) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        limits,
+        engine: EngineSettings {
+            max_concurrent_runs: 4,
+            ..EngineSettings::default()
+        },
+    })
+    .expect("the sandbox starts")
+}
+
+pub async fn load(sandbox: &Sandbox, name: &str) -> Arc<Agent> {
+    sandbox
+        .load(agent_bytes(name))
+        .await
+        .unwrap_or_else(|err| panic!("loading {name}: {err}"))
+}
+
+pub fn context(agent_id: &str, input_ref: &[(&str, &str)]) -> RunContext {
+    RunContext {
+        run_id: "run-0001".into(),
+        lease_id: "lease-run-0001-0123456789abcdef0123456789abcdef".into(),
+        agent_id: agent_id.into(),
+        agent_version: "1.0.0".into(),
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+        input_ref: map(input_ref),
+        metadata: BTreeMap::new(),
+    }
+}
+
+pub fn request(agent_id: &str, input_ref: &[(&str, &str)], budget: BudgetRequest) -> RunRequest {
+    RunRequest {
+        context: context(agent_id, input_ref),
+        budget,
+        deadline: None,
+    }
+}
+
+pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub const MIB: u64 = 1 << 20;
