@@ -4,9 +4,11 @@
 //! Data flows one way: a run request goes into the [`sandbox`], which
 //! executes the agent and returns a classified outcome and a report.
 //!
+//! - [`config`]: `appsettings.json` and environment variables, as .NET reads them.
 //! - [`sandbox`]: the wasmtime engine, the agent world's host capabilities,
 //!   the four meters (fuel, memory, wall clock, tokens) and run outcomes.
 //! - [`cli`]: the `node-runtime` command line.
 
 pub mod cli;
+pub mod config;
 pub mod sandbox;

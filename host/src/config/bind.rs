@@ -1,0 +1,852 @@
+//! Binding: the merged tree (`tree`) to a checked [`NodeConfig`].
+//!
+//! Each key is taken out of its section as it is read, so whatever is
+//! left afterwards is a key the node does not know. Every value goes
+//! through one conversion that is also its check: a number that is out of
+//! range fails the same way as a word where a number belongs, with the
+//! message saying what the key accepts. Values the .NET binder would
+//! coerce are coerced: `"5"` is 5, `"False"` is false, `5` is `"5"`.
+//! A null, or an empty string where a number, boolean or path belongs,
+//! means "not set": the default applies.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::ConfigError;
+use super::tree::{self, Entries, Kind, Node, Origin, Scalar};
+use super::{
+    AgentRuntimeSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection, MTlsSection, Metrics,
+    NodeConfig, NodeRuntimeSection, OpenTelemetrySection, OtlpExporter, OtlpProtocol,
+    SandboxSection, Secret, Traces,
+};
+use crate::cli::parse_size;
+use crate::sandbox::AllocatorChoice;
+
+/// Parses `text`, applies `env` over it and binds the result.
+pub(super) fn read(
+    text: &str,
+    file: Option<&Path>,
+    base_dir: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<NodeConfig, ConfigError> {
+    let file = file.map_or_else(
+        || "the configuration text".to_string(),
+        |path| path.display().to_string(),
+    );
+    let root = tree::parse(text).map_err(|err| syntax_error(&file, &err))?;
+    let mut entries = match root.kind {
+        Kind::Section {
+            entries,
+            list: false,
+        } => entries,
+        _ => {
+            return Err(ConfigError::NotAnObject {
+                found: root.describe(),
+                file,
+            });
+        }
+    };
+    tree::apply_env(&mut entries, env);
+
+    let mut binder = Binder {
+        file,
+        base_dir,
+        ignored: Vec::new(),
+    };
+    let mut root = Section {
+        key: String::new(),
+        entries,
+    };
+    let node_runtime = binder.node_runtime(&mut root)?;
+    let mtls = binder.mtls(&mut root)?;
+    let agent_runtime = binder.agent_runtime(&mut root)?;
+    let open_telemetry = binder.open_telemetry(&mut root)?;
+    let logging = binder.logging(&mut root)?;
+    let sandbox = binder.sandbox(&mut root)?;
+    binder.finish(root);
+    binder.ignored.sort();
+    Ok(NodeConfig {
+        node_runtime,
+        mtls,
+        agent_runtime,
+        open_telemetry,
+        logging,
+        sandbox,
+        ignored_keys: binder.ignored,
+    })
+}
+
+fn syntax_error(file: &str, err: &serde_json::Error) -> ConfigError {
+    let text = err.to_string();
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    ConfigError::Syntax {
+        file: file.to_string(),
+        line: err.line(),
+        column: err.column(),
+        message: text.strip_suffix(&position).unwrap_or(&text).to_string(),
+    }
+}
+
+/// A section being bound: its key path and the entries not read yet.
+struct Section {
+    /// `NodeRuntime.Capacity`; empty at the root.
+    key: String,
+    entries: Entries,
+}
+
+impl Section {
+    fn key(&self, name: &str) -> String {
+        if self.key.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.key)
+        }
+    }
+}
+
+/// One scalar setting, taken out of its section.
+struct Setting {
+    key: String,
+    scalar: Scalar,
+    origin: Origin,
+}
+
+struct Binder<'a> {
+    /// The configuration file, as messages name it.
+    file: String,
+    base_dir: &'a Path,
+    ignored: Vec<String>,
+}
+
+/// What a path must be, when it exists.
+#[derive(Clone, Copy)]
+enum PathKind {
+    /// A file that exists (a certificate or a key).
+    ExistingFile,
+    /// A directory, or nothing yet.
+    Directory,
+}
+
+impl Binder<'_> {
+    fn origin(&self, origin: &Origin) -> String {
+        match origin {
+            Origin::File => format!("in {}", self.file),
+            Origin::Env(name) => format!("from environment variable {name}"),
+        }
+    }
+
+    fn invalid(&self, key: String, found: String, origin: &Origin, fix: String) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            found,
+            origin: self.origin(origin),
+            fix,
+        }
+    }
+
+    /// Records what is left of a section as ignored. A whole unknown
+    /// section is one entry.
+    fn finish(&mut self, section: Section) {
+        for (name, _) in &section.entries.0 {
+            self.ignored.push(section.key(name));
+        }
+    }
+
+    /// The subsection `name`, empty when absent or null.
+    fn section(&self, parent: &mut Section, name: &str) -> Result<Section, ConfigError> {
+        let key = parent.key(name);
+        match parent.entries.take(name) {
+            None => Ok(Section {
+                key,
+                entries: Entries::default(),
+            }),
+            Some(Node {
+                kind:
+                    Kind::Section {
+                        entries,
+                        list: false,
+                    },
+                ..
+            }) => Ok(Section { key, entries }),
+            Some(Node {
+                kind: Kind::Value(Scalar::Null),
+                ..
+            }) => Ok(Section {
+                key,
+                entries: Entries::default(),
+            }),
+            Some(node) => Err(self.invalid(
+                key,
+                node.describe(),
+                &node.origin,
+                format!("expected a section (a JSON object) with the {name} settings"),
+            )),
+        }
+    }
+
+    /// The scalar `name`, `None` when absent or null; a section or a list
+    /// where a value belongs is an error.
+    fn setting(
+        &self,
+        section: &mut Section,
+        name: &str,
+        expected: &str,
+    ) -> Result<Option<Setting>, ConfigError> {
+        let key = section.key(name);
+        let Some(node) = section.entries.take(name) else {
+            return Ok(None);
+        };
+        let found = node.describe();
+        match node.kind {
+            Kind::Value(Scalar::Null) => Ok(None),
+            Kind::Value(scalar) => Ok(Some(Setting {
+                key,
+                scalar,
+                origin: node.origin,
+            })),
+            Kind::Section { .. } => {
+                Err(self.invalid(key, found, &node.origin, format!("expected {expected}")))
+            }
+        }
+    }
+
+    /// A value other than a string: `convert` both reads and checks it, and
+    /// `None` from it is an error that says what is `expected`. An empty
+    /// string is "not set".
+    fn value<T>(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: T,
+        expected: &str,
+        convert: impl FnOnce(&Scalar) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        let Some(setting) = self.setting(section, name, expected)? else {
+            return Ok(default);
+        };
+        if matches!(&setting.scalar, Scalar::String(text) if text.trim().is_empty()) {
+            return Ok(default);
+        }
+        convert(&setting.scalar).ok_or_else(|| self.rejected(setting, expected))
+    }
+
+    fn rejected(&self, setting: Setting, expected: &str) -> ConfigError {
+        self.invalid(
+            setting.key,
+            setting.scalar.to_string(),
+            &setting.origin,
+            format!("expected {expected}"),
+        )
+    }
+
+    /// A string, taken as written (numbers and booleans as their text).
+    fn text(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: &str,
+    ) -> Result<String, ConfigError> {
+        Ok(self
+            .setting(section, name, "a string")?
+            .and_then(|setting| setting.scalar.text())
+            .unwrap_or_else(|| default.to_string()))
+    }
+
+    /// A string that may be absent; empty is absent.
+    fn optional_text(
+        &self,
+        section: &mut Section,
+        name: &str,
+    ) -> Result<Option<String>, ConfigError> {
+        Ok(self
+            .setting(section, name, "a string")?
+            .and_then(|setting| setting.scalar.text())
+            .filter(|text| !text.trim().is_empty()))
+    }
+
+    /// A string that must not be empty.
+    fn required_text(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: &str,
+        expected: &str,
+    ) -> Result<String, ConfigError> {
+        match self.setting(section, name, expected)? {
+            None => Ok(default.to_string()),
+            Some(setting) => match setting.scalar.text() {
+                Some(text) if !text.trim().is_empty() => Ok(text),
+                _ => Err(self.rejected(setting, expected)),
+            },
+        }
+    }
+
+    fn boolean(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: bool,
+    ) -> Result<bool, ConfigError> {
+        self.value(section, name, default, "true or false", Scalar::boolean)
+    }
+
+    /// A whole number in `range`.
+    fn integer<T: TryFrom<i128>>(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: T,
+        range: std::ops::RangeInclusive<i128>,
+        expected: &str,
+    ) -> Result<T, ConfigError> {
+        self.value(section, name, default, expected, |scalar| {
+            scalar
+                .integer()
+                .filter(|n| range.contains(n))
+                .and_then(|n| T::try_from(n).ok())
+        })
+    }
+
+    /// Whole seconds in `range`.
+    fn seconds(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<i128>,
+        expected: &str,
+    ) -> Result<Duration, ConfigError> {
+        let seconds: u64 = self.integer(section, name, default.as_secs(), range, expected)?;
+        Ok(Duration::from_secs(seconds))
+    }
+
+    /// A size in bytes: a number, or a string with a unit (`"256MiB"`).
+    fn size(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: u64,
+        minimum: u64,
+        expected: &str,
+    ) -> Result<u64, ConfigError> {
+        self.value(section, name, default, expected, |scalar| {
+            let bytes = match scalar {
+                Scalar::Number(number) => number.as_u64(),
+                Scalar::String(text) => parse_size(text).ok(),
+                Scalar::Null | Scalar::Bool(_) => None,
+            }?;
+            (bytes >= minimum).then_some(bytes)
+        })
+    }
+
+    /// An absolute `http://` or `https://` URL with a host; `Some(None)`
+    /// when set to an empty string and `empty_allowed`.
+    fn url(
+        &self,
+        section: &mut Section,
+        name: &str,
+        example: &str,
+        empty_allowed: bool,
+    ) -> Result<Option<Option<http::Uri>>, ConfigError> {
+        let expected = format!("an absolute http:// or https:// URL with a host, e.g. {example}");
+        let Some(setting) = self.setting(section, name, &expected)? else {
+            return Ok(None);
+        };
+        let text = setting.scalar.text().unwrap_or_default();
+        if text.trim().is_empty() && empty_allowed {
+            return Ok(Some(None));
+        }
+        match http_url(text.trim()) {
+            Some(uri) => Ok(Some(Some(uri))),
+            None => Err(self.rejected(setting, &expected)),
+        }
+    }
+
+    /// A path, resolved against the configuration file's directory, and
+    /// checked against what it must be.
+    fn path(
+        &self,
+        section: &mut Section,
+        name: &str,
+        kind: PathKind,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(setting) = self.setting(section, name, "a path")? else {
+            return Ok(None);
+        };
+        let text = setting.scalar.text().unwrap_or_default();
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let path = self.base_dir.join(&text);
+        let found = format!("{} (resolved to {})", setting.scalar, path.display());
+        let problem = match (kind, std::fs::metadata(&path)) {
+            (PathKind::ExistingFile, Ok(meta)) if meta.is_file() => None,
+            (PathKind::ExistingFile, Ok(meta)) if meta.is_dir() => {
+                Some("it is a directory; expected a PEM file")
+            }
+            (PathKind::ExistingFile, Ok(_)) => {
+                Some("it is not a regular file; expected a PEM file")
+            }
+            (PathKind::ExistingFile, Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+                Some("no such file; expected an existing PEM file")
+            }
+            (PathKind::ExistingFile, Err(_)) => {
+                Some("it cannot be read; expected a readable PEM file")
+            }
+            (PathKind::Directory, Ok(meta)) if !meta.is_dir() => Some(
+                "it exists and is not a directory; expected a directory (or a path to create one at)",
+            ),
+            (PathKind::Directory, _) => None,
+        };
+        match problem {
+            None => Ok(Some(path)),
+            Some(problem) => Err(self.invalid(
+                setting.key,
+                found,
+                &setting.origin,
+                format!("{problem} (a relative path is resolved against the configuration file's directory)"),
+            )),
+        }
+    }
+
+    fn required_path(
+        &self,
+        section: &mut Section,
+        name: &str,
+        default: &str,
+    ) -> Result<PathBuf, ConfigError> {
+        match self.path(section, name, PathKind::Directory)? {
+            Some(path) => Ok(path),
+            None => Ok(self.base_dir.join(default)),
+        }
+    }
+
+    fn node_runtime(&mut self, root: &mut Section) -> Result<NodeRuntimeSection, ConfigError> {
+        let defaults = NodeRuntimeSection::default();
+        let mut s = self.section(root, "NodeRuntime")?;
+        let node_id = self.required_text(
+            &mut s,
+            "NodeId",
+            &defaults.node_id,
+            "a non-empty node id, e.g. node-1",
+        )?;
+        let control_plane_url = self
+            .url(
+                &mut s,
+                "ControlPlaneUrl",
+                "https://control-plane:5109",
+                false,
+            )?
+            .flatten()
+            .unwrap_or(defaults.control_plane_url);
+        let max_concurrent_leases = self.integer(
+            &mut s,
+            "MaxConcurrentLeases",
+            defaults.max_concurrent_leases,
+            1..=i32::MAX as i128,
+            "a whole number of at least 1 (leases asked for per pull), e.g. 5",
+        )?;
+        let heartbeat_interval = self.seconds(
+            &mut s,
+            "HeartbeatIntervalSeconds",
+            defaults.heartbeat_interval,
+            1..=i32::MAX as i128,
+            "a whole number of seconds greater than 0, e.g. 30",
+        )?;
+        let capacity = self.capacity(&mut s)?;
+        let metadata = self.metadata(&mut s)?;
+        let agents_directory = self.required_path(&mut s, "AgentsDirectory", "agents")?;
+        let data_directory = self.required_path(&mut s, "DataDirectory", "data")?;
+        let drain_timeout = self.seconds(
+            &mut s,
+            "DrainTimeoutSeconds",
+            defaults.drain_timeout,
+            0..=i32::MAX as i128,
+            "a whole number of seconds, 0 or more, e.g. 30",
+        )?;
+        self.finish(s);
+        Ok(NodeRuntimeSection {
+            node_id,
+            control_plane_url,
+            max_concurrent_leases,
+            heartbeat_interval,
+            capacity,
+            metadata,
+            agents_directory,
+            data_directory,
+            drain_timeout,
+        })
+    }
+
+    fn capacity(&mut self, parent: &mut Section) -> Result<Capacity, ConfigError> {
+        let defaults = Capacity::default();
+        let mut s = self.section(parent, "Capacity")?;
+        let capacity = Capacity {
+            slots: self.integer(
+                &mut s,
+                "Slots",
+                defaults.slots,
+                1..=i32::MAX as i128,
+                "a whole number of at least 1 (runs the node takes at once), e.g. 8",
+            )?,
+            cpu: self.text(&mut s, "Cpu", &defaults.cpu)?,
+            memory: self.text(&mut s, "Memory", &defaults.memory)?,
+        };
+        self.finish(s);
+        Ok(capacity)
+    }
+
+    /// Every key is the node's to report: none is unknown, and each keeps
+    /// its spelling.
+    fn metadata(&mut self, parent: &mut Section) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut s = self.section(parent, "Metadata")?;
+        let names: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let mut metadata = BTreeMap::new();
+        for name in names {
+            if let Some(setting) = self.setting(&mut s, &name, "a string")?
+                && let Some(text) = setting.scalar.text()
+            {
+                metadata.insert(name, text);
+            }
+        }
+        Ok(metadata)
+    }
+
+    fn mtls(&mut self, root: &mut Section) -> Result<MTlsSection, ConfigError> {
+        let defaults = MTlsSection::default();
+        let mut s = self.section(root, "MTls")?;
+        // Said in the message when it surprises: Enabled set from outside the file.
+        let enabled_from_env = s
+            .entries
+            .0
+            .iter()
+            .find_map(|(name, node)| match &node.origin {
+                Origin::Env(variable) if tree::same_key(name, "Enabled") => {
+                    Some(format!(" (from environment variable {variable})"))
+                }
+                _ => None,
+            });
+        let mtls = MTlsSection {
+            enabled: self.boolean(&mut s, "Enabled", defaults.enabled)?,
+            client_certificate_path: self.path(
+                &mut s,
+                "ClientCertificatePath",
+                PathKind::ExistingFile,
+            )?,
+            client_key_path: self.path(&mut s, "ClientKeyPath", PathKind::ExistingFile)?,
+            server_ca_certificate_path: self.path(
+                &mut s,
+                "ServerCaCertificatePath",
+                PathKind::ExistingFile,
+            )?,
+            expected_server_certificate_subject: self
+                .optional_text(&mut s, "ExpectedServerCertificateSubject")?,
+            validate_certificate_chain: self.boolean(
+                &mut s,
+                "ValidateCertificateChain",
+                defaults.validate_certificate_chain,
+            )?,
+        };
+        if mtls.enabled {
+            let required = [
+                (
+                    "ClientCertificatePath",
+                    mtls.client_certificate_path.is_none(),
+                    "client certificate",
+                ),
+                (
+                    "ClientKeyPath",
+                    mtls.client_key_path.is_none(),
+                    "client certificate's private key",
+                ),
+            ];
+            for (name, missing, what) in required {
+                if missing {
+                    return Err(self.invalid(
+                        s.key(name),
+                        "not set".to_string(),
+                        &Origin::File,
+                        format!(
+                            "MTls.Enabled is true{}, which needs the {what} (a PEM file); \
+                             set MTls.{name} to its path, or set MTls.Enabled to false",
+                            enabled_from_env.as_deref().unwrap_or("")
+                        ),
+                    ));
+                }
+            }
+        }
+        self.finish(s);
+        Ok(mtls)
+    }
+
+    fn agent_runtime(&mut self, root: &mut Section) -> Result<AgentRuntimeSection, ConfigError> {
+        let defaults = AgentRuntimeSection::default();
+        let mut s = self.section(root, "AgentRuntime")?;
+        let default_model = self.text(&mut s, "DefaultModel", &defaults.default_model)?;
+        let default_temperature = self.value(
+            &mut s,
+            "DefaultTemperature",
+            defaults.default_temperature,
+            "a number of 0 or more, e.g. 0.7",
+            |scalar| scalar.float().filter(|t| *t >= 0.0),
+        )?;
+        let max_tokens = self.integer(
+            &mut s,
+            "MaxTokens",
+            defaults.max_tokens,
+            0..=i32::MAX as i128,
+            "a whole number of tokens per run, 0 or more, e.g. 4000",
+        )?;
+        let max_duration = self.seconds(
+            &mut s,
+            "MaxDurationSeconds",
+            defaults.max_duration,
+            1..=i32::MAX as i128,
+            "a whole number of seconds greater than 0, e.g. 60",
+        )?;
+        let azure_ai_foundry = self.azure_ai_foundry(&mut s)?;
+        self.finish(s);
+        Ok(AgentRuntimeSection {
+            default_model,
+            default_temperature,
+            max_tokens,
+            max_duration,
+            azure_ai_foundry,
+        })
+    }
+
+    fn azure_ai_foundry(&mut self, parent: &mut Section) -> Result<AzureAiFoundry, ConfigError> {
+        let mut s = self.section(parent, "AzureAIFoundry")?;
+        let foundry = AzureAiFoundry {
+            endpoint: self
+                .url(
+                    &mut s,
+                    "Endpoint",
+                    "https://my-project.services.ai.azure.com",
+                    true,
+                )?
+                .flatten(),
+            deployment_name: self.optional_text(&mut s, "DeploymentName")?,
+            api_key: self.optional_text(&mut s, "ApiKey")?.map(Secret::new),
+            use_managed_identity: self.boolean(&mut s, "UseManagedIdentity", false)?,
+        };
+        self.finish(s);
+        Ok(foundry)
+    }
+
+    fn open_telemetry(&mut self, root: &mut Section) -> Result<OpenTelemetrySection, ConfigError> {
+        let defaults = OpenTelemetrySection::default();
+        let mut s = self.section(root, "OpenTelemetry")?;
+        let service_name = self.required_text(
+            &mut s,
+            "ServiceName",
+            &defaults.service_name,
+            "a non-empty service name, e.g. Node.Runtime",
+        )?;
+        let service_version = self.text(&mut s, "ServiceVersion", &defaults.service_version)?;
+
+        let mut exporter = self.section(&mut s, "OtlpExporter")?;
+        let otlp_exporter = OtlpExporter {
+            endpoint: self
+                .url(&mut exporter, "Endpoint", "http://localhost:4317", true)?
+                .unwrap_or(defaults.otlp_exporter.endpoint),
+            protocol: self.value(
+                &mut exporter,
+                "Protocol",
+                defaults.otlp_exporter.protocol,
+                "grpc or http/protobuf",
+                |scalar| {
+                    let text = scalar.text()?;
+                    let text = text.trim();
+                    if text.eq_ignore_ascii_case("grpc") {
+                        Some(OtlpProtocol::Grpc)
+                    } else if text.eq_ignore_ascii_case("http/protobuf")
+                        || text.eq_ignore_ascii_case("HttpProtobuf")
+                    {
+                        Some(OtlpProtocol::HttpProtobuf)
+                    } else {
+                        None
+                    }
+                },
+            )?,
+        };
+        self.finish(exporter);
+
+        let mut console = self.section(&mut s, "ConsoleExporter")?;
+        let console_exporter_enabled =
+            self.boolean(&mut console, "Enabled", defaults.console_exporter_enabled)?;
+        self.finish(console);
+
+        let mut traces = self.section(&mut s, "Traces")?;
+        let traces_config = Traces {
+            enabled: self.boolean(&mut traces, "Enabled", defaults.traces.enabled)?,
+            sampling_ratio: self.value(
+                &mut traces,
+                "SamplingRatio",
+                defaults.traces.sampling_ratio,
+                "a number from 0 to 1 (the fraction of traces kept), e.g. 1.0",
+                |scalar| scalar.float().filter(|r| (0.0..=1.0).contains(r)),
+            )?,
+        };
+        self.finish(traces);
+
+        let mut metrics = self.section(&mut s, "Metrics")?;
+        let metrics_config = Metrics {
+            enabled: self.boolean(&mut metrics, "Enabled", defaults.metrics.enabled)?,
+            export_interval: Duration::from_millis(self.integer(
+                &mut metrics,
+                "ExportIntervalMilliseconds",
+                defaults.metrics.export_interval.as_millis() as u64,
+                1..=i32::MAX as i128,
+                "a whole number of milliseconds greater than 0, e.g. 60000",
+            )?),
+        };
+        self.finish(metrics);
+        self.finish(s);
+        Ok(OpenTelemetrySection {
+            service_name,
+            service_version,
+            otlp_exporter,
+            console_exporter_enabled,
+            traces: traces_config,
+            metrics: metrics_config,
+        })
+    }
+
+    /// `Logging.LogLevel`; a category that cannot be a `tracing` target
+    /// (it has `,`, `=`, brackets or spaces in it) is ignored.
+    fn logging(&mut self, root: &mut Section) -> Result<LoggingSection, ConfigError> {
+        let mut s = self.section(root, "Logging")?;
+        let mut levels = self.section(&mut s, "LogLevel")?;
+        let names: Vec<String> = levels
+            .entries
+            .0
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        let expected =
+            "a log level: one of Trace, Debug, Information, Warning, Error, Critical, None";
+        let mut log_level = BTreeMap::new();
+        for name in names {
+            if !usable_as_target(&name) {
+                continue;
+            }
+            let level = self.value(&mut levels, &name, None, expected, |scalar| {
+                parse_log_level(&scalar.text()?).map(Some)
+            })?;
+            if let Some(level) = level {
+                log_level.insert(name, level);
+            }
+        }
+        self.finish(levels);
+        self.finish(s);
+        Ok(LoggingSection { log_level })
+    }
+
+    fn sandbox(&mut self, root: &mut Section) -> Result<SandboxSection, ConfigError> {
+        let defaults = SandboxSection::default();
+        let mut s = self.section(root, "Sandbox")?;
+        let size_expected = |example: &str| {
+            format!("a size in bytes of at least 1: a number, or with a unit such as {example}")
+        };
+        let sandbox = SandboxSection {
+            default_fuel: self.integer(
+                &mut s,
+                "DefaultFuel",
+                defaults.default_fuel,
+                1..=u64::MAX as i128,
+                "a whole number of at least 1 (fuel units, about one per instruction), \
+                 e.g. 10000000000",
+            )?,
+            max_memory_bytes: self.size(
+                &mut s,
+                "MaxMemoryBytes",
+                defaults.max_memory_bytes,
+                64 << 10,
+                "a size of at least 64KiB (one WebAssembly page): a number of bytes, \
+                 or with a unit such as 256MiB, 256Mi, 1GiB",
+            )?,
+            max_table_elements: self.integer(
+                &mut s,
+                "MaxTableElements",
+                defaults.max_table_elements,
+                1..=u32::MAX as i128,
+                "a whole number of at least 1, e.g. 100000",
+            )?,
+            max_result_bytes: self.size(
+                &mut s,
+                "MaxResultBytes",
+                defaults.max_result_bytes as u64,
+                1,
+                &size_expected("1MiB"),
+            )? as usize,
+            max_log_lines: self.integer(
+                &mut s,
+                "MaxLogLines",
+                defaults.max_log_lines,
+                0..=u32::MAX as i128,
+                "a whole number, 0 or more, e.g. 1000",
+            )?,
+            max_log_bytes: self.size(
+                &mut s,
+                "MaxLogBytes",
+                defaults.max_log_bytes as u64,
+                0,
+                "a size in bytes, 0 or more: a number, or with a unit such as 1MiB",
+            )? as usize,
+            allocator: self.value(
+                &mut s,
+                "Allocator",
+                defaults.allocator,
+                "auto, pooling or on-demand",
+                |scalar| parse_allocator(&scalar.text()?),
+            )?,
+        };
+        self.finish(s);
+        Ok(sandbox)
+    }
+}
+
+/// `http::Uri` accepts `localhost:5109` and `/path`; the node needs a
+/// scheme it can speak and a host to speak to.
+fn http_url(text: &str) -> Option<http::Uri> {
+    let uri: http::Uri = text.parse().ok()?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+    let host_ok = uri.host().is_some_and(|host| !host.is_empty());
+    (scheme_ok && host_ok).then_some(uri)
+}
+
+/// A .NET level name in any case, or its number (`"2"` is Information), as
+/// the .NET binder reads an enum.
+fn parse_log_level(text: &str) -> Option<LogLevel> {
+    let text = text.trim();
+    if let Ok(number) = text.parse::<usize>() {
+        return LogLevel::ALL.get(number).copied();
+    }
+    LogLevel::ALL
+        .into_iter()
+        .find(|level| level.as_str().eq_ignore_ascii_case(text))
+}
+
+fn parse_allocator(text: &str) -> Option<AllocatorChoice> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Some(AllocatorChoice::Auto),
+        "pooling" => Some(AllocatorChoice::Pooling),
+        "on-demand" | "ondemand" => Some(AllocatorChoice::OnDemand),
+        _ => None,
+    }
+}
+
+/// Whether `EnvFilter` can parse `name` as a target: it starts with a
+/// letter, digit, `-`, `_` or `:`, and holds none of the directive syntax.
+fn usable_as_target(name: &str) -> bool {
+    let starts_well = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ':'));
+    starts_well
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, ',' | '=' | '[' | ']' | '{' | '}'))
+}

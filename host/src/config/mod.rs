@@ -1,0 +1,532 @@
+//! The node's configuration: the reference .NET node's `appsettings.json`,
+//! read unchanged, plus this node's own keys.
+//!
+//! [`NodeConfig::load`] reads a file the way .NET's configuration does it:
+//! key names in any case, numbers and booleans also as strings, and
+//! environment variables (`NodeRuntime__MaxConcurrentLeases=2`) over the
+//! file. The file and the environment are merged into one tree (`tree`),
+//! which is bound to plain structs with every value checked (`bind`); a bad
+//! value stops start-up with a [`ConfigError`] naming its key and the fix.
+//! Sections and keys the node does not read are listed in one warning.
+//! `effective` prints the result back in the reference's shape, secrets
+//! redacted, for `node-runtime config check`.
+//!
+//! Sections, with the reference's names: [`NodeRuntimeSection`]
+//! (`NodeRuntime`), [`MTlsSection`] (`MTls`), [`AgentRuntimeSection`]
+//! (`AgentRuntime`), [`OpenTelemetrySection`] (`OpenTelemetry`),
+//! [`LoggingSection`] (`Logging`), and this node's [`SandboxSection`]
+//! (`Sandbox`).
+
+mod bind;
+mod effective;
+mod error;
+mod tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+
+use crate::sandbox::{AllocatorChoice, EngineSettings, NodeLimits, SandboxConfig};
+
+/// Everything the node is configured with. Build it with
+/// [`NodeConfig::load`]; `Default` is the reference's defaults.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NodeConfig {
+    pub node_runtime: NodeRuntimeSection,
+    pub mtls: MTlsSection,
+    pub agent_runtime: AgentRuntimeSection,
+    pub open_telemetry: OpenTelemetrySection,
+    pub logging: LoggingSection,
+    pub sandbox: SandboxSection,
+    /// Keys found in the file or the environment that the node does not
+    /// read (`AllowedHosts`, `NodeRuntime.Typo`), already warned about
+    /// once. A whole unknown section is listed by its name only.
+    pub ignored_keys: Vec<String>,
+}
+
+/// `NodeRuntime`: who the node is and how it talks to the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRuntimeSection {
+    /// `NodeId`: the id the node registers under; never empty.
+    pub node_id: String,
+    /// `ControlPlaneUrl`: absolute `http://` or `https://` with a host.
+    pub control_plane_url: http::Uri,
+    /// `MaxConcurrentLeases`: sent as `max_leases` in each `Pull`.
+    pub max_concurrent_leases: u32,
+    /// `HeartbeatIntervalSeconds`: whole seconds, at least 1.
+    pub heartbeat_interval: Duration,
+    /// `Capacity`: what registration reports.
+    pub capacity: Capacity,
+    /// `Metadata`: sent at registration with its keys exactly as written
+    /// (the reference sends `Region`, `Environment`).
+    pub metadata: BTreeMap<String, String>,
+    /// `AgentsDirectory` (this node): agents as
+    /// `<dir>/<agent_id>/<version>.wasm` or `.cwasm`.
+    pub agents_directory: PathBuf,
+    /// `DataDirectory` (this node): the node's state, such as its outbox.
+    pub data_directory: PathBuf,
+    /// `DrainTimeoutSeconds` (this node): how long shutdown waits for
+    /// running leases; 0 does not wait.
+    pub drain_timeout: Duration,
+}
+
+/// `NodeRuntime.Capacity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacity {
+    /// `Slots`: runs the node takes at once (with `MaxConcurrentLeases`,
+    /// see [`NodeConfig::slots`]).
+    pub slots: u32,
+    /// `Cpu`: reported as written, e.g. "4".
+    pub cpu: String,
+    /// `Memory`: reported as written, e.g. "8Gi".
+    pub memory: String,
+}
+
+/// `MTls`: the client certificate for the control-plane connection.
+/// Paths are resolved against the configuration file's directory and,
+/// when set, exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MTlsSection {
+    /// `Enabled`: when true, both the certificate and the key are set.
+    pub enabled: bool,
+    /// `ClientCertificatePath`: PEM.
+    pub client_certificate_path: Option<PathBuf>,
+    /// `ClientKeyPath`: PEM.
+    pub client_key_path: Option<PathBuf>,
+    /// `ServerCaCertificatePath`: PEM; the server's chain must lead to it.
+    pub server_ca_certificate_path: Option<PathBuf>,
+    /// `ExpectedServerCertificateSubject`: the server certificate's CN must
+    /// equal it when set.
+    pub expected_server_certificate_subject: Option<String>,
+    /// `ValidateCertificateChain`.
+    pub validate_certificate_chain: bool,
+}
+
+/// `AgentRuntime`: per-run defaults and the model endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRuntimeSection {
+    /// `DefaultModel`.
+    pub default_model: String,
+    /// `DefaultTemperature`: 0 or more.
+    pub default_temperature: f64,
+    /// `MaxTokens`: the node's token limit per run (a lease's budget may
+    /// lower it).
+    pub max_tokens: u32,
+    /// `MaxDurationSeconds`: the node's wall-clock limit per run.
+    pub max_duration: Duration,
+    /// `AzureAIFoundry`.
+    pub azure_ai_foundry: AzureAiFoundry,
+}
+
+/// `AgentRuntime.AzureAIFoundry`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AzureAiFoundry {
+    /// `Endpoint`: an `http(s)://` URL when set.
+    pub endpoint: Option<http::Uri>,
+    /// `DeploymentName`.
+    pub deployment_name: Option<String>,
+    /// `ApiKey`: never printed.
+    pub api_key: Option<Secret>,
+    /// `UseManagedIdentity`.
+    pub use_managed_identity: bool,
+}
+
+/// `OpenTelemetry`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenTelemetrySection {
+    /// `ServiceName`.
+    pub service_name: String,
+    /// `ServiceVersion` (default: this node's version).
+    pub service_version: String,
+    /// `OtlpExporter`.
+    pub otlp_exporter: OtlpExporter,
+    /// `ConsoleExporter.Enabled`.
+    pub console_exporter_enabled: bool,
+    /// `Traces`.
+    pub traces: Traces,
+    /// `Metrics`.
+    pub metrics: Metrics,
+}
+
+/// `OpenTelemetry.OtlpExporter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpExporter {
+    /// `Endpoint`: `None` when set to an empty string, which (as in the
+    /// reference) turns the OTLP exporter off.
+    pub endpoint: Option<http::Uri>,
+    /// `Protocol`.
+    pub protocol: OtlpProtocol,
+}
+
+/// `OpenTelemetry.OtlpExporter.Protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    /// `grpc`
+    #[default]
+    Grpc,
+    /// `http/protobuf`
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The spelling the reference uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// `OpenTelemetry.Traces`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traces {
+    /// `Enabled`.
+    pub enabled: bool,
+    /// `SamplingRatio`: in [0, 1].
+    pub sampling_ratio: f64,
+}
+
+/// `OpenTelemetry.Metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// `Enabled`.
+    pub enabled: bool,
+    /// `ExportIntervalMilliseconds`: at least 1 ms.
+    pub export_interval: Duration,
+}
+
+/// `Logging`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoggingSection {
+    /// `LogLevel`: category -> level, categories as written. `Default` is
+    /// the level of everything else; the other categories become `tracing`
+    /// targets (see [`NodeConfig::log_filter`]).
+    pub log_level: BTreeMap<String, LogLevel>,
+}
+
+/// A .NET log level, as `Logging.LogLevel` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Information,
+    Warning,
+    Error,
+    Critical,
+    None,
+}
+
+impl LogLevel {
+    pub const ALL: [LogLevel; 7] = [
+        LogLevel::Trace,
+        LogLevel::Debug,
+        LogLevel::Information,
+        LogLevel::Warning,
+        LogLevel::Error,
+        LogLevel::Critical,
+        LogLevel::None,
+    ];
+
+    /// The .NET name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "Trace",
+            LogLevel::Debug => "Debug",
+            LogLevel::Information => "Information",
+            LogLevel::Warning => "Warning",
+            LogLevel::Error => "Error",
+            LogLevel::Critical => "Critical",
+            LogLevel::None => "None",
+        }
+    }
+
+    /// The `tracing` level: `tracing` has nothing above error, so
+    /// Critical is error.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Information => "info",
+            LogLevel::Warning => "warn",
+            LogLevel::Error | LogLevel::Critical => "error",
+            LogLevel::None => "off",
+        }
+    }
+}
+
+/// `Sandbox` (this node): the ceilings of every run. Token and duration
+/// limits come from `AgentRuntime` (`MaxTokens`, `MaxDurationSeconds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSection {
+    /// `DefaultFuel`: CPU fuel per run.
+    pub default_fuel: u64,
+    /// `MaxMemoryBytes`: bytes or a size (`"256MiB"`, `"256Mi"`); at
+    /// least one WebAssembly page (64 KiB).
+    pub max_memory_bytes: u64,
+    /// `MaxTableElements`.
+    pub max_table_elements: u32,
+    /// `MaxResultBytes`: bytes or a size.
+    pub max_result_bytes: usize,
+    /// `MaxLogLines`: 0 drops every log line.
+    pub max_log_lines: u32,
+    /// `MaxLogBytes`: bytes or a size.
+    pub max_log_bytes: usize,
+    /// `Allocator`: `auto`, `pooling` or `on-demand`.
+    pub allocator: AllocatorChoice,
+}
+
+/// A value that must not be printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Default for NodeRuntimeSection {
+    fn default() -> Self {
+        NodeRuntimeSection {
+            node_id: "node-1".to_string(),
+            control_plane_url: http::Uri::from_static("http://localhost:5109"),
+            max_concurrent_leases: 5,
+            heartbeat_interval: Duration::from_secs(30),
+            capacity: Capacity::default(),
+            metadata: BTreeMap::new(),
+            agents_directory: PathBuf::from("agents"),
+            data_directory: PathBuf::from("data"),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            slots: 8,
+            cpu: "4".to_string(),
+            memory: "8Gi".to_string(),
+        }
+    }
+}
+
+impl Default for MTlsSection {
+    fn default() -> Self {
+        MTlsSection {
+            enabled: false,
+            client_certificate_path: None,
+            client_key_path: None,
+            server_ca_certificate_path: None,
+            expected_server_certificate_subject: None,
+            validate_certificate_chain: true,
+        }
+    }
+}
+
+impl Default for AgentRuntimeSection {
+    fn default() -> Self {
+        let limits = NodeLimits::default();
+        AgentRuntimeSection {
+            default_model: "gpt-5-mini".to_string(),
+            default_temperature: 0.7,
+            max_tokens: limits.tokens,
+            max_duration: limits.duration,
+            azure_ai_foundry: AzureAiFoundry::default(),
+        }
+    }
+}
+
+impl Default for OpenTelemetrySection {
+    fn default() -> Self {
+        OpenTelemetrySection {
+            service_name: "Node.Runtime".to_string(),
+            service_version: env!("CARGO_PKG_VERSION").to_string(),
+            otlp_exporter: OtlpExporter::default(),
+            console_exporter_enabled: false,
+            traces: Traces::default(),
+            metrics: Metrics::default(),
+        }
+    }
+}
+
+impl Default for OtlpExporter {
+    fn default() -> Self {
+        OtlpExporter {
+            endpoint: Some(http::Uri::from_static("http://localhost:4317")),
+            protocol: OtlpProtocol::Grpc,
+        }
+    }
+}
+
+impl Default for Traces {
+    fn default() -> Self {
+        Traces {
+            enabled: true,
+            sampling_ratio: 1.0,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enabled: true,
+            export_interval: Duration::from_millis(60_000),
+        }
+    }
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        let limits = NodeLimits::default();
+        SandboxSection {
+            default_fuel: limits.fuel,
+            max_memory_bytes: limits.memory_bytes,
+            max_table_elements: limits.table_elements,
+            max_result_bytes: limits.result_bytes,
+            max_log_lines: limits.log_lines,
+            max_log_bytes: limits.log_bytes,
+            allocator: AllocatorChoice::Auto,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads `path` (the reference's `appsettings.json` works as is), then
+    /// applies `env` over it (pass [`process_env`]; tests pass their own).
+    /// Relative paths in it are resolved against the file's directory.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // Absolute, so that resolved paths survive a later change of
+        // working directory.
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base_dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        Self::read(&text, Some(&path), &base_dir, env)
+    }
+
+    /// [`NodeConfig::load`] for text in hand: relative paths resolve
+    /// against `base_dir`.
+    pub fn from_json_str(
+        text: &str,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NodeConfig, ConfigError> {
+        Self::read(text, None, base_dir, env)
+    }
+
+    fn read(
+        text: &str,
+        file: Option<&Path>,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let config = bind::read(text, file, base_dir, env)?;
+        if !config.ignored_keys.is_empty() {
+            tracing::warn!(
+                "ignoring configuration keys this node does not read: {}",
+                config.ignored_keys.join(", ")
+            );
+        }
+        // Valid, but likely a mistake worth a word.
+        if config.node_runtime.heartbeat_interval >= Duration::from_secs(60) {
+            tracing::warn!(
+                "NodeRuntime.HeartbeatIntervalSeconds is {}: the control plane counts a node \
+                 as live only while its last heartbeat is under 60 s old; use less than 60",
+                config.node_runtime.heartbeat_interval.as_secs()
+            );
+        }
+        Ok(config)
+    }
+
+    /// Runs the node takes at once: the lower of `MaxConcurrentLeases` and
+    /// `Capacity.Slots`.
+    pub fn slots(&self) -> u32 {
+        self.node_runtime
+            .max_concurrent_leases
+            .min(self.node_runtime.capacity.slots)
+    }
+
+    /// The sandbox this configuration asks for: `Sandbox` for the ceilings,
+    /// `AgentRuntime` for tokens and duration, and a pool sized for
+    /// [`NodeConfig::slots`].
+    pub fn sandbox_config(&self) -> SandboxConfig {
+        let sandbox = &self.sandbox;
+        SandboxConfig {
+            limits: NodeLimits {
+                fuel: sandbox.default_fuel,
+                memory_bytes: sandbox.max_memory_bytes,
+                table_elements: sandbox.max_table_elements,
+                duration: self.agent_runtime.max_duration,
+                tokens: self.agent_runtime.max_tokens,
+                result_bytes: sandbox.max_result_bytes,
+                log_lines: sandbox.max_log_lines,
+                log_bytes: sandbox.max_log_bytes,
+                ..NodeLimits::default()
+            },
+            engine: EngineSettings {
+                allocator: sandbox.allocator,
+                max_concurrent_runs: self.slots(),
+                ..EngineSettings::default()
+            },
+        }
+    }
+
+    /// `Logging.LogLevel` as a `tracing_subscriber::EnvFilter` directive:
+    /// `Default` is the global level (Information when absent, as in .NET),
+    /// every other category a target: `info,Microsoft.AspNetCore=warn`.
+    pub fn log_filter(&self) -> String {
+        let levels = &self.logging.log_level;
+        let global = levels
+            .iter()
+            .find(|(category, _)| tree::same_key(category, "Default"))
+            .map_or(LogLevel::Information, |(_, level)| *level);
+        let mut filter = global.directive().to_string();
+        for (category, level) in levels {
+            if !tree::same_key(category, "Default") {
+                filter.push_str(&format!(",{category}={}", level.directive()));
+            }
+        }
+        filter
+    }
+
+    /// The effective configuration as pretty JSON, in the reference's
+    /// sections and key names, defaults filled in, secrets as `"***"`.
+    /// What `node-runtime config check` prints; it loads back as a
+    /// configuration.
+    pub fn redacted_json(&self) -> String {
+        effective::redacted_json(self)
+    }
+}
+
+/// The process environment for [`NodeConfig::load`]. Unlike
+/// `std::env::vars`, it skips (rather than panics on) variables that are
+/// not UTF-8.
+pub fn process_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+}

@@ -1,0 +1,795 @@
+//! The configuration, specified by example: the reference's file loads as
+//! is, the environment overrides it the .NET way, and every bad value
+//! stops start-up with a message that names its key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn reference_file() -> PathBuf {
+    fixtures().join("appsettings.reference.json")
+}
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+/// Loads `json` as if it were a file in `/etc/node-runtime`.
+fn load(json: &str) -> Result<NodeConfig, ConfigError> {
+    NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), no_env())
+}
+
+#[test]
+fn the_reference_appsettings_loads_unchanged_and_its_values_come_through() {
+    let config = NodeConfig::load(&reference_file(), no_env()).unwrap();
+    let fixtures = std::path::absolute(fixtures()).unwrap();
+
+    let node = &config.node_runtime;
+    assert_eq!(node.node_id, "node-eu-west-3");
+    assert_eq!(node.control_plane_url, "https://control-plane:5109");
+    assert_eq!(node.max_concurrent_leases, 4);
+    assert_eq!(node.heartbeat_interval, Duration::from_secs(15));
+    assert_eq!(
+        node.capacity,
+        Capacity {
+            slots: 6,
+            cpu: "2".into(),
+            memory: "4Gi".into()
+        }
+    );
+    assert_eq!(
+        node.metadata.iter().collect::<Vec<_>>(),
+        [
+            (&"Environment".to_string(), &"staging".to_string()),
+            (&"Region".to_string(), &"eu-west-1".to_string()),
+        ]
+    );
+
+    let mtls = &config.mtls;
+    assert!(!mtls.enabled);
+    assert_eq!(
+        mtls.client_certificate_path.as_deref(),
+        Some(fixtures.join("certs/node.crt").as_path())
+    );
+    assert_eq!(
+        mtls.client_key_path.as_deref(),
+        Some(fixtures.join("certs/node.key").as_path())
+    );
+    assert_eq!(
+        mtls.server_ca_certificate_path.as_deref(),
+        Some(fixtures.join("certs/ca.crt").as_path())
+    );
+    assert_eq!(
+        mtls.expected_server_certificate_subject.as_deref(),
+        Some("control-plane")
+    );
+    assert!(mtls.validate_certificate_chain);
+
+    let agent = &config.agent_runtime;
+    assert_eq!(agent.default_model, "gpt-5-mini");
+    assert_eq!(agent.default_temperature, 0.2);
+    assert_eq!(agent.max_tokens, 8000);
+    assert_eq!(agent.max_duration, Duration::from_secs(120));
+    let foundry = &agent.azure_ai_foundry;
+    assert_eq!(
+        foundry.endpoint.as_ref().unwrap(),
+        "https://bpa-foundry.services.ai.azure.com"
+    );
+    assert_eq!(foundry.deployment_name.as_deref(), Some("gpt-5-mini"));
+    assert_eq!(
+        foundry.api_key.as_ref().map(Secret::expose),
+        Some("fixture-api-key-5c1e9b0d7a")
+    );
+    assert!(!foundry.use_managed_identity);
+
+    let otel = &config.open_telemetry;
+    assert_eq!(otel.service_name, "Node.Runtime");
+    assert_eq!(otel.service_version, "1.0.0");
+    assert_eq!(
+        otel.otlp_exporter.endpoint.as_ref().unwrap(),
+        "http://otel-collector:4318"
+    );
+    assert_eq!(otel.otlp_exporter.protocol, OtlpProtocol::HttpProtobuf);
+    assert!(otel.console_exporter_enabled);
+    assert_eq!(
+        otel.traces,
+        Traces {
+            enabled: true,
+            sampling_ratio: 0.25
+        }
+    );
+    assert_eq!(
+        otel.metrics,
+        Metrics {
+            enabled: false,
+            export_interval: Duration::from_secs(30)
+        }
+    );
+
+    assert_eq!(
+        config.logging.log_level.get("Microsoft.AspNetCore"),
+        Some(&LogLevel::Warning)
+    );
+    assert_eq!(
+        config.log_filter(),
+        "info,Grpc=debug,Microsoft.AspNetCore=warn"
+    );
+
+    // Keys of the node's own that the reference file does not have.
+    assert_eq!(node.agents_directory, fixtures.join("agents"));
+    assert_eq!(node.data_directory, fixtures.join("data"));
+    assert_eq!(node.drain_timeout, Duration::from_secs(30));
+    assert_eq!(config.sandbox, SandboxSection::default());
+
+    assert_eq!(config.ignored_keys, ["AllowedHosts"]);
+}
+
+#[test]
+fn an_empty_configuration_is_the_reference_defaults() {
+    let config = load("{}").unwrap();
+    let defaults = NodeConfig::default();
+    assert_eq!(config.node_runtime.node_id, "node-1");
+    assert_eq!(
+        config.node_runtime.control_plane_url,
+        "http://localhost:5109"
+    );
+    assert_eq!(config.node_runtime.max_concurrent_leases, 5);
+    assert_eq!(
+        config.node_runtime.heartbeat_interval,
+        Duration::from_secs(30)
+    );
+    assert_eq!(config.node_runtime.capacity, Capacity::default());
+    assert_eq!(config.agent_runtime.max_tokens, 4000);
+    assert_eq!(config.agent_runtime.max_duration, Duration::from_secs(60));
+    assert_eq!(config.open_telemetry.service_name, "Node.Runtime");
+    assert_eq!(
+        config
+            .open_telemetry
+            .otlp_exporter
+            .endpoint
+            .as_ref()
+            .unwrap(),
+        "http://localhost:4317"
+    );
+    assert_eq!(
+        config.open_telemetry.metrics.export_interval,
+        Duration::from_millis(60_000)
+    );
+    assert!(config.mtls.validate_certificate_chain);
+    // Everything else equals `Default`, but for paths, now resolved.
+    assert_eq!(
+        config.node_runtime.agents_directory,
+        Path::new("/etc/node-runtime/agents")
+    );
+    assert_eq!(
+        config.node_runtime.data_directory,
+        Path::new("/etc/node-runtime/data")
+    );
+    let resolved = NodeConfig {
+        node_runtime: NodeRuntimeSection {
+            agents_directory: config.node_runtime.agents_directory.clone(),
+            data_directory: config.node_runtime.data_directory.clone(),
+            ..defaults.node_runtime
+        },
+        ..defaults
+    };
+    assert_eq!(config, resolved);
+}
+
+#[test]
+fn environment_variables_override_the_file_the_dotnet_way() {
+    let config = NodeConfig::load(
+        &reference_file(),
+        env(&[
+            ("NodeRuntime__MaxConcurrentLeases", "2"),
+            ("noderuntime__nodeid", "node-7"),
+            ("NODERUNTIME__CAPACITY__SLOTS", "3"),
+            ("NodeRuntime__Metadata__Zone", "b"),
+            ("OpenTelemetry__ConsoleExporter__Enabled", "False"),
+            ("OpenTelemetry:Traces:SamplingRatio", "0.5"),
+            ("Logging__LogLevel__Default", "Debug"),
+            // Not the node's sections: none of its business.
+            ("PATH", "/usr/bin"),
+            ("Kestrel__Endpoints__Http__Url", "http://*:80"),
+            ("SANDBOX", "1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.max_concurrent_leases, 2);
+    assert_eq!(config.node_runtime.node_id, "node-7");
+    assert_eq!(config.node_runtime.capacity.slots, 3);
+    assert_eq!(config.node_runtime.metadata["Zone"], "b");
+    assert_eq!(config.node_runtime.metadata["Region"], "eu-west-1");
+    assert!(!config.open_telemetry.console_exporter_enabled);
+    assert_eq!(config.open_telemetry.traces.sampling_ratio, 0.5);
+    assert!(config.log_filter().starts_with("debug,"));
+    assert_eq!(config.ignored_keys, ["AllowedHosts"]);
+}
+
+#[test]
+fn key_names_match_in_any_case_but_metadata_keys_keep_theirs() {
+    let config = load(
+        r#"{"noderuntime": {"NODEID": "n", "capacity": {"sLoTs": 2},
+            "metadata": {"Region": "eu", "environment": "dev"}},
+            "MTLS": {"enabled": false}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.node_id, "n");
+    assert_eq!(config.node_runtime.capacity.slots, 2);
+    assert_eq!(
+        config.node_runtime.metadata.keys().collect::<Vec<_>>(),
+        ["Region", "environment"]
+    );
+}
+
+#[test]
+fn numbers_and_booleans_written_as_strings_coerce() {
+    let config = load(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": "3", "HeartbeatIntervalSeconds": " 10 ",
+            "Capacity": {"Slots": "12", "Cpu": 4}},
+            "MTls": {"ValidateCertificateChain": "False"},
+            "OpenTelemetry": {"Traces": {"SamplingRatio": "0.1"}}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.max_concurrent_leases, 3);
+    assert_eq!(
+        config.node_runtime.heartbeat_interval,
+        Duration::from_secs(10)
+    );
+    assert_eq!(config.node_runtime.capacity.slots, 12);
+    assert_eq!(config.node_runtime.capacity.cpu, "4");
+    assert!(!config.mtls.validate_certificate_chain);
+    assert_eq!(config.open_telemetry.traces.sampling_ratio, 0.1);
+}
+
+#[test]
+fn an_empty_string_or_null_leaves_the_default() {
+    let config = load(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": "", "Capacity": null},
+            "OpenTelemetry": {"Traces": {"SamplingRatio": null}}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.max_concurrent_leases, 5);
+    assert_eq!(config.node_runtime.capacity.slots, 8);
+    assert_eq!(config.open_telemetry.traces.sampling_ratio, 1.0);
+}
+
+/// A configuration that must be refused, and what the refusal must say.
+struct Case {
+    what: &'static str,
+    json: &'static str,
+    env: &'static [(&'static str, &'static str)],
+    /// The key the error names, and starts with.
+    key: &'static str,
+    /// Words of the fix the error must contain.
+    fix: &'static str,
+}
+
+#[test]
+fn every_bad_value_is_refused_with_an_error_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("not-a-dir"), "").unwrap();
+    std::fs::write(dir.path().join("node.key"), "").unwrap();
+    std::fs::write(dir.path().join("node.crt"), "").unwrap();
+    let cases = [
+        Case {
+            what: "a URL that is not one",
+            json: r#"{"NodeRuntime": {"ControlPlaneUrl": "control plane"}}"#,
+            env: &[],
+            key: "NodeRuntime.ControlPlaneUrl",
+            fix: "http:// or https://",
+        },
+        Case {
+            what: "an ftp URL",
+            json: r#"{"NodeRuntime": {"ControlPlaneUrl": "ftp://control-plane:21"}}"#,
+            env: &[],
+            key: "NodeRuntime.ControlPlaneUrl",
+            fix: "http:// or https://",
+        },
+        Case {
+            what: "a URL without a host",
+            json: r#"{"NodeRuntime": {"ControlPlaneUrl": "localhost:5109"}}"#,
+            env: &[],
+            key: "NodeRuntime.ControlPlaneUrl",
+            fix: "with a host",
+        },
+        Case {
+            what: "an empty URL",
+            json: r#"{"NodeRuntime": {"ControlPlaneUrl": ""}}"#,
+            env: &[],
+            key: "NodeRuntime.ControlPlaneUrl",
+            fix: "e.g. https://",
+        },
+        Case {
+            what: "zero slots",
+            json: r#"{"NodeRuntime": {"Capacity": {"Slots": 0}}}"#,
+            env: &[],
+            key: "NodeRuntime.Capacity.Slots",
+            fix: "at least 1",
+        },
+        Case {
+            what: "zero leases",
+            json: r#"{"NodeRuntime": {"MaxConcurrentLeases": 0}}"#,
+            env: &[],
+            key: "NodeRuntime.MaxConcurrentLeases",
+            fix: "at least 1",
+        },
+        Case {
+            what: "a negative heartbeat",
+            json: r#"{"NodeRuntime": {"HeartbeatIntervalSeconds": -5}}"#,
+            env: &[],
+            key: "NodeRuntime.HeartbeatIntervalSeconds",
+            fix: "greater than 0",
+        },
+        Case {
+            what: "a heartbeat that is not a number",
+            json: r#"{"NodeRuntime": {"HeartbeatIntervalSeconds": "soon"}}"#,
+            env: &[],
+            key: "NodeRuntime.HeartbeatIntervalSeconds",
+            fix: "whole number of seconds",
+        },
+        Case {
+            what: "a fractional heartbeat",
+            json: r#"{"NodeRuntime": {"HeartbeatIntervalSeconds": 1.5}}"#,
+            env: &[],
+            key: "NodeRuntime.HeartbeatIntervalSeconds",
+            fix: "whole number of seconds",
+        },
+        Case {
+            what: "a bad heartbeat from the environment",
+            json: "{}",
+            env: &[("NodeRuntime__HeartbeatIntervalSeconds", "0")],
+            key: "NodeRuntime.HeartbeatIntervalSeconds",
+            fix: "greater than 0",
+        },
+        Case {
+            what: "a negative drain timeout",
+            json: r#"{"NodeRuntime": {"DrainTimeoutSeconds": -1}}"#,
+            env: &[],
+            key: "NodeRuntime.DrainTimeoutSeconds",
+            fix: "0 or more",
+        },
+        Case {
+            what: "an empty node id",
+            json: r#"{"NodeRuntime": {"NodeId": " "}}"#,
+            env: &[],
+            key: "NodeRuntime.NodeId",
+            fix: "non-empty",
+        },
+        Case {
+            what: "a sampling ratio of 2",
+            json: r#"{"OpenTelemetry": {"Traces": {"SamplingRatio": 2}}}"#,
+            env: &[],
+            key: "OpenTelemetry.Traces.SamplingRatio",
+            fix: "from 0 to 1",
+        },
+        Case {
+            what: "an unknown protocol",
+            json: r#"{"OpenTelemetry": {"OtlpExporter": {"Protocol": "http/json"}}}"#,
+            env: &[],
+            key: "OpenTelemetry.OtlpExporter.Protocol",
+            fix: "grpc or http/protobuf",
+        },
+        Case {
+            what: "an unknown allocator",
+            json: r#"{"Sandbox": {"Allocator": "mmap"}}"#,
+            env: &[],
+            key: "Sandbox.Allocator",
+            fix: "auto, pooling or on-demand",
+        },
+        Case {
+            what: "a memory limit that is not a size",
+            json: r#"{"Sandbox": {"MaxMemoryBytes": "lots"}}"#,
+            env: &[],
+            key: "Sandbox.MaxMemoryBytes",
+            fix: "256MiB",
+        },
+        Case {
+            what: "a memory limit below one page",
+            json: r#"{"Sandbox": {"MaxMemoryBytes": 1024}}"#,
+            env: &[],
+            key: "Sandbox.MaxMemoryBytes",
+            fix: "at least 64KiB",
+        },
+        Case {
+            what: "an unknown log level",
+            json: r#"{"Logging": {"LogLevel": {"Default": "Verbose"}}}"#,
+            env: &[],
+            key: "Logging.LogLevel.Default",
+            fix: "Information",
+        },
+        Case {
+            what: "a boolean where a number belongs",
+            json: r#"{"NodeRuntime": {"MaxConcurrentLeases": true}}"#,
+            env: &[],
+            key: "NodeRuntime.MaxConcurrentLeases",
+            fix: "whole number",
+        },
+        Case {
+            what: "a section where a value belongs",
+            json: r#"{"NodeRuntime": {"NodeId": {"Value": "n"}}}"#,
+            env: &[],
+            key: "NodeRuntime.NodeId",
+            fix: "non-empty node id",
+        },
+        Case {
+            what: "a value where a section belongs",
+            json: r#"{"NodeRuntime": {"Capacity": 8}}"#,
+            env: &[],
+            key: "NodeRuntime.Capacity",
+            fix: "a section",
+        },
+        Case {
+            what: "a list where a boolean belongs",
+            json: r#"{"MTls": {"Enabled": [true]}}"#,
+            env: &[],
+            key: "MTls.Enabled",
+            fix: "true or false",
+        },
+        Case {
+            what: "mTLS without a client certificate",
+            json: r#"{"MTls": {"Enabled": true, "ClientKeyPath": "node.key"}}"#,
+            env: &[],
+            key: "MTls.ClientCertificatePath",
+            fix: "set MTls.ClientCertificatePath",
+        },
+        Case {
+            what: "mTLS, enabled from the environment, without a key",
+            json: r#"{"MTls": {"ClientCertificatePath": "node.crt"}}"#,
+            env: &[("MTLS__ENABLED", "true")],
+            key: "MTls.ClientKeyPath",
+            fix: "environment variable MTLS__ENABLED",
+        },
+        Case {
+            what: "a CA certificate that does not exist",
+            json: r#"{"MTls": {"ServerCaCertificatePath": "certs/missing-ca.crt"}}"#,
+            env: &[],
+            key: "MTls.ServerCaCertificatePath",
+            fix: "no such file",
+        },
+        Case {
+            what: "a certificate path that is a directory",
+            json: r#"{"MTls": {"ClientCertificatePath": "."}}"#,
+            env: &[],
+            key: "MTls.ClientCertificatePath",
+            fix: "is a directory",
+        },
+        Case {
+            what: "an agents directory that is a file",
+            json: r#"{"NodeRuntime": {"AgentsDirectory": "not-a-dir"}}"#,
+            env: &[],
+            key: "NodeRuntime.AgentsDirectory",
+            fix: "not a directory",
+        },
+        Case {
+            what: "a Foundry endpoint that is not a URL",
+            json: r#"{"AgentRuntime": {"AzureAIFoundry": {"Endpoint": "foundry"}}}"#,
+            env: &[],
+            key: "AgentRuntime.AzureAIFoundry.Endpoint",
+            fix: "http:// or https://",
+        },
+    ];
+    for Case {
+        what,
+        json,
+        env: vars,
+        key,
+        fix,
+    } in cases
+    {
+        let err = NodeConfig::from_json_str(json, dir.path(), env(vars))
+            .expect_err(&format!("{what}: must be refused"));
+        let message = err.to_string();
+        assert_eq!(err.key(), Some(key), "{what}: wrong key in `{message}`");
+        assert!(
+            message.starts_with(key),
+            "{what}: `{message}` must start with the key"
+        );
+        assert!(
+            message.contains(fix),
+            "{what}: `{message}` must say `{fix}`"
+        );
+    }
+}
+
+#[test]
+fn an_error_says_the_key_the_value_where_it_came_from_and_what_to_write() {
+    let err = NodeConfig::from_json_str(
+        r#"{"NodeRuntime": {"HeartbeatIntervalSeconds": -5}}"#,
+        Path::new("/etc/node-runtime"),
+        no_env(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "NodeRuntime.HeartbeatIntervalSeconds is -5 (in the configuration text): \
+         expected a whole number of seconds greater than 0, e.g. 30"
+    );
+
+    let err = NodeConfig::load(
+        &reference_file(),
+        env(&[("NodeRuntime__ControlPlaneUrl", "ftp://control-plane")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "NodeRuntime.ControlPlaneUrl is \"ftp://control-plane\" \
+         (from environment variable NodeRuntime__ControlPlaneUrl): expected an absolute \
+         http:// or https:// URL with a host, e.g. https://control-plane:5109"
+    );
+
+    let err = NodeConfig::load(&reference_file(), env(&[("MTls__Enabled", "yes")])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "MTls.Enabled is \"yes\" (from environment variable MTls__Enabled): expected true or false"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("appsettings.json");
+    std::fs::write(
+        &path,
+        r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "x"}}"#,
+    )
+    .unwrap();
+    let message = NodeConfig::load(&path, no_env()).unwrap_err().to_string();
+    let resolved = dir.path().join("x");
+    assert_eq!(
+        message,
+        format!(
+            "MTls.ClientCertificatePath is \"x\" (resolved to {}) (in {}): no such file; \
+             expected an existing PEM file (a relative path is resolved against the \
+             configuration file's directory)",
+            resolved.display(),
+            std::path::absolute(&path).unwrap().display()
+        )
+    );
+}
+
+#[test]
+fn invalid_json_is_reported_with_its_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("appsettings.json");
+    std::fs::write(
+        &path,
+        "{\n  \"NodeRuntime\": {\n    \"NodeId\": node-1\n  }\n}\n",
+    )
+    .unwrap();
+    let err = NodeConfig::load(&path, no_env()).unwrap_err();
+    let ConfigError::Syntax { line, column, .. } = err else {
+        panic!("expected a syntax error, got {err}");
+    };
+    // serde_json stops at the `o` of `node-1`, having read `n` as the
+    // start of `null`.
+    assert_eq!((line, column), (3, 16));
+    let message = err.to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.ends_with("at line 3, column 16"), "{message}");
+}
+
+#[test]
+fn a_file_that_is_not_an_object_of_sections_is_refused() {
+    let err = load(r#"["NodeRuntime"]"#).unwrap_err();
+    assert!(matches!(err, ConfigError::NotAnObject { .. }), "{err}");
+    assert!(err.to_string().contains("found a list"), "{err}");
+}
+
+#[test]
+fn an_unreadable_file_is_reported_with_its_path() {
+    let path = fixtures().join("no-such-appsettings.json");
+    let err = NodeConfig::load(&path, no_env()).unwrap_err();
+    assert!(matches!(err, ConfigError::Unreadable { .. }));
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot read the configuration file {}:",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn comments_trailing_commas_and_a_byte_order_mark_are_read_as_dotnet_reads_them() {
+    let config = load(
+        "\u{feff}{\n  // the node\n  \"NodeRuntime\": { /* id */ \"NodeId\": \"n // not a comment\", },\n}\n",
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.node_id, "n // not a comment");
+
+    // Positions still point into the file as written: at the `1` where
+    // a colon belongs.
+    let line = "  /* a comment */ \"NodeRuntime\": {\"NodeId\" 1}";
+    let err = load(&format!("{{\n{line}\n}}")).unwrap_err();
+    let ConfigError::Syntax {
+        line: 2, column, ..
+    } = err
+    else {
+        panic!("expected a syntax error on line 2, got {err}");
+    };
+    assert_eq!(column, line.find('1').unwrap() + 1, "{err}");
+}
+
+#[test]
+fn unknown_sections_and_keys_are_collected_for_one_warning() {
+    let config = NodeConfig::from_json_str(
+        r#"{"AllowedHosts": "*", "Kestrel": {"Endpoints": {}},
+            "NodeRuntime": {"NodeId": "n", "Nodeid2": "x", "Capacity": {"Gpu": 1}},
+            "Logging": {"LogLevel": {"Default": "Warning"}, "Console": {"FormatterName": "json"}}}"#,
+        Path::new("/etc/node-runtime"),
+        env(&[("Sandbox__MaxFuel", "1")]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.ignored_keys,
+        [
+            "AllowedHosts",
+            "Kestrel",
+            "Logging.Console",
+            "NodeRuntime.Capacity.Gpu",
+            "NodeRuntime.Nodeid2",
+            "Sandbox.MaxFuel",
+        ]
+    );
+}
+
+#[test]
+fn the_sandbox_section_sets_the_node_limits_and_the_pool() {
+    let config = NodeConfig::load(&fixtures().join("appsettings.node.json"), no_env()).unwrap();
+    assert!(config.mtls.enabled);
+    assert_eq!(
+        config.slots(),
+        2,
+        "the lower of MaxConcurrentLeases 2 and Slots 4"
+    );
+    let sandbox = config.sandbox_config();
+    assert_eq!(
+        sandbox.limits,
+        NodeLimits {
+            fuel: 2_000_000_000,
+            memory_bytes: 128 << 20,
+            table_elements: 20_000,
+            duration: Duration::from_secs(30),
+            tokens: 2000,
+            result_bytes: 256 << 10,
+            log_lines: 500,
+            log_bytes: 262_144,
+            ..NodeLimits::default()
+        }
+    );
+    assert_eq!(sandbox.engine.allocator, AllocatorChoice::OnDemand);
+    assert_eq!(sandbox.engine.max_concurrent_runs, 2);
+    assert_eq!(
+        config.node_runtime.data_directory,
+        Path::new("/var/lib/node-runtime")
+    );
+    assert_eq!(config.log_filter(), "warn,node_runtime=info");
+    assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+}
+
+#[test]
+fn sizes_take_kubernetes_and_binary_units_and_the_slots_follow_capacity() {
+    let config = load(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": 10, "Capacity": {"Slots": 3}},
+            "Sandbox": {"MaxMemoryBytes": "256Mi", "MaxResultBytes": 4096, "Allocator": "Pooling"}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.sandbox.max_memory_bytes, 256 << 20);
+    assert_eq!(config.sandbox.max_result_bytes, 4096);
+    assert_eq!(config.slots(), 3);
+    let sandbox = config.sandbox_config();
+    assert_eq!(sandbox.engine.max_concurrent_runs, 3);
+    assert_eq!(sandbox.engine.allocator, AllocatorChoice::Pooling);
+    assert_eq!(
+        NodeConfig::default().sandbox_config().limits,
+        NodeLimits::default()
+    );
+}
+
+#[test]
+fn log_levels_become_a_tracing_filter() {
+    let config = load(
+        r#"{"Logging": {"LogLevel": {"default": "Critical", "h2": "None", "tonic": "trace",
+            "node_runtime::sandbox": "Debug", "bad target": "Debug", "Microsoft": 3}}}"#,
+    )
+    .unwrap();
+    let filter = config.log_filter();
+    assert_eq!(
+        filter,
+        "error,Microsoft=warn,h2=off,node_runtime::sandbox=debug,tonic=trace"
+    );
+    assert!(tracing_subscriber::EnvFilter::try_new(&filter).is_ok());
+    assert_eq!(config.ignored_keys, ["Logging.LogLevel.bad target"]);
+    assert_eq!(load("{}").unwrap().log_filter(), "info");
+}
+
+#[test]
+fn config_check_output_redacts_the_api_key_and_loads_back() {
+    let config = NodeConfig::load(
+        &reference_file(),
+        env(&[(
+            "OpenTelemetry__OtlpExporter__Endpoint",
+            "https://otel:s3cret-pw@collector:4318",
+        )]),
+    )
+    .unwrap();
+    let json = config.redacted_json();
+    assert!(!json.contains("fixture-api-key-5c1e9b0d7a"), "{json}");
+    assert!(!json.contains("s3cret-pw"), "{json}");
+
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let foundry = &value["AgentRuntime"]["AzureAIFoundry"];
+    assert_eq!(foundry["ApiKey"], "***");
+    assert_eq!(
+        value["OpenTelemetry"]["OtlpExporter"]["Endpoint"],
+        "https://***@collector:4318/"
+    );
+    // Certificate paths are not secrets.
+    assert!(
+        value["MTls"]["ClientKeyPath"]
+            .as_str()
+            .unwrap()
+            .ends_with("certs/node.key")
+    );
+    // The reference's names and order, defaults filled in.
+    let sections: Vec<&str> = json
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("  \"")?
+                .split_once('"')
+                .map(|(name, _)| name)
+        })
+        .collect();
+    assert_eq!(
+        sections,
+        [
+            "NodeRuntime",
+            "MTls",
+            "AgentRuntime",
+            "OpenTelemetry",
+            "Logging",
+            "Sandbox"
+        ]
+    );
+    assert_eq!(value["NodeRuntime"]["HeartbeatIntervalSeconds"], 15);
+    assert_eq!(value["NodeRuntime"]["Metadata"]["Region"], "eu-west-1");
+    assert_eq!(value["Sandbox"]["Allocator"], "auto");
+    assert_eq!(
+        value["Logging"]["LogLevel"]["Microsoft.AspNetCore"],
+        "Warning"
+    );
+
+    // What `config check` prints is a configuration: it loads back the same,
+    // but for the secrets it hid.
+    let reloaded = NodeConfig::from_json_str(&json, Path::new("/"), no_env()).unwrap();
+    let mut expected = config.clone();
+    expected.agent_runtime.azure_ai_foundry.api_key = Some(Secret::new("***"));
+    expected.open_telemetry.otlp_exporter.endpoint =
+        Some("https://***@collector:4318/".parse().unwrap());
+    expected.ignored_keys.clear();
+    assert_eq!(reloaded, expected);
+}
+
+#[test]
+fn a_secret_never_shows_in_debug_output() {
+    let config = NodeConfig::load(&reference_file(), no_env()).unwrap();
+    assert!(!format!("{config:?}").contains("fixture-api-key"));
+}
+
+#[test]
+fn an_empty_otlp_endpoint_turns_the_exporter_off_as_in_the_reference() {
+    let config = load(r#"{"OpenTelemetry": {"OtlpExporter": {"Endpoint": ""}}}"#).unwrap();
+    assert_eq!(config.open_telemetry.otlp_exporter.endpoint, None);
+    let json = config.redacted_json();
+    let reloaded = NodeConfig::from_json_str(&json, Path::new("/"), no_env()).unwrap();
+    assert_eq!(reloaded.open_telemetry.otlp_exporter.endpoint, None);
+}
