@@ -7,8 +7,10 @@
 //! - [`config`]: `appsettings.json` and environment variables, as .NET reads them.
 //! - [`sandbox`]: the wasmtime engine, the agent world's host capabilities,
 //!   the four meters (fuel, memory, wall clock, tokens) and run outcomes.
+//! - [`proto`]: the control plane's LeaseService, generated from `proto/`.
 //! - [`cli`]: the `node-runtime` command line.
 
 pub mod cli;
 pub mod config;
+pub mod proto;
 pub mod sandbox;
