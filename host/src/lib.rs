@@ -8,9 +8,11 @@
 //! - [`sandbox`]: the wasmtime engine, the agent world's host capabilities,
 //!   the four meters (fuel, memory, wall clock, tokens) and run outcomes.
 //! - [`proto`]: the control plane's LeaseService, generated from `proto/`.
+//! - [`dev_plane`]: a control plane for development and tests (REST, gRPC, run submission).
 //! - [`cli`]: the `node-runtime` command line.
 
 pub mod cli;
+pub mod dev_plane;
 pub mod config;
 pub mod proto;
 pub mod sandbox;

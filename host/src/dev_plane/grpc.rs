@@ -1,0 +1,311 @@
+//! `lease.LeaseService` on the server side: Pull streams leases to nodes;
+//! Ack, Complete and Fail record what nodes report.
+//!
+//! This file translates between the wire types and the state's rules and
+//! reproduces the reference's observable behaviour: INVALID_ARGUMENT only
+//! for a bad PullRequest, every other refusal a `success=false` answer
+//! with gRPC OK, and no response headers on an idle Pull until its first
+//! lease (the node must be built for that, so the dev plane does it too).
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::ledger::Ledger;
+use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, Timings};
+use super::wait_for_shutdown;
+use crate::proto::lease_service_server::LeaseService;
+use crate::proto::{
+    AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo,
+    FailRequest, FailResponse, Lease, PullRequest, RunSpec, TimingInfo,
+};
+
+/// The reference's budgets for every lease, used when a run gives none.
+const DEFAULT_MAX_TOKENS: i32 = 4000;
+const DEFAULT_MAX_DURATION_SECONDS: i32 = 60;
+/// Any stable string: the reference has deployments, the dev plane does not.
+const DEPLOYMENT_ID: &str = "dev";
+/// Leases buffered per stream, whatever `max_leases` says: a poll takes no
+/// more runs than the buffer has room for, so runs are not assigned to a
+/// node that has stopped reading.
+const MAX_BUFFERED_LEASES: usize = 64;
+
+pub struct LeaseDesk {
+    ledger: Arc<Ledger>,
+    shutdown: watch::Receiver<bool>,
+    idle_poll: Duration,
+}
+
+impl LeaseDesk {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        shutdown: watch::Receiver<bool>,
+        idle_poll: Duration,
+    ) -> LeaseDesk {
+        LeaseDesk {
+            ledger,
+            shutdown,
+            idle_poll,
+        }
+    }
+}
+
+type LeaseStream = Pin<Box<dyn Stream<Item = Result<Lease, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LeaseService for LeaseDesk {
+    type PullStream = LeaseStream;
+
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<LeaseStream>, Status> {
+        let PullRequest {
+            node_id,
+            max_leases,
+        } = request.into_inner();
+        if node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let Ok(max_leases @ 1..) = usize::try_from(max_leases) else {
+            return Err(Status::invalid_argument(format!(
+                "max_leases must be positive, got {max_leases}"
+            )));
+        };
+        let (sender, mut receiver) = mpsc::channel(max_leases.min(MAX_BUFFERED_LEASES));
+        let puller = Puller {
+            ledger: Arc::clone(&self.ledger),
+            node_id,
+            max_leases,
+            idle_poll: self.idle_poll,
+            shutdown: self.shutdown.clone(),
+            sender,
+        };
+        tokio::spawn(puller.run());
+        // Answer (and so send headers) only with the first lease, like the
+        // reference. If the node gives up first, hyper drops this future,
+        // the receiver goes with it and the puller stops.
+        match receiver.recv().await {
+            // Unknown node, or the plane is shutting down: end with OK.
+            None => Ok(Response::new(Box::pin(tokio_stream::empty()))),
+            Some(Err(status)) => Err(status),
+            Some(Ok(first)) => {
+                let rest = tokio_stream::wrappers::ReceiverStream::new(receiver);
+                Ok(Response::new(Box::pin(
+                    tokio_stream::once(Ok(first)).chain(rest),
+                )))
+            }
+        }
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let AckRequest {
+            lease_id, node_id, ..
+        } = request.into_inner();
+        let answer = self
+            .ledger
+            .write(|state, now| state.ack(&lease_id, &node_id, now))
+            .await;
+        let (success, message) = verdict(answer.map_err(unavailable)?, || {
+            format!("lease {lease_id} acknowledged")
+        });
+        Ok(Response::new(AckResponse { success, message }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let request = request.into_inner();
+        let run_id = request.run_id.clone();
+        let report = Report {
+            lease_id: request.lease_id,
+            run_id: request.run_id,
+            node_id: request.node_id,
+            outcome: Outcome::Completed {
+                result: sorted(request.result),
+                timings: request.timings.map(timings),
+                costs: request.costs.map(costs),
+            },
+        };
+        let answer = self
+            .ledger
+            .write(|state, now| state.report(report, now))
+            .await;
+        let (success, message) = verdict(answer.map_err(unavailable)?, || {
+            format!("run {run_id} completed")
+        });
+        Ok(Response::new(CompleteResponse { success, message }))
+    }
+
+    async fn fail(&self, request: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        let request = request.into_inner();
+        let (run_id, retryable) = (request.run_id.clone(), request.retryable);
+        let report = Report {
+            lease_id: request.lease_id,
+            run_id: request.run_id,
+            node_id: request.node_id,
+            outcome: Outcome::Failed {
+                error: ErrorInfo {
+                    error_message: request.error_message,
+                    error_details: request.error_details,
+                    retryable,
+                },
+                timings: request.timings.map(timings),
+            },
+        };
+        let answer = self
+            .ledger
+            .write(|state, now| state.report(report, now))
+            .await;
+        let (success, message) = verdict(answer.map_err(unavailable)?, || {
+            format!("run {run_id} failed")
+        });
+        // The reference echoes `retryable`; nothing on this side re-queues.
+        Ok(Response::new(FailResponse {
+            success,
+            message,
+            should_retry: success && retryable,
+        }))
+    }
+}
+
+/// One Pull stream's loop, in its own task so it can keep polling after
+/// the handler has answered.
+struct Puller {
+    ledger: Arc<Ledger>,
+    node_id: String,
+    max_leases: usize,
+    idle_poll: Duration,
+    shutdown: watch::Receiver<bool>,
+    sender: mpsc::Sender<Result<Lease, Status>>,
+}
+
+impl Puller {
+    /// Ends when the node is unknown (now or after a DELETE), the client
+    /// goes away, or the plane shuts down; never by itself otherwise.
+    async fn run(mut self) {
+        while !*self.shutdown.borrow() && !self.sender.is_closed() {
+            let room = self.sender.capacity();
+            if room == 0 {
+                // The client is not reading: wait for room before leasing
+                // more, so no run sits assigned in a full buffer.
+                tokio::select! {
+                    permit = self.sender.reserve() => if permit.is_err() { return },
+                    () = wait_for_shutdown(&mut self.shutdown) => return,
+                }
+                continue;
+            }
+            let woken = self.ledger.work_notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+
+            let (node_id, ttl, max) = (
+                &self.node_id,
+                self.ledger.lease_ttl,
+                self.max_leases.min(room),
+            );
+            let poll = match self
+                .ledger
+                .write(|state, now| state.lease(node_id, max, now, ttl))
+                .await
+            {
+                Ok(poll) => poll,
+                Err(save) => {
+                    let _ = self.sender.try_send(Err(unavailable(save)));
+                    return;
+                }
+            };
+            match poll {
+                Poll::UnknownNode => return,
+                Poll::Leases(grants) if grants.is_empty() => {
+                    tokio::select! {
+                        // Leaving first: a gone client must not be leased
+                        // a run that is ready at the same moment.
+                        biased;
+                        () = self.sender.closed() => return,
+                        () = wait_for_shutdown(&mut self.shutdown) => return,
+                        () = &mut woken => {}
+                        () = tokio::time::sleep(self.idle_poll) => {}
+                    }
+                }
+                Poll::Leases(grants) => {
+                    for grant in grants {
+                        // Cannot be full (we took at most `room`); an error
+                        // means the client went away. The leases not sent
+                        // come back when they expire, as with a dead node.
+                        if self.sender.try_send(Ok(lease(grant))).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lease(grant: Grant) -> Lease {
+    let run = grant.run;
+    let budgets = BudgetConstraints {
+        max_tokens: run.budgets.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        max_duration_seconds: run
+            .budgets
+            .max_duration_seconds
+            .unwrap_or(DEFAULT_MAX_DURATION_SECONDS),
+        max_fuel: run.budgets.max_fuel.unwrap_or(0),
+        max_memory_bytes: run.budgets.max_memory_bytes.unwrap_or(0),
+    };
+    Lease {
+        lease_id: run.lease_id.unwrap_or_default(),
+        run_id: run.run_id,
+        run_spec: Some(RunSpec {
+            agent_id: run.agent_id,
+            version: run.version,
+            deployment_id: DEPLOYMENT_ID.to_string(),
+            input_ref: run.input_ref.into_iter().collect(),
+            budgets: Some(budgets),
+            metadata: run.metadata.into_iter().collect(),
+        }),
+        deadline_unix_ms: run.lease_deadline_unix_ms.unwrap_or_default(),
+        trace_id: grant.trace_id,
+    }
+}
+
+/// `(success, message)` for an Ack/Complete/Fail answer.
+fn verdict(
+    answer: Result<(), super::state::Refusal>,
+    accepted: impl FnOnce() -> String,
+) -> (bool, String) {
+    match answer {
+        Ok(()) => (true, accepted()),
+        Err(refusal) => (false, refusal.to_string()),
+    }
+}
+
+/// A failed save is the plane's fault, not the report's: UNAVAILABLE tells
+/// the node to retry, where `success=false` would tell it to give up.
+fn unavailable(save: super::store::SaveError) -> Status {
+    Status::unavailable(save.to_string())
+}
+
+fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn timings(t: TimingInfo) -> Timings {
+    Timings {
+        duration_ms: t.duration_ms,
+        queue_time_ms: t.queue_time_ms,
+        execution_time_ms: t.execution_time_ms,
+    }
+}
+
+fn costs(c: CostInfo) -> Costs {
+    Costs {
+        tokens_in: c.tokens_in,
+        tokens_out: c.tokens_out,
+        usd_cost: c.usd_cost,
+    }
+}

@@ -1,0 +1,259 @@
+//! A control plane for development and tests: the reference control
+//! plane's node-facing contract (REST registration and heartbeat, gRPC
+//! `lease.LeaseService`), plus a way to submit runs and see what became of
+//! them.
+//!
+//! One port serves both, like the reference: HTTP/1.1 for REST and HTTP/2
+//! cleartext (prior knowledge) for gRPC, told apart per connection by
+//! hyper's auto builder under `axum::serve`.
+//!
+//! - [`state`]: nodes, runs and the leasing rules (pure logic).
+//! - `ledger`: the state behind a lock, saved on every change.
+//! - `store`: the runs file in the data dir.
+//! - `rest`, `grpc`: the two front ends.
+
+mod grpc;
+mod ledger;
+mod rest;
+pub mod state;
+mod store;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::proto::lease_service_server::LeaseServiceServer;
+pub use state::{
+    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Run, RunStatus, Timings,
+};
+pub use store::{LoadError, SaveError};
+
+use ledger::Ledger;
+use state::PlaneState;
+use store::Store;
+
+/// How long `shutdown` waits for open connections to finish before it
+/// drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct PlaneOptions {
+    /// Where to listen; port 0 picks a free port (see [`DevPlane::url`]).
+    pub listen: SocketAddr,
+    /// Where runs are saved; `None` keeps them in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// How long a node holds a lease before the run is re-queued.
+    pub lease_ttl: Duration,
+    /// How long an idle Pull stream waits before polling again (it wakes
+    /// earlier when a run is submitted or re-queued).
+    pub idle_poll: Duration,
+}
+
+impl Default for PlaneOptions {
+    /// The reference's defaults: port 5109, 300 s leases, 2 s idle polls.
+    fn default() -> PlaneOptions {
+        PlaneOptions {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 5109)),
+            data_dir: None,
+            lease_ttl: Duration::from_secs(300),
+            idle_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    #[error("cannot listen on {addr}: address in use; pass --listen {}:0 or stop the other process", addr.ip())]
+    AddressInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    #[error("{0}")]
+    InvalidRun(String),
+}
+
+/// A running plane. Dropping it stops the server as `shutdown` does, but
+/// without waiting; call `shutdown` to know the state is flushed.
+pub struct DevPlane {
+    addr: SocketAddr,
+    ledger: Arc<Ledger>,
+    shutdown: watch::Sender<bool>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    expiry: Option<JoinHandle<()>>,
+}
+
+impl DevPlane {
+    /// Binds, loads the saved runs, and starts serving and expiring leases.
+    pub async fn start(options: PlaneOptions) -> Result<DevPlane, PlaneError> {
+        let (state, store) = match &options.data_dir {
+            Some(dir) => {
+                let (store, runs) = Store::open(dir)?;
+                (PlaneState::from_runs(runs), Some(store))
+            }
+            None => (PlaneState::new(), None),
+        };
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AddrInUse {
+                    PlaneError::AddressInUse {
+                        addr: options.listen,
+                    }
+                } else {
+                    PlaneError::Listen {
+                        addr: options.listen,
+                        source,
+                    }
+                }
+            })?;
+        let addr = listener.local_addr().map_err(|source| PlaneError::Listen {
+            addr: options.listen,
+            source,
+        })?;
+
+        let ledger = Arc::new(Ledger::new(state, store, options.lease_ttl));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let desk =
+            grpc::LeaseDesk::new(Arc::clone(&ledger), shutdown_rx.clone(), options.idle_poll);
+        // The generated server is routed like tonic's own `Routes` does,
+        // but without its gRPC "unimplemented" fallback, so an unknown REST
+        // path still gets a plain 404.
+        let app = rest::router(Arc::clone(&ledger)).route_service(
+            "/lease.LeaseService/{*method}",
+            LeaseServiceServer::new(desk),
+        );
+        let mut stop_serving = shutdown_rx.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
+                .await
+        });
+        let expiry = tokio::spawn(expire_leases(
+            Arc::clone(&ledger),
+            options.lease_ttl,
+            shutdown_rx,
+        ));
+        tracing::info!(%addr, data_dir = ?options.data_dir, "dev control plane listening");
+        Ok(DevPlane {
+            addr,
+            ledger,
+            shutdown,
+            server: Some(server),
+            expiry: Some(expiry),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL nodes use, e.g. `http://127.0.0.1:5109`. A wildcard
+    /// listen address is reached through loopback.
+    pub fn url(&self) -> String {
+        let ip = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// Submits a run, as `POST /v1/runs` does.
+    pub async fn submit(&self, run: NewRun) -> Result<Run, PlaneError> {
+        match self
+            .ledger
+            .write(|state, now| state.submit(run, now))
+            .await?
+        {
+            Ok(run) => Ok(run),
+            Err(invalid) => Err(PlaneError::InvalidRun(invalid.to_string())),
+        }
+    }
+
+    /// Every run, in submission order.
+    pub fn runs(&self) -> Vec<Run> {
+        self.ledger.read(|state| state.runs().to_vec())
+    }
+
+    pub fn run(&self, run_id: &str) -> Option<Run> {
+        self.ledger.read(|state| state.run(run_id).cloned())
+    }
+
+    /// Every registered node, ordered by id.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.ledger.read(|state| state.nodes().cloned().collect())
+    }
+
+    /// Stops accepting connections, ends every Pull stream (with OK, as a
+    /// clean end of stream), waits up to a few seconds for open requests,
+    /// and saves the runs.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(err))) => tracing::warn!(%err, "dev control plane server failed"),
+                Ok(Err(join)) => tracing::warn!(%join, "dev control plane server panicked"),
+                Err(_) => {
+                    tracing::warn!(
+                        "connections still open after {SHUTDOWN_GRACE:?}; dropping them"
+                    );
+                    server.abort();
+                }
+            }
+        }
+        if let Some(expiry) = self.expiry.take() {
+            let _ = expiry.await;
+        }
+        if let Err(err) = self.ledger.flush().await {
+            tracing::warn!(%err, "dev control plane could not save its runs at shutdown");
+        }
+    }
+}
+
+impl Drop for DevPlane {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Resolves once shutdown is requested (or the `DevPlane` is gone).
+async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender was dropped: as good as a shutdown.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Re-queues runs whose leases expired, about every second (faster for
+/// short test TTLs). Leasing calls also expire leases themselves; this
+/// pass makes a lapsed run show as pending and wakes idle pullers even
+/// when no node is calling.
+async fn expire_leases(
+    ledger: Arc<Ledger>,
+    lease_ttl: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tick = (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = wait_for_shutdown(&mut shutdown) => return,
+        }
+        match ledger.write(|state, now| state.expire_leases(now)).await {
+            Ok(0) => {}
+            Ok(requeued) => tracing::info!(requeued, "leases expired; runs re-queued"),
+            Err(err) => tracing::warn!(%err, "cannot save re-queued runs"),
+        }
+    }
+}

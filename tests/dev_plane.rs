@@ -1,0 +1,930 @@
+//! The development control plane, driven the way nodes and developers
+//! drive it: a real plane on a loopback port, REST over HTTP/1.1 with
+//! reqwest, gRPC over HTTP/2 cleartext with the generated client, on the
+//! same port. Every wait is bounded.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use node_runtime::dev_plane::{DevPlane, PlaneOptions, RunStatus};
+use node_runtime::proto::lease_service_client::LeaseServiceClient;
+use node_runtime::proto::{
+    AckRequest, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest, TimingInfo,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// The longest any single step may take before the test fails.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn options() -> PlaneOptions {
+    PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..PlaneOptions::default()
+    }
+}
+
+struct Harness {
+    plane: DevPlane,
+    http: reqwest::Client,
+    url: String,
+}
+
+async fn start(options: PlaneOptions) -> Harness {
+    // reqwest is built against rustls without a provider; plain http://
+    // still needs one installed to build a client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let plane = DevPlane::start(options).await.expect("the plane starts");
+    let url = plane.url();
+    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    Harness { plane, http, url }
+}
+
+impl Harness {
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn register(&self, node_id: &str, slots: i32) {
+        let body = json!({
+            "nodeId": node_id,
+            "metadata": {"Region": "local"},
+            "capacity": {"slots": slots, "cpu": "4", "memory": "8Gi"},
+        });
+        let response = self.post("/v1/nodes:register", body).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+
+    async fn heartbeat(
+        &self,
+        node_id: &str,
+        state: &str,
+        available_slots: i32,
+    ) -> reqwest::Response {
+        let body =
+            json!({"status": {"state": state, "activeRuns": 0, "availableSlots": available_slots}});
+        self.post(&format!("/v1/nodes/{node_id}:heartbeat"), body)
+            .await
+    }
+
+    async fn submit(&self, body: Value) -> String {
+        let response = self.post("/v1/runs", body).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let json: Value = response.json().await.unwrap();
+        json["runId"].as_str().expect("a runId").to_string()
+    }
+
+    async fn submit_message(&self, message: &str) -> String {
+        self.submit(json!({"agentId": "echo", "version": "1", "inputRef": {"message": message}}))
+            .await
+    }
+
+    async fn run(&self, run_id: &str) -> Value {
+        let response = self.get(&format!("/v1/runs/{run_id}")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    async fn grpc(&self) -> LeaseServiceClient<Channel> {
+        let channel = Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        LeaseServiceClient::new(channel)
+    }
+}
+
+/// Opens a Pull stream. Like the reference, the plane answers only with
+/// the first lease, so a run must be pending for this to return.
+async fn pull(
+    client: &mut LeaseServiceClient<Channel>,
+    node_id: &str,
+    max_leases: i32,
+) -> Streaming<Lease> {
+    let request = PullRequest {
+        node_id: node_id.to_string(),
+        max_leases,
+    };
+    tokio::time::timeout(WAIT, client.pull(request))
+        .await
+        .expect("a lease within the wait")
+        .expect("Pull is accepted")
+        .into_inner()
+}
+
+async fn next_lease(stream: &mut Streaming<Lease>) -> Lease {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a lease within the wait")
+        .expect("the stream is healthy")
+        .expect("the stream is still open")
+}
+
+fn complete_request(lease: &Lease, node_id: &str) -> CompleteRequest {
+    CompleteRequest {
+        lease_id: lease.lease_id.clone(),
+        run_id: lease.run_id.clone(),
+        node_id: node_id.to_string(),
+        result: [("message".to_string(), "done".to_string())].into(),
+        timings: Some(TimingInfo {
+            duration_ms: 30,
+            queue_time_ms: 10,
+            execution_time_ms: 20,
+        }),
+        costs: Some(CostInfo {
+            tokens_in: 7,
+            tokens_out: 9,
+            usd_cost: 0.25,
+        }),
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+// ---- REST: nodes ---------------------------------------------------------
+
+#[tokio::test]
+async fn registering_a_node_answers_201_with_its_location_and_the_node() {
+    let h = start(options()).await;
+    let body = json!({
+        "nodeId": "node-a",
+        "metadata": {"Region": "westeurope", "Environment": "dev"},
+        "capacity": {"slots": 4, "cpu": "2", "memory": "4Gi"},
+    });
+    let response = h.post("/v1/nodes:register", body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["location"], "/v1/nodes/node-a");
+    let node: Value = response.json().await.unwrap();
+    assert_eq!(node["nodeId"], "node-a");
+    // Map keys come back exactly as sent.
+    assert_eq!(
+        node["metadata"],
+        json!({"Region": "westeurope", "Environment": "dev"})
+    );
+    assert_eq!(
+        node["capacity"],
+        json!({"slots": 4, "cpu": "2", "memory": "4Gi"})
+    );
+    // Schedulable before its first heartbeat.
+    assert_eq!(
+        node["status"],
+        json!({"state": "active", "activeRuns": 0, "availableSlots": 4})
+    );
+    assert!(
+        node["heartbeatAt"].as_str().unwrap().ends_with('Z'),
+        "{node}"
+    );
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn property_names_are_matched_ignoring_case_and_written_in_camel_case() {
+    let h = start(options()).await;
+    let body = json!({"NodeId": "node-b", "Capacity": {"Slots": 2, "CPU": "1", "memory": "1Gi"}});
+    let response = h.post("/v1/nodes:register", body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let node: Value = response.json().await.unwrap();
+    assert_eq!(node["nodeId"], "node-b");
+    assert_eq!(
+        node["capacity"],
+        json!({"slots": 2, "cpu": "1", "memory": "1Gi"})
+    );
+    assert_eq!(node["metadata"], json!({}));
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn registering_without_a_node_id_is_400_with_the_reference_error() {
+    let h = start(options()).await;
+    for body in [json!({"nodeId": ""}), json!({"capacity": {"slots": 1}})] {
+        let response = h.post("/v1/nodes:register", body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            response.text().await.unwrap(),
+            r#"{"error":"NodeId is required"}"#
+        );
+    }
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn registering_an_existing_id_replaces_the_node() {
+    let h = start(options()).await;
+    h.register("node-a", 2).await;
+    h.register("node-a", 6).await;
+    let nodes: Value = h.get("/v1/nodes").await.json().await.unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    assert_eq!(nodes[0]["capacity"]["slots"], 6);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_for_an_unknown_node_is_404_with_an_empty_body() {
+    let h = start(options()).await;
+    let response = h.heartbeat("ghost", "active", 1).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.text().await.unwrap(), "");
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_replaces_the_status_and_get_list_and_delete_follow() {
+    let h = start(options()).await;
+    h.register("node-a", 4).await;
+    let before: Value = h.get("/v1/nodes/node-a").await.json().await.unwrap();
+
+    let response = h.heartbeat("node-a", "draining", 0).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let node: Value = response.json().await.unwrap();
+    assert_eq!(
+        node["status"],
+        json!({"state": "draining", "activeRuns": 0, "availableSlots": 0})
+    );
+    assert_ne!(node["heartbeatAt"], before["heartbeatAt"]);
+
+    let fetched = h.get("/v1/nodes/node-a").await;
+    assert_eq!(fetched.status(), StatusCode::OK);
+    assert_eq!(fetched.json::<Value>().await.unwrap(), node);
+    let all: Value = h.get("/v1/nodes").await.json().await.unwrap();
+    assert_eq!(all, json!([node]));
+
+    assert_eq!(
+        h.delete("/v1/nodes/node-a").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let gone = h.get("/v1/nodes/node-a").await;
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    assert_eq!(gone.text().await.unwrap(), "");
+    assert_eq!(
+        h.delete("/v1/nodes/node-a").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.heartbeat("node-a", "active", 1).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.plane.shutdown().await;
+}
+
+// ---- REST: runs ------------------------------------------------------------
+
+#[tokio::test]
+async fn a_run_needs_an_agent_id_and_a_version() {
+    let h = start(options()).await;
+    let cases = [
+        (
+            json!({"version": "1"}),
+            r#"{"error":"AgentId is required"}"#,
+        ),
+        (
+            json!({"agentId": "echo"}),
+            r#"{"error":"Version is required"}"#,
+        ),
+    ];
+    for (body, error) in cases {
+        let response = h.post("/v1/runs", body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.text().await.unwrap(), error);
+    }
+    let unknown = h.get("/v1/runs/nope").await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(unknown.text().await.unwrap(), "");
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_submitted_run_is_pending_and_runs_list_in_submission_order() {
+    let h = start(options()).await;
+    let first = h
+        .submit(json!({
+            "agentId": "echo",
+            "version": "2",
+            "inputRef": {"message": "hi"},
+            "metadata": {"Tenant": "acme"},
+            "budgets": {"maxTokens": 100},
+        }))
+        .await;
+    let second = h.submit_message("second").await;
+    let run = h.run(&first).await;
+    assert_eq!(run["runId"], first.as_str());
+    assert_eq!(run["agentId"], "echo");
+    assert_eq!(run["version"], "2");
+    assert_eq!(run["status"], "pending");
+    assert_eq!(run["nodeId"], Value::Null);
+    assert_eq!(run["inputRef"], json!({"message": "hi"}));
+    assert_eq!(run["metadata"], json!({"Tenant": "acme"}));
+    assert_eq!(
+        run["budgets"],
+        json!({"maxTokens": 100, "maxDurationSeconds": null, "maxFuel": null, "maxMemoryBytes": null})
+    );
+    for empty in ["result", "timings", "costs", "errorInfo", "leaseId"] {
+        assert_eq!(run[empty], Value::Null, "{empty} in {run}");
+    }
+    assert_eq!(run["attempts"], 0);
+    assert_eq!(run["outcomes"], 0);
+    assert!(run["createdAt"].is_string());
+
+    let runs: Value = h.get("/v1/runs").await.json().await.unwrap();
+    let ids: Vec<_> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["runId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [first.as_str(), second.as_str()]);
+    h.plane.shutdown().await;
+}
+
+// ---- gRPC ------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_run_is_leased_acked_and_completed_by_a_registered_node() {
+    let h = start(options()).await;
+    h.register("node-a", 2).await;
+    let run_id = h
+        .submit(json!({
+            "agentId": "echo",
+            "version": "1",
+            "inputRef": {"message": "{\"invoice\": 7}"},
+            "metadata": {"tenant": "acme"},
+            "budgets": {"maxTokens": 100, "maxFuel": 5000},
+        }))
+        .await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 5).await;
+    let lease = next_lease(&mut stream).await;
+
+    assert_eq!(lease.run_id, run_id);
+    let suffix = lease
+        .lease_id
+        .strip_prefix(&format!("lease-{run_id}-"))
+        .expect("lease-{runId}-{hex}");
+    assert_eq!(suffix.len(), 32);
+    assert!(
+        suffix
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert_eq!(lease.trace_id.len(), 36);
+    let ttl_left = lease.deadline_unix_ms - now_unix_ms();
+    assert!(
+        (295_000..=300_000).contains(&ttl_left),
+        "deadline {ttl_left} ms away"
+    );
+    let spec = lease.run_spec.clone().unwrap();
+    assert_eq!(
+        (
+            spec.agent_id.as_str(),
+            spec.version.as_str(),
+            spec.deployment_id.as_str()
+        ),
+        ("echo", "1", "dev")
+    );
+    assert_eq!(spec.input_ref["message"], "{\"invoice\": 7}");
+    assert_eq!(spec.metadata["tenant"], "acme");
+    let budgets = spec.budgets.unwrap();
+    // Given budgets pass through; absent ones take the reference's defaults.
+    assert_eq!(
+        (
+            budgets.max_tokens,
+            budgets.max_duration_seconds,
+            budgets.max_fuel,
+            budgets.max_memory_bytes
+        ),
+        (100, 60, 5000, 0)
+    );
+
+    let assigned = h.run(&run_id).await;
+    assert_eq!(assigned["status"], "assigned");
+    assert_eq!(assigned["nodeId"], "node-a");
+    assert_eq!(assigned["leaseId"], lease.lease_id.as_str());
+
+    let ack = AckRequest {
+        lease_id: lease.lease_id.clone(),
+        node_id: "node-a".into(),
+        ack_timestamp_unix_ms: 0,
+    };
+    let ack = client.ack(ack).await.unwrap().into_inner();
+    assert!(ack.success, "{}", ack.message);
+    let done = client
+        .complete(complete_request(&lease, "node-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.success, "{}", done.message);
+
+    let run = h.run(&run_id).await;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["nodeId"], "node-a");
+    assert_eq!(run["result"], json!({"message": "done"}));
+    assert_eq!(
+        run["timings"],
+        json!({"durationMs": 30, "queueTimeMs": 10, "executionTimeMs": 20})
+    );
+    assert_eq!(
+        run["costs"],
+        json!({"tokensIn": 7, "tokensOut": 9, "usdCost": 0.25})
+    );
+    assert_eq!(run["errorInfo"], Value::Null);
+    assert_eq!(run["attempts"], 1);
+    assert_eq!(run["outcomes"], 1);
+    assert!(run["ackedAt"].is_string());
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn pull_for_an_unknown_node_ends_at_once_with_ok() {
+    let h = start(options()).await;
+    h.submit_message("waiting").await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "ghost", 5).await;
+    let end = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("ends at once");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    assert_eq!(h.plane.runs()[0].status, RunStatus::Pending);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn pull_without_a_node_id_or_with_max_leases_below_1_is_invalid_argument() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    let mut client = h.grpc().await;
+    for (node_id, max_leases) in [("node-a", 0), ("node-a", -3), ("", 5)] {
+        let request = PullRequest {
+            node_id: node_id.to_string(),
+            max_leases,
+        };
+        let status = tokio::time::timeout(WAIT, client.pull(request))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{node_id:?} {max_leases}: {status}"
+        );
+    }
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_node_gets_no_lease_until_it_is_active_again() {
+    let h = start(options()).await;
+    h.register("node-a", 4).await;
+    assert_eq!(
+        h.heartbeat("node-a", "draining", 0).await.status(),
+        StatusCode::OK
+    );
+    let run_id = h.submit_message("later").await;
+
+    let mut client = h.grpc().await;
+    let waiting = tokio::spawn(async move {
+        let mut stream = pull(&mut client, "node-a", 5).await;
+        next_lease(&mut stream).await
+    });
+    // An idle Pull sends nothing, not even headers: the call is still open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a draining node must not get a lease"
+    );
+    assert_eq!(h.run(&run_id).await["status"], "pending");
+
+    // The heartbeat wakes the waiting stream; no 2 s idle poll needed.
+    assert_eq!(
+        h.heartbeat("node-a", "active", 4).await.status(),
+        StatusCode::OK
+    );
+    let lease = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(lease.run_id, run_id);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_leases_caps_each_poll_not_the_stream() {
+    let h = start(options()).await;
+    // One free slot: the cap is not a slot count either, as in the reference.
+    h.register("node-a", 1).await;
+    let mut submitted = Vec::new();
+    for i in 0..5 {
+        submitted.push(h.submit_message(&format!("run {i}")).await);
+    }
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 2).await;
+    let mut leased = Vec::new();
+    for _ in 0..5 {
+        leased.push(next_lease(&mut stream).await.run_id);
+    }
+    // Oldest first, every run once, over several polls.
+    assert_eq!(leased, submitted);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_pulling_at_once_never_get_the_same_run() {
+    const RUNS: usize = 20;
+    let h = start(options()).await;
+    h.register("node-a", 8).await;
+    h.register("node-b", 8).await;
+    let (found, mut leases) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let mut pullers = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let mut client = h.grpc().await;
+        let found = found.clone();
+        pullers.push(tokio::spawn(async move {
+            let request = PullRequest {
+                node_id: node.to_string(),
+                max_leases: 3,
+            };
+            let mut stream = client.pull(request).await.unwrap().into_inner();
+            while let Ok(Some(lease)) = stream.message().await {
+                if found.send((node.to_string(), lease.run_id)).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    // Both streams are open and idle before the runs arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..RUNS {
+        h.submit_message(&format!("run {i}")).await;
+    }
+    let mut run_ids = Vec::new();
+    while run_ids.len() < RUNS {
+        let (_node, run_id) = tokio::time::timeout(WAIT, leases.recv())
+            .await
+            .expect("all runs leased")
+            .unwrap();
+        run_ids.push(run_id);
+    }
+    let unique: HashSet<_> = run_ids.iter().collect();
+    assert_eq!(unique.len(), RUNS, "a run was leased twice: {run_ids:?}");
+    // Nothing more arrives: no run is leased a second time later.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), leases.recv())
+            .await
+            .is_err()
+    );
+    for puller in pullers {
+        puller.abort();
+    }
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_requeues_the_run_and_its_complete_is_refused() {
+    let h = start(PlaneOptions {
+        lease_ttl: Duration::from_millis(400),
+        ..options()
+    })
+    .await;
+    h.register("node-a", 1).await;
+    let run_id = h.submit_message("slow").await;
+    let mut client = h.grpc().await;
+    let stale = {
+        let mut stream = pull(&mut client, "node-a", 1).await;
+        next_lease(&mut stream).await
+        // The stream is dropped here: the node "dies" holding the lease.
+    };
+
+    let mut run = h.run(&run_id).await;
+    for _ in 0..50 {
+        if run["status"] == "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        run = h.run(&run_id).await;
+    }
+    assert_eq!(run["status"], "pending", "{run}");
+    assert_eq!(run["nodeId"], Value::Null);
+    assert_eq!(run["attempts"], 1);
+
+    let refused = client
+        .complete(complete_request(&stale, "node-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!refused.success);
+    assert!(refused.message.contains("stale"), "{}", refused.message);
+    let ack = AckRequest {
+        lease_id: stale.lease_id.clone(),
+        node_id: "node-a".into(),
+        ack_timestamp_unix_ms: 0,
+    };
+    assert!(!client.ack(ack).await.unwrap().into_inner().success);
+
+    // Leased again with a new lease, which is the one that counts.
+    let mut stream = pull(&mut client, "node-a", 1).await;
+    let fresh = next_lease(&mut stream).await;
+    assert_eq!(fresh.run_id, run_id);
+    assert_ne!(fresh.lease_id, stale.lease_id);
+    let done = client
+        .complete(complete_request(&fresh, "node-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.success, "{}", done.message);
+    let run = h.run(&run_id).await;
+    assert_eq!(
+        (run["attempts"].as_u64(), run["outcomes"].as_u64()),
+        (Some(2), Some(1))
+    );
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_report_from_a_node_that_does_not_hold_the_run_is_refused() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    h.register("node-b", 1).await;
+    let run_id = h.submit_message("mine").await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 1).await;
+    let lease = next_lease(&mut stream).await;
+
+    let refused = client
+        .complete(complete_request(&lease, "node-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!refused.success);
+    assert!(
+        refused.message.contains("held by node node-a"),
+        "{}",
+        refused.message
+    );
+    let fail = FailRequest {
+        lease_id: lease.lease_id.clone(),
+        run_id: run_id.clone(),
+        node_id: "node-b".into(),
+        error_message: "not mine".into(),
+        ..FailRequest::default()
+    };
+    assert!(!client.fail(fail).await.unwrap().into_inner().success);
+    let missing = CompleteRequest {
+        run_id: String::new(),
+        ..complete_request(&lease, "node-a")
+    };
+    let missing = client.complete(missing).await.unwrap().into_inner();
+    assert_eq!(
+        (missing.success, missing.message.as_str()),
+        (false, "run_id is required")
+    );
+    let unknown = CompleteRequest {
+        run_id: "nope".into(),
+        ..complete_request(&lease, "node-a")
+    };
+    assert!(!client.complete(unknown).await.unwrap().into_inner().success);
+
+    let run = h.run(&run_id).await;
+    assert_eq!(
+        (run["status"].as_str(), run["outcomes"].as_u64()),
+        (Some("assigned"), Some(0))
+    );
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_records_the_error_echoes_retryable_and_does_not_requeue() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    let run_id = h.submit_message("doomed").await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 1).await;
+    let lease = next_lease(&mut stream).await;
+
+    for retryable in [true, false] {
+        let fail = FailRequest {
+            lease_id: lease.lease_id.clone(),
+            run_id: run_id.clone(),
+            node_id: "node-a".into(),
+            error_message: "budget.fuel".into(),
+            error_details: "ran out after 1000 units".into(),
+            timings: Some(TimingInfo {
+                duration_ms: 5,
+                queue_time_ms: 1,
+                execution_time_ms: 4,
+            }),
+            retryable,
+        };
+        let answer = client.fail(fail).await.unwrap().into_inner();
+        assert!(answer.success, "{}", answer.message);
+        assert_eq!(answer.should_retry, retryable);
+    }
+    let run = h.run(&run_id).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(
+        run["errorInfo"],
+        json!({"errorMessage": "budget.fuel", "errorDetails": "ran out after 1000 units", "retryable": false})
+    );
+    assert_eq!(run["result"], Value::Null);
+    assert_eq!(run["timings"]["executionTimeMs"], 4);
+    // Repeated reports overwrite, as in the reference, and are counted.
+    assert_eq!(run["outcomes"], 2);
+    // No second lease arrives for a failed run.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .is_err()
+    );
+    h.plane.shutdown().await;
+}
+
+// ---- persistence and shutdown ----------------------------------------------
+
+#[tokio::test]
+async fn runs_and_their_outcomes_survive_a_restart_with_the_same_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    };
+
+    let h = start(with_dir()).await;
+    h.register("node-a", 2).await;
+    let finished = h.submit_message("first").await;
+    let held = h.submit_message("second").await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 1).await;
+    let first = next_lease(&mut stream).await;
+    let second = next_lease(&mut stream).await;
+    assert_eq!(
+        (first.run_id.as_str(), second.run_id.as_str()),
+        (finished.as_str(), held.as_str())
+    );
+    assert!(
+        client
+            .complete(complete_request(&first, "node-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .success
+    );
+    drop(stream);
+    h.plane.shutdown().await;
+
+    let h = start(with_dir()).await;
+    let run = h.run(&finished).await;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["result"], json!({"message": "done"}));
+    assert_eq!(run["outcomes"], 1);
+    // The other run is still assigned on its old lease, deadline unchanged.
+    let run = h.run(&held).await;
+    assert_eq!(run["status"], "assigned");
+    assert_eq!(run["leaseId"], second.lease_id.as_str());
+    assert_eq!(run["leaseDeadlineUnixMs"], second.deadline_unix_ms);
+    // Nodes are not kept: the node learns it must register again.
+    assert_eq!(
+        h.heartbeat("node-a", "active", 2).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.register("node-a", 2).await;
+    let mut client = h.grpc().await;
+    let done = client
+        .complete(complete_request(&second, "node-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.success, "{}", done.message);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_acknowledged_outcome_is_on_disk_before_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    };
+    let h = start(with_dir()).await;
+    h.register("node-a", 1).await;
+    let run_id = h.submit_message("durable").await;
+    let mut client = h.grpc().await;
+    let mut stream = pull(&mut client, "node-a", 1).await;
+    let lease = next_lease(&mut stream).await;
+    assert!(
+        client
+            .complete(complete_request(&lease, "node-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .success
+    );
+
+    // A second plane reads the data dir while the first is still running
+    // and has flushed nothing at shutdown: as after a SIGKILL.
+    let reader = start(with_dir()).await;
+    let run = reader.run(&run_id).await;
+    assert_eq!(
+        (run["status"].as_str(), run["outcomes"].as_u64()),
+        (Some("completed"), Some(1))
+    );
+    reader.plane.shutdown().await;
+    drop(stream);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_plane_on_a_taken_port_says_which_address_and_what_to_do() {
+    let h = start(options()).await;
+    let taken = PlaneOptions {
+        listen: h.plane.local_addr(),
+        ..options()
+    };
+    let err = DevPlane::start(taken)
+        .await
+        .err()
+        .expect("the port is taken");
+    let message = err.to_string();
+    assert!(
+        message.contains(&h.plane.local_addr().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("--listen 127.0.0.1:0"), "{message}");
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_and_waiting_pull_streams_cleanly() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    h.register("node-b", 1).await;
+    h.submit_message("one").await;
+    let mut client = h.grpc().await;
+    let mut open = pull(&mut client, "node-a", 1).await;
+    next_lease(&mut open).await;
+    let mut idle_client = h.grpc().await;
+    let waiting = tokio::spawn(async move {
+        let request = PullRequest {
+            node_id: "node-b".into(),
+            max_leases: 1,
+        };
+        let mut stream = idle_client.pull(request).await?.into_inner();
+        stream.message().await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    tokio::time::timeout(WAIT, h.plane.shutdown())
+        .await
+        .expect("shutdown is bounded");
+    let end = tokio::time::timeout(WAIT, open.message()).await.unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    let end = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_post_to_a_node_without_an_action_is_405() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    assert_eq!(h.get("/v1/elsewhere").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.post("/v1/nodes/node-a", json!({})).await.status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let bad = h
+        .http
+        .post(format!("{}/v1/runs", h.url))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let error: Value = bad.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("not valid JSON"),
+        "{error}"
+    );
+    h.plane.shutdown().await;
+}
