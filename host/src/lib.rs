@@ -7,12 +7,18 @@
 //! - [`config`]: `appsettings.json` and environment variables, as .NET reads them.
 //! - [`sandbox`]: the wasmtime engine, the agent world's host capabilities,
 //!   the four meters (fuel, memory, wall clock, tokens) and run outcomes.
+//! - [`agent_store`]: where agents come from, by id and version.
 //! - [`proto`]: the control plane's LeaseService, generated from `proto/`.
+//! - [`control_plane`]: the client of the control plane (REST and gRPC).
+//! - [`worker`]: a node's life: register, heartbeat, pull, run, report, drain.
 //! - [`dev_plane`]: a control plane for development and tests (REST, gRPC, run submission).
 //! - [`cli`]: the `node-runtime` command line.
 
+pub mod agent_store;
 pub mod cli;
+pub mod control_plane;
 pub mod dev_plane;
 pub mod config;
 pub mod proto;
 pub mod sandbox;
+pub mod worker;

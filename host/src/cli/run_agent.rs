@@ -165,10 +165,8 @@ fn exit_for(outcome: &RunOutcome) -> Exit {
         Some(FailKind::AgentError) => Exit::AgentError,
         Some(FailKind::AgentTrap) => Exit::AgentTrap,
         Some(FailKind::AgentInvalid) => Exit::AgentInvalid,
-        Some(kind) => {
-            debug_assert!(kind.is_budget());
-            Exit::BudgetExceeded
-        }
+        Some(FailKind::NodeUnavailable) => Exit::Internal,
+        Some(_budget) => Exit::BudgetExceeded,
     }
 }
 

@@ -44,6 +44,10 @@ pub enum FailKind {
     /// node accepts.
     #[serde(rename = "budget.output")]
     BudgetOutput,
+    /// The node handed the lease back without finishing it: it was shutting
+    /// down, or every slot and queue place was taken. Always retryable.
+    #[serde(rename = "node.unavailable")]
+    NodeUnavailable,
 }
 
 impl FailKind {
@@ -57,6 +61,7 @@ impl FailKind {
             FailKind::BudgetDeadline => "budget.deadline",
             FailKind::BudgetTokens => "budget.tokens",
             FailKind::BudgetOutput => "budget.output",
+            FailKind::NodeUnavailable => "node.unavailable",
         }
     }
 
@@ -99,6 +104,16 @@ impl RunFailure {
             kind,
             message: message.into(),
             retryable: false,
+            details: String::new(),
+        }
+    }
+
+    /// The lease goes back to the control plane to run elsewhere or later.
+    pub fn handed_back(message: impl Into<String>) -> Self {
+        RunFailure {
+            kind: FailKind::NodeUnavailable,
+            message: message.into(),
+            retryable: true,
             details: String::new(),
         }
     }

@@ -92,11 +92,15 @@ pub(crate) async fn execute(
         match lease_deadline.duration_since(SystemTime::now()) {
             Ok(left) => deadline = deadline.min(started + left),
             Err(_) => {
+                // Retryable: a new lease comes with a new deadline.
                 return RunResult {
-                    outcome: RunOutcome::Failed(RunFailure::new(
-                        FailKind::BudgetDeadline,
-                        "the lease's deadline had passed before the run started",
-                    )),
+                    outcome: RunOutcome::Failed(RunFailure {
+                        retryable: true,
+                        ..RunFailure::new(
+                            FailKind::BudgetDeadline,
+                            "the lease's deadline had passed before the run started",
+                        )
+                    }),
                     report: RunReport::default(),
                 };
             }

@@ -1,0 +1,112 @@
+//! From the queue to the sandbox: one run per free slot.
+//!
+//! A queued lease waits for a slot only until its deadline; after that it
+//! is handed back (retryable), since the control plane will have re-leased
+//! it anyway. When the node stops, queued leases are handed back at once
+//! and running ones get the drain timeout to finish.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::Node;
+use super::lease::{AcceptedLease, Report, Timings};
+use super::report;
+use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
+
+pub(super) async fn run(
+    node: Arc<Node>,
+    mut queue: mpsc::Receiver<AcceptedLease>,
+    runs: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = node.stop.cancelled() => break,
+            accepted = queue.recv() => match accepted {
+                Some(accepted) => accepted,
+                None => break,
+            },
+        };
+        let deadline = accepted.deadline_instant();
+        let permit = tokio::select! {
+            _ = node.stop.cancelled() => {
+                report::hand_back(&node, &accepted, RunFailure::handed_back("the node is shutting down"));
+                break;
+            }
+            _ = sleep_until(deadline) => {
+                report::hand_back(&node, &accepted, RunFailure::handed_back(
+                    "the lease's deadline passed while it waited for a free slot",
+                ));
+                continue;
+            }
+            permit = node.slots.clone().acquire_owned() => permit.expect("the slots semaphore is never closed"),
+        };
+        runs.spawn(execute(node.clone(), accepted, permit));
+    }
+    // Stopping: whatever is still queued goes back to the control plane.
+    queue.close();
+    while let Some(accepted) = queue.recv().await {
+        report::hand_back(&node, &accepted, RunFailure::handed_back("the node is shutting down"));
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphorePermit) {
+    let started = Instant::now();
+    node.stats.run_started();
+    let request = accepted.run_request();
+    let span = tracing::info_span!(
+        "lease",
+        lease_id = %request.context.lease_id,
+        run_id = %request.context.run_id,
+        agent_id = %request.context.agent_id,
+        agent_version = %request.context.agent_version,
+        trace_id = %request.context.trace_id,
+    );
+    let (outcome, run_report) = async {
+        let agent = match node
+            .store
+            .resolve(&node.sandbox, accepted.agent_id(), accepted.version())
+            .await
+        {
+            Ok(agent) => agent,
+            Err(err) => {
+                let failure = RunFailure::new(FailKind::AgentInvalid, err.to_string());
+                return (RunOutcome::Failed(failure), RunReport::default());
+            }
+        };
+        tokio::select! {
+            result = node.sandbox.run(&agent, request) => (result.outcome, result.report),
+            _ = node.abort.cancelled() => (
+                RunOutcome::Failed(RunFailure::handed_back(
+                    "the node shut down before the run finished (drain timeout)",
+                )),
+                RunReport::default(),
+            ),
+        }
+    }
+    .instrument(span)
+    .await;
+    drop(permit);
+    node.stats.run_ended();
+    match &outcome {
+        RunOutcome::Completed(_) => tracing::info!(lease_id = %accepted.lease.lease_id, "run completed"),
+        RunOutcome::Failed(failure) => tracing::info!(lease_id = %accepted.lease.lease_id, kind = %failure.kind, message = %failure.message, "run failed"),
+    }
+    let timings = Timings {
+        received: accepted.received,
+        started: Some(started),
+        finished: Instant::now(),
+    };
+    let report = Report::build(&accepted, &node.settings.node_id, &outcome, &run_report, timings);
+    report::deliver(&node, report);
+}

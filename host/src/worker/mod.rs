@@ -1,0 +1,266 @@
+//! The worker: a node's whole life, from registration to drain.
+//!
+//! Four tasks share one [`Node`]:
+//! - `heartbeat`: registers (retrying until accepted), heartbeats every
+//!   interval, re-registers when the control plane forgot the node;
+//! - `pull`: keeps the lease stream open and hands each new lease to the
+//!   queue (a lease id seen before is not run again);
+//! - `dispatch`: takes leases from the bounded queue as slots free up and
+//!   runs them in the sandbox;
+//! - `report`: delivers exactly one Complete or Fail per accepted lease,
+//!   retrying until the control plane answers.
+//!
+//! Data flows one way: lease -> queue -> sandbox -> report. Shutdown is two
+//! tokens passed down: `stop` (no new leases; drain) and `abort` (the drain
+//! timeout passed: hand back what still runs).
+
+mod dispatch;
+mod heartbeat;
+pub mod lease;
+mod pull;
+mod report;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent_store::AgentStore;
+use crate::control_plane::{
+    self, Capacity, LeaseClient, LeaseClientError, RestClient,
+};
+use crate::sandbox::Sandbox;
+
+/// What the worker needs to know, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub node_id: String,
+    /// `ControlPlaneUrl`: REST and gRPC share it.
+    pub control_plane_url: String,
+    /// Runs at once: `min(MaxConcurrentLeases, Capacity.Slots)`.
+    pub slots: u32,
+    /// `Pull.max_leases`: `MaxConcurrentLeases`.
+    pub max_leases: u32,
+    pub heartbeat_interval: Duration,
+    pub capacity: Capacity,
+    pub metadata: BTreeMap<String, String>,
+    /// How long running leases may take to finish after a stop signal.
+    pub drain_timeout: Duration,
+}
+
+/// Counters the tests and the operator read.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub leases_received: AtomicU64,
+    pub duplicate_leases: AtomicU64,
+    pub runs_started: AtomicU64,
+    pub reports_delivered: AtomicU64,
+    pub active_runs: AtomicU32,
+    /// The most runs ever active at once: never above the slots.
+    pub max_active_runs: AtomicU32,
+    pub registrations: AtomicU64,
+}
+
+impl NodeStats {
+    fn run_started(&self) {
+        self.runs_started.fetch_add(1, Ordering::Relaxed);
+        let now = self.active_runs.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active_runs.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn run_ended(&self) {
+        self.active_runs.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Lease ids this node accepted, the newest few thousand: the control
+/// plane may redeliver one (after a reconnect), and a lease must not run
+/// twice.
+struct SeenLeases {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+const SEEN_LEASES_KEPT: usize = 10_000;
+
+impl SeenLeases {
+    /// False when the id was seen already.
+    fn insert(&mut self, lease_id: &str) -> bool {
+        if self.ids.contains(lease_id) {
+            return false;
+        }
+        if self.order.len() == SEEN_LEASES_KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.ids.insert(lease_id.to_string());
+        self.order.push_back(lease_id.to_string());
+        true
+    }
+}
+
+/// State shared by the worker's tasks.
+pub(crate) struct Node {
+    settings: NodeSettings,
+    sandbox: Arc<Sandbox>,
+    store: Arc<AgentStore>,
+    rest: RestClient,
+    leases: LeaseClient,
+    slots: Arc<Semaphore>,
+    stats: Arc<NodeStats>,
+    seen: Mutex<SeenLeases>,
+    /// True once the control plane accepted the registration.
+    registered: watch::Sender<bool>,
+    /// Asks the heartbeat task for a heartbeat now (the lease stream ended
+    /// at once: the plane may have forgotten this node).
+    heartbeat_now: Notify,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    /// Cancelled when undelivered reports must be abandoned, at exit.
+    give_up: CancellationToken,
+    reports: TaskTracker,
+}
+
+impl Node {
+    fn available_slots(&self) -> u32 {
+        u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX)
+    }
+}
+
+/// A started node. Dropping it does not stop it: call [`NodeHandle::shutdown`].
+pub struct NodeHandle {
+    node: Arc<Node>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    LeaseClient(#[from] LeaseClientError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("NodeRuntime.Capacity.Slots and MaxConcurrentLeases must allow at least one run")]
+    NoSlots,
+}
+
+impl NodeHandle {
+    /// Starts the node's tasks. It registers, then pulls, until shut down.
+    pub fn start(
+        settings: NodeSettings,
+        sandbox: Arc<Sandbox>,
+        store: Arc<AgentStore>,
+    ) -> Result<NodeHandle, StartError> {
+        if settings.slots == 0 || settings.max_leases == 0 {
+            return Err(StartError::NoSlots);
+        }
+        control_plane::install_crypto_provider();
+        // REST calls must end before the next heartbeat is due.
+        let rest_timeout = settings.heartbeat_interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let rest = RestClient::new(
+            &settings.control_plane_url,
+            control_plane::registration::http_client(rest_timeout)?,
+        );
+        let leases = LeaseClient::connect_lazy(&settings.control_plane_url, Duration::from_secs(10))?;
+        let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
+        let node = Arc::new(Node {
+            slots: Arc::new(Semaphore::new(settings.slots as usize)),
+            settings,
+            sandbox,
+            store,
+            rest,
+            leases,
+            stats: Arc::default(),
+            seen: Mutex::new(SeenLeases {
+                ids: HashSet::new(),
+                order: VecDeque::new(),
+            }),
+            registered: watch::Sender::new(false),
+            heartbeat_now: Notify::new(),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            give_up: CancellationToken::new(),
+            reports: TaskTracker::new(),
+        });
+        let done = tokio::spawn(lifecycle(node.clone(), queue_tx, queue_rx));
+        Ok(NodeHandle { node, done })
+    }
+
+    pub fn stats(&self) -> Arc<NodeStats> {
+        self.node.stats.clone()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node.settings.node_id
+    }
+
+    /// Stops pulling, drains running leases within the drain timeout, hands
+    /// back the rest, delivers every report it can, and returns.
+    pub async fn shutdown(self) {
+        self.node.stop.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until the node stops by itself (it does only when shut down).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// A token that, when cancelled, starts the shutdown.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.node.stop.clone()
+    }
+}
+
+/// Leases accepted beyond the running ones: enough that a burst from the
+/// control plane keeps every slot busy, few enough that none waits long.
+fn queue_capacity(slots: u32) -> usize {
+    (slots as usize * 2).max(4)
+}
+
+/// How long reports may still be retried after the drain, before the node
+/// gives up on them (the control plane re-leases after the lease TTL).
+const REPORT_FLUSH: Duration = Duration::from_secs(10);
+
+async fn lifecycle(
+    node: Arc<Node>,
+    queue_tx: mpsc::Sender<lease::AcceptedLease>,
+    queue_rx: mpsc::Receiver<lease::AcceptedLease>,
+) {
+    let runs = TaskTracker::new();
+    let heartbeat = tokio::spawn(heartbeat::run(node.clone()));
+    let pull = tokio::spawn(pull::run(node.clone(), queue_tx));
+    let dispatch = tokio::spawn(dispatch::run(node.clone(), queue_rx, runs.clone()));
+
+    node.stop.cancelled().await;
+    tracing::info!(
+        drain_timeout = ?node.settings.drain_timeout,
+        "stopping: no new leases; draining the runs in flight"
+    );
+    let _ = pull.await;
+    let _ = dispatch.await;
+    runs.close();
+    if tokio::time::timeout(node.settings.drain_timeout, runs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed: handing back the runs still in flight");
+        node.abort.cancel();
+        runs.wait().await;
+    }
+    node.reports.close();
+    if tokio::time::timeout(REPORT_FLUSH, node.reports.wait()).await.is_err() {
+        tracing::error!(
+            "some reports could not be delivered before exit; the control plane will \
+             re-lease those runs after their TTL"
+        );
+        node.give_up.cancel();
+        node.reports.wait().await;
+    }
+    let _ = heartbeat.await;
+    tracing::info!("stopped");
+}
