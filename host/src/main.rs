@@ -9,6 +9,7 @@ use node_runtime::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    node_runtime::control_plane::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

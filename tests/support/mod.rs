@@ -86,3 +86,37 @@ pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 pub const MIB: u64 = 1 << 20;
+
+/// A directory laid out as a node's agents directory
+/// (`<dir>/<agent_id>/1.0.0.wasm`), linking to every built sample agent.
+pub fn agents_layout() -> tempfile::TempDir {
+    let layout = tempfile::tempdir().expect("temporary directory");
+    let built = target_dir().join("agents");
+    for entry in std::fs::read_dir(&built).expect("built sample agents: run scripts/build-agents") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "wasm") {
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let folder = layout.path().join(&name);
+            std::fs::create_dir_all(&folder).unwrap();
+            std::os::unix::fs::symlink(std::fs::canonicalize(&path).unwrap(), folder.join("1.0.0.wasm"))
+                .unwrap();
+        }
+    }
+    layout
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

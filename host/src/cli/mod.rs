@@ -7,7 +7,10 @@
 
 mod args;
 mod compile;
+mod config_check;
+mod dev;
 mod run_agent;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,21 @@ pub enum Command {
     /// Precompile a component to a .cwasm for this node's engine, so that
     /// nodes (edge devices above all) skip compilation at run time.
     Compile(compile::CompileArgs),
+    /// Run the node daemon: register with the control plane, heartbeat,
+    /// pull leases, run them, report; drain on SIGTERM or SIGINT.
+    Serve(serve::ServeArgs),
+    /// Start a development control plane and one node in this process.
+    Dev(dev::DevArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load the configuration as `serve` would and print the effective
+    /// values (defaults and environment applied, secrets redacted).
+    Check(config_check::ConfigCheckArgs),
 }
 
 /// The process exit codes. Stable: scripts and CI key on them.
@@ -88,6 +106,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::RunAgent(args) => run_agent::run(args).await,
         Command::Compile(args) => compile::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::Config(ConfigCommand::Check(args)) => config_check::run(args).await,
     };
     match result {
         Ok(exit) => exit.into(),

@@ -1,0 +1,304 @@
+//! `node-runtime dev`: a development control plane and one node in one
+//! process, so anyone can submit runs over HTTP and watch them complete
+//! without installing anything else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::serve::stop_signal;
+use super::{CommandError, Exit};
+use crate::agent_store::AgentStore;
+use crate::control_plane::Capacity;
+use crate::dev_plane::{DevPlane, PlaneOptions};
+use crate::sandbox::budget::format_bytes;
+use crate::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use crate::worker::{NodeHandle, NodeSettings};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the control plane listens, for REST and gRPC alike.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5109")]
+    pub listen: SocketAddr,
+
+    /// Keep the plane's runs (and the node's state) here across restarts;
+    /// without it, everything is forgotten at exit.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Serve only the control plane, for nodes started elsewhere
+    /// (`node-runtime serve` with `ControlPlaneUrl` pointing here).
+    #[arg(long)]
+    pub plane_only: bool,
+
+    /// More agents, laid out `<DIR>/<agent_id>/<version>.wasm` (repeatable).
+    #[arg(long = "agents", value_name = "DIR")]
+    pub agents: Vec<PathBuf>,
+
+    /// The built sample agents (`scripts/build-agents`), each offered as
+    /// agent id = its name, version 1.0.0. Default: `target/agents` next to
+    /// this binary's build directory, or under the current directory.
+    #[arg(long, value_name = "DIR")]
+    pub sample_agents: Option<PathBuf>,
+
+    /// Runs the node takes at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub slots: u32,
+
+    /// Submit a handful of demonstration runs, print how each ended, and exit.
+    #[arg(long)]
+    pub demo: bool,
+
+    /// How long a lease lasts before the plane gives the run to another
+    /// node (the reference uses 300 s).
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = super::parse_duration)]
+    pub lease_ttl: Duration,
+}
+
+pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
+    if args.slots == 0 {
+        return Err(CommandError::usage("--slots must be at least 1"));
+    }
+    let plane = DevPlane::start(PlaneOptions {
+        listen: args.listen,
+        data_dir: args.data_dir.as_ref().map(|dir| dir.join("plane")),
+        lease_ttl: args.lease_ttl,
+        ..PlaneOptions::default()
+    })
+    .await
+    .map_err(|err| CommandError::usage(err.to_string()))?;
+    let url = plane.url();
+    eprintln!("dev control plane listening on {url} (REST and gRPC)");
+
+    if args.plane_only {
+        eprintln!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}");
+        stop_signal().await;
+        plane.shutdown().await;
+        return Ok(Exit::Completed);
+    }
+
+    // The node's agents: the sample agents, laid out as the store expects,
+    // plus whatever --agents names.
+    let layout = tempfile::Builder::new()
+        .prefix("node-runtime-dev-agents-")
+        .tempdir()
+        .map_err(|err| CommandError::internal(format!("cannot create a temporary directory: {err}")))?;
+    let samples = sample_agents_dir(args.sample_agents.as_deref())?;
+    let offered = lay_out_samples(samples.as_deref(), layout.path())?;
+    let mut dirs = vec![layout.path().to_path_buf()];
+    dirs.extend(args.agents.iter().cloned());
+    if offered.is_empty() && args.agents.is_empty() {
+        return Err(CommandError::usage(
+            "no agents to run: build the samples with scripts/build-agents, \
+             or pass --agents DIR (layout DIR/<agent_id>/<version>.wasm)",
+        ));
+    }
+
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: args.slots,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .map_err(|err| CommandError::internal(err.to_string()))?;
+    let node = NodeHandle::start(
+        NodeSettings {
+            node_id: "dev-node-1".to_string(),
+            control_plane_url: url.clone(),
+            slots: args.slots,
+            max_leases: args.slots,
+            heartbeat_interval: Duration::from_secs(5),
+            capacity: Capacity {
+                slots: args.slots,
+                cpu: std::thread::available_parallelism().map_or(1, |n| n.get()).to_string(),
+                memory: "1Gi".to_string(),
+            },
+            metadata: [("Region", "local"), ("Environment", "dev")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            drain_timeout: Duration::from_secs(10),
+        },
+        Arc::new(sandbox),
+        Arc::new(AgentStore::new(dirs)),
+    )
+    .map_err(|err| CommandError::internal(err.to_string()))?;
+
+    let result = if args.demo {
+        demo(&url).await
+    } else {
+        eprintln!("node dev-node-1 joined with {} slots; agents: {}", args.slots, offered.join(", "));
+        eprintln!(
+            "submit a run:\n  curl -s -X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
+             -d '{{\"agentId\": \"echo\", \"version\": \"1.0.0\", \"inputRef\": {{\"message\": \"{{\\\"invoice\\\": 1}}\"}}}}'\n\
+             see it:\n  curl -s {url}/v1/runs\nCtrl-C stops."
+        );
+        stop_signal().await;
+        Ok(())
+    };
+    node.shutdown().await;
+    plane.shutdown().await;
+    result.map(|()| Exit::Completed)
+}
+
+fn sample_agents_dir(given: Option<&Path>) -> Result<Option<PathBuf>, CommandError> {
+    if let Some(dir) = given {
+        if !dir.is_dir() {
+            return Err(CommandError::usage(format!(
+                "--sample-agents {}: not a directory",
+                dir.display()
+            )));
+        }
+        return Ok(Some(dir.to_path_buf()));
+    }
+    let mut candidates = Vec::new();
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(target).join("agents"));
+    }
+    // target/debug/node-runtime -> target/agents
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(profile_dir) = exe.parent()
+        && let Some(target) = profile_dir.parent()
+    {
+        candidates.push(target.join("agents"));
+    }
+    candidates.push(PathBuf::from("target/agents"));
+    Ok(candidates.into_iter().find(|dir| dir.is_dir()))
+}
+
+/// Offers each `<name>.wasm` in `samples` as agent `<name>`, version 1.0.0.
+fn lay_out_samples(samples: Option<&Path>, layout: &Path) -> Result<Vec<String>, CommandError> {
+    let Some(samples) = samples else {
+        return Ok(Vec::new());
+    };
+    let fail = |path: &Path, err: std::io::Error| {
+        CommandError::internal(format!("{}: {err}", path.display()))
+    };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(samples).map_err(|err| fail(samples, err))? {
+        let path = entry.map_err(|err| fail(samples, err))?.path();
+        if path.extension().is_some_and(|ext| ext == "wasm")
+            && let Some(name) = path.file_stem().and_then(|stem| stem.to_str())
+        {
+            let folder = layout.join(name);
+            std::fs::create_dir_all(&folder).map_err(|err| fail(&folder, err))?;
+            let absolute = std::fs::canonicalize(&path).map_err(|err| fail(&path, err))?;
+            std::os::unix::fs::symlink(&absolute, folder.join("1.0.0.wasm"))
+                .map_err(|err| fail(&folder, err))?;
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// One demonstration run: what to submit, and the budgets that trip.
+struct DemoRun {
+    agent: &'static str,
+    input: &'static str,
+    budgets: serde_json::Value,
+}
+
+async fn demo(url: &str) -> Result<(), CommandError> {
+    let runs = [
+        DemoRun { agent: "echo", input: r#"{"invoice": "INV-1001", "amount": 1250.0}"#, budgets: serde_json::json!({}) },
+        DemoRun { agent: "wasi-command-echo", input: r#"{"invoice": "INV-1002"}"#, budgets: serde_json::json!({}) },
+        DemoRun { agent: "spin-forever", input: "{}", budgets: serde_json::json!({"maxFuel": 50_000_000}) },
+        DemoRun { agent: "spin-forever", input: "{}", budgets: serde_json::json!({"maxDurationSeconds": 1}) },
+        DemoRun { agent: "memory-bomb", input: "{}", budgets: serde_json::json!({"maxMemoryBytes": 32 << 20}) },
+        DemoRun { agent: "panic", input: "{}", budgets: serde_json::json!({}) },
+        DemoRun { agent: "agent-error", input: "{}", budgets: serde_json::json!({}) },
+        DemoRun { agent: "no-such-agent", input: "{}", budgets: serde_json::json!({}) },
+    ];
+    let http = reqwest::Client::new();
+    let unreachable = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
+    let mut ids = Vec::new();
+    for run in &runs {
+        let body = serde_json::json!({
+            "agentId": run.agent,
+            "version": "1.0.0",
+            "inputRef": {"message": run.input},
+            "budgets": run.budgets,
+        });
+        let answer: serde_json::Value = http
+            .post(format!("{url}/v1/runs"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(unreachable)?
+            .json()
+            .await
+            .map_err(unreachable)?;
+        let id = answer["runId"].as_str().unwrap_or_default().to_string();
+        ids.push(id);
+    }
+    eprintln!("submitted {} runs; waiting for their outcomes", ids.len());
+
+    let started = Instant::now();
+    let mut finished: Vec<serde_json::Value> = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        finished.clear();
+        for id in &ids {
+            let run: serde_json::Value = http
+                .get(format!("{url}/v1/runs/{id}"))
+                .send()
+                .await
+                .map_err(unreachable)?
+                .json()
+                .await
+                .map_err(unreachable)?;
+            finished.push(run);
+        }
+        let done = finished
+            .iter()
+            .all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    print!("{}", demo_table(&finished));
+    Ok(())
+}
+
+fn demo_table(runs: &[serde_json::Value]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11}",
+        "run", "agent", "outcome", "kind", "time (ms)", "fuel", "peak memory"
+    );
+    for run in runs {
+        let details: serde_json::Value = run["errorInfo"]["errorDetails"]
+            .as_str()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        let report = if run["sandbox"].is_object() { &run["sandbox"] } else { &details["report"] };
+        let kind = details["kind"].as_str().unwrap_or("-");
+        let fuel = report["fuel_consumed"]
+            .as_u64()
+            .or_else(|| report["fuelConsumed"].as_u64())
+            .map_or("-".to_string(), |f| f.to_string());
+        let peak = report["peak_memory_bytes"]
+            .as_u64()
+            .or_else(|| report["peakMemoryBytes"].as_u64())
+            .map_or("-".to_string(), format_bytes);
+        let _ = writeln!(
+            out,
+            "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11}",
+            run["runId"].as_str().unwrap_or("?"),
+            run["agentId"].as_str().unwrap_or("?"),
+            run["status"].as_str().unwrap_or("?"),
+            kind,
+            run["timings"]["durationMs"].as_i64().map_or("-".to_string(), |ms| ms.to_string()),
+            fuel,
+            peak,
+        );
+    }
+    out
+}

@@ -1,0 +1,85 @@
+//! `node-runtime serve`: the node daemon, as operators run it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{CommandError, Exit};
+use crate::agent_store::AgentStore;
+use crate::config::NodeConfig;
+use crate::control_plane::Capacity;
+use crate::sandbox::Sandbox;
+use crate::worker::{NodeHandle, NodeSettings};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration: the reference node's appsettings.json, plus this
+    /// node's keys. Environment variables override it (`NodeRuntime__NodeId=node-7`).
+    /// Without it, the defaults and the environment alone.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
+    let config = match &args.config {
+        Some(path) => NodeConfig::load(path, crate::config::process_env()),
+        None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
+    }
+    .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
+    if config.mtls.enabled {
+        return Err(CommandError::usage(
+            "MTls.Enabled is true, but this node does not speak mutual TLS yet; \
+             set MTls.Enabled to false (an https:// ControlPlaneUrl still verifies the server)",
+        ));
+    }
+    let sandbox = Sandbox::new(config.sandbox_config())
+        .map_err(|err| CommandError::internal(err.to_string()))?;
+    tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
+    let store = AgentStore::new(vec![config.node_runtime.agents_directory.clone()]);
+    let node = NodeHandle::start(settings(&config), Arc::new(sandbox), Arc::new(store))
+        .map_err(|err| CommandError::usage(err.to_string()))?;
+    let stop = node.stop_token();
+    tokio::spawn(async move {
+        stop_signal().await;
+        stop.cancel();
+    });
+    node.wait().await;
+    Ok(Exit::Completed)
+}
+
+/// The worker's settings from the configuration.
+pub fn settings(config: &NodeConfig) -> NodeSettings {
+    let node = &config.node_runtime;
+    NodeSettings {
+        node_id: node.node_id.clone(),
+        control_plane_url: node.control_plane_url.to_string().trim_end_matches('/').to_string(),
+        slots: config.slots(),
+        max_leases: node.max_concurrent_leases,
+        heartbeat_interval: node.heartbeat_interval,
+        capacity: Capacity {
+            slots: node.capacity.slots,
+            cpu: node.capacity.cpu.clone(),
+            memory: node.capacity.memory.clone(),
+        },
+        metadata: node.metadata.clone(),
+        drain_timeout: node.drain_timeout,
+    }
+}
+
+/// SIGTERM (systemd, Kubernetes) or SIGINT (Ctrl-C).
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

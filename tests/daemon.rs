@@ -1,0 +1,468 @@
+//! The node daemon against the dev control plane, both real, on loopback:
+//! registration, heartbeats, the lease stream, slots, reports, restarts
+//! and drain, as the control plane sees them.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use node_runtime::agent_store::AgentStore;
+use node_runtime::control_plane::Capacity;
+use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, Run, RunStatus};
+use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use node_runtime::worker::{NodeHandle, NodeSettings};
+use support::*;
+
+fn settings(url: &str, slots: u32) -> NodeSettings {
+    NodeSettings {
+        node_id: "node-under-test".to_string(),
+        control_plane_url: url.to_string(),
+        slots,
+        max_leases: slots,
+        heartbeat_interval: Duration::from_millis(300),
+        capacity: Capacity {
+            slots,
+            cpu: "2".to_string(),
+            memory: "1Gi".to_string(),
+        },
+        metadata: BTreeMap::from([("Region".to_string(), "test".to_string())]),
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+fn start_node(url: &str, slots: u32, agents: &tempfile::TempDir) -> NodeHandle {
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: slots,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    NodeHandle::start(settings(url, slots), Arc::new(sandbox), Arc::new(store)).unwrap()
+}
+
+async fn start_plane(listen: &str) -> DevPlane {
+    DevPlane::start(PlaneOptions {
+        listen: listen.parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn new_run(agent: &str, message: &str, budgets: Budgets) -> NewRun {
+    NewRun {
+        agent_id: agent.to_string(),
+        version: "1.0.0".to_string(),
+        input_ref: BTreeMap::from([("message".to_string(), message.to_string())]),
+        metadata: BTreeMap::new(),
+        budgets,
+    }
+}
+
+fn ended(run: &Run) -> bool {
+    matches!(run.status, RunStatus::Completed | RunStatus::Failed)
+}
+
+fn error_details(run: &Run) -> serde_json::Value {
+    let info = run.error_info.as_ref().expect("a failed run has errorInfo");
+    serde_json::from_str(&info.error_details).expect("errorDetails is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_echo_runs_complete_at_the_plane_within_the_slots() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let slots = 4;
+    let node = start_node(&plane.url(), slots, &agents);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let run = plane.submit(new_run("echo", &format!("invoice {i}"), Budgets::default())).await.unwrap();
+        ids.push((run.run_id, format!("invoice {i}")));
+    }
+    let mut busiest_heartbeat = 0;
+    eventually(Duration::from_secs(120), "200 echo runs to end", || {
+        for node in plane.nodes() {
+            assert!(node.status.available_slots >= 0, "{node:?}");
+            assert!(node.status.active_runs <= slots as i32, "{node:?}");
+            busiest_heartbeat = busiest_heartbeat.max(node.status.active_runs);
+        }
+        plane.runs().iter().all(ended).then_some(())
+    })
+    .await;
+
+    for (id, message) in &ids {
+        let run = plane.run(id).unwrap();
+        assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+        let result = run.result.as_ref().unwrap();
+        assert_eq!(&result["message"], message);
+        assert_eq!(result["run_id"], *id);
+        assert_eq!(run.node_id.as_deref(), Some("node-under-test"));
+        assert_eq!(run.outcomes, 1, "exactly one report: {run:?}");
+        let timings = run.timings.as_ref().unwrap();
+        assert!(timings.duration_ms >= timings.queue_time_ms, "{timings:?}");
+        assert!(timings.duration_ms >= timings.execution_time_ms, "{timings:?}");
+        assert!(run.costs.is_some());
+    }
+    let stats = node.stats();
+    assert!(stats.max_active_runs.load(Ordering::SeqCst) <= slots);
+    assert!(stats.max_active_runs.load(Ordering::SeqCst) >= 2, "runs did overlap");
+    assert_eq!(stats.duplicate_leases.load(Ordering::SeqCst), 0);
+    node.shutdown().await;
+    plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_over_its_fuel_budget_fails_budget_fuel_not_retryable() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let node = start_node(&plane.url(), 2, &agents);
+    let budgets = Budgets {
+        max_fuel: Some(5_000_000),
+        ..Budgets::default()
+    };
+    let id = plane.submit(new_run("spin-forever", "{}", budgets)).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(30), "the spin run to end", || {
+        plane.run(&id).filter(ended)
+    })
+    .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let info = run.error_info.as_ref().unwrap();
+    assert!(!info.retryable);
+    let details = error_details(&run);
+    assert_eq!(details["kind"], "budget.fuel");
+    assert_eq!(details["report"]["fuel_consumed"], 5_000_000);
+    node.shutdown().await;
+    plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_fails_naming_what_was_looked_for() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let node = start_node(&plane.url(), 1, &agents);
+    let id = plane.submit(new_run("no-such-agent", "{}", Budgets::default())).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(30), "the run to fail", || plane.run(&id).filter(ended)).await;
+    let info = run.error_info.as_ref().unwrap();
+    assert!(!info.retryable);
+    assert!(info.error_message.contains("no-such-agent/1.0.0.wasm"), "{info:?}");
+    assert_eq!(error_details(&run)["kind"], "agent.invalid");
+    node.shutdown().await;
+    plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_retries_until_the_plane_starts() {
+    // Reserve a port, free it, and point the node there before anything
+    // listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let agents = agents_layout();
+    let node = start_node(&url, 1, &agents);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 0);
+
+    let plane = start_plane(&format!("127.0.0.1:{port}")).await;
+    let id = plane.submit(new_run("echo", "late plane", Budgets::default())).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(90), "the run to complete", || plane.run(&id).filter(ended)).await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+    node.shutdown().await;
+    plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plane_restarted_without_persistence_gets_the_node_back_by_itself() {
+    let first = start_plane("127.0.0.1:0").await;
+    let addr = first.local_addr();
+    let agents = agents_layout();
+    let node = start_node(&first.url(), 1, &agents);
+    let id = first.submit(new_run("echo", "before", Budgets::default())).await.unwrap().run_id;
+    eventually(Duration::from_secs(30), "the first run", || first.run(&id).filter(ended)).await;
+    first.shutdown().await;
+
+    let second = start_plane(&addr.to_string()).await;
+    assert!(second.nodes().is_empty(), "the new plane knows no node");
+    let id = second.submit(new_run("echo", "after", Budgets::default())).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(90), "the run on the restarted plane", || {
+        second.run(&id).filter(ended)
+    })
+    .await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+    assert!(node.stats().registrations.load(Ordering::SeqCst) >= 2, "registered again");
+    node.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_finished_runs_complete_unfinished_ones_are_handed_back() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "draining-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("NodeRuntime__DrainTimeoutSeconds", "3")
+        .env("NodeRuntime__MaxConcurrentLeases", "3")
+        .env("NodeRuntime__Capacity__Slots", "3")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts");
+
+    let echo = plane.submit(new_run("echo", "before the signal", Budgets::default())).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "echo to complete", || plane.run(&echo).filter(ended)).await;
+    let short = Budgets { max_duration_seconds: Some(1), ..Budgets::default() };
+    let ends_during_drain = plane.submit(new_run("sleep-forever", "{}", short)).await.unwrap().run_id;
+    let long = Budgets { max_duration_seconds: Some(60), ..Budgets::default() };
+    let cut_short = [
+        plane.submit(new_run("sleep-forever", "{}", long)).await.unwrap().run_id,
+        plane.submit(new_run("sleep-forever", "{}", long)).await.unwrap().run_id,
+    ];
+    eventually(Duration::from_secs(30), "the sleepers to be acknowledged", || {
+        let all = [&ends_during_drain, &cut_short[0], &cut_short[1]];
+        all.iter().all(|id| plane.run(id).unwrap().acked_at.is_some()).then_some(())
+    })
+    .await;
+
+    let signalled = std::time::Instant::now();
+    let pid = child.id().unwrap();
+    let kill = std::process::Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the node exits after its drain")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(15), "took {:?}", signalled.elapsed());
+
+    assert_eq!(plane.run(&echo).unwrap().status, RunStatus::Completed);
+    let drained = plane.run(&ends_during_drain).unwrap();
+    assert_eq!(error_details(&drained)["kind"], "budget.deadline", "it finished during the drain: {drained:?}");
+    for id in &cut_short {
+        let run = plane.run(id).unwrap();
+        assert_eq!(run.status, RunStatus::Failed, "{run:?}");
+        assert!(run.error_info.as_ref().unwrap().retryable, "{run:?}");
+        assert_eq!(error_details(&run)["kind"], "node.unavailable");
+        assert_eq!(run.outcomes, 1);
+    }
+    let node = plane.nodes().into_iter().find(|n| n.node_id == "draining-node").unwrap();
+    assert_eq!(node.status.state, "draining");
+    assert_eq!(node.status.available_slots, 0);
+    plane.shutdown().await;
+}
+
+/// A control plane that plays back a script the dev plane would never
+/// produce (the same lease twice, a lease already past its deadline) and
+/// records what the node reports. It speaks the real wire protocol.
+mod scripted {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::routing::post;
+    use node_runtime::proto::lease_service_server::{LeaseService, LeaseServiceServer};
+    use node_runtime::proto::*;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    #[derive(Default)]
+    pub struct Recorded {
+        pub completes: Vec<CompleteRequest>,
+        pub fails: Vec<FailRequest>,
+    }
+
+    struct Script {
+        leases: Mutex<Option<Vec<Lease>>>,
+        recorded: Arc<Mutex<Recorded>>,
+    }
+
+    #[tonic::async_trait]
+    impl LeaseService for Script {
+        type PullStream = ReceiverStream<Result<Lease, tonic::Status>>;
+
+        async fn pull(&self, _: tonic::Request<PullRequest>) -> Result<tonic::Response<Self::PullStream>, tonic::Status> {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let leases = self.leases.lock().unwrap().take().unwrap_or_default();
+            tokio::spawn(async move {
+                for lease in leases {
+                    if tx.send(Ok(lease)).await.is_err() {
+                        return;
+                    }
+                }
+                // Keep the stream open, as the reference does.
+                tx.closed().await;
+            });
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        }
+
+        async fn ack(&self, _: tonic::Request<AckRequest>) -> Result<tonic::Response<AckResponse>, tonic::Status> {
+            Ok(tonic::Response::new(AckResponse { success: true, message: String::new() }))
+        }
+
+        async fn complete(&self, request: tonic::Request<CompleteRequest>) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
+            self.recorded.lock().unwrap().completes.push(request.into_inner());
+            Ok(tonic::Response::new(CompleteResponse { success: true, message: String::new() }))
+        }
+
+        async fn fail(&self, request: tonic::Request<FailRequest>) -> Result<tonic::Response<FailResponse>, tonic::Status> {
+            let request = request.into_inner();
+            let retryable = request.retryable;
+            self.recorded.lock().unwrap().fails.push(request);
+            Ok(tonic::Response::new(FailResponse { success: true, message: String::new(), should_retry: retryable }))
+        }
+    }
+
+    /// Serves the script on a loopback port; returns its URL and records.
+    pub async fn serve(leases: Vec<Lease>) -> (String, Arc<Mutex<Recorded>>) {
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let script = Script { leases: Mutex::new(Some(leases)), recorded: recorded.clone() };
+        let nodes = post(|| async { (axum::http::StatusCode::CREATED, axum::Json(serde_json::json!({}))) });
+        let app = Router::new()
+            .route("/v1/nodes:register", nodes.clone())
+            .route("/v1/nodes/{heartbeat}", nodes)
+            .route_service("/lease.LeaseService/{*method}", LeaseServiceServer::new(script));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, recorded)
+    }
+
+    pub fn lease(lease_id: &str, agent: &str, deadline_unix_ms: i64) -> Lease {
+        Lease {
+            lease_id: lease_id.to_string(),
+            run_id: format!("run-of-{lease_id}"),
+            run_spec: Some(RunSpec {
+                agent_id: agent.to_string(),
+                version: "1.0.0".to_string(),
+                ..RunSpec::default()
+            }),
+            deadline_unix_ms,
+            trace_id: "4bf92f35-77b3-4da6-a3ce-929d0e0e4736".to_string(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (url, recorded) = scripted::serve(vec![
+        scripted::lease("lease-a", "echo", now_ms + 60_000),
+        scripted::lease("lease-a", "echo", now_ms + 60_000),
+        scripted::lease("lease-late", "echo", now_ms - 1_000),
+    ])
+    .await;
+    let agents = agents_layout();
+    let node = start_node(&url, 2, &agents);
+    eventually(Duration::from_secs(30), "two reports", || {
+        let recorded = recorded.lock().unwrap();
+        (recorded.completes.len() + recorded.fails.len() >= 2).then_some(())
+    })
+    .await;
+    // Give a wrongly repeated run time to report too, before judging.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        assert_eq!(recorded.completes.len(), 1, "lease-a ran once");
+        assert_eq!(recorded.completes[0].lease_id, "lease-a");
+        assert_eq!(recorded.completes[0].result["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(recorded.fails.len(), 1);
+        let late = &recorded.fails[0];
+        assert_eq!(late.lease_id, "lease-late");
+        assert!(late.retryable, "{late:?}");
+        let details: serde_json::Value = serde_json::from_str(&late.error_details).unwrap();
+        assert_eq!(details["kind"], "budget.deadline");
+        assert_eq!(details["report"]["fuel_consumed"], 0, "it never ran");
+    }
+    assert_eq!(node.stats().duplicate_leases.load(Ordering::SeqCst), 1);
+    node.shutdown().await;
+}
+
+/// `node-runtime dev --plane-only` as its own process, so it can be killed.
+fn spawn_plane_process(port: u16, data_dir: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", "10s"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime dev --plane-only starts")
+}
+
+async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
+    request.send().await.ok()?.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_each_run_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let data = tempfile::tempdir().unwrap();
+    node_runtime::control_plane::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let mut plane = spawn_plane_process(port, data.path());
+    eventually_async(Duration::from_secs(30), "the plane to listen", || {
+        http_json(http.get(format!("{url}/v1/runs")))
+    })
+    .await;
+
+    let agents = agents_layout();
+    let node = start_node(&url, 4, &agents);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        // Each run takes a second: sleep-forever cut by its duration budget.
+        let body = serde_json::json!({
+            "agentId": if i % 3 == 0 { "echo" } else { "sleep-forever" },
+            "version": "1.0.0",
+            "inputRef": {"message": format!("run {i}")},
+            "budgets": {"maxDurationSeconds": 1},
+        });
+        let answer = http_json(http.post(format!("{url}/v1/runs")).json(&body)).await.unwrap();
+        ids.push(answer["runId"].as_str().unwrap().to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    plane.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut plane = spawn_plane_process(port, data.path());
+
+    let runs = eventually_async(Duration::from_secs(90), "every run to end", || async {
+        let runs = http_json(http.get(format!("{url}/v1/runs"))).await?;
+        let runs = runs.as_array()?.clone();
+        let all_ended = runs.len() == ids.len()
+            && runs.iter().all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
+        all_ended.then_some(runs)
+    })
+    .await;
+    for run in &runs {
+        assert_eq!(run["outcomes"], 1, "exactly one outcome: {run}");
+    }
+    node.shutdown().await;
+    plane.kill().await.unwrap();
+}
+
+/// Like `eventually`, for checks that are themselves async.
+async fn eventually_async<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
