@@ -109,6 +109,8 @@ async fn two_hundred_echo_runs_complete_at_the_plane_within_the_slots() {
         assert!(timings.duration_ms >= timings.queue_time_ms, "{timings:?}");
         assert!(timings.duration_ms >= timings.execution_time_ms, "{timings:?}");
         assert!(run.costs.is_some());
+        let sandbox = run.sandbox.expect("the node reports its meters");
+        assert!(sandbox.fuel_consumed > 0 && sandbox.peak_memory_bytes > 0, "{sandbox:?}");
     }
     let stats = node.stats();
     assert!(stats.max_active_runs.load(Ordering::SeqCst) <= slots);

@@ -160,6 +160,7 @@ fn complete_request(lease: &Lease, node_id: &str) -> CompleteRequest {
             tokens_out: 9,
             usd_cost: 0.25,
         }),
+        sandbox: None,
     }
 }
 
@@ -737,6 +738,7 @@ async fn fail_records_the_error_echoes_retryable_and_does_not_requeue() {
                 execution_time_ms: 4,
             }),
             retryable,
+            sandbox: None,
         };
         let answer = client.fail(fail).await.unwrap().into_inner();
         assert!(answer.success, "{}", answer.message);

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use node_runtime::proto::{
     AckRequest, BudgetConstraints, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest,
-    RunSpec, TimingInfo,
+    RunSpec, SandboxReport, TimingInfo,
 };
 use prost::Message;
 
@@ -157,6 +157,7 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
             result: HashMap::from([("category".into(), "invoice".into())]),
             timings: Some(timings),
             costs: Some(CostInfo { tokens_in: 100, tokens_out: 20, usd_cost: 0.5 }),
+            sandbox: Some(SandboxReport { fuel_consumed: 11, peak_memory_bytes: 12, instantiate_us: 13 }),
         }
         .encode_to_vec(),
     );
@@ -170,6 +171,11 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(costs[&1], vec![Value::Varint(100)]);
     assert_eq!(costs[&2], vec![Value::Varint(20)]);
     assert_eq!(costs[&3], vec![Value::Fixed64(0.5f64.to_bits())]);
+    // node-runtime's addition takes a new number.
+    let sandbox = message(&complete[&7][0]);
+    assert_eq!(sandbox[&1], vec![Value::Varint(11)]);
+    assert_eq!(sandbox[&2], vec![Value::Varint(12)]);
+    assert_eq!(sandbox[&3], vec![Value::Varint(13)]);
 
     let fail = fields(
         &FailRequest {
@@ -180,6 +186,7 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
             error_details: "{}".into(),
             timings: Some(timings),
             retryable: true,
+            sandbox: Some(SandboxReport::default()),
         }
         .encode_to_vec(),
     );
@@ -187,4 +194,5 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(string(&fail[&5][0]), "{}");
     assert!(matches!(fail[&6][0], Value::Bytes(_)));
     assert_eq!(fail[&7], vec![Value::Varint(1)]);
+    assert!(matches!(fail[&8][0], Value::Bytes(_)), "SandboxReport is field 8 of FailRequest");
 }

@@ -17,12 +17,12 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::ledger::Ledger;
-use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, Timings};
+use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, SandboxReadings, Timings};
 use super::wait_for_shutdown;
 use crate::proto::lease_service_server::LeaseService;
 use crate::proto::{
     AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo,
-    FailRequest, FailResponse, Lease, PullRequest, RunSpec, TimingInfo,
+    FailRequest, FailResponse, Lease, PullRequest, RunSpec, SandboxReport, TimingInfo,
 };
 
 /// The reference's budgets for every lease, used when a run gives none.
@@ -129,6 +129,7 @@ impl LeaseService for LeaseDesk {
                 timings: request.timings.map(timings),
                 costs: request.costs.map(costs),
             },
+            sandbox: request.sandbox.map(readings),
         };
         let answer = self
             .ledger
@@ -155,6 +156,7 @@ impl LeaseService for LeaseDesk {
                 },
                 timings: request.timings.map(timings),
             },
+            sandbox: request.sandbox.map(readings),
         };
         let answer = self
             .ledger
@@ -292,6 +294,14 @@ fn unavailable(save: super::store::SaveError) -> Status {
 
 fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
+}
+
+fn readings(report: SandboxReport) -> SandboxReadings {
+    SandboxReadings {
+        fuel_consumed: report.fuel_consumed,
+        peak_memory_bytes: report.peak_memory_bytes,
+        instantiate_us: report.instantiate_us,
+    }
 }
 
 fn timings(t: TimingInfo) -> Timings {

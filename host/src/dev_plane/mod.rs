@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::proto::lease_service_server::LeaseServiceServer;
-pub use state::{
+pub use state::{SandboxReadings, 
     Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Run, RunStatus, Timings,
 };
 pub use store::{LoadError, SaveError};

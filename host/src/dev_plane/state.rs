@@ -129,6 +129,9 @@ pub struct Run {
     /// How many Complete/Fail calls were accepted: 1 after an exactly-once
     /// report.
     pub outcomes: u32,
+    /// What the node's sandbox measured, from the last report.
+    #[serde(default)]
+    pub sandbox: Option<SandboxReadings>,
     pub created_at: String,
 }
 
@@ -166,6 +169,17 @@ pub struct Report {
     pub run_id: String,
     pub node_id: String,
     pub outcome: Outcome,
+    /// node-runtime's meters, when the node sent them.
+    pub sandbox: Option<SandboxReadings>,
+}
+
+/// `SandboxReport` of a Complete or Fail: what the run consumed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxReadings {
+    pub fuel_consumed: u64,
+    pub peak_memory_bytes: u64,
+    pub instantiate_us: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -374,6 +388,7 @@ impl PlaneState {
             acked_at: None,
             attempts: 0,
             outcomes: 0,
+            sandbox: None,
             created_at: iso8601(now),
         };
         let at = self.runs.len();
@@ -500,6 +515,7 @@ impl PlaneState {
         // The run keeps its node id and lease id: they say who reported.
         run.lease_deadline_unix_ms = None;
         run.outcomes += 1;
+        run.sandbox = report.sandbox;
         match report.outcome {
             Outcome::Completed {
                 result,
@@ -637,6 +653,7 @@ mod tests {
                     usd_cost: 0.01,
                 }),
             },
+            sandbox: None,
         }
     }
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::proto::{CompleteRequest, CostInfo, FailRequest, Lease, TimingInfo};
+use crate::proto::{CompleteRequest, CostInfo, FailRequest, Lease, SandboxReport, TimingInfo};
 use crate::sandbox::{BudgetRequest, RunContext, RunFailure, RunOutcome, RunReport, RunRequest};
 
 /// A lease the node accepted, with the moment it arrived.
@@ -149,6 +149,7 @@ impl Report {
                     tokens_out: i32::try_from(report.tokens_out).unwrap_or(i32::MAX),
                     usd_cost: report.usd_cost,
                 }),
+                sandbox: Some(sandbox_report(report)),
             }),
             RunOutcome::Failed(failure) => Report::Fail(FailRequest {
                 lease_id: lease.lease_id.clone(),
@@ -158,8 +159,17 @@ impl Report {
                 error_details: error_details(failure, report),
                 timings: Some(timings.wire(report)),
                 retryable: failure.retryable,
+                sandbox: Some(sandbox_report(report)),
             }),
         }
+    }
+}
+
+fn sandbox_report(report: &RunReport) -> SandboxReport {
+    SandboxReport {
+        fuel_consumed: report.fuel_consumed,
+        peak_memory_bytes: report.peak_memory_bytes,
+        instantiate_us: report.instantiate_us,
     }
 }
 
