@@ -10,9 +10,12 @@ use node_runtime::cli::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     node_runtime::control_plane::install_crypto_provider();
+    // The demo's table is its output; its logs would only bury it.
+    let quiet = matches!(&cli.command, cli::Command::Dev(args) if args.demo);
+    let default_filter = if quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

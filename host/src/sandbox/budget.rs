@@ -36,7 +36,8 @@ pub struct NodeLimits {
 impl Default for NodeLimits {
     fn default() -> Self {
         NodeLimits {
-            fuel: 10_000_000_000,
+            // About ten seconds of a tight loop on a current x86 core.
+            fuel: 100_000_000_000,
             memory_bytes: 256 * 1024 * 1024,
             table_elements: 100_000,
             duration: Duration::from_secs(60),

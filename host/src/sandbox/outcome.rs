@@ -152,6 +152,8 @@ impl RunOutcome {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RunReport {
     /// Fuel (about one unit per WebAssembly instruction) the run burned.
+    /// A lower bound for a run stopped by its deadline while computing:
+    /// compiled code stores its fuel count at calls, not in every loop.
     pub fuel_consumed: u64,
     /// Largest sum of the run's linear memories, in bytes.
     pub peak_memory_bytes: u64,

@@ -54,6 +54,9 @@ pub struct RunResult {
     pub report: RunReport,
 }
 
+/// How long after the deadline the outer timeout waits for the epoch trap.
+const BACKSTOP_GRACE: Duration = Duration::from_millis(30);
+
 /// How much of a guest's stderr the node keeps: enough for a panic message
 /// and a few lines before it.
 const STDERR_CAP: usize = 64 * 1024;
@@ -176,7 +179,10 @@ pub(crate) async fn execute(
             }
         }
     };
-    let ended = tokio::time::timeout_at(deadline.into(), call).await;
+    // The backstop fires a little after the deadline, so a computing guest
+    // is stopped by its epoch trap (which leaves the store's meters
+    // readable) and only a guest blocked in a host call is cut off here.
+    let ended = tokio::time::timeout_at((deadline + BACKSTOP_GRACE).into(), call).await;
 
     let judge = Judge {
         budget: &budget,
@@ -212,6 +218,9 @@ pub(crate) async fn execute(
 
     let state = store.data();
     let report = RunReport {
+        // Exact for a run that returned or ran out of fuel. For one trapped
+        // at its deadline mid-loop it is a lower bound: compiled code keeps
+        // fuel in a register and stores it at calls, not at every back-edge.
         fuel_consumed: budget.fuel() - store.get_fuel().unwrap_or(0),
         peak_memory_bytes: state.memory.peak_bytes(),
         wall_ms: started.elapsed().as_millis() as u64,
