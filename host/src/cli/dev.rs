@@ -215,7 +215,10 @@ async fn demo(url: &str) -> Result<(), CommandError> {
         DemoRun { agent: "no-such-agent", input: "{}", budgets: serde_json::json!({}) },
     ];
     let http = reqwest::Client::new();
-    let unreachable = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
+    let fetch = |request: reqwest::RequestBuilder| async move {
+        let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
+        request.send().await.map_err(fail)?.json::<serde_json::Value>().await.map_err(fail)
+    };
     let mut ids = Vec::new();
     for run in &runs {
         let body = serde_json::json!({
@@ -224,39 +227,29 @@ async fn demo(url: &str) -> Result<(), CommandError> {
             "inputRef": {"message": run.input},
             "budgets": run.budgets,
         });
-        let answer: serde_json::Value = http
-            .post(format!("{url}/v1/runs"))
-            .json(&body)
-            .send()
-            .await
-            .map_err(unreachable)?
-            .json()
-            .await
-            .map_err(unreachable)?;
-        let id = answer["runId"].as_str().unwrap_or_default().to_string();
-        ids.push(id);
+        let answer = fetch(http.post(format!("{url}/v1/runs")).json(&body)).await?;
+        ids.push(answer["runId"].as_str().unwrap_or_default().to_string());
     }
     eprintln!("submitted {} runs; waiting for their outcomes", ids.len());
 
     let started = Instant::now();
-    let mut finished: Vec<serde_json::Value> = Vec::new();
-    while started.elapsed() < Duration::from_secs(60) {
-        finished.clear();
-        for id in &ids {
-            let run: serde_json::Value = http
-                .get(format!("{url}/v1/runs/{id}"))
-                .send()
-                .await
-                .map_err(unreachable)?
-                .json()
-                .await
-                .map_err(unreachable)?;
-            finished.push(run);
-        }
-        let done = finished
-            .iter()
-            .all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
-        if done {
+    let mut finished: Vec<serde_json::Value>;
+    loop {
+        let all = fetch(http.get(format!("{url}/v1/runs"))).await?;
+        finished = all
+            .as_array()
+            .map(|runs| {
+                runs.iter()
+                    .filter(|run| ids.iter().any(|id| run["runId"] == id.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let done = finished.len() == ids.len()
+            && finished
+                .iter()
+                .all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
+        if done || started.elapsed() > Duration::from_secs(60) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

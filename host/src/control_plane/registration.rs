@@ -94,16 +94,7 @@ impl RestClient {
 
     pub async fn register(&self, registration: &Registration) -> Result<(), RestError> {
         let url = format!("{}/v1/nodes:register", self.base);
-        let response = self
-            .http
-            .post(&url)
-            .json(registration)
-            .send()
-            .await
-            .map_err(|source| RestError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let response = self.post(&url, registration).await?;
         if response.status().is_success() {
             return Ok(());
         }
@@ -117,20 +108,31 @@ impl RestClient {
     ) -> Result<HeartbeatAnswer, RestError> {
         let url = format!("{}/v1/nodes/{node_id}:heartbeat", self.base);
         let response = self
-            .http
-            .post(&url)
-            .json(&serde_json::json!({ "status": status }))
-            .send()
-            .await
-            .map_err(|source| RestError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .post(&url, &serde_json::json!({ "status": status }))
+            .await?;
         match response.status() {
             status if status.is_success() => Ok(HeartbeatAnswer::Accepted),
             reqwest::StatusCode::NOT_FOUND => Ok(HeartbeatAnswer::UnknownNode),
             _ => Err(status_error(url, response).await),
         }
+    }
+}
+
+impl RestClient {
+    async fn post(
+        &self,
+        url: &str,
+        body: &impl Serialize,
+    ) -> Result<reqwest::Response, RestError> {
+        self.http
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| RestError::Unreachable {
+                url: url.to_string(),
+                source,
+            })
     }
 }
 
