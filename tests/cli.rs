@@ -162,3 +162,102 @@ fn compile_refuses_what_could_never_run() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("another world"));
     assert!(!output_path.exists(), "nothing is written");
 }
+
+/// The `Authorization` header and JSON body of each request a stub saw.
+type SeenRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A one-route OpenAI-compatible stub on a runtime of its own (the binary
+/// under test is a child process); returns its base URL and the
+/// `Authorization` headers and bodies it saw.
+fn llm_stub() -> (tokio::runtime::Runtime, String, SeenRequests) {
+    use std::sync::Arc;
+    let seen: SeenRequests = Arc::default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let recorder = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let recorder = recorder.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    recorder.lock().unwrap().push((auth, body.clone()));
+                    axum::Json(serde_json::json!({
+                        "model": body["model"],
+                        "choices": [{"message": {"role": "assistant", "content": "stub answer"},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 5},
+                    }))
+                }
+            },
+        ),
+    );
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (runtime, url, seen)
+}
+
+#[test]
+fn run_agent_calls_the_llm_endpoint_with_the_key_from_the_environment() {
+    let (_runtime, url, seen) = llm_stub();
+    let output = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["run-agent", agent_path("llm-chat").to_str().unwrap(), "--json"])
+        .args(["--llm-endpoint", &url, "--llm-key-env", "CLI_TEST_LLM_KEY"])
+        .args(["--llm-model", "cli-model", "--max-tokens", "100"])
+        .args(["--input-ref", "message=hello"])
+        .env("CLI_TEST_LLM_KEY", "sk-cli-secret")
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("the node-runtime binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["result"]["answer.0"], "stub answer");
+    assert_eq!(json["report"]["tokens_in"], 9);
+    assert_eq!(json["report"]["tokens_out"], 5);
+    assert!(!stdout.contains("sk-cli-secret") && !stderr.contains("sk-cli-secret"));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, "Bearer sk-cli-secret");
+    assert_eq!(seen[0].1["model"], "cli-model");
+    assert_eq!(seen[0].1["max_tokens"], 100, "--max-tokens is the run's budget");
+}
+
+#[test]
+fn run_agent_names_an_unset_key_variable_and_a_raised_token_limit() {
+    let output = node_runtime(&[
+        "run-agent",
+        agent_path("llm-chat").to_str().unwrap(),
+        "--llm-endpoint",
+        "http://127.0.0.1:9",
+        "--llm-key-env",
+        "CLI_TEST_NO_SUCH_VARIABLE",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CLI_TEST_NO_SUCH_VARIABLE"), "{stderr}");
+
+    let output = node_runtime(&[
+        "run-agent",
+        agent_path("llm-chat").to_str().unwrap(),
+        "--max-tokens",
+        "999999",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tokens") && stderr.contains("--max-tokens"), "{stderr}");
+}

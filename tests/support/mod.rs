@@ -47,6 +47,7 @@ pub fn sandbox_with(limits: NodeLimits) -> Sandbox {
             max_concurrent_runs: 4,
             ..EngineSettings::default()
         },
+        llm: None,
     })
     .expect("the sandbox starts")
 }

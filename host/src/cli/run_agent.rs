@@ -10,10 +10,11 @@ use clap::Args;
 
 use super::args::{parse_duration, parse_key_value, parse_size};
 use super::{CommandError, Exit, read_file};
+use crate::config::Secret;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, RunContext, RunOutcome, RunReport, RunRequest,
-    Sandbox, SandboxConfig,
+    BudgetRequest, EngineSettings, FailKind, LlmSettings, RunContext, RunOutcome, RunReport,
+    RunRequest, Sandbox, SandboxConfig,
 };
 
 #[derive(Debug, Args)]
@@ -50,6 +51,25 @@ pub struct RunAgentArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
 
+    /// An OpenAI-compatible endpoint for `llm.chat` (requests go to
+    /// URL/v1/chat/completions); without it the agent's LLM calls answer
+    /// `not-configured`.
+    #[arg(long, value_name = "URL", requires = "llm_key_env")]
+    pub llm_endpoint: Option<String>,
+
+    /// The environment variable holding the endpoint's bearer key (the key
+    /// itself is never a flag: flags show up in `ps` and shell history).
+    #[arg(long, value_name = "VAR", requires = "llm_endpoint")]
+    pub llm_key_env: Option<String>,
+
+    /// The model of calls that name none (default: gpt-5-mini).
+    #[arg(long, value_name = "NAME", requires = "llm_endpoint")]
+    pub llm_model: Option<String>,
+
+    /// LLM tokens (input plus output) for the run.
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<u32>,
+
     /// The agent id the run reports (default: the file name without its
     /// extension).
     #[arg(long, value_name = "ID")]
@@ -71,18 +91,20 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         fuel: args.fuel,
         memory_bytes: args.max_memory,
         duration: args.timeout,
-        tokens: None,
+        tokens: args.max_tokens,
     };
     let config = SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,
             ..EngineSettings::default()
         },
+        llm: llm_settings(&args)?,
         ..SandboxConfig::default()
     };
     config.limits.check(&budget).map_err(|err| {
         CommandError::usage(format!(
-            "{err} (--fuel, --max-memory and --timeout can only lower the node's limits)"
+            "{err} (--fuel, --max-memory, --timeout and --max-tokens can only lower the node's \
+             limits)"
         ))
     })?;
     let sandbox = Sandbox::new(config).map_err(|err| CommandError::internal(err.to_string()))?;
@@ -112,6 +134,37 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         print!("{}", human_report(&result.outcome, &result.report));
     }
     Ok(exit_for(&result.outcome))
+}
+
+/// `--llm-endpoint` and `--llm-key-env` (clap makes each require the
+/// other).
+fn llm_settings(args: &RunAgentArgs) -> Result<Option<LlmSettings>, CommandError> {
+    let (Some(endpoint), Some(var)) = (&args.llm_endpoint, &args.llm_key_env) else {
+        return Ok(None);
+    };
+    match endpoint.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+        _ => {
+            return Err(CommandError::usage(format!(
+                "--llm-endpoint `{endpoint}` is not an http:// or https:// URL with a host, \
+                 e.g. https://api.openai.com"
+            )));
+        }
+    }
+    let key = match std::env::var(var) {
+        Ok(key) if !key.is_empty() => key,
+        _ => {
+            return Err(CommandError::usage(format!(
+                "--llm-key-env {var}: the environment variable {var} is not set (or empty); \
+                 export it with the endpoint's API key"
+            )));
+        }
+    };
+    let model = args
+        .llm_model
+        .clone()
+        .unwrap_or_else(|| crate::config::AgentRuntimeSection::default().default_model);
+    Ok(Some(LlmSettings::openai(endpoint.clone(), Secret::new(key), model)))
 }
 
 fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 
-use crate::sandbox::{AllocatorChoice, EngineSettings, NodeLimits, SandboxConfig};
+use crate::sandbox::{
+    AllocatorChoice, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
+};
 
 /// Everything the node is configured with. Build it with
 /// [`NodeConfig::load`]; `Default` is the reference's defaults.
@@ -493,7 +495,35 @@ impl NodeConfig {
                 max_concurrent_runs: self.slots(),
                 ..EngineSettings::default()
             },
+            llm: self.llm_settings(),
         }
+    }
+
+    /// `AgentRuntime` as the sandbox's LLM provider: the Azure flavour when
+    /// `AzureAIFoundry` has an endpoint, a deployment and a key; otherwise
+    /// none (`llm.chat` answers `not-configured`). Managed identity is not
+    /// supported: without `ApiKey` there is no provider.
+    fn llm_settings(&self) -> Option<LlmSettings> {
+        let agent = &self.agent_runtime;
+        let foundry = &agent.azure_ai_foundry;
+        let (Some(endpoint), Some(deployment), Some(key)) = (
+            &foundry.endpoint,
+            &foundry.deployment_name,
+            &foundry.api_key,
+        ) else {
+            return None;
+        };
+        Some(LlmSettings {
+            endpoint: LlmEndpoint::Azure {
+                base_url: endpoint.to_string(),
+                deployment: deployment.clone(),
+            },
+            api_key: key.clone(),
+            default_model: agent.default_model.clone(),
+            default_temperature: agent.default_temperature as f32,
+            request_timeout: agent.max_duration,
+            prices: Default::default(),
+        })
     }
 
     /// `Logging.LogLevel` as a `tracing_subscriber::EnvFilter` directive:

@@ -793,3 +793,23 @@ fn an_empty_otlp_endpoint_turns_the_exporter_off_as_in_the_reference() {
     let reloaded = NodeConfig::from_json_str(&json, Path::new("/"), no_env()).unwrap();
     assert_eq!(reloaded.open_telemetry.otlp_exporter.endpoint, None);
 }
+
+#[test]
+fn azure_ai_foundry_becomes_the_sandbox_llm_provider() {
+    assert!(NodeConfig::default().sandbox_config().llm.is_none());
+    let config = load(
+        r#"{"AgentRuntime": {"DefaultModel": "gpt-4o-mini", "DefaultTemperature": 0.2,
+            "AzureAIFoundry": {"Endpoint": "https://acme.openai.azure.com",
+                               "DeploymentName": "chat", "ApiKey": "azure-secret"}}}"#,
+    )
+    .unwrap();
+    let llm = config.sandbox_config().llm.expect("an LLM provider");
+    assert_eq!(
+        llm.endpoint.url(),
+        "https://acme.openai.azure.com/openai/deployments/chat/chat/completions?api-version=2024-06-01"
+    );
+    assert_eq!(llm.default_model, "gpt-4o-mini");
+    assert_eq!(llm.default_temperature, 0.2);
+    assert_eq!(llm.api_key.expose(), "azure-secret");
+    assert!(!format!("{llm:?}").contains("azure-secret"));
+}

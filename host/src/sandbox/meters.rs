@@ -107,6 +107,10 @@ pub struct TokenMeter {
     pub tokens_in: u32,
     pub tokens_out: u32,
     pub usd_cost: f64,
+    /// Tokens over the limit that the node let happen: the prompt of the
+    /// one call that crossed the budget (its completion was capped to what
+    /// remained, but a prompt's size is known only from the answer).
+    pub tolerated_overrun: u32,
 }
 
 impl TokenMeter {
@@ -123,6 +127,25 @@ impl TokenMeter {
 
     pub fn remaining(&self) -> u32 {
         self.limit.saturating_sub(self.used())
+    }
+
+    /// Counts one call's usage. `max_tokens` is what the call was allowed
+    /// to write: a call that stayed within it and crossed the budget only
+    /// by its prompt is tolerated; more than that fails the run.
+    pub fn record(&mut self, tokens_in: u32, tokens_out: u32, max_tokens: u32) {
+        let was_over = self.used() > self.limit;
+        self.tokens_in = self.tokens_in.saturating_add(tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(tokens_out);
+        let over = self.used().saturating_sub(self.limit);
+        if !was_over && over > 0 && tokens_out <= max_tokens {
+            self.tolerated_overrun = over.min(tokens_in);
+        }
+    }
+
+    /// Tokens used beyond what the budget and the tolerated prompt allow.
+    pub fn excess(&self) -> u32 {
+        self.used()
+            .saturating_sub(self.limit.saturating_add(self.tolerated_overrun))
     }
 }
 
@@ -143,6 +166,18 @@ mod tests {
         );
         assert_eq!(meter.peak_bytes(), 60);
         assert_eq!(meter.remaining_bytes(), 40);
+    }
+
+    #[test]
+    fn only_the_prompt_of_the_crossing_call_may_overrun_the_budget() {
+        let mut meter = TokenMeter::new(44);
+        meter.record(12, 20, 44);
+        meter.record(12, 12, 12);
+        assert_eq!((meter.used(), meter.remaining(), meter.excess()), (56, 0, 0));
+        let mut greedy = TokenMeter::new(40);
+        greedy.record(12, 20, 40);
+        greedy.record(12, 20, 8);
+        assert_eq!(greedy.excess(), 24, "a provider ignoring max_tokens is not tolerated");
     }
 
     #[test]

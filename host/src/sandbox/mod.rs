@@ -4,13 +4,15 @@
 //! capabilities, and the compiled agents (one per content hash). A run gets
 //! a fresh `Store`, so nothing leaks between runs, and ends in a classified
 //! [`RunOutcome`] with a [`RunReport`] of what its four meters read: fuel
-//! (CPU), memory, wall clock and LLM tokens.
+//! (CPU), memory, wall clock and LLM tokens. The LLM provider behind
+//! `llm.chat` is configured with [`LlmSettings`] (`llm`).
 
 mod agent;
 mod bindings;
 pub mod budget;
 mod capabilities;
 pub mod engine;
+pub mod llm;
 mod meters;
 pub mod outcome;
 mod output;
@@ -30,6 +32,7 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use engine::{Allocator, AllocatorChoice, EngineSettings};
+pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 pub use run::{RunContext, RunRequest, RunResult};
 
@@ -40,12 +43,16 @@ use state::RunState;
 pub struct SandboxConfig {
     pub limits: NodeLimits,
     pub engine: EngineSettings,
+    /// The LLM provider behind `llm.chat`; `None` answers `not-configured`.
+    pub llm: Option<LlmSettings>,
 }
 
 #[derive(Debug, Error)]
 pub enum SandboxError {
     #[error("could not start the WebAssembly engine: {0}")]
     Engine(String),
+    #[error(transparent)]
+    Llm(#[from] llm::LlmClientError),
 }
 
 /// The process's one WebAssembly engine and the agents compiled for it.
@@ -54,6 +61,8 @@ pub struct Sandbox {
     allocator: Allocator,
     linker: Linker<RunState>,
     limits: NodeLimits,
+    /// One HTTP client for every run's LLM calls (connections are pooled).
+    llm: Option<Arc<llm::LlmClient>>,
     /// Compiled and linked agents by SHA-256 of their artifact.
     agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
 }
@@ -65,12 +74,18 @@ impl Sandbox {
         let fail = |err: wasmtime::Error| SandboxError::Engine(agent::error_chain(&err));
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
+        let llm = config
+            .llm
+            .map(llm::LlmClient::new)
+            .transpose()?
+            .map(Arc::new);
         engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
         Ok(Sandbox {
             engine,
             allocator,
             linker,
             limits: config.limits,
+            llm,
             agents: Mutex::default(),
         })
     }
@@ -145,7 +160,7 @@ impl Sandbox {
             agent_id = %context.agent_id,
             trace_id = %context.trace_id,
         );
-        run::execute(&self.engine, &self.limits, agent, request)
+        run::execute(&self.engine, &self.limits, self.llm.as_ref(), agent, request)
             .instrument(span)
             .await
     }

@@ -7,6 +7,7 @@
 //! blocked in a host call, where epochs cannot reach it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
@@ -19,6 +20,8 @@ use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
 use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
 use super::capabilities::http::EgressPolicy;
+use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
+use super::llm::LlmClient;
 use super::capabilities::log::{RunLog, truncate};
 use super::meters::{MemoryMeter, Refusal, TokenMeter};
 use super::outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
@@ -85,6 +88,7 @@ enum Returned {
 pub(crate) async fn execute(
     engine: &Engine,
     limits: &NodeLimits,
+    llm: Option<&Arc<LlmClient>>,
     agent: &Agent,
     request: RunRequest,
 ) -> RunResult {
@@ -131,6 +135,15 @@ pub(crate) async fn execute(
         memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize),
         log: RunLog::new(limits),
         tokens: TokenMeter::new(budget.tokens()),
+        llm: llm.map(|client| RunLlm {
+            client: client.clone(),
+            agent_model: request
+                .context
+                .metadata
+                .get(MODEL_METADATA_KEY)
+                .filter(|model| !model.trim().is_empty())
+                .cloned(),
+        }),
         deadline,
     };
     let mut store = Store::new(engine, state);
@@ -418,17 +431,23 @@ impl Judge<'_> {
     }
 
     /// A run that spent more tokens than its budget fails, whatever it
-    /// returned: the LLM capability caps each call, so this only happens
-    /// when a provider reports more usage than it was allowed.
+    /// returned. The LLM capability caps each call's completion to what
+    /// remains, so the only overrun it lets happen is the prompt of the one
+    /// call that crossed the budget, which is tolerated (the run ends as
+    /// the agent decides, and the report shows the tokens used); anything
+    /// beyond means a provider reported more than it was allowed.
     fn check_tokens(&self, outcome: RunOutcome) -> RunOutcome {
         let tokens = &self.state.tokens;
-        if tokens.used() > tokens.limit {
+        if tokens.excess() > 0 {
             return RunOutcome::Failed(RunFailure::new(
                 FailKind::BudgetTokens,
                 format!(
-                    "the run used {} LLM tokens, over its budget of {}",
+                    "the run used {} LLM tokens, over its budget of {} (by {}; the prompt of \
+                     the call that crossed the budget accounts for {})",
                     tokens.used(),
-                    tokens.limit
+                    tokens.limit,
+                    tokens.used() - tokens.limit,
+                    tokens.tolerated_overrun
                 ),
             ));
         }

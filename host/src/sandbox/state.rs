@@ -3,7 +3,7 @@
 //! A fresh [`RunState`] is built for every run, so nothing an agent does
 //! outlives it. Its fields are the run's grants (a WASI context that grants
 //! nothing by default, an HTTP egress policy) and its meters (memory, log
-//! volume, tokens). The host capabilities in `capabilities/` are trait
+//! volume, tokens), and what it needs to call the LLM. The host capabilities in `capabilities/` are trait
 //! impls on this struct, grouped by WIT interface.
 
 use std::time::Instant;
@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capabilities::http::EgressPolicy;
+use super::capabilities::llm::RunLlm;
 use super::capabilities::log::RunLog;
 use super::meters::{MemoryMeter, TokenMeter};
 
@@ -24,6 +25,9 @@ pub struct RunState {
     pub(crate) memory: MemoryMeter,
     pub(crate) log: RunLog,
     pub(crate) tokens: TokenMeter,
+    /// The node's LLM provider and this run's model; `None` when the node
+    /// has no LLM configured (`llm.chat` answers `not-configured`).
+    pub(crate) llm: Option<RunLlm>,
     /// When the run must end: its duration budget or the lease deadline.
     pub(crate) deadline: Instant,
 }

@@ -1,16 +1,121 @@
-//! `llm.chat`: chat completion for agents.
+//! `llm.chat`: chat completion for agents, metered against the run's token
+//! budget.
 //!
-//! The provider client (an OpenAI-compatible endpoint, metered against the
-//! run's token budget) is not part of this node yet: every call answers
-//! `not-configured`, an error the agent can handle, and spends nothing.
+//! Per call: the model is the request's, else the run's metadata
+//! `llm.model`, else the node's default. A run whose budget is spent is
+//! refused with `budget-exhausted` before anything is sent; otherwise the
+//! request's `max_tokens` is lowered to what remains (the remainder when the
+//! agent gave none), so only the prompt of the one call that crosses the
+//! budget can overrun it. Tokens are counted from the provider's `usage`
+//! and priced from the node's table. The provider call itself (timeouts
+//! bounded by the run's deadline, retries) is in `sandbox/llm.rs`.
 
-use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError};
+use std::sync::Arc;
+
+use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
+use crate::sandbox::llm::{CallError, LlmClient, ProviderMessage, ProviderRequest};
 use crate::sandbox::state::RunState;
 
+/// The metadata key through which a run names its model.
+pub const MODEL_METADATA_KEY: &str = "llm.model";
+
+/// What one run needs to call the provider.
+#[derive(Debug, Clone)]
+pub struct RunLlm {
+    pub client: Arc<LlmClient>,
+    /// The run's metadata `llm.model`, if any.
+    pub agent_model: Option<String>,
+}
+
 impl Host for RunState {
-    async fn chat(&mut self, _request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        Err(LlmError::NotConfigured(
-            "no LLM endpoint configured on this node".to_string(),
-        ))
+    async fn chat(&mut self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let Some(llm) = self.llm.clone() else {
+            return Err(LlmError::NotConfigured(
+                "no LLM endpoint configured on this node".to_string(),
+            ));
+        };
+        if request.messages.is_empty() {
+            return Err(LlmError::InvalidRequest(
+                "the chat request has no messages; give at least one".to_string(),
+            ));
+        }
+        let settings = llm.client.settings();
+        let temperature = request.temperature.unwrap_or(settings.default_temperature);
+        if !temperature.is_finite() || temperature < 0.0 {
+            return Err(LlmError::InvalidRequest(format!(
+                "temperature {temperature} is not a number of 0 or more"
+            )));
+        }
+        let remaining = self.tokens.remaining();
+        if remaining == 0 {
+            return Err(LlmError::BudgetExhausted(format!(
+                "the run's LLM token budget of {} is spent ({} used); no call was made",
+                self.tokens.limit,
+                self.tokens.used()
+            )));
+        }
+        let model = request
+            .model
+            .filter(|model| !model.trim().is_empty())
+            .or_else(|| llm.agent_model.clone())
+            .unwrap_or_else(|| settings.default_model.clone());
+        let max_tokens = match request.max_tokens {
+            Some(asked) if asked > 0 => asked.min(remaining),
+            _ => remaining,
+        };
+        let provider_request = ProviderRequest {
+            model: model.clone(),
+            messages: request
+                .messages
+                .into_iter()
+                .map(|message| ProviderMessage {
+                    role: match message.role {
+                        Role::System => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    },
+                    content: message.content,
+                })
+                .collect(),
+            max_tokens,
+            temperature,
+        };
+
+        let answer = llm
+            .client
+            .chat(&provider_request, self.deadline)
+            .await
+            .map_err(|err| match err {
+                CallError::Timeout(message) => LlmError::Timeout(message),
+                CallError::Provider(message) => LlmError::Provider(message),
+            })?;
+        let (tokens_in, tokens_out) = answer.usage.unwrap_or_else(|| {
+            // Without a usage report the node cannot know; it charges the
+            // most the call was allowed, so the budget still holds.
+            tracing::warn!(
+                model = %model,
+                "the LLM provider reported no usage: charging max_tokens as output"
+            );
+            (0, max_tokens)
+        });
+        let tokens = &mut self.tokens;
+        tokens.record(tokens_in, tokens_out, max_tokens);
+        if tokens.used() > tokens.limit {
+            tracing::warn!(
+                used = tokens.used(),
+                limit = tokens.limit,
+                "this LLM call's prompt took the run over its token budget; later calls are refused"
+            );
+        }
+        tokens.usd_cost += llm.client.price(&model, &answer.model, tokens_in, tokens_out);
+        Ok(ChatResponse {
+            content: answer.content,
+            model: answer.model,
+            usage: Usage {
+                tokens_in,
+                tokens_out,
+            },
+            finish_reason: answer.finish_reason,
+        })
     }
 }

@@ -1,0 +1,437 @@
+//! The LLM provider behind `llm.chat`: its settings and the one HTTP client
+//! every run shares.
+//!
+//! The node, not the agent, holds the endpoint and its key. [`LlmSettings`]
+//! says where to send a chat completion (an OpenAI-compatible endpoint or
+//! an Azure OpenAI deployment), which model and temperature to use when the
+//! agent does not say, how long one request may take, and what each model
+//! costs. [`LlmClient`] sends one request per attempt, retrying 429 and 5xx
+//! answers with backoff while the run's deadline allows; the metering
+//! (budget, token counts, cost) is done by the capability in
+//! `capabilities/llm.rs`, which owns the run's meters.
+//!
+//! The key is a [`Secret`]: `Debug` prints `***`, it goes into exactly one
+//! header, and error messages quoting a provider's answer have it masked.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::config::Secret;
+use crate::control_plane::Backoff;
+
+/// The API version the Azure flavour asks for.
+pub const AZURE_API_VERSION: &str = "2024-06-01";
+
+/// How much of a provider's error body an error message quotes.
+const BODY_QUOTE: usize = 200;
+/// Attempts per call at most, however much time the deadline leaves.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Where chat completions go and how they are priced.
+#[derive(Clone)]
+pub struct LlmSettings {
+    pub endpoint: LlmEndpoint,
+    /// Sent as `Authorization: Bearer` (OpenAI) or `api-key` (Azure).
+    pub api_key: Secret,
+    /// The model of a call that names none, when the run's metadata has no
+    /// `llm.model` either.
+    pub default_model: String,
+    /// The temperature of a call that gives none.
+    pub default_temperature: f32,
+    /// The longest one request may take; the run's deadline may cut it
+    /// shorter.
+    pub request_timeout: Duration,
+    /// USD per 1k tokens, by model name. A model not listed costs 0 (and
+    /// is warned about once).
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// The provider's flavour of the chat-completions API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LlmEndpoint {
+    /// `POST {base_url}/v1/chat/completions` with a bearer key.
+    OpenAi { base_url: String },
+    /// `POST {base_url}/openai/deployments/{deployment}/chat/completions
+    /// ?api-version=2024-06-01` with an `api-key` header.
+    Azure { base_url: String, deployment: String },
+}
+
+impl LlmEndpoint {
+    /// The URL a chat completion is posted to.
+    pub fn url(&self) -> String {
+        match self {
+            LlmEndpoint::OpenAi { base_url } => {
+                format!("{}/v1/chat/completions", base_url.trim_end_matches('/'))
+            }
+            LlmEndpoint::Azure {
+                base_url,
+                deployment,
+            } => format!(
+                "{}/openai/deployments/{deployment}/chat/completions?api-version={AZURE_API_VERSION}",
+                base_url.trim_end_matches('/')
+            ),
+        }
+    }
+}
+
+/// USD per 1000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModelPrice {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+impl ModelPrice {
+    pub fn cost(&self, tokens_in: u32, tokens_out: u32) -> f64 {
+        (f64::from(tokens_in) * self.input_per_1k + f64::from(tokens_out) * self.output_per_1k)
+            / 1000.0
+    }
+}
+
+impl LlmSettings {
+    /// Settings for an OpenAI-compatible endpoint with the usual defaults
+    /// (60 s per request, no prices).
+    pub fn openai(base_url: impl Into<String>, api_key: Secret, default_model: impl Into<String>) -> Self {
+        LlmSettings {
+            endpoint: LlmEndpoint::OpenAi {
+                base_url: base_url.into(),
+            },
+            api_key,
+            default_model: default_model.into(),
+            default_temperature: 0.7,
+            request_timeout: Duration::from_secs(60),
+            prices: BTreeMap::new(),
+        }
+    }
+}
+
+// By hand, so that the key can never reach a log through `{:?}`.
+impl fmt::Debug for LlmSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmSettings")
+            .field("endpoint", &self.endpoint)
+            .field("api_key", &"***")
+            .field("default_model", &self.default_model)
+            .field("default_temperature", &self.default_temperature)
+            .field("request_timeout", &self.request_timeout)
+            .field("prices", &self.prices)
+            .finish()
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("could not build the LLM HTTP client: {0}")]
+pub struct LlmClientError(String);
+
+/// One chat completion as sent to the provider.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ProviderRequest {
+    pub model: String,
+    pub messages: Vec<ProviderMessage>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ProviderMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// What the node reads of a provider's answer; everything is optional, so
+/// an odd answer becomes a clear error rather than a parse failure deep in
+/// serde.
+#[derive(Debug, Deserialize)]
+struct ProviderResponse {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<ChoiceMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// A provider's answer, as the capability needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Answer {
+    pub content: String,
+    pub model: String,
+    pub finish_reason: String,
+    /// `None` when the provider reported no usage.
+    pub usage: Option<(u32, u32)>,
+}
+
+/// Why a call failed, before it becomes the guest's `llm-error`.
+#[derive(Debug, Clone)]
+pub(crate) enum CallError {
+    /// The deadline (or the per-request timeout) ran out.
+    Timeout(String),
+    /// The provider refused or failed.
+    Provider(String),
+}
+
+/// The settings and the HTTP client every run shares.
+pub struct LlmClient {
+    settings: LlmSettings,
+    http: reqwest::Client,
+    /// Models already warned about as missing from the price table.
+    unpriced_warned: Mutex<HashSet<String>>,
+}
+
+impl fmt::Debug for LlmClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmClient")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlmClient {
+    pub fn new(settings: LlmSettings) -> Result<Self, LlmClientError> {
+        crate::control_plane::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|err| LlmClientError(err.to_string()))?;
+        Ok(LlmClient {
+            settings,
+            http,
+            unpriced_warned: Mutex::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &LlmSettings {
+        &self.settings
+    }
+
+    /// The cost of a call: priced by the model asked for, else by the one
+    /// that answered (providers often answer with a dated variant). An
+    /// unknown model costs 0, with one warning per model per process.
+    pub(crate) fn price(&self, asked: &str, answered: &str, tokens_in: u32, tokens_out: u32) -> f64 {
+        let prices = &self.settings.prices;
+        match prices.get(asked).or_else(|| prices.get(answered)) {
+            Some(price) => price.cost(tokens_in, tokens_out),
+            None => {
+                let mut warned = self
+                    .unpriced_warned
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if warned.insert(asked.to_string()) {
+                    tracing::warn!(
+                        model = asked,
+                        "no price configured for this LLM model: its calls cost 0; \
+                         add it to AgentRuntime.Prices"
+                    );
+                }
+                0.0
+            }
+        }
+    }
+
+    /// Sends `request`, retrying 429 and 5xx with backoff while `deadline`
+    /// allows another attempt.
+    pub(crate) async fn chat(
+        &self,
+        request: &ProviderRequest,
+        deadline: Instant,
+    ) -> Result<Answer, CallError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut last: Option<CallError> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.out_of_time(last, backoff.attempts()));
+            }
+            let timeout = left.min(self.settings.request_timeout);
+            let error = match self.attempt(request, timeout).await {
+                Ok(answer) => return Ok(answer),
+                Err(Attempt::Final(error)) => return Err(error),
+                Err(Attempt::Retry(error)) => error,
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                attempt = backoff.attempts(),
+                error = %describe(&error),
+                "LLM call failed; retrying"
+            );
+            last = Some(error);
+            if backoff.attempts() >= MAX_ATTEMPTS || Instant::now() + delay >= deadline {
+                return Err(self.out_of_time(last, backoff.attempts()));
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The error of a call that ran out of attempts or time: the last
+    /// failure, saying how many attempts were made.
+    fn out_of_time(&self, last: Option<CallError>, attempts: u32) -> CallError {
+        match last {
+            None => CallError::Timeout("the run's deadline leaves no time for an LLM call".into()),
+            Some(CallError::Timeout(message)) => {
+                CallError::Timeout(format!("{message} (gave up after {attempts} attempts)"))
+            }
+            Some(CallError::Provider(message)) => {
+                CallError::Provider(format!("{message} (gave up after {attempts} attempts)"))
+            }
+        }
+    }
+
+    async fn attempt(&self, request: &ProviderRequest, timeout: Duration) -> Result<Answer, Attempt> {
+        let key = self.settings.api_key.expose();
+        let builder = self.http.post(self.settings.endpoint.url()).json(request).timeout(timeout);
+        let builder = match self.settings.endpoint {
+            LlmEndpoint::OpenAi { .. } => builder.bearer_auth(key),
+            LlmEndpoint::Azure { .. } => builder.header("api-key", key),
+        };
+        let response = builder.send().await.map_err(|err| self.transport_error(&err, timeout))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| self.transport_error(&err, timeout))?;
+        if !status.is_success() {
+            let message = format!(
+                "the LLM provider answered {status}: {}",
+                self.quote(&String::from_utf8_lossy(&body))
+            );
+            return Err(if status.as_u16() == 429 || status.is_server_error() {
+                Attempt::Retry(CallError::Provider(message))
+            } else {
+                Attempt::Final(CallError::Provider(message))
+            });
+        }
+        let parsed: ProviderResponse = serde_json::from_slice(&body).map_err(|err| {
+            Attempt::Final(CallError::Provider(format!(
+                "the LLM provider's answer is not a chat completion ({err}): {}",
+                self.quote(&String::from_utf8_lossy(&body))
+            )))
+        })?;
+        let Some(choice) = parsed.choices.into_iter().next() else {
+            return Err(Attempt::Final(CallError::Provider(
+                "the LLM provider's answer has no choices".into(),
+            )));
+        };
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Answer {
+            content: choice.message.and_then(|m| m.content).unwrap_or_default(),
+            model: parsed.model.unwrap_or_else(|| request.model.clone()),
+            finish_reason: choice.finish_reason.unwrap_or_default(),
+            usage: parsed
+                .usage
+                .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens))),
+        })
+    }
+
+    /// A request that got no answer: a timeout, or a connection failure
+    /// (retried: the provider may be restarting).
+    fn transport_error(&self, err: &reqwest::Error, timeout: Duration) -> Attempt {
+        if err.is_timeout() {
+            return Attempt::Retry(CallError::Timeout(format!(
+                "the LLM provider did not answer within {}",
+                humantime::format_duration(Duration::from_millis(timeout.as_millis() as u64))
+            )));
+        }
+        let mut message = format!("could not reach the LLM provider: {err}");
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        Attempt::Retry(CallError::Provider(self.mask(&message)))
+    }
+
+    /// A short, key-free quote of a provider's body.
+    fn quote(&self, body: &str) -> String {
+        let body = body.trim();
+        let mut end = body.len().min(BODY_QUOTE);
+        while !body.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = if end < body.len() { "..." } else { "" };
+        self.mask(&format!("{}{cut}", &body[..end]))
+    }
+
+    /// Masks the key, should a provider (or a proxy) echo it back.
+    fn mask(&self, text: &str) -> String {
+        let key = self.settings.api_key.expose();
+        if key.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(key, "***")
+        }
+    }
+}
+
+enum Attempt {
+    Retry(CallError),
+    Final(CallError),
+}
+
+fn describe(error: &CallError) -> &str {
+    match error {
+        CallError::Timeout(message) | CallError::Provider(message) => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_follow_each_flavour() {
+        let openai = LlmEndpoint::OpenAi {
+            base_url: "http://127.0.0.1:9/".into(),
+        };
+        assert_eq!(openai.url(), "http://127.0.0.1:9/v1/chat/completions");
+        let azure = LlmEndpoint::Azure {
+            base_url: "https://x.openai.azure.com".into(),
+            deployment: "gpt".into(),
+        };
+        assert_eq!(
+            azure.url(),
+            "https://x.openai.azure.com/openai/deployments/gpt/chat/completions?api-version=2024-06-01"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let settings = LlmSettings::openai("http://x", Secret::new("sk-very-secret"), "m");
+        assert!(!format!("{settings:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn prices_are_per_thousand_tokens() {
+        let price = ModelPrice {
+            input_per_1k: 0.15,
+            output_per_1k: 0.6,
+        };
+        assert!((price.cost(1000, 500) - 0.45).abs() < 1e-12);
+    }
+}
