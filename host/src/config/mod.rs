@@ -496,6 +496,7 @@ impl NodeConfig {
                 ..EngineSettings::default()
             },
             llm: self.llm_settings(),
+            allowed_hosts: Default::default(),
         }
     }
 

@@ -45,6 +45,9 @@ pub struct SandboxConfig {
     pub engine: EngineSettings,
     /// The LLM provider behind `llm.chat`; `None` answers `not-configured`.
     pub llm: Option<LlmSettings>,
+    /// Outbound HTTP grants: agent id -> the hosts (`host` or `host:port`)
+    /// its runs may reach. An agent not listed reaches nothing.
+    pub allowed_hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Error)]
