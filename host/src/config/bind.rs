@@ -17,9 +17,10 @@ use super::error::ConfigError;
 use super::tree::{self, Entries, Kind, Node, Origin, Scalar};
 use super::{
     AgentRuntimeSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection, MTlsSection, Metrics,
-    NodeConfig, NodeRuntimeSection, OpenTelemetrySection, OtlpExporter, OtlpProtocol,
-    SandboxSection, Secret, Traces,
+    NodeConfig, NodeRuntimeSection, OpenAiSection, OpenTelemetrySection, OtlpExporter,
+    OtlpProtocol, SandboxSection, Secret, Traces,
 };
+use crate::sandbox::llm::ModelPrice;
 use crate::cli::parse_size;
 use crate::sandbox::AllocatorChoice;
 
@@ -47,12 +48,14 @@ pub(super) fn read(
             });
         }
     };
-    tree::apply_env(&mut entries, env);
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    tree::apply_env(&mut entries, env.iter().cloned());
 
     let mut binder = Binder {
         file,
         base_dir,
         ignored: Vec::new(),
+        env: env.into_iter().collect(),
     };
     let mut root = Section {
         key: String::new(),
@@ -117,6 +120,8 @@ struct Binder<'a> {
     file: String,
     base_dir: &'a Path,
     ignored: Vec<String>,
+    /// The environment, for keys that name a variable (an API key's).
+    env: BTreeMap<String, String>,
 }
 
 /// What a path must be, when it exists.
@@ -606,6 +611,8 @@ impl Binder<'_> {
             "a whole number of seconds greater than 0, e.g. 60",
         )?;
         let azure_ai_foundry = self.azure_ai_foundry(&mut s)?;
+        let openai = self.openai(&mut s)?;
+        let prices = self.prices(&mut s)?;
         self.finish(s);
         Ok(AgentRuntimeSection {
             default_model,
@@ -613,7 +620,114 @@ impl Binder<'_> {
             max_tokens,
             max_duration,
             azure_ai_foundry,
+            openai,
+            prices,
         })
+    }
+
+    /// `AgentRuntime.OpenAI`: a generic OpenAI-compatible endpoint. The key
+    /// comes from `ApiKey` or from the environment variable that
+    /// `ApiKeyEnvironmentVariable` names (so it need not sit in the file).
+    fn openai(&mut self, parent: &mut Section) -> Result<OpenAiSection, ConfigError> {
+        let mut s = self.section(parent, "OpenAI")?;
+        let endpoint = self
+            .url(&mut s, "Endpoint", "http://127.0.0.1:8000", true)?
+            .flatten();
+        let mut api_key = self.optional_text(&mut s, "ApiKey")?.map(Secret::new);
+        let variable_key = s.key("ApiKeyEnvironmentVariable");
+        let variable = self.optional_text(&mut s, "ApiKeyEnvironmentVariable")?;
+        if let Some(variable) = &variable {
+            match self.env.get(variable) {
+                Some(value) if !value.is_empty() => api_key = Some(Secret::new(value.clone())),
+                _ => {
+                    return Err(self.invalid(
+                        variable_key,
+                        format!("{variable:?}"),
+                        &tree::Origin::File,
+                        format!(
+                            "the environment variable {variable} is not set; export it with the \
+                             API key, or set AgentRuntime.OpenAI.ApiKey"
+                        ),
+                    ));
+                }
+            }
+        }
+        self.finish(s);
+        Ok(OpenAiSection {
+            endpoint,
+            api_key,
+            api_key_environment_variable: variable,
+        })
+    }
+
+    /// `AgentRuntime.Prices`: `{"model": {"InputPer1K": 0.15, "OutputPer1K": 0.6}}`.
+    fn prices(&mut self, parent: &mut Section) -> Result<BTreeMap<String, ModelPrice>, ConfigError> {
+        let mut s = self.section(parent, "Prices")?;
+        let models: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let mut prices = BTreeMap::new();
+        for model in models {
+            let mut m = self.section(&mut s, &model)?;
+            let per_1k = |binder: &Self, m: &mut Section, name: &str| {
+                binder.value(
+                    m,
+                    name,
+                    0.0,
+                    "USD per 1,000 tokens, 0 or more, e.g. 0.15",
+                    |scalar| scalar.float().filter(|price| *price >= 0.0),
+                )
+            };
+            let price = ModelPrice {
+                input_per_1k: per_1k(self, &mut m, "InputPer1K")?,
+                output_per_1k: per_1k(self, &mut m, "OutputPer1K")?,
+            };
+            self.finish(m);
+            prices.insert(model, price);
+        }
+        self.finish(s);
+        Ok(prices)
+    }
+
+    /// `Sandbox.AllowedHosts`: agent id -> hosts its runs may reach over
+    /// HTTP, as a JSON array or a comma-separated string of `host` or
+    /// `host:port`.
+    fn allowed_hosts(&mut self, parent: &mut Section) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
+        let mut s = self.section(parent, "AllowedHosts")?;
+        let agents: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let mut grants = BTreeMap::new();
+        for agent in agents {
+            let key = s.key(&agent);
+            let Some(node) = s.entries.take(&agent) else { continue };
+            let hosts: Vec<String> = match &node.kind {
+                tree::Kind::Value(scalar) => scalar
+                    .text()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|host| host.trim().to_string())
+                    .filter(|host| !host.is_empty())
+                    .collect(),
+                tree::Kind::Section { entries, .. } => entries
+                    .0
+                    .iter()
+                    .filter_map(|(_, item)| match &item.kind {
+                        tree::Kind::Value(scalar) => scalar.text(),
+                        tree::Kind::Section { .. } => None,
+                    })
+                    .map(|host| host.trim().to_string())
+                    .collect(),
+            };
+            if let Some(bad) = hosts.iter().find(|host| !valid_host(host)) {
+                return Err(self.invalid(
+                    key,
+                    format!("{bad:?}"),
+                    &node.origin,
+                    "expected hosts as `host` or `host:port` (no scheme, no path), e.g. \
+                     [\"api.example.com\", \"127.0.0.1:8080\"]"
+                        .to_string(),
+                ));
+            }
+            grants.insert(agent, hosts);
+        }
+        Ok(grants)
     }
 
     fn azure_ai_foundry(&mut self, parent: &mut Section) -> Result<AzureAiFoundry, ConfigError> {
@@ -747,6 +861,7 @@ impl Binder<'_> {
     fn sandbox(&mut self, root: &mut Section) -> Result<SandboxSection, ConfigError> {
         let defaults = SandboxSection::default();
         let mut s = self.section(root, "Sandbox")?;
+        let allowed_hosts = self.allowed_hosts(&mut s)?;
         let size_expected = |example: &str| {
             format!("a size in bytes of at least 1: a number, or with a unit such as {example}")
         };
@@ -802,6 +917,7 @@ impl Binder<'_> {
                 "auto, pooling or on-demand",
                 |scalar| parse_allocator(&scalar.text()?),
             )?,
+            allowed_hosts,
         };
         self.finish(s);
         Ok(sandbox)
@@ -849,4 +965,17 @@ fn usable_as_target(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c.is_whitespace() || matches!(c, ',' | '=' | '[' | ']' | '{' | '}'))
+}
+
+/// `host` or `host:port`, with no scheme, path or blank.
+fn valid_host(entry: &str) -> bool {
+    let (host, port) = match entry.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (entry, None),
+    };
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && port.is_none_or(|port| port.parse::<u16>().is_ok())
 }

@@ -33,7 +33,7 @@ struct View<'a> {
     agent_runtime: AgentRuntime<'a>,
     open_telemetry: OpenTelemetry<'a>,
     logging: Logging<'a>,
-    sandbox: Sandbox,
+    sandbox: Sandbox<'a>,
 }
 
 #[derive(Serialize)]
@@ -78,6 +78,26 @@ struct AgentRuntime<'a> {
     max_duration_seconds: u64,
     #[serde(rename = "AzureAIFoundry")]
     azure_ai_foundry: AzureAiFoundry<'a>,
+    #[serde(rename = "OpenAI")]
+    openai: OpenAi<'a>,
+    prices: BTreeMap<&'a str, Price>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct OpenAi<'a> {
+    endpoint: Option<String>,
+    api_key: Option<&'static str>,
+    api_key_environment_variable: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Price {
+    #[serde(rename = "InputPer1K")]
+    input_per_1k: f64,
+    #[serde(rename = "OutputPer1K")]
+    output_per_1k: f64,
 }
 
 #[derive(Serialize)]
@@ -136,7 +156,7 @@ struct Logging<'a> {
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct Sandbox {
+struct Sandbox<'a> {
     default_fuel: u64,
     max_memory_bytes: u64,
     max_table_elements: u32,
@@ -144,6 +164,7 @@ struct Sandbox {
     max_log_lines: u32,
     max_log_bytes: usize,
     allocator: &'static str,
+    allowed_hosts: &'a BTreeMap<String, Vec<String>>,
 }
 
 impl<'a> View<'a> {
@@ -152,6 +173,7 @@ impl<'a> View<'a> {
         let mtls = &config.mtls;
         let agent = &config.agent_runtime;
         let foundry = &agent.azure_ai_foundry;
+        let agent_openai = &agent.openai;
         let otel = &config.open_telemetry;
         let sandbox = &config.sandbox;
         View {
@@ -191,6 +213,19 @@ impl<'a> View<'a> {
                     api_key: foundry.api_key.as_ref().map(|_| REDACTED),
                     use_managed_identity: foundry.use_managed_identity,
                 },
+                openai: OpenAi {
+                    endpoint: agent_openai.endpoint.as_ref().map(redact_url),
+                    api_key: agent_openai.api_key.as_ref().map(|_| REDACTED),
+                    api_key_environment_variable: agent_openai.api_key_environment_variable.as_deref(),
+                },
+                prices: config
+                    .agent_runtime
+                    .prices
+                    .iter()
+                    .map(|(model, price)| {
+                        (model.as_str(), Price { input_per_1k: price.input_per_1k, output_per_1k: price.output_per_1k })
+                    })
+                    .collect(),
             },
             open_telemetry: OpenTelemetry {
                 service_name: &otel.service_name,
@@ -236,6 +271,7 @@ impl<'a> View<'a> {
                     AllocatorChoice::Pooling => "pooling",
                     AllocatorChoice::OnDemand => "on-demand",
                 },
+                allowed_hosts: &sandbox.allowed_hosts,
             },
         }
     }

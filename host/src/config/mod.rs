@@ -124,6 +124,23 @@ pub struct AgentRuntimeSection {
     pub max_duration: Duration,
     /// `AzureAIFoundry`.
     pub azure_ai_foundry: AzureAiFoundry,
+    /// `OpenAI` (this node): a generic OpenAI-compatible endpoint, used
+    /// when its `Endpoint` is set (it wins over `AzureAIFoundry`).
+    pub openai: OpenAiSection,
+    /// `Prices` (this node): USD per 1k input and output tokens by model.
+    pub prices: BTreeMap<String, crate::sandbox::llm::ModelPrice>,
+}
+
+/// `AgentRuntime.OpenAI`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OpenAiSection {
+    /// `Endpoint`: `POST {Endpoint}/v1/chat/completions`.
+    pub endpoint: Option<http::Uri>,
+    /// `ApiKey`, or the value of the variable `ApiKeyEnvironmentVariable`
+    /// names.
+    pub api_key: Option<Secret>,
+    /// `ApiKeyEnvironmentVariable`: the variable the key was read from.
+    pub api_key_environment_variable: Option<String>,
 }
 
 /// `AgentRuntime.AzureAIFoundry`.
@@ -282,6 +299,10 @@ pub struct SandboxSection {
     pub max_log_bytes: usize,
     /// `Allocator`: `auto`, `pooling` or `on-demand`.
     pub allocator: AllocatorChoice,
+    /// `AllowedHosts` (agent id -> `host` or `host:port` entries): where
+    /// each agent's outbound HTTP may go. An agent not listed reaches
+    /// nothing.
+    pub allowed_hosts: BTreeMap<String, Vec<String>>,
 }
 
 /// A value that must not be printed: `Debug` shows `***`.
@@ -353,6 +374,8 @@ impl Default for AgentRuntimeSection {
             max_tokens: limits.tokens,
             max_duration: limits.duration,
             azure_ai_foundry: AzureAiFoundry::default(),
+            openai: OpenAiSection::default(),
+            prices: BTreeMap::new(),
         }
     }
 }
@@ -408,6 +431,7 @@ impl Default for SandboxSection {
             max_log_lines: limits.log_lines,
             max_log_bytes: limits.log_bytes,
             allocator: AllocatorChoice::Auto,
+            allowed_hosts: BTreeMap::new(),
         }
     }
 }
@@ -496,7 +520,7 @@ impl NodeConfig {
                 ..EngineSettings::default()
             },
             llm: self.llm_settings(),
-            allowed_hosts: Default::default(),
+            allowed_hosts: self.sandbox.allowed_hosts.clone(),
         }
     }
 
@@ -506,6 +530,17 @@ impl NodeConfig {
     /// supported: without `ApiKey` there is no provider.
     fn llm_settings(&self) -> Option<LlmSettings> {
         let agent = &self.agent_runtime;
+        if let Some(endpoint) = &agent.openai.endpoint {
+            let mut settings = LlmSettings::openai(
+                endpoint.to_string().trim_end_matches('/'),
+                agent.openai.api_key.clone().unwrap_or_else(|| Secret::new(String::new())),
+                agent.default_model.clone(),
+            );
+            settings.default_temperature = agent.default_temperature as f32;
+            settings.request_timeout = agent.max_duration;
+            settings.prices = agent.prices.clone();
+            return Some(settings);
+        }
         let foundry = &agent.azure_ai_foundry;
         let (Some(endpoint), Some(deployment), Some(key)) = (
             &foundry.endpoint,
@@ -523,7 +558,7 @@ impl NodeConfig {
             default_model: agent.default_model.clone(),
             default_temperature: agent.default_temperature as f32,
             request_timeout: agent.max_duration,
-            prices: Default::default(),
+            prices: agent.prices.clone(),
         })
     }
 

@@ -813,3 +813,53 @@ fn azure_ai_foundry_becomes_the_sandbox_llm_provider() {
     assert_eq!(llm.api_key.expose(), "azure-secret");
     assert!(!format!("{llm:?}").contains("azure-secret"));
 }
+
+#[test]
+fn an_openai_endpoint_takes_its_key_from_the_named_variable_and_its_prices() {
+    let json = r#"{"AgentRuntime": {
+        "DefaultModel": "stub-model",
+        "OpenAI": {"Endpoint": "http://127.0.0.1:8000/", "ApiKeyEnvironmentVariable": "LLM_KEY"},
+        "Prices": {"stub-model": {"InputPer1K": 0.5, "OutputPer1K": "1.5"}}
+    }}"#;
+    let config = NodeConfig::from_json_str(
+        json,
+        Path::new("/etc/node-runtime"),
+        env(&[("LLM_KEY", "sk-from-env")]),
+    )
+    .unwrap();
+    let llm = config.sandbox_config().llm.expect("an LLM provider");
+    assert_eq!(llm.api_key.expose(), "sk-from-env");
+    assert_eq!(llm.default_model, "stub-model");
+    assert_eq!(llm.prices["stub-model"].output_per_1k, 1.5);
+    assert!(matches!(
+        &llm.endpoint,
+        crate::sandbox::LlmEndpoint::OpenAi { base_url } if base_url == "http://127.0.0.1:8000"
+    ));
+    assert!(!config.redacted_json().contains("sk-from-env"));
+
+    let unset = NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), no_env())
+        .unwrap_err()
+        .to_string();
+    assert!(unset.contains("AgentRuntime.OpenAI.ApiKeyEnvironmentVariable"), "{unset}");
+    assert!(unset.contains("LLM_KEY is not set"), "{unset}");
+}
+
+#[test]
+fn allowed_hosts_are_granted_per_agent_as_a_list_or_a_comma_separated_string() {
+    let config = load(
+        r#"{"Sandbox": {"AllowedHosts": {
+            "invoice-classifier": ["api.example.com", "127.0.0.1:8080"],
+            "echo": "a.example.com, b.example.com:443"
+        }}}"#,
+    )
+    .unwrap();
+    let grants = config.sandbox_config().allowed_hosts;
+    assert_eq!(grants["invoice-classifier"], ["api.example.com", "127.0.0.1:8080"]);
+    assert_eq!(grants["echo"], ["a.example.com", "b.example.com:443"]);
+
+    let bad = load(r#"{"Sandbox": {"AllowedHosts": {"echo": ["https://api.example.com/v1"]}}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("Sandbox.AllowedHosts.echo"), "{bad}");
+    assert!(bad.contains("host:port"), "{bad}");
+}
