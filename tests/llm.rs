@@ -129,6 +129,7 @@ fn llm_sandbox(settings: LlmSettings) -> Sandbox {
             ..EngineSettings::default()
         },
         llm: Some(settings),
+        ..SandboxConfig::default()
     })
     .expect("the sandbox starts")
 }

@@ -48,6 +48,7 @@ pub fn sandbox_with(limits: NodeLimits) -> Sandbox {
             ..EngineSettings::default()
         },
         llm: None,
+        ..SandboxConfig::default()
     })
     .expect("the sandbox starts")
 }

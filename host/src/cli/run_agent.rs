@@ -70,6 +70,12 @@ pub struct RunAgentArgs {
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<u32>,
 
+    /// Let the agent reach HOST (any port) or HOST:PORT over outbound HTTP
+    /// (repeatable); without it every request is denied. Metadata
+    /// `http.allow` can narrow this list, never widen it.
+    #[arg(long = "allow-http", value_name = "HOST[:PORT]", value_parser = parse_allow_http)]
+    pub allow_http: Vec<String>,
+
     /// The agent id the run reports (default: the file name without its
     /// extension).
     #[arg(long, value_name = "ID")]
@@ -99,6 +105,11 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
             ..EngineSettings::default()
         },
         llm: llm_settings(&args)?,
+        allowed_hosts: if args.allow_http.is_empty() {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([(context.agent_id.clone(), args.allow_http.clone())])
+        },
         ..SandboxConfig::default()
     };
     config.limits.check(&budget).map_err(|err| {
@@ -134,6 +145,13 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         print!("{}", human_report(&result.outcome, &result.report));
     }
     Ok(exit_for(&result.outcome))
+}
+
+/// `--allow-http HOST[:PORT]`, checked as the sandbox will read it.
+fn parse_allow_http(entry: &str) -> Result<String, String> {
+    crate::sandbox::HostGrant::parse(entry)
+        .map(|_| entry.trim().to_string())
+        .map_err(|err| format!("{err}: expected e.g. api.example.com or 127.0.0.1:8080"))
 }
 
 /// `--llm-endpoint` and `--llm-key-env` (clap makes each require the

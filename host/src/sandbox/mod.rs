@@ -20,7 +20,7 @@ pub mod precompiled;
 mod run;
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -35,6 +35,9 @@ pub use engine::{Allocator, AllocatorChoice, EngineSettings};
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 pub use run::{RunContext, RunRequest, RunResult};
+pub use capabilities::http::{
+    HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant,
+};
 
 use state::RunState;
 
@@ -56,6 +59,13 @@ pub enum SandboxError {
     Engine(String),
     #[error(transparent)]
     Llm(#[from] llm::LlmClientError),
+    /// An entry of `SandboxConfig.allowed_hosts` is not `host` or
+    /// `host:port`.
+    #[error("outbound HTTP grant for agent `{agent_id}`: {error}")]
+    AllowedHost {
+        agent_id: String,
+        error: InvalidHostGrant,
+    },
 }
 
 /// The process's one WebAssembly engine and the agents compiled for it.
@@ -66,6 +76,9 @@ pub struct Sandbox {
     limits: NodeLimits,
     /// One HTTP client for every run's LLM calls (connections are pooled).
     llm: Option<Arc<llm::LlmClient>>,
+    /// Outbound HTTP grants by agent id, parsed from
+    /// `SandboxConfig.allowed_hosts`.
+    allowed_hosts: BTreeMap<String, Vec<HostGrant>>,
     /// Compiled and linked agents by SHA-256 of their artifact.
     agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
 }
@@ -75,6 +88,18 @@ impl Sandbox {
     /// process.
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let fail = |err: wasmtime::Error| SandboxError::Engine(agent::error_chain(&err));
+        let allowed_hosts = config
+            .allowed_hosts
+            .iter()
+            .map(|(agent_id, entries)| {
+                capabilities::http::parse_grants(entries)
+                    .map(|grants| (agent_id.clone(), grants))
+                    .map_err(|error| SandboxError::AllowedHost {
+                        agent_id: agent_id.clone(),
+                        error,
+                    })
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
         let llm = config
@@ -89,6 +114,7 @@ impl Sandbox {
             linker,
             limits: config.limits,
             llm,
+            allowed_hosts,
             agents: Mutex::default(),
         })
     }
@@ -99,6 +125,11 @@ impl Sandbox {
 
     pub fn limits(&self) -> &NodeLimits {
         &self.limits
+    }
+
+    /// The outbound HTTP grants of `agent_id` (empty: it reaches nothing).
+    pub fn allowed_hosts(&self, agent_id: &str) -> &[HostGrant] {
+        self.allowed_hosts.get(agent_id).map_or(&[], Vec::as_slice)
     }
 
     /// Compiles, checks and links an artifact (`.wasm` component or
@@ -163,7 +194,8 @@ impl Sandbox {
             agent_id = %context.agent_id,
             trace_id = %context.trace_id,
         );
-        run::execute(&self.engine, &self.limits, self.llm.as_ref(), agent, request)
+        let grants = self.allowed_hosts(&context.agent_id);
+        run::execute(&self.engine, &self.limits, self.llm.as_ref(), grants, agent, request)
             .instrument(span)
             .await
     }

@@ -19,7 +19,7 @@ use wasmtime_wasi_http::WasiHttpCtx;
 use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
 use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
-use super::capabilities::http::EgressPolicy;
+use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY, HostGrant};
 use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
 use super::llm::LlmClient;
 use super::capabilities::log::{RunLog, truncate};
@@ -89,6 +89,7 @@ pub(crate) async fn execute(
     engine: &Engine,
     limits: &NodeLimits,
     llm: Option<&Arc<LlmClient>>,
+    grants: &[HostGrant],
     agent: &Agent,
     request: RunRequest,
 ) -> RunResult {
@@ -131,7 +132,17 @@ pub(crate) async fn execute(
         wasi: wasi.build(),
         table: Default::default(),
         http: WasiHttpCtx::new(),
-        egress: EgressPolicy,
+        egress: EgressPolicy::new(
+            grants,
+            request
+                .context
+                .metadata
+                .get(HTTP_ALLOW_METADATA_KEY)
+                .map(String::as_str),
+            &request.context.run_id,
+            &request.context.trace_id,
+            deadline,
+        ),
         memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize),
         log: RunLog::new(limits),
         tokens: TokenMeter::new(budget.tokens()),

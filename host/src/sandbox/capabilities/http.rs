@@ -1,37 +1,387 @@
 //! Outbound HTTP (`wasi:http/outgoing-handler`): the egress policy.
 //!
-//! Every request an agent makes passes through [`EgressPolicy`]. Until
-//! allow-lists exist, the policy denies every request: the agent gets
-//! `HTTP-request-denied`, an error it can handle, and the node logs the
-//! host it tried to reach.
+//! Every request an agent makes passes through [`EgressPolicy`], built per
+//! run from the node's grants for the agent id ([`HostGrant`]s from
+//! `SandboxConfig.allowed_hosts`), narrowed by the run's metadata
+//! `http.allow`. A request to a host (and port) not granted gets
+//! `HTTP-request-denied`, an error the agent can handle, and the node logs
+//! the host it tried to reach. An allowed request goes out through
+//! wasmtime-wasi-http's default sender with the run's trace context
+//! (`traceparent`, `X-Correlation-ID`), its connect and first-byte waits
+//! bounded by the run's deadline, and its response body capped at
+//! [`HTTP_RESPONSE_BYTES`].
 
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Scheme;
+use http_body_util::BodyExt;
+use thiserror::Error;
+use tracing::Instrument;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-#[derive(Debug, Default)]
-pub struct EgressPolicy;
+/// The largest response body an agent may read; past it the body stream
+/// ends with `HTTP-response-body-size`.
+pub const HTTP_RESPONSE_BYTES: u64 = 1024 * 1024;
+
+/// The run metadata key that narrows the node's grants for one run: a
+/// comma-separated list of `host` or `host:port`.
+pub const HTTP_ALLOW_METADATA_KEY: &str = "http.allow";
+
+/// One allow-list entry: a host, and optionally the one port allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGrant {
+    /// Lowercase; an IPv6 address keeps its brackets (`[::1]`).
+    pub host: String,
+    /// `None`: any port of the host.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("`{0}` is not a host or host:port allow-list entry")]
+pub struct InvalidHostGrant(pub String);
+
+impl HostGrant {
+    /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`.
+    pub fn parse(entry: &str) -> Result<HostGrant, InvalidHostGrant> {
+        let invalid = || InvalidHostGrant(entry.to_string());
+        let entry_trimmed = entry.trim();
+        if entry_trimmed.is_empty()
+            || entry_trimmed.contains(['/', '@', '?', '#', ' ', '*'])
+            || entry_trimmed.contains("://")
+        {
+            return Err(invalid());
+        }
+        let (host, port) = if let Some(rest) = entry_trimmed.strip_prefix('[') {
+            let (address, after) = rest.split_once(']').ok_or_else(invalid)?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(invalid)?),
+            };
+            (format!("[{address}]"), port)
+        } else {
+            match entry_trimmed.split_once(':') {
+                Some((host, port)) => (host.to_string(), Some(port)),
+                None => (entry_trimmed.to_string(), None),
+            }
+        };
+        if host.is_empty() || host == "[]" {
+            return Err(invalid());
+        }
+        let port = match port {
+            None => None,
+            Some(port) => Some(port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(invalid)?),
+        };
+        Ok(HostGrant {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    fn allows(&self, host: &str, port: u16) -> bool {
+        self.host.eq_ignore_ascii_case(host) && self.port.is_none_or(|p| p == port)
+    }
+
+    /// What both grants allow: the same host, on the narrower port.
+    fn intersect(&self, other: &HostGrant) -> Option<HostGrant> {
+        if self.host != other.host {
+            return None;
+        }
+        let port = match (self.port, other.port) {
+            (Some(a), Some(b)) if a != b => return None,
+            (Some(p), _) | (_, Some(p)) => Some(p),
+            (None, None) => None,
+        };
+        Some(HostGrant {
+            host: self.host.clone(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for HostGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// Parses every entry of a node's grants, refusing the first bad one.
+pub fn parse_grants(entries: &[String]) -> Result<Vec<HostGrant>, InvalidHostGrant> {
+    entries.iter().map(|entry| HostGrant::parse(entry)).collect()
+}
+
+/// One run's egress: what it may reach, and what its requests carry.
+#[derive(Debug)]
+pub struct EgressPolicy {
+    allowed: Vec<HostGrant>,
+    run_id: String,
+    trace_id: String,
+    deadline: Instant,
+    /// Requests sent and requests denied, for the run's report.
+    pub(crate) requests: u32,
+    pub(crate) denied: u32,
+}
+
+impl EgressPolicy {
+    /// The node's grants for the agent, narrowed by the run's metadata
+    /// `http.allow` when present: only what both allow (metadata can never
+    /// add a host; an empty `http.allow` allows nothing). Unparseable
+    /// metadata entries allow nothing and are logged.
+    pub fn new(
+        node_grants: &[HostGrant],
+        metadata_allow: Option<&str>,
+        run_id: &str,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> EgressPolicy {
+        let allowed = match metadata_allow {
+            None => node_grants.to_vec(),
+            Some(list) => {
+                let mut narrowed: Vec<HostGrant> = Vec::new();
+                for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                    let wanted = match HostGrant::parse(entry) {
+                        Ok(wanted) => wanted,
+                        Err(err) => {
+                            tracing::warn!("metadata {HTTP_ALLOW_METADATA_KEY}: {err}; ignored");
+                            continue;
+                        }
+                    };
+                    for grant in node_grants {
+                        if let Some(both) = grant.intersect(&wanted)
+                            && !narrowed.contains(&both)
+                        {
+                            narrowed.push(both);
+                        }
+                    }
+                }
+                narrowed
+            }
+        };
+        EgressPolicy {
+            allowed,
+            run_id: run_id.to_string(),
+            trace_id: trace_id.to_string(),
+            deadline,
+            requests: 0,
+            denied: 0,
+        }
+    }
+
+    /// The effective allow-list.
+    #[cfg(test)]
+    pub fn allowed(&self) -> &[HostGrant] {
+        &self.allowed
+    }
+
+    /// Whether `host` on `port` may be reached.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.allowed.iter().any(|grant| grant.allows(host, port))
+    }
+
+    fn traceparent(&self) -> Option<HeaderValue> {
+        let trace_id = self.trace_id.to_ascii_lowercase();
+        let valid = trace_id.len() == 32
+            && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+            && trace_id.bytes().any(|b| b != b'0');
+        if !valid {
+            return None;
+        }
+        let span_id = loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
+        HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok()
+    }
+}
+
+/// The host and port a request goes to, the port defaulting from the
+/// scheme.
+fn destination(uri: &http::Uri) -> Option<(String, u16)> {
+    let authority = uri.authority()?;
+    let host = authority.host();
+    if host.is_empty() {
+        return None;
+    }
+    let port = match authority.port_u16() {
+        Some(port) => port,
+        None if uri.scheme() == Some(&Scheme::HTTP) => 80,
+        None => 443,
+    };
+    Some((host.to_string(), port))
+}
+
+/// The lower of the guest's timeout and what remains until the deadline.
+fn bounded(guest: Option<Duration>, left: Duration) -> Option<Duration> {
+    Some(guest.map_or(left, |guest| guest.min(left)))
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
 
 impl WasiHttpHooks for EgressPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = Result<
-                    (
-                        http::Response<WasiBody>,
-                        Box<dyn Future<Output = Result<(), Error>> + Send>,
-                    ),
-                    Error,
-                >,
-            > + Send,
-    > {
-        let host = request.uri().authority().map(|a| a.to_string());
-        tracing::warn!(
-            host = host.as_deref().unwrap_or("<none>"),
-            "outbound HTTP denied: no host is on this agent's allow-list"
-        );
-        Box::new(async { Err(Error::HttpRequestDenied) })
+    ) -> SendFuture {
+        // Called inside the run's span (run_id, agent_id, trace_id); the
+        // send itself runs on a task of its own, so it is given the span.
+        let Some((host, port)) = destination(request.uri()) else {
+            self.denied += 1;
+            tracing::warn!(run_id = %self.run_id, "outbound HTTP denied: the request has no host");
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        };
+        if !self.allows(&host, port) {
+            self.denied += 1;
+            tracing::warn!(
+                run_id = %self.run_id,
+                host = %host,
+                port,
+                "outbound HTTP denied: the host is not on this run's allow-list"
+            );
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        self.requests += 1;
+        tracing::debug!(host = %host, port, "outbound HTTP request");
+
+        let headers = request.headers_mut();
+        if let Some(traceparent) = self.traceparent() {
+            headers.insert(HeaderName::from_static("traceparent"), traceparent);
+        }
+        headers.remove("tracestate");
+        if let Ok(run_id) = HeaderValue::from_str(&self.run_id) {
+            headers.insert(HeaderName::from_static("x-correlation-id"), run_id);
+        }
+
+        // Connect and first byte bounded by the run's deadline; the whole
+        // exchange up to the response head too, whatever the guest asked.
+        let deadline = self.deadline;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let guest = options.unwrap_or_default();
+        let options = RequestOptions {
+            connect_timeout: bounded(guest.connect_timeout, left),
+            first_byte_timeout: bounded(guest.first_byte_timeout, left),
+            between_bytes_timeout: bounded(guest.between_bytes_timeout, left),
+        };
+        let span = tracing::Span::current();
+        Box::new(
+            async move {
+                let sent = tokio::time::timeout_at(
+                    deadline.into(),
+                    wasmtime_wasi_http::default_send_request(request, Some(options)),
+                )
+                .await;
+                let (response, io) = match sent {
+                    Ok(Ok(sent)) => sent,
+                    Ok(Err(err)) => {
+                        tracing::info!(host = %host, port, "outbound HTTP request failed: {err}");
+                        return Err(err);
+                    }
+                    Err(_elapsed) => {
+                        tracing::info!(host = %host, port, "outbound HTTP request cut off by the run's deadline");
+                        return Err(Error::ConnectionTimeout);
+                    }
+                };
+                let response = response.map(|body| {
+                    http_body_util::Limited::new(body, HTTP_RESPONSE_BYTES as usize)
+                        .map_err(|err| match err.downcast::<Error>() {
+                            Ok(err) => *err,
+                            Err(_over_the_cap) => {
+                                Error::HttpResponseBodySize(Some(HTTP_RESPONSE_BYTES))
+                            }
+                        })
+                        .boxed_unsync()
+                });
+                Ok((
+                    response,
+                    Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(entries: &[&str]) -> Vec<HostGrant> {
+        entries.iter().map(|e| HostGrant::parse(e).unwrap()).collect()
+    }
+
+    fn policy(node: &[&str], metadata: Option<&str>) -> EgressPolicy {
+        EgressPolicy::new(&grants(node), metadata, "run-1", "4bf92f3577b34da6a3ce929d0e0e4736", Instant::now())
+    }
+
+    #[test]
+    fn entries_parse_hosts_ports_and_ipv6() {
+        assert_eq!(HostGrant::parse("API.example.com").unwrap(), HostGrant { host: "api.example.com".into(), port: None });
+        assert_eq!(HostGrant::parse("127.0.0.1:8080").unwrap().port, Some(8080));
+        assert_eq!(HostGrant::parse("[::1]:9").unwrap(), HostGrant { host: "[::1]".into(), port: Some(9) });
+        for bad in ["", "https://x.com", "x.com:http", "x.com:0", "x.com:70000", "a/b", ":80", "*.x.com"] {
+            assert!(HostGrant::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_host_grant_allows_any_port_and_a_port_grant_only_its_port() {
+        let policy = policy(&["Example.com", "127.0.0.1:8080"], None);
+        assert!(policy.allows("example.COM", 443));
+        assert!(policy.allows("example.com", 8443));
+        assert!(policy.allows("127.0.0.1", 8080));
+        assert!(!policy.allows("127.0.0.1", 8081));
+        assert!(!policy.allows("other.com", 443));
+        assert!(!policy.allows("sub.example.com", 443));
+    }
+
+    #[test]
+    fn metadata_narrows_and_never_widens() {
+        let node = ["a.com", "b.com:8080", "c.com"];
+        let narrowed = policy(&node, Some("a.com:443, b.com, evil.com"));
+        assert_eq!(narrowed.allowed(), grants(&["a.com:443", "b.com:8080"]).as_slice());
+        assert!(!narrowed.allows("a.com", 80));
+        assert!(!narrowed.allows("c.com", 443));
+        assert!(!narrowed.allows("evil.com", 443));
+        assert!(policy(&node, Some("b.com:9090")).allowed().is_empty());
+        assert!(policy(&node, Some("")).allowed().is_empty());
+        assert!(policy(&[], Some("a.com")).allowed().is_empty());
+    }
+
+    #[test]
+    fn default_ports_come_from_the_scheme() {
+        let uri: http::Uri = "http://Example.com/x".parse().unwrap();
+        assert_eq!(destination(&uri), Some(("Example.com".into(), 80)));
+        let uri: http::Uri = "https://example.com/x".parse().unwrap();
+        assert_eq!(destination(&uri), Some(("example.com".into(), 443)));
+        let uri: http::Uri = "http://[::1]:81/".parse().unwrap();
+        assert_eq!(destination(&uri), Some(("[::1]".into(), 81)));
+    }
+
+    #[test]
+    fn traceparent_carries_the_trace_id_and_a_fresh_span_id() {
+        let policy = policy(&[], None);
+        let a = policy.traceparent().unwrap();
+        let b = policy.traceparent().unwrap();
+        let a = a.to_str().unwrap();
+        assert!(a.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && a.ends_with("-01"), "{a}");
+        assert_eq!(a.len(), 55);
+        assert_ne!(a, b.to_str().unwrap());
     }
 }
