@@ -2,6 +2,7 @@
 //! process, so anyone can submit runs over HTTP and watch them complete
 //! without installing anything else.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use super::serve::stop_signal;
 use super::{CommandError, Exit};
 use crate::agent_store::AgentStore;
 use crate::control_plane::Capacity;
-use crate::dev_plane::{DevPlane, PlaneOptions};
+use crate::config::Secret;
+use crate::dev_plane::{DevPlane, PlaneOptions, stubs};
 use crate::sandbox::budget::format_bytes;
-use crate::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use crate::sandbox::{EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
 use crate::worker::{NodeHandle, NodeSettings};
 
 #[derive(Debug, Args)]
@@ -51,6 +53,25 @@ pub struct DevArgs {
     /// Submit a handful of demonstration runs, print how each ended, and exit.
     #[arg(long)]
     pub demo: bool,
+
+    /// An OpenAI-compatible endpoint for the agents' `llm.chat`
+    /// (`POST {URL}/v1/chat/completions`). With `--demo` and without it, a
+    /// local stub model answers.
+    #[arg(long, value_name = "URL")]
+    pub llm_endpoint: Option<String>,
+
+    /// The environment variable holding the endpoint's bearer key.
+    #[arg(long, value_name = "VAR", requires = "llm_endpoint")]
+    pub llm_key_env: Option<String>,
+
+    /// The model of calls that name none.
+    #[arg(long, value_name = "NAME", default_value = "gpt-4o-mini")]
+    pub llm_model: String,
+
+    /// Let an agent's runs reach a host over HTTP: `AGENT=HOST[:PORT]`
+    /// (repeatable).
+    #[arg(long = "allow-http", value_name = "AGENT=HOST", value_parser = super::parse_key_value)]
+    pub allow_http: Vec<(String, String)>,
 
     /// How long a lease lasts before the plane gives the run to another
     /// node (the reference uses 300 s).
@@ -97,11 +118,55 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         ));
     }
 
+    // The outside world: a real LLM endpoint if given; for the demo, a
+    // stub model and a target API on loopback.
+    let mut allowed_hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (agent, host) in &args.allow_http {
+        allowed_hosts.entry(agent.clone()).or_default().push(host.clone());
+    }
+    let mut llm = match &args.llm_endpoint {
+        Some(endpoint) => {
+            let key = match &args.llm_key_env {
+                Some(var) => std::env::var(var).map_err(|_| {
+                    CommandError::usage(format!("--llm-key-env {var}: the variable is not set"))
+                })?,
+                None => String::new(),
+            };
+            Some(LlmSettings::openai(endpoint.trim_end_matches('/'), Secret::new(key), args.llm_model.clone()))
+        }
+        None => None,
+    };
+    let target = if args.demo {
+        if llm.is_none() {
+            let url = stubs::start_stub_model()
+                .await
+                .map_err(|err| CommandError::internal(format!("cannot start the stub model: {err}")))?;
+            let mut stub = LlmSettings::openai(url, Secret::new(String::new()), stubs::STUB_MODEL);
+            stub.prices = BTreeMap::from([(
+                stubs::STUB_MODEL.to_string(),
+                ModelPrice { input_per_1k: 0.15, output_per_1k: 0.6 },
+            )]);
+            llm = Some(stub);
+        }
+        let target = stubs::StubTarget::start()
+            .await
+            .map_err(|err| CommandError::internal(format!("cannot start the stub target API: {err}")))?;
+        allowed_hosts
+            .entry("invoice-classifier".to_string())
+            .or_default()
+            .push(target.addr.to_string());
+        Some(target)
+    } else {
+        None
+    };
+
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: args.slots,
             ..EngineSettings::default()
         },
+        llm,
+        allowed_hosts,
         ..SandboxConfig::default()
     })
     .map_err(|err| CommandError::internal(err.to_string()))?;
@@ -128,8 +193,10 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     )
     .map_err(|err| CommandError::internal(err.to_string()))?;
 
-    let result = if args.demo {
-        demo(&url).await
+    let result = if let Some(target) = &target {
+        let result = demo(&url, &target.addr.to_string()).await;
+        eprintln!("the target API received {} classified invoices", target.received());
+        result
     } else {
         eprintln!("node dev-node-1 joined with {} slots; agents: {}", args.slots, offered.join(", "));
         eprintln!(
@@ -203,7 +270,14 @@ struct DemoRun {
     budgets: serde_json::Value,
 }
 
-async fn demo(url: &str) -> Result<(), CommandError> {
+/// Invoices for the demo's classifier: the stub model knows these vendors.
+const DEMO_INVOICES: [&str; 3] = [
+    r#"{"vendor": "Paper & Pens Ltd", "number": "INV-2001", "date": "2026-11-02", "amount": 84.5, "currency": "EUR"}"#,
+    r#"{"vendor": "Rackmount Servers Inc", "number": "INV-2002", "date": "2026-11-03", "amount": 12400.0, "currency": "USD"}"#,
+    r#"{"vendor": "City Water Works", "number": "INV-2003", "date": "2026-11-04", "amount": 310.2, "currency": "EUR"}"#,
+];
+
+async fn demo(url: &str, target: &str) -> Result<(), CommandError> {
     let runs = [
         DemoRun { agent: "echo", input: r#"{"invoice": "INV-1001", "amount": 1250.0}"#, budgets: serde_json::json!({}) },
         DemoRun { agent: "wasi-command-echo", input: r#"{"invoice": "INV-1002"}"#, budgets: serde_json::json!({}) },
@@ -219,14 +293,24 @@ async fn demo(url: &str) -> Result<(), CommandError> {
         let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
         request.send().await.map_err(fail)?.json::<serde_json::Value>().await.map_err(fail)
     };
-    let mut ids = Vec::new();
-    for run in &runs {
-        let body = serde_json::json!({
+    let invoices = DEMO_INVOICES.iter().enumerate().map(|(i, invoice)| {
+        serde_json::json!({
+            "agentId": "invoice-classifier",
+            "version": "1.0.0",
+            "inputRef": {"message": invoice, "messageId": format!("demo-{i}")},
+            "metadata": {"target_url": format!("http://{target}/invoices")},
+        })
+    });
+    let others = runs.iter().map(|run| {
+        serde_json::json!({
             "agentId": run.agent,
             "version": "1.0.0",
             "inputRef": {"message": run.input},
             "budgets": run.budgets,
-        });
+        })
+    });
+    let mut ids = Vec::new();
+    for body in invoices.chain(others) {
         let answer = fetch(http.post(format!("{url}/v1/runs")).json(&body)).await?;
         ids.push(answer["runId"].as_str().unwrap_or_default().to_string());
     }
@@ -263,8 +347,8 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11}",
-        "run", "agent", "outcome", "kind", "time (ms)", "fuel", "peak memory"
+        "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
+        "run", "agent", "outcome", "kind", "time (ms)", "fuel", "peak memory", "tokens", "cost ($)"
     );
     for run in runs {
         let details: serde_json::Value = run["errorInfo"]["errorDetails"]
@@ -281,9 +365,11 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
             .as_u64()
             .or_else(|| report["peakMemoryBytes"].as_u64())
             .map_or("-".to_string(), format_bytes);
+        let costs = &run["costs"];
+        let tokens = costs["tokensIn"].as_i64().unwrap_or(0) + costs["tokensOut"].as_i64().unwrap_or(0);
         let _ = writeln!(
             out,
-            "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11}",
+            "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
             run["runId"].as_str().unwrap_or("?"),
             run["agentId"].as_str().unwrap_or("?"),
             run["status"].as_str().unwrap_or("?"),
@@ -291,6 +377,8 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
             run["timings"]["durationMs"].as_i64().map_or("-".to_string(), |ms| ms.to_string()),
             fuel,
             peak,
+            tokens,
+            format!("{:.6}", costs["usdCost"].as_f64().unwrap_or(0.0)),
         );
     }
     out

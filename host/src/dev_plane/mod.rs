@@ -16,6 +16,7 @@ mod grpc;
 mod ledger;
 mod rest;
 pub mod state;
+pub mod stubs;
 mod store;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
