@@ -41,6 +41,13 @@ async fn model(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
         .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or_default();
     let vendor = invoice["vendor"].as_str().unwrap_or("?");
+    if vendor == "Garbled Answers Co" {
+        return Json(serde_json::json!({
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "I think it is stationery?"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 5, "total_tokens": PROMPT_TOKENS + 5},
+        }));
+    }
     let (_, category, route) = VENDORS.iter().find(|(name, ..)| *name == vendor).copied().unwrap_or((vendor, "Other", "General Accounts Payable"));
     let answer = serde_json::json!({
         "vendorName": vendor,
@@ -183,4 +190,50 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
     }
     node.shutdown().await;
     plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry() {
+    use node_runtime::sandbox::{BudgetRequest, RunOutcome, RunRequest};
+
+    node_runtime::control_plane::install_crypto_provider();
+    let model_addr = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(model))).await;
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = failures.clone();
+    let target_addr = serve(axum::Router::new().route(
+        "/invoices",
+        axum::routing::post(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { StatusCode::SERVICE_UNAVAILABLE }
+        }),
+    ))
+    .await;
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(format!("http://{model_addr}"), Secret::new("sk-x".to_string()), MODEL)),
+        allowed_hosts: BTreeMap::from([("invoice-classifier".to_string(), vec![target_addr.clone()])]),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let agent = load(&sandbox, "invoice-classifier").await;
+    let run = |vendor: &str| {
+        let mut request: RunRequest = request(
+            "invoice-classifier",
+            &[("message", &serde_json::json!({"vendor": vendor, "number": "INV-9", "amount": 1.0}).to_string())],
+            BudgetRequest::default(),
+        );
+        request.context.metadata = map(&[("target_url", &format!("http://{target_addr}/invoices"))]);
+        request
+    };
+
+    let garbled = sandbox.run(&agent, run("Garbled Answers Co")).await;
+    let RunOutcome::Failed(failure) = &garbled.outcome else { panic!("{:?}", garbled.outcome) };
+    assert!(!failure.retryable, "{failure:?}");
+    assert!(failure.message.contains("not the classification asked for"), "{}", failure.message);
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was posted");
+
+    let unavailable = sandbox.run(&agent, run("City Water")).await;
+    let RunOutcome::Failed(failure) = &unavailable.outcome else { panic!("{:?}", unavailable.outcome) };
+    assert!(failure.retryable, "{failure:?}");
+    assert!(failure.message.contains("503"), "{}", failure.message);
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 3, "the agent's own bounded retries");
 }

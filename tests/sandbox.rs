@@ -248,6 +248,7 @@ async fn capabilities_answer_the_guest_budget_llm_and_denied_http() {
         "http: {}",
         seen["http"]
     );
+    assert_eq!((result.report.http_requests, result.report.http_denied), (1, 1));
 }
 
 #[tokio::test]

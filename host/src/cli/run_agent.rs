@@ -327,6 +327,10 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
             "log lines",
             format!("{} ({} dropped)", report.log_lines, report.log_lines_dropped),
         ),
+        (
+            "http requests",
+            format!("{} ({} denied)", report.http_requests, report.http_denied),
+        ),
     ];
     out.push_str("\nreport:\n");
     for (name, value) in rows {

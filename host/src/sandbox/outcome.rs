@@ -168,4 +168,8 @@ pub struct RunReport {
     pub log_lines: u32,
     /// Log lines dropped because the run's log cap was reached.
     pub log_lines_dropped: u32,
+    /// Outbound HTTP requests the run attempted, and how many of them the
+    /// allow-list refused.
+    pub http_requests: u32,
+    pub http_denied: u32,
 }

@@ -254,6 +254,8 @@ pub(crate) async fn execute(
         usd_cost: state.tokens.usd_cost,
         log_lines: state.log.lines(),
         log_lines_dropped: state.log.dropped(),
+        http_requests: state.egress.requests + state.egress.denied,
+        http_denied: state.egress.denied,
     };
     RunResult { outcome, report }
 }
