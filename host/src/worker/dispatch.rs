@@ -6,7 +6,7 @@
 //! and running ones get the drain timeout to finish.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::task::TaskTracker;
@@ -30,19 +30,34 @@ pub(super) async fn run(
                 None => break,
             },
         };
+        // The contract's case: a lease already past its deadline fails,
+        // retryable, without running (a re-lease comes with a new one).
+        if accepted.deadline().is_some_and(|deadline| deadline <= SystemTime::now()) {
+            let failure = RunFailure {
+                retryable: true,
+                ..RunFailure::new(
+                    FailKind::BudgetDeadline,
+                    "the lease's deadline had passed before the run could start",
+                )
+            };
+            report::hand_back(&node, &accepted, failure);
+            continue;
+        }
         let deadline = accepted.deadline_instant();
         let permit = tokio::select! {
+            // A free slot wins over a deadline that passes at the same moment.
+            biased;
             _ = node.stop.cancelled() => {
                 report::hand_back(&node, &accepted, RunFailure::handed_back("the node is shutting down"));
                 break;
             }
+            permit = node.slots.clone().acquire_owned() => permit.expect("the slots semaphore is never closed"),
             _ = sleep_until(deadline) => {
                 report::hand_back(&node, &accepted, RunFailure::handed_back(
                     "the lease's deadline passed while it waited for a free slot",
                 ));
                 continue;
             }
-            permit = node.slots.clone().acquire_owned() => permit.expect("the slots semaphore is never closed"),
         };
         runs.spawn(execute(node.clone(), accepted, permit));
     }
