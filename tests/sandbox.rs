@@ -393,8 +393,9 @@ async fn a_cpu_bound_agent_does_not_starve_other_runs() {
     let spinning = {
         let sandbox = sandbox.clone();
         tokio::spawn(async move {
+            // Long enough that echo finishes first even on a loaded machine.
             let budget = BudgetRequest {
-                duration: Some(Duration::from_secs(1)),
+                duration: Some(Duration::from_secs(4)),
                 ..BudgetRequest::default()
             };
             sandbox.run(&spin, request("spin-forever", &[], budget)).await
