@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use node_runtime::agent_store::AgentStore;
 use node_runtime::control_plane::Capacity;
+use node_runtime::outbox::Outbox;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, Run, RunStatus};
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
 use node_runtime::worker::{NodeHandle, NodeSettings};
@@ -43,7 +44,14 @@ fn start_node(url: &str, slots: u32, agents: &tempfile::TempDir) -> NodeHandle {
     })
     .unwrap();
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    NodeHandle::start(settings(url, slots), Arc::new(sandbox), Arc::new(store)).unwrap()
+    NodeHandle::start(settings(url, slots), Arc::new(sandbox), Arc::new(store), scratch_outbox()).unwrap()
+}
+
+/// An outbox in a temporary directory. The directory is removed at once;
+/// the open file lives on until the node drops it.
+fn scratch_outbox() -> Outbox {
+    let dir = tempfile::tempdir().unwrap();
+    Outbox::open(dir.path()).unwrap()
 }
 
 async fn start_plane(listen: &str) -> DevPlane {

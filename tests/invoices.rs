@@ -139,6 +139,8 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
         },
         Arc::new(sandbox),
         Arc::new(AgentStore::new(vec![agents.path().to_path_buf()])),
+        // The directory goes at once; the open outbox file lives on.
+        node_runtime::outbox::Outbox::open(tempfile::tempdir().unwrap().path()).unwrap(),
     )
     .unwrap();
 
@@ -202,7 +204,9 @@ async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_ret
     let counted = failures.clone();
     let target_addr = serve(axum::Router::new().route(
         "/invoices",
-        axum::routing::post(move || {
+        // Reads the whole body before answering, as a real API does, so
+        // the agent's write never races the answer.
+        axum::routing::post(move |_body: axum::body::Bytes| {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async { StatusCode::SERVICE_UNAVAILABLE }
         }),

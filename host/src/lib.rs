@@ -18,6 +18,7 @@ pub mod agent_store;
 pub mod cli;
 pub mod control_plane;
 pub mod dev_plane;
+pub mod outbox;
 pub mod config;
 pub mod proto;
 pub mod sandbox;

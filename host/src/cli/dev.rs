@@ -16,6 +16,7 @@ use crate::agent_store::AgentStore;
 use crate::control_plane::Capacity;
 use crate::config::Secret;
 use crate::dev_plane::{DevPlane, PlaneOptions, stubs};
+use crate::outbox::Outbox;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
 use crate::worker::{NodeHandle, NodeSettings};
@@ -170,6 +171,23 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         ..SandboxConfig::default()
     })
     .map_err(|err| CommandError::internal(err.to_string()))?;
+    // The node's outbox: under --data-dir/node, else in a temporary
+    // directory that lives as long as this command.
+    let scratch = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("node-runtime-dev-node-")
+                .tempdir()
+                .map_err(|err| CommandError::internal(format!("cannot create a temporary directory: {err}")))?,
+        ),
+    };
+    let node_dir = match (&args.data_dir, &scratch) {
+        (Some(dir), _) => dir.join("node"),
+        (None, Some(scratch)) => scratch.path().to_path_buf(),
+        (None, None) => unreachable!("a scratch directory exists without --data-dir"),
+    };
+    let outbox = Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     let node = NodeHandle::start(
         NodeSettings {
             node_id: "dev-node-1".to_string(),
@@ -190,6 +208,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         },
         Arc::new(sandbox),
         Arc::new(AgentStore::new(dirs)),
+        outbox,
     )
     .map_err(|err| CommandError::internal(err.to_string()))?;
 

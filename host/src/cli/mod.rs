@@ -9,6 +9,7 @@ mod args;
 mod compile;
 mod config_check;
 mod dev;
+mod outbox;
 mod run_agent;
 mod serve;
 
@@ -40,6 +41,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Start a development control plane and one node in this process.
     Dev(dev::DevArgs),
+    /// See and manage the reports a stopped node still owes its control
+    /// plane: list, retry, purge.
+    Outbox(outbox::OutboxArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -108,6 +112,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Compile(args) => compile::run(args).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Outbox(args) => outbox::run(args).await,
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args).await,
     };
     match result {

@@ -9,6 +9,7 @@ use super::{CommandError, Exit};
 use crate::agent_store::AgentStore;
 use crate::config::NodeConfig;
 use crate::control_plane::Capacity;
+use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
 use crate::worker::{NodeHandle, NodeSettings};
 
@@ -37,7 +38,10 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
         .map_err(|err| CommandError::internal(err.to_string()))?;
     tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
     let store = AgentStore::new(vec![config.node_runtime.agents_directory.clone()]);
-    let node = NodeHandle::start(settings(&config), Arc::new(sandbox), Arc::new(store))
+    let outbox = Outbox::open(&config.node_runtime.data_directory)
+        .map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
+    tracing::info!(path = %outbox.path().display(), "outbox open");
+    let node = NodeHandle::start(settings(&config), Arc::new(sandbox), Arc::new(store), outbox)
         .map_err(|err| CommandError::usage(err.to_string()))?;
     let stop = node.stop_token();
     tokio::spawn(async move {

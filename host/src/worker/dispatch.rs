@@ -123,5 +123,5 @@ async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphor
         finished: Instant::now(),
     };
     let report = Report::build(&accepted, &node.settings.node_id, &outcome, &run_report, timings);
-    report::deliver(&node, report);
+    report::deliver(&node, report, accepted.lease.deadline_unix_ms);
 }

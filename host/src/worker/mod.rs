@@ -1,6 +1,6 @@
 //! The worker: a node's whole life, from registration to drain.
 //!
-//! Four tasks share one [`Node`]:
+//! Five tasks share one [`Node`]:
 //! - `heartbeat`: registers (retrying until accepted), heartbeats every
 //!   interval, re-registers when the control plane forgot the node;
 //! - `pull`: keeps the lease stream open and hands each new lease to the
@@ -8,9 +8,16 @@
 //! - `dispatch`: takes leases from the bounded queue as slots free up and
 //!   runs them in the sandbox;
 //! - `report`: delivers exactly one Complete or Fail per accepted lease,
-//!   retrying until the control plane answers.
+//!   retrying until the control plane answers;
+//! - `recover` (in `report`): at start, drops expired outbox entries and,
+//!   once registered, delivers the reports an earlier run left behind;
+//!   then prunes expired accepted lease ids every minute.
 //!
-//! Data flows one way: lease -> queue -> sandbox -> report. Shutdown is two
+//! Data flows one way: lease -> queue -> sandbox -> outbox -> control
+//! plane. The [`Outbox`] (redb, on disk) records each accepted lease id
+//! before the lease is queued, and each report before its first send; a
+//! report leaves it only once the control plane answered. On start, after
+//! registration, whatever it still holds is delivered. Shutdown is two
 //! tokens passed down: `stop` (no new leases; drain) and `abort` (the drain
 //! timeout passed: hand back what still runs).
 
@@ -30,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent_store::AgentStore;
+use crate::outbox::Outbox;
 use crate::control_plane::{
     self, Capacity, LeaseClient, LeaseClientError, RestClient,
 };
@@ -63,6 +71,16 @@ pub struct NodeStats {
     /// The most runs ever active at once: never above the slots.
     pub max_active_runs: AtomicU32,
     pub registrations: AtomicU64,
+    /// Reports dropped from the outbox because their lease's deadline plus
+    /// the grace period had passed (the control plane re-leased the run).
+    pub reports_expired: AtomicU64,
+    /// Reports dropped because the outbox was full (the oldest goes).
+    pub reports_overflowed: AtomicU64,
+    /// Outbox reads or writes that failed (the report is still sent, but
+    /// would not survive a crash).
+    pub outbox_errors: AtomicU64,
+    /// Reports found in the outbox at start and delivered from it.
+    pub reports_recovered: AtomicU64,
 }
 
 impl NodeStats {
@@ -114,6 +132,9 @@ pub(crate) struct Node {
     slots: Arc<Semaphore>,
     stats: Arc<NodeStats>,
     seen: Mutex<SeenLeases>,
+    outbox: Outbox,
+    /// Lease ids whose report a task is delivering right now.
+    delivering: Mutex<HashSet<String>>,
     /// True once the control plane accepted the registration.
     registered: watch::Sender<bool>,
     /// Asks the heartbeat task for a heartbeat now (the lease stream ended
@@ -149,11 +170,13 @@ pub enum StartError {
 }
 
 impl NodeHandle {
-    /// Starts the node's tasks. It registers, then pulls, until shut down.
+    /// Starts the node's tasks. It registers, delivers what `outbox` still
+    /// holds, then pulls, until shut down.
     pub fn start(
         settings: NodeSettings,
         sandbox: Arc<Sandbox>,
         store: Arc<AgentStore>,
+        outbox: Outbox,
     ) -> Result<NodeHandle, StartError> {
         if settings.slots == 0 || settings.max_leases == 0 {
             return Err(StartError::NoSlots);
@@ -179,6 +202,8 @@ impl NodeHandle {
                 ids: HashSet::new(),
                 order: VecDeque::new(),
             }),
+            outbox,
+            delivering: Mutex::new(HashSet::new()),
             registered: watch::Sender::new(false),
             heartbeat_now: Notify::new(),
             stop: CancellationToken::new(),
@@ -235,6 +260,7 @@ async fn lifecycle(
     let heartbeat = tokio::spawn(heartbeat::run(node.clone()));
     let pull = tokio::spawn(pull::run(node.clone(), queue_tx));
     let dispatch = tokio::spawn(dispatch::run(node.clone(), queue_rx, runs.clone()));
+    let recovery = tokio::spawn(report::recover(node.clone()));
 
     node.stop.cancelled().await;
     tracing::info!(
@@ -243,6 +269,7 @@ async fn lifecycle(
     );
     let _ = pull.await;
     let _ = dispatch.await;
+    let _ = recovery.await;
     runs.close();
     if tokio::time::timeout(node.settings.drain_timeout, runs.wait())
         .await
@@ -255,8 +282,8 @@ async fn lifecycle(
     node.reports.close();
     if tokio::time::timeout(REPORT_FLUSH, node.reports.wait()).await.is_err() {
         tracing::error!(
-            "some reports could not be delivered before exit; the control plane will \
-             re-lease those runs after their TTL"
+            "some reports could not be delivered before exit; they stay in the outbox \
+             and are sent when the node starts again"
         );
         node.give_up.cancel();
         node.reports.wait().await;

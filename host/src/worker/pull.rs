@@ -86,7 +86,7 @@ async fn consume(
             Ok(Some(lease)) => {
                 received += 1;
                 backoff.reset();
-                if let Some(accepted) = accept(node, lease) {
+                if let Some(accepted) = accept(node, lease).await {
                     enqueue(node, accepted, queue).await;
                 }
             }
@@ -102,17 +102,37 @@ async fn consume(
     }
 }
 
-/// Records and acknowledges a new lease; None for a lease seen before.
-fn accept(node: &Arc<Node>, lease: Lease) -> Option<AcceptedLease> {
+/// Records (in the outbox, synced) and acknowledges a new lease; None for
+/// a lease accepted before, by this process or an earlier one: it does not
+/// run again, and the report the outbox may hold for it is sent.
+async fn accept(node: &Arc<Node>, lease: Lease) -> Option<AcceptedLease> {
     node.stats.leases_received.fetch_add(1, Ordering::Relaxed);
     let fresh = node
         .seen
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .insert(&lease.lease_id);
+    let fresh = fresh && {
+        let outbox = node.outbox.clone();
+        let (lease_id, deadline) = (lease.lease_id.clone(), lease.deadline_unix_ms);
+        match tokio::task::spawn_blocking(move || outbox.accept(&lease_id, deadline)).await {
+            Ok(Ok(fresh)) => fresh,
+            Ok(Err(err)) => {
+                node.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
+                true
+            }
+            Err(err) => {
+                node.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
+                true
+            }
+        }
+    };
     if !fresh {
         node.stats.duplicate_leases.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "lease received twice; it runs once");
+        tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "lease received twice; it runs once (its stored report, if any, is sent)");
+        report::deliver_stored(node, &lease.lease_id);
         return None;
     }
     let accepted = AcceptedLease {

@@ -1,0 +1,169 @@
+//! `node-runtime outbox list|retry|purge`: see and manage the reports a
+//! node still owes its control plane (`{DataDirectory}/outbox.redb`).
+//!
+//! The outbox file is locked while a node runs with it; these commands
+//! then refuse, naming the reason, rather than race the node.
+
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{ArgGroup, Args, Subcommand};
+
+use super::{CommandError, Exit};
+use crate::config::NodeConfig;
+use crate::control_plane::{self, LeaseClient};
+use crate::outbox::{Outbox, OutboxError, PendingReport, now_unix_ms};
+use crate::worker::lease::Report;
+
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub command: OutboxCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Show each pending report: lease id, run id, kind, age, deadline.
+    List(ConfigArg),
+    /// Send every pending report now (to `ControlPlaneUrl`), once each, and
+    /// say what was delivered; answered ones leave the outbox.
+    Retry(ConfigArg),
+    /// Delete pending reports: `--all`, or one `--lease ID`.
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The node's configuration, as for `serve` (environment variables
+    /// apply over it); the outbox is `{DataDirectory}/outbox.redb`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["all", "lease"])))]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Delete every pending report.
+    #[arg(long)]
+    pub all: bool,
+    /// Delete the report of this lease only.
+    #[arg(long, value_name = "ID")]
+    pub lease: Option<String>,
+}
+
+pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
+    match args.command {
+        OutboxCommand::List(config) => list(&config),
+        OutboxCommand::Retry(config) => retry(&config).await,
+        OutboxCommand::Purge(args) => purge(&args),
+    }
+}
+
+fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
+    let config = match &args.config {
+        Some(path) => NodeConfig::load(path, crate::config::process_env()),
+        None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
+    }
+    .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
+    let dir = &config.node_runtime.data_directory;
+    let outbox = Outbox::open(dir).map_err(|err| match err {
+        OutboxError::Locked(path) => CommandError::usage(format!(
+            "the outbox {} is locked by a running node; stop that node first \
+             (it delivers what the outbox holds by itself)",
+            path.display()
+        )),
+        other => CommandError::internal(format!("cannot open the outbox: {other}")),
+    })?;
+    Ok((config, outbox))
+}
+
+fn pending(outbox: &Outbox) -> Result<Vec<PendingReport>, CommandError> {
+    outbox.pending().map_err(|err| CommandError::internal(err.to_string()))
+}
+
+fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
+    let (_, outbox) = load(args)?;
+    let reports = pending(&outbox)?;
+    println!("{} pending report(s) in {}", reports.len(), outbox.path().display());
+    if reports.is_empty() {
+        return Ok(Exit::Completed);
+    }
+    let now = now_unix_ms();
+    println!("{:<40}  {:<40}  {:<8}  {:>10}  DEADLINE", "LEASE", "RUN", "KIND", "AGE");
+    for report in &reports {
+        let age = Duration::from_secs(u64::try_from((now - report.written_unix_ms) / 1000).unwrap_or(0));
+        let deadline = match u64::try_from(report.deadline_unix_ms) {
+            Ok(ms) if ms > 0 => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string(),
+            _ => "none".to_string(),
+        };
+        let expired = if outbox.expired(report.deadline_unix_ms, report.written_unix_ms, now) {
+            " (expired: will be dropped)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<40}  {:<40}  {:<8}  {:>10}  {deadline}{expired}",
+            report.lease_id(),
+            report.run_id(),
+            report.kind(),
+            humantime::format_duration(age).to_string(),
+        );
+    }
+    Ok(Exit::Completed)
+}
+
+async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
+    let (config, outbox) = load(args)?;
+    control_plane::install_crypto_provider();
+    let url = config.node_runtime.control_plane_url.to_string().trim_end_matches('/').to_string();
+    let client = LeaseClient::connect_lazy(&url, Duration::from_secs(10))
+        .map_err(|err| CommandError::usage(err.to_string()))?;
+    let reports = pending(&outbox)?;
+    let (mut delivered, mut refused, mut failed) = (0, 0, 0);
+    for report in reports {
+        let lease_id = report.lease_id().to_string();
+        let answer = match report.report {
+            Report::Complete(request) => client.complete(request).await.map(|r| (r.success, r.message)),
+            Report::Fail(request) => client.fail(request).await.map(|r| (r.success, r.message)),
+        };
+        match answer {
+            Ok((true, _)) => {
+                delivered += 1;
+                println!("delivered  {lease_id}");
+            }
+            Ok((false, message)) => {
+                refused += 1;
+                println!("refused    {lease_id}: {message} (removed: it would never be taken)");
+            }
+            Err(err) => {
+                failed += 1;
+                println!("failed     {lease_id}: {err} (kept)");
+                continue;
+            }
+        }
+        outbox.remove(&lease_id).map_err(|err| CommandError::internal(err.to_string()))?;
+    }
+    println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
+    Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })
+}
+
+fn purge(args: &PurgeArgs) -> Result<Exit, CommandError> {
+    let (_, outbox) = load(&args.config)?;
+    let internal = |err: OutboxError| CommandError::internal(err.to_string());
+    match &args.lease {
+        Some(lease_id) => {
+            if outbox.remove(lease_id).map_err(internal)? {
+                println!("purged the report of lease {lease_id}");
+            } else {
+                return Err(CommandError::usage(format!("no pending report for lease {lease_id}")));
+            }
+        }
+        None => {
+            let count = outbox.purge_all().map_err(internal)?;
+            println!("purged {count} report(s)");
+        }
+    }
+    Ok(Exit::Completed)
+}

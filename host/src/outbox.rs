@@ -1,0 +1,398 @@
+//! The durable outbox: every outcome this node owes the control plane, on
+//! disk before the first attempt to send it, and the ids of the leases it
+//! accepted, so a lease redelivered after a restart does not run again.
+//!
+//! Why redb: it is pure Rust (no C toolchain, unlike SQLite), one file,
+//! and ACID: a write transaction's `commit()` returns only after the data
+//! is fsynced (`Durability::Immediate`, its default), so an outcome
+//! written is on disk before the node tries to send it, and a crash
+//! (SIGKILL, power loss) leaves either the old or the new state, never a
+//! torn one. It also takes a file lock, so two processes cannot share one
+//! outbox by mistake.
+//!
+//! The file is `{DataDirectory}/outbox.redb`. Two tables:
+//! - `pending`: lease id -> a report not yet answered by the control plane:
+//!   `[tag: 1 byte][deadline unix ms: i64 LE][written unix ms: i64 LE]`
+//!   then the prost-encoded `CompleteRequest` (tag 1) or `FailRequest`
+//!   (tag 2);
+//! - `accepted`: lease id -> (accepted-at unix ms, lease deadline unix ms).
+//!
+//! Bounds: a report (or accepted id) whose lease deadline plus
+//! [`OutboxLimits::grace`] has passed is dropped: the control plane has
+//! re-leased that run. A lease with no deadline counts from when the
+//! report was written. Past [`OutboxLimits::max_reports`], the oldest
+//! report is dropped.
+
+// redb::Error is large; it only travels on the rare failure path.
+#![allow(clippy::result_large_err)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::proto::{CompleteRequest, FailRequest};
+use crate::worker::lease::Report;
+
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
+const ACCEPTED: TableDefinition<&str, (i64, i64)> = TableDefinition::new("accepted");
+
+const TAG_COMPLETE: u8 = 1;
+const TAG_FAIL: u8 = 2;
+const HEADER: usize = 1 + 8 + 8;
+
+/// The outbox's file name inside the data directory.
+pub const FILE_NAME: &str = "outbox.redb";
+
+/// How much the outbox keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Reports kept at most; past it the oldest is dropped.
+    pub max_reports: usize,
+    /// How long after its lease's deadline a report is still worth sending.
+    pub grace: Duration,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            max_reports: 100_000,
+            grace: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(
+        "the outbox {0} is in use by another process (is a node running with this DataDirectory?)"
+    )]
+    Locked(PathBuf),
+    #[error("cannot create the data directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox {path}: {message}")]
+    Database { path: PathBuf, message: String },
+    #[error("a stored report for lease {0} cannot be decoded")]
+    Corrupt(String),
+}
+
+/// A report waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct PendingReport {
+    pub report: Report,
+    /// The lease's deadline, unix ms (0: none).
+    pub deadline_unix_ms: i64,
+    /// When it was written, unix ms.
+    pub written_unix_ms: i64,
+}
+
+impl PendingReport {
+    pub fn lease_id(&self) -> &str {
+        self.report.lease_id()
+    }
+
+    pub fn run_id(&self) -> &str {
+        match &self.report {
+            Report::Complete(request) => &request.run_id,
+            Report::Fail(request) => &request.run_id,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match &self.report {
+            Report::Complete(_) => "complete",
+            Report::Fail(_) => "fail",
+        }
+    }
+}
+
+/// What [`Outbox::prune`] dropped.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Lease ids of reports dropped because they expired.
+    pub expired_reports: Vec<String>,
+    pub expired_accepted: usize,
+}
+
+/// The durable outbox. Cloning shares the same open database.
+#[derive(Clone)]
+pub struct Outbox {
+    db: Arc<Database>,
+    path: PathBuf,
+    limits: OutboxLimits,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("path", &self.path).field("limits", &self.limits).finish()
+    }
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Outbox {
+    /// Opens (creating) `{dir}/outbox.redb`, creating `dir` too.
+    pub fn open(dir: &Path) -> Result<Outbox, OutboxError> {
+        Outbox::open_with(dir, OutboxLimits::default())
+    }
+
+    pub fn open_with(dir: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
+        std::fs::create_dir_all(dir).map_err(|source| OutboxError::Directory {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::Locked(path)),
+            Err(err) => return Err(database(&path, err)),
+        };
+        let outbox = Outbox {
+            db: Arc::new(db),
+            path,
+            limits,
+        };
+        // Create both tables, so readers never meet a missing one.
+        outbox.write(|txn| {
+            txn.open_table(PENDING)?;
+            txn.open_table(ACCEPTED)?;
+            Ok(())
+        })?;
+        Ok(outbox)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn limits(&self) -> OutboxLimits {
+        self.limits
+    }
+
+    fn write<T>(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, OutboxError> {
+        let run = || -> Result<T, redb::Error> {
+            let txn = self.db.begin_write()?;
+            let value = body(&txn)?;
+            // Durability::Immediate (the default): fsynced before it returns.
+            txn.commit()?;
+            Ok(value)
+        };
+        run().map_err(|err| database(&self.path, err))
+    }
+
+    /// Records an accepted lease. False when it was accepted before (by
+    /// this process or an earlier one): it must not run again.
+    pub fn accept(&self, lease_id: &str, deadline_unix_ms: i64) -> Result<bool, OutboxError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(ACCEPTED)?;
+            if table.get(lease_id)?.is_some() {
+                return Ok(false);
+            }
+            table.insert(lease_id, (now_unix_ms(), deadline_unix_ms))?;
+            Ok(true)
+        })
+    }
+
+    pub fn is_accepted(&self, lease_id: &str) -> Result<bool, OutboxError> {
+        let run = || -> Result<bool, redb::Error> {
+            let txn = self.db.begin_read()?;
+            Ok(txn.open_table(ACCEPTED)?.get(lease_id)?.is_some())
+        };
+        run().map_err(|err| database(&self.path, err))
+    }
+
+    /// Stores a report, synced. Returns the lease ids of the oldest reports
+    /// dropped to stay within `max_reports`.
+    pub fn put(&self, report: &Report, deadline_unix_ms: i64) -> Result<Vec<String>, OutboxError> {
+        let (tag, body) = match report {
+            Report::Complete(request) => (TAG_COMPLETE, request.encode_to_vec()),
+            Report::Fail(request) => (TAG_FAIL, request.encode_to_vec()),
+        };
+        let mut value = Vec::with_capacity(HEADER + body.len());
+        value.push(tag);
+        value.extend_from_slice(&deadline_unix_ms.to_le_bytes());
+        value.extend_from_slice(&now_unix_ms().to_le_bytes());
+        value.extend_from_slice(&body);
+        let max = self.limits.max_reports.max(1);
+        self.write(|txn| {
+            let mut table = txn.open_table(PENDING)?;
+            table.insert(report.lease_id(), value.as_slice())?;
+            let mut dropped = Vec::new();
+            let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
+            if len > max {
+                let mut by_age: Vec<(i64, String)> = Vec::with_capacity(len);
+                for entry in table.iter()? {
+                    let (key, value) = entry?;
+                    if key.value() == report.lease_id() {
+                        continue;
+                    }
+                    by_age.push((written(value.value()), key.value().to_string()));
+                }
+                by_age.sort();
+                for (_, lease_id) in by_age.into_iter().take(len - max) {
+                    table.remove(lease_id.as_str())?;
+                    dropped.push(lease_id);
+                }
+            }
+            Ok(dropped)
+        })
+    }
+
+    pub fn get(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
+        let run = || -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            Ok(table.get(lease_id)?.map(|value| value.value().to_vec()))
+        };
+        match run().map_err(|err| database(&self.path, err))? {
+            Some(bytes) => decode(lease_id, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a report (the control plane answered). True if it was there.
+    pub fn remove(&self, lease_id: &str) -> Result<bool, OutboxError> {
+        self.write(|txn| Ok(txn.open_table(PENDING)?.remove(lease_id)?.is_some()))
+    }
+
+    /// Every pending report, oldest first. Undecodable entries are skipped
+    /// with an error log.
+    pub fn pending(&self) -> Result<Vec<PendingReport>, OutboxError> {
+        let run = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            let mut all = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                all.push((key.value().to_string(), value.value().to_vec()));
+            }
+            Ok(all)
+        };
+        let mut reports = Vec::new();
+        for (lease_id, bytes) in run().map_err(|err| database(&self.path, err))? {
+            match decode(&lease_id, &bytes) {
+                Ok(report) => reports.push(report),
+                Err(err) => tracing::error!(error = %err, "skipping an outbox entry"),
+            }
+        }
+        reports.sort_by_key(|report| report.written_unix_ms);
+        Ok(reports)
+    }
+
+    pub fn pending_count(&self) -> Result<u64, OutboxError> {
+        let run = || -> Result<u64, redb::Error> {
+            let txn = self.db.begin_read()?;
+            Ok(txn.open_table(PENDING)?.len()?)
+        };
+        run().map_err(|err| database(&self.path, err))
+    }
+
+    /// True when a report's lease is past its deadline plus the grace.
+    pub fn expired(&self, deadline_unix_ms: i64, written_unix_ms: i64, now_unix_ms: i64) -> bool {
+        let from = if deadline_unix_ms > 0 { deadline_unix_ms } else { written_unix_ms };
+        let grace = i64::try_from(self.limits.grace.as_millis()).unwrap_or(i64::MAX);
+        now_unix_ms > from.saturating_add(grace)
+    }
+
+    /// Drops expired reports and accepted ids.
+    pub fn prune(&self, now_unix_ms: i64) -> Result<Pruned, OutboxError> {
+        self.write(|txn| {
+            let mut pruned = Pruned::default();
+            let mut pending = txn.open_table(PENDING)?;
+            let mut stale = Vec::new();
+            for entry in pending.iter()? {
+                let (key, value) = entry?;
+                let value = value.value();
+                if value.len() >= HEADER && self.expired(deadline(value), written(value), now_unix_ms) {
+                    stale.push(key.value().to_string());
+                }
+            }
+            for lease_id in stale {
+                pending.remove(lease_id.as_str())?;
+                pruned.expired_reports.push(lease_id);
+            }
+            pruned.expired_accepted = self.prune_accepted_in(txn, now_unix_ms)?;
+            Ok(pruned)
+        })
+    }
+
+    /// Drops expired accepted ids only (a running node's pending reports
+    /// are its delivery tasks' business). Returns how many.
+    pub fn prune_accepted(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
+        self.write(|txn| self.prune_accepted_in(txn, now_unix_ms))
+    }
+
+    fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<usize, redb::Error> {
+        let mut accepted = txn.open_table(ACCEPTED)?;
+        let mut stale = Vec::new();
+        for entry in accepted.iter()? {
+            let (key, value) = entry?;
+            let (accepted_at, deadline) = value.value();
+            if self.expired(deadline, accepted_at, now_unix_ms) {
+                stale.push(key.value().to_string());
+            }
+        }
+        for lease_id in &stale {
+            accepted.remove(lease_id.as_str())?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Deletes every pending report; returns how many.
+    pub fn purge_all(&self) -> Result<u64, OutboxError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(PENDING)?;
+            let count = table.len()?;
+            table.retain(|_, _| false)?;
+            Ok(count)
+        })
+    }
+}
+
+fn deadline(value: &[u8]) -> i64 {
+    i64::from_le_bytes(value[1..9].try_into().expect("8 bytes"))
+}
+
+fn written(value: &[u8]) -> i64 {
+    if value.len() < HEADER {
+        return 0;
+    }
+    i64::from_le_bytes(value[9..17].try_into().expect("8 bytes"))
+}
+
+fn decode(lease_id: &str, value: &[u8]) -> Result<PendingReport, OutboxError> {
+    let corrupt = || OutboxError::Corrupt(lease_id.to_string());
+    if value.len() < HEADER {
+        return Err(corrupt());
+    }
+    let body = &value[HEADER..];
+    let report = match value[0] {
+        TAG_COMPLETE => Report::Complete(CompleteRequest::decode(body).map_err(|_| corrupt())?),
+        TAG_FAIL => Report::Fail(FailRequest::decode(body).map_err(|_| corrupt())?),
+        _ => return Err(corrupt()),
+    };
+    Ok(PendingReport {
+        report,
+        deadline_unix_ms: deadline(value),
+        written_unix_ms: written(value),
+    })
+}
+
+fn database(path: &Path, err: impl Into<redb::Error>) -> OutboxError {
+    OutboxError::Database {
+        path: path.to_path_buf(),
+        message: err.into().to_string(),
+    }
+}
