@@ -1,0 +1,155 @@
+//! Hostile agent: one agent, many attacks on the node, chosen by
+//! input_ref `attack`. Each attack either reaches for something the sandbox
+//! must not grant (and returns what it observed, so a test can check the
+//! node refused it) or tries to exhaust the node from inside a host call
+//! (and never returns; the node must end it by a budget).
+//!
+//! - `fs`: reads `/etc/passwd`, `../../../../etc/passwd` and
+//!   `/etc/hostname`, lists `/`, `.` and `..`, writes a file in `/tmp`;
+//!   returns each error (`fs.<n>.error`, `dir.<n>.error`, `write.error`) or
+//!   what it got (`fs.<n>.read`, `dir.<n>.read`, `write.ok`).
+//! - `env`: returns the number of environment variables, their names, what
+//!   `PATH` and `HOME` read as, the command-line arguments and the working
+//!   directory.
+//! - `socket`: `TcpStream::connect` to input_ref `addr` (a loopback
+//!   address); returns the error, or `socket.connected` if it got through.
+//! - `budget-loop`: calls `budget.remaining` forever.
+//! - `log-loop`: calls `log` forever (every line after the cap is dropped).
+//! - `unreachable`: executes the `unreachable` instruction.
+//! - `huge-log`: logs one line of input_ref `bytes` bytes (default 10 MiB)
+//!   and completes.
+
+wit_bindgen::generate!({ world: "agent", path: "../../wit", generate_all });
+
+use node_runtime::agent::{budget, log};
+
+struct Hostile;
+
+fn input(context: &RunContext, key: &str) -> Option<String> {
+    context
+        .input_ref
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+}
+
+impl Guest for Hostile {
+    fn run(context: RunContext) -> Result<StringMap, AgentError> {
+        let attack = input(&context, "attack").unwrap_or_default();
+        let mut seen = vec![("attack".to_string(), attack.clone())];
+        match attack.as_str() {
+            "fs" => filesystem(&mut seen),
+            "env" => environment(&mut seen),
+            "socket" => {
+                let addr = input(&context, "addr").unwrap_or_else(|| "127.0.0.1:9".to_string());
+                socket(&addr, &mut seen)
+            }
+            "budget-loop" => {
+                let mut fuel = 0u64;
+                loop {
+                    fuel = std::hint::black_box(fuel ^ budget::remaining().fuel);
+                }
+            }
+            "log-loop" => {
+                let mut i = 0u64;
+                loop {
+                    log::log(log::Level::Info, "again", &[]);
+                    i = std::hint::black_box(i.wrapping_add(1));
+                }
+            }
+            "unreachable" => core::arch::wasm32::unreachable(),
+            "huge-log" => {
+                let bytes = input(&context, "bytes")
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(10 * 1024 * 1024);
+                log::log(log::Level::Warn, &"z".repeat(bytes), &[]);
+                seen.push(("logged_bytes".to_string(), bytes.to_string()));
+            }
+            other => {
+                return Err(AgentError {
+                    message: format!("unknown attack {other:?}"),
+                    retryable: false,
+                });
+            }
+        }
+        Ok(seen)
+    }
+}
+
+fn filesystem(seen: &mut Vec<(String, String)>) {
+    let paths = ["/etc/passwd", "../../../../etc/passwd", "/etc/hostname"];
+    for (n, path) in paths.iter().enumerate() {
+        seen.push((format!("fs.{n}.path"), path.to_string()));
+        match std::fs::read_to_string(path) {
+            Ok(text) => seen.push((format!("fs.{n}.read"), text)),
+            Err(err) => seen.push((format!("fs.{n}.error"), err.to_string())),
+        }
+    }
+    for (n, dir) in ["/", ".", ".."].iter().enumerate() {
+        let key = format!("dir.{n}");
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                let names: Vec<String> = entries
+                    .take(100)
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                seen.push((format!("{key}.read"), names.join(",")));
+            }
+            Err(err) => seen.push((format!("{key}.error"), err.to_string())),
+        }
+    }
+    match std::fs::write("/tmp/hostile-agent-was-here", b"x") {
+        Ok(()) => seen.push(("write.ok".to_string(), "written".to_string())),
+        Err(err) => seen.push(("write.error".to_string(), err.to_string())),
+    }
+}
+
+fn environment(seen: &mut Vec<(String, String)>) {
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    seen.push(("env.count".to_string(), vars.len().to_string()));
+    let names: Vec<String> = vars.into_iter().map(|(k, _)| k).collect();
+    seen.push(("env.names".to_string(), names.join(",")));
+    for name in ["PATH", "HOME"] {
+        let value = match std::env::var(name) {
+            Ok(value) => format!("set: {value}"),
+            Err(err) => format!("error: {err}"),
+        };
+        seen.push((format!("env.{name}"), value));
+    }
+    let args: Vec<String> = std::env::args().collect();
+    seen.push(("args".to_string(), args.join(" ")));
+    match std::env::current_dir() {
+        Ok(dir) => seen.push(("cwd".to_string(), dir.display().to_string())),
+        Err(err) => seen.push(("cwd.error".to_string(), err.to_string())),
+    }
+}
+
+fn socket(addr: &str, seen: &mut Vec<(String, String)>) {
+    seen.push(("socket.addr".to_string(), addr.to_string()));
+    let addr: std::net::SocketAddr = match addr.parse() {
+        Ok(addr) => addr,
+        Err(err) => {
+            seen.push(("socket.error".to_string(), format!("bad address: {err}")));
+            return;
+        }
+    };
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)) {
+        Ok(mut stream) => {
+            use std::io::Write;
+            let _ = stream.write_all(b"hostile agent was here\n");
+            seen.push(("socket.connected".to_string(), "yes".to_string()));
+        }
+        Err(err) => seen.push(("socket.error".to_string(), format!("{:?}: {err}", err.kind()))),
+    }
+    match std::net::UdpSocket::bind("0.0.0.0:0") {
+        Ok(udp) => match udp.send_to(b"hostile", addr) {
+            Ok(n) => seen.push(("udp.sent".to_string(), n.to_string())),
+            Err(err) => seen.push(("udp.error".to_string(), format!("{:?}: {err}", err.kind()))),
+        },
+        Err(err) => seen.push(("udp.error".to_string(), format!("bind {:?}: {err}", err.kind()))),
+    }
+}
+
+export!(Hostile);

@@ -1,0 +1,579 @@
+//! The hostile-agent set, shared by `tests/hostile.rs` (one test per case)
+//! and `tests/hostile_memory.rs` (the whole set, repeatedly, in one
+//! sandbox, measuring resident memory).
+//!
+//! Every case drives a misbehaving agent through the library API, as the
+//! node does, and checks the classified outcome a user or the control
+//! plane would see. Loops are bounded by fuel or a short deadline, and the
+//! only network is loopback.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use node_runtime::config::Secret;
+use node_runtime::sandbox::{
+    Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, LlmSettings, NodeLimits,
+    RunFailure, RunOutcome, RunResult, Sandbox, SandboxConfig,
+};
+
+use crate::support::*;
+
+/// A listener on 127.0.0.1 that counts the connections it accepts (and
+/// holds them open without answering).
+pub struct Listener {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Listener {
+    async fn start() -> Listener {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+                if held.len() > 32 {
+                    held.remove(0);
+                }
+            }
+        });
+        Listener { addr, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Prompt tokens the stub model reports for every call.
+const PROMPT_TOKENS: u64 = 12;
+/// Completion tokens it writes (fewer if `max_tokens` says so, unless the
+/// model is `greedy`, which ignores `max_tokens`).
+const ANSWER_TOKENS: u64 = 20;
+
+/// A deterministic OpenAI-compatible stub on loopback.
+#[derive(Default)]
+pub struct LlmStub {
+    requests: AtomicUsize,
+}
+
+async fn completions(State(stub): State<Arc<LlmStub>>, Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+    stub.requests.fetch_add(1, Ordering::SeqCst);
+    let greedy = body["model"] == "greedy";
+    let max_tokens = body["max_tokens"].as_u64().unwrap_or(u64::MAX);
+    let completion = if greedy { ANSWER_TOKENS } else { ANSWER_TOKENS.min(max_tokens) };
+    Json(serde_json::json!({
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion",
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "more"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,
+                  "total_tokens": PROMPT_TOKENS + completion},
+    }))
+}
+
+async fn start_stub(stub: Arc<LlmStub>) -> SocketAddr {
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(completions))
+        .with_state(stub);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// Everything the cases run against: one sandbox configured like a node
+/// (an LLM endpoint, one HTTP grant), and loopback servers that record
+/// whether anything reached them.
+pub struct Env {
+    pub sandbox: Sandbox,
+    /// A node whose table limit (16 elements) is below what a Rust agent's
+    /// function table needs.
+    pub tight_tables: Sandbox,
+    /// The deadline of the cases that end by the wall clock.
+    pub short: Duration,
+    /// Granted to `http-fetch`; accepts and never answers.
+    pub silent: Listener,
+    /// Not granted to anyone: outbound HTTP to it must be denied.
+    pub denied: Listener,
+    /// The hostile agent's socket attempts aim here.
+    pub socket_target: Listener,
+    pub llm: Arc<LlmStub>,
+}
+
+pub const TABLE_LIMIT: u32 = 16;
+
+impl Env {
+    pub async fn start(short: Duration) -> Env {
+        let silent = Listener::start().await;
+        let denied = Listener::start().await;
+        let socket_target = Listener::start().await;
+        let llm = Arc::new(LlmStub::default());
+        let stub = start_stub(llm.clone()).await;
+        let sandbox = Sandbox::new(SandboxConfig {
+            engine: EngineSettings {
+                max_concurrent_runs: 4,
+                ..EngineSettings::default()
+            },
+            llm: Some(LlmSettings::openai(format!("http://{stub}"), Secret::new("sk-hostile"), "stub")),
+            allowed_hosts: BTreeMap::from([(
+                "http-fetch".to_string(),
+                vec![format!("127.0.0.1:{}", silent.addr.port())],
+            )]),
+            ..SandboxConfig::default()
+        })
+        .expect("the sandbox starts");
+        let tight_tables = Sandbox::new(SandboxConfig {
+            limits: NodeLimits {
+                table_elements: TABLE_LIMIT,
+                ..NodeLimits::default()
+            },
+            engine: EngineSettings {
+                allocator: AllocatorChoice::OnDemand,
+                max_concurrent_runs: 1,
+                ..EngineSettings::default()
+            },
+            ..SandboxConfig::default()
+        })
+        .expect("the sandbox starts");
+        Env {
+            sandbox,
+            tight_tables,
+            short,
+            silent,
+            denied,
+            socket_target,
+            llm,
+        }
+    }
+
+    async fn run_on(&self, sandbox: &Sandbox, name: &str, input: &[(&str, &str)], budget: BudgetRequest) -> RunResult {
+        let agent: Arc<Agent> = load(sandbox, name).await;
+        // However the run ends, the test itself is bounded.
+        tokio::time::timeout(Duration::from_secs(20), sandbox.run(&agent, request(name, input, budget)))
+            .await
+            .unwrap_or_else(|_| panic!("{name} {input:?}: the run did not end within 20 s"))
+    }
+
+    async fn run(&self, name: &str, input: &[(&str, &str)], budget: BudgetRequest) -> RunResult {
+        self.run_on(&self.sandbox, name, input, budget).await
+    }
+
+    fn deadline(&self) -> BudgetRequest {
+        BudgetRequest {
+            duration: Some(self.short),
+            ..BudgetRequest::default()
+        }
+    }
+
+    /// The node is still healthy: `echo` completes in the same sandbox.
+    pub async fn echo_completes(&self) {
+        let result = self.run("echo", &[("message", "still here")], BudgetRequest::default()).await;
+        assert_eq!(completed(&result)["message"], "still here");
+    }
+
+    /// Loads `bytes`, which must be refused; returns the reason.
+    async fn refused(&self, bytes: Vec<u8>) -> String {
+        match self.sandbox.load(Arc::from(bytes)).await {
+            Ok(agent) => panic!("loaded {agent:?}"),
+            Err(invalid) => invalid.to_string(),
+        }
+    }
+}
+
+pub fn failure(result: &RunResult) -> &RunFailure {
+    match &result.outcome {
+        RunOutcome::Failed(failure) => failure,
+        RunOutcome::Completed(result) => panic!("expected a failure, the run completed: {result:?}"),
+    }
+}
+
+pub fn completed(result: &RunResult) -> &BTreeMap<String, String> {
+    match &result.outcome {
+        RunOutcome::Completed(result) => result,
+        RunOutcome::Failed(failure) => panic!("expected completion, the run failed: {failure:?}"),
+    }
+}
+
+fn fails(result: &RunResult, kind: FailKind, message_has: &str) {
+    let failure = failure(result);
+    assert_eq!(failure.kind, kind, "{failure:?}");
+    assert!(!failure.retryable, "{failure:?}");
+    assert!(failure.message.contains(message_has), "expected {message_has:?} in: {}", failure.message);
+}
+
+fn fuel(n: u64) -> BudgetRequest {
+    BudgetRequest {
+        fuel: Some(n),
+        ..BudgetRequest::default()
+    }
+}
+
+fn memory(bytes: u64) -> BudgetRequest {
+    BudgetRequest {
+        memory_bytes: Some(bytes),
+        ..BudgetRequest::default()
+    }
+}
+
+/// The run ended by its deadline, and not long after it.
+fn on_time(env: &Env, result: &RunResult) {
+    let limit = env.short + Duration::from_millis(500);
+    assert!(
+        result.report.wall_ms as u128 <= limit.as_millis(),
+        "ended {} ms after start, deadline {:?}",
+        result.report.wall_ms,
+        env.short
+    );
+}
+
+// ---- CPU -----------------------------------------------------------------
+
+pub async fn busy_loop_out_of_fuel(env: &Env) {
+    let result = env.run("spin-forever", &[], fuel(5_000_000)).await;
+    fails(&result, FailKind::BudgetFuel, "5000000");
+    assert_eq!(result.report.fuel_consumed, 5_000_000);
+}
+
+pub async fn busy_loop_past_the_deadline(env: &Env) {
+    let result = env.run("spin-forever", &[], env.deadline()).await;
+    fails(&result, FailKind::BudgetDeadline, "deadline");
+    on_time(env, &result);
+}
+
+pub async fn host_call_loop_out_of_fuel(env: &Env) {
+    // `budget.remaining` in a tight loop: the fuel between host calls adds up.
+    let result = env.run("hostile", &[("attack", "budget-loop")], fuel(5_000_000)).await;
+    fails(&result, FailKind::BudgetFuel, "5000000");
+}
+
+pub async fn host_call_loop_past_the_deadline(env: &Env) {
+    let result = env.run("hostile", &[("attack", "budget-loop")], env.deadline()).await;
+    fails(&result, FailKind::BudgetDeadline, "deadline");
+    on_time(env, &result);
+}
+
+pub async fn log_call_loop_past_the_deadline(env: &Env) {
+    // `log` forever: lines past the cap are dropped, the loop still ends.
+    let result = env.run("hostile", &[("attack", "log-loop")], env.deadline()).await;
+    fails(&result, FailKind::BudgetDeadline, "deadline");
+    on_time(env, &result);
+    let limits = NodeLimits::default();
+    assert_eq!(result.report.log_lines, limits.log_lines, "{:?}", result.report);
+    assert!(result.report.log_lines_dropped > 0, "{:?}", result.report);
+}
+
+pub async fn log_call_loop_out_of_fuel(env: &Env) {
+    let result = env.run("hostile", &[("attack", "log-loop")], fuel(5_000_000)).await;
+    fails(&result, FailKind::BudgetFuel, "5000000");
+    assert!(result.report.log_lines_dropped > 0, "{:?}", result.report);
+}
+
+// ---- memory and the stack ------------------------------------------------
+
+pub async fn memory_bomb(env: &Env) {
+    let result = env.run("memory-bomb", &[], memory(32 * MIB)).await;
+    fails(&result, FailKind::BudgetMemory, "32 MiB");
+    assert!(result.report.peak_memory_bytes <= 32 * MIB, "{:?}", result.report);
+}
+
+pub async fn table_growth_refused(env: &Env) {
+    // Stable Rust cannot emit `table.grow` for wasm32-wasip2 (no intrinsic,
+    // no inline assembly), so the bomb is a function table larger than the
+    // node's table limit: the same limiter refuses it when the instance is
+    // created.
+    let result = env.run_on(&env.tight_tables, "hostile", &[("attack", "env")], BudgetRequest::default()).await;
+    fails(&result, FailKind::BudgetMemory, "table growth to");
+    assert!(failure(&result).message.contains(&format!("limit is {TABLE_LIMIT}")), "{:?}", result.outcome);
+}
+
+pub async fn deep_recursion(env: &Env) {
+    let result = env.run("stack-overflow", &[], BudgetRequest::default()).await;
+    fails(&result, FailKind::AgentTrap, "stack overflow");
+    assert!(failure(&result).details.contains("wasm backtrace"));
+}
+
+// ---- traps -----------------------------------------------------------------
+
+pub async fn panic(env: &Env) {
+    let result = env.run("panic", &[], BudgetRequest::default()).await;
+    fails(&result, FailKind::AgentTrap, "this agent always panics");
+}
+
+pub async fn unreachable(env: &Env) {
+    let result = env.run("hostile", &[("attack", "unreachable")], BudgetRequest::default()).await;
+    fails(&result, FailKind::AgentTrap, "`unreachable` executed");
+    assert!(failure(&result).details.contains("wasm backtrace"));
+}
+
+// ---- output ----------------------------------------------------------------
+
+pub async fn huge_result(env: &Env) {
+    let result = env.run("big-result", &[], memory(64 * MIB)).await;
+    fails(&result, FailKind::BudgetOutput, "over the node's cap of 1 MiB");
+    assert!(result.report.peak_memory_bytes <= 64 * MIB);
+}
+
+pub async fn huge_single_log_line(env: &Env) {
+    // One 10 MiB message: passed on cut to 8 KiB, the run completes.
+    let result = env.run("hostile", &[("attack", "huge-log")], memory(64 * MIB)).await;
+    assert_eq!(completed(&result)["logged_bytes"], (10 * MIB).to_string());
+    assert_eq!((result.report.log_lines, result.report.log_lines_dropped), (1, 0), "{:?}", result.report);
+    assert!(result.report.peak_memory_bytes <= 64 * MIB);
+}
+
+pub async fn log_flood(env: &Env) {
+    let result = env.run("log-flood", &[("lines", "5000")], BudgetRequest::default()).await;
+    assert_eq!(completed(&result)["lines"], "5000");
+    assert_eq!(result.report.log_lines, NodeLimits::default().log_lines);
+    assert_eq!(result.report.log_lines + result.report.log_lines_dropped, 5001);
+}
+
+// ---- waiting ---------------------------------------------------------------
+
+pub async fn sleeping_forever(env: &Env) {
+    let result = env.run("sleep-forever", &[], env.deadline()).await;
+    fails(&result, FailKind::BudgetDeadline, "host call");
+    on_time(env, &result);
+}
+
+// ---- what the sandbox does not grant --------------------------------------
+
+pub async fn filesystem_access(env: &Env) {
+    let result = env.run("hostile", &[("attack", "fs")], BudgetRequest::default()).await;
+    let seen = completed(&result);
+    for n in 0..3 {
+        assert!(seen.contains_key(&format!("fs.{n}.error")), "{} was read: {seen:?}", seen[&format!("fs.{n}.path")]);
+        assert!(!seen.contains_key(&format!("fs.{n}.read")), "{seen:?}");
+    }
+    for n in 0..3 {
+        assert!(seen.contains_key(&format!("dir.{n}.error")), "a directory was listed: {seen:?}");
+    }
+    assert!(seen.contains_key("write.error"), "{seen:?}");
+    assert!(
+        !seen.values().any(|value| value.contains("root:")),
+        "/etc/passwd leaked: {seen:?}"
+    );
+}
+
+pub async fn environment_read(env: &Env) {
+    let result = env.run("hostile", &[("attack", "env")], BudgetRequest::default()).await;
+    let seen = completed(&result);
+    assert_eq!(seen["env.count"], "0", "{seen:?}");
+    assert_eq!(seen["env.names"], "");
+    assert!(seen["env.PATH"].starts_with("error"), "{seen:?}");
+    assert!(seen["env.HOME"].starts_with("error"), "{seen:?}");
+    if let Ok(path) = std::env::var("PATH") {
+        assert!(!seen.values().any(|value| value.contains(&path)), "the host's PATH is visible: {seen:?}");
+    }
+}
+
+pub async fn socket_attempt(env: &Env) {
+    let addr = env.socket_target.addr.to_string();
+    let result = env.run("hostile", &[("attack", "socket"), ("addr", &addr)], BudgetRequest::default()).await;
+    let seen = completed(&result);
+    assert!(seen.contains_key("socket.error"), "{seen:?}");
+    assert!(!seen.contains_key("socket.connected"), "{seen:?}");
+    assert!(!seen.contains_key("udp.sent"), "{seen:?}");
+    // Give a connection that slipped through time to be accepted.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(env.socket_target.accepted(), 0, "the listener saw a connection");
+}
+
+pub async fn http_to_a_denied_host(env: &Env) {
+    let url = format!("http://{}/", env.denied.addr);
+    let result = env.run("http-fetch", &[("url", &url)], BudgetRequest::default()).await;
+    let seen = completed(&result);
+    assert!(seen.get("error").is_some_and(|e| e.contains("HttpRequestDenied")), "{seen:?}");
+    assert!(!seen.contains_key("status"));
+    assert_eq!((result.report.http_requests, result.report.http_denied), (1, 1));
+    assert_eq!(env.denied.accepted(), 0, "the denied host saw a connection");
+}
+
+pub async fn http_to_an_allowed_host_that_never_answers(env: &Env) {
+    let url = format!("http://{}/", env.silent.addr);
+    let started = Instant::now();
+    let result = env.run("http-fetch", &[("url", &url)], env.deadline()).await;
+    assert!(started.elapsed() < env.short + Duration::from_secs(2), "took {:?}", started.elapsed());
+    match &result.outcome {
+        RunOutcome::Completed(seen) => {
+            assert!(seen.contains_key("error") && !seen.contains_key("status"), "{seen:?}")
+        }
+        RunOutcome::Failed(failure) => assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}"),
+    }
+}
+
+// ---- LLM -------------------------------------------------------------------
+
+pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
+    // 32 tokens a call against a budget of 100: three full calls, a fourth
+    // cut to the 4 tokens left, then every call is refused unsent.
+    let before = env.llm.requests.load(Ordering::SeqCst);
+    let budget = BudgetRequest {
+        tokens: Some(100),
+        ..BudgetRequest::default()
+    };
+    let result = env.run("llm-chat", &[("calls", "1000")], budget).await;
+    let seen = completed(&result);
+    assert_eq!(seen["calls_completed"], "4", "{seen:?}");
+    assert!(seen["error"].starts_with("budget-exhausted: "), "{seen:?}");
+    assert_eq!(env.llm.requests.load(Ordering::SeqCst) - before, 4, "refused calls never reach the provider");
+}
+
+pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
+    // A provider that ignores max_tokens: the run goes over and fails.
+    let budget = BudgetRequest {
+        tokens: Some(100),
+        ..BudgetRequest::default()
+    };
+    let result = env.run("llm-chat", &[("calls", "1000"), ("model", "greedy")], budget).await;
+    fails(&result, FailKind::BudgetTokens, "over its budget of 100");
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 128);
+}
+
+// ---- artifacts that are not agents ------------------------------------------
+
+pub async fn a_core_module(env: &Env) {
+    let reason = env.refused(b"\0asm\x01\0\0\0".to_vec()).await;
+    assert!(reason.contains("core WebAssembly module"), "{reason}");
+}
+
+pub async fn not_webassembly(env: &Env) {
+    let reason = env.refused(b"#!/bin/sh\nrm -rf /\n".to_vec()).await;
+    assert!(reason.contains("not WebAssembly"), "{reason}");
+}
+
+pub async fn a_component_of_another_world(env: &Env) {
+    let reason = env.refused(agent_bytes("other-world").to_vec()).await;
+    assert!(reason.contains("another world") && reason.contains("greet"), "{reason}");
+}
+
+pub async fn an_import_the_node_does_not_provide(env: &Env) {
+    let reason = env.refused(agent_bytes("missing-import").to_vec()).await;
+    assert!(reason.contains("an import this node does not provide"), "{reason}");
+    assert!(reason.contains("nope:missing/thing"), "the import is named: {reason}");
+}
+
+pub async fn a_truncated_file(env: &Env) {
+    let echo = agent_bytes("echo");
+    let reason = env.refused(echo[..echo.len() / 2].to_vec()).await;
+    assert!(reason.contains("not a valid WebAssembly component"), "{reason}");
+}
+
+pub async fn a_corrupt_file(env: &Env) {
+    // Flip bytes in the middle of the agent's code. (The middle of the
+    // file is no good: in a build with debug info it is a custom section,
+    // which nobody validates.)
+    let mut bytes = agent_bytes("echo").to_vec();
+    let code = code_section(&bytes).expect("echo has a core module with a code section");
+    let middle = (code.start + code.end) / 2;
+    for byte in &mut bytes[middle..middle + 64] {
+        *byte ^= 0xa5;
+    }
+    let reason = env.refused(bytes).await;
+    assert!(reason.contains("not a valid WebAssembly component"), "{reason}");
+}
+
+/// Where the code section of a component's first core module is.
+fn code_section(component: &[u8]) -> Option<std::ops::Range<usize>> {
+    fn leb(bytes: &[u8], at: &mut usize) -> Option<usize> {
+        let (mut value, mut shift) = (0usize, 0);
+        loop {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= ((byte & 0x7f) as usize) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+            shift += 7;
+        }
+    }
+    /// The sections after an 8-byte header, as (id, payload range).
+    fn sections(bytes: &[u8], range: std::ops::Range<usize>) -> Option<Vec<(u8, std::ops::Range<usize>)>> {
+        let mut at = range.start + 8;
+        let mut found = Vec::new();
+        while at < range.end {
+            let id = bytes[at];
+            at += 1;
+            let size = leb(bytes, &mut at)?;
+            found.push((id, at..at + size));
+            at += size;
+        }
+        Some(found)
+    }
+    const COMPONENT_CORE_MODULE: u8 = 1;
+    const MODULE_CODE: u8 = 10;
+    let (_, module) = sections(component, 0..component.len())?
+        .into_iter()
+        .find(|(id, _)| *id == COMPONENT_CORE_MODULE)?;
+    sections(component, module)?
+        .into_iter()
+        .find(|(id, _)| *id == MODULE_CODE)
+        .map(|(_, range)| range)
+}
+
+pub async fn a_zero_byte_file(env: &Env) {
+    let reason = env.refused(Vec::new()).await;
+    assert!(reason.contains("empty"), "{reason}");
+}
+
+pub type Case = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        /// Every case, by name.
+        pub const CASES: &[(&str, Case)] = &[$((stringify!($name), {
+            fn boxed(env: &Env) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+                Box::pin($name(env))
+            }
+            boxed
+        })),*];
+    };
+}
+
+cases!(
+    busy_loop_out_of_fuel,
+    busy_loop_past_the_deadline,
+    host_call_loop_out_of_fuel,
+    host_call_loop_past_the_deadline,
+    log_call_loop_out_of_fuel,
+    log_call_loop_past_the_deadline,
+    memory_bomb,
+    table_growth_refused,
+    deep_recursion,
+    panic,
+    unreachable,
+    huge_result,
+    huge_single_log_line,
+    log_flood,
+    sleeping_forever,
+    filesystem_access,
+    environment_read,
+    socket_attempt,
+    http_to_a_denied_host,
+    http_to_an_allowed_host_that_never_answers,
+    llm_loop_is_refused_past_the_token_budget,
+    llm_loop_past_the_token_budget_fails,
+    a_core_module,
+    not_webassembly,
+    a_component_of_another_world,
+    an_import_the_node_does_not_provide,
+    a_truncated_file,
+    a_corrupt_file,
+    a_zero_byte_file,
+);
