@@ -15,6 +15,7 @@ use node_runtime::outbox::Outbox;
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
+use support::scripted;
 
 /// `node-runtime dev --plane-only` as its own process, so it can be killed.
 fn spawn_plane(port: u16, data_dir: &std::path::Path) -> tokio::process::Child {
@@ -129,4 +130,80 @@ where
         assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn leases(count: usize) -> Vec<node_runtime::proto::Lease> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    (0..count)
+        .map(|i| scripted::lease(&format!("lease-{i}"), "echo", now_ms + 120_000))
+        .collect()
+}
+
+fn scripted_node(url: &str, agents: &tempfile::TempDir, outbox_dir: &tempfile::TempDir) -> NodeHandle {
+    let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
+    NodeHandle::start(
+        NodeSettings {
+            node_id: "node-1".into(),
+            control_plane_url: url.to_string(),
+            slots: 2,
+            max_leases: 2,
+            heartbeat_interval: Duration::from_millis(500),
+            capacity: Capacity { slots: 2, cpu: "2".into(), memory: "1Gi".into() },
+            metadata: BTreeMap::new(),
+            drain_timeout: Duration::from_secs(5),
+        },
+        Arc::new(sandbox),
+        Arc::new(AgentStore::new(vec![agents.path().to_path_buf()])),
+        Outbox::open(outbox_dir.path()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_answers_slowly_blocks_no_run_and_loses_no_outcome() {
+    let answers = scripted::Answers { delay: Duration::from_secs(3), ..scripted::Answers::default() };
+    let (url, recorded) = scripted::serve_with(leases(6), answers).await;
+    let agents = agents_layout();
+    let outbox_dir = tempfile::tempdir().unwrap();
+    let node = scripted_node(&url, &agents, &outbox_dir);
+    let stats = node.stats();
+    // All six run while the first reports are still waiting for answers.
+    eventually(Duration::from_secs(30), "all six runs to start", || {
+        (stats.runs_started.load(Ordering::SeqCst) == 6).then_some(())
+    })
+    .await;
+    assert!(recorded.lock().unwrap().completes.len() < 6, "reports were still in flight");
+    eventually(Duration::from_secs(60), "all six reports", || {
+        (recorded.lock().unwrap().completes.len() == 6).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the outbox to empty", || {
+        (stats.reports_delivered.load(Ordering::SeqCst) == 6).then_some(())
+    })
+    .await;
+    node.shutdown().await;
+    let outbox = Outbox::open(outbox_dir.path()).unwrap();
+    assert_eq!(outbox.pending_count().unwrap(), 0, "every answered report left the outbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_the_control_plane_refuses_is_sent_once_and_not_retried() {
+    let answers = scripted::Answers { success: false, ..scripted::Answers::default() };
+    let (url, recorded) = scripted::serve_with(leases(3), answers).await;
+    let agents = agents_layout();
+    let outbox_dir = tempfile::tempdir().unwrap();
+    let node = scripted_node(&url, &agents, &outbox_dir);
+    eventually(Duration::from_secs(30), "three refused reports", || {
+        (recorded.lock().unwrap().completes.len() == 3).then_some(())
+    })
+    .await;
+    // A retry would arrive within the first backoff delays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(recorded.lock().unwrap().completes.len(), 3, "a definitive refusal is not retried");
+    node.shutdown().await;
+    let outbox = Outbox::open(outbox_dir.path()).unwrap();
+    assert_eq!(outbox.pending_count().unwrap(), 0, "a refused report is not kept either");
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod scripted;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,116 @@
+//! A control plane that plays back a script the dev plane would never
+//! produce (the same lease twice, a lease already past its deadline, slow
+//! or refusing answers) and records what the node reports. It speaks the
+//! real wire protocol: REST registration and heartbeat, gRPC leases.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::routing::post;
+use node_runtime::proto::lease_service_server::{LeaseService, LeaseServiceServer};
+use node_runtime::proto::*;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Default)]
+pub struct Recorded {
+    pub completes: Vec<CompleteRequest>,
+    pub fails: Vec<FailRequest>,
+}
+
+/// How the script answers Complete and Fail.
+#[derive(Debug, Clone, Copy)]
+pub struct Answers {
+    /// How long each answer takes.
+    pub delay: std::time::Duration,
+    /// `success` in each answer: false is the reference's definitive refusal.
+    pub success: bool,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Answers { delay: std::time::Duration::ZERO, success: true }
+    }
+}
+
+struct Script {
+    leases: Mutex<Option<Vec<Lease>>>,
+    recorded: Arc<Mutex<Recorded>>,
+    answers: Answers,
+}
+
+#[tonic::async_trait]
+impl LeaseService for Script {
+    type PullStream = ReceiverStream<Result<Lease, tonic::Status>>;
+
+    async fn pull(&self, _: tonic::Request<PullRequest>) -> Result<tonic::Response<Self::PullStream>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let leases = self.leases.lock().unwrap().take().unwrap_or_default();
+        tokio::spawn(async move {
+            for lease in leases {
+                if tx.send(Ok(lease)).await.is_err() {
+                    return;
+                }
+            }
+            // Keep the stream open, as the reference does.
+            tx.closed().await;
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn ack(&self, _: tonic::Request<AckRequest>) -> Result<tonic::Response<AckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(AckResponse { success: true, message: String::new() }))
+    }
+
+    async fn complete(&self, request: tonic::Request<CompleteRequest>) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
+        tokio::time::sleep(self.answers.delay).await;
+        self.recorded.lock().unwrap().completes.push(request.into_inner());
+        let message = if self.answers.success { String::new() } else { "Run held by another node".to_string() };
+        Ok(tonic::Response::new(CompleteResponse { success: self.answers.success, message }))
+    }
+
+    async fn fail(&self, request: tonic::Request<FailRequest>) -> Result<tonic::Response<FailResponse>, tonic::Status> {
+        tokio::time::sleep(self.answers.delay).await;
+        let request = request.into_inner();
+        let retryable = request.retryable;
+        self.recorded.lock().unwrap().fails.push(request);
+        Ok(tonic::Response::new(FailResponse {
+            success: self.answers.success,
+            message: String::new(),
+            should_retry: retryable,
+        }))
+    }
+}
+
+/// Serves the script on a loopback port; returns its URL and records.
+pub async fn serve(leases: Vec<Lease>) -> (String, Arc<Mutex<Recorded>>) {
+    serve_with(leases, Answers::default()).await
+}
+
+/// Like [`serve`], answering reports as `answers` says.
+pub async fn serve_with(leases: Vec<Lease>, answers: Answers) -> (String, Arc<Mutex<Recorded>>) {
+    let recorded = Arc::new(Mutex::new(Recorded::default()));
+    let script = Script { leases: Mutex::new(Some(leases)), recorded: recorded.clone(), answers };
+    let nodes = post(|| async { (axum::http::StatusCode::CREATED, axum::Json(serde_json::json!({}))) });
+    let app = Router::new()
+        .route("/v1/nodes:register", nodes.clone())
+        .route("/v1/nodes/{heartbeat}", nodes)
+        .route_service("/lease.LeaseService/{*method}", LeaseServiceServer::new(script));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, recorded)
+}
+
+pub fn lease(lease_id: &str, agent: &str, deadline_unix_ms: i64) -> Lease {
+    Lease {
+        lease_id: lease_id.to_string(),
+        run_id: format!("run-of-{lease_id}"),
+        run_spec: Some(RunSpec {
+            agent_id: agent.to_string(),
+            version: "1.0.0".to_string(),
+            ..RunSpec::default()
+        }),
+        deadline_unix_ms,
+        trace_id: "4bf92f35-77b3-4da6-a3ce-929d0e0e4736".to_string(),
+    }
+}
