@@ -23,3 +23,7 @@ pub mod config;
 pub mod proto;
 pub mod sandbox;
 pub mod worker;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;

@@ -10,7 +10,7 @@
 mod agent;
 mod bindings;
 pub mod budget;
-mod capabilities;
+pub(crate) mod capabilities;
 pub mod engine;
 pub mod llm;
 mod meters;

@@ -202,7 +202,7 @@ impl EgressPolicy {
 
 /// The host and port a request goes to, the port defaulting from the
 /// scheme.
-fn destination(uri: &http::Uri) -> Option<(String, u16)> {
+pub(crate) fn destination(uri: &http::Uri) -> Option<(String, u16)> {
     let authority = uri.authority()?;
     let host = authority.host();
     if host.is_empty() {

@@ -58,6 +58,34 @@ impl RunLog {
     }
 }
 
+impl RunLog {
+    /// Admits one line and renders it: its message and its fields
+    /// (`key=value ...`), each cut to the per-line cap; None when the line
+    /// must be dropped.
+    pub(crate) fn line<'a>(
+        &mut self,
+        message: &'a str,
+        fields: &[(String, String)],
+    ) -> Option<(std::borrow::Cow<'a, str>, String)> {
+        let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if !self.admit(size) {
+            return None;
+        }
+        let max = self.max_line_bytes;
+        let message = truncate(message, max);
+        let fields: String = fields
+            .iter()
+            .map(|(key, value)| format!("{key}={}", truncate(value, max)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let fields = match truncate(&fields, max) {
+            std::borrow::Cow::Borrowed(_) => fields,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
+        Some((message, fields))
+    }
+}
+
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the
 /// cut.
 pub(crate) fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
@@ -78,18 +106,9 @@ impl Host for RunState {
         message: String,
         fields: Vec<(String, String)>,
     ) -> wasmtime::Result<()> {
-        let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        if !self.log.admit(size) {
+        let Some((message, fields)) = self.log.line(&message, &fields) else {
             return Ok(());
-        }
-        let max = self.log.max_line_bytes;
-        let message = truncate(&message, max);
-        let fields: String = fields
-            .iter()
-            .map(|(key, value)| format!("{key}={}", truncate(value, max)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let fields = truncate(&fields, max);
+        };
         match level {
             Level::Trace => tracing::trace!(target: "agent", %fields, "{message}"),
             Level::Debug => tracing::debug!(target: "agent", %fields, "{message}"),
