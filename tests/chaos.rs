@@ -116,21 +116,6 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     plane.kill().await.unwrap();
 }
 
-/// Like `support::eventually`, for checks that are themselves async.
-async fn eventually_async<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn leases(count: usize) -> Vec<node_runtime::proto::Lease> {
     let now_ms = std::time::SystemTime::now()

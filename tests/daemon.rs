@@ -373,18 +373,3 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     plane.kill().await.unwrap();
 }
 
-/// Like `eventually`, for checks that are themselves async.
-async fn eventually_async<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}

@@ -380,19 +380,4 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
     assert!(String::from_utf8_lossy(&list.stdout).contains("0 pending report(s)"), "{list:?}");
 }
 
-/// Like `eventually`, for checks that are themselves async.
-async fn eventually_async<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 

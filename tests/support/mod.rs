@@ -124,3 +124,19 @@ pub async fn eventually<T>(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Like [`eventually`], for checks that are themselves async.
+pub async fn eventually_async<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
