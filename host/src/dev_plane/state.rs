@@ -126,13 +126,38 @@ pub struct Run {
     pub acked_at: Option<String>,
     /// How many times the run was leased.
     pub attempts: u32,
-    /// How many Complete/Fail calls were accepted: 1 after an exactly-once
-    /// report.
+    /// How many different outcomes were reported: 1 after an exactly-once
+    /// report, 2 or more when a node contradicted itself.
     pub outcomes: u32,
+    /// How many reports repeated the outcome already recorded, byte for
+    /// byte, on the same lease: the at-least-once window of a node that
+    /// died after this plane answered but before it forgot the report.
+    /// Harmless (the state does not change), counted so tests can see it.
+    #[serde(default)]
+    pub repeats: u32,
     /// What the node's sandbox measured, from the last report.
     #[serde(default)]
     pub sandbox: Option<SandboxReadings>,
     pub created_at: String,
+}
+
+impl Run {
+    /// Whether `outcome` is exactly the outcome this run already records.
+    fn records(&self, outcome: &Outcome) -> bool {
+        match outcome {
+            Outcome::Completed { result, timings, costs } => {
+                self.status == RunStatus::Completed
+                    && self.result.as_ref() == Some(result)
+                    && self.timings == *timings
+                    && self.costs == *costs
+            }
+            Outcome::Failed { error, timings } => {
+                self.status == RunStatus::Failed
+                    && self.error_info.as_ref() == Some(error)
+                    && self.timings == *timings
+            }
+        }
+    }
 }
 
 /// What `POST /v1/runs` carries.
@@ -388,6 +413,7 @@ impl PlaneState {
             acked_at: None,
             attempts: 0,
             outcomes: 0,
+            repeats: 0,
             sandbox: None,
             created_at: iso8601(now),
         };
@@ -496,9 +522,10 @@ impl PlaneState {
     }
 
     /// Accepts a Complete or Fail from the node holding the run's current
-    /// lease. A second report on the same lease overwrites the first, as in
-    /// the reference; `outcomes` counts them so tests can prove a node
-    /// reports exactly once.
+    /// lease. A different second report on the same lease overwrites the
+    /// first, as in the reference, and `outcomes` counts it, so tests can
+    /// prove a node never sends two outcomes; an identical resend changes
+    /// nothing and is counted in `repeats` instead.
     pub fn report(&mut self, report: Report, now: SystemTime) -> Result<(), Refusal> {
         for (name, value) in [
             ("lease_id", &report.lease_id),
@@ -512,6 +539,11 @@ impl PlaneState {
         self.expire_leases(now);
         let at = self.holder_check(&report.lease_id, &report.run_id, &report.node_id)?;
         let run = &mut self.runs[at];
+        if run.outcomes > 0 && run.sandbox == report.sandbox && run.records(&report.outcome) {
+            run.repeats += 1;
+            self.revision += 1;
+            return Ok(());
+        }
         // The run keeps its node id and lease id: they say who reported.
         run.lease_deadline_unix_ms = None;
         run.outcomes += 1;
@@ -822,6 +854,27 @@ mod tests {
         assert_eq!(run.node_id.as_deref(), Some("node-1"));
         assert!(run.acked_at.is_some());
         assert_eq!(run.outcomes, 1);
+    }
+
+    #[test]
+    fn an_identical_resend_is_a_repeat_not_a_second_outcome() {
+        let (mut state, ids) = with_node_and_runs(1, 1);
+        let grant = grants(state.lease("node-1", 1, at(1), TTL)).remove(0);
+        state.report(completed(&grant, "node-1"), at(2)).unwrap();
+        state.report(completed(&grant, "node-1"), at(3)).unwrap();
+        let run = state.run(&ids[0]).unwrap();
+        assert_eq!((run.outcomes, run.repeats), (1, 1));
+        let slower = Report {
+            outcome: Outcome::Completed {
+                result: BTreeMap::from([("answer".to_string(), "42".to_string())]),
+                timings: None,
+                costs: None,
+            },
+            ..completed(&grant, "node-1")
+        };
+        state.report(slower, at(4)).unwrap();
+        let run = state.run(&ids[0]).unwrap();
+        assert_eq!((run.outcomes, run.repeats), (2, 1), "a report that differs is a second outcome");
     }
 
     #[test]
