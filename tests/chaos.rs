@@ -1,6 +1,6 @@
-//! Chaos, bounded in count and time, on loopback: the control plane is
-//! killed and restarted under load, and every run still ends with exactly
-//! one outcome, counted by the plane's own records.
+//! Chaos, bounded in count and time, on loopback: the control plane or the
+//! node is killed and restarted under load, and every run still ends with
+//! exactly one outcome, counted by the plane's own records.
 
 mod support;
 
@@ -114,6 +114,122 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     );
     node.shutdown().await;
     plane.kill().await.unwrap();
+}
+
+
+/// `node-runtime serve` as its own process, logging each run's end to
+/// `log` (plain text), so it can be SIGKILLed and its runs counted.
+fn spawn_node(url: &str, agents: &std::path::Path, data: &std::path::Path, log: &std::path::Path) -> tokio::process::Child {
+    let log = std::fs::File::create(log).expect("the node's log file");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "killed-node")
+        .env("NodeRuntime__ControlPlaneUrl", url)
+        .env("NodeRuntime__AgentsDirectory", agents)
+        .env("NodeRuntime__DataDirectory", data)
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("NodeRuntime__MaxConcurrentLeases", "4")
+        .env("NodeRuntime__Capacity__Slots", "4")
+        .env("RUST_LOG", "warn,node_runtime::worker::dispatch=info")
+        .env("NO_COLOR", "1")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts")
+}
+
+/// The lease ids of the runs a node's log says it finished.
+fn finished_leases(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains("run completed") || line.contains("run failed"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("lease_id=")?;
+            let id: String = after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            Some(id)
+        })
+        .collect()
+}
+
+async fn ended(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Value>> {
+    let runs = get_json(http, format!("{url}/v1/runs")).await?;
+    Some(
+        runs.as_array()?
+            .iter()
+            .filter(|run| run["status"] == "completed" || run["status"] == "failed")
+            .cloned()
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
+    node_runtime::control_plane::install_crypto_provider();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let plane_data = tempfile::tempdir().unwrap();
+    let node_data = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let mut plane = spawn_plane(port, plane_data.path());
+    wait_for_plane(&http, &url).await;
+    let agents = agents_layout();
+
+    const RUNS: usize = 500;
+    const KILLS: usize = 5;
+    for i in 0..RUNS {
+        let body = serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
+        let answer: serde_json::Value =
+            http.post(format!("{url}/v1/runs")).json(&body).send().await.unwrap().json().await.unwrap();
+        assert!(answer["runId"].is_string(), "{answer}");
+    }
+
+    let log_of = |life: usize| logs.path().join(format!("node-{life}.log"));
+    let mut node = spawn_node(&url, agents.path(), node_data.path(), &log_of(0));
+    for kill in 1..=KILLS {
+        // Kill at a spread of points, each while work remains.
+        let target = kill * RUNS / (KILLS + 2);
+        let done = eventually_async(Duration::from_secs(120), "runs to end before the next kill", || async {
+            let done = ended(&http, &url).await?.len();
+            (done >= target).then_some(done)
+        })
+        .await;
+        node.kill().await.unwrap(); // SIGKILL
+        assert!(done < RUNS, "kill {kill} came while runs were still pending ({done} of {RUNS} ended)");
+        node = spawn_node(&url, agents.path(), node_data.path(), &log_of(kill));
+        eprintln!("node kill {kill} after {done} runs ended");
+    }
+
+    let runs = eventually_async(Duration::from_secs(240), "every run to end", || async {
+        let runs = ended(&http, &url).await?;
+        (runs.len() == RUNS).then_some(runs)
+    })
+    .await;
+    // Time for a wrong late report to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = ended(&http, &url).await.filter(|runs| runs.len() == RUNS).unwrap_or(runs);
+    let (mut re_leased, mut repeats) = (0, 0);
+    for run in &runs {
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["outcomes"], 1, "exactly one outcome: {run}");
+        re_leased += usize::from(run["attempts"].as_u64() > Some(1));
+        repeats += run["repeats"].as_u64().unwrap();
+    }
+    node.kill().await.unwrap();
+    plane.kill().await.unwrap();
+
+    let mut finished = Vec::new();
+    for life in 0..=KILLS {
+        finished.extend(finished_leases(&std::fs::read_to_string(log_of(life)).unwrap()));
+    }
+    let mut unique = finished.clone();
+    unique.sort();
+    unique.dedup();
+    assert!(finished.len() >= RUNS, "the node logs show every run's end: {} of {RUNS}", finished.len());
+    assert_eq!(unique.len(), finished.len(), "no lease ran twice on this node");
+    eprintln!(
+        "{RUNS} runs, {KILLS} node kills: {re_leased} re-leased after being lost in flight, \
+         {repeats} identical report(s) resent after a kill"
+    );
 }
 
 
