@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{CommandError, Exit};
-use crate::agent_store::AgentStore;
 use crate::config::NodeConfig;
 use crate::control_plane::Capacity;
 use crate::outbox::Outbox;
@@ -37,7 +36,7 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
     tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
-    let store = AgentStore::new(vec![config.node_runtime.agents_directory.clone()]);
+    let store = config.agent_store();
     let outbox = Outbox::open(&config.node_runtime.data_directory)
         .map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     tracing::info!(path = %outbox.path().display(), "outbox open");

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::tree::{self, Entries, Kind, Node, Origin, Scalar};
 use super::{
-    AgentRuntimeSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection, MTlsSection, Metrics,
+    AgentRuntimeSection, AgentSourceKind, AgentStoreSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection, MTlsSection, Metrics,
     NodeConfig, NodeRuntimeSection, OpenAiSection, OpenTelemetrySection, OtlpExporter,
     OtlpProtocol, SandboxSection, Secret, Traces,
 };
@@ -67,6 +67,7 @@ pub(super) fn read(
     let open_telemetry = binder.open_telemetry(&mut root)?;
     let logging = binder.logging(&mut root)?;
     let sandbox = binder.sandbox(&mut root)?;
+    let agent_store = binder.agent_store(&mut root)?;
     binder.finish(root);
     binder.ignored.sort();
     Ok(NodeConfig {
@@ -76,6 +77,7 @@ pub(super) fn read(
         open_telemetry,
         logging,
         sandbox,
+        agent_store,
         ignored_keys: binder.ignored,
     })
 }
@@ -922,6 +924,120 @@ impl Binder<'_> {
         self.finish(s);
         Ok(sandbox)
     }
+}
+
+impl Binder<'_> {
+    fn agent_store(&mut self, root: &mut Section) -> Result<AgentStoreSection, ConfigError> {
+        let defaults = AgentStoreSection::default();
+        let mut s = self.section(root, "AgentStore")?;
+        let template_expected = "a URL template with {agent_id} and {version}, starting with \
+             http://, https:// or {base} (the ControlPlaneUrl), \
+             e.g. {base}/agents/{agent_id}/{version}.wasm";
+        let http_url_template = match self.setting(&mut s, "HttpUrlTemplate", template_expected)? {
+            None => None,
+            Some(setting) => match setting.scalar.text() {
+                Some(text) if text.trim().is_empty() => None,
+                Some(text) if valid_url_template(text.trim()) => Some(text.trim().to_string()),
+                _ => return Err(self.rejected(setting, template_expected)),
+            },
+        };
+        let sources_key = s.key("Sources");
+        let sources = match s.entries.take("Sources") {
+            None => {
+                let mut sources = defaults.sources.clone();
+                if http_url_template.is_some() {
+                    sources.push(AgentSourceKind::Http);
+                }
+                sources
+            }
+            Some(node) => {
+                let names = list_items(&node);
+                let expected = "a list of sources to try in order, each directory or http, \
+                     e.g. [\"directory\", \"http\"]";
+                let mut sources = Vec::new();
+                for name in &names {
+                    let kind = match name.to_ascii_lowercase().as_str() {
+                        "directory" => AgentSourceKind::Directory,
+                        "http" => AgentSourceKind::Http,
+                        _ => {
+                            return Err(self.invalid(sources_key, format!("{name:?}"), &node.origin, expected.to_string()));
+                        }
+                    };
+                    if !sources.contains(&kind) {
+                        sources.push(kind);
+                    }
+                }
+                if sources.is_empty() {
+                    return Err(self.invalid(sources_key, node.describe(), &node.origin, expected.to_string()));
+                }
+                if sources.contains(&AgentSourceKind::Http) && http_url_template.is_none() {
+                    return Err(self.invalid(
+                        sources_key,
+                        node.describe(),
+                        &node.origin,
+                        "http is listed but AgentStore.HttpUrlTemplate is not set; set it, \
+                         e.g. {base}/agents/{agent_id}/{version}.wasm, or drop http"
+                            .to_string(),
+                    ));
+                }
+                sources
+            }
+        };
+        let store = AgentStoreSection {
+            sources,
+            http_url_template,
+            max_download_bytes: self.size(
+                &mut s,
+                "MaxDownloadBytes",
+                defaults.max_download_bytes,
+                1,
+                "a size in bytes of at least 1: a number, or with a unit such as 256MiB",
+            )?,
+            download_timeout: self.seconds(
+                &mut s,
+                "DownloadTimeoutSeconds",
+                defaults.download_timeout,
+                1..=86_400,
+                "whole seconds from 1 to 86400, e.g. 60",
+            )?,
+            require_digest: self.boolean(&mut s, "RequireDigest", defaults.require_digest)?,
+        };
+        self.finish(s);
+        Ok(store)
+    }
+}
+
+/// The text items of a list, or of a comma-separated string.
+fn list_items(node: &Node) -> Vec<String> {
+    match &node.kind {
+        Kind::Value(scalar) => scalar
+            .text()
+            .unwrap_or_default()
+            .split(',')
+            .map(|item| item.trim().to_string())
+            .filter(|item| !item.is_empty())
+            .collect(),
+        Kind::Section { entries, .. } => entries
+            .0
+            .iter()
+            .filter_map(|(_, item)| match &item.kind {
+                Kind::Value(scalar) => scalar.text(),
+                Kind::Section { .. } => None,
+            })
+            .map(|item| item.trim().to_string())
+            .collect(),
+    }
+}
+
+/// Whether `template` names both placeholders and is an http(s) URL once
+/// `{base}` is replaced by a sample control-plane URL.
+fn valid_url_template(template: &str) -> bool {
+    let placeholders = template.contains("{agent_id}") && template.contains("{version}");
+    let sample = template
+        .replace("{base}", "http://control-plane:5109")
+        .replace("{agent_id}", "echo")
+        .replace("{version}", "1.0.0");
+    placeholders && http_url(&sample).is_some()
 }
 
 /// `http::Uri` accepts `localhost:5109` and `/path`; the node needs a

@@ -34,6 +34,7 @@ struct View<'a> {
     open_telemetry: OpenTelemetry<'a>,
     logging: Logging<'a>,
     sandbox: Sandbox<'a>,
+    agent_store: AgentStore<'a>,
 }
 
 #[derive(Serialize)]
@@ -167,6 +168,16 @@ struct Sandbox<'a> {
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentStore<'a> {
+    sources: Vec<&'static str>,
+    http_url_template: Option<&'a str>,
+    max_download_bytes: u64,
+    download_timeout_seconds: u64,
+    require_digest: bool,
+}
+
 impl<'a> View<'a> {
     fn of(config: &'a NodeConfig) -> Self {
         let node = &config.node_runtime;
@@ -272,6 +283,13 @@ impl<'a> View<'a> {
                     AllocatorChoice::OnDemand => "on-demand",
                 },
                 allowed_hosts: &sandbox.allowed_hosts,
+            },
+            agent_store: AgentStore {
+                sources: config.agent_store.sources.iter().map(|kind| kind.as_str()).collect(),
+                http_url_template: config.agent_store.http_url_template.as_deref(),
+                max_download_bytes: config.agent_store.max_download_bytes,
+                download_timeout_seconds: config.agent_store.download_timeout.as_secs(),
+                require_digest: config.agent_store.require_digest,
             },
         }
     }

@@ -32,6 +32,8 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 
+use crate::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings};
+
 use crate::sandbox::{
     AllocatorChoice, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
 };
@@ -46,6 +48,7 @@ pub struct NodeConfig {
     pub open_telemetry: OpenTelemetrySection,
     pub logging: LoggingSection,
     pub sandbox: SandboxSection,
+    pub agent_store: AgentStoreSection,
     /// Keys found in the file or the environment that the node does not
     /// read (`AllowedHosts`, `NodeRuntime.Typo`), already warned about
     /// once. A whole unknown section is listed by its name only.
@@ -305,6 +308,53 @@ pub struct SandboxSection {
     pub allowed_hosts: BTreeMap<String, Vec<String>>,
 }
 
+/// Which kind of place an agent is looked for in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSourceKind {
+    /// `NodeRuntime.AgentsDirectory`.
+    Directory,
+    /// `AgentStore.HttpUrlTemplate`.
+    Http,
+}
+
+impl AgentSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentSourceKind::Directory => "directory",
+            AgentSourceKind::Http => "http",
+        }
+    }
+}
+
+/// `AgentStore` (this node): where agents come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStoreSection {
+    /// `Sources`: the order the sources are tried in. Default: the
+    /// directory, then HTTP when `HttpUrlTemplate` is set.
+    pub sources: Vec<AgentSourceKind>,
+    /// `HttpUrlTemplate`: with `{agent_id}` and `{version}`, and
+    /// optionally `{base}` (the control plane's URL).
+    pub http_url_template: Option<String>,
+    /// `MaxDownloadBytes`: bytes or a size.
+    pub max_download_bytes: u64,
+    /// `DownloadTimeoutSeconds`.
+    pub download_timeout: Duration,
+    /// `RequireDigest`: refuse leases without `agent.digest` metadata.
+    pub require_digest: bool,
+}
+
+impl Default for AgentStoreSection {
+    fn default() -> Self {
+        AgentStoreSection {
+            sources: vec![AgentSourceKind::Directory],
+            http_url_template: None,
+            max_download_bytes: 256 << 20,
+            download_timeout: Duration::from_secs(60),
+            require_digest: false,
+        }
+    }
+}
+
 /// A value that must not be printed: `Debug` shows `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -522,6 +572,33 @@ impl NodeConfig {
             llm: self.llm_settings(),
             allowed_hosts: self.sandbox.allowed_hosts.clone(),
         }
+    }
+
+    /// The agent store: its sources in the configured order; downloads are
+    /// kept under `DataDirectory/agents`.
+    pub fn agent_store(&self) -> AgentStore {
+        let store = &self.agent_store;
+        let sources = store
+            .sources
+            .iter()
+            .filter_map(|kind| match kind {
+                AgentSourceKind::Directory => Some(AgentSource::Directory(
+                    self.node_runtime.agents_directory.clone(),
+                )),
+                AgentSourceKind::Http => {
+                    let base = self.node_runtime.control_plane_url.to_string();
+                    let template = store.http_url_template.as_ref()?;
+                    let settings = HttpSourceSettings {
+                        url_template: template.replace("{base}", base.trim_end_matches('/')),
+                        max_bytes: store.max_download_bytes,
+                        timeout: store.download_timeout,
+                        cache_dir: self.node_runtime.data_directory.join("agents"),
+                    };
+                    Some(AgentSource::Http(HttpSource::new(settings, reqwest::Client::new())))
+                }
+            })
+            .collect();
+        AgentStore::with_sources(sources, store.require_digest)
     }
 
     /// `AgentRuntime` as the sandbox's LLM provider: the Azure flavour when

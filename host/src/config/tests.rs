@@ -369,6 +369,34 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             fix: "non-empty",
         },
         Case {
+            what: "a URL template without {version}",
+            json: r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}.wasm"}}"#,
+            env: &[],
+            key: "AgentStore.HttpUrlTemplate",
+            fix: "with {agent_id} and {version}",
+        },
+        Case {
+            what: "a URL template that is not http",
+            json: r#"{"AgentStore": {"HttpUrlTemplate": "ftp://agents/{agent_id}/{version}.wasm"}}"#,
+            env: &[],
+            key: "AgentStore.HttpUrlTemplate",
+            fix: "starting with http://",
+        },
+        Case {
+            what: "an unknown agent source",
+            json: r#"{"AgentStore": {"Sources": ["directory", "oci"]}}"#,
+            env: &[],
+            key: "AgentStore.Sources",
+            fix: "each directory or http",
+        },
+        Case {
+            what: "the http source without a template",
+            json: r#"{"AgentStore": {"Sources": "http"}}"#,
+            env: &[],
+            key: "AgentStore.Sources",
+            fix: "AgentStore.HttpUrlTemplate is not set",
+        },
+        Case {
             what: "a sampling ratio of 2",
             json: r#"{"OpenTelemetry": {"Traces": {"SamplingRatio": 2}}}"#,
             env: &[],
@@ -757,7 +785,8 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
             "AgentRuntime",
             "OpenTelemetry",
             "Logging",
-            "Sandbox"
+            "Sandbox",
+            "AgentStore"
         ]
     );
     assert_eq!(value["NodeRuntime"]["HeartbeatIntervalSeconds"], 15);
@@ -862,4 +891,21 @@ fn allowed_hosts_are_granted_per_agent_as_a_list_or_a_comma_separated_string() {
         .to_string();
     assert!(bad.contains("Sandbox.AllowedHosts.echo"), "{bad}");
     assert!(bad.contains("host:port"), "{bad}");
+}
+
+#[test]
+fn the_agent_store_tries_http_after_the_directory_once_a_template_is_set() {
+    let config = load(r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}/{version}.wasm",
+        "RequireDigest": true, "MaxDownloadBytes": "8MiB", "DownloadTimeoutSeconds": 5}}"#)
+    .unwrap();
+    let store = &config.agent_store;
+    assert_eq!(store.sources, [AgentSourceKind::Directory, AgentSourceKind::Http]);
+    assert!(store.require_digest);
+    assert_eq!(store.max_download_bytes, 8 << 20);
+    assert_eq!(store.download_timeout, Duration::from_secs(5));
+    let config = load(r#"{"AgentStore": {"HttpUrlTemplate": "https://agents.test/{agent_id}/{version}",
+        "Sources": "http, directory"}}"#)
+    .unwrap();
+    assert_eq!(config.agent_store.sources, [AgentSourceKind::Http, AgentSourceKind::Directory]);
+    assert_eq!(load("{}").unwrap().agent_store, AgentStoreSection::default());
 }

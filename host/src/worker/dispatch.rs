@@ -16,6 +16,7 @@ use super::Node;
 use super::lease::{AcceptedLease, Report, Timings};
 use super::report;
 use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
+use crate::agent_store::{AgentDigest, DIGEST_METADATA_KEY};
 
 pub(super) async fn run(
     node: Arc<Node>,
@@ -88,12 +89,22 @@ async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphor
         trace_id = %request.context.trace_id,
     );
     let (outcome, run_report) = async {
-        let agent = match node
-            .store
-            .resolve(&node.sandbox, accepted.agent_id(), accepted.version())
-            .await
-        {
+        let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
+        let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
+            Ok(pin) => {
+                node.store
+                    .resolve_pinned(&node.sandbox, accepted.agent_id(), accepted.version(), pin)
+                    .await
+            }
+            Err(invalid) => Err(invalid.into()),
+        };
+        let agent = match resolved {
             Ok(agent) => agent,
+            // A download that failed is the node's trouble: hand it back.
+            Err(err) if err.is_retryable() => {
+                let failure = RunFailure::handed_back(err.to_string());
+                return (RunOutcome::Failed(failure), RunReport::default());
+            }
             Err(err) => {
                 let failure = RunFailure::new(FailKind::AgentInvalid, err.to_string());
                 return (RunOutcome::Failed(failure), RunReport::default());
