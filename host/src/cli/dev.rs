@@ -18,7 +18,7 @@ use crate::config::Secret;
 use crate::dev_plane::{DevPlane, PlaneOptions, stubs};
 use crate::outbox::Outbox;
 use crate::sandbox::budget::format_bytes;
-use crate::sandbox::{EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
+use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
 use crate::worker::{NodeHandle, NodeSettings};
 
 #[derive(Debug, Args)]
@@ -168,6 +168,11 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         },
         llm,
         allowed_hosts,
+        // With --data-dir, compiled agents survive a restart too.
+        compiled_cache: args.data_dir.as_ref().map(|dir| CompiledCacheSettings {
+            dir: dir.join("node").join("compiled"),
+            max_bytes: 1 << 30,
+        }),
         ..SandboxConfig::default()
     })
     .map_err(|err| CommandError::internal(err.to_string()))?;

@@ -920,6 +920,13 @@ impl Binder<'_> {
                 |scalar| parse_allocator(&scalar.text()?),
             )?,
             allowed_hosts,
+            compiled_cache_max_bytes: self.size(
+                &mut s,
+                "CompiledCacheMaxBytes",
+                defaults.compiled_cache_max_bytes,
+                0,
+                "a size in bytes, 0 (no cache on disk) or more: a number, or with a unit such as 1GiB",
+            )?,
         };
         self.finish(s);
         Ok(sandbox)

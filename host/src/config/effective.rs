@@ -166,6 +166,7 @@ struct Sandbox<'a> {
     max_log_bytes: usize,
     allocator: &'static str,
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
+    compiled_cache_max_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -283,6 +284,7 @@ impl<'a> View<'a> {
                     AllocatorChoice::OnDemand => "on-demand",
                 },
                 allowed_hosts: &sandbox.allowed_hosts,
+                compiled_cache_max_bytes: sandbox.compiled_cache_max_bytes,
             },
             agent_store: AgentStore {
                 sources: config.agent_store.sources.iter().map(|kind| kind.as_str()).collect(),

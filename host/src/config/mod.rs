@@ -35,7 +35,7 @@ pub use error::ConfigError;
 use crate::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings};
 
 use crate::sandbox::{
-    AllocatorChoice, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
+    AllocatorChoice, CompiledCacheSettings, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
 };
 
 /// Everything the node is configured with. Build it with
@@ -306,6 +306,9 @@ pub struct SandboxSection {
     /// each agent's outbound HTTP may go. An agent not listed reaches
     /// nothing.
     pub allowed_hosts: BTreeMap<String, Vec<String>>,
+    /// `CompiledCacheMaxBytes`: room for compiled components kept under
+    /// `DataDirectory/compiled`; 0 keeps them in memory only.
+    pub compiled_cache_max_bytes: u64,
 }
 
 /// Which kind of place an agent is looked for in.
@@ -482,6 +485,7 @@ impl Default for SandboxSection {
             max_log_bytes: limits.log_bytes,
             allocator: AllocatorChoice::Auto,
             allowed_hosts: BTreeMap::new(),
+            compiled_cache_max_bytes: 1 << 30,
         }
     }
 }
@@ -571,6 +575,10 @@ impl NodeConfig {
             },
             llm: self.llm_settings(),
             allowed_hosts: self.sandbox.allowed_hosts.clone(),
+            compiled_cache: (sandbox.compiled_cache_max_bytes > 0).then(|| CompiledCacheSettings {
+                dir: self.node_runtime.data_directory.join("compiled"),
+                max_bytes: sandbox.compiled_cache_max_bytes,
+            }),
         }
     }
 

@@ -909,3 +909,15 @@ fn the_agent_store_tries_http_after_the_directory_once_a_template_is_set() {
     assert_eq!(config.agent_store.sources, [AgentSourceKind::Http, AgentSourceKind::Directory]);
     assert_eq!(load("{}").unwrap().agent_store, AgentStoreSection::default());
 }
+
+#[test]
+fn compiled_components_are_kept_under_the_data_directory_unless_the_bound_is_zero() {
+    let config = load(r#"{"NodeRuntime": {"DataDirectory": "state"}}"#).unwrap();
+    let cache = config.sandbox_config().compiled_cache.expect("on by default");
+    assert!(cache.dir.ends_with("state/compiled"), "{}", cache.dir.display());
+    assert_eq!(cache.max_bytes, 1 << 30);
+    let config = load(r#"{"Sandbox": {"CompiledCacheMaxBytes": 0}}"#).unwrap();
+    assert_eq!(config.sandbox_config().compiled_cache, None);
+    let config = load(r#"{"Sandbox": {"CompiledCacheMaxBytes": "64MiB"}}"#).unwrap();
+    assert_eq!(config.sandbox_config().compiled_cache.unwrap().max_bytes, 64 << 20);
+}

@@ -11,6 +11,7 @@ mod agent;
 mod bindings;
 pub mod budget;
 pub(crate) mod capabilities;
+pub mod compiled_cache;
 pub mod engine;
 pub mod llm;
 mod meters;
@@ -31,6 +32,7 @@ use wasmtime::component::Linker;
 
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
+pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{Allocator, AllocatorChoice, EngineSettings};
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
@@ -51,6 +53,9 @@ pub struct SandboxConfig {
     /// Outbound HTTP grants: agent id -> the hosts (`host` or `host:port`)
     /// its runs may reach. An agent not listed reaches nothing.
     pub allowed_hosts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Where compiled components are kept across restarts; `None` keeps
+    /// them in memory only.
+    pub compiled_cache: Option<CompiledCacheSettings>,
 }
 
 #[derive(Debug, Error)]
@@ -59,6 +64,11 @@ pub enum SandboxError {
     Engine(String),
     #[error(transparent)]
     Llm(#[from] llm::LlmClientError),
+    #[error("cannot use the compiled cache at {}: {source}; make it writable or point it elsewhere", .path.display())]
+    CompiledCache {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// An entry of `SandboxConfig.allowed_hosts` is not `host` or
     /// `host:port`.
     #[error("outbound HTTP grant for agent `{agent_id}`: {error}")]
@@ -81,6 +91,9 @@ pub struct Sandbox {
     allowed_hosts: BTreeMap<String, Vec<HostGrant>>,
     /// Compiled and linked agents by SHA-256 of their artifact.
     agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
+    /// Compiled components on disk, when configured.
+    compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
+    compile_counters: Arc<compiled_cache::Counters>,
 }
 
 impl Sandbox {
@@ -107,6 +120,21 @@ impl Sandbox {
             .map(llm::LlmClient::new)
             .transpose()?
             .map(Arc::new);
+        let compiled_cache = config
+            .compiled_cache
+            .as_ref()
+            .map(|settings| {
+                compiled_cache::CompiledCache::open(settings, &engine)
+                    .map(Arc::new)
+                    .map_err(|source| SandboxError::CompiledCache {
+                        path: settings.dir.clone(),
+                        source,
+                    })
+            })
+            .transpose()?;
+        if let Some(cache) = &compiled_cache {
+            tracing::info!(dir = %cache.dir().display(), "compiled cache on disk");
+        }
         engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
         Ok(Sandbox {
             engine,
@@ -116,7 +144,14 @@ impl Sandbox {
             llm,
             allowed_hosts,
             agents: Mutex::default(),
+            compiled_cache,
+            compile_counters: Arc::default(),
         })
+    }
+
+    /// How many agents were compiled, and loaded from the on-disk cache.
+    pub fn compile_counts(&self) -> CompileCounts {
+        self.compile_counters.snapshot()
     }
 
     pub fn allocator(&self) -> &Allocator {
@@ -142,8 +177,29 @@ impl Sandbox {
         }
         let engine = self.engine.clone();
         let linker = self.linker.clone();
+        // A .cwasm loads quickly as it is; only compiled .wasm is cached.
+        let cache = self
+            .compiled_cache
+            .clone()
+            .filter(|_| !precompiled::is_precompiled(&bytes));
+        let counters = self.compile_counters.clone();
         let agent = tokio::task::spawn_blocking(move || {
-            let component = agent::compile(&engine, &bytes)?;
+            let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
+            let component = match kept {
+                Some(component) => component,
+                None => {
+                    let component = agent::compile(&engine, &bytes)?;
+                    if !precompiled::is_precompiled(&bytes) {
+                        counters.compiled();
+                    }
+                    // Only an agent that links is worth keeping.
+                    let agent = agent::link(&engine, &linker, &component, hex::encode(digest))?;
+                    if let Some(cache) = &cache {
+                        cache.put(&digest, &component);
+                    }
+                    return Ok(agent);
+                }
+            };
             agent::link(&engine, &linker, &component, hex::encode(digest))
         })
         .await

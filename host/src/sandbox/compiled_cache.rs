@@ -1,0 +1,175 @@
+//! Compiled components kept on disk, so a restarted node does not compile
+//! again.
+//!
+//! Compiling a component is the slowest thing the node does (seconds for a
+//! large Python agent); loading the compiled code back is milliseconds. An
+//! entry is `<dir>/<engine>/<sha256 of the .wasm>.cwasm`: `<engine>` is a
+//! hash of wasmtime's own compatibility hash for this engine configuration,
+//! so a node upgraded to another wasmtime or started with other settings
+//! looks in another folder, and wasmtime still checks each artifact itself.
+//! Entries are sealed like `node-runtime compile`'s `.cwasm` (a SHA-256
+//! trailer, [`super::precompiled`]): a damaged or foreign entry is detected,
+//! deleted and compiled again, never loaded blindly. Writes are atomic; the
+//! folder is bounded in size, evicting the least recently used entries.
+//!
+//! The entries are native code the node will execute: the cache directory
+//! must be as protected as the node's binary.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use super::precompiled;
+
+/// Where compiled components are kept, and how much room they may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledCacheSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// What loading agents cost, since the sandbox started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompileCounts {
+    /// Components compiled from a `.wasm` (cache misses included).
+    pub compiled: u64,
+    /// Components loaded from the on-disk cache instead.
+    pub cache_hits: u64,
+    /// Cache entries found damaged or incompatible, deleted and rebuilt.
+    pub cache_rejected: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_rejected: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn compiled(&self) {
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> CompileCounts {
+        CompileCounts {
+            compiled: self.compiled.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_rejected: self.cache_rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) struct CompiledCache {
+    /// This engine's folder.
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl CompiledCache {
+    /// The cache for `engine` under `settings.dir` (created if missing).
+    pub(crate) fn open(settings: &CompiledCacheSettings, engine: &Engine) -> std::io::Result<Self> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let dir = settings.dir.join(format!("engine-{:016x}", hasher.finish()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(CompiledCache {
+            dir,
+            max_bytes: settings.max_bytes,
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn entry(&self, digest: &[u8; 32]) -> PathBuf {
+        self.dir.join(format!("{}.cwasm", hex::encode(digest)))
+    }
+
+    /// The component compiled from the `.wasm` with `digest`, if a sound
+    /// entry for it exists. A damaged or incompatible entry is deleted.
+    /// Blocking: call it off the async runtime's worker threads.
+    pub(crate) fn get(&self, engine: &Engine, digest: &[u8; 32], counters: &Counters) -> Option<Component> {
+        let path = self.entry(digest);
+        let bytes = std::fs::read(&path).ok()?;
+        let loaded = precompiled::unseal(&bytes)
+            .map_err(|err| err.to_string())
+            .and_then(|artifact| {
+                // SAFETY: the trailer's SHA-256 matches, so these are the bytes
+                // this cache wrote from wasmtime's own serialisation; wasmtime
+                // checks its version and configuration before using them.
+                unsafe { Component::deserialize(engine, artifact) }
+                    .map_err(|err| super::agent::error_chain(&err))
+            });
+        match loaded {
+            Ok(component) => {
+                counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                // Mark it used, for the eviction order.
+                if let Ok(file) = std::fs::File::options().append(true).open(&path) {
+                    let _ = file.set_modified(SystemTime::now());
+                }
+                Some(component)
+            }
+            Err(reason) => {
+                counters.cache_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %path.display(), %reason, "compiled cache entry rejected; compiling again");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Keeps `component`, compiled from the `.wasm` with `digest`. A cache
+    /// that cannot be written only costs a later compile: it is logged,
+    /// never an error for the run. Blocking.
+    pub(crate) fn put(&self, digest: &[u8; 32], component: &Component) {
+        let path = self.entry(digest);
+        let written = component
+            .serialize()
+            .map_err(|err| std::io::Error::other(super::agent::error_chain(&err)))
+            .and_then(|artifact| write_atomically(&self.dir, &path, &precompiled::seal(artifact)));
+        if let Err(err) = written {
+            tracing::warn!(path = %path.display(), error = %err, "could not keep the compiled component");
+            return;
+        }
+        self.evict();
+    }
+
+    /// Deletes the least recently used entries until the folder fits.
+    fn evict(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "cwasm"))
+            .filter_map(|entry| {
+                let meta = entry.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), entry.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+        files.sort();
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::info!(path = %path.display(), bytes = len, "evicted from the compiled cache");
+                total -= len;
+            }
+        }
+    }
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|err| err.error)?;
+    Ok(())
+}
