@@ -1,21 +1,16 @@
-//! Agents fetched over HTTP(S) from a URL template, kept on disk.
+//! Agents fetched over HTTP(S) from a URL template.
 //!
 //! A URL template such as `{base}/agents/{agent_id}/{version}.wasm` names
-//! where each version lives (`{base}` is the control plane's URL). The
-//! first run of a version downloads it once, whatever the number of runs
-//! waiting for it, into `<cache>/<agent_id>/<version>.wasm`; later runs and
-//! later processes use that file. A version is treated as immutable: to
-//! fetch it again, delete its file. Downloads are bounded in size and time
-//! and written atomically (a temporary file, synced, then renamed), so a
-//! crash or a cut connection never leaves half an artifact behind.
+//! where each version lives (`{base}` is the control plane's URL). Each
+//! version is downloaded once and kept ([`DownloadCache`]); downloads are
+//! bounded in size and time.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use thiserror::Error;
+
+use super::download_cache::{DownloadCache, FetchError};
 
 /// Where and how to download agents.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,49 +26,21 @@ pub struct HttpSourceSettings {
     pub cache_dir: PathBuf,
 }
 
-/// Why a download failed. Each one is the node's problem, not the
-/// agent's: the lease goes back to the control plane to be tried again.
-#[derive(Debug, Error)]
-pub enum FetchError {
-    #[error("GET {url} answered HTTP {status}")]
-    Status { url: String, status: u16 },
-    #[error(
-        "GET {url}: the artifact is larger than AgentStore.MaxDownloadBytes ({limit} bytes); \
-         raise the limit if the agent is meant to be this large"
-    )]
-    TooLarge { url: String, limit: u64 },
-    #[error(
-        "GET {url}: no complete answer within AgentStore.DownloadTimeoutSeconds ({}s)",
-        .timeout.as_secs()
-    )]
-    Timeout { url: String, timeout: Duration },
-    #[error("GET {url}: {reason}")]
-    Transport { url: String, reason: String },
-    #[error("cannot store the download of {url} at {}: {source}", .path.display())]
-    Store {
-        url: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
 /// Characters kept as they are in an id or version put into a URL path.
 const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 pub struct HttpSource {
     settings: HttpSourceSettings,
     client: reqwest::Client,
-    /// One lock per version being fetched: the first caller downloads,
-    /// the others wait and then find the file.
-    in_flight: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    cache: DownloadCache,
 }
 
 impl HttpSource {
     pub fn new(settings: HttpSourceSettings, client: reqwest::Client) -> Self {
         HttpSource {
+            cache: DownloadCache::new(settings.cache_dir.clone()),
             settings,
             client,
-            in_flight: Mutex::default(),
         }
     }
 
@@ -84,51 +51,16 @@ impl HttpSource {
             .replace("{version}", &utf8_percent_encode(version, PATH_SEGMENT).to_string())
     }
 
-    /// Where the version is (or will be) kept. The names were checked by
-    /// the store: no separators, no `..`.
+    /// Where the version is (or will be) kept.
     pub fn cached_path(&self, agent_id: &str, version: &str) -> PathBuf {
-        self.settings
-            .cache_dir
-            .join(agent_id)
-            .join(format!("{version}.wasm"))
+        self.cache.path(agent_id, version)
     }
 
     /// The local copy of the version, downloaded first if there is none;
     /// `None` when the server has no such version (HTTP 404 or 410).
     pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<PathBuf>, FetchError> {
-        let path = self.cached_path(agent_id, version);
-        if is_file(&path).await {
-            return Ok(Some(path));
-        }
-        let gate = self.gate(agent_id, version);
-        let _downloading = gate.lock().await;
-        if is_file(&path).await {
-            return Ok(Some(path));
-        }
         let url = self.url(agent_id, version);
-        let Some(bytes) = self.download(&url).await? else {
-            return Ok(None);
-        };
-        let target = path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|written| written)
-            .map_err(|source| FetchError::Store {
-                url: url.clone(),
-                path: path.clone(),
-                source,
-            })?;
-        tracing::info!(%url, path = %path.display(), "downloaded agent");
-        Ok(Some(path))
-    }
-
-    fn gate(&self, agent_id: &str, version: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut gates = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        gates
-            .entry((agent_id.to_string(), version.to_string()))
-            .or_default()
-            .clone()
+        self.cache.get_or_fetch(agent_id, version, &url, || self.download(&url)).await
     }
 
     async fn download(&self, url: &str) -> Result<Option<Vec<u8>>, FetchError> {
@@ -138,7 +70,7 @@ impl HttpSource {
             if err.is_timeout() {
                 FetchError::Timeout { url: url.to_string(), timeout }
             } else {
-                FetchError::Transport { url: url.to_string(), reason: error_chain(&err) }
+                FetchError::Transport { url: url.to_string(), reason: super::download_cache::error_chain(&err) }
             }
         };
         // The timeout covers connecting, the answer and the whole body.
@@ -163,34 +95,6 @@ impl HttpSource {
         }
         Ok(Some(bytes))
     }
-}
-
-async fn is_file(path: &Path) -> bool {
-    tokio::fs::metadata(path).await.is_ok_and(|meta| meta.is_file())
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames
-/// it into place: readers see the whole file or none.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("a cached path has a parent");
-    std::fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|err| err.error)?;
-    Ok(())
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -219,7 +123,7 @@ mod tests {
         );
         assert_eq!(
             source.cached_path("echo", "1.0.0"),
-            Path::new("cache").join("echo").join("1.0.0.wasm")
+            std::path::Path::new("cache").join("echo").join("1.0.0.wasm")
         );
     }
 }

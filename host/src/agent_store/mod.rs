@@ -1,6 +1,7 @@
 //! Where agents come from, tried in a configured order: directories laid
 //! out `<dir>/<agent_id>/<version>.wasm` (or `.cwasm`, precompiled,
-//! preferred when both exist), and an HTTP(S) source ([`http_source`]).
+//! preferred when both exist), an HTTP(S) source ([`http_source`]) and an
+//! OCI registry ([`oci_source`]).
 //!
 //! A lease names an agent by id and version, and may pin its bytes with
 //! metadata `agent.digest` ([`digest`]). The store turns that into a
@@ -11,7 +12,9 @@
 //! `..`.
 
 pub mod digest;
+pub mod download_cache;
 pub mod http_source;
+pub mod oci_source;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +25,9 @@ use thiserror::Error;
 
 use crate::sandbox::{Agent, InvalidAgent, Sandbox};
 pub use digest::{AgentDigest, DIGEST_METADATA_KEY, InvalidDigest};
-pub use http_source::{FetchError, HttpSource, HttpSourceSettings};
+pub use download_cache::FetchError;
+pub use http_source::{HttpSource, HttpSourceSettings};
+pub use oci_source::{OciSource, OciSourceSettings};
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
@@ -73,6 +78,8 @@ pub enum AgentSource {
     Directory(PathBuf),
     /// Downloaded once, then kept on disk.
     Http(HttpSource),
+    /// Pulled from an OCI registry once, then kept on disk.
+    Oci(OciSource),
 }
 
 /// A file's identity for the cache: if any of these changed, read again.
@@ -113,7 +120,7 @@ impl AgentStore {
             .iter()
             .filter_map(|source| match source {
                 AgentSource::Directory(dir) => Some(dir.clone()),
-                AgentSource::Http(_) => None,
+                AgentSource::Http(_) | AgentSource::Oci(_) => None,
             })
             .collect()
     }
@@ -197,6 +204,13 @@ impl AgentStore {
                     Some(path) => stamp_of(&path).await?,
                     None => {
                         looked_for.push(http.url(agent_id, version));
+                        None
+                    }
+                },
+                AgentSource::Oci(oci) => match oci.fetch(agent_id, version).await? {
+                    Some(path) => stamp_of(&path).await?,
+                    None => {
+                        looked_for.push(oci.reference(agent_id, version));
                         None
                     }
                 },

@@ -10,6 +10,7 @@ mod compile;
 mod config_check;
 mod dev;
 mod outbox;
+mod registry;
 mod run_agent;
 mod serve;
 
@@ -44,6 +45,10 @@ pub enum Command {
     /// See and manage the reports a stopped node still owes its control
     /// plane: list, retry, purge.
     Outbox(outbox::OutboxArgs),
+    /// Publish a component to an OCI registry, as a Wasm OCI artifact.
+    Push(registry::PushArgs),
+    /// Fetch a component from an OCI registry.
+    Pull(registry::PullArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -113,6 +118,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Outbox(args) => outbox::run(args).await,
+        Command::Push(args) => registry::push(args).await,
+        Command::Pull(args) => registry::pull(args).await,
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args).await,
     };
     match result {

@@ -948,6 +948,16 @@ impl Binder<'_> {
                 _ => return Err(self.rejected(setting, template_expected)),
             },
         };
+        let oci_expected = "an OCI reference template REGISTRY/REPOSITORY:TAG with {agent_id} and \
+             {version}, e.g. 127.0.0.1:5000/agents/{agent_id}:{version}";
+        let oci_reference_template = match self.setting(&mut s, "OciReferenceTemplate", oci_expected)? {
+            None => None,
+            Some(setting) => match setting.scalar.text() {
+                Some(text) if text.trim().is_empty() => None,
+                Some(text) if valid_oci_template(text.trim()) => Some(text.trim().to_string()),
+                _ => return Err(self.rejected(setting, oci_expected)),
+            },
+        };
         let sources_key = s.key("Sources");
         let sources = match s.entries.take("Sources") {
             None => {
@@ -955,17 +965,21 @@ impl Binder<'_> {
                 if http_url_template.is_some() {
                     sources.push(AgentSourceKind::Http);
                 }
+                if oci_reference_template.is_some() {
+                    sources.push(AgentSourceKind::Oci);
+                }
                 sources
             }
             Some(node) => {
                 let names = list_items(&node);
-                let expected = "a list of sources to try in order, each directory or http, \
-                     e.g. [\"directory\", \"http\"]";
+                let expected = "a list of sources to try in order, each directory, http or oci, \
+                     e.g. [\"directory\", \"oci\"]";
                 let mut sources = Vec::new();
                 for name in &names {
                     let kind = match name.to_ascii_lowercase().as_str() {
                         "directory" => AgentSourceKind::Directory,
                         "http" => AgentSourceKind::Http,
+                        "oci" => AgentSourceKind::Oci,
                         _ => {
                             return Err(self.invalid(sources_key, format!("{name:?}"), &node.origin, expected.to_string()));
                         }
@@ -987,12 +1001,26 @@ impl Binder<'_> {
                             .to_string(),
                     ));
                 }
+                if sources.contains(&AgentSourceKind::Oci) && oci_reference_template.is_none() {
+                    return Err(self.invalid(
+                        sources_key,
+                        node.describe(),
+                        &node.origin,
+                        "oci is listed but AgentStore.OciReferenceTemplate is not set; set it, \
+                         e.g. 127.0.0.1:5000/agents/{agent_id}:{version}, or drop oci"
+                            .to_string(),
+                    ));
+                }
                 sources
             }
         };
         let store = AgentStoreSection {
             sources,
             http_url_template,
+            oci_reference_template,
+            oci_insecure: self.boolean(&mut s, "OciInsecure", defaults.oci_insecure)?,
+            oci_username: self.optional_text(&mut s, "OciUsername")?,
+            oci_password: self.optional_text(&mut s, "OciPassword")?.map(Secret::new),
             max_download_bytes: self.size(
                 &mut s,
                 "MaxDownloadBytes",
@@ -1034,6 +1062,14 @@ fn list_items(node: &Node) -> Vec<String> {
             .map(|item| item.trim().to_string())
             .collect(),
     }
+}
+
+/// Whether `template` names both placeholders and is an OCI reference
+/// once they are filled in.
+fn valid_oci_template(template: &str) -> bool {
+    let placeholders = template.contains("{agent_id}") && template.contains("{version}");
+    let sample = template.replace("{agent_id}", "echo").replace("{version}", "1.0.0");
+    placeholders && !sample.contains("://") && sample.parse::<oci_client::Reference>().is_ok()
 }
 
 /// Whether `template` names both placeholders and is an http(s) URL once

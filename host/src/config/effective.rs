@@ -174,6 +174,10 @@ struct Sandbox<'a> {
 struct AgentStore<'a> {
     sources: Vec<&'static str>,
     http_url_template: Option<&'a str>,
+    oci_reference_template: Option<&'a str>,
+    oci_insecure: bool,
+    oci_username: Option<&'a str>,
+    oci_password: Option<&'static str>,
     max_download_bytes: u64,
     download_timeout_seconds: u64,
     require_digest: bool,
@@ -289,6 +293,10 @@ impl<'a> View<'a> {
             agent_store: AgentStore {
                 sources: config.agent_store.sources.iter().map(|kind| kind.as_str()).collect(),
                 http_url_template: config.agent_store.http_url_template.as_deref(),
+                oci_reference_template: config.agent_store.oci_reference_template.as_deref(),
+                oci_insecure: config.agent_store.oci_insecure,
+                oci_username: config.agent_store.oci_username.as_deref(),
+                oci_password: config.agent_store.oci_password.as_ref().map(|_| REDACTED),
                 max_download_bytes: config.agent_store.max_download_bytes,
                 download_timeout_seconds: config.agent_store.download_timeout.as_secs(),
                 require_digest: config.agent_store.require_digest,

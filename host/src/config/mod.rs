@@ -32,7 +32,9 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 
-use crate::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings};
+use crate::agent_store::{
+    AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings,
+};
 
 use crate::sandbox::{
     AllocatorChoice, CompiledCacheSettings, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
@@ -318,6 +320,8 @@ pub enum AgentSourceKind {
     Directory,
     /// `AgentStore.HttpUrlTemplate`.
     Http,
+    /// `AgentStore.OciReferenceTemplate`.
+    Oci,
 }
 
 impl AgentSourceKind {
@@ -325,6 +329,7 @@ impl AgentSourceKind {
         match self {
             AgentSourceKind::Directory => "directory",
             AgentSourceKind::Http => "http",
+            AgentSourceKind::Oci => "oci",
         }
     }
 }
@@ -338,6 +343,15 @@ pub struct AgentStoreSection {
     /// `HttpUrlTemplate`: with `{agent_id}` and `{version}`, and
     /// optionally `{base}` (the control plane's URL).
     pub http_url_template: Option<String>,
+    /// `OciReferenceTemplate`: `REGISTRY/REPOSITORY:TAG` with
+    /// `{agent_id}` and `{version}`.
+    pub oci_reference_template: Option<String>,
+    /// `OciInsecure`: plain HTTP to the registry.
+    pub oci_insecure: bool,
+    /// `OciUsername`, `OciPassword`: basic credentials; anonymous when
+    /// unset.
+    pub oci_username: Option<String>,
+    pub oci_password: Option<Secret>,
     /// `MaxDownloadBytes`: bytes or a size.
     pub max_download_bytes: u64,
     /// `DownloadTimeoutSeconds`.
@@ -351,6 +365,10 @@ impl Default for AgentStoreSection {
         AgentStoreSection {
             sources: vec![AgentSourceKind::Directory],
             http_url_template: None,
+            oci_reference_template: None,
+            oci_insecure: false,
+            oci_username: None,
+            oci_password: None,
             max_download_bytes: 256 << 20,
             download_timeout: Duration::from_secs(60),
             require_digest: false,
@@ -600,9 +618,23 @@ impl NodeConfig {
                         url_template: template.replace("{base}", base.trim_end_matches('/')),
                         max_bytes: store.max_download_bytes,
                         timeout: store.download_timeout,
-                        cache_dir: self.node_runtime.data_directory.join("agents"),
+                        cache_dir: self.node_runtime.data_directory.join("agents").join("http"),
                     };
                     Some(AgentSource::Http(HttpSource::new(settings, reqwest::Client::new())))
+                }
+                AgentSourceKind::Oci => {
+                    let settings = OciSourceSettings {
+                        reference_template: store.oci_reference_template.clone()?,
+                        insecure: store.oci_insecure,
+                        credentials: store.oci_username.clone().map(|user| {
+                            let password = store.oci_password.as_ref().map(|p| p.expose().to_string());
+                            (user, password.unwrap_or_default())
+                        }),
+                        max_bytes: store.max_download_bytes,
+                        timeout: store.download_timeout,
+                        cache_dir: self.node_runtime.data_directory.join("agents").join("oci"),
+                    };
+                    Some(AgentSource::Oci(OciSource::new(settings)))
                 }
             })
             .collect();

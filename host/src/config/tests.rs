@@ -384,10 +384,10 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
         },
         Case {
             what: "an unknown agent source",
-            json: r#"{"AgentStore": {"Sources": ["directory", "oci"]}}"#,
+            json: r#"{"AgentStore": {"Sources": ["directory", "s3"]}}"#,
             env: &[],
             key: "AgentStore.Sources",
-            fix: "each directory or http",
+            fix: "each directory, http or oci",
         },
         Case {
             what: "the http source without a template",
@@ -395,6 +395,20 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             env: &[],
             key: "AgentStore.Sources",
             fix: "AgentStore.HttpUrlTemplate is not set",
+        },
+        Case {
+            what: "the oci source without a template",
+            json: r#"{"AgentStore": {"Sources": ["oci"]}}"#,
+            env: &[],
+            key: "AgentStore.Sources",
+            fix: "AgentStore.OciReferenceTemplate is not set",
+        },
+        Case {
+            what: "an OCI template written as a URL",
+            json: r#"{"AgentStore": {"OciReferenceTemplate": "https://registry.test/{agent_id}:{version}"}}"#,
+            env: &[],
+            key: "AgentStore.OciReferenceTemplate",
+            fix: "REGISTRY/REPOSITORY:TAG",
         },
         Case {
             what: "a sampling ratio of 2",
@@ -920,4 +934,22 @@ fn compiled_components_are_kept_under_the_data_directory_unless_the_bound_is_zer
     assert_eq!(config.sandbox_config().compiled_cache, None);
     let config = load(r#"{"Sandbox": {"CompiledCacheMaxBytes": "64MiB"}}"#).unwrap();
     assert_eq!(config.sandbox_config().compiled_cache.unwrap().max_bytes, 64 << 20);
+}
+
+#[test]
+fn the_registry_password_is_read_from_the_environment_and_never_printed() {
+    let config = NodeConfig::from_json_str(
+        r#"{"AgentStore": {"OciReferenceTemplate": "127.0.0.1:5000/agents/{agent_id}:{version}",
+            "OciUsername": "robot"}}"#,
+        Path::new("."),
+        env(&[("AgentStore__OciPassword", "hunter2-registry")]),
+    )
+    .unwrap();
+    let store = &config.agent_store;
+    assert_eq!(store.sources, [AgentSourceKind::Directory, AgentSourceKind::Oci]);
+    assert_eq!(store.oci_password.as_ref().unwrap().expose(), "hunter2-registry");
+    let printed = config.redacted_json();
+    assert!(!printed.contains("hunter2-registry"), "{printed}");
+    assert!(printed.contains(r#""OciPassword": "***""#), "{printed}");
+    assert!(!format!("{config:?}").contains("hunter2-registry"));
 }

@@ -16,13 +16,14 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// The top-level sections the node reads; environment variables whose
 /// first segment is not one of these are none of its business.
-pub(super) const SECTIONS: [&str; 6] = [
+pub(super) const SECTIONS: [&str; 7] = [
     "NodeRuntime",
     "MTls",
     "AgentRuntime",
     "OpenTelemetry",
     "Logging",
     "Sandbox",
+    "AgentStore",
 ];
 
 /// Where a value came from.

@@ -1,0 +1,141 @@
+//! Downloaded agents, kept on disk, fetched once per version.
+//!
+//! The first run of a version downloads it, whatever the number of runs
+//! waiting for it, into `<cache>/<agent_id>/<version>.wasm`; later runs and
+//! later processes use that file. A version is treated as immutable: to
+//! fetch it again, delete its file. Files are written atomically (a
+//! temporary file, synced, then renamed), so a crash or a cut connection
+//! never leaves half an artifact behind. The HTTP and OCI sources share it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Why a download failed. Each one is the node's problem, not the
+/// agent's: the lease goes back to the control plane to be tried again.
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("GET {url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error(
+        "{url}: the artifact is larger than AgentStore.MaxDownloadBytes ({limit} bytes); \
+         raise the limit if the agent is meant to be this large"
+    )]
+    TooLarge { url: String, limit: u64 },
+    #[error(
+        "{url}: no complete answer within AgentStore.DownloadTimeoutSeconds ({}s)",
+        .timeout.as_secs()
+    )]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("cannot store the download of {url} at {}: {source}", .path.display())]
+    Store {
+        url: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct DownloadCache {
+    dir: PathBuf,
+    /// One lock per version being fetched: the first caller downloads,
+    /// the others wait and then find the file.
+    in_flight: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl DownloadCache {
+    pub fn new(dir: PathBuf) -> Self {
+        DownloadCache {
+            dir,
+            in_flight: Mutex::default(),
+        }
+    }
+
+    /// Where the version is (or will be) kept. The names were checked by
+    /// the store: no separators, no `..`.
+    pub fn path(&self, agent_id: &str, version: &str) -> PathBuf {
+        self.dir.join(agent_id).join(format!("{version}.wasm"))
+    }
+
+    /// The kept copy of the version, or what `download` brings (`None`:
+    /// the source has no such version), kept first. `origin` names the
+    /// download in errors and logs.
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        agent_id: &str,
+        version: &str,
+        origin: &str,
+        download: F,
+    ) -> Result<Option<PathBuf>, FetchError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, FetchError>>,
+    {
+        let path = self.path(agent_id, version);
+        if is_file(&path).await {
+            return Ok(Some(path));
+        }
+        let gate = self.gate(agent_id, version);
+        let _downloading = gate.lock().await;
+        if is_file(&path).await {
+            return Ok(Some(path));
+        }
+        let Some(bytes) = download().await? else {
+            return Ok(None);
+        };
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|source| FetchError::Store {
+                url: origin.to_string(),
+                path: path.clone(),
+                source,
+            })?;
+        tracing::info!(origin, path = %path.display(), "downloaded agent");
+        Ok(Some(path))
+    }
+
+    fn gate(&self, agent_id: &str, version: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        gates
+            .entry((agent_id.to_string(), version.to_string()))
+            .or_default()
+            .clone()
+    }
+}
+
+async fn is_file(path: &Path) -> bool {
+    tokio::fs::metadata(path).await.is_ok_and(|meta| meta.is_file())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames
+/// it into place: readers see the whole file or none.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("a cached path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|err| err.error)?;
+    Ok(())
+}
+
+/// An error with its causes, on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
