@@ -165,6 +165,23 @@ struct Sandbox<'a> {
     max_log_bytes: usize,
     allocator: &'static str,
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
+    grants: BTreeMap<&'a str, AgentGrants<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentGrants<'a> {
+    directories: Vec<Directory<'a>>,
+    environment: &'a [String],
+    allowed_hosts: &'a [String],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Directory<'a> {
+    host_path: String,
+    guest_path: &'a str,
+    read_only: bool,
 }
 
 impl<'a> View<'a> {
@@ -272,6 +289,27 @@ impl<'a> View<'a> {
                     AllocatorChoice::OnDemand => "on-demand",
                 },
                 allowed_hosts: &sandbox.allowed_hosts,
+                grants: sandbox
+                    .grants
+                    .iter()
+                    .map(|(agent, grants)| {
+                        let directories = grants
+                            .directories
+                            .iter()
+                            .map(|d| Directory {
+                                host_path: path(&d.host_path),
+                                guest_path: &d.guest_path,
+                                read_only: d.read_only,
+                            })
+                            .collect();
+                        let view = AgentGrants {
+                            directories,
+                            environment: &grants.environment,
+                            allowed_hosts: &grants.http_hosts,
+                        };
+                        (agent.as_str(), view)
+                    })
+                    .collect(),
             },
         }
     }

@@ -33,7 +33,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 
 use crate::sandbox::{
-    AllocatorChoice, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
+    AllocatorChoice, EngineSettings, Grants, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
 };
 
 /// Everything the node is configured with. Build it with
@@ -303,6 +303,10 @@ pub struct SandboxSection {
     /// each agent's outbound HTTP may go. An agent not listed reaches
     /// nothing.
     pub allowed_hosts: BTreeMap<String, Vec<String>>,
+    /// `Grants` (agent id -> `Directories`, `Environment`, `AllowedHosts`):
+    /// what each agent may reach beyond clocks and random; host
+    /// directories exist (checked at load). An agent not listed gets none.
+    pub grants: BTreeMap<String, Grants>,
 }
 
 /// A value that must not be printed: `Debug` shows `***`.
@@ -432,6 +436,7 @@ impl Default for SandboxSection {
             max_log_bytes: limits.log_bytes,
             allocator: AllocatorChoice::Auto,
             allowed_hosts: BTreeMap::new(),
+            grants: BTreeMap::new(),
         }
     }
 }
@@ -521,6 +526,7 @@ impl NodeConfig {
             },
             llm: self.llm_settings(),
             allowed_hosts: self.sandbox.allowed_hosts.clone(),
+            grants: self.sandbox.grants.clone(),
         }
     }
 
