@@ -609,3 +609,24 @@ fn bad_dir_and_env_flags_are_usage_errors_that_name_the_flag_and_the_fix() {
         assert!(output.stdout.is_empty(), "{args:?}: the agent ran");
     }
 }
+
+#[test]
+fn run_agent_never_passes_the_llm_key_variable() {
+    let output = run_agent(
+        &[
+            "--llm-endpoint",
+            "http://127.0.0.1:9",
+            "--llm-key-env",
+            "GRANTS_TEST_LLM_KEY",
+            "--env",
+            "GRANTS_TEST_LLM_KEY",
+            "--input-ref",
+            "ops=env GRANTS_TEST_LLM_KEY",
+        ],
+        &[("GRANTS_TEST_LLM_KEY", SECRET)],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--env GRANTS_TEST_LLM_KEY") && stderr.contains("never given"), "{stderr}");
+    assert!(output.stdout.is_empty() && !stderr.contains(SECRET), "{stderr}");
+}

@@ -112,6 +112,12 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         duration: args.timeout,
         tokens: args.max_tokens,
     };
+    if let Some(var) = args.llm_key_env.as_ref().filter(|var| args.env.contains(var)) {
+        return Err(CommandError::usage(format!(
+            "--env {var}: that variable holds the LLM endpoint's key (--llm-key-env), which an \
+             agent is never given; pass the agent what it needs in a variable of its own"
+        )));
+    }
     let config = SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,

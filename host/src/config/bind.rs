@@ -57,6 +57,7 @@ pub(super) fn read(
         base_dir,
         ignored: Vec::new(),
         env: env.into_iter().collect(),
+        key_variables: Vec::new(),
     };
     let mut root = Section {
         key: String::new(),
@@ -65,6 +66,12 @@ pub(super) fn read(
     let node_runtime = binder.node_runtime(&mut root)?;
     let mtls = binder.mtls(&mut root)?;
     let agent_runtime = binder.agent_runtime(&mut root)?;
+    binder.key_variables = agent_runtime
+        .openai
+        .api_key_environment_variable
+        .iter()
+        .cloned()
+        .collect();
     let open_telemetry = binder.open_telemetry(&mut root)?;
     let logging = binder.logging(&mut root)?;
     let sandbox = binder.sandbox(&mut root)?;
@@ -123,6 +130,9 @@ struct Binder<'a> {
     ignored: Vec<String>,
     /// The environment, for keys that name a variable (an API key's).
     env: BTreeMap<String, String>,
+    /// Variables that hold a key of the node's (the LLM's), which no grant
+    /// may pass to an agent.
+    key_variables: Vec<String>,
 }
 
 /// What a path must be, when it exists.
@@ -746,6 +756,19 @@ impl Binder<'_> {
                 None => Vec::new(),
                 Some(node) => {
                     let names = names(&node);
+                    if let Some(secret) = names.iter().find(|name| {
+                        self.key_variables.contains(name) || configures_the_node(name)
+                    }) {
+                        return Err(self.invalid(
+                            a.key("Environment"),
+                            format!("{secret:?}"),
+                            &node.origin,
+                            "that variable configures the node or holds its LLM key, which an \
+                             agent is never given; remove it from the grant (and give the agent \
+                             what it needs in a variable of its own)"
+                                .to_string(),
+                        ));
+                    }
                     if let Some(bad) = names.iter().find(|name| check_environment_name(name).is_err()) {
                         return Err(self.invalid(
                             a.key("Environment"),
@@ -1107,6 +1130,15 @@ fn names(node: &Node) -> Vec<String> {
         .map(|text| text.trim().to_string())
         .filter(|text| !text.is_empty())
         .collect()
+}
+
+/// Whether the variable `name` is one of the node's settings
+/// (`AgentRuntime__OpenAI__ApiKey`), as `tree::apply_env` reads them.
+fn configures_the_node(name: &str) -> bool {
+    let normalised = name.replace("__", ":");
+    let mut path = normalised.split(':');
+    let section = path.next().unwrap_or_default();
+    path.next().is_some() && tree::SECTIONS.iter().any(|known| tree::same_key(known, section))
 }
 
 /// `host` or `host:port`, with no scheme, path or blank.

@@ -981,3 +981,22 @@ fn a_bad_grant_names_its_key_its_value_and_the_fix() {
     let missing = refused(r#"{"Directories": [{"HostPath": "missing", "GuestPath": "/data"}]}"#);
     assert!(missing.contains(&dir.path().join("missing").display().to_string()), "{missing}");
 }
+
+#[test]
+fn no_grant_passes_the_llm_key_or_a_node_setting_to_an_agent() {
+    let with_key = |grant: &str| {
+        let json = format!(
+            r#"{{"AgentRuntime": {{"OpenAI": {{"Endpoint": "http://127.0.0.1:8000",
+                  "ApiKeyEnvironmentVariable": "LLM_KEY"}}}},
+                "Sandbox": {{"Grants": {{"echo": {{"Environment": {grant}}}}}}}}}"#
+        );
+        NodeConfig::from_json_str(&json, Path::new("/etc/node-runtime"), env(&[("LLM_KEY", "sk-1")]))
+    };
+    for grant in [r#"["LLM_KEY"]"#, r#""TENANT, AgentRuntime__OpenAI__ApiKey""#, r#"["sandbox:grants"]"#] {
+        let message = with_key(grant).unwrap_err().to_string();
+        assert!(message.contains("Sandbox.Grants.echo.Environment"), "{message}");
+        assert!(message.contains("never given"), "{message}");
+        assert!(!message.contains("sk-1"), "{message}");
+    }
+    assert!(with_key(r#"["TENANT", "NodeRuntimeish"]"#).is_ok());
+}
