@@ -143,12 +143,6 @@ impl Sandbox {
             .map_or(&[], |grants| grants.http_hosts.as_slice())
     }
 
-    /// Everything `agent_id` is granted (empty: nothing beyond clocks and
-    /// random).
-    pub fn grants(&self, agent_id: &str) -> AgentGrants {
-        self.grants.get(agent_id).cloned().unwrap_or_default()
-    }
-
     /// Logs an agent's grants the first time one of its runs starts.
     fn announce_grants(&self, agent_id: &str, grants: &AgentGrants) {
         let first = self
