@@ -630,3 +630,62 @@ fn run_agent_never_passes_the_llm_key_variable() {
     assert!(stderr.contains("--env GRANTS_TEST_LLM_KEY") && stderr.contains("never given"), "{stderr}");
     assert!(output.stdout.is_empty() && !stderr.contains(SECRET), "{stderr}");
 }
+
+// From the configuration file.
+
+#[tokio::test]
+async fn grants_in_the_configuration_reach_the_agents_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("inbox")).unwrap();
+    std::fs::write(dir.path().join("inbox/invoice.txt"), "INV-7").unwrap();
+    let json = r#"{"Sandbox": {
+        "AllowedHosts": {"fs-env-probe": ["old.example.com"]},
+        "Grants": {"fs-env-probe": {
+            "Directories": [{"HostPath": "inbox", "GuestPath": "/inbox"}],
+            "Environment": ["CARGO_PKG_NAME"],
+            "AllowedHosts": ["api.example.com:443"]
+        }}
+    }}"#;
+    let config = node_runtime::config::NodeConfig::from_json_str(json, dir.path(), Vec::new()).unwrap();
+    let sandbox = Sandbox::new(config.sandbox_config()).expect("the sandbox starts");
+    let hosts: Vec<String> = sandbox.allowed_hosts(PROBE).iter().map(ToString::to_string).collect();
+    assert_eq!(hosts, ["api.example.com:443", "old.example.com"]);
+
+    let seen = probe(
+        &sandbox,
+        PROBE,
+        &["read /inbox/invoice.txt", "write /inbox/x.txt=x", "env-names"],
+        &[],
+    )
+    .await;
+    assert_ok(&seen, "read /inbox/invoice.txt", "INV-7");
+    assert_refused(&seen, "write /inbox/x.txt=x");
+    assert_ok(&seen, "env-names", "CARGO_PKG_NAME");
+}
+
+#[test]
+fn config_check_refuses_a_granted_directory_that_does_not_exist_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("appsettings.json");
+    std::fs::write(
+        &file,
+        r#"{"Sandbox": {"Grants": {"echo": {"Directories": [{"HostPath": "nowhere", "GuestPath": "/data"}]}}}}"#,
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("the node-runtime binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for expected in [
+        "Sandbox.Grants.echo.Directories.0.HostPath",
+        "\"nowhere\"",
+        &dir.path().join("nowhere").display().to_string(),
+        &file.display().to_string(),
+        "no such directory; create it, or fix the path",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+}
