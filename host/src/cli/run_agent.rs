@@ -12,9 +12,10 @@ use super::args::{parse_duration, parse_key_value, parse_size};
 use super::{CommandError, Exit, read_file};
 use crate::config::Secret;
 use crate::sandbox::budget::format_bytes;
+use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, LlmSettings, RunContext, RunOutcome, RunReport,
-    RunRequest, Sandbox, SandboxConfig,
+    BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, InvalidGrant, LlmSettings,
+    RunContext, RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
 };
 
 #[derive(Debug, Args)]
@@ -76,6 +77,18 @@ pub struct RunAgentArgs {
     #[arg(long = "allow-http", value_name = "HOST[:PORT]", value_parser = parse_allow_http)]
     pub allow_http: Vec<String>,
 
+    /// Let the agent see the host directory HOST at the absolute guest
+    /// path GUEST, read-write, or read-only with `:ro` (repeatable).
+    /// Metadata `fs.allow` can narrow this, never widen it.
+    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]", value_parser = parse_dir)]
+    pub dirs: Vec<DirectoryGrant>,
+
+    /// Pass the environment variable NAME, with its value here, to the agent
+    /// (repeatable); without it the agent's environment is empty. Metadata
+    /// `env.allow` can narrow this, never widen it.
+    #[arg(long = "env", value_name = "NAME", value_parser = parse_env)]
+    pub env: Vec<String>,
+
     /// The agent id the run reports (default: the file name without its
     /// extension).
     #[arg(long, value_name = "ID")]
@@ -99,17 +112,26 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         duration: args.timeout,
         tokens: args.max_tokens,
     };
+    if let Some(var) = args.llm_key_env.as_ref().filter(|var| args.env.contains(var)) {
+        return Err(CommandError::usage(format!(
+            "--env {var}: that variable holds the LLM endpoint's key (--llm-key-env), which an \
+             agent is never given; pass the agent what it needs in a variable of its own"
+        )));
+    }
     let config = SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,
             ..EngineSettings::default()
         },
         llm: llm_settings(&args)?,
-        allowed_hosts: if args.allow_http.is_empty() {
-            BTreeMap::new()
-        } else {
-            BTreeMap::from([(context.agent_id.clone(), args.allow_http.clone())])
-        },
+        grants: BTreeMap::from([(
+            context.agent_id.clone(),
+            Grants {
+                directories: args.dirs.clone(),
+                environment: args.env.clone(),
+                http_hosts: args.allow_http.clone(),
+            },
+        )]),
         ..SandboxConfig::default()
     };
     config.limits.check(&budget).map_err(|err| {
@@ -118,7 +140,12 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
              limits)"
         ))
     })?;
-    let sandbox = Sandbox::new(config).map_err(|err| CommandError::internal(err.to_string()))?;
+    let sandbox = Sandbox::new(config).map_err(|err| match err {
+        // The flags were checked as parsed; a directory removed since is
+        // still the command line's problem.
+        SandboxError::Grant { error, .. } => CommandError::usage(format!("--dir or --env: {error}")),
+        err => CommandError::internal(err.to_string()),
+    })?;
 
     let agent = match sandbox.load(Arc::from(bytes)).await {
         Ok(agent) => agent,
@@ -152,6 +179,37 @@ fn parse_allow_http(entry: &str) -> Result<String, String> {
     crate::sandbox::HostGrant::parse(entry)
         .map(|_| entry.trim().to_string())
         .map_err(|err| format!("{err}: expected e.g. api.example.com or 127.0.0.1:8080"))
+}
+
+/// `--dir HOST::GUEST[:ro]`: an existing host directory (made absolute),
+/// an absolute guest path, read-write unless `:ro`.
+fn parse_dir(text: &str) -> Result<DirectoryGrant, String> {
+    let form = "expected HOST::GUEST or HOST::GUEST:ro, e.g. ./data::/data:ro";
+    let Some((host, guest)) = text.split_once("::") else {
+        return Err(format!("`{text}` has no `::` between the host directory and the guest path: {form}"));
+    };
+    let (guest, read_only) = match guest.strip_suffix(":ro") {
+        Some(guest) => (guest, true),
+        None => (guest, false),
+    };
+    if host.is_empty() {
+        return Err(format!("`{text}` names no host directory: {form}"));
+    }
+    check_guest_path(guest).map_err(|err| format!("{err} ({form})"))?;
+    let host_path = std::path::absolute(host).map_err(|err| format!("`{host}`: {err}"))?;
+    if !host_path.is_dir() {
+        return Err(InvalidGrant::NoSuchDirectory(host_path).to_string());
+    }
+    Ok(DirectoryGrant {
+        host_path,
+        guest_path: guest.to_string(),
+        read_only,
+    })
+}
+
+/// `--env NAME`: a variable's name, never its value.
+fn parse_env(name: &str) -> Result<String, String> {
+    check_environment_name(name).map(|()| name.to_string()).map_err(|err| err.to_string())
 }
 
 /// `--llm-endpoint` and `--llm-key-env` (clap makes each require the

@@ -23,6 +23,7 @@ use super::{
 use crate::sandbox::llm::ModelPrice;
 use crate::cli::parse_size;
 use crate::sandbox::AllocatorChoice;
+use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
 
 /// Parses `text`, applies `env` over it and binds the result.
 pub(super) fn read(
@@ -56,6 +57,7 @@ pub(super) fn read(
         base_dir,
         ignored: Vec::new(),
         env: env.into_iter().collect(),
+        key_variables: Vec::new(),
     };
     let mut root = Section {
         key: String::new(),
@@ -64,6 +66,12 @@ pub(super) fn read(
     let node_runtime = binder.node_runtime(&mut root)?;
     let mtls = binder.mtls(&mut root)?;
     let agent_runtime = binder.agent_runtime(&mut root)?;
+    binder.key_variables = agent_runtime
+        .openai
+        .api_key_environment_variable
+        .iter()
+        .cloned()
+        .collect();
     let open_telemetry = binder.open_telemetry(&mut root)?;
     let logging = binder.logging(&mut root)?;
     let sandbox = binder.sandbox(&mut root)?;
@@ -124,6 +132,9 @@ struct Binder<'a> {
     ignored: Vec<String>,
     /// The environment, for keys that name a variable (an API key's).
     env: BTreeMap<String, String>,
+    /// Variables that hold a key of the node's (the LLM's), which no grant
+    /// may pass to an agent.
+    key_variables: Vec<String>,
 }
 
 /// What a path must be, when it exists.
@@ -133,6 +144,8 @@ enum PathKind {
     ExistingFile,
     /// A directory, or nothing yet.
     Directory,
+    /// A directory that exists (one granted to an agent).
+    ExistingDirectory,
 }
 
 impl Binder<'_> {
@@ -405,6 +418,16 @@ impl Binder<'_> {
                 "it exists and is not a directory; expected a directory (or a path to create one at)",
             ),
             (PathKind::Directory, _) => None,
+            (PathKind::ExistingDirectory, Ok(meta)) if meta.is_dir() => None,
+            (PathKind::ExistingDirectory, Ok(_)) => {
+                Some("it is not a directory; expected an existing directory to grant")
+            }
+            (PathKind::ExistingDirectory, Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+                Some("no such directory; create it, or fix the path")
+            }
+            (PathKind::ExistingDirectory, Err(_)) => {
+                Some("it cannot be read; expected a directory the node can open")
+            }
         };
         match problem {
             None => Ok(Some(path)),
@@ -699,37 +722,151 @@ impl Binder<'_> {
         for agent in agents {
             let key = s.key(&agent);
             let Some(node) = s.entries.take(&agent) else { continue };
-            let hosts: Vec<String> = match &node.kind {
-                tree::Kind::Value(scalar) => scalar
-                    .text()
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(|host| host.trim().to_string())
-                    .filter(|host| !host.is_empty())
-                    .collect(),
-                tree::Kind::Section { entries, .. } => entries
-                    .0
-                    .iter()
-                    .filter_map(|(_, item)| match &item.kind {
-                        tree::Kind::Value(scalar) => scalar.text(),
-                        tree::Kind::Section { .. } => None,
-                    })
-                    .map(|host| host.trim().to_string())
-                    .collect(),
-            };
-            if let Some(bad) = hosts.iter().find(|host| !valid_host(host)) {
-                return Err(self.invalid(
-                    key,
-                    format!("{bad:?}"),
-                    &node.origin,
-                    "expected hosts as `host` or `host:port` (no scheme, no path), e.g. \
-                     [\"api.example.com\", \"127.0.0.1:8080\"]"
-                        .to_string(),
-                ));
-            }
+            let hosts = self.host_list(key, &node)?;
             grants.insert(agent, hosts);
         }
         Ok(grants)
+    }
+
+    /// An agent's HTTP hosts: a JSON array or a comma-separated string of
+    /// `host` or `host:port`.
+    fn host_list(&self, key: String, node: &Node) -> Result<Vec<String>, ConfigError> {
+        let hosts = names(node);
+        if let Some(bad) = hosts.iter().find(|host| !valid_host(host)) {
+            return Err(self.invalid(
+                key,
+                format!("{bad:?}"),
+                &node.origin,
+                "expected hosts as `host` or `host:port` (no scheme, no path), e.g. \
+                 [\"api.example.com\", \"127.0.0.1:8080\"]"
+                    .to_string(),
+            ));
+        }
+        Ok(hosts)
+    }
+
+    /// `Sandbox.Grants`: agent id -> `Directories`, `Environment` and
+    /// `AllowedHosts` granted to its runs.
+    fn grants(&mut self, parent: &mut Section) -> Result<BTreeMap<String, Grants>, ConfigError> {
+        let mut s = self.section(parent, "Grants")?;
+        let agents: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let mut grants = BTreeMap::new();
+        for agent in agents {
+            let mut a = self.section(&mut s, &agent)?;
+            let directories = self.directory_grants(&mut a)?;
+            let environment = match a.entries.take("Environment") {
+                None => Vec::new(),
+                Some(node) => {
+                    let names = names(&node);
+                    if let Some(secret) = names.iter().find(|name| {
+                        self.key_variables.contains(name) || configures_the_node(name)
+                    }) {
+                        return Err(self.invalid(
+                            a.key("Environment"),
+                            format!("{secret:?}"),
+                            &node.origin,
+                            "that variable configures the node or holds its LLM key, which an \
+                             agent is never given; remove it from the grant (and give the agent \
+                             what it needs in a variable of its own)"
+                                .to_string(),
+                        ));
+                    }
+                    if let Some(bad) = names.iter().find(|name| check_environment_name(name).is_err()) {
+                        return Err(self.invalid(
+                            a.key("Environment"),
+                            format!("{bad:?}"),
+                            &node.origin,
+                            "expected names of environment variables, e.g. [\"TENANT_ID\"] \
+                             (the name only: the value is read from the node's environment at \
+                             run time)"
+                                .to_string(),
+                        ));
+                    }
+                    names
+                }
+            };
+            let http_hosts = match a.entries.take("AllowedHosts") {
+                None => Vec::new(),
+                Some(node) => self.host_list(a.key("AllowedHosts"), &node)?,
+            };
+            self.finish(a);
+            grants.insert(
+                agent,
+                Grants {
+                    directories,
+                    environment,
+                    http_hosts,
+                },
+            );
+        }
+        self.finish(s);
+        Ok(grants)
+    }
+
+    /// `Directories`: a list of `{"HostPath", "GuestPath", "ReadOnly"}`;
+    /// `ReadOnly` defaults to true, so write access is only ever asked for.
+    fn directory_grants(&mut self, agent: &mut Section) -> Result<Vec<DirectoryGrant>, ConfigError> {
+        let key = agent.key("Directories");
+        let entries = match agent.entries.take("Directories") {
+            None => return Ok(Vec::new()),
+            Some(Node { kind: Kind::Value(Scalar::Null), .. }) => return Ok(Vec::new()),
+            Some(Node { kind: Kind::Section { entries, .. }, .. }) => entries,
+            Some(node) => {
+                return Err(self.invalid(
+                    key,
+                    node.describe(),
+                    &node.origin,
+                    "expected a list of directories, e.g. [{\"HostPath\": \"/srv/agent-data\", \
+                     \"GuestPath\": \"/data\", \"ReadOnly\": true}]"
+                        .to_string(),
+                ));
+            }
+        };
+        let mut list = Section { key, entries };
+        let names: Vec<String> = list.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let mut directories: Vec<DirectoryGrant> = Vec::new();
+        for name in names {
+            let mut d = self.section(&mut list, &name)?;
+            let Some(host_path) = self.path(&mut d, "HostPath", PathKind::ExistingDirectory)? else {
+                return Err(self.invalid(
+                    d.key("HostPath"),
+                    "not set".to_string(),
+                    &Origin::File,
+                    "expected the host directory to grant, e.g. /srv/agent-data".to_string(),
+                ));
+            };
+            let guest_key = d.key("GuestPath");
+            let guest = self.setting(&mut d, "GuestPath", "an absolute guest path")?;
+            let (guest_path, origin) = match guest {
+                Some(setting) => (setting.scalar.text().unwrap_or_default(), setting.origin),
+                None => (String::new(), Origin::File),
+            };
+            let problem = match check_guest_path(&guest_path) {
+                Err(_) => Some("expected an absolute path without `.` or `..` segments, `:` or `,`, \
+                                where the agent sees the directory, e.g. /data"),
+                Ok(()) if directories
+                    .iter()
+                    .any(|other| other.guest_path.trim_end_matches('/') == guest_path.trim_end_matches('/')) =>
+                {
+                    Some("another directory of this agent is already granted at this guest path; \
+                          give each its own")
+                }
+                Ok(()) => None,
+            };
+            if let Some(fix) = problem {
+                let found = if guest_path.is_empty() { "not set".to_string() } else { format!("{guest_path:?}") };
+                return Err(self.invalid(guest_key, found, &origin, fix.to_string()));
+            }
+            let read_only = self.boolean(&mut d, "ReadOnly", true)?;
+            self.finish(d);
+            directories.push(DirectoryGrant {
+                host_path,
+                guest_path,
+                read_only,
+            });
+        }
+        self.finish(list);
+        Ok(directories)
     }
 
     fn azure_ai_foundry(&mut self, parent: &mut Section) -> Result<AzureAiFoundry, ConfigError> {
@@ -864,6 +1001,7 @@ impl Binder<'_> {
         let defaults = SandboxSection::default();
         let mut s = self.section(root, "Sandbox")?;
         let allowed_hosts = self.allowed_hosts(&mut s)?;
+        let grants = self.grants(&mut s)?;
         let size_expected = |example: &str| {
             format!("a size in bytes of at least 1: a number, or with a unit such as {example}")
         };
@@ -927,6 +1065,7 @@ impl Binder<'_> {
                 0,
                 "a size in bytes, 0 (no cache on disk) or more: a number, or with a unit such as 1GiB",
             )?,
+            grants,
         };
         self.finish(s);
         Ok(sandbox)
@@ -1124,6 +1263,41 @@ fn usable_as_target(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c.is_whitespace() || matches!(c, ',' | '=' | '[' | ']' | '{' | '}'))
+}
+
+/// The entries of a list given as a JSON array or a comma-separated string,
+/// trimmed, blanks dropped.
+fn names(node: &Node) -> Vec<String> {
+    let texts: Vec<String> = match &node.kind {
+        Kind::Value(scalar) => scalar
+            .text()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_string)
+            .collect(),
+        Kind::Section { entries, .. } => entries
+            .0
+            .iter()
+            .filter_map(|(_, item)| match &item.kind {
+                Kind::Value(scalar) => scalar.text(),
+                Kind::Section { .. } => None,
+            })
+            .collect(),
+    };
+    texts
+        .into_iter()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty())
+        .collect()
+}
+
+/// Whether the variable `name` is one of the node's settings
+/// (`AgentRuntime__OpenAI__ApiKey`), as `tree::apply_env` reads them.
+fn configures_the_node(name: &str) -> bool {
+    let normalised = name.replace("__", ":");
+    let mut path = normalised.split(':');
+    let section = path.next().unwrap_or_default();
+    path.next().is_some() && tree::SECTIONS.iter().any(|known| tree::same_key(known, section))
 }
 
 /// `host` or `host:port`, with no scheme, path or blank.

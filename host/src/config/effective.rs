@@ -167,6 +167,7 @@ struct Sandbox<'a> {
     allocator: &'static str,
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
     compiled_cache_max_bytes: u64,
+    grants: BTreeMap<&'a str, AgentGrants<'a>>,
 }
 
 #[derive(Serialize)]
@@ -181,6 +182,22 @@ struct AgentStore<'a> {
     max_download_bytes: u64,
     download_timeout_seconds: u64,
     require_digest: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentGrants<'a> {
+    directories: Vec<Directory<'a>>,
+    environment: &'a [String],
+    allowed_hosts: &'a [String],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Directory<'a> {
+    host_path: String,
+    guest_path: &'a str,
+    read_only: bool,
 }
 
 impl<'a> View<'a> {
@@ -289,6 +306,27 @@ impl<'a> View<'a> {
                 },
                 allowed_hosts: &sandbox.allowed_hosts,
                 compiled_cache_max_bytes: sandbox.compiled_cache_max_bytes,
+                grants: sandbox
+                    .grants
+                    .iter()
+                    .map(|(agent, grants)| {
+                        let directories = grants
+                            .directories
+                            .iter()
+                            .map(|d| Directory {
+                                host_path: path(&d.host_path),
+                                guest_path: &d.guest_path,
+                                read_only: d.read_only,
+                            })
+                            .collect();
+                        let view = AgentGrants {
+                            directories,
+                            environment: &grants.environment,
+                            allowed_hosts: &grants.http_hosts,
+                        };
+                        (agent.as_str(), view)
+                    })
+                    .collect(),
             },
             agent_store: AgentStore {
                 sources: config.agent_store.sources.iter().map(|kind| kind.as_str()).collect(),

@@ -37,7 +37,8 @@ use crate::agent_store::{
 };
 
 use crate::sandbox::{
-    AllocatorChoice, CompiledCacheSettings, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
+    AllocatorChoice, CompiledCacheSettings, EngineSettings, Grants, LlmEndpoint, LlmSettings,
+    NodeLimits, SandboxConfig,
 };
 
 /// Everything the node is configured with. Build it with
@@ -311,6 +312,10 @@ pub struct SandboxSection {
     /// `CompiledCacheMaxBytes`: room for compiled components kept under
     /// `DataDirectory/compiled`; 0 keeps them in memory only.
     pub compiled_cache_max_bytes: u64,
+    /// `Grants` (agent id -> `Directories`, `Environment`, `AllowedHosts`):
+    /// what each agent may reach beyond clocks and random; host
+    /// directories exist (checked at load). An agent not listed gets none.
+    pub grants: BTreeMap<String, Grants>,
 }
 
 /// Which kind of place an agent is looked for in.
@@ -504,6 +509,7 @@ impl Default for SandboxSection {
             allocator: AllocatorChoice::Auto,
             allowed_hosts: BTreeMap::new(),
             compiled_cache_max_bytes: 1 << 30,
+            grants: BTreeMap::new(),
         }
     }
 }
@@ -597,6 +603,7 @@ impl NodeConfig {
                 dir: self.node_runtime.data_directory.join("compiled"),
                 max_bytes: sandbox.compiled_cache_max_bytes,
             }),
+            grants: self.sandbox.grants.clone(),
         }
     }
 

@@ -953,3 +953,140 @@ fn the_registry_password_is_read_from_the_environment_and_never_printed() {
     assert!(printed.contains(r#""OciPassword": "***""#), "{printed}");
     assert!(!format!("{config:?}").contains("hunter2-registry"));
 }
+
+#[test]
+fn grants_give_each_agent_directories_environment_names_and_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ref")).unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let json = r#"{"Sandbox": {
+        "AllowedHosts": {"echo": ["old.example.com"]},
+        "Grants": {"echo": {
+            "Directories": [
+                {"HostPath": "ref", "GuestPath": "/ref"},
+                {"HostPath": "out", "GuestPath": "/out", "ReadOnly": false}
+            ],
+            "Environment": ["TENANT_ID", "REGION"],
+            "AllowedHosts": "api.example.com:443"
+        }}
+    }}"#;
+    let config = NodeConfig::from_json_str(json, dir.path(), no_env()).unwrap();
+    let grants = &config.sandbox_config().grants["echo"];
+    assert_eq!(
+        grants.directories,
+        [
+            crate::sandbox::DirectoryGrant {
+                host_path: dir.path().join("ref"),
+                guest_path: "/ref".into(),
+                read_only: true,
+            },
+            crate::sandbox::DirectoryGrant {
+                host_path: dir.path().join("out"),
+                guest_path: "/out".into(),
+                read_only: false,
+            },
+        ]
+    );
+    assert_eq!(grants.environment, ["TENANT_ID", "REGION"]);
+    assert_eq!(grants.http_hosts, ["api.example.com:443"]);
+    // The older key keeps working beside it.
+    assert_eq!(config.sandbox_config().allowed_hosts["echo"], ["old.example.com"]);
+    assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+
+    // `config check` prints them back, and the output loads as the same.
+    let printed = config.redacted_json();
+    assert!(printed.contains("\"GuestPath\": \"/out\""), "{printed}");
+    let again = NodeConfig::from_json_str(&printed, dir.path(), no_env()).unwrap();
+    assert_eq!(again.sandbox.grants, config.sandbox.grants);
+
+    // The environment can grant too, the .NET way.
+    let from_env = NodeConfig::from_json_str(
+        "{}",
+        dir.path(),
+        env(&[
+            ("Sandbox__Grants__echo__Environment", "A, B"),
+            ("Sandbox__Grants__echo__Directories__0__HostPath", "ref"),
+            ("Sandbox__Grants__echo__Directories__0__GuestPath", "/ref"),
+        ]),
+    )
+    .unwrap();
+    let grants = &from_env.sandbox.grants["echo"];
+    assert_eq!(grants.environment, ["A", "B"]);
+    assert_eq!(grants.directories[0].host_path, dir.path().join("ref"));
+    assert!(grants.directories[0].read_only);
+}
+
+#[test]
+fn a_bad_grant_names_its_key_its_value_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    std::fs::create_dir(dir.path().join("ref")).unwrap();
+    let refused = |grant: &str| {
+        let json = format!(r#"{{"Sandbox": {{"Grants": {{"echo": {grant}}}}}}}"#);
+        NodeConfig::from_json_str(&json, dir.path(), no_env())
+            .unwrap_err()
+            .to_string()
+    };
+    let cases = [
+        (
+            r#"{"Directories": [{"HostPath": "missing", "GuestPath": "/data"}]}"#,
+            "Sandbox.Grants.echo.Directories.0.HostPath",
+            "no such directory",
+        ),
+        (
+            r#"{"Directories": [{"HostPath": "file", "GuestPath": "/data"}]}"#,
+            "Sandbox.Grants.echo.Directories.0.HostPath",
+            "not a directory",
+        ),
+        (
+            r#"{"Directories": [{"GuestPath": "/data"}]}"#,
+            "Sandbox.Grants.echo.Directories.0.HostPath",
+            "host directory to grant",
+        ),
+        (
+            r#"{"Directories": [{"HostPath": "ref", "GuestPath": "data/../x"}]}"#,
+            "Sandbox.Grants.echo.Directories.0.GuestPath",
+            "absolute path",
+        ),
+        (
+            r#"{"Directories": [{"HostPath": "ref", "GuestPath": "/d"}, {"HostPath": "ref", "GuestPath": "/d/"}]}"#,
+            "Sandbox.Grants.echo.Directories.1.GuestPath",
+            "already granted",
+        ),
+        (
+            r#"{"Directories": [{"HostPath": "ref", "GuestPath": "/d", "ReadOnly": "sometimes"}]}"#,
+            "Sandbox.Grants.echo.Directories.0.ReadOnly",
+            "true or false",
+        ),
+        (r#"{"Directories": "ref"}"#, "Sandbox.Grants.echo.Directories", "a list of directories"),
+        (r#"{"Environment": ["TOKEN=abc"]}"#, "Sandbox.Grants.echo.Environment", "the name only"),
+        (r#"{"AllowedHosts": ["https://x.com/"]}"#, "Sandbox.Grants.echo.AllowedHosts", "host:port"),
+    ];
+    for (grant, key, fix) in cases {
+        let message = refused(grant);
+        assert!(message.contains(key), "{grant}: {message}");
+        assert!(message.contains(fix), "{grant}: {message}");
+        assert!(message.contains("in the configuration text"), "{grant}: {message}");
+    }
+    let missing = refused(r#"{"Directories": [{"HostPath": "missing", "GuestPath": "/data"}]}"#);
+    assert!(missing.contains(&dir.path().join("missing").display().to_string()), "{missing}");
+}
+
+#[test]
+fn no_grant_passes_the_llm_key_or_a_node_setting_to_an_agent() {
+    let with_key = |grant: &str| {
+        let json = format!(
+            r#"{{"AgentRuntime": {{"OpenAI": {{"Endpoint": "http://127.0.0.1:8000",
+                  "ApiKeyEnvironmentVariable": "LLM_KEY"}}}},
+                "Sandbox": {{"Grants": {{"echo": {{"Environment": {grant}}}}}}}}}"#
+        );
+        NodeConfig::from_json_str(&json, Path::new("/etc/node-runtime"), env(&[("LLM_KEY", "sk-1")]))
+    };
+    for grant in [r#"["LLM_KEY"]"#, r#""TENANT, AgentRuntime__OpenAI__ApiKey""#, r#"["sandbox:grants"]"#] {
+        let message = with_key(grant).unwrap_err().to_string();
+        assert!(message.contains("Sandbox.Grants.echo.Environment"), "{message}");
+        assert!(message.contains("never given"), "{message}");
+        assert!(!message.contains("sk-1"), "{message}");
+    }
+    assert!(with_key(r#"["TENANT", "NodeRuntimeish"]"#).is_ok());
+}

@@ -5,7 +5,9 @@
 //! a fresh `Store`, so nothing leaks between runs, and ends in a classified
 //! [`RunOutcome`] with a [`RunReport`] of what its four meters read: fuel
 //! (CPU), memory, wall clock and LLM tokens. The LLM provider behind
-//! `llm.chat` is configured with [`LlmSettings`] (`llm`).
+//! `llm.chat` is configured with [`LlmSettings`] (`llm`); what each agent
+//! may reach beyond clocks and random (directories, environment variables,
+//! HTTP hosts) with [`Grants`] per agent id (`grants`).
 
 mod agent;
 mod bindings;
@@ -13,6 +15,7 @@ pub mod budget;
 pub(crate) mod capabilities;
 pub mod compiled_cache;
 pub mod engine;
+pub mod grants;
 pub mod llm;
 mod meters;
 pub mod outcome;
@@ -21,7 +24,7 @@ pub mod precompiled;
 mod run;
 mod state;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -34,6 +37,10 @@ pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{Allocator, AllocatorChoice, EngineSettings};
+pub use grants::{
+    AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
+    InvalidGrant,
+};
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 pub use run::{RunContext, RunRequest, RunResult};
@@ -51,11 +58,15 @@ pub struct SandboxConfig {
     /// The LLM provider behind `llm.chat`; `None` answers `not-configured`.
     pub llm: Option<LlmSettings>,
     /// Outbound HTTP grants: agent id -> the hosts (`host` or `host:port`)
-    /// its runs may reach. An agent not listed reaches nothing.
+    /// its runs may reach. An agent not listed reaches nothing. The older,
+    /// HTTP-only form of `grants`: both are merged per agent.
     pub allowed_hosts: std::collections::BTreeMap<String, Vec<String>>,
     /// Where compiled components are kept across restarts; `None` keeps
     /// them in memory only.
     pub compiled_cache: Option<CompiledCacheSettings>,
+    /// What each agent id may reach beyond clocks and random: directories,
+    /// environment variables, HTTP hosts. An agent not listed gets none.
+    pub grants: BTreeMap<String, Grants>,
 }
 
 #[derive(Debug, Error)]
@@ -76,6 +87,12 @@ pub enum SandboxError {
         agent_id: String,
         error: InvalidHostGrant,
     },
+    /// A grant in `SandboxConfig.grants` cannot be given.
+    #[error("sandbox grant for agent `{agent_id}`: {error}")]
+    Grant {
+        agent_id: String,
+        error: InvalidGrant,
+    },
 }
 
 /// The process's one WebAssembly engine and the agents compiled for it.
@@ -86,9 +103,11 @@ pub struct Sandbox {
     limits: NodeLimits,
     /// One HTTP client for every run's LLM calls (connections are pooled).
     llm: Option<Arc<llm::LlmClient>>,
-    /// Outbound HTTP grants by agent id, parsed from
-    /// `SandboxConfig.allowed_hosts`.
-    allowed_hosts: BTreeMap<String, Vec<HostGrant>>,
+    /// Grants by agent id, checked from `SandboxConfig.grants` and
+    /// `allowed_hosts`; an agent not here is granted nothing.
+    grants: BTreeMap<String, AgentGrants>,
+    /// Agent ids whose grants have been logged (once each, at first use).
+    announced: Mutex<BTreeSet<String>>,
     /// Compiled and linked agents by SHA-256 of their artifact.
     agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
     /// Compiled components on disk, when configured.
@@ -101,18 +120,7 @@ impl Sandbox {
     /// process.
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let fail = |err: wasmtime::Error| SandboxError::Engine(agent::error_chain(&err));
-        let allowed_hosts = config
-            .allowed_hosts
-            .iter()
-            .map(|(agent_id, entries)| {
-                capabilities::http::parse_grants(entries)
-                    .map(|grants| (agent_id.clone(), grants))
-                    .map_err(|error| SandboxError::AllowedHost {
-                        agent_id: agent_id.clone(),
-                        error,
-                    })
-            })
-            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let grants = check_grants(&config)?;
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
         let llm = config
@@ -142,7 +150,8 @@ impl Sandbox {
             linker,
             limits: config.limits,
             llm,
-            allowed_hosts,
+            grants,
+            announced: Mutex::default(),
             agents: Mutex::default(),
             compiled_cache,
             compile_counters: Arc::default(),
@@ -164,7 +173,21 @@ impl Sandbox {
 
     /// The outbound HTTP grants of `agent_id` (empty: it reaches nothing).
     pub fn allowed_hosts(&self, agent_id: &str) -> &[HostGrant] {
-        self.allowed_hosts.get(agent_id).map_or(&[], Vec::as_slice)
+        self.grants
+            .get(agent_id)
+            .map_or(&[], |grants| grants.http_hosts.as_slice())
+    }
+
+    /// Logs an agent's grants the first time one of its runs starts.
+    fn announce_grants(&self, agent_id: &str, grants: &AgentGrants) {
+        let first = self
+            .announced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(agent_id.to_string());
+        if first {
+            tracing::info!(agent_id, "sandbox grants for agent `{agent_id}`: {grants}");
+        }
     }
 
     /// Compiles, checks and links an artifact (`.wasm` component or
@@ -250,9 +273,38 @@ impl Sandbox {
             agent_id = %context.agent_id,
             trace_id = %context.trace_id,
         );
-        let grants = self.allowed_hosts(&context.agent_id);
+        let no_grants = AgentGrants::default();
+        let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
+        self.announce_grants(&context.agent_id, grants);
         run::execute(&self.engine, &self.limits, self.llm.as_ref(), grants, agent, request)
             .instrument(span)
             .await
     }
+}
+
+/// Checks every agent's grants, merging the HTTP-only `allowed_hosts` into
+/// them.
+fn check_grants(config: &SandboxConfig) -> Result<BTreeMap<String, AgentGrants>, SandboxError> {
+    let agent_ids: BTreeSet<&String> =
+        config.grants.keys().chain(config.allowed_hosts.keys()).collect();
+    let no_grants = Grants::default();
+    agent_ids
+        .into_iter()
+        .map(|agent_id| {
+            let grants = config.grants.get(agent_id).unwrap_or(&no_grants);
+            let hosts = config.allowed_hosts.get(agent_id).map_or(&[][..], Vec::as_slice);
+            AgentGrants::check(grants, hosts)
+                .map(|checked| (agent_id.clone(), checked))
+                .map_err(|error| match error {
+                    InvalidGrant::Host(error) => SandboxError::AllowedHost {
+                        agent_id: agent_id.clone(),
+                        error,
+                    },
+                    error => SandboxError::Grant {
+                        agent_id: agent_id.clone(),
+                        error,
+                    },
+                })
+        })
+        .collect()
 }

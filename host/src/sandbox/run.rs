@@ -13,13 +13,14 @@ use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
 use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
-use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY, HostGrant};
+use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
+use super::grants::AgentGrants;
 use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
 use super::llm::LlmClient;
 use super::capabilities::log::{RunLog, truncate};
@@ -89,7 +90,7 @@ pub(crate) async fn execute(
     engine: &Engine,
     limits: &NodeLimits,
     llm: Option<&Arc<LlmClient>>,
-    grants: &[HostGrant],
+    grants: &AgentGrants,
     agent: &Agent,
     request: RunRequest,
 ) -> RunResult {
@@ -122,18 +123,48 @@ pub(crate) async fn execute(
         BoundedOutput::new(WORLD_STDOUT_CAP, Overflow::Truncate)
     };
     let stderr = BoundedOutput::new(STDERR_CAP, Overflow::Truncate);
+    // The run's whole WASI power, granted here and nowhere else: captured
+    // stdio, the operator's grants for this agent as narrowed by the run's
+    // metadata, and no network (every socket use and name lookup refused).
+    let granted = grants.narrowed(&request.context.metadata);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdout(stdout.clone()).stderr(stderr.clone());
     if is_command {
         wasi.stdin(MemoryInputPipe::new(command_stdin(&request.context)))
             .arg(&request.context.agent_id);
     }
+    wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    for directory in &granted.directories {
+        let perms = if directory.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        if let Err(err) = wasi.preopened_dir(&directory.host_path, &directory.guest_path, perms) {
+            // Checked at start-up; gone or unreadable since. Another node
+            // (or this one, once it is back) may run the lease.
+            return RunResult {
+                outcome: RunOutcome::Failed(RunFailure::handed_back(format!(
+                    "the directory granted to agent `{}` at {} cannot be opened on this node \
+                     ({}): {}; restore it, or remove the grant",
+                    request.context.agent_id,
+                    directory.guest_path,
+                    directory.host_path.display(),
+                    error_chain(&err)
+                ))),
+                report: RunReport::default(),
+            };
+        }
+    }
+    for (name, value) in granted.environment_values() {
+        wasi.env(name, value);
+    }
     let state = RunState {
         wasi: wasi.build(),
         table: Default::default(),
         http: WasiHttpCtx::new(),
         egress: EgressPolicy::new(
-            grants,
+            &granted.http_hosts,
             request
                 .context
                 .metadata

@@ -1,8 +1,9 @@
 //! The host state of one run: everything a `Store` owns.
 //!
 //! A fresh [`RunState`] is built for every run, so nothing an agent does
-//! outlives it. Its fields are the run's grants (a WASI context that grants
-//! nothing by default, an HTTP egress policy) and its meters (memory, log
+//! outlives it. Its fields are the run's grants (a WASI context with only
+//! the directories and variables granted to the agent, an HTTP egress
+//! policy) and its meters (memory, log
 //! volume, tokens), and what it needs to call the LLM. The host capabilities in `capabilities/` are trait
 //! impls on this struct, grouped by WIT interface.
 

@@ -2,7 +2,7 @@
 //!
 //! Every request an agent makes passes through [`EgressPolicy`], built per
 //! run from the node's grants for the agent id ([`HostGrant`]s from
-//! `SandboxConfig.allowed_hosts`), narrowed by the run's metadata
+//! `SandboxConfig.allowed_hosts` and `grants`), narrowed by the run's metadata
 //! `http.allow`. A request to a host (and port) not granted gets
 //! `HTTP-request-denied`, an error the agent can handle, and the node logs
 //! the host it tried to reach. An allowed request goes out through
@@ -107,11 +107,6 @@ impl fmt::Display for HostGrant {
             None => f.write_str(&self.host),
         }
     }
-}
-
-/// Parses every entry of a node's grants, refusing the first bad one.
-pub fn parse_grants(entries: &[String]) -> Result<Vec<HostGrant>, InvalidHostGrant> {
-    entries.iter().map(|entry| HostGrant::parse(entry)).collect()
 }
 
 /// One run's egress: what it may reach, and what its requests carry.
