@@ -647,7 +647,7 @@ fn tls_hint(error: &rustls::Error) -> Option<String> {
             "TLS: the control plane's certificate does not name the host of NodeRuntime.ControlPlaneUrl: use a host name the certificate names".to_string()
         }
         E::InvalidCertificate(other) => format!("TLS: the control plane's certificate was refused ({other})"),
-        E::Other(other) => format!("TLS: the control plane's certificate was refused: {other}"),
+        E::Other(other) => format!("TLS: {other}"),
         _ => return None,
     };
     Some(hint)
