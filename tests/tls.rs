@@ -383,3 +383,100 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
         }
     }
 }
+
+/// `node-runtime dev` with `args` as its own process; returns it, its log
+/// file and the URL it announced.
+async fn start_dev(dir: &Path, args: &[&str]) -> (tokio::process::Child, String) {
+    let log = dir.join("dev.log");
+    let child = tokio::process::Command::new(NODE_BINARY)
+        .arg("dev")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime dev starts");
+    let url = eventually(Duration::from_secs(40), "dev to announce its URL", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .find_map(|line| line.strip_prefix("dev control plane listening on "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+    })
+    .await;
+    (child, url)
+}
+
+/// A REST client presenting the node certificate of a `--tls-dir`.
+fn tls_dir_client(url: &str, dir: &Path) -> reqwest::Client {
+    use node_runtime::dev_plane::tls_dir::DevCertificates;
+    let certificates = DevCertificates { dir: dir.to_path_buf(), generated: Vec::new() };
+    let tls = node_runtime::control_plane::ControlPlaneTls::configure(url, &certificates.node_tls_options()).unwrap();
+    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls).unwrap()
+}
+
+/// Submits an echo run over HTTPS and waits for it to end; returns the run.
+async fn echo_through(url: &str, client: &reqwest::Client) -> serde_json::Value {
+    let submitted: serde_json::Value = client
+        .post(format!("{url}/v1/runs"))
+        .json(&serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": "over TLS"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["runId"].as_str().expect("a run id").to_string();
+    eventually_async(Duration::from_secs(60), "the run to end", || async {
+        let run: serde_json::Value = client.get(format!("{url}/v1/runs/{id}")).send().await.ok()?.json().await.ok()?;
+        matches!(run["status"].as_str(), Some("completed" | "failed")).then_some(run)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    let (_dev, url) = start_dev(dir.path(), &["--tls-dir", tls_dir.to_str().unwrap()]).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    for name in ["ca-cert.pem", "ca-key.pem", "server-cert.pem", "server-key.pem", "node-cert.pem", "node-key.pem"] {
+        assert!(tls_dir.join(name).is_file(), "{name} generated");
+    }
+    // Without a client certificate the plane refuses even REST.
+    node_runtime::control_plane::install_crypto_provider();
+    let anonymous = reqwest::Client::builder()
+        .http1_only()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(tls_dir.join("ca-cert.pem")).unwrap()).unwrap()])
+        .build()
+        .unwrap();
+    let refused = anonymous.get(format!("{url}/v1/runs")).send().await.unwrap_err();
+    let why = node_runtime::control_plane::tls::describe(&refused);
+    assert!(why.contains("CertificateRequired"), "refused for want of a certificate: {why}");
+
+    let client = tls_dir_client(&url, &tls_dir);
+    let run = echo_through(&url, &client).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["nodeId"], "dev-node-1", "{run}");
+    assert_eq!(run["result"]["message"], "over TLS", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_plane_only_with_a_tls_dir_serves_a_node_configured_with_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    let (_dev, url) = start_dev(dir.path(), &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()]).await;
+    let config = write_config(
+        dir.path(),
+        &url,
+        Path::new("agents"),
+        mtls(&tls_dir.join("ca-cert.pem"), &tls_dir.join("node-cert.pem"), &tls_dir.join("node-key.pem")),
+        serde_json::json!({}),
+    );
+    let _node = start_node(dir.path(), &config, &[]);
+    let run = echo_through(&url, &tls_dir_client(&url, &tls_dir)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["nodeId"], "tls-node", "{run}");
+}
