@@ -287,9 +287,12 @@ async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() 
     let setup = Setup::new();
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
     let listen = plane.local_addr().to_string();
-    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    // The certificate about to be replaced is close to its end: warned at start.
+    let (cert, key) = setup.ca.client_expiring_in("node-a", 3).write(setup.dir.path(), "node");
     let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
     let node = start_node(setup.dir.path(), &config, &[]);
+    let warning = node.wait_for_log("the client certificate CN=node-a").await;
+    assert!(warning.contains("WARN") && warning.contains("expires in 2 days"), "{warning}");
     let first = plane.submit(echo_run("before rotation")).await.unwrap();
     eventually(Duration::from_secs(60), "the first run to complete", || {
         plane.run(&first.run_id).is_some_and(|run| run.status == RunStatus::Completed).then_some(())

@@ -44,6 +44,17 @@ impl TestCa {
     }
 
     fn leaf(&self, cn: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose, expired: bool) -> Leaf {
+        self.leaf_until(cn, names, usage, expired, None)
+    }
+
+    fn leaf_until(
+        &self,
+        cn: &str,
+        names: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+        expired: bool,
+        days_left: Option<u64>,
+    ) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -51,6 +62,10 @@ impl TestCa {
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        if let Some(days) = days_left {
+            let (year, month, day) = civil_date_in(days);
+            params.not_after = rcgen::date_time_ymd(year, month, day);
         }
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
@@ -73,11 +88,32 @@ impl TestCa {
         self.leaf(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, false)
     }
 
+    /// A client certificate valid until midnight (UTC) `days` days from now.
+    pub fn client_expiring_in(&self, cn: &str, days: u64) -> Leaf {
+        self.leaf_until(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, false, Some(days))
+    }
+
     pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, &self.cert_pem).unwrap();
         path
     }
+}
+
+/// The UTC calendar date `days` days from today (proleptic Gregorian).
+fn civil_date_in(days: u64) -> (i32, u8, u8) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = (now.as_secs() / 86_400 + days) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
 }
 
 fn loopback_names() -> Vec<String> {
