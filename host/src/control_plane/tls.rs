@@ -613,6 +613,19 @@ pub fn describe(error: &(dyn StdError + 'static)) -> String {
         };
     }
     let text = parts.join(": ");
+    // Some layers (h2) print a TLS alert without exposing it as a source.
+    if hint.is_none() {
+        hint = [
+            AlertDescription::CertificateRequired,
+            AlertDescription::UnknownCA,
+            AlertDescription::AccessDenied,
+            AlertDescription::CertificateExpired,
+            AlertDescription::BadCertificate,
+        ]
+        .into_iter()
+        .find(|alert| text.contains(&format!("received fatal alert: {alert:?}")))
+        .and_then(|alert| tls_hint(&rustls::Error::AlertReceived(alert)));
+    }
     match hint {
         Some(hint) => format!("{hint} ({text})"),
         None => text,
@@ -675,6 +688,9 @@ mod tests {
         let text = describe(&io);
         assert!(text.contains("not issued by a trusted CA"), "{text}");
         assert!(text.contains("UnknownIssuer"), "{text}");
+        // An alert only printed by a lower layer is still recognised.
+        let printed = io::Error::other("connection error: received fatal alert: UnknownCA");
+        assert!(describe(&printed).contains("CA it does not trust"), "{}", describe(&printed));
     }
 
     #[test]
