@@ -5,9 +5,9 @@
 //! no run executed), bad certificate files at start-up, client certificate
 //! rotation while the node runs, and secrets that never leak.
 
-mod support;
 #[path = "support/certs.rs"]
 mod certs;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,17 +56,29 @@ impl ServedNode {
     /// Waits (at most 40 s) for a log line containing `needle`.
     async fn wait_for_log(&self, needle: &str) -> String {
         let log = &self.log;
-        eventually(Duration::from_secs(40), &format!("a node log line with {needle:?}"), || {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            text.lines().find(|line| line.contains(needle)).map(str::to_string)
-        })
+        eventually(
+            Duration::from_secs(40),
+            &format!("a node log line with {needle:?}"),
+            || {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                text.lines()
+                    .find(|line| line.contains(needle))
+                    .map(str::to_string)
+            },
+        )
         .await
     }
 }
 
 /// The node's configuration file: a fast heartbeat, the sample agents,
 /// and the given `MTls` and `AgentRuntime` sections.
-fn write_config(dir: &Path, url: &str, agents: &Path, mtls: serde_json::Value, agent_runtime: serde_json::Value) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    url: &str,
+    agents: &Path,
+    mtls: serde_json::Value,
+    agent_runtime: serde_json::Value,
+) -> PathBuf {
     let config = serde_json::json!({
         "NodeRuntime": {
             "NodeId": "tls-node",
@@ -134,31 +146,65 @@ impl Setup {
         let ca = TestCa::new("test CA");
         let ca_path = ca.write(dir.path(), "ca-cert.pem");
         let server = ca.server("control-plane");
-        Setup { dir, ca, ca_path, server }
+        Setup {
+            dir,
+            ca,
+            ca_path,
+            server,
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_runs_over_tls() {
     let setup = Setup::new();
-    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
-    assert!(plane.url().starts_with("https://127.0.0.1:"), "{}", plane.url());
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.server, &setup.ca, &["node-a"]),
+    )
+    .await;
+    assert!(
+        plane.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        plane.url()
+    );
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
 
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(plane.submit(echo_run(&format!("invoice {i}"))).await.unwrap().run_id);
+        ids.push(
+            plane
+                .submit(echo_run(&format!("invoice {i}")))
+                .await
+                .unwrap()
+                .run_id,
+        );
     }
     eventually(Duration::from_secs(60), "three runs to complete", || {
-        ids.iter().all(|id| plane.run(id).is_some_and(|run| run.status == RunStatus::Completed)).then_some(())
+        ids.iter()
+            .all(|id| {
+                plane
+                    .run(id)
+                    .is_some_and(|run| run.status == RunStatus::Completed)
+            })
+            .then_some(())
     })
     .await;
     for (i, id) in ids.iter().enumerate() {
         let run = plane.run(id).unwrap();
         assert_eq!(run.node_id.as_deref(), Some("tls-node"), "{run:?}");
-        assert_eq!(run.result.as_ref().unwrap()["message"], format!("invoice {i}"));
+        assert_eq!(
+            run.result.as_ref().unwrap()["message"],
+            format!("invoice {i}")
+        );
         assert_eq!(run.outcomes, 1);
     }
     // REST: registered and heartbeating over TLS (the plane speaks nothing else).
@@ -169,8 +215,15 @@ async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_run
     // and the gRPC channel, every one as node-a.
     let subjects = plane.client_subjects();
     assert!(subjects.len() >= 2, "{subjects:?}");
-    assert!(subjects.iter().all(|subject| subject == "node-a"), "{subjects:?}");
-    assert!(node.log().contains("client certificate loaded"), "{}", node.log());
+    assert!(
+        subjects.iter().all(|subject| subject == "node-a"),
+        "{subjects:?}"
+    );
+    assert!(
+        node.log().contains("client certificate loaded"),
+        "{}",
+        node.log()
+    );
 }
 
 /// Starts a node against a plane that must refuse it, waits for the log
@@ -184,8 +237,15 @@ async fn refused(plane: &DevPlane, node: &ServedNode, cause: &str) {
     // failed attempts logged.
     let attempts = |log: &str| log.lines().filter(|line| line.contains(cause)).count();
     let seen = attempts(&node.log());
-    eventually(Duration::from_secs(40), "two more refused attempts", || (attempts(&node.log()) >= seen + 2).then_some(())).await;
-    assert!(plane.nodes().is_empty(), "no node registered: {:?}", plane.nodes());
+    eventually(Duration::from_secs(40), "two more refused attempts", || {
+        (attempts(&node.log()) >= seen + 2).then_some(())
+    })
+    .await;
+    assert!(
+        plane.nodes().is_empty(),
+        "no node registered: {:?}",
+        plane.nodes()
+    );
     let run = plane.run(&run.run_id).unwrap();
     assert_eq!(run.status, RunStatus::Pending, "nothing ran: {run:?}");
 }
@@ -195,9 +255,24 @@ async fn a_node_without_a_client_certificate_is_refused_and_says_a_certificate_i
     let setup = Setup::new();
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
     // MTls off: ordinary verification, with the test CA as the system's roots.
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), serde_json::json!({"Enabled": false}), serde_json::json!({}));
-    let node = start_node(setup.dir.path(), &config, &[("SSL_CERT_FILE", setup.ca_path.to_str().unwrap())]);
-    refused(&plane, &node, "requires a client certificate and none was sent").await;
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        serde_json::json!({"Enabled": false}),
+        serde_json::json!({}),
+    );
+    let node = start_node(
+        setup.dir.path(),
+        &config,
+        &[("SSL_CERT_FILE", setup.ca_path.to_str().unwrap())],
+    );
+    refused(
+        &plane,
+        &node,
+        "requires a client certificate and none was sent",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +281,13 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
     let stranger = TestCa::new("another CA");
     let (cert, key) = stranger.client("node-a").write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
     refused(&plane, &node, "issued by a CA it does not trust").await;
 }
@@ -215,43 +296,99 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 async fn a_server_certificate_from_a_ca_other_than_the_configured_one_is_refused() {
     let setup = Setup::new();
     let other = TestCa::new("another CA");
-    let plane = start_plane("127.0.0.1:0", plane_tls(&other.server("control-plane"), &setup.ca, &[])).await;
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
     refused(&plane, &node, "certificate is not issued by a trusted CA").await;
-    assert!(plane.client_subjects().is_empty(), "the node never completed a handshake");
+    assert!(
+        plane.client_subjects().is_empty(),
+        "the node never completed a handshake"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cn_other_than_the_expected_subject_is_refused() {
     let setup = Setup::new();
-    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.ca.server("impostor"), &setup.ca, &[])).await;
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.ca.server("impostor"), &setup.ca, &[]),
+    )
+    .await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
-    refused(&plane, &node, "but MTls.ExpectedServerCertificateSubject is").await;
-    let line = node.wait_for_log("but MTls.ExpectedServerCertificateSubject is").await;
-    assert!(line.contains("impostor") && line.contains("control-plane"), "names both CNs: {line}");
+    refused(
+        &plane,
+        &node,
+        "but MTls.ExpectedServerCertificateSubject is",
+    )
+    .await;
+    let line = node
+        .wait_for_log("but MTls.ExpectedServerCertificateSubject is")
+        .await;
+    assert!(
+        line.contains("impostor") && line.contains("control-plane"),
+        "names both CNs: {line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_server_certificate_is_refused() {
     let setup = Setup::new();
-    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.ca.expired_server("control-plane"), &setup.ca, &[])).await;
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.ca.expired_server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
     refused(&plane, &node, "the control plane's certificate has expired").await;
 }
 
 /// `serve` and `config check` with `mtls`: exit code 2 and `key` named.
 async fn refused_at_start(dir: &Path, mtls: serde_json::Value, key: &str, why: &str) {
-    let config = write_config(dir, "https://127.0.0.1:9", Path::new("agents"), mtls, serde_json::json!({}));
-    for args in [vec!["serve", "--config"], vec!["config", "check", "--config"]] {
+    let config = write_config(
+        dir,
+        "https://127.0.0.1:9",
+        Path::new("agents"),
+        mtls,
+        serde_json::json!({}),
+    );
+    for args in [
+        vec!["serve", "--config"],
+        vec!["config", "check", "--config"],
+    ] {
         let output = tokio::time::timeout(
             Duration::from_secs(60),
-            tokio::process::Command::new(NODE_BINARY).args(&args).arg(&config).kill_on_drop(true).output(),
+            tokio::process::Command::new(NODE_BINARY)
+                .args(&args)
+                .arg(&config)
+                .kill_on_drop(true)
+                .output(),
         )
         .await
         .expect("refused at once")
@@ -272,30 +409,85 @@ async fn a_missing_or_non_pem_certificate_file_stops_start_up_naming_the_key() {
     std::fs::write(&garbage, "this is not PEM\n").unwrap();
     let missing = dir.join("missing.pem");
 
-    refused_at_start(dir, mtls(&setup.ca_path, &missing, &key), "MTls.ClientCertificatePath", "missing.pem").await;
-    refused_at_start(dir, mtls(&setup.ca_path, &cert, &missing), "MTls.ClientKeyPath", "missing.pem").await;
-    refused_at_start(dir, mtls(&setup.ca_path, &garbage, &key), "MTls.ClientCertificatePath", "not a PEM certificate").await;
-    refused_at_start(dir, mtls(&setup.ca_path, &cert, &garbage), "MTls.ClientKeyPath", "not a PEM private key").await;
-    refused_at_start(dir, mtls(&garbage, &cert, &key), "MTls.ServerCaCertificatePath", "not a PEM certificate").await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &missing, &key),
+        "MTls.ClientCertificatePath",
+        "missing.pem",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &missing),
+        "MTls.ClientKeyPath",
+        "missing.pem",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &garbage, &key),
+        "MTls.ClientCertificatePath",
+        "not a PEM certificate",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &garbage),
+        "MTls.ClientKeyPath",
+        "not a PEM private key",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&garbage, &cert, &key),
+        "MTls.ServerCaCertificatePath",
+        "not a PEM certificate",
+    )
+    .await;
     // The certificate of one pair with the key of another.
     let (_, other_key) = setup.ca.client("node-b").write(dir, "other");
-    refused_at_start(dir, mtls(&setup.ca_path, &cert, &other_key), "MTls.ClientKeyPath", "do not belong together").await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &other_key),
+        "MTls.ClientKeyPath",
+        "do not belong together",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() {
     let setup = Setup::new();
-    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.server, &setup.ca, &["node-a"]),
+    )
+    .await;
     let listen = plane.local_addr().to_string();
     // The certificate about to be replaced is close to its end: warned at start.
-    let (cert, key) = setup.ca.client_expiring_in("node-a", 3).write(setup.dir.path(), "node");
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), serde_json::json!({}));
+    let (cert, key) = setup
+        .ca
+        .client_expiring_in("node-a", 3)
+        .write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
     let node = start_node(setup.dir.path(), &config, &[]);
     let warning = node.wait_for_log("the client certificate CN=node-a").await;
-    assert!(warning.contains("WARN") && warning.contains("expires in 2 days"), "{warning}");
+    assert!(
+        warning.contains("WARN") && warning.contains("expires in 2 days"),
+        "{warning}"
+    );
     let first = plane.submit(echo_run("before rotation")).await.unwrap();
     eventually(Duration::from_secs(60), "the first run to complete", || {
-        plane.run(&first.run_id).is_some_and(|run| run.status == RunStatus::Completed).then_some(())
+        plane
+            .run(&first.run_id)
+            .is_some_and(|run| run.status == RunStatus::Completed)
+            .then_some(())
     })
     .await;
 
@@ -305,14 +497,28 @@ async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() 
     plane.shutdown().await;
     let plane = start_plane(&listen, plane_tls(&setup.server, &setup.ca, &["node-b"])).await;
     let second = plane.submit(echo_run("after rotation")).await.unwrap();
-    eventually(Duration::from_secs(60), "the second run to complete", || {
-        plane.run(&second.run_id).is_some_and(|run| run.status == RunStatus::Completed).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the second run to complete",
+        || {
+            plane
+                .run(&second.run_id)
+                .is_some_and(|run| run.status == RunStatus::Completed)
+                .then_some(())
+        },
+    )
     .await;
-    assert_eq!(plane.run(&second.run_id).unwrap().node_id.as_deref(), Some("tls-node"));
+    assert_eq!(
+        plane.run(&second.run_id).unwrap().node_id.as_deref(),
+        Some("tls-node")
+    );
     let subjects = plane.client_subjects();
-    assert!(!subjects.is_empty() && subjects.iter().all(|subject| subject == "node-b"), "{subjects:?}");
-    node.wait_for_log("client certificate files changed; using the new certificate").await;
+    assert!(
+        !subjects.is_empty() && subjects.iter().all(|subject| subject == "node-b"),
+        "{subjects:?}"
+    );
+    node.wait_for_log("client certificate files changed; using the new certificate")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,12 +528,20 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
     let client = setup.ca.client("node-a");
     let (cert, key) = client.write(setup.dir.path(), "node");
-    let model = node_runtime::dev_plane::stubs::start_stub_model().await.unwrap();
+    let model = node_runtime::dev_plane::stubs::start_stub_model()
+        .await
+        .unwrap();
     let agent_runtime = serde_json::json!({
         "DefaultModel": node_runtime::dev_plane::stubs::STUB_MODEL,
         "OpenAI": {"Endpoint": model, "ApiKey": API_KEY},
     });
-    let config = write_config(setup.dir.path(), &plane.url(), Path::new("agents"), mtls(&setup.ca_path, &cert, &key), agent_runtime);
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        agent_runtime,
+    );
     let node = start_node(setup.dir.path(), &config, &[("RUST_LOG", "debug")]);
 
     // Guests: echo returns its context; the classifier calls the model
@@ -354,13 +568,27 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
     }
     eventually(Duration::from_secs(90), "the three runs to end", || {
         ids.iter()
-            .all(|id| plane.run(id).is_some_and(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed)))
+            .all(|id| {
+                plane.run(id).is_some_and(|run| {
+                    matches!(run.status, RunStatus::Completed | RunStatus::Failed)
+                })
+            })
             .then_some(())
     })
     .await;
     let classified = plane.run(&ids[1]).unwrap();
-    assert_eq!(classified.status, RunStatus::Completed, "the model was called with the key: {classified:?}");
-    assert!(classified.costs.as_ref().is_some_and(|costs| costs.tokens_in > 0), "{classified:?}");
+    assert_eq!(
+        classified.status,
+        RunStatus::Completed,
+        "the model was called with the key: {classified:?}"
+    );
+    assert!(
+        classified
+            .costs
+            .as_ref()
+            .is_some_and(|costs| costs.tokens_in > 0),
+        "{classified:?}"
+    );
     let guest_visible = serde_json::to_string(&plane.runs()).unwrap();
 
     let check = tokio::process::Command::new(NODE_BINARY)
@@ -370,19 +598,41 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
         .output()
         .await
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-    let check_output = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
-    assert!(check_output.contains("***"), "the key shows as redacted: {check_output}");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let check_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check_output.contains("***"),
+        "the key shows as redacted: {check_output}"
+    );
 
     let log = node.log();
     assert!(log.contains("DEBUG"), "debug logging was on: {log}");
     let key_body = client.key_body();
-    for (name, text) in [("the node's log", &log), ("config check", &check_output), ("the runs' results", &guest_visible)] {
+    for (name, text) in [
+        ("the node's log", &log),
+        ("config check", &check_output),
+        ("the runs' results", &guest_visible),
+    ] {
         assert!(!text.contains(API_KEY), "{name} holds the API key");
         assert!(!text.contains(&key_body), "{name} holds the client key");
         // No line of the key either, in case it were printed wrapped.
-        for line in client.key_pem.lines().filter(|line| !line.starts_with("-----")) {
-            assert!(!text.contains(line), "{name} holds a line of the client key");
+        for line in client
+            .key_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+        {
+            assert!(
+                !text.contains(line),
+                "{name} holds a line of the client key"
+            );
         }
     }
 }
@@ -415,9 +665,17 @@ async fn start_dev(dir: &Path, args: &[&str]) -> (tokio::process::Child, String)
 /// A REST client presenting the node certificate of a `--tls-dir`.
 fn tls_dir_client(url: &str, dir: &Path) -> reqwest::Client {
     use node_runtime::dev_plane::tls_dir::DevCertificates;
-    let certificates = DevCertificates { dir: dir.to_path_buf(), generated: Vec::new() };
-    let tls = node_runtime::control_plane::ControlPlaneTls::configure(url, &certificates.node_tls_options()).unwrap();
-    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls).unwrap()
+    let certificates = DevCertificates {
+        dir: dir.to_path_buf(),
+        generated: Vec::new(),
+    };
+    let tls = node_runtime::control_plane::ControlPlaneTls::configure(
+        url,
+        &certificates.node_tls_options(),
+    )
+    .unwrap();
+    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls)
+        .unwrap()
 }
 
 /// Submits an echo run over HTTPS and waits for it to end; returns the run.
@@ -433,7 +691,14 @@ async fn echo_through(url: &str, client: &reqwest::Client) -> serde_json::Value 
         .unwrap();
     let id = submitted["runId"].as_str().expect("a run id").to_string();
     eventually_async(Duration::from_secs(60), "the run to end", || async {
-        let run: serde_json::Value = client.get(format!("{url}/v1/runs/{id}")).send().await.ok()?.json().await.ok()?;
+        let run: serde_json::Value = client
+            .get(format!("{url}/v1/runs/{id}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
         matches!(run["status"].as_str(), Some("completed" | "failed")).then_some(run)
     })
     .await
@@ -445,19 +710,36 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
     let tls_dir = dir.path().join("certs");
     let (_dev, url) = start_dev(dir.path(), &["--tls-dir", tls_dir.to_str().unwrap()]).await;
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    for name in ["ca-cert.pem", "ca-key.pem", "server-cert.pem", "server-key.pem", "node-cert.pem", "node-key.pem"] {
+    for name in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "node-cert.pem",
+        "node-key.pem",
+    ] {
         assert!(tls_dir.join(name).is_file(), "{name} generated");
     }
     // Without a client certificate the plane refuses even REST.
     node_runtime::control_plane::install_crypto_provider();
     let anonymous = reqwest::Client::builder()
         .http1_only()
-        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(tls_dir.join("ca-cert.pem")).unwrap()).unwrap()])
+        .tls_certs_only([reqwest::Certificate::from_pem(
+            &std::fs::read(tls_dir.join("ca-cert.pem")).unwrap(),
+        )
+        .unwrap()])
         .build()
         .unwrap();
-    let refused = anonymous.get(format!("{url}/v1/runs")).send().await.unwrap_err();
+    let refused = anonymous
+        .get(format!("{url}/v1/runs"))
+        .send()
+        .await
+        .unwrap_err();
     let why = node_runtime::control_plane::tls::describe(&refused);
-    assert!(why.contains("CertificateRequired"), "refused for want of a certificate: {why}");
+    assert!(
+        why.contains("CertificateRequired"),
+        "refused for want of a certificate: {why}"
+    );
 
     let client = tls_dir_client(&url, &tls_dir);
     let run = echo_through(&url, &client).await;
@@ -470,12 +752,20 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
 async fn dev_plane_only_with_a_tls_dir_serves_a_node_configured_with_its_files() {
     let dir = tempfile::tempdir().unwrap();
     let tls_dir = dir.path().join("certs");
-    let (_dev, url) = start_dev(dir.path(), &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()]).await;
+    let (_dev, url) = start_dev(
+        dir.path(),
+        &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()],
+    )
+    .await;
     let config = write_config(
         dir.path(),
         &url,
         Path::new("agents"),
-        mtls(&tls_dir.join("ca-cert.pem"), &tls_dir.join("node-cert.pem"), &tls_dir.join("node-key.pem")),
+        mtls(
+            &tls_dir.join("ca-cert.pem"),
+            &tls_dir.join("node-cert.pem"),
+            &tls_dir.join("node-key.pem"),
+        ),
         serde_json::json!({}),
     );
     let _node = start_node(dir.path(), &config, &[]);
@@ -506,15 +796,22 @@ async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() 
 
     let (cert, key) = setup.ca.client("grpc-node").write(setup.dir.path(), "good");
     let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
-    let client = LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
-    let (success, _message) = client.ack(ack.clone()).await.expect("gRPC over mTLS answers");
+    let client =
+        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let (success, _message) = client
+        .ack(ack.clone())
+        .await
+        .expect("gRPC over mTLS answers");
     assert!(!success, "an unknown lease is not acknowledged");
     assert_eq!(plane.client_subjects(), ["grpc-node"]);
 
     let stranger = TestCa::new("another CA");
-    let (cert, key) = stranger.client("grpc-node").write(setup.dir.path(), "stranger");
+    let (cert, key) = stranger
+        .client("grpc-node")
+        .write(setup.dir.path(), "stranger");
     let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
-    let client = LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let client =
+        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
     let refused = client.ack(ack).await.expect_err("refused");
     let text = refused.to_string();
     assert!(text.contains("Ack failed"), "{text}");
@@ -525,5 +822,9 @@ async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() 
     if text.contains("UnknownCA") {
         assert!(text.contains("issued by a CA it does not trust"), "{text}");
     }
-    assert_eq!(plane.client_subjects(), ["grpc-node"], "the stranger never got in");
+    assert_eq!(
+        plane.client_subjects(),
+        ["grpc-node"],
+        "the stranger never got in"
+    );
 }

@@ -31,7 +31,10 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).unwrap();
         TestCa {
             cert_pem: cert.pem(),
@@ -43,7 +46,13 @@ impl TestCa {
         CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()
     }
 
-    fn leaf(&self, cn: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose, expired: bool) -> Leaf {
+    fn leaf(
+        &self,
+        cn: &str,
+        names: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+        expired: bool,
+    ) -> Leaf {
         self.leaf_until(cn, names, usage, expired, None)
     }
 
@@ -76,12 +85,22 @@ impl TestCa {
 
     /// A server certificate for `127.0.0.1` and `localhost`.
     pub fn server(&self, cn: &str) -> Leaf {
-        self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, false)
+        self.leaf(
+            cn,
+            loopback_names(),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            false,
+        )
     }
 
     /// The same, but valid only during 2020.
     pub fn expired_server(&self, cn: &str) -> Leaf {
-        self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, true)
+        self.leaf(
+            cn,
+            loopback_names(),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            true,
+        )
     }
 
     pub fn client(&self, cn: &str) -> Leaf {
@@ -90,7 +109,13 @@ impl TestCa {
 
     /// A client certificate valid until midnight (UTC) `days` days from now.
     pub fn client_expiring_in(&self, cn: &str, days: u64) -> Leaf {
-        self.leaf_until(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, false, Some(days))
+        self.leaf_until(
+            cn,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            false,
+            Some(days),
+        )
     }
 
     pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
@@ -102,7 +127,9 @@ impl TestCa {
 
 /// The UTC calendar date `days` days from today (proleptic Gregorian).
 fn civil_date_in(days: u64) -> (i32, u8, u8) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     // Howard Hinnant's days-to-civil algorithm.
     let z = (now.as_secs() / 86_400 + days) as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -132,7 +159,10 @@ impl Leaf {
 
     /// The key's base64 body, as it would appear if it leaked.
     pub fn key_body(&self) -> String {
-        self.key_pem.lines().filter(|line| !line.starts_with("-----")).collect()
+        self.key_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect()
     }
 }
 
@@ -140,7 +170,9 @@ impl Leaf {
 /// `client_ca`, limited to `allowed_subjects` when not empty.
 pub fn plane_tls(server: &Leaf, client_ca: &TestCa, allowed_subjects: &[&str]) -> PlaneTls {
     PlaneTls {
-        certificate_chain: vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
+        certificate_chain: vec![
+            CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap(),
+        ],
         private_key: Arc::new(PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap()),
         client_ca: Some(vec![client_ca.der()]),
         allowed_subjects: allowed_subjects.iter().map(|s| s.to_string()).collect(),

@@ -98,9 +98,13 @@ pub enum TlsError {
     UnusableCa { path: PathBuf, reason: String },
     #[error("MTls.Enabled is true, which needs {key}; set it, or set MTls.Enabled to false")]
     Missing { key: &'static str },
-    #[error("MTls.Enabled is true but NodeRuntime.ControlPlaneUrl {url} is not https://, so no certificate would be sent; use the control plane's https:// URL")]
+    #[error(
+        "MTls.Enabled is true but NodeRuntime.ControlPlaneUrl {url} is not https://, so no certificate would be sent; use the control plane's https:// URL"
+    )]
     NotHttps { url: String },
-    #[error("no trusted root certificates found on this system for the https:// ControlPlaneUrl ({reason}); install the CA certificates package, set SSL_CERT_FILE, or enable MTls with ServerCaCertificatePath")]
+    #[error(
+        "no trusted root certificates found on this system for the https:// ControlPlaneUrl ({reason}); install the CA certificates package, set SSL_CERT_FILE, or enable MTls with ServerCaCertificatePath"
+    )]
     NoSystemRoots { reason: String },
     #[error("cannot build the TLS configuration: {0}")]
     Rustls(String),
@@ -118,7 +122,10 @@ impl fmt::Debug for ControlPlaneTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ControlPlaneTls")
             .field("https", &self.config.is_some())
-            .field("client_certificate", &self.identity.as_ref().map(|id| &id.certificate_path))
+            .field(
+                "client_certificate",
+                &self.identity.as_ref().map(|id| &id.certificate_path),
+            )
             .finish()
     }
 }
@@ -127,12 +134,19 @@ impl ControlPlaneTls {
     /// Reads every file `options` names (a bad one is an error naming its
     /// key) and builds the configuration for `url`.
     pub fn configure(url: &str, options: &TlsOptions) -> Result<ControlPlaneTls, TlsError> {
-        let https = url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+        let https = url
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
         if !https {
             if options.enabled {
-                return Err(TlsError::NotHttps { url: url.to_string() });
+                return Err(TlsError::NotHttps {
+                    url: url.to_string(),
+                });
             }
-            return Ok(ControlPlaneTls { config: None, identity: None });
+            return Ok(ControlPlaneTls {
+                config: None,
+                identity: None,
+            });
         }
         super::install_crypto_provider();
         let provider = provider();
@@ -140,9 +154,18 @@ impl ControlPlaneTls {
             let certificate = options
                 .client_certificate_path
                 .clone()
-                .ok_or(TlsError::Missing { key: CERTIFICATE_KEY })?;
-            let key = options.client_key_path.clone().ok_or(TlsError::Missing { key: KEY_KEY })?;
-            Some(Arc::new(ReloadingIdentity::load(certificate, key, Arc::clone(&provider))?))
+                .ok_or(TlsError::Missing {
+                    key: CERTIFICATE_KEY,
+                })?;
+            let key = options
+                .client_key_path
+                .clone()
+                .ok_or(TlsError::Missing { key: KEY_KEY })?;
+            Some(Arc::new(ReloadingIdentity::load(
+                certificate,
+                key,
+                Arc::clone(&provider),
+            )?))
         } else {
             if options.server_ca_certificate_path.is_some()
                 || options.expected_server_certificate_subject.is_some()
@@ -158,9 +181,10 @@ impl ControlPlaneTls {
             (Some(path), true) => ca_roots(path)?,
             _ => system_roots()?,
         };
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|err| TlsError::Rustls(err.to_string()))?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|err| TlsError::Rustls(err.to_string()))?;
         let expected_subject = options
             .expected_server_certificate_subject
             .as_deref()
@@ -192,7 +216,8 @@ impl ControlPlaneTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match &identity {
-            Some(identity) => builder.with_client_cert_resolver(Arc::clone(identity) as Arc<dyn ResolvesClientCert>),
+            Some(identity) => builder
+                .with_client_cert_resolver(Arc::clone(identity) as Arc<dyn ResolvesClientCert>),
             None => builder.with_no_client_auth(),
         };
         config.resumption = Resumption::disabled();
@@ -204,7 +229,10 @@ impl ControlPlaneTls {
 
     /// No TLS: for `http://` control planes.
     pub fn plaintext() -> ControlPlaneTls {
-        ControlPlaneTls { config: None, identity: None }
+        ControlPlaneTls {
+            config: None,
+            identity: None,
+        }
     }
 
     /// The client configuration offering `alpn` (`h2` for gRPC,
@@ -219,7 +247,9 @@ impl ControlPlaneTls {
 
     /// The CN of the client certificate presented now, if any.
     pub fn client_subject(&self) -> Option<String> {
-        self.identity.as_ref().map(|identity| identity.current().subject.clone())
+        self.identity
+            .as_ref()
+            .map(|identity| identity.current().subject.clone())
     }
 
     /// A warning when the client certificate expires within
@@ -228,7 +258,12 @@ impl ControlPlaneTls {
         let identity = self.identity.as_ref()?;
         identity.refresh();
         let loaded = identity.current();
-        expiry_message(&loaded.subject, &identity.certificate_path, loaded.not_after, now)
+        expiry_message(
+            &loaded.subject,
+            &identity.certificate_path,
+            loaded.not_after,
+            now,
+        )
     }
 
     /// Logs [`Self::expiry_warning`] now and once a day until `stop`.
@@ -248,7 +283,12 @@ impl ControlPlaneTls {
     }
 }
 
-fn expiry_message(subject: &str, path: &Path, not_after: SystemTime, now: SystemTime) -> Option<String> {
+fn expiry_message(
+    subject: &str,
+    path: &Path,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Option<String> {
     match not_after.duration_since(now) {
         Ok(left) if left >= EXPIRY_WARNING => None,
         Ok(left) => Some(format!(
@@ -299,7 +339,10 @@ fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// Every certificate in a PEM file; none is an error naming `key`.
-pub fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
         key,
         path: path.to_path_buf(),
@@ -320,7 +363,10 @@ pub fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<Certifica
 }
 
 /// The private key in a PEM file (PKCS#1, PKCS#8 or SEC1).
-pub fn read_private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn read_private_key(
+    key: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
         key,
         path: path.to_path_buf(),
@@ -398,7 +444,11 @@ impl fmt::Debug for ReloadingIdentity {
 }
 
 impl ReloadingIdentity {
-    fn load(certificate_path: PathBuf, key_path: PathBuf, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
+    fn load(
+        certificate_path: PathBuf,
+        key_path: PathBuf,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
         let loaded = load_identity(&certificate_path, &key_path, &provider)?;
         tracing::info!(subject = %loaded.subject, path = %certificate_path.display(), "client certificate loaded");
         Ok(ReloadingIdentity {
@@ -410,14 +460,22 @@ impl ReloadingIdentity {
     }
 
     fn current(&self) -> Arc<LoadedIdentity> {
-        Arc::clone(&self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        Arc::clone(
+            &self
+                .loaded
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     /// Re-reads the files if they changed. A half-written or broken pair
     /// keeps the previous certificate in use, with a warning.
     fn refresh(&self) {
         let stamp = FileStamp::of(&[&self.certificate_path, &self.key_path]);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if loaded.stamp == stamp {
             return;
         }
@@ -442,7 +500,11 @@ impl ReloadingIdentity {
 }
 
 impl ResolvesClientCert for ReloadingIdentity {
-    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         self.refresh();
         Some(Arc::clone(&self.current().key))
     }
@@ -452,26 +514,33 @@ impl ResolvesClientCert for ReloadingIdentity {
     }
 }
 
-fn load_identity(certificate_path: &Path, key_path: &Path, provider: &CryptoProvider) -> Result<LoadedIdentity, TlsError> {
+fn load_identity(
+    certificate_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<LoadedIdentity, TlsError> {
     // The stamp is taken first: a change during the read is seen next time.
     let stamp = FileStamp::of(&[certificate_path, key_path]);
     let chain = read_certificates(CERTIFICATE_KEY, certificate_path)?;
     let key = read_private_key(KEY_KEY, key_path)?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|err| TlsError::UnusableKey {
-            path: key_path.to_path_buf(),
-            reason: err.to_string(),
-        })?;
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|err| TlsError::UnusableKey {
+                path: key_path.to_path_buf(),
+                reason: err.to_string(),
+            })?;
     let subject = common_name(&chain[0]).unwrap_or_else(|| "?".to_string());
     let not_after = not_after(&chain[0]).unwrap_or(UNIX_EPOCH);
     let certified = CertifiedKey::new(chain, signing_key);
-    certified.keys_match().map_err(|err| TlsError::KeyMismatch {
-        certificate: certificate_path.to_path_buf(),
-        key: key_path.to_path_buf(),
-        reason: err.to_string(),
-    })?;
+    certified
+        .keys_match()
+        .map_err(|err| TlsError::KeyMismatch {
+            certificate: certificate_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+            reason: err.to_string(),
+        })?;
     Ok(LoadedIdentity {
         stamp,
         key: Arc::new(certified),
@@ -491,7 +560,9 @@ struct ControlPlaneVerifier {
 
 /// The server certificate's CN is not `ExpectedServerCertificateSubject`.
 #[derive(Debug, Error)]
-#[error("the control plane's certificate has CN={found:?}, but MTls.ExpectedServerCertificateSubject is {expected:?}")]
+#[error(
+    "the control plane's certificate has CN={found:?}, but MTls.ExpectedServerCertificateSubject is {expected:?}"
+)]
 pub struct SubjectMismatch {
     pub found: String,
     pub expected: String,
@@ -507,16 +578,23 @@ impl ServerCertVerifier for ControlPlaneVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         if self.validate_chain {
-            self.webpki
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+            self.webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            )?;
         }
         if let Some(expected) = &self.expected_subject {
             let found = common_name(end_entity).unwrap_or_default();
             if &found != expected {
-                return Err(rustls::Error::Other(rustls::OtherError(Arc::new(SubjectMismatch {
-                    found,
-                    expected: expected.clone(),
-                }))));
+                return Err(rustls::Error::Other(rustls::OtherError(Arc::new(
+                    SubjectMismatch {
+                        found,
+                        expected: expected.clone(),
+                    },
+                ))));
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -575,11 +653,17 @@ impl tower_service::Service<http::Uri> for TlsConnector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let connector = self.connector.clone();
         Box::pin(async move {
-            let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} in {uri}"));
+            let invalid = |what: &str| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{what} in {uri}"))
+            };
             let host = uri.host().ok_or_else(|| invalid("no host"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone()).map_err(|_| invalid("an invalid host name"))?;
+            let name =
+                ServerName::try_from(host.clone()).map_err(|_| invalid("an invalid host name"))?;
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
@@ -675,22 +759,32 @@ mod tests {
         let now = SystemTime::now();
         let path = Path::new("node-cert.pem");
         assert!(expiry_message("n", path, now + Duration::from_secs(8 * 86_400), now).is_none());
-        let soon = expiry_message("n", path, now + Duration::from_secs(3 * 86_400 + 60), now).unwrap();
+        let soon =
+            expiry_message("n", path, now + Duration::from_secs(3 * 86_400 + 60), now).unwrap();
         assert!(soon.contains("expires in 3 days"), "{soon}");
-        assert!(soon.contains("MTls.ClientCertificatePath node-cert.pem"), "{soon}");
+        assert!(
+            soon.contains("MTls.ClientCertificatePath node-cert.pem"),
+            "{soon}"
+        );
         let past = expiry_message("n", path, now - Duration::from_secs(60), now).unwrap();
         assert!(past.contains("has expired"), "{past}");
     }
 
     #[test]
     fn a_tls_failure_inside_an_io_error_is_explained() {
-        let io = io::Error::other(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        let io = io::Error::other(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ));
         let text = describe(&io);
         assert!(text.contains("not issued by a trusted CA"), "{text}");
         assert!(text.contains("UnknownIssuer"), "{text}");
         // An alert only printed by a lower layer is still recognised.
         let printed = io::Error::other("connection error: received fatal alert: UnknownCA");
-        assert!(describe(&printed).contains("CA it does not trust"), "{}", describe(&printed));
+        assert!(
+            describe(&printed).contains("CA it does not trust"),
+            "{}",
+            describe(&printed)
+        );
     }
 
     #[test]
@@ -711,7 +805,9 @@ mod tests {
             short if short < 0x80 => (short as usize, 2),
             long => {
                 let bytes = (long & 0x7f) as usize;
-                let length = der[2..2 + bytes].iter().fold(0, |n, b| (n << 8) | *b as usize);
+                let length = der[2..2 + bytes]
+                    .iter()
+                    .fold(0, |n, b| (n << 8) | *b as usize);
                 (length, 2 + bytes)
             }
         };
@@ -722,20 +818,36 @@ mod tests {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut text = String::new();
         for chunk in der.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
             for i in 0..4 {
-                text.push(if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char } else { '=' });
+                text.push(if i <= chunk.len() {
+                    ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
+                } else {
+                    '='
+                });
             }
         }
-        let lines: Vec<&str> = text.as_bytes().chunks(64).map(|line| std::str::from_utf8(line).unwrap()).collect();
-        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
     }
 
     #[test]
     fn pkcs8_and_sec1_keys_load_and_a_foreign_key_is_refused() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "node-a");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "node-a");
         let cert = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.pem");
@@ -754,11 +866,19 @@ mod tests {
         let (sec1, _) = der_element(rest);
         let sec1_path = dir.path().join("sec1.pem");
         std::fs::write(&sec1_path, pem("EC PRIVATE KEY", sec1)).unwrap();
-        assert!(std::fs::read_to_string(&sec1_path).unwrap().starts_with("-----BEGIN EC PRIVATE KEY-----"));
+        assert!(
+            std::fs::read_to_string(&sec1_path)
+                .unwrap()
+                .starts_with("-----BEGIN EC PRIVATE KEY-----")
+        );
         load_identity(&cert_path, &sec1_path, &provider).unwrap();
 
         let other_path = dir.path().join("other.pem");
-        std::fs::write(&other_path, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        std::fs::write(
+            &other_path,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
         match load_identity(&cert_path, &other_path, &provider) {
             Err(TlsError::KeyMismatch { .. }) => {}
             Err(other) => panic!("{other}"),

@@ -5,7 +5,8 @@
 //!
 //! One port serves both, like the reference: HTTP/1.1 for REST and HTTP/2
 //! cleartext (prior knowledge) for gRPC, told apart per connection by
-//! hyper's auto builder under `axum::serve`.
+//! hyper's auto builder under `axum::serve`; with [`PlaneTls`], the same
+//! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
 //! - `ledger`: the state behind a lock, saved on every change.

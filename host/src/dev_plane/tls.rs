@@ -49,7 +49,10 @@ pub struct PlaneTls {
 impl fmt::Debug for PlaneTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PlaneTls")
-            .field("server_subject", &self.certificate_chain.first().and_then(common_name))
+            .field(
+                "server_subject",
+                &self.certificate_chain.first().and_then(common_name),
+            )
             .field("client_certificates_required", &self.client_ca.is_some())
             .field("allowed_subjects", &self.allowed_subjects)
             .finish_non_exhaustive()
@@ -69,7 +72,9 @@ impl PlaneTls {
             Some(cas) => {
                 let mut roots = RootCertStore::empty();
                 for ca in cas {
-                    roots.add(ca.clone()).map_err(|err| format!("the client CA: {err}"))?;
+                    roots
+                        .add(ca.clone())
+                        .map_err(|err| format!("the client CA: {err}"))?;
                 }
                 let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
@@ -115,7 +120,9 @@ impl ClientCertVerifier for AllowedSubjects {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
         if self.allowed.is_empty() {
             return Ok(verified);
         }
@@ -125,7 +132,9 @@ impl ClientCertVerifier for AllowedSubjects {
         } else {
             tracing::warn!(%subject, allowed = ?self.allowed, "client certificate refused: its subject is not allowed");
             // Sent to the client as an access_denied alert.
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -158,7 +167,10 @@ pub(super) struct ClientSubjects(Mutex<Vec<String>>);
 
 impl ClientSubjects {
     fn record(&self, subject: String) {
-        let mut subjects = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut subjects = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if subjects.len() == SUBJECTS_KEPT {
             subjects.remove(0);
         }
@@ -166,7 +178,10 @@ impl ClientSubjects {
     }
 
     pub(super) fn all(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -203,7 +218,8 @@ impl TlsListener {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, ready_tx, subjects) = (acceptor.clone(), ready_tx.clone(), Arc::clone(&subjects));
+                let (acceptor, ready_tx, subjects) =
+                    (acceptor.clone(), ready_tx.clone(), Arc::clone(&subjects));
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -254,20 +270,25 @@ impl axum::serve::Listener for TlsListener {
 /// Why a client's handshake failed, from the plane's side.
 fn refusal_cause(err: &std::io::Error) -> String {
     use rustls::Error as E;
-    let Some(tls) = err.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
         return err.to_string();
     };
     let cause = match tls {
-        E::NoCertificatesPresented => "the client sent no certificate, and client certificates are required",
+        E::NoCertificatesPresented => {
+            "the client sent no certificate, and client certificates are required"
+        }
         E::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "the client certificate is not issued by the plane's client CA"
         }
         E::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
             "the client certificate's subject is not allowed"
         }
-        E::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-            "the client certificate has expired"
-        }
+        E::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "the client certificate has expired",
         E::AlertReceived(_) => "the client refused the plane's certificate",
         _ => "TLS handshake failed",
     };

@@ -77,9 +77,15 @@ impl DevCertificates {
     /// from the CA, and only `allowed_subjects` if any are given.
     pub fn plane_tls(&self, allowed_subjects: Vec<String>) -> Result<PlaneTls, TlsDirError> {
         Ok(PlaneTls {
-            certificate_chain: read_certificates("the server certificate", &self.path(SERVER_CERT))?,
+            certificate_chain: read_certificates(
+                "the server certificate",
+                &self.path(SERVER_CERT),
+            )?,
             private_key: Arc::new(read_private_key("the server key", &self.path(SERVER_KEY))?),
-            client_ca: Some(read_certificates("the CA certificate", &self.path(CA_CERT))?),
+            client_ca: Some(read_certificates(
+                "the CA certificate",
+                &self.path(CA_CERT),
+            )?),
             allowed_subjects,
         })
     }
@@ -110,8 +116,16 @@ pub fn prepare(dir: &Path) -> Result<DevCertificates, TlsDirError> {
         match (exists(cert), exists(key)) {
             (true, true) => Ok(true),
             (false, false) => Ok(false),
-            (true, false) => Err(TlsDirError::HalfPair { dir: dir.to_path_buf(), present: cert, missing: key }),
-            (false, true) => Err(TlsDirError::HalfPair { dir: dir.to_path_buf(), present: key, missing: cert }),
+            (true, false) => Err(TlsDirError::HalfPair {
+                dir: dir.to_path_buf(),
+                present: cert,
+                missing: key,
+            }),
+            (false, true) => Err(TlsDirError::HalfPair {
+                dir: dir.to_path_buf(),
+                present: key,
+                missing: cert,
+            }),
         }
     };
     let server_there = pair(SERVER_CERT, SERVER_KEY)?;
@@ -119,56 +133,127 @@ pub fn prepare(dir: &Path) -> Result<DevCertificates, TlsDirError> {
     let mut generated = Vec::new();
     if server_there && node_there {
         if !exists(CA_CERT) {
-            return Err(TlsDirError::HalfPair { dir: dir.to_path_buf(), present: SERVER_CERT, missing: CA_CERT });
+            return Err(TlsDirError::HalfPair {
+                dir: dir.to_path_buf(),
+                present: SERVER_CERT,
+                missing: CA_CERT,
+            });
         }
-        return Ok(DevCertificates { dir: dir.to_path_buf(), generated });
+        return Ok(DevCertificates {
+            dir: dir.to_path_buf(),
+            generated,
+        });
     }
 
     // Something must be signed: the CA is needed, read or made.
     let (ca_pem, ca_key) = if exists(CA_CERT) {
         if !exists(CA_KEY) {
-            return Err(TlsDirError::NoCaKey { dir: dir.to_path_buf(), missing: CA_KEY });
+            return Err(TlsDirError::NoCaKey {
+                dir: dir.to_path_buf(),
+                missing: CA_KEY,
+            });
         }
         let cert = std::fs::read_to_string(dir.join(CA_CERT)).map_err(io(&dir.join(CA_CERT)))?;
         let key_pem = std::fs::read_to_string(dir.join(CA_KEY)).map_err(io(&dir.join(CA_KEY)))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|source| TlsDirError::Generate { what: "anything: ca-key.pem is not a usable key", source })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| TlsDirError::Generate {
+            what: "anything: ca-key.pem is not a usable key",
+            source,
+        })?;
         (cert, key)
     } else {
         if exists(CA_KEY) {
-            return Err(TlsDirError::HalfPair { dir: dir.to_path_buf(), present: CA_KEY, missing: CA_CERT });
+            return Err(TlsDirError::HalfPair {
+                dir: dir.to_path_buf(),
+                present: CA_KEY,
+                missing: CA_CERT,
+            });
         }
-        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate { what: CA_KEY, source })?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|source| TlsDirError::Generate { what: CA_CERT, source })?;
-        params.distinguished_name.push(DnType::CommonName, "node-runtime dev CA");
+        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate {
+            what: CA_KEY,
+            source,
+        })?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|source| {
+            TlsDirError::Generate {
+                what: CA_CERT,
+                source,
+            }
+        })?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "node-runtime dev CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = params.self_signed(&key).map_err(|source| TlsDirError::Generate { what: CA_CERT, source })?;
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| TlsDirError::Generate {
+                what: CA_CERT,
+                source,
+            })?;
         write(dir, CA_KEY, &key.serialize_pem(), true)?;
         write(dir, CA_CERT, &cert.pem(), false)?;
         generated.extend([CA_CERT, CA_KEY]);
         (cert.pem(), key)
     };
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|source| TlsDirError::Generate { what: "anything: ca-cert.pem is not a usable CA certificate", source })?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|source| TlsDirError::Generate {
+            what: "anything: ca-cert.pem is not a usable CA certificate",
+            source,
+        })?;
 
-    let mut leaf = |cert_name: &'static str, key_name: &'static str, subject: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose| -> Result<(), TlsDirError> {
-        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate { what: key_name, source })?;
-        let mut params = CertificateParams::new(names).map_err(|source| TlsDirError::Generate { what: cert_name, source })?;
+    let mut leaf = |cert_name: &'static str,
+                    key_name: &'static str,
+                    subject: &str,
+                    names: Vec<String>,
+                    usage: ExtendedKeyUsagePurpose|
+     -> Result<(), TlsDirError> {
+        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate {
+            what: key_name,
+            source,
+        })?;
+        let mut params = CertificateParams::new(names).map_err(|source| TlsDirError::Generate {
+            what: cert_name,
+            source,
+        })?;
         params.distinguished_name.push(DnType::CommonName, subject);
         params.extended_key_usages = vec![usage];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &issuer).map_err(|source| TlsDirError::Generate { what: cert_name, source })?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(|source| TlsDirError::Generate {
+                what: cert_name,
+                source,
+            })?;
         write(dir, key_name, &key.serialize_pem(), true)?;
         write(dir, cert_name, &cert.pem(), false)?;
         generated.extend([cert_name, key_name]);
         Ok(())
     };
     if !server_there {
-        leaf(SERVER_CERT, SERVER_KEY, SERVER_SUBJECT, vec!["localhost".to_string(), "127.0.0.1".to_string()], ExtendedKeyUsagePurpose::ServerAuth)?;
+        leaf(
+            SERVER_CERT,
+            SERVER_KEY,
+            SERVER_SUBJECT,
+            vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
     }
     if !node_there {
-        leaf(NODE_CERT, NODE_KEY, NODE_SUBJECT, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+        leaf(
+            NODE_CERT,
+            NODE_KEY,
+            NODE_SUBJECT,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
     }
-    Ok(DevCertificates { dir: dir.to_path_buf(), generated })
+    Ok(DevCertificates {
+        dir: dir.to_path_buf(),
+        generated,
+    })
 }
 
 fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), TlsDirError> {
@@ -180,7 +265,10 @@ fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), Tls
         .create_new(true)
         .mode(mode)
         .open(&path)
-        .map_err(|source| TlsDirError::Io { path: path.clone(), source })?;
+        .map_err(|source| TlsDirError::Io {
+            path: path.clone(),
+            source,
+        })?;
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|source| TlsDirError::Io { path, source })
@@ -194,13 +282,32 @@ mod tests {
     fn missing_files_are_generated_and_existing_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
         let first = prepare(dir.path()).unwrap();
-        assert_eq!(first.generated, [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, NODE_CERT, NODE_KEY]);
+        assert_eq!(
+            first.generated,
+            [
+                CA_CERT,
+                CA_KEY,
+                SERVER_CERT,
+                SERVER_KEY,
+                NODE_CERT,
+                NODE_KEY
+            ]
+        );
         let server = read_certificates("s", &first.path(SERVER_CERT)).unwrap();
-        assert_eq!(crate::control_plane::tls::common_name(&server[0]).as_deref(), Some(SERVER_SUBJECT));
+        assert_eq!(
+            crate::control_plane::tls::common_name(&server[0]).as_deref(),
+            Some(SERVER_SUBJECT)
+        );
         let node = read_certificates("n", &first.path(NODE_CERT)).unwrap();
-        assert_eq!(crate::control_plane::tls::common_name(&node[0]).as_deref(), Some(NODE_SUBJECT));
+        assert_eq!(
+            crate::control_plane::tls::common_name(&node[0]).as_deref(),
+            Some(NODE_SUBJECT)
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(first.path(NODE_KEY)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(first.path(NODE_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "keys are owner-only");
 
         let before = std::fs::read(first.path(SERVER_CERT)).unwrap();
@@ -208,11 +315,18 @@ mod tests {
         std::fs::remove_file(first.path(NODE_KEY)).unwrap();
         let second = prepare(dir.path()).unwrap();
         assert_eq!(second.generated, [NODE_CERT, NODE_KEY]);
-        assert_eq!(std::fs::read(first.path(SERVER_CERT)).unwrap(), before, "kept");
+        assert_eq!(
+            std::fs::read(first.path(SERVER_CERT)).unwrap(),
+            before,
+            "kept"
+        );
         second.plane_tls(Vec::new()).unwrap();
 
         std::fs::remove_file(first.path(SERVER_KEY)).unwrap();
         let err = prepare(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("server-cert.pem is there but server-key.pem is not"), "{err}");
+        assert!(
+            err.contains("server-cert.pem is there but server-key.pem is not"),
+            "{err}"
+        );
     }
 }
