@@ -828,3 +828,35 @@ async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() 
         "the stranger never got in"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_certificate_chain_false_accepts_a_server_certificate_from_another_issuer_and_warns() {
+    let setup = Setup::new();
+    let other = TestCa::new("another CA");
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let mut unchecked = mtls(&setup.ca_path, &cert, &key);
+    unchecked["ValidateCertificateChain"] = serde_json::json!(false);
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        unchecked,
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    let run = plane.submit(echo_run("unchecked chain")).await.unwrap();
+    eventually(Duration::from_secs(60), "the run to complete", || {
+        plane
+            .run(&run.run_id)
+            .is_some_and(|run| run.status == RunStatus::Completed)
+            .then_some(())
+    })
+    .await;
+    let warning = node.wait_for_log("MTls.ValidateCertificateChain is false").await;
+    assert!(warning.contains("WARN"), "{warning}");
+}
