@@ -20,6 +20,10 @@ pub struct ConfigCheckArgs {
 pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
     let config = NodeConfig::load(&args.config, config::process_env())
         .map_err(|err| CommandError::usage(err.to_string()))?;
+    // The certificate files are read as `serve` reads them.
+    if config.mtls.enabled {
+        super::serve::control_plane_tls(&config)?;
+    }
     println!("{}", config.redacted_json());
     Ok(Exit::Completed)
 }

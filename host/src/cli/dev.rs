@@ -13,9 +13,9 @@ use clap::Args;
 use super::serve::stop_signal;
 use super::{CommandError, Exit};
 use crate::agent_store::AgentStore;
-use crate::control_plane::Capacity;
+use crate::control_plane::{Capacity, ControlPlaneTls};
 use crate::config::Secret;
-use crate::dev_plane::{DevPlane, PlaneOptions, stubs};
+use crate::dev_plane::{DevPlane, PlaneOptions, stubs, tls_dir};
 use crate::outbox::Outbox;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
@@ -78,25 +78,83 @@ pub struct DevArgs {
     /// node (the reference uses 300 s).
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = super::parse_duration)]
     pub lease_ttl: Duration,
+
+    /// Serve HTTPS and gRPC over TLS, requiring client certificates, with
+    /// the PEM files in DIR (ca-cert.pem, ca-key.pem, server-cert.pem,
+    /// server-key.pem, node-cert.pem, node-key.pem); missing ones are
+    /// generated. The embedded node uses node-cert.pem and trusts only the CA.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// With --tls-dir: accept only client certificates with this CN
+    /// (repeatable; default: any certificate the CA issued).
+    #[arg(long = "allow-subject", value_name = "CN", requires = "tls_dir")]
+    pub allow_subjects: Vec<String>,
 }
 
 pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     if args.slots == 0 {
         return Err(CommandError::usage("--slots must be at least 1"));
     }
+    let certificates = match &args.tls_dir {
+        Some(dir) => {
+            let certificates = tls_dir::prepare(dir).map_err(|err| CommandError::usage(err.to_string()))?;
+            if !certificates.generated.is_empty() {
+                eprintln!("generated in {}: {}", dir.display(), certificates.generated.join(", "));
+            }
+            Some(certificates)
+        }
+        None => None,
+    };
+    let plane_tls = match &certificates {
+        Some(certificates) => Some(
+            certificates
+                .plane_tls(args.allow_subjects.clone())
+                .map_err(|err| CommandError::usage(err.to_string()))?,
+        ),
+        None => None,
+    };
     let plane = DevPlane::start(PlaneOptions {
         listen: args.listen,
         data_dir: args.data_dir.as_ref().map(|dir| dir.join("plane")),
         lease_ttl: args.lease_ttl,
+        tls: plane_tls,
         ..PlaneOptions::default()
     })
     .await
     .map_err(|err| CommandError::usage(err.to_string()))?;
     let url = plane.url();
-    eprintln!("dev control plane listening on {url} (REST and gRPC)");
+    // With TLS, clients (curl included) need the node certificate and the CA.
+    let curl_tls = match &certificates {
+        Some(c) => format!(
+            "--cacert {} --cert {} --key {} ",
+            c.path(tls_dir::CA_CERT).display(),
+            c.path(tls_dir::NODE_CERT).display(),
+            c.path(tls_dir::NODE_KEY).display()
+        ),
+        None => String::new(),
+    };
+    let node_tls = match &certificates {
+        Some(certificates) => ControlPlaneTls::configure(&url, &certificates.node_tls_options())
+            .map_err(|err| CommandError::usage(err.to_string()))?,
+        None => ControlPlaneTls::plaintext(),
+    };
+    match &certificates {
+        Some(_) => eprintln!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)"),
+        None => eprintln!("dev control plane listening on {url} (REST and gRPC)"),
+    }
 
     if args.plane_only {
-        eprintln!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}");
+        match &certificates {
+            Some(c) => eprintln!(
+                "plane only: start nodes with NodeRuntime__ControlPlaneUrl={url} MTls__Enabled=true \\\n  \
+                 MTls__ClientCertificatePath={} MTls__ClientKeyPath={} MTls__ServerCaCertificatePath={}",
+                c.path(tls_dir::NODE_CERT).display(),
+                c.path(tls_dir::NODE_KEY).display(),
+                c.path(tls_dir::CA_CERT).display()
+            ),
+            None => eprintln!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}"),
+        }
         stop_signal().await;
         plane.shutdown().await;
         return Ok(Exit::Completed);
@@ -193,7 +251,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         (None, None) => unreachable!("a scratch directory exists without --data-dir"),
     };
     let outbox = Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
-    let node = NodeHandle::start(
+    let node = NodeHandle::start_with_tls(
         NodeSettings {
             node_id: "dev-node-1".to_string(),
             control_plane_url: url.clone(),
@@ -211,6 +269,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
                 .collect(),
             drain_timeout: Duration::from_secs(10),
         },
+        node_tls.clone(),
         Arc::new(sandbox),
         Arc::new(AgentStore::new(dirs)),
         outbox,
@@ -218,15 +277,15 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     .map_err(|err| CommandError::internal(err.to_string()))?;
 
     let result = if let Some(target) = &target {
-        let result = demo(&url, &target.addr.to_string()).await;
+        let result = demo(&url, &target.addr.to_string(), &node_tls).await;
         eprintln!("the target API received {} classified invoices", target.received());
         result
     } else {
         eprintln!("node dev-node-1 joined with {} slots; agents: {}", args.slots, offered.join(", "));
         eprintln!(
-            "submit a run:\n  curl -s -X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
+            "submit a run:\n  curl -s {curl_tls}-X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
              -d '{{\"agentId\": \"echo\", \"version\": \"1.0.0\", \"inputRef\": {{\"message\": \"{{\\\"invoice\\\": 1}}\"}}}}'\n\
-             see it:\n  curl -s {url}/v1/runs\nCtrl-C stops."
+             see it:\n  curl -s {curl_tls}{url}/v1/runs\nCtrl-C stops."
         );
         stop_signal().await;
         Ok(())
@@ -301,7 +360,7 @@ const DEMO_INVOICES: [&str; 3] = [
     r#"{"vendor": "City Water Works", "number": "INV-2003", "date": "2026-11-04", "amount": 310.2, "currency": "EUR"}"#,
 ];
 
-async fn demo(url: &str, target: &str) -> Result<(), CommandError> {
+async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), CommandError> {
     let runs = [
         DemoRun { agent: "echo", input: r#"{"invoice": "INV-1001", "amount": 1250.0}"#, budgets: serde_json::json!({}) },
         DemoRun { agent: "wasi-command-echo", input: r#"{"invoice": "INV-1002"}"#, budgets: serde_json::json!({}) },
@@ -312,7 +371,8 @@ async fn demo(url: &str, target: &str) -> Result<(), CommandError> {
         DemoRun { agent: "agent-error", input: "{}", budgets: serde_json::json!({}) },
         DemoRun { agent: "no-such-agent", input: "{}", budgets: serde_json::json!({}) },
     ];
-    let http = reqwest::Client::new();
+    let http = crate::control_plane::registration::http_client_with(Duration::from_secs(30), tls)
+        .map_err(|err| CommandError::internal(format!("cannot build the HTTP client: {err}")))?;
     let fetch = |request: reqwest::RequestBuilder| async move {
         let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
         request.send().await.map_err(fail)?.json::<serde_json::Value>().await.map_err(fail)

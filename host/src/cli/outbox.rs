@@ -118,7 +118,8 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (config, outbox) = load(args)?;
     control_plane::install_crypto_provider();
     let url = config.node_runtime.control_plane_url.to_string().trim_end_matches('/').to_string();
-    let client = LeaseClient::connect_lazy(&url, Duration::from_secs(10))
+    let tls = super::serve::control_plane_tls(&config)?;
+    let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
         .map_err(|err| CommandError::usage(err.to_string()))?;
     let reports = pending(&outbox)?;
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);

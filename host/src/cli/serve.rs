@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{CommandError, Exit};
 use crate::config::NodeConfig;
-use crate::control_plane::Capacity;
+use crate::control_plane::{Capacity, ControlPlaneTls, TlsOptions};
 use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
 use crate::worker::{NodeHandle, NodeSettings};
@@ -27,12 +27,7 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
         None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
     }
     .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
-    if config.mtls.enabled {
-        return Err(CommandError::usage(
-            "MTls.Enabled is true, but this node does not speak mutual TLS yet; \
-             set MTls.Enabled to false (an https:// ControlPlaneUrl still verifies the server)",
-        ));
-    }
+    let tls = control_plane_tls(&config)?;
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
     tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
@@ -40,7 +35,7 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let outbox = Outbox::open(&config.node_runtime.data_directory)
         .map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     tracing::info!(path = %outbox.path().display(), "outbox open");
-    let node = NodeHandle::start(settings(&config), Arc::new(sandbox), Arc::new(store), outbox)
+    let node = NodeHandle::start_with_tls(settings(&config), tls, Arc::new(sandbox), Arc::new(store), outbox)
         .map_err(|err| CommandError::usage(err.to_string()))?;
     let stop = node.stop_token();
     tokio::spawn(async move {
@@ -49,6 +44,23 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     });
     node.wait().await;
     Ok(Exit::Completed)
+}
+
+/// The control-plane TLS the `MTls` section asks for, its files read and
+/// checked: a missing or non-PEM file stops start-up naming its key.
+pub fn control_plane_tls(config: &NodeConfig) -> Result<ControlPlaneTls, CommandError> {
+    let mtls = &config.mtls;
+    let options = TlsOptions {
+        enabled: mtls.enabled,
+        client_certificate_path: mtls.client_certificate_path.clone(),
+        client_key_path: mtls.client_key_path.clone(),
+        server_ca_certificate_path: mtls.server_ca_certificate_path.clone(),
+        expected_server_certificate_subject: mtls.expected_server_certificate_subject.clone(),
+        validate_certificate_chain: mtls.validate_certificate_chain,
+    };
+    let url = config.node_runtime.control_plane_url.to_string();
+    ControlPlaneTls::configure(url.trim_end_matches('/'), &options)
+        .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))
 }
 
 /// The worker's settings from the configuration.

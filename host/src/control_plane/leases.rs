@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use thiserror::Error;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
+
+use super::tls::{self, ControlPlaneTls, TlsConnector};
 
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
@@ -18,7 +20,7 @@ use crate::proto::{
 pub enum LeaseClientError {
     #[error("invalid ControlPlaneUrl {url:?} for gRPC: {reason}")]
     InvalidUrl { url: String, reason: String },
-    #[error("{call} failed: {status}")]
+    #[error("{call} failed: {}", describe_status(status))]
     Call {
         call: &'static str,
         status: Box<tonic::Status>,
@@ -46,26 +48,55 @@ pub type LeaseStream = tonic::Streaming<Lease>;
 
 impl LeaseClient {
     /// A lazily connected client: nothing is dialled until the first call,
-    /// and a lost connection is re-dialled by the next one.
+    /// and a lost connection is re-dialled by the next one. An `https://`
+    /// URL is verified against the system roots.
     pub fn connect_lazy(url: &str, call_timeout: Duration) -> Result<Self, LeaseClientError> {
+        let tls = ControlPlaneTls::configure(url, &tls::TlsOptions::default()).map_err(|err| {
+            LeaseClientError::InvalidUrl {
+                url: url.to_string(),
+                reason: err.to_string(),
+            }
+        })?;
+        Self::connect_lazy_with(url, call_timeout, &tls)
+    }
+
+    /// Like [`Self::connect_lazy`], with the TLS the configuration asks
+    /// for. Each (re)connection is a full handshake, so a rotated client
+    /// certificate is presented from the next reconnect on.
+    pub fn connect_lazy_with(
+        url: &str,
+        call_timeout: Duration,
+        tls: &ControlPlaneTls,
+    ) -> Result<Self, LeaseClientError> {
         let invalid = |reason: String| LeaseClientError::InvalidUrl {
             url: url.to_string(),
             reason,
         };
-        let mut endpoint = Endpoint::from_shared(url.to_string())
+        let tls_config = tls.client_config(&[b"h2"]);
+        // With TLS the connector dials an `http://` endpoint itself (tonic
+        // refuses an https:// URI it does not encrypt); the origin keeps
+        // `:scheme https` on the requests.
+        let dial_url = match (&tls_config, url.get(..8)) {
+            (Some(_), Some(scheme)) if scheme.eq_ignore_ascii_case("https://") => format!("http://{}", &url[8..]),
+            _ => url.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(dial_url)
             .map_err(|err| invalid(err.to_string()))?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
-        if url.starts_with("https://") {
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_native_roots())
-                .map_err(|err| invalid(err.to_string()))?;
-        }
+        let channel = match tls_config {
+            Some(config) => {
+                let origin = url.parse().map_err(|err: http::uri::InvalidUri| invalid(err.to_string()))?;
+                endpoint = endpoint.origin(origin);
+                endpoint.connect_with_connector_lazy(TlsConnector::new(config))
+            }
+            None => endpoint.connect_lazy(),
+        };
         Ok(LeaseClient {
-            client: LeaseServiceClient::new(endpoint.connect_lazy()),
+            client: LeaseServiceClient::new(channel),
             call_timeout,
         })
     }
@@ -123,4 +154,20 @@ impl LeaseClient {
         request.set_timeout(self.call_timeout);
         request
     }
+}
+
+/// A status with its transport causes, which tonic's `Display` leaves out
+/// (a refused TLS handshake would read as a bare "transport error").
+fn describe_status(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = status.source() {
+        let causes = tls::describe(source);
+        if !text.contains(&causes) {
+            text.push_str(" (");
+            text.push_str(&causes);
+            text.push(')');
+        }
+    }
+    text
 }

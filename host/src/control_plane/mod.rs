@@ -2,14 +2,17 @@
 //! and reports over gRPC, and the backoff every network loop uses.
 //!
 //! These types only speak the wire protocol; the rules of when to call
-//! what live in the worker.
+//! what live in the worker. `tls` builds the one TLS configuration both
+//! clients use.
 
 pub mod backoff;
 pub mod leases;
 pub mod registration;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use leases::{LeaseClient, LeaseClientError, LeaseStream};
+pub use tls::{ControlPlaneTls, TlsError, TlsOptions};
 pub use registration::{
     Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient, RestError,
 };

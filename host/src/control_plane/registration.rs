@@ -46,7 +46,7 @@ pub enum NodeState {
 
 #[derive(Debug, Error)]
 pub enum RestError {
-    #[error("the control plane at {url} could not be reached: {source}")]
+    #[error("the control plane at {url} could not be reached: {}", super::tls::describe(source))]
     Unreachable {
         url: String,
         #[source]
@@ -147,11 +147,24 @@ async fn status_error(url: String, response: reqwest::Response) -> RestError {
 }
 
 /// The HTTP client for the REST calls: bounded in time so a hung control
-/// plane cannot stall a heartbeat past its interval.
+/// plane cannot stall a heartbeat past its interval. An `https://` URL is
+/// verified against the system roots.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    http_client_with(timeout, &super::ControlPlaneTls::plaintext())
+}
+
+/// Like [`http_client`], with the control plane's TLS (the same
+/// configuration as the gRPC channel's, offering HTTP/1.1).
+pub fn http_client_with(
+    timeout: Duration,
+    tls: &super::ControlPlaneTls,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(concat!("node-runtime/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("node-runtime/", env!("CARGO_PKG_VERSION")));
+    match tls.client_config(&[b"http/1.1"]) {
+        Some(config) => builder.tls_backend_preconfigured(config).build(),
+        None => builder.build(),
+    }
 }

@@ -5,12 +5,15 @@
 //!
 //! One port serves both, like the reference: HTTP/1.1 for REST and HTTP/2
 //! cleartext (prior knowledge) for gRPC, told apart per connection by
-//! hyper's auto builder under `axum::serve`.
+//! hyper's auto builder under `axum::serve`; with [`PlaneTls`], the same
+//! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
 //! - `ledger`: the state behind a lock, saved on every change.
 //! - `store`: the runs file in the data dir.
 //! - `rest`, `grpc`: the two front ends.
+//! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
+//!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
 mod grpc;
 mod ledger;
@@ -18,6 +21,8 @@ mod rest;
 pub mod state;
 pub mod stubs;
 mod store;
+pub mod tls;
+pub mod tls_dir;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +37,7 @@ pub use state::{SandboxReadings,
     Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Run, RunStatus, Timings,
 };
 pub use store::{LoadError, SaveError};
+pub use tls::PlaneTls;
 
 use ledger::Ledger;
 use state::PlaneState;
@@ -52,6 +58,8 @@ pub struct PlaneOptions {
     /// How long an idle Pull stream waits before polling again (it wakes
     /// earlier when a run is submitted or re-queued).
     pub idle_poll: Duration,
+    /// Serve HTTPS and gRPC over TLS instead of cleartext.
+    pub tls: Option<PlaneTls>,
 }
 
 impl Default for PlaneOptions {
@@ -62,6 +70,7 @@ impl Default for PlaneOptions {
             data_dir: None,
             lease_ttl: Duration::from_secs(300),
             idle_poll: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -82,6 +91,8 @@ pub enum PlaneError {
     Save(#[from] SaveError),
     #[error("{0}")]
     InvalidRun(String),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
 
 /// A running plane. Dropping it stops the server as `shutdown` does, but
@@ -90,6 +101,8 @@ pub struct DevPlane {
     addr: SocketAddr,
     ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
+    tls: bool,
+    client_subjects: Arc<tls::ClientSubjects>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     expiry: Option<JoinHandle<()>>,
 }
@@ -136,21 +149,41 @@ impl DevPlane {
             LeaseServiceServer::new(desk),
         );
         let mut stop_serving = shutdown_rx.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
-                .await
-        });
+        let client_subjects = Arc::new(tls::ClientSubjects::default());
+        let server = match &options.tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
+                    .await
+            }),
+            Some(plane_tls) => {
+                let config = plane_tls.server_config().map_err(PlaneError::Tls)?;
+                let listener = tls::TlsListener::start(
+                    listener,
+                    config,
+                    Arc::clone(&client_subjects),
+                    shutdown_rx.clone(),
+                )
+                .map_err(|source| PlaneError::Listen { addr, source })?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
+                        .await
+                })
+            }
+        };
         let expiry = tokio::spawn(expire_leases(
             Arc::clone(&ledger),
             options.lease_ttl,
             shutdown_rx,
         ));
-        tracing::info!(%addr, data_dir = ?options.data_dir, "dev control plane listening");
+        tracing::info!(%addr, data_dir = ?options.data_dir, tls = ?options.tls, "dev control plane listening");
         Ok(DevPlane {
             addr,
             ledger,
             shutdown,
+            tls: options.tls.is_some(),
+            client_subjects,
             server: Some(server),
             expiry: Some(expiry),
         })
@@ -160,15 +193,22 @@ impl DevPlane {
         self.addr
     }
 
-    /// The base URL nodes use, e.g. `http://127.0.0.1:5109`. A wildcard
-    /// listen address is reached through loopback.
+    /// The base URL nodes use, e.g. `http://127.0.0.1:5109` (`https://`
+    /// with TLS). A wildcard listen address is reached through loopback.
     pub fn url(&self) -> String {
         let ip = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// The CN of each client certificate the plane accepted, one entry per
+    /// TLS connection, oldest first (the newest 10,000).
+    pub fn client_subjects(&self) -> Vec<String> {
+        self.client_subjects.all()
     }
 
     /// Submits a run, as `POST /v1/runs` does.

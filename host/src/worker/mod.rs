@@ -39,7 +39,8 @@ use tokio_util::task::TaskTracker;
 use crate::agent_store::AgentStore;
 use crate::outbox::Outbox;
 use crate::control_plane::{
-    self, Capacity, LeaseClient, LeaseClientError, RestClient,
+    self, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError,
+    TlsOptions,
 };
 use crate::sandbox::Sandbox;
 
@@ -163,6 +164,8 @@ pub struct NodeHandle {
 pub enum StartError {
     #[error(transparent)]
     LeaseClient(#[from] LeaseClientError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("NodeRuntime.Capacity.Slots and MaxConcurrentLeases must allow at least one run")]
@@ -171,9 +174,23 @@ pub enum StartError {
 
 impl NodeHandle {
     /// Starts the node's tasks. It registers, delivers what `outbox` still
-    /// holds, then pulls, until shut down.
+    /// holds, then pulls, until shut down. An `https://` control plane is
+    /// verified against the system roots, with no client certificate.
     pub fn start(
         settings: NodeSettings,
+        sandbox: Arc<Sandbox>,
+        store: Arc<AgentStore>,
+        outbox: Outbox,
+    ) -> Result<NodeHandle, StartError> {
+        let tls = ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?;
+        Self::start_with_tls(settings, tls, sandbox, store, outbox)
+    }
+
+    /// Like [`Self::start`], with the TLS (and client certificate) the
+    /// `MTls` configuration asks for, on both the REST and gRPC links.
+    pub fn start_with_tls(
+        settings: NodeSettings,
+        tls: ControlPlaneTls,
         sandbox: Arc<Sandbox>,
         store: Arc<AgentStore>,
         outbox: Outbox,
@@ -186,9 +203,9 @@ impl NodeHandle {
         let rest_timeout = settings.heartbeat_interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
         let rest = RestClient::new(
             &settings.control_plane_url,
-            control_plane::registration::http_client(rest_timeout)?,
+            control_plane::registration::http_client_with(rest_timeout, &tls)?,
         );
-        let leases = LeaseClient::connect_lazy(&settings.control_plane_url, Duration::from_secs(10))?;
+        let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?;
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
         let node = Arc::new(Node {
             slots: Arc::new(Semaphore::new(settings.slots as usize)),
@@ -211,6 +228,7 @@ impl NodeHandle {
             give_up: CancellationToken::new(),
             reports: TaskTracker::new(),
         });
+        tokio::spawn(tls.warn_before_expiry(node.stop.clone()));
         let done = tokio::spawn(lifecycle(node.clone(), queue_tx, queue_rx));
         Ok(NodeHandle { node, done })
     }

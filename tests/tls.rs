@@ -1,0 +1,862 @@
+//! Mutual TLS between `node-runtime serve` and a control plane that
+//! requires client certificates, both real, on loopback, with
+//! certificates made in the test: the good path over REST and gRPC, each
+//! way a handshake is refused (with the log line that names the cause, and
+//! no run executed), bad certificate files at start-up, client certificate
+//! rotation while the node runs, and secrets that never leak.
+
+#[path = "support/certs.rs"]
+mod certs;
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use certs::{TestCa, plane_tls};
+use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, PlaneTls, RunStatus};
+use support::*;
+
+const NODE_BINARY: &str = env!("CARGO_BIN_EXE_node-runtime");
+
+async fn start_plane(listen: &str, tls: PlaneTls) -> DevPlane {
+    DevPlane::start(PlaneOptions {
+        listen: listen.parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        tls: Some(tls),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn echo_run(message: &str) -> NewRun {
+    NewRun {
+        agent_id: "echo".to_string(),
+        version: "1.0.0".to_string(),
+        input_ref: BTreeMap::from([("message".to_string(), message.to_string())]),
+        metadata: BTreeMap::new(),
+        budgets: Budgets::default(),
+    }
+}
+
+/// A `node-runtime serve` process and the file its log goes to.
+struct ServedNode {
+    _child: tokio::process::Child,
+    log: PathBuf,
+    _agents: tempfile::TempDir,
+}
+
+impl ServedNode {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most 40 s) for a log line containing `needle`.
+    async fn wait_for_log(&self, needle: &str) -> String {
+        let log = &self.log;
+        eventually(
+            Duration::from_secs(40),
+            &format!("a node log line with {needle:?}"),
+            || {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                text.lines()
+                    .find(|line| line.contains(needle))
+                    .map(str::to_string)
+            },
+        )
+        .await
+    }
+}
+
+/// The node's configuration file: a fast heartbeat, the sample agents,
+/// and the given `MTls` and `AgentRuntime` sections.
+fn write_config(
+    dir: &Path,
+    url: &str,
+    agents: &Path,
+    mtls: serde_json::Value,
+    agent_runtime: serde_json::Value,
+) -> PathBuf {
+    let config = serde_json::json!({
+        "NodeRuntime": {
+            "NodeId": "tls-node",
+            "ControlPlaneUrl": url,
+            "HeartbeatIntervalSeconds": 1,
+            "MaxConcurrentLeases": 2,
+            "Capacity": {"Slots": 2},
+            "AgentsDirectory": agents,
+            "DataDirectory": dir.join("data"),
+        },
+        "MTls": mtls,
+        "AgentRuntime": agent_runtime,
+    });
+    let path = dir.join("appsettings.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+fn start_node(dir: &Path, config: &Path, env: &[(&str, &str)]) -> ServedNode {
+    let log = dir.join("node.log");
+    let agents = agents_layout();
+    let mut command = tokio::process::Command::new(NODE_BINARY);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    ServedNode {
+        _child: command.spawn().expect("node-runtime serve starts"),
+        log,
+        _agents: agents,
+    }
+}
+
+fn mtls(ca: &Path, cert: &Path, key: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "Enabled": true,
+        "ClientCertificatePath": cert,
+        "ClientKeyPath": key,
+        "ServerCaCertificatePath": ca,
+        "ExpectedServerCertificateSubject": "control-plane",
+    })
+}
+
+/// One CA for everything, a plane requiring its client certificates, and
+/// a node presenting `node_cn`.
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    ca_path: PathBuf,
+    server: certs::Leaf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("test CA");
+        let ca_path = ca.write(dir.path(), "ca-cert.pem");
+        let server = ca.server("control-plane");
+        Setup {
+            dir,
+            ca,
+            ca_path,
+            server,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_runs_over_tls() {
+    let setup = Setup::new();
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.server, &setup.ca, &["node-a"]),
+    )
+    .await;
+    assert!(
+        plane.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        plane.url()
+    );
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            plane
+                .submit(echo_run(&format!("invoice {i}")))
+                .await
+                .unwrap()
+                .run_id,
+        );
+    }
+    eventually(Duration::from_secs(60), "three runs to complete", || {
+        ids.iter()
+            .all(|id| {
+                plane
+                    .run(id)
+                    .is_some_and(|run| run.status == RunStatus::Completed)
+            })
+            .then_some(())
+    })
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        let run = plane.run(id).unwrap();
+        assert_eq!(run.node_id.as_deref(), Some("tls-node"), "{run:?}");
+        assert_eq!(
+            run.result.as_ref().unwrap()["message"],
+            format!("invoice {i}")
+        );
+        assert_eq!(run.outcomes, 1);
+    }
+    // REST: registered and heartbeating over TLS (the plane speaks nothing else).
+    let nodes = plane.nodes();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].node_id, "tls-node");
+    // Both links presented the certificate: at least the REST connection
+    // and the gRPC channel, every one as node-a.
+    let subjects = plane.client_subjects();
+    assert!(subjects.len() >= 2, "{subjects:?}");
+    assert!(
+        subjects.iter().all(|subject| subject == "node-a"),
+        "{subjects:?}"
+    );
+    assert!(
+        node.log().contains("client certificate loaded"),
+        "{}",
+        node.log()
+    );
+}
+
+/// Starts a node against a plane that must refuse it, waits for the log
+/// line naming `cause`, and checks that the plane has no node and ran
+/// nothing.
+async fn refused(plane: &DevPlane, node: &ServedNode, cause: &str) {
+    let run = plane.submit(echo_run("must not run")).await.unwrap();
+    let line = node.wait_for_log(cause).await;
+    assert!(line.contains("WARN"), "a warning: {line}");
+    // Give a wrongly accepted node every chance to show up: two more
+    // failed attempts logged.
+    let attempts = |log: &str| log.lines().filter(|line| line.contains(cause)).count();
+    let seen = attempts(&node.log());
+    eventually(Duration::from_secs(40), "two more refused attempts", || {
+        (attempts(&node.log()) >= seen + 2).then_some(())
+    })
+    .await;
+    assert!(
+        plane.nodes().is_empty(),
+        "no node registered: {:?}",
+        plane.nodes()
+    );
+    let run = plane.run(&run.run_id).unwrap();
+    assert_eq!(run.status, RunStatus::Pending, "nothing ran: {run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_client_certificate_is_refused_and_says_a_certificate_is_required() {
+    let setup = Setup::new();
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
+    // MTls off: ordinary verification, with the test CA as the system's roots.
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        serde_json::json!({"Enabled": false}),
+        serde_json::json!({}),
+    );
+    let node = start_node(
+        setup.dir.path(),
+        &config,
+        &[("SSL_CERT_FILE", setup.ca_path.to_str().unwrap())],
+    );
+    refused(
+        &plane,
+        &node,
+        "requires a client certificate and none was sent",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let setup = Setup::new();
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
+    let stranger = TestCa::new("another CA");
+    let (cert, key) = stranger.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    refused(&plane, &node, "issued by a CA it does not trust").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_from_a_ca_other_than_the_configured_one_is_refused() {
+    let setup = Setup::new();
+    let other = TestCa::new("another CA");
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    refused(&plane, &node, "certificate is not issued by a trusted CA").await;
+    assert!(
+        plane.client_subjects().is_empty(),
+        "the node never completed a handshake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cn_other_than_the_expected_subject_is_refused() {
+    let setup = Setup::new();
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.ca.server("impostor"), &setup.ca, &[]),
+    )
+    .await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    refused(
+        &plane,
+        &node,
+        "but MTls.ExpectedServerCertificateSubject is",
+    )
+    .await;
+    let line = node
+        .wait_for_log("but MTls.ExpectedServerCertificateSubject is")
+        .await;
+    assert!(
+        line.contains("impostor") && line.contains("control-plane"),
+        "names both CNs: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_is_refused() {
+    let setup = Setup::new();
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.ca.expired_server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    refused(&plane, &node, "the control plane's certificate has expired").await;
+}
+
+/// `serve` and `config check` with `mtls`: exit code 2 and `key` named.
+async fn refused_at_start(dir: &Path, mtls: serde_json::Value, key: &str, why: &str) {
+    let config = write_config(
+        dir,
+        "https://127.0.0.1:9",
+        Path::new("agents"),
+        mtls,
+        serde_json::json!({}),
+    );
+    for args in [
+        vec!["serve", "--config"],
+        vec!["config", "check", "--config"],
+    ] {
+        let output = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(NODE_BINARY)
+                .args(&args)
+                .arg(&config)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("refused at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(key), "{args:?} names {key}: {stderr}");
+        assert!(stderr.contains(why), "{args:?} says {why:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_non_pem_certificate_file_stops_start_up_naming_the_key() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    let (cert, key) = setup.ca.client("node-a").write(dir, "node");
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM\n").unwrap();
+    let missing = dir.join("missing.pem");
+
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &missing, &key),
+        "MTls.ClientCertificatePath",
+        "missing.pem",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &missing),
+        "MTls.ClientKeyPath",
+        "missing.pem",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &garbage, &key),
+        "MTls.ClientCertificatePath",
+        "not a PEM certificate",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &garbage),
+        "MTls.ClientKeyPath",
+        "not a PEM private key",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        mtls(&garbage, &cert, &key),
+        "MTls.ServerCaCertificatePath",
+        "not a PEM certificate",
+    )
+    .await;
+    // The certificate of one pair with the key of another.
+    let (_, other_key) = setup.ca.client("node-b").write(dir, "other");
+    refused_at_start(
+        dir,
+        mtls(&setup.ca_path, &cert, &other_key),
+        "MTls.ClientKeyPath",
+        "do not belong together",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() {
+    let setup = Setup::new();
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&setup.server, &setup.ca, &["node-a"]),
+    )
+    .await;
+    let listen = plane.local_addr().to_string();
+    // The certificate about to be replaced is close to its end: warned at start.
+    let (cert, key) = setup
+        .ca
+        .client_expiring_in("node-a", 3)
+        .write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    let warning = node.wait_for_log("the client certificate CN=node-a").await;
+    assert!(
+        warning.contains("WARN") && warning.contains("expires in 2 days"),
+        "{warning}"
+    );
+    let first = plane.submit(echo_run("before rotation")).await.unwrap();
+    eventually(Duration::from_secs(60), "the first run to complete", || {
+        plane
+            .run(&first.run_id)
+            .is_some_and(|run| run.status == RunStatus::Completed)
+            .then_some(())
+    })
+    .await;
+
+    // Rotate the files in place while the node runs, then make it
+    // reconnect: a plane on the same port that accepts only the new CN.
+    setup.ca.client("node-b").write(setup.dir.path(), "node");
+    plane.shutdown().await;
+    let plane = start_plane(&listen, plane_tls(&setup.server, &setup.ca, &["node-b"])).await;
+    let second = plane.submit(echo_run("after rotation")).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the second run to complete",
+        || {
+            plane
+                .run(&second.run_id)
+                .is_some_and(|run| run.status == RunStatus::Completed)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        plane.run(&second.run_id).unwrap().node_id.as_deref(),
+        Some("tls-node")
+    );
+    let subjects = plane.client_subjects();
+    assert!(
+        !subjects.is_empty() && subjects.iter().all(|subject| subject == "node-b"),
+        "{subjects:?}"
+    );
+    node.wait_for_log("client certificate files changed; using the new certificate")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
+    const API_KEY: &str = "sk-test-7c1f0e9a5b3d4e2f8a6b";
+    let setup = Setup::new();
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
+    let client = setup.ca.client("node-a");
+    let (cert, key) = client.write(setup.dir.path(), "node");
+    let model = node_runtime::dev_plane::stubs::start_stub_model()
+        .await
+        .unwrap();
+    let agent_runtime = serde_json::json!({
+        "DefaultModel": node_runtime::dev_plane::stubs::STUB_MODEL,
+        "OpenAI": {"Endpoint": model, "ApiKey": API_KEY},
+    });
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        agent_runtime,
+    );
+    let node = start_node(setup.dir.path(), &config, &[("RUST_LOG", "debug")]);
+
+    // Guests: echo returns its context; the classifier calls the model
+    // with the key; hostile reads the environment.
+    let runs = [
+        echo_run("show me everything"),
+        NewRun {
+            agent_id: "invoice-classifier".to_string(),
+            input_ref: BTreeMap::from([(
+                "message".to_string(),
+                r#"{"vendor": "Paper & Pens Ltd", "number": "INV-1", "amount": 1.0}"#.to_string(),
+            )]),
+            ..echo_run("")
+        },
+        NewRun {
+            agent_id: "hostile".to_string(),
+            input_ref: BTreeMap::from([("attack".to_string(), "env".to_string())]),
+            ..echo_run("")
+        },
+    ];
+    let mut ids = Vec::new();
+    for run in runs {
+        ids.push(plane.submit(run).await.unwrap().run_id);
+    }
+    eventually(Duration::from_secs(90), "the three runs to end", || {
+        ids.iter()
+            .all(|id| {
+                plane.run(id).is_some_and(|run| {
+                    matches!(run.status, RunStatus::Completed | RunStatus::Failed)
+                })
+            })
+            .then_some(())
+    })
+    .await;
+    let classified = plane.run(&ids[1]).unwrap();
+    assert_eq!(
+        classified.status,
+        RunStatus::Completed,
+        "the model was called with the key: {classified:?}"
+    );
+    assert!(
+        classified
+            .costs
+            .as_ref()
+            .is_some_and(|costs| costs.tokens_in > 0),
+        "{classified:?}"
+    );
+    let guest_visible = serde_json::to_string(&plane.runs()).unwrap();
+
+    let check = tokio::process::Command::new(NODE_BINARY)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let check_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check_output.contains("***"),
+        "the key shows as redacted: {check_output}"
+    );
+
+    let log = node.log();
+    assert!(log.contains("DEBUG"), "debug logging was on: {log}");
+    let key_body = client.key_body();
+    for (name, text) in [
+        ("the node's log", &log),
+        ("config check", &check_output),
+        ("the runs' results", &guest_visible),
+    ] {
+        assert!(!text.contains(API_KEY), "{name} holds the API key");
+        assert!(!text.contains(&key_body), "{name} holds the client key");
+        // No line of the key either, in case it were printed wrapped.
+        for line in client
+            .key_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+        {
+            assert!(
+                !text.contains(line),
+                "{name} holds a line of the client key"
+            );
+        }
+    }
+}
+
+/// `node-runtime dev` with `args` as its own process; returns it, its log
+/// file and the URL it announced.
+async fn start_dev(dir: &Path, args: &[&str]) -> (tokio::process::Child, String) {
+    let log = dir.join("dev.log");
+    let child = tokio::process::Command::new(NODE_BINARY)
+        .arg("dev")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime dev starts");
+    let url = eventually(Duration::from_secs(40), "dev to announce its URL", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .find_map(|line| line.strip_prefix("dev control plane listening on "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+    })
+    .await;
+    (child, url)
+}
+
+/// A REST client presenting the node certificate of a `--tls-dir`.
+fn tls_dir_client(url: &str, dir: &Path) -> reqwest::Client {
+    use node_runtime::dev_plane::tls_dir::DevCertificates;
+    let certificates = DevCertificates {
+        dir: dir.to_path_buf(),
+        generated: Vec::new(),
+    };
+    let tls = node_runtime::control_plane::ControlPlaneTls::configure(
+        url,
+        &certificates.node_tls_options(),
+    )
+    .unwrap();
+    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls)
+        .unwrap()
+}
+
+/// Submits an echo run over HTTPS and waits for it to end; returns the run.
+async fn echo_through(url: &str, client: &reqwest::Client) -> serde_json::Value {
+    let submitted: serde_json::Value = client
+        .post(format!("{url}/v1/runs"))
+        .json(&serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": "over TLS"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["runId"].as_str().expect("a run id").to_string();
+    eventually_async(Duration::from_secs(60), "the run to end", || async {
+        let run: serde_json::Value = client
+            .get(format!("{url}/v1/runs/{id}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        matches!(run["status"].as_str(), Some("completed" | "failed")).then_some(run)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    let (_dev, url) = start_dev(dir.path(), &["--tls-dir", tls_dir.to_str().unwrap()]).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    for name in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "node-cert.pem",
+        "node-key.pem",
+    ] {
+        assert!(tls_dir.join(name).is_file(), "{name} generated");
+    }
+    // Without a client certificate the plane refuses even REST.
+    node_runtime::control_plane::install_crypto_provider();
+    let anonymous = reqwest::Client::builder()
+        .http1_only()
+        .tls_certs_only([reqwest::Certificate::from_pem(
+            &std::fs::read(tls_dir.join("ca-cert.pem")).unwrap(),
+        )
+        .unwrap()])
+        .build()
+        .unwrap();
+    let refused = anonymous
+        .get(format!("{url}/v1/runs"))
+        .send()
+        .await
+        .unwrap_err();
+    let why = node_runtime::control_plane::tls::describe(&refused);
+    assert!(
+        why.contains("CertificateRequired"),
+        "refused for want of a certificate: {why}"
+    );
+
+    let client = tls_dir_client(&url, &tls_dir);
+    let run = echo_through(&url, &client).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["nodeId"], "dev-node-1", "{run}");
+    assert_eq!(run["result"]["message"], "over TLS", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_plane_only_with_a_tls_dir_serves_a_node_configured_with_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    let (_dev, url) = start_dev(
+        dir.path(),
+        &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()],
+    )
+    .await;
+    let config = write_config(
+        dir.path(),
+        &url,
+        Path::new("agents"),
+        mtls(
+            &tls_dir.join("ca-cert.pem"),
+            &tls_dir.join("node-cert.pem"),
+            &tls_dir.join("node-key.pem"),
+        ),
+        serde_json::json!({}),
+    );
+    let _node = start_node(dir.path(), &config, &[]);
+    let run = echo_through(&url, &tls_dir_client(&url, &tls_dir)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["nodeId"], "tls-node", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() {
+    use node_runtime::control_plane::{ControlPlaneTls, LeaseClient, TlsOptions};
+    use node_runtime::proto::AckRequest;
+    let setup = Setup::new();
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
+    let options = |cert: PathBuf, key: PathBuf| TlsOptions {
+        enabled: true,
+        client_certificate_path: Some(cert),
+        client_key_path: Some(key),
+        server_ca_certificate_path: Some(setup.ca_path.clone()),
+        expected_server_certificate_subject: Some("control-plane".to_string()),
+        validate_certificate_chain: true,
+    };
+    let ack = AckRequest {
+        lease_id: "lease-unknown".to_string(),
+        node_id: "grpc-node".to_string(),
+        ack_timestamp_unix_ms: 1,
+    };
+
+    let (cert, key) = setup.ca.client("grpc-node").write(setup.dir.path(), "good");
+    let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
+    let client =
+        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let (success, _message) = client
+        .ack(ack.clone())
+        .await
+        .expect("gRPC over mTLS answers");
+    assert!(!success, "an unknown lease is not acknowledged");
+    assert_eq!(plane.client_subjects(), ["grpc-node"]);
+
+    let stranger = TestCa::new("another CA");
+    let (cert, key) = stranger
+        .client("grpc-node")
+        .write(setup.dir.path(), "stranger");
+    let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
+    let client =
+        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let refused = client.ack(ack).await.expect_err("refused");
+    let text = refused.to_string();
+    assert!(text.contains("Ack failed"), "{text}");
+    // With TLS 1.3 the plane refuses the certificate after the client's
+    // side of the handshake is done; over HTTP/2 the alert then races the
+    // connection's close, so the cause is named only when the alert wins
+    // (the REST link, which registers first, names it every time).
+    if text.contains("UnknownCA") {
+        assert!(text.contains("issued by a CA it does not trust"), "{text}");
+    }
+    assert_eq!(
+        plane.client_subjects(),
+        ["grpc-node"],
+        "the stranger never got in"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_certificate_chain_false_accepts_a_server_certificate_from_another_issuer_and_warns() {
+    let setup = Setup::new();
+    let other = TestCa::new("another CA");
+    let plane = start_plane(
+        "127.0.0.1:0",
+        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
+    )
+    .await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let mut unchecked = mtls(&setup.ca_path, &cert, &key);
+    unchecked["ValidateCertificateChain"] = serde_json::json!(false);
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        unchecked,
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    let run = plane.submit(echo_run("unchecked chain")).await.unwrap();
+    eventually(Duration::from_secs(60), "the run to complete", || {
+        plane
+            .run(&run.run_id)
+            .is_some_and(|run| run.status == RunStatus::Completed)
+            .then_some(())
+    })
+    .await;
+    let warning = node.wait_for_log("MTls.ValidateCertificateChain is false").await;
+    assert!(warning.contains("WARN"), "{warning}");
+}
