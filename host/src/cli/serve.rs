@@ -31,7 +31,9 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
     tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
-    let store = config.agent_store();
+    let store = config
+        .agent_store(&tls)
+        .map_err(|err| CommandError::internal(format!("cannot build the agent store's HTTP client: {err}")))?;
     let outbox = Outbox::open(&config.node_runtime.data_directory)
         .map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     tracing::info!(path = %outbox.path().display(), "outbox open");

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 
+use crate::control_plane::{ControlPlaneTls, registration::http_client_with};
 use crate::agent_store::{
     AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings,
 };
@@ -608,30 +609,37 @@ impl NodeConfig {
     }
 
     /// The agent store: its sources in the configured order; downloads are
-    /// kept under `DataDirectory/agents`.
-    pub fn agent_store(&self) -> AgentStore {
+    /// kept under `DataDirectory/agents`. An HTTP source on the control
+    /// plane (`{base}`) is reached with the control plane's TLS, client
+    /// certificate included.
+    pub fn agent_store(&self, control_plane_tls: &ControlPlaneTls) -> Result<AgentStore, reqwest::Error> {
         let store = &self.agent_store;
-        let sources = store
-            .sources
-            .iter()
-            .filter_map(|kind| match kind {
-                AgentSourceKind::Directory => Some(AgentSource::Directory(
-                    self.node_runtime.agents_directory.clone(),
-                )),
+        let downloads = self.node_runtime.data_directory.join("agents");
+        let mut sources = Vec::new();
+        for kind in &store.sources {
+            match kind {
+                AgentSourceKind::Directory => {
+                    sources.push(AgentSource::Directory(self.node_runtime.agents_directory.clone()));
+                }
+                // The binder guarantees a template for each listed source.
                 AgentSourceKind::Http => {
+                    let Some(template) = &store.http_url_template else { continue };
                     let base = self.node_runtime.control_plane_url.to_string();
-                    let template = store.http_url_template.as_ref()?;
                     let settings = HttpSourceSettings {
                         url_template: template.replace("{base}", base.trim_end_matches('/')),
                         max_bytes: store.max_download_bytes,
                         timeout: store.download_timeout,
-                        cache_dir: self.node_runtime.data_directory.join("agents").join("http"),
+                        cache_dir: downloads.join("http"),
                     };
-                    Some(AgentSource::Http(HttpSource::new(settings, reqwest::Client::new())))
+                    let plaintext = ControlPlaneTls::plaintext();
+                    let tls = if template.starts_with("{base}") { control_plane_tls } else { &plaintext };
+                    let client = http_client_with(store.download_timeout, tls)?;
+                    sources.push(AgentSource::Http(HttpSource::new(settings, client)));
                 }
                 AgentSourceKind::Oci => {
+                    let Some(template) = &store.oci_reference_template else { continue };
                     let settings = OciSourceSettings {
-                        reference_template: store.oci_reference_template.clone()?,
+                        reference_template: template.clone(),
                         insecure: store.oci_insecure,
                         credentials: store.oci_username.clone().map(|user| {
                             let password = store.oci_password.as_ref().map(|p| p.expose().to_string());
@@ -639,13 +647,13 @@ impl NodeConfig {
                         }),
                         max_bytes: store.max_download_bytes,
                         timeout: store.download_timeout,
-                        cache_dir: self.node_runtime.data_directory.join("agents").join("oci"),
+                        cache_dir: downloads.join("oci"),
                     };
-                    Some(AgentSource::Oci(OciSource::new(settings)))
+                    sources.push(AgentSource::Oci(OciSource::new(settings)));
                 }
-            })
-            .collect();
-        AgentStore::with_sources(sources, store.require_digest)
+            }
+        }
+        Ok(AgentStore::with_sources(sources, store.require_digest))
     }
 
     /// `AgentRuntime` as the sandbox's LLM provider: the Azure flavour when
