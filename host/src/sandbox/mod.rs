@@ -79,8 +79,11 @@ pub struct Sandbox {
     /// Outbound HTTP grants by agent id, parsed from
     /// `SandboxConfig.allowed_hosts`.
     allowed_hosts: BTreeMap<String, Vec<HostGrant>>,
-    /// Compiled and linked agents by SHA-256 of their artifact.
-    agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
+    /// Compiled and linked agents by SHA-256 of their artifact. One cell
+    /// per artifact, so that runs arriving together for an agent not yet
+    /// compiled wait for one compilation instead of each starting their own
+    /// (an 18 MB component takes seconds to compile, tens in a debug build).
+    agents: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Arc<Agent>>>>>,
 }
 
 impl Sandbox {
@@ -137,31 +140,28 @@ impl Sandbox {
     /// Compilation runs on a blocking thread.
     pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        if let Some(agent) = self.cached(&digest) {
-            return Ok(agent);
-        }
-        let engine = self.engine.clone();
-        let linker = self.linker.clone();
-        let agent = tokio::task::spawn_blocking(move || {
-            let component = agent::compile(&engine, &bytes)?;
-            agent::link(&engine, &linker, &component, hex::encode(digest))
+        let cell = self
+            .agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
+        // A failed compilation leaves the cell empty: the next load tries
+        // again (and reports the same error), nothing invalid is kept.
+        cell.get_or_try_init(|| async {
+            let engine = self.engine.clone();
+            let linker = self.linker.clone();
+            let agent = tokio::task::spawn_blocking(move || {
+                let component = agent::compile(&engine, &bytes)?;
+                agent::link(&engine, &linker, &component, hex::encode(digest))
+            })
+            .await
+            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
+            Ok(Arc::new(agent))
         })
         .await
-        .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
-        let agent = Arc::new(agent);
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(digest, agent.clone());
-        Ok(agent)
-    }
-
-    fn cached(&self, digest: &[u8; 32]) -> Option<Arc<Agent>> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(digest)
-            .cloned()
+        .cloned()
     }
 
     /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`
