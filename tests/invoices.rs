@@ -1,8 +1,13 @@
-//! The invoice-classifier agent end to end: a dev plane and a node on
-//! loopback, a stub OpenAI-compatible model, and a target API that records
-//! what it receives. Fifty invoices go through; the target sees each once,
-//! with the right body, idempotency key and correlation id, and the plane's
-//! CostInfo is the stub's usage priced by the node's table.
+//! The invoice classifier end to end, once per language it is written in
+//! (Rust, Python, JavaScript), each through the same suite: a dev plane and
+//! a node on loopback, a stub OpenAI-compatible model, and a target API that
+//! records what it receives. Fifty invoices go through; the target sees each
+//! once, with the right body, idempotency key and correlation id, and the
+//! plane's CostInfo is the stub's usage priced by the node's table. Then,
+//! in the same sandbox (so each component is compiled once): a garbled
+//! model answer is a final failure, a target API that keeps failing is
+//! worth a retry, and the agent fails `budget.fuel` and `budget.memory`
+//! under half the fuel and memory a successful run used.
 
 mod support;
 
@@ -17,7 +22,10 @@ use node_runtime::agent_store::AgentStore;
 use node_runtime::config::Secret;
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
-use node_runtime::sandbox::{EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
+use node_runtime::sandbox::{
+    BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, RunOutcome, RunRequest, Sandbox,
+    SandboxConfig,
+};
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
 
@@ -77,11 +85,17 @@ struct Received {
     body: serde_json::Value,
 }
 
-type Inbox = Arc<Mutex<Vec<Received>>>;
+/// What the target API saw: the invoices it accepted, and how many POSTs
+/// its failing route answered 503.
+#[derive(Default)]
+struct TargetApi {
+    accepted: Mutex<Vec<Received>>,
+    unavailable: std::sync::atomic::AtomicU32,
+}
 
-async fn target(State(inbox): State<Inbox>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
+async fn target(State(api): State<Arc<TargetApi>>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    inbox.lock().unwrap().push(Received {
+    api.accepted.lock().unwrap().push(Received {
         idempotency_key: header("idempotency-key"),
         correlation_id: header("x-correlation-id"),
         traceparent: header("traceparent"),
@@ -97,33 +111,71 @@ async fn serve(app: axum::Router) -> String {
     format!("127.0.0.1:{}", addr.port())
 }
 
+/// Reads the whole body before answering, as a real API does, so the
+/// agent's write never races the answer.
+async fn unavailable(State(api): State<Arc<TargetApi>>, _body: axum::body::Bytes) -> StatusCode {
+    api.unavailable.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    StatusCode::SERVICE_UNAVAILABLE
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
+async fn the_rust_invoice_classifier_passes_the_invoice_suite() {
+    invoice_suite("invoice-classifier").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_invoice_classifier_passes_the_invoice_suite() {
+    invoice_suite("invoice-classifier-py").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_invoice_classifier_passes_the_invoice_suite() {
+    invoice_suite("invoice-classifier-js").await;
+}
+
+/// The whole suite against one built agent, `target/agents/{agent}.wasm`,
+/// which runs under the agent id `agent`.
+async fn invoice_suite(agent: &str) {
     node_runtime::control_plane::install_crypto_provider();
     let model_addr = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(model))).await;
-    let inbox: Inbox = Arc::default();
+    let api = Arc::new(TargetApi::default());
     let target_addr = serve(
         axum::Router::new()
             .route("/invoices", axum::routing::post(target))
-            .with_state(inbox.clone()),
+            .route("/unavailable", axum::routing::post(unavailable))
+            .with_state(api.clone()),
     )
     .await;
+    let mut llm = LlmSettings::openai(format!("http://{model_addr}"), Secret::new("sk-invoices-test".to_string()), MODEL);
+    llm.prices = BTreeMap::from([(MODEL.to_string(), ModelPrice { input_per_1k: 0.5, output_per_1k: 1.5 })]);
+    let sandbox = Arc::new(
+        Sandbox::new(SandboxConfig {
+            engine: EngineSettings { max_concurrent_runs: 4, ..EngineSettings::default() },
+            llm: Some(llm),
+            allowed_hosts: BTreeMap::from([(agent.to_string(), vec![target_addr.clone()])]),
+            ..SandboxConfig::default()
+        })
+        .unwrap(),
+    );
 
+    fifty_invoices_are_classified_posted_once_each_and_priced(agent, &sandbox, &api, &target_addr).await;
+    a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry(agent, &sandbox, &api, &target_addr)
+        .await;
+    half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent, &sandbox).await;
+}
+
+async fn fifty_invoices_are_classified_posted_once_each_and_priced(
+    agent: &str,
+    sandbox: &Arc<Sandbox>,
+    api: &TargetApi,
+    target_addr: &str,
+) {
     let plane = DevPlane::start(PlaneOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         idle_poll: Duration::from_millis(200),
         ..PlaneOptions::default()
     })
     .await
-    .unwrap();
-    let mut llm = LlmSettings::openai(format!("http://{model_addr}"), Secret::new("sk-invoices-test".to_string()), MODEL);
-    llm.prices = BTreeMap::from([(MODEL.to_string(), ModelPrice { input_per_1k: 0.5, output_per_1k: 1.5 })]);
-    let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings { max_concurrent_runs: 4, ..EngineSettings::default() },
-        llm: Some(llm),
-        allowed_hosts: BTreeMap::from([("invoice-classifier".to_string(), vec![target_addr.clone()])]),
-        ..SandboxConfig::default()
-    })
     .unwrap();
     let agents = agents_layout();
     let node = NodeHandle::start(
@@ -137,7 +189,7 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
             metadata: BTreeMap::new(),
             drain_timeout: Duration::from_secs(5),
         },
-        Arc::new(sandbox),
+        sandbox.clone(),
         Arc::new(AgentStore::new(vec![agents.path().to_path_buf()])),
         // The directory goes at once; the open outbox file lives on.
         node_runtime::outbox::Outbox::open(tempfile::tempdir().unwrap().path()).unwrap(),
@@ -150,7 +202,7 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
         let invoice = serde_json::json!({"vendor": vendor, "number": format!("INV-{i}"), "amount": 100.0 + i as f64});
         let run = plane
             .submit(NewRun {
-                agent_id: "invoice-classifier".into(),
+                agent_id: agent.into(),
                 version: "1.0.0".into(),
                 input_ref: BTreeMap::from([
                     ("message".to_string(), invoice.to_string()),
@@ -161,21 +213,26 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
             })
             .await
             .unwrap();
-        expected.insert(run.run_id, (format!("msg-{i}"), format!("INV-{i}"), category));
+        expected.insert(run.run_id, (format!("msg-{i}"), format!("INV-{i}"), category, 100.0 + i as f64));
     }
-    eventually(Duration::from_secs(120), "50 invoices to end", || {
+    // Generous: the first run waits for the component to compile (an 18 MB
+    // one takes tens of seconds in a debug build on a busy machine).
+    eventually(Duration::from_secs(300), "50 invoices to end", || {
         plane.runs().iter().all(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed)).then_some(())
     })
     .await;
 
-    let received = inbox.lock().unwrap().clone();
+    let received = api.accepted.lock().unwrap().clone();
     assert_eq!(received.len(), 50, "one POST per invoice");
-    for (run_id, (message_id, number, category)) in &expected {
+    for (run_id, (message_id, number, category, amount)) in &expected {
         let run = plane.run(run_id).unwrap();
         assert_eq!(run.status, RunStatus::Completed, "{run:?}");
         let result = run.result.as_ref().unwrap();
         assert_eq!(result["vendorCategory"], *category);
         assert_eq!(result["invoiceNumber"], *number);
+        assert_eq!(result["totalAmount"].parse::<f64>().unwrap(), *amount, "{result:?}");
+        assert_eq!(result["confidence"], "0.93");
+        assert_eq!((result["tokensIn"].as_str(), result["tokensOut"].as_str()), ("100", "50"));
         let costs = run.costs.as_ref().unwrap();
         assert_eq!((costs.tokens_in, costs.tokens_out), (PROMPT_TOKENS as i32, ANSWER_TOKENS as i32));
         let priced = (f64::from(PROMPT_TOKENS) * 0.5 + f64::from(ANSWER_TOKENS) * 1.5) / 1000.0;
@@ -189,55 +246,68 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced() {
         assert!(post.traceparent.starts_with("00-") && post.traceparent.len() == 55, "{}", post.traceparent);
         assert_eq!(post.body["vendorCategory"], *category);
         assert_eq!(post.body["invoiceNumber"], *number);
+        assert_eq!(post.body["totalAmount"].as_f64(), Some(*amount));
+        assert_eq!(post.body["routingDestination"], result["routingDestination"].as_str());
     }
     node.shutdown().await;
     plane.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry() {
-    use node_runtime::sandbox::{BudgetRequest, RunOutcome, RunRequest};
+fn invoice_request(agent: &str, vendor: &str, target_url: Option<&str>) -> RunRequest {
+    let mut request: RunRequest = request(
+        agent,
+        &[("message", &serde_json::json!({"vendor": vendor, "number": "INV-9", "amount": 1.0}).to_string())],
+        BudgetRequest::default(),
+    );
+    if let Some(url) = target_url {
+        request.context.metadata = map(&[("target_url", url)]);
+    }
+    request
+}
 
-    node_runtime::control_plane::install_crypto_provider();
-    let model_addr = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(model))).await;
-    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let counted = failures.clone();
-    let target_addr = serve(axum::Router::new().route(
-        "/invoices",
-        // Reads the whole body before answering, as a real API does, so
-        // the agent's write never races the answer.
-        axum::routing::post(move |_body: axum::body::Bytes| {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async { StatusCode::SERVICE_UNAVAILABLE }
-        }),
-    ))
-    .await;
-    let sandbox = Sandbox::new(SandboxConfig {
-        llm: Some(LlmSettings::openai(format!("http://{model_addr}"), Secret::new("sk-x".to_string()), MODEL)),
-        allowed_hosts: BTreeMap::from([("invoice-classifier".to_string(), vec![target_addr.clone()])]),
-        ..SandboxConfig::default()
-    })
-    .unwrap();
-    let agent = load(&sandbox, "invoice-classifier").await;
-    let run = |vendor: &str| {
-        let mut request: RunRequest = request(
-            "invoice-classifier",
-            &[("message", &serde_json::json!({"vendor": vendor, "number": "INV-9", "amount": 1.0}).to_string())],
-            BudgetRequest::default(),
-        );
-        request.context.metadata = map(&[("target_url", &format!("http://{target_addr}/invoices"))]);
-        request
-    };
+async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry(
+    agent: &str,
+    sandbox: &Sandbox,
+    api: &TargetApi,
+    target_addr: &str,
+) {
+    use std::sync::atomic::Ordering;
 
-    let garbled = sandbox.run(&agent, run("Garbled Answers Co")).await;
-    let RunOutcome::Failed(failure) = &garbled.outcome else { panic!("{:?}", garbled.outcome) };
-    assert!(!failure.retryable, "{failure:?}");
-    assert!(failure.message.contains("not the classification asked for"), "{}", failure.message);
-    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was posted");
+    let loaded = load(sandbox, agent).await;
+    let unavailable_url = format!("http://{target_addr}/unavailable");
 
-    let unavailable = sandbox.run(&agent, run("City Water")).await;
-    let RunOutcome::Failed(failure) = &unavailable.outcome else { panic!("{:?}", unavailable.outcome) };
-    assert!(failure.retryable, "{failure:?}");
-    assert!(failure.message.contains("503"), "{}", failure.message);
-    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 3, "the agent's own bounded retries");
+    let garbled = sandbox.run(&loaded, invoice_request(agent, "Garbled Answers Co", Some(&unavailable_url))).await;
+    let RunOutcome::Failed(failure) = &garbled.outcome else { panic!("{agent}: {:?}", garbled.outcome) };
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+    assert!(failure.message.contains("not the classification asked for"), "{agent}: {}", failure.message);
+    assert_eq!(api.unavailable.load(Ordering::SeqCst), 0, "{agent}: nothing was posted");
+
+    let unavailable = sandbox.run(&loaded, invoice_request(agent, "City Water", Some(&unavailable_url))).await;
+    let RunOutcome::Failed(failure) = &unavailable.outcome else { panic!("{agent}: {:?}", unavailable.outcome) };
+    assert!(failure.retryable, "{agent}: {failure:?}");
+    assert!(failure.message.contains("503"), "{agent}: {}", failure.message);
+    assert_eq!(api.unavailable.load(Ordering::SeqCst), 3, "{agent}: the agent's own bounded retries");
+}
+
+async fn half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent: &str, sandbox: &Sandbox) {
+    let loaded = load(sandbox, agent).await;
+    let reference = sandbox.run(&loaded, invoice_request(agent, "City Water", None)).await;
+    assert!(matches!(reference.outcome, RunOutcome::Completed(_)), "{agent}: {:?}", reference.outcome);
+    let (fuel, memory) = (reference.report.fuel_consumed, reference.report.peak_memory_bytes);
+    assert!(fuel > 0 && memory > 0, "{agent}: {:?}", reference.report);
+
+    let mut starved = invoice_request(agent, "City Water", None);
+    starved.budget.fuel = Some(fuel / 2);
+    let result = sandbox.run(&loaded, starved).await;
+    let RunOutcome::Failed(failure) = &result.outcome else { panic!("{agent}: {:?}", result.outcome) };
+    assert_eq!(failure.kind, FailKind::BudgetFuel, "{agent}: {failure:?}");
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+
+    let mut cramped = invoice_request(agent, "City Water", None);
+    cramped.budget.memory_bytes = Some(memory / 2);
+    let result = sandbox.run(&loaded, cramped).await;
+    let RunOutcome::Failed(failure) = &result.outcome else { panic!("{agent}: {:?}", result.outcome) };
+    assert_eq!(failure.kind, FailKind::BudgetMemory, "{agent}: {failure:?}");
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+    assert!(result.report.peak_memory_bytes <= memory / 2, "{agent}: {:?}", result.report);
 }

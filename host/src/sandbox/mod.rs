@@ -108,8 +108,11 @@ pub struct Sandbox {
     grants: BTreeMap<String, AgentGrants>,
     /// Agent ids whose grants have been logged (once each, at first use).
     announced: Mutex<BTreeSet<String>>,
-    /// Compiled and linked agents by SHA-256 of their artifact.
-    agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
+    /// Compiled and linked agents by SHA-256 of their artifact. One cell
+    /// per artifact, so that runs arriving together for an agent not yet
+    /// compiled wait for one compilation instead of each starting their own
+    /// (an 18 MB component takes seconds to compile, tens in a debug build).
+    agents: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Arc<Agent>>>>>,
     /// Compiled components on disk, when configured.
     compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
     compile_counters: Arc<compiled_cache::Counters>,
@@ -195,52 +198,49 @@ impl Sandbox {
     /// Compilation runs on a blocking thread.
     pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        if let Some(agent) = self.cached(&digest) {
-            return Ok(agent);
-        }
-        let engine = self.engine.clone();
-        let linker = self.linker.clone();
-        // A .cwasm loads quickly as it is; only compiled .wasm is cached.
-        let cache = self
-            .compiled_cache
-            .clone()
-            .filter(|_| !precompiled::is_precompiled(&bytes));
-        let counters = self.compile_counters.clone();
-        let agent = tokio::task::spawn_blocking(move || {
-            let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
-            let component = match kept {
-                Some(component) => component,
-                None => {
-                    let component = agent::compile(&engine, &bytes)?;
-                    if !precompiled::is_precompiled(&bytes) {
-                        counters.compiled();
+        let cell = self
+            .agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
+        // A failed compilation leaves the cell empty: the next load tries
+        // again (and reports the same error), nothing invalid is kept.
+        cell.get_or_try_init(|| async {
+            let engine = self.engine.clone();
+            let linker = self.linker.clone();
+            // A .cwasm loads quickly as it is; only compiled .wasm is cached.
+            let cache = self
+                .compiled_cache
+                .clone()
+                .filter(|_| !precompiled::is_precompiled(&bytes));
+            let counters = self.compile_counters.clone();
+            let agent = tokio::task::spawn_blocking(move || {
+                let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
+                let component = match kept {
+                    Some(component) => component,
+                    None => {
+                        let component = agent::compile(&engine, &bytes)?;
+                        if !precompiled::is_precompiled(&bytes) {
+                            counters.compiled();
+                        }
+                        // Only an agent that links is worth keeping.
+                        let agent = agent::link(&engine, &linker, &component, hex::encode(digest))?;
+                        if let Some(cache) = &cache {
+                            cache.put(&digest, &component);
+                        }
+                        return Ok(agent);
                     }
-                    // Only an agent that links is worth keeping.
-                    let agent = agent::link(&engine, &linker, &component, hex::encode(digest))?;
-                    if let Some(cache) = &cache {
-                        cache.put(&digest, &component);
-                    }
-                    return Ok(agent);
-                }
-            };
-            agent::link(&engine, &linker, &component, hex::encode(digest))
+                };
+                agent::link(&engine, &linker, &component, hex::encode(digest))
+            })
+            .await
+            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
+            Ok(Arc::new(agent))
         })
         .await
-        .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
-        let agent = Arc::new(agent);
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(digest, agent.clone());
-        Ok(agent)
-    }
-
-    fn cached(&self, digest: &[u8; 32]) -> Option<Arc<Agent>> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(digest)
-            .cloned()
+        .cloned()
     }
 
     /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`
