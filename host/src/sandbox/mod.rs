@@ -21,6 +21,7 @@ mod run;
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -81,6 +82,9 @@ pub struct Sandbox {
     allowed_hosts: BTreeMap<String, Vec<HostGrant>>,
     /// Compiled and linked agents by SHA-256 of their artifact.
     agents: Mutex<HashMap<[u8; 32], Arc<Agent>>>,
+    /// Loads served from `agents`, and loads that compiled.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl Sandbox {
@@ -116,11 +120,22 @@ impl Sandbox {
             llm,
             allowed_hosts,
             agents: Mutex::default(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         })
     }
 
     pub fn allocator(&self) -> &Allocator {
         &self.allocator
+    }
+
+    /// Agent loads served by the compiled-component cache, and loads that
+    /// compiled (or tried to).
+    pub fn compile_cache_stats(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     pub fn limits(&self) -> &NodeLimits {
@@ -138,8 +153,10 @@ impl Sandbox {
     pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if let Some(agent) = self.cached(&digest) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(agent);
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let engine = self.engine.clone();
         let linker = self.linker.clone();
         let agent = tokio::task::spawn_blocking(move || {
@@ -186,15 +203,11 @@ impl Sandbox {
     /// Runs `agent` once in a fresh store. Never panics on guest behaviour:
     /// every way a run can end is a [`RunOutcome`].
     pub async fn run(&self, agent: &Agent, request: RunRequest) -> RunResult {
-        let context = &request.context;
-        let span = tracing::info_span!(
-            "run",
-            run_id = %context.run_id,
-            lease_id = %context.lease_id,
-            agent_id = %context.agent_id,
-            trace_id = %context.trace_id,
-        );
-        let grants = self.allowed_hosts(&context.agent_id);
+        // The caller's span carries the run's ids (the worker's `lease`,
+        // run-agent's `run`); this one times the sandbox's part, and the
+        // instantiation, LLM and HTTP spans nest in it.
+        let span = tracing::info_span!("execute", "agent.id" = %request.context.agent_id);
+        let grants = self.allowed_hosts(&request.context.agent_id);
         run::execute(&self.engine, &self.limits, self.llm.as_ref(), grants, agent, request)
             .instrument(span)
             .await

@@ -1,0 +1,1 @@
+//! Telemetry end to end: OTLP export, the admin endpoint, log formats.
