@@ -175,3 +175,24 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics failed: {err}\n")).into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_every_failing_condition() {
+        let ready = Readiness {
+            registered: true,
+            lease_stream_connected: true,
+            heartbeat_answered: true,
+            outbox_depth: 3,
+            outbox_bound: 100,
+            draining: false,
+        };
+        assert!(ready.problems().is_empty());
+        let unready = Readiness { heartbeat_answered: false, outbox_depth: 100, ..ready };
+        let problems = unready.problems().join("; ");
+        assert!(problems.contains("heartbeat") && problems.contains("outbox holds 100"), "{problems}");
+    }
+}

@@ -382,3 +382,47 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         })
         .build();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+
+    impl NodeObserver for Fixed {
+        fn counts(&self) -> NodeCounts {
+            NodeCounts { leases_received: 3, available_slots: 2, ..NodeCounts::default() }
+        }
+        fn outbox_backlog(&self) -> Option<OutboxBacklog> {
+            Some(OutboxBacklog { depth: 1, oldest_age: Duration::from_secs(5) })
+        }
+    }
+
+    #[test]
+    fn every_listed_metric_is_exported_and_none_carries_a_lease_id() {
+        let metrics = NodeMetrics::default();
+        let observer: Arc<dyn NodeObserver> = Arc::new(Fixed);
+        metrics.observe(Arc::downgrade(&observer));
+        metrics.run_finished(&FinishedRun {
+            agent_id: "echo",
+            fail_kind: Some("budget.fuel"),
+            executed: true,
+            fuel_consumed: 10,
+            ..FinishedRun::default()
+        });
+        metrics.run_finished(&FinishedRun { agent_id: "echo", executed: true, ..FinishedRun::default() });
+        let text = metrics.prometheus_text().unwrap();
+        for name in METRIC_NAMES {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains("leases_received_total 3\n"), "{text}");
+        assert!(text.contains("available_slots 2\n"), "{text}");
+        assert!(text.contains("leases_failed_total{kind=\"budget.fuel\"} 1\n"), "{text}");
+        assert!(text.contains("outbox_oldest_age_seconds 5\n"), "{text}");
+        assert!(!text.contains("lease_id") && !text.contains("run_id"), "{text}");
+        // A stopped node reads as absent, not as its last values.
+        drop(observer);
+        let text = metrics.prometheus_text().unwrap();
+        assert!(!text.contains("available_slots 2"), "{text}");
+    }
+}

@@ -23,6 +23,7 @@ mod metrics;
 mod otlp;
 mod prometheus;
 
+use std::io::IsTerminal;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -111,6 +112,8 @@ impl Telemetry {
         let stderr = match settings.log_format {
             LogFormat::Human => tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colours for a terminal; plain text for journald and files.
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_span_events(span_events)
                 .with_filter(stderr_filter)
                 .boxed(),
