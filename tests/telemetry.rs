@@ -372,7 +372,17 @@ async fn runs_keep_completing_when_the_collector_is_down_or_silent() {
         format!("http://{}", listener.local_addr().unwrap())
     };
     let silent = black_hole().await;
-    for (collector, protocol) in [(closed.as_str(), "grpc"), (silent.as_str(), "grpc"), (silent.as_str(), "http/protobuf")] {
+    let (live, _received) = otlp::start().await;
+    // OTLP off and a working collector first, for comparison: the times
+    // are printed (run with --nocapture), not asserted.
+    let cases = [
+        ("", "grpc", "OTLP off"),
+        (live.as_str(), "grpc", "collector up"),
+        (closed.as_str(), "grpc", "port closed"),
+        (silent.as_str(), "grpc", "collector silent"),
+        (silent.as_str(), "http/protobuf", "collector silent"),
+    ];
+    for (collector, protocol, case) in cases {
         let leases: Vec<Lease> = (0..20)
             .map(|i| lease(&format!("lease-{i}"), "echo", TRACE_GUID, &[("message", "{}")]))
             .collect();
@@ -384,14 +394,22 @@ async fn runs_keep_completing_when_the_collector_is_down_or_silent() {
             "OtlpExporter": { "Endpoint": collector, "Protocol": protocol },
             "Metrics": { "ExportIntervalMilliseconds": 100 },
         });
+        let started = std::time::Instant::now();
         let mut node = Node::start(config, &[], &[]);
         eventually(Duration::from_secs(120), "20 Completes with the collector unreachable", || {
             (recorded.lock().unwrap().completes.len() == 20).then_some(())
         })
         .await;
+        let runs = started.elapsed();
         // Shutdown flushes telemetry, each signal bounded by its timeout.
+        let stopping = std::time::Instant::now();
         let status = node.terminate(Duration::from_secs(60)).await;
         assert!(status.success(), "{protocol} to {collector}: exit {status:?}; stderr:\n{}", node.stderr());
+        eprintln!(
+            "{case:>16} ({protocol:>13}): start + 20 runs {:>5} ms, SIGTERM to exit {:>5} ms",
+            runs.as_millis(),
+            stopping.elapsed().as_millis()
+        );
     }
 }
 

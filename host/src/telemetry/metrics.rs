@@ -299,8 +299,8 @@ impl NodeMetrics {
     /// Exports what is pending and stops the exporter (bounded by its
     /// timeout). Blocking.
     pub(crate) fn shutdown(&self) {
-        let _ = self.provider.force_flush();
-        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(3));
+        // Shutting down collects and exports one last time.
+        let _ = self.provider.shutdown_with_timeout(super::otlp::EXPORT_TIMEOUT);
     }
 }
 

@@ -176,14 +176,27 @@ impl Telemetry {
         self.metrics.clone()
     }
 
-    /// Exports what is queued, each signal bounded by its exporter's
-    /// timeout, then stops the exporters.
+    /// Exports what is queued and stops the exporters: the three signals
+    /// at once, each bounded by the export timeout, so a silent collector
+    /// delays exit by that much at most.
     pub async fn shutdown(self) {
-        let _ = tokio::task::spawn_blocking(move || {
-            self.metrics.shutdown();
-            self.providers.shutdown();
-        })
-        .await;
+        let metrics = self.metrics.clone();
+        let Telemetry { providers, .. } = self;
+        let otlp::Providers { tracer, logger } = providers;
+        let mut tasks = vec![tokio::task::spawn_blocking(move || metrics.shutdown())];
+        if let Some(tracer) = tracer {
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = tracer.shutdown_with_timeout(otlp::EXPORT_TIMEOUT);
+            }));
+        }
+        if let Some(logger) = logger {
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = logger.shutdown_with_timeout(otlp::EXPORT_TIMEOUT);
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
 

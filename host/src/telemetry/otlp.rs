@@ -110,7 +110,7 @@ pub enum OtlpError {
 /// The trace and log providers (the meter provider lives in `NodeMetrics`).
 #[derive(Default)]
 pub(super) struct Providers {
-    tracer: Option<SdkTracerProvider>,
+    pub(super) tracer: Option<SdkTracerProvider>,
     pub(super) logger: Option<SdkLoggerProvider>,
 }
 
@@ -206,17 +206,5 @@ impl Providers {
 
     pub(super) fn tracer(&self) -> Option<SdkTracer> {
         self.tracer.as_ref().map(|provider| provider.tracer(METER_NAME))
-    }
-
-    /// Flushes and stops; blocking, bounded by the exporters' timeouts.
-    pub(super) fn shutdown(&self) {
-        if let Some(tracer) = &self.tracer {
-            let _ = tracer.force_flush();
-            let _ = tracer.shutdown_with_timeout(EXPORT_TIMEOUT);
-        }
-        if let Some(logger) = &self.logger {
-            let _ = logger.force_flush();
-            let _ = logger.shutdown_with_timeout(EXPORT_TIMEOUT);
-        }
     }
 }
