@@ -500,21 +500,24 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
     .await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
 
-    // A run, so the histograms have something to show.
-    let run = plane
-        .submit(NewRun {
-            agent_id: "echo".to_string(),
-            version: "1.0.0".to_string(),
-            input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
-            metadata: BTreeMap::new(),
-            budgets: Default::default(),
+    // Two runs of one agent: the histograms have something to show, and
+    // the second finds the agent compiled.
+    for _ in 0..2 {
+        let run = plane
+            .submit(NewRun {
+                agent_id: "echo".to_string(),
+                version: "1.0.0".to_string(),
+                input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
+                metadata: BTreeMap::new(),
+                budgets: Default::default(),
+            })
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(60), "the run to complete", || {
+            plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
         })
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(60), "the run to complete", || {
-        plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
-    })
-    .await;
+        .await;
+    }
 
     let samples = eventually_async(Duration::from_secs(30), "/metrics with the completed run", || async {
         let (status, text) = get(&format!("{base}/metrics")).await;
@@ -522,7 +525,7 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
         let samples = parse_prometheus(&text);
         samples
             .iter()
-            .any(|(name, _, value)| name == "leases_completed_total" && *value == 1.0)
+            .any(|(name, _, value)| name == "leases_completed_total" && *value == 2.0)
             .then_some(samples)
     })
     .await;
@@ -542,8 +545,11 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
         .available_slots;
     assert_eq!(value("available_slots"), f64::from(heartbeat_slots), "as the heartbeat says");
     assert_eq!(value("available_slots"), 2.0);
-    assert_eq!(value("agent_execution_duration_ms_count"), 1.0);
-    assert_eq!(value("agent_executions_total"), 1.0);
+    assert_eq!(value("agent_execution_duration_ms_count"), 2.0);
+    assert_eq!(value("agent_executions_total"), 2.0);
+    assert_eq!(value("agent_compile_cache_misses_total"), 1.0);
+    assert_eq!(value("agent_compile_cache_hits_total"), 1.0);
+    assert_eq!(value("outbox_depth"), 0.0);
     assert!(
         samples.iter().any(|(name, labels, _)| name == "target_info" && labels.get("node_id").map(String::as_str) == Some("otel-node")),
         "target_info carries the node id"

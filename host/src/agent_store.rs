@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -46,6 +47,8 @@ struct FileStamp {
 pub struct AgentStore {
     dirs: Vec<PathBuf>,
     loaded: Mutex<HashMap<(String, String), (FileStamp, Arc<Agent>)>>,
+    /// Resolutions served from `loaded`, without reading the file.
+    hits: AtomicU64,
 }
 
 impl AgentStore {
@@ -53,6 +56,7 @@ impl AgentStore {
         AgentStore {
             dirs,
             loaded: Mutex::default(),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -74,6 +78,7 @@ impl AgentStore {
         if let Some((cached, agent)) = self.lock().get(&key)
             && *cached == stamp
         {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(agent.clone());
         }
         let bytes = tokio::fs::read(&stamp.path)
@@ -91,6 +96,12 @@ impl AgentStore {
             })?;
         self.lock().insert(key, (stamp, agent.clone()));
         Ok(agent)
+    }
+
+    /// Resolutions served without reading or compiling the agent again
+    /// (the sandbox counts the ones that found the same bytes compiled).
+    pub fn cache_hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
     async fn locate(&self, agent_id: &str, version: &str) -> Result<FileStamp, ResolveError> {

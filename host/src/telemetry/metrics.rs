@@ -321,7 +321,7 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         ("lease_stream_reconnects_total", "Lease streams reopened after the first", |c| c.lease_stream_reconnects),
         ("heartbeat_failures_total", "Heartbeats that got no answer or an error", |c| c.heartbeat_failures),
         ("reports_delivered_total", "Complete and Fail reports the control plane accepted", |c| c.reports_delivered),
-        ("agent_compile_cache_hits_total", "Agent loads served by the compiled-component cache", |c| c.compile_cache_hits),
+        ("agent_compile_cache_hits_total", "Agent resolutions served without compiling (agent store or sandbox cache)", |c| c.compile_cache_hits),
         ("agent_compile_cache_misses_total", "Agent loads that compiled the component", |c| c.compile_cache_misses),
     ];
     for (name, description, pick) in counters {

@@ -211,7 +211,7 @@ impl NodeObserver for Node {
             heartbeat_failures: read(&stats.heartbeat_failures),
             reports_delivered: read(&stats.reports_delivered),
             reports_dropped: read(&stats.reports_expired) + read(&stats.reports_overflowed),
-            compile_cache_hits,
+            compile_cache_hits: compile_cache_hits + self.store.cache_hits(),
             compile_cache_misses,
             active_leases: u64::from(stats.active_runs.load(Ordering::SeqCst)),
             available_slots: u64::from(self.reported_available_slots()),
