@@ -704,3 +704,55 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
         assert!(used.contains(wanted), "the dashboard shows {wanted}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_the_admin_endpoint_and_logs_json() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = dir.path().join("stderr.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", &admin, "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut node = Node { child, stderr, _dir: dir };
+    let base = format!("http://{admin}");
+    eventually_async(Duration::from_secs(30), "dev's /readyz ready", || async {
+        (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    let (status, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let samples = parse_prometheus(&text);
+    assert!(samples.iter().any(|(name, _, value)| name == "available_slots" && *value == 4.0), "{text}");
+    node.terminate(Duration::from_secs(30)).await;
+    let log = node.stderr();
+    let json_lines: Vec<&str> = log.lines().filter(|line| line.starts_with('{')).collect();
+    assert!(!json_lines.is_empty(), "{log}");
+    for line in json_lines {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+    }
+}
+
+#[test]
+fn run_agent_logs_json_inside_a_span_with_the_runs_ids() {
+    let output = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["run-agent", agent_path("echo").to_str().unwrap(), "--input", "{\"a\": 1}", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let agent_line = stderr
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+        .find(|line| line["target"] == "agent")
+        .unwrap_or_else(|| panic!("the agent's log line in:\n{stderr}"));
+    let run = agent_line["spans"].as_array().unwrap().iter().find(|s| s["name"] == "run").expect("the run span");
+    assert!(run["run.id"].as_str().is_some_and(|id| id.starts_with("local-")), "{agent_line}");
+    assert!(run["lease.id"].as_str().is_some_and(|id| id.starts_with("lease-local-")), "{agent_line}");
+    assert_eq!(run["trace_id"].as_str().map(str::len), Some(32), "{agent_line}");
+}
