@@ -6,8 +6,9 @@
 //! `http.allow`. A request to a host (and port) not granted gets
 //! `HTTP-request-denied`, an error the agent can handle, and the node logs
 //! the host it tried to reach. An allowed request goes out through
-//! wasmtime-wasi-http's default sender with the run's trace context
-//! (`traceparent`, `X-Correlation-ID`), its connect and first-byte waits
+//! wasmtime-wasi-http's default sender in an `http.request` span, with the
+//! run's trace context (`traceparent` naming that span when traces are
+//! exported, `X-Correlation-ID`), its connect and first-byte waits
 //! bounded by the run's deadline, and its response body capped at
 //! [`HTTP_RESPONSE_BYTES`].
 
@@ -255,8 +256,8 @@ impl WasiHttpHooks for EgressPolicy {
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> SendFuture {
-        // Called inside the run's span (run_id, agent_id, trace_id); the
-        // send itself runs on a task of its own, so it is given the span.
+        // Called inside the run's span; the send itself runs on a task of
+        // its own, so it is given its `http.request` span (below).
         let Some((host, port)) = destination(request.uri()) else {
             self.denied += 1;
             tracing::warn!(run_id = %self.run_id, "outbound HTTP denied: the request has no host");
