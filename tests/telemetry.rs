@@ -330,6 +330,7 @@ async fn one_run_is_exported(protocol: &str) {
         .expect("the 'run completed' record of the echo run");
     assert_eq!(otlp::attribute(&completed.attributes, "lease.id").as_deref(), Some("lease-echo"));
     assert_eq!(otlp::attribute(&completed.attributes, "trace_id").as_deref(), Some(TRACE_HEX));
+    assert_eq!(hex(&completed.trace_id), TRACE_HEX, "the record is in the run's trace, natively too");
 
     let status = node.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status:?}; stderr:\n{}", node.stderr());
