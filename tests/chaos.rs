@@ -143,7 +143,8 @@ fn finished_leases(log: &str) -> Vec<String> {
     log.lines()
         .filter(|line| line.contains("run completed") || line.contains("run failed"))
         .filter_map(|line| {
-            let (_, after) = line.split_once("lease_id=")?;
+            // The run's span carries the lease id (`lease{lease.id=…}`).
+            let (_, after) = line.split_once("lease.id=").or_else(|| line.split_once("lease_id="))?;
             let id: String = after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
             Some(id)
         })

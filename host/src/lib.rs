@@ -22,6 +22,7 @@ pub mod outbox;
 pub mod config;
 pub mod proto;
 pub mod sandbox;
+pub mod telemetry;
 pub mod worker;
 
 #[cfg(feature = "fuzzing")]

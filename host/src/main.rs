@@ -1,24 +1,16 @@
-//! The `node-runtime` binary: logging set-up, then the command line.
+//! The `node-runtime` binary: the command line on a tokio runtime. Each
+//! command sets up its own logging (`telemetry`), since `serve` can only
+//! do so once its configuration is read.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use node_runtime::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     node_runtime::control_plane::install_crypto_provider();
-    // The demo's table is its output; its logs would only bury it.
-    let quiet = matches!(&cli.command, cli::Command::Dev(args) if args.demo);
-    let default_filter = if quiet { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

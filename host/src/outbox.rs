@@ -291,6 +291,23 @@ impl Outbox {
         Ok(reports)
     }
 
+    /// How many reports wait, and when the oldest was written (unix ms),
+    /// reading only the entries' headers.
+    pub fn backlog(&self) -> Result<(u64, Option<i64>), OutboxError> {
+        let run = || -> Result<(u64, Option<i64>), redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            let mut oldest: Option<i64> = None;
+            for entry in table.iter()? {
+                let (_, value) = entry?;
+                let at = written(value.value());
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+            }
+            Ok((table.len()?, oldest))
+        };
+        run().map_err(|err| database(&self.path, err))
+    }
+
     pub fn pending_count(&self) -> Result<u64, OutboxError> {
         let run = || -> Result<u64, redb::Error> {
             let txn = self.db.begin_read()?;

@@ -18,6 +18,7 @@ pub mod oci_source;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -96,6 +97,8 @@ pub struct AgentStore {
     sources: Vec<AgentSource>,
     require_digest: bool,
     loaded: Mutex<Loaded>,
+    /// Resolutions served from `loaded`, without reading the file.
+    hits: AtomicU64,
 }
 
 impl AgentStore {
@@ -111,6 +114,7 @@ impl AgentStore {
             sources,
             require_digest,
             loaded: Mutex::default(),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -159,6 +163,7 @@ impl AgentStore {
             && cached == stamp
         {
             check_pin(&stamp, pin, digest)?;
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(agent);
         }
         let bytes = tokio::fs::read(&stamp.path)
@@ -178,6 +183,12 @@ impl AgentStore {
             })?;
         self.lock().insert(key, (stamp, digest, agent.clone()));
         Ok(agent)
+    }
+
+    /// Resolutions served without reading or compiling the agent again
+    /// (the sandbox counts the ones that found the same bytes compiled).
+    pub fn cache_hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
     async fn locate(&self, agent_id: &str, version: &str) -> Result<FileStamp, ResolveError> {

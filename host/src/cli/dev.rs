@@ -19,6 +19,7 @@ use crate::dev_plane::{DevPlane, PlaneOptions, stubs, tls_dir};
 use crate::outbox::Outbox;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
+use crate::telemetry::{AdminServer, LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::worker::{NodeHandle, NodeSettings};
 
 #[derive(Debug, Args)]
@@ -90,12 +91,39 @@ pub struct DevArgs {
     /// (repeatable; default: any certificate the CA issued).
     #[arg(long = "allow-subject", value_name = "CN", requires = "tls_dir")]
     pub allow_subjects: Vec<String>,
+    /// Serve the node's /healthz, /readyz and /metrics on this address
+    /// (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
 }
 
 pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     if args.slots == 0 {
         return Err(CommandError::usage("--slots must be at least 1"));
     }
+    // The demo's table is its output; its logs would only bury it.
+    let telemetry = Telemetry::init(TelemetrySettings {
+        log_format: args.log_format,
+        log_filter: if args.demo { "warn" } else { "info" }.to_string(),
+        console_spans: false,
+        otlp: None,
+        resource: ResourceIdentity {
+            node_id: "dev-node-1".to_string(),
+            region: Some("local".to_string()),
+            environment: Some("dev".to_string()),
+        },
+    })
+    .map_err(|err| CommandError::usage(err.to_string()))?;
+    let result = run_with(args, &telemetry).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandError> {
     let certificates = match &args.tls_dir {
         Some(dir) => {
             let certificates = tls_dir::prepare(dir).map_err(|err| CommandError::usage(err.to_string()))?;
@@ -251,7 +279,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         (None, None) => unreachable!("a scratch directory exists without --data-dir"),
     };
     let outbox = Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
-    let node = NodeHandle::start_with_tls(
+    let node = NodeHandle::start_with(
         NodeSettings {
             node_id: "dev-node-1".to_string(),
             control_plane_url: url.clone(),
@@ -273,8 +301,23 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         Arc::new(sandbox),
         Arc::new(AgentStore::new(dirs)),
         outbox,
+        telemetry.metrics(),
     )
     .map_err(|err| CommandError::internal(err.to_string()))?;
+    let admin = match args.admin_listen {
+        Some(addr) => match AdminServer::start(addr, node.readiness_probe(), node.metrics()).await {
+            Ok(admin) => {
+                eprintln!("admin endpoint on http://{} (/healthz, /readyz, /metrics)", admin.addr());
+                Some(admin)
+            }
+            Err(err) => {
+                node.shutdown().await;
+                plane.shutdown().await;
+                return Err(CommandError::usage(err.to_string()));
+            }
+        },
+        None => None,
+    };
 
     let result = if let Some(target) = &target {
         let result = demo(&url, &target.addr.to_string(), &node_tls).await;
@@ -291,6 +334,9 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         Ok(())
     };
     node.shutdown().await;
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
     plane.shutdown().await;
     result.map(|()| Exit::Completed)
 }

@@ -112,6 +112,11 @@ impl CommandError {
 
 /// Runs the parsed command and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    // run-agent, serve and dev install their own logging (format, level,
+    // OpenTelemetry); the others log plainly.
+    if !matches!(cli.command, Command::RunAgent(_) | Command::Serve(_) | Command::Dev(_)) {
+        crate::telemetry::init_plain_logging("info");
+    }
     let result = match cli.command {
         Command::RunAgent(args) => run_agent::run(args).await,
         Command::Compile(args) => compile::run(args).await,

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use tracing::Instrument;
 
 use super::args::{parse_duration, parse_key_value, parse_size};
 use super::{CommandError, Exit, read_file};
 use crate::config::Secret;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
+use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::sandbox::{
     BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, InvalidGrant, LlmSettings,
     RunContext, RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
@@ -101,9 +103,21 @@ pub struct RunAgentArgs {
     /// Print one JSON object instead of the human-readable report.
     #[arg(long)]
     pub json: bool,
+
+    /// How log lines (the agent's included) are written to stderr.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
 }
 
 pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
+    Telemetry::init(TelemetrySettings {
+        log_format: args.log_format,
+        log_filter: "info".to_string(),
+        console_spans: false,
+        otlp: None,
+        resource: ResourceIdentity::default(),
+    })
+    .map_err(|err| CommandError::usage(err.to_string()))?;
     let bytes = read_file("the agent file", &args.agent)?;
     let context = context(&args)?;
     let budget = BudgetRequest {
@@ -155,6 +169,15 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
             return Ok(Exit::AgentInvalid);
         }
     };
+    // As the worker's lease span: every line about the run carries its ids.
+    let span = tracing::info_span!(
+        "run",
+        "run.id" = %context.run_id,
+        "lease.id" = %context.lease_id,
+        trace_id = %context.trace_id,
+        "agent.id" = %context.agent_id,
+        "agent.version" = %context.agent_version,
+    );
     let result = sandbox
         .run(
             &agent,
@@ -164,6 +187,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
                 deadline: None,
             },
         )
+        .instrument(span)
         .await;
 
     if args.json {

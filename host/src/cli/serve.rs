@@ -1,5 +1,6 @@
 //! `node-runtime serve`: the node daemon, as operators run it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use crate::config::NodeConfig;
 use crate::control_plane::{Capacity, ControlPlaneTls, TlsOptions};
 use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
+use crate::telemetry::{AdminServer, LogFormat, OtlpSettings, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::worker::{NodeHandle, NodeSettings};
 
 #[derive(Debug, Args)]
@@ -19,14 +21,26 @@ pub struct ServeArgs {
     /// Without it, the defaults and the environment alone.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Serve /healthz, /readyz and /metrics on this address (e.g.
+    /// 127.0.0.1:9090); overrides NodeRuntime.AdminListen.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
 }
 
 pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
-    let config = match &args.config {
+    // Loading may warn (ignored keys); the configured logger comes after.
+    let config = tracing::subscriber::with_default(loading_logger(), || match &args.config {
         Some(path) => NodeConfig::load(path, crate::config::process_env()),
         None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
-    }
+    })
     .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
+    let telemetry = Telemetry::init(telemetry_settings(&config, args.log_format))
+        .map_err(|err| CommandError::usage(err.to_string()))?;
     let tls = control_plane_tls(&config)?;
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
@@ -37,14 +51,36 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let outbox = Outbox::open(&config.node_runtime.data_directory)
         .map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     tracing::info!(path = %outbox.path().display(), "outbox open");
-    let node = NodeHandle::start_with_tls(settings(&config), tls, Arc::new(sandbox), Arc::new(store), outbox)
-        .map_err(|err| CommandError::usage(err.to_string()))?;
+    let node = NodeHandle::start_with(
+        settings(&config),
+        tls,
+        Arc::new(sandbox),
+        Arc::new(store),
+        outbox,
+        telemetry.metrics(),
+    )
+    .map_err(|err| CommandError::usage(err.to_string()))?;
+    let admin = match args.admin_listen.or(config.node_runtime.admin_listen) {
+        Some(addr) => match AdminServer::start(addr, node.readiness_probe(), node.metrics()).await {
+            Ok(admin) => Some(admin),
+            Err(err) => {
+                node.shutdown().await;
+                telemetry.shutdown().await;
+                return Err(CommandError::usage(err.to_string()));
+            }
+        },
+        None => None,
+    };
     let stop = node.stop_token();
     tokio::spawn(async move {
         stop_signal().await;
         stop.cancel();
     });
     node.wait().await;
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+    telemetry.shutdown().await;
     Ok(Exit::Completed)
 }
 
@@ -63,6 +99,47 @@ pub fn control_plane_tls(config: &NodeConfig) -> Result<ControlPlaneTls, Command
     let url = config.node_runtime.control_plane_url.to_string();
     ControlPlaneTls::configure(url.trim_end_matches('/'), &options)
         .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))
+}
+
+/// A stderr logger for the moments before the configured one exists.
+pub(crate) fn loading_logger() -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .finish()
+}
+
+/// Logging and OpenTelemetry from the configuration's `Logging` and
+/// `OpenTelemetry` sections.
+pub fn telemetry_settings(config: &NodeConfig, log_format: LogFormat) -> TelemetrySettings {
+    let otel = &config.open_telemetry;
+    let metadata = &config.node_runtime.metadata;
+    let find = |key: &str| {
+        metadata
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .map(|(_, value)| value.clone())
+    };
+    TelemetrySettings {
+        log_format,
+        log_filter: config.log_filter(),
+        console_spans: otel.console_exporter_enabled,
+        otlp: otel.otlp_exporter.endpoint.as_ref().map(|endpoint| OtlpSettings {
+            endpoint: endpoint.to_string(),
+            protocol: otel.otlp_exporter.protocol,
+            service_name: otel.service_name.clone(),
+            service_version: otel.service_version.clone(),
+            traces: otel.traces.enabled,
+            sampling_ratio: otel.traces.sampling_ratio,
+            metrics_interval: otel.metrics.enabled.then_some(otel.metrics.export_interval),
+            logs: true,
+        }),
+        resource: ResourceIdentity {
+            node_id: config.node_runtime.node_id.clone(),
+            region: find("Region"),
+            environment: find("Environment"),
+        },
+    }
 }
 
 /// The worker's settings from the configuration.

@@ -495,8 +495,28 @@ impl Binder<'_> {
             0..=i32::MAX as i128,
             "a whole number of seconds, 0 or more, e.g. 30",
         )?;
+        let admin_listen = match self.setting(&mut s, "AdminListen", "a string")? {
+            None => None,
+            Some(setting) => match setting.scalar.text().filter(|text| !text.trim().is_empty()) {
+                None => None,
+                Some(text) => match text.trim().parse::<std::net::SocketAddr>() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        return Err(self.invalid(
+                            setting.key,
+                            setting.scalar.to_string(),
+                            &setting.origin,
+                            "an IP address and port for the admin endpoint, e.g. 127.0.0.1:9090 \
+                             (0.0.0.0:9090 in a pod), or empty for none"
+                                .to_string(),
+                        ));
+                    }
+                },
+            },
+        };
         self.finish(s);
         Ok(NodeRuntimeSection {
+            admin_listen,
             node_id,
             control_plane_url,
             max_concurrent_leases,

@@ -49,6 +49,7 @@ struct NodeRuntime<'a> {
     agents_directory: String,
     data_directory: String,
     drain_timeout_seconds: u64,
+    admin_listen: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -224,6 +225,7 @@ impl<'a> View<'a> {
                 agents_directory: path(&node.agents_directory),
                 data_directory: path(&node.data_directory),
                 drain_timeout_seconds: node.drain_timeout.as_secs(),
+                admin_listen: node.admin_listen.map(|addr| addr.to_string()),
             },
             mtls: MTls {
                 enabled: mtls.enabled,

@@ -83,6 +83,10 @@ pub struct NodeRuntimeSection {
     /// `DrainTimeoutSeconds` (this node): how long shutdown waits for
     /// running leases; 0 does not wait.
     pub drain_timeout: Duration,
+    /// `AdminListen` (this node): where `/healthz`, `/readyz` and
+    /// `/metrics` are served, e.g. `127.0.0.1:9090`; None (the default)
+    /// serves nothing.
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// `NodeRuntime.Capacity`.
@@ -415,6 +419,7 @@ impl Default for NodeRuntimeSection {
             agents_directory: PathBuf::from("agents"),
             data_directory: PathBuf::from("data"),
             drain_timeout: Duration::from_secs(30),
+            admin_listen: None,
         }
     }
 }

@@ -131,6 +131,7 @@ fn the_reference_appsettings_loads_unchanged_and_its_values_come_through() {
     assert_eq!(node.agents_directory, fixtures.join("agents"));
     assert_eq!(node.data_directory, fixtures.join("data"));
     assert_eq!(node.drain_timeout, Duration::from_secs(30));
+    assert_eq!(node.admin_listen, None, "no admin endpoint unless asked for");
     assert_eq!(config.sandbox, SandboxSection::default());
 
     assert_eq!(config.ignored_keys, ["AllowedHosts"]);
@@ -200,6 +201,7 @@ fn environment_variables_override_the_file_the_dotnet_way() {
             ("OpenTelemetry__ConsoleExporter__Enabled", "False"),
             ("OpenTelemetry:Traces:SamplingRatio", "0.5"),
             ("Logging__LogLevel__Default", "Debug"),
+            ("NodeRuntime__AdminListen", "0.0.0.0:9090"),
             // Not the node's sections: none of its business.
             ("PATH", "/usr/bin"),
             ("Kestrel__Endpoints__Http__Url", "http://*:80"),
@@ -215,6 +217,7 @@ fn environment_variables_override_the_file_the_dotnet_way() {
     assert!(!config.open_telemetry.console_exporter_enabled);
     assert_eq!(config.open_telemetry.traces.sampling_ratio, 0.5);
     assert!(config.log_filter().starts_with("debug,"));
+    assert_eq!(config.node_runtime.admin_listen, Some("0.0.0.0:9090".parse().unwrap()));
     assert_eq!(config.ignored_keys, ["AllowedHosts"]);
 }
 
@@ -353,6 +356,13 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             env: &[("NodeRuntime__HeartbeatIntervalSeconds", "0")],
             key: "NodeRuntime.HeartbeatIntervalSeconds",
             fix: "greater than 0",
+        },
+        Case {
+            what: "an admin address without a port",
+            json: r#"{"NodeRuntime": {"AdminListen": "localhost"}}"#,
+            env: &[],
+            key: "NodeRuntime.AdminListen",
+            fix: "127.0.0.1:9090",
         },
         Case {
             what: "a negative drain timeout",

@@ -25,6 +25,7 @@ mod run;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -116,6 +117,8 @@ pub struct Sandbox {
     /// Compiled components on disk, when configured.
     compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
     compile_counters: Arc<compiled_cache::Counters>,
+    /// Loads served by an agent already compiled in this process.
+    memory_hits: AtomicU64,
 }
 
 impl Sandbox {
@@ -158,6 +161,7 @@ impl Sandbox {
             agents: Mutex::default(),
             compiled_cache,
             compile_counters: Arc::default(),
+            memory_hits: AtomicU64::new(0),
         })
     }
 
@@ -168,6 +172,13 @@ impl Sandbox {
 
     pub fn allocator(&self) -> &Allocator {
         &self.allocator
+    }
+
+    /// Agent loads that did not compile (served in memory or from the
+    /// on-disk cache), and loads that compiled.
+    pub fn compile_cache_stats(&self) -> (u64, u64) {
+        let counts = self.compile_counts();
+        (self.memory_hits.load(Ordering::Relaxed) + counts.cache_hits, counts.compiled)
     }
 
     pub fn limits(&self) -> &NodeLimits {
@@ -205,6 +216,10 @@ impl Sandbox {
             .entry(digest)
             .or_default()
             .clone();
+        if let Some(agent) = cell.get() {
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(agent.clone());
+        }
         // A failed compilation leaves the cell empty: the next load tries
         // again (and reports the same error), nothing invalid is kept.
         cell.get_or_try_init(|| async {
@@ -265,14 +280,11 @@ impl Sandbox {
     /// Runs `agent` once in a fresh store. Never panics on guest behaviour:
     /// every way a run can end is a [`RunOutcome`].
     pub async fn run(&self, agent: &Agent, request: RunRequest) -> RunResult {
+        // The caller's span carries the run's ids (the worker's `lease`,
+        // run-agent's `run`); this one times the sandbox's part, and the
+        // instantiation, LLM and HTTP spans nest in it.
         let context = &request.context;
-        let span = tracing::info_span!(
-            "run",
-            run_id = %context.run_id,
-            lease_id = %context.lease_id,
-            agent_id = %context.agent_id,
-            trace_id = %context.trace_id,
-        );
+        let span = tracing::info_span!("execute", "agent.id" = %context.agent_id);
         let no_grants = AgentGrants::default();
         let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
         self.announce_grants(&context.agent_id, grants);

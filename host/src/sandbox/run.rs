@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
+use tracing::Instrument;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -209,6 +210,7 @@ pub(crate) async fn execute(
             Entry::World(pre) => {
                 let instance = pre
                     .instantiate_async(&mut store)
+                    .instrument(tracing::info_span!("instantiate"))
                     .await
                     .map_err(|e| (Stage::Instantiate, e))?;
                 instantiate_us = began.elapsed().as_micros() as u64;
@@ -222,6 +224,7 @@ pub(crate) async fn execute(
             Entry::Command(pre) => {
                 let instance = pre
                     .instantiate_async(&mut store)
+                    .instrument(tracing::info_span!("instantiate"))
                     .await
                     .map_err(|e| (Stage::Instantiate, e))?;
                 instantiate_us = began.elapsed().as_micros() as u64;

@@ -17,6 +17,8 @@ use super::lease::{AcceptedLease, Report, Timings};
 use super::report;
 use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
 use crate::agent_store::{AgentDigest, DIGEST_METADATA_KEY};
+use crate::telemetry::{self, FinishedRun};
+use tracing::field::Empty;
 
 pub(super) async fn run(
     node: Arc<Node>,
@@ -80,20 +82,33 @@ async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphor
     let started = Instant::now();
     node.stats.run_started();
     let request = accepted.run_request();
+    let context = &request.context;
+    // The lease's span: every log line about the run carries its ids, and
+    // its OpenTelemetry trace is the lease's (`trace_id`).
     let span = tracing::info_span!(
         "lease",
-        lease_id = %request.context.lease_id,
-        run_id = %request.context.run_id,
-        agent_id = %request.context.agent_id,
-        agent_version = %request.context.agent_version,
-        trace_id = %request.context.trace_id,
+        "lease.id" = %context.lease_id,
+        "run.id" = %context.run_id,
+        trace_id = %context.trace_id,
+        "node.id" = %node.settings.node_id,
+        "agent.id" = %context.agent_id,
+        "agent.version" = %context.agent_version,
+        "outcome" = Empty,
+        "outcome.kind" = Empty,
+        "run.fuel_consumed" = Empty,
+        "run.peak_memory_bytes" = Empty,
+        "run.tokens_in" = Empty,
+        "run.tokens_out" = Empty,
+        "run.cost_usd" = Empty,
     );
+    telemetry::adopt_trace_id(&span, &context.trace_id);
     let (outcome, run_report) = async {
         let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
         let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
             Ok(pin) => {
                 node.store
                     .resolve_pinned(&node.sandbox, accepted.agent_id(), accepted.version(), pin)
+                    .instrument(tracing::info_span!("resolve"))
                     .await
             }
             Err(invalid) => Err(invalid.into()),
@@ -111,7 +126,7 @@ async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphor
             }
         };
         tokio::select! {
-            result = node.sandbox.run(&agent, request) => (result.outcome, result.report),
+            result = node.sandbox.run(&agent, request.clone()) => (result.outcome, result.report),
             _ = node.abort.cancelled() => (
                 RunOutcome::Failed(RunFailure::handed_back(
                     "the node shut down before the run finished (drain timeout)",
@@ -120,19 +135,45 @@ async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphor
             ),
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     drop(permit);
     node.stats.run_ended();
-    match &outcome {
-        RunOutcome::Completed(_) => tracing::info!(lease_id = %accepted.lease.lease_id, "run completed"),
-        RunOutcome::Failed(failure) => tracing::info!(lease_id = %accepted.lease.lease_id, kind = %failure.kind, message = %failure.message, "run failed"),
-    }
+    span.record("run.fuel_consumed", run_report.fuel_consumed);
+    span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
+    span.record("run.tokens_in", run_report.tokens_in);
+    span.record("run.tokens_out", run_report.tokens_out);
+    span.record("run.cost_usd", run_report.usd_cost);
+    let fail_kind = match &outcome {
+        RunOutcome::Completed(_) => {
+            span.record("outcome", "completed");
+            span.in_scope(|| tracing::info!("run completed"));
+            None
+        }
+        RunOutcome::Failed(failure) => {
+            span.record("outcome", "failed");
+            span.record("outcome.kind", failure.kind.as_str());
+            span.in_scope(|| tracing::info!(kind = %failure.kind, message = %failure.message, "run failed"));
+            Some(failure.kind.as_str())
+        }
+    };
     let timings = Timings {
         received: accepted.received,
         started: Some(started),
         finished: Instant::now(),
     };
+    node.metrics.run_finished(&FinishedRun {
+        agent_id: accepted.agent_id(),
+        fail_kind,
+        executed: true,
+        processing: timings.finished - timings.received,
+        execution_ms: run_report.wall_ms,
+        fuel_consumed: run_report.fuel_consumed,
+        peak_memory_bytes: run_report.peak_memory_bytes,
+        instantiate_us: run_report.instantiate_us,
+        tokens: u64::from(run_report.tokens_in) + u64::from(run_report.tokens_out),
+        usd_cost: run_report.usd_cost,
+    });
     let report = Report::build(&accepted, &node.settings.node_id, &outcome, &run_report, timings);
-    report::deliver(&node, report, accepted.lease.deadline_unix_ms);
+    report::deliver(&node, report, accepted.lease.deadline_unix_ms, Some(&span));
 }

@@ -71,9 +71,16 @@ async fn heartbeat_until_forgotten(node: &Node) -> bool {
             available_slots: node.available_slots(),
         };
         match node.rest.heartbeat(&node.settings.node_id, status).await {
-            Ok(HeartbeatAnswer::Accepted) => {}
-            Ok(HeartbeatAnswer::UnknownNode) => return true,
-            Err(err) => tracing::warn!(error = %err, "heartbeat failed; the next one is due in {interval:?}"),
+            Ok(HeartbeatAnswer::Accepted) => node.stats.heartbeat_answered.store(true, Ordering::SeqCst),
+            Ok(HeartbeatAnswer::UnknownNode) => {
+                node.stats.heartbeat_answered.store(false, Ordering::SeqCst);
+                return true;
+            }
+            Err(err) => {
+                node.stats.heartbeat_answered.store(false, Ordering::SeqCst);
+                node.stats.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "heartbeat failed; the next one is due in {interval:?}");
+            }
         }
         tokio::select! {
             _ = node.stop.cancelled() => break,

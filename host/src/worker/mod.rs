@@ -28,7 +28,7 @@ mod pull;
 mod report;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,12 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent_store::AgentStore;
-use crate::outbox::Outbox;
+use crate::outbox::{self, Outbox};
 use crate::control_plane::{
     self, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError,
     TlsOptions,
 };
 use crate::sandbox::Sandbox;
+use crate::telemetry::{NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog, Readiness, ReadinessProbe};
 
 /// What the worker needs to know, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -82,6 +83,19 @@ pub struct NodeStats {
     pub outbox_errors: AtomicU64,
     /// Reports found in the outbox at start and delivered from it.
     pub reports_recovered: AtomicU64,
+    /// Acks the control plane accepted.
+    pub leases_acknowledged: AtomicU64,
+    /// Lease streams that could not be opened, or broke.
+    pub lease_stream_errors: AtomicU64,
+    /// Lease streams opened after the first.
+    pub lease_stream_reconnects: AtomicU64,
+    /// Heartbeats that failed (no answer, or an error status).
+    pub heartbeat_failures: AtomicU64,
+    /// Whether the last heartbeat was answered.
+    pub heartbeat_answered: AtomicBool,
+    /// Whether a lease stream is open or being opened, on a connection
+    /// that has not failed.
+    pub lease_stream_connected: AtomicBool,
 }
 
 impl NodeStats {
@@ -146,11 +160,82 @@ pub(crate) struct Node {
     /// Cancelled when undelivered reports must be abandoned, at exit.
     give_up: CancellationToken,
     reports: TaskTracker,
+    metrics: Arc<NodeMetrics>,
+    /// The outbox's depth and oldest age, read at most once a second.
+    backlog: Mutex<Option<(std::time::Instant, OutboxBacklog)>>,
 }
 
 impl Node {
     fn available_slots(&self) -> u32 {
         u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX)
+    }
+
+    /// What the heartbeat reports: 0 once draining.
+    fn reported_available_slots(&self) -> u32 {
+        if self.stop.is_cancelled() { 0 } else { self.available_slots() }
+    }
+
+    fn backlog(&self) -> Option<OutboxBacklog> {
+        let mut cached = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((read, backlog)) = *cached
+            && read.elapsed() < Duration::from_secs(1)
+        {
+            return Some(backlog);
+        }
+        let (depth, oldest) = match self.outbox.backlog() {
+            Ok(backlog) => backlog,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the outbox's backlog for the metrics");
+                return None;
+            }
+        };
+        let oldest_age = oldest.map_or(Duration::ZERO, |written| {
+            Duration::from_millis(u64::try_from(outbox::now_unix_ms() - written).unwrap_or(0))
+        });
+        let backlog = OutboxBacklog { depth, oldest_age };
+        *cached = Some((std::time::Instant::now(), backlog));
+        Some(backlog)
+    }
+}
+
+impl NodeObserver for Node {
+    fn counts(&self) -> NodeCounts {
+        let stats = &self.stats;
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let (compile_cache_hits, compile_cache_misses) = self.sandbox.compile_cache_stats();
+        NodeCounts {
+            leases_received: read(&stats.leases_received),
+            leases_acknowledged: read(&stats.leases_acknowledged),
+            runs_started: read(&stats.runs_started),
+            lease_stream_errors: read(&stats.lease_stream_errors),
+            lease_stream_reconnects: read(&stats.lease_stream_reconnects),
+            heartbeat_failures: read(&stats.heartbeat_failures),
+            reports_delivered: read(&stats.reports_delivered),
+            reports_dropped: read(&stats.reports_expired) + read(&stats.reports_overflowed),
+            compile_cache_hits: compile_cache_hits + self.store.cache_hits(),
+            compile_cache_misses,
+            active_leases: u64::from(stats.active_runs.load(Ordering::SeqCst)),
+            available_slots: u64::from(self.reported_available_slots()),
+        }
+    }
+
+    fn outbox_backlog(&self) -> Option<OutboxBacklog> {
+        self.backlog()
+    }
+}
+
+impl ReadinessProbe for Node {
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            registered: *self.registered.borrow(),
+            lease_stream_connected: self.stats.lease_stream_connected.load(Ordering::SeqCst),
+            heartbeat_answered: self.stats.heartbeat_answered.load(Ordering::SeqCst),
+            // Unreadable counts as full: a node that cannot keep its
+            // promises durably should not take more work.
+            outbox_depth: self.backlog().map_or(u64::MAX, |backlog| backlog.depth),
+            outbox_bound: self.outbox.limits().max_reports as u64,
+            draining: self.stop.is_cancelled(),
+        }
     }
 }
 
@@ -183,7 +268,7 @@ impl NodeHandle {
         outbox: Outbox,
     ) -> Result<NodeHandle, StartError> {
         let tls = ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?;
-        Self::start_with_tls(settings, tls, sandbox, store, outbox)
+        Self::start_with(settings, tls, sandbox, store, outbox, Arc::default())
     }
 
     /// Like [`Self::start`], with the TLS (and client certificate) the
@@ -194,6 +279,31 @@ impl NodeHandle {
         sandbox: Arc<Sandbox>,
         store: Arc<AgentStore>,
         outbox: Outbox,
+    ) -> Result<NodeHandle, StartError> {
+        Self::start_with(settings, tls, sandbox, store, outbox, Arc::default())
+    }
+
+    /// [`NodeHandle::start`], recording into `metrics` (the registry that
+    /// telemetry exports and `/metrics` serves).
+    pub fn start_with_metrics(
+        settings: NodeSettings,
+        sandbox: Arc<Sandbox>,
+        store: Arc<AgentStore>,
+        outbox: Outbox,
+        metrics: Arc<NodeMetrics>,
+    ) -> Result<NodeHandle, StartError> {
+        let tls = ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?;
+        Self::start_with(settings, tls, sandbox, store, outbox, metrics)
+    }
+
+    /// The node with its control-plane TLS and its metrics registry.
+    pub fn start_with(
+        settings: NodeSettings,
+        tls: ControlPlaneTls,
+        sandbox: Arc<Sandbox>,
+        store: Arc<AgentStore>,
+        outbox: Outbox,
+        metrics: Arc<NodeMetrics>,
     ) -> Result<NodeHandle, StartError> {
         if settings.slots == 0 || settings.max_leases == 0 {
             return Err(StartError::NoSlots);
@@ -227,14 +337,27 @@ impl NodeHandle {
             abort: CancellationToken::new(),
             give_up: CancellationToken::new(),
             reports: TaskTracker::new(),
+            metrics,
+            backlog: Mutex::new(None),
         });
         tokio::spawn(tls.warn_before_expiry(node.stop.clone()));
+        let observer: Arc<dyn NodeObserver> = node.clone();
+        node.metrics.observe(Arc::downgrade(&observer));
         let done = tokio::spawn(lifecycle(node.clone(), queue_tx, queue_rx));
         Ok(NodeHandle { node, done })
     }
 
     pub fn stats(&self) -> Arc<NodeStats> {
         self.node.stats.clone()
+    }
+
+    /// What `/readyz` asks.
+    pub fn readiness_probe(&self) -> Arc<dyn ReadinessProbe> {
+        self.node.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<NodeMetrics> {
+        self.node.metrics.clone()
     }
 
     pub fn node_id(&self) -> &str {

@@ -29,12 +29,20 @@ const SUSPICIOUSLY_SHORT: Duration = Duration::from_secs(1);
 pub(super) async fn run(node: Arc<Node>, queue: mpsc::Sender<AcceptedLease>) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     let mut registered = node.registered.subscribe();
+    let mut opened_before = false;
     loop {
         tokio::select! {
             _ = node.stop.cancelled() => return,
             ready = registered.wait_for(|registered| *registered) => if ready.is_err() { return },
         }
+        if opened_before {
+            node.stats.lease_stream_reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        opened_before = true;
         let opened = Instant::now();
+        // An idle Pull gets no headers until the first lease: while it is
+        // outstanding and has not failed, the stream counts as connected.
+        node.stats.lease_stream_connected.store(true, Ordering::SeqCst);
         let stream = tokio::select! {
             _ = node.stop.cancelled() => return,
             stream = node.leases.pull(&node.settings.node_id, node.settings.max_leases) => stream,
@@ -50,6 +58,7 @@ pub(super) async fn run(node: Arc<Node>, queue: mpsc::Sender<AcceptedLease>) {
                 }
             }
             Err(err) => {
+                node.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
                 let hint = if node.settings.control_plane_url.starts_with("http://") {
                     " (if the control plane only speaks HTTP/2 over TLS, as the reference's \
                      Kestrel defaults do, use an https:// ControlPlaneUrl)"
@@ -59,6 +68,7 @@ pub(super) async fn run(node: Arc<Node>, queue: mpsc::Sender<AcceptedLease>) {
                 tracing::warn!(error = %err, "the lease stream could not be opened{hint}");
             }
         }
+        node.stats.lease_stream_connected.store(false, Ordering::SeqCst);
         let delay = backoff.next_delay();
         tracing::info!(reopen_in = ?delay, "lease stream closed; reopening");
         tokio::select! {
@@ -95,6 +105,7 @@ async fn consume(
                 return received;
             }
             Err(status) => {
+                node.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %status, "the lease stream broke");
                 return received;
             }
@@ -168,7 +179,9 @@ fn acknowledge(node: &Arc<Node>, accepted: &AcceptedLease) {
     let node = node.clone();
     tokio::spawn(async move {
         match node.leases.ack(request.clone()).await {
-            Ok((true, _)) => {}
+            Ok((true, _)) => {
+                node.stats.leases_acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
             Ok((false, message)) => {
                 tracing::warn!(lease_id = %request.lease_id, %message, "the control plane refused the Ack")
             }

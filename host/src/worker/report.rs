@@ -18,6 +18,8 @@ use super::lease::{AcceptedLease, Report, Timings};
 use crate::control_plane::Backoff;
 use crate::outbox;
 use crate::sandbox::{RunOutcome, RunFailure, RunReport};
+use crate::telemetry::FinishedRun;
+use tracing::Instrument;
 
 /// Fails a lease that never ran, handing it back to the control plane.
 pub(super) fn hand_back(node: &Arc<Node>, accepted: &AcceptedLease, failure: RunFailure) {
@@ -27,6 +29,13 @@ pub(super) fn hand_back(node: &Arc<Node>, accepted: &AcceptedLease, failure: Run
         started: None,
         finished: Instant::now(),
     };
+    node.metrics.run_finished(&FinishedRun {
+        agent_id: accepted.agent_id(),
+        fail_kind: Some(failure.kind.as_str()),
+        executed: false,
+        processing: timings.finished - timings.received,
+        ..FinishedRun::default()
+    });
     let report = Report::build(
         accepted,
         &node.settings.node_id,
@@ -34,17 +43,31 @@ pub(super) fn hand_back(node: &Arc<Node>, accepted: &AcceptedLease, failure: Run
         &RunReport::default(),
         timings,
     );
-    deliver(node, report, accepted.lease.deadline_unix_ms);
+    deliver(node, report, accepted.lease.deadline_unix_ms, None);
 }
 
 /// Stores `report` in the outbox (synced), then sends it in the
-/// background, retrying until answered. `deadline_unix_ms` is its lease's.
-pub(super) fn deliver(node: &Arc<Node>, report: Report, deadline_unix_ms: i64) {
+/// background, retrying until answered. `deadline_unix_ms` is its lease's;
+/// `lease_span`, when given, is the parent of the delivery's span.
+pub(super) fn deliver(
+    node: &Arc<Node>,
+    report: Report,
+    deadline_unix_ms: i64,
+    lease_span: Option<&tracing::Span>,
+) {
     let lease_id = report.lease_id().to_string();
     if !mark_delivering(node, &lease_id) {
         tracing::warn!(%lease_id, "a report for this lease is being delivered already");
         return;
     }
+    let kind = match &report {
+        Report::Complete(_) => "Complete",
+        Report::Fail(_) => "Fail",
+    };
+    let span = match lease_span {
+        Some(parent) => tracing::info_span!(parent: parent, "report", "report.kind" = kind, "report.attempts" = tracing::field::Empty),
+        None => tracing::info_span!("report", "lease.id" = %lease_id, "report.kind" = kind, "report.attempts" = tracing::field::Empty),
+    };
     let node = node.clone();
     node.reports.clone().spawn(async move {
         let outbox = node.outbox.clone();
@@ -61,7 +84,7 @@ pub(super) fn deliver(node: &Arc<Node>, report: Report, deadline_unix_ms: i64) {
             Err(err) => outbox_error(&node, &lease_id, &err),
         }
         send(&node, report, deadline_unix_ms, written).await;
-    });
+    }.instrument(span));
 }
 
 /// Sends the report the outbox holds for `lease_id`, unless a task
@@ -165,7 +188,10 @@ fn expired(node: &Node, lease_id: &str) {
 async fn send(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, written_unix_ms: i64) {
     let lease_id = report.lease_id().to_string();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut attempts = 0u32;
     let remove = loop {
+        attempts += 1;
+        tracing::Span::current().record("report.attempts", attempts);
         if node.outbox.expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms()) {
             expired(node, &lease_id);
             break true;

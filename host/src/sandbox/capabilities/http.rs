@@ -6,8 +6,9 @@
 //! `http.allow`. A request to a host (and port) not granted gets
 //! `HTTP-request-denied`, an error the agent can handle, and the node logs
 //! the host it tried to reach. An allowed request goes out through
-//! wasmtime-wasi-http's default sender with the run's trace context
-//! (`traceparent`, `X-Correlation-ID`), its connect and first-byte waits
+//! wasmtime-wasi-http's default sender in an `http.request` span, with the
+//! run's trace context (`traceparent` naming that span when traces are
+//! exported, `X-Correlation-ID`), its connect and first-byte waits
 //! bounded by the run's deadline, and its response body capped at
 //! [`HTTP_RESPONSE_BYTES`].
 
@@ -177,7 +178,9 @@ impl EgressPolicy {
         self.allowed.iter().any(|grant| grant.allows(host, port))
     }
 
-    fn traceparent(&self) -> Option<HeaderValue> {
+    /// `00-{trace id}-{span id}-01`: the span id is the request span's
+    /// when traces are exported, else a fresh one.
+    fn traceparent(&self, span_id: Option<u64>) -> Option<HeaderValue> {
         let trace_id = self.trace_id.to_ascii_lowercase();
         let valid = trace_id.len() == 32
             && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
@@ -185,14 +188,27 @@ impl EgressPolicy {
         if !valid {
             return None;
         }
-        let span_id = loop {
+        let span_id = span_id.filter(|id| *id != 0).unwrap_or_else(|| loop {
             let id: u64 = rand::random();
             if id != 0 {
                 break id;
             }
-        };
+        });
         HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok()
     }
+}
+
+/// The OpenTelemetry span id of `span`, when spans are exported and this
+/// one is in the run's trace.
+fn otel_span_id(span: &tracing::Span) -> Option<u64> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = span.context();
+    let otel = context.span();
+    let span_context = otel.span_context();
+    span_context
+        .is_valid()
+        .then(|| u64::from_be_bytes(span_context.span_id().to_bytes()))
 }
 
 /// The host and port a request goes to, the port defaulting from the
@@ -235,8 +251,8 @@ impl WasiHttpHooks for EgressPolicy {
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> SendFuture {
-        // Called inside the run's span (run_id, agent_id, trace_id); the
-        // send itself runs on a task of its own, so it is given the span.
+        // Called inside the run's span; the send itself runs on a task of
+        // its own, so it is given its `http.request` span (below).
         let Some((host, port)) = destination(request.uri()) else {
             self.denied += 1;
             tracing::warn!(run_id = %self.run_id, "outbound HTTP denied: the request has no host");
@@ -255,8 +271,18 @@ impl WasiHttpHooks for EgressPolicy {
         self.requests += 1;
         tracing::debug!(host = %host, port, "outbound HTTP request");
 
+        // One span per request (a child of the run's); its span id is the
+        // parent the downstream service sees in `traceparent`.
+        let span = tracing::info_span!(
+            "http.request",
+            "http.method" = %request.method(),
+            "server.address" = %host,
+            "server.port" = port,
+            "http.status_code" = tracing::field::Empty,
+            "error" = tracing::field::Empty,
+        );
         let headers = request.headers_mut();
-        if let Some(traceparent) = self.traceparent() {
+        if let Some(traceparent) = self.traceparent(otel_span_id(&span)) {
             headers.insert(HeaderName::from_static("traceparent"), traceparent);
         }
         headers.remove("tracestate");
@@ -274,7 +300,6 @@ impl WasiHttpHooks for EgressPolicy {
             first_byte_timeout: bounded(guest.first_byte_timeout, left),
             between_bytes_timeout: bounded(guest.between_bytes_timeout, left),
         };
-        let span = tracing::Span::current();
         Box::new(
             async move {
                 let sent = tokio::time::timeout_at(
@@ -285,14 +310,17 @@ impl WasiHttpHooks for EgressPolicy {
                 let (response, io) = match sent {
                     Ok(Ok(sent)) => sent,
                     Ok(Err(err)) => {
+                        tracing::Span::current().record("error", tracing::field::display(&err));
                         tracing::info!(host = %host, port, "outbound HTTP request failed: {err}");
                         return Err(err);
                     }
                     Err(_elapsed) => {
+                        tracing::Span::current().record("error", "cut off by the run's deadline");
                         tracing::info!(host = %host, port, "outbound HTTP request cut off by the run's deadline");
                         return Err(Error::ConnectionTimeout);
                     }
                 };
+                tracing::Span::current().record("http.status_code", response.status().as_u16());
                 let response = response.map(|body| {
                     http_body_util::Limited::new(body, HTTP_RESPONSE_BYTES as usize)
                         .map_err(|err| match err.downcast::<Error>() {
@@ -372,8 +400,8 @@ mod tests {
     #[test]
     fn traceparent_carries_the_trace_id_and_a_fresh_span_id() {
         let policy = policy(&[], None);
-        let a = policy.traceparent().unwrap();
-        let b = policy.traceparent().unwrap();
+        let a = policy.traceparent(None).unwrap();
+        let b = policy.traceparent(None).unwrap();
         let a = a.to_str().unwrap();
         assert!(a.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && a.ends_with("-01"), "{a}");
         assert_eq!(a.len(), 55);

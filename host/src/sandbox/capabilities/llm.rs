@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
 use crate::sandbox::llm::{CallError, LlmClient, ProviderMessage, ProviderRequest};
 use crate::sandbox::state::RunState;
@@ -81,13 +83,27 @@ impl Host for RunState {
             temperature,
         };
 
+        // One span per call (a child of the run's), for the trace.
+        let span = tracing::info_span!(
+            "llm.chat",
+            "llm.model" = %model,
+            "llm.max_tokens" = max_tokens,
+            "llm.tokens_in" = tracing::field::Empty,
+            "llm.tokens_out" = tracing::field::Empty,
+            "error" = tracing::field::Empty,
+        );
         let answer = llm
             .client
             .chat(&provider_request, self.deadline)
+            .instrument(span.clone())
             .await
-            .map_err(|err| match err {
-                CallError::Timeout(message) => LlmError::Timeout(message),
-                CallError::Provider(message) => LlmError::Provider(message),
+            .map_err(|err| {
+                let err = match err {
+                    CallError::Timeout(message) => LlmError::Timeout(message),
+                    CallError::Provider(message) => LlmError::Provider(message),
+                };
+                span.record("error", tracing::field::debug(&err));
+                err
             })?;
         let (tokens_in, tokens_out) = answer.usage.unwrap_or_else(|| {
             // Without a usage report the node cannot know; it charges the
@@ -98,6 +114,8 @@ impl Host for RunState {
             );
             (0, max_tokens)
         });
+        span.record("llm.tokens_in", tokens_in);
+        span.record("llm.tokens_out", tokens_out);
         let tokens = &mut self.tokens;
         tokens.record(tokens_in, tokens_out, max_tokens);
         if tokens.used() > tokens.limit {

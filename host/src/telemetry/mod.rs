@@ -1,0 +1,240 @@
+//! Telemetry: the one owner of the `tracing` subscriber, the OpenTelemetry
+//! providers (traces, metrics, logs over OTLP) and the metrics registry
+//! behind the admin endpoint.
+//!
+//! The rest of the node only uses `tracing` spans and events, and records
+//! run results into [`NodeMetrics`]; nothing else touches OpenTelemetry.
+//! [`Telemetry::init`] turns that into:
+//! - log lines on stderr, human-readable or JSON (`--log-format`), filtered
+//!   by `Logging.LogLevel` unless `RUST_LOG` is set;
+//! - spans exported over OTLP (the `node_runtime` crate's spans at info
+//!   level and above), each lease's span adopting the lease's trace id
+//!   ([`adopt_trace_id`]);
+//! - log records exported over OTLP, carrying the run's ids from the
+//!   enclosing span;
+//! - metrics read by a periodic OTLP exporter and by `/metrics`.
+//!
+//! Every exporter is batched with a bounded queue and a timeout on its own
+//! thread: a collector that is down costs dropped telemetry, never a
+//! slower or stuck node.
+
+pub mod admin;
+mod metrics;
+mod otlp;
+mod prometheus;
+
+use std::io::IsTerminal;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+pub use admin::{AdminError, AdminServer, Readiness, ReadinessProbe};
+pub use metrics::{
+    FinishedRun, METER_NAME, METRIC_NAMES, NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog,
+};
+pub use otlp::{OtlpSettings, ResourceIdentity};
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event, with the enclosing spans' fields.
+    #[default]
+    Human,
+    /// One JSON object per line, the spans' fields under `spans`.
+    Json,
+}
+
+/// Everything [`Telemetry::init`] needs.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// A `tracing` filter (`info,node_runtime=debug`); `RUST_LOG`, when
+    /// set, wins.
+    pub log_filter: String,
+    /// `OpenTelemetry.ConsoleExporter.Enabled`: also write each span to
+    /// stderr when it closes, with its fields and timings.
+    pub console_spans: bool,
+    /// None: no OTLP export (metrics are still kept for `/metrics`).
+    pub otlp: Option<OtlpSettings>,
+    pub resource: ResourceIdentity,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter `{filter}` ({source}); fix Logging.LogLevel or RUST_LOG")]
+    Filter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
+    #[error("a logger is installed already in this process: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// The installed telemetry. Keep it for the life of the process and call
+/// [`Telemetry::shutdown`] at exit, so what is queued gets exported.
+pub struct Telemetry {
+    metrics: Arc<NodeMetrics>,
+    providers: otlp::Providers,
+}
+
+impl Telemetry {
+    /// Installs the process's subscriber and providers. Must run inside
+    /// the tokio runtime (the gRPC exporters need it). Once per process.
+    pub fn init(settings: TelemetrySettings) -> Result<Telemetry, TelemetryError> {
+        let filter = match std::env::var("RUST_LOG") {
+            Ok(from_env) if !from_env.trim().is_empty() => from_env,
+            _ => settings.log_filter.clone(),
+        };
+        let env_filter = |filter: &str| {
+            EnvFilter::from_str(filter).map_err(|source| TelemetryError::Filter {
+                filter: filter.to_string(),
+                source,
+            })
+        };
+        let stderr_filter = env_filter(&filter)?;
+        let (providers, meter_reader) = match &settings.otlp {
+            Some(otlp) => otlp::Providers::build(otlp, &settings.resource)?,
+            None => (otlp::Providers::default(), None),
+        };
+        let metrics = Arc::new(NodeMetrics::new(settings.resource.resource(settings.otlp.as_ref()), meter_reader));
+
+        let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
+        let span_events = if settings.console_spans { FmtSpan::CLOSE } else { FmtSpan::NONE };
+        let stderr = match settings.log_format {
+            LogFormat::Human => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours for a terminal; plain text for journald and files.
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_span_events(span_events)
+                .with_filter(stderr_filter)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .with_span_events(span_events)
+                .with_current_span(false)
+                .with_span_list(true)
+                .with_writer(std::io::stderr)
+                .with_filter(stderr_filter)
+                .boxed(),
+        };
+        layers.push(stderr);
+        if let Some(tracer) = providers.tracer() {
+            // The node's own spans; the libraries' (hyper, h2, tonic) would
+            // only be noise, and the exporter's own would feed back.
+            let targets = Targets::new().with_target("node_runtime", tracing::Level::INFO);
+            layers.push(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_threads(false)
+                    .with_filter(targets)
+                    .boxed(),
+            );
+        }
+        if let Some(logger) = &providers.logger {
+            // As on stderr, but never the transport crates: exporting a log
+            // record must not log (and so export) again.
+            let quiet = format!("{filter},h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off");
+            layers.push(
+                opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::builder(logger)
+                    .with_tracing_span_attributes(
+                        opentelemetry_appender_tracing::layer::TracingSpanAttributes::allowlist(
+                            RUN_FIELDS.iter().copied(),
+                        ),
+                    )
+                    .build()
+                    .with_filter(env_filter(&quiet)?)
+                    .boxed(),
+            );
+        }
+        tracing_subscriber::registry()
+            .with(layers)
+            .try_init()
+            .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+        if let Some(otlp) = &settings.otlp {
+            tracing::info!(
+                endpoint = %otlp.endpoint,
+                protocol = otlp.protocol.as_str(),
+                traces = otlp.traces,
+                metrics = otlp.metrics_interval.is_some(),
+                "exporting telemetry over OTLP"
+            );
+        }
+        Ok(Telemetry { metrics, providers })
+    }
+
+    /// The metrics registry: give it to the worker and the admin endpoint.
+    pub fn metrics(&self) -> Arc<NodeMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Exports what is queued and stops the exporters: the three signals
+    /// at once, each bounded by the export timeout, so a silent collector
+    /// delays exit by that much at most.
+    pub async fn shutdown(self) {
+        let metrics = self.metrics.clone();
+        let Telemetry { providers, .. } = self;
+        let otlp::Providers { tracer, logger } = providers;
+        let mut tasks = vec![tokio::task::spawn_blocking(move || metrics.shutdown())];
+        if let Some(tracer) = tracer {
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = tracer.shutdown_with_timeout(otlp::EXPORT_TIMEOUT);
+            }));
+        }
+        if let Some(logger) = logger {
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = logger.shutdown_with_timeout(otlp::EXPORT_TIMEOUT);
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Installs a plain stderr logger for commands that need no telemetry
+/// (`compile`, `outbox`, `config check`): `RUST_LOG`, else `default`.
+pub fn init_plain_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The span fields that tie a log line to a run; OTLP log records copy
+/// them from the enclosing span.
+pub const RUN_FIELDS: &[&str] = &["run.id", "lease.id", "trace_id", "node.id", "agent.id", "agent.version"];
+
+/// Makes `span` (a lease's span, not yet entered) part of the trace
+/// `trace_id` (32 hex digits): its OpenTelemetry parent becomes a remote
+/// span of that trace, so the whole tree shares the control plane's trace
+/// id. A malformed id leaves the span a root of a new trace.
+pub fn adopt_trace_id(span: &tracing::Span, trace_id: &str) {
+    let Ok(trace_id) = TraceId::from_hex(trace_id) else {
+        return;
+    };
+    if trace_id == TraceId::INVALID {
+        return;
+    }
+    // The control plane's own span id is not on the wire: a stand-in
+    // derived from the trace id, stable for every span of the lease.
+    let bytes = trace_id.to_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[8..]);
+    let span_id = match u64::from_be_bytes(low) {
+        0 => SpanId::from_bytes(1u64.to_be_bytes()),
+        n => SpanId::from_bytes(n.to_be_bytes()),
+    };
+    let parent = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, true, TraceState::default());
+    let context = opentelemetry::Context::new().with_remote_span_context(parent);
+    let _ = span.set_parent(context);
+}
