@@ -1130,7 +1130,7 @@ impl Binder<'_> {
                 sources
             }
             Some(node) => {
-                let names = list_items(&node);
+                let names = names(&node);
                 let expected = "a list of sources to try in order, each directory, http or oci, \
                      e.g. [\"directory\", \"oci\"]";
                 let mut sources = Vec::new();
@@ -1198,28 +1198,6 @@ impl Binder<'_> {
         };
         self.finish(s);
         Ok(store)
-    }
-}
-
-/// The text items of a list, or of a comma-separated string.
-fn list_items(node: &Node) -> Vec<String> {
-    match &node.kind {
-        Kind::Value(scalar) => scalar
-            .text()
-            .unwrap_or_default()
-            .split(',')
-            .map(|item| item.trim().to_string())
-            .filter(|item| !item.is_empty())
-            .collect(),
-        Kind::Section { entries, .. } => entries
-            .0
-            .iter()
-            .filter_map(|(_, item)| match &item.kind {
-                Kind::Value(scalar) => scalar.text(),
-                Kind::Section { .. } => None,
-            })
-            .map(|item| item.trim().to_string())
-            .collect(),
     }
 }
 
