@@ -7,6 +7,8 @@
 
 #[path = "support/certs.rs"]
 mod certs;
+#[path = "support/otlp.rs"]
+mod otlp;
 mod support;
 
 use std::collections::BTreeMap;
@@ -43,12 +45,23 @@ fn echo_run(message: &str) -> NewRun {
 
 /// A `node-runtime serve` process and the file its log goes to.
 struct ServedNode {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     log: PathBuf,
     _agents: tempfile::TempDir,
 }
 
 impl ServedNode {
+    /// SIGTERM, then waits (at most 30 s) for the drain and exit.
+    async fn stop(&mut self) {
+        let pid = self.child.id().expect("the node is running");
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the node exits after SIGTERM")
+            .unwrap();
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -115,7 +128,7 @@ fn start_node(dir: &Path, config: &Path, env: &[(&str, &str)]) -> ServedNode {
         command.env(name, value);
     }
     ServedNode {
-        _child: command.spawn().expect("node-runtime serve starts"),
+        child: command.spawn().expect("node-runtime serve starts"),
         log,
         _agents: agents,
     }
@@ -522,8 +535,9 @@ async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
+async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_see() {
     const API_KEY: &str = "sk-test-7c1f0e9a5b3d4e2f8a6b";
+    let (collector, received) = otlp::start().await;
     let setup = Setup::new();
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
     let client = setup.ca.client("node-a");
@@ -542,7 +556,15 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
         mtls(&setup.ca_path, &cert, &key),
         agent_runtime,
     );
-    let node = start_node(setup.dir.path(), &config, &[("RUST_LOG", "debug")]);
+    // Everything the node exports goes to a collector too.
+    let mut settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    settings["OpenTelemetry"] = serde_json::json!({
+        "OtlpExporter": {"Endpoint": collector, "Protocol": "grpc"},
+        "Traces": {"Enabled": true, "SamplingRatio": 1.0},
+        "Metrics": {"Enabled": true, "ExportIntervalMilliseconds": 300},
+    });
+    std::fs::write(&config, serde_json::to_string_pretty(&settings).unwrap()).unwrap();
+    let mut node = start_node(setup.dir.path(), &config, &[("RUST_LOG", "debug")]);
 
     // Guests: echo returns its context; the classifier calls the model
     // with the key; hostile reads the environment.
@@ -613,11 +635,22 @@ async fn secrets_appear_nowhere_in_logs_config_check_or_what_guests_see() {
         "the key shows as redacted: {check_output}"
     );
 
+    // The drain flushes the exporters.
+    node.stop().await;
+    let exported = {
+        let received = received.lock().unwrap();
+        assert!(
+            !received.spans().is_empty() && !received.log_records().is_empty() && !received.metrics().is_empty(),
+            "the collector received spans, log records and metrics"
+        );
+        format!("{:?}{:?}{:?}", received.traces, received.logs, received.metrics)
+    };
     let log = node.log();
     assert!(log.contains("DEBUG"), "debug logging was on: {log}");
     let key_body = client.key_body();
     for (name, text) in [
         ("the node's log", &log),
+        ("what the node exported over OTLP", &exported),
         ("config check", &check_output),
         ("the runs' results", &guest_visible),
     ] {

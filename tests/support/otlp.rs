@@ -3,6 +3,9 @@
 //! `MetricsService`, `LogsService`) and HTTP/protobuf (`POST /v1/traces`,
 //! `/v1/metrics`, `/v1/logs`) on one port, keeping every request.
 
+// Each test file uses its own part of it.
+#![allow(dead_code)]
+
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
