@@ -30,18 +30,20 @@ use node_runtime::sandbox::{
 };
 
 const ANSWER_AFTER: Duration = Duration::from_secs(30);
+/// Added to ANSWER_AFTER per run of the largest N, for the ramp-up.
+const RAMP_PER_RUN: Duration = Duration::from_millis(10);
 
 /// The stub model: answers every chat completion after ANSWER_AFTER, and
 /// `GET /count` with how many completions it has been asked for.
-async fn stub() {
+async fn stub(answer_after: Duration) {
     use axum::routing::{get, post};
     static SEEN: AtomicUsize = AtomicUsize::new(0);
     let app = axum::Router::new()
         .route(
             "/v1/chat/completions",
-            post(|| async {
+            post(move || async move {
                 SEEN.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(ANSWER_AFTER).await;
+                tokio::time::sleep(answer_after).await;
                 axum::Json(serde_json::json!({
                     "id": "chatcmpl-1",
                     "object": "chat.completion",
@@ -57,9 +59,20 @@ async fn stub() {
     axum::serve(listener, app).await.unwrap();
 }
 
-fn start_stub() -> (Child, SocketAddr) {
+/// The stub's process, killed when this is dropped (also on a panic).
+struct StubProcess(Child);
+
+impl Drop for StubProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_stub(answer_after: Duration) -> (StubProcess, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .arg("--stub")
+        .arg(answer_after.as_millis().to_string())
         .stdout(Stdio::piped())
         .spawn()
         .expect("the stub process starts");
@@ -67,7 +80,7 @@ fn start_stub() -> (Child, SocketAddr) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    (child, line.trim().parse().expect("the stub prints its address"))
+    (StubProcess(child), line.trim().parse().expect("the stub prints its address"))
 }
 
 fn seen(stub: SocketAddr) -> usize {
@@ -97,9 +110,9 @@ fn request(i: usize) -> RunRequest {
     }
 }
 
-async fn measure(n: usize, stub: SocketAddr, wasm: Arc<[u8]>) {
+async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[u8]>) {
     let mut llm = LlmSettings::openai(format!("http://{stub}"), Secret::new("bench"), "stub");
-    llm.request_timeout = ANSWER_AFTER * 3;
+    llm.request_timeout = answer_after * 2;
     let sandbox = match Sandbox::new(SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: n as u32,
@@ -131,7 +144,7 @@ async fn measure(n: usize, stub: SocketAddr, wasm: Arc<[u8]>) {
             break;
         }
         assert!(
-            started.elapsed() < ANSWER_AFTER,
+            started.elapsed() < answer_after,
             "only {waiting} of {n} runs reached the model before it started answering"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -169,7 +182,8 @@ async fn measure(n: usize, stub: SocketAddr, wasm: Arc<[u8]>) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--stub") {
-        return stub().await;
+        let millis = args[1].parse().expect("--stub MILLIS");
+        return stub(Duration::from_millis(millis)).await;
     }
     let counts: Vec<usize> = if args.is_empty() {
         vec![1000, 10_000]
@@ -181,14 +195,14 @@ async fn main() {
     let wasm: Arc<[u8]> = std::fs::read(&path)
         .unwrap_or_else(|err| panic!("{path}: {err} (run scripts/build-agents)"))
         .into();
-    let (mut child, stub) = start_stub();
-    println!("llm-chat runs waiting on a model that answers after {} s", ANSWER_AFTER.as_secs());
+    let answer_after = ANSWER_AFTER + RAMP_PER_RUN * *counts.iter().max().unwrap() as u32;
+    let (_stub_process, stub) = start_stub(answer_after);
+    println!("llm-chat runs waiting on a model that answers after {} s", answer_after.as_secs());
     println!(
         "{:>6} {:<28} {:>12} {:>12} {:>12} {:>14} {:>10} {:>6}",
         "N", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
     );
     for n in counts {
-        measure(n, stub, wasm.clone()).await;
+        measure(n, stub, answer_after, wasm.clone()).await;
     }
-    let _ = child.kill();
 }
