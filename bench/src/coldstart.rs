@@ -42,16 +42,17 @@ fn sandbox(cache: &Path) -> Sandbox {
 }
 
 /// Reads the component, loads it and runs it once: what a node does with
-/// the first lease for an agent version. Returns the time and the
-/// sandbox's agent (for warm runs).
-async fn first_run(sandbox: &Sandbox, path: &Path) -> Duration {
+/// the first lease for an agent version. Returns the time to read and
+/// load (hash, compile or fetch from the cache, link) and the whole.
+async fn first_run(sandbox: &Sandbox, path: &Path) -> (Duration, Duration) {
     let started = Instant::now();
     let bytes: Arc<[u8]> = std::fs::read(path).expect("agent file").into();
     let agent = sandbox.load(bytes).await.expect("agent loads");
+    let loaded = started.elapsed();
     let result = sandbox.run(&agent, RunRequest::default()).await;
     let elapsed = started.elapsed();
     ended(&result.outcome);
-    elapsed
+    (loaded, elapsed)
 }
 
 /// echo completes; the invoice classifier, given no input, returns its
@@ -82,18 +83,21 @@ async fn main() {
         let path = target.join(format!("agents/{name}.wasm"));
         assert!(path.exists(), "{}: run scripts/build-agents", path.display());
         let load = wait_for_quiet_machine("coldstart");
-        let (mut compile, mut engine, mut cached, mut warm) = (vec![], vec![], vec![], vec![]);
+        let (mut compile, mut engine, mut cached, mut cached_load, mut warm) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for round in 0..rounds {
             let cache = scratch.join(format!("{name}-{round}"));
             let _ = std::fs::remove_dir_all(&cache);
             {
                 let fresh = sandbox(&cache);
-                compile.push(first_run(&fresh, &path).await);
+                compile.push(first_run(&fresh, &path).await.1);
             }
             let started = Instant::now();
             let restarted = sandbox(&cache);
             engine.push(started.elapsed());
-            cached.push(first_run(&restarted, &path).await);
+            let (loaded, whole) = first_run(&restarted, &path).await;
+            cached_load.push(loaded);
+            cached.push(whole);
             assert_eq!(restarted.compile_counts().cache_hits, 1, "loaded from the on-disk cache");
             let agent = restarted
                 .load(std::fs::read(&path).unwrap().into())
@@ -110,6 +114,7 @@ async fn main() {
             ("first run, compiling", compile),
             ("new sandbox (engine, pool)", engine),
             ("first run after restart, cached", cached),
+            ("  of which read + load", cached_load),
             ("warm run", warm),
         ] {
             let spread = Spread::of(samples);

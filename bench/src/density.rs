@@ -138,30 +138,43 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
             tokio::spawn(async move { sandbox.run(&agent, request(i)).await })
         })
         .collect();
-    loop {
+    // Every run is either waiting on the model or already over (failed
+    // before reaching it).
+    let waiting = loop {
         let waiting = seen(stub) - before_seen;
-        if waiting >= n {
-            break;
+        let over = runs.iter().filter(|run| run.is_finished()).count();
+        if waiting + over >= n {
+            break waiting;
         }
         assert!(
             started.elapsed() < answer_after,
-            "only {waiting} of {n} runs reached the model before it started answering"
+            "only {waiting} of {n} runs reached the model before it started answering ({over} over)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     let suspended_after = started.elapsed();
     let during = resident_bytes();
     let mut completed = 0;
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for run in runs {
-        if let RunOutcome::Completed(_) = run.await.unwrap().outcome {
-            completed += 1;
+        match run.await.unwrap().outcome {
+            RunOutcome::Completed(_) => completed += 1,
+            RunOutcome::Failed(failure) => {
+                *failures.entry(format!("{}: {}", failure.kind.as_str(), failure.message)).or_default() += 1
+            }
         }
     }
+    for (failure, count) in &failures {
+        println!("{n:>6}: {count} runs failed: {failure}");
+    }
+
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let per_run = (during.saturating_sub(before)) as f64 / n as f64;
+    // Per run actually suspended: runs that failed early hold nothing.
+    let per_run = (during.saturating_sub(before)) as f64 / waiting.max(1) as f64;
     println!(
-        "{:>6} {:<28} {:>10.1} s {:>12.1} {:>12.1} {:>10.1} KiB {:>10} {:>6.2}",
+        "{:>6} {:>9} {:<28} {:>10.1} s {:>12.1} {:>12.1} {:>10.1} KiB {:>10} {:>6.2}",
         n,
+        waiting,
         format!("{:?}", sandbox.allocator()).chars().take(28).collect::<String>(),
         suspended_after.as_secs_f64(),
         mib(before),
@@ -172,7 +185,7 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
     );
     if n >= 10_000 {
         println!(
-            "target: 10,000 suspended runs under 2 GiB resident (measured {:.2} GiB for {n})",
+            "target: 10,000 suspended runs under 2 GiB resident (measured {:.2} GiB for {waiting})",
             mib(during) / 1024.0
         );
     }
@@ -199,8 +212,8 @@ async fn main() {
     let (_stub_process, stub) = start_stub(answer_after);
     println!("llm-chat runs waiting on a model that answers after {} s", answer_after.as_secs());
     println!(
-        "{:>6} {:<28} {:>12} {:>12} {:>12} {:>14} {:>10} {:>6}",
-        "N", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
+        "{:>6} {:>9} {:<28} {:>12} {:>12} {:>12} {:>14} {:>10} {:>6}",
+        "N", "suspended", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
     );
     for n in counts {
         measure(n, stub, answer_after, wasm.clone()).await;
