@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 use bench::wait_for_quiet_machine;
 use node_runtime::config::Secret;
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, LlmSettings, RunContext, RunOutcome, RunRequest, Sandbox,
+    BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest, Sandbox,
     SandboxConfig,
 };
 
 const ANSWER_AFTER: Duration = Duration::from_secs(30);
 /// Added to ANSWER_AFTER per run of the largest N, for the ramp-up.
-const RAMP_PER_RUN: Duration = Duration::from_millis(10);
+const RAMP_PER_RUN: Duration = Duration::from_millis(1);
 
 /// The stub model: answers every chat completion after ANSWER_AFTER, and
 /// `GET /count` with how many completions it has been asked for.
@@ -114,6 +114,10 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
     let mut llm = LlmSettings::openai(format!("http://{stub}"), Secret::new("bench"), "stub");
     llm.request_timeout = answer_after * 2;
     let sandbox = match Sandbox::new(SandboxConfig {
+        limits: NodeLimits {
+            duration: answer_after * 2,
+            ..NodeLimits::default()
+        },
         engine: EngineSettings {
             max_concurrent_runs: n as u32,
             ..EngineSettings::default()
