@@ -71,17 +71,24 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("ROUNDS is a number"))
         .unwrap_or(5);
-    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let scratch = target.join("bench-scratch/coldstart");
 
-    println!("{rounds} rounds per agent, each with an empty compiled cache; times are read + load + one run");
+    println!(
+        "{rounds} rounds per agent, each with an empty compiled cache; times are read + load + one run"
+    );
     println!(
         "{:<20} {:<34} {:>12} {:>12} {:>6}",
         "agent", "step", "median", "p99", "load"
     );
     for name in AGENTS {
         let path = target.join(format!("agents/{name}.wasm"));
-        assert!(path.exists(), "{}: run scripts/build-agents", path.display());
+        assert!(
+            path.exists(),
+            "{}: run scripts/build-agents",
+            path.display()
+        );
         let load = wait_for_quiet_machine("coldstart");
         let (mut compile, mut engine, mut cached, mut cached_load, mut warm) =
             (vec![], vec![], vec![], vec![], vec![]);
@@ -98,7 +105,11 @@ async fn main() {
             let (loaded, whole) = first_run(&restarted, &path).await;
             cached_load.push(loaded);
             cached.push(whole);
-            assert_eq!(restarted.compile_counts().cache_hits, 1, "loaded from the on-disk cache");
+            assert_eq!(
+                restarted.compile_counts().cache_hits,
+                1,
+                "loaded from the on-disk cache"
+            );
             let agent = restarted
                 .load(std::fs::read(&path).unwrap().into())
                 .await

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use bench::wait_for_quiet_machine;
 use node_runtime::config::Secret;
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest, Sandbox,
-    SandboxConfig,
+    BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest,
+    Sandbox, SandboxConfig,
 };
 
 const ANSWER_AFTER: Duration = Duration::from_secs(30);
@@ -80,7 +80,10 @@ fn start_stub(answer_after: Duration) -> (StubProcess, SocketAddr) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    (StubProcess(child), line.trim().parse().expect("the stub prints its address"))
+    (
+        StubProcess(child),
+        line.trim().parse().expect("the stub prints its address"),
+    )
 }
 
 fn seen(stub: SocketAddr) -> usize {
@@ -88,13 +91,24 @@ fn seen(stub: SocketAddr) -> usize {
     write!(stream, "GET /count HTTP/1.0\r\nHost: stub\r\n\r\n").unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    answer.rsplit("\r\n\r\n").next().unwrap().trim().parse().unwrap()
+    answer
+        .rsplit("\r\n\r\n")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn resident_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 fn request(i: usize) -> RunRequest {
@@ -164,7 +178,9 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
         match run.await.unwrap().outcome {
             RunOutcome::Completed(_) => completed += 1,
             RunOutcome::Failed(failure) => {
-                *failures.entry(format!("{}: {}", failure.kind.as_str(), failure.message)).or_default() += 1
+                *failures
+                    .entry(format!("{}: {}", failure.kind.as_str(), failure.message))
+                    .or_default() += 1
             }
         }
     }
@@ -179,7 +195,10 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
         "{:>6} {:>9} {:<28} {:>10.1} s {:>12.1} {:>12.1} {:>10.1} KiB {:>10} {:>6.2}",
         n,
         waiting,
-        format!("{:?}", sandbox.allocator()).chars().take(28).collect::<String>(),
+        format!("{:?}", sandbox.allocator())
+            .chars()
+            .take(28)
+            .collect::<String>(),
         suspended_after.as_secs_f64(),
         mib(before),
         mib(during),
@@ -205,7 +224,9 @@ async fn main() {
     let counts: Vec<usize> = if args.is_empty() {
         vec![1000, 10_000]
     } else {
-        args.iter().map(|n| n.parse().expect("N is a number")).collect()
+        args.iter()
+            .map(|n| n.parse().expect("N is a number"))
+            .collect()
     };
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{target}/agents/llm-chat.wasm");
@@ -214,10 +235,21 @@ async fn main() {
         .into();
     let answer_after = ANSWER_AFTER + RAMP_PER_RUN * *counts.iter().max().unwrap() as u32;
     let (_stub_process, stub) = start_stub(answer_after);
-    println!("llm-chat runs waiting on a model that answers after {} s", answer_after.as_secs());
+    println!(
+        "llm-chat runs waiting on a model that answers after {} s",
+        answer_after.as_secs()
+    );
     println!(
         "{:>6} {:>9} {:<28} {:>12} {:>12} {:>12} {:>14} {:>10} {:>6}",
-        "N", "suspended", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
+        "N",
+        "suspended",
+        "allocator",
+        "all waiting",
+        "RSS before",
+        "RSS during",
+        "per run",
+        "completed",
+        "load"
     );
     for n in counts {
         measure(n, stub, answer_after, wasm.clone()).await;

@@ -42,8 +42,14 @@ async fn one_run(sandbox: &Sandbox, agent: &Agent, limit: u64) -> (Duration, Str
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let runs: usize = args.next().map(|n| n.parse().expect("RUNS is a number")).unwrap_or(30);
-    let limit: u64 = args.next().map(|n| n.parse().expect("LIMIT is a number")).unwrap_or(2_000_000);
+    let runs: usize = args
+        .next()
+        .map(|n| n.parse().expect("RUNS is a number"))
+        .unwrap_or(30);
+    let limit: u64 = args
+        .next()
+        .map(|n| n.parse().expect("LIMIT is a number"))
+        .unwrap_or(2_000_000);
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{target}/agents/prime-sieve.wasm");
     let wasm: Arc<[u8]> = std::fs::read(&path)
@@ -83,13 +89,22 @@ async fn main() {
         for (_, sandbox, agent, samples) in &mut sandboxes {
             let (time, primes) = one_run(sandbox, agent, limit).await;
             samples.push(time);
-            assert_eq!(answer.get_or_insert_with(|| primes.clone()), &primes, "every variant computes the same answer");
+            assert_eq!(
+                answer.get_or_insert_with(|| primes.clone()),
+                &primes,
+                "every variant computes the same answer"
+            );
         }
     }
     let load_after = bench::load_average();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("prime-sieve below {limit}, {runs} runs each, interleaved; load {load:.2} -> {load_after:.2}");
-    println!("{:<16} {:>12} {:>12} {:>16}", "variant", "median", "p99", "median vs off");
+    println!(
+        "prime-sieve below {limit}, {runs} runs each, interleaved; load {load:.2} -> {load_after:.2}"
+    );
+    println!(
+        "{:<16} {:>12} {:>12} {:>16}",
+        "variant", "median", "p99", "median vs off"
+    );
     let spreads: Vec<(&str, Spread)> = sandboxes
         .into_iter()
         .map(|(name, _, _, samples)| (name, Spread::of(samples)))

@@ -78,22 +78,41 @@ async fn in_process(allocator: AllocatorChoice, wasm: Arc<[u8]>, runs: usize) ->
 
 /// A fresh process per run, the run context on its stdin; checks its
 /// stdout carries the result.
-fn process_per_run(program: &Path, args: &[&str], stdin: Option<&str>, runs: usize) -> Vec<Duration> {
+fn process_per_run(
+    program: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    runs: usize,
+) -> Vec<Duration> {
     (0..runs)
         .map(|_| {
             let started = Instant::now();
             let mut child = Command::new(program)
                 .args(args)
-                .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|err| panic!("{}: {err}", program.display()));
             if let Some(input) = stdin {
-                child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
             }
             let output = child.wait_with_output().unwrap();
             let elapsed = started.elapsed();
-            assert!(output.status.success(), "{}: {:?}", program.display(), output.status);
+            assert!(
+                output.status.success(),
+                "{}: {:?}",
+                program.display(),
+                output.status
+            );
             assert!(String::from_utf8_lossy(&output.stdout).contains("hello"));
             elapsed
         })
@@ -112,7 +131,8 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(2000);
-    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let echo = read(&target.join("agents/echo.wasm"));
     let command_path = target.join("agents/wasi-command-echo.wasm");
     let command = read(&command_path);
@@ -125,9 +145,19 @@ async fn main() {
     };
 
     let load = wait_for_quiet_machine("startup");
-    measure("in-process, pooling (echo)", runs, load, in_process(AllocatorChoice::Pooling, echo.clone(), runs).await);
+    measure(
+        "in-process, pooling (echo)",
+        runs,
+        load,
+        in_process(AllocatorChoice::Pooling, echo.clone(), runs).await,
+    );
     let load = wait_for_quiet_machine("startup");
-    measure("in-process, on-demand (echo)", runs, load, in_process(AllocatorChoice::OnDemand, echo, runs).await);
+    measure(
+        "in-process, on-demand (echo)",
+        runs,
+        load,
+        in_process(AllocatorChoice::OnDemand, echo, runs).await,
+    );
     let load = wait_for_quiet_machine("startup");
     measure(
         "in-process, pooling (command)",
@@ -154,7 +184,12 @@ async fn main() {
             "wasmtime run (.cwasm)",
             process_runs,
             load,
-            process_per_run(&wasmtime, &["run", "--allow-precompiled", cwasm], Some(CONTEXT_JSON), process_runs),
+            process_per_run(
+                &wasmtime,
+                &["run", "--allow-precompiled", cwasm],
+                Some(CONTEXT_JSON),
+                process_runs,
+            ),
         );
     } else {
         println!(
@@ -185,7 +220,12 @@ async fn main() {
         "process per run (/bin/echo)",
         process_runs,
         load,
-        process_per_run(Path::new("/bin/echo"), &["{\"message\":\"hello\"}"], None, process_runs),
+        process_per_run(
+            Path::new("/bin/echo"),
+            &["{\"message\":\"hello\"}"],
+            None,
+            process_runs,
+        ),
     );
 
     let baseline = rows

@@ -120,7 +120,11 @@ async fn submit(plane: &DevPlane, i: usize) -> String {
 
 /// Moves every run in `pending` that has an outcome into `latencies`.
 /// Checks all of them: outcomes arrive roughly, not exactly, in order.
-fn collect(plane: &DevPlane, pending: &mut VecDeque<(String, Instant)>, latencies: &mut Vec<Duration>) {
+fn collect(
+    plane: &DevPlane,
+    pending: &mut VecDeque<(String, Instant)>,
+    latencies: &mut Vec<Duration>,
+) {
     let now = Instant::now();
     pending.retain(|(id, submitted)| {
         let run = plane.run(id).expect("submitted run exists");
@@ -146,7 +150,11 @@ async fn saturate(setup: &Setup, runs: usize) -> (f64, Spread) {
     let mut latencies = Vec::with_capacity(runs);
     let deadline = Instant::now() + Duration::from_secs(600);
     while !pending.is_empty() {
-        assert!(Instant::now() < deadline, "{} runs never ended", pending.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} runs never ended",
+            pending.len()
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
         collect(&setup.plane, &mut pending, &mut latencies);
     }
@@ -165,7 +173,8 @@ async fn open_loop(setup: &Setup, rate: f64) -> (usize, Spread) {
     while sent < total || !pending.is_empty() {
         // Submit whatever is due by now (catching up after a late wake-up),
         // then look for outcomes.
-        let due = ((started.elapsed().as_secs_f64() / interval.as_secs_f64()) as usize + 1).min(total);
+        let due =
+            ((started.elapsed().as_secs_f64() / interval.as_secs_f64()) as usize + 1).min(total);
         while sent < due {
             let id = submit(&setup.plane, sent).await;
             pending.push_back((id, Instant::now()));
@@ -173,7 +182,10 @@ async fn open_loop(setup: &Setup, rate: f64) -> (usize, Spread) {
         }
         collect(&setup.plane, &mut pending, &mut latencies);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(started.elapsed() < Duration::from_secs(600), "open loop never ended");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "open loop never ended"
+        );
     }
     (total, Spread::of(latencies))
 }
@@ -188,7 +200,8 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(5000);
-    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let scratch = target.join("bench-scratch/throughput");
     std::fs::create_dir_all(&scratch).unwrap();
     let agents = agents_layout(&target, &scratch);
