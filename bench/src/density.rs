@@ -73,6 +73,7 @@ fn start_stub(answer_after: Duration) -> (StubProcess, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .arg("--stub")
         .arg(answer_after.as_millis().to_string())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("the stub process starts");
@@ -219,6 +220,13 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--stub") {
         let millis = args[1].parse().expect("--stub MILLIS");
+        // The parent holds our stdin: when it dies, even by abort (a
+        // refused allocation at 10,000 runs does that), stdin ends, and so
+        // does the stub.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
         return stub(Duration::from_millis(millis)).await;
     }
     let counts: Vec<usize> = if args.is_empty() {
