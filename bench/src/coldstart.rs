@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bench::{Spread, wait_for_quiet_machine};
+use sha2::{Digest, Sha256};
 use node_runtime::sandbox::{
     CompiledCacheSettings, EngineSettings, FailKind, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
@@ -120,6 +121,14 @@ async fn main() {
             ended(&result.outcome);
             let _ = std::fs::remove_dir_all(&cache);
         }
+        // One of the steps of a cached load, alone: hashing the component.
+        let mut hashing = vec![];
+        let bytes = std::fs::read(&path).unwrap();
+        for _ in 0..rounds {
+            let started = Instant::now();
+            std::hint::black_box(Sha256::digest(&bytes));
+            hashing.push(started.elapsed());
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         for (step, samples) in [
             ("first run, compiling", compile),
@@ -127,6 +136,7 @@ async fn main() {
             ("first run after restart, cached", cached),
             ("  of which read + load", cached_load),
             ("warm run", warm),
+            ("(SHA-256 of the .wasm alone)", hashing),
         ] {
             let spread = Spread::of(samples);
             println!(
