@@ -38,6 +38,35 @@ pub enum Allocator {
     OnDemand { reason: String },
 }
 
+/// Whether guests are metered. Production engines always are: fuel is the
+/// CPU budget and epochs enforce deadlines and make guests yield.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Metering {
+    /// Fuel and epoch interruption compiled into every guest.
+    #[default]
+    FuelAndEpochs,
+    /// Fuel only, or epochs only: for benchmarks that tell the two costs
+    /// apart. Without epochs a deadline is enforced only by the timeout
+    /// around the whole run; without fuel there is no CPU budget.
+    FuelOnly,
+    EpochsOnly,
+    /// Neither: for benchmarks that measure what metering costs, nothing
+    /// else. A guest then has no CPU budget, never yields, and its deadline
+    /// is enforced only by the timeout around the whole run. Code compiled
+    /// this way is refused by a metered engine, and the reverse.
+    Off,
+}
+
+impl Metering {
+    pub fn fuel(self) -> bool {
+        matches!(self, Metering::FuelAndEpochs | Metering::FuelOnly)
+    }
+
+    pub fn epochs(self) -> bool {
+        matches!(self, Metering::FuelAndEpochs | Metering::EpochsOnly)
+    }
+}
+
 /// Settings that shape the engine. Everything that affects compiled code
 /// lives in [`compiler_config`], so both allocators accept the same
 /// `.cwasm` files.
@@ -49,6 +78,8 @@ pub struct EngineSettings {
     /// How often the epoch advances: the granularity of deadlines and of
     /// guest yields to the async runtime.
     pub epoch_tick: Duration,
+    /// Always [`Metering::FuelAndEpochs`] outside benchmarks.
+    pub metering: Metering,
 }
 
 impl Default for EngineSettings {
@@ -57,6 +88,7 @@ impl Default for EngineSettings {
             allocator: AllocatorChoice::Auto,
             max_concurrent_runs: 16,
             epoch_tick: Duration::from_millis(10),
+            metering: Metering::FuelAndEpochs,
         }
     }
 }
@@ -69,11 +101,11 @@ const TABLES_PER_COMPONENT: u32 = 64;
 
 /// Settings that change generated code. A `.cwasm` records them and is
 /// refused by an engine whose settings differ.
-fn compiler_config() -> Config {
+fn compiler_config(metering: Metering) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
-    config.consume_fuel(true);
-    config.epoch_interruption(true);
+    config.consume_fuel(metering.fuel());
+    config.epoch_interruption(metering.epochs());
     config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
     config
 }
@@ -84,7 +116,7 @@ pub fn build_engine(
     limits: &NodeLimits,
 ) -> wasmtime::Result<(Engine, Allocator)> {
     let on_demand = |reason: String| -> wasmtime::Result<(Engine, Allocator)> {
-        let mut config = compiler_config();
+        let mut config = compiler_config(settings.metering);
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
         Ok((Engine::new(&config)?, Allocator::OnDemand { reason }))
     };
@@ -92,7 +124,7 @@ pub fn build_engine(
         AllocatorChoice::OnDemand => on_demand("configured".to_string()),
         choice => {
             let slots = settings.max_concurrent_runs.max(1);
-            let mut config = compiler_config();
+            let mut config = compiler_config(settings.metering);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
                 slots, limits,
             )));

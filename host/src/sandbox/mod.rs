@@ -37,7 +37,7 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
-pub use engine::{Allocator, AllocatorChoice, EngineSettings};
+pub use engine::{Allocator, AllocatorChoice, EngineSettings, Metering};
 pub use grants::{
     AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
     InvalidGrant,
@@ -99,6 +99,8 @@ pub enum SandboxError {
 /// The process's one WebAssembly engine and the agents compiled for it.
 pub struct Sandbox {
     engine: Engine,
+    /// How `engine` meters guests (always on outside benchmarks).
+    metering: Metering,
     allocator: Allocator,
     linker: Linker<RunState>,
     limits: NodeLimits,
@@ -152,6 +154,7 @@ impl Sandbox {
         engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
         Ok(Sandbox {
             engine,
+            metering: config.engine.metering,
             allocator,
             linker,
             limits: config.limits,
@@ -288,7 +291,7 @@ impl Sandbox {
         let no_grants = AgentGrants::default();
         let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
         self.announce_grants(&context.agent_id, grants);
-        run::execute(&self.engine, &self.limits, self.llm.as_ref(), grants, agent, request)
+        run::execute(&self.engine, self.metering, &self.limits, self.llm.as_ref(), grants, agent, request)
             .instrument(span)
             .await
     }

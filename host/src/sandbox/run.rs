@@ -19,6 +19,7 @@ use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
+use super::engine::Metering;
 use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
 use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
 use super::grants::AgentGrants;
@@ -89,6 +90,7 @@ enum Returned {
 
 pub(crate) async fn execute(
     engine: &Engine,
+    metering: Metering,
     limits: &NodeLimits,
     llm: Option<&Arc<LlmClient>>,
     grants: &AgentGrants,
@@ -191,9 +193,11 @@ pub(crate) async fn execute(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.memory);
-    store
-        .set_fuel(budget.fuel())
-        .expect("the engine is configured with fuel");
+    if metering.fuel() {
+        store
+            .set_fuel(budget.fuel())
+            .expect("the engine is configured with fuel");
+    }
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|ctx| {
         if Instant::now() >= ctx.data().deadline {

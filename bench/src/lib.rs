@@ -1,0 +1,67 @@
+//! What every benchmark binary shares: percentiles over samples, and the
+//! wait for a quiet machine before measuring (the machine is shared, so
+//! each result is printed with the load average it was measured under).
+
+use std::time::{Duration, Instant};
+
+/// The `p` quantile (0..=1) of sorted samples, nearest rank.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Median and p99 of some durations.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    pub median: Duration,
+    pub p99: Duration,
+}
+
+impl Spread {
+    pub fn of(mut samples: Vec<Duration>) -> Spread {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort();
+        Spread {
+            median: percentile(&samples, 0.5),
+            p99: percentile(&samples, 0.99),
+        }
+    }
+}
+
+/// The 1-minute load average, from /proc/loadavg.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Waits until the 1-minute load average is under `BENCH_MAX_LOAD`
+/// (default 1.5), for at most `BENCH_LOAD_WAIT_SECS` (default 300), and
+/// returns the load average measurement starts under. It measures anyway
+/// after the wait, saying so: the number printed next to each result tells
+/// the reader how much to trust it.
+pub fn wait_for_quiet_machine(what: &str) -> f64 {
+    let env = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let max_load = env("BENCH_MAX_LOAD", 1.5);
+    let limit = Duration::from_secs_f64(env("BENCH_LOAD_WAIT_SECS", 300.0));
+    let started = Instant::now();
+    loop {
+        let load = load_average();
+        if load < max_load {
+            return load;
+        }
+        if started.elapsed() >= limit {
+            eprintln!(
+                "{what}: load average still {load:.2} (>= {max_load}) after {:.0} s; measuring anyway",
+                limit.as_secs_f64()
+            );
+            return load;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}

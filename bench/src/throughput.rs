@@ -1,0 +1,251 @@
+//! Throughput through the whole lease path: the dev control plane and a
+//! node in this process, talking gRPC and REST over loopback as they would
+//! across machines (`Pull -> Ack -> run -> Complete`), running `echo`.
+//!
+//! `cargo run -p bench --bin throughput [-- RUNS]`, after
+//! `scripts/build-agents`. For each slot count (1, 8, 64), a fresh plane
+//! and node:
+//!
+//! - saturation: RUNS runs submitted at once; runs per second from the
+//!   first submission to the last outcome recorded at the plane;
+//! - then, at slots 64, an open-loop load at half the measured saturation
+//!   rate for a few seconds: p50/p99 from submission to the outcome being
+//!   recorded at the plane.
+//!
+//! Outcomes are seen by polling the plane every millisecond, so latencies
+//! are over-stated by up to about a millisecond. The plane keeps runs in
+//! memory (no data dir), as `node-runtime dev` without `--data-dir` does.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bench::{Spread, wait_for_quiet_machine};
+use node_runtime::agent_store::AgentStore;
+use node_runtime::control_plane::Capacity;
+use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
+use node_runtime::outbox::Outbox;
+use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use node_runtime::worker::{NodeHandle, NodeSettings};
+
+const SLOTS: [u32; 3] = [1, 8, 64];
+const OPEN_LOOP_SECONDS: u64 = 4;
+
+/// A folder per agent with `1.0.0.wasm` linked to the built component.
+fn agents_layout(target: &Path, scratch: &Path) -> PathBuf {
+    let dir = scratch.join("agents");
+    let folder = dir.join("echo");
+    std::fs::create_dir_all(&folder).unwrap();
+    let built = std::fs::canonicalize(target.join("agents/echo.wasm"))
+        .expect("target/agents/echo.wasm (run scripts/build-agents)");
+    let link = folder.join("1.0.0.wasm");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(built, link).unwrap();
+    dir
+}
+
+struct Setup {
+    plane: DevPlane,
+    node: NodeHandle,
+}
+
+async fn start(slots: u32, agents: &Path, scratch: &Path) -> Setup {
+    let plane = DevPlane::start(PlaneOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .expect("dev plane starts");
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: slots,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .expect("sandbox");
+    let outbox_dir = scratch.join(format!("outbox-{slots}"));
+    let _ = std::fs::remove_dir_all(&outbox_dir);
+    std::fs::create_dir_all(&outbox_dir).unwrap();
+    let settings = NodeSettings {
+        node_id: format!("bench-node-{slots}"),
+        control_plane_url: plane.url(),
+        slots,
+        max_leases: slots,
+        heartbeat_interval: Duration::from_secs(1),
+        capacity: Capacity {
+            slots,
+            cpu: "2".to_string(),
+            memory: "4Gi".to_string(),
+        },
+        metadata: BTreeMap::new(),
+        drain_timeout: Duration::from_secs(10),
+    };
+    let node = NodeHandle::start(
+        settings,
+        Arc::new(sandbox),
+        Arc::new(AgentStore::new(vec![agents.to_path_buf()])),
+        Outbox::open(&outbox_dir).expect("outbox"),
+    )
+    .expect("node starts");
+    // Wait for registration, and warm the agent (compile) with one run.
+    let setup = Setup { plane, node };
+    let warm = submit(&setup.plane, 0).await;
+    let mut pending = VecDeque::from([(warm, Instant::now())]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "the warm-up run did not end");
+        collect(&setup.plane, &mut pending, &mut Vec::new());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    setup
+}
+
+async fn submit(plane: &DevPlane, i: usize) -> String {
+    plane
+        .submit(NewRun {
+            agent_id: "echo".to_string(),
+            version: "1.0.0".to_string(),
+            input_ref: BTreeMap::from([("message".to_string(), format!("run {i}"))]),
+            metadata: BTreeMap::new(),
+            budgets: Budgets::default(),
+        })
+        .await
+        .expect("submit")
+        .run_id
+}
+
+/// Moves every run in `pending` that has an outcome into `latencies`.
+/// Checks all of them: outcomes arrive roughly, not exactly, in order.
+fn collect(
+    plane: &DevPlane,
+    pending: &mut VecDeque<(String, Instant)>,
+    latencies: &mut Vec<Duration>,
+) {
+    let now = Instant::now();
+    pending.retain(|(id, submitted)| {
+        let run = plane.run(id).expect("submitted run exists");
+        match run.status {
+            RunStatus::Completed => {
+                latencies.push(now - *submitted);
+                false
+            }
+            RunStatus::Failed => panic!("echo failed: {:?}", run.error_info),
+            _ => true,
+        }
+    });
+}
+
+/// RUNS submitted at once; runs/s until the last outcome.
+async fn saturate(setup: &Setup, runs: usize) -> (f64, Spread) {
+    let started = Instant::now();
+    let mut pending = VecDeque::with_capacity(runs);
+    for i in 0..runs {
+        let id = submit(&setup.plane, i).await;
+        pending.push_back((id, Instant::now()));
+    }
+    let mut latencies = Vec::with_capacity(runs);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} runs never ended",
+            pending.len()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        collect(&setup.plane, &mut pending, &mut latencies);
+    }
+    let rate = runs as f64 / started.elapsed().as_secs_f64();
+    (rate, Spread::of(latencies))
+}
+
+/// Submits at `rate` runs/s for a few seconds; submission-to-outcome.
+async fn open_loop(setup: &Setup, rate: f64) -> (usize, Spread) {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (rate * OPEN_LOOP_SECONDS as f64) as usize;
+    let started = Instant::now();
+    let mut pending = VecDeque::new();
+    let mut latencies = Vec::with_capacity(total);
+    let mut sent = 0;
+    while sent < total || !pending.is_empty() {
+        // Submit whatever is due by now (catching up after a late wake-up),
+        // then look for outcomes.
+        let due =
+            ((started.elapsed().as_secs_f64() / interval.as_secs_f64()) as usize + 1).min(total);
+        while sent < due {
+            let id = submit(&setup.plane, sent).await;
+            pending.push_back((id, Instant::now()));
+            sent += 1;
+        }
+        collect(&setup.plane, &mut pending, &mut latencies);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "open loop never ended"
+        );
+    }
+    (total, Spread::of(latencies))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse().expect("RUNS is a number"))
+        .unwrap_or(5000);
+    let target =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let scratch = target.join("bench-scratch/throughput");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let agents = agents_layout(&target, &scratch);
+
+    println!("echo through Pull -> Ack -> run -> Complete, plane and node in one process");
+    println!(
+        "{:<8} {:>8} {:>12} {:>14} {:>14} {:>6}",
+        "slots", "runs", "runs/s", "p50 ms", "p99 ms", "load"
+    );
+    let mut at_64 = 0.0;
+    for slots in SLOTS {
+        let setup = start(slots, &agents, &scratch).await;
+        let load = wait_for_quiet_machine("throughput");
+        let (rate, spread) = saturate(&setup, runs).await;
+        println!(
+            "{:<8} {:>8} {:>12.0} {:>14.1} {:>14.1} {:>6.2}   (all submitted at once)",
+            slots,
+            runs,
+            rate,
+            ms(spread.median),
+            ms(spread.p99),
+            load
+        );
+        if slots == 64 {
+            at_64 = rate;
+            let load = wait_for_quiet_machine("throughput");
+            let half = rate / 2.0;
+            let (sent, spread) = open_loop(&setup, half).await;
+            println!(
+                "{:<8} {:>8} {:>12.0} {:>14.1} {:>14.1} {:>6.2}   (open loop at half the saturation rate)",
+                slots,
+                sent,
+                half,
+                ms(spread.median),
+                ms(spread.p99),
+                load
+            );
+        }
+        setup.node.shutdown().await;
+        setup.plane.shutdown().await;
+    }
+    println!(
+        "target: >= 5000 runs/s at slots 64 (measured {:.0}, {:.2}x the target)",
+        at_64,
+        at_64 / 5000.0
+    );
+}
