@@ -17,17 +17,6 @@ use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
 use support::scripted;
 
-/// `node-runtime dev --plane-only` as its own process, so it can be killed.
-fn spawn_plane(port: u16, data_dir: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", "8s"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node-runtime dev --plane-only starts")
-}
 
 async fn get_json(http: &reqwest::Client, url: String) -> Option<serde_json::Value> {
     http.get(url).send().await.ok()?.json().await.ok()
@@ -51,7 +40,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
-    let mut plane = spawn_plane(port, plane_data.path());
+    let mut plane = spawn_plane_process(port, plane_data.path(), "8s");
     wait_for_plane(&http, &url).await;
 
     let agents = agents_layout();
@@ -90,7 +79,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         plane.kill().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        plane = spawn_plane(port, plane_data.path());
+        plane = spawn_plane_process(port, plane_data.path(), "8s");
         wait_for_plane(&http, &url).await;
         eprintln!("plane restart {} done", restart + 1);
     }
@@ -171,7 +160,7 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     let node_data = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
-    let mut plane = spawn_plane(port, plane_data.path());
+    let mut plane = spawn_plane_process(port, plane_data.path(), "8s");
     wait_for_plane(&http, &url).await;
     let agents = agents_layout();
 

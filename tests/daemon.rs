@@ -310,17 +310,6 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
     node.shutdown().await;
 }
 
-/// `node-runtime dev --plane-only` as its own process, so it can be killed.
-fn spawn_plane_process(port: u16, data_dir: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", "10s"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node-runtime dev --plane-only starts")
-}
 
 async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
     request.send().await.ok()?.json().await.ok()
@@ -333,7 +322,7 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     let data = tempfile::tempdir().unwrap();
     node_runtime::control_plane::install_crypto_provider();
     let http = reqwest::Client::new();
-    let mut plane = spawn_plane_process(port, data.path());
+    let mut plane = spawn_plane_process(port, data.path(), "10s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || {
         http_json(http.get(format!("{url}/v1/runs")))
     })
@@ -356,7 +345,7 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     tokio::time::sleep(Duration::from_millis(1200)).await;
     plane.kill().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut plane = spawn_plane_process(port, data.path());
+    let mut plane = spawn_plane_process(port, data.path(), "10s");
 
     let runs = eventually_async(Duration::from_secs(90), "every run to end", || async {
         let runs = http_json(http.get(format!("{url}/v1/runs"))).await?;

@@ -206,17 +206,6 @@ async fn the_age_bound_drops_an_expired_report_and_counts_it() {
     assert_eq!(Outbox::open(data.path()).unwrap().pending_count().unwrap(), 0);
 }
 
-/// `node-runtime dev --plane-only` as its own process, so it can be killed.
-fn spawn_plane_process(port: u16, data_dir: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", "300s"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node-runtime dev --plane-only starts")
-}
 
 /// `node-runtime serve` as its own process, so it can be SIGKILLed.
 fn spawn_node_process(url: &str, agents: &std::path::Path, data: &std::path::Path) -> tokio::process::Child {
@@ -251,7 +240,7 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     let node_data = tempfile::tempdir().unwrap();
     node_runtime::control_plane::install_crypto_provider();
     let http = reqwest::Client::new();
-    let mut plane = spawn_plane_process(port, plane_data.path());
+    let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || runs(&http, &url)).await;
     let agents = agents_layout();
     let mut node = spawn_node_process(&url, agents.path(), node_data.path());
@@ -291,7 +280,7 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     }
     assert!(outbox_file.exists());
 
-    let mut plane = spawn_plane_process(port, plane_data.path());
+    let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
     eventually_async(Duration::from_secs(30), "the plane to listen again", || runs(&http, &url)).await;
     let mut node = spawn_node_process(&url, agents.path(), node_data.path());
     let ended = eventually_async(Duration::from_secs(90), "every run to end", || async {

@@ -140,3 +140,16 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `node-runtime dev --plane-only` with `--data-dir`, as its own process,
+/// so a test can kill it and start it again on the same port.
+pub fn spawn_plane_process(port: u16, data_dir: &std::path::Path, lease_ttl: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", lease_ttl])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime dev --plane-only starts")
+}
