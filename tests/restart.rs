@@ -137,6 +137,86 @@ fn the_bounds_drop_the_oldest_and_the_expired() {
     assert!(outbox.is_accepted("new").unwrap());
 }
 
+/// Concurrent writers share commits (group commit); each must still get
+/// the answer it would have had alone, and every write must be on disk.
+#[test]
+fn concurrent_writers_each_get_their_own_answer_and_all_of_it_is_stored() {
+    const THREADS: usize = 16;
+    const LEASES: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let deadline = now_unix_ms() + 60_000;
+    {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let fresh_per_thread: Vec<Vec<usize>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|thread| {
+                    let outbox = outbox.clone();
+                    scope.spawn(move || {
+                        let mut fresh = Vec::new();
+                        // Every thread accepts every lease, in a different
+                        // order; exactly one may win each.
+                        for step in 0..LEASES {
+                            let lease = (step + thread * 7) % LEASES;
+                            if outbox.accept(&format!("lease-{lease}"), deadline).unwrap() {
+                                fresh.push(lease);
+                            }
+                        }
+                        // Each thread stores its own reports and removes
+                        // every other one.
+                        for n in 0..LEASES {
+                            let id = format!("t{thread}-{n}");
+                            assert!(
+                                outbox
+                                    .put(&complete(&id, &id), deadline)
+                                    .unwrap()
+                                    .is_empty()
+                            );
+                            if n % 2 == 0 {
+                                assert!(outbox.remove(&id).unwrap(), "{id} was just stored");
+                                assert!(!outbox.remove(&id).unwrap(), "{id} was already removed");
+                            }
+                        }
+                        fresh
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap())
+                .collect()
+        });
+        let mut won: Vec<usize> = fresh_per_thread.into_iter().flatten().collect();
+        won.sort();
+        assert_eq!(
+            won,
+            (0..LEASES).collect::<Vec<_>>(),
+            "each lease accepted exactly once"
+        );
+    }
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(
+        outbox.pending_count().unwrap(),
+        (THREADS * LEASES / 2) as u64
+    );
+    for thread in 0..THREADS {
+        for n in 0..LEASES {
+            let id = format!("t{thread}-{n}");
+            let stored = outbox.get(&id).unwrap();
+            if n % 2 == 0 {
+                assert!(stored.is_none(), "{id} was removed");
+            } else {
+                match stored.map(|pending| pending.report) {
+                    Some(Report::Complete(request)) => assert_eq!(request.lease_id, id),
+                    other => panic!("{id}: {other:?}"),
+                }
+            }
+        }
+    }
+    for lease in 0..LEASES {
+        assert!(outbox.is_accepted(&format!("lease-{lease}")).unwrap());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_redelivered_after_a_restart_is_not_run_again_and_its_stored_outcome_is_sent() {
     let now = now_unix_ms();

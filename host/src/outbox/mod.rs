@@ -8,8 +8,10 @@
 //! not, see [`Outbox::remove`]), so an outcome
 //! written is on disk before the node tries to send it, and a crash
 //! (SIGKILL, power loss) leaves either the old or the new state, never a
-//! torn one. It also takes a file lock, so two processes cannot share one
-//! outbox by mistake.
+//! torn one. Concurrent runs' writes share transactions and fsyncs (group
+//! commit, see `group_commit`), so the disk does not serialise the slots.
+//! It also takes a file lock, so two processes cannot share one outbox by
+//! mistake.
 //!
 //! The file is `{DataDirectory}/outbox.redb`. Two tables:
 //! - `pending`: lease id -> a report not yet answered by the control plane:
@@ -27,12 +29,16 @@
 // redb::Error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
+mod group_commit;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
+
+use group_commit::{Committer, GroupCommit, Write, Written};
 
 use crate::proto::{CompleteRequest, FailRequest};
 use crate::worker::lease::Report;
@@ -126,6 +132,8 @@ pub struct Outbox {
     db: Arc<Database>,
     path: PathBuf,
     limits: OutboxLimits,
+    /// Accepts, reports and removals of concurrent runs share commits.
+    group: Arc<GroupCommit<OutboxError>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -161,6 +169,7 @@ impl Outbox {
             db: Arc::new(db),
             path,
             limits,
+            group: Arc::default(),
         };
         // Create both tables, so readers never meet a missing one.
         outbox.write(|txn| {
@@ -193,17 +202,36 @@ impl Outbox {
         run().map_err(|err| database(&self.path, err))
     }
 
-    /// Records an accepted lease. False when it was accepted before (by
-    /// this process or an earlier one): it must not run again.
+    /// Records an accepted lease, synced. False when it was accepted before
+    /// (by this process or an earlier one): it must not run again.
     pub fn accept(&self, lease_id: &str, deadline_unix_ms: i64) -> Result<bool, OutboxError> {
-        self.write(|txn| {
-            let mut table = txn.open_table(ACCEPTED)?;
-            if table.get(lease_id)?.is_some() {
-                return Ok(false);
-            }
-            table.insert(lease_id, (now_unix_ms(), deadline_unix_ms))?;
-            Ok(true)
-        })
+        self.accept_all(&[(lease_id, deadline_unix_ms)]).remove(0)
+    }
+
+    /// [`Outbox::accept`] for several leases (id, deadline), in one commit.
+    pub fn accept_all(&self, leases: &[(&str, i64)]) -> Vec<Result<bool, OutboxError>> {
+        let writes = leases
+            .iter()
+            .map(|&(lease_id, deadline_unix_ms)| Write::Accept {
+                lease_id: lease_id.to_string(),
+                deadline_unix_ms,
+            })
+            .collect();
+        self.submit(writes)
+            .into_iter()
+            .map(|answer| match answer? {
+                Written::Accepted(fresh) => Ok(fresh),
+                other => unreachable!("an accept answered {other:?}"),
+            })
+            .collect()
+    }
+
+    fn submit(&self, writes: Vec<Write>) -> Vec<Result<Written, OutboxError>> {
+        self.group.submit(self, writes)
+    }
+
+    fn submit_one(&self, write: Write) -> Result<Written, OutboxError> {
+        self.submit(vec![write]).remove(0)
     }
 
     pub fn is_accepted(&self, lease_id: &str) -> Result<bool, OutboxError> {
@@ -226,29 +254,43 @@ impl Outbox {
         value.extend_from_slice(&deadline_unix_ms.to_le_bytes());
         value.extend_from_slice(&now_unix_ms().to_le_bytes());
         value.extend_from_slice(&body);
+        let write = Write::Put {
+            lease_id: report.lease_id().to_string(),
+            value,
+        };
+        match self.submit_one(write)? {
+            Written::Put(dropped) => Ok(dropped),
+            other => unreachable!("a put answered {other:?}"),
+        }
+    }
+
+    /// Inserts a report, then drops the oldest others past `max_reports`.
+    fn put_in(
+        &self,
+        table: &mut Table<&str, &[u8]>,
+        lease_id: &str,
+        value: &[u8],
+    ) -> Result<Vec<String>, redb::Error> {
+        table.insert(lease_id, value)?;
         let max = self.limits.max_reports.max(1);
-        self.write(|txn| {
-            let mut table = txn.open_table(PENDING)?;
-            table.insert(report.lease_id(), value.as_slice())?;
-            let mut dropped = Vec::new();
-            let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
-            if len > max {
-                let mut by_age: Vec<(i64, String)> = Vec::with_capacity(len);
-                for entry in table.iter()? {
-                    let (key, value) = entry?;
-                    if key.value() == report.lease_id() {
-                        continue;
-                    }
-                    by_age.push((written(value.value()), key.value().to_string()));
-                }
-                by_age.sort();
-                for (_, lease_id) in by_age.into_iter().take(len - max) {
-                    table.remove(lease_id.as_str())?;
-                    dropped.push(lease_id);
-                }
+        let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
+        if len <= max {
+            return Ok(Vec::new());
+        }
+        let mut by_age: Vec<(i64, String)> = Vec::with_capacity(len);
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            if key.value() != lease_id {
+                by_age.push((written(value.value()), key.value().to_string()));
             }
-            Ok(dropped)
-        })
+        }
+        by_age.sort();
+        let mut dropped = Vec::with_capacity(len - max);
+        for (_, old) in by_age.into_iter().take(len - max) {
+            table.remove(old.as_str())?;
+            dropped.push(old);
+        }
+        Ok(dropped)
     }
 
     pub fn get(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
@@ -274,20 +316,13 @@ impl Outbox {
     /// answer and this call. Under load this saves one fsync per run on the
     /// hot path; once everything is delivered, the disk says so.
     pub fn remove(&self, lease_id: &str) -> Result<bool, OutboxError> {
-        let run = || -> Result<bool, redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            let (removed, others_wait) = {
-                let mut table = txn.open_table(PENDING)?;
-                let removed = table.remove(lease_id)?.is_some();
-                (removed, !table.is_empty()?)
-            };
-            if others_wait {
-                txn.set_durability(redb::Durability::None);
-            }
-            txn.commit()?;
-            Ok(removed)
+        let write = Write::Remove {
+            lease_id: lease_id.to_string(),
         };
-        run().map_err(|err| database(&self.path, err))
+        match self.submit_one(write)? {
+            Written::Removed(removed) => Ok(removed),
+            other => unreachable!("a remove answered {other:?}"),
+        }
     }
 
     /// Every pending report, oldest first. Undecodable entries are skipped
@@ -398,6 +433,75 @@ impl Outbox {
             table.retain(|_, _| false)?;
             Ok(count)
         })
+    }
+}
+
+impl Committer for Outbox {
+    type Error = OutboxError;
+
+    /// One transaction for the whole batch, in queue order. Synced unless
+    /// it holds only removals and leaves reports pending (see
+    /// [`Outbox::remove`]).
+    fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, OutboxError> {
+        let run = || -> Result<Vec<Written>, redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            let mut answers = Vec::with_capacity(batch.len());
+            let mut must_sync = false;
+            let others_wait = {
+                let mut pending = txn.open_table(PENDING)?;
+                let mut accepted = txn.open_table(ACCEPTED)?;
+                for write in batch {
+                    answers.push(match write {
+                        Write::Accept {
+                            lease_id,
+                            deadline_unix_ms,
+                        } => {
+                            must_sync = true;
+                            let fresh = accepted.get(lease_id.as_str())?.is_none();
+                            if fresh {
+                                accepted.insert(
+                                    lease_id.as_str(),
+                                    (now_unix_ms(), *deadline_unix_ms),
+                                )?;
+                            }
+                            Written::Accepted(fresh)
+                        }
+                        Write::Put { lease_id, value } => {
+                            must_sync = true;
+                            Written::Put(self.put_in(&mut pending, lease_id, value)?)
+                        }
+                        Write::Remove { lease_id } => {
+                            Written::Removed(pending.remove(lease_id.as_str())?.is_some())
+                        }
+                    });
+                }
+                !pending.is_empty()?
+            };
+            if !must_sync && others_wait {
+                txn.set_durability(redb::Durability::None);
+            }
+            txn.commit()?;
+            Ok(answers)
+        };
+        run().map_err(|err| database(&self.path, err))
+    }
+
+    fn each(&self, error: &OutboxError) -> OutboxError {
+        let message = match error {
+            OutboxError::Database { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        OutboxError::Database {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn panicked(&self) -> OutboxError {
+        OutboxError::Database {
+            path: self.path.clone(),
+            message: "the commit holding this write panicked".to_string(),
+        }
     }
 }
 
