@@ -9,8 +9,10 @@
 //! the run for good. A lease that waited past its deadline is still
 //! handed back (retryable) by the dispatcher.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll as TaskPoll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -19,6 +21,7 @@ use super::Node;
 use super::lease::AcceptedLease;
 use super::report;
 use crate::control_plane::{Backoff, LeaseStream};
+use crate::outbox::OutboxError;
 use crate::proto::{AckRequest, Lease};
 use crate::sandbox::RunFailure;
 
@@ -78,6 +81,10 @@ pub(super) async fn run(node: Arc<Node>, queue: mpsc::Sender<AcceptedLease>) {
     }
 }
 
+/// Leases accepted with one outbox commit at most: what has already
+/// arrived when the first of them is read, up to this many.
+const ACCEPT_BATCH: usize = 256;
+
 /// Reads leases until the stream ends or the node stops; returns how many
 /// arrived.
 async fn consume(
@@ -88,23 +95,40 @@ async fn consume(
 ) -> u64 {
     let mut received = 0;
     loop {
-        let message = tokio::select! {
+        let mut message = tokio::select! {
             _ = node.stop.cancelled() => return received,
             message = stream.message() => message,
         };
-        match message {
-            Ok(Some(lease)) => {
-                received += 1;
-                backoff.reset();
-                if let Some(accepted) = accept(node, lease).await {
-                    enqueue(node, accepted, queue).await;
-                }
+        // This lease and those already arrived behind it are recorded in
+        // the outbox together: one fsync for a burst, not one each.
+        let mut leases = Vec::new();
+        let ended = loop {
+            match message {
+                Ok(Some(lease)) => leases.push(lease),
+                ended => break Some(ended),
             }
-            Ok(None) => {
+            if leases.len() == ACCEPT_BATCH {
+                break None;
+            }
+            match arrived(&mut stream) {
+                Some(next) => message = next,
+                None => break None,
+            }
+        };
+        if !leases.is_empty() {
+            received += leases.len() as u64;
+            backoff.reset();
+        }
+        for accepted in accept(node, leases).await {
+            enqueue(node, accepted, queue).await;
+        }
+        match ended {
+            None | Some(Ok(Some(_))) => {}
+            Some(Ok(None)) => {
                 tracing::info!("the control plane ended the lease stream");
                 return received;
             }
-            Err(status) => {
+            Some(Err(status)) => {
                 node.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %status, "the lease stream broke");
                 return received;
@@ -113,46 +137,82 @@ async fn consume(
     }
 }
 
-/// Records (in the outbox, synced) and acknowledges a new lease; None for
-/// a lease accepted before, by this process or an earlier one: it does not
-/// run again, and the report the outbox may hold for it is sent.
-async fn accept(node: &Arc<Node>, lease: Lease) -> Option<AcceptedLease> {
-    node.stats.leases_received.fetch_add(1, Ordering::Relaxed);
-    let fresh = node
-        .seen
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .insert(&lease.lease_id);
-    let fresh = fresh && {
-        let outbox = node.outbox.clone();
-        let (lease_id, deadline) = (lease.lease_id.clone(), lease.deadline_unix_ms);
-        match tokio::task::spawn_blocking(move || outbox.accept(&lease_id, deadline)).await {
-            Ok(Ok(fresh)) => fresh,
-            Ok(Err(err)) => {
-                node.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
-                true
+/// The stream's next message if it has already arrived; None if reading
+/// it would wait. (Polling once with a no-op waker is enough: the next
+/// `message().await` polls again with a real one.)
+fn arrived(stream: &mut LeaseStream) -> Option<Result<Option<Lease>, tonic::Status>> {
+    let mut context = Context::from_waker(Waker::noop());
+    match std::pin::pin!(stream.message()).poll(&mut context) {
+        TaskPoll::Ready(message) => Some(message),
+        TaskPoll::Pending => None,
+    }
+}
+
+/// Records (in the outbox, synced, one commit for all) and acknowledges
+/// new leases. A lease accepted before, by this process or an earlier one,
+/// does not run again, and the report the outbox may hold for it is sent.
+async fn accept(node: &Arc<Node>, leases: Vec<Lease>) -> Vec<AcceptedLease> {
+    node.stats
+        .leases_received
+        .fetch_add(leases.len() as u64, Ordering::Relaxed);
+    let (fresh, seen): (Vec<Lease>, Vec<Lease>) = {
+        let mut seen = node
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        leases
+            .into_iter()
+            .partition(|lease| seen.insert(&lease.lease_id))
+    };
+    let keys: Vec<(String, i64)> = fresh
+        .iter()
+        .map(|lease| (lease.lease_id.clone(), lease.deadline_unix_ms))
+        .collect();
+    let outbox = node.outbox.clone();
+    let recorded = tokio::task::spawn_blocking(move || {
+        let keys: Vec<(&str, i64)> = keys
+            .iter()
+            .map(|(id, deadline)| (id.as_str(), *deadline))
+            .collect();
+        outbox.accept_all(&keys)
+    })
+    .await
+    .unwrap_or_else(|panic| {
+        let failed = || OutboxError::Database {
+            path: node.outbox.path().to_path_buf(),
+            message: format!("the write panicked: {panic}"),
+        };
+        fresh.iter().map(|_| Err(failed())).collect()
+    });
+
+    let mut accepted = Vec::with_capacity(fresh.len());
+    let mut again = seen;
+    for (lease, recorded) in fresh.into_iter().zip(recorded) {
+        match recorded {
+            Ok(true) => {}
+            Ok(false) => {
+                again.push(lease);
+                continue;
             }
             Err(err) => {
                 node.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
-                true
             }
         }
-    };
-    if !fresh {
+        let lease = AcceptedLease {
+            lease,
+            received: Instant::now(),
+        };
+        tracing::info!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
+        acknowledge(node, &lease);
+        accepted.push(lease);
+    }
+    for lease in again {
         node.stats.duplicate_leases.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "lease received twice; it runs once (its stored report, if any, is sent)");
         report::deliver_stored(node, &lease.lease_id);
-        return None;
     }
-    let accepted = AcceptedLease {
-        lease,
-        received: Instant::now(),
-    };
-    tracing::info!(lease_id = %accepted.lease.lease_id, run_id = %accepted.lease.run_id, agent_id = accepted.agent_id(), "lease received");
-    acknowledge(node, &accepted);
-    Some(accepted)
+    accepted
 }
 
 /// Waits for a place in the queue; the stream is not read meanwhile.
