@@ -232,6 +232,13 @@ impl DevPlane {
         self.ledger.read(|state| state.run(run_id).cloned())
     }
 
+    /// Runs that reached a final status since position `from` of the order
+    /// they reached it in, and the position to ask from next time: for
+    /// watching many runs end without cloning every run.
+    pub fn finished_since(&self, from: usize) -> (Vec<(String, RunStatus)>, usize) {
+        self.ledger.read(|state| state.finished_since(from))
+    }
+
     /// Every registered node, ordered by id.
     pub fn nodes(&self) -> Vec<Node> {
         self.ledger.read(|state| state.nodes().cloned().collect())

@@ -266,6 +266,11 @@ pub struct PlaneState {
     index: HashMap<String, usize>,
     /// Indices of pending runs; iterating it yields the oldest first.
     pending: BTreeSet<usize>,
+    /// Assigned runs by lease deadline (a run assigned without one sorts
+    /// first), so expiry looks only at the lapsed ones.
+    leased: BTreeSet<(i64, usize)>,
+    /// Indices of runs in the order they first reached a final status.
+    finished: Vec<usize>,
     /// Bumped on every change to runs (never to nodes, which are not
     /// saved), so the store can tell whether there is anything to write.
     revision: u64,
@@ -290,8 +295,15 @@ impl PlaneState {
                 continue;
             }
             let at = state.runs.len();
-            if run.status == RunStatus::Pending {
-                state.pending.insert(at);
+            match run.status {
+                RunStatus::Pending => {
+                    state.pending.insert(at);
+                }
+                RunStatus::Completed | RunStatus::Failed => state.finished.push(at),
+                _ => {}
+            }
+            if let Some(key) = lease_key(&run, at) {
+                state.leased.insert(key);
             }
             state.index.insert(run.run_id.clone(), at);
             state.runs.push(run);
@@ -461,6 +473,7 @@ impl PlaneState {
             run.lease_deadline_unix_ms = Some(deadline);
             run.acked_at = None;
             run.attempts += 1;
+            self.leased.insert((deadline, at));
             grants.push(Grant {
                 run: run.clone(),
                 trace_id: uuid::Uuid::new_v4().hyphenated().to_string(),
@@ -480,12 +493,13 @@ impl PlaneState {
     pub fn expire_leases(&mut self, now: SystemTime) -> usize {
         let now_ms = unix_ms(now);
         let mut expired = 0;
-        for (at, run) in self.runs.iter_mut().enumerate() {
-            let lapsed = run.status == RunStatus::Assigned
-                && run
-                    .lease_deadline_unix_ms
-                    .is_none_or(|deadline| deadline <= now_ms);
-            if lapsed {
+        while let Some(&(deadline, at)) = self.leased.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.leased.pop_first();
+            let run = &mut self.runs[at];
+            if run.status == RunStatus::Assigned {
                 run.status = RunStatus::Pending;
                 run.node_id = None;
                 run.lease_deadline_unix_ms = None;
@@ -498,6 +512,18 @@ impl PlaneState {
             self.wake_pullers = true;
         }
         expired
+    }
+
+    /// Runs that reached a final status, in that order, from position
+    /// `from` of that order on: each run's id and status, and the position
+    /// to ask from next time. Cheap to poll, unlike cloning every run.
+    pub fn finished_since(&self, from: usize) -> (Vec<(String, RunStatus)>, usize) {
+        let newly = self.finished.get(from..).unwrap_or_default();
+        let runs = newly
+            .iter()
+            .map(|&at| (self.runs[at].run_id.clone(), self.runs[at].status))
+            .collect();
+        (runs, self.finished.len().max(from))
     }
 
     /// Records that a node acknowledged a lease. AckRequest has no run id:
@@ -543,6 +569,12 @@ impl PlaneState {
             run.repeats += 1;
             self.revision += 1;
             return Ok(());
+        }
+        if let Some(key) = lease_key(run, at) {
+            self.leased.remove(&key);
+        }
+        if run.outcomes == 0 {
+            self.finished.push(at);
         }
         // The run keeps its node id and lease id: they say who reported.
         run.lease_deadline_unix_ms = None;
@@ -597,6 +629,12 @@ impl PlaneState {
         }
         Ok(at)
     }
+}
+
+/// The run's entry in [`PlaneState::leased`], if it is assigned.
+fn lease_key(run: &Run, at: usize) -> Option<(i64, usize)> {
+    (run.status == RunStatus::Assigned)
+        .then(|| (run.lease_deadline_unix_ms.unwrap_or(i64::MIN), at))
 }
 
 /// `lease-{runId}-{32 lowercase hex}`, the reference's lease id shape.
@@ -961,6 +999,52 @@ mod tests {
         ));
         state.report(completed(&second, "node-1"), at(13)).unwrap();
         assert_eq!(state.run(&ids[0]).unwrap().outcomes, 1);
+    }
+
+    #[test]
+    fn expiry_finds_only_lapsed_leases_however_runs_ended_or_were_restored() {
+        let (mut state, ids) = with_node_and_runs(1, 4);
+        let short = Duration::from_secs(10);
+        let long = Duration::from_secs(100);
+        let a = grants(state.lease("node-1", 1, at(0), short)).remove(0);
+        let b = grants(state.lease("node-1", 1, at(0), long)).remove(0);
+        let c = grants(state.lease("node-1", 1, at(1), short)).remove(0);
+        // A completed run leaves the deadline index: it never lapses.
+        state.report(completed(&a, "node-1"), at(2)).unwrap();
+        assert_eq!(state.expire_leases(at(50)), 1, "only c lapsed");
+        assert_eq!(state.run(&c.run.run_id).unwrap().status, RunStatus::Pending);
+        assert_eq!(
+            state.run(&b.run.run_id).unwrap().status,
+            RunStatus::Assigned
+        );
+
+        // A plane restored from saved runs still expires b on time.
+        let mut restored = PlaneState::from_runs(state.runs().to_vec());
+        assert_eq!(restored.expire_leases(at(99)), 0);
+        assert_eq!(restored.expire_leases(at(100)), 1);
+        assert_eq!(
+            restored.run(&b.run.run_id).unwrap().status,
+            RunStatus::Pending
+        );
+
+        // Ended runs are listed once each, in the order they ended.
+        let (ended, next) = state.finished_since(0);
+        assert_eq!(ended, [(ids[0].clone(), RunStatus::Completed)]);
+        let d = grants(state.lease("node-1", 1, at(60), short)).remove(0);
+        state.report(completed(&d, "node-1"), at(61)).unwrap();
+        state.report(completed(&d, "node-1"), at(62)).unwrap();
+        let (ended, last) = state.finished_since(next);
+        assert_eq!(
+            ended,
+            [(d.run.run_id.clone(), RunStatus::Completed)],
+            "a repeat is not listed again"
+        );
+        assert_eq!(state.finished_since(last), (Vec::new(), last));
+        assert_eq!(
+            restored.finished_since(0).0.len(),
+            1,
+            "restored runs that had ended are listed"
+        );
     }
 
     #[test]
