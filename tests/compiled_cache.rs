@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use node_runtime::sandbox::{
     BudgetRequest, CompileCounts, CompiledCacheSettings, RunOutcome, Sandbox, SandboxConfig,
-    precompiled,
+    compiled_cache,
 };
 use sha2::{Digest, Sha256};
 use support::*;
@@ -89,7 +89,7 @@ async fn an_entry_compiled_by_another_engine_configuration_is_not_loaded() {
     config.wasm_component_model(true);
     let foreign = wasmtime::Engine::new(&config).unwrap();
     let component = wasmtime::component::Component::new(&foreign, &agent_bytes("echo")[..]).unwrap();
-    std::fs::write(entry_for(cache.path(), "echo"), precompiled::seal(component.serialize().unwrap())).unwrap();
+    std::fs::write(entry_for(cache.path(), "echo"), compiled_cache::seal(component.serialize().unwrap())).unwrap();
 
     echo_completes(&sandbox).await;
     assert_eq!(sandbox.compile_counts(), counts(1, 0, 1), "the foreign entry was refused");

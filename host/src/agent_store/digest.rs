@@ -29,6 +29,11 @@ impl AgentDigest {
         AgentDigest(Sha256::digest(bytes).into())
     }
 
+    /// The SHA-256 itself.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Parses `sha256:<64 hex>`; the hex may be upper or lower case.
     pub fn parse(text: &str) -> Result<Self, InvalidDigest> {
         let invalid = || InvalidDigest(text.to_string());

@@ -175,7 +175,7 @@ impl AgentStore {
         let digest = AgentDigest::of(&bytes);
         check_pin(&stamp, pin, digest)?;
         let agent = sandbox
-            .load(Arc::from(bytes))
+            .load_digested(Arc::from(bytes), *digest.bytes())
             .await
             .map_err(|invalid| ResolveError::Invalid {
                 path: stamp.path.clone(),

@@ -7,10 +7,15 @@
 //! hash of wasmtime's own compatibility hash for this engine configuration,
 //! so a node upgraded to another wasmtime or started with other settings
 //! looks in another folder, and wasmtime still checks each artifact itself.
-//! Entries are sealed like `node-runtime compile`'s `.cwasm` (a SHA-256
-//! trailer, [`super::precompiled`]): a damaged or foreign entry is detected,
-//! deleted and compiled again, never loaded blindly. Writes are atomic; the
-//! folder is bounded in size, evicting the least recently used entries.
+//! Each entry ends with a CRC-32 of the artifact and a magic ([`seal`]): a
+//! damaged (truncated, flipped, half-copied) or foreign entry is detected,
+//! deleted and compiled again, never loaded blindly. A CRC rather than the
+//! SHA-256 of `node-runtime compile`'s `.cwasm`: the threat here is
+//! accidental damage to the node's own files, which a CRC-32 catches (any
+//! burst up to 32 bits, anything else but one time in 2^32), and hashing a
+//! multi-megabyte artifact with SHA-256 was a third of a restarted node's
+//! first run. Writes are atomic; the folder is bounded in size, evicting
+//! the least recently used entries.
 //!
 //! The entries are native code the node will execute: the cache directory
 //! must be as protected as the node's binary.
@@ -23,7 +28,34 @@ use std::time::SystemTime;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::precompiled;
+/// Marks a cache entry and its format version.
+const MAGIC: &[u8; 16] = b"node-runtime:cc1";
+const TRAILER_LEN: usize = 4 + MAGIC.len();
+
+/// A cache entry: wasmtime's serialized component, then the CRC-32 of it
+/// (little-endian) and [`MAGIC`].
+pub fn seal(mut artifact: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&artifact);
+    artifact.extend_from_slice(&crc.to_le_bytes());
+    artifact.extend_from_slice(MAGIC);
+    artifact
+}
+
+/// The artifact in a cache entry, if the entry is whole.
+fn unseal(entry: &[u8]) -> Result<&[u8], String> {
+    if entry.len() < TRAILER_LEN || !entry.ends_with(MAGIC) {
+        return Err("not a node-runtime cache entry of this format".to_string());
+    }
+    let (artifact, trailer) = entry.split_at(entry.len() - TRAILER_LEN);
+    let recorded = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
+    let found = crc32fast::hash(artifact);
+    if found != recorded {
+        return Err(format!(
+            "damaged: CRC-32 {found:08x}, recorded {recorded:08x}"
+        ));
+    }
+    Ok(artifact)
+}
 
 /// Where compiled components are kept, and how much room they may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,15 +129,13 @@ impl CompiledCache {
     pub(crate) fn get(&self, engine: &Engine, digest: &[u8; 32], counters: &Counters) -> Option<Component> {
         let path = self.entry(digest);
         let bytes = std::fs::read(&path).ok()?;
-        let loaded = precompiled::unseal(&bytes)
-            .map_err(|err| err.to_string())
-            .and_then(|artifact| {
-                // SAFETY: the trailer's SHA-256 matches, so these are the bytes
-                // this cache wrote from wasmtime's own serialisation; wasmtime
-                // checks its version and configuration before using them.
-                unsafe { Component::deserialize(engine, artifact) }
-                    .map_err(|err| super::agent::error_chain(&err))
-            });
+        let loaded = unseal(&bytes).and_then(|artifact| {
+            // SAFETY: the trailer's CRC matches, so these are the bytes
+            // this cache wrote from wasmtime's own serialisation; wasmtime
+            // checks its version and configuration before using them.
+            unsafe { Component::deserialize(engine, artifact) }
+                .map_err(|err| super::agent::error_chain(&err))
+        });
         match loaded {
             Ok(component) => {
                 counters.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +162,7 @@ impl CompiledCache {
         let written = component
             .serialize()
             .map_err(|err| std::io::Error::other(super::agent::error_chain(&err)))
-            .and_then(|artifact| write_atomically(&self.dir, &path, &precompiled::seal(artifact)));
+            .and_then(|artifact| write_atomically(&self.dir, &path, &seal(artifact)));
         if let Err(err) = written {
             tracing::warn!(path = %path.display(), error = %err, "could not keep the compiled component");
             return;

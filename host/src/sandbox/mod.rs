@@ -212,6 +212,18 @@ impl Sandbox {
     /// Compilation runs on a blocking thread.
     pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        self.load_digested(bytes, digest).await
+    }
+
+    /// [`load`](Self::load) for bytes whose SHA-256 the caller has already
+    /// computed (the agent store does, to check pins): hashing a large
+    /// component again would be a good part of a cached load. The digest
+    /// keys the compiled code, so it must be the SHA-256 of `bytes`.
+    pub async fn load_digested(
+        &self,
+        bytes: Arc<[u8]>,
+        digest: [u8; 32],
+    ) -> Result<Arc<Agent>, InvalidAgent> {
         let cell = self
             .agents
             .lock()
