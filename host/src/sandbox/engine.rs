@@ -118,7 +118,9 @@ pub fn build_engine(
     let on_demand = |reason: String| -> wasmtime::Result<(Engine, Allocator)> {
         let mut config = compiler_config(settings.metering);
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
-        Ok((Engine::new(&config)?, Allocator::OnDemand { reason }))
+        let engine = Engine::new(&config)?;
+        warn_if_too_few_mappings(settings.max_concurrent_runs, read_max_map_count());
+        Ok((engine, Allocator::OnDemand { reason }))
     };
     match settings.allocator {
         AllocatorChoice::OnDemand => on_demand("configured".to_string()),
@@ -156,11 +158,44 @@ fn pool_config(slots: u32, limits: &NodeLimits) -> PoolingAllocationConfig {
         .table_elements(limits.table_elements as usize)
         .total_stacks(slots)
         // A pooled memory never needs to be larger than the whole run may
-        // use; the store limiter enforces the sum across memories.
         // use; the store limiter enforces the sum across memories. 32-bit
         // memories cannot exceed 4 GiB, the default reservation.
         .max_memory_size(limits.memory_bytes.min(4 << 30) as usize);
     pool
+}
+
+/// Memory mappings one on-demand run holds (linear memory, guard regions,
+/// the fiber stack and its guard page, instance data): 6.9 measured per
+/// suspended `llm-chat` run, rounded up.
+const MAPPINGS_PER_ON_DEMAND_RUN: u64 = 8;
+/// Mappings the process holds besides its runs (libraries, heap, threads).
+const MAPPINGS_BESIDES_RUNS: u64 = 2_000;
+
+/// Linux's per-process limit on memory mappings, if this is Linux.
+fn read_max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+}
+
+/// Past `vm.max_map_count` mappings, every new run fails to instantiate
+/// (the kernel refuses the mapping). The default (65,530) holds about
+/// 8,000 on-demand runs: say so at start, with the fix, rather than let a
+/// busy node fail runs later.
+fn warn_if_too_few_mappings(runs: u32, max_map_count: Option<u64>) -> bool {
+    let Some(limit) = max_map_count else { return false };
+    let needed = u64::from(runs) * MAPPINGS_PER_ON_DEMAND_RUN + MAPPINGS_BESIDES_RUNS;
+    if needed <= limit {
+        return false;
+    }
+    tracing::warn!(
+        max_concurrent_runs = runs,
+        vm.max_map_count = limit,
+        needed,
+        "{runs} concurrent runs need about {needed} memory mappings, more than the kernel's \
+         vm.max_map_count ({limit}) allows: runs past that fail to start. Raise it \
+         (sysctl -w vm.max_map_count={}) or lower the slot count",
+        needed.next_power_of_two().max(262_144)
+    );
+    true
 }
 
 /// Advances the engine's epoch every `tick` on a dedicated thread, so
@@ -178,4 +213,18 @@ pub fn start_epoch_ticker(engine: &Engine, tick: Duration) {
             }
         })
         .expect("spawning the epoch ticker thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mapping_limit_warning_fires_only_past_the_limit() {
+        assert!(!warn_if_too_few_mappings(16, Some(65_530)));
+        assert!(!warn_if_too_few_mappings(7_000, Some(65_530)));
+        assert!(warn_if_too_few_mappings(10_000, Some(65_530)));
+        assert!(!warn_if_too_few_mappings(10_000, Some(262_144)));
+        assert!(!warn_if_too_few_mappings(10_000, None), "not Linux: nothing to check");
+    }
 }
