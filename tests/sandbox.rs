@@ -383,6 +383,53 @@ async fn when_the_pool_cannot_be_reserved_the_engine_falls_back_to_on_demand() {
     assert!(matches!(support::sandbox().allocator(), Allocator::Pooling { .. }));
 }
 
+#[tokio::test]
+async fn a_run_the_node_has_no_room_to_instantiate_is_handed_back_not_failed_for_good() {
+    // A pool of one instance, held by a sleeping run: the next run cannot
+    // be instantiated here, through no fault of its agent.
+    let sandbox = Arc::new(
+        Sandbox::new(SandboxConfig {
+            engine: EngineSettings {
+                allocator: AllocatorChoice::Pooling,
+                max_concurrent_runs: 1,
+                ..EngineSettings::default()
+            },
+            ..SandboxConfig::default()
+        })
+        .expect("a one-slot pool"),
+    );
+    let sleeper = load(&sandbox, "sleep-forever").await;
+    let echo = load(&sandbox, "echo").await;
+    let sleeping = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            let budget = BudgetRequest {
+                duration: Some(Duration::from_secs(3)),
+                ..BudgetRequest::default()
+            };
+            sandbox.run(&sleeper, request("sleep-forever", &[], budget)).await
+        })
+    };
+    // Bounded: the sleeper holds the slot for 3 s; it is in its host call
+    // well before that.
+    let mut result = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let attempt = sandbox.run(&echo, request("echo", &[], BudgetRequest::default())).await;
+        if matches!(attempt.outcome, RunOutcome::Failed(_)) {
+            result = Some(attempt);
+            break;
+        }
+    }
+    let result = result.expect("echo found no free instance while the sleeper held the only one");
+    let refused = failure(&result);
+    assert_eq!(refused.kind, FailKind::NodeUnavailable, "{refused:?}");
+    assert!(refused.retryable, "{refused:?}");
+    assert!(refused.message.contains("could not instantiate"), "{}", refused.message);
+    assert_eq!(failure(&sleeping.await.unwrap()).kind, FailKind::BudgetDeadline);
+    completed(&sandbox.run(&echo, request("echo", &[], BudgetRequest::default())).await);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_cpu_bound_agent_does_not_starve_other_runs() {
     // One thread for the whole runtime: echo can only finish while

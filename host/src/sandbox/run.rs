@@ -458,14 +458,23 @@ impl Judge<'_> {
             return self.output_overflow().with_details(details);
         }
         let mut message = match (stage, err.downcast_ref::<Trap>()) {
-            (Stage::Instantiate, _) => {
+            (Stage::Instantiate, Some(trap)) => {
                 return RunFailure::new(
                     FailKind::AgentInvalid,
-                    format!(
-                        "the component could not be instantiated: {}",
-                        error_chain(err)
-                    ),
+                    format!("the component trapped while being instantiated: {trap}"),
                 )
+                .with_details(details);
+            }
+            (Stage::Instantiate, None) => {
+                // The component linked when it was loaded, and its memory
+                // and tables are within budget (checked above): what is
+                // left is this node's resources (the instance pool, the
+                // kernel's mappings, memory). Another node, or this one
+                // later, can run it.
+                return RunFailure::handed_back(format!(
+                    "this node could not instantiate the component: {}",
+                    error_chain(err)
+                ))
                 .with_details(details);
             }
             (Stage::Call, Some(Trap::StackOverflow)) => {
