@@ -384,6 +384,32 @@ async fn when_the_pool_cannot_be_reserved_the_engine_falls_back_to_on_demand() {
 }
 
 #[tokio::test]
+async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
+    // One pooled slot, so the second run reuses the first one's memory
+    // (reset between runs, by rewriting dirty pages where the kernel can
+    // list them, else by discarding them).
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            allocator: AllocatorChoice::Pooling,
+            max_concurrent_runs: 1,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .expect("a one-slot pool");
+    let hostile = load(&sandbox, "hostile").await;
+    for round in 0..3 {
+        let result = sandbox
+            .run(&hostile, request("hostile", &[("attack", "residue")], BudgetRequest::default()))
+            .await;
+        let seen = completed(&result);
+        assert_eq!(seen["residue.static"], "0", "round {round}: {seen:?}");
+        assert_eq!(seen["residue.heap"], "0", "round {round}: {seen:?}");
+        assert_eq!(seen["residue.heap.same_run"], "4096", "the probe finds residue when there is some");
+    }
+}
+
+#[tokio::test]
 async fn a_run_the_node_has_no_room_to_instantiate_is_handed_back_not_failed_for_good() {
     // A pool of one instance, held by a sleeping run: the next run cannot
     // be instantiated here, through no fault of its agent.

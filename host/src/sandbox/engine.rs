@@ -131,7 +131,15 @@ pub fn build_engine(
                 slots, limits,
             )));
             match Engine::new(&config) {
-                Ok(engine) => Ok((engine, Allocator::Pooling { slots })),
+                Ok(engine) => {
+                    let reset = if pagemap_scan_available() {
+                        "dirty pages rewritten (PAGEMAP_SCAN)"
+                    } else {
+                        "pages discarded (madvise)"
+                    };
+                    tracing::info!(slots, reset, "instance pool reserved");
+                    Ok((engine, Allocator::Pooling { slots }))
+                }
                 Err(err) if choice == AllocatorChoice::Auto => {
                     let reason = format!("the instance pool could not be reserved: {err}");
                     tracing::warn!(%reason, "falling back to on-demand instance allocation");
@@ -161,7 +169,37 @@ fn pool_config(slots: u32, limits: &NodeLimits) -> PoolingAllocationConfig {
         // use; the store limiter enforces the sum across memories. 32-bit
         // memories cannot exceed 4 GiB, the default reservation.
         .max_memory_size(limits.memory_bytes.min(4 << 30) as usize);
+    if pagemap_scan_available() {
+        // Reset a slot by rewriting only the pages the last run dirtied,
+        // found with PAGEMAP_SCAN, instead of discarding them (madvise)
+        // and taking a page fault for each again in the next run: echo
+        // went from 79 to 44 us per run. Costs up to this much resident
+        // memory per used slot. Without the ioctl, wasmtime would memset
+        // the whole kept region on every reset, which measured slower
+        // (107 us) than discarding: keep nothing then.
+        pool.linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
+    }
     pool
+}
+
+/// Bytes of each pooled memory and table kept resident between runs.
+const KEEP_RESIDENT: usize = 1 << 20;
+
+/// Linux 6.7 added the PAGEMAP_SCAN ioctl that tells which pages a run
+/// dirtied.
+fn pagemap_scan_available() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").is_ok_and(|release| kernel_at_least(&release, (6, 7)))
+}
+
+/// Whether a kernel release string (`6.18.44-fc`) is at least `wanted`.
+fn kernel_at_least(release: &str, wanted: (u32, u32)) -> bool {
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).map(|part| part.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= wanted,
+        _ => false,
+    }
 }
 
 /// Memory mappings one on-demand run holds (linear memory, guard regions,
@@ -226,5 +264,15 @@ mod tests {
         assert!(warn_if_too_few_mappings(10_000, Some(65_530)));
         assert!(!warn_if_too_few_mappings(10_000, Some(262_144)));
         assert!(!warn_if_too_few_mappings(10_000, None), "not Linux: nothing to check");
+    }
+
+    #[test]
+    fn kernel_releases_are_compared_by_major_and_minor() {
+        assert!(kernel_at_least("6.18.44-fc-v657\n", (6, 7)));
+        assert!(kernel_at_least("6.7.0", (6, 7)));
+        assert!(kernel_at_least("7.0", (6, 7)));
+        assert!(!kernel_at_least("6.6.30-generic", (6, 7)));
+        assert!(!kernel_at_least("5.15.0-91-generic", (6, 7)));
+        assert!(!kernel_at_least("garbage", (6, 7)));
     }
 }

@@ -18,6 +18,10 @@
 //! - `unreachable`: executes the `unreachable` instruction.
 //! - `huge-log`: logs one line of input_ref `bytes` bytes (default 10 MiB)
 //!   and completes.
+//! - `residue`: looks for what an earlier run left in this instance's
+//!   memory (a static and a heap block), reports it (`residue.static`,
+//!   `residue.heap`), then leaves its own for the next run to find;
+//!   `residue.heap.same_run` shows the probe finds its own freed block.
 
 wit_bindgen::generate!({ world: "agent", path: "../../wit", generate_all });
 
@@ -66,6 +70,7 @@ impl Guest for Hostile {
                 log::log(log::Level::Warn, &"z".repeat(bytes), &[]);
                 seen.push(("logged_bytes".to_string(), bytes.to_string()));
             }
+            "residue" => residue(&mut seen),
             other => {
                 return Err(AgentError {
                     message: format!("unknown attack {other:?}"),
@@ -75,6 +80,39 @@ impl Guest for Hostile {
         }
         Ok(seen)
     }
+}
+
+/// Written by every `residue` run; a fresh instance starts with zero.
+static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+const RESIDUE: u64 = 0x5ec2_e7_1e_f7_0e_e2;
+
+fn residue(seen: &mut Vec<(String, String)>) {
+    use std::sync::atomic::Ordering;
+    let before = MARK.swap(RESIDUE, Ordering::SeqCst);
+    // A heap block of the same size lands where the last run's did (a
+    // fresh allocator, the same calls); read it before writing. Nothing
+    // else is allocated until both probes are done.
+    let (found, mut block) = probe_heap();
+    block.resize(4096, RESIDUE);
+    std::hint::black_box(&block);
+    drop(block);
+    // The probe itself works: within this run, the freed block is found.
+    let (again, _) = probe_heap();
+    seen.push(("residue.static".to_string(), format!("{before:x}")));
+    seen.push(("residue.heap".to_string(), found.to_string()));
+    seen.push(("residue.heap.same_run".to_string(), again.to_string()));
+}
+
+/// Allocates 4096 words and counts those already holding RESIDUE.
+fn probe_heap() -> (usize, Vec<u64>) {
+    let block: Vec<u64> = Vec::with_capacity(4096);
+    // Volatile reads through an opaque pointer: the compiler may not
+    // assume a fresh allocation holds nothing in particular.
+    let base = std::hint::black_box(block.as_ptr());
+    // SAFETY: the 4096 words are allocated; any bit pattern is a valid u64,
+    // and wasm memory always holds some bytes.
+    let found = (0..4096).filter(|&i| unsafe { std::ptr::read_volatile(base.add(i)) } == RESIDUE).count();
+    (found, block)
 }
 
 fn filesystem(seen: &mut Vec<(String, String)>) {
