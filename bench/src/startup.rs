@@ -16,7 +16,9 @@
 //!
 //! `cargo run -p bench --bin startup [-- RUNS]`, after
 //! `scripts/build-agents` and `bench/setup`. Prints median and p99 per
-//! variant and the ratio of each to the native process per run.
+//! variant and the ratio of each to the native process per run. With
+//! `BENCH_IN_PROCESS_ONLY=1`, only the pooled in-process run is measured
+//! (for profiling it alone).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -151,6 +153,11 @@ async fn main() {
         load,
         in_process(AllocatorChoice::Pooling, echo.clone(), runs).await,
     );
+    if std::env::var_os("BENCH_IN_PROCESS_ONLY").is_some() {
+        let (_, n, spread, load) = &rows[0];
+        println!("in-process, pooling (echo): {n} runs, median {:?}, p99 {:?}, load {load:.2}", spread.median, spread.p99);
+        return;
+    }
     let load = wait_for_quiet_machine("startup");
     measure(
         "in-process, on-demand (echo)",
