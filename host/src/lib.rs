@@ -28,3 +28,8 @@ pub mod worker;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+
+/// mimalloc instead of the C library's malloc, for every program built on
+/// this library (the node, its tests and benches alike).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
