@@ -5,6 +5,11 @@
 //! settings are the same for all of them, and a precompiled `.cwasm` is
 //! accepted only if it was produced under this exact configuration.
 //!
+//! Guests run as native code from Cranelift, or as Pulley bytecode under
+//! wasmtime's interpreter: slower, but it needs no code generator for the
+//! host's CPU and no executable memory, so it serves where Cranelift has no
+//! backend (wasmtime then picks it by itself).
+//!
 //! The pooling allocator reserves its whole pool of virtual address space
 //! up front (several GiB per linear memory). That fails where the address
 //! space is small (39-bit ARM boards) or `ulimit -v` is set; the engine then
@@ -67,6 +72,51 @@ impl Metering {
     }
 }
 
+/// How guests execute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execution {
+    /// Native code compiled by Cranelift for this host's CPU.
+    #[default]
+    Cranelift,
+    /// Pulley bytecode run by wasmtime's interpreter: several times slower,
+    /// for hosts Cranelift has no backend for.
+    Pulley,
+}
+
+impl Execution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Execution::Cranelift => "cranelift",
+            Execution::Pulley => "pulley",
+        }
+    }
+
+    /// `cranelift` or `pulley`, in any case; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Execution> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "cranelift" => Some(Execution::Cranelift),
+            "pulley" => Some(Execution::Pulley),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The Pulley target for this host: its pointer width and byte order.
+pub fn pulley_host_target() -> &'static str {
+    match (cfg!(target_pointer_width = "64"), cfg!(target_endian = "big")) {
+        (true, false) => "pulley64",
+        (true, true) => "pulley64be",
+        (false, false) => "pulley32",
+        (false, true) => "pulley32be",
+    }
+}
+
 /// Settings that shape the engine. Everything that affects compiled code
 /// lives in [`compiler_config`], so both allocators accept the same
 /// `.cwasm` files.
@@ -80,6 +130,9 @@ pub struct EngineSettings {
     pub epoch_tick: Duration,
     /// Always [`Metering::FuelAndEpochs`] outside benchmarks.
     pub metering: Metering,
+    /// Cranelift unless asked otherwise; Pulley regardless where Cranelift
+    /// has no backend for the host.
+    pub execution: Execution,
 }
 
 impl Default for EngineSettings {
@@ -89,6 +142,7 @@ impl Default for EngineSettings {
             max_concurrent_runs: 16,
             epoch_tick: Duration::from_millis(10),
             metering: Metering::FuelAndEpochs,
+            execution: Execution::Cranelift,
         }
     }
 }
@@ -100,14 +154,18 @@ const MEMORIES_PER_COMPONENT: u32 = 8;
 const TABLES_PER_COMPONENT: u32 = 64;
 
 /// Settings that change generated code. A `.cwasm` records them and is
-/// refused by an engine whose settings differ.
-fn compiler_config(metering: Metering) -> Config {
+/// refused by an engine whose settings differ. `target` is `None` for this
+/// host, whose CPU features Cranelift then uses.
+fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result<Config> {
     let mut config = Config::new();
+    if let Some(target) = target {
+        config.target(target)?;
+    }
     config.wasm_component_model(true);
     config.consume_fuel(metering.fuel());
     config.epoch_interruption(metering.epochs());
     config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
-    config
+    Ok(config)
 }
 
 /// Builds the process's engine, with the pool when it can be reserved.
@@ -115,8 +173,12 @@ pub fn build_engine(
     settings: &EngineSettings,
     limits: &NodeLimits,
 ) -> wasmtime::Result<(Engine, Allocator)> {
+    let target = match settings.execution {
+        Execution::Cranelift => None,
+        Execution::Pulley => Some(pulley_host_target()),
+    };
     let on_demand = |reason: String| -> wasmtime::Result<(Engine, Allocator)> {
-        let mut config = compiler_config(settings.metering);
+        let mut config = compiler_config(settings.metering, target)?;
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
         Ok((Engine::new(&config)?, Allocator::OnDemand { reason }))
     };
@@ -124,7 +186,7 @@ pub fn build_engine(
         AllocatorChoice::OnDemand => on_demand("configured".to_string()),
         choice => {
             let slots = settings.max_concurrent_runs.max(1);
-            let mut config = compiler_config(settings.metering);
+            let mut config = compiler_config(settings.metering, target)?;
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
                 slots, limits,
             )));

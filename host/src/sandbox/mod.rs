@@ -37,7 +37,7 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
-pub use engine::{Allocator, AllocatorChoice, EngineSettings, Metering};
+pub use engine::{Allocator, AllocatorChoice, EngineSettings, Execution, Metering};
 pub use grants::{
     AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
     InvalidGrant,
@@ -101,6 +101,9 @@ pub struct Sandbox {
     engine: Engine,
     /// How `engine` meters guests (always on outside benchmarks).
     metering: Metering,
+    /// How guests actually execute: Pulley when asked, or when Cranelift
+    /// has no backend for this host.
+    execution: Execution,
     allocator: Allocator,
     linker: Linker<RunState>,
     limits: NodeLimits,
@@ -131,6 +134,15 @@ impl Sandbox {
         let grants = check_grants(&config)?;
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
+        let execution = if engine.is_pulley() { Execution::Pulley } else { Execution::Cranelift };
+        if execution != config.engine.execution {
+            tracing::warn!(
+                "Cranelift has no backend for this host ({}): guests run under the Pulley \
+                 interpreter ({}), several times slower than native code",
+                std::env::consts::ARCH,
+                engine::pulley_host_target()
+            );
+        }
         let llm = config
             .llm
             .map(llm::LlmClient::new)
@@ -155,6 +167,7 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             metering: config.engine.metering,
+            execution,
             allocator,
             linker,
             limits: config.limits,
@@ -175,6 +188,12 @@ impl Sandbox {
 
     pub fn allocator(&self) -> &Allocator {
         &self.allocator
+    }
+
+    /// How guests execute: Cranelift's native code or the Pulley
+    /// interpreter.
+    pub fn execution(&self) -> Execution {
+        self.execution
     }
 
     /// Agent loads that did not compile (served in memory or from the
