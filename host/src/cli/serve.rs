@@ -44,9 +44,11 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let tls = control_plane_tls(&config)?;
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
+    let (architecture, _) = sandbox.target();
     tracing::info!(
         allocator = ?sandbox.allocator(),
         engine = %sandbox.execution(),
+        architecture,
         "sandbox ready"
     );
     let store = config

@@ -8,7 +8,9 @@
 //! Guests run as native code from Cranelift, or as Pulley bytecode under
 //! wasmtime's interpreter: slower, but it needs no code generator for the
 //! host's CPU and no executable memory, so it serves where Cranelift has no
-//! backend (wasmtime then picks it by itself).
+//! backend (wasmtime then picks it by itself). Compiling for another
+//! machine (`node-runtime compile --target`) uses the same settings with
+//! another target, so that machine's node accepts the result.
 //!
 //! The pooling allocator reserves its whole pool of virtual address space
 //! up front (several GiB per linear memory). That fails where the address
@@ -117,6 +119,26 @@ pub fn pulley_host_target() -> &'static str {
     }
 }
 
+/// The architecture of the code `engine` runs, named as
+/// [`super::precompiled::artifact_architecture`] names a `.cwasm`'s:
+/// this host's (`x86_64`, `aarch64`, ...) or its Pulley target.
+pub fn engine_architecture(engine: &Engine) -> &'static str {
+    if engine.is_pulley() {
+        pulley_host_target()
+    } else {
+        std::env::consts::ARCH
+    }
+}
+
+/// The `compile --target` value that produces code `engine` runs.
+pub fn host_precompile_target(engine: &Engine) -> String {
+    match (engine.is_pulley(), std::env::consts::OS) {
+        (true, _) => pulley_host_target().to_string(),
+        (false, "linux") => format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+        (false, os) => format!("{}-unknown-{os}", std::env::consts::ARCH),
+    }
+}
+
 /// Settings that shape the engine. Everything that affects compiled code
 /// lives in [`compiler_config`], so both allocators accept the same
 /// `.cwasm` files.
@@ -166,6 +188,37 @@ fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result
     config.epoch_interruption(metering.epochs());
     config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
     Ok(config)
+}
+
+/// Targets `node-runtime compile --target` is known to produce code for
+/// (any OS and ABI suffix works for x86_64 and aarch64; Linux is what the
+/// node is built and tested for).
+pub const PRECOMPILE_TARGETS: [&str; 4] =
+    ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "pulley64", "pulley32"];
+
+/// A target this build cannot compile for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot compile for target `{target}`: {reason}; supported targets: {}",
+    PRECOMPILE_TARGETS.join(", ")
+)]
+pub struct UnsupportedTarget {
+    pub target: String,
+    pub reason: String,
+}
+
+/// An engine that compiles, but never runs, code for `target` (a target
+/// triple such as `aarch64-unknown-linux-gnu`, or `pulley64`), with the
+/// node's compiler settings, so that a node on that target accepts it.
+pub fn build_precompile_engine(target: &str, metering: Metering) -> Result<Engine, UnsupportedTarget> {
+    let unsupported = |err: wasmtime::Error| UnsupportedTarget {
+        target: target.to_string(),
+        reason: super::agent::error_chain(&err),
+    };
+    let mut config = compiler_config(metering, Some(target)).map_err(unsupported)?;
+    // Nothing is instantiated: no pool to reserve.
+    config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    Engine::new(&config).map_err(unsupported)
 }
 
 /// Builds the process's engine, with the pool when it can be reserved.

@@ -37,7 +37,10 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
-pub use engine::{Allocator, AllocatorChoice, EngineSettings, Execution, Metering};
+pub use engine::{
+    Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS,
+    UnsupportedTarget,
+};
 pub use grants::{
     AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
     InvalidGrant,
@@ -94,6 +97,15 @@ pub enum SandboxError {
         agent_id: String,
         error: InvalidGrant,
     },
+}
+
+/// Why [`Sandbox::precompile_for`] produced nothing.
+#[derive(Debug, Error)]
+pub enum PrecompileError {
+    #[error(transparent)]
+    Target(#[from] UnsupportedTarget),
+    #[error(transparent)]
+    Agent(#[from] InvalidAgent),
 }
 
 /// The process's one WebAssembly engine and the agents compiled for it.
@@ -196,6 +208,12 @@ impl Sandbox {
         self.execution
     }
 
+    /// The architecture of the code this node runs (`x86_64`, `pulley64`,
+    /// ...), and the `compile --target` value that produces it.
+    pub fn target(&self) -> (&'static str, String) {
+        (engine::engine_architecture(&self.engine), engine::host_precompile_target(&self.engine))
+    }
+
     /// Agent loads that did not compile (served in memory or from the
     /// on-disk cache), and loads that compiled.
     pub fn compile_cache_stats(&self) -> (u64, u64) {
@@ -293,6 +311,24 @@ impl Sandbox {
         let artifact = component.serialize().map_err(|err| {
             InvalidAgent(format!(
                 "could not serialise the component: {}",
+                agent::error_chain(&err)
+            ))
+        })?;
+        Ok(precompiled::seal(artifact))
+    }
+
+    /// [`Sandbox::precompile`] for another machine: `target` is a target
+    /// triple (`aarch64-unknown-linux-gnu`) or `pulley64`/`pulley32`. The
+    /// component is compiled and linked here first, to refuse an agent that
+    /// could never run, then compiled again for the target, with this
+    /// node's compiler settings (fuel, epochs) so that the node there
+    /// accepts it.
+    pub fn precompile_for(&self, wasm: &[u8], target: &str) -> Result<Vec<u8>, PrecompileError> {
+        let target_engine = engine::build_precompile_engine(target, self.metering)?;
+        self.precompile(wasm)?;
+        let artifact = target_engine.precompile_component(wasm).map_err(|err| {
+            InvalidAgent(format!(
+                "could not compile the component for {target}: {}",
                 agent::error_chain(&err)
             ))
         })?;
