@@ -14,7 +14,12 @@ use sha2::{Digest, Sha256};
 use support::*;
 
 fn cached_sandbox(dir: &Path, max_bytes: u64) -> Sandbox {
+    cached_sandbox_running(dir, max_bytes, Execution::Cranelift)
+}
+
+fn cached_sandbox_running(dir: &Path, max_bytes: u64, execution: Execution) -> Sandbox {
     Sandbox::new(SandboxConfig {
+        engine: EngineSettings { execution, ..EngineSettings::default() },
         compiled_cache: Some(CompiledCacheSettings { dir: dir.to_path_buf(), max_bytes }),
         ..SandboxConfig::default()
     })
@@ -125,15 +130,7 @@ async fn cranelift_and_pulley_engines_keep_their_compiled_code_apart() {
     let cache = tempfile::tempdir().unwrap();
     let cranelift = cached_sandbox(cache.path(), 1 << 30);
     echo_completes(&cranelift).await;
-    let pulley = Sandbox::new(SandboxConfig {
-        engine: EngineSettings {
-            execution: Execution::Pulley,
-            ..EngineSettings::default()
-        },
-        compiled_cache: Some(CompiledCacheSettings { dir: cache.path().to_path_buf(), max_bytes: 1 << 30 }),
-        ..SandboxConfig::default()
-    })
-    .unwrap();
+    let pulley = cached_sandbox_running(cache.path(), 1 << 30, Execution::Pulley);
     echo_completes(&pulley).await;
     assert_eq!(pulley.compile_counts(), counts(1, 0, 0), "Cranelift's native code is not Pulley's");
     let folders = std::fs::read_dir(cache.path()).unwrap().count();

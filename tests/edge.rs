@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,14 +53,6 @@ fn failure(result: &RunResult) -> &RunFailure {
     }
 }
 
-fn node_runtime(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the node-runtime binary runs")
-}
-
 fn compile_for(target: &str, output: &Path) -> Output {
     let echo = agent_path("echo");
     node_runtime(&[
@@ -71,21 +63,6 @@ fn compile_for(target: &str, output: &Path) -> Output {
         "-o",
         output.to_str().unwrap(),
     ])
-}
-
-/// `run-agent --json` with `extra` flags: the exit code and the report.
-fn run_agent(agent: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["run-agent", agent.to_str().unwrap(), "--json"];
-    args.extend_from_slice(extra);
-    let output = node_runtime(&args);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json = serde_json::from_str(&stdout).unwrap_or_else(|err| {
-        panic!(
-            "stdout is not one JSON object ({err}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (output.status.code().expect("exited"), json)
 }
 
 #[tokio::test]
@@ -173,7 +150,7 @@ fn compile_for_the_other_architecture_gives_a_cwasm_this_node_refuses_naming_bot
         String::from_utf8_lossy(&output.stdout)
     );
 
-    let (code, json) = run_agent(&cwasm, &["--input", "1"]);
+    let (code, json) = run_agent_json(&cwasm, &["--input", "1"]);
     assert_eq!(code, 5, "{json}");
     assert_eq!(json["kind"], "agent.invalid");
     let message = json["message"].as_str().unwrap();
@@ -190,7 +167,7 @@ fn compile_for_this_architecture_by_name_gives_a_cwasm_this_node_runs() {
     let cwasm = dir.path().join("echo.cwasm");
     let output = compile_for(HOST_TRIPLE, &cwasm);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let (code, json) = run_agent(&cwasm, &["--input", r#"{"portable": true}"#]);
+    let (code, json) = run_agent_json(&cwasm, &["--input", r#"{"portable": true}"#]);
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["result"]["message"], r#"{"portable": true}"#);
     assert!(json["report"]["fuel_consumed"].as_u64().unwrap() > 0, "{json}");
@@ -203,11 +180,11 @@ fn compile_for_pulley64_gives_a_cwasm_a_pulley_node_runs_and_a_cranelift_node_re
     let output = compile_for("pulley64", &cwasm);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
-    let (code, json) = run_agent(&cwasm, &["--engine", "pulley", "--input", r#"{"edge": true}"#]);
+    let (code, json) = run_agent_json(&cwasm, &["--engine", "pulley", "--input", r#"{"edge": true}"#]);
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["result"]["message"], r#"{"edge": true}"#);
 
-    let (code, json) = run_agent(&cwasm, &[]);
+    let (code, json) = run_agent_json(&cwasm, &[]);
     assert_eq!(code, 5, "{json}");
     let message = json["message"].as_str().unwrap();
     assert!(message.contains("compiled for pulley64"), "{message}");
