@@ -80,8 +80,8 @@ pub enum Execution {
     /// Native code compiled by Cranelift for this host's CPU.
     #[default]
     Cranelift,
-    /// Pulley bytecode run by wasmtime's interpreter: several times slower,
-    /// for hosts Cranelift has no backend for.
+    /// Pulley bytecode run by wasmtime's interpreter: for hosts Cranelift
+    /// has no backend for. Computing is an order of magnitude slower.
     Pulley,
 }
 
@@ -191,8 +191,8 @@ fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result
 }
 
 /// Targets `node-runtime compile --target` is known to produce code for
-/// (any OS and ABI suffix works for x86_64 and aarch64; Linux is what the
-/// node is built and tested for).
+/// (the `-musl` forms give the same code; Linux is what the node is built
+/// and tested for).
 pub const PRECOMPILE_TARGETS: [&str; 4] =
     ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "pulley64", "pulley32"];
 

@@ -150,7 +150,7 @@ impl Sandbox {
         if execution != config.engine.execution {
             tracing::warn!(
                 "Cranelift has no backend for this host ({}): guests run under the Pulley \
-                 interpreter ({}), several times slower than native code",
+                 interpreter ({}), computing an order of magnitude slower than native code",
                 std::env::consts::ARCH,
                 engine::pulley_host_target()
             );
