@@ -3,32 +3,9 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::agent_path;
-
-fn node_runtime(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the node-runtime binary runs")
-}
-
-fn run_agent_json(agent: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["run-agent", agent.to_str().unwrap(), "--json"];
-    args.extend_from_slice(extra);
-    let output = node_runtime(&args);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json = serde_json::from_str(&stdout).unwrap_or_else(|err| {
-        panic!(
-            "stdout is not one JSON object ({err}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (output.status.code().expect("exited"), json)
-}
+use support::{agent_path, node_runtime, run_agent_json};
 
 #[test]
 fn run_agent_json_reports_a_completed_echo() {

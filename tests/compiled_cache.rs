@@ -7,14 +7,19 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use node_runtime::sandbox::{
-    BudgetRequest, CompileCounts, CompiledCacheSettings, RunOutcome, Sandbox, SandboxConfig,
-    compiled_cache,
+    BudgetRequest, CompileCounts, CompiledCacheSettings, EngineSettings, Execution, RunOutcome,
+    Sandbox, SandboxConfig, compiled_cache,
 };
 use sha2::{Digest, Sha256};
 use support::*;
 
 fn cached_sandbox(dir: &Path, max_bytes: u64) -> Sandbox {
+    cached_sandbox_running(dir, max_bytes, Execution::Cranelift)
+}
+
+fn cached_sandbox_running(dir: &Path, max_bytes: u64, execution: Execution) -> Sandbox {
     Sandbox::new(SandboxConfig {
+        engine: EngineSettings { execution, ..EngineSettings::default() },
         compiled_cache: Some(CompiledCacheSettings { dir: dir.to_path_buf(), max_bytes }),
         ..SandboxConfig::default()
     })
@@ -118,4 +123,16 @@ async fn the_cache_evicts_the_least_recently_used_to_stay_within_its_bound() {
     assert!(total <= bound, "{total} bytes kept, bound {bound}: {entries:?}");
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0].0, entry_for(cache.path(), "panic"), "the older echo was evicted");
+}
+
+#[tokio::test]
+async fn cranelift_and_pulley_engines_keep_their_compiled_code_apart() {
+    let cache = tempfile::tempdir().unwrap();
+    let cranelift = cached_sandbox(cache.path(), 1 << 30);
+    echo_completes(&cranelift).await;
+    let pulley = cached_sandbox_running(cache.path(), 1 << 30, Execution::Pulley);
+    echo_completes(&pulley).await;
+    assert_eq!(pulley.compile_counts(), counts(1, 0, 0), "Cranelift's native code is not Pulley's");
+    let folders = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(folders, 2, "one folder per engine");
 }

@@ -1,8 +1,15 @@
-//! What every benchmark binary shares: percentiles over samples, and the
-//! wait for a quiet machine before measuring (the machine is shared, so
-//! each result is printed with the load average it was measured under).
+//! What every benchmark binary shares: percentiles over samples, the wait
+//! for a quiet machine before measuring (the machine is shared, so each
+//! result is printed with the load average it was measured under), and
+//! the CPU-bound `prime-sieve` run that `metering` and `engines` time.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use node_runtime::sandbox::{
+    Agent, BudgetRequest, RunContext, RunOutcome, RunRequest, Sandbox,
+};
 
 /// The `p` quantile (0..=1) of sorted samples, nearest rank.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
@@ -63,5 +70,34 @@ pub fn wait_for_quiet_machine(what: &str) -> f64 {
             return load;
         }
         std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// A sample agent built by `scripts/build-agents`.
+pub fn agent_wasm(name: &str) -> Arc<[u8]> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = format!("{target}/agents/{name}.wasm");
+    std::fs::read(&path)
+        .unwrap_or_else(|err| panic!("{path}: {err} (run scripts/build-agents)"))
+        .into()
+}
+
+/// One run of `prime-sieve` below `limit`: its wall time, and the number
+/// of primes it found (every variant must agree).
+pub async fn sieve_run(sandbox: &Sandbox, agent: &Agent, limit: u64) -> (Duration, String) {
+    let request = RunRequest {
+        context: RunContext {
+            input_ref: BTreeMap::from([("limit".to_string(), limit.to_string())]),
+            ..RunContext::default()
+        },
+        budget: BudgetRequest::default(),
+        ..RunRequest::default()
+    };
+    let started = Instant::now();
+    let result = sandbox.run(agent, request).await;
+    let elapsed = started.elapsed();
+    match result.outcome {
+        RunOutcome::Completed(map) => (elapsed, map["primes"].clone()),
+        other => panic!("prime-sieve did not complete: {other:?}"),
     }
 }

@@ -8,36 +8,10 @@
 //! then RUNS times; the two variants alternate run by run so that load
 //! from elsewhere on the machine falls on both alike.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bench::{Spread, wait_for_quiet_machine};
-use node_runtime::sandbox::{
-    Agent, BudgetRequest, EngineSettings, Metering, RunContext, RunOutcome, RunRequest, Sandbox,
-    SandboxConfig,
-};
-
-fn request(limit: u64) -> RunRequest {
-    RunRequest {
-        context: RunContext {
-            input_ref: BTreeMap::from([("limit".to_string(), limit.to_string())]),
-            ..RunContext::default()
-        },
-        budget: BudgetRequest::default(),
-        ..RunRequest::default()
-    }
-}
-
-async fn one_run(sandbox: &Sandbox, agent: &Agent, limit: u64) -> (Duration, String) {
-    let started = Instant::now();
-    let result = sandbox.run(agent, request(limit)).await;
-    let elapsed = started.elapsed();
-    match result.outcome {
-        RunOutcome::Completed(map) => (elapsed, map["primes"].clone()),
-        other => panic!("prime-sieve did not complete: {other:?}"),
-    }
-}
+use bench::{Spread, agent_wasm, sieve_run, wait_for_quiet_machine};
+use node_runtime::sandbox::{EngineSettings, Metering, Sandbox, SandboxConfig};
 
 #[tokio::main]
 async fn main() {
@@ -50,11 +24,7 @@ async fn main() {
         .next()
         .map(|n| n.parse().expect("LIMIT is a number"))
         .unwrap_or(2_000_000);
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = format!("{target}/agents/prime-sieve.wasm");
-    let wasm: Arc<[u8]> = std::fs::read(&path)
-        .unwrap_or_else(|err| panic!("{path}: {err} (run scripts/build-agents)"))
-        .into();
+    let wasm = agent_wasm("prime-sieve");
 
     let sandbox = |metering| {
         Sandbox::new(SandboxConfig {
@@ -79,7 +49,7 @@ async fn main() {
         let sandbox = sandbox(metering);
         let agent = sandbox.load(wasm.clone()).await.expect("prime-sieve loads");
         for _ in 0..3 {
-            one_run(&sandbox, &agent, limit).await;
+            sieve_run(&sandbox, &agent, limit).await;
         }
         sandboxes.push((name, sandbox, agent, Vec::with_capacity(runs)));
     }
@@ -87,7 +57,7 @@ async fn main() {
     let mut answer = None;
     for _ in 0..runs {
         for (_, sandbox, agent, samples) in &mut sandboxes {
-            let (time, primes) = one_run(sandbox, agent, limit).await;
+            let (time, primes) = sieve_run(sandbox, agent, limit).await;
             samples.push(time);
             assert_eq!(
                 answer.get_or_insert_with(|| primes.clone()),

@@ -153,3 +153,28 @@ pub fn spawn_plane_process(port: u16, data_dir: &std::path::Path, lease_ttl: &st
         .spawn()
         .expect("node-runtime dev --plane-only starts")
 }
+
+/// The `node-runtime` binary with `args`, logging warnings only.
+pub fn node_runtime(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the node-runtime binary runs")
+}
+
+/// `run-agent AGENT --json` with `extra` flags: the exit code and the one
+/// JSON object it printed.
+pub fn run_agent_json(agent: &std::path::Path, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["run-agent", agent.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let output = node_runtime(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|err| {
+        panic!(
+            "stdout is not one JSON object ({err}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().expect("exited"), json)
+}

@@ -1,4 +1,6 @@
-//! `node-runtime compile`: precompile a component into a `.cwasm`.
+//! `node-runtime compile`: precompile a component into a `.cwasm`, for
+//! this machine or, with `--target`, for another one (an ARM edge box, or
+//! the Pulley interpreter).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use clap::Args;
 
 use super::{CommandError, Exit, read_file};
 use crate::sandbox::budget::format_bytes;
-use crate::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use crate::sandbox::{EngineSettings, PrecompileError, Sandbox, SandboxConfig};
 
 #[derive(Debug, Args)]
 pub struct CompileArgs {
@@ -19,6 +21,14 @@ pub struct CompileArgs {
     /// .cwasm extension).
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// Compile for another machine: a target triple such as
+    /// aarch64-unknown-linux-gnu or x86_64-unknown-linux-gnu (code for any
+    /// CPU of that architecture, where the default uses this CPU's
+    /// extensions), or pulley64 / pulley32 for nodes that run the Pulley
+    /// interpreter.
+    #[arg(long, value_name = "TRIPLE")]
+    pub target: Option<String>,
 }
 
 pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
@@ -39,23 +49,31 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
     let started = Instant::now();
     let wasm: Arc<[u8]> = Arc::from(wasm);
     let input = wasm.clone();
-    let compiled = tokio::task::spawn_blocking(move || sandbox.precompile(&input))
-        .await
-        .map_err(|err| CommandError::internal(format!("compilation panicked: {err}")))?;
+    let target = args.target.clone();
+    let compiled = tokio::task::spawn_blocking(move || match &target {
+        None => sandbox.precompile(&input).map_err(PrecompileError::from),
+        Some(target) => sandbox.precompile_for(&input, target),
+    })
+    .await
+    .map_err(|err| CommandError::internal(format!("compilation panicked: {err}")))?;
     let cwasm = match compiled {
         Ok(cwasm) => cwasm,
-        Err(invalid) => {
+        Err(PrecompileError::Target(unsupported)) => {
+            return Err(CommandError::usage(format!("--target: {unsupported}")));
+        }
+        Err(PrecompileError::Agent(invalid)) => {
             eprintln!("error: {}: {invalid}", args.agent.display());
             return Ok(Exit::AgentInvalid);
         }
     };
     write_atomically(&output, &cwasm)?;
     println!(
-        "compiled {} ({}) -> {} ({}) in {} ms",
+        "compiled {} ({}) -> {} ({}{}) in {} ms",
         args.agent.display(),
         format_bytes(wasm.len() as u64),
         output.display(),
         format_bytes(cwasm.len() as u64),
+        args.target.as_ref().map(|target| format!(", for {target}")).unwrap_or_default(),
         started.elapsed().as_millis()
     );
     Ok(Exit::Completed)

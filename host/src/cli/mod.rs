@@ -34,8 +34,9 @@ pub enum Command {
     /// Run an agent once, locally, in the sandbox production uses, and
     /// print its result and what it consumed.
     RunAgent(run_agent::RunAgentArgs),
-    /// Precompile a component to a .cwasm for this node's engine, so that
-    /// nodes (edge devices above all) skip compilation at run time.
+    /// Precompile a component to a .cwasm for this node's engine (or, with
+    /// --target, another machine's), so that nodes (edge devices above
+    /// all) skip compilation at run time.
     Compile(compile::CompileArgs),
     /// Run the node daemon: register with the control plane, heartbeat,
     /// pull leases, run them, report; drain on SIGTERM or SIGINT.

@@ -16,7 +16,7 @@ use crate::sandbox::budget::format_bytes;
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::sandbox::{
-    BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, InvalidGrant, LlmSettings,
+    BudgetRequest, DirectoryGrant, EngineSettings, Execution, FailKind, Grants, InvalidGrant, LlmSettings,
     RunContext, RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
 };
 
@@ -91,6 +91,13 @@ pub struct RunAgentArgs {
     #[arg(long = "env", value_name = "NAME", value_parser = parse_env)]
     pub env: Vec<String>,
 
+    /// How the agent executes: `cranelift` (native code, the default) or
+    /// `pulley` (the interpreter, as nodes whose CPU Cranelift has no
+    /// backend for run it; a .cwasm then comes from `compile --target
+    /// pulley64`).
+    #[arg(long, value_name = "cranelift|pulley", value_parser = parse_engine)]
+    pub engine: Option<Execution>,
+
     /// The agent id the run reports (default: the file name without its
     /// extension).
     #[arg(long, value_name = "ID")]
@@ -135,6 +142,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
     let config = SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,
+            execution: args.engine.unwrap_or_default(),
             ..EngineSettings::default()
         },
         llm: llm_settings(&args)?,
@@ -229,6 +237,11 @@ fn parse_dir(text: &str) -> Result<DirectoryGrant, String> {
         guest_path: guest.to_string(),
         read_only,
     })
+}
+
+/// `--engine cranelift|pulley`.
+fn parse_engine(text: &str) -> Result<Execution, String> {
+    Execution::parse(text).ok_or_else(|| format!("unknown engine `{text}`: use cranelift or pulley"))
 }
 
 /// `--env NAME`: a variable's name, never its value.

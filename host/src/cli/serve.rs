@@ -44,7 +44,13 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     let tls = control_plane_tls(&config)?;
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;
-    tracing::info!(allocator = ?sandbox.allocator(), "sandbox ready");
+    let (architecture, _) = sandbox.target();
+    tracing::info!(
+        allocator = ?sandbox.allocator(),
+        engine = %sandbox.execution(),
+        architecture,
+        "sandbox ready"
+    );
     let store = config
         .agent_store(&tls)
         .map_err(|err| CommandError::internal(format!("cannot build the agent store's HTTP client: {err}")))?;

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::sandbox::llm::ModelPrice;
 use crate::cli::parse_size;
-use crate::sandbox::AllocatorChoice;
+use crate::sandbox::{AllocatorChoice, Execution};
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
 
 /// Parses `text`, applies `env` over it and binds the result.
@@ -1076,6 +1076,13 @@ impl Binder<'_> {
                 defaults.allocator,
                 "auto, pooling or on-demand",
                 |scalar| parse_allocator(&scalar.text()?),
+            )?,
+            engine: self.value(
+                &mut s,
+                "Engine",
+                defaults.engine,
+                "cranelift (native code) or pulley (the interpreter)",
+                |scalar| Execution::parse(&scalar.text()?),
             )?,
             allowed_hosts,
             compiled_cache_max_bytes: self.size(

@@ -166,6 +166,7 @@ struct Sandbox<'a> {
     max_log_lines: u32,
     max_log_bytes: usize,
     allocator: &'static str,
+    engine: &'static str,
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
     compiled_cache_max_bytes: u64,
     grants: BTreeMap<&'a str, AgentGrants<'a>>,
@@ -306,6 +307,7 @@ impl<'a> View<'a> {
                     AllocatorChoice::Pooling => "pooling",
                     AllocatorChoice::OnDemand => "on-demand",
                 },
+                engine: sandbox.engine.as_str(),
                 allowed_hosts: &sandbox.allowed_hosts,
                 compiled_cache_max_bytes: sandbox.compiled_cache_max_bytes,
                 grants: sandbox

@@ -38,8 +38,8 @@ use crate::agent_store::{
 };
 
 use crate::sandbox::{
-    AllocatorChoice, CompiledCacheSettings, EngineSettings, Grants, LlmEndpoint, LlmSettings,
-    NodeLimits, SandboxConfig,
+    AllocatorChoice, CompiledCacheSettings, EngineSettings, Execution, Grants, LlmEndpoint,
+    LlmSettings, NodeLimits, SandboxConfig,
 };
 
 /// Everything the node is configured with. Build it with
@@ -310,6 +310,9 @@ pub struct SandboxSection {
     pub max_log_bytes: usize,
     /// `Allocator`: `auto`, `pooling` or `on-demand`.
     pub allocator: AllocatorChoice,
+    /// `Engine`: `cranelift` (native code) or `pulley` (the interpreter);
+    /// Pulley regardless where Cranelift has no backend for the host.
+    pub engine: Execution,
     /// `AllowedHosts` (agent id -> `host` or `host:port` entries): where
     /// each agent's outbound HTTP may go. An agent not listed reaches
     /// nothing.
@@ -513,6 +516,7 @@ impl Default for SandboxSection {
             max_log_lines: limits.log_lines,
             max_log_bytes: limits.log_bytes,
             allocator: AllocatorChoice::Auto,
+            engine: Execution::Cranelift,
             allowed_hosts: BTreeMap::new(),
             compiled_cache_max_bytes: 1 << 30,
             grants: BTreeMap::new(),
@@ -600,6 +604,7 @@ impl NodeConfig {
             },
             engine: EngineSettings {
                 allocator: sandbox.allocator,
+                execution: sandbox.engine,
                 max_concurrent_runs: self.slots(),
                 ..EngineSettings::default()
             },

@@ -442,6 +442,20 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             fix: "auto, pooling or on-demand",
         },
         Case {
+            what: "an unknown engine",
+            json: r#"{"Sandbox": {"Engine": "winch"}}"#,
+            env: &[],
+            key: "Sandbox.Engine",
+            fix: "cranelift (native code) or pulley",
+        },
+        Case {
+            what: "an unknown engine from the environment",
+            json: "{}",
+            env: &[("Sandbox__Engine", "interpreter")],
+            key: "Sandbox.Engine",
+            fix: "cranelift (native code) or pulley",
+        },
+        Case {
             what: "a memory limit that is not a size",
             json: r#"{"Sandbox": {"MaxMemoryBytes": "lots"}}"#,
             env: &[],
@@ -729,6 +743,19 @@ fn the_sandbox_section_sets_the_node_limits_and_the_pool() {
 }
 
 #[test]
+fn the_pulley_engine_is_chosen_in_the_file_or_the_environment() {
+    let from_file = load(r#"{"Sandbox": {"Engine": "Pulley"}}"#).unwrap();
+    assert_eq!(from_file.sandbox_config().engine.execution, Execution::Pulley);
+    let from_env = NodeConfig::from_json_str(
+        r#"{"Sandbox": {"Engine": "cranelift"}}"#,
+        Path::new("/"),
+        env(&[("Sandbox__Engine", "pulley")]),
+    )
+    .unwrap();
+    assert_eq!(from_env.sandbox_config().engine.execution, Execution::Pulley);
+}
+
+#[test]
 fn sizes_take_kubernetes_and_binary_units_and_the_slots_follow_capacity() {
     let config = load(
         r#"{"NodeRuntime": {"MaxConcurrentLeases": 10, "Capacity": {"Slots": 3}},
@@ -741,6 +768,7 @@ fn sizes_take_kubernetes_and_binary_units_and_the_slots_follow_capacity() {
     let sandbox = config.sandbox_config();
     assert_eq!(sandbox.engine.max_concurrent_runs, 3);
     assert_eq!(sandbox.engine.allocator, AllocatorChoice::Pooling);
+    assert_eq!(sandbox.engine.execution, Execution::Cranelift, "the default");
     assert_eq!(
         NodeConfig::default().sandbox_config().limits,
         NodeLimits::default()
@@ -816,6 +844,7 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
     assert_eq!(value["NodeRuntime"]["HeartbeatIntervalSeconds"], 15);
     assert_eq!(value["NodeRuntime"]["Metadata"]["Region"], "eu-west-1");
     assert_eq!(value["Sandbox"]["Allocator"], "auto");
+    assert_eq!(value["Sandbox"]["Engine"], "cranelift");
     assert_eq!(
         value["Logging"]["LogLevel"]["Microsoft.AspNetCore"],
         "Warning"

@@ -73,6 +73,7 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, Invali
     if precompiled::is_precompiled(bytes) {
         let artifact =
             precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
+        check_architecture(engine, artifact)?;
         // SAFETY: the artifact carries the digest `node-runtime compile`
         // recorded, so it is the bytes wasmtime produced; wasmtime checks its
         // own version and configuration before using it.
@@ -109,6 +110,31 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, Invali
             error_chain(&err)
         ))
     })
+}
+
+/// Refuses a `.cwasm` compiled for another machine, naming both targets.
+fn check_architecture(engine: &Engine, artifact: &[u8]) -> Result<(), InvalidAgent> {
+    let here = super::engine::engine_architecture(engine);
+    match precompiled::artifact_architecture(artifact) {
+        Some(built_for) if built_for != here => {
+            let runs = if engine.is_pulley() {
+                format!("runs {here} bytecode under the Pulley interpreter")
+            } else {
+                format!("runs native {here} code")
+            };
+            let target = super::engine::host_precompile_target(engine);
+            let or_pulley = if built_for == super::engine::pulley_host_target() {
+                ", or run it under Pulley (`Sandbox.Engine: pulley`, `run-agent --engine pulley`)"
+            } else {
+                ""
+            };
+            Err(InvalidAgent(format!(
+                "the .cwasm was compiled for {built_for}, but this node {runs}; \
+                 compile the .wasm for it with `node-runtime compile --target {target}`{or_pulley}"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Links `component` against the node's capabilities and finds its entry

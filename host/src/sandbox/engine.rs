@@ -5,6 +5,13 @@
 //! settings are the same for all of them, and a precompiled `.cwasm` is
 //! accepted only if it was produced under this exact configuration.
 //!
+//! Guests run as native code from Cranelift, or as Pulley bytecode under
+//! wasmtime's interpreter: slower, but it needs no code generator for the
+//! host's CPU and no executable memory, so it serves where Cranelift has no
+//! backend (wasmtime then picks it by itself). Compiling for another
+//! machine (`node-runtime compile --target`) uses the same settings with
+//! another target, so that machine's node accepts the result.
+//!
 //! The pooling allocator reserves its whole pool of virtual address space
 //! up front (several GiB per linear memory). That fails where the address
 //! space is small (39-bit ARM boards) or `ulimit -v` is set; the engine then
@@ -67,6 +74,71 @@ impl Metering {
     }
 }
 
+/// How guests execute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execution {
+    /// Native code compiled by Cranelift for this host's CPU.
+    #[default]
+    Cranelift,
+    /// Pulley bytecode run by wasmtime's interpreter: for hosts Cranelift
+    /// has no backend for. Computing is an order of magnitude slower.
+    Pulley,
+}
+
+impl Execution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Execution::Cranelift => "cranelift",
+            Execution::Pulley => "pulley",
+        }
+    }
+
+    /// `cranelift` or `pulley`, in any case; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Execution> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "cranelift" => Some(Execution::Cranelift),
+            "pulley" => Some(Execution::Pulley),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The Pulley target for this host: its pointer width and byte order.
+pub fn pulley_host_target() -> &'static str {
+    match (cfg!(target_pointer_width = "64"), cfg!(target_endian = "big")) {
+        (true, false) => "pulley64",
+        (true, true) => "pulley64be",
+        (false, false) => "pulley32",
+        (false, true) => "pulley32be",
+    }
+}
+
+/// The architecture of the code `engine` runs, named as
+/// [`super::precompiled::artifact_architecture`] names a `.cwasm`'s:
+/// this host's (`x86_64`, `aarch64`, ...) or its Pulley target.
+pub fn engine_architecture(engine: &Engine) -> &'static str {
+    if engine.is_pulley() {
+        pulley_host_target()
+    } else {
+        std::env::consts::ARCH
+    }
+}
+
+/// The `compile --target` value that produces code `engine` runs.
+pub fn host_precompile_target(engine: &Engine) -> String {
+    match (engine.is_pulley(), std::env::consts::OS) {
+        (true, _) => pulley_host_target().to_string(),
+        (false, "linux") => format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+        (false, os) => format!("{}-unknown-{os}", std::env::consts::ARCH),
+    }
+}
+
 /// Settings that shape the engine. Everything that affects compiled code
 /// lives in [`compiler_config`], so both allocators accept the same
 /// `.cwasm` files.
@@ -80,6 +152,9 @@ pub struct EngineSettings {
     pub epoch_tick: Duration,
     /// Always [`Metering::FuelAndEpochs`] outside benchmarks.
     pub metering: Metering,
+    /// Cranelift unless asked otherwise; Pulley regardless where Cranelift
+    /// has no backend for the host.
+    pub execution: Execution,
 }
 
 impl Default for EngineSettings {
@@ -89,6 +164,7 @@ impl Default for EngineSettings {
             max_concurrent_runs: 16,
             epoch_tick: Duration::from_millis(10),
             metering: Metering::FuelAndEpochs,
+            execution: Execution::Cranelift,
         }
     }
 }
@@ -100,14 +176,49 @@ const MEMORIES_PER_COMPONENT: u32 = 8;
 const TABLES_PER_COMPONENT: u32 = 64;
 
 /// Settings that change generated code. A `.cwasm` records them and is
-/// refused by an engine whose settings differ.
-fn compiler_config(metering: Metering) -> Config {
+/// refused by an engine whose settings differ. `target` is `None` for this
+/// host, whose CPU features Cranelift then uses.
+fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result<Config> {
     let mut config = Config::new();
+    if let Some(target) = target {
+        config.target(target)?;
+    }
     config.wasm_component_model(true);
     config.consume_fuel(metering.fuel());
     config.epoch_interruption(metering.epochs());
     config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
-    config
+    Ok(config)
+}
+
+/// Targets `node-runtime compile --target` is known to produce code for
+/// (the `-musl` forms give the same code; Linux is what the node is built
+/// and tested for).
+pub const PRECOMPILE_TARGETS: [&str; 4] =
+    ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "pulley64", "pulley32"];
+
+/// A target this build cannot compile for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot compile for target `{target}`: {reason}; supported targets: {}",
+    PRECOMPILE_TARGETS.join(", ")
+)]
+pub struct UnsupportedTarget {
+    pub target: String,
+    pub reason: String,
+}
+
+/// An engine that compiles, but never runs, code for `target` (a target
+/// triple such as `aarch64-unknown-linux-gnu`, or `pulley64`), with the
+/// node's compiler settings, so that a node on that target accepts it.
+pub fn build_precompile_engine(target: &str, metering: Metering) -> Result<Engine, UnsupportedTarget> {
+    let unsupported = |err: wasmtime::Error| UnsupportedTarget {
+        target: target.to_string(),
+        reason: super::agent::error_chain(&err),
+    };
+    let mut config = compiler_config(metering, Some(target)).map_err(unsupported)?;
+    // Nothing is instantiated: no pool to reserve.
+    config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    Engine::new(&config).map_err(unsupported)
 }
 
 /// Builds the process's engine, with the pool when it can be reserved.
@@ -115,8 +226,12 @@ pub fn build_engine(
     settings: &EngineSettings,
     limits: &NodeLimits,
 ) -> wasmtime::Result<(Engine, Allocator)> {
+    let target = match settings.execution {
+        Execution::Cranelift => None,
+        Execution::Pulley => Some(pulley_host_target()),
+    };
     let on_demand = |reason: String| -> wasmtime::Result<(Engine, Allocator)> {
-        let mut config = compiler_config(settings.metering);
+        let mut config = compiler_config(settings.metering, target)?;
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
         let engine = Engine::new(&config)?;
         warn_if_too_few_mappings(settings.max_concurrent_runs, read_max_map_count());
@@ -126,7 +241,7 @@ pub fn build_engine(
         AllocatorChoice::OnDemand => on_demand("configured".to_string()),
         choice => {
             let slots = settings.max_concurrent_runs.max(1);
-            let mut config = compiler_config(settings.metering);
+            let mut config = compiler_config(settings.metering, target)?;
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
                 slots, limits,
             )));

@@ -37,7 +37,10 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
-pub use engine::{Allocator, AllocatorChoice, EngineSettings, Metering};
+pub use engine::{
+    Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS,
+    UnsupportedTarget,
+};
 pub use grants::{
     AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
     InvalidGrant,
@@ -96,11 +99,23 @@ pub enum SandboxError {
     },
 }
 
+/// Why [`Sandbox::precompile_for`] produced nothing.
+#[derive(Debug, Error)]
+pub enum PrecompileError {
+    #[error(transparent)]
+    Target(#[from] UnsupportedTarget),
+    #[error(transparent)]
+    Agent(#[from] InvalidAgent),
+}
+
 /// The process's one WebAssembly engine and the agents compiled for it.
 pub struct Sandbox {
     engine: Engine,
     /// How `engine` meters guests (always on outside benchmarks).
     metering: Metering,
+    /// How guests actually execute: Pulley when asked, or when Cranelift
+    /// has no backend for this host.
+    execution: Execution,
     allocator: Allocator,
     linker: Linker<RunState>,
     limits: NodeLimits,
@@ -131,6 +146,15 @@ impl Sandbox {
         let grants = check_grants(&config)?;
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
+        let execution = if engine.is_pulley() { Execution::Pulley } else { Execution::Cranelift };
+        if execution != config.engine.execution {
+            tracing::warn!(
+                "Cranelift has no backend for this host ({}): guests run under the Pulley \
+                 interpreter ({}), computing an order of magnitude slower than native code",
+                std::env::consts::ARCH,
+                engine::pulley_host_target()
+            );
+        }
         let llm = config
             .llm
             .map(llm::LlmClient::new)
@@ -155,6 +179,7 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             metering: config.engine.metering,
+            execution,
             allocator,
             linker,
             limits: config.limits,
@@ -175,6 +200,18 @@ impl Sandbox {
 
     pub fn allocator(&self) -> &Allocator {
         &self.allocator
+    }
+
+    /// How guests execute: Cranelift's native code or the Pulley
+    /// interpreter.
+    pub fn execution(&self) -> Execution {
+        self.execution
+    }
+
+    /// The architecture of the code this node runs (`x86_64`, `pulley64`,
+    /// ...), and the `compile --target` value that produces it.
+    pub fn target(&self) -> (&'static str, String) {
+        (engine::engine_architecture(&self.engine), engine::host_precompile_target(&self.engine))
     }
 
     /// Agent loads that did not compile (served in memory or from the
@@ -286,6 +323,24 @@ impl Sandbox {
         let artifact = component.serialize().map_err(|err| {
             InvalidAgent(format!(
                 "could not serialise the component: {}",
+                agent::error_chain(&err)
+            ))
+        })?;
+        Ok(precompiled::seal(artifact))
+    }
+
+    /// [`Sandbox::precompile`] for another machine: `target` is a target
+    /// triple (`aarch64-unknown-linux-gnu`) or `pulley64`/`pulley32`. The
+    /// component is compiled and linked here first, to refuse an agent that
+    /// could never run, then compiled again for the target, with this
+    /// node's compiler settings (fuel, epochs) so that the node there
+    /// accepts it.
+    pub fn precompile_for(&self, wasm: &[u8], target: &str) -> Result<Vec<u8>, PrecompileError> {
+        let target_engine = engine::build_precompile_engine(target, self.metering)?;
+        self.precompile(wasm)?;
+        let artifact = target_engine.precompile_component(wasm).map_err(|err| {
+            InvalidAgent(format!(
+                "could not compile the component for {target}: {}",
                 agent::error_chain(&err)
             ))
         })?;

@@ -13,6 +13,10 @@
 //! copy); wasmtime itself then refuses an artifact from another wasmtime
 //! version or configuration (fuel, epochs, target). The digest is not a
 //! signature: a `.cwasm` is as trusted as the place it came from.
+//!
+//! The artifact's ELF header names the architecture it was compiled for, so
+//! a `.cwasm` made for another machine (`compile --target`) is refused
+//! with both targets named, before wasmtime is asked.
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -73,6 +77,59 @@ pub fn unseal(bytes: &[u8]) -> Result<&[u8], PrecompiledError> {
     }
 }
 
+/// ELF machine numbers of the architectures wasmtime compiles for.
+const EM_386: u16 = 3;
+const EM_ARM: u16 = 40;
+const EM_X86_64: u16 = 62;
+const EM_S390: u16 = 22;
+const EM_AARCH64: u16 = 183;
+const EM_RISCV: u16 = 243;
+/// wasmtime marks Pulley bytecode as riscv64 with one of these `e_flags`
+/// (`wasmtime_environ::obj::EF_WASMTIME_PULLEY32` and `..64`).
+const EF_WASMTIME_PULLEY32: u32 = 1 << 2;
+const EF_WASMTIME_PULLEY64: u32 = 1 << 3;
+
+/// The architecture a wasmtime artifact was compiled for (`x86_64`,
+/// `aarch64`, `pulley64`, ...), read from its ELF header; `None` when the
+/// header is not one wasmtime writes.
+pub fn artifact_architecture(artifact: &[u8]) -> Option<&'static str> {
+    if !artifact.starts_with(b"\x7fELF") {
+        return None;
+    }
+    let big_endian = match artifact.get(5)? {
+        1 => false,
+        2 => true,
+        _ => return None,
+    };
+    let flags_at = match artifact.get(4)? {
+        1 => 36,
+        2 => 48,
+        _ => return None,
+    };
+    let u16_at = |at: usize| -> Option<u16> {
+        let bytes: [u8; 2] = artifact.get(at..at + 2)?.try_into().ok()?;
+        Some(if big_endian { u16::from_be_bytes(bytes) } else { u16::from_le_bytes(bytes) })
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let bytes: [u8; 4] = artifact.get(at..at + 4)?.try_into().ok()?;
+        Some(if big_endian { u32::from_be_bytes(bytes) } else { u32::from_le_bytes(bytes) })
+    };
+    let flags = u32_at(flags_at)?;
+    Some(match (u16_at(18)?, big_endian) {
+        (EM_RISCV, false) if flags & EF_WASMTIME_PULLEY64 != 0 => "pulley64",
+        (EM_RISCV, true) if flags & EF_WASMTIME_PULLEY64 != 0 => "pulley64be",
+        (EM_RISCV, false) if flags & EF_WASMTIME_PULLEY32 != 0 => "pulley32",
+        (EM_RISCV, true) if flags & EF_WASMTIME_PULLEY32 != 0 => "pulley32be",
+        (EM_RISCV, _) => "riscv64",
+        (EM_X86_64, _) => "x86_64",
+        (EM_AARCH64, _) => "aarch64",
+        (EM_S390, _) => "s390x",
+        (EM_386, _) => "x86",
+        (EM_ARM, _) => "arm",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +143,28 @@ mod tests {
             unseal(&sealed),
             Err(PrecompiledError::DigestMismatch { .. })
         ));
+    }
+
+    /// The first 64 bytes of a little-endian ELF64 file.
+    fn elf64_header(machine: u16, flags: u32) -> Vec<u8> {
+        let mut header = vec![0u8; 64];
+        header[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        header[18..20].copy_from_slice(&machine.to_le_bytes());
+        header[48..52].copy_from_slice(&flags.to_le_bytes());
+        header
+    }
+
+    #[test]
+    fn pulley_bytecode_is_told_from_riscv64_code_by_wasmtimes_elf_flags() {
+        let component = 1 << 1;
+        assert_eq!(artifact_architecture(&elf64_header(EM_RISCV, component)), Some("riscv64"));
+        let pulley64 = elf64_header(EM_RISCV, component | EF_WASMTIME_PULLEY64);
+        assert_eq!(artifact_architecture(&pulley64), Some("pulley64"));
+        let pulley32 = elf64_header(EM_RISCV, component | EF_WASMTIME_PULLEY32);
+        assert_eq!(artifact_architecture(&pulley32), Some("pulley32"));
+        assert_eq!(artifact_architecture(&elf64_header(EM_AARCH64, component)), Some("aarch64"));
+        assert_eq!(artifact_architecture(&elf64_header(EM_X86_64, component)[..40]), None, "cut short");
+        assert_eq!(artifact_architecture(b"\0asm\x0d\0\x01\0"), None);
     }
 
     #[test]
