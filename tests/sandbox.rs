@@ -383,12 +383,9 @@ async fn when_the_pool_cannot_be_reserved_the_engine_falls_back_to_on_demand() {
     assert!(matches!(support::sandbox().allocator(), Allocator::Pooling { .. }));
 }
 
-#[tokio::test]
-async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
-    // One pooled slot, so the second run reuses the first one's memory
-    // (reset between runs, by rewriting dirty pages where the kernel can
-    // list them, else by discarding them).
-    let sandbox = Sandbox::new(SandboxConfig {
+/// A pooling sandbox with room for one instance at a time.
+fn one_slot_pool() -> Sandbox {
+    Sandbox::new(SandboxConfig {
         engine: EngineSettings {
             allocator: AllocatorChoice::Pooling,
             max_concurrent_runs: 1,
@@ -396,7 +393,15 @@ async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
         },
         ..SandboxConfig::default()
     })
-    .expect("a one-slot pool");
+    .expect("a one-slot pool")
+}
+
+#[tokio::test]
+async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
+    // One pooled slot, so the second run reuses the first one's memory
+    // (reset between runs, by rewriting dirty pages where the kernel can
+    // list them, else by discarding them).
+    let sandbox = one_slot_pool();
     let hostile = load(&sandbox, "hostile").await;
     for round in 0..3 {
         let result = sandbox
@@ -413,17 +418,7 @@ async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
 async fn a_run_the_node_has_no_room_to_instantiate_is_handed_back_not_failed_for_good() {
     // A pool of one instance, held by a sleeping run: the next run cannot
     // be instantiated here, through no fault of its agent.
-    let sandbox = Arc::new(
-        Sandbox::new(SandboxConfig {
-            engine: EngineSettings {
-                allocator: AllocatorChoice::Pooling,
-                max_concurrent_runs: 1,
-                ..EngineSettings::default()
-            },
-            ..SandboxConfig::default()
-        })
-        .expect("a one-slot pool"),
-    );
+    let sandbox = Arc::new(one_slot_pool());
     let sleeper = load(&sandbox, "sleep-forever").await;
     let echo = load(&sandbox, "echo").await;
     let sleeping = {
