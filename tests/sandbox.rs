@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use node_runtime::sandbox::precompiled;
 use node_runtime::sandbox::{
+    Agent,
     Allocator, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, NodeLimits, RunFailure,
     RunOutcome, RunRequest, RunResult, Sandbox, SandboxConfig,
 };
@@ -383,6 +384,23 @@ async fn when_the_pool_cannot_be_reserved_the_engine_falls_back_to_on_demand() {
     assert!(matches!(support::sandbox().allocator(), Allocator::Pooling { .. }));
 }
 
+/// Runs `agent` (named `name`) on a task of its own, within `duration`.
+fn run_in_background(
+    sandbox: &Arc<Sandbox>,
+    agent: Arc<Agent>,
+    name: &'static str,
+    duration: Duration,
+) -> tokio::task::JoinHandle<RunResult> {
+    let sandbox = sandbox.clone();
+    tokio::spawn(async move {
+        let budget = BudgetRequest {
+            duration: Some(duration),
+            ..BudgetRequest::default()
+        };
+        sandbox.run(&agent, request(name, &[], budget)).await
+    })
+}
+
 /// A pooling sandbox with room for one instance at a time.
 fn one_slot_pool() -> Sandbox {
     Sandbox::new(SandboxConfig {
@@ -421,16 +439,7 @@ async fn a_run_the_node_has_no_room_to_instantiate_is_handed_back_not_failed_for
     let sandbox = Arc::new(one_slot_pool());
     let sleeper = load(&sandbox, "sleep-forever").await;
     let echo = load(&sandbox, "echo").await;
-    let sleeping = {
-        let sandbox = sandbox.clone();
-        tokio::spawn(async move {
-            let budget = BudgetRequest {
-                duration: Some(Duration::from_secs(3)),
-                ..BudgetRequest::default()
-            };
-            sandbox.run(&sleeper, request("sleep-forever", &[], budget)).await
-        })
-    };
+    let sleeping = run_in_background(&sandbox, sleeper, "sleep-forever", Duration::from_secs(3));
     // Bounded: the sleeper holds the slot for 3 s; it is in its host call
     // well before that.
     let mut result = None;
@@ -458,17 +467,8 @@ async fn a_cpu_bound_agent_does_not_starve_other_runs() {
     let sandbox = Arc::new(sandbox());
     let spin = load(&sandbox, "spin-forever").await;
     let echo = load(&sandbox, "echo").await;
-    let spinning = {
-        let sandbox = sandbox.clone();
-        tokio::spawn(async move {
-            // Long enough that echo finishes first even on a loaded machine.
-            let budget = BudgetRequest {
-                duration: Some(Duration::from_secs(4)),
-                ..BudgetRequest::default()
-            };
-            sandbox.run(&spin, request("spin-forever", &[], budget)).await
-        })
-    };
+    // Long enough that echo finishes first even on a loaded machine.
+    let spinning = run_in_background(&sandbox, spin, "spin-forever", Duration::from_secs(4));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let result = sandbox.run(&echo, RunRequest::default()).await;
     completed(&result);
