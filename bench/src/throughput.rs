@@ -218,10 +218,16 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let runs: usize = args
+        .next()
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(5000);
+    // Optional open-loop rates (runs/s) at slots 64 instead of the
+    // saturation phases: latency against load.
+    let rates: Vec<f64> = args
+        .map(|rate| rate.parse().expect("RATE is a number of runs per second"))
+        .collect();
     let target =
         PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let scratch = target.join("bench-scratch/throughput");
@@ -233,6 +239,25 @@ async fn main() {
         "{:<8} {:>8} {:>12} {:>14} {:>14} {:>6}",
         "slots", "runs", "runs/s", "p50 ms", "p99 ms", "load"
     );
+    if !rates.is_empty() {
+        let setup = start(64, &agents, &scratch).await;
+        for rate in rates {
+            let load = wait_for_quiet_machine("throughput");
+            let (sent, spread) = open_loop(&setup, rate).await;
+            println!(
+                "{:<8} {:>8} {:>12.0} {:>14.1} {:>14.1} {:>6.2}   (open loop)",
+                64,
+                sent,
+                rate,
+                ms(spread.median),
+                ms(spread.p99),
+                load
+            );
+        }
+        setup.node.shutdown().await;
+        setup.plane.shutdown().await;
+        return;
+    }
     let mut at_64 = 0.0;
     for slots in SLOTS {
         let setup = start(slots, &agents, &scratch).await;

@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -152,6 +153,13 @@ impl DevPlane {
         let client_subjects = Arc::new(tls::ClientSubjects::default());
         let server = match &options.tls {
             None => tokio::spawn(async move {
+                // Without TCP_NODELAY a lease written while the previous
+                // one is unacknowledged waits for the node's delayed ACK
+                // (tens of milliseconds on loopback). The TLS listener
+                // sets it too.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
                     .await
