@@ -1,21 +1,26 @@
 //! Group commit: the writes of concurrent runs share one transaction and
-//! one fsync.
+//! one fsync, made by one writer thread.
 //!
 //! Every accepted lease and every report must be on disk before the node
 //! acts on it, and an fsync costs about a millisecond here: one per write
 //! would cap the node near a thousand writes a second whatever its slot
-//! count. Instead, a caller queues its write and either finds a commit
-//! under way (then it waits: the next commit takes its write along) or
-//! becomes the writer itself, takes everything queued so far, and commits
-//! it as one transaction. The queue never waits for company: a lone write
-//! commits at once, so an idle node pays no latency for the batching.
+//! count. Instead, callers queue their writes for the outbox's writer
+//! thread, which takes everything queued when it is free and commits it as
+//! one transaction: while one commit waits for the disk, the next batch
+//! gathers. The queue never waits for company: a lone write commits at
+//! once, so an idle node pays no latency for the batching.
 //!
-//! Each write keeps its own answer (a lease already accepted, the reports
-//! dropped to stay in bounds), exactly as if it had committed alone and in
-//! queue order. A transaction that fails fails every write in it.
+//! A caller on the async runtime awaits its answer without holding a
+//! thread; a blocking caller (tests, the `outbox` command) waits on its
+//! own thread. Each write keeps its own answer (a lease already accepted,
+//! the reports dropped to stay in bounds), exactly as if it had committed
+//! alone and in queue order. A transaction that fails fails every write in
+//! it.
 
-use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
 
 /// One queued write.
 #[derive(Debug)]
@@ -46,127 +51,324 @@ pub(super) enum Written {
 
 /// Commits a batch of writes in order, returning one answer per write, or
 /// one error for the whole batch.
-pub(super) trait Committer {
-    type Error;
+pub(super) trait Committer: Send + 'static {
+    type Error: Send + 'static;
     fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, Self::Error>;
     /// The error each write of a failed batch is answered with.
     fn each(&self, error: &Self::Error) -> Self::Error;
-    /// The error for writes whose commit panicked.
+    /// The error for writes whose commit panicked, or that the writer
+    /// thread could not take.
     fn panicked(&self) -> Self::Error;
 }
 
-#[derive(Default)]
-struct Queue<E> {
-    queued: Vec<(u64, Write)>,
-    next_ticket: u64,
-    writing: bool,
-    answered: HashMap<u64, Result<Written, E>>,
+type Answers<E> = Vec<Result<Written, E>>;
+
+/// Where a queued job's answers go.
+enum Reply<E> {
+    Blocking(mpsc::SyncSender<Answers<E>>),
+    Async(oneshot::Sender<Answers<E>>),
 }
 
-/// The queue concurrent writers share.
+/// Writes queued together, committed together, answered together.
+struct Job<E> {
+    writes: Vec<Write>,
+    reply: Reply<E>,
+}
+
+/// Jobs one commit takes at most; the rest wait for the next.
+const MAX_JOBS_PER_COMMIT: usize = 1024;
+
+/// The writer thread and the queue to it. Dropping it lets the thread
+/// finish what is queued and joins it, so the database is closed (and its
+/// file lock released) when the last outbox handle goes.
 pub(super) struct GroupCommit<E> {
-    queue: Mutex<Queue<E>>,
-    changed: Condvar,
+    jobs: Option<mpsc::Sender<Job<E>>>,
+    writer: Option<JoinHandle<()>>,
+    /// The answer to a write the writer thread did not answer (it is gone).
+    gone: Box<dyn Fn() -> E + Send + Sync>,
 }
 
-impl<E> Default for GroupCommit<E> {
-    fn default() -> Self {
-        GroupCommit {
-            queue: Mutex::new(Queue {
-                queued: Vec::new(),
-                next_ticket: 0,
-                writing: false,
-                answered: HashMap::new(),
-            }),
-            changed: Condvar::new(),
-        }
-    }
-}
-
-impl<E> GroupCommit<E> {
-    fn lock(&self) -> MutexGuard<'_, Queue<E>> {
-        // A panic while holding the lock leaves the queue consistent (every
-        // step below is a single push, take or insert), so carry on.
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+impl<E: Send + 'static> GroupCommit<E> {
+    /// Starts the writer thread, which owns `committer`. `gone` makes the
+    /// error for writes the thread does not answer.
+    pub(super) fn start<C: Committer<Error = E>>(
+        committer: C,
+        gone: impl Fn() -> E + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job<E>>();
+        let writer = std::thread::Builder::new()
+            .name("outbox-writer".to_string())
+            .spawn(move || write_until_closed(&committer, &queue))?;
+        Ok(GroupCommit {
+            jobs: Some(jobs),
+            writer: Some(writer),
+            gone: Box::new(gone),
+        })
     }
 
-    /// Queues `writes` (kept together, in order) and returns their answers
-    /// once a commit holding them has finished. Blocks the calling thread:
-    /// call it from a blocking context.
-    pub(super) fn submit<C: Committer<Error = E>>(
-        &self,
-        committer: &C,
-        writes: Vec<Write>,
-    ) -> Vec<Result<Written, E>> {
-        if writes.is_empty() {
+    /// Queues `writes` (kept together, in order) and waits, on this
+    /// thread, for their answers: for blocking callers.
+    pub(super) fn submit_blocking(&self, writes: Vec<Write>) -> Answers<E> {
+        let count = writes.len();
+        if count == 0 {
             return Vec::new();
         }
-        let mut queue = self.lock();
-        let first = queue.next_ticket;
-        let count = writes.len() as u64;
-        queue.next_ticket += count;
-        queue.queued.extend((first..).zip(writes));
-        // The commit that takes the first write takes them all: they are
-        // queued together, under one lock.
-        loop {
-            if queue.answered.contains_key(&first) {
-                return (first..first + count)
-                    .map(|ticket| {
-                        queue
-                            .answered
-                            .remove(&ticket)
-                            .expect("answered with the batch")
-                    })
-                    .collect();
+        let (sender, receiver) = mpsc::sync_channel(1);
+        if self.queue(writes, Reply::Blocking(sender))
+            && let Ok(answers) = receiver.recv()
+        {
+            return answers;
+        }
+        self.unanswered(count)
+    }
+
+    /// Queues `writes` (kept together, in order) and awaits their answers,
+    /// holding no thread meanwhile.
+    pub(super) async fn submit(&self, writes: Vec<Write>) -> Answers<E> {
+        let count = writes.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let (sender, receiver) = oneshot::channel();
+        if self.queue(writes, Reply::Async(sender))
+            && let Ok(answers) = receiver.await
+        {
+            return answers;
+        }
+        self.unanswered(count)
+    }
+
+    fn queue(&self, writes: Vec<Write>, reply: Reply<E>) -> bool {
+        self.jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Job { writes, reply }).is_ok())
+    }
+
+    fn unanswered(&self, count: usize) -> Answers<E> {
+        (0..count).map(|_| Err((self.gone)())).collect()
+    }
+}
+
+impl<E> Drop for GroupCommit<E> {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has committed what
+        // was queued before.
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C::Error>>) {
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_JOBS_PER_COMMIT {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
             }
-            if !queue.writing {
-                // Nobody is writing, so these writes are still queued:
-                // commit them, and everything queued with them.
-                queue.writing = true;
-                let (tickets, batch): (Vec<u64>, Vec<Write>) =
-                    std::mem::take(&mut queue.queued).into_iter().unzip();
-                drop(queue);
-                let answers = self.commit_batch(committer, &tickets, &batch);
-                queue = self.lock();
-                queue.writing = false;
-                queue.answered.extend(answers);
-                self.changed.notify_all();
-                continue;
+        }
+        commit_jobs(committer, jobs);
+    }
+}
+
+fn commit_jobs<C: Committer>(committer: &C, jobs: Vec<Job<C::Error>>) {
+    let mut counts = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut batch = Vec::new();
+    for job in jobs {
+        counts.push(job.writes.len());
+        replies.push(job.reply);
+        batch.extend(job.writes);
+    }
+    // Should the commit panic, answer everyone (the panic hook has already
+    // logged it) rather than leave them waiting.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.commit(&batch)));
+    let mut answers: Box<dyn Iterator<Item = Result<Written, C::Error>>> = match outcome {
+        Ok(Ok(answers)) if answers.len() == batch.len() => Box::new(answers.into_iter().map(Ok)),
+        Ok(Err(error)) => Box::new((0..batch.len()).map(move |_| Err(committer.each(&error)))),
+        Ok(Ok(_)) | Err(_) => Box::new((0..batch.len()).map(|_| Err(committer.panicked()))),
+    };
+    for (count, reply) in counts.into_iter().zip(replies) {
+        let own: Answers<C::Error> = answers.by_ref().take(count).collect();
+        // A caller that stopped waiting (its task was dropped) needs no
+        // answer; the write is committed all the same.
+        match reply {
+            Reply::Blocking(sender) => {
+                let _ = sender.send(own);
             }
-            queue = self
-                .changed
-                .wait(queue)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Reply::Async(sender) => {
+                let _ = sender.send(own);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// Answers each put with its own lease id, records batch sizes, and
+    /// holds its first commit until the test lets it go.
+    struct Recorder {
+        batches: Arc<Mutex<Vec<usize>>>,
+        started: mpsc::Sender<()>,
+        gate: Mutex<mpsc::Receiver<()>>,
+        panic_on: Option<&'static str>,
+    }
+
+    impl Committer for Recorder {
+        type Error = String;
+
+        fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, String> {
+            let first = self.batches.lock().unwrap().is_empty();
+            self.batches.lock().unwrap().push(batch.len());
+            if first {
+                let _ = self.started.send(());
+                let _ = self.gate.lock().unwrap().recv();
+            }
+            batch
+                .iter()
+                .map(|write| match write {
+                    Write::Put { lease_id, .. } if Some(lease_id.as_str()) == self.panic_on => {
+                        panic!("commit of {lease_id} panics")
+                    }
+                    Write::Put { lease_id, .. } => Ok(Written::Put(vec![lease_id.clone()])),
+                    _ => Err("only puts here".to_string()),
+                })
+                .collect()
+        }
+
+        fn each(&self, error: &String) -> String {
+            error.clone()
+        }
+
+        fn panicked(&self) -> String {
+            "panicked".to_string()
         }
     }
 
-    fn commit_batch<C: Committer<Error = E>>(
-        &self,
-        committer: &C,
-        tickets: &[u64],
-        batch: &[Write],
-    ) -> Vec<(u64, Result<Written, E>)> {
-        // Should the commit panic, answer everyone (the panic hook has
-        // already logged it) rather than leave them waiting for a writer
-        // that is gone.
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.commit(batch)));
-        match outcome {
-            Ok(Ok(answers)) if answers.len() == tickets.len() => tickets
-                .iter()
-                .copied()
-                .zip(answers.into_iter().map(Ok))
-                .collect(),
-            Ok(Err(error)) => tickets
-                .iter()
-                .map(|&ticket| (ticket, Err(committer.each(&error))))
-                .collect(),
-            Ok(Ok(_)) | Err(_) => tickets
-                .iter()
-                .map(|&ticket| (ticket, Err(committer.panicked())))
-                .collect(),
+    struct Harness {
+        group: Arc<GroupCommit<String>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        started: mpsc::Receiver<()>,
+        gate: mpsc::Sender<()>,
+    }
+
+    fn harness(panic_on: Option<&'static str>) -> Harness {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started) = mpsc::channel();
+        let (gate, gate_rx) = mpsc::channel();
+        let recorder = Recorder {
+            batches: Arc::clone(&batches),
+            started: started_tx,
+            gate: Mutex::new(gate_rx),
+            panic_on,
+        };
+        let group = GroupCommit::start(recorder, || "gone".to_string()).expect("writer thread");
+        Harness {
+            group: Arc::new(group),
+            batches,
+            started,
+            gate,
         }
+    }
+
+    fn put(lease_id: &str) -> Write {
+        Write::Put {
+            lease_id: lease_id.to_string(),
+            value: Vec::new(),
+        }
+    }
+
+    type Submission = Pin<Box<dyn Future<Output = Answers<String>> + Send>>;
+
+    /// Submits, polling once so the writes are queued before this returns.
+    fn queued(group: &Arc<GroupCommit<String>>, writes: Vec<Write>) -> Submission {
+        let group = Arc::clone(group);
+        let mut submission: Submission = Box::pin(async move { group.submit(writes).await });
+        let polled = submission
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+        assert!(polled.is_pending(), "answered before the writer was let go");
+        submission
+    }
+
+    fn ids(answers: Answers<String>) -> Vec<String> {
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(Written::Put(ids)) => ids.concat(),
+                other => panic!("unexpected answer {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn writes_queued_during_a_commit_share_the_next_one_and_keep_their_answers() {
+        let h = harness(None);
+        let first = queued(&h.group, vec![put("a")]);
+        h.started.recv().expect("the first commit started");
+        // Queued while the first commit waits for its "disk".
+        let second = queued(&h.group, vec![put("b"), put("c")]);
+        let third = queued(&h.group, vec![put("d")]);
+        let blocking = {
+            let group = Arc::clone(&h.group);
+            std::thread::spawn(move || group.submit_blocking(vec![put("e")]))
+        };
+        h.gate.send(()).unwrap();
+        assert_eq!(ids(first.await), ["a"]);
+        assert_eq!(ids(second.await), ["b", "c"]);
+        assert_eq!(ids(third.await), ["d"]);
+        assert_eq!(ids(blocking.join().unwrap()), ["e"]);
+        let batches = h.batches.lock().unwrap().clone();
+        assert_eq!(batches[0], 1);
+        assert_eq!(batches.iter().sum::<usize>(), 5);
+        assert!(
+            batches[1] >= 3,
+            "the writes queued during the first commit share the second: {batches:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_panics_fails_its_writes_and_the_writer_goes_on() {
+        let h = harness(Some("boom"));
+        let first = queued(&h.group, vec![put("a")]);
+        h.started.recv().unwrap();
+        let doomed = queued(&h.group, vec![put("b"), put("boom")]);
+        h.gate.send(()).unwrap();
+        assert_eq!(ids(first.await), ["a"]);
+        let answers = doomed.await;
+        assert_eq!(answers.len(), 2);
+        assert!(answers.iter().all(|answer| matches!(answer, Err(e) if e == "panicked")));
+        assert_eq!(ids(h.group.submit(vec![put("after")]).await), ["after"]);
+    }
+
+    #[test]
+    fn dropping_it_commits_what_was_queued_then_stops_the_writer() {
+        let h = harness(None);
+        let group = Arc::try_unwrap(h.group).ok().expect("one handle");
+        let waiting = queued_blocking(&group);
+        h.started.recv().unwrap();
+        h.gate.send(()).unwrap();
+        drop(group);
+        // The writer thread is joined: it no longer holds the recorder.
+        assert_eq!(Arc::strong_count(&h.batches), 1);
+        assert_eq!(*h.batches.lock().unwrap(), [1]);
+        assert!(waiting.recv().is_ok(), "the queued write was answered");
+    }
+
+    /// Queues one put without waiting for its answer.
+    fn queued_blocking(group: &GroupCommit<String>) -> mpsc::Receiver<Answers<String>> {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        assert!(group.queue(vec![put("a")], Reply::Blocking(sender)));
+        receiver
     }
 }

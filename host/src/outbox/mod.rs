@@ -132,8 +132,16 @@ pub struct Outbox {
     db: Arc<Database>,
     path: PathBuf,
     limits: OutboxLimits,
-    /// Accepts, reports and removals of concurrent runs share commits.
+    /// Accepts, reports and removals of concurrent runs share commits,
+    /// made by one writer thread.
     group: Arc<GroupCommit<OutboxError>>,
+}
+
+/// The writer thread's side of the outbox: the tables the writes go to.
+struct Tables {
+    db: Arc<Database>,
+    path: PathBuf,
+    limits: OutboxLimits,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -165,11 +173,28 @@ impl Outbox {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::Locked(path)),
             Err(err) => return Err(database(&path, err)),
         };
+        let db = Arc::new(db);
+        let tables = Tables {
+            db: Arc::clone(&db),
+            path: path.clone(),
+            limits,
+        };
+        let gone = {
+            let path = path.clone();
+            move || OutboxError::Database {
+                path: path.clone(),
+                message: "the outbox writer thread has stopped".to_string(),
+            }
+        };
+        let group = GroupCommit::start(tables, gone).map_err(|err| OutboxError::Database {
+            path: path.clone(),
+            message: format!("cannot start the outbox writer thread: {err}"),
+        })?;
         let outbox = Outbox {
-            db: Arc::new(db),
+            db,
             path,
             limits,
-            group: Arc::default(),
+            group: Arc::new(group),
         };
         // Create both tables, so readers never meet a missing one.
         outbox.write(|txn| {
@@ -210,28 +235,13 @@ impl Outbox {
 
     /// [`Outbox::accept`] for several leases (id, deadline), in one commit.
     pub fn accept_all(&self, leases: &[(&str, i64)]) -> Vec<Result<bool, OutboxError>> {
-        let writes = leases
-            .iter()
-            .map(|&(lease_id, deadline_unix_ms)| Write::Accept {
-                lease_id: lease_id.to_string(),
-                deadline_unix_ms,
-            })
-            .collect();
-        self.submit(writes)
-            .into_iter()
-            .map(|answer| match answer? {
-                Written::Accepted(fresh) => Ok(fresh),
-                other => unreachable!("an accept answered {other:?}"),
-            })
-            .collect()
+        accepted(self.group.submit_blocking(accept_writes(leases)))
     }
 
-    fn submit(&self, writes: Vec<Write>) -> Vec<Result<Written, OutboxError>> {
-        self.group.submit(self, writes)
-    }
-
-    fn submit_one(&self, write: Write) -> Result<Written, OutboxError> {
-        self.submit(vec![write]).remove(0)
+    /// [`Outbox::accept_all`] for async callers: no thread is held while
+    /// the commit waits for the disk.
+    pub async fn accept_all_async(&self, leases: &[(&str, i64)]) -> Vec<Result<bool, OutboxError>> {
+        accepted(self.group.submit(accept_writes(leases)).await)
     }
 
     pub fn is_accepted(&self, lease_id: &str) -> Result<bool, OutboxError> {
@@ -245,52 +255,12 @@ impl Outbox {
     /// Stores a report, synced. Returns the lease ids of the oldest reports
     /// dropped to stay within `max_reports`.
     pub fn put(&self, report: &Report, deadline_unix_ms: i64) -> Result<Vec<String>, OutboxError> {
-        let (tag, body) = match report {
-            Report::Complete(request) => (TAG_COMPLETE, request.encode_to_vec()),
-            Report::Fail(request) => (TAG_FAIL, request.encode_to_vec()),
-        };
-        let mut value = Vec::with_capacity(HEADER + body.len());
-        value.push(tag);
-        value.extend_from_slice(&deadline_unix_ms.to_le_bytes());
-        value.extend_from_slice(&now_unix_ms().to_le_bytes());
-        value.extend_from_slice(&body);
-        let write = Write::Put {
-            lease_id: report.lease_id().to_string(),
-            value,
-        };
-        match self.submit_one(write)? {
-            Written::Put(dropped) => Ok(dropped),
-            other => unreachable!("a put answered {other:?}"),
-        }
+        put_answer(self.group.submit_blocking(vec![put_write(report, deadline_unix_ms)]))
     }
 
-    /// Inserts a report, then drops the oldest others past `max_reports`.
-    fn put_in(
-        &self,
-        table: &mut Table<&str, &[u8]>,
-        lease_id: &str,
-        value: &[u8],
-    ) -> Result<Vec<String>, redb::Error> {
-        table.insert(lease_id, value)?;
-        let max = self.limits.max_reports.max(1);
-        let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
-        if len <= max {
-            return Ok(Vec::new());
-        }
-        let mut by_age: Vec<(i64, String)> = Vec::with_capacity(len);
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            if key.value() != lease_id {
-                by_age.push((written(value.value()), key.value().to_string()));
-            }
-        }
-        by_age.sort();
-        let mut dropped = Vec::with_capacity(len - max);
-        for (_, old) in by_age.into_iter().take(len - max) {
-            table.remove(old.as_str())?;
-            dropped.push(old);
-        }
-        Ok(dropped)
+    /// [`Outbox::put`] for async callers.
+    pub async fn put_async(&self, report: &Report, deadline_unix_ms: i64) -> Result<Vec<String>, OutboxError> {
+        put_answer(self.group.submit(vec![put_write(report, deadline_unix_ms)]).await)
     }
 
     pub fn get(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
@@ -316,13 +286,12 @@ impl Outbox {
     /// answer and this call. Under load this saves one fsync per run on the
     /// hot path; once everything is delivered, the disk says so.
     pub fn remove(&self, lease_id: &str) -> Result<bool, OutboxError> {
-        let write = Write::Remove {
-            lease_id: lease_id.to_string(),
-        };
-        match self.submit_one(write)? {
-            Written::Removed(removed) => Ok(removed),
-            other => unreachable!("a remove answered {other:?}"),
-        }
+        removed(self.group.submit_blocking(vec![remove_write(lease_id)]))
+    }
+
+    /// [`Outbox::remove`] for async callers.
+    pub async fn remove_async(&self, lease_id: &str) -> Result<bool, OutboxError> {
+        removed(self.group.submit(vec![remove_write(lease_id)]).await)
     }
 
     /// Every pending report, oldest first. Undecodable entries are skipped
@@ -436,7 +405,95 @@ impl Outbox {
     }
 }
 
-impl Committer for Outbox {
+fn accept_writes(leases: &[(&str, i64)]) -> Vec<Write> {
+    leases
+        .iter()
+        .map(|&(lease_id, deadline_unix_ms)| Write::Accept {
+            lease_id: lease_id.to_string(),
+            deadline_unix_ms,
+        })
+        .collect()
+}
+
+fn accepted(answers: Vec<Result<Written, OutboxError>>) -> Vec<Result<bool, OutboxError>> {
+    answers
+        .into_iter()
+        .map(|answer| match answer? {
+            Written::Accepted(fresh) => Ok(fresh),
+            other => unreachable!("an accept answered {other:?}"),
+        })
+        .collect()
+}
+
+fn put_write(report: &Report, deadline_unix_ms: i64) -> Write {
+    let (tag, body) = match report {
+        Report::Complete(request) => (TAG_COMPLETE, request.encode_to_vec()),
+        Report::Fail(request) => (TAG_FAIL, request.encode_to_vec()),
+    };
+    let mut value = Vec::with_capacity(HEADER + body.len());
+    value.push(tag);
+    value.extend_from_slice(&deadline_unix_ms.to_le_bytes());
+    value.extend_from_slice(&now_unix_ms().to_le_bytes());
+    value.extend_from_slice(&body);
+    Write::Put {
+        lease_id: report.lease_id().to_string(),
+        value,
+    }
+}
+
+fn put_answer(mut answers: Vec<Result<Written, OutboxError>>) -> Result<Vec<String>, OutboxError> {
+    match answers.remove(0)? {
+        Written::Put(dropped) => Ok(dropped),
+        other => unreachable!("a put answered {other:?}"),
+    }
+}
+
+fn remove_write(lease_id: &str) -> Write {
+    Write::Remove {
+        lease_id: lease_id.to_string(),
+    }
+}
+
+fn removed(mut answers: Vec<Result<Written, OutboxError>>) -> Result<bool, OutboxError> {
+    match answers.remove(0)? {
+        Written::Removed(removed) => Ok(removed),
+        other => unreachable!("a remove answered {other:?}"),
+    }
+}
+
+impl Tables {
+    /// Inserts a report, then drops the oldest others past `max_reports`.
+    fn put_in(
+        &self,
+        table: &mut Table<&str, &[u8]>,
+        lease_id: &str,
+        value: &[u8],
+    ) -> Result<Vec<String>, redb::Error> {
+        table.insert(lease_id, value)?;
+        let max = self.limits.max_reports.max(1);
+        let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
+        if len <= max {
+            return Ok(Vec::new());
+        }
+        let mut by_age: Vec<(i64, String)> = Vec::with_capacity(len);
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            if key.value() != lease_id {
+                by_age.push((written(value.value()), key.value().to_string()));
+            }
+        }
+        by_age.sort();
+        let mut dropped = Vec::with_capacity(len - max);
+        for (_, old) in by_age.into_iter().take(len - max) {
+            table.remove(old.as_str())?;
+            dropped.push(old);
+        }
+        Ok(dropped)
+    }
+
+}
+
+impl Committer for Tables {
     type Error = OutboxError;
 
     /// One transaction for the whole batch, in queue order. Synced unless

@@ -21,7 +21,6 @@ use super::Node;
 use super::lease::AcceptedLease;
 use super::report;
 use crate::control_plane::{Backoff, LeaseStream};
-use crate::outbox::OutboxError;
 use crate::proto::{AckRequest, Lease};
 use crate::sandbox::RunFailure;
 
@@ -164,26 +163,11 @@ async fn accept(node: &Arc<Node>, leases: Vec<Lease>) -> Vec<AcceptedLease> {
             .into_iter()
             .partition(|lease| seen.insert(&lease.lease_id))
     };
-    let keys: Vec<(String, i64)> = fresh
+    let keys: Vec<(&str, i64)> = fresh
         .iter()
-        .map(|lease| (lease.lease_id.clone(), lease.deadline_unix_ms))
+        .map(|lease| (lease.lease_id.as_str(), lease.deadline_unix_ms))
         .collect();
-    let outbox = node.outbox.clone();
-    let recorded = tokio::task::spawn_blocking(move || {
-        let keys: Vec<(&str, i64)> = keys
-            .iter()
-            .map(|(id, deadline)| (id.as_str(), *deadline))
-            .collect();
-        outbox.accept_all(&keys)
-    })
-    .await
-    .unwrap_or_else(|panic| {
-        let failed = || OutboxError::Database {
-            path: node.outbox.path().to_path_buf(),
-            message: format!("the write panicked: {panic}"),
-        };
-        fresh.iter().map(|_| Err(failed())).collect()
-    });
+    let recorded = node.outbox.accept_all_async(&keys).await;
 
     let mut accepted = Vec::with_capacity(fresh.len());
     let mut again = seen;

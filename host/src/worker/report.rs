@@ -70,17 +70,14 @@ pub(super) fn deliver(
     };
     let node = node.clone();
     node.reports.clone().spawn(async move {
-        let outbox = node.outbox.clone();
-        let stored = report.clone();
         let written = outbox::now_unix_ms();
-        match tokio::task::spawn_blocking(move || outbox.put(&stored, deadline_unix_ms)).await {
-            Ok(Ok(dropped)) => {
+        match node.outbox.put_async(&report, deadline_unix_ms).await {
+            Ok(dropped) => {
                 for dropped in dropped {
                     node.stats.reports_overflowed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(lease_id = %dropped, max_reports = node.outbox.limits().max_reports, "the outbox is full: dropped its oldest report; the control plane will re-lease that run");
                 }
             }
-            Ok(Err(err)) => outbox_error(&node, &lease_id, &err),
             Err(err) => outbox_error(&node, &lease_id, &err),
         }
         send(&node, report, deadline_unix_ms, written).await;
@@ -231,12 +228,8 @@ async fn send(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, written_u
         }
     };
     if remove {
-        let outbox = node.outbox.clone();
-        let id = lease_id.clone();
-        match tokio::task::spawn_blocking(move || outbox.remove(&id)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => outbox_error(node, &lease_id, &err),
-            Err(err) => outbox_error(node, &lease_id, &err),
+        if let Err(err) = node.outbox.remove_async(&lease_id).await {
+            outbox_error(node, &lease_id, &err);
         }
     }
     // Only now: a stored copy is gone before another task may look for it.
