@@ -12,7 +12,8 @@
 //!    (stamp, read, SHA-256, compile, write to the cache) and run it once;
 //! 2. both are dropped and a new sandbox and a new store are opened on the
 //!    same directories, as a restarted node would (building the engine is
-//!    timed apart): resolve (from the cache) and run once;
+//!    timed apart): resolve (the file's digest from the store's memo, the
+//!    component from the cache, the file itself not read) and run once;
 //! 3. the same agent runs again in that sandbox.
 //!
 //! The restart is in-process: the file system's page cache stays warm, as
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bench::{Spread, wait_for_quiet_machine};
-use node_runtime::agent_store::AgentStore;
+use node_runtime::agent_store::{AgentStore, SETTLE_TIME};
 use node_runtime::sandbox::{
     CompiledCacheSettings, EngineSettings, FailKind, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
@@ -80,9 +81,9 @@ async fn main() {
     let scratch = target.join("bench-scratch/coldstart");
 
     // The agents directory a node would be given, laid out as the store
-    // expects. The copies are made now and left to age: an operator's
+    // expects. The copies are made now and left to settle: an operator's
     // files are written long before a restart, and a file changed in the
-    // last seconds is (rightly) hashed again by the store.
+    // last seconds (SETTLE_TIME) is hashed again at every resolution.
     let agents = scratch.join("agents");
     let _ = std::fs::remove_dir_all(&agents);
     for name in AGENTS {
@@ -91,7 +92,7 @@ async fn main() {
         std::fs::create_dir_all(agents.join(name)).unwrap();
         std::fs::copy(&built, agents.join(name).join(format!("{VERSION}.wasm"))).unwrap();
     }
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(SETTLE_TIME + Duration::from_secs(1));
 
     println!(
         "{rounds} rounds per agent, each with an empty compiled cache; times are resolve + one run"
@@ -125,6 +126,7 @@ async fn main() {
                 1,
                 "loaded from the on-disk cache"
             );
+            assert_eq!(store.counts().hashed, 0, "the digest came from the memo");
             let agent = store.resolve(&restarted, name, VERSION).await.unwrap();
             let started = Instant::now();
             let result = restarted.run(&agent, RunRequest::default()).await;

@@ -103,6 +103,8 @@ impl Counters {
 }
 
 pub(crate) struct CompiledCache {
+    /// The cache directory, shared by every engine configuration.
+    root: PathBuf,
     /// This engine's folder.
     dir: PathBuf,
     max_bytes: u64,
@@ -116,6 +118,7 @@ impl CompiledCache {
         let dir = settings.dir.join(format!("engine-{:016x}", hasher.finish()));
         std::fs::create_dir_all(&dir)?;
         Ok(CompiledCache {
+            root: settings.dir.clone(),
             dir,
             max_bytes: settings.max_bytes,
         })
@@ -123,6 +126,10 @@ impl CompiledCache {
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     fn entry(&self, digest: &[u8; 32]) -> PathBuf {
