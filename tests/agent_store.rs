@@ -1,7 +1,12 @@
 //! Agents from an HTTP source, pinned by digest, through the real node and
 //! the dev control plane on loopback: one download however many runs wait
 //! for a new version, a kept copy after a restart, a wrong pin refused for
-//! good, and a failing server handed back to be tried again.
+//! good, and a failing server handed back to be tried again. Then agents
+//! from a directory across restarts (a new sandbox and a new store on the
+//! same compiled cache): an unchanged file is not hashed again, a file
+//! rewritten under the same length and modification time is, and so is a
+//! file changed in the last seconds; a damaged memo record is ignored; a
+//! pin is checked against the remembered digest.
 
 mod support;
 
@@ -14,11 +19,16 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use node_runtime::agent_store::{AgentDigest, AgentSource, AgentStore, HttpSource, HttpSourceSettings};
+use node_runtime::agent_store::{
+    AgentDigest, AgentSource, AgentStore, DigestMemo, HttpSource, HttpSourceSettings, ResolveCounts,
+    ResolveError, SETTLE_TIME,
+};
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{DevPlane, NewRun, PlaneOptions, Run, RunStatus};
 use node_runtime::outbox::Outbox;
-use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
+use node_runtime::sandbox::{
+    BudgetRequest, CompileCounts, CompiledCacheSettings, EngineSettings, RunOutcome, Sandbox, SandboxConfig,
+};
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
 
@@ -269,4 +279,243 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+fn cached_sandbox(cache: &Path) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        compiled_cache: Some(CompiledCacheSettings { dir: cache.to_path_buf(), max_bytes: 1 << 30 }),
+        ..SandboxConfig::default()
+    })
+    .unwrap()
+}
+
+/// Writes `bytes` as the agent `echo` version 1.0.0 (`.wasm` or `.cwasm`)
+/// in the agents directory `dir`.
+fn place_echo(dir: &Path, extension: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join("echo").join(format!("1.0.0.{extension}"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Waits until a file written now has settled: before that, the store
+/// trusts no stamp of it.
+async fn let_settle() {
+    tokio::time::sleep(SETTLE_TIME + Duration::from_millis(200)).await;
+}
+
+/// Resolves echo in `store` (pinned to `pin`, if any) and runs it.
+async fn resolve_and_run(sandbox: &Sandbox, store: &AgentStore, pin: Option<AgentDigest>) -> Result<(), ResolveError> {
+    let agent = store.resolve_pinned(sandbox, "echo", "1.0.0", pin).await?;
+    let result = sandbox.run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default())).await;
+    match result.outcome {
+        RunOutcome::Completed(map) => assert_eq!(map["message"], "hi"),
+        other => panic!("echo should complete: {other:?}"),
+    }
+    Ok(())
+}
+
+fn resolved(in_memory: u64, remembered: u64, hashed: u64) -> ResolveCounts {
+    ResolveCounts { in_memory, remembered, hashed }
+}
+
+fn compiled(compiled: u64, cache_hits: u64, cache_rejected: u64) -> CompileCounts {
+    CompileCounts { compiled, cache_hits, cache_rejected }
+}
+
+/// A node that ran echo once from `agents`, with its compiled cache in
+/// `cache`, and stopped.
+async fn ran_once(agents: &Path, cache: &Path) {
+    let sandbox = cached_sandbox(cache);
+    let store = AgentStore::new(vec![agents.to_path_buf()]);
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 1), "the first run hashes the file");
+}
+
+fn digest_mismatch(result: Result<(), ResolveError>) -> (AgentDigest, AgentDigest) {
+    match result {
+        Err(ResolveError::DigestMismatch { expected, actual, .. }) => (expected, actual),
+        other => panic!("expected a digest mismatch: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_file_is_not_hashed_again_after_a_restart() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let echo = echo_bytes();
+    place_echo(agents.path(), "wasm", &echo);
+    let_settle().await;
+    ran_once(agents.path(), cache.path()).await;
+
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 1, 0), "the digest came from the memo, the file was not hashed");
+    assert_eq!(sandbox.compile_counts(), compiled(0, 1, 0), "the component came from the compiled cache");
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(1, 1, 0), "then from memory");
+}
+
+#[tokio::test]
+async fn a_file_rewritten_in_place_with_its_length_and_mtime_restored_is_hashed_again() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let echo = echo_bytes();
+    let path = place_echo(agents.path(), "wasm", &echo);
+    let_settle().await;
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    let before = std::fs::metadata(&path).unwrap();
+
+    // Other bytes of the same length, written into the same inode, and
+    // the modification time set back: only the change time tells.
+    let mut other = echo.to_vec();
+    let middle = other.len() / 2;
+    other[middle] ^= 0xff;
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all(&other).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
+    drop(file);
+    let after = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (after.ino(), after.len(), after.modified().unwrap()),
+        (before.ino(), before.len(), before.modified().unwrap()),
+        "same inode, length and mtime"
+    );
+
+    let pin = Some(AgentDigest::of(&echo));
+    let changed = AgentDigest::of(&other);
+    // At once (the change is too recent for any stamp to count), then
+    // once the new stamp has settled (it differs from the one recorded
+    // only by its change time), then after a restart (through the memo).
+    assert_eq!(digest_mismatch(resolve_and_run(&sandbox, &store, pin).await).1, changed);
+    let_settle().await;
+    assert_eq!(digest_mismatch(resolve_and_run(&sandbox, &store, pin).await).1, changed);
+    assert_eq!(store.counts(), resolved(0, 0, 3), "hashed each time");
+    let restarted = AgentStore::new(vec![agents.path().to_path_buf()]);
+    assert_eq!(digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &restarted, pin).await).1, changed);
+    assert_eq!(restarted.counts(), resolved(0, 0, 1), "the memo's record is for the old file");
+
+    // The same again by replacing the file (a new inode) instead.
+    let replacement = agents.path().join("echo").join("replacement");
+    std::fs::write(&replacement, &echo[..]).unwrap();
+    std::fs::File::options().append(true).open(&replacement).unwrap().set_modified(after.modified().unwrap()).unwrap();
+    std::fs::rename(&replacement, &path).unwrap();
+    let_settle().await;
+    resolve_and_run(&sandbox, &store, pin).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 4), "the replaced file is hashed");
+}
+
+#[tokio::test]
+async fn a_file_changed_in_the_last_seconds_is_hashed_at_every_resolution() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let path = place_echo(agents.path(), "wasm", &echo_bytes());
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    let record = DigestMemo::in_cache_dir(cache.path()).record_path(&path);
+
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert!(!record.exists(), "nothing is remembered of a file that just changed");
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 2), "nor trusted in memory");
+    assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0), "the sandbox still compiled it once");
+
+    let_settle().await;
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert!(record.exists(), "remembered once settled");
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(1, 0, 3));
+}
+
+#[tokio::test]
+async fn a_damaged_memo_record_is_ignored_and_rewritten() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let echo = echo_bytes();
+    let path = place_echo(agents.path(), "wasm", &echo);
+    let_settle().await;
+    ran_once(agents.path(), cache.path()).await;
+    let record = DigestMemo::in_cache_dir(cache.path()).record_path(&path);
+    let mut bytes = std::fs::read(&record).unwrap();
+    // A bit of the recorded digest: read as it is, it would be another
+    // agent's digest (and fail the pin).
+    bytes[80] ^= 0x01;
+    std::fs::write(&record, &bytes).unwrap();
+
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 1), "the damaged record was ignored: the file was hashed");
+    assert_eq!(sandbox.compile_counts(), compiled(0, 1, 0), "and found compiled under its true digest");
+
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&cached_sandbox(cache.path()), &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 1, 0), "the record was written again");
+}
+
+#[tokio::test]
+async fn a_wrong_pin_is_caught_through_the_memo() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let echo = echo_bytes();
+    place_echo(agents.path(), "wasm", &echo);
+    let_settle().await;
+    ran_once(agents.path(), cache.path()).await;
+
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    let wrong = AgentDigest::of(b"another agent");
+    let (expected, actual) = digest_mismatch(resolve_and_run(&sandbox, &store, Some(wrong)).await);
+    assert_eq!((expected, actual), (wrong, AgentDigest::of(&echo)));
+    assert_eq!(store.counts(), resolved(0, 0, 0), "refused on the remembered digest");
+    assert_eq!(sandbox.compile_counts(), compiled(0, 0, 0), "before loading anything");
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 1, 0));
+}
+
+#[tokio::test]
+async fn without_its_compiled_entry_a_remembered_file_is_read_and_hashed() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    place_echo(agents.path(), "wasm", &echo_bytes());
+    let_settle().await;
+    ran_once(agents.path(), cache.path()).await;
+    for entry in std::fs::read_dir(cache.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_str().unwrap().starts_with("engine-") {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&sandbox, &store, None).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 1), "new compiled code is keyed by a digest computed now");
+    assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0));
+}
+
+#[tokio::test]
+async fn a_precompiled_agent_restarts_from_its_file_and_stays_pinned() {
+    let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cwasm = cached_sandbox(cache.path()).precompile(&echo_bytes()).unwrap();
+    place_echo(agents.path(), "cwasm", &cwasm);
+    let pin = Some(AgentDigest::of(&cwasm));
+    let_settle().await;
+    {
+        let sandbox = cached_sandbox(cache.path());
+        let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+        resolve_and_run(&sandbox, &store, pin).await.unwrap();
+        assert_eq!(store.counts(), resolved(0, 0, 1));
+    }
+
+    // A .cwasm is not copied into the compiled cache: it is read and
+    // checked again, its digest checked against the pin.
+    let sandbox = cached_sandbox(cache.path());
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    resolve_and_run(&sandbox, &store, pin).await.unwrap();
+    assert_eq!(store.counts(), resolved(0, 0, 1));
+    assert_eq!(sandbox.compile_counts(), compiled(0, 0, 0), "nothing compiled, nothing cached");
+    let wrong = AgentDigest::of(b"another agent");
+    let store = AgentStore::new(vec![agents.path().to_path_buf()]);
+    let (_, actual) = digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &store, Some(wrong)).await);
+    assert_eq!(Some(actual), pin);
 }

@@ -85,6 +85,23 @@ async fn a_damaged_entry_is_detected_deleted_and_rebuilt() {
 }
 
 #[tokio::test]
+async fn a_truncated_entry_is_detected_deleted_and_rebuilt() {
+    let cache = tempfile::tempdir().unwrap();
+    echo_completes(&cached_sandbox(cache.path(), 1 << 30)).await;
+    let entry = entry_for(cache.path(), "echo");
+    let whole = std::fs::read(&entry).unwrap();
+    // Cut in the middle of the artifact, inside the trailer, and to
+    // nothing: each is refused before wasmtime maps the file.
+    for cut_to in [whole.len() / 2, whole.len() - 1, 0] {
+        std::fs::write(&entry, &whole[..cut_to]).unwrap();
+        let sandbox = cached_sandbox(cache.path(), 1 << 30);
+        echo_completes(&sandbox).await;
+        assert_eq!(sandbox.compile_counts(), counts(1, 0, 1), "cut to {cut_to} bytes: rejected, compiled again");
+        assert_eq!(std::fs::read(&entry).unwrap().len(), whole.len(), "cut to {cut_to} bytes: rebuilt whole");
+    }
+}
+
+#[tokio::test]
 async fn an_entry_compiled_by_another_engine_configuration_is_not_loaded() {
     let cache = tempfile::tempdir().unwrap();
     let sandbox = cached_sandbox(cache.path(), 1 << 30);

@@ -29,6 +29,11 @@ impl AgentDigest {
         AgentDigest(Sha256::digest(bytes).into())
     }
 
+    /// A digest known from elsewhere (a record of an earlier hash).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        AgentDigest(bytes)
+    }
+
     /// The SHA-256 itself.
     pub fn bytes(&self) -> &[u8; 32] {
         &self.0

@@ -5,14 +5,21 @@
 //!
 //! A lease names an agent by id and version, and may pin its bytes with
 //! metadata `agent.digest` ([`digest`]). The store turns that into a
-//! loaded [`Agent`], reading and compiling the file only when it changed
-//! since the last run (same path, length and modification time), and
-//! checking the pin first. The ids come from the control plane, so they are
-//! checked before they touch the filesystem or a URL: no separators, no
-//! `..`.
+//! loaded [`Agent`], checking the pin first. It reads and hashes a file
+//! only when the file changed: an unchanged file (same [`FileStamp`]:
+//! device, inode, length, modification and change times) is served from
+//! memory, and after a restart its SHA-256 comes from a memo kept beside
+//! the compiled cache ([`digest_memo`]), so the compiled component is
+//! loaded from that cache without reading the file at all. A file changed
+//! in the last seconds is always read and hashed again
+//! ([`file_stamp::SETTLE_TIME`]). The ids come from the control plane, so
+//! they are checked before they touch the filesystem or a URL: no
+//! separators, no `..`.
 
 pub mod digest;
+pub mod digest_memo;
 pub mod download_cache;
+pub mod file_stamp;
 pub mod http_source;
 pub mod oci_source;
 
@@ -26,7 +33,9 @@ use thiserror::Error;
 
 use crate::sandbox::{Agent, InvalidAgent, Sandbox};
 pub use digest::{AgentDigest, DIGEST_METADATA_KEY, InvalidDigest};
+pub use digest_memo::DigestMemo;
 pub use download_cache::FetchError;
+pub use file_stamp::{FileStamp, SETTLE_TIME};
 pub use http_source::{HttpSource, HttpSourceSettings};
 pub use oci_source::{OciSource, OciSourceSettings};
 
@@ -83,22 +92,28 @@ pub enum AgentSource {
     Oci(OciSource),
 }
 
-/// A file's identity for the cache: if any of these changed, read again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    path: PathBuf,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
 type Loaded = HashMap<(String, String), (FileStamp, AgentDigest, Arc<Agent>)>;
+
+/// How the store's resolutions were served, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResolveCounts {
+    /// From memory: the file's stamp had not changed since this store
+    /// loaded it.
+    pub in_memory: u64,
+    /// From the digest memo and the compiled cache, without reading the
+    /// file: what a restarted node does with an unchanged file.
+    pub remembered: u64,
+    /// By reading and hashing the file.
+    pub hashed: u64,
+}
 
 pub struct AgentStore {
     sources: Vec<AgentSource>,
     require_digest: bool,
     loaded: Mutex<Loaded>,
-    /// Resolutions served from `loaded`, without reading the file.
-    hits: AtomicU64,
+    in_memory: AtomicU64,
+    remembered: AtomicU64,
+    hashed: AtomicU64,
 }
 
 impl AgentStore {
@@ -114,7 +129,9 @@ impl AgentStore {
             sources,
             require_digest,
             loaded: Mutex::default(),
-            hits: AtomicU64::new(0),
+            in_memory: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
         }
     }
 
@@ -156,15 +173,42 @@ impl AgentStore {
                 version: version.to_string(),
             });
         }
+        // Taken before the file is stamped: what is known about a file is
+        // trusted only if it had settled by then (`FileStamp::settled_at`).
+        let checked_at = SystemTime::now();
         let stamp = self.locate(agent_id, version).await?;
+        let settled = stamp.settled_at(checked_at);
         let key = (agent_id.to_string(), version.to_string());
-        let cached = self.lock().get(&key).cloned();
-        if let Some((cached, digest, agent)) = cached
-            && cached == stamp
-        {
-            check_pin(&stamp, pin, digest)?;
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(agent);
+        if settled {
+            let cached = self.lock().get(&key).cloned();
+            if let Some((cached, digest, agent)) = cached
+                && cached == stamp
+            {
+                check_pin(&stamp, pin, digest)?;
+                self.in_memory.fetch_add(1, Ordering::Relaxed);
+                return Ok(agent);
+            }
+        }
+        let memo = sandbox.compiled_cache_dir().map(DigestMemo::in_cache_dir);
+        if settled && let Some(memo) = &memo {
+            let (memo, wanted) = (memo.clone(), stamp.clone());
+            let remembered = tokio::task::spawn_blocking(move || memo.get(&wanted))
+                .await
+                .ok()
+                .flatten();
+            if let Some(digest) = remembered {
+                // The memo's digest is the file's: the pin is checked
+                // against it as against a fresh hash.
+                check_pin(&stamp, pin, digest)?;
+                // Without a compiled entry for it, the file is read and
+                // hashed below: only a digest computed here keys new
+                // compiled code.
+                if let Some(agent) = sandbox.load_compiled(*digest.bytes()).await {
+                    self.remembered.fetch_add(1, Ordering::Relaxed);
+                    self.lock().insert(key, (stamp, digest, agent.clone()));
+                    return Ok(agent);
+                }
+            }
         }
         let bytes = tokio::fs::read(&stamp.path)
             .await
@@ -173,6 +217,7 @@ impl AgentStore {
                 source,
             })?;
         let digest = AgentDigest::of(&bytes);
+        self.hashed.fetch_add(1, Ordering::Relaxed);
         check_pin(&stamp, pin, digest)?;
         let agent = sandbox
             .load_digested(Arc::from(bytes), *digest.bytes())
@@ -181,14 +226,36 @@ impl AgentStore {
                 path: stamp.path.clone(),
                 invalid,
             })?;
-        self.lock().insert(key, (stamp, digest, agent.clone()));
+        // A file changed since `checked_at` less the settle time might
+        // change again without changing its stamp: nothing is kept under
+        // such a stamp, the next resolution hashes it again. (Had the file
+        // changed between the stamp and the read, its stamp has changed
+        // since, so a record under the old one is never matched.)
+        if settled {
+            if let Some(memo) = memo {
+                let recorded = stamp.clone();
+                let _ = tokio::task::spawn_blocking(move || memo.put(&recorded, digest)).await;
+            }
+            self.lock().insert(key, (stamp, digest, agent.clone()));
+        }
         Ok(agent)
     }
 
-    /// Resolutions served without reading or compiling the agent again
-    /// (the sandbox counts the ones that found the same bytes compiled).
+    /// Resolutions served without reading or compiling the agent again,
+    /// from this store's memory (the sandbox counts the loads that found
+    /// the same bytes compiled, in memory or in its on-disk cache).
     pub fn cache_hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.in_memory.load(Ordering::Relaxed)
+    }
+
+    /// How resolutions were served: from memory, from the digest memo, or
+    /// by hashing the file.
+    pub fn counts(&self) -> ResolveCounts {
+        ResolveCounts {
+            in_memory: self.in_memory.load(Ordering::Relaxed),
+            remembered: self.remembered.load(Ordering::Relaxed),
+            hashed: self.hashed.load(Ordering::Relaxed),
+        }
     }
 
     async fn locate(&self, agent_id: &str, version: &str) -> Result<FileStamp, ResolveError> {
@@ -247,11 +314,7 @@ impl AgentStore {
 /// The file's stamp, or `None` when there is no file at `path`.
 async fn stamp_of(path: &std::path::Path) -> Result<Option<FileStamp>, ResolveError> {
     match tokio::fs::metadata(path).await {
-        Ok(meta) if meta.is_file() => Ok(Some(FileStamp {
-            path: path.to_path_buf(),
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })),
+        Ok(meta) if meta.is_file() => Ok(Some(FileStamp::of(path, &meta))),
         Ok(_) => Ok(None),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ResolveError::Io {

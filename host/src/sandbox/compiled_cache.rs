@@ -14,8 +14,14 @@
 //! accidental damage to the node's own files, which a CRC-32 catches (any
 //! burst up to 32 bits, anything else but one time in 2^32), and hashing a
 //! multi-megabyte artifact with SHA-256 was a third of a restarted node's
-//! first run. Writes are atomic; the folder is bounded in size, evicting
-//! the least recently used entries.
+//! first run. An entry is loaded where it lies: checked through a
+//! read-only mapping, then mapped by wasmtime
+//! (`Component::deserialize_file`), never copied into memory (copying it
+//! twice, a read and wasmtime's copy into fresh memory, was most of a
+//! cached load). That is sound because an entry is never written in place:
+//! writes go to a temporary file renamed over the entry, so a component
+//! mapped from the old file keeps its bytes. The folder is bounded in
+//! size, evicting the least recently used entries.
 //!
 //! The entries are native code the node will execute: the cache directory
 //! must be as protected as the node's binary.
@@ -97,6 +103,8 @@ impl Counters {
 }
 
 pub(crate) struct CompiledCache {
+    /// The cache directory, shared by every engine configuration.
+    root: PathBuf,
     /// This engine's folder.
     dir: PathBuf,
     max_bytes: u64,
@@ -110,6 +118,7 @@ impl CompiledCache {
         let dir = settings.dir.join(format!("engine-{:016x}", hasher.finish()));
         std::fs::create_dir_all(&dir)?;
         Ok(CompiledCache {
+            root: settings.dir.clone(),
             dir,
             max_bytes: settings.max_bytes,
         })
@@ -117,6 +126,10 @@ impl CompiledCache {
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     fn entry(&self, digest: &[u8; 32]) -> PathBuf {
@@ -128,12 +141,18 @@ impl CompiledCache {
     /// Blocking: call it off the async runtime's worker threads.
     pub(crate) fn get(&self, engine: &Engine, digest: &[u8; 32], counters: &Counters) -> Option<Component> {
         let path = self.entry(digest);
-        let bytes = std::fs::read(&path).ok()?;
-        let loaded = unseal(&bytes).and_then(|artifact| {
-            // SAFETY: the trailer's CRC matches, so these are the bytes
-            // this cache wrote from wasmtime's own serialisation; wasmtime
-            // checks its version and configuration before using them.
-            unsafe { Component::deserialize(engine, artifact) }
+        let file = std::fs::File::open(&path).ok()?;
+        let loaded = check_in_place(&file).and_then(|()| {
+            // SAFETY: the entry is whole (its CRC matches), so these are the
+            // bytes this cache wrote from wasmtime's own serialisation;
+            // wasmtime checks their version and configuration before using
+            // them, and ignores the trailer after its ELF image. wasmtime
+            // maps the file rather than copying it, so the file must not
+            // change while the component lives: this cache never writes an
+            // entry in place (a new entry is renamed over the old, eviction
+            // unlinks), and a mapped file that is renamed over or unlinked
+            // keeps its content.
+            unsafe { Component::deserialize_file(engine, &path) }
                 .map_err(|err| super::agent::error_chain(&err))
         });
         match loaded {
@@ -192,6 +211,62 @@ impl CompiledCache {
                 total -= len;
             }
         }
+    }
+}
+
+/// Checks an entry where it lies, through a read-only mapping of `file`,
+/// without copying it: the trailer's magic and the CRC-32 of the artifact
+/// before it ([`unseal`]).
+fn check_in_place(file: &std::fs::File) -> Result<(), String> {
+    let len = file.metadata().map_err(|err| err.to_string())?.len();
+    let len = usize::try_from(len).map_err(|_| "too large to map".to_string())?;
+    if len < TRAILER_LEN {
+        return Err("not a node-runtime cache entry of this format".to_string());
+    }
+    let mapped = ReadOnlyMap::of(file, len).map_err(|err| format!("cannot map it: {err}"))?;
+    unseal(mapped.bytes()).map(|_| ())
+}
+
+/// A read-only, private mapping of a whole file, unmapped on drop.
+struct ReadOnlyMap {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl ReadOnlyMap {
+    /// Maps the first `len` (> 0) bytes of `file`.
+    fn of(file: &std::fs::File, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // Fault the pages in at once: the CRC reads every one of them.
+        #[cfg(target_os = "linux")]
+        let flags = libc::MAP_PRIVATE | libc::MAP_POPULATE;
+        #[cfg(not(target_os = "linux"))]
+        let flags = libc::MAP_PRIVATE;
+        // SAFETY: a new mapping at an address of the kernel's choosing, of
+        // a file descriptor that is open for the duration of the call.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, file.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(ReadOnlyMap { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes are mapped at `ptr` until `self` is
+        // dropped. The file may change under a shared page cache only by an
+        // in-place write, which this cache never does; such a change would
+        // at worst make the CRC fail.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for ReadOnlyMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `of`, once.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
     }
 }
 

@@ -261,13 +261,7 @@ impl Sandbox {
         bytes: Arc<[u8]>,
         digest: [u8; 32],
     ) -> Result<Arc<Agent>, InvalidAgent> {
-        let cell = self
-            .agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(digest)
-            .or_default()
-            .clone();
+        let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(agent.clone());
@@ -308,6 +302,57 @@ impl Sandbox {
         })
         .await
         .cloned()
+    }
+
+    /// The agent compiled from the artifact with SHA-256 `digest`, when
+    /// this sandbox has it: in memory, or as a sound entry of its on-disk
+    /// compiled cache (linked here). `None` otherwise: the caller then
+    /// reads the artifact and calls [`load_digested`](Self::load_digested).
+    /// This is how a restarted node that knows an agent file's digest
+    /// (the agent store's memo) skips reading and hashing the file.
+    pub async fn load_compiled(&self, digest: [u8; 32]) -> Option<Arc<Agent>> {
+        let cell = self.cell(digest);
+        if let Some(agent) = cell.get() {
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(agent.clone());
+        }
+        let cache = self.compiled_cache.clone()?;
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        let counters = self.compile_counters.clone();
+        // Sharing the cell with `load_digested`: runs arriving together
+        // wait for one load. A miss leaves the cell empty.
+        cell.get_or_try_init(|| async {
+            let linked = tokio::task::spawn_blocking(move || {
+                let component = cache.get(&engine, &digest, &counters)?;
+                // An entry is only written for a component that linked; if
+                // this one does not, loading the artifact will say why.
+                agent::link(&engine, &linker, &component, hex::encode(digest)).ok()
+            })
+            .await;
+            match linked {
+                Ok(Some(agent)) => Ok(Arc::new(agent)),
+                _ => Err(()),
+            }
+        })
+        .await
+        .ok()
+        .cloned()
+    }
+
+    /// The directory of the on-disk compiled cache, when there is one:
+    /// the agent store keeps its memo of file digests there.
+    pub fn compiled_cache_dir(&self) -> Option<&std::path::Path> {
+        self.compiled_cache.as_ref().map(|cache| cache.root())
+    }
+
+    fn cell(&self, digest: [u8; 32]) -> Arc<tokio::sync::OnceCell<Arc<Agent>>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone()
     }
 
     /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`
