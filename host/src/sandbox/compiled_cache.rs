@@ -223,51 +223,13 @@ fn check_in_place(file: &std::fs::File) -> Result<(), String> {
     if len < TRAILER_LEN {
         return Err("not a node-runtime cache entry of this format".to_string());
     }
-    let mapped = ReadOnlyMap::of(file, len).map_err(|err| format!("cannot map it: {err}"))?;
-    unseal(mapped.bytes()).map(|_| ())
-}
-
-/// A read-only, private mapping of a whole file, unmapped on drop.
-struct ReadOnlyMap {
-    ptr: std::ptr::NonNull<libc::c_void>,
-    len: usize,
-}
-
-impl ReadOnlyMap {
-    /// Maps the first `len` (> 0) bytes of `file`.
-    fn of(file: &std::fs::File, len: usize) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        // Fault the pages in at once: the CRC reads every one of them.
-        #[cfg(target_os = "linux")]
-        let flags = libc::MAP_PRIVATE | libc::MAP_POPULATE;
-        #[cfg(not(target_os = "linux"))]
-        let flags = libc::MAP_PRIVATE;
-        // SAFETY: a new mapping at an address of the kernel's choosing, of
-        // a file descriptor that is open for the duration of the call.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, file.as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(ReadOnlyMap { ptr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` readable bytes are mapped at `ptr` until `self` is
-        // dropped. The file may change under a shared page cache only by an
-        // in-place write, which this cache never does; such a change would
-        // at worst make the CRC fail.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for ReadOnlyMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `of`, once.
-        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
-    }
+    // SAFETY: a read-only private mapping; the file may change under it
+    // only by an in-place write, which this cache never does, and such a
+    // change would at worst make the CRC fail. The CRC reads every page,
+    // so they are faulted in at once.
+    let mapped = unsafe { memmap2::MmapOptions::new().len(len).populate().map(file) }
+        .map_err(|err| format!("cannot map it: {err}"))?;
+    unseal(&mapped).map(|_| ())
 }
 
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
