@@ -409,24 +409,31 @@ async fn a_file_rewritten_in_place_with_its_length_and_mtime_restored_is_hashed_
 }
 
 #[tokio::test]
-async fn a_file_changed_in_the_last_seconds_is_hashed_at_every_resolution() {
+async fn a_file_changed_in_the_last_seconds_is_hashed_once_then_again_once_settled() {
     let (agents, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let path = place_echo(agents.path(), "wasm", &echo_bytes());
+    let echo = echo_bytes();
+    let path = place_echo(agents.path(), "wasm", &echo);
     let sandbox = cached_sandbox(cache.path());
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
     let record = DigestMemo::in_cache_dir(cache.path()).record_path(&path);
 
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert!(!record.exists(), "nothing is remembered of a file that just changed");
+    assert!(!record.exists(), "nothing is remembered on disk of a file that just changed");
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert_eq!(store.counts(), resolved(0, 0, 2), "nor trusted in memory");
-    assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0), "the sandbox still compiled it once");
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    assert_eq!(store.counts(), resolved(2, 0, 1), "a burst of leases hashes it once");
+    // A pin naming other bytes is checked against a fresh hash.
+    let other = AgentDigest::of(b"another agent");
+    assert_eq!(digest_mismatch(resolve_and_run(&sandbox, &store, Some(other)).await).0, other);
+    assert_eq!(store.counts(), resolved(2, 0, 2));
+    assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0), "the sandbox compiled it once");
 
     let_settle().await;
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert!(record.exists(), "remembered once settled");
+    assert_eq!(store.counts(), resolved(2, 0, 3), "hashed again once settled");
+    assert!(record.exists(), "and remembered");
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert_eq!(store.counts(), resolved(1, 0, 3));
+    assert_eq!(store.counts(), resolved(3, 0, 3));
 }
 
 #[tokio::test]

@@ -92,7 +92,17 @@ pub enum AgentSource {
     Oci(OciSource),
 }
 
-type Loaded = HashMap<(String, String), (FileStamp, AgentDigest, Arc<Agent>)>;
+/// An agent loaded from a file: the file's stamp then, its digest, and
+/// whether the stamp had settled when the digest was taken.
+#[derive(Clone)]
+struct LoadedAgent {
+    stamp: FileStamp,
+    digest: AgentDigest,
+    agent: Arc<Agent>,
+    settled: bool,
+}
+
+type Loaded = HashMap<(String, String), LoadedAgent>;
 
 /// How the store's resolutions were served, since it was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -179,15 +189,14 @@ impl AgentStore {
         let stamp = self.locate(agent_id, version).await?;
         let settled = stamp.settled_at(checked_at);
         let key = (agent_id.to_string(), version.to_string());
-        if settled {
-            let cached = self.lock().get(&key).cloned();
-            if let Some((cached, digest, agent)) = cached
-                && cached == stamp
-            {
-                check_pin(&stamp, pin, digest)?;
-                self.in_memory.fetch_add(1, Ordering::Relaxed);
-                return Ok(agent);
-            }
+        let cached = self.lock().get(&key).cloned();
+        if let Some(loaded) = cached
+            && loaded.stamp == stamp
+            && reusable(&loaded, settled, pin)
+        {
+            check_pin(&stamp, pin, loaded.digest)?;
+            self.in_memory.fetch_add(1, Ordering::Relaxed);
+            return Ok(loaded.agent);
         }
         let memo = sandbox.compiled_cache_dir().map(DigestMemo::in_cache_dir);
         if settled && let Some(memo) = &memo {
@@ -205,7 +214,13 @@ impl AgentStore {
                 // compiled code.
                 if let Some(agent) = sandbox.load_compiled(*digest.bytes()).await {
                     self.remembered.fetch_add(1, Ordering::Relaxed);
-                    self.lock().insert(key, (stamp, digest, agent.clone()));
+                    let loaded = LoadedAgent {
+                        stamp,
+                        digest,
+                        agent: agent.clone(),
+                        settled: true,
+                    };
+                    self.lock().insert(key, loaded);
                     return Ok(agent);
                 }
             }
@@ -227,17 +242,22 @@ impl AgentStore {
                 invalid,
             })?;
         // A file changed since `checked_at` less the settle time might
-        // change again without changing its stamp: nothing is kept under
-        // such a stamp, the next resolution hashes it again. (Had the file
-        // changed between the stamp and the read, its stamp has changed
-        // since, so a record under the old one is never matched.)
-        if settled {
-            if let Some(memo) = memo {
-                let recorded = stamp.clone();
-                let _ = tokio::task::spawn_blocking(move || memo.put(&recorded, digest)).await;
-            }
-            self.lock().insert(key, (stamp, digest, agent.clone()));
+        // change again without changing its stamp: nothing is recorded on
+        // disk under such a stamp, and in memory it is kept only until the
+        // file settles (see `reusable`). (Had the file changed between the
+        // stamp and the read, its stamp has changed since, so a record
+        // under the old one is never matched.)
+        if settled && let Some(memo) = memo {
+            let recorded = stamp.clone();
+            let _ = tokio::task::spawn_blocking(move || memo.put(&recorded, digest)).await;
         }
+        let loaded = LoadedAgent {
+            stamp,
+            digest,
+            agent: agent.clone(),
+            settled,
+        };
+        self.lock().insert(key, loaded);
         Ok(agent)
     }
 
@@ -312,8 +332,13 @@ impl AgentStore {
 }
 
 /// The file's stamp, or `None` when there is no file at `path`.
+///
+/// A `stat` on the calling thread: every lease resolves its agent, and
+/// handing two `stat`s to the blocking pool (`tokio::fs`) and back cost
+/// more than the run of a small agent. Agent directories are local, and
+/// their entries stay in the kernel's cache.
 async fn stamp_of(path: &std::path::Path) -> Result<Option<FileStamp>, ResolveError> {
-    match tokio::fs::metadata(path).await {
+    match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(Some(FileStamp::of(path, &meta))),
         Ok(_) => Ok(None),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -322,6 +347,24 @@ async fn stamp_of(path: &std::path::Path) -> Result<Option<FileStamp>, ResolveEr
             source,
         }),
     }
+}
+
+/// Whether an agent loaded from a file with the stamp seen now serves
+/// this resolution without hashing the file again.
+///
+/// A digest taken once the stamp had settled stands for the file. One
+/// taken before (a file written moments ago: a deployment) serves until
+/// the file settles, so that a burst of leases for a new agent does not
+/// hash it once each; the first resolution after that hashes it again.
+/// That bounds the one case a stamp cannot tell, a rewrite in place
+/// within the file system's timestamp granularity, to a few seconds of
+/// the earlier bytes; and a pin that names other bytes than those is
+/// checked against a fresh hash, never refused on the earlier one.
+fn reusable(loaded: &LoadedAgent, settled_now: bool, pin: Option<AgentDigest>) -> bool {
+    if loaded.settled {
+        return true;
+    }
+    !settled_now && pin.is_none_or(|pin| pin == loaded.digest)
 }
 
 fn check_pin(stamp: &FileStamp, pin: Option<AgentDigest>, actual: AgentDigest) -> Result<(), ResolveError> {
