@@ -13,16 +13,16 @@
 //! `cargo bench -p bench --bench hot_paths`, after `scripts/build-agents`.
 //! The end-to-end load generators are the binaries in `src/`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bench::echo_request;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use node_runtime::agent_store::AgentStore;
 use node_runtime::outbox::Outbox;
 use node_runtime::proto::CompleteRequest;
 use node_runtime::sandbox::{
-    AllocatorChoice, BudgetRequest, EngineSettings, RunContext, RunOutcome, RunRequest, Sandbox,
+    AllocatorChoice, EngineSettings, RunOutcome, Sandbox,
     SandboxConfig,
 };
 use node_runtime::worker::lease::Report;
@@ -39,21 +39,6 @@ fn echo_path() -> PathBuf {
     let path = target_dir().join("agents/echo.wasm");
     assert!(path.is_file(), "{} is missing: run scripts/build-agents", path.display());
     path
-}
-
-fn request() -> RunRequest {
-    RunRequest {
-        context: RunContext {
-            run_id: "run-1".to_string(),
-            lease_id: "lease-1".to_string(),
-            agent_id: "echo".to_string(),
-            agent_version: "1.0.0".to_string(),
-            input_ref: BTreeMap::from([("message".to_string(), "hello".to_string())]),
-            ..RunContext::default()
-        },
-        budget: BudgetRequest::default(),
-        ..RunRequest::default()
-    }
 }
 
 fn sandbox(allocator: AllocatorChoice) -> Sandbox {
@@ -87,7 +72,7 @@ fn sandbox_runs(c: &mut Criterion) {
         let agent = rt.block_on(sandbox.load(wasm.clone())).expect("echo loads");
         group.bench_function(name, |b| {
             b.iter(|| {
-                let result = rt.block_on(sandbox.run(&agent, request()));
+                let result = rt.block_on(sandbox.run(&agent, echo_request()));
                 match result.outcome {
                     RunOutcome::Completed(map) => assert_eq!(map["message"], "hello"),
                     other => panic!("echo did not complete: {other:?}"),

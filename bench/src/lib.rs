@@ -1,7 +1,8 @@
 //! What every benchmark binary shares: percentiles over samples, the wait
 //! for a quiet machine before measuring (the machine is shared, so each
 //! result is printed with the load average it was measured under), and
-//! the CPU-bound `prime-sieve` run that `metering` and `engines` time.
+//! the CPU-bound `prime-sieve` run that `metering` and `engines` time, and
+//! the request the `echo` benchmarks send.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -80,6 +81,23 @@ pub fn agent_wasm(name: &str) -> Arc<[u8]> {
     std::fs::read(&path)
         .unwrap_or_else(|err| panic!("{path}: {err} (run scripts/build-agents)"))
         .into()
+}
+
+/// The run request the `echo` benchmarks send: input `message=hello`.
+pub fn echo_request() -> RunRequest {
+    RunRequest {
+        context: RunContext {
+            run_id: "run-1".to_string(),
+            lease_id: "lease-1".to_string(),
+            agent_id: "echo".to_string(),
+            agent_version: "1.0.0".to_string(),
+            trace_id: "0123456789abcdef0123456789abcdef".to_string(),
+            input_ref: BTreeMap::from([("message".to_string(), "hello".to_string())]),
+            ..RunContext::default()
+        },
+        budget: BudgetRequest::default(),
+        ..RunRequest::default()
+    }
 }
 
 /// One run of `prime-sieve` below `limit`: its wall time, and the number

@@ -26,29 +26,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bench::{Spread, wait_for_quiet_machine};
-use node_runtime::sandbox::{
-    AllocatorChoice, BudgetRequest, EngineSettings, RunContext, RunOutcome, RunRequest, Sandbox,
-    SandboxConfig,
-};
+use bench::{Spread, echo_request, wait_for_quiet_machine};
+use node_runtime::sandbox::{AllocatorChoice, EngineSettings, RunOutcome, Sandbox, SandboxConfig};
 
 const CONTEXT_JSON: &str = r#"{"run_id":"run-1","lease_id":"lease-1","agent_id":"echo","agent_version":"1.0.0","trace_id":"0123456789abcdef0123456789abcdef","input_ref":{"message":"hello"},"metadata":{}}"#;
-
-fn request() -> RunRequest {
-    RunRequest {
-        context: RunContext {
-            run_id: "run-1".to_string(),
-            lease_id: "lease-1".to_string(),
-            agent_id: "echo".to_string(),
-            agent_version: "1.0.0".to_string(),
-            trace_id: "0123456789abcdef0123456789abcdef".to_string(),
-            input_ref: [("message".to_string(), "hello".to_string())].into(),
-            ..RunContext::default()
-        },
-        budget: BudgetRequest::default(),
-        ..RunRequest::default()
-    }
-}
 
 async fn in_process(allocator: AllocatorChoice, wasm: Arc<[u8]>, runs: usize) -> Vec<Duration> {
     let sandbox = Sandbox::new(SandboxConfig {
@@ -64,7 +45,7 @@ async fn in_process(allocator: AllocatorChoice, wasm: Arc<[u8]>, runs: usize) ->
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs + runs / 10 {
         let started = Instant::now();
-        let result = sandbox.run(&agent, request()).await;
+        let result = sandbox.run(&agent, echo_request()).await;
         let elapsed = started.elapsed();
         match &result.outcome {
             RunOutcome::Completed(result) => assert_eq!(result["message"], "hello"),
