@@ -56,8 +56,7 @@ pub(super) trait Committer: Send + 'static {
     fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, Self::Error>;
     /// The error each write of a failed batch is answered with.
     fn each(&self, error: &Self::Error) -> Self::Error;
-    /// The error for writes whose commit panicked, or that the writer
-    /// thread could not take.
+    /// The error for writes whose commit panicked.
     fn panicked(&self) -> Self::Error;
 }
 
@@ -186,11 +185,12 @@ fn commit_jobs<C: Committer>(committer: &C, jobs: Vec<Job<C::Error>>) {
     // logged it) rather than leave them waiting.
     let outcome =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.commit(&batch)));
-    let mut answers: Box<dyn Iterator<Item = Result<Written, C::Error>>> = match outcome {
-        Ok(Ok(answers)) if answers.len() == batch.len() => Box::new(answers.into_iter().map(Ok)),
-        Ok(Err(error)) => Box::new((0..batch.len()).map(move |_| Err(committer.each(&error)))),
-        Ok(Ok(_)) | Err(_) => Box::new((0..batch.len()).map(|_| Err(committer.panicked()))),
+    let answers: Answers<C::Error> = match outcome {
+        Ok(Ok(answers)) if answers.len() == batch.len() => answers.into_iter().map(Ok).collect(),
+        Ok(Err(error)) => batch.iter().map(|_| Err(committer.each(&error))).collect(),
+        Ok(Ok(_)) | Err(_) => batch.iter().map(|_| Err(committer.panicked())).collect(),
     };
+    let mut answers = answers.into_iter();
     for (count, reply) in counts.into_iter().zip(replies) {
         let own: Answers<C::Error> = answers.by_ref().take(count).collect();
         // A caller that stopped waiting (its task was dropped) needs no
@@ -211,7 +211,7 @@ mod tests {
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
 
     use super::*;
 
