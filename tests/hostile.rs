@@ -1,6 +1,8 @@
 //! The hostile-agent suite: agents that attack the node (CPU, memory,
 //! tables, the stack, traps, output, logs, waiting forever, the
-//! filesystem, the environment, sockets, outbound HTTP, the LLM budget)
+//! filesystem, the environment, sockets, outbound HTTP, the LLM budget,
+//! what the host holds for a run: header maps, resources, random bytes,
+//! oversized errors)
 //! and artifacts that are not agents at all. Each case ends in a
 //! classified outcome with the kind and message a user or the control
 //! plane would see, and after each one `echo` still completes in the same
@@ -39,6 +41,10 @@ hostile_tests!(
     memory_bomb,
     table_growth_refused,
     deep_recursion,
+    http_fields_bomb,
+    resource_table_exhaustion,
+    random_bytes_past_the_limit,
+    oversized_fail_message_and_details,
     panic,
     unreachable,
     huge_result,
@@ -64,7 +70,7 @@ hostile_tests!(
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 29);
+    assert_eq!(hostile_set::CASES.len(), 33);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

@@ -157,7 +157,7 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
             result: HashMap::from([("category".into(), "invoice".into())]),
             timings: Some(timings),
             costs: Some(CostInfo { tokens_in: 100, tokens_out: 20, usd_cost: 0.5 }),
-            sandbox: Some(SandboxReport { fuel_consumed: 11, peak_memory_bytes: 12, instantiate_us: 13 }),
+            sandbox: Some(SandboxReport { fuel_consumed: 11, peak_memory_bytes: 12, instantiate_us: 13, peak_host_bytes: 14 }),
         }
         .encode_to_vec(),
     );
@@ -176,6 +176,7 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(sandbox[&1], vec![Value::Varint(11)]);
     assert_eq!(sandbox[&2], vec![Value::Varint(12)]);
     assert_eq!(sandbox[&3], vec![Value::Varint(13)]);
+    assert_eq!(sandbox[&4], vec![Value::Varint(14)]);
 
     let fail = fields(
         &FailRequest {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::sandbox::NodeLimits;
+use crate::sandbox::HostLimits;
 use crate::sandbox::capabilities::http::{EgressPolicy, HostGrant, destination};
 use crate::sandbox::capabilities::log::{RunLog, truncate};
 
@@ -76,8 +77,9 @@ pub fn egress(entries: &[String], metadata_allow: Option<&str>, uri: &str) {
         "run",
         "0af7651916cd43dd8448eb211c80319c",
         deadline,
+        HostLimits::default(),
     );
-    let run = EgressPolicy::new(&grants, metadata_allow, "run", "", deadline);
+    let run = EgressPolicy::new(&grants, metadata_allow, "run", "", deadline, HostLimits::default());
     let Ok(uri) = uri.parse::<http::Uri>() else {
         return;
     };

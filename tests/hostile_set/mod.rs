@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::State;
 use node_runtime::config::Secret;
+use node_runtime::sandbox::outcome::{FAILURE_DETAILS_BYTES, FAILURE_MESSAGE_BYTES};
 use node_runtime::sandbox::{
-    Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, LlmSettings, NodeLimits,
-    RunFailure, RunOutcome, RunResult, Sandbox, SandboxConfig,
+    Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, HostLimits, LlmSettings,
+    NodeLimits, RunFailure, RunOutcome, RunResult, Sandbox, SandboxConfig,
 };
 
 use crate::support::*;
@@ -306,6 +307,53 @@ pub async fn deep_recursion(env: &Env) {
     let result = env.run("stack-overflow", &[], BudgetRequest::default()).await;
     fails(&result, FailKind::AgentTrap, "stack overflow");
     assert!(failure(&result).details.contains("wasm backtrace"));
+    assert!(failure(&result).details.len() <= FAILURE_DETAILS_BYTES, "{}", failure(&result).details.len());
+}
+
+// ---- what the host holds for a run -----------------------------------------
+
+pub async fn http_fields_bomb(env: &Env) {
+    // Header maps of 60 KiB each, kept: no grant needed, no linear memory
+    // used. The host charges each map to the run and stops it at 32 MiB.
+    let result = env.run("hostile", &[("attack", "http-fields")], memory(32 * MIB)).await;
+    fails(&result, FailKind::BudgetMemory, "host resources the run holds");
+    let report = &result.report;
+    assert!(report.peak_host_bytes > 24 * MIB, "the maps were counted: {report:?}");
+    let one_map = HostLimits::default().field_bytes as u64 + 512;
+    assert!(report.peak_memory_bytes <= 32 * MIB + one_map, "{report:?}");
+}
+
+pub async fn resource_table_exhaustion(env: &Env) {
+    // Clock pollables, kept: small, but each one a host resource.
+    let result = env.run("hostile", &[("attack", "resource-flood")], BudgetRequest::default()).await;
+    let limit = HostLimits::default().resource_entries;
+    fails(&result, FailKind::BudgetMemory, &format!("{limit} host resources"));
+}
+
+pub async fn random_bytes_past_the_limit(env: &Env) {
+    let result = env.run("hostile", &[("attack", "random-bytes")], BudgetRequest::default()).await;
+    fails(&result, FailKind::BudgetMemory, "random bytes in one call");
+    let within = (HostLimits::default().random_bytes).to_string();
+    let result = env.run("hostile", &[("attack", "random-bytes"), ("bytes", &within)], BudgetRequest::default()).await;
+    assert_eq!(completed(&result)["random_bytes"], within);
+}
+
+pub async fn oversized_fail_message_and_details(env: &Env) {
+    // A 3 MiB error message and a megabyte of stderr: the Fail carries the
+    // start of each, the cut marked, well within what a plane accepts.
+    let result = env
+        .run("hostile", &[("attack", "huge-error"), ("stderr", "1000000")], memory(64 * MIB))
+        .await;
+    let failure = failure(&result);
+    assert_eq!(failure.kind, FailKind::AgentError, "{}", failure.message.len());
+    assert!(failure.message.len() <= FAILURE_MESSAGE_BYTES, "{}", failure.message.len());
+    assert!(failure.message.starts_with("mmmm") && failure.message.ends_with(" bytes cut]"));
+    assert!(failure.details.len() <= FAILURE_DETAILS_BYTES, "{}", failure.details.len());
+    assert!(failure.details.contains("[stderr truncated]"), "{}", &failure.details[failure.details.len() - 100..]);
+    // 20 MiB is more than a returned value may carry out of the guest.
+    let twenty = (20 * MIB).to_string();
+    let result = env.run("hostile", &[("attack", "huge-error"), ("bytes", &twenty)], memory(64 * MIB)).await;
+    fails(&result, FailKind::BudgetOutput, "the agent returned more than 4 MiB");
 }
 
 // ---- traps -----------------------------------------------------------------
@@ -330,11 +378,15 @@ pub async fn huge_result(env: &Env) {
 }
 
 pub async fn huge_single_log_line(env: &Env) {
-    // One 10 MiB message: passed on cut to 8 KiB, the run completes.
-    let result = env.run("hostile", &[("attack", "huge-log")], memory(64 * MIB)).await;
-    assert_eq!(completed(&result)["logged_bytes"], (10 * MIB).to_string());
+    // One 3 MiB message: passed on cut to 8 KiB, the run completes.
+    let three = (3 * MIB).to_string();
+    let result = env.run("hostile", &[("attack", "huge-log"), ("bytes", &three)], memory(64 * MIB)).await;
+    assert_eq!(completed(&result)["logged_bytes"], three);
     assert_eq!((result.report.log_lines, result.report.log_lines_dropped), (1, 0), "{:?}", result.report);
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
+    // 10 MiB is more than one call may carry into the host: refused.
+    let result = env.run("hostile", &[("attack", "huge-log")], memory(64 * MIB)).await;
+    fails(&result, FailKind::BudgetMemory, "in one call");
 }
 
 pub async fn log_flood(env: &Env) {
@@ -556,6 +608,10 @@ cases!(
     memory_bomb,
     table_growth_refused,
     deep_recursion,
+    http_fields_bomb,
+    resource_table_exhaustion,
+    random_bytes_past_the_limit,
+    oversized_fail_message_and_details,
     panic,
     unreachable,
     huge_result,

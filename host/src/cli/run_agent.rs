@@ -410,7 +410,14 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
     }
     let rows = [
         ("fuel consumed", report.fuel_consumed.to_string()),
-        ("peak memory", format_bytes(report.peak_memory_bytes)),
+        (
+            "peak memory",
+            format!(
+                "{} ({} held by the host)",
+                format_bytes(report.peak_memory_bytes),
+                format_bytes(report.peak_host_bytes)
+            ),
+        ),
         ("wall time", format!("{} ms", report.wall_ms)),
         ("instantiate", format!("{} us", report.instantiate_us)),
         (

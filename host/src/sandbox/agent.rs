@@ -151,9 +151,10 @@ pub(crate) fn link(
         .map(|(name, _)| name.to_string())
         .collect();
     let pre: InstancePre<RunState> = linker.instantiate_pre(component).map_err(|err| {
+        // The message names the import, a name the agent chose.
         InvalidAgent(format!(
             "the component needs an import this node does not provide: {}",
-            error_chain(&err)
+            guest_text(&error_chain(&err), 2 * GUEST_NAME_BYTES)
         ))
     })?;
     let entry = if exports.iter().any(|name| name == "run") {
@@ -175,10 +176,33 @@ pub(crate) fn link(
         return Err(InvalidAgent(format!(
             "the component is of another world: it exports neither `run` (the node-runtime \
              agent world, wit/agent.wit) nor `wasi:cli/run` (a WASI command); its exports: [{}]",
-            exports.join(", ")
+            export_list(&exports)
         )));
     };
     Ok(Agent { entry, digest })
+}
+
+/// The longest name of the agent's (an export, an import) a message quotes.
+const GUEST_NAME_BYTES: usize = 200;
+/// The most exports a message lists.
+const LISTED_EXPORTS: usize = 20;
+
+/// `text` from the agent, cut to `max` bytes for a message.
+fn guest_text(text: &str, max: usize) -> String {
+    super::capabilities::log::truncate(text, max).into_owned()
+}
+
+/// The agent's exports for a message: the first few, each name cut.
+fn export_list(exports: &[String]) -> String {
+    let mut listed: Vec<String> = exports
+        .iter()
+        .take(LISTED_EXPORTS)
+        .map(|name| guest_text(name, GUEST_NAME_BYTES))
+        .collect();
+    if exports.len() > LISTED_EXPORTS {
+        listed.push(format!("... {} more", exports.len() - LISTED_EXPORTS));
+    }
+    listed.join(", ")
 }
 
 /// `outer: inner: innermost`, the way wasmtime's errors read best.
@@ -187,4 +211,18 @@ pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
         .map(|cause| cause.to_string())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_list_quotes_a_few_names_each_cut() {
+        let exports: Vec<String> = (0..1000).map(|n| format!("{n}{}", "x".repeat(10_000))).collect();
+        let listed = export_list(&exports);
+        assert!(listed.len() < LISTED_EXPORTS * (GUEST_NAME_BYTES + 40) + 40, "{} bytes", listed.len());
+        assert!(listed.ends_with("... 980 more"), "{}", &listed[listed.len() - 40..]);
+        assert_eq!(export_list(&["greet".to_string()]), "greet");
+    }
 }

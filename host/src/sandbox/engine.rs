@@ -25,6 +25,7 @@ use wasmtime::{
 };
 
 use super::budget::NodeLimits;
+use super::meters::InstanceShape;
 
 /// How instances get their memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -174,6 +175,14 @@ impl Default for EngineSettings {
 const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 const MEMORIES_PER_COMPONENT: u32 = 8;
 const TABLES_PER_COMPONENT: u32 = 64;
+
+/// The pool's per-component limits, which the store limiter applies to
+/// every run, so a run on the on-demand allocator has the same shape.
+pub(crate) const RUN_SHAPE: InstanceShape = InstanceShape {
+    core_instances: CORE_INSTANCES_PER_COMPONENT as usize,
+    tables: TABLES_PER_COMPONENT as usize,
+    memories: MEMORIES_PER_COMPONENT as usize,
+};
 
 /// Settings that change generated code. A `.cwasm` records them and is
 /// refused by an engine whose settings differ. `target` is `None` for this

@@ -188,6 +188,10 @@ pub(crate) struct Answer {
     pub usage: Option<(u32, u32)>,
 }
 
+/// The largest answer the node reads from the LLM provider. A completion
+/// of 128,000 tokens is about half a MiB of JSON.
+pub const LLM_RESPONSE_BYTES: usize = 4 << 20;
+
 /// Why a call failed, before it becomes the guest's `llm-error`.
 #[derive(Debug, Clone)]
 pub(crate) enum CallError {
@@ -312,10 +316,7 @@ impl LlmClient {
         };
         let response = builder.send().await.map_err(|err| self.transport_error(&err, timeout))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| self.transport_error(&err, timeout))?;
+        let body = self.read_body(response, timeout).await?;
         if !status.is_success() {
             let message = format!(
                 "the LLM provider answered {status}: {}",
@@ -347,6 +348,29 @@ impl LlmClient {
                 .usage
                 .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens))),
         })
+    }
+
+    /// The answer's body, at most [`LLM_RESPONSE_BYTES`]: the provider is
+    /// trusted with the key, not with the node's memory.
+    async fn read_body(&self, mut response: reqwest::Response, timeout: Duration) -> Result<Vec<u8>, Attempt> {
+        let too_large = || {
+            Attempt::Final(CallError::Provider(format!(
+                "the LLM provider's answer is larger than {} bytes, the most the node reads; \
+                 lower max_tokens",
+                LLM_RESPONSE_BYTES
+            )))
+        };
+        if response.content_length().is_some_and(|length| length > LLM_RESPONSE_BYTES as u64) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|err| self.transport_error(&err, timeout))? {
+            if body.len() + chunk.len() > LLM_RESPONSE_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// A request that got no answer: a timeout, or a connection failure

@@ -16,6 +16,7 @@ pub(crate) mod capabilities;
 pub mod compiled_cache;
 pub mod engine;
 pub mod grants;
+pub mod host_memory;
 pub mod llm;
 mod meters;
 pub mod outcome;
@@ -41,6 +42,7 @@ pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS,
     UnsupportedTarget,
 };
+pub use host_memory::HostLimits;
 pub use grants::{
     AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
     InvalidGrant,

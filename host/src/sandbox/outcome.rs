@@ -122,6 +122,38 @@ impl RunFailure {
         self.details = details.into();
         self
     }
+
+    /// The failure with its message and details cut to
+    /// [`FAILURE_MESSAGE_BYTES`] and [`FAILURE_DETAILS_BYTES`], each cut
+    /// marked: much of both comes from the agent (its error, its stderr,
+    /// the names in its backtrace), and a report must always fit in a
+    /// message the control plane accepts.
+    pub fn capped(self) -> Self {
+        RunFailure {
+            message: cut(self.message, FAILURE_MESSAGE_BYTES),
+            details: cut(self.details, FAILURE_DETAILS_BYTES),
+            ..self
+        }
+    }
+}
+
+/// The longest failure message a report carries.
+pub const FAILURE_MESSAGE_BYTES: usize = 16 * 1024;
+/// The longest failure details a report carries.
+pub const FAILURE_DETAILS_BYTES: usize = 256 * 1024;
+
+/// `text` cut to at most `max` bytes (the mark included) on a character
+/// boundary, with `... [N bytes cut]` where it was cut.
+pub fn cut(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    // Room for the mark: "... [" + up to 20 digits + " bytes cut]".
+    let mut end = max.saturating_sub(40);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes cut]", &text[..end], text.len() - end)
 }
 
 impl fmt::Display for RunFailure {
@@ -131,6 +163,22 @@ impl fmt::Display for RunFailure {
 }
 
 impl std::error::Error for RunFailure {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_failure_fits_and_says_what_was_cut() {
+        let failure = RunFailure::new(FailKind::AgentError, "é".repeat(20 * 1024 * 1024))
+            .with_details("x".repeat(FAILURE_DETAILS_BYTES))
+            .capped();
+        assert!(failure.message.len() <= FAILURE_MESSAGE_BYTES, "{}", failure.message.len());
+        assert!(failure.message.ends_with(" bytes cut]"), "{}", &failure.message[failure.message.len() - 40..]);
+        assert_eq!(failure.details.len(), FAILURE_DETAILS_BYTES, "at the cap: kept whole");
+        assert_eq!(cut("short".into(), 10), "short");
+    }
+}
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,8 +203,14 @@ pub struct RunReport {
     /// A lower bound for a run stopped by its deadline while computing:
     /// compiled code stores its fuel count at calls, not in every loop.
     pub fuel_consumed: u64,
-    /// Largest sum of the run's linear memories, in bytes.
+    /// Largest the run's memory has been, in bytes: its linear memories,
+    /// its tables, and what the host held for it, together. The budget
+    /// applies to this sum.
     pub peak_memory_bytes: u64,
+    /// The host's part of it at its largest: the resources the run made
+    /// the host hold (HTTP header maps, requests, body buffers, handles),
+    /// each charged the most it may hold.
+    pub peak_host_bytes: u64,
     /// From the start of instantiation to the outcome.
     pub wall_ms: u64,
     /// Time to instantiate the component into a fresh store.

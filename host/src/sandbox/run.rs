@@ -26,6 +26,8 @@ use super::grants::AgentGrants;
 use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
 use super::llm::LlmClient;
 use super::capabilities::log::{RunLog, truncate};
+use super::engine::RUN_SHAPE;
+use super::host_memory::{self, HostLimits};
 use super::meters::{MemoryMeter, Refusal, TokenMeter};
 use super::outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 use super::output::{BoundedOutput, Overflow};
@@ -68,6 +70,13 @@ const BACKSTOP_GRACE: Duration = Duration::from_millis(30);
 const STDERR_CAP: usize = 64 * 1024;
 /// A world agent's stdout is only for debugging.
 const WORLD_STDOUT_CAP: usize = 64 * 1024;
+/// How wasmtime says a host call (or a result) carried more than the
+/// store's hostcall fuel allows; the error type is private.
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
+
+/// The longest line of a guest backtrace kept (a frame's name is the
+/// agent's to choose).
+const BACKTRACE_LINE_BYTES: usize = 512;
 /// How much of stderr goes into a failure's one-line message.
 const MESSAGE_STDERR_TAIL: usize = 300;
 
@@ -137,6 +146,8 @@ pub(crate) async fn execute(
             .arg(&request.context.agent_id);
     }
     wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    let host_limits = HostLimits::for_results(limits.result_bytes);
+    wasi.max_random_size(host_limits.random_bytes);
     for directory in &granted.directories {
         let perms = if directory.read_only {
             FsPerms::ReadOnly
@@ -162,10 +173,16 @@ pub(crate) async fn execute(
     for (name, value) in granted.environment_values() {
         wasi.env(name, value);
     }
+    let (table, refused_table) = RunState::tables(&host_limits);
+    let mut http = WasiHttpCtx::new();
+    http.set_field_size_limit(host_limits.field_bytes);
     let state = RunState {
         wasi: wasi.build(),
-        table: Default::default(),
-        http: WasiHttpCtx::new(),
+        table,
+        refused_table,
+        host_limits,
+        host_refused: false,
+        http,
         egress: EgressPolicy::new(
             &granted.http_hosts,
             request
@@ -176,8 +193,9 @@ pub(crate) async fn execute(
             &request.context.run_id,
             &request.context.trace_id,
             deadline,
+            host_limits,
         ),
-        memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize),
+        memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize, RUN_SHAPE),
         log: RunLog::new(limits),
         tokens: TokenMeter::new(budget.tokens()),
         llm: llm.map(|client| RunLlm {
@@ -193,6 +211,8 @@ pub(crate) async fn execute(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.memory);
+    store.set_max_component_handles(host_limits.component_handles);
+    store.set_hostcall_fuel(host_limits.hostcall_bytes);
     if metering.fuel() {
         store
             .set_fuel(budget.fuel())
@@ -271,13 +291,21 @@ pub(crate) async fn execute(
         Ok(Ok(Returned::Command(Ok(())))) => judge.command_output(),
         Ok(Ok(Returned::Command(Err(())))) => RunOutcome::Failed(judge.command_exit(1)),
     };
-    let outcome = judge.check_tokens(outcome);
+    let outcome = match judge.check_tokens(outcome) {
+        RunOutcome::Failed(failure) => RunOutcome::Failed(failure.capped()),
+        completed => completed,
+    };
     // A failure carries stderr in its details; a completed world agent's
     // `eprintln!`s would otherwise be lost.
     if !is_command && matches!(outcome, RunOutcome::Completed(_)) {
         judge.pass_on_stderr();
     }
 
+    // The host's share at the end, for runs that made no `wasi:http` call
+    // after their last resource appeared.
+    let state = store.data_mut();
+    let held = host_memory::charge(&mut state.table, &state.host_limits);
+    state.memory.set_host_bytes(held);
     let state = store.data();
     let report = RunReport {
         // Exact for a run that returned or ran out of fuel. For one trapped
@@ -285,6 +313,7 @@ pub(crate) async fn execute(
         // fuel in a register and stores it at calls, not at every back-edge.
         fuel_consumed: budget.fuel() - store.get_fuel().unwrap_or(0),
         peak_memory_bytes: state.memory.peak_bytes(),
+        peak_host_bytes: state.memory.peak_host_bytes(),
         wall_ms: started.elapsed().as_millis() as u64,
         instantiate_us,
         tokens_in: state.tokens.tokens_in,
@@ -415,9 +444,16 @@ impl Judge<'_> {
     }
 
     fn error(&self, stage: Stage, err: &wasmtime::Error) -> RunFailure {
+        // Frame names come from the agent's name section: each line is cut.
         let backtrace = err
             .downcast_ref::<WasmBacktrace>()
-            .map(|bt| bt.to_string())
+            .map(|bt| {
+                bt.to_string()
+                    .lines()
+                    .map(|line| truncate(line, BACKTRACE_LINE_BYTES))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .unwrap_or_default();
         let details = self.details(&backtrace);
         if err.is::<DeadlineExceeded>() {
@@ -437,22 +473,20 @@ impl Judge<'_> {
             )
             .with_details(details);
         }
-        if let Some(refusal) = self.state.memory.refusal() {
-            let message = match refusal {
-                Refusal::Memory { requested_total } => format!(
-                    "memory growth to {} was refused: the run's limit is {}",
-                    format_bytes(*requested_total),
-                    format_bytes(self.state.memory.limit_bytes())
+        if self.result_too_large_to_lift(err) {
+            return RunFailure::new(
+                FailKind::BudgetOutput,
+                format!(
+                    "the agent returned more than {}, the most a returned value may carry out of \
+                     the agent (a result map over the node's cap of {}, or an error as large)",
+                    format_bytes(self.state.host_limits.hostcall_bytes as u64),
+                    format_bytes(self.limits.result_bytes as u64),
                 ),
-                Refusal::Table {
-                    requested_elements,
-                } => format!(
-                    "table growth to {requested_elements} elements was refused: the node's \
-                     limit is {}",
-                    self.limits.table_elements
-                ),
-            };
-            return RunFailure::new(FailKind::BudgetMemory, message).with_details(details);
+            );
+        }
+        if let Some(refusal) = self.state.memory.refusal().cloned().or_else(|| self.host_limit(err)) {
+            return RunFailure::new(FailKind::BudgetMemory, self.refusal_message(&refusal))
+                .with_details(details);
         }
         if self.stdout.overflowed() {
             return self.output_overflow().with_details(details);
@@ -488,6 +522,86 @@ impl Judge<'_> {
         };
         self.append_stderr_tail(&mut message);
         RunFailure::new(FailKind::AgentTrap, message).with_details(details)
+    }
+
+    /// Whether the per-call ceiling stopped the copy of what `run`
+    /// returned: the guest has returned, so no frame of it is on the
+    /// stack, unlike a host call's arguments.
+    fn result_too_large_to_lift(&self, err: &wasmtime::Error) -> bool {
+        error_chain(err).contains(HOSTCALL_FUEL_EXHAUSTED)
+            && err
+                .downcast_ref::<WasmBacktrace>()
+                .is_none_or(|backtrace| backtrace.frames().is_empty())
+    }
+
+    /// A host-side ceiling the error says the run hit (wasmtime and WASI
+    /// report these as errors of the host call, named only in text).
+    fn host_limit(&self, err: &wasmtime::Error) -> Option<Refusal> {
+        let chain = error_chain(err);
+        let limits = &self.state.host_limits;
+        if chain.contains("resource table has no free keys") {
+            Some(Refusal::HostResources {
+                what: "host resources (WASI and HTTP handles)",
+                limit: limits.resource_entries,
+            })
+        } else if chain.contains("store handle limit exceeded") {
+            Some(Refusal::HostResources {
+                what: "component handles",
+                limit: limits.component_handles,
+            })
+        } else if chain.contains(HOSTCALL_FUEL_EXHAUSTED) {
+            Some(Refusal::HostcallData {
+                limit: limits.hostcall_bytes,
+            })
+        } else if chain.contains("requested len") && chain.contains("exceeds limit") {
+            // wasmtime-wasi's refusal of a `get-random-bytes` over the limit.
+            Some(Refusal::RandomBytes {
+                limit: limits.random_bytes,
+            })
+        } else {
+            None
+        }
+    }
+
+    fn refusal_message(&self, refusal: &Refusal) -> String {
+        let limit = format_bytes(self.state.memory.limit_bytes());
+        match refusal {
+            Refusal::Memory { requested_total } => format!(
+                "memory growth to {} was refused: the run's limit is {limit}",
+                format_bytes(*requested_total),
+            ),
+            Refusal::Table { requested_elements } if *requested_elements > self.limits.table_elements as usize => {
+                format!(
+                    "table growth to {requested_elements} elements was refused: the node's \
+                     limit is {} (all of a run's tables together)",
+                    self.limits.table_elements
+                )
+            }
+            Refusal::Table { requested_elements } => format!(
+                "table growth to {requested_elements} elements was refused: with the run's \
+                 memories and host resources it would pass the run's limit of {limit}"
+            ),
+            Refusal::Host { host_bytes, total } => format!(
+                "the host resources the run holds ({} of HTTP header maps, requests and \
+                 their buffers, and other handles) took its memory to {}, over its limit of \
+                 {limit}",
+                format_bytes(*host_bytes),
+                format_bytes(*total),
+            ),
+            Refusal::HostResources { what, limit } => format!(
+                "the run holds {limit} {what} at once, the most a run may; drop them once used"
+            ),
+            Refusal::HostcallData { limit } => format!(
+                "the agent handed the host more than {} in one call (a host call's arguments, \
+                 or the result it returned), the most a call may carry",
+                format_bytes(*limit as u64)
+            ),
+            Refusal::RandomBytes { limit } => format!(
+                "the agent asked for more than {} of random bytes in one call, the most a call \
+                 may return; ask in smaller draws",
+                format_bytes(*limit)
+            ),
+        }
     }
 
     /// A run that spent more tokens than its budget fails, whatever it

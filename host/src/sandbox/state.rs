@@ -6,6 +6,11 @@
 //! policy) and its meters (memory, log
 //! volume, tokens), and what it needs to call the LLM. The host capabilities in `capabilities/` are trait
 //! impls on this struct, grouped by WIT interface.
+//!
+//! Every `wasi:http` call first charges the run for what its resource table
+//! holds (`host_memory::audit`); once that is over the run's memory
+//! budget, the calls are served from an empty table that holds and accepts
+//! nothing, so each one traps and the run ends `budget.memory`.
 
 use std::time::Instant;
 
@@ -16,11 +21,18 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::capabilities::http::EgressPolicy;
 use super::capabilities::llm::RunLlm;
 use super::capabilities::log::RunLog;
+use super::host_memory::{self, HostLimits};
 use super::meters::{MemoryMeter, TokenMeter};
 
 pub struct RunState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
+    /// Served to `wasi:http` calls instead of `table` once the run is over
+    /// its memory budget: empty, and full at no entries.
+    pub(crate) refused_table: ResourceTable,
+    pub(crate) host_limits: HostLimits,
+    /// Set once the host's share took the run over its memory budget.
+    pub(crate) host_refused: bool,
     pub(crate) http: WasiHttpCtx,
     pub(crate) egress: EgressPolicy,
     pub(crate) memory: MemoryMeter,
@@ -42,11 +54,32 @@ impl WasiView for RunState {
     }
 }
 
+impl RunState {
+    /// A run's resource table, holding at most `limits.resource_entries`
+    /// entries, and the refused one.
+    pub(crate) fn tables(limits: &HostLimits) -> (ResourceTable, ResourceTable) {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.resource_entries);
+        let mut refused = ResourceTable::new();
+        refused.set_max_capacity(0);
+        (table, refused)
+    }
+}
+
 impl WasiHttpView for RunState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        if !self.host_refused {
+            self.host_refused =
+                !host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
+        }
+        let table = if self.host_refused {
+            &mut self.refused_table
+        } else {
+            &mut self.table
+        };
         WasiHttpCtxView {
             ctx: &mut self.http,
-            table: &mut self.table,
+            table,
             hooks: &mut self.egress,
         }
     }

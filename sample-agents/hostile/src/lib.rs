@@ -18,12 +18,32 @@
 //! - `unreachable`: executes the `unreachable` instruction.
 //! - `huge-log`: logs one line of input_ref `bytes` bytes (default 10 MiB)
 //!   and completes.
+//! - `http-fields`: creates `wasi:http` header maps of 60 KiB each and
+//!   keeps them, forever (the node must stop it at its memory budget).
+//! - `resource-flood`: creates clock pollables and keeps them, forever
+//!   (the node must stop it at its count of host resources).
+//! - `random-bytes`: asks for input_ref `bytes` random bytes at once
+//!   (default 64 MiB) and returns how many it got.
+//! - `huge-error`: writes input_ref `stderr` bytes to stderr (default 0),
+//!   then returns an error whose message is input_ref `bytes` bytes long
+//!   (default 3 MiB).
 //! - `residue`: looks for what an earlier run left in this instance's
 //!   memory (a static and a heap block), reports it (`residue.static`,
 //!   `residue.heap`), then leaves its own for the next run to find;
 //!   `residue.heap.same_run` shows the probe finds its own freed block.
 
-wit_bindgen::generate!({ world: "agent", path: "../../wit", generate_all });
+// The agent world, plus `wasi:random` (linked by every node, as all of
+// WASI is) to ask for more random bytes than a call may carry.
+wit_bindgen::generate!({
+    path: "../../wit",
+    inline: "package hostile:attacks;
+             world hostile {
+                 include node-runtime:agent/agent@0.1.0;
+                 import wasi:random/random@0.2.12;
+             }",
+    world: "hostile:attacks/hostile",
+    generate_all,
+});
 
 use node_runtime::agent::{budget, log};
 
@@ -71,6 +91,41 @@ impl Guest for Hostile {
                 seen.push(("logged_bytes".to_string(), bytes.to_string()));
             }
             "residue" => residue(&mut seen),
+            "http-fields" => {
+                let value = vec![b'a'; 60 * 1024];
+                let mut kept = Vec::new();
+                loop {
+                    let fields = wasi::http::types::Fields::new();
+                    if let Err(err) = fields.append("x-bomb", &value) {
+                        return Err(AgentError {
+                            message: format!("append refused after {} maps: {err:?}", kept.len()),
+                            retryable: false,
+                        });
+                    }
+                    kept.push(fields);
+                }
+            }
+            "resource-flood" => {
+                let mut kept = Vec::new();
+                loop {
+                    kept.push(wasi::clocks::monotonic_clock::subscribe_duration(1_000_000_000));
+                }
+            }
+            "random-bytes" => {
+                let bytes = number(&context, "bytes", 64 * 1024 * 1024);
+                let got = wasi::random::random::get_random_bytes(bytes as u64);
+                seen.push(("random_bytes".to_string(), got.len().to_string()));
+            }
+            "huge-error" => {
+                let stderr = number(&context, "stderr", 0);
+                if stderr > 0 {
+                    eprintln!("{}", "e".repeat(stderr));
+                }
+                return Err(AgentError {
+                    message: "m".repeat(number(&context, "bytes", 3 * 1024 * 1024)),
+                    retryable: false,
+                });
+            }
             other => {
                 return Err(AgentError {
                     message: format!("unknown attack {other:?}"),
@@ -80,6 +135,10 @@ impl Guest for Hostile {
         }
         Ok(seen)
     }
+}
+
+fn number(context: &RunContext, key: &str, default: usize) -> usize {
+    input(context, key).and_then(|n| n.parse().ok()).unwrap_or(default)
 }
 
 /// Written by every `residue` run; a fresh instance starts with zero.

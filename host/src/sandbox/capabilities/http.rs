@@ -10,9 +10,14 @@
 //! run's trace context (`traceparent` naming that span when traces are
 //! exported, `X-Correlation-ID`), its connect and first-byte waits
 //! bounded by the run's deadline, and its response body capped at
-//! [`HTTP_RESPONSE_BYTES`].
+//! [`HTTP_RESPONSE_BYTES`]. What the host buffers for a run's requests is
+//! bounded too: at most [`HostLimits::http_in_flight`] requests at once,
+//! and each outgoing body's buffer to [`HostLimits::body_chunk_bytes`]
+//! times its chunks (see `sandbox/host_memory.rs`).
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderName, HeaderValue};
@@ -21,6 +26,8 @@ use http_body_util::BodyExt;
 use thiserror::Error;
 use tracing::Instrument;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::sandbox::host_memory::HostLimits;
 
 /// The largest response body an agent may read; past it the body stream
 /// ends with `HTTP-response-body-size`.
@@ -117,9 +124,22 @@ pub struct EgressPolicy {
     run_id: String,
     trace_id: String,
     deadline: Instant,
+    limits: HostLimits,
+    /// Requests sent and not yet finished (their connection task holds a
+    /// count until it ends).
+    in_flight: Arc<AtomicU32>,
     /// Requests sent and requests denied, for the run's report.
     pub(crate) requests: u32,
     pub(crate) denied: u32,
+}
+
+/// One request in flight; dropping it frees the place.
+struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl EgressPolicy {
@@ -133,6 +153,7 @@ impl EgressPolicy {
         run_id: &str,
         trace_id: &str,
         deadline: Instant,
+        limits: HostLimits,
     ) -> EgressPolicy {
         let allowed = match metadata_allow {
             None => node_grants.to_vec(),
@@ -162,6 +183,8 @@ impl EgressPolicy {
             run_id: run_id.to_string(),
             trace_id: trace_id.to_string(),
             deadline,
+            limits,
+            in_flight: Arc::default(),
             requests: 0,
             denied: 0,
         }
@@ -268,6 +291,18 @@ impl WasiHttpHooks for EgressPolicy {
             );
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
+        let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let place = InFlight(self.in_flight.clone());
+        if in_flight >= self.limits.http_in_flight {
+            drop(place);
+            self.denied += 1;
+            tracing::warn!(
+                run_id = %self.run_id,
+                limit = self.limits.http_in_flight,
+                "outbound HTTP refused: the run has as many requests in flight as a run may"
+            );
+            return Box::new(async { Err(Error::ConnectionLimitReached) });
+        }
         self.requests += 1;
         tracing::debug!(host = %host, port, "outbound HTTP request");
 
@@ -331,6 +366,11 @@ impl WasiHttpHooks for EgressPolicy {
                         })
                         .boxed_unsync()
                 });
+                // The connection's task holds the place until it ends.
+                let io = async move {
+                    let _place = place;
+                    io.await
+                };
                 Ok((
                     response,
                     Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
@@ -338,6 +378,14 @@ impl WasiHttpHooks for EgressPolicy {
             }
             .instrument(span),
         )
+    }
+
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        self.limits.body_buffer_chunks
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        self.limits.body_chunk_bytes
     }
 }
 
@@ -350,7 +398,7 @@ mod tests {
     }
 
     fn policy(node: &[&str], metadata: Option<&str>) -> EgressPolicy {
-        EgressPolicy::new(&grants(node), metadata, "run-1", "4bf92f3577b34da6a3ce929d0e0e4736", Instant::now())
+        EgressPolicy::new(&grants(node), metadata, "run-1", "4bf92f3577b34da6a3ce929d0e0e4736", Instant::now(), HostLimits::default())
     }
 
     #[test]

@@ -73,15 +73,34 @@ impl RunLog {
         }
         let max = self.max_line_bytes;
         let message = truncate(message, max);
-        let fields: String = fields
-            .iter()
-            .map(|(key, value)| format!("{key}={}", truncate(value, max)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let fields = match truncate(&fields, max) {
-            std::borrow::Cow::Borrowed(_) => fields,
-            std::borrow::Cow::Owned(cut) => cut,
-        };
+        // Built up to the cap and no further: a line may carry thousands
+        // of fields, and only `max` bytes of them are passed on.
+        let mut fields_text = String::new();
+        let mut cut = 0usize;
+        for (key, value) in fields {
+            let separator = if fields_text.is_empty() { "" } else { " " };
+            let room = max.saturating_sub(fields_text.len());
+            let entry_len = separator.len() + key.len() + 1 + value.len();
+            if entry_len <= room {
+                fields_text.extend([separator, key.as_str(), "=", value.as_str()]);
+                continue;
+            }
+            if room == 0 {
+                cut += entry_len;
+                continue;
+            }
+            let entry = [separator, key.as_str(), "=", value.as_str()].concat();
+            let mut end = room;
+            while !entry.is_char_boundary(end) {
+                end -= 1;
+            }
+            fields_text.push_str(&entry[..end]);
+            cut += entry_len - end;
+        }
+        if cut > 0 {
+            fields_text.push_str(&format!("... [{cut} bytes cut]"));
+        }
+        let fields = fields_text;
         Some((message, fields))
     }
 }
@@ -135,6 +154,22 @@ mod tests {
         assert!(!log.admit(10));
         assert!(!log.admit(10));
         assert_eq!((log.lines(), log.dropped()), (2, 2));
+    }
+
+    #[test]
+    fn many_fields_are_cut_to_the_line_cap() {
+        let mut log = RunLog::new(&NodeLimits {
+            log_line_bytes: 32,
+            log_bytes: usize::MAX,
+            ..NodeLimits::default()
+        });
+        let fields: Vec<(String, String)> = (0..10_000).map(|n| (format!("k{n}"), "v".repeat(100))).collect();
+        let (_, text) = log.line("m", &fields).expect("admitted");
+        assert!(text.starts_with("k0=vvv"), "{text}");
+        assert!(text.len() < 80, "{} bytes: {text}", text.len());
+        assert!(text.ends_with("bytes cut]"), "{text}");
+        let (_, short) = log.line("m", &[("a".into(), "1".into()), ("b".into(), "2".into())]).unwrap();
+        assert_eq!(short, "a=1 b=2");
     }
 
     #[test]
