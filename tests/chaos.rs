@@ -298,3 +298,80 @@ async fn a_report_the_control_plane_refuses_is_sent_once_and_not_retried() {
     let outbox = Outbox::open(outbox_dir.path()).unwrap();
     assert_eq!(outbox.pending_count().unwrap(), 0, "a refused report is not kept either");
 }
+
+fn huge_error_lease(lease_id: &str) -> node_runtime::proto::Lease {
+    let mut lease = leases(1).remove(0);
+    lease.lease_id = lease_id.to_string();
+    let spec = lease.run_spec.as_mut().unwrap();
+    spec.agent_id = "hostile".to_string();
+    spec.input_ref = [("attack", "huge-error"), ("stderr", "100000")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_with_a_huge_message_reaches_a_plane_with_the_default_message_limit() {
+    // gRPC's default limit (4 MiB); a 3 MiB message, twice in the report
+    // once uncapped, would be refused every time until the report expired.
+    let (url, recorded) = scripted::serve(vec![huge_error_lease("lease-huge")]).await;
+    let agents = agents_layout();
+    let outbox_dir = tempfile::tempdir().unwrap();
+    let node = scripted_node(&url, &agents, &outbox_dir);
+    let fail = eventually(Duration::from_secs(30), "the Fail", || recorded.lock().unwrap().fails.first().cloned()).await;
+    let details: serde_json::Value = serde_json::from_str(&fail.error_details).unwrap();
+    assert_eq!(details["kind"], "agent.error", "{details}");
+    assert!(fail.error_message.len() <= node_runtime::sandbox::outcome::FAILURE_MESSAGE_BYTES);
+    assert!(details["details"].as_str().unwrap().contains("[stderr truncated]"), "the cap sufficed: {details}");
+    assert_eq!(node.stats().reports_refused_for_size.load(Ordering::SeqCst), 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_too_large_for_the_plane_is_shrunk_and_delivered_once() {
+    // A plane that takes messages of 32 KiB at most; the agent fails with a
+    // 3 MiB message and a full stderr.
+    let answers = scripted::Answers { max_message_bytes: Some(32 * 1024), ..scripted::Answers::default() };
+    let (url, recorded) = scripted::serve_with(vec![huge_error_lease("lease-huge")], answers).await;
+    let agents = agents_layout();
+    let outbox_dir = tempfile::tempdir().unwrap();
+    let node = scripted_node(&url, &agents, &outbox_dir);
+    let fail = eventually(Duration::from_secs(30), "the shrunk Fail", || {
+        recorded.lock().unwrap().fails.first().cloned()
+    })
+    .await;
+    let details: serde_json::Value = serde_json::from_str(&fail.error_details).unwrap();
+    assert_eq!(details["kind"], "agent.error", "{details}");
+    assert!(details["details"].as_str().unwrap().starts_with("[cut: "), "{details}");
+    assert!(fail.error_message.starts_with("mmm") && fail.error_message.ends_with("bytes cut]"), "{}", fail.error_message.len());
+    assert!(!fail.retryable);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(recorded.lock().unwrap().fails.len(), 1, "delivered once");
+    node.shutdown().await;
+    let outbox = Outbox::open(outbox_dir.path()).unwrap();
+    assert_eq!(outbox.pending_count().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_refused_for_its_size_even_shrunk_is_dropped_not_retried() {
+    // 512 bytes: not even the ids and a shrunk message fit.
+    let answers = scripted::Answers { max_message_bytes: Some(512), ..scripted::Answers::default() };
+    let (url, recorded) = scripted::serve_with(vec![huge_error_lease("lease-huge")], answers).await;
+    let agents = agents_layout();
+    let outbox_dir = tempfile::tempdir().unwrap();
+    let node = scripted_node(&url, &agents, &outbox_dir);
+    let stats = node.stats();
+    eventually(Duration::from_secs(30), "the report to be given up", || {
+        (stats.reports_refused_for_size.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    // A retry would come within the first backoff delays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stats.reports_refused_for_size.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.reports_delivered.load(Ordering::SeqCst), 0);
+    assert!(recorded.lock().unwrap().fails.is_empty());
+    node.shutdown().await;
+    let outbox = Outbox::open(outbox_dir.path()).unwrap();
+    assert_eq!(outbox.pending_count().unwrap(), 0, "not kept for ten minutes either");
+}

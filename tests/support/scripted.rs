@@ -24,11 +24,14 @@ pub struct Answers {
     pub delay: std::time::Duration,
     /// `success` in each answer: false is the reference's definitive refusal.
     pub success: bool,
+    /// The largest message the plane's gRPC server decodes (tonic's
+    /// default, 4 MiB, when `None`); a larger one is refused OUT_OF_RANGE.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for Answers {
     fn default() -> Self {
-        Answers { delay: std::time::Duration::ZERO, success: true }
+        Answers { delay: std::time::Duration::ZERO, success: true, max_message_bytes: None }
     }
 }
 
@@ -90,11 +93,15 @@ pub async fn serve(leases: Vec<Lease>) -> (String, Arc<Mutex<Recorded>>) {
 pub async fn serve_with(leases: Vec<Lease>, answers: Answers) -> (String, Arc<Mutex<Recorded>>) {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let script = Script { leases: Mutex::new(Some(leases)), recorded: recorded.clone(), answers };
+    let mut service = LeaseServiceServer::new(script);
+    if let Some(limit) = answers.max_message_bytes {
+        service = service.max_decoding_message_size(limit);
+    }
     let nodes = post(|| async { (axum::http::StatusCode::CREATED, axum::Json(serde_json::json!({}))) });
     let app = Router::new()
         .route("/v1/nodes:register", nodes.clone())
         .route("/v1/nodes/{heartbeat}", nodes)
-        .route_service("/lease.LeaseService/{*method}", LeaseServiceServer::new(script));
+        .route_service("/lease.LeaseService/{*method}", service);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });

@@ -125,10 +125,20 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);
     for report in reports {
         let lease_id = report.lease_id().to_string();
-        let answer = match report.report {
-            Report::Complete(request) => client.complete(request).await.map(|r| (r.success, r.message)),
-            Report::Fail(request) => client.fail(request).await.map(|r| (r.success, r.message)),
-        };
+        let mut answer = send(&client, &report.report).await;
+        // Refused for its size: shrunk and sent once more, as the node does.
+        if answer.as_ref().is_err_and(|err| err.refused_for_size()) {
+            println!("shrunk     {lease_id}: the control plane refused its size; sending it without its details");
+            answer = send(&client, &report.report.shrunk()).await;
+            if let Err(err) = &answer
+                && err.refused_for_size()
+            {
+                refused += 1;
+                println!("refused    {lease_id}: {err} (removed: it would never be taken)");
+                outbox.remove(&lease_id).map_err(|err| CommandError::internal(err.to_string()))?;
+                continue;
+            }
+        }
         match answer {
             Ok((true, _)) => {
                 delivered += 1;
@@ -148,6 +158,13 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     }
     println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
     Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })
+}
+
+async fn send(client: &LeaseClient, report: &Report) -> Result<(bool, String), control_plane::LeaseClientError> {
+    match report {
+        Report::Complete(request) => client.complete(request.clone()).await.map(|r| (r.success, r.message)),
+        Report::Fail(request) => client.fail(request.clone()).await.map(|r| (r.success, r.message)),
+    }
 }
 
 fn purge(args: &PurgeArgs) -> Result<Exit, CommandError> {

@@ -28,6 +28,21 @@ pub enum LeaseClientError {
 }
 
 impl LeaseClientError {
+    /// Whether the control plane refused the message for its size: gRPC
+    /// servers answer RESOURCE_EXHAUSTED (ASP.NET's "Received message
+    /// exceeds the maximum configured message size") or OUT_OF_RANGE
+    /// (tonic's "decoded message length too large"). Sending it again
+    /// cannot help.
+    pub fn refused_for_size(&self) -> bool {
+        let LeaseClientError::Call { status, .. } = self else {
+            return false;
+        };
+        let message = status.message().to_ascii_lowercase();
+        matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange)
+            && message.contains("message")
+            && (message.contains("size") || message.contains("length") || message.contains("large"))
+    }
+
     fn call(call: &'static str, status: tonic::Status) -> Self {
         LeaseClientError::Call {
             call,

@@ -8,8 +8,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prost::Message as _;
+
 use crate::proto::{CompleteRequest, CostInfo, FailRequest, Lease, SandboxReport, TimingInfo};
-use crate::sandbox::{BudgetRequest, RunContext, RunFailure, RunOutcome, RunReport, RunRequest};
+use crate::sandbox::outcome::cut;
+use crate::sandbox::{BudgetRequest, FailKind, RunContext, RunFailure, RunOutcome, RunReport, RunRequest};
+
+/// The largest report the node sends, encoded: under 4 MiB, the smallest
+/// message limit a control plane is known to have (gRPC's default, which
+/// the reference's ASP.NET server keeps), with room for the framing.
+pub const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// What a shrunk Fail keeps of its message.
+const SHRUNK_MESSAGE_BYTES: usize = 1024;
 
 /// A lease the node accepted, with the moment it arrived.
 #[derive(Debug, Clone)]
@@ -129,7 +140,37 @@ impl Report {
         }
     }
 
+    /// The report of `outcome`. It always fits in [`MAX_REPORT_BYTES`]: a
+    /// failure's message and details are capped by the sandbox, and a
+    /// result map too large to send (a node configured with a larger
+    /// `MaxResultBytes` than a control plane takes) becomes a
+    /// `budget.output` Fail.
     pub fn build(
+        accepted: &AcceptedLease,
+        node_id: &str,
+        outcome: &RunOutcome,
+        report: &RunReport,
+        timings: Timings,
+    ) -> Report {
+        let built = Self::build_unchecked(accepted, node_id, outcome, report, timings);
+        if built.encoded_len() <= MAX_REPORT_BYTES {
+            return built;
+        }
+        let shrunk = built.shrunk();
+        if shrunk.encoded_len() <= MAX_REPORT_BYTES {
+            return shrunk;
+        }
+        // Only the ids are left to be large, and the lease's own ids came
+        // in a message of the plane's; cut them rather than send nothing.
+        let mut last = shrunk;
+        if let Report::Fail(request) = &mut last {
+            request.lease_id = cut(std::mem::take(&mut request.lease_id), 64 * 1024);
+            request.run_id = cut(std::mem::take(&mut request.run_id), 64 * 1024);
+        }
+        last
+    }
+
+    fn build_unchecked(
         accepted: &AcceptedLease,
         node_id: &str,
         outcome: &RunOutcome,
@@ -163,6 +204,70 @@ impl Report {
             }),
         }
     }
+
+    /// The size of the report on the wire (without gRPC's framing).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Report::Complete(request) => request.encoded_len(),
+            Report::Fail(request) => request.encoded_len(),
+        }
+    }
+
+    /// The same outcome in as few bytes as keep it meaningful, for a
+    /// control plane that refused the report for its size: a Fail keeps
+    /// the start of its message and its kind, and drops its details; a
+    /// Complete, whose result cannot be cut without changing it, becomes a
+    /// `budget.output` Fail that says why.
+    pub fn shrunk(&self) -> Report {
+        match self {
+            Report::Complete(request) => {
+                let size = request.encoded_len();
+                let failure = RunFailure::new(
+                    FailKind::BudgetOutput,
+                    format!(
+                        "the run completed, but its report ({size} bytes with a result of {} \
+                         entries) is larger than the control plane accepts; lower \
+                         Sandbox.MaxResultBytes so that agents learn it at run time",
+                        request.result.len()
+                    ),
+                );
+                Report::Fail(FailRequest {
+                    lease_id: request.lease_id.clone(),
+                    run_id: request.run_id.clone(),
+                    node_id: request.node_id.clone(),
+                    error_message: failure.message.clone(),
+                    error_details: serde_json::json!({
+                        "kind": failure.kind,
+                        "message": failure.message,
+                        "retryable": false,
+                        "details": "",
+                    })
+                    .to_string(),
+                    timings: request.timings,
+                    retryable: false,
+                    sandbox: request.sandbox,
+                })
+            }
+            Report::Fail(request) => {
+                let kind = serde_json::from_str::<serde_json::Value>(&request.error_details)
+                    .ok()
+                    .and_then(|details| details.get("kind").cloned())
+                    .unwrap_or(serde_json::Value::Null);
+                let message = cut(request.error_message.clone(), SHRUNK_MESSAGE_BYTES);
+                Report::Fail(FailRequest {
+                    error_details: serde_json::json!({
+                        "kind": kind,
+                        "message": message,
+                        "retryable": request.retryable,
+                        "details": "[cut: the report was larger than the control plane accepts]",
+                    })
+                    .to_string(),
+                    error_message: message,
+                    ..request.clone()
+                })
+            }
+        }
+    }
 }
 
 fn sandbox_report(report: &RunReport) -> SandboxReport {
@@ -170,6 +275,7 @@ fn sandbox_report(report: &RunReport) -> SandboxReport {
         fuel_consumed: report.fuel_consumed,
         peak_memory_bytes: report.peak_memory_bytes,
         instantiate_us: report.instantiate_us,
+        peak_host_bytes: report.peak_host_bytes,
     }
 }
 
@@ -203,6 +309,51 @@ mod tests {
         let fresh = trace_id("not-a-trace-id");
         assert_eq!(fresh.len(), 32);
         assert_ne!(trace_id("00000000-0000-0000-0000-000000000000"), "0".repeat(32));
+    }
+
+    fn accepted(lease_id: &str) -> AcceptedLease {
+        AcceptedLease {
+            lease: Lease {
+                lease_id: lease_id.into(),
+                run_id: "run-1".into(),
+                ..Lease::default()
+            },
+            received: Instant::now(),
+        }
+    }
+
+    fn timings() -> Timings {
+        Timings {
+            received: Instant::now(),
+            started: None,
+            finished: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn every_report_fits_in_a_message_a_control_plane_takes() {
+        // A result map far over what a plane takes (a node configured with
+        // a large MaxResultBytes) becomes a budget.output Fail.
+        let result: crate::sandbox::ResultMap = (0..300).map(|n| (format!("k{n}"), "v".repeat(20_000))).collect();
+        let report = Report::build(&accepted("lease-1"), "node-1", &RunOutcome::Completed(result), &RunReport::default(), timings());
+        assert!(report.encoded_len() <= MAX_REPORT_BYTES, "{}", report.encoded_len());
+        let Report::Fail(fail) = &report else { panic!("a Complete of 6 MB was sent") };
+        assert!(fail.error_message.contains("larger than the control plane accepts"), "{}", fail.error_message);
+        assert!(fail.error_details.contains("budget.output"), "{}", fail.error_details);
+        assert!(!fail.retryable);
+        // A failure built around the caps (message and details full of
+        // characters JSON escapes six-fold) still fits.
+        let failure = RunFailure::new(FailKind::AgentError, "\u{1}".repeat(20 << 20))
+            .with_details("\u{1}".repeat(20 << 20))
+            .capped();
+        let report = Report::build(&accepted("lease-2"), "node-1", &RunOutcome::Failed(failure), &RunReport::default(), timings());
+        assert!(report.encoded_len() <= MAX_REPORT_BYTES, "{}", report.encoded_len());
+        // Uncapped (as an older node's outbox may hold it) it is shrunk.
+        let failure = RunFailure::new(FailKind::AgentError, "m".repeat(20 << 20)).with_details("d".repeat(20 << 20));
+        let report = Report::build(&accepted("lease-3"), "node-1", &RunOutcome::Failed(failure), &RunReport::default(), timings());
+        assert!(report.encoded_len() < 16 * 1024, "{}", report.encoded_len());
+        let Report::Fail(fail) = &report else { panic!() };
+        assert!(fail.error_details.contains("agent.error") && fail.error_message.ends_with("bytes cut]"), "{}", fail.error_details);
     }
 
     #[test]

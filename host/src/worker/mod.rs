@@ -78,6 +78,9 @@ pub struct NodeStats {
     pub reports_expired: AtomicU64,
     /// Reports dropped because the outbox was full (the oldest goes).
     pub reports_overflowed: AtomicU64,
+    /// Reports dropped because the control plane refused them for their
+    /// size, shrunk included.
+    pub reports_refused_for_size: AtomicU64,
     /// Outbox reads or writes that failed (the report is still sent, but
     /// would not survive a crash).
     pub outbox_errors: AtomicU64,
@@ -211,7 +214,9 @@ impl NodeObserver for Node {
             lease_stream_reconnects: read(&stats.lease_stream_reconnects),
             heartbeat_failures: read(&stats.heartbeat_failures),
             reports_delivered: read(&stats.reports_delivered),
-            reports_dropped: read(&stats.reports_expired) + read(&stats.reports_overflowed),
+            reports_dropped: read(&stats.reports_expired)
+                + read(&stats.reports_overflowed)
+                + read(&stats.reports_refused_for_size),
             compile_cache_hits: compile_cache_hits + self.store.cache_hits(),
             compile_cache_misses,
             active_leases: u64::from(stats.active_runs.load(Ordering::SeqCst)),

@@ -181,11 +181,14 @@ fn expired(node: &Node, lease_id: &str) {
 }
 
 /// Sends until the control plane answers, then removes the report from
-/// the outbox. At exit (`give_up`) it stays there, for the next start.
-async fn send(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, written_unix_ms: i64) {
+/// the outbox. At exit (`give_up`) it stays there, for the next start. A
+/// report the plane refuses for its size is shrunk and sent once more;
+/// refused again, it is dropped: waiting cannot make it smaller.
+async fn send(node: &Arc<Node>, mut report: Report, deadline_unix_ms: i64, written_unix_ms: i64) {
     let lease_id = report.lease_id().to_string();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut attempts = 0u32;
+    let mut shrunk = false;
     let remove = loop {
         attempts += 1;
         tracing::Span::current().record("report.attempts", attempts);
@@ -212,6 +215,21 @@ async fn send(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, written_u
             }
             Ok((false, message)) => {
                 tracing::error!(%lease_id, %message, "the control plane refused the report; it will not be sent again");
+                break true;
+            }
+            Err(err) if err.refused_for_size() && !shrunk => {
+                let size = report.encoded_len();
+                report = report.shrunk();
+                shrunk = true;
+                tracing::error!(%lease_id, error = %err, size, shrunk_to = report.encoded_len(), "the control plane refused the report for its size; sending it once more without its details");
+                // Replaces the stored copy (same lease): nothing overflows.
+                if let Err(err) = node.outbox.put_async(&report, deadline_unix_ms).await {
+                    outbox_error(node, &lease_id, &err);
+                }
+            }
+            Err(err) if err.refused_for_size() => {
+                node.stats.reports_refused_for_size.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%lease_id, error = %err, size = report.encoded_len(), "the control plane refused the shrunk report for its size too; it will not be sent again, and the plane will re-lease the run after its lease expires");
                 break true;
             }
             Err(err) => {
