@@ -183,8 +183,15 @@ async fn big_result_is_refused_and_memory_stays_bounded() {
     let result = run("big-result", &[], budget).await;
     let failure = failure(&result);
     assert_eq!(failure.kind, FailKind::BudgetOutput, "{failure:?}");
-    assert!(failure.message.contains("16.0 MiB, over the node's cap of 1 MiB"), "{}", failure.message);
+    // 16 MiB is more than a returned value may carry out of the agent:
+    // refused while it is copied, before the node could measure it.
+    assert!(failure.message.contains("returned more than 4 MiB"), "{}", failure.message);
+    assert!(failure.message.contains("over the node's cap of 1 MiB"), "{}", failure.message);
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
+    let result = run("big-result", &[("size", &(2 * MIB).to_string())], budget).await;
+    let measured = self::failure(&result);
+    assert_eq!(measured.kind, FailKind::BudgetOutput, "{measured:?}");
+    assert!(measured.message.contains("2.0 MiB, over the node's cap of 1 MiB"), "{}", measured.message);
 
     // A result under the cap completes.
     let result = run("big-result", &[("size", "1000")], BudgetRequest::default()).await;
