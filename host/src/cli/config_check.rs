@@ -1,7 +1,8 @@
 //! `node-runtime config check`: load a configuration exactly as `serve`
 //! would (the file, then the environment) and print what the node would
-//! run with, secrets redacted. A bad value is reported as `serve` would
-//! report it, with exit code 2.
+//! run with, secrets redacted. What was deliberately not read is a `note:`
+//! line on stderr, so that stdout stays a configuration. A bad value is
+//! reported as `serve` would report it, with exit code 2.
 
 use std::path::PathBuf;
 
@@ -23,6 +24,22 @@ pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
     // The certificate files are read as `serve` reads them.
     if config.mtls.enabled {
         super::serve::control_plane_tls(&config)?;
+    } else {
+        let mtls = &config.mtls;
+        let unread: Vec<&str> = [
+            ("MTls.ClientCertificatePath", &mtls.client_certificate_path),
+            ("MTls.ClientKeyPath", &mtls.client_key_path),
+            ("MTls.ServerCaCertificatePath", &mtls.server_ca_certificate_path),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| path.as_ref().map(|_| key))
+        .collect();
+        if !unread.is_empty() {
+            eprintln!(
+                "note: MTls.Enabled is false, so the files {} name are not read or checked",
+                unread.join(", ")
+            );
+        }
     }
     println!("{}", config.redacted_json());
     Ok(Exit::Completed)

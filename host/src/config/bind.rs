@@ -140,6 +140,9 @@ struct Binder<'a> {
 /// What a path must be, when it exists.
 #[derive(Clone, Copy)]
 enum PathKind {
+    /// Anything: the path is resolved, never looked at (a certificate of
+    /// a disabled `MTls` section).
+    Unread,
     /// A file that exists (a certificate or a key).
     ExistingFile,
     /// A directory, or nothing yet.
@@ -400,6 +403,9 @@ impl Binder<'_> {
         }
         let path = self.base_dir.join(&text);
         let found = format!("{} (resolved to {})", setting.scalar, path.display());
+        if matches!(kind, PathKind::Unread) {
+            return Ok(Some(path));
+        }
         let problem = match (kind, std::fs::metadata(&path)) {
             (PathKind::ExistingFile, Ok(meta)) if meta.is_file() => None,
             (PathKind::ExistingFile, Ok(meta)) if meta.is_dir() => {
@@ -428,6 +434,7 @@ impl Binder<'_> {
             (PathKind::ExistingDirectory, Err(_)) => {
                 Some("it cannot be read; expected a directory the node can open")
             }
+            (PathKind::Unread, _) => None,
         };
         match problem {
             None => Ok(Some(path)),
@@ -577,19 +584,20 @@ impl Binder<'_> {
                 }
                 _ => None,
             });
+        let enabled = self.boolean(&mut s, "Enabled", defaults.enabled)?;
+        // The reference ships `Enabled: false` with paths under
+        // /etc/bpa/certs that exist only where its certificates are
+        // mounted: a disabled section's files are never looked at.
+        let certificate = if enabled {
+            PathKind::ExistingFile
+        } else {
+            PathKind::Unread
+        };
         let mtls = MTlsSection {
-            enabled: self.boolean(&mut s, "Enabled", defaults.enabled)?,
-            client_certificate_path: self.path(
-                &mut s,
-                "ClientCertificatePath",
-                PathKind::ExistingFile,
-            )?,
-            client_key_path: self.path(&mut s, "ClientKeyPath", PathKind::ExistingFile)?,
-            server_ca_certificate_path: self.path(
-                &mut s,
-                "ServerCaCertificatePath",
-                PathKind::ExistingFile,
-            )?,
+            enabled,
+            client_certificate_path: self.path(&mut s, "ClientCertificatePath", certificate)?,
+            client_key_path: self.path(&mut s, "ClientKeyPath", certificate)?,
+            server_ca_certificate_path: self.path(&mut s, "ServerCaCertificatePath", certificate)?,
             expected_server_certificate_subject: self
                 .optional_text(&mut s, "ExpectedServerCertificateSubject")?,
             validate_certificate_chain: self.boolean(

@@ -102,8 +102,10 @@ pub struct Capacity {
 }
 
 /// `MTls`: the client certificate for the control-plane connection.
-/// Paths are resolved against the configuration file's directory and,
-/// when set, exist.
+/// Paths are resolved against the configuration file's directory; when
+/// `Enabled`, those set exist; when not, they are never looked at (the
+/// reference ships paths that exist only where its certificates are
+/// mounted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MTlsSection {
     /// `Enabled`: when true, both the certificate and the key are set.

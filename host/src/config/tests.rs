@@ -519,15 +519,16 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             fix: "environment variable MTLS__ENABLED",
         },
         Case {
-            what: "a CA certificate that does not exist",
-            json: r#"{"MTls": {"ServerCaCertificatePath": "certs/missing-ca.crt"}}"#,
+            what: "a CA certificate that does not exist, with mTLS on",
+            json: r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "node.crt",
+                "ClientKeyPath": "node.key", "ServerCaCertificatePath": "certs/missing-ca.crt"}}"#,
             env: &[],
             key: "MTls.ServerCaCertificatePath",
             fix: "no such file",
         },
         Case {
-            what: "a certificate path that is a directory",
-            json: r#"{"MTls": {"ClientCertificatePath": "."}}"#,
+            what: "a certificate path that is a directory, with mTLS on",
+            json: r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "."}}"#,
             env: &[],
             key: "MTls.ClientCertificatePath",
             fix: "is a directory",
@@ -1128,4 +1129,51 @@ fn no_grant_passes_the_llm_key_or_a_node_setting_to_an_agent() {
         assert!(!message.contains("sk-1"), "{message}");
     }
     assert!(with_key(r#"["TENANT", "NodeRuntimeish"]"#).is_ok());
+}
+
+/// The reference node's own `appsettings.json`, as it ships.
+fn reference_node_file() -> PathBuf {
+    fixtures().join("reference-appsettings.json")
+}
+
+#[test]
+fn the_reference_nodes_own_appsettings_loads_with_mtls_off_and_its_certificates_unread() {
+    // Its certificates live under /etc/bpa/certs, which exists only where
+    // they are mounted.
+    assert!(!Path::new("/etc/bpa/certs/node-cert.pem").exists());
+    let config = NodeConfig::load(&reference_node_file(), no_env()).unwrap();
+
+    assert!(!config.mtls.enabled);
+    assert_eq!(
+        config.mtls.client_certificate_path.as_deref(),
+        Some(Path::new("/etc/bpa/certs/node-cert.pem"))
+    );
+    assert_eq!(
+        config.mtls.server_ca_certificate_path.as_deref(),
+        Some(Path::new("/etc/bpa/certs/ca-cert.pem"))
+    );
+    assert_eq!(config.node_runtime.node_id, "node-1");
+    assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
+    assert_eq!(config.node_runtime.metadata["Region"], "us-east-1");
+    assert_eq!(config.agent_runtime.default_model, "gpt-4");
+    assert_eq!(config.ignored_keys, ["AllowedHosts"]);
+
+    // Foundry with empty strings and managed identity: not configured, not
+    // an error; `llm.chat` answers not-configured.
+    let foundry = &config.agent_runtime.azure_ai_foundry;
+    assert_eq!(foundry.endpoint, None);
+    assert_eq!(foundry.deployment_name, None);
+    assert!(foundry.api_key.is_none());
+    assert!(foundry.use_managed_identity);
+    assert!(config.sandbox_config().llm.is_none());
+}
+
+#[test]
+fn with_mtls_enabled_the_reference_nodes_missing_certificates_stop_start_up() {
+    let err = NodeConfig::load(&reference_node_file(), env(&[("MTls__Enabled", "true")]))
+        .unwrap_err();
+    assert_eq!(err.key(), Some("MTls.ClientCertificatePath"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("/etc/bpa/certs/node-cert.pem"), "{message}");
+    assert!(message.contains("no such file"), "{message}");
 }
