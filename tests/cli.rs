@@ -257,6 +257,13 @@ fn reference_config_dir(overlay: Option<&str>) -> tempfile::TempDir {
     dir
 }
 
+/// The reference's file with the Development overlay of
+/// `tests/fixtures`, which sets `NodeRuntime.NodeId`,
+/// `NodeRuntime.Capacity.Slots` and `Logging.LogLevel.Default` only.
+fn reference_config_dir_with_overlay() -> tempfile::TempDir {
+    reference_config_dir(Some(&fixture_text("reference-appsettings.Development.json")))
+}
+
 /// The node binary with `args`, the hosting-environment variables of the
 /// machine running the tests removed and `env` set.
 fn node_in(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -300,12 +307,97 @@ fn config_check_accepts_the_reference_nodes_own_appsettings_with_its_certificate
                          MTls.ClientKeyPath, MTls.ServerCaCertificatePath name are not read"),
         "{stderr}"
     );
+    assert!(stderr.contains("environment Production (the default"), "{stderr}");
+    assert!(stderr.contains("appsettings.Production.json beside it, which is optional"), "{stderr}");
 
     // With mTLS on, the same file stops start-up naming the key.
     let (code, _, stderr) = config_check(dir.path(), &[("MTls__Enabled", "true")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("MTls.ClientCertificatePath"), "{stderr}");
     assert!(stderr.contains("/etc/bpa/certs/node-cert.pem"), "{stderr}");
+}
+
+#[test]
+fn the_environments_appsettings_file_is_layered_over_the_base_key_by_key() {
+    let dir = reference_config_dir_with_overlay();
+    for variable in ["DOTNET_ENVIRONMENT", "ASPNETCORE_ENVIRONMENT"] {
+        let (code, json, stderr) = config_check(dir.path(), &[(variable, "Development")]);
+        assert_eq!(code, 0, "{variable}: {stderr}");
+        let node = &json["NodeRuntime"];
+        // The overlay's keys win...
+        assert_eq!(node["NodeId"], "node-dev", "{variable}");
+        assert_eq!(node["Capacity"]["Slots"], 2, "{variable}");
+        assert_eq!(json["Logging"]["LogLevel"]["Default"], "Debug", "{variable}");
+        // ...and the base's other keys remain, in the same sections too.
+        assert_eq!(node["Capacity"]["Cpu"], "4", "{variable}");
+        assert_eq!(node["Capacity"]["Memory"], "8Gi", "{variable}");
+        assert_eq!(node["ControlPlaneUrl"], "http://localhost:5109/", "{variable}");
+        assert_eq!(node["Metadata"]["Region"], "us-east-1", "{variable}");
+        assert_eq!(json["Logging"]["LogLevel"]["Microsoft.AspNetCore"], "Warning", "{variable}");
+        assert_eq!(json["OpenTelemetry"]["ServiceName"], "Node.Runtime", "{variable}");
+        assert!(
+            stderr.contains(&format!("environment Development (from {variable})")),
+            "{variable}: {stderr}"
+        );
+        assert!(stderr.contains("appsettings.Development.json over it"), "{variable}: {stderr}");
+    }
+
+    // Both set: DOTNET_ENVIRONMENT wins, and the note says so.
+    let (code, json, stderr) = config_check(
+        dir.path(),
+        &[("DOTNET_ENVIRONMENT", "Production"), ("ASPNETCORE_ENVIRONMENT", "Development")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
+    assert!(
+        stderr.contains("from DOTNET_ENVIRONMENT, which wins over ASPNETCORE_ENVIRONMENT=Development"),
+        "{stderr}"
+    );
+
+    // Neither: Production, whose file does not exist; Development's is not read.
+    let (code, json, stderr) = config_check(dir.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Slots"], 8);
+}
+
+#[test]
+fn an_environment_variable_wins_over_both_appsettings_files() {
+    let dir = reference_config_dir_with_overlay();
+    let (code, json, stderr) = config_check(
+        dir.path(),
+        &[("DOTNET_ENVIRONMENT", "Development"), ("NodeRuntime__NodeId", "node-env")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-env");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Slots"], 2, "the overlay's");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Cpu"], "4", "the base's");
+}
+
+#[test]
+fn an_invalid_environments_file_stops_config_check_and_serve_naming_that_file() {
+    let dir = reference_config_dir(Some("{\n  \"NodeRuntime\": {\n"));
+    let overlay = dir.path().join("appsettings.Development.json");
+    let (code, _, stderr) = config_check(dir.path(), &[("DOTNET_ENVIRONMENT", "Development")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&format!("{} is not valid JSON", overlay.display())), "{stderr}");
+
+    // A bad value in it: the message says it came from that file.
+    std::fs::write(&overlay, r#"{"NodeRuntime": {"Capacity": {"Slots": 0}}}"#).unwrap();
+    let (code, _, stderr) = config_check(dir.path(), &[("ASPNETCORE_ENVIRONMENT", "Development")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!("NodeRuntime.Capacity.Slots is 0 (in {})", overlay.display())),
+        "{stderr}"
+    );
+
+    let config = dir.path().join("appsettings.json");
+    let output = node_in(&["serve", "--config", config.to_str().unwrap()], &[("DOTNET_ENVIRONMENT", "Development")])
+        .output()
+        .expect("the node-runtime binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("(in {})", overlay.display())), "{stderr}");
 }
 
 #[test]
