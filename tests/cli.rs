@@ -238,3 +238,209 @@ fn run_agent_names_an_unset_key_variable_and_a_raised_token_limit() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("tokens") && stderr.contains("--max-tokens"), "{stderr}");
 }
+
+/// The text of `tests/fixtures/NAME`.
+fn fixture_text(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+/// The reference node's own `appsettings.json` (as it ships: mTLS off, its
+/// certificates under /etc/bpa/certs) in a fresh directory, with `overlay`
+/// beside it as `appsettings.Development.json` when given.
+fn reference_config_dir(overlay: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("appsettings.json"), fixture_text("reference-appsettings.json")).unwrap();
+    if let Some(overlay) = overlay {
+        std::fs::write(dir.path().join("appsettings.Development.json"), overlay).unwrap();
+    }
+    dir
+}
+
+/// The reference's file with the Development overlay of
+/// `tests/fixtures`, which sets `NodeRuntime.NodeId`,
+/// `NodeRuntime.Capacity.Slots` and `Logging.LogLevel.Default` only.
+fn reference_config_dir_with_overlay() -> tempfile::TempDir {
+    reference_config_dir(Some(&fixture_text("reference-appsettings.Development.json")))
+}
+
+/// The node binary with `args`, the hosting-environment variables of the
+/// machine running the tests removed and `env` set.
+fn node_in(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_node-runtime"));
+    command
+        .args(args)
+        .env_remove("DOTNET_ENVIRONMENT")
+        .env_remove("ASPNETCORE_ENVIRONMENT")
+        .env("RUST_LOG", "warn");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+}
+
+/// `config check --config DIR/appsettings.json`: the exit code, the
+/// effective configuration it printed (Null when none) and its stderr.
+fn config_check(dir: &std::path::Path, env: &[(&str, &str)]) -> (i32, serde_json::Value, String) {
+    let config = dir.join("appsettings.json");
+    let output = node_in(&["config", "check", "--config", config.to_str().unwrap()], env)
+        .output()
+        .expect("the node-runtime binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    (output.status.code().expect("exited"), json, stderr)
+}
+
+#[test]
+fn config_check_accepts_the_reference_nodes_own_appsettings_with_its_certificates_absent() {
+    assert!(!std::path::Path::new("/etc/bpa/certs/node-cert.pem").exists());
+    let dir = reference_config_dir(None);
+    let (code, json, stderr) = config_check(dir.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
+    assert_eq!(json["NodeRuntime"]["ControlPlaneUrl"], "http://localhost:5109/");
+    assert_eq!(json["MTls"]["Enabled"], false);
+    assert_eq!(json["MTls"]["ClientCertificatePath"], "/etc/bpa/certs/node-cert.pem");
+    assert_eq!(json["AgentRuntime"]["AzureAIFoundry"]["Endpoint"], serde_json::Value::Null);
+    assert!(
+        stderr.contains("note: MTls.Enabled is false, so the files MTls.ClientCertificatePath, \
+                         MTls.ClientKeyPath, MTls.ServerCaCertificatePath name are not read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("environment Production (the default"), "{stderr}");
+    assert!(stderr.contains("appsettings.Production.json beside it, which is optional"), "{stderr}");
+
+    // With mTLS on, the same file stops start-up naming the key.
+    let (code, _, stderr) = config_check(dir.path(), &[("MTls__Enabled", "true")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("MTls.ClientCertificatePath"), "{stderr}");
+    assert!(stderr.contains("/etc/bpa/certs/node-cert.pem"), "{stderr}");
+}
+
+#[test]
+fn the_environments_appsettings_file_is_layered_over_the_base_key_by_key() {
+    let dir = reference_config_dir_with_overlay();
+    for variable in ["DOTNET_ENVIRONMENT", "ASPNETCORE_ENVIRONMENT"] {
+        let (code, json, stderr) = config_check(dir.path(), &[(variable, "Development")]);
+        assert_eq!(code, 0, "{variable}: {stderr}");
+        let node = &json["NodeRuntime"];
+        // The overlay's keys win...
+        assert_eq!(node["NodeId"], "node-dev", "{variable}");
+        assert_eq!(node["Capacity"]["Slots"], 2, "{variable}");
+        assert_eq!(json["Logging"]["LogLevel"]["Default"], "Debug", "{variable}");
+        // ...and the base's other keys remain, in the same sections too.
+        assert_eq!(node["Capacity"]["Cpu"], "4", "{variable}");
+        assert_eq!(node["Capacity"]["Memory"], "8Gi", "{variable}");
+        assert_eq!(node["ControlPlaneUrl"], "http://localhost:5109/", "{variable}");
+        assert_eq!(node["Metadata"]["Region"], "us-east-1", "{variable}");
+        assert_eq!(json["Logging"]["LogLevel"]["Microsoft.AspNetCore"], "Warning", "{variable}");
+        assert_eq!(json["OpenTelemetry"]["ServiceName"], "Node.Runtime", "{variable}");
+        assert!(
+            stderr.contains(&format!("environment Development (from {variable})")),
+            "{variable}: {stderr}"
+        );
+        assert!(stderr.contains("appsettings.Development.json over it"), "{variable}: {stderr}");
+    }
+
+    // Both set: DOTNET_ENVIRONMENT wins, and the note says so.
+    let (code, json, stderr) = config_check(
+        dir.path(),
+        &[("DOTNET_ENVIRONMENT", "Production"), ("ASPNETCORE_ENVIRONMENT", "Development")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
+    assert!(
+        stderr.contains("from DOTNET_ENVIRONMENT, which wins over ASPNETCORE_ENVIRONMENT=Development"),
+        "{stderr}"
+    );
+
+    // Neither: Production, whose file does not exist; Development's is not read.
+    let (code, json, stderr) = config_check(dir.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Slots"], 8);
+}
+
+#[test]
+fn an_environment_variable_wins_over_both_appsettings_files() {
+    let dir = reference_config_dir_with_overlay();
+    let (code, json, stderr) = config_check(
+        dir.path(),
+        &[("DOTNET_ENVIRONMENT", "Development"), ("NodeRuntime__NodeId", "node-env")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["NodeRuntime"]["NodeId"], "node-env");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Slots"], 2, "the overlay's");
+    assert_eq!(json["NodeRuntime"]["Capacity"]["Cpu"], "4", "the base's");
+}
+
+#[test]
+fn an_invalid_environments_file_stops_config_check_and_serve_naming_that_file() {
+    let dir = reference_config_dir(Some("{\n  \"NodeRuntime\": {\n"));
+    let overlay = dir.path().join("appsettings.Development.json");
+    let (code, _, stderr) = config_check(dir.path(), &[("DOTNET_ENVIRONMENT", "Development")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&format!("{} is not valid JSON", overlay.display())), "{stderr}");
+
+    // A bad value in it: the message says it came from that file.
+    std::fs::write(&overlay, r#"{"NodeRuntime": {"Capacity": {"Slots": 0}}}"#).unwrap();
+    let (code, _, stderr) = config_check(dir.path(), &[("ASPNETCORE_ENVIRONMENT", "Development")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!("NodeRuntime.Capacity.Slots is 0 (in {})", overlay.display())),
+        "{stderr}"
+    );
+
+    let config = dir.path().join("appsettings.json");
+    let output = node_in(&["serve", "--config", config.to_str().unwrap()], &[("DOTNET_ENVIRONMENT", "Development")])
+        .output()
+        .expect("the node-runtime binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("(in {})", overlay.display())), "{stderr}");
+}
+
+#[test]
+fn serve_starts_with_the_reference_nodes_own_appsettings_and_registers() {
+    use node_runtime::dev_plane::{DevPlane, PlaneOptions};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let plane = runtime
+        .block_on(DevPlane::start(PlaneOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..PlaneOptions::default()
+        }))
+        .unwrap();
+    let dir = reference_config_dir(None);
+    let config = dir.path().join("appsettings.json");
+    let log = dir.path().join("serve.log");
+    // The file as shipped; only the control plane's address is this test's.
+    let mut child = node_in(&["serve", "--config", config.to_str().unwrap()], &[("NodeRuntime__ControlPlaneUrl", &plane.url())])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("node-runtime serve starts");
+
+    let started = std::time::Instant::now();
+    let registered = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("serve exited with {status}: {}", std::fs::read_to_string(&log).unwrap());
+        }
+        let nodes = plane.nodes();
+        if let Some(node) = nodes.iter().find(|node| node.node_id == "node-1") {
+            break node.clone();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            panic!("node-1 never registered: {}", std::fs::read_to_string(&log).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(registered.capacity.slots, 8);
+    assert_eq!(registered.metadata["Region"], "us-east-1");
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    runtime.block_on(plane.shutdown());
+}

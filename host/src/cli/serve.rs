@@ -41,6 +41,7 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let telemetry = Telemetry::init(telemetry_settings(&config, args.log_format))
         .map_err(|err| CommandError::usage(err.to_string()))?;
+    tracing::info!("configuration: {}", config.sources);
     let tls = control_plane_tls(&config)?;
     let sandbox = Sandbox::new(config.sandbox_config())
         .map_err(|err| CommandError::internal(err.to_string()))?;

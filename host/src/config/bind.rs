@@ -25,35 +25,47 @@ use crate::cli::parse_size;
 use crate::sandbox::{AllocatorChoice, Execution};
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
 
-/// Parses `text`, applies `env` over it and binds the result.
+/// One configuration file's text, and its name as messages give it.
+pub(super) struct Layer {
+    pub name: String,
+    pub text: String,
+}
+
+/// Parses each layer, merges them in order (a later one's keys win),
+/// applies `env` over the result and binds it.
 pub(super) fn read(
-    text: &str,
-    file: Option<&Path>,
+    layers: Vec<Layer>,
     base_dir: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<NodeConfig, ConfigError> {
-    let file = file.map_or_else(
-        || "the configuration text".to_string(),
-        |path| path.display().to_string(),
-    );
-    let root = tree::parse(text).map_err(|err| syntax_error(&file, &err))?;
-    let mut entries = match root.kind {
-        Kind::Section {
-            entries,
-            list: false,
-        } => entries,
-        _ => {
-            return Err(ConfigError::NotAnObject {
-                found: root.describe(),
-                file,
-            });
+    let mut entries = Entries::default();
+    let mut files = Vec::with_capacity(layers.len());
+    for (index, layer) in layers.into_iter().enumerate() {
+        let mut root = tree::parse(&layer.text).map_err(|err| syntax_error(&layer.name, &err))?;
+        root.set_file(index);
+        match root.kind {
+            Kind::Section {
+                entries: layer_entries,
+                list: false,
+            } => {
+                for (name, node) in layer_entries.0 {
+                    entries.insert(name, node);
+                }
+            }
+            _ => {
+                return Err(ConfigError::NotAnObject {
+                    found: root.describe(),
+                    file: layer.name,
+                });
+            }
         }
-    };
+        files.push(layer.name);
+    }
     let env: Vec<(String, String)> = env.into_iter().collect();
     tree::apply_env(&mut entries, env.iter().cloned());
 
     let mut binder = Binder {
-        file,
+        files,
         base_dir,
         ignored: Vec::new(),
         env: env.into_iter().collect(),
@@ -87,6 +99,8 @@ pub(super) fn read(
         sandbox,
         agent_store,
         ignored_keys: binder.ignored,
+        // The caller knows which files these were.
+        sources: Default::default(),
     })
 }
 
@@ -126,8 +140,8 @@ struct Setting {
 }
 
 struct Binder<'a> {
-    /// The configuration file, as messages name it.
-    file: String,
+    /// The configuration files in the order layered, as messages name them.
+    files: Vec<String>,
     base_dir: &'a Path,
     ignored: Vec<String>,
     /// The environment, for keys that name a variable (an API key's).
@@ -140,6 +154,9 @@ struct Binder<'a> {
 /// What a path must be, when it exists.
 #[derive(Clone, Copy)]
 enum PathKind {
+    /// Anything: the path is resolved, never looked at (a certificate of
+    /// a disabled `MTls` section).
+    Unread,
     /// A file that exists (a certificate or a key).
     ExistingFile,
     /// A directory, or nothing yet.
@@ -151,8 +168,16 @@ enum PathKind {
 impl Binder<'_> {
     fn origin(&self, origin: &Origin) -> String {
         match origin {
-            Origin::File => format!("in {}", self.file),
+            Origin::File(index) => match self.files.get(*index) {
+                Some(file) => format!("in {file}"),
+                None => "in the configuration".to_string(),
+            },
             Origin::Env(name) => format!("from environment variable {name}"),
+            Origin::Unset => match self.files.as_slice() {
+                [] => "in the configuration".to_string(),
+                [file] => format!("in {file}"),
+                [files @ .., last] => format!("in neither {} nor {last}", files.join(", ")),
+            },
         }
     }
 
@@ -400,6 +425,9 @@ impl Binder<'_> {
         }
         let path = self.base_dir.join(&text);
         let found = format!("{} (resolved to {})", setting.scalar, path.display());
+        if matches!(kind, PathKind::Unread) {
+            return Ok(Some(path));
+        }
         let problem = match (kind, std::fs::metadata(&path)) {
             (PathKind::ExistingFile, Ok(meta)) if meta.is_file() => None,
             (PathKind::ExistingFile, Ok(meta)) if meta.is_dir() => {
@@ -428,6 +456,7 @@ impl Binder<'_> {
             (PathKind::ExistingDirectory, Err(_)) => {
                 Some("it cannot be read; expected a directory the node can open")
             }
+            (PathKind::Unread, _) => None,
         };
         match problem {
             None => Ok(Some(path)),
@@ -577,19 +606,20 @@ impl Binder<'_> {
                 }
                 _ => None,
             });
+        let enabled = self.boolean(&mut s, "Enabled", defaults.enabled)?;
+        // The reference ships `Enabled: false` with paths under
+        // /etc/bpa/certs that exist only where its certificates are
+        // mounted: a disabled section's files are never looked at.
+        let certificate = if enabled {
+            PathKind::ExistingFile
+        } else {
+            PathKind::Unread
+        };
         let mtls = MTlsSection {
-            enabled: self.boolean(&mut s, "Enabled", defaults.enabled)?,
-            client_certificate_path: self.path(
-                &mut s,
-                "ClientCertificatePath",
-                PathKind::ExistingFile,
-            )?,
-            client_key_path: self.path(&mut s, "ClientKeyPath", PathKind::ExistingFile)?,
-            server_ca_certificate_path: self.path(
-                &mut s,
-                "ServerCaCertificatePath",
-                PathKind::ExistingFile,
-            )?,
+            enabled,
+            client_certificate_path: self.path(&mut s, "ClientCertificatePath", certificate)?,
+            client_key_path: self.path(&mut s, "ClientKeyPath", certificate)?,
+            server_ca_certificate_path: self.path(&mut s, "ServerCaCertificatePath", certificate)?,
             expected_server_certificate_subject: self
                 .optional_text(&mut s, "ExpectedServerCertificateSubject")?,
             validate_certificate_chain: self.boolean(
@@ -616,7 +646,7 @@ impl Binder<'_> {
                     return Err(self.invalid(
                         s.key(name),
                         "not set".to_string(),
-                        &Origin::File,
+                        &Origin::Unset,
                         format!(
                             "MTls.Enabled is true{}, which needs the {what} (a PEM file); \
                              set MTls.{name} to its path, or set MTls.Enabled to false",
@@ -680,7 +710,14 @@ impl Binder<'_> {
             .flatten();
         let mut api_key = self.optional_text(&mut s, "ApiKey")?.map(Secret::new);
         let variable_key = s.key("ApiKeyEnvironmentVariable");
-        let variable = self.optional_text(&mut s, "ApiKeyEnvironmentVariable")?;
+        let (variable, variable_origin) =
+            match self.setting(&mut s, "ApiKeyEnvironmentVariable", "a string")? {
+                None => (None, Origin::Unset),
+                Some(setting) => (
+                    setting.scalar.text().filter(|text| !text.trim().is_empty()),
+                    setting.origin,
+                ),
+            };
         if let Some(variable) = &variable {
             match self.env.get(variable) {
                 Some(value) if !value.is_empty() => api_key = Some(Secret::new(value.clone())),
@@ -688,7 +725,7 @@ impl Binder<'_> {
                     return Err(self.invalid(
                         variable_key,
                         format!("{variable:?}"),
-                        &tree::Origin::File,
+                        &variable_origin,
                         format!(
                             "the environment variable {variable} is not set; export it with the \
                              API key, or set AgentRuntime.OpenAI.ApiKey"
@@ -851,7 +888,7 @@ impl Binder<'_> {
                 return Err(self.invalid(
                     d.key("HostPath"),
                     "not set".to_string(),
-                    &Origin::File,
+                    &Origin::Unset,
                     "expected the host directory to grant, e.g. /srv/agent-data".to_string(),
                 ));
             };
@@ -859,7 +896,7 @@ impl Binder<'_> {
             let guest = self.setting(&mut d, "GuestPath", "an absolute guest path")?;
             let (guest_path, origin) = match guest {
                 Some(setting) => (setting.scalar.text().unwrap_or_default(), setting.origin),
-                None => (String::new(), Origin::File),
+                None => (String::new(), Origin::Unset),
             };
             let problem = match check_guest_path(&guest_path) {
                 Err(_) => Some("expected an absolute path without `.` or `..` segments, `:` or `,`, \

@@ -1,12 +1,15 @@
 //! The node's configuration: the reference .NET node's `appsettings.json`,
 //! read unchanged, plus this node's own keys.
 //!
-//! [`NodeConfig::load`] reads a file the way .NET's configuration does it:
-//! key names in any case, numbers and booleans also as strings, and
-//! environment variables (`NodeRuntime__MaxConcurrentLeases=2`) over the
-//! file. The file and the environment are merged into one tree (`tree`),
-//! which is bound to plain structs with every value checked (`bind`); a bad
-//! value stops start-up with a [`ConfigError`] naming its key and the fix.
+//! [`NodeConfig::load`] reads a file the way a .NET host does it: key
+//! names in any case, numbers and booleans also as strings, the
+//! environment's file (`appsettings.Development.json`) over it, and
+//! environment variables (`NodeRuntime__MaxConcurrentLeases=2`) over both
+//! (`layers` says which files, in which order). The files and the
+//! environment are merged into one tree (`tree`), which is bound to plain
+//! structs with every value checked (`bind`); a bad value stops start-up
+//! with a [`ConfigError`] naming its key, the file or variable it came
+//! from, and the fix.
 //! Sections and keys the node does not read are listed in one warning.
 //! `effective` prints the result back in the reference's shape, secrets
 //! redacted, for `node-runtime config check`.
@@ -20,6 +23,7 @@
 mod bind;
 mod effective;
 mod error;
+mod layers;
 mod tree;
 
 #[cfg(test)]
@@ -31,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
+pub use layers::{ConfigSources, HostingEnvironment};
 
 use crate::control_plane::{ControlPlaneTls, registration::http_client_with};
 use crate::agent_store::{
@@ -57,6 +62,9 @@ pub struct NodeConfig {
     /// read (`AllowedHosts`, `NodeRuntime.Typo`), already warned about
     /// once. A whole unknown section is listed by its name only.
     pub ignored_keys: Vec<String>,
+    /// The hosting environment and the files read, for `config check` and
+    /// the start-up log.
+    pub sources: ConfigSources,
 }
 
 /// `NodeRuntime`: who the node is and how it talks to the control plane.
@@ -102,8 +110,10 @@ pub struct Capacity {
 }
 
 /// `MTls`: the client certificate for the control-plane connection.
-/// Paths are resolved against the configuration file's directory and,
-/// when set, exist.
+/// Paths are resolved against the configuration file's directory; when
+/// `Enabled`, those set exist; when not, they are never looked at (the
+/// reference ships paths that exist only where its certificates are
+/// mounted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MTlsSection {
     /// `Enabled`: when true, both the certificate and the key are set.
@@ -526,12 +536,17 @@ impl Default for SandboxSection {
 
 impl NodeConfig {
     /// Reads `path` (the reference's `appsettings.json` works as is), then
-    /// applies `env` over it (pass [`process_env`]; tests pass their own).
-    /// Relative paths in it are resolved against the file's directory.
+    /// its environment's file beside it when there is one
+    /// (`appsettings.Development.json` with `DOTNET_ENVIRONMENT=Development`),
+    /// then applies `env` over both (pass [`process_env`]; tests pass their
+    /// own, which also names the environment). Relative paths resolve
+    /// against the file's directory.
     pub fn load(
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<NodeConfig, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let environment = HostingEnvironment::from_env(&env);
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
             path: path.to_path_buf(),
             source,
@@ -540,26 +555,64 @@ impl NodeConfig {
         // working directory.
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base_dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        Self::read(&text, Some(&path), &base_dir, env)
+        let mut layers = vec![bind::Layer {
+            name: path.display().to_string(),
+            text,
+        }];
+        let mut files = vec![path.clone()];
+        let environment_file = environment.file_for(&path);
+        match std::fs::read_to_string(&environment_file) {
+            Ok(text) => {
+                layers.push(bind::Layer {
+                    name: environment_file.display().to_string(),
+                    text,
+                });
+                files.push(environment_file.clone());
+            }
+            // Optional, as in .NET: most environments have no file.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ConfigError::Unreadable {
+                    path: environment_file,
+                    source,
+                });
+            }
+        }
+        let sources = ConfigSources {
+            environment,
+            files,
+            environment_file: Some(environment_file),
+        };
+        Self::read(layers, sources, &base_dir, env)
     }
 
     /// [`NodeConfig::load`] for text in hand: relative paths resolve
-    /// against `base_dir`.
+    /// against `base_dir`. No environment's file is layered.
     pub fn from_json_str(
         text: &str,
         base_dir: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<NodeConfig, ConfigError> {
-        Self::read(text, None, base_dir, env)
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let sources = ConfigSources {
+            environment: HostingEnvironment::from_env(&env),
+            ..ConfigSources::default()
+        };
+        let layer = bind::Layer {
+            name: "the configuration text".to_string(),
+            text: text.to_string(),
+        };
+        Self::read(vec![layer], sources, base_dir, env)
     }
 
     fn read(
-        text: &str,
-        file: Option<&Path>,
+        layers: Vec<bind::Layer>,
+        sources: ConfigSources,
         base_dir: &Path,
-        env: impl IntoIterator<Item = (String, String)>,
+        env: Vec<(String, String)>,
     ) -> Result<NodeConfig, ConfigError> {
-        let config = bind::read(text, file, base_dir, env)?;
+        let mut config = bind::read(layers, base_dir, env)?;
+        config.sources = sources;
         if !config.ignored_keys.is_empty() {
             tracing::warn!(
                 "ignoring configuration keys this node does not read: {}",

@@ -519,15 +519,16 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             fix: "environment variable MTLS__ENABLED",
         },
         Case {
-            what: "a CA certificate that does not exist",
-            json: r#"{"MTls": {"ServerCaCertificatePath": "certs/missing-ca.crt"}}"#,
+            what: "a CA certificate that does not exist, with mTLS on",
+            json: r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "node.crt",
+                "ClientKeyPath": "node.key", "ServerCaCertificatePath": "certs/missing-ca.crt"}}"#,
             env: &[],
             key: "MTls.ServerCaCertificatePath",
             fix: "no such file",
         },
         Case {
-            what: "a certificate path that is a directory",
-            json: r#"{"MTls": {"ClientCertificatePath": "."}}"#,
+            what: "a certificate path that is a directory, with mTLS on",
+            json: r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "."}}"#,
             env: &[],
             key: "MTls.ClientCertificatePath",
             fix: "is a directory",
@@ -858,6 +859,7 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
     expected.open_telemetry.otlp_exporter.endpoint =
         Some("https://***@collector:4318/".parse().unwrap());
     expected.ignored_keys.clear();
+    expected.sources = reloaded.sources.clone();
     assert_eq!(reloaded, expected);
 }
 
@@ -1128,4 +1130,344 @@ fn no_grant_passes_the_llm_key_or_a_node_setting_to_an_agent() {
         assert!(!message.contains("sk-1"), "{message}");
     }
     assert!(with_key(r#"["TENANT", "NodeRuntimeish"]"#).is_ok());
+}
+
+/// The reference node's own `appsettings.json`, as it ships.
+fn reference_node_file() -> PathBuf {
+    fixtures().join("reference-appsettings.json")
+}
+
+/// `files` (name, text) written into a fresh directory.
+fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(fixtures().join(name)).unwrap()
+}
+
+/// The reference's file as `appsettings.json`, its Development overlay
+/// beside it as `appsettings.Development.json`.
+fn reference_with_overlay() -> tempfile::TempDir {
+    config_dir(&[
+        ("appsettings.json", &fixture_text("reference-appsettings.json")),
+        (
+            "appsettings.Development.json",
+            &fixture_text("reference-appsettings.Development.json"),
+        ),
+    ])
+}
+
+#[test]
+fn the_reference_nodes_own_appsettings_loads_with_mtls_off_and_its_certificates_unread() {
+    // Its certificates live under /etc/bpa/certs, which exists only where
+    // they are mounted.
+    assert!(!Path::new("/etc/bpa/certs/node-cert.pem").exists());
+    let config = NodeConfig::load(&reference_node_file(), no_env()).unwrap();
+
+    assert!(!config.mtls.enabled);
+    assert_eq!(
+        config.mtls.client_certificate_path.as_deref(),
+        Some(Path::new("/etc/bpa/certs/node-cert.pem"))
+    );
+    assert_eq!(
+        config.mtls.server_ca_certificate_path.as_deref(),
+        Some(Path::new("/etc/bpa/certs/ca-cert.pem"))
+    );
+    assert_eq!(config.node_runtime.node_id, "node-1");
+    assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
+    assert_eq!(config.node_runtime.metadata["Region"], "us-east-1");
+    assert_eq!(config.agent_runtime.default_model, "gpt-4");
+    assert_eq!(config.ignored_keys, ["AllowedHosts"]);
+
+    // Foundry with empty strings and managed identity: not configured, not
+    // an error; `llm.chat` answers not-configured.
+    let foundry = &config.agent_runtime.azure_ai_foundry;
+    assert_eq!(foundry.endpoint, None);
+    assert_eq!(foundry.deployment_name, None);
+    assert!(foundry.api_key.is_none());
+    assert!(foundry.use_managed_identity);
+    assert!(config.sandbox_config().llm.is_none());
+
+    // The environment's file is looked for, and is optional.
+    assert_eq!(config.sources.environment.name, "Production");
+    assert_eq!(config.sources.files.len(), 1);
+    assert_eq!(
+        config.sources.environment_file.as_deref().and_then(Path::file_name),
+        Some(std::ffi::OsStr::new("reference-appsettings.Production.json"))
+    );
+}
+
+#[test]
+fn with_mtls_enabled_the_reference_nodes_missing_certificates_stop_start_up() {
+    let err = NodeConfig::load(&reference_node_file(), env(&[("MTls__Enabled", "true")]))
+        .unwrap_err();
+    assert_eq!(err.key(), Some("MTls.ClientCertificatePath"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("/etc/bpa/certs/node-cert.pem"), "{message}");
+    assert!(message.contains("no such file"), "{message}");
+}
+
+#[test]
+fn the_environments_file_is_merged_over_the_base_key_by_key() {
+    let dir = reference_with_overlay();
+    let base = dir.path().join("appsettings.json");
+    let config = NodeConfig::load(&base, env(&[("DOTNET_ENVIRONMENT", "Development")])).unwrap();
+
+    // The overlay's keys win...
+    assert_eq!(config.node_runtime.node_id, "node-dev");
+    assert_eq!(config.node_runtime.capacity.slots, 2);
+    assert!(config.log_filter().starts_with("debug,"), "{}", config.log_filter());
+    // ...and the base's other keys remain, in the sections both name too.
+    assert_eq!(config.node_runtime.capacity.cpu, "4");
+    assert_eq!(config.node_runtime.capacity.memory, "8Gi");
+    assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
+    assert_eq!(config.node_runtime.max_concurrent_leases, 5);
+    assert_eq!(config.node_runtime.metadata["Region"], "us-east-1");
+    assert_eq!(
+        config.logging.log_level["Microsoft.AspNetCore"],
+        LogLevel::Warning
+    );
+    assert!(!config.mtls.enabled);
+    assert_eq!(
+        config.sources.files,
+        [
+            std::path::absolute(&base).unwrap(),
+            std::path::absolute(dir.path().join("appsettings.Development.json")).unwrap(),
+        ]
+    );
+
+    // Production (no variable) has no file: the overlay is not read.
+    let config = NodeConfig::load(&base, no_env()).unwrap();
+    assert_eq!(config.node_runtime.node_id, "node-1");
+    assert_eq!(config.node_runtime.capacity.slots, 8);
+    assert_eq!(config.sources.files.len(), 1);
+}
+
+#[test]
+fn environment_variables_override_both_files() {
+    let dir = reference_with_overlay();
+    let config = NodeConfig::load(
+        &dir.path().join("appsettings.json"),
+        env(&[
+            ("DOTNET_ENVIRONMENT", "Development"),
+            ("NodeRuntime__NodeId", "node-env"),
+            ("NodeRuntime__Capacity__Memory", "1Gi"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.node_id, "node-env");
+    assert_eq!(config.node_runtime.capacity.memory, "1Gi");
+    assert_eq!(config.node_runtime.capacity.slots, 2, "the overlay's");
+    assert_eq!(config.node_runtime.capacity.cpu, "4", "the base's");
+}
+
+#[test]
+fn dotnet_environment_wins_over_aspnetcore_environment_and_production_is_the_default() {
+    let named = |pairs: &[(&str, &str)]| HostingEnvironment::from_env(&env(pairs));
+    assert_eq!(named(&[]), HostingEnvironment::default());
+    assert_eq!(named(&[]).name, "Production");
+
+    let aspnet = named(&[("ASPNETCORE_ENVIRONMENT", "Staging")]);
+    assert_eq!(aspnet.name, "Staging");
+    assert_eq!(aspnet.variable.as_deref(), Some("ASPNETCORE_ENVIRONMENT"));
+
+    // Both set: DOTNET_, as the reference's generic host and .NET 7+
+    // web hosts read it; the loser is reported.
+    let both = named(&[
+        ("ASPNETCORE_ENVIRONMENT", "Staging"),
+        ("DOTNET_ENVIRONMENT", "Development"),
+    ]);
+    assert_eq!(both.name, "Development");
+    assert_eq!(both.variable.as_deref(), Some("DOTNET_ENVIRONMENT"));
+    assert_eq!(both.overridden.as_deref(), Some("ASPNETCORE_ENVIRONMENT=Staging"));
+
+    // Empty is unset; names match in any case, as .NET matches them.
+    let empty = named(&[("DOTNET_ENVIRONMENT", ""), ("ASPNETCORE_ENVIRONMENT", "Staging")]);
+    assert_eq!(empty.name, "Staging");
+    assert_eq!(named(&[("dotnet_environment", "Development")]).name, "Development");
+
+    // Through `load`: the Development file is layered for either variable.
+    let dir = reference_with_overlay();
+    let base = dir.path().join("appsettings.json");
+    let id = |pairs: &[(&str, &str)]| NodeConfig::load(&base, env(pairs)).unwrap().node_runtime.node_id;
+    assert_eq!(id(&[("ASPNETCORE_ENVIRONMENT", "Development")]), "node-dev");
+    assert_eq!(
+        id(&[("DOTNET_ENVIRONMENT", "Production"), ("ASPNETCORE_ENVIRONMENT", "Development")]),
+        "node-1"
+    );
+    // The name is a file name: on Linux its case matters, as in .NET.
+    assert_eq!(id(&[("DOTNET_ENVIRONMENT", "development")]), "node-1");
+}
+
+#[test]
+fn a_bad_environments_file_is_named_in_the_error() {
+    let base = fixture_text("reference-appsettings.json");
+    let dotnet_env = env(&[("DOTNET_ENVIRONMENT", "Development")]);
+
+    let dir = config_dir(&[
+        ("appsettings.json", &base),
+        ("appsettings.Development.json", "{\n  \"NodeRuntime\": {\n"),
+    ]);
+    let overlay = std::path::absolute(dir.path().join("appsettings.Development.json")).unwrap();
+    let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env.clone()).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 3, .. }), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!("{} is not valid JSON", overlay.display())),
+        "{err}"
+    );
+
+    std::fs::write(&overlay, "[]").unwrap();
+    let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env.clone()).unwrap_err();
+    assert!(matches!(err, ConfigError::NotAnObject { ref file, .. } if *file == overlay.display().to_string()), "{err}");
+
+    // A bad value says which file it is in; a good one in the base does not
+    // change that.
+    std::fs::write(&overlay, r#"{"NodeRuntime": {"Capacity": {"Slots": 0}}}"#).unwrap();
+    let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env.clone()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "NodeRuntime.Capacity.Slots is 0 (in {}): expected a whole number of at least 1 \
+             (runs the node takes at once), e.g. 8",
+            overlay.display()
+        )
+    );
+
+    // An environment's file that exists but cannot be read is an error too.
+    std::fs::remove_file(&overlay).unwrap();
+    std::fs::create_dir(&overlay).unwrap();
+    let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env).unwrap_err();
+    assert!(matches!(err, ConfigError::Unreadable { ref path, .. } if *path == overlay), "{err}");
+}
+
+#[test]
+fn mtls_enabled_in_the_environments_file_needs_certificates_set_in_either_file() {
+    let dir = config_dir(&[
+        ("appsettings.json", r#"{"MTls": {"Enabled": false}}"#),
+        ("appsettings.Staging.json", r#"{"MTls": {"Enabled": true}}"#),
+    ]);
+    let path = std::path::absolute(dir.path().join("appsettings.json")).unwrap();
+    let err = NodeConfig::load(&path, env(&[("DOTNET_ENVIRONMENT", "Staging")])).unwrap_err();
+    assert_eq!(err.key(), Some("MTls.ClientCertificatePath"));
+    assert!(
+        err.to_string().contains(&format!(
+            "is not set (in neither {} nor {})",
+            path.display(),
+            dir.path().join("appsettings.Staging.json").display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn arrays_merge_by_index_as_in_dotnet_and_a_string_replaces_a_whole_list() {
+    let base = r#"{"Sandbox": {"AllowedHosts": {"echo": ["a.test", "b.test", "c.test"]}}}"#;
+    let hosts = |overlay: &str, pairs: &[(&str, &str)]| {
+        let dir = config_dir(&[("appsettings.json", base), ("appsettings.Development.json", overlay)]);
+        let mut vars = env(pairs);
+        vars.push(("DOTNET_ENVIRONMENT".into(), "Development".into()));
+        NodeConfig::load(&dir.path().join("appsettings.json"), vars)
+            .unwrap()
+            .sandbox
+            .allowed_hosts["echo"]
+            .clone()
+    };
+    // .NET flattens an array to keys `0`, `1`, ...: a shorter array in the
+    // environment's file replaces only the first entries.
+    assert_eq!(
+        hosts(r#"{"Sandbox": {"AllowedHosts": {"echo": ["x.test"]}}}"#, &[]),
+        ["x.test", "b.test", "c.test"]
+    );
+    // An empty array has no keys, so it replaces nothing.
+    assert_eq!(
+        hosts(r#"{"Sandbox": {"AllowedHosts": {"echo": []}}}"#, &[]),
+        ["a.test", "b.test", "c.test"]
+    );
+    // A string (where the key takes a comma-separated one) replaces it all.
+    assert_eq!(
+        hosts(r#"{"Sandbox": {"AllowedHosts": {"echo": "x.test"}}}"#, &[]),
+        ["x.test"]
+    );
+    // An environment variable with an index replaces that entry only.
+    assert_eq!(
+        hosts("{}", &[("Sandbox__AllowedHosts__echo__1", "y.test")]),
+        ["a.test", "y.test", "c.test"]
+    );
+}
+
+#[test]
+fn keys_in_the_environments_file_match_the_base_in_any_case() {
+    let dir = config_dir(&[
+        ("appsettings.json", &fixture_text("reference-appsettings.json")),
+        ("appsettings.Development.json", r#"{"noderuntime": {"CAPACITY": {"slots": 3}}}"#),
+    ]);
+    let config = NodeConfig::load(
+        &dir.path().join("appsettings.json"),
+        env(&[("DOTNET_ENVIRONMENT", "Development")]),
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.capacity.slots, 3);
+    assert_eq!(config.node_runtime.capacity.cpu, "4");
+    assert_eq!(config.node_runtime.node_id, "node-1");
+    assert_eq!(config.ignored_keys, ["AllowedHosts"]);
+}
+
+#[test]
+fn a_file_named_otherwise_is_layered_with_the_environment_before_its_extension() {
+    let staging = HostingEnvironment {
+        name: "Staging".to_string(),
+        ..HostingEnvironment::default()
+    };
+    assert_eq!(
+        staging.file_for(Path::new("/etc/node/appsettings.json")),
+        Path::new("/etc/node/appsettings.Staging.json")
+    );
+    assert_eq!(
+        staging.file_for(Path::new("/etc/node/node.json")),
+        Path::new("/etc/node/node.Staging.json")
+    );
+    assert_eq!(
+        staging.file_for(Path::new("/etc/node/node")),
+        Path::new("/etc/node/node.Staging")
+    );
+
+    let dir = config_dir(&[
+        ("node.json", r#"{"NodeRuntime": {"NodeId": "base"}}"#),
+        ("node.Staging.json", r#"{"NodeRuntime": {"NodeId": "staging"}}"#),
+    ]);
+    let config = NodeConfig::load(
+        &dir.path().join("node.json"),
+        env(&[("ASPNETCORE_ENVIRONMENT", "Staging")]),
+    )
+    .unwrap();
+    assert_eq!(config.node_runtime.node_id, "staging");
+}
+
+#[test]
+fn the_sources_line_says_which_environment_and_which_files() {
+    let dir = reference_with_overlay();
+    let base = dir.path().join("appsettings.json");
+    let config = NodeConfig::load(
+        &base,
+        env(&[("DOTNET_ENVIRONMENT", "Development"), ("ASPNETCORE_ENVIRONMENT", "Staging")]),
+    )
+    .unwrap();
+    let line = config.sources.to_string();
+    assert!(
+        line.starts_with(
+            "environment Development (from DOTNET_ENVIRONMENT, which wins over \
+             ASPNETCORE_ENVIRONMENT=Staging); read "
+        ),
+        "{line}"
+    );
+    assert!(line.contains("appsettings.Development.json over it"), "{line}");
+
+    let line = NodeConfig::load(&base, no_env()).unwrap().sources.to_string();
+    assert!(line.contains("the default: neither DOTNET_ENVIRONMENT nor ASPNETCORE_ENVIRONMENT is set"), "{line}");
+    assert!(line.contains("no ") && line.contains("appsettings.Production.json beside it"), "{line}");
 }

@@ -1,9 +1,16 @@
 //! The configuration as .NET's `IConfiguration` sees it, before binding.
 //!
-//! The file and the environment are merged into one tree of sections and
+//! The files (`appsettings.json`, then its environment's file, see
+//! `layers`) and the environment are merged into one tree of sections and
 //! scalar values, with names compared case-insensitively, so that binding
 //! (`bind`) reads one source and every value remembers where it came from
 //! for error messages.
+//!
+//! Merging follows .NET, which flattens every source into keys such as
+//! `NodeRuntime:Capacity:Slots` and lets a later source replace a key an
+//! earlier one set: a section merges key by key, and a JSON array is a
+//! section whose keys are `0`, `1`, ..., so a shorter array replaces only
+//! the first entries of a longer one and an empty array replaces nothing.
 //!
 //! The file is read in the dialect of .NET's JSON configuration provider:
 //! `//` and `/* */` comments, trailing commas and a UTF-8 byte-order mark
@@ -29,7 +36,11 @@ pub(super) const SECTIONS: [&str; 7] = [
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Origin {
-    File,
+    /// The configuration file at this index in the order layered: 0 is the
+    /// base file, 1 its environment's file.
+    File(usize),
+    /// Nowhere: a required key no source sets.
+    Unset,
     /// The environment variable's name, as it was spelt.
     Env(String),
 }
@@ -106,7 +117,8 @@ impl Entries {
             }
         };
         let child = &mut self.0[index].1;
-        if !matches!(child.kind, Kind::Section { list: false, .. }) {
+        // `List__0` replaces the first entry of a list, as in .NET.
+        if !matches!(child.kind, Kind::Section { .. }) {
             *child = Node::section(value.origin.clone());
         }
         if let Kind::Section { entries, .. } = &mut child.kind {
@@ -126,18 +138,22 @@ impl Node {
         }
     }
 
+    /// Takes `other`'s keys over this node's, as a later source does in
+    /// .NET: sections (objects or arrays alike) merge key by key; a value
+    /// replaces a section, and a section a value.
     fn merge(&mut self, other: Node) {
         match (&mut self.kind, other.kind) {
             (
                 Kind::Section {
                     entries: mine,
-                    list: false,
+                    list: my_list,
                 },
                 Kind::Section {
                     entries: theirs,
-                    list: false,
+                    list: their_list,
                 },
             ) => {
+                *my_list = *my_list && their_list;
                 for (name, node) in theirs.0 {
                     mine.insert(name, node);
                 }
@@ -145,6 +161,17 @@ impl Node {
             (_, kind) => {
                 self.kind = kind;
                 self.origin = other.origin;
+            }
+        }
+    }
+
+    /// Marks this node and everything under it as read from the file at
+    /// `index` (the parser marks everything as the base file's).
+    pub fn set_file(&mut self, index: usize) {
+        self.origin = Origin::File(index);
+        if let Kind::Section { entries, .. } = &mut self.kind {
+            for (_, child) in &mut entries.0 {
+                child.set_file(index);
             }
         }
     }
@@ -315,7 +342,7 @@ struct NodeVisitor;
 fn value<E>(scalar: Scalar) -> Result<Node, E> {
     Ok(Node {
         kind: Kind::Value(scalar),
-        origin: Origin::File,
+        origin: Origin::File(0),
     })
 }
 
@@ -368,7 +395,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
                 entries,
                 list: true,
             },
-            origin: Origin::File,
+            origin: Origin::File(0),
         })
     }
 
@@ -382,7 +409,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
                 entries,
                 list: false,
             },
-            origin: Origin::File,
+            origin: Origin::File(0),
         })
     }
 }
