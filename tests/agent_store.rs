@@ -10,7 +10,7 @@
 //! source may deliver, through `node-runtime serve`: a `.cwasm` (native
 //! code) served under a `.wasm` name is refused and never run, also from a
 //! download cache an older node filled, while the same `.cwasm` from the
-//! agents directory runs.
+//! agents directory runs; a redirect is not followed.
 
 mod support;
 
@@ -41,6 +41,8 @@ use support::*;
 enum Answer {
     Artifact(Arc<[u8]>),
     Status(StatusCode),
+    /// 302 Found to this location.
+    Redirect(String),
 }
 
 #[derive(Default)]
@@ -70,6 +72,9 @@ async fn serve_artifact(
     match answer {
         Some(Answer::Artifact(bytes)) => bytes.to_vec().into_response(),
         Some(Answer::Status(status)) => status.into_response(),
+        Some(Answer::Redirect(location)) => {
+            (StatusCode::FOUND, [(axum::http::header::LOCATION, location)]).into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -97,8 +102,9 @@ fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) ->
             timeout: Duration::from_secs(10),
             cache_dir: cache.to_path_buf(),
         },
-        reqwest::Client::new(),
-    );
+        None,
+    )
+    .unwrap();
     AgentStore::with_sources(vec![AgentSource::Http(source)], require_digest)
 }
 
@@ -605,4 +611,27 @@ async fn a_cwasm_from_the_http_source_is_refused_and_never_run_but_runs_from_the
 
     assert_eq!(runs[2].status, RunStatus::Completed, "the operator's .cwasm runs: {:?}", runs[2]);
     assert_eq!(runs[2].result.as_ref().unwrap()["message"], "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_the_http_source_is_not_followed() {
+    node_runtime::control_plane::install_crypto_provider();
+    let (agents, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (base, artifacts) = start_artifact_server().await;
+    let elsewhere = format!("{base}/agents/moved/echo.wasm");
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), Answer::Redirect(elsewhere.clone()));
+    // What the redirect points at would run.
+    artifacts.files.lock().unwrap().insert("moved/echo.wasm".into(), Answer::Artifact(echo_bytes()));
+
+    let plane = start_plane().await;
+    let _node = spawn_serve(&plane, agents.path(), data.path(), &base);
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+
+    let (kind, message, retryable) = failure(&runs[0]);
+    assert_eq!((kind.as_str(), retryable), ("node.unavailable", true), "handed back: {message}");
+    assert!(message.contains(&format!("{base}/agents/echo/1.0.0.wasm")), "names the URL: {message}");
+    assert!(message.contains(&elsewhere), "names the Location: {message}");
+    assert!(message.contains("AgentStore.HttpUrlTemplate"), "says the fix: {message}");
+    assert_eq!(artifacts.requests_for("moved/echo.wasm"), 0, "the redirect was not followed");
+    assert!(walk(&data.path().join("agents")).is_empty(), "nothing downloaded");
 }

@@ -30,6 +30,13 @@ use crate::sandbox::artifact_trust::check_network_artifact;
 pub enum FetchError {
     #[error("GET {url} answered HTTP {status}")]
     Status { url: String, status: u16 },
+    /// Redirects are not followed: one could lead anywhere, plain
+    /// `http://` included.
+    #[error(
+        "GET {url} answered HTTP {status}, a redirect to {location}; the agent store does not \
+         follow redirects: point AgentStore.HttpUrlTemplate at the final URL"
+    )]
+    Redirect { url: String, status: u16, location: String },
     #[error(
         "{url}: the artifact is larger than AgentStore.MaxDownloadBytes ({limit} bytes); \
          raise the limit if the agent is meant to be this large"
