@@ -59,13 +59,21 @@ pub enum FetchError {
     /// kept.
     #[error(transparent)]
     NotAComponent(#[from] NetworkArtifactRefused),
+    /// An OCI artifact not in the layout of a Wasm component, refused
+    /// from its manifest, before its layer is fetched.
+    #[error(
+        "{url}: not a Wasm component artifact: {reason}; publish the component with \
+         `node-runtime push` (or `wkg oci push`), which writes one layer of media type \
+         application/wasm"
+    )]
+    NotWasmArtifact { url: String, reason: String },
 }
 
 impl FetchError {
     /// Whether another attempt could succeed: not when the source
     /// delivered what this node never runs from it.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, FetchError::NotAComponent(_))
+        !matches!(self, FetchError::NotAComponent(_) | FetchError::NotWasmArtifact { .. })
     }
 }
 
