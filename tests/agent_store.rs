@@ -6,7 +6,11 @@
 //! same compiled cache): an unchanged file is not hashed again, a file
 //! rewritten under the same length and modification time is, and so is a
 //! file changed in the last seconds; a damaged memo record is ignored; a
-//! pin is checked against the remembered digest.
+//! pin is checked against the remembered digest. And what a network
+//! source may deliver, through `node-runtime serve`: a `.cwasm` (native
+//! code) served under a `.wasm` name is refused and never run, also from a
+//! download cache an older node filled, while the same `.cwasm` from the
+//! agents directory runs; a redirect is not followed.
 
 mod support;
 
@@ -37,6 +41,8 @@ use support::*;
 enum Answer {
     Artifact(Arc<[u8]>),
     Status(StatusCode),
+    /// 302 Found to this location.
+    Redirect(String),
 }
 
 #[derive(Default)]
@@ -66,6 +72,9 @@ async fn serve_artifact(
     match answer {
         Some(Answer::Artifact(bytes)) => bytes.to_vec().into_response(),
         Some(Answer::Status(status)) => status.into_response(),
+        Some(Answer::Redirect(location)) => {
+            (StatusCode::FOUND, [(axum::http::header::LOCATION, location)]).into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -93,8 +102,9 @@ fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) ->
             timeout: Duration::from_secs(10),
             cache_dir: cache.to_path_buf(),
         },
-        reqwest::Client::new(),
-    );
+        None,
+    )
+    .unwrap();
     AgentStore::with_sources(vec![AgentSource::Http(source)], require_digest)
 }
 
@@ -525,4 +535,103 @@ async fn a_precompiled_agent_restarts_from_its_file_and_stays_pinned() {
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
     let (_, actual) = digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &store, Some(wrong)).await);
     assert_eq!(Some(actual), pin);
+}
+
+/// `node-runtime compile` of the built echo agent: the `.cwasm` a
+/// developer (or an attacker) makes with the released binary.
+fn echo_cwasm(dir: &Path) -> Vec<u8> {
+    let output = dir.join("echo.cwasm");
+    let echo = agent_path("echo");
+    let compiled = node_runtime(&["compile", echo.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    std::fs::read(&output).unwrap()
+}
+
+/// `node-runtime serve` against `plane`, trying the agents directory
+/// `agents`, then the HTTP source at `base`; its data (and download
+/// cache) under `data`. Killed on drop.
+fn spawn_serve(plane: &DevPlane, agents: &Path, data: &Path, base: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "http-source-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents)
+        .env("NodeRuntime__DataDirectory", data)
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("AgentStore__Sources", "directory, http")
+        .env("AgentStore__HttpUrlTemplate", format!("{base}/agents/{{agent_id}}/{{version}}.wasm"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts")
+}
+
+/// The fuel the failed run's report says it used: none, when it never ran.
+fn fuel_of_failure(run: &Run) -> u64 {
+    let info = run.error_info.as_ref().unwrap_or_else(|| panic!("expected a failure: {run:?}"));
+    let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
+    details["report"]["fuel_consumed"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cwasm_from_the_http_source_is_refused_and_never_run_but_runs_from_the_agents_directory() {
+    node_runtime::control_plane::install_crypto_provider();
+    let [work, agents, data] = [(); 3].map(|_| tempfile::tempdir().unwrap());
+    let cwasm = echo_cwasm(work.path());
+    let (base, artifacts) = start_artifact_server().await;
+    // 6.0.0: native code served under a .wasm name.
+    let served = Answer::Artifact(Arc::from(cwasm.clone()));
+    artifacts.files.lock().unwrap().insert("echo/6.0.0.wasm".into(), served);
+    // 7.0.0: the same, already in the download cache (an older node
+    // downloaded it); the server has nothing.
+    let stale = data.path().join("agents").join("http").join("echo").join("7.0.0.wasm");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, &cwasm).unwrap();
+    // 8.0.0: the same bytes from the operator's agents directory.
+    std::fs::create_dir_all(agents.path().join("echo")).unwrap();
+    std::fs::write(agents.path().join("echo").join("8.0.0.cwasm"), &cwasm).unwrap();
+
+    let plane = start_plane().await;
+    let _node = spawn_serve(&plane, agents.path(), data.path(), &base);
+    let runs = ["6.0.0", "7.0.0", "8.0.0"].map(|version| run_of(version, None));
+    let runs = submit_and_wait(&plane, runs.to_vec()).await;
+
+    for (run, version) in runs[..2].iter().zip(["6.0.0", "7.0.0"]) {
+        let (kind, message, retryable) = failure(run);
+        assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{version}: {message}");
+        let url = format!("{base}/agents/echo/{version}.wasm");
+        assert!(message.contains(&url), "{version}: names the URL: {message}");
+        assert!(message.contains("not a WebAssembly component"), "{version}: {message}");
+        assert!(message.contains("AgentsDirectory"), "{version}: where native code may come from: {message}");
+        assert_eq!(fuel_of_failure(run), 0, "{version}: never ran");
+    }
+    let refused_download = data.path().join("agents").join("http").join("echo").join("6.0.0.wasm");
+    assert!(!refused_download.exists(), "the refused download is not kept");
+    assert_eq!(artifacts.requests_for("echo/7.0.0.wasm"), 0, "7.0.0 came from the download cache");
+
+    assert_eq!(runs[2].status, RunStatus::Completed, "the operator's .cwasm runs: {:?}", runs[2]);
+    assert_eq!(runs[2].result.as_ref().unwrap()["message"], "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_the_http_source_is_not_followed() {
+    node_runtime::control_plane::install_crypto_provider();
+    let (agents, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (base, artifacts) = start_artifact_server().await;
+    let elsewhere = format!("{base}/agents/moved/echo.wasm");
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), Answer::Redirect(elsewhere.clone()));
+    // What the redirect points at would run.
+    artifacts.files.lock().unwrap().insert("moved/echo.wasm".into(), Answer::Artifact(echo_bytes()));
+
+    let plane = start_plane().await;
+    let _node = spawn_serve(&plane, agents.path(), data.path(), &base);
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+
+    let (kind, message, retryable) = failure(&runs[0]);
+    assert_eq!((kind.as_str(), retryable), ("node.unavailable", true), "handed back: {message}");
+    assert!(message.contains(&format!("{base}/agents/echo/1.0.0.wasm")), "names the URL: {message}");
+    assert!(message.contains(&elsewhere), "names the Location: {message}");
+    assert!(message.contains("AgentStore.HttpUrlTemplate"), "says the fix: {message}");
+    assert_eq!(artifacts.requests_for("moved/echo.wasm"), 0, "the redirect was not followed");
+    assert!(walk(&data.path().join("agents")).is_empty(), "nothing downloaded");
 }

@@ -2,6 +2,10 @@
 //! installed by `scripts/install-test-services`) on loopback, `node-runtime
 //! push` and `pull` through the binary, and `node-runtime serve` configured
 //! with only the OCI source running what was pushed, pinned by digest.
+//! And what the OCI source refuses, never running it: a layer of another
+//! media type (before its blob is fetched), a manifest without exactly
+//! one layer, and a `.cwasm` (native code) pushed as `application/wasm`; `pull`
+//! does not save that `.cwasm` either.
 
 mod support;
 
@@ -176,4 +180,139 @@ async fn a_node_with_only_the_oci_source_runs_what_was_pushed_and_honours_the_pi
     assert!(message.contains(&format!("{}/agents/echo:7.0.0", registry.address)), "{message}");
     let kept = data.path().join("agents").join("oci").join("echo").join("1.0.0.wasm");
     assert_eq!(std::fs::read(kept).unwrap(), std::fs::read(&echo).unwrap(), "the pulled copy is kept");
+}
+
+/// Pushes `layers` (with the Wasm config of the oci-wasm layout, as `push`
+/// writes it) under `reference`, bypassing `node-runtime push`'s checks,
+/// as a registry's other users can.
+async fn push_raw(reference: &str, layers: Vec<oci_client::client::ImageLayer>) {
+    let echo = std::fs::read(agent_path("echo")).unwrap();
+    let (config, _) = oci_wasm::WasmConfig::from_raw_component(echo, None).unwrap();
+    let client = node_runtime::agent_store::oci_source::registry_client(true);
+    let config = oci_wasm::ToConfig::to_config(&config).unwrap();
+    let mut manifest = oci_client::manifest::OciImageManifest::build(&layers, &config, None);
+    manifest.media_type = Some(oci_wasm::WASM_MANIFEST_MEDIA_TYPE.to_string());
+    let reference: oci_client::Reference = reference.parse().unwrap();
+    let auth = oci_client::secrets::RegistryAuth::Anonymous;
+    client.as_ref().push(&reference, &layers, config, &auth, Some(manifest)).await.unwrap();
+}
+
+/// The registry's file for the blob with SHA-256 `digest` (`sha256:<hex>`).
+fn blob_file(dir: &Path, digest: &str) -> std::path::PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    dir.join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_never_run() {
+    node_runtime::control_plane::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(dir.path()).await;
+    let echo = std::fs::read(agent_path("echo")).unwrap();
+    let reference = |version: &str| format!("{}/agents/echo:{version}", registry.address);
+
+    // 2.0.0: a runnable component, but in a layer of another media type.
+    // Its blob is deleted from the registry below: the node must not need it.
+    let tar = "application/vnd.oci.image.layer.v1.tar";
+    let tar_layer = oci_client::client::ImageLayer::new(echo.clone(), tar.to_string(), None);
+    push_raw(&reference("2.0.0"), vec![tar_layer]).await;
+    // 3.0.0: native code, pushed as `application/wasm`.
+    let cwasm_file = dir.path().join("echo.cwasm");
+    let echo_path = agent_path("echo");
+    let compiled = node_runtime(&["compile", echo_path.to_str().unwrap(), "-o", cwasm_file.to_str().unwrap()]).await;
+    assert!(compiled.status.success(), "{}", text(&compiled));
+    let cwasm = std::fs::read(&cwasm_file).unwrap();
+    let wasm_layer = |data: Vec<u8>| {
+        oci_client::client::ImageLayer::new(data, oci_wasm::WASM_LAYER_MEDIA_TYPE.to_string(), None)
+    };
+    push_raw(&reference("3.0.0"), vec![wasm_layer(cwasm.clone())]).await;
+    // 4.0.0: a manifest with two layers.
+    let header_only = wasm_layer(b"\0asm\x0d\0\x01\0".to_vec());
+    push_raw(&reference("4.0.0"), vec![header_only, wasm_layer(echo.clone())]).await;
+    // 5.0.0: a manifest with none.
+    push_raw(&reference("5.0.0"), vec![]).await;
+    // Deleted last: a push of the same bytes would upload it again.
+    let blob = blob_file(dir.path(), &AgentDigest::of(&echo).to_string());
+    std::fs::remove_file(&blob).unwrap_or_else(|err| panic!("the layer's blob at {}: {err}", blob.display()));
+
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(100),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let empty_agents = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let template = format!("{}/agents/{{agent_id}}:{{version}}", registry.address);
+    let _node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "oci-refusing-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", empty_agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("AgentStore__Sources", "oci")
+        .env("AgentStore__OciReferenceTemplate", &template)
+        .env("AgentStore__OciInsecure", "true")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let mut ids = Vec::new();
+    for version in ["2.0.0", "3.0.0", "4.0.0", "5.0.0"] {
+        ids.push(plane.submit(run_of("echo", version, None)).await.unwrap().run_id);
+    }
+    let runs: Vec<Run> = eventually(Duration::from_secs(90), "the four runs to end", || {
+        let runs: Vec<Run> = ids.iter().filter_map(|id| plane.run(id)).collect();
+        runs.iter()
+            .all(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+            .then_some(runs)
+    })
+    .await;
+
+    let (kind, message, retryable) = failure(&runs[0]);
+    assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
+    assert!(message.contains(&reference("2.0.0")), "names the reference: {message}");
+    assert!(message.contains(tar) && message.contains("application/wasm"), "names both media types: {message}");
+
+    let (kind, message, retryable) = failure(&runs[1]);
+    assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
+    assert!(message.contains(&reference("3.0.0")), "names the reference: {message}");
+    assert!(message.contains("not a WebAssembly component"), "{message}");
+    assert!(message.contains("AgentsDirectory"), "says where native code may come from: {message}");
+    let info = runs[1].error_info.as_ref().unwrap();
+    let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
+    assert_eq!(details["report"]["fuel_consumed"], 0, "never ran: {details}");
+
+    let (kind, message, retryable) = failure(&runs[2]);
+    assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
+    assert!(message.contains(&reference("4.0.0")) && message.contains("2 layers"), "{message}");
+    let (kind, message, retryable) = failure(&runs[3]);
+    assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
+    assert!(message.contains(&reference("5.0.0")) && message.contains("0 layers"), "{message}");
+
+    let kept = walk(&data.path().join("agents"));
+    assert!(kept.is_empty(), "nothing refused is kept in the download cache: {kept:?}");
+
+    // `pull` does not save native code either.
+    let copy = dir.path().join("copy.wasm");
+    let pulled = node_runtime(&["pull", &reference("3.0.0"), "-o", copy.to_str().unwrap(), "--insecure"]).await;
+    assert_eq!(pulled.status.code(), Some(5), "agent.invalid's exit code: {}", text(&pulled));
+    assert!(text(&pulled).contains("not a WebAssembly component"), "{}", text(&pulled));
+    assert!(!copy.exists(), "nothing saved");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

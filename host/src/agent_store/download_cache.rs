@@ -5,7 +5,10 @@
 //! later processes use that file. A version is treated as immutable: to
 //! fetch it again, delete its file. Files are written atomically (a
 //! temporary file, synced, then renamed), so a crash or a cut connection
-//! never leaves half an artifact behind. The HTTP and OCI sources share it.
+//! never leaves half an artifact behind. Only a WebAssembly component is
+//! kept: anything else a source delivers (native code above all) is
+//! refused before it reaches the disk
+//! ([`check_network_artifact`]). The HTTP and OCI sources share it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,12 +18,25 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-/// Why a download failed. Each one is the node's problem, not the
-/// agent's: the lease goes back to the control plane to be tried again.
+use crate::sandbox::NetworkArtifactRefused;
+use crate::sandbox::artifact_trust::check_network_artifact;
+
+/// Why a download failed. Most are the node's problem, not the agent's
+/// (a server down, a misconfigured URL): the lease goes back to the
+/// control plane to be tried again. What the source delivered, when it
+/// is not something this node runs from a network source, is final
+/// ([`FetchError::is_retryable`]).
 #[derive(Debug, Error)]
 pub enum FetchError {
     #[error("GET {url} answered HTTP {status}")]
     Status { url: String, status: u16 },
+    /// Redirects are not followed: one could lead anywhere, plain
+    /// `http://` included.
+    #[error(
+        "GET {url} answered HTTP {status}, a redirect to {location}; the agent store does not \
+         follow redirects: point AgentStore.HttpUrlTemplate at the final URL"
+    )]
+    Redirect { url: String, status: u16, location: String },
     #[error(
         "{url}: the artifact is larger than AgentStore.MaxDownloadBytes ({limit} bytes); \
          raise the limit if the agent is meant to be this large"
@@ -39,6 +55,26 @@ pub enum FetchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The bytes are not a component (a `.cwasm` above all); nothing was
+    /// kept.
+    #[error(transparent)]
+    NotAComponent(#[from] NetworkArtifactRefused),
+    /// An OCI artifact not in the layout of a Wasm component, refused
+    /// from its manifest, before its layer is fetched.
+    #[error(
+        "{url}: not a Wasm component artifact: {reason}; publish the component with \
+         `node-runtime push` (or `wkg oci push`), which writes one layer of media type \
+         application/wasm"
+    )]
+    NotWasmArtifact { url: String, reason: String },
+}
+
+impl FetchError {
+    /// Whether another attempt could succeed: not when the source
+    /// delivered what this node never runs from it.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, FetchError::NotAComponent(_) | FetchError::NotWasmArtifact { .. })
+    }
 }
 
 pub struct DownloadCache {
@@ -63,8 +99,9 @@ impl DownloadCache {
     }
 
     /// The kept copy of the version, or what `download` brings (`None`:
-    /// the source has no such version), kept first. `origin` names the
-    /// download in errors and logs.
+    /// the source has no such version), kept first if it is a component.
+    /// `origin` names the download in errors and logs. A kept copy is
+    /// returned as it is: its loader checks it again.
     pub async fn get_or_fetch<F, Fut>(
         &self,
         agent_id: &str,
@@ -88,6 +125,7 @@ impl DownloadCache {
         let Some(bytes) = download().await? else {
             return Ok(None);
         };
+        check_network_artifact(origin, &bytes)?;
         let target = path.clone();
         tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
             .await

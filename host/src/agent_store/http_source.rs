@@ -3,7 +3,10 @@
 //! A URL template such as `{base}/agents/{agent_id}/{version}.wasm` names
 //! where each version lives (`{base}` is the control plane's URL). Each
 //! version is downloaded once and kept ([`DownloadCache`]); downloads are
-//! bounded in size and time.
+//! bounded in size and time, and must be a WebAssembly component. The
+//! source builds its own HTTP client, which follows no redirect: a 3xx
+//! could send the download to another host or to plain `http://`, so it
+//! is an error naming both URLs.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,13 +38,35 @@ pub struct HttpSource {
     cache: DownloadCache,
 }
 
+/// The agent store's HTTP client: bounded by `timeout`, with `tls` (the
+/// control plane's, client certificate included, for a source on it) or
+/// reqwest's default verification, and no redirects followed.
+pub fn download_client(
+    timeout: Duration,
+    tls: Option<rustls::ClientConfig>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("node-runtime/", env!("CARGO_PKG_VERSION")));
+    match tls {
+        Some(config) => builder.tls_backend_preconfigured(config).build(),
+        None => builder.build(),
+    }
+}
+
 impl HttpSource {
-    pub fn new(settings: HttpSourceSettings, client: reqwest::Client) -> Self {
-        HttpSource {
+    /// A source downloading with [`download_client`].
+    pub fn new(
+        settings: HttpSourceSettings,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, reqwest::Error> {
+        Ok(HttpSource {
+            client: download_client(settings.timeout, tls)?,
             cache: DownloadCache::new(settings.cache_dir.clone()),
             settings,
-            client,
-        }
+        })
     }
 
     pub fn url(&self, agent_id: &str, version: &str) -> String {
@@ -79,6 +104,23 @@ impl HttpSource {
         if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
             return Ok(None);
         }
+        if status.is_redirection() {
+            let location = response.headers().get(reqwest::header::LOCATION);
+            // Resolved, so that the error names the URL to configure.
+            let location = match location.map(|value| value.to_str()) {
+                Some(Ok(location)) => response
+                    .url()
+                    .join(location)
+                    .map_or_else(|_| location.to_string(), |resolved| resolved.to_string()),
+                Some(Err(_)) => "a Location that is not text".to_string(),
+                None => "no Location".to_string(),
+            };
+            return Err(FetchError::Redirect {
+                url: url.to_string(),
+                status: status.as_u16(),
+                location,
+            });
+        }
         if !status.is_success() {
             return Err(FetchError::Status { url: url.to_string(), status: status.as_u16() });
         }
@@ -110,8 +152,9 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 cache_dir: PathBuf::from("cache"),
             },
-            reqwest::Client::new(),
+            None,
         )
+        .unwrap()
     }
 
     #[test]

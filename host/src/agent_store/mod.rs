@@ -3,6 +3,12 @@
 //! preferred when both exist), an HTTP(S) source ([`http_source`]) and an
 //! OCI registry ([`oci_source`]).
 //!
+//! Each source hands its file to the sandbox with its trust
+//! ([`ArtifactTrust`]): a directory is the operator's, and may hold native
+//! code (`.cwasm`); a download may be a WebAssembly component only, checked
+//! before it is kept ([`download_cache`]) and again before it is compiled,
+//! since a download cache an older node filled may hold anything.
+//!
 //! A lease names an agent by id and version, and may pin its bytes with
 //! metadata `agent.digest` ([`digest`]). The store turns that into a
 //! loaded [`Agent`], checking the pin first. It reads and hashes a file
@@ -31,7 +37,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::sandbox::{Agent, InvalidAgent, Sandbox};
+use crate::sandbox::{Agent, ArtifactTrust, InvalidAgent, Sandbox};
 pub use digest::{AgentDigest, DIGEST_METADATA_KEY, InvalidDigest};
 pub use digest_memo::DigestMemo;
 pub use download_cache::FetchError;
@@ -71,24 +77,34 @@ pub enum ResolveError {
     Fetch(#[from] FetchError),
     #[error("{}: {invalid}", .path.display())]
     Invalid { path: PathBuf, invalid: InvalidAgent },
+    /// A kept download that cannot run: versions are immutable, so it
+    /// would be refused at every lease until deleted.
+    #[error(
+        "{} (downloaded earlier): {invalid}; delete the file so that the node downloads the \
+         version again",
+        .path.display()
+    )]
+    InvalidDownload { path: PathBuf, invalid: InvalidAgent },
 }
 
 impl ResolveError {
     /// Whether another attempt (here later, or on another node) could
     /// succeed: a failed download could; a missing, mismatched or
-    /// invalid artifact will not.
+    /// invalid artifact will not, nor a download that is not a component.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ResolveError::Fetch(_))
+        matches!(self, ResolveError::Fetch(fetch) if fetch.is_retryable())
     }
 }
 
 /// One place agents are looked for.
 pub enum AgentSource {
-    /// `<dir>/<agent_id>/<version>.cwasm` or `.wasm`.
+    /// `<dir>/<agent_id>/<version>.cwasm` or `.wasm`: the operator's own
+    /// files, native code included.
     Directory(PathBuf),
-    /// Downloaded once, then kept on disk.
+    /// Downloaded once, then kept on disk: components only.
     Http(HttpSource),
-    /// Pulled from an OCI registry once, then kept on disk.
+    /// Pulled from an OCI registry once, then kept on disk: components
+    /// only.
     Oci(OciSource),
 }
 
@@ -186,7 +202,7 @@ impl AgentStore {
         // Taken before the file is stamped: what is known about a file is
         // trusted only if it had settled by then (`FileStamp::settled_at`).
         let checked_at = SystemTime::now();
-        let stamp = self.locate(agent_id, version).await?;
+        let (stamp, trust) = self.locate(agent_id, version).await?;
         let settled = stamp.settled_at(checked_at);
         let key = (agent_id.to_string(), version.to_string());
         let cached = self.lock().get(&key).cloned();
@@ -212,7 +228,7 @@ impl AgentStore {
                 // Without a compiled entry for it, the file is read and
                 // hashed below: only a digest computed here keys new
                 // compiled code.
-                if let Some(agent) = sandbox.load_compiled(*digest.bytes()).await {
+                if let Some(agent) = sandbox.load_compiled(*digest.bytes(), &trust).await {
                     self.remembered.fetch_add(1, Ordering::Relaxed);
                     let loaded = LoadedAgent {
                         stamp,
@@ -235,11 +251,16 @@ impl AgentStore {
         self.hashed.fetch_add(1, Ordering::Relaxed);
         check_pin(&stamp, pin, digest)?;
         let agent = sandbox
-            .load_digested(Arc::from(bytes), *digest.bytes())
+            .load_digested(Arc::from(bytes), *digest.bytes(), &trust)
             .await
-            .map_err(|invalid| ResolveError::Invalid {
-                path: stamp.path.clone(),
-                invalid,
+            .map_err(|invalid| {
+                let path = stamp.path.clone();
+                match trust {
+                    ArtifactTrust::Operator => ResolveError::Invalid { path, invalid },
+                    ArtifactTrust::Network { .. } => {
+                        ResolveError::InvalidDownload { path, invalid }
+                    }
+                }
             })?;
         // A file changed since `checked_at` less the settle time might
         // change again without changing its stamp: nothing is recorded on
@@ -278,7 +299,13 @@ impl AgentStore {
         }
     }
 
-    async fn locate(&self, agent_id: &str, version: &str) -> Result<FileStamp, ResolveError> {
+    /// The first source's file for the version, and the trust its bytes
+    /// carry.
+    async fn locate(
+        &self,
+        agent_id: &str,
+        version: &str,
+    ) -> Result<(FileStamp, ArtifactTrust), ResolveError> {
         let mut looked_for = Vec::new();
         for source in &self.sources {
             let found = match source {
@@ -291,30 +318,42 @@ impl AgentStore {
                     let mut found = None;
                     for path in candidates {
                         if let Some(stamp) = stamp_of(&path).await? {
-                            found = Some(stamp);
+                            found = Some((stamp, ArtifactTrust::Operator));
                             break;
                         }
                         looked_for.push(path.display().to_string());
                     }
                     found
                 }
-                AgentSource::Http(http) => match http.fetch(agent_id, version).await? {
-                    Some(path) => stamp_of(&path).await?,
-                    None => {
-                        looked_for.push(http.url(agent_id, version));
-                        None
+                AgentSource::Http(http) => {
+                    let origin = http.url(agent_id, version);
+                    match http.fetch(agent_id, version).await? {
+                        Some(path) => {
+                            let trust = ArtifactTrust::Network { origin };
+                            stamp_of(&path).await?.map(|stamp| (stamp, trust))
+                        }
+                        None => {
+                            looked_for.push(origin);
+                            None
+                        }
                     }
-                },
-                AgentSource::Oci(oci) => match oci.fetch(agent_id, version).await? {
-                    Some(path) => stamp_of(&path).await?,
-                    None => {
-                        looked_for.push(oci.reference(agent_id, version));
-                        None
+                }
+                AgentSource::Oci(oci) => {
+                    let origin = oci.reference(agent_id, version);
+                    match oci.fetch(agent_id, version).await? {
+                        Some(path) => {
+                            let trust = ArtifactTrust::Network { origin };
+                            stamp_of(&path).await?.map(|stamp| (stamp, trust))
+                        }
+                        None => {
+                            looked_for.push(origin);
+                            None
+                        }
                     }
-                },
+                }
             };
-            if let Some(stamp) = found {
-                return Ok(stamp);
+            if let Some(found) = found {
+                return Ok(found);
             }
         }
         Err(ResolveError::NotFound {

@@ -3,19 +3,23 @@
 //! A reference template such as `registry.example:5000/agents/{agent_id}:{version}`
 //! names each version. The artifact has the layout `wkg` and `oci-wasm`
 //! use: one layer of media type `application/wasm` and a config of type
-//! `application/vnd.wasm.config.v0+json`. The manifest is read first, so a
-//! layer larger than the limit is refused before a byte of it is fetched;
-//! the layer is then streamed with the limit enforced, and its SHA-256
-//! checked against the manifest's digest. Each version is pulled once and
-//! kept ([`DownloadCache`]).
+//! `application/vnd.wasm.config.v0+json`. The manifest is read first, so
+//! an artifact of another layout (another media type, no layer or more
+//! than one: a container image, a `.cwasm` pushed as a blob) or a layer
+//! larger than the limit is refused before a byte of the layer is fetched;
+//! the layer is then streamed with the limit enforced, its SHA-256
+//! checked against the manifest's digest, and its bytes must be a
+//! WebAssembly component. Each version is pulled once and kept
+//! ([`DownloadCache`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use oci_wasm::WasmClient;
+use oci_wasm::{WASM_LAYER_MEDIA_TYPE, WASM_MANIFEST_CONFIG_MEDIA_TYPE, WasmClient};
 use tokio_stream::StreamExt;
 
 use super::digest::AgentDigest;
@@ -114,12 +118,17 @@ impl OciSource {
         let reference: Reference = text
             .parse()
             .map_err(|err: oci_client::ParseError| failed(format!("not an OCI reference: {err}")))?;
-        let manifest = match self.client.pull_manifest_and_config(&reference, &self.auth).await {
-            Ok((manifest, _config, _digest)) => manifest,
+        // The manifest only: the config says nothing the layer's checks
+        // need.
+        let manifest = match self.client.pull_image_manifest(&reference, &self.auth).await {
+            Ok((manifest, _digest)) => manifest,
             Err(err) if is_not_found(&err) => return Ok(None),
-            Err(err) => return Err(failed(format!("{err:#}"))),
+            Err(err) => return Err(failed(error_chain(&err))),
         };
-        let layer = &manifest.layers[0];
+        let layer = wasm_layer(&manifest).map_err(|reason| FetchError::NotWasmArtifact {
+            url: text.to_string(),
+            reason,
+        })?;
         let limit = self.settings.max_bytes;
         let too_large = || FetchError::TooLarge { url: text.to_string(), limit };
         if u64::try_from(layer.size).map_or(true, |size| size > limit) {
@@ -149,17 +158,71 @@ impl OciSource {
     }
 }
 
+/// The one layer of a Wasm component artifact, as the manifest describes
+/// it; why the manifest is not one otherwise.
+fn wasm_layer(manifest: &OciImageManifest) -> Result<&OciDescriptor, String> {
+    if manifest.config.media_type != WASM_MANIFEST_CONFIG_MEDIA_TYPE {
+        return Err(format!(
+            "its config has media type {}, not {WASM_MANIFEST_CONFIG_MEDIA_TYPE}",
+            manifest.config.media_type
+        ));
+    }
+    match manifest.layers.as_slice() {
+        [layer] if layer.media_type == WASM_LAYER_MEDIA_TYPE => Ok(layer),
+        [layer] => Err(format!(
+            "its layer has media type {}, not {WASM_LAYER_MEDIA_TYPE}",
+            layer.media_type
+        )),
+        layers => Err(format!("the manifest has {} layers, not exactly one", layers.len())),
+    }
+}
+
 /// A registry's "no such repository or tag".
-fn is_not_found(err: &anyhow::Error) -> bool {
-    match err.downcast_ref::<OciDistributionError>() {
-        Some(OciDistributionError::ImageManifestNotFoundError(_)) => true,
-        Some(OciDistributionError::RegistryError { envelope, .. }) => envelope.errors.iter().any(|error| {
+fn is_not_found(err: &OciDistributionError) -> bool {
+    match err {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|error| {
             matches!(
                 error.code,
                 OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound
             )
         }),
-        Some(OciDistributionError::ServerError { code: 404, .. }) => true,
+        OciDistributionError::ServerError { code: 404, .. } => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(layer_types: &[&str]) -> OciImageManifest {
+        let mut manifest = OciImageManifest::default();
+        manifest.config.media_type = WASM_MANIFEST_CONFIG_MEDIA_TYPE.to_string();
+        manifest.layers = layer_types
+            .iter()
+            .map(|media_type| OciDescriptor {
+                media_type: media_type.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        manifest
+    }
+
+    #[test]
+    fn only_one_application_wasm_layer_is_a_wasm_component_artifact() {
+        assert!(wasm_layer(&manifest(&[WASM_LAYER_MEDIA_TYPE])).is_ok());
+        let no_layer = wasm_layer(&manifest(&[])).unwrap_err();
+        assert_eq!(no_layer, "the manifest has 0 layers, not exactly one");
+        let two = manifest(&[WASM_LAYER_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE]);
+        let two = wasm_layer(&two).unwrap_err();
+        assert!(two.contains("2 layers"), "{two}");
+        let tar = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let other = wasm_layer(&manifest(&[tar])).unwrap_err();
+        assert!(other.contains(tar) && other.contains(WASM_LAYER_MEDIA_TYPE), "{other}");
+        let mut image = manifest(&[WASM_LAYER_MEDIA_TYPE]);
+        image.config.media_type = "application/vnd.oci.image.config.v1+json".to_string();
+        let refused = wasm_layer(&image).unwrap_err();
+        assert!(refused.contains("application/vnd.oci.image.config.v1+json"), "{refused}");
     }
 }

@@ -4,9 +4,12 @@
 //!
 //! `push` checks the file is a component first (a core module or random
 //! bytes never reach the registry) and prints the digest that pins it in a
-//! lease (`agent.digest`). Credentials come from the environment
-//! (`NODE_RUNTIME_REGISTRY_USERNAME`, `NODE_RUNTIME_REGISTRY_PASSWORD`),
-//! never from a flag, so a password stays out of shell history.
+//! lease (`agent.digest`). `pull` saves only a component: a `.cwasm`
+//! (native code) from a registry is refused as the node refuses it, so it
+//! does not end up in an agents directory, where native code is trusted.
+//! Credentials come from the environment (`NODE_RUNTIME_REGISTRY_USERNAME`,
+//! `NODE_RUNTIME_REGISTRY_PASSWORD`), never from a flag, so a password
+//! stays out of shell history.
 
 use std::path::PathBuf;
 
@@ -15,6 +18,7 @@ use clap::Args;
 use super::{CommandError, Exit, read_file};
 use crate::agent_store::AgentDigest;
 use crate::agent_store::oci_source::{registry_auth, registry_client};
+use crate::sandbox::artifact_trust::check_network_artifact;
 
 const USERNAME_VAR: &str = "NODE_RUNTIME_REGISTRY_USERNAME";
 const PASSWORD_VAR: &str = "NODE_RUNTIME_REGISTRY_PASSWORD";
@@ -93,7 +97,16 @@ pub async fn pull(args: PullArgs) -> Result<Exit, CommandError> {
         .pull(&reference, &auth)
         .await
         .map_err(|err| CommandError::internal(format!("pulling {}: {err:#}", args.reference)))?;
-    let bytes = &image.layers[0].data;
+    // `WasmClient::pull` insists on exactly one `application/wasm` layer.
+    let Some(layer) = image.layers.first() else {
+        let message = format!("pulling {}: the artifact has no layer", args.reference);
+        return Err(CommandError::internal(message));
+    };
+    let bytes = &layer.data;
+    check_network_artifact(&args.reference, bytes).map_err(|refused| CommandError {
+        exit: Exit::AgentInvalid,
+        message: format!("{refused}; nothing was written to {}", args.output.display()),
+    })?;
     std::fs::write(&args.output, bytes).map_err(|err| {
         CommandError::internal(format!("cannot write --output {}: {err}", args.output.display()))
     })?;

@@ -37,7 +37,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use layers::{ConfigSources, HostingEnvironment};
 
-use crate::control_plane::{ControlPlaneTls, registration::http_client_with};
+use crate::control_plane::ControlPlaneTls;
 use crate::agent_store::{
     AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings,
 };
@@ -696,8 +696,8 @@ impl NodeConfig {
                     };
                     let plaintext = ControlPlaneTls::plaintext();
                     let tls = if template.starts_with("{base}") { control_plane_tls } else { &plaintext };
-                    let client = http_client_with(store.download_timeout, tls)?;
-                    sources.push(AgentSource::Http(HttpSource::new(settings, client)));
+                    let source = HttpSource::new(settings, tls.client_config(&[b"http/1.1"]))?;
+                    sources.push(AgentSource::Http(source));
                 }
                 AgentSourceKind::Oci => {
                     let Some(template) = &store.oci_reference_template else { continue };

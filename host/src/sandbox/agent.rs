@@ -1,9 +1,12 @@
 //! Turning bytes into a runnable agent.
 //!
 //! An artifact is a `.wasm` component (compiled here) or a `.cwasm`
-//! precompiled by `node-runtime compile` (checked, then loaded). Either way
-//! the result is an [`Agent`]: a component already linked against the
-//! node's host capabilities (`InstancePre`), so each run only instantiates.
+//! precompiled by `node-runtime compile` (checked, then loaded), the
+//! latter only from the operator's own files: what the bytes are taken
+//! for is decided before anything is compiled
+//! ([`classify`](super::artifact_trust::classify)). Either way the result
+//! is an [`Agent`]: a component already linked against the node's host
+//! capabilities (`InstancePre`), so each run only instantiates.
 //! Everything that makes an artifact unrunnable is found here, before any
 //! run starts, and reported as an [`InvalidAgent`] naming the problem.
 
@@ -13,6 +16,7 @@ use thiserror::Error;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
 
+use super::artifact_trust::ArtifactKind;
 use super::bindings::AgentPre;
 use super::precompiled;
 use super::state::RunState;
@@ -36,11 +40,19 @@ pub struct Agent {
     pub(crate) entry: Entry,
     /// SHA-256 of the artifact, hex.
     digest: String,
+    /// What it was made from.
+    made_from: ArtifactKind,
 }
 
 impl Agent {
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// Whether it was loaded from a `.cwasm` (native code from the
+    /// operator) rather than compiled here.
+    pub fn is_precompiled(&self) -> bool {
+        self.made_from == ArtifactKind::Precompiled
     }
 
     /// `"agent"` for the agent world, `"command"` for a WASI command.
@@ -64,19 +76,26 @@ impl fmt::Debug for Agent {
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
 const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 
-/// Compiles (or, for a `.cwasm`, loads) `bytes`. CPU-heavy for a `.wasm`:
-/// call it off the async runtime's worker threads.
-pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, InvalidAgent> {
+/// Compiles `bytes` as [`classify`](super::artifact_trust::classify)
+/// found them: a `.wasm`, or (loaded) a `.cwasm`. CPU-heavy for a
+/// `.wasm`: call it off the async runtime's worker threads.
+pub(crate) fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    kind: ArtifactKind,
+) -> Result<Component, InvalidAgent> {
     if bytes.is_empty() {
         return Err(InvalidAgent("the file is empty (0 bytes)".into()));
     }
-    if precompiled::is_precompiled(bytes) {
+    if kind == ArtifactKind::Precompiled {
         let artifact =
             precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
         check_architecture(engine, artifact)?;
-        // SAFETY: the artifact carries the digest `node-runtime compile`
-        // recorded, so it is the bytes wasmtime produced; wasmtime checks its
-        // own version and configuration before using it.
+        // SAFETY: only the operator's own files are taken for a .cwasm
+        // (`classify`), as trusted as those files; the artifact carries the
+        // digest `node-runtime compile` recorded, so it is the bytes
+        // wasmtime produced; wasmtime checks its own version and
+        // configuration before using it.
         return unsafe { Component::deserialize(engine, artifact) }.map_err(|err| {
             InvalidAgent(format!(
                 "the .cwasm was precompiled for a different engine and cannot run here: {}; \
@@ -144,6 +163,7 @@ pub(crate) fn link(
     linker: &Linker<RunState>,
     component: &Component,
     digest: String,
+    made_from: ArtifactKind,
 ) -> Result<Agent, InvalidAgent> {
     let exports: Vec<String> = component
         .component_type()
@@ -179,7 +199,7 @@ pub(crate) fn link(
             export_list(&exports)
         )));
     };
-    Ok(Agent { entry, digest })
+    Ok(Agent { entry, digest, made_from })
 }
 
 /// The longest name of the agent's (an export, an import) a message quotes.

@@ -10,6 +10,7 @@
 //! HTTP hosts) with [`Grants`] per agent id (`grants`).
 
 mod agent;
+pub mod artifact_trust;
 mod bindings;
 pub mod budget;
 pub(crate) mod capabilities;
@@ -36,6 +37,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use agent::{Agent, InvalidAgent};
+pub use artifact_trust::{ArtifactTrust, NetworkArtifactRefused, NotAComponent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
@@ -54,6 +56,7 @@ pub use capabilities::http::{
     HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant,
 };
 
+use artifact_trust::ArtifactKind;
 use state::RunState;
 
 /// Everything that shapes a sandbox.
@@ -246,23 +249,31 @@ impl Sandbox {
         }
     }
 
-    /// Compiles, checks and links an artifact (`.wasm` component or
-    /// `.cwasm`), or returns the one already loaded with the same bytes.
-    /// Compilation runs on a blocking thread.
+    /// Compiles, checks and links an artifact the operator supplied (a
+    /// `.wasm` component, or a `.cwasm` of native code: a file named on the
+    /// command line), or returns the one already loaded with the same
+    /// bytes. Compilation runs on a blocking thread. Bytes from anywhere
+    /// else go through [`load_digested`](Self::load_digested) with their
+    /// [`ArtifactTrust`].
     pub async fn load(&self, bytes: Arc<[u8]>) -> Result<Arc<Agent>, InvalidAgent> {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        self.load_digested(bytes, digest).await
+        self.load_digested(bytes, digest, &ArtifactTrust::Operator).await
     }
 
-    /// [`load`](Self::load) for bytes whose SHA-256 the caller has already
-    /// computed (the agent store does, to check pins): hashing a large
-    /// component again would be a good part of a cached load. The digest
-    /// keys the compiled code, so it must be the SHA-256 of `bytes`.
+    /// [`load`](Self::load) for bytes of the given trust (a `.cwasm` is
+    /// loaded only from the operator; from the network only a component is
+    /// accepted, refused otherwise before anything is compiled), whose
+    /// SHA-256 the caller has already computed (the agent store does, to
+    /// check pins): hashing a large component again would be a good part
+    /// of a cached load. The digest keys the compiled code, so it must be
+    /// the SHA-256 of `bytes`.
     pub async fn load_digested(
         &self,
         bytes: Arc<[u8]>,
         digest: [u8; 32],
+        trust: &ArtifactTrust,
     ) -> Result<Arc<Agent>, InvalidAgent> {
+        let made_from = artifact_trust::classify(&bytes, trust)?;
         let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -273,30 +284,32 @@ impl Sandbox {
         cell.get_or_try_init(|| async {
             let engine = self.engine.clone();
             let linker = self.linker.clone();
-            // A .cwasm loads quickly as it is; only compiled .wasm is cached.
+            // A .cwasm loads quickly as it is; only .wasm compiled here is
+            // cached, so every entry is native code this node produced.
             let cache = self
                 .compiled_cache
                 .clone()
-                .filter(|_| !precompiled::is_precompiled(&bytes));
+                .filter(|_| made_from == ArtifactKind::Wasm);
             let counters = self.compile_counters.clone();
             let agent = tokio::task::spawn_blocking(move || {
                 let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
                 let component = match kept {
                     Some(component) => component,
                     None => {
-                        let component = agent::compile(&engine, &bytes)?;
-                        if !precompiled::is_precompiled(&bytes) {
+                        let component = agent::compile(&engine, &bytes, made_from)?;
+                        if made_from == ArtifactKind::Wasm {
                             counters.compiled();
                         }
                         // Only an agent that links is worth keeping.
-                        let agent = agent::link(&engine, &linker, &component, hex::encode(digest))?;
+                        let hex_digest = hex::encode(digest);
+                        let agent = agent::link(&engine, &linker, &component, hex_digest, made_from)?;
                         if let Some(cache) = &cache {
                             cache.put(&digest, &component);
                         }
                         return Ok(agent);
                     }
                 };
-                agent::link(&engine, &linker, &component, hex::encode(digest))
+                agent::link(&engine, &linker, &component, hex::encode(digest), made_from)
             })
             .await
             .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
@@ -312,9 +325,19 @@ impl Sandbox {
     /// reads the artifact and calls [`load_digested`](Self::load_digested).
     /// This is how a restarted node that knows an agent file's digest
     /// (the agent store's memo) skips reading and hashing the file.
-    pub async fn load_compiled(&self, digest: [u8; 32]) -> Option<Arc<Agent>> {
+    /// For bytes from the network, an agent loaded from a `.cwasm` (the
+    /// operator's, with the same digest) is not served: reading the
+    /// artifact refuses it. The on-disk entries are all compiled here.
+    pub async fn load_compiled(
+        &self,
+        digest: [u8; 32],
+        trust: &ArtifactTrust,
+    ) -> Option<Arc<Agent>> {
         let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
+            if agent.is_precompiled() && *trust != ArtifactTrust::Operator {
+                return None;
+            }
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(agent.clone());
         }
@@ -329,7 +352,8 @@ impl Sandbox {
                 let component = cache.get(&engine, &digest, &counters)?;
                 // An entry is only written for a component that linked; if
                 // this one does not, loading the artifact will say why.
-                agent::link(&engine, &linker, &component, hex::encode(digest)).ok()
+                let digest = hex::encode(digest);
+                agent::link(&engine, &linker, &component, digest, ArtifactKind::Wasm).ok()
             })
             .await;
             match linked {
@@ -365,8 +389,8 @@ impl Sandbox {
         if precompiled::is_precompiled(wasm) {
             return Err(InvalidAgent("the file is already a precompiled .cwasm".into()));
         }
-        let component = agent::compile(&self.engine, wasm)?;
-        agent::link(&self.engine, &self.linker, &component, String::new())?;
+        let component = agent::compile(&self.engine, wasm, ArtifactKind::Wasm)?;
+        agent::link(&self.engine, &self.linker, &component, String::new(), ArtifactKind::Wasm)?;
         let artifact = component.serialize().map_err(|err| {
             InvalidAgent(format!(
                 "could not serialise the component: {}",

@@ -12,7 +12,10 @@
 //! The digest catches truncation and corruption (a flipped byte, a partial
 //! copy); wasmtime itself then refuses an artifact from another wasmtime
 //! version or configuration (fuel, epochs, target). The digest is not a
-//! signature: a `.cwasm` is as trusted as the place it came from.
+//! signature (anyone can compute it), so a `.cwasm` is loaded only from
+//! the operator's own files, `NodeRuntime.AgentsDirectory` or a file named
+//! to `run-agent`, never from an HTTP or OCI source
+//! ([`ArtifactTrust`](super::artifact_trust::ArtifactTrust)).
 //!
 //! The artifact's ELF header names the architecture it was compiled for, so
 //! a `.cwasm` made for another machine (`compile --target`) is refused
