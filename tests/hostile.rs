@@ -64,13 +64,14 @@ hostile_tests!(
     an_import_the_node_does_not_provide,
     a_truncated_file,
     a_corrupt_file,
+    a_cwasm_from_a_network_source,
     a_zero_byte_file,
 );
 
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 33);
+    assert_eq!(hostile_set::CASES.len(), 34);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

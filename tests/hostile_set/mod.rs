@@ -579,6 +579,47 @@ fn code_section(component: &[u8]) -> Option<std::ops::Range<usize>> {
         .map(|(_, range)| range)
 }
 
+pub async fn a_cwasm_from_a_network_source(env: &Env) {
+    // Native code served as `echo` 1.0.0 by an HTTP agent source: whoever
+    // controls that server must not get to run it in the node.
+    use node_runtime::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings};
+    let cwasm = env.sandbox.precompile(&agent_bytes("echo")).expect("echo precompiles");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let app = axum::Router::new().route(
+        "/agents/echo/1.0.0.wasm",
+        axum::routing::get(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            let cwasm = cwasm.clone();
+            async move { cwasm }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let cache = tempfile::tempdir().unwrap();
+    let source = HttpSource::new(
+        HttpSourceSettings {
+            url_template: format!("http://{addr}/agents/{{agent_id}}/{{version}}.wasm"),
+            max_bytes: 64 * MIB,
+            timeout: Duration::from_secs(10),
+            cache_dir: cache.path().to_path_buf(),
+        },
+        None,
+    )
+    .unwrap();
+    let store = AgentStore::with_sources(vec![AgentSource::Http(source)], false);
+    let refused = store.resolve(&env.sandbox, "echo", "1.0.0").await.expect_err("a .cwasm from the network loads");
+    assert!(!refused.is_retryable(), "{refused}");
+    let reason = refused.to_string();
+    assert!(reason.contains("precompiled") && reason.contains("AgentsDirectory"), "{reason}");
+    assert_eq!(served.load(Ordering::SeqCst), 1, "it was fetched, then refused");
+    assert!(std::fs::read_dir(cache.path()).unwrap().all(|entry| {
+        let path = entry.unwrap().path();
+        !path.is_dir() || std::fs::read_dir(path).unwrap().next().is_none()
+    }), "nothing was kept in the download cache");
+}
+
 pub async fn a_zero_byte_file(env: &Env) {
     let reason = env.refused(Vec::new()).await;
     assert!(reason.contains("empty"), "{reason}");
@@ -631,5 +672,6 @@ cases!(
     an_import_the_node_does_not_provide,
     a_truncated_file,
     a_corrupt_file,
+    a_cwasm_from_a_network_source,
     a_zero_byte_file,
 );
