@@ -161,7 +161,7 @@ impl DevPlane {
         // but without its gRPC "unimplemented" fallback, so an unknown REST
         // path still gets a plain 404.
         let client_certificates = options.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
-        let access = Arc::new(Access {
+        let rules = Arc::new(Access {
             // A browser has no client certificate to present: with them
             // required, the Host check adds nothing.
             hosts: (!client_certificates).then(|| {
@@ -175,7 +175,7 @@ impl DevPlane {
                 "/lease.LeaseService/{*method}",
                 LeaseServiceServer::new(desk),
             )
-            .layer(axum::middleware::from_fn_with_state(access, access::guard));
+            .layer(axum::middleware::from_fn_with_state(rules, access::guard));
         let mut stop_serving = shutdown_rx.clone();
         let client_subjects = Arc::new(tls::ClientSubjects::default());
         let server = match &options.tls {
