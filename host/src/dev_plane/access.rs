@@ -182,8 +182,9 @@ fn split_authority(text: &str) -> Option<(String, Option<u16>)> {
 #[derive(Clone, Debug)]
 pub enum NodeIds {
     Any,
-    /// Only the CN of the connection's client certificate (none: no id).
-    Subject(Option<String>),
+    /// Only the CN of the client certificate this peer presented; `None`
+    /// (no peer known): no id at all.
+    Subject(Option<Peer>),
 }
 
 /// A request naming a node id its certificate does not carry.
@@ -197,6 +198,8 @@ pub enum NodeIds {
 pub struct NotThisNode {
     pub node_id: String,
     pub subject: Option<String>,
+    /// Who asked, for the plane's log (not sent back).
+    pub peer: Option<SocketAddr>,
 }
 
 impl NodeIds {
@@ -215,10 +218,11 @@ impl NodeIds {
         match self {
             NodeIds::Any => Ok(()),
             _ if node_id.is_empty() => Ok(()),
-            NodeIds::Subject(Some(subject)) if subject == node_id => Ok(()),
-            NodeIds::Subject(subject) => Err(NotThisNode {
+            NodeIds::Subject(Some(peer)) if peer.subject.as_deref() == Some(node_id) => Ok(()),
+            NodeIds::Subject(peer) => Err(NotThisNode {
                 node_id: node_id.to_string(),
-                subject: subject.clone(),
+                subject: peer.as_ref().and_then(|peer| peer.subject.clone()),
+                peer: peer.as_ref().map(|peer| peer.addr),
             }),
         }
     }
@@ -263,11 +267,11 @@ pub async fn guard(State(access): State<Arc<Access>>, mut request: Request, next
         }
     }
     let node_ids = if access.bind_node_ids {
-        let subject = request
+        let peer = request
             .extensions()
             .get::<ConnectInfo<Peer>>()
-            .and_then(|ConnectInfo(peer)| peer.subject.clone());
-        NodeIds::Subject(subject)
+            .map(|ConnectInfo(peer)| peer.clone());
+        NodeIds::Subject(peer)
     } else {
         NodeIds::Any
     };
@@ -387,7 +391,10 @@ mod tests {
 
     #[test]
     fn node_ids_bound_to_a_subject_allow_only_that_one() {
-        let bound = NodeIds::Subject(Some("node-a".to_string()));
+        let bound = NodeIds::Subject(Some(Peer {
+            addr: "127.0.0.1:40000".parse().unwrap(),
+            subject: Some("node-a".to_string()),
+        }));
         assert!(bound.check("node-a").is_ok());
         let refused = bound.check("node-b").unwrap_err().to_string();
         assert!(refused.contains("\"node-b\"") && refused.contains("CN \"node-a\""), "{refused}");

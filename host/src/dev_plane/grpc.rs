@@ -301,7 +301,7 @@ fn verdict(
 /// PERMISSION_DENIED for a node id the caller's certificate does not carry.
 fn may_act_as(node_ids: &NodeIds, node_id: &str) -> Result<(), Status> {
     node_ids.check(node_id).map_err(|not_this_node| {
-        tracing::warn!("dev control plane refused a request: {not_this_node}");
+        tracing::warn!(peer = ?not_this_node.peer, "dev control plane refused a request: {not_this_node}");
         Status::permission_denied(not_this_node.to_string())
     })
 }

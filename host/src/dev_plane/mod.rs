@@ -12,13 +12,13 @@
 //! - `ledger`: the state behind a lock, saved on every change (a change
 //!   that cannot be saved is undone).
 //! - `store`: the runs file in the data dir.
-//! - [`access`]: who may use the plane: the Host check, JSON-only POSTs,
+//! - `access`: who may use the plane: the Host check, JSON-only POSTs,
 //!   node ids bound to client certificates.
 //! - `rest`, `grpc`: the two front ends.
 //! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
 //!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
-pub mod access;
+mod access;
 mod grpc;
 mod ledger;
 mod rest;
@@ -69,7 +69,7 @@ pub struct PlaneOptions {
     /// Serve HTTPS and gRPC over TLS instead of cleartext.
     pub tls: Option<PlaneTls>,
     /// Host names (or addresses) requests may name besides the listen
-    /// address's own (see [`access`]).
+    /// address's own (see `access`).
     pub allowed_hosts: Vec<AllowedHost>,
     /// How a registration for a node id the plane knows is answered.
     pub reregistration: Reregistration,

@@ -184,7 +184,7 @@ fn save_failed(save: SaveError) -> Response {
 }
 
 fn forbidden(not_this_node: NotThisNode) -> Response {
-    tracing::warn!("dev control plane refused a request: {not_this_node}");
+    tracing::warn!(peer = ?not_this_node.peer, "dev control plane refused a request: {not_this_node}");
     let body = serde_json::json!({ "error": not_this_node.to_string() });
     (StatusCode::FORBIDDEN, Json(body)).into_response()
 }
