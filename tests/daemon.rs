@@ -1,6 +1,8 @@
 //! The node daemon against the dev control plane, both real, on loopback:
 //! registration, heartbeats, the lease stream, slots, reports, restarts
-//! and drain, as the control plane sees them.
+//! and drain, as the control plane sees them; and registration against a
+//! plane that answers it with 500, as the Postgres-backed reference does
+//! for an id it knows.
 
 mod support;
 
@@ -184,6 +186,82 @@ async fn registration_retries_until_the_plane_starts() {
     assert_eq!(run.status, RunStatus::Completed, "{run:?}");
     node.shutdown().await;
     plane.shutdown().await;
+}
+
+/// What a plane answering every registration with 500 was asked.
+#[derive(Default)]
+struct Calls {
+    registrations: std::sync::atomic::AtomicU32,
+    heartbeats: std::sync::atomic::AtomicU32,
+    pulls: std::sync::atomic::AtomicU32,
+}
+
+/// A control plane whose registrations always fail with 500 (the
+/// reference's duplicate key) and whose heartbeats answer `heartbeat`.
+async fn plane_refusing_registration(heartbeat: u16) -> (String, Arc<Calls>) {
+    use axum::http::StatusCode;
+    let calls = Arc::new(Calls::default());
+    let (on_register, on_heartbeat, on_other) = (calls.clone(), calls.clone(), calls.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/nodes:register",
+            axum::routing::post(move || async move {
+                on_register.registrations.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::INTERNAL_SERVER_ERROR, "23505: duplicate key value violates unique constraint")
+            }),
+        )
+        .route(
+            "/v1/nodes/{target}",
+            axum::routing::post(move || async move {
+                on_heartbeat.heartbeats.fetch_add(1, Ordering::SeqCst);
+                StatusCode::from_u16(heartbeat).unwrap()
+            }),
+        )
+        .fallback(move |uri: axum::http::Uri| async move {
+            if uri.path().ends_with("/Pull") {
+                on_other.pulls.fetch_add(1, Ordering::SeqCst);
+            }
+            StatusCode::NOT_FOUND
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_registration_answered_500_goes_on_to_heartbeat_and_a_200_confirms_it() {
+    let (url, calls) = plane_refusing_registration(200).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 1, &agents);
+    eventually(Duration::from_secs(30), "the lease stream to be opened", || {
+        (calls.pulls.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    assert_eq!(calls.registrations.load(Ordering::SeqCst), 1, "registered once, never again");
+    assert!(calls.heartbeats.load(Ordering::SeqCst) >= 1);
+    assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 1, "confirmed by the heartbeat");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_answered_500_then_a_heartbeat_404_registers_again_with_backoff_and_never_pulls() {
+    let (url, calls) = plane_refusing_registration(404).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 1, &agents);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (registrations, heartbeats) = (
+        calls.registrations.load(Ordering::SeqCst),
+        calls.heartbeats.load(Ordering::SeqCst),
+    );
+    assert!(heartbeats >= 1, "a 500 is followed by a heartbeat: {registrations} registrations, {heartbeats} heartbeats");
+    assert!(registrations >= 2, "a 404 goes back to registering: {registrations}");
+    // Backoff from 0.5 s, doubling: a handful in 3 s, not a hot loop.
+    assert!(registrations <= 8, "{registrations} registrations in 3 s");
+    assert!(heartbeats <= registrations, "{heartbeats} heartbeats, {registrations} registrations");
+    assert_eq!(calls.pulls.load(Ordering::SeqCst), 0, "never registered, never pulled");
+    assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 0);
+    node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

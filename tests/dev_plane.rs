@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use node_runtime::dev_plane::{DevPlane, PlaneOptions, RunStatus};
+use node_runtime::dev_plane::{DevPlane, PlaneOptions, Reregistration, RunStatus};
 use node_runtime::proto::lease_service_client::LeaseServiceClient;
 use node_runtime::proto::{
     AckRequest, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest, TimingInfo,
@@ -245,6 +245,28 @@ async fn registering_an_existing_id_replaces_the_node() {
     let nodes: Value = h.get("/v1/nodes").await.json().await.unwrap();
     assert_eq!(nodes.as_array().unwrap().len(), 1);
     assert_eq!(nodes[0]["capacity"]["slots"], 6);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plane_like_the_postgres_reference_answers_500_to_a_known_node_id() {
+    let h = start(PlaneOptions {
+        reregistration: Reregistration::DuplicateKey,
+        ..options()
+    })
+    .await;
+    h.register("node-a", 2).await;
+    let body = json!({"nodeId": "node-a", "capacity": {"slots": 6}});
+    let again = h.post("/v1/nodes:register", body).await;
+    assert_eq!(again.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let error: Value = again.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap_or_default().contains("duplicate key"),
+        "{error}"
+    );
+    // The plane still knows the node, as it was: a heartbeat is answered.
+    assert_eq!(h.heartbeat("node-a", "active", 2).await.status(), StatusCode::OK);
+    assert_eq!(h.plane.nodes()[0].capacity.slots, 2);
     h.plane.shutdown().await;
 }
 
@@ -918,6 +940,7 @@ async fn unknown_paths_are_404_and_post_to_a_node_without_an_action_is_405() {
     let bad = h
         .http
         .post(format!("{}/v1/runs", h.url))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
@@ -929,4 +952,267 @@ async fn unknown_paths_are_404_and_post_to_a_node_without_an_action_is_405() {
         "{error}"
     );
     h.plane.shutdown().await;
+}
+
+// ---- safe on a laptop: JSON only, the Host check, failed saves -------------
+
+/// Sends `request` (a whole HTTP/1.1 request, `{addr}` replaced by the
+/// plane's address) on a fresh connection; returns the status and body.
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = request.replace("{addr}", &addr.to_string()).replace("{port}", &addr.port().to_string());
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("the plane answers and closes")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string();
+    (status, body)
+}
+
+/// A one-shot `GET path` with this `Host` header.
+fn get_with_host(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+}
+
+#[tokio::test]
+async fn a_post_without_a_json_content_type_is_415_and_names_the_header_to_send() {
+    let h = start(options()).await;
+    let run = r#"{"agentId": "echo", "version": "1", "inputRef": {"message": "from a web page"}}"#;
+    let register = r#"{"nodeId": "node-a", "capacity": {"slots": 1}}"#;
+    let heartbeat = r#"{"status": {"state": "active", "activeRuns": 0, "availableSlots": 1}}"#;
+    // What a web page can send without a CORS preflight, and no type at all.
+    for content_type in [
+        Some("text/plain"),
+        Some("text/plain;charset=UTF-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonp"),
+        None,
+    ] {
+        for (path, body) in [
+            ("/v1/runs", run),
+            ("/v1/nodes:register", register),
+            ("/v1/nodes/node-a:heartbeat", heartbeat),
+        ] {
+            let mut request = h.http.post(format!("{}{path}", h.url)).body(body);
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "POST {path} with {content_type:?}"
+            );
+            let error: Value = response.json().await.unwrap();
+            let message = error["error"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "names the header to send: {error}"
+            );
+        }
+    }
+    assert!(h.plane.runs().is_empty(), "no run was created");
+    assert!(h.plane.nodes().is_empty(), "no node was registered");
+
+    // Parameters and any case are fine.
+    for content_type in ["application/json; charset=utf-8", "Application/JSON"] {
+        let response = h
+            .http
+            .post(format!("{}/v1/runs", h.url))
+            .header("content-type", content_type)
+            .body(run)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{content_type}");
+    }
+    assert_eq!(h.plane.runs().len(), 2);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_for_another_host_name_is_refused_so_dns_rebinding_reads_nothing() {
+    let h = start(options()).await;
+    h.submit_message("secret input").await;
+
+    // A page on attacker.example whose name now resolves to 127.0.0.1.
+    for host in ["attacker.example:{port}", "attacker.example", "localhost.attacker.example:{port}", "127.0.0.1.nip.io:{port}"] {
+        let (status, body) = raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", host)).await;
+        assert_eq!(status, 421, "Host {host}: {body}");
+        assert!(!body.contains("secret input"), "{body}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(message.contains("attacker.example") || message.contains("nip.io"), "names the host: {message}");
+        assert!(message.contains("--allow-host"), "names the fix: {message}");
+    }
+    let run = r#"{"agentId": "echo", "version": "1"}"#;
+    let post = format!(
+        "POST /v1/runs HTTP/1.1\r\nHost: attacker.example:{{port}}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{run}",
+        run.len()
+    );
+    assert_eq!(raw_http(h.plane.local_addr(), &post).await.0, 421);
+    assert_eq!(h.plane.runs().len(), 1, "the refused POST created nothing");
+    // The right name with another port is someone else's address too, and
+    // a request must name a host.
+    assert_eq!(raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", "localhost:1")).await.0, 421);
+    let (status, _) = raw_http(h.plane.local_addr(), "GET /v1/runs HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 421, "no Host");
+
+    // The loopback plane's own names, as curl and browsers send them.
+    for host in ["127.0.0.1:{port}", "localhost:{port}", "LocalHost:{port}", "localhost.:{port}", "[::1]:{port}"] {
+        let (status, body) = raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", host)).await;
+        assert_eq!(status, 200, "Host {host}: {body}");
+        assert!(body.contains("secret input"), "{body}");
+    }
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_is_served_through_localhost_and_127_0_0_1_and_refused_for_another_authority() {
+    let h = start(options()).await;
+    h.register("node-a", 1).await;
+    let port = h.plane.local_addr().port();
+    let ack = AckRequest {
+        lease_id: "lease-unknown".to_string(),
+        node_id: "node-a".to_string(),
+        ack_timestamp_unix_ms: 1,
+    };
+    for url in [format!("http://localhost:{port}"), format!("http://127.0.0.1:{port}")] {
+        let channel = Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
+        let answer = LeaseServiceClient::new(channel).ack(ack.clone()).await;
+        let answer = answer.unwrap_or_else(|status| panic!("{url}: {status:?}")).into_inner();
+        assert!(!answer.success, "served (an unknown lease): {answer:?}");
+    }
+    let rebound = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .origin(format!("http://attacker.example:{port}").parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let refused = LeaseServiceClient::new(rebound).ack(ack).await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("attacker.example"), "{refused:?}");
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    })
+    .await;
+    h.register("node-a", 4).await;
+    let kept = h.submit_message("saved").await;
+
+    // The runs file's path becomes a directory: every save fails, even
+    // for root, whom permission bits would not stop.
+    let runs_file = dir.path().join("runs.json");
+    std::fs::remove_file(&runs_file).unwrap();
+    std::fs::create_dir(&runs_file).unwrap();
+    std::fs::write(runs_file.join("keep"), "x").unwrap();
+
+    let response = h
+        .post("/v1/runs", json!({"agentId": "echo", "version": "1", "inputRef": {"message": "lost"}}))
+        .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error: Value = response.json().await.unwrap();
+    let message = error["error"].as_str().unwrap_or_default();
+    assert!(message.contains(&runs_file.display().to_string()), "names the file: {message}");
+    assert!(message.contains("writable"), "names the fix: {message}");
+    let runs: Value = h.get("/v1/runs").await.json().await.unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "the refused run is not kept: {runs}");
+    assert_eq!(h.plane.runs().len(), 1);
+
+    // A lease that cannot be saved is not handed out either.
+    let mut client = h.grpc().await;
+    let request = PullRequest {
+        node_id: "node-a".to_string(),
+        max_leases: 4,
+    };
+    let pulled = tokio::time::timeout(WAIT, client.pull(request.clone()))
+        .await
+        .expect("answered at once");
+    assert_eq!(pulled.err().map(|status| status.code()), Some(tonic::Code::Unavailable));
+    assert_eq!(h.plane.run(&kept).unwrap().status, RunStatus::Pending);
+
+    // Fixed: the plane goes on where it was, without the refused run.
+    std::fs::remove_dir_all(&runs_file).unwrap();
+    let later = h.submit_message("after the fix").await;
+    let mut stream = pull(&mut client, "node-a", 4).await;
+    let leased = [next_lease(&mut stream).await.run_id, next_lease(&mut stream).await.run_id];
+    assert_eq!(leased, [kept.clone(), later.clone()]);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&runs_file).unwrap()).unwrap();
+    let saved_ids: Vec<&str> = saved["runs"].as_array().unwrap().iter().map(|run| run["runId"].as_str().unwrap()).collect();
+    assert_eq!(saved_ids, [kept.as_str(), later.as_str()]);
+    drop(stream);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn dev_refuses_to_listen_beyond_loopback_without_tls_unless_told_and_then_warns() {
+    let binary = env!("CARGO_BIN_EXE_node-runtime");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(binary)
+            .args(["dev", "--plane-only", "--listen", "0.0.0.0:0"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("refused at once")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    for named in ["--listen 0.0.0.0:0", "--tls-dir", "--insecure-listen"] {
+        assert!(stderr.contains(named), "names {named}: {stderr}");
+    }
+
+    // Told: it serves, says loudly what that means, and a name still
+    // needs allowing (IP addresses are any of the machine's).
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dev.log");
+    let _dev = tokio::process::Command::new(binary)
+        .args(["dev", "--plane-only", "--listen", "0.0.0.0:0", "--insecure-listen"])
+        .args(["--allow-host", "devbox.example"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let url = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(url) = text
+            .lines()
+            .find_map(|line| line.strip_prefix("dev control plane listening on "))
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            break url.to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no URL announced: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("WARNING: --insecure-listen"), "{text}");
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    for (host, status) in [
+        ("devbox.example:{port}", 200),
+        ("192.0.2.7:{port}", 200),
+        ("localhost:{port}", 200),
+        ("attacker.example:{port}", 421),
+    ] {
+        assert_eq!(raw_http(addr, &get_with_host("/v1/runs", host)).await.0, status, "Host {host}");
+    }
 }

@@ -1,7 +1,9 @@
 //! Restart safety and the durable outbox: reports survive the outbox being
 //! closed and reopened, a node SIGKILLed with undelivered outcomes sends
 //! them after it starts again, a lease redelivered after a restart does not
-//! run again, and the age bound drops what the control plane re-leased.
+//! run again, the age bound drops what the control plane re-leased, and a
+//! restarted node works again against a plane that answers its
+//! re-registration with 500, as the Postgres-backed reference does.
 
 mod support;
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use node_runtime::agent_store::AgentStore;
 use node_runtime::control_plane::Capacity;
+use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, Reregistration, RunStatus};
 use node_runtime::outbox::{Outbox, OutboxError, OutboxLimits, now_unix_ms};
 use node_runtime::proto::{CompleteRequest, FailRequest};
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
@@ -450,3 +453,58 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
 }
 
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_works_again_against_a_plane_that_answers_500_to_its_re_registration() {
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        reregistration: Reregistration::DuplicateKey,
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let echo = |message: &str| NewRun {
+        agent_id: "echo".to_string(),
+        version: "1.0.0".to_string(),
+        input_ref: BTreeMap::from([("message".to_string(), message.to_string())]),
+        metadata: BTreeMap::new(),
+        budgets: Budgets::default(),
+    };
+    let completed = |run_id: &str| {
+        plane
+            .run(run_id)
+            .filter(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+    };
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let mut node = spawn_node_process(&plane.url(), agents.path(), data.path());
+    let first = plane.submit(echo("before the restart")).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(60), "the first run", || completed(&first)).await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+
+    // SIGTERM: the node drains, says so, and exits; the plane keeps it.
+    let pid = node.id().expect("the node runs").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    tokio::time::timeout(Duration::from_secs(30), node.wait())
+        .await
+        .expect("the node exits after SIGTERM")
+        .unwrap();
+    assert_eq!(plane.nodes()[0].status.state, "draining");
+
+    // Started again with the same id, its registration is answered 500
+    // (duplicate key) for as long as the plane lives; a heartbeat still
+    // finds it known, so it goes back to work.
+    let _node = spawn_node_process(&plane.url(), agents.path(), data.path());
+    let second = plane.submit(echo("after the restart")).await.unwrap().run_id;
+    let run = eventually(Duration::from_secs(60), "the run submitted after the restart", || {
+        completed(&second)
+    })
+    .await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+    assert_eq!(run.node_id.as_deref(), Some("killed-node"));
+    let nodes = plane.nodes();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].status.state, "active", "its heartbeat says it is back: {nodes:?}");
+    plane.shutdown().await;
+}

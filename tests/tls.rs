@@ -3,7 +3,8 @@
 //! certificates made in the test: the good path over REST and gRPC, each
 //! way a handshake is refused (with the log line that names the cause, and
 //! no run executed), bad certificate files at start-up, client certificate
-//! rotation while the node runs, and secrets that never leak.
+//! rotation while the node runs, secrets that never leak, and `dev
+//! --tls-dir`, whose plane binds each node id to its certificate's CN.
 
 #[path = "support/certs.rs"]
 mod certs;
@@ -801,10 +802,138 @@ async fn dev_plane_only_with_a_tls_dir_serves_a_node_configured_with_its_files()
         ),
         serde_json::json!({}),
     );
-    let _node = start_node(dir.path(), &config, &[]);
+    // The plane binds node ids to certificates: node-cert.pem is dev-node-1's.
+    let _node = start_node(dir.path(), &config, &[("NodeRuntime__NodeId", "dev-node-1")]);
     let run = echo_through(&url, &tls_dir_client(&url, &tls_dir)).await;
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["nodeId"], "tls-node", "{run}");
+    assert_eq!(run["nodeId"], "dev-node-1", "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_a_tls_dir_binds_each_node_id_to_its_certificate_cn() {
+    use node_runtime::control_plane::{ControlPlaneTls, LeaseClient, LeaseClientError};
+    use node_runtime::dev_plane::tls_dir::DevCertificates;
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    let (_dev, url) = start_dev(
+        dir.path(),
+        &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()],
+    )
+    .await;
+    let client = tls_dir_client(&url, &tls_dir);
+    let register = |node_id: &'static str| {
+        client
+            .post(format!("{url}/v1/nodes:register"))
+            .json(&serde_json::json!({"nodeId": node_id, "capacity": {"slots": 1}}))
+            .send()
+    };
+    let heartbeat = |node_id: &'static str| {
+        client
+            .post(format!("{url}/v1/nodes/{node_id}:heartbeat"))
+            .json(&serde_json::json!({"status": {"state": "active", "activeRuns": 0, "availableSlots": 1}}))
+            .send()
+    };
+
+    // node-cert.pem's CN is the embedded node's id: that id, and only it.
+    assert_eq!(register("dev-node-1").await.unwrap().status(), 201);
+    assert_eq!(heartbeat("dev-node-1").await.unwrap().status(), 200);
+    let refused = register("other-node").await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    let message = error["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("\"other-node\"") && message.contains("CN \"dev-node-1\""),
+        "names both: {message}"
+    );
+    assert_eq!(heartbeat("other-node").await.unwrap().status(), 403);
+
+    // gRPC alike, for every call that names a node.
+    let certificates = DevCertificates {
+        dir: tls_dir.clone(),
+        generated: Vec::new(),
+    };
+    let tls = ControlPlaneTls::configure(&url, &certificates.node_tls_options()).unwrap();
+    let leases = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls).unwrap();
+    let ack = |node_id: &str| node_runtime::proto::AckRequest {
+        lease_id: "lease-unknown".to_string(),
+        node_id: node_id.to_string(),
+        ack_timestamp_unix_ms: 1,
+    };
+    let (success, _) = leases.ack(ack("dev-node-1")).await.expect("its own id is served");
+    assert!(!success, "an unknown lease");
+    let denied = |result: Result<_, LeaseClientError>, call: &str| match result {
+        Err(LeaseClientError::Call { status, .. }) => {
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{call}: {status:?}");
+            assert!(status.message().contains("other-node"), "{call}: {status:?}");
+        }
+        Err(other) => panic!("{call}: {other}"),
+        Ok(_) => panic!("{call} as another node was accepted"),
+    };
+    denied(leases.ack(ack("other-node")).await.map(|_| ()), "Ack");
+    denied(
+        leases
+            .complete(node_runtime::proto::CompleteRequest {
+                lease_id: "lease-unknown".to_string(),
+                run_id: "run".to_string(),
+                node_id: "other-node".to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "Complete",
+    );
+    denied(
+        leases
+            .fail(node_runtime::proto::FailRequest {
+                lease_id: "lease-unknown".to_string(),
+                run_id: "run".to_string(),
+                node_id: "other-node".to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "Fail",
+    );
+    denied(
+        tokio::time::timeout(Duration::from_secs(10), leases.pull("other-node", 1))
+            .await
+            .expect("refused at once")
+            .map(|_| ()),
+        "Pull",
+    );
+
+    // A node configured with another id is refused, and its log says why.
+    let config = write_config(
+        dir.path(),
+        &url,
+        Path::new("agents"),
+        mtls(
+            &tls_dir.join("ca-cert.pem"),
+            &tls_dir.join("node-cert.pem"),
+            &tls_dir.join("node-key.pem"),
+        ),
+        serde_json::json!({}),
+    );
+    let node = start_node(dir.path(), &config, &[]);
+    let line = node
+        .wait_for_log("does not match this connection's client certificate")
+        .await;
+    assert!(line.contains("tls-node") && line.contains("403"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_a_tls_dir_holding_its_own_node_certificate_runs_its_node_under_that_cn() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("certs");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let ca = TestCa::new("team CA");
+    ca.write(&tls_dir, "ca-cert.pem");
+    ca.server("control-plane").write(&tls_dir, "server");
+    ca.client("laptop-node").write(&tls_dir, "node");
+    let (_dev, url) = start_dev(dir.path(), &["--tls-dir", tls_dir.to_str().unwrap()]).await;
+    let run = echo_through(&url, &tls_dir_client(&url, &tls_dir)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["nodeId"], "laptop-node", "{run}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

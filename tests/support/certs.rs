@@ -176,5 +176,7 @@ pub fn plane_tls(server: &Leaf, client_ca: &TestCa, allowed_subjects: &[&str]) -
         private_key: Arc::new(PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap()),
         client_ca: Some(vec![client_ca.der()]),
         allowed_subjects: allowed_subjects.iter().map(|s| s.to_string()).collect(),
+        // Like the reference: any certificate from the CA may use any node id.
+        bind_node_ids: false,
     }
 }

@@ -1,6 +1,11 @@
 //! `node-runtime dev`: a development control plane and one node in one
 //! process, so anyone can submit runs over HTTP and watch them complete
 //! without installing anything else.
+//!
+//! The plane has no authentication of its own, so it stays on loopback
+//! unless it requires client certificates (`--tls-dir`) or the developer
+//! says `--insecure-listen`; see `dev_plane::access` for what keeps web
+//! pages out.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,18 +20,41 @@ use super::{CommandError, Exit};
 use crate::agent_store::AgentStore;
 use crate::control_plane::{Capacity, ControlPlaneTls};
 use crate::config::Secret;
-use crate::dev_plane::{DevPlane, PlaneOptions, stubs, tls_dir};
+use crate::dev_plane::tls_dir::DevCertificates;
+use crate::dev_plane::{AllowedHost, DevPlane, PlaneOptions, Reregistration, stubs, tls_dir};
 use crate::outbox::Outbox;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
 use crate::telemetry::{AdminServer, LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::worker::{NodeHandle, NodeSettings};
 
+/// The embedded node's id without `--tls-dir` (and the CN of the node
+/// certificate generated with it).
+const EMBEDDED_NODE_ID: &str = tls_dir::NODE_SUBJECT;
+
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Where the control plane listens, for REST and gRPC alike.
+    /// Where the control plane listens, for REST and gRPC alike. An
+    /// address beyond loopback needs --tls-dir (or --insecure-listen).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5109")]
     pub listen: SocketAddr,
+
+    /// Listen beyond loopback without --tls-dir: anyone who can reach the
+    /// address may then submit runs and read every run's input and result.
+    #[arg(long)]
+    pub insecure_listen: bool,
+
+    /// A host name requests may name (the Host header) besides the listen
+    /// address's own; without :PORT, any port (repeatable). For reaching
+    /// the plane by a name, e.g. through a proxy or from another machine.
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    pub allow_hosts: Vec<AllowedHost>,
+
+    /// Answer a registration for a node id the plane already knows with
+    /// 500 and a duplicate-key error, as the reference's Postgres-backed
+    /// control plane does, to test nodes against it.
+    #[arg(long)]
+    pub reregistration_answers_500: bool,
 
     /// Keep the plane's runs (and the node's state) here across restarts;
     /// without it, everything is forgotten at exit.
@@ -105,25 +133,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     if args.slots == 0 {
         return Err(CommandError::usage("--slots must be at least 1"));
     }
-    // The demo's table is its output; its logs would only bury it.
-    let telemetry = Telemetry::init(TelemetrySettings {
-        log_format: args.log_format,
-        log_filter: if args.demo { "warn" } else { "info" }.to_string(),
-        console_spans: false,
-        otlp: None,
-        resource: ResourceIdentity {
-            node_id: "dev-node-1".to_string(),
-            region: Some("local".to_string()),
-            environment: Some("dev".to_string()),
-        },
-    })
-    .map_err(|err| CommandError::usage(err.to_string()))?;
-    let result = run_with(args, &telemetry).await;
-    telemetry.shutdown().await;
-    result
-}
-
-async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandError> {
+    check_listen(&args)?;
     let certificates = match &args.tls_dir {
         Some(dir) => {
             let certificates = tls_dir::prepare(dir).map_err(|err| CommandError::usage(err.to_string()))?;
@@ -134,6 +144,58 @@ async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandE
         }
         None => None,
     };
+    // The plane binds node ids to certificates: the embedded node is who
+    // its certificate says.
+    let node_id = match &certificates {
+        Some(certificates) => certificates.node_subject().map_err(|err| CommandError::usage(err.to_string()))?,
+        None => EMBEDDED_NODE_ID.to_string(),
+    };
+    // The demo's table is its output; its logs would only bury it.
+    let telemetry = Telemetry::init(TelemetrySettings {
+        log_format: args.log_format,
+        log_filter: if args.demo { "warn" } else { "info" }.to_string(),
+        console_spans: false,
+        otlp: None,
+        resource: ResourceIdentity {
+            node_id: node_id.clone(),
+            region: Some("local".to_string()),
+            environment: Some("dev".to_string()),
+        },
+    })
+    .map_err(|err| CommandError::usage(err.to_string()))?;
+    let result = run_with(args, certificates, node_id, &telemetry).await;
+    telemetry.shutdown().await;
+    result
+}
+
+/// Refuses to serve beyond loopback without client certificates, unless
+/// told `--insecure-listen`; then says loudly what that means.
+fn check_listen(args: &DevArgs) -> Result<(), CommandError> {
+    if args.listen.ip().is_loopback() || args.tls_dir.is_some() {
+        return Ok(());
+    }
+    let risk = "anyone who can reach it can submit runs (spending the LLM key) and read every run's input and result";
+    if !args.insecure_listen {
+        return Err(CommandError::usage(format!(
+            "--listen {} is beyond loopback, and the dev plane has no authentication of its own: {risk}. \
+             Serve it with --tls-dir DIR (client certificates required), keep --listen on 127.0.0.1, \
+             or pass --insecure-listen to accept the risk",
+            args.listen
+        )));
+    }
+    eprintln!(
+        "WARNING: --insecure-listen: the dev plane listens on {} without TLS or authentication; {risk}",
+        args.listen
+    );
+    Ok(())
+}
+
+async fn run_with(
+    args: DevArgs,
+    certificates: Option<DevCertificates>,
+    node_id: String,
+    telemetry: &Telemetry,
+) -> Result<Exit, CommandError> {
     let plane_tls = match &certificates {
         Some(certificates) => Some(
             certificates
@@ -147,6 +209,12 @@ async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandE
         data_dir: args.data_dir.as_ref().map(|dir| dir.join("plane")),
         lease_ttl: args.lease_ttl,
         tls: plane_tls,
+        allowed_hosts: args.allow_hosts.clone(),
+        reregistration: if args.reregistration_answers_500 {
+            Reregistration::DuplicateKey
+        } else {
+            Reregistration::Replace
+        },
         ..PlaneOptions::default()
     })
     .await
@@ -174,12 +242,16 @@ async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandE
 
     if args.plane_only {
         match &certificates {
+            // The plane binds node ids to certificates: a node presenting
+            // node-cert.pem must use its CN as its id.
             Some(c) => eprintln!(
-                "plane only: start nodes with NodeRuntime__ControlPlaneUrl={url} MTls__Enabled=true \\\n  \
-                 MTls__ClientCertificatePath={} MTls__ClientKeyPath={} MTls__ServerCaCertificatePath={}",
+                "plane only: start nodes with NodeRuntime__ControlPlaneUrl={url} NodeRuntime__NodeId={node_id} \\\n  \
+                 MTls__Enabled=true MTls__ClientCertificatePath={} MTls__ClientKeyPath={} MTls__ServerCaCertificatePath={}\n\
+                 (a node's id must be its client certificate's CN: issue each further node its own from {})",
                 c.path(tls_dir::NODE_CERT).display(),
                 c.path(tls_dir::NODE_KEY).display(),
-                c.path(tls_dir::CA_CERT).display()
+                c.path(tls_dir::CA_CERT).display(),
+                c.path(tls_dir::CA_KEY).display()
             ),
             None => eprintln!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}"),
         }
@@ -281,7 +353,7 @@ async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandE
     let outbox = Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     let node = NodeHandle::start_with(
         NodeSettings {
-            node_id: "dev-node-1".to_string(),
+            node_id: node_id.clone(),
             control_plane_url: url.clone(),
             slots: args.slots,
             max_leases: args.slots,
@@ -324,7 +396,7 @@ async fn run_with(args: DevArgs, telemetry: &Telemetry) -> Result<Exit, CommandE
         eprintln!("the target API received {} classified invoices", target.received());
         result
     } else {
-        eprintln!("node dev-node-1 joined with {} slots; agents: {}", args.slots, offered.join(", "));
+        eprintln!("node {node_id} joined with {} slots; agents: {}", args.slots, offered.join(", "));
         eprintln!(
             "submit a run:\n  curl -s {curl_tls}-X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
              -d '{{\"agentId\": \"echo\", \"version\": \"1.0.0\", \"inputRef\": {{\"message\": \"{{\\\"invoice\\\": 1}}\"}}}}'\n\

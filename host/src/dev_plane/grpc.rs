@@ -6,6 +6,9 @@
 //! for a bad PullRequest, every other refusal a `success=false` answer
 //! with gRPC OK, and no response headers on an idle Pull until its first
 //! lease (the node must be built for that, so the dev plane does it too).
+//! Beyond the reference: a node id the connection's client certificate
+//! does not carry is PERMISSION_DENIED when the plane binds them (see
+//! `access`), and a change that cannot be saved is UNAVAILABLE.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -16,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::access::NodeIds;
 use super::ledger::Ledger;
 use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, SandboxReadings, Timings};
 use super::wait_for_shutdown;
@@ -62,6 +66,7 @@ impl LeaseService for LeaseDesk {
     type PullStream = LeaseStream;
 
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<LeaseStream>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
         let PullRequest {
             node_id,
             max_leases,
@@ -69,6 +74,7 @@ impl LeaseService for LeaseDesk {
         if node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
+        may_act_as(&node_ids, &node_id)?;
         let Ok(max_leases @ 1..) = usize::try_from(max_leases) else {
             return Err(Status::invalid_argument(format!(
                 "max_leases must be positive, got {max_leases}"
@@ -101,9 +107,11 @@ impl LeaseService for LeaseDesk {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
         let AckRequest {
             lease_id, node_id, ..
         } = request.into_inner();
+        may_act_as(&node_ids, &node_id)?;
         let answer = self
             .ledger
             .write(|state, now| state.ack(&lease_id, &node_id, now))
@@ -118,7 +126,9 @@ impl LeaseService for LeaseDesk {
         &self,
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
         let request = request.into_inner();
+        may_act_as(&node_ids, &request.node_id)?;
         let run_id = request.run_id.clone();
         let report = Report {
             lease_id: request.lease_id,
@@ -142,7 +152,9 @@ impl LeaseService for LeaseDesk {
     }
 
     async fn fail(&self, request: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
         let request = request.into_inner();
+        may_act_as(&node_ids, &request.node_id)?;
         let (run_id, retryable) = (request.run_id.clone(), request.retryable);
         let report = Report {
             lease_id: request.lease_id,
@@ -284,6 +296,14 @@ fn verdict(
         Ok(()) => (true, accepted()),
         Err(refusal) => (false, refusal.to_string()),
     }
+}
+
+/// PERMISSION_DENIED for a node id the caller's certificate does not carry.
+fn may_act_as(node_ids: &NodeIds, node_id: &str) -> Result<(), Status> {
+    node_ids.check(node_id).map_err(|not_this_node| {
+        tracing::warn!(peer = ?not_this_node.peer, "dev control plane refused a request: {not_this_node}");
+        Status::permission_denied(not_this_node.to_string())
+    })
 }
 
 /// A failed save is the plane's fault, not the report's: UNAVAILABLE tells

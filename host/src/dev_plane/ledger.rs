@@ -4,8 +4,12 @@
 //! REST and gRPC handlers and the expiry task change state only through
 //! [`Ledger::write`], which applies the change, saves the runs if they
 //! changed (before the caller answers anyone), and wakes idle pullers
-//! when the change may give them work.
+//! when the change may give them work. A change that cannot be saved is
+//! undone, and the caller gets the error: what the plane holds in memory
+//! is always what is on disk, so a run the client was told failed is not
+//! leased either.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
@@ -19,6 +23,10 @@ pub struct Ledger {
     // longest serializes the runs for the store).
     state: std::sync::Mutex<PlaneState>,
     store: Option<Store>,
+    /// Held from applying a change until it is saved or undone, so no
+    /// other change (a lease of a just-submitted run, say) builds on one
+    /// that may yet be undone. Only with a store: in memory, nothing fails.
+    writing: Arc<tokio::sync::Mutex<()>>,
     work: Notify,
     pub lease_ttl: Duration,
 }
@@ -28,6 +36,7 @@ impl Ledger {
         Ledger {
             state: std::sync::Mutex::new(state),
             store,
+            writing: Arc::new(tokio::sync::Mutex::new(())),
             work: Notify::new(),
             lease_ttl,
         }
@@ -39,40 +48,84 @@ impl Ledger {
     }
 
     /// Changes the state at the current time, then saves the runs if they
-    /// changed. When this returns `Ok`, the change is on disk.
+    /// changed. When this returns `Ok`, the change is on disk; when it
+    /// returns the save's error, the change is undone.
     pub async fn write<R>(
-        &self,
+        self: &Arc<Self>,
         f: impl FnOnce(&mut PlaneState, SystemTime) -> R,
     ) -> Result<R, SaveError> {
-        let (answer, snapshot, wake) = {
+        if self.store.is_none() {
+            let (answer, wake) = {
+                let mut state = self.lock();
+                let answer = f(&mut state, SystemTime::now());
+                (answer, state.take_wake_pullers())
+            };
+            self.wake(wake);
+            return Ok(answer);
+        }
+        let writing = Arc::clone(&self.writing).lock_owned().await;
+        let (answer, snapshot) = {
             let mut state = self.lock();
             let before = state.revision();
+            state.begin();
             let answer = f(&mut state, SystemTime::now());
-            let changed = state.revision() != before;
-            let snapshot = (changed && self.store.is_some())
+            let snapshot = (state.revision() != before)
                 .then(|| Snapshot::of(state.revision(), state.runs()));
-            (answer, snapshot, state.take_wake_pullers())
+            if snapshot.is_none() {
+                state.commit();
+            }
+            (answer, snapshot)
         };
-        if let (Some(store), Some(snapshot)) = (&self.store, snapshot) {
-            store.save(snapshot).await?;
+        if let Some(snapshot) = snapshot {
+            // Saved and settled in a task of its own: a caller that goes
+            // away mid-save (a client hanging up) must not leave the
+            // change neither kept nor undone.
+            let ledger = Arc::clone(self);
+            let settled = tokio::spawn(async move {
+                let _writing = writing;
+                let saved = match &ledger.store {
+                    Some(store) => store.save(snapshot).await,
+                    None => Ok(()),
+                };
+                let mut state = ledger.lock();
+                match saved {
+                    Ok(()) => state.commit(),
+                    Err(_) => state.roll_back(),
+                }
+                saved
+            })
+            .await;
+            match settled {
+                Ok(saved) => saved?,
+                // The task panicked before settling: the change is in
+                // memory but maybe not on disk; the next save catches up.
+                Err(join) => {
+                    return Err(SaveError {
+                        path: self.store.as_ref().map(Store::path).unwrap_or_default(),
+                        source: std::io::Error::other(join),
+                    });
+                }
+            }
+        } else {
+            drop(writing);
         }
-        if wake {
-            self.work.notify_waiters();
-        }
+        let wake = self.lock().take_wake_pullers();
+        self.wake(wake);
         Ok(answer)
     }
 
     /// Saves the current runs (used at shutdown; normally a no-op since
     /// every change was saved when it happened).
     pub async fn flush(&self) -> Result<(), SaveError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let _writing = self.writing.lock().await;
         let snapshot = {
             let state = self.lock();
             Snapshot::of(state.revision(), state.runs())
         };
-        match &self.store {
-            Some(store) => store.save(snapshot).await,
-            None => Ok(()),
-        }
+        store.save(snapshot).await
     }
 
     /// A future that completes at the next wake-up for pullers. Create it
@@ -80,6 +133,12 @@ impl Ledger {
     /// poll and the wait is not missed.
     pub fn work_notified(&self) -> Notified<'_> {
         self.work.notified()
+    }
+
+    fn wake(&self, wake: bool) {
+        if wake {
+            self.work.notify_waiters();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PlaneState> {

@@ -9,12 +9,16 @@
 //! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
-//! - `ledger`: the state behind a lock, saved on every change.
+//! - `ledger`: the state behind a lock, saved on every change (a change
+//!   that cannot be saved is undone).
 //! - `store`: the runs file in the data dir.
+//! - `access`: who may use the plane: the Host check, JSON-only POSTs,
+//!   node ids bound to client certificates.
 //! - `rest`, `grpc`: the two front ends.
 //! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
 //!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
+mod access;
 mod grpc;
 mod ledger;
 mod rest;
@@ -34,12 +38,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::proto::lease_service_server::LeaseServiceServer;
+pub use access::AllowedHost;
 pub use state::{SandboxReadings, 
-    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Run, RunStatus, Timings,
+    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus,
+    Timings,
 };
 pub use store::{LoadError, SaveError};
 pub use tls::PlaneTls;
 
+use access::{Access, HostRule, Peer};
 use ledger::Ledger;
 use state::PlaneState;
 use store::Store;
@@ -61,6 +68,11 @@ pub struct PlaneOptions {
     pub idle_poll: Duration,
     /// Serve HTTPS and gRPC over TLS instead of cleartext.
     pub tls: Option<PlaneTls>,
+    /// Host names (or addresses) requests may name besides the listen
+    /// address's own (see `access`).
+    pub allowed_hosts: Vec<AllowedHost>,
+    /// How a registration for a node id the plane knows is answered.
+    pub reregistration: Reregistration,
 }
 
 impl Default for PlaneOptions {
@@ -72,6 +84,8 @@ impl Default for PlaneOptions {
             lease_ttl: Duration::from_secs(300),
             idle_poll: Duration::from_secs(2),
             tls: None,
+            allowed_hosts: Vec::new(),
+            reregistration: Reregistration::Replace,
         }
     }
 }
@@ -118,6 +132,7 @@ impl DevPlane {
             }
             None => (PlaneState::new(), None),
         };
+        let state = state.with_reregistration(options.reregistration);
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .map_err(|source| {
@@ -145,10 +160,22 @@ impl DevPlane {
         // The generated server is routed like tonic's own `Routes` does,
         // but without its gRPC "unimplemented" fallback, so an unknown REST
         // path still gets a plain 404.
-        let app = rest::router(Arc::clone(&ledger)).route_service(
-            "/lease.LeaseService/{*method}",
-            LeaseServiceServer::new(desk),
-        );
+        let client_certificates = options.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
+        let rules = Arc::new(Access {
+            // A browser has no client certificate to present: with them
+            // required, the Host check adds nothing.
+            hosts: (!client_certificates).then(|| {
+                HostRule::new(addr, options.tls.is_some(), options.allowed_hosts.clone())
+            }),
+            bind_node_ids: client_certificates
+                && options.tls.as_ref().is_some_and(|tls| tls.bind_node_ids),
+        });
+        let app = rest::router(Arc::clone(&ledger))
+            .route_service(
+                "/lease.LeaseService/{*method}",
+                LeaseServiceServer::new(desk),
+            )
+            .layer(axum::middleware::from_fn_with_state(rules, access::guard));
         let mut stop_serving = shutdown_rx.clone();
         let client_subjects = Arc::new(tls::ClientSubjects::default());
         let server = match &options.tls {
@@ -173,6 +200,8 @@ impl DevPlane {
                     shutdown_rx.clone(),
                 )
                 .map_err(|source| PlaneError::Listen { addr, source })?;
+                // Each request learns its connection's client certificate.
+                let app = app.into_make_service_with_connect_info::<Peer>();
                 tokio::spawn(async move {
                     axum::serve(listener, app)
                         .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })

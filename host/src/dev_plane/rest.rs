@@ -8,6 +8,11 @@
 //! an empty body; validation errors 400 with `{"error": "..."}`. Bodies are
 //! parsed by hand from a `serde_json::Value` because serde matches names
 //! case-sensitively.
+//!
+//! Beyond the reference (see `access`): a POST must say `Content-Type:
+//! application/json` (415 otherwise); a node id the connection's client
+//! certificate does not carry is 403, when the plane binds them; a change
+//! that cannot be saved is 503, and undone.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,15 +20,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::access::{self, NodeIds, NotThisNode};
 use super::ledger::Ledger;
-use super::state::{Budgets, Capacity, Invalid, NewRun, NodeStatus, Registration};
+use super::state::{Budgets, Capacity, Invalid, NewRun, NodeStatus, Registration, RegistrationRefused};
 use super::store::SaveError;
 
 pub fn router(ledger: Arc<Ledger>) -> Router {
@@ -42,31 +48,52 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         )
         .route("/v1/runs", post(submit_run).get(list_runs))
         .route("/v1/runs/{run_id}", get(get_run))
+        .route_layer(axum::middleware::from_fn(access::json_only))
         .with_state(ledger)
 }
 
 type Ledgered = State<Arc<Ledger>>;
 
-async fn register(State(ledger): Ledgered, body: Bytes) -> Response {
+async fn register(
+    State(ledger): Ledgered,
+    Extension(node_ids): Extension<NodeIds>,
+    body: Bytes,
+) -> Response {
     let registration = match parse_registration(&body) {
         Ok(registration) => registration,
         Err(bad) => return bad.into_response(),
     };
+    if let Err(not_this_node) = node_ids.check(&registration.node_id) {
+        return forbidden(not_this_node);
+    }
     match ledger
         .write(|state, now| state.register(registration, now))
         .await
     {
         Ok(Ok(node)) => created(&format!("/v1/nodes/{}", path_segment(&node.node_id)), &node),
-        Ok(Err(invalid)) => BadRequest::from(invalid).into_response(),
+        Ok(Err(RegistrationRefused::Invalid(invalid))) => BadRequest::from(invalid).into_response(),
+        Ok(Err(duplicate @ RegistrationRefused::DuplicateKey(_))) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": duplicate.to_string() })),
+        )
+            .into_response(),
         Err(save) => save_failed(save),
     }
 }
 
-async fn heartbeat(State(ledger): Ledgered, Path(target): Path<String>, body: Bytes) -> Response {
+async fn heartbeat(
+    State(ledger): Ledgered,
+    Extension(node_ids): Extension<NodeIds>,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Response {
     let Some(node_id) = target.strip_suffix(":heartbeat") else {
         // `POST /v1/nodes/{id}` is not a route of the reference either.
         return empty(StatusCode::METHOD_NOT_ALLOWED);
     };
+    if let Err(not_this_node) = node_ids.check(node_id) {
+        return forbidden(not_this_node);
+    }
     let status = match parse_heartbeat(&body) {
         Ok(status) => status,
         Err(bad) => return bad.into_response(),
@@ -147,9 +174,19 @@ fn empty(status: StatusCode) -> Response {
     status.into_response()
 }
 
+/// 503: the plane's disk failed, not the request; nothing was changed, so
+/// the same request may simply be sent again.
 fn save_failed(save: SaveError) -> Response {
-    let body = serde_json::json!({ "error": save.to_string() });
-    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+    let body = serde_json::json!({
+        "error": format!("{save}; the request was not carried out: send it again once the file can be written")
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+fn forbidden(not_this_node: NotThisNode) -> Response {
+    tracing::warn!(peer = ?not_this_node.peer, "dev control plane refused a request: {not_this_node}");
+    let body = serde_json::json!({ "error": not_this_node.to_string() });
+    (StatusCode::FORBIDDEN, Json(body)).into_response()
 }
 
 /// A 400 with `{"error": message}`.

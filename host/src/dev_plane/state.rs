@@ -5,7 +5,9 @@
 //! Pure logic: no I/O, no clock, no locks. Every method that depends on
 //! time takes `now`, so the unit tests below drive expiry without
 //! sleeping. The ledger wraps this in a lock and persists it; REST and
-//! gRPC only translate wire messages into these calls.
+//! gRPC only translate wire messages into these calls. A change the ledger
+//! could not save is undone here ([`PlaneState::begin`],
+//! [`PlaneState::roll_back`]), so memory never runs ahead of the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -220,6 +222,31 @@ pub enum Outcome {
     },
 }
 
+/// How the plane answers a registration for a node id it knows already.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reregistration {
+    /// Replace the node, as the reference's in-memory store does.
+    #[default]
+    Replace,
+    /// Refuse with a duplicate-key error, as the reference's Postgres
+    /// store does for as long as it lives (REST answers 500), so nodes can
+    /// be tested against that behaviour.
+    DuplicateKey,
+}
+
+/// Why a registration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationRefused {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// Postgres's words, as the reference's 500 carries them.
+    #[error(
+        "23505: duplicate key value violates unique constraint \"PK_Nodes\": Key (\"NodeId\")=({0}) already exists \
+         (this plane answers a re-registration as the reference's Postgres store does: --reregistration-answers-500)"
+    )]
+    DuplicateKey(String),
+}
+
 /// Why a registration or submission is rejected (REST answers 400 with
 /// this message, in the reference's wording).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,11 +305,32 @@ pub struct PlaneState {
     /// or re-queued, a node registered or turned schedulable. A poll
     /// itself never sets it, or a puller would keep waking itself.
     wake_pullers: bool,
+    reregistration: Reregistration,
+    /// While a change is being saved: how to undo it.
+    journal: Option<Journal>,
+}
+
+/// What runs looked like when [`PlaneState::begin`] was called, kept only
+/// as far as a change touched them. Nodes are not saved, so a failed save
+/// never needs to undo a node change.
+#[derive(Debug)]
+struct Journal {
+    revision: u64,
+    runs: usize,
+    finished: usize,
+    /// Each run the change modified, as it was before (the first copy wins).
+    before: HashMap<usize, Run>,
 }
 
 impl PlaneState {
     pub fn new() -> PlaneState {
         PlaneState::default()
+    }
+
+    /// The same state, answering re-registrations as `reregistration` says.
+    pub fn with_reregistration(mut self, reregistration: Reregistration) -> PlaneState {
+        self.reregistration = reregistration;
+        self
     }
 
     /// Rebuilds the state from saved runs. Assigned runs keep their lease
@@ -325,18 +373,82 @@ impl PlaneState {
         std::mem::take(&mut self.wake_pullers) && self.has_pending()
     }
 
+    // ---- undoing a change that could not be saved ----------------------
+
+    /// Starts recording how to undo the changes to runs that follow, until
+    /// [`commit`](Self::commit) or [`roll_back`](Self::roll_back).
+    pub fn begin(&mut self) {
+        self.journal = Some(Journal {
+            revision: self.revision,
+            runs: self.runs.len(),
+            finished: self.finished.len(),
+            before: HashMap::new(),
+        });
+    }
+
+    /// Keeps the changes since [`begin`](Self::begin).
+    pub fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Undoes every change to runs since [`begin`](Self::begin): runs
+    /// submitted since are forgotten, changed ones restored with their
+    /// place in the queue and the lease index.
+    pub fn roll_back(&mut self) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        for run in self.runs.drain(journal.runs..) {
+            self.index.remove(&run.run_id);
+        }
+        self.pending.split_off(&journal.runs);
+        self.leased.retain(|&(_, at)| at < journal.runs);
+        self.finished.truncate(journal.finished);
+        for (at, before) in journal.before {
+            self.pending.remove(&at);
+            if let Some(key) = lease_key(&self.runs[at], at) {
+                self.leased.remove(&key);
+            }
+            if before.status == RunStatus::Pending {
+                self.pending.insert(at);
+            }
+            if let Some(key) = lease_key(&before, at) {
+                self.leased.insert(key);
+            }
+            self.runs[at] = before;
+        }
+        self.revision = journal.revision;
+    }
+
+    /// Copies run `at` into the journal before its first change.
+    fn keep_for_undo(&mut self, at: usize) {
+        if let Some(journal) = &mut self.journal
+            && at < journal.runs
+        {
+            journal
+                .before
+                .entry(at)
+                .or_insert_with(|| self.runs[at].clone());
+        }
+    }
+
     // ---- nodes -------------------------------------------------------
 
-    /// Registers a node, replacing any node with the same id. A new node is
-    /// schedulable at once (active, every slot free), before its first
-    /// heartbeat.
+    /// Registers a node, replacing any node with the same id (unless told
+    /// to refuse that, see [`Reregistration`]). A new node is schedulable
+    /// at once (active, every slot free), before its first heartbeat.
     pub fn register(
         &mut self,
         registration: Registration,
         now: SystemTime,
-    ) -> Result<Node, Invalid> {
+    ) -> Result<Node, RegistrationRefused> {
         if registration.node_id.is_empty() {
-            return Err(Invalid::Required("NodeId"));
+            return Err(Invalid::Required("NodeId").into());
+        }
+        if self.reregistration == Reregistration::DuplicateKey
+            && self.nodes.contains_key(&registration.node_id)
+        {
+            return Err(RegistrationRefused::DuplicateKey(registration.node_id));
         }
         let node = Node {
             status: NodeStatus {
@@ -466,6 +578,7 @@ impl PlaneState {
         let mut grants = Vec::with_capacity(chosen.len());
         for at in chosen {
             self.pending.remove(&at);
+            self.keep_for_undo(at);
             let run = &mut self.runs[at];
             run.status = RunStatus::Assigned;
             run.node_id = Some(node_id.to_string());
@@ -498,8 +611,9 @@ impl PlaneState {
                 break;
             }
             self.leased.pop_first();
-            let run = &mut self.runs[at];
-            if run.status == RunStatus::Assigned {
+            if self.runs[at].status == RunStatus::Assigned {
+                self.keep_for_undo(at);
+                let run = &mut self.runs[at];
                 run.status = RunStatus::Pending;
                 run.node_id = None;
                 run.lease_deadline_unix_ms = None;
@@ -539,9 +653,9 @@ impl PlaneState {
             run_id_of_lease(lease_id).ok_or_else(|| Refusal::UnknownLease(lease_id.to_string()))?;
         self.expire_leases(now);
         let at = self.holder_check(lease_id, run_id, node_id)?;
-        let run = &mut self.runs[at];
-        if run.status == RunStatus::Assigned && run.acked_at.is_none() {
-            run.acked_at = Some(iso8601(now));
+        if self.runs[at].status == RunStatus::Assigned && self.runs[at].acked_at.is_none() {
+            self.keep_for_undo(at);
+            self.runs[at].acked_at = Some(iso8601(now));
             self.revision += 1;
         }
         Ok(())
@@ -564,6 +678,7 @@ impl PlaneState {
         }
         self.expire_leases(now);
         let at = self.holder_check(&report.lease_id, &report.run_id, &report.node_id)?;
+        self.keep_for_undo(at);
         let run = &mut self.runs[at];
         if run.outcomes > 0 && run.sandbox == report.sandbox && run.records(&report.outcome) {
             run.repeats += 1;
@@ -1115,6 +1230,68 @@ mod tests {
         assert!(!state.take_wake_pullers());
         state.expire_leases(at(1000));
         assert!(state.take_wake_pullers());
+    }
+
+    #[test]
+    fn a_rolled_back_change_leaves_the_state_as_it_was() {
+        let (mut state, ids) = with_node_and_runs(4, 2);
+        let first = grants(state.lease("node-1", 1, at(1), TTL)).remove(0);
+        let before = state.runs().to_vec();
+        let revision = state.revision();
+
+        // A submission: forgotten, not queued.
+        state.begin();
+        let lost = state.submit(new_run("lost"), at(2)).unwrap();
+        state.roll_back();
+        assert!(state.run(&lost.run_id).is_none());
+        assert_eq!(state.runs(), &before[..]);
+        assert_eq!(state.revision(), revision);
+
+        // A lease: the run is pending again, and leased next.
+        state.begin();
+        assert_eq!(grants(state.lease("node-1", 4, at(3), TTL)).len(), 1);
+        state.roll_back();
+        assert_eq!(state.runs(), &before[..]);
+
+        // A report and an expiry: the lease is current again and lapses
+        // on time.
+        state.begin();
+        state.report(completed(&first, "node-1"), at(4)).unwrap();
+        state.roll_back();
+        state.begin();
+        assert_eq!(state.expire_leases(at(1000)), 1);
+        state.roll_back();
+        assert_eq!(state.runs(), &before[..]);
+        assert!(state.finished_since(0).0.is_empty());
+
+        // What is left behaves as if nothing had happened.
+        let second = grants(state.lease("node-1", 4, at(5), TTL));
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].run.run_id, ids[1]);
+        state.report(completed(&first, "node-1"), at(6)).unwrap();
+        assert_eq!(state.finished_since(0).0, [(ids[0].clone(), RunStatus::Completed)]);
+        assert_eq!(state.expire_leases(at(301)), 0);
+        assert_eq!(state.expire_leases(at(305)), 1, "the second lease lapses on time");
+
+        // A committed change stays.
+        state.begin();
+        let kept = state.submit(new_run("kept"), at(7)).unwrap();
+        state.commit();
+        state.roll_back();
+        assert!(state.run(&kept.run_id).is_some());
+    }
+
+    #[test]
+    fn a_plane_like_the_postgres_reference_refuses_a_known_node_id() {
+        let mut state = PlaneState::new().with_reregistration(Reregistration::DuplicateKey);
+        state.register(registration("node-1", 2), at(0)).unwrap();
+        let refused = state.register(registration("node-1", 4), at(1)).unwrap_err();
+        assert_eq!(refused, RegistrationRefused::DuplicateKey("node-1".to_string()));
+        assert!(refused.to_string().contains("duplicate key"), "{refused}");
+        assert_eq!(state.node("node-1").unwrap().capacity.slots, 2, "the node is kept");
+        // Gone (deleted), it may register again.
+        state.remove_node("node-1");
+        state.register(registration("node-1", 4), at(2)).unwrap();
     }
 
     #[test]

@@ -18,9 +18,13 @@ use super::state::Run;
 const FILE_NAME: &str = "runs.json";
 const FORMAT: u32 = 1;
 
-/// Why the runs could not be saved; the message names the file.
+/// Why the runs could not be saved; the message names the file and what
+/// to check.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot save runs to {}: {source}", path.display())]
+#[error(
+    "cannot save runs to {}: {source}; check that it is a writable file in a writable directory with free space",
+    path.display()
+)]
 pub struct SaveError {
     pub path: PathBuf,
     #[source]
@@ -128,6 +132,11 @@ impl Store {
             written: tokio::sync::Mutex::new(0),
         };
         Ok((store, runs))
+    }
+
+    /// The runs file.
+    pub fn path(&self) -> PathBuf {
+        self.path.clone()
     }
 
     /// Writes the snapshot unless a newer one is on disk already; returns

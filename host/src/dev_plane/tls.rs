@@ -6,6 +6,8 @@
 //! refused client never holds up the others; every refusal is logged with
 //! the peer and the cause, and the CN of every accepted client certificate
 //! is recorded, so tests (and developers) can see who connected with what.
+//! Each connection is handed on with that CN ([`Peer`]), for the handlers
+//! that bind node ids to it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 
+use super::access::Peer;
 use super::wait_for_shutdown;
 use crate::control_plane::tls::common_name;
 
@@ -44,6 +47,11 @@ pub struct PlaneTls {
     /// When not empty (and `client_ca` is set), only client certificates
     /// whose CN is one of these.
     pub allowed_subjects: Vec<String>,
+    /// With `client_ca`: a request naming a node id (registration,
+    /// heartbeat, Pull, Ack, Complete, Fail) must come with a certificate
+    /// whose CN is that id. The reference does not check this; `dev
+    /// --tls-dir` does.
+    pub bind_node_ids: bool,
 }
 
 impl fmt::Debug for PlaneTls {
@@ -55,6 +63,7 @@ impl fmt::Debug for PlaneTls {
             )
             .field("client_certificates_required", &self.client_ca.is_some())
             .field("allowed_subjects", &self.allowed_subjects)
+            .field("bind_node_ids", &self.bind_node_ids)
             .finish_non_exhaustive()
     }
 }
@@ -187,7 +196,7 @@ impl ClientSubjects {
 
 /// Hands `axum::serve` connections whose TLS handshake succeeded.
 pub(super) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
     local: SocketAddr,
 }
 
@@ -223,17 +232,17 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            if let Some(subject) = stream
+                            let subject = stream
                                 .get_ref()
                                 .1
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
-                                .and_then(common_name)
-                            {
+                                .and_then(common_name);
+                            if let Some(subject) = &subject {
                                 tracing::debug!(%peer, %subject, "TLS client accepted");
-                                subjects.record(subject);
+                                subjects.record(subject.clone());
                             }
-                            let _ = ready_tx.send((stream, peer)).await;
+                            let _ = ready_tx.send((stream, Peer { addr: peer, subject })).await;
                         }
                         Ok(Err(err)) => {
                             tracing::warn!(%peer, cause = %refusal_cause(&err), "dev control plane refused a TLS connection");
@@ -251,7 +260,7 @@ impl TlsListener {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
@@ -263,7 +272,10 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Peer {
+            addr: self.local,
+            subject: None,
+        })
     }
 }
 

@@ -1,8 +1,13 @@
 //! The certificate files of `node-runtime dev --tls-dir DIR`, named as the
 //! reference's certificate script names them: `ca-cert.pem`, `ca-key.pem`,
 //! `server-cert.pem` (CN `control-plane`, SANs `localhost` and
-//! `127.0.0.1`), `server-key.pem`, `node-cert.pem` (CN `node-runtime`)
-//! and `node-key.pem`.
+//! `127.0.0.1`), `server-key.pem`, `node-cert.pem` and `node-key.pem`.
+//!
+//! The plane binds node ids to client certificates (a node's id must be
+//! its certificate's CN), so the generated node certificate's CN is the
+//! embedded node's id, `dev-node-1`, where the reference's script writes
+//! `node-runtime`; with a node certificate of its own in the directory,
+//! the embedded node takes that certificate's CN as its id.
 //!
 //! Files already in the directory are used as they are; a missing pair is
 //! generated (with rcgen), signed by the CA. A certificate without its key
@@ -20,7 +25,9 @@ use rcgen::{
 use thiserror::Error;
 
 use super::PlaneTls;
-use crate::control_plane::tls::{TlsError, TlsOptions, read_certificates, read_private_key};
+use crate::control_plane::tls::{
+    TlsError, TlsOptions, common_name, read_certificates, read_private_key,
+};
 
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -31,8 +38,8 @@ pub const NODE_KEY: &str = "node-key.pem";
 
 /// The server certificate's CN, which nodes may expect.
 pub const SERVER_SUBJECT: &str = "control-plane";
-/// The node certificate's CN.
-pub const NODE_SUBJECT: &str = "node-runtime";
+/// The generated node certificate's CN: the embedded node's id.
+pub const NODE_SUBJECT: &str = "dev-node-1";
 
 #[derive(Debug, Error)]
 pub enum TlsDirError {
@@ -58,6 +65,8 @@ pub enum TlsDirError {
     },
     #[error("--tls-dir: {0}")]
     Pem(#[from] TlsError),
+    #[error("--tls-dir: {} has no subject CN, and a node's id is its certificate's CN; issue one with a CN, or remove node-cert.pem and node-key.pem to have them generated", path.display())]
+    NoSubject { path: PathBuf },
 }
 
 /// The files in a prepared directory.
@@ -73,8 +82,21 @@ impl DevCertificates {
         self.dir.join(name)
     }
 
+    /// The CN of `node-cert.pem`: the id a node presenting it must use.
+    pub fn node_subject(&self) -> Result<String, TlsDirError> {
+        let chain = read_certificates("the node certificate", &self.path(NODE_CERT))?;
+        chain
+            .first()
+            .and_then(common_name)
+            .filter(|subject| !subject.is_empty())
+            .ok_or_else(|| TlsDirError::NoSubject {
+                path: self.path(NODE_CERT),
+            })
+    }
+
     /// The plane's side: its certificate, client certificates required
-    /// from the CA, and only `allowed_subjects` if any are given.
+    /// from the CA, and only `allowed_subjects` if any are given; node ids
+    /// bound to certificates.
     pub fn plane_tls(&self, allowed_subjects: Vec<String>) -> Result<PlaneTls, TlsDirError> {
         Ok(PlaneTls {
             certificate_chain: read_certificates(
@@ -87,6 +109,7 @@ impl DevCertificates {
                 &self.path(CA_CERT),
             )?),
             allowed_subjects,
+            bind_node_ids: true,
         })
     }
 
@@ -303,6 +326,7 @@ mod tests {
             crate::control_plane::tls::common_name(&node[0]).as_deref(),
             Some(NODE_SUBJECT)
         );
+        assert_eq!(first.node_subject().unwrap(), "dev-node-1");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(first.path(NODE_KEY))
             .unwrap()

@@ -2,6 +2,14 @@
 //! register with backoff until accepted; heartbeat right after, then every
 //! interval, never overlapping; register again on a 404; say `draining`
 //! with no free slots once stopping.
+//!
+//! A 5xx to a registration may mean "known already": the Postgres-backed
+//! reference answers 500 (duplicate key) to every registration of an id it
+//! has, for as long as it lives, the first one after this process restarts
+//! included. So a 5xx sends the node on to heartbeat, unconfirmed: it
+//! counts as registered (so it pulls, and delivers what its outbox holds)
+//! only once a heartbeat is answered; a 404 sends it back to registering,
+//! after a backoff delay, so the two never alternate in a hot loop.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,60 +18,97 @@ use std::time::Duration;
 use super::Node;
 use crate::control_plane::{Backoff, HeartbeatAnswer, NodeState, NodeStatus, Registration};
 
+/// How a registration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    /// 2xx: the control plane has this node.
+    Accepted,
+    /// 5xx: it may have it already; the next heartbeat says.
+    Unconfirmed,
+}
+
 pub(super) async fn run(node: Arc<Node>) {
+    // Shared by registration failures and by 5xx-then-404 rounds; reset
+    // once the control plane is known to have this node.
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        if !register(&node).await {
+        let Some(registered) = register(&node, &mut backoff).await else {
             return; // stopped before the control plane took us
+        };
+        if !heartbeat_until_forgotten(&node, registered, &mut backoff).await {
+            return;
         }
-        if heartbeat_until_forgotten(&node).await {
-            tracing::warn!("the control plane no longer knows this node (404 to a heartbeat); registering again");
-            node.registered.send_replace(false);
-            continue;
+        node.registered.send_replace(false);
+        match registered {
+            Registered::Accepted => {
+                tracing::warn!("the control plane no longer knows this node (404 to a heartbeat); registering again");
+            }
+            Registered::Unconfirmed => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    retry_in = ?delay,
+                    "the control plane does not know this node after all (its registration was answered \
+                     with a server error, then a heartbeat with 404); registering again"
+                );
+                tokio::select! {
+                    _ = node.stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
         }
-        return;
     }
 }
 
-/// Registers until accepted; false if stopped first.
-async fn register(node: &Node) -> bool {
+/// Registers until accepted, or until a 5xx says the control plane may
+/// have this node already; `None` if stopped first.
+async fn register(node: &Node, backoff: &mut Backoff) -> Option<Registered> {
     let settings = &node.settings;
     let registration = Registration {
         node_id: settings.node_id.clone(),
         metadata: settings.metadata.clone(),
         capacity: settings.capacity.clone(),
     };
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-    let registered_before = node.stats.registrations.load(Ordering::Relaxed) > 0;
     loop {
         match node.rest.register(&registration).await {
-            Ok(()) => break,
-            // A re-registration the server refuses with a 5xx may mean it
-            // still has us (the reference's Postgres store does that): go
-            // on, and a 404 heartbeat brings us back here.
-            Err(err) if registered_before && err.is_server_error() => {
-                tracing::warn!(error = %err, "re-registration refused with a server error; assuming the control plane still knows this node");
-                break;
+            Ok(()) => {
+                backoff.reset();
+                confirm(node, "registered with the control plane");
+                return Some(Registered::Accepted);
+            }
+            Err(err) if err.is_server_error() => {
+                tracing::warn!(
+                    error = %err,
+                    "registration answered with a server error; the control plane may know this node \
+                     already (the Postgres-backed reference answers 500 to a known id): heartbeating to find out"
+                );
+                return Some(Registered::Unconfirmed);
             }
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %err, retry_in = ?delay, attempt = backoff.attempts(), "registration failed");
                 tokio::select! {
-                    _ = node.stop.cancelled() => return false,
+                    _ = node.stop.cancelled() => return None,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
     }
+}
+
+/// The control plane has this node: the lease stream and the outbox's
+/// deliveries may start.
+fn confirm(node: &Node, what: &str) {
     node.stats.registrations.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(node_id = %settings.node_id, url = %settings.control_plane_url, "registered with the control plane");
+    tracing::info!(node_id = %node.settings.node_id, url = %node.settings.control_plane_url, "{what}");
     node.registered.send_replace(true);
-    true
 }
 
 /// Heartbeats until stopped (false) or until the control plane answers 404
-/// (true).
-async fn heartbeat_until_forgotten(node: &Node) -> bool {
+/// (true). After an unconfirmed registration, the first heartbeat answered
+/// confirms it.
+async fn heartbeat_until_forgotten(node: &Node, registered: Registered, backoff: &mut Backoff) -> bool {
     let interval = node.settings.heartbeat_interval;
+    let mut confirmed = registered == Registered::Accepted;
     loop {
         let status = NodeStatus {
             state: NodeState::Active,
@@ -71,7 +116,14 @@ async fn heartbeat_until_forgotten(node: &Node) -> bool {
             available_slots: node.available_slots(),
         };
         match node.rest.heartbeat(&node.settings.node_id, status).await {
-            Ok(HeartbeatAnswer::Accepted) => node.stats.heartbeat_answered.store(true, Ordering::SeqCst),
+            Ok(HeartbeatAnswer::Accepted) => {
+                node.stats.heartbeat_answered.store(true, Ordering::SeqCst);
+                if !confirmed {
+                    confirmed = true;
+                    backoff.reset();
+                    confirm(node, "the control plane knows this node already (a heartbeat was answered); going on as registered");
+                }
+            }
             Ok(HeartbeatAnswer::UnknownNode) => {
                 node.stats.heartbeat_answered.store(false, Ordering::SeqCst);
                 return true;
