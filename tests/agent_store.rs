@@ -274,21 +274,8 @@ async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behin
     assert!(message.contains("AgentStore.MaxDownloadBytes"), "{message}");
     node.shutdown().await;
 
-    let leftovers: Vec<_> = walk(cache.path());
+    let leftovers: Vec<_> = files_under(cache.path());
     assert!(leftovers.is_empty(), "no partial artifact on disk: {leftovers:?}");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 fn cached_sandbox(cache: &Path) -> Sandbox {
@@ -633,5 +620,5 @@ async fn a_redirect_from_the_http_source_is_not_followed() {
     assert!(message.contains(&elsewhere), "names the Location: {message}");
     assert!(message.contains("AgentStore.HttpUrlTemplate"), "says the fix: {message}");
     assert_eq!(artifacts.requests_for("moved/echo.wasm"), 0, "the redirect was not followed");
-    assert!(walk(&data.path().join("agents")).is_empty(), "nothing downloaded");
+    assert!(files_under(&data.path().join("agents")).is_empty(), "nothing downloaded");
 }

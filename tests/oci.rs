@@ -101,6 +101,44 @@ async fn push_then_pull_gives_back_the_same_bytes_and_prints_the_pin() {
     assert!(text(&bad).contains("REGISTRY/REPOSITORY:TAG"), "{}", text(&bad));
 }
 
+/// A dev plane and a `serve` node whose only agent source is `registry`
+/// (plain HTTP), with an empty agents directory; the node is killed when
+/// this is dropped.
+struct OciNode {
+    plane: DevPlane,
+    data: tempfile::TempDir,
+    _agents: tempfile::TempDir,
+    _node: tokio::process::Child,
+}
+
+async fn start_oci_node(registry: &Registry, node_id: &str) -> OciNode {
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(100),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let agents = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let template = format!("{}/agents/{{agent_id}}:{{version}}", registry.address);
+    let node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", node_id)
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("AgentStore__Sources", "oci")
+        .env("AgentStore__OciReferenceTemplate", &template)
+        .env("AgentStore__OciInsecure", "true")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    OciNode { plane, data, _agents: agents, _node: node }
+}
+
 fn run_of(agent: &str, version: &str, digest: Option<&str>) -> NewRun {
     NewRun {
         agent_id: agent.to_string(),
@@ -129,30 +167,7 @@ async fn a_node_with_only_the_oci_source_runs_what_was_pushed_and_honours_the_pi
     let pushed = node_runtime(&["push", echo.to_str().unwrap(), &reference, "--insecure"]).await;
     assert!(pushed.status.success(), "{}", text(&pushed));
 
-    let plane = DevPlane::start(PlaneOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        idle_poll: Duration::from_millis(100),
-        ..PlaneOptions::default()
-    })
-    .await
-    .unwrap();
-    let empty_agents = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let template = format!("{}/agents/{{agent_id}}:{{version}}", registry.address);
-    let _node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .env("NodeRuntime__NodeId", "oci-node")
-        .env("NodeRuntime__ControlPlaneUrl", plane.url())
-        .env("NodeRuntime__AgentsDirectory", empty_agents.path())
-        .env("NodeRuntime__DataDirectory", data.path())
-        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
-        .env("AgentStore__Sources", "oci")
-        .env("AgentStore__OciReferenceTemplate", &template)
-        .env("AgentStore__OciInsecure", "true")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let OciNode { plane, data, .. } = &start_oci_node(&registry, "oci-node").await;
 
     let mut ids = Vec::new();
     for run in [
@@ -235,30 +250,7 @@ async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_ne
     let blob = blob_file(dir.path(), &AgentDigest::of(&echo).to_string());
     std::fs::remove_file(&blob).unwrap_or_else(|err| panic!("the layer's blob at {}: {err}", blob.display()));
 
-    let plane = DevPlane::start(PlaneOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        idle_poll: Duration::from_millis(100),
-        ..PlaneOptions::default()
-    })
-    .await
-    .unwrap();
-    let empty_agents = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let template = format!("{}/agents/{{agent_id}}:{{version}}", registry.address);
-    let _node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .env("NodeRuntime__NodeId", "oci-refusing-node")
-        .env("NodeRuntime__ControlPlaneUrl", plane.url())
-        .env("NodeRuntime__AgentsDirectory", empty_agents.path())
-        .env("NodeRuntime__DataDirectory", data.path())
-        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
-        .env("AgentStore__Sources", "oci")
-        .env("AgentStore__OciReferenceTemplate", &template)
-        .env("AgentStore__OciInsecure", "true")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let OciNode { plane, data, .. } = &start_oci_node(&registry, "oci-refusing-node").await;
 
     let mut ids = Vec::new();
     for version in ["2.0.0", "3.0.0", "4.0.0", "5.0.0"] {
@@ -293,7 +285,7 @@ async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_ne
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
     assert!(message.contains(&reference("5.0.0")) && message.contains("0 layers"), "{message}");
 
-    let kept = walk(&data.path().join("agents"));
+    let kept = files_under(&data.path().join("agents"));
     assert!(kept.is_empty(), "nothing refused is kept in the download cache: {kept:?}");
 
     // `pull` does not save native code either.
@@ -302,17 +294,4 @@ async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_ne
     assert_eq!(pulled.status.code(), Some(5), "agent.invalid's exit code: {}", text(&pulled));
     assert!(text(&pulled).contains("not a WebAssembly component"), "{}", text(&pulled));
     assert!(!copy.exists(), "nothing saved");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

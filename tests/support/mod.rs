@@ -109,6 +109,20 @@ pub fn agents_layout() -> tempfile::TempDir {
     layout
 }
 
+/// Every file below `dir` (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
 pub async fn eventually<T>(
     limit: std::time::Duration,
