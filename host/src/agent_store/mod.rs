@@ -327,29 +327,11 @@ impl AgentStore {
                 }
                 AgentSource::Http(http) => {
                     let origin = http.url(agent_id, version);
-                    match http.fetch(agent_id, version).await? {
-                        Some(path) => {
-                            let trust = ArtifactTrust::Network { origin };
-                            stamp_of(&path).await?.map(|stamp| (stamp, trust))
-                        }
-                        None => {
-                            looked_for.push(origin);
-                            None
-                        }
-                    }
+                    downloaded(http.fetch(agent_id, version).await?, origin, &mut looked_for).await?
                 }
                 AgentSource::Oci(oci) => {
                     let origin = oci.reference(agent_id, version);
-                    match oci.fetch(agent_id, version).await? {
-                        Some(path) => {
-                            let trust = ArtifactTrust::Network { origin };
-                            stamp_of(&path).await?.map(|stamp| (stamp, trust))
-                        }
-                        None => {
-                            looked_for.push(origin);
-                            None
-                        }
-                    }
+                    downloaded(oci.fetch(agent_id, version).await?, origin, &mut looked_for).await?
                 }
             };
             if let Some(found) = found {
@@ -367,6 +349,24 @@ impl AgentStore {
         self.loaded
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What a network source answered: its downloaded copy, trusted as bytes
+/// from `origin`, or (not there) `origin` noted as looked for.
+async fn downloaded(
+    path: Option<PathBuf>,
+    origin: String,
+    looked_for: &mut Vec<String>,
+) -> Result<Option<(FileStamp, ArtifactTrust)>, ResolveError> {
+    match path {
+        Some(path) => Ok(stamp_of(&path)
+            .await?
+            .map(|stamp| (stamp, ArtifactTrust::Network { origin }))),
+        None => {
+            looked_for.push(origin);
+            Ok(None)
+        }
     }
 }
 
