@@ -199,6 +199,13 @@ struct Calls {
 /// A control plane whose registrations always fail with 500 (the
 /// reference's duplicate key) and whose heartbeats answer `heartbeat`.
 async fn plane_refusing_registration(heartbeat: u16) -> (String, Arc<Calls>) {
+    fake_plane(500, heartbeat).await
+}
+
+/// A plane that answers every registration with `register` (500: with
+/// Postgres's duplicate-key message) and every heartbeat with
+/// `heartbeat`, and counts the calls.
+async fn fake_plane(register: u16, heartbeat: u16) -> (String, Arc<Calls>) {
     use axum::http::StatusCode;
     let calls = Arc::new(Calls::default());
     let (on_register, on_heartbeat, on_other) = (calls.clone(), calls.clone(), calls.clone());
@@ -207,7 +214,8 @@ async fn plane_refusing_registration(heartbeat: u16) -> (String, Arc<Calls>) {
             "/v1/nodes:register",
             axum::routing::post(move || async move {
                 on_register.registrations.fetch_add(1, Ordering::SeqCst);
-                (StatusCode::INTERNAL_SERVER_ERROR, "23505: duplicate key value violates unique constraint")
+                let body = if register == 500 { "23505: duplicate key value violates unique constraint" } else { "{}" };
+                (StatusCode::from_u16(register).unwrap(), body)
             }),
         )
         .route(
@@ -261,6 +269,21 @@ async fn a_registration_answered_500_then_a_heartbeat_404_registers_again_with_b
     assert!(heartbeats <= registrations, "{heartbeats} heartbeats, {registrations} registrations");
     assert_eq!(calls.pulls.load(Ordering::SeqCst), 0, "never registered, never pulled");
     assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plane_that_takes_every_registration_and_forgets_it_at_once_gets_no_hot_loop() {
+    // Replicas that share nothing behind one address: each registration is
+    // answered 201, each heartbeat 404.
+    let (url, calls) = fake_plane(201, 404).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 1, &agents);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let registrations = calls.registrations.load(Ordering::SeqCst);
+    assert!(registrations >= 2, "a 404 goes back to registering: {registrations}");
+    // Backoff from 0.5 s, doubling: a handful in 3 s, not thousands.
+    assert!(registrations <= 8, "{registrations} registrations in 3 s");
     node.shutdown().await;
 }
 

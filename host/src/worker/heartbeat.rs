@@ -28,8 +28,10 @@ enum Registered {
 }
 
 pub(super) async fn run(node: Arc<Node>) {
-    // Shared by registration failures and by 5xx-then-404 rounds; reset
-    // once the control plane is known to have this node.
+    // Shared by registration failures and by register-then-404 rounds;
+    // reset once a heartbeat is answered. A plane that takes every
+    // registration and forgets it at once (replicas that share nothing,
+    // behind one address) gets a round per delay, not a hot loop.
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     loop {
         let Some(registered) = register(&node, &mut backoff).await else {
@@ -39,22 +41,22 @@ pub(super) async fn run(node: Arc<Node>) {
             return;
         }
         node.registered.send_replace(false);
+        let delay = backoff.next_delay();
         match registered {
             Registered::Accepted => {
-                tracing::warn!("the control plane no longer knows this node (404 to a heartbeat); registering again");
+                tracing::warn!(retry_in = ?delay, "the control plane no longer knows this node (404 to a heartbeat); registering again");
             }
             Registered::Unconfirmed => {
-                let delay = backoff.next_delay();
                 tracing::warn!(
                     retry_in = ?delay,
                     "the control plane does not know this node after all (its registration was answered \
                      with a server error, then a heartbeat with 404); registering again"
                 );
-                tokio::select! {
-                    _ = node.stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
             }
+        }
+        tokio::select! {
+            _ = node.stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
@@ -71,7 +73,6 @@ async fn register(node: &Node, backoff: &mut Backoff) -> Option<Registered> {
     loop {
         match node.rest.register(&registration).await {
             Ok(()) => {
-                backoff.reset();
                 confirm(node, "registered with the control plane");
                 return Some(Registered::Accepted);
             }
@@ -109,6 +110,7 @@ fn confirm(node: &Node, what: &str) {
 async fn heartbeat_until_forgotten(node: &Node, registered: Registered, backoff: &mut Backoff) -> bool {
     let interval = node.settings.heartbeat_interval;
     let mut confirmed = registered == Registered::Accepted;
+    let mut answered = false;
     loop {
         let status = NodeStatus {
             state: NodeState::Active,
@@ -118,9 +120,12 @@ async fn heartbeat_until_forgotten(node: &Node, registered: Registered, backoff:
         match node.rest.heartbeat(&node.settings.node_id, status).await {
             Ok(HeartbeatAnswer::Accepted) => {
                 node.stats.heartbeat_answered.store(true, Ordering::SeqCst);
+                if !answered {
+                    answered = true;
+                    backoff.reset();
+                }
                 if !confirmed {
                     confirmed = true;
-                    backoff.reset();
                     confirm(node, "the control plane knows this node already (a heartbeat was answered); going on as registered");
                 }
             }
