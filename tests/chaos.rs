@@ -300,12 +300,17 @@ async fn a_report_the_control_plane_refuses_is_sent_once_and_not_retried() {
 }
 
 fn huge_error_lease(lease_id: &str) -> node_runtime::proto::Lease {
+    huge_error_lease_with(lease_id, &[])
+}
+
+fn huge_error_lease_with(lease_id: &str, input: &[(&str, &str)]) -> node_runtime::proto::Lease {
     let mut lease = leases(1).remove(0);
     lease.lease_id = lease_id.to_string();
     let spec = lease.run_spec.as_mut().unwrap();
     spec.agent_id = "hostile".to_string();
     spec.input_ref = [("attack", "huge-error"), ("stderr", "100000")]
-        .into_iter()
+        .iter()
+        .chain(input)
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     lease
@@ -313,9 +318,11 @@ fn huge_error_lease(lease_id: &str) -> node_runtime::proto::Lease {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_with_a_huge_message_reaches_a_plane_with_the_default_message_limit() {
-    // gRPC's default limit (4 MiB); a 3 MiB message, twice in the report
-    // once uncapped, would be refused every time until the report expired.
-    let (url, recorded) = scripted::serve(vec![huge_error_lease("lease-huge")]).await;
+    // gRPC's default limit (4 MiB); a message of 1.9 MB of `"`, twice in
+    // the report once uncapped and escaped in its JSON details (5.7 MB),
+    // would be refused every time until the report expired.
+    let input = [("bytes", "1900000"), ("fill", "\"")];
+    let (url, recorded) = scripted::serve(vec![huge_error_lease_with("lease-huge", &input)]).await;
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();
     let node = scripted_node(&url, &agents, &outbox_dir);
@@ -331,7 +338,7 @@ async fn a_fail_with_a_huge_message_reaches_a_plane_with_the_default_message_lim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_too_large_for_the_plane_is_shrunk_and_delivered_once() {
     // A plane that takes messages of 32 KiB at most; the agent fails with a
-    // 3 MiB message and a full stderr.
+    // 1.5 MiB message and a full stderr.
     let answers = scripted::Answers { max_message_bytes: Some(32 * 1024), ..scripted::Answers::default() };
     let (url, recorded) = scripted::serve_with(vec![huge_error_lease("lease-huge")], answers).await;
     let agents = agents_layout();

@@ -42,6 +42,8 @@ hostile_tests!(
     table_growth_refused,
     deep_recursion,
     http_fields_bomb,
+    kept_http_responses,
+    audit_loop_pays_in_fuel,
     resource_table_exhaustion,
     random_bytes_past_the_limit,
     oversized_fail_message_and_details,
@@ -71,7 +73,7 @@ hostile_tests!(
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 34);
+    assert_eq!(hostile_set::CASES.len(), 36);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

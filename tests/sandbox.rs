@@ -185,7 +185,7 @@ async fn big_result_is_refused_and_memory_stays_bounded() {
     assert_eq!(failure.kind, FailKind::BudgetOutput, "{failure:?}");
     // 16 MiB is more than a returned value may carry out of the agent:
     // refused while it is copied, before the node could measure it.
-    assert!(failure.message.contains("returned more than 4 MiB"), "{}", failure.message);
+    assert!(failure.message.contains("returned more than 2 MiB"), "{}", failure.message);
     assert!(failure.message.contains("over the node's cap of 1 MiB"), "{}", failure.message);
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
     let result = run("big-result", &[("size", &(2 * MIB).to_string())], budget).await;

@@ -115,6 +115,31 @@ pub struct Env {
     /// The hostile agent's socket attempts aim here.
     pub socket_target: Listener,
     pub llm: Arc<LlmStub>,
+    /// Granted to `hostile`: answers `/small` with a few headers and
+    /// `/big` with 95 headers of 4,000 bytes, both with no body.
+    pub headers: SocketAddr,
+}
+
+/// A server whose answers carry few or many headers.
+async fn start_headers_server() -> SocketAddr {
+    let small = || async { ([("x-small", "1")], "") };
+    let big = || async {
+        let mut response = axum::response::Response::new(axum::body::Body::empty());
+        for n in 0..95 {
+            let name = axum::http::HeaderName::from_bytes(format!("x-big-{n}").as_bytes()).unwrap();
+            response.headers_mut().insert(name, axum::http::HeaderValue::from_str(&"h".repeat(4000)).unwrap());
+        }
+        response
+    };
+    let app = axum::Router::new()
+        .route("/small", axum::routing::get(small))
+        .route("/big", axum::routing::get(big));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
 }
 
 pub const TABLE_LIMIT: u32 = 16;
@@ -126,16 +151,17 @@ impl Env {
         let socket_target = Listener::start().await;
         let llm = Arc::new(LlmStub::default());
         let stub = start_stub(llm.clone()).await;
+        let headers = start_headers_server().await;
         let sandbox = Sandbox::new(SandboxConfig {
             engine: EngineSettings {
                 max_concurrent_runs: 4,
                 ..EngineSettings::default()
             },
             llm: Some(LlmSettings::openai(format!("http://{stub}"), Secret::new("sk-hostile"), "stub")),
-            allowed_hosts: BTreeMap::from([(
-                "http-fetch".to_string(),
-                vec![format!("127.0.0.1:{}", silent.addr.port())],
-            )]),
+            allowed_hosts: BTreeMap::from([
+                ("http-fetch".to_string(), vec![format!("127.0.0.1:{}", silent.addr.port())]),
+                ("hostile".to_string(), vec![format!("127.0.0.1:{}", headers.port())]),
+            ]),
             ..SandboxConfig::default()
         })
         .expect("the sandbox starts");
@@ -160,6 +186,7 @@ impl Env {
             denied,
             socket_target,
             llm,
+            headers,
         }
     }
 
@@ -312,15 +339,61 @@ pub async fn deep_recursion(env: &Env) {
 
 // ---- what the host holds for a run -----------------------------------------
 
+/// What the host charges for one header map: twice its size limit, and
+/// the entry.
+fn one_map() -> u64 {
+    2 * HostLimits::default().field_bytes as u64 + 512
+}
+
 pub async fn http_fields_bomb(env: &Env) {
-    // Header maps of 60 KiB each, kept: no grant needed, no linear memory
+    // Header maps of 30 KiB each, kept: no grant needed, no linear memory
     // used. The host charges each map to the run and stops it at 32 MiB.
     let result = env.run("hostile", &[("attack", "http-fields")], memory(32 * MIB)).await;
     fails(&result, FailKind::BudgetMemory, "host resources the run holds");
     let report = &result.report;
     assert!(report.peak_host_bytes > 24 * MIB, "the maps were counted: {report:?}");
-    let one_map = HostLimits::default().field_bytes as u64 + 512;
-    assert!(report.peak_memory_bytes <= 32 * MIB + one_map, "{report:?}");
+    assert!(report.peak_memory_bytes <= 32 * MIB + one_map(), "{report:?}");
+    // Maps of hundreds of one-byte headers, whose bookkeeping outweighs
+    // their bytes, and maps moved into responses: charged all the same.
+    for input in [&[("attack", "http-fields"), ("tiny", "1")][..], &[("attack", "out-responses")]] {
+        let result = env.run("hostile", input, memory(32 * MIB)).await;
+        fails(&result, FailKind::BudgetMemory, "host resources the run holds");
+        assert!(result.report.peak_memory_bytes <= 32 * MIB + one_map(), "{input:?}: {:?}", result.report);
+    }
+    // One map over its size limit.
+    let over = (HostLimits::default().field_bytes + 1).to_string();
+    let result = env.run("hostile", &[("attack", "http-fields"), ("value_bytes", &over)], memory(32 * MIB)).await;
+    fails(&result, FailKind::BudgetMemory, "HTTP header map past 32 KiB");
+}
+
+pub async fn kept_http_responses(env: &Env) {
+    // Responses of an allowed host, waited for and kept unread: each holds
+    // a connection's buffers, charged to the run.
+    let url = format!("http://{}/small", env.headers);
+    let result = env.run("hostile", &[("attack", "keep-responses"), ("url", &url)], memory(32 * MIB)).await;
+    fails(&result, FailKind::BudgetMemory, "host resources the run holds");
+    assert!(result.report.peak_host_bytes > 24 * MIB, "{:?}", result.report);
+    // Headers past what a run may hold are refused, before any is kept.
+    let url = format!("http://{}/big", env.headers);
+    let result = env.run("hostile", &[("attack", "response-headers"), ("url", &url)], memory(32 * MIB)).await;
+    let seen = completed(&result);
+    assert!(seen.get("error").is_some_and(|e| e.contains("HttpResponseHeaderSectionSize")), "{seen:?}");
+    let url = format!("http://{}/small", env.headers);
+    let result = env.run("hostile", &[("attack", "response-headers"), ("url", &url)], BudgetRequest::default()).await;
+    assert_eq!(completed(&result)["status"], "200");
+}
+
+pub async fn audit_loop_pays_in_fuel(env: &Env) {
+    // Each `wasi:http` call makes the host look at the run's 4,000
+    // resources; the run pays for that in fuel, not only in time.
+    let budget = BudgetRequest {
+        fuel: Some(50_000_000),
+        duration: Some(Duration::from_secs(20)),
+        ..BudgetRequest::default()
+    };
+    let result = env.run("hostile", &[("attack", "audit-loop")], budget).await;
+    fails(&result, FailKind::BudgetFuel, "50000000");
+    assert!(result.report.wall_ms < 10_000, "ended by fuel, long before its deadline: {:?}", result.report);
 }
 
 pub async fn resource_table_exhaustion(env: &Env) {
@@ -339,7 +412,7 @@ pub async fn random_bytes_past_the_limit(env: &Env) {
 }
 
 pub async fn oversized_fail_message_and_details(env: &Env) {
-    // A 3 MiB error message and a megabyte of stderr: the Fail carries the
+    // A 1.5 MiB error message and a megabyte of stderr: the Fail carries the
     // start of each, the cut marked, well within what a plane accepts.
     let result = env
         .run("hostile", &[("attack", "huge-error"), ("stderr", "1000000")], memory(64 * MIB))
@@ -353,7 +426,7 @@ pub async fn oversized_fail_message_and_details(env: &Env) {
     // 20 MiB is more than a returned value may carry out of the guest.
     let twenty = (20 * MIB).to_string();
     let result = env.run("hostile", &[("attack", "huge-error"), ("bytes", &twenty)], memory(64 * MIB)).await;
-    fails(&result, FailKind::BudgetOutput, "the agent returned more than 4 MiB");
+    fails(&result, FailKind::BudgetOutput, "the agent returned more than 2 MiB");
 }
 
 // ---- traps -----------------------------------------------------------------
@@ -378,10 +451,10 @@ pub async fn huge_result(env: &Env) {
 }
 
 pub async fn huge_single_log_line(env: &Env) {
-    // One 3 MiB message: passed on cut to 8 KiB, the run completes.
-    let three = (3 * MIB).to_string();
-    let result = env.run("hostile", &[("attack", "huge-log"), ("bytes", &three)], memory(64 * MIB)).await;
-    assert_eq!(completed(&result)["logged_bytes"], three);
+    // One 1.5 MiB message: passed on cut to 8 KiB, the run completes.
+    let one_and_a_half = (3 * MIB / 2).to_string();
+    let result = env.run("hostile", &[("attack", "huge-log"), ("bytes", &one_and_a_half)], memory(64 * MIB)).await;
+    assert_eq!(completed(&result)["logged_bytes"], one_and_a_half);
     assert_eq!((result.report.log_lines, result.report.log_lines_dropped), (1, 0), "{:?}", result.report);
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
     // 10 MiB is more than one call may carry into the host: refused.
@@ -650,6 +723,8 @@ cases!(
     table_growth_refused,
     deep_recursion,
     http_fields_bomb,
+    kept_http_responses,
+    audit_loop_pays_in_fuel,
     resource_table_exhaustion,
     random_bytes_past_the_limit,
     oversized_fail_message_and_details,

@@ -16,16 +16,28 @@
 //!   counts toward the run's memory budget ([`MemoryMeter`]); a run over it
 //!   gets no more `wasi:http` calls (each one traps) and fails
 //!   `budget.memory`. The walk is over live entries only, at most
-//!   [`HostLimits::resource_entries`] of them.
+//!   [`HostLimits::resource_entries`] of them, and the run pays for it in
+//!   fuel ([`FUEL_PER_ENTRY`]), so that calling cheap `wasi:http`
+//!   functions while holding many resources cannot buy host CPU beyond the
+//!   fuel budget.
 //!
 //! What is charged is an upper bound, not a measurement: a header map is
 //! charged the most it may hold, whatever it holds now. The node cannot
 //! see inside wasi-http's types cheaply, and over-charging only ever
-//! stops the run that holds the resources.
+//! stops the run that holds the resources. The bound holds because the
+//! node also bounds what it cannot charge precisely at its source: a
+//! response's headers are copied out of hyper's read buffer (so a kept
+//! header map pins no connection buffer) and refused past `field_bytes`
+//! (`capabilities/http.rs`).
+
+use std::any::Any;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi_http::FieldMap;
-use wasmtime_wasi_http::p2::types::{HostIncomingResponse, HostOutgoingRequest};
+use wasmtime_wasi_http::p2::body::{HostFutureTrailers, HostIncomingBody};
+use wasmtime_wasi_http::p2::types::{
+    HostFutureIncomingResponse, HostIncomingResponse, HostOutgoingRequest, HostOutgoingResponse,
+};
 
 use super::meters::MemoryMeter;
 
@@ -72,9 +84,14 @@ impl HostLimits {
     }
 }
 
-/// 4 MiB: a large prompt, a log line, a result map of the default cap
+/// 2 MiB: a large prompt, a log line, a result map of the default cap
 /// with its bookkeeping.
-const HOSTCALL_BYTES: usize = 4 << 20;
+const HOSTCALL_BYTES: usize = 2 << 20;
+
+/// Fuel a run pays for each resource-table entry the audit walks: about
+/// what the host spends on it, at roughly one unit of fuel per
+/// WebAssembly instruction.
+pub const FUEL_PER_ENTRY: u64 = 100;
 
 impl Default for HostLimits {
     fn default() -> Self {
@@ -82,8 +99,9 @@ impl Default for HostLimits {
             resource_entries: 4096,
             component_handles: 10_000,
             // wasi-http's default is 128 KiB, sized for a proxy; the
-            // headers an agent sends and receives are a few KiB on the wire.
-            field_bytes: 64 << 10,
+            // headers an agent sends and receives are a few KiB on the wire
+            // (proxies commonly refuse more than 8 KiB).
+            field_bytes: 32 << 10,
             body_chunk_bytes: 64 << 10,
             body_buffer_chunks: 1,
             hostcall_bytes: HOSTCALL_BYTES,
@@ -98,40 +116,65 @@ impl Default for HostLimits {
 /// errors) whole.
 pub const ENTRY_BYTES: u64 = 512;
 
-/// Charges the run for what its resource table holds, as
-/// [`MemoryMeter::set_host_bytes`] does. False when the run is now over
-/// its memory budget.
-pub fn audit(table: &mut ResourceTable, limits: &HostLimits, meter: &mut MemoryMeter) -> bool {
-    meter.set_host_bytes(charge(table, limits))
+/// What an HTTP connection holds while a response is on its way or being
+/// read: hyper's read buffer at its largest (8 KiB plus 4 KiB for each of
+/// 100 headers), the write buffer, TLS state. A body's frames and any
+/// trailers are slices of that buffer.
+pub const CONNECTION_BYTES: u64 = 512 << 10;
+
+/// What a header map costs the host at most: twice the accounting
+/// wasi-http limits (`field_bytes`), for the `HeaderMap`'s own tables and
+/// allocation slack, which its accounting leaves out.
+pub fn field_charge(limits: &HostLimits) -> u64 {
+    2 * limits.field_bytes as u64
 }
 
-/// The bytes the run's resource table can make the host hold.
-pub fn charge(table: &mut ResourceTable, limits: &HostLimits) -> u64 {
-    let field_bytes = limits.field_bytes as u64;
-    table
+/// Charges the run for what its resource table holds, as
+/// [`MemoryMeter::set_host_bytes`] does, and returns how many entries it
+/// walked (the work the run caused, paid in fuel). Sets the meter's
+/// refusal when the run is now over its memory budget.
+pub fn audit(table: &mut ResourceTable, limits: &HostLimits, meter: &mut MemoryMeter) -> (bool, u64) {
+    let (bytes, entries) = charge(table, limits);
+    (meter.set_host_bytes(bytes), entries)
+}
+
+/// The bytes the run's resource table can make the host hold, and how
+/// many entries it holds. Every `wasi:http` type that can own headers, a
+/// body buffer or a connection is charged its ceiling; anything else its
+/// entry.
+pub fn charge(table: &mut ResourceTable, limits: &HostLimits) -> (u64, u64) {
+    let fields = field_charge(limits);
+    let body_buffer = limits.body_buffer_bytes();
+    let mut entries = 0;
+    let bytes = table
         .iter_mut()
         .map(|entry| {
-            let entry: &(dyn std::any::Any + Send) = entry;
+            entries += 1;
+            let entry: &(dyn Any + Send) = entry;
             let payload = if entry.is::<FieldMap>() {
-                field_bytes
+                fields
             } else if let Some(request) = entry.downcast_ref::<HostOutgoingRequest>() {
                 let text = request.authority.as_ref().map_or(0, String::len)
                     + request.path_with_query.as_ref().map_or(0, String::len);
-                let body = if request.body.is_some() {
-                    limits.body_buffer_bytes()
-                } else {
-                    0
-                };
-                field_bytes + text as u64 + body
-            } else if entry.is::<HostIncomingResponse>() {
-                // Its headers; its body streams through one frame at a time.
-                field_bytes
+                fields + text as u64 + if request.body.is_some() { body_buffer } else { 0 }
+            } else if let Some(response) = entry.downcast_ref::<HostOutgoingResponse>() {
+                fields + if response.body.is_some() { body_buffer } else { 0 }
+            } else if let Some(future) = entry.downcast_ref::<HostFutureIncomingResponse>() {
+                match future {
+                    HostFutureIncomingResponse::Consumed => 0,
+                    _ => CONNECTION_BYTES,
+                }
+            } else if let Some(response) = entry.downcast_ref::<HostIncomingResponse>() {
+                fields + if response.body.is_some() { CONNECTION_BYTES } else { 0 }
+            } else if entry.is::<HostIncomingBody>() || entry.is::<HostFutureTrailers>() {
+                CONNECTION_BYTES
             } else {
                 0
             };
             ENTRY_BYTES + payload
         })
-        .sum()
+        .sum();
+    (bytes, entries)
 }
 
 #[cfg(test)]
@@ -149,17 +192,17 @@ mod tests {
     fn header_maps_are_charged_their_ceiling_and_the_run_stopped_at_its_budget() {
         let limits = HostLimits::default();
         let mut table = ResourceTable::new();
-        let per_map = ENTRY_BYTES + limits.field_bytes as u64;
+        let per_map = ENTRY_BYTES + field_charge(&limits);
         let mut meter = MemoryMeter::new(3 * per_map, 100, SHAPE);
         for _ in 0..3 {
             table.push(FieldMap::new_mutable(limits.field_bytes)).unwrap();
-            assert!(audit(&mut table, &limits, &mut meter));
+            assert!(audit(&mut table, &limits, &mut meter).0);
         }
         let fourth = table.push(FieldMap::new_mutable(limits.field_bytes)).unwrap();
-        assert!(!audit(&mut table, &limits, &mut meter));
+        assert_eq!(audit(&mut table, &limits, &mut meter), (false, 4));
         assert!(matches!(meter.refusal(), Some(Refusal::Host { host_bytes, .. }) if *host_bytes == 4 * per_map));
         table.delete(fourth).unwrap();
-        assert_eq!(charge(&mut table, &limits), 3 * per_map, "a dropped map is no longer charged");
+        assert_eq!(charge(&mut table, &limits), (3 * per_map, 3), "a dropped map is no longer charged");
         assert_eq!(meter.peak_host_bytes(), 4 * per_map);
     }
 
@@ -167,12 +210,13 @@ mod tests {
     fn other_resources_cost_their_entry() {
         let mut table = ResourceTable::new();
         table.push(42u32).unwrap();
-        assert_eq!(charge(&mut table, &HostLimits::default()), ENTRY_BYTES);
+        assert_eq!(charge(&mut table, &HostLimits::default()), (ENTRY_BYTES, 1));
     }
 
     #[test]
     fn the_per_call_ceiling_leaves_room_for_the_largest_result() {
         assert_eq!(HostLimits::for_results(1 << 20).hostcall_bytes, HOSTCALL_BYTES);
+        assert_eq!(HostLimits::for_results(2 << 20).hostcall_bytes, 4 << 20);
         assert_eq!(HostLimits::for_results(16 << 20).hostcall_bytes, 32 << 20);
     }
 }

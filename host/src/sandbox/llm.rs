@@ -190,7 +190,12 @@ pub(crate) struct Answer {
 
 /// The largest answer the node reads from the LLM provider. A completion
 /// of 128,000 tokens is about half a MiB of JSON.
-pub const LLM_RESPONSE_BYTES: usize = 4 << 20;
+pub const LLM_RESPONSE_BYTES: usize = 2 << 20;
+
+/// The largest request the node sends, as JSON: a prompt of 128,000
+/// tokens is about half a MiB, but JSON writes a control character as
+/// six bytes, so the agent's text alone does not bound it.
+pub const LLM_REQUEST_BYTES: usize = 2 << 20;
 
 /// Why a call failed, before it becomes the guest's `llm-error`.
 #[derive(Debug, Clone)]
@@ -199,6 +204,8 @@ pub(crate) enum CallError {
     Timeout(String),
     /// The provider refused or failed.
     Provider(String),
+    /// The request is more than the node sends.
+    TooLarge(String),
 }
 
 /// The settings and the HTTP client every run shares.
@@ -266,6 +273,19 @@ impl LlmClient {
         request: &ProviderRequest,
         deadline: Instant,
     ) -> Result<Answer, CallError> {
+        // Serialised once, whatever the retries: a copy per attempt of a
+        // large prompt is memory the run does not see.
+        let body = bytes::Bytes::from(
+            serde_json::to_vec(request)
+                .map_err(|err| CallError::Provider(format!("could not write the request as JSON: {err}")))?,
+        );
+        if body.len() > LLM_REQUEST_BYTES {
+            return Err(CallError::TooLarge(format!(
+                "the request is {} bytes as JSON, more than the {LLM_REQUEST_BYTES} a call may send; \
+                 send a shorter prompt",
+                body.len()
+            )));
+        }
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut last: Option<CallError> = None;
         loop {
@@ -274,7 +294,7 @@ impl LlmClient {
                 return Err(self.out_of_time(last, backoff.attempts()));
             }
             let timeout = left.min(self.settings.request_timeout);
-            let error = match self.attempt(request, timeout).await {
+            let error = match self.attempt(request, body.clone(), timeout).await {
                 Ok(answer) => return Ok(answer),
                 Err(Attempt::Final(error)) => return Err(error),
                 Err(Attempt::Retry(error)) => error,
@@ -304,12 +324,23 @@ impl LlmClient {
             Some(CallError::Provider(message)) => {
                 CallError::Provider(format!("{message} (gave up after {attempts} attempts)"))
             }
+            Some(too_large @ CallError::TooLarge(_)) => too_large,
         }
     }
 
-    async fn attempt(&self, request: &ProviderRequest, timeout: Duration) -> Result<Answer, Attempt> {
+    async fn attempt(
+        &self,
+        request: &ProviderRequest,
+        body: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, Attempt> {
         let key = self.settings.api_key.expose();
-        let builder = self.http.post(self.settings.endpoint.url()).json(request).timeout(timeout);
+        let builder = self
+            .http
+            .post(self.settings.endpoint.url())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .timeout(timeout);
         let builder = match self.settings.endpoint {
             LlmEndpoint::OpenAi { .. } => builder.bearer_auth(key),
             LlmEndpoint::Azure { .. } => builder.header("api-key", key),
@@ -420,7 +451,7 @@ enum Attempt {
 
 fn describe(error: &CallError) -> &str {
     match error {
-        CallError::Timeout(message) | CallError::Provider(message) => message,
+        CallError::Timeout(message) | CallError::Provider(message) | CallError::TooLarge(message) => message,
     }
 }
 

@@ -64,6 +64,8 @@ pub enum Refusal {
     HostResources { what: &'static str, limit: usize },
     /// The run handed the host more data in one call than a call may carry.
     HostcallData { limit: usize },
+    /// The run grew a `wasi:http` header map past the size one may have.
+    HeaderMap { limit: usize },
     /// The run asked for more random bytes at once than a call may return.
     RandomBytes { limit: u64 },
 }

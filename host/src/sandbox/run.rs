@@ -182,6 +182,7 @@ pub(crate) async fn execute(
         refused_table,
         host_limits,
         host_refused: false,
+        host_work_fuel: 0,
         http,
         egress: EgressPolicy::new(
             &granted.http_hosts,
@@ -219,12 +220,18 @@ pub(crate) async fn execute(
             .expect("the engine is configured with fuel");
     }
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|ctx| {
+    store.epoch_deadline_callback(move |mut ctx| {
         if Instant::now() >= ctx.data().deadline {
-            Err(DeadlineExceeded.into())
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+            return Err(DeadlineExceeded.into());
         }
+        // The host work the run caused counts against its fuel. (Compiled
+        // code keeps its fuel count in a register across this callback,
+        // so the debt is kept beside it rather than taken out of it.)
+        let owed = ctx.data().host_work_fuel;
+        if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
+            return Err(Trap::OutOfFuel.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
     });
 
     let mut instantiate_us = 0;
@@ -304,14 +311,16 @@ pub(crate) async fn execute(
     // The host's share at the end, for runs that made no `wasi:http` call
     // after their last resource appeared.
     let state = store.data_mut();
-    let held = host_memory::charge(&mut state.table, &state.host_limits);
+    let (held, _) = host_memory::charge(&mut state.table, &state.host_limits);
     state.memory.set_host_bytes(held);
     let state = store.data();
     let report = RunReport {
         // Exact for a run that returned or ran out of fuel. For one trapped
         // at its deadline mid-loop it is a lower bound: compiled code keeps
         // fuel in a register and stores it at calls, not at every back-edge.
-        fuel_consumed: budget.fuel() - store.get_fuel().unwrap_or(0),
+        fuel_consumed: (budget.fuel() - store.get_fuel().unwrap_or(0))
+            .saturating_add(state.host_work_fuel)
+            .min(budget.fuel()),
         peak_memory_bytes: state.memory.peak_bytes(),
         peak_host_bytes: state.memory.peak_host_bytes(),
         wall_ms: started.elapsed().as_millis() as u64,
@@ -549,6 +558,11 @@ impl Judge<'_> {
                 what: "component handles",
                 limit: limits.component_handles,
             })
+        } else if chain.contains("total size of fields exceeds limit") {
+            // wasi-http traps an append past its field-size limit.
+            Some(Refusal::HeaderMap {
+                limit: limits.field_bytes,
+            })
         } else if chain.contains(HOSTCALL_FUEL_EXHAUSTED) {
             Some(Refusal::HostcallData {
                 limit: limits.hostcall_bytes,
@@ -594,6 +608,10 @@ impl Judge<'_> {
             Refusal::HostcallData { limit } => format!(
                 "the agent handed the host more than {} in one call (a host call's arguments, \
                  or the result it returned), the most a call may carry",
+                format_bytes(*limit as u64)
+            ),
+            Refusal::HeaderMap { limit } => format!(
+                "the agent grew an HTTP header map past {}, the most one may hold",
                 format_bytes(*limit as u64)
             ),
             Refusal::RandomBytes { limit } => format!(

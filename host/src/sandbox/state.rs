@@ -33,6 +33,10 @@ pub struct RunState {
     pub(crate) host_limits: HostLimits,
     /// Set once the host's share took the run over its memory budget.
     pub(crate) host_refused: bool,
+    /// Fuel the run has spent on host work it caused (walking its
+    /// resources, taking apart its log fields): counted against its fuel
+    /// at each epoch tick, and in its report.
+    pub(crate) host_work_fuel: u64,
     pub(crate) http: WasiHttpCtx,
     pub(crate) egress: EgressPolicy,
     pub(crate) memory: MemoryMeter,
@@ -69,8 +73,10 @@ impl RunState {
 impl WasiHttpView for RunState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         if !self.host_refused {
-            self.host_refused =
-                !host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
+            let (within, walked) =
+                host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
+            self.host_refused = !within;
+            self.host_work_fuel += walked * host_memory::FUEL_PER_ENTRY;
         }
         let table = if self.host_refused {
             &mut self.refused_table

@@ -18,15 +18,27 @@
 //! - `unreachable`: executes the `unreachable` instruction.
 //! - `huge-log`: logs one line of input_ref `bytes` bytes (default 10 MiB)
 //!   and completes.
-//! - `http-fields`: creates `wasi:http` header maps of 60 KiB each and
-//!   keeps them, forever (the node must stop it at its memory budget).
+//! - `http-fields`: creates `wasi:http` header maps and keeps them,
+//!   forever (the node must stop it at its memory budget): each holds one
+//!   value of input_ref `value_bytes` (default 30 KiB), or, with input_ref
+//!   `tiny` set, `per_map` (default 380) one-byte values.
+//! - `out-responses`: the same maps, each moved into an
+//!   `outgoing-response` (a resource that holds them) and kept.
+//! - `keep-responses`: GETs input_ref `url` again and again, waits for each
+//!   response and keeps it unread, forever.
+//! - `response-headers`: GETs input_ref `url` once and returns the status,
+//!   or the error the node answered (`error`).
+//! - `audit-loop`: creates 2,000 clock pollables (4,000 host resources:
+//!   each is a pollable and its deadline), then asks a header map
+//!   whether it has a header, forever: each `wasi:http` call makes the host
+//!   look at every resource the run holds.
 //! - `resource-flood`: creates clock pollables and keeps them, forever
 //!   (the node must stop it at its count of host resources).
 //! - `random-bytes`: asks for input_ref `bytes` random bytes at once
 //!   (default 64 MiB) and returns how many it got.
 //! - `huge-error`: writes input_ref `stderr` bytes to stderr (default 0),
 //!   then returns an error whose message is input_ref `bytes` bytes long
-//!   (default 3 MiB).
+//!   (default 1.5 MiB) of the character input_ref `fill` (default `m`).
 //! - `residue`: looks for what an earlier run left in this instance's
 //!   memory (a static and a heap block), reports it (`residue.static`,
 //!   `residue.heap`), then leaves its own for the next run to find;
@@ -92,17 +104,44 @@ impl Guest for Hostile {
             }
             "residue" => residue(&mut seen),
             "http-fields" => {
-                let value = vec![b'a'; 60 * 1024];
                 let mut kept = Vec::new();
                 loop {
-                    let fields = wasi::http::types::Fields::new();
-                    if let Err(err) = fields.append("x-bomb", &value) {
-                        return Err(AgentError {
-                            message: format!("append refused after {} maps: {err:?}", kept.len()),
-                            retryable: false,
-                        });
-                    }
-                    kept.push(fields);
+                    kept.push(header_map(&context)?);
+                }
+            }
+            "out-responses" => {
+                let mut kept = Vec::new();
+                loop {
+                    kept.push(wasi::http::types::OutgoingResponse::new(header_map(&context)?));
+                }
+            }
+            "keep-responses" => {
+                let url = input(&context, "url").unwrap_or_default();
+                let mut kept = Vec::new();
+                loop {
+                    let response = get(&url)?;
+                    response.subscribe().block();
+                    kept.push(response);
+                }
+            }
+            "response-headers" => {
+                let url = input(&context, "url").unwrap_or_default();
+                let response = get(&url)?;
+                response.subscribe().block();
+                match response.get() {
+                    Some(Ok(Ok(answer))) => seen.push(("status".to_string(), answer.status().to_string())),
+                    Some(Ok(Err(code))) => seen.push(("error".to_string(), format!("{code:?}"))),
+                    other => seen.push(("error".to_string(), format!("{other:?}"))),
+                }
+            }
+            "audit-loop" => {
+                let _held: Vec<_> = (0..2000)
+                    .map(|_| wasi::clocks::monotonic_clock::subscribe_duration(1_000_000_000))
+                    .collect();
+                let fields = wasi::http::types::Fields::new();
+                let mut found = false;
+                loop {
+                    found = std::hint::black_box(found ^ fields.has("x-absent"));
                 }
             }
             "resource-flood" => {
@@ -122,7 +161,9 @@ impl Guest for Hostile {
                     eprintln!("{}", "e".repeat(stderr));
                 }
                 return Err(AgentError {
-                    message: "m".repeat(number(&context, "bytes", 3 * 1024 * 1024)),
+                    message: input(&context, "fill")
+                        .unwrap_or_else(|| "m".to_string())
+                        .repeat(number(&context, "bytes", 3 * 1024 * 1024 / 2)),
                     retryable: false,
                 });
             }
@@ -135,6 +176,36 @@ impl Guest for Hostile {
         }
         Ok(seen)
     }
+}
+
+/// A header map as input_ref asks: one value of `value_bytes`, or
+/// `per_map` tiny ones.
+fn header_map(context: &RunContext) -> Result<wasi::http::types::Fields, AgentError> {
+    let fields = wasi::http::types::Fields::new();
+    let appended = if input(context, "tiny").is_some() {
+        (0..number(context, "per_map", 380)).try_for_each(|n| fields.append(&format!("x-{n}"), b"1"))
+    } else {
+        fields.append("x-bomb", &vec![b'a'; number(context, "value_bytes", 30 * 1024)])
+    };
+    appended.map_err(|err| AgentError {
+        message: format!("append refused: {err:?}"),
+        retryable: false,
+    })?;
+    Ok(fields)
+}
+
+/// A GET of `url` (`http://host:port/path`), sent.
+fn get(url: &str) -> Result<wasi::http::types::FutureIncomingResponse, AgentError> {
+    use wasi::http::types::{Fields, Method, OutgoingRequest, Scheme};
+    let failed = |message: String| AgentError { message, retryable: false };
+    let rest = url.strip_prefix("http://").ok_or_else(|| failed(format!("not an http:// URL: {url:?}")))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let request = OutgoingRequest::new(Fields::new());
+    let _ = request.set_method(&Method::Get);
+    let _ = request.set_scheme(Some(&Scheme::Http));
+    let _ = request.set_authority(Some(authority));
+    let _ = request.set_path_with_query(Some(if path.is_empty() { "/" } else { path }));
+    wasi::http::outgoing_handler::handle(request, None).map_err(|code| failed(format!("{code:?}")))
 }
 
 fn number(context: &RunContext, key: &str, default: usize) -> usize {

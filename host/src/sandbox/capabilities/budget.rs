@@ -17,8 +17,9 @@ pub fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     linker
         .instance(INTERFACE)?
         .func_wrap("remaining", |store: StoreContextMut<'_, RunState>, (): ()| {
-            let fuel = store.get_fuel()?;
             let state = store.data();
+            // Less what the run owes for host work it caused.
+            let fuel = store.get_fuel()?.saturating_sub(state.host_work_fuel);
             let time_ms = state
                 .deadline
                 .saturating_duration_since(Instant::now())

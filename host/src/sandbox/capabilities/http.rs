@@ -250,6 +250,31 @@ pub(crate) fn destination(uri: &http::Uri) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
+/// A response's headers as the run may keep them: copied out of hyper's
+/// read buffer (whose slices would otherwise pin the whole buffer for as
+/// long as the agent keeps a header map), and `None` when they take more
+/// than `limit` by wasi-http's accounting, the limit the agent's own
+/// header maps have.
+fn owned_headers(headers: &http::HeaderMap, limit: usize) -> Option<http::HeaderMap> {
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| {
+            name.as_str().len() + size_of::<HeaderName>() + value.len() + size_of::<HeaderValue>()
+        })
+        .sum();
+    if size > limit {
+        return None;
+    }
+    let mut owned = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_str().as_bytes()).ok()?;
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+        copy.set_sensitive(value.is_sensitive());
+        owned.append(name, copy);
+    }
+    Some(owned)
+}
+
 /// The lower of the guest's timeout and what remains until the deadline.
 fn bounded(guest: Option<Duration>, left: Duration) -> Option<Duration> {
     Some(guest.map_or(left, |guest| guest.min(left)))
@@ -335,6 +360,7 @@ impl WasiHttpHooks for EgressPolicy {
             first_byte_timeout: bounded(guest.first_byte_timeout, left),
             between_bytes_timeout: bounded(guest.between_bytes_timeout, left),
         };
+        let field_bytes = self.limits.field_bytes;
         Box::new(
             async move {
                 let sent = tokio::time::timeout_at(
@@ -356,7 +382,15 @@ impl WasiHttpHooks for EgressPolicy {
                     }
                 };
                 tracing::Span::current().record("http.status_code", response.status().as_u16());
-                let response = response.map(|body| {
+                let (mut head, body) = response.into_parts();
+                head.headers = match owned_headers(&head.headers, field_bytes) {
+                    Some(headers) => headers,
+                    None => {
+                        tracing::info!(host = %host, port, limit = field_bytes, "outbound HTTP response refused: its headers are larger than a run may hold");
+                        return Err(Error::HttpResponseHeaderSectionSize(u32::try_from(field_bytes).ok()));
+                    }
+                };
+                let response = http::Response::from_parts(head, body).map(|body| {
                     http_body_util::Limited::new(body, HTTP_RESPONSE_BYTES as usize)
                         .map_err(|err| match err.downcast::<Error>() {
                             Ok(err) => *err,
@@ -433,6 +467,19 @@ mod tests {
         assert!(policy(&node, Some("b.com:9090")).allowed().is_empty());
         assert!(policy(&node, Some("")).allowed().is_empty());
         assert!(policy(&[], Some("a.com")).allowed().is_empty());
+    }
+
+    #[test]
+    fn response_headers_are_copied_and_refused_past_the_limit() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        let owned = owned_headers(&headers, 1024).expect("small headers are kept");
+        assert_eq!(owned, headers);
+        let big = HeaderValue::from_bytes(&[b'v'; 2000]).unwrap();
+        headers.insert("x-big", big);
+        assert!(owned_headers(&headers, 1024).is_none());
     }
 
     #[test]

@@ -101,6 +101,7 @@ impl Host for RunState {
                 let err = match err {
                     CallError::Timeout(message) => LlmError::Timeout(message),
                     CallError::Provider(message) => LlmError::Provider(message),
+                    CallError::TooLarge(message) => LlmError::InvalidRequest(message),
                 };
                 span.record("error", tracing::field::debug(&err));
                 err

@@ -6,6 +6,10 @@ use crate::sandbox::bindings::log::{Host, Level};
 use crate::sandbox::budget::NodeLimits;
 use crate::sandbox::state::RunState;
 
+/// Fuel a run pays for each log field it hands the host (two strings
+/// copied out of the guest and looked at), on top of the call's own.
+const FUEL_PER_FIELD: u64 = 200;
+
 /// A run's log budget and what it has used.
 #[derive(Debug)]
 pub struct RunLog {
@@ -125,6 +129,9 @@ impl Host for RunState {
         message: String,
         fields: Vec<(String, String)>,
     ) -> wasmtime::Result<()> {
+        // Each field was copied out of the guest and is looked at here:
+        // host work a flood of tiny fields would otherwise get for free.
+        self.host_work_fuel += fields.len() as u64 * FUEL_PER_FIELD;
         let Some((message, fields)) = self.log.line(&message, &fields) else {
             return Ok(());
         };
