@@ -984,6 +984,34 @@ fn get_with_host(path: &str, host: &str) -> String {
 }
 
 #[tokio::test]
+async fn the_lease_service_serves_no_web_page() {
+    let h = start(options()).await;
+    h.register("dev-node-1", 1).await;
+    let run_id = h.submit_message("pending").await;
+    // What a page can send without a preflight (HTTP/1.1, text/plain), and
+    // a gRPC content type from a page (it carries Origin).
+    for headers in [
+        &[("content-type", "text/plain")][..],
+        &[("content-type", "application/grpc"), ("origin", "https://evil.example")],
+    ] {
+        let mut request = h
+            .http
+            .post(format!("{}/lease.LeaseService/Pull", h.url))
+            .body(b"\0\0\0\0\x0e\x0a\x0adev-node-1\x10\x01".to_vec());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = tokio::time::timeout(WAIT, request.send()).await.expect("answered at once").unwrap();
+        assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{headers:?}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(h.run(&run_id).await["status"], "pending", "no lease was handed to the page");
+    // A gRPC client is served.
+    let mut stream = pull(&mut h.grpc().await, "dev-node-1", 1).await;
+    assert_eq!(next_lease(&mut stream).await.run_id, run_id);
+}
+
+#[tokio::test]
 async fn a_post_without_a_json_content_type_is_415_and_names_the_header_to_send() {
     let h = start(options()).await;
     let run = r#"{"agentId": "echo", "version": "1", "inputRef": {"message": "from a web page"}}"#;

@@ -16,6 +16,11 @@
 //!   bodies to any origin without asking; `application/json` needs a CORS
 //!   preflight, which the plane never grants. So every REST POST must say
 //!   `application/json`, or is answered 415.
+//! - **gRPC only from gRPC clients.** The lease service would serve a
+//!   browser's `text/plain` POST as well (a page could take the
+//!   developer's leases): its calls must say `application/grpc`, which a
+//!   page cannot send without a preflight, and must not carry `Origin`,
+//!   which a browser adds and a gRPC client never does.
 //! - **Node ids bound to certificates.** With client certificates
 //!   required and [`PlaneTls::bind_node_ids`](super::PlaneTls), a request
 //!   naming a node id (registration, heartbeat, Pull, Ack, Complete, Fail)
@@ -266,6 +271,16 @@ pub async fn guard(State(access): State<Arc<Access>>, mut request: Request, next
             };
         }
     }
+    if request.uri().path().starts_with(LEASE_SERVICE) {
+        if let Some(refusal) = not_from_a_grpc_client(request.headers()) {
+            tracing::warn!(path = %request.uri().path(), "dev control plane refused a request: {refusal}");
+            return (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Json(serde_json::json!({ "error": refusal })),
+            )
+                .into_response();
+        }
+    }
     let node_ids = if access.bind_node_ids {
         let peer = request
             .extensions()
@@ -277,6 +292,28 @@ pub async fn guard(State(access): State<Arc<Access>>, mut request: Request, next
     };
     request.extensions_mut().insert(node_ids);
     next.run(request).await
+}
+
+/// Where the gRPC lease service is served.
+const LEASE_SERVICE: &str = "/lease.LeaseService/";
+
+/// Why a call to the lease service did not come from a gRPC client, if
+/// it did not.
+fn not_from_a_grpc_client(headers: &HeaderMap) -> Option<String> {
+    if !is_grpc(headers) {
+        return Some(
+            "the lease service takes gRPC calls only (Content-Type: application/grpc); \
+             use a gRPC client"
+                .to_string(),
+        );
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Some(
+            "the lease service takes no requests from web pages (this one carries an Origin header)"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// The layer on REST routes: a POST must carry JSON, said so.
@@ -318,6 +355,26 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_lease_service_takes_grpc_without_an_origin_only() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            }
+            map
+        };
+        assert_eq!(super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc")])), None);
+        assert_eq!(super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc+proto")])), None);
+        for refused in [
+            &[("content-type", "text/plain")][..],
+            &[],
+            &[("content-type", "application/grpc"), ("origin", "https://evil.example")],
+        ] {
+            assert!(super::not_from_a_grpc_client(&headers(refused)).is_some(), "{refused:?}");
+        }
+    }
+
     use super::*;
 
     fn rule(listen: &str, allowed: &[&str]) -> HostRule {
