@@ -321,6 +321,7 @@ fn readings(report: SandboxReport) -> SandboxReadings {
         fuel_consumed: report.fuel_consumed,
         peak_memory_bytes: report.peak_memory_bytes,
         instantiate_us: report.instantiate_us,
+        peak_host_bytes: report.peak_host_bytes,
     }
 }
 

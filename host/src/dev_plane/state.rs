@@ -207,6 +207,10 @@ pub struct SandboxReadings {
     pub fuel_consumed: u64,
     pub peak_memory_bytes: u64,
     pub instantiate_us: u64,
+    /// The host's part of `peak_memory_bytes`; absent in runs saved by
+    /// an older plane.
+    #[serde(default)]
+    pub peak_host_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]

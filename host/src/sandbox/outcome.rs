@@ -130,8 +130,8 @@ impl RunFailure {
     /// message the control plane accepts.
     pub fn capped(self) -> Self {
         RunFailure {
-            message: cut(self.message, FAILURE_MESSAGE_BYTES),
-            details: cut(self.details, FAILURE_DETAILS_BYTES),
+            message: cut(without_nul(self.message), FAILURE_MESSAGE_BYTES),
+            details: cut(without_nul(self.details), FAILURE_DETAILS_BYTES),
             ..self
         }
     }
@@ -141,6 +141,16 @@ impl RunFailure {
 pub const FAILURE_MESSAGE_BYTES: usize = 16 * 1024;
 /// The longest failure details a report carries.
 pub const FAILURE_DETAILS_BYTES: usize = 256 * 1024;
+
+/// `text` with each NUL replaced by U+FFFD: a database behind a control
+/// plane (PostgreSQL's `text`) refuses NUL, and would refuse the report.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    }
+}
 
 /// `text` cut to at most `max` bytes (the mark included) on a character
 /// boundary, with `... [N bytes cut]` where it was cut.
@@ -177,6 +187,8 @@ mod tests {
         assert!(failure.message.ends_with(" bytes cut]"), "{}", &failure.message[failure.message.len() - 40..]);
         assert_eq!(failure.details.len(), FAILURE_DETAILS_BYTES, "at the cap: kept whole");
         assert_eq!(cut("short".into(), 10), "short");
+        let nul = RunFailure::new(FailKind::AgentError, "a\0b").with_details("\0").capped();
+        assert_eq!((nul.message.as_str(), nul.details.as_str()), ("a\u{fffd}b", "\u{fffd}"));
     }
 }
 
