@@ -188,10 +188,10 @@ async fn big_result_is_refused_and_memory_stays_bounded() {
     assert!(failure.message.contains("returned more than 2 MiB"), "{}", failure.message);
     assert!(failure.message.contains("over the node's cap of 1 MiB"), "{}", failure.message);
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
-    let result = run("big-result", &[("size", &(2 * MIB).to_string())], budget).await;
+    let result = run("big-result", &[("size", &(3 * MIB / 2).to_string())], budget).await;
     let measured = self::failure(&result);
     assert_eq!(measured.kind, FailKind::BudgetOutput, "{measured:?}");
-    assert!(measured.message.contains("2.0 MiB, over the node's cap of 1 MiB"), "{}", measured.message);
+    assert!(measured.message.contains("1.5 MiB, over the node's cap of 1 MiB"), "{}", measured.message);
 
     // A result under the cap completes.
     let result = run("big-result", &[("size", "1000")], BudgetRequest::default()).await;
