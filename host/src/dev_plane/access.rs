@@ -271,15 +271,15 @@ pub async fn guard(State(access): State<Arc<Access>>, mut request: Request, next
             };
         }
     }
-    if request.uri().path().starts_with(LEASE_SERVICE) {
-        if let Some(refusal) = not_from_a_grpc_client(request.headers()) {
-            tracing::warn!(path = %request.uri().path(), "dev control plane refused a request: {refusal}");
-            return (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                Json(serde_json::json!({ "error": refusal })),
-            )
-                .into_response();
-        }
+    if request.uri().path().starts_with(LEASE_SERVICE)
+        && let Some(refusal) = not_from_a_grpc_client(request.headers())
+    {
+        tracing::warn!(path = %request.uri().path(), "dev control plane refused a request: {refusal}");
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(serde_json::json!({ "error": refusal })),
+        )
+            .into_response();
     }
     let node_ids = if access.bind_node_ids {
         let peer = request

@@ -220,7 +220,7 @@ pub(crate) async fn execute(
             .expect("the engine is configured with fuel");
     }
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |mut ctx| {
+    store.epoch_deadline_callback(move |ctx| {
         if Instant::now() >= ctx.data().deadline {
             return Err(DeadlineExceeded.into());
         }
