@@ -44,6 +44,7 @@ hostile_tests!(
     http_fields_bomb,
     kept_http_responses,
     audit_loop_pays_in_fuel,
+    llm_request_of_escaped_characters,
     resource_table_exhaustion,
     random_bytes_past_the_limit,
     oversized_fail_message_and_details,
@@ -73,7 +74,7 @@ hostile_tests!(
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 36);
+    assert_eq!(hostile_set::CASES.len(), 37);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

@@ -384,16 +384,35 @@ pub async fn kept_http_responses(env: &Env) {
 }
 
 pub async fn audit_loop_pays_in_fuel(env: &Env) {
-    // Each `wasi:http` call makes the host look at the run's 4,000
-    // resources; the run pays for that in fuel, not only in time.
+    // Host work a run causes is paid in fuel, not only in time: each
+    // `wasi:http` call makes the host look at the run's 4,000 resources;
+    // 1 MiB random draws; log lines of a megabyte.
     let budget = BudgetRequest {
         fuel: Some(50_000_000),
         duration: Some(Duration::from_secs(20)),
         ..BudgetRequest::default()
     };
-    let result = env.run("hostile", &[("attack", "audit-loop")], budget).await;
-    fails(&result, FailKind::BudgetFuel, "50000000");
-    assert!(result.report.wall_ms < 10_000, "ended by fuel, long before its deadline: {:?}", result.report);
+    for input in [
+        &[("attack", "audit-loop")][..],
+        &[("attack", "random-loop")],
+        &[("attack", "log-loop"), ("bytes", "1000000")],
+    ] {
+        let result = env.run("hostile", input, budget).await;
+        fails(&result, FailKind::BudgetFuel, "50000000");
+        assert!(result.report.wall_ms < 10_000, "{input:?} ended by fuel, long before its deadline: {:?}", result.report);
+    }
+}
+
+pub async fn llm_request_of_escaped_characters(env: &Env) {
+    // 2,000,000 control characters, within what a call may carry, are
+    // 12 MB as JSON: refused before more than 2 MiB of it is written.
+    let before = env.llm.requests.load(Ordering::SeqCst);
+    let result = env.run("hostile", &[("attack", "llm-escape")], BudgetRequest::default()).await;
+    let seen = completed(&result);
+    assert!(seen["error"].contains("InvalidRequest") && seen["error"].contains("2097152 bytes"), "{seen:?}");
+    assert_eq!(env.llm.requests.load(Ordering::SeqCst), before, "nothing was sent");
+    let result = env.run("hostile", &[("attack", "llm-escape"), ("bytes", "1000")], BudgetRequest::default()).await;
+    assert_eq!(completed(&result)["answer"], "more");
 }
 
 pub async fn resource_table_exhaustion(env: &Env) {
@@ -725,6 +744,7 @@ cases!(
     http_fields_bomb,
     kept_http_responses,
     audit_loop_pays_in_fuel,
+    llm_request_of_escaped_characters,
     resource_table_exhaustion,
     random_bytes_past_the_limit,
     oversized_fail_message_and_details,

@@ -150,10 +150,30 @@ pub(crate) struct ProviderMessage {
 struct ProviderResponse {
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    choices: Vec<Choice>,
+    /// Only the first choice is read: the others (n > 1) are never asked
+    /// for, and a provider that sends thousands must not make the node
+    /// build them.
+    #[serde(default, deserialize_with = "first_choice")]
+    choices: Option<Choice>,
     #[serde(default)]
     usage: Option<Usage>,
+}
+
+/// The first element of the `choices` array, the rest skipped unbuilt.
+fn first_choice<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Choice>, D::Error> {
+    struct First;
+    impl<'de> serde::de::Visitor<'de> for First {
+        type Value = Option<Choice>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of choices")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first = seq.next_element::<Choice>()?;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    deserializer.deserialize_seq(First)
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,19 +293,21 @@ impl LlmClient {
         request: &ProviderRequest,
         deadline: Instant,
     ) -> Result<Answer, CallError> {
-        // Serialised once, whatever the retries: a copy per attempt of a
-        // large prompt is memory the run does not see.
-        let body = bytes::Bytes::from(
-            serde_json::to_vec(request)
-                .map_err(|err| CallError::Provider(format!("could not write the request as JSON: {err}")))?,
-        );
-        if body.len() > LLM_REQUEST_BYTES {
-            return Err(CallError::TooLarge(format!(
-                "the request is {} bytes as JSON, more than the {LLM_REQUEST_BYTES} a call may send; \
-                 send a shorter prompt",
-                body.len()
-            )));
+        // Serialised once, whatever the retries (a copy per attempt of a
+        // large prompt is memory the run does not see), and never past the
+        // cap: JSON writes a control character as six bytes.
+        let mut json = CappedBuffer::new(LLM_REQUEST_BYTES);
+        if let Err(err) = serde_json::to_writer(&mut json, request) {
+            return Err(if json.overflowed {
+                CallError::TooLarge(format!(
+                    "the request is more than the {LLM_REQUEST_BYTES} bytes a call may send as JSON \
+                     (JSON writes each control character as six bytes); send a shorter prompt"
+                ))
+            } else {
+                CallError::Provider(format!("could not write the request as JSON: {err}"))
+            });
         }
+        let body = bytes::Bytes::from(json.bytes);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut last: Option<CallError> = None;
         loop {
@@ -351,7 +373,7 @@ impl LlmClient {
         if !status.is_success() {
             let message = format!(
                 "the LLM provider answered {status}: {}",
-                self.quote(&String::from_utf8_lossy(&body))
+                self.quote(&String::from_utf8_lossy(quoted(&body)))
             );
             return Err(if status.as_u16() == 429 || status.is_server_error() {
                 Attempt::Retry(CallError::Provider(message))
@@ -362,10 +384,10 @@ impl LlmClient {
         let parsed: ProviderResponse = serde_json::from_slice(&body).map_err(|err| {
             Attempt::Final(CallError::Provider(format!(
                 "the LLM provider's answer is not a chat completion ({err}): {}",
-                self.quote(&String::from_utf8_lossy(&body))
+                self.quote(&String::from_utf8_lossy(quoted(&body)))
             )))
         })?;
-        let Some(choice) = parsed.choices.into_iter().next() else {
+        let Some(choice) = parsed.choices else {
             return Err(Attempt::Final(CallError::Provider(
                 "the LLM provider's answer has no choices".into(),
             )));
@@ -444,6 +466,40 @@ impl LlmClient {
     }
 }
 
+/// The start of a body, enough for [`LlmClient::quote`].
+fn quoted(body: &[u8]) -> &[u8] {
+    &body[..body.len().min(4 * BODY_QUOTE)]
+}
+
+/// A `Vec` that refuses to grow past its cap: `serde_json` stops writing
+/// at the first refused write.
+struct CappedBuffer {
+    bytes: Vec<u8>,
+    cap: usize,
+    overflowed: bool,
+}
+
+impl CappedBuffer {
+    fn new(cap: usize) -> Self {
+        CappedBuffer { bytes: Vec::new(), cap, overflowed: false }
+    }
+}
+
+impl std::io::Write for CappedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.overflowed = true;
+            return Err(std::io::Error::other("over the cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Attempt {
     Retry(CallError),
     Final(CallError),
@@ -473,6 +529,29 @@ mod tests {
             azure.url(),
             "https://x.openai.azure.com/openai/deployments/gpt/chat/completions?api-version=2024-06-01"
         );
+    }
+
+    #[test]
+    fn only_the_first_choice_is_built() {
+        let many = format!(
+            r#"{{"choices": [{{"message": {{"content": "first"}}}}{}], "model": "m"}}"#,
+            ",{}".repeat(100_000)
+        );
+        let parsed: ProviderResponse = serde_json::from_str(&many).unwrap();
+        let content = parsed.choices.and_then(|choice| choice.message).and_then(|m| m.content);
+        assert_eq!(content.as_deref(), Some("first"));
+        let none: ProviderResponse = serde_json::from_str(r#"{"choices": []}"#).unwrap();
+        assert!(none.choices.is_none());
+    }
+
+    #[test]
+    fn a_request_is_never_written_past_the_cap() {
+        let mut capped = CappedBuffer::new(16);
+        assert!(serde_json::to_writer(&mut capped, &"\u{1}".repeat(10)).is_err());
+        assert!(capped.overflowed && capped.bytes.len() <= 16);
+        let mut fits = CappedBuffer::new(16);
+        serde_json::to_writer(&mut fits, &"ok").unwrap();
+        assert_eq!(fits.bytes, br#""ok""#);
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl Report {
                 lease_id: lease.lease_id.clone(),
                 run_id: lease.run_id.clone(),
                 node_id: node_id.to_string(),
-                result: result.clone().into_iter().collect(),
+                result: wire_result(&lease.lease_id, result),
                 timings: Some(timings.wire(report)),
                 costs: Some(CostInfo {
                     tokens_in: i32::try_from(report.tokens_in).unwrap_or(i32::MAX),
@@ -270,6 +270,26 @@ impl Report {
     }
 }
 
+/// The result map as sent: each NUL replaced by U+FFFD, which a database
+/// behind a control plane (PostgreSQL's `text`) would otherwise refuse,
+/// and with it the whole report.
+fn wire_result(lease_id: &str, result: &crate::sandbox::ResultMap) -> HashMap<String, String> {
+    let mut replaced = false;
+    let mut clean = |text: &String| {
+        if text.contains('\0') {
+            replaced = true;
+            text.replace('\0', "\u{fffd}")
+        } else {
+            text.clone()
+        }
+    };
+    let wire = result.iter().map(|(key, value)| (clean(key), clean(value))).collect();
+    if replaced {
+        tracing::warn!(%lease_id, "the result holds NUL characters, sent as U+FFFD: control planes backed by PostgreSQL refuse NUL; encode binary data (base64) in results");
+    }
+    wire
+}
+
 fn sandbox_report(report: &RunReport) -> SandboxReport {
     SandboxReport {
         fuel_consumed: report.fuel_consumed,
@@ -328,6 +348,14 @@ mod tests {
             started: None,
             finished: Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_result_is_sent_without_nul() {
+        let result = crate::sandbox::ResultMap::from([("k\0".to_string(), "a\0b".to_string())]);
+        let report = Report::build(&accepted("lease-1"), "node-1", &RunOutcome::Completed(result), &RunReport::default(), timings());
+        let Report::Complete(complete) = report else { panic!("completed") };
+        assert_eq!(complete.result.get("k\u{fffd}").map(String::as_str), Some("a\u{fffd}b"));
     }
 
     #[test]

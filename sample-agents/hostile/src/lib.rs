@@ -14,7 +14,12 @@
 //! - `socket`: `TcpStream::connect` to input_ref `addr` (a loopback
 //!   address); returns the error, or `socket.connected` if it got through.
 //! - `budget-loop`: calls `budget.remaining` forever.
-//! - `log-loop`: calls `log` forever (every line after the cap is dropped).
+//! - `log-loop`: calls `log` forever (every line after the cap is dropped),
+//!   with a message of input_ref `bytes` bytes (default 5).
+//! - `random-loop`: draws 1 MiB of random bytes, forever.
+//! - `llm-escape`: one `llm.chat` whose message is input_ref `bytes`
+//!   (default 2,000,000) control characters, which JSON writes as six
+//!   bytes each; returns the answer or the error.
 //! - `unreachable`: executes the `unreachable` instruction.
 //! - `huge-log`: logs one line of input_ref `bytes` bytes (default 10 MiB)
 //!   and completes.
@@ -57,7 +62,7 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-use node_runtime::agent::{budget, log};
+use node_runtime::agent::{budget, llm, log};
 
 struct Hostile;
 
@@ -88,10 +93,30 @@ impl Guest for Hostile {
                 }
             }
             "log-loop" => {
+                let message = "a".repeat(number(&context, "bytes", 5));
                 let mut i = 0u64;
                 loop {
-                    log::log(log::Level::Info, "again", &[]);
+                    log::log(log::Level::Info, &message, &[]);
                     i = std::hint::black_box(i.wrapping_add(1));
+                }
+            }
+            "random-loop" => {
+                let mut total = 0usize;
+                loop {
+                    total = std::hint::black_box(total + wasi::random::random::get_random_bytes(1 << 20).len());
+                }
+            }
+            "llm-escape" => {
+                let content = "\u{1}".repeat(number(&context, "bytes", 2_000_000));
+                let request = llm::ChatRequest {
+                    model: None,
+                    messages: vec![llm::Message { role: llm::Role::User, content }],
+                    max_tokens: None,
+                    temperature: None,
+                };
+                match llm::chat(&request) {
+                    Ok(answer) => seen.push(("answer".to_string(), answer.content)),
+                    Err(err) => seen.push(("error".to_string(), format!("{err:?}"))),
                 }
             }
             "unreachable" => core::arch::wasm32::unreachable(),

@@ -36,6 +36,10 @@ impl Host for RunState {
                 "no LLM endpoint configured on this node".to_string(),
             ));
         };
+        // The messages were copied out of the guest, and are written out
+        // again as JSON: host work paid in fuel like a log line's.
+        let bytes: usize = request.messages.iter().map(|message| message.content.len()).sum();
+        self.host_work_fuel += bytes as u64 * super::log::FUEL_PER_BYTE;
         if request.messages.is_empty() {
             return Err(LlmError::InvalidRequest(
                 "the chat request has no messages; give at least one".to_string(),

@@ -9,6 +9,8 @@ use crate::sandbox::state::RunState;
 /// Fuel a run pays for each log field it hands the host (two strings
 /// copied out of the guest and looked at), on top of the call's own.
 const FUEL_PER_FIELD: u64 = 200;
+/// And for each byte of its message and fields.
+pub(crate) const FUEL_PER_BYTE: u64 = 4;
 
 /// A run's log budget and what it has used.
 #[derive(Debug)]
@@ -129,9 +131,11 @@ impl Host for RunState {
         message: String,
         fields: Vec<(String, String)>,
     ) -> wasmtime::Result<()> {
-        // Each field was copied out of the guest and is looked at here:
-        // host work a flood of tiny fields would otherwise get for free.
-        self.host_work_fuel += fields.len() as u64 * FUEL_PER_FIELD;
+        // The message and each field were copied out of the guest and are
+        // looked at here: host work a flood of fields or a loop of large
+        // messages would otherwise get for free.
+        let bytes = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        self.host_work_fuel += fields.len() as u64 * FUEL_PER_FIELD + bytes as u64 * FUEL_PER_BYTE;
         let Some((message, fields)) = self.log.line(&message, &fields) else {
             return Ok(());
         };

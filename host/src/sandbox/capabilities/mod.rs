@@ -5,6 +5,7 @@ pub mod budget;
 pub mod http;
 pub mod llm;
 pub mod log;
+pub mod random;
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Engine;
@@ -19,6 +20,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<RunState>> {
     // The WASI a `wasm32-wasip2` toolchain links against. Its grants come
     // from each run's `WasiCtx`, which grants nothing by default.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    random::add_to_linker(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     bindings::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
