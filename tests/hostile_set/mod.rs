@@ -1,4 +1,4 @@
-//! The hostile-agent set, shared by `tests/hostile.rs` (one test per case)
+//! The hostile-agent set, shared by `tests/it/hostile.rs` (one test per case)
 //! and `tests/hostile_memory.rs` (the whole set, repeatedly, in one
 //! sandbox, measuring resident memory).
 //!

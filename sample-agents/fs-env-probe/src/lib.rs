@@ -2,7 +2,7 @@
 //! tries each operation named in input_ref `ops` (one per line) and returns
 //! what happened, keyed by the operation as written: `ok` or `ok: <what it
 //! got>` when the operation succeeded, `error: <message>` when the sandbox
-//! (or the host filesystem) refused it. Tests (`tests/grants.rs`) use it to
+//! (or the host filesystem) refused it. Tests (`tests/logs/grants.rs`) use it to
 //! check that an agent reaches exactly what it was granted.
 //!
 //! Operations:

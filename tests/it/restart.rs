@@ -5,7 +5,7 @@
 //! restarted node works again against a plane that answers its
 //! re-registration with 500, as the Postgres-backed reference does.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

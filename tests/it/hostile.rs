@@ -10,8 +10,8 @@
 //! `hostile_memory.rs`, which runs them all in one process and measures
 //! resident memory.
 
-mod hostile_set;
-mod support;
+use crate::hostile_set;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The `node-runtime` binary, driven the way a developer drives it: flags
 //! in, report and exit code out.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

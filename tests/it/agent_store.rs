@@ -12,7 +12,7 @@
 //! download cache an older node filled, while the same `.cwasm` from the
 //! agents directory runs; a redirect is not followed.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,10 +2,10 @@
 //! node's metering (tokens, cost, the budget), its retries, its deadline,
 //! and that the API key reaches the provider and nothing else.
 
-mod support;
+use crate::capture_logs;
+use crate::support;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -297,40 +297,6 @@ async fn a_provider_failing_until_the_deadline_never_outlasts_the_run() {
     }
     assert!(stub.requests().len() >= 2, "5xx is retried");
     assert_eq!(result.report.tokens_in + result.report.tokens_out, 0);
-}
-
-/// Collects everything `tracing` writes, from every test of this file.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-/// Installs the process-wide subscriber once. (A thread's scoped
-/// subscriber misses events: `tracing` caches each callsite's interest
-/// from whichever thread hits it first.)
-fn capture_logs() -> Captured {
-    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    CAPTURED
-        .get_or_init(|| {
-            let captured = Captured::default();
-            let writer = captured.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::TRACE)
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .finish();
-            tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
-            captured
-        })
-        .clone()
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 //! so the same tests hold on an ARM node (see the README for running them
 //! under qemu-user).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Output;

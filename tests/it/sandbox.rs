@@ -1,7 +1,7 @@
 //! The sandbox as a library: every way a run can end, classified, with the
 //! meters' readings, and the node still healthy afterwards.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

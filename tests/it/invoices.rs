@@ -9,7 +9,7 @@
 //! worth a retry, and the agent fails `budget.fuel` and `budget.memory`
 //! under half the fuel and memory a successful run used.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

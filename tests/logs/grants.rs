@@ -9,13 +9,12 @@
 //! given (one per line of input_ref `ops`) and answers `ok...` or
 //! `error: ...` for each.
 
-mod support;
+use crate::capture_logs;
+use crate::support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 use node_runtime::sandbox::{
     BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, ResultMap, RunOutcome,
@@ -398,34 +397,13 @@ async fn run_metadata_narrows_grants_and_never_widens_them() {
     assert_ok(&seen, "env-names", "CARGO_PKG_NAME,PATH");
 }
 
-/// A `tracing` writer that keeps what it is given.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-// The subscriber is the process's global one, set by this test only: a
+// The subscriber is the process's global one (`capture_logs`): a
 // thread-scoped one misses events whose callsites other tests, running in
-// parallel without a subscriber, registered first. The agent ids are this
-// test's own, so other tests' lines do not count.
+// parallel, registered first. The agent ids are this test's own, so other
+// tests' lines do not count.
 #[tokio::test]
 async fn grants_are_logged_once_per_agent_at_its_first_run_without_values() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("no other test sets a subscriber");
+    let captured = capture_logs();
 
     let host = tempfile::tempdir().unwrap();
     let sandbox = sandbox(&[(

@@ -7,7 +7,7 @@
 //! one layer, and a `.cwasm` (native code) pushed as `application/wasm`; `pull`
 //! does not save that `.cwasm` either.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

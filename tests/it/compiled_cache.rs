@@ -2,7 +2,7 @@
 //! what an earlier one compiled; damaged or foreign entries are detected
 //! and rebuilt, never loaded; the folder stays within its size bound.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

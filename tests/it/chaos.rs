@@ -2,7 +2,7 @@
 //! node is killed and restarted under load, and every run still ends with
 //! exactly one outcome, counted by the plane's own records.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

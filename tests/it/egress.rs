@@ -2,7 +2,7 @@
 //! context on every allowed request, the deadline and the response-body
 //! cap, against real servers on loopback.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

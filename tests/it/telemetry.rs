@@ -4,9 +4,8 @@
 //! control plane that goes away and comes back, log formats and levels, and
 //! the Grafana dashboard's queries.
 
-mod support;
-#[path = "support/otlp.rs"]
-mod otlp;
+use crate::support;
+use crate::otlp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

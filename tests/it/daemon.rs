@@ -4,7 +4,7 @@
 //! plane that answers it with 500, as the Postgres-backed reference does
 //! for an id it knows.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -6,11 +6,9 @@
 //! rotation while the node runs, secrets that never leak, and `dev
 //! --tls-dir`, whose plane binds each node id to its certificate's CN.
 
-#[path = "support/certs.rs"]
-mod certs;
-#[path = "support/otlp.rs"]
-mod otlp;
-mod support;
+use crate::certs;
+use crate::otlp;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
