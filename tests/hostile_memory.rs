@@ -62,7 +62,10 @@ async fn the_hostile_set_leaves_the_node_healthy_and_its_memory_flat() {
 fn process_memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's /proc status");
     let field = |name: &str| -> u64 {
-        let line = status.lines().find(|line| line.starts_with(name)).unwrap_or_else(|| panic!("{name} in {status}"));
+        let line = status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {status}"));
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
     };
@@ -128,7 +131,9 @@ async fn the_host_memory_bomb_in_every_slot_at_once_stays_within_the_slots_limit
         let plane = &plane;
         async move {
             eventually(Duration::from_secs(60), "the run to end", || {
-                plane.run(&run_id).filter(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+                plane
+                    .run(&run_id)
+                    .filter(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
             })
             .await
         }
@@ -163,7 +168,10 @@ async fn the_host_memory_bomb_in_every_slot_at_once_stays_within_the_slots_limit
             let info = run.error_info.as_ref().expect("errorInfo");
             let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
             assert_eq!(details["kind"], "budget.memory", "{bomb:?}: {details}");
-            assert!(details["report"]["peak_host_bytes"].as_u64().unwrap() > LIMIT / 2, "{details}");
+            assert!(
+                details["report"]["peak_host_bytes"].as_u64().unwrap() > LIMIT / 2,
+                "{details}"
+            );
         }
     }
     let (peak, _) = process_memory(pid);
@@ -174,7 +182,12 @@ async fn the_host_memory_bomb_in_every_slot_at_once_stays_within_the_slots_limit
         peak / MIB,
         bound / MIB
     );
-    assert!(peak <= bound, "peak {} MiB over the bound of {} MiB", peak / MIB, bound / MIB);
+    assert!(
+        peak <= bound,
+        "peak {} MiB over the bound of {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
 
     let echo = submit("echo", &[("message", "still here")]).await;
     let run = ended(echo).await;

@@ -21,14 +21,42 @@ fn resident_bytes() -> u64 {
 async fn a_hundred_misbehaving_runs_leave_the_node_healthy_and_its_memory_flat() {
     let sandbox = sandbox();
     let misbehaving = [
-        ("spin-forever", vec![], BudgetRequest { fuel: Some(20_000_000), ..Default::default() }),
-        ("memory-bomb", vec![], BudgetRequest { memory_bytes: Some(32 * MIB), ..Default::default() }),
+        (
+            "spin-forever",
+            vec![],
+            BudgetRequest {
+                fuel: Some(20_000_000),
+                ..Default::default()
+            },
+        ),
+        (
+            "memory-bomb",
+            vec![],
+            BudgetRequest {
+                memory_bytes: Some(32 * MIB),
+                ..Default::default()
+            },
+        ),
         ("stack-overflow", vec![], BudgetRequest::default()),
         ("panic", vec![], BudgetRequest::default()),
         ("agent-error", vec![], BudgetRequest::default()),
-        ("big-result", vec![], BudgetRequest { memory_bytes: Some(64 * MIB), ..Default::default() }),
+        (
+            "big-result",
+            vec![],
+            BudgetRequest {
+                memory_bytes: Some(64 * MIB),
+                ..Default::default()
+            },
+        ),
         ("log-flood", vec![("lines", "3000")], BudgetRequest::default()),
-        ("sleep-forever", vec![], BudgetRequest { duration: Some(Duration::from_millis(20)), ..Default::default() }),
+        (
+            "sleep-forever",
+            vec![],
+            BudgetRequest {
+                duration: Some(Duration::from_millis(20)),
+                ..Default::default()
+            },
+        ),
     ];
     let mut agents = Vec::new();
     for (name, input, budget) in &misbehaving {
@@ -51,8 +79,17 @@ async fn a_hundred_misbehaving_runs_leave_the_node_healthy_and_its_memory_flat()
     let after_hundred = resident_bytes();
 
     let echo = load(&sandbox, "echo").await;
-    let result = sandbox.run(&echo, request("echo", &[("message", "still here")], BudgetRequest::default())).await;
-    assert!(matches!(result.outcome, RunOutcome::Completed(_)), "{:?}", result.outcome);
+    let result = sandbox
+        .run(
+            &echo,
+            request("echo", &[("message", "still here")], BudgetRequest::default()),
+        )
+        .await;
+    assert!(
+        matches!(result.outcome, RunOutcome::Completed(_)),
+        "{:?}",
+        result.outcome
+    );
     assert!(
         after_hundred < after_ten + 50 * MIB,
         "resident memory grew from {} MiB after 10 runs to {} MiB after 100",

@@ -21,10 +21,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use node_runtime::agent_store::AgentStore;
 use node_runtime::outbox::Outbox;
 use node_runtime::proto::CompleteRequest;
-use node_runtime::sandbox::{
-    AllocatorChoice, EngineSettings, RunOutcome, Sandbox,
-    SandboxConfig,
-};
+use node_runtime::sandbox::{AllocatorChoice, EngineSettings, RunOutcome, Sandbox, SandboxConfig};
 use node_runtime::worker::lease::Report;
 
 /// The workspace's target directory (benches run from the package's own).
@@ -37,7 +34,11 @@ fn target_dir() -> PathBuf {
 
 fn echo_path() -> PathBuf {
     let path = target_dir().join("agents/echo.wasm");
-    assert!(path.is_file(), "{} is missing: run scripts/build-agents", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-agents",
+        path.display()
+    );
     path
 }
 
@@ -91,7 +92,8 @@ fn agent_store(c: &mut Criterion) {
     std::fs::copy(echo_path(), folder.join("1.0.0.wasm")).unwrap();
     let sandbox = sandbox(AllocatorChoice::Pooling);
     let store = AgentStore::new(vec![dir.path().to_path_buf()]);
-    rt.block_on(store.resolve(&sandbox, "echo", "1.0.0")).expect("echo resolves");
+    rt.block_on(store.resolve(&sandbox, "echo", "1.0.0"))
+        .expect("echo resolves");
     c.bench_function("agent store/resolve, loaded", |b| {
         b.iter(|| rt.block_on(store.resolve(&sandbox, "echo", "1.0.0")).expect("resolves"))
     });

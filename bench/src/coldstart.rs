@@ -76,8 +76,7 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("ROUNDS is a number"))
         .unwrap_or(5);
-    let target =
-        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let scratch = target.join("bench-scratch/coldstart");
 
     // The agents directory a node would be given, laid out as the store
@@ -94,9 +93,7 @@ async fn main() {
     }
     std::thread::sleep(SETTLE_TIME + Duration::from_secs(1));
 
-    println!(
-        "{rounds} rounds per agent, each with an empty compiled cache; times are resolve + one run"
-    );
+    println!("{rounds} rounds per agent, each with an empty compiled cache; times are resolve + one run");
     println!(
         "{:<20} {:<34} {:>12} {:>12} {:>6}",
         "agent", "step", "median", "p99", "load"
@@ -104,8 +101,7 @@ async fn main() {
     for name in AGENTS {
         let path = agents.join(name).join(format!("{VERSION}.wasm"));
         let load = wait_for_quiet_machine("coldstart");
-        let (mut compile, mut engine, mut cached, mut cached_load, mut warm) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut compile, mut engine, mut cached, mut cached_load, mut warm) = (vec![], vec![], vec![], vec![], vec![]);
         for round in 0..rounds {
             let cache = scratch.join(format!("{name}-{round}"));
             let _ = std::fs::remove_dir_all(&cache);

@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 use bench::wait_for_quiet_machine;
 use node_runtime::config::Secret;
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest,
-    Sandbox, SandboxConfig,
+    BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
 
 const ANSWER_AFTER: Duration = Duration::from_secs(30);
@@ -92,24 +91,13 @@ fn seen(stub: SocketAddr) -> usize {
     write!(stream, "GET /count HTTP/1.0\r\nHost: stub\r\n\r\n").unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    answer
-        .rsplit("\r\n\r\n")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    answer.rsplit("\r\n\r\n").next().unwrap().trim().parse().unwrap()
 }
 
 fn resident_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 fn request(i: usize) -> RunRequest {
@@ -232,9 +220,7 @@ async fn main() {
     let counts: Vec<usize> = if args.is_empty() {
         vec![1000, 10_000]
     } else {
-        args.iter()
-            .map(|n| n.parse().expect("N is a number"))
-            .collect()
+        args.iter().map(|n| n.parse().expect("N is a number")).collect()
     };
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{target}/agents/llm-chat.wasm");
@@ -249,15 +235,7 @@ async fn main() {
     );
     println!(
         "{:>6} {:>9} {:<28} {:>12} {:>12} {:>12} {:>14} {:>10} {:>6}",
-        "N",
-        "suspended",
-        "allocator",
-        "all waiting",
-        "RSS before",
-        "RSS during",
-        "per run",
-        "completed",
-        "load"
+        "N", "suspended", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
     );
     for n in counts {
         measure(n, stub, answer_after, wasm.clone()).await;

@@ -94,7 +94,11 @@ async fn main() {
         for variant in &mut variants {
             let (time, primes) = sieve_run(&variant.sandbox, &variant.sieve, limit).await;
             variant.sieve_times.push(time);
-            assert_eq!(answer.get_or_insert_with(|| primes.clone()), &primes, "both engines agree");
+            assert_eq!(
+                answer.get_or_insert_with(|| primes.clone()),
+                &primes,
+                "both engines agree"
+            );
             variant.echo_times.push(echo_run(&variant.sandbox, &variant.echo).await);
         }
     }
@@ -108,7 +112,14 @@ async fn main() {
     );
     let spreads: Vec<(Execution, Spread, Spread, [Duration; 2])> = variants
         .into_iter()
-        .map(|v| (v.execution, Spread::of(v.sieve_times), Spread::of(v.echo_times), v.compile))
+        .map(|v| {
+            (
+                v.execution,
+                Spread::of(v.sieve_times),
+                Spread::of(v.echo_times),
+                v.compile,
+            )
+        })
         .collect();
     for (execution, sieve, echo, compile) in &spreads {
         println!(

@@ -13,9 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_runtime::sandbox::{
-    EngineSettings, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig,
-};
+use node_runtime::sandbox::{EngineSettings, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig};
 
 const AGENTS: [&str; 3] = ["invoice-classifier", "invoice-classifier-py", "invoice-classifier-js"];
 
@@ -45,7 +43,10 @@ async fn main() {
         .unwrap_or(200);
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings { max_concurrent_runs: 8, ..EngineSettings::default() },
+        engine: EngineSettings {
+            max_concurrent_runs: 8,
+            ..EngineSettings::default()
+        },
         ..SandboxConfig::default()
     })
     .expect("sandbox");

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_runtime::sandbox::{
-    Agent, BudgetRequest, RunContext, RunOutcome, RunRequest, Sandbox,
-};
+use node_runtime::sandbox::{Agent, BudgetRequest, RunContext, RunOutcome, RunRequest, Sandbox};
 
 /// The `p` quantile (0..=1) of sorted samples, nearest rank.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
@@ -49,12 +47,7 @@ pub fn load_average() -> f64 {
 /// after the wait, saying so: the number printed next to each result tells
 /// the reader how much to trust it.
 pub fn wait_for_quiet_machine(what: &str) -> f64 {
-    let env = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let env = |name: &str, default: f64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let max_load = env("BENCH_MAX_LOAD", 1.5);
     let limit = Duration::from_secs_f64(env("BENCH_LOAD_WAIT_SECS", 300.0));
     let started = Instant::now();

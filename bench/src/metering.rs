@@ -16,10 +16,7 @@ use node_runtime::sandbox::{EngineSettings, Metering, Sandbox, SandboxConfig};
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let runs: usize = args
-        .next()
-        .map(|n| n.parse().expect("RUNS is a number"))
-        .unwrap_or(30);
+    let runs: usize = args.next().map(|n| n.parse().expect("RUNS is a number")).unwrap_or(30);
     let limit: u64 = args
         .next()
         .map(|n| n.parse().expect("LIMIT is a number"))
@@ -68,9 +65,7 @@ async fn main() {
     }
     let load_after = bench::load_average();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "prime-sieve below {limit}, {runs} runs each, interleaved; load {load:.2} -> {load_after:.2}"
-    );
+    println!("prime-sieve below {limit}, {runs} runs each, interleaved; load {load:.2} -> {load_after:.2}");
     println!(
         "{:<16} {:>12} {:>12} {:>16}",
         "variant", "median", "p99", "median vs off"

@@ -61,41 +61,22 @@ async fn in_process(allocator: AllocatorChoice, wasm: Arc<[u8]>, runs: usize) ->
 
 /// A fresh process per run, the run context on its stdin; checks its
 /// stdout carries the result.
-fn process_per_run(
-    program: &Path,
-    args: &[&str],
-    stdin: Option<&str>,
-    runs: usize,
-) -> Vec<Duration> {
+fn process_per_run(program: &Path, args: &[&str], stdin: Option<&str>, runs: usize) -> Vec<Duration> {
     (0..runs)
         .map(|_| {
             let started = Instant::now();
             let mut child = Command::new(program)
                 .args(args)
-                .stdin(if stdin.is_some() {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
+                .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|err| panic!("{}: {err}", program.display()));
             if let Some(input) = stdin {
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(input.as_bytes())
-                    .unwrap();
+                child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
             }
             let output = child.wait_with_output().unwrap();
             let elapsed = started.elapsed();
-            assert!(
-                output.status.success(),
-                "{}: {:?}",
-                program.display(),
-                output.status
-            );
+            assert!(output.status.success(), "{}: {:?}", program.display(), output.status);
             assert!(String::from_utf8_lossy(&output.stdout).contains("hello"));
             elapsed
         })
@@ -114,8 +95,7 @@ async fn main() {
         .nth(1)
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(2000);
-    let target =
-        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let echo = read(&target.join("agents/echo.wasm"));
     let command_path = target.join("agents/wasi-command-echo.wasm");
     let command = read(&command_path);
@@ -136,7 +116,10 @@ async fn main() {
     );
     if std::env::var_os("BENCH_IN_PROCESS_ONLY").is_some() {
         let (_, n, spread, load) = &rows[0];
-        println!("in-process, pooling (echo): {n} runs, median {:?}, p99 {:?}, load {load:.2}", spread.median, spread.p99);
+        println!(
+            "in-process, pooling (echo): {n} runs, median {:?}, p99 {:?}, load {load:.2}",
+            spread.median, spread.p99
+        );
         return;
     }
     let load = wait_for_quiet_machine("startup");
@@ -208,12 +191,7 @@ async fn main() {
         "process per run (/bin/echo)",
         process_runs,
         load,
-        process_per_run(
-            Path::new("/bin/echo"),
-            &["{\"message\":\"hello\"}"],
-            None,
-            process_runs,
-        ),
+        process_per_run(Path::new("/bin/echo"), &["{\"message\":\"hello\"}"], None, process_runs),
     );
 
     let baseline = rows

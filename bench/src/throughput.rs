@@ -154,10 +154,7 @@ impl Outstanding {
             };
             match status {
                 RunStatus::Completed => latencies.push(now - submitted),
-                _ => panic!(
-                    "echo failed: {:?}",
-                    plane.run(&run_id).map(|run| run.error_info)
-                ),
+                _ => panic!("echo failed: {:?}", plane.run(&run_id).map(|run| run.error_info)),
             }
         }
     }
@@ -173,11 +170,7 @@ async fn saturate(setup: &Setup, runs: usize) -> (f64, Spread) {
     let mut latencies = Vec::with_capacity(runs);
     let deadline = Instant::now() + Duration::from_secs(600);
     while !pending.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "{} runs never ended",
-            pending.len()
-        );
+        assert!(Instant::now() < deadline, "{} runs never ended", pending.len());
         tokio::time::sleep(Duration::from_millis(2)).await;
         pending.collect(&setup.plane, &mut latencies);
     }
@@ -196,18 +189,14 @@ async fn open_loop(setup: &Setup, rate: f64) -> (usize, Spread) {
     while sent < total || !pending.is_empty() {
         // Submit whatever is due by now (catching up after a late wake-up),
         // then look for outcomes.
-        let due =
-            ((started.elapsed().as_secs_f64() / interval.as_secs_f64()) as usize + 1).min(total);
+        let due = ((started.elapsed().as_secs_f64() / interval.as_secs_f64()) as usize + 1).min(total);
         while sent < due {
             pending.add(submit(&setup.plane, sent).await);
             sent += 1;
         }
         pending.collect(&setup.plane, &mut latencies);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "open loop never ended"
-        );
+        assert!(started.elapsed() < Duration::from_secs(600), "open loop never ended");
     }
     (total, Spread::of(latencies))
 }
@@ -228,8 +217,7 @@ async fn main() {
     let rates: Vec<f64> = args
         .map(|rate| rate.parse().expect("RATE is a number of runs per second"))
         .collect();
-    let target =
-        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
+    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));
     let scratch = target.join("bench-scratch/throughput");
     std::fs::create_dir_all(&scratch).unwrap();
     let agents = agents_layout(&target, &scratch);

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sandbox::NodeLimits;
 use crate::sandbox::HostLimits;
+use crate::sandbox::NodeLimits;
 use crate::sandbox::capabilities::http::{EgressPolicy, HostGrant, destination};
 use crate::sandbox::capabilities::log::{RunLog, truncate};
 

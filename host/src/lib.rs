@@ -16,10 +16,10 @@
 
 pub mod agent_store;
 pub mod cli;
+pub mod config;
 pub mod control_plane;
 pub mod dev_plane;
 pub mod outbox;
-pub mod config;
 pub mod proto;
 pub mod sandbox;
 pub mod telemetry;

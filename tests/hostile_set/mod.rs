@@ -22,8 +22,8 @@ use axum::extract::State;
 use node_runtime::config::Secret;
 use node_runtime::sandbox::outcome::{FAILURE_DETAILS_BYTES, FAILURE_MESSAGE_BYTES};
 use node_runtime::sandbox::{
-    Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, HostLimits, LlmSettings,
-    NodeLimits, RunFailure, RunOutcome, RunResult, Sandbox, SandboxConfig,
+    Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, HostLimits, LlmSettings, NodeLimits, RunFailure,
+    RunOutcome, RunResult, Sandbox, SandboxConfig,
 };
 
 use crate::support::*;
@@ -75,7 +75,11 @@ async fn completions(State(stub): State<Arc<LlmStub>>, Json(body): Json<serde_js
     stub.requests.fetch_add(1, Ordering::SeqCst);
     let greedy = body["model"] == "greedy";
     let max_tokens = body["max_tokens"].as_u64().unwrap_or(u64::MAX);
-    let completion = if greedy { ANSWER_TOKENS } else { ANSWER_TOKENS.min(max_tokens) };
+    let completion = if greedy {
+        ANSWER_TOKENS
+    } else {
+        ANSWER_TOKENS.min(max_tokens)
+    };
     Json(serde_json::json!({
         "id": "chatcmpl-hostile",
         "object": "chat.completion",
@@ -127,7 +131,9 @@ async fn start_headers_server() -> SocketAddr {
         let mut response = axum::response::Response::new(axum::body::Body::empty());
         for n in 0..95 {
             let name = axum::http::HeaderName::from_bytes(format!("x-big-{n}").as_bytes()).unwrap();
-            response.headers_mut().insert(name, axum::http::HeaderValue::from_str(&"h".repeat(4000)).unwrap());
+            response
+                .headers_mut()
+                .insert(name, axum::http::HeaderValue::from_str(&"h".repeat(4000)).unwrap());
         }
         response
     };
@@ -157,9 +163,16 @@ impl Env {
                 max_concurrent_runs: 4,
                 ..EngineSettings::default()
             },
-            llm: Some(LlmSettings::openai(format!("http://{stub}"), Secret::new("sk-hostile"), "stub")),
+            llm: Some(LlmSettings::openai(
+                format!("http://{stub}"),
+                Secret::new("sk-hostile"),
+                "stub",
+            )),
             allowed_hosts: BTreeMap::from([
-                ("http-fetch".to_string(), vec![format!("127.0.0.1:{}", silent.addr.port())]),
+                (
+                    "http-fetch".to_string(),
+                    vec![format!("127.0.0.1:{}", silent.addr.port())],
+                ),
                 ("hostile".to_string(), vec![format!("127.0.0.1:{}", headers.port())]),
             ]),
             ..SandboxConfig::default()
@@ -193,9 +206,12 @@ impl Env {
     async fn run_on(&self, sandbox: &Sandbox, name: &str, input: &[(&str, &str)], budget: BudgetRequest) -> RunResult {
         let agent: Arc<Agent> = load(sandbox, name).await;
         // However the run ends, the test itself is bounded.
-        tokio::time::timeout(Duration::from_secs(20), sandbox.run(&agent, request(name, input, budget)))
-            .await
-            .unwrap_or_else(|_| panic!("{name} {input:?}: the run did not end within 20 s"))
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            sandbox.run(&agent, request(name, input, budget)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} {input:?}: the run did not end within 20 s"))
     }
 
     async fn run(&self, name: &str, input: &[(&str, &str)], budget: BudgetRequest) -> RunResult {
@@ -211,7 +227,9 @@ impl Env {
 
     /// The node is still healthy: `echo` completes in the same sandbox.
     pub async fn echo_completes(&self) {
-        let result = self.run("echo", &[("message", "still here")], BudgetRequest::default()).await;
+        let result = self
+            .run("echo", &[("message", "still here")], BudgetRequest::default())
+            .await;
         assert_eq!(completed(&result)["message"], "still here");
     }
 
@@ -242,7 +260,11 @@ fn fails(result: &RunResult, kind: FailKind, message_has: &str) {
     let failure = failure(result);
     assert_eq!(failure.kind, kind, "{failure:?}");
     assert!(!failure.retryable, "{failure:?}");
-    assert!(failure.message.contains(message_has), "expected {message_has:?} in: {}", failure.message);
+    assert!(
+        failure.message.contains(message_has),
+        "expected {message_has:?} in: {}",
+        failure.message
+    );
 }
 
 fn fuel(n: u64) -> BudgetRequest {
@@ -325,16 +347,31 @@ pub async fn table_growth_refused(env: &Env) {
     // no inline assembly), so the bomb is a function table larger than the
     // node's table limit: the same limiter refuses it when the instance is
     // created.
-    let result = env.run_on(&env.tight_tables, "hostile", &[("attack", "env")], BudgetRequest::default()).await;
+    let result = env
+        .run_on(
+            &env.tight_tables,
+            "hostile",
+            &[("attack", "env")],
+            BudgetRequest::default(),
+        )
+        .await;
     fails(&result, FailKind::BudgetMemory, "table growth to");
-    assert!(failure(&result).message.contains(&format!("limit is {TABLE_LIMIT}")), "{:?}", result.outcome);
+    assert!(
+        failure(&result).message.contains(&format!("limit is {TABLE_LIMIT}")),
+        "{:?}",
+        result.outcome
+    );
 }
 
 pub async fn deep_recursion(env: &Env) {
     let result = env.run("stack-overflow", &[], BudgetRequest::default()).await;
     fails(&result, FailKind::AgentTrap, "stack overflow");
     assert!(failure(&result).details.contains("wasm backtrace"));
-    assert!(failure(&result).details.len() <= FAILURE_DETAILS_BYTES, "{}", failure(&result).details.len());
+    assert!(
+        failure(&result).details.len() <= FAILURE_DETAILS_BYTES,
+        "{}",
+        failure(&result).details.len()
+    );
 }
 
 // ---- what the host holds for a run -----------------------------------------
@@ -355,14 +392,27 @@ pub async fn http_fields_bomb(env: &Env) {
     assert!(report.peak_memory_bytes <= 32 * MIB + one_map(), "{report:?}");
     // Maps of hundreds of one-byte headers, whose bookkeeping outweighs
     // their bytes, and maps moved into responses: charged all the same.
-    for input in [&[("attack", "http-fields"), ("tiny", "1")][..], &[("attack", "out-responses")]] {
+    for input in [
+        &[("attack", "http-fields"), ("tiny", "1")][..],
+        &[("attack", "out-responses")],
+    ] {
         let result = env.run("hostile", input, memory(32 * MIB)).await;
         fails(&result, FailKind::BudgetMemory, "host resources the run holds");
-        assert!(result.report.peak_memory_bytes <= 32 * MIB + one_map(), "{input:?}: {:?}", result.report);
+        assert!(
+            result.report.peak_memory_bytes <= 32 * MIB + one_map(),
+            "{input:?}: {:?}",
+            result.report
+        );
     }
     // One map over its size limit.
     let over = (HostLimits::default().field_bytes + 1).to_string();
-    let result = env.run("hostile", &[("attack", "http-fields"), ("value_bytes", &over)], memory(32 * MIB)).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "http-fields"), ("value_bytes", &over)],
+            memory(32 * MIB),
+        )
+        .await;
     fails(&result, FailKind::BudgetMemory, "HTTP header map past 32 KiB");
 }
 
@@ -370,16 +420,38 @@ pub async fn kept_http_responses(env: &Env) {
     // Responses of an allowed host, waited for and kept unread: each holds
     // a connection's buffers, charged to the run.
     let url = format!("http://{}/small", env.headers);
-    let result = env.run("hostile", &[("attack", "keep-responses"), ("url", &url)], memory(32 * MIB)).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "keep-responses"), ("url", &url)],
+            memory(32 * MIB),
+        )
+        .await;
     fails(&result, FailKind::BudgetMemory, "host resources the run holds");
     assert!(result.report.peak_host_bytes > 24 * MIB, "{:?}", result.report);
     // Headers past what a run may hold are refused, before any is kept.
     let url = format!("http://{}/big", env.headers);
-    let result = env.run("hostile", &[("attack", "response-headers"), ("url", &url)], memory(32 * MIB)).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "response-headers"), ("url", &url)],
+            memory(32 * MIB),
+        )
+        .await;
     let seen = completed(&result);
-    assert!(seen.get("error").is_some_and(|e| e.contains("HttpResponseHeaderSectionSize")), "{seen:?}");
+    assert!(
+        seen.get("error")
+            .is_some_and(|e| e.contains("HttpResponseHeaderSectionSize")),
+        "{seen:?}"
+    );
     let url = format!("http://{}/small", env.headers);
-    let result = env.run("hostile", &[("attack", "response-headers"), ("url", &url)], BudgetRequest::default()).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "response-headers"), ("url", &url)],
+            BudgetRequest::default(),
+        )
+        .await;
     assert_eq!(completed(&result)["status"], "200");
 }
 
@@ -399,7 +471,11 @@ pub async fn audit_loop_pays_in_fuel(env: &Env) {
     ] {
         let result = env.run("hostile", input, budget).await;
         fails(&result, FailKind::BudgetFuel, "50000000");
-        assert!(result.report.wall_ms < 10_000, "{input:?} ended by fuel, long before its deadline: {:?}", result.report);
+        assert!(
+            result.report.wall_ms < 10_000,
+            "{input:?} ended by fuel, long before its deadline: {:?}",
+            result.report
+        );
     }
 }
 
@@ -407,26 +483,47 @@ pub async fn llm_request_of_escaped_characters(env: &Env) {
     // 2,000,000 control characters, within what a call may carry, are
     // 12 MB as JSON: refused before more than 2 MiB of it is written.
     let before = env.llm.requests.load(Ordering::SeqCst);
-    let result = env.run("hostile", &[("attack", "llm-escape")], BudgetRequest::default()).await;
+    let result = env
+        .run("hostile", &[("attack", "llm-escape")], BudgetRequest::default())
+        .await;
     let seen = completed(&result);
-    assert!(seen["error"].contains("InvalidRequest") && seen["error"].contains("2097152 bytes"), "{seen:?}");
+    assert!(
+        seen["error"].contains("InvalidRequest") && seen["error"].contains("2097152 bytes"),
+        "{seen:?}"
+    );
     assert_eq!(env.llm.requests.load(Ordering::SeqCst), before, "nothing was sent");
-    let result = env.run("hostile", &[("attack", "llm-escape"), ("bytes", "1000")], BudgetRequest::default()).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "llm-escape"), ("bytes", "1000")],
+            BudgetRequest::default(),
+        )
+        .await;
     assert_eq!(completed(&result)["answer"], "more");
 }
 
 pub async fn resource_table_exhaustion(env: &Env) {
     // Clock pollables, kept: small, but each one a host resource.
-    let result = env.run("hostile", &[("attack", "resource-flood")], BudgetRequest::default()).await;
+    let result = env
+        .run("hostile", &[("attack", "resource-flood")], BudgetRequest::default())
+        .await;
     let limit = HostLimits::default().resource_entries;
     fails(&result, FailKind::BudgetMemory, &format!("{limit} host resources"));
 }
 
 pub async fn random_bytes_past_the_limit(env: &Env) {
-    let result = env.run("hostile", &[("attack", "random-bytes")], BudgetRequest::default()).await;
+    let result = env
+        .run("hostile", &[("attack", "random-bytes")], BudgetRequest::default())
+        .await;
     fails(&result, FailKind::BudgetMemory, "random bytes in one call");
     let within = (HostLimits::default().random_bytes).to_string();
-    let result = env.run("hostile", &[("attack", "random-bytes"), ("bytes", &within)], BudgetRequest::default()).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "random-bytes"), ("bytes", &within)],
+            BudgetRequest::default(),
+        )
+        .await;
     assert_eq!(completed(&result)["random_bytes"], within);
 }
 
@@ -434,17 +531,39 @@ pub async fn oversized_fail_message_and_details(env: &Env) {
     // A 1.5 MiB error message and a megabyte of stderr: the Fail carries the
     // start of each, the cut marked, well within what a plane accepts.
     let result = env
-        .run("hostile", &[("attack", "huge-error"), ("stderr", "1000000")], memory(64 * MIB))
+        .run(
+            "hostile",
+            &[("attack", "huge-error"), ("stderr", "1000000")],
+            memory(64 * MIB),
+        )
         .await;
     let failure = failure(&result);
     assert_eq!(failure.kind, FailKind::AgentError, "{}", failure.message.len());
-    assert!(failure.message.len() <= FAILURE_MESSAGE_BYTES, "{}", failure.message.len());
+    assert!(
+        failure.message.len() <= FAILURE_MESSAGE_BYTES,
+        "{}",
+        failure.message.len()
+    );
     assert!(failure.message.starts_with("mmmm") && failure.message.ends_with(" bytes cut]"));
-    assert!(failure.details.len() <= FAILURE_DETAILS_BYTES, "{}", failure.details.len());
-    assert!(failure.details.contains("[stderr truncated]"), "{}", &failure.details[failure.details.len() - 100..]);
+    assert!(
+        failure.details.len() <= FAILURE_DETAILS_BYTES,
+        "{}",
+        failure.details.len()
+    );
+    assert!(
+        failure.details.contains("[stderr truncated]"),
+        "{}",
+        &failure.details[failure.details.len() - 100..]
+    );
     // 20 MiB is more than a returned value may carry out of the guest.
     let twenty = (20 * MIB).to_string();
-    let result = env.run("hostile", &[("attack", "huge-error"), ("bytes", &twenty)], memory(64 * MIB)).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "huge-error"), ("bytes", &twenty)],
+            memory(64 * MIB),
+        )
+        .await;
     fails(&result, FailKind::BudgetOutput, "the agent returned more than 2 MiB");
 }
 
@@ -456,7 +575,9 @@ pub async fn panic(env: &Env) {
 }
 
 pub async fn unreachable(env: &Env) {
-    let result = env.run("hostile", &[("attack", "unreachable")], BudgetRequest::default()).await;
+    let result = env
+        .run("hostile", &[("attack", "unreachable")], BudgetRequest::default())
+        .await;
     fails(&result, FailKind::AgentTrap, "`unreachable` executed");
     assert!(failure(&result).details.contains("wasm backtrace"));
 }
@@ -472,9 +593,20 @@ pub async fn huge_result(env: &Env) {
 pub async fn huge_single_log_line(env: &Env) {
     // One 1.5 MiB message: passed on cut to 8 KiB, the run completes.
     let one_and_a_half = (3 * MIB / 2).to_string();
-    let result = env.run("hostile", &[("attack", "huge-log"), ("bytes", &one_and_a_half)], memory(64 * MIB)).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "huge-log"), ("bytes", &one_and_a_half)],
+            memory(64 * MIB),
+        )
+        .await;
     assert_eq!(completed(&result)["logged_bytes"], one_and_a_half);
-    assert_eq!((result.report.log_lines, result.report.log_lines_dropped), (1, 0), "{:?}", result.report);
+    assert_eq!(
+        (result.report.log_lines, result.report.log_lines_dropped),
+        (1, 0),
+        "{:?}",
+        result.report
+    );
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
     // 10 MiB is more than one call may carry into the host: refused.
     let result = env.run("hostile", &[("attack", "huge-log")], memory(64 * MIB)).await;
@@ -482,7 +614,9 @@ pub async fn huge_single_log_line(env: &Env) {
 }
 
 pub async fn log_flood(env: &Env) {
-    let result = env.run("log-flood", &[("lines", "5000")], BudgetRequest::default()).await;
+    let result = env
+        .run("log-flood", &[("lines", "5000")], BudgetRequest::default())
+        .await;
     assert_eq!(completed(&result)["lines"], "5000");
     assert_eq!(result.report.log_lines, NodeLimits::default().log_lines);
     assert_eq!(result.report.log_lines + result.report.log_lines_dropped, 5001);
@@ -502,11 +636,18 @@ pub async fn filesystem_access(env: &Env) {
     let result = env.run("hostile", &[("attack", "fs")], BudgetRequest::default()).await;
     let seen = completed(&result);
     for n in 0..3 {
-        assert!(seen.contains_key(&format!("fs.{n}.error")), "{} was read: {seen:?}", seen[&format!("fs.{n}.path")]);
+        assert!(
+            seen.contains_key(&format!("fs.{n}.error")),
+            "{} was read: {seen:?}",
+            seen[&format!("fs.{n}.path")]
+        );
         assert!(!seen.contains_key(&format!("fs.{n}.read")), "{seen:?}");
     }
     for n in 0..3 {
-        assert!(seen.contains_key(&format!("dir.{n}.error")), "a directory was listed: {seen:?}");
+        assert!(
+            seen.contains_key(&format!("dir.{n}.error")),
+            "a directory was listed: {seen:?}"
+        );
     }
     assert!(seen.contains_key("write.error"), "{seen:?}");
     assert!(
@@ -523,13 +664,22 @@ pub async fn environment_read(env: &Env) {
     assert!(seen["env.PATH"].starts_with("error"), "{seen:?}");
     assert!(seen["env.HOME"].starts_with("error"), "{seen:?}");
     if let Ok(path) = std::env::var("PATH") {
-        assert!(!seen.values().any(|value| value.contains(&path)), "the host's PATH is visible: {seen:?}");
+        assert!(
+            !seen.values().any(|value| value.contains(&path)),
+            "the host's PATH is visible: {seen:?}"
+        );
     }
 }
 
 pub async fn socket_attempt(env: &Env) {
     let addr = env.socket_target.addr.to_string();
-    let result = env.run("hostile", &[("attack", "socket"), ("addr", &addr)], BudgetRequest::default()).await;
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "socket"), ("addr", &addr)],
+            BudgetRequest::default(),
+        )
+        .await;
     let seen = completed(&result);
     assert!(seen.contains_key("socket.error"), "{seen:?}");
     assert!(!seen.contains_key("socket.connected"), "{seen:?}");
@@ -543,7 +693,10 @@ pub async fn http_to_a_denied_host(env: &Env) {
     let url = format!("http://{}/", env.denied.addr);
     let result = env.run("http-fetch", &[("url", &url)], BudgetRequest::default()).await;
     let seen = completed(&result);
-    assert!(seen.get("error").is_some_and(|e| e.contains("HttpRequestDenied")), "{seen:?}");
+    assert!(
+        seen.get("error").is_some_and(|e| e.contains("HttpRequestDenied")),
+        "{seen:?}"
+    );
     assert!(!seen.contains_key("status"));
     assert_eq!((result.report.http_requests, result.report.http_denied), (1, 1));
     assert_eq!(env.denied.accepted(), 0, "the denied host saw a connection");
@@ -553,7 +706,11 @@ pub async fn http_to_an_allowed_host_that_never_answers(env: &Env) {
     let url = format!("http://{}/", env.silent.addr);
     let started = Instant::now();
     let result = env.run("http-fetch", &[("url", &url)], env.deadline()).await;
-    assert!(started.elapsed() < env.short + Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < env.short + Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     match &result.outcome {
         RunOutcome::Completed(seen) => {
             assert!(seen.contains_key("error") && !seen.contains_key("status"), "{seen:?}")
@@ -576,7 +733,11 @@ pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
     let seen = completed(&result);
     assert_eq!(seen["calls_completed"], "4", "{seen:?}");
     assert!(seen["error"].starts_with("budget-exhausted: "), "{seen:?}");
-    assert_eq!(env.llm.requests.load(Ordering::SeqCst) - before, 4, "refused calls never reach the provider");
+    assert_eq!(
+        env.llm.requests.load(Ordering::SeqCst) - before,
+        4,
+        "refused calls never reach the provider"
+    );
 }
 
 pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
@@ -585,7 +746,9 @@ pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
         tokens: Some(100),
         ..BudgetRequest::default()
     };
-    let result = env.run("llm-chat", &[("calls", "1000"), ("model", "greedy")], budget).await;
+    let result = env
+        .run("llm-chat", &[("calls", "1000"), ("model", "greedy")], budget)
+        .await;
     fails(&result, FailKind::BudgetTokens, "over its budget of 100");
     assert_eq!(result.report.tokens_in + result.report.tokens_out, 128);
 }
@@ -701,15 +864,24 @@ pub async fn a_cwasm_from_a_network_source(env: &Env) {
     )
     .unwrap();
     let store = AgentStore::with_sources(vec![AgentSource::Http(source)], false);
-    let refused = store.resolve(&env.sandbox, "echo", "1.0.0").await.expect_err("a .cwasm from the network loads");
+    let refused = store
+        .resolve(&env.sandbox, "echo", "1.0.0")
+        .await
+        .expect_err("a .cwasm from the network loads");
     assert!(!refused.is_retryable(), "{refused}");
     let reason = refused.to_string();
-    assert!(reason.contains("precompiled") && reason.contains("AgentsDirectory"), "{reason}");
+    assert!(
+        reason.contains("precompiled") && reason.contains("AgentsDirectory"),
+        "{reason}"
+    );
     assert_eq!(served.load(Ordering::SeqCst), 1, "it was fetched, then refused");
-    assert!(std::fs::read_dir(cache.path()).unwrap().all(|entry| {
-        let path = entry.unwrap().path();
-        !path.is_dir() || std::fs::read_dir(path).unwrap().next().is_none()
-    }), "nothing was kept in the download cache");
+    assert!(
+        std::fs::read_dir(cache.path()).unwrap().all(|entry| {
+            let path = entry.unwrap().path();
+            !path.is_dir() || std::fs::read_dir(path).unwrap().next().is_none()
+        }),
+        "nothing was kept in the download cache"
+    );
 }
 
 pub async fn a_zero_byte_file(env: &Env) {

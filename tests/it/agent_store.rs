@@ -24,8 +24,8 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use node_runtime::agent_store::{
-    AgentDigest, AgentSource, AgentStore, DigestMemo, HttpSource, HttpSourceSettings, ResolveCounts,
-    ResolveError, SETTLE_TIME,
+    AgentDigest, AgentSource, AgentStore, DigestMemo, HttpSource, HttpSourceSettings, ResolveCounts, ResolveError,
+    SETTLE_TIME,
 };
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{DevPlane, NewRun, PlaneOptions, Run, RunStatus};
@@ -111,7 +111,10 @@ fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) ->
 fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
     let slots = 8;
     let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings { max_concurrent_runs: slots, ..EngineSettings::default() },
+        engine: EngineSettings {
+            max_concurrent_runs: slots,
+            ..EngineSettings::default()
+        },
         ..SandboxConfig::default()
     })
     .unwrap();
@@ -123,7 +126,11 @@ fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
             slots,
             max_leases: slots,
             heartbeat_interval: Duration::from_millis(300),
-            capacity: Capacity { slots, cpu: "2".into(), memory: "1Gi".into() },
+            capacity: Capacity {
+                slots,
+                cpu: "2".into(),
+                memory: "1Gi".into(),
+            },
             metadata: BTreeMap::new(),
             drain_timeout: Duration::from_secs(5),
         },
@@ -169,9 +176,16 @@ async fn submit_and_wait(plane: &DevPlane, runs: Vec<NewRun>) -> Vec<Run> {
 }
 
 fn failure(run: &Run) -> (String, String, bool) {
-    let info = run.error_info.as_ref().unwrap_or_else(|| panic!("expected a failure: {run:?}"));
+    let info = run
+        .error_info
+        .as_ref()
+        .unwrap_or_else(|| panic!("expected a failure: {run:?}"));
     let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
-    (details["kind"].as_str().unwrap().to_string(), info.error_message.clone(), info.retryable)
+    (
+        details["kind"].as_str().unwrap().to_string(),
+        info.error_message.clone(),
+        info.retryable,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +193,11 @@ async fn twenty_runs_of_a_new_version_download_it_once_and_a_restart_reuses_the_
     node_runtime::control_plane::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
-    artifacts.files.lock().unwrap().insert("echo/2.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("echo/2.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
     let cache = tempfile::tempdir().unwrap();
     let plane = start_plane().await;
     let node = start_node(&plane, http_store(&base, cache.path(), 64 << 20, false));
@@ -190,9 +208,17 @@ async fn twenty_runs_of_a_new_version_download_it_once_and_a_restart_reuses_the_
         assert_eq!(run.status, RunStatus::Completed, "{run:?}");
         assert_eq!(run.result.as_ref().unwrap()["message"], "hello", "{run:?}");
     }
-    assert_eq!(artifacts.requests_for("echo/2.0.0.wasm"), 1, "one download for twenty runs");
+    assert_eq!(
+        artifacts.requests_for("echo/2.0.0.wasm"),
+        1,
+        "one download for twenty runs"
+    );
     let kept = cache.path().join("echo").join("2.0.0.wasm");
-    assert_eq!(std::fs::read(&kept).unwrap(), bytes.to_vec(), "the copy on disk is the artifact");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        bytes.to_vec(),
+        "the copy on disk is the artifact"
+    );
     node.shutdown().await;
 
     // A new process (a new store) with the same cache does not download.
@@ -208,7 +234,11 @@ async fn a_wrong_or_missing_pin_and_a_missing_version_fail_for_good() {
     node_runtime::control_plane::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
-    artifacts.files.lock().unwrap().insert("echo/3.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("echo/3.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
     let cache = tempfile::tempdir().unwrap();
     let plane = start_plane().await;
     let node = start_node(&plane, http_store(&base, cache.path(), 64 << 20, true));
@@ -230,11 +260,17 @@ async fn a_wrong_or_missing_pin_and_a_missing_version_fail_for_good() {
     let (kind, message, retryable) = failure(&runs[0]);
     assert_eq!(kind, "agent.invalid");
     assert!(!retryable, "a wrong pin is final");
-    assert!(message.contains(&wrong) && message.contains(&actual), "names both digests: {message}");
+    assert!(
+        message.contains(&wrong) && message.contains(&actual),
+        "names both digests: {message}"
+    );
 
     let (kind, message, retryable) = failure(&runs[1]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false));
-    assert!(message.contains("agent.digest") && message.contains("AgentStore.RequireDigest"), "{message}");
+    assert!(
+        message.contains("agent.digest") && message.contains("AgentStore.RequireDigest"),
+        "{message}"
+    );
 
     let (kind, message, retryable) = failure(&runs[2]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false));
@@ -242,9 +278,17 @@ async fn a_wrong_or_missing_pin_and_a_missing_version_fail_for_good() {
 
     let (kind, message, retryable) = failure(&runs[3]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false));
-    assert!(message.contains(&format!("{base}/agents/echo/9.9.9.wasm")), "names the URL tried: {message}");
+    assert!(
+        message.contains(&format!("{base}/agents/echo/9.9.9.wasm")),
+        "names the URL tried: {message}"
+    );
 
-    assert_eq!(runs[4].status, RunStatus::Completed, "the right pin runs: {:?}", runs[4]);
+    assert_eq!(
+        runs[4].status,
+        RunStatus::Completed,
+        "the right pin runs: {:?}",
+        runs[4]
+    );
     node.shutdown().await;
 }
 
@@ -253,12 +297,15 @@ async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behin
     node_runtime::control_plane::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
+    artifacts.files.lock().unwrap().insert(
+        "echo/4.0.0.wasm".into(),
+        Answer::Status(StatusCode::SERVICE_UNAVAILABLE),
+    );
     artifacts
         .files
         .lock()
         .unwrap()
-        .insert("echo/4.0.0.wasm".into(), Answer::Status(StatusCode::SERVICE_UNAVAILABLE));
-    artifacts.files.lock().unwrap().insert("echo/5.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
+        .insert("echo/5.0.0.wasm".into(), Answer::Artifact(bytes.clone()));
     let cache = tempfile::tempdir().unwrap();
     let plane = start_plane().await;
     // Smaller than echo: its download must be cut off.
@@ -280,7 +327,10 @@ async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behin
 
 fn cached_sandbox(cache: &Path) -> Sandbox {
     Sandbox::new(SandboxConfig {
-        compiled_cache: Some(CompiledCacheSettings { dir: cache.to_path_buf(), max_bytes: 1 << 30 }),
+        compiled_cache: Some(CompiledCacheSettings {
+            dir: cache.to_path_buf(),
+            max_bytes: 1 << 30,
+        }),
         ..SandboxConfig::default()
     })
     .unwrap()
@@ -304,7 +354,9 @@ async fn let_settle() {
 /// Resolves echo in `store` (pinned to `pin`, if any) and runs it.
 async fn resolve_and_run(sandbox: &Sandbox, store: &AgentStore, pin: Option<AgentDigest>) -> Result<(), ResolveError> {
     let agent = store.resolve_pinned(sandbox, "echo", "1.0.0", pin).await?;
-    let result = sandbox.run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default())).await;
+    let result = sandbox
+        .run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default()))
+        .await;
     match result.outcome {
         RunOutcome::Completed(map) => assert_eq!(map["message"], "hi"),
         other => panic!("echo should complete: {other:?}"),
@@ -313,11 +365,19 @@ async fn resolve_and_run(sandbox: &Sandbox, store: &AgentStore, pin: Option<Agen
 }
 
 fn resolved(in_memory: u64, remembered: u64, hashed: u64) -> ResolveCounts {
-    ResolveCounts { in_memory, remembered, hashed }
+    ResolveCounts {
+        in_memory,
+        remembered,
+        hashed,
+    }
 }
 
 fn compiled(compiled: u64, cache_hits: u64, cache_rejected: u64) -> CompileCounts {
-    CompileCounts { compiled, cache_hits, cache_rejected }
+    CompileCounts {
+        compiled,
+        cache_hits,
+        cache_rejected,
+    }
 }
 
 /// A node that ran echo once from `agents`, with its compiled cache in
@@ -346,9 +406,19 @@ async fn an_unchanged_file_is_not_hashed_again_after_a_restart() {
 
     let sandbox = cached_sandbox(cache.path());
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
-    assert_eq!(store.counts(), resolved(0, 1, 0), "the digest came from the memo, the file was not hashed");
-    assert_eq!(sandbox.compile_counts(), compiled(0, 1, 0), "the component came from the compiled cache");
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.counts(),
+        resolved(0, 1, 0),
+        "the digest came from the memo, the file was not hashed"
+    );
+    assert_eq!(
+        sandbox.compile_counts(),
+        compiled(0, 1, 0),
+        "the component came from the compiled cache"
+    );
     resolve_and_run(&sandbox, &store, None).await.unwrap();
     assert_eq!(store.counts(), resolved(1, 1, 0), "then from memory");
 }
@@ -392,13 +462,25 @@ async fn a_file_rewritten_in_place_with_its_length_and_mtime_restored_is_hashed_
     assert_eq!(digest_mismatch(resolve_and_run(&sandbox, &store, pin).await).1, changed);
     assert_eq!(store.counts(), resolved(0, 0, 3), "hashed each time");
     let restarted = AgentStore::new(vec![agents.path().to_path_buf()]);
-    assert_eq!(digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &restarted, pin).await).1, changed);
-    assert_eq!(restarted.counts(), resolved(0, 0, 1), "the memo's record is for the old file");
+    assert_eq!(
+        digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &restarted, pin).await).1,
+        changed
+    );
+    assert_eq!(
+        restarted.counts(),
+        resolved(0, 0, 1),
+        "the memo's record is for the old file"
+    );
 
     // The same again by replacing the file (a new inode) instead.
     let replacement = agents.path().join("echo").join("replacement");
     std::fs::write(&replacement, &echo[..]).unwrap();
-    std::fs::File::options().append(true).open(&replacement).unwrap().set_modified(after.modified().unwrap()).unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&replacement)
+        .unwrap()
+        .set_modified(after.modified().unwrap())
+        .unwrap();
     std::fs::rename(&replacement, &path).unwrap();
     let_settle().await;
     resolve_and_run(&sandbox, &store, pin).await.unwrap();
@@ -415,15 +497,27 @@ async fn a_file_changed_in_the_last_seconds_is_hashed_once_then_again_once_settl
     let record = DigestMemo::in_cache_dir(cache.path()).record_path(&path);
 
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert!(!record.exists(), "nothing is remembered on disk of a file that just changed");
+    assert!(
+        !record.exists(),
+        "nothing is remembered on disk of a file that just changed"
+    );
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo)))
+        .await
+        .unwrap();
     assert_eq!(store.counts(), resolved(2, 0, 1), "a burst of leases hashes it once");
     // A pin naming other bytes is checked against a fresh hash.
     let other = AgentDigest::of(b"another agent");
-    assert_eq!(digest_mismatch(resolve_and_run(&sandbox, &store, Some(other)).await).0, other);
+    assert_eq!(
+        digest_mismatch(resolve_and_run(&sandbox, &store, Some(other)).await).0,
+        other
+    );
     assert_eq!(store.counts(), resolved(2, 0, 2));
-    assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0), "the sandbox compiled it once");
+    assert_eq!(
+        sandbox.compile_counts(),
+        compiled(1, 0, 0),
+        "the sandbox compiled it once"
+    );
 
     let_settle().await;
     resolve_and_run(&sandbox, &store, None).await.unwrap();
@@ -449,12 +543,24 @@ async fn a_damaged_memo_record_is_ignored_and_rewritten() {
 
     let sandbox = cached_sandbox(cache.path());
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
-    assert_eq!(store.counts(), resolved(0, 0, 1), "the damaged record was ignored: the file was hashed");
-    assert_eq!(sandbox.compile_counts(), compiled(0, 1, 0), "and found compiled under its true digest");
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.counts(),
+        resolved(0, 0, 1),
+        "the damaged record was ignored: the file was hashed"
+    );
+    assert_eq!(
+        sandbox.compile_counts(),
+        compiled(0, 1, 0),
+        "and found compiled under its true digest"
+    );
 
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    resolve_and_run(&cached_sandbox(cache.path()), &store, None).await.unwrap();
+    resolve_and_run(&cached_sandbox(cache.path()), &store, None)
+        .await
+        .unwrap();
     assert_eq!(store.counts(), resolved(0, 1, 0), "the record was written again");
 }
 
@@ -473,7 +579,9 @@ async fn a_wrong_pin_is_caught_through_the_memo() {
     assert_eq!((expected, actual), (wrong, AgentDigest::of(&echo)));
     assert_eq!(store.counts(), resolved(0, 0, 0), "refused on the remembered digest");
     assert_eq!(sandbox.compile_counts(), compiled(0, 0, 0), "before loading anything");
-    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo))).await.unwrap();
+    resolve_and_run(&sandbox, &store, Some(AgentDigest::of(&echo)))
+        .await
+        .unwrap();
     assert_eq!(store.counts(), resolved(0, 1, 0));
 }
 
@@ -493,7 +601,11 @@ async fn without_its_compiled_entry_a_remembered_file_is_read_and_hashed() {
     let sandbox = cached_sandbox(cache.path());
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
     resolve_and_run(&sandbox, &store, None).await.unwrap();
-    assert_eq!(store.counts(), resolved(0, 0, 1), "new compiled code is keyed by a digest computed now");
+    assert_eq!(
+        store.counts(),
+        resolved(0, 0, 1),
+        "new compiled code is keyed by a digest computed now"
+    );
     assert_eq!(sandbox.compile_counts(), compiled(1, 0, 0));
 }
 
@@ -517,7 +629,11 @@ async fn a_precompiled_agent_restarts_from_its_file_and_stays_pinned() {
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
     resolve_and_run(&sandbox, &store, pin).await.unwrap();
     assert_eq!(store.counts(), resolved(0, 0, 1));
-    assert_eq!(sandbox.compile_counts(), compiled(0, 0, 0), "nothing compiled, nothing cached");
+    assert_eq!(
+        sandbox.compile_counts(),
+        compiled(0, 0, 0),
+        "nothing compiled, nothing cached"
+    );
     let wrong = AgentDigest::of(b"another agent");
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
     let (_, actual) = digest_mismatch(resolve_and_run(&cached_sandbox(cache.path()), &store, Some(wrong)).await);
@@ -530,7 +646,11 @@ fn echo_cwasm(dir: &Path) -> Vec<u8> {
     let output = dir.join("echo.cwasm");
     let echo = agent_path("echo");
     let compiled = node_runtime(&["compile", echo.to_str().unwrap(), "-o", output.to_str().unwrap()]);
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    assert!(
+        compiled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
     std::fs::read(&output).unwrap()
 }
 
@@ -546,7 +666,10 @@ fn spawn_serve(plane: &DevPlane, agents: &Path, data: &Path, base: &str) -> toki
         .env("NodeRuntime__DataDirectory", data)
         .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
         .env("AgentStore__Sources", "directory, http")
-        .env("AgentStore__HttpUrlTemplate", format!("{base}/agents/{{agent_id}}/{{version}}.wasm"))
+        .env(
+            "AgentStore__HttpUrlTemplate",
+            format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
+        )
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -555,7 +678,10 @@ fn spawn_serve(plane: &DevPlane, agents: &Path, data: &Path, base: &str) -> toki
 
 /// The fuel the failed run's report says it used: none, when it never ran.
 fn fuel_of_failure(run: &Run) -> u64 {
-    let info = run.error_info.as_ref().unwrap_or_else(|| panic!("expected a failure: {run:?}"));
+    let info = run
+        .error_info
+        .as_ref()
+        .unwrap_or_else(|| panic!("expected a failure: {run:?}"));
     let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
     details["report"]["fuel_consumed"].as_u64().unwrap()
 }
@@ -585,18 +711,34 @@ async fn a_cwasm_from_the_http_source_is_refused_and_never_run_but_runs_from_the
 
     for (run, version) in runs[..2].iter().zip(["6.0.0", "7.0.0"]) {
         let (kind, message, retryable) = failure(run);
-        assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{version}: {message}");
+        assert_eq!(
+            (kind.as_str(), retryable),
+            ("agent.invalid", false),
+            "{version}: {message}"
+        );
         let url = format!("{base}/agents/echo/{version}.wasm");
         assert!(message.contains(&url), "{version}: names the URL: {message}");
         assert!(message.contains("not a WebAssembly component"), "{version}: {message}");
-        assert!(message.contains("AgentsDirectory"), "{version}: where native code may come from: {message}");
+        assert!(
+            message.contains("AgentsDirectory"),
+            "{version}: where native code may come from: {message}"
+        );
         assert_eq!(fuel_of_failure(run), 0, "{version}: never ran");
     }
     let refused_download = data.path().join("agents").join("http").join("echo").join("6.0.0.wasm");
     assert!(!refused_download.exists(), "the refused download is not kept");
-    assert_eq!(artifacts.requests_for("echo/7.0.0.wasm"), 0, "7.0.0 came from the download cache");
+    assert_eq!(
+        artifacts.requests_for("echo/7.0.0.wasm"),
+        0,
+        "7.0.0 came from the download cache"
+    );
 
-    assert_eq!(runs[2].status, RunStatus::Completed, "the operator's .cwasm runs: {:?}", runs[2]);
+    assert_eq!(
+        runs[2].status,
+        RunStatus::Completed,
+        "the operator's .cwasm runs: {:?}",
+        runs[2]
+    );
     assert_eq!(runs[2].result.as_ref().unwrap()["message"], "hello");
 }
 
@@ -606,19 +748,44 @@ async fn a_redirect_from_the_http_source_is_not_followed() {
     let (agents, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (base, artifacts) = start_artifact_server().await;
     let elsewhere = format!("{base}/agents/moved/echo.wasm");
-    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), Answer::Redirect(elsewhere.clone()));
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("echo/1.0.0.wasm".into(), Answer::Redirect(elsewhere.clone()));
     // What the redirect points at would run.
-    artifacts.files.lock().unwrap().insert("moved/echo.wasm".into(), Answer::Artifact(echo_bytes()));
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("moved/echo.wasm".into(), Answer::Artifact(echo_bytes()));
 
     let plane = start_plane().await;
     let _node = spawn_serve(&plane, agents.path(), data.path(), &base);
     let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
 
     let (kind, message, retryable) = failure(&runs[0]);
-    assert_eq!((kind.as_str(), retryable), ("node.unavailable", true), "handed back: {message}");
-    assert!(message.contains(&format!("{base}/agents/echo/1.0.0.wasm")), "names the URL: {message}");
+    assert_eq!(
+        (kind.as_str(), retryable),
+        ("node.unavailable", true),
+        "handed back: {message}"
+    );
+    assert!(
+        message.contains(&format!("{base}/agents/echo/1.0.0.wasm")),
+        "names the URL: {message}"
+    );
     assert!(message.contains(&elsewhere), "names the Location: {message}");
-    assert!(message.contains("AgentStore.HttpUrlTemplate"), "says the fix: {message}");
-    assert_eq!(artifacts.requests_for("moved/echo.wasm"), 0, "the redirect was not followed");
-    assert!(files_under(&data.path().join("agents")).is_empty(), "nothing downloaded");
+    assert!(
+        message.contains("AgentStore.HttpUrlTemplate"),
+        "says the fix: {message}"
+    );
+    assert_eq!(
+        artifacts.requests_for("moved/echo.wasm"),
+        0,
+        "the redirect was not followed"
+    );
+    assert!(
+        files_under(&data.path().join("agents")).is_empty(),
+        "nothing downloaded"
+    );
 }

@@ -14,9 +14,8 @@ use node_runtime::control_plane::Capacity;
 use node_runtime::outbox::Outbox;
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
 use node_runtime::worker::{NodeHandle, NodeSettings};
-use support::*;
 use support::scripted;
-
+use support::*;
 
 async fn get_json(http: &reqwest::Client, url: String) -> Option<serde_json::Value> {
     http.get(url).send().await.ok()?.json().await.ok()
@@ -35,7 +34,11 @@ async fn wait_for_plane(http: &reqwest::Client, url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     node_runtime::control_plane::install_crypto_provider();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
@@ -46,7 +49,10 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     let agents = agents_layout();
     let slots = 4;
     let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings { max_concurrent_runs: slots, ..EngineSettings::default() },
+        engine: EngineSettings {
+            max_concurrent_runs: slots,
+            ..EngineSettings::default()
+        },
         ..SandboxConfig::default()
     })
     .unwrap();
@@ -57,7 +63,11 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
             slots,
             max_leases: slots,
             heartbeat_interval: Duration::from_millis(500),
-            capacity: Capacity { slots, cpu: "2".into(), memory: "1Gi".into() },
+            capacity: Capacity {
+                slots,
+                cpu: "2".into(),
+                memory: "1Gi".into(),
+            },
             metadata: BTreeMap::new(),
             drain_timeout: Duration::from_secs(5),
         },
@@ -69,9 +79,17 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
 
     const RUNS: usize = 1000;
     for i in 0..RUNS {
-        let body = serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
-        let answer: serde_json::Value =
-            http.post(format!("{url}/v1/runs")).json(&body).send().await.unwrap().json().await.unwrap();
+        let body =
+            serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
+        let answer: serde_json::Value = http
+            .post(format!("{url}/v1/runs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert!(answer["runId"].is_string(), "{answer}");
     }
 
@@ -87,7 +105,10 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     let runs = eventually_async(Duration::from_secs(240), "every run to end", || async {
         let runs = get_json(&http, format!("{url}/v1/runs")).await?;
         let runs = runs.as_array()?.clone();
-        let ended = runs.len() == RUNS && runs.iter().all(|run| run["status"] == "completed" || run["status"] == "failed");
+        let ended = runs.len() == RUNS
+            && runs
+                .iter()
+                .all(|run| run["status"] == "completed" || run["status"] == "failed");
         ended.then_some(runs)
     })
     .await;
@@ -105,10 +126,14 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     plane.kill().await.unwrap();
 }
 
-
 /// `node-runtime serve` as its own process, logging each run's end to
 /// `log` (plain text), so it can be SIGKILLed and its runs counted.
-fn spawn_node(url: &str, agents: &std::path::Path, data: &std::path::Path, log: &std::path::Path) -> tokio::process::Child {
+fn spawn_node(
+    url: &str,
+    agents: &std::path::Path,
+    data: &std::path::Path,
+    log: &std::path::Path,
+) -> tokio::process::Child {
     let log = std::fs::File::create(log).expect("the node's log file");
     tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
         .arg("serve")
@@ -134,7 +159,10 @@ fn finished_leases(log: &str) -> Vec<String> {
         .filter_map(|line| {
             // The run's span carries the lease id (`lease{lease.id=…}`).
             let (_, after) = line.split_once("lease.id=").or_else(|| line.split_once("lease_id="))?;
-            let id: String = after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            let id: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
             Some(id)
         })
         .collect()
@@ -154,7 +182,11 @@ async fn ended(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     node_runtime::control_plane::install_crypto_provider();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
@@ -167,9 +199,17 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     const RUNS: usize = 500;
     const KILLS: usize = 5;
     for i in 0..RUNS {
-        let body = serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
-        let answer: serde_json::Value =
-            http.post(format!("{url}/v1/runs")).json(&body).send().await.unwrap().json().await.unwrap();
+        let body =
+            serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
+        let answer: serde_json::Value = http
+            .post(format!("{url}/v1/runs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert!(answer["runId"].is_string(), "{answer}");
     }
 
@@ -184,7 +224,10 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
         })
         .await;
         node.kill().await.unwrap(); // SIGKILL
-        assert!(done < RUNS, "kill {kill} came while runs were still pending ({done} of {RUNS} ended)");
+        assert!(
+            done < RUNS,
+            "kill {kill} came while runs were still pending ({done} of {RUNS} ended)"
+        );
         node = spawn_node(&url, agents.path(), node_data.path(), &log_of(kill));
         eprintln!("node kill {kill} after {done} runs ended");
     }
@@ -196,7 +239,10 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     .await;
     // Time for a wrong late report to show.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let runs = ended(&http, &url).await.filter(|runs| runs.len() == RUNS).unwrap_or(runs);
+    let runs = ended(&http, &url)
+        .await
+        .filter(|runs| runs.len() == RUNS)
+        .unwrap_or(runs);
     let (mut re_leased, mut repeats) = (0, 0);
     for run in &runs {
         assert_eq!(run["status"], "completed", "{run}");
@@ -214,14 +260,17 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     let mut unique = finished.clone();
     unique.sort();
     unique.dedup();
-    assert!(finished.len() >= RUNS, "the node logs show every run's end: {} of {RUNS}", finished.len());
+    assert!(
+        finished.len() >= RUNS,
+        "the node logs show every run's end: {} of {RUNS}",
+        finished.len()
+    );
     assert_eq!(unique.len(), finished.len(), "no lease ran twice on this node");
     eprintln!(
         "{RUNS} runs, {KILLS} node kills: {re_leased} re-leased after being lost in flight, \
          {repeats} identical report(s) resent after a kill"
     );
 }
-
 
 fn leases(count: usize) -> Vec<node_runtime::proto::Lease> {
     let now_ms = std::time::SystemTime::now()
@@ -242,7 +291,11 @@ fn scripted_node(url: &str, agents: &tempfile::TempDir, outbox_dir: &tempfile::T
             slots: 2,
             max_leases: 2,
             heartbeat_interval: Duration::from_millis(500),
-            capacity: Capacity { slots: 2, cpu: "2".into(), memory: "1Gi".into() },
+            capacity: Capacity {
+                slots: 2,
+                cpu: "2".into(),
+                memory: "1Gi".into(),
+            },
             metadata: BTreeMap::new(),
             drain_timeout: Duration::from_secs(5),
         },
@@ -255,7 +308,10 @@ fn scripted_node(url: &str, agents: &tempfile::TempDir, outbox_dir: &tempfile::T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_answers_slowly_blocks_no_run_and_loses_no_outcome() {
-    let answers = scripted::Answers { delay: Duration::from_secs(3), ..scripted::Answers::default() };
+    let answers = scripted::Answers {
+        delay: Duration::from_secs(3),
+        ..scripted::Answers::default()
+    };
     let (url, recorded) = scripted::serve_with(leases(6), answers).await;
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();
@@ -266,7 +322,10 @@ async fn a_control_plane_that_answers_slowly_blocks_no_run_and_loses_no_outcome(
         (stats.runs_started.load(Ordering::SeqCst) == 6).then_some(())
     })
     .await;
-    assert!(recorded.lock().unwrap().completes.len() < 6, "reports were still in flight");
+    assert!(
+        recorded.lock().unwrap().completes.len() < 6,
+        "reports were still in flight"
+    );
     eventually(Duration::from_secs(60), "all six reports", || {
         (recorded.lock().unwrap().completes.len() == 6).then_some(())
     })
@@ -277,12 +336,19 @@ async fn a_control_plane_that_answers_slowly_blocks_no_run_and_loses_no_outcome(
     .await;
     node.shutdown().await;
     let outbox = Outbox::open(outbox_dir.path()).unwrap();
-    assert_eq!(outbox.pending_count().unwrap(), 0, "every answered report left the outbox");
+    assert_eq!(
+        outbox.pending_count().unwrap(),
+        0,
+        "every answered report left the outbox"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_the_control_plane_refuses_is_sent_once_and_not_retried() {
-    let answers = scripted::Answers { success: false, ..scripted::Answers::default() };
+    let answers = scripted::Answers {
+        success: false,
+        ..scripted::Answers::default()
+    };
     let (url, recorded) = scripted::serve_with(leases(3), answers).await;
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();
@@ -293,10 +359,18 @@ async fn a_report_the_control_plane_refuses_is_sent_once_and_not_retried() {
     .await;
     // A retry would arrive within the first backoff delays.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(recorded.lock().unwrap().completes.len(), 3, "a definitive refusal is not retried");
+    assert_eq!(
+        recorded.lock().unwrap().completes.len(),
+        3,
+        "a definitive refusal is not retried"
+    );
     node.shutdown().await;
     let outbox = Outbox::open(outbox_dir.path()).unwrap();
-    assert_eq!(outbox.pending_count().unwrap(), 0, "a refused report is not kept either");
+    assert_eq!(
+        outbox.pending_count().unwrap(),
+        0,
+        "a refused report is not kept either"
+    );
 }
 
 fn huge_error_lease(lease_id: &str) -> node_runtime::proto::Lease {
@@ -326,11 +400,17 @@ async fn a_fail_with_a_huge_message_reaches_a_plane_with_the_default_message_lim
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();
     let node = scripted_node(&url, &agents, &outbox_dir);
-    let fail = eventually(Duration::from_secs(30), "the Fail", || recorded.lock().unwrap().fails.first().cloned()).await;
+    let fail = eventually(Duration::from_secs(30), "the Fail", || {
+        recorded.lock().unwrap().fails.first().cloned()
+    })
+    .await;
     let details: serde_json::Value = serde_json::from_str(&fail.error_details).unwrap();
     assert_eq!(details["kind"], "agent.error", "{details}");
     assert!(fail.error_message.len() <= node_runtime::sandbox::outcome::FAILURE_MESSAGE_BYTES);
-    assert!(details["details"].as_str().unwrap().contains("[stderr truncated]"), "the cap sufficed: {details}");
+    assert!(
+        details["details"].as_str().unwrap().contains("[stderr truncated]"),
+        "the cap sufficed: {details}"
+    );
     assert_eq!(node.stats().reports_refused_for_size.load(Ordering::SeqCst), 0);
     node.shutdown().await;
 }
@@ -339,7 +419,10 @@ async fn a_fail_with_a_huge_message_reaches_a_plane_with_the_default_message_lim
 async fn a_fail_too_large_for_the_plane_is_shrunk_and_delivered_once() {
     // A plane that takes messages of 32 KiB at most; the agent fails with a
     // 1.5 MiB message and a full stderr.
-    let answers = scripted::Answers { max_message_bytes: Some(32 * 1024), ..scripted::Answers::default() };
+    let answers = scripted::Answers {
+        max_message_bytes: Some(32 * 1024),
+        ..scripted::Answers::default()
+    };
     let (url, recorded) = scripted::serve_with(vec![huge_error_lease("lease-huge")], answers).await;
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();
@@ -351,7 +434,11 @@ async fn a_fail_too_large_for_the_plane_is_shrunk_and_delivered_once() {
     let details: serde_json::Value = serde_json::from_str(&fail.error_details).unwrap();
     assert_eq!(details["kind"], "agent.error", "{details}");
     assert!(details["details"].as_str().unwrap().starts_with("[cut: "), "{details}");
-    assert!(fail.error_message.starts_with("mmm") && fail.error_message.ends_with("bytes cut]"), "{}", fail.error_message.len());
+    assert!(
+        fail.error_message.starts_with("mmm") && fail.error_message.ends_with("bytes cut]"),
+        "{}",
+        fail.error_message.len()
+    );
     assert!(!fail.retryable);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(recorded.lock().unwrap().fails.len(), 1, "delivered once");
@@ -363,7 +450,10 @@ async fn a_fail_too_large_for_the_plane_is_shrunk_and_delivered_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_refused_for_its_size_even_shrunk_is_dropped_not_retried() {
     // 512 bytes: not even the ids and a shrunk message fit.
-    let answers = scripted::Answers { max_message_bytes: Some(512), ..scripted::Answers::default() };
+    let answers = scripted::Answers {
+        max_message_bytes: Some(512),
+        ..scripted::Answers::default()
+    };
     let (url, recorded) = scripted::serve_with(vec![huge_error_lease("lease-huge")], answers).await;
     let agents = agents_layout();
     let outbox_dir = tempfile::tempdir().unwrap();

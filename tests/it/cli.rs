@@ -11,7 +11,14 @@ use support::{agent_path, node_runtime, run_agent_json};
 fn run_agent_json_reports_a_completed_echo() {
     let (code, json) = run_agent_json(
         &agent_path("echo"),
-        &["--input", r#"{"invoice": 7}"#, "--metadata", "tenant=acme", "--input-ref", "extra=1"],
+        &[
+            "--input",
+            r#"{"invoice": 7}"#,
+            "--metadata",
+            "tenant=acme",
+            "--input-ref",
+            "extra=1",
+        ],
     );
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["outcome"], "completed");
@@ -82,9 +89,18 @@ fn usage_errors_exit_2_and_name_the_problem() {
     let cases: [(&[&str], &str); 6] = [
         (&["run-agent", echo, "--max-memory", "lots"], "invalid size `lots`"),
         (&["run-agent", echo, "--timeout", "soon"], "invalid duration `soon`"),
-        (&["run-agent", echo, "--input", "{not json"], "--input is not valid JSON"),
-        (&["run-agent", echo, "--fuel", "99999999999999"], "above the node's limit"),
-        (&["run-agent", "/nonexistent/agent.wasm"], "cannot read the agent file /nonexistent/agent.wasm"),
+        (
+            &["run-agent", echo, "--input", "{not json"],
+            "--input is not valid JSON",
+        ),
+        (
+            &["run-agent", echo, "--fuel", "99999999999999"],
+            "above the node's limit",
+        ),
+        (
+            &["run-agent", "/nonexistent/agent.wasm"],
+            "cannot read the agent file /nonexistent/agent.wasm",
+        ),
         (&["run-agent", echo, "--input-ref", "novalue"], "expected KEY=VALUE"),
     ];
     for (args, expected) in cases {
@@ -177,9 +193,7 @@ fn llm_stub() -> (tokio::runtime::Runtime, String, SeenRequests) {
             },
         ),
     );
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     runtime.spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -241,7 +255,9 @@ fn run_agent_names_an_unset_key_variable_and_a_raised_token_limit() {
 
 /// The text of `tests/fixtures/NAME`.
 fn fixture_text(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
@@ -250,7 +266,11 @@ fn fixture_text(name: &str) -> String {
 /// beside it as `appsettings.Development.json` when given.
 fn reference_config_dir(overlay: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("appsettings.json"), fixture_text("reference-appsettings.json")).unwrap();
+    std::fs::write(
+        dir.path().join("appsettings.json"),
+        fixture_text("reference-appsettings.json"),
+    )
+    .unwrap();
     if let Some(overlay) = overlay {
         std::fs::write(dir.path().join("appsettings.Development.json"), overlay).unwrap();
     }
@@ -301,14 +321,22 @@ fn config_check_accepts_the_reference_nodes_own_appsettings_with_its_certificate
     assert_eq!(json["NodeRuntime"]["ControlPlaneUrl"], "http://localhost:5109/");
     assert_eq!(json["MTls"]["Enabled"], false);
     assert_eq!(json["MTls"]["ClientCertificatePath"], "/etc/bpa/certs/node-cert.pem");
-    assert_eq!(json["AgentRuntime"]["AzureAIFoundry"]["Endpoint"], serde_json::Value::Null);
+    assert_eq!(
+        json["AgentRuntime"]["AzureAIFoundry"]["Endpoint"],
+        serde_json::Value::Null
+    );
     assert!(
-        stderr.contains("note: MTls.Enabled is false, so the files MTls.ClientCertificatePath, \
-                         MTls.ClientKeyPath, MTls.ServerCaCertificatePath name are not read"),
+        stderr.contains(
+            "note: MTls.Enabled is false, so the files MTls.ClientCertificatePath, \
+                         MTls.ClientKeyPath, MTls.ServerCaCertificatePath name are not read"
+        ),
         "{stderr}"
     );
     assert!(stderr.contains("environment Production (the default"), "{stderr}");
-    assert!(stderr.contains("appsettings.Production.json beside it, which is optional"), "{stderr}");
+    assert!(
+        stderr.contains("appsettings.Production.json beside it, which is optional"),
+        "{stderr}"
+    );
 
     // With mTLS on, the same file stops start-up naming the key.
     let (code, _, stderr) = config_check(dir.path(), &[("MTls__Enabled", "true")]);
@@ -333,19 +361,28 @@ fn the_environments_appsettings_file_is_layered_over_the_base_key_by_key() {
         assert_eq!(node["Capacity"]["Memory"], "8Gi", "{variable}");
         assert_eq!(node["ControlPlaneUrl"], "http://localhost:5109/", "{variable}");
         assert_eq!(node["Metadata"]["Region"], "us-east-1", "{variable}");
-        assert_eq!(json["Logging"]["LogLevel"]["Microsoft.AspNetCore"], "Warning", "{variable}");
+        assert_eq!(
+            json["Logging"]["LogLevel"]["Microsoft.AspNetCore"], "Warning",
+            "{variable}"
+        );
         assert_eq!(json["OpenTelemetry"]["ServiceName"], "Node.Runtime", "{variable}");
         assert!(
             stderr.contains(&format!("environment Development (from {variable})")),
             "{variable}: {stderr}"
         );
-        assert!(stderr.contains("appsettings.Development.json over it"), "{variable}: {stderr}");
+        assert!(
+            stderr.contains("appsettings.Development.json over it"),
+            "{variable}: {stderr}"
+        );
     }
 
     // Both set: DOTNET_ENVIRONMENT wins, and the note says so.
     let (code, json, stderr) = config_check(
         dir.path(),
-        &[("DOTNET_ENVIRONMENT", "Production"), ("ASPNETCORE_ENVIRONMENT", "Development")],
+        &[
+            ("DOTNET_ENVIRONMENT", "Production"),
+            ("ASPNETCORE_ENVIRONMENT", "Development"),
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(json["NodeRuntime"]["NodeId"], "node-1");
@@ -366,7 +403,10 @@ fn an_environment_variable_wins_over_both_appsettings_files() {
     let dir = reference_config_dir_with_overlay();
     let (code, json, stderr) = config_check(
         dir.path(),
-        &[("DOTNET_ENVIRONMENT", "Development"), ("NodeRuntime__NodeId", "node-env")],
+        &[
+            ("DOTNET_ENVIRONMENT", "Development"),
+            ("NodeRuntime__NodeId", "node-env"),
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(json["NodeRuntime"]["NodeId"], "node-env");
@@ -380,7 +420,10 @@ fn an_invalid_environments_file_stops_config_check_and_serve_naming_that_file() 
     let overlay = dir.path().join("appsettings.Development.json");
     let (code, _, stderr) = config_check(dir.path(), &[("DOTNET_ENVIRONMENT", "Development")]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains(&format!("{} is not valid JSON", overlay.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is not valid JSON", overlay.display())),
+        "{stderr}"
+    );
 
     // A bad value in it: the message says it came from that file.
     std::fs::write(&overlay, r#"{"NodeRuntime": {"Capacity": {"Slots": 0}}}"#).unwrap();
@@ -392,9 +435,12 @@ fn an_invalid_environments_file_stops_config_check_and_serve_naming_that_file() 
     );
 
     let config = dir.path().join("appsettings.json");
-    let output = node_in(&["serve", "--config", config.to_str().unwrap()], &[("DOTNET_ENVIRONMENT", "Development")])
-        .output()
-        .expect("the node-runtime binary runs");
+    let output = node_in(
+        &["serve", "--config", config.to_str().unwrap()],
+        &[("DOTNET_ENVIRONMENT", "Development")],
+    )
+    .output()
+    .expect("the node-runtime binary runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&format!("(in {})", overlay.display())), "{stderr}");
@@ -418,10 +464,13 @@ fn serve_starts_with_the_reference_nodes_own_appsettings_and_registers() {
     let config = dir.path().join("appsettings.json");
     let log = dir.path().join("serve.log");
     // The file as shipped; only the control plane's address is this test's.
-    let mut child = node_in(&["serve", "--config", config.to_str().unwrap()], &[("NodeRuntime__ControlPlaneUrl", &plane.url())])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("node-runtime serve starts");
+    let mut child = node_in(
+        &["serve", "--config", config.to_str().unwrap()],
+        &[("NodeRuntime__ControlPlaneUrl", &plane.url())],
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .expect("node-runtime serve starts");
 
     let started = std::time::Instant::now();
     let registered = loop {

@@ -7,8 +7,8 @@ use crate::support;
 use std::path::{Path, PathBuf};
 
 use node_runtime::sandbox::{
-    BudgetRequest, CompileCounts, CompiledCacheSettings, EngineSettings, Execution, RunOutcome,
-    Sandbox, SandboxConfig, compiled_cache,
+    BudgetRequest, CompileCounts, CompiledCacheSettings, EngineSettings, Execution, RunOutcome, Sandbox, SandboxConfig,
+    compiled_cache,
 };
 use sha2::{Digest, Sha256};
 use support::*;
@@ -19,8 +19,14 @@ fn cached_sandbox(dir: &Path, max_bytes: u64) -> Sandbox {
 
 fn cached_sandbox_running(dir: &Path, max_bytes: u64, execution: Execution) -> Sandbox {
     Sandbox::new(SandboxConfig {
-        engine: EngineSettings { execution, ..EngineSettings::default() },
-        compiled_cache: Some(CompiledCacheSettings { dir: dir.to_path_buf(), max_bytes }),
+        engine: EngineSettings {
+            execution,
+            ..EngineSettings::default()
+        },
+        compiled_cache: Some(CompiledCacheSettings {
+            dir: dir.to_path_buf(),
+            max_bytes,
+        }),
         ..SandboxConfig::default()
     })
     .unwrap()
@@ -40,7 +46,9 @@ fn entry_for(dir: &Path, agent: &str) -> PathBuf {
 
 async fn echo_completes(sandbox: &Sandbox) {
     let agent = load(sandbox, "echo").await;
-    let result = sandbox.run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default())).await;
+    let result = sandbox
+        .run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default()))
+        .await;
     match result.outcome {
         RunOutcome::Completed(map) => assert_eq!(map["message"], "hi"),
         other => panic!("echo should complete: {other:?}"),
@@ -48,7 +56,11 @@ async fn echo_completes(sandbox: &Sandbox) {
 }
 
 fn counts(compiled: u64, cache_hits: u64, cache_rejected: u64) -> CompileCounts {
-    CompileCounts { compiled, cache_hits, cache_rejected }
+    CompileCounts {
+        compiled,
+        cache_hits,
+        cache_rejected,
+    }
 }
 
 #[tokio::test]
@@ -62,7 +74,11 @@ async fn a_restarted_sandbox_loads_what_an_earlier_one_compiled() {
 
     let second = cached_sandbox(cache.path(), 1 << 30);
     echo_completes(&second).await;
-    assert_eq!(second.compile_counts(), counts(0, 1, 0), "nothing compiled after the restart");
+    assert_eq!(
+        second.compile_counts(),
+        counts(0, 1, 0),
+        "nothing compiled after the restart"
+    );
 }
 
 #[tokio::test]
@@ -77,7 +93,11 @@ async fn a_damaged_entry_is_detected_deleted_and_rebuilt() {
 
     let second = cached_sandbox(cache.path(), 1 << 30);
     echo_completes(&second).await;
-    assert_eq!(second.compile_counts(), counts(1, 0, 1), "rejected, then compiled again");
+    assert_eq!(
+        second.compile_counts(),
+        counts(1, 0, 1),
+        "rejected, then compiled again"
+    );
 
     let third = cached_sandbox(cache.path(), 1 << 30);
     echo_completes(&third).await;
@@ -96,8 +116,16 @@ async fn a_truncated_entry_is_detected_deleted_and_rebuilt() {
         std::fs::write(&entry, &whole[..cut_to]).unwrap();
         let sandbox = cached_sandbox(cache.path(), 1 << 30);
         echo_completes(&sandbox).await;
-        assert_eq!(sandbox.compile_counts(), counts(1, 0, 1), "cut to {cut_to} bytes: rejected, compiled again");
-        assert_eq!(std::fs::read(&entry).unwrap().len(), whole.len(), "cut to {cut_to} bytes: rebuilt whole");
+        assert_eq!(
+            sandbox.compile_counts(),
+            counts(1, 0, 1),
+            "cut to {cut_to} bytes: rejected, compiled again"
+        );
+        assert_eq!(
+            std::fs::read(&entry).unwrap().len(),
+            whole.len(),
+            "cut to {cut_to} bytes: rebuilt whole"
+        );
     }
 }
 
@@ -111,10 +139,18 @@ async fn an_entry_compiled_by_another_engine_configuration_is_not_loaded() {
     config.wasm_component_model(true);
     let foreign = wasmtime::Engine::new(&config).unwrap();
     let component = wasmtime::component::Component::new(&foreign, &agent_bytes("echo")[..]).unwrap();
-    std::fs::write(entry_for(cache.path(), "echo"), compiled_cache::seal(component.serialize().unwrap())).unwrap();
+    std::fs::write(
+        entry_for(cache.path(), "echo"),
+        compiled_cache::seal(component.serialize().unwrap()),
+    )
+    .unwrap();
 
     echo_completes(&sandbox).await;
-    assert_eq!(sandbox.compile_counts(), counts(1, 0, 1), "the foreign entry was refused");
+    assert_eq!(
+        sandbox.compile_counts(),
+        counts(1, 0, 1),
+        "the foreign entry was refused"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +175,11 @@ async fn the_cache_evicts_the_least_recently_used_to_stay_within_its_bound() {
     let total: u64 = entries.iter().map(|(_, len)| len).sum();
     assert!(total <= bound, "{total} bytes kept, bound {bound}: {entries:?}");
     assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!(entries[0].0, entry_for(cache.path(), "panic"), "the older echo was evicted");
+    assert_eq!(
+        entries[0].0,
+        entry_for(cache.path(), "panic"),
+        "the older echo was evicted"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +189,11 @@ async fn cranelift_and_pulley_engines_keep_their_compiled_code_apart() {
     echo_completes(&cranelift).await;
     let pulley = cached_sandbox_running(cache.path(), 1 << 30, Execution::Pulley);
     echo_completes(&pulley).await;
-    assert_eq!(pulley.compile_counts(), counts(1, 0, 0), "Cranelift's native code is not Pulley's");
+    assert_eq!(
+        pulley.compile_counts(),
+        counts(1, 0, 0),
+        "Cranelift's native code is not Pulley's"
+    );
     let folders = std::fs::read_dir(cache.path()).unwrap().count();
     assert_eq!(folders, 2, "one folder per engine");
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use node_runtime::agent_store::AgentStore;
 use node_runtime::control_plane::Capacity;
-use node_runtime::outbox::Outbox;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, Run, RunStatus};
+use node_runtime::outbox::Outbox;
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
@@ -46,7 +46,13 @@ fn start_node(url: &str, slots: u32, agents: &tempfile::TempDir) -> NodeHandle {
     })
     .unwrap();
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    NodeHandle::start(settings(url, slots), Arc::new(sandbox), Arc::new(store), scratch_outbox()).unwrap()
+    NodeHandle::start(
+        settings(url, slots),
+        Arc::new(sandbox),
+        Arc::new(store),
+        scratch_outbox(),
+    )
+    .unwrap()
 }
 
 /// An outbox in a temporary directory. The directory is removed at once;
@@ -93,7 +99,10 @@ async fn two_hundred_echo_runs_complete_at_the_plane_within_the_slots() {
     let node = start_node(&plane.url(), slots, &agents);
     let mut ids = Vec::new();
     for i in 0..200 {
-        let run = plane.submit(new_run("echo", &format!("invoice {i}"), Budgets::default())).await.unwrap();
+        let run = plane
+            .submit(new_run("echo", &format!("invoice {i}"), Budgets::default()))
+            .await
+            .unwrap();
         ids.push((run.run_id, format!("invoice {i}")));
     }
     let mut busiest_heartbeat = 0;
@@ -120,7 +129,10 @@ async fn two_hundred_echo_runs_complete_at_the_plane_within_the_slots() {
         assert!(timings.duration_ms >= timings.execution_time_ms, "{timings:?}");
         assert!(run.costs.is_some());
         let sandbox = run.sandbox.expect("the node reports its meters");
-        assert!(sandbox.fuel_consumed > 0 && sandbox.peak_memory_bytes > 0, "{sandbox:?}");
+        assert!(
+            sandbox.fuel_consumed > 0 && sandbox.peak_memory_bytes > 0,
+            "{sandbox:?}"
+        );
     }
     let stats = node.stats();
     assert!(stats.max_active_runs.load(Ordering::SeqCst) <= slots);
@@ -139,7 +151,11 @@ async fn a_run_over_its_fuel_budget_fails_budget_fuel_not_retryable() {
         max_fuel: Some(5_000_000),
         ..Budgets::default()
     };
-    let id = plane.submit(new_run("spin-forever", "{}", budgets)).await.unwrap().run_id;
+    let id = plane
+        .submit(new_run("spin-forever", "{}", budgets))
+        .await
+        .unwrap()
+        .run_id;
     let run = eventually(Duration::from_secs(30), "the spin run to end", || {
         plane.run(&id).filter(ended)
     })
@@ -159,8 +175,15 @@ async fn a_missing_agent_fails_naming_what_was_looked_for() {
     let plane = start_plane("127.0.0.1:0").await;
     let agents = agents_layout();
     let node = start_node(&plane.url(), 1, &agents);
-    let id = plane.submit(new_run("no-such-agent", "{}", Budgets::default())).await.unwrap().run_id;
-    let run = eventually(Duration::from_secs(30), "the run to fail", || plane.run(&id).filter(ended)).await;
+    let id = plane
+        .submit(new_run("no-such-agent", "{}", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
+    let run = eventually(Duration::from_secs(30), "the run to fail", || {
+        plane.run(&id).filter(ended)
+    })
+    .await;
     let info = run.error_info.as_ref().unwrap();
     assert!(!info.retryable);
     assert!(info.error_message.contains("no-such-agent/1.0.0.wasm"), "{info:?}");
@@ -173,7 +196,11 @@ async fn a_missing_agent_fails_naming_what_was_looked_for() {
 async fn registration_retries_until_the_plane_starts() {
     // Reserve a port, free it, and point the node there before anything
     // listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let agents = agents_layout();
     let node = start_node(&url, 1, &agents);
@@ -181,8 +208,15 @@ async fn registration_retries_until_the_plane_starts() {
     assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 0);
 
     let plane = start_plane(&format!("127.0.0.1:{port}")).await;
-    let id = plane.submit(new_run("echo", "late plane", Budgets::default())).await.unwrap().run_id;
-    let run = eventually(Duration::from_secs(90), "the run to complete", || plane.run(&id).filter(ended)).await;
+    let id = plane
+        .submit(new_run("echo", "late plane", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
+    let run = eventually(Duration::from_secs(90), "the run to complete", || {
+        plane.run(&id).filter(ended)
+    })
+    .await;
     assert_eq!(run.status, RunStatus::Completed, "{run:?}");
     node.shutdown().await;
     plane.shutdown().await;
@@ -214,7 +248,11 @@ async fn fake_plane(register: u16, heartbeat: u16) -> (String, Arc<Calls>) {
             "/v1/nodes:register",
             axum::routing::post(move || async move {
                 on_register.registrations.fetch_add(1, Ordering::SeqCst);
-                let body = if register == 500 { "23505: duplicate key value violates unique constraint" } else { "{}" };
+                let body = if register == 500 {
+                    "23505: duplicate key value violates unique constraint"
+                } else {
+                    "{}"
+                };
                 (StatusCode::from_u16(register).unwrap(), body)
             }),
         )
@@ -246,9 +284,17 @@ async fn a_first_registration_answered_500_goes_on_to_heartbeat_and_a_200_confir
         (calls.pulls.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
-    assert_eq!(calls.registrations.load(Ordering::SeqCst), 1, "registered once, never again");
+    assert_eq!(
+        calls.registrations.load(Ordering::SeqCst),
+        1,
+        "registered once, never again"
+    );
     assert!(calls.heartbeats.load(Ordering::SeqCst) >= 1);
-    assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 1, "confirmed by the heartbeat");
+    assert_eq!(
+        node.stats().registrations.load(Ordering::SeqCst),
+        1,
+        "confirmed by the heartbeat"
+    );
     node.shutdown().await;
 }
 
@@ -262,11 +308,17 @@ async fn a_registration_answered_500_then_a_heartbeat_404_registers_again_with_b
         calls.registrations.load(Ordering::SeqCst),
         calls.heartbeats.load(Ordering::SeqCst),
     );
-    assert!(heartbeats >= 1, "a 500 is followed by a heartbeat: {registrations} registrations, {heartbeats} heartbeats");
+    assert!(
+        heartbeats >= 1,
+        "a 500 is followed by a heartbeat: {registrations} registrations, {heartbeats} heartbeats"
+    );
     assert!(registrations >= 2, "a 404 goes back to registering: {registrations}");
     // Backoff from 0.5 s, doubling: a handful in 3 s, not a hot loop.
     assert!(registrations <= 8, "{registrations} registrations in 3 s");
-    assert!(heartbeats <= registrations, "{heartbeats} heartbeats, {registrations} registrations");
+    assert!(
+        heartbeats <= registrations,
+        "{heartbeats} heartbeats, {registrations} registrations"
+    );
     assert_eq!(calls.pulls.load(Ordering::SeqCst), 0, "never registered, never pulled");
     assert_eq!(node.stats().registrations.load(Ordering::SeqCst), 0);
     node.shutdown().await;
@@ -293,19 +345,33 @@ async fn a_plane_restarted_without_persistence_gets_the_node_back_by_itself() {
     let addr = first.local_addr();
     let agents = agents_layout();
     let node = start_node(&first.url(), 1, &agents);
-    let id = first.submit(new_run("echo", "before", Budgets::default())).await.unwrap().run_id;
-    eventually(Duration::from_secs(30), "the first run", || first.run(&id).filter(ended)).await;
+    let id = first
+        .submit(new_run("echo", "before", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
+    eventually(Duration::from_secs(30), "the first run", || {
+        first.run(&id).filter(ended)
+    })
+    .await;
     first.shutdown().await;
 
     let second = start_plane(&addr.to_string()).await;
     assert!(second.nodes().is_empty(), "the new plane knows no node");
-    let id = second.submit(new_run("echo", "after", Budgets::default())).await.unwrap().run_id;
+    let id = second
+        .submit(new_run("echo", "after", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
     let run = eventually(Duration::from_secs(90), "the run on the restarted plane", || {
         second.run(&id).filter(ended)
     })
     .await;
     assert_eq!(run.status, RunStatus::Completed, "{run:?}");
-    assert!(node.stats().registrations.load(Ordering::SeqCst) >= 2, "registered again");
+    assert!(
+        node.stats().registrations.load(Ordering::SeqCst) >= 2,
+        "registered again"
+    );
     node.shutdown().await;
     second.shutdown().await;
 }
@@ -330,35 +396,65 @@ async fn sigterm_drains_finished_runs_complete_unfinished_ones_are_handed_back()
         .spawn()
         .expect("node-runtime serve starts");
 
-    let echo = plane.submit(new_run("echo", "before the signal", Budgets::default())).await.unwrap().run_id;
-    eventually(Duration::from_secs(60), "echo to complete", || plane.run(&echo).filter(ended)).await;
-    let short = Budgets { max_duration_seconds: Some(1), ..Budgets::default() };
-    let ends_during_drain = plane.submit(new_run("sleep-forever", "{}", short)).await.unwrap().run_id;
-    let long = Budgets { max_duration_seconds: Some(60), ..Budgets::default() };
+    let echo = plane
+        .submit(new_run("echo", "before the signal", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
+    eventually(Duration::from_secs(60), "echo to complete", || {
+        plane.run(&echo).filter(ended)
+    })
+    .await;
+    let short = Budgets {
+        max_duration_seconds: Some(1),
+        ..Budgets::default()
+    };
+    let ends_during_drain = plane
+        .submit(new_run("sleep-forever", "{}", short))
+        .await
+        .unwrap()
+        .run_id;
+    let long = Budgets {
+        max_duration_seconds: Some(60),
+        ..Budgets::default()
+    };
     let cut_short = [
         plane.submit(new_run("sleep-forever", "{}", long)).await.unwrap().run_id,
         plane.submit(new_run("sleep-forever", "{}", long)).await.unwrap().run_id,
     ];
     eventually(Duration::from_secs(30), "the sleepers to be acknowledged", || {
         let all = [&ends_during_drain, &cut_short[0], &cut_short[1]];
-        all.iter().all(|id| plane.run(id).unwrap().acked_at.is_some()).then_some(())
+        all.iter()
+            .all(|id| plane.run(id).unwrap().acked_at.is_some())
+            .then_some(())
     })
     .await;
 
     let signalled = std::time::Instant::now();
     let pid = child.id().unwrap();
-    let kill = std::process::Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().unwrap();
+    let kill = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("the node exits after its drain")
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(15), "took {:?}", signalled.elapsed());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        signalled.elapsed()
+    );
 
     assert_eq!(plane.run(&echo).unwrap().status, RunStatus::Completed);
     let drained = plane.run(&ends_during_drain).unwrap();
-    assert_eq!(error_details(&drained)["kind"], "budget.deadline", "it finished during the drain: {drained:?}");
+    assert_eq!(
+        error_details(&drained)["kind"],
+        "budget.deadline",
+        "it finished during the drain: {drained:?}"
+    );
     for id in &cut_short {
         let run = plane.run(id).unwrap();
         assert_eq!(run.status, RunStatus::Failed, "{run:?}");
@@ -366,12 +462,15 @@ async fn sigterm_drains_finished_runs_complete_unfinished_ones_are_handed_back()
         assert_eq!(error_details(&run)["kind"], "node.unavailable");
         assert_eq!(run.outcomes, 1);
     }
-    let node = plane.nodes().into_iter().find(|n| n.node_id == "draining-node").unwrap();
+    let node = plane
+        .nodes()
+        .into_iter()
+        .find(|n| n.node_id == "draining-node")
+        .unwrap();
     assert_eq!(node.status.state, "draining");
     assert_eq!(node.status.available_slots, 0);
     plane.shutdown().await;
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs() {
@@ -398,7 +497,10 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
         let recorded = recorded.lock().unwrap();
         assert_eq!(recorded.completes.len(), 1, "lease-a ran once");
         assert_eq!(recorded.completes[0].lease_id, "lease-a");
-        assert_eq!(recorded.completes[0].result["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            recorded.completes[0].result["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(recorded.fails.len(), 1);
         let late = &recorded.fails[0];
         assert_eq!(late.lease_id, "lease-late");
@@ -411,14 +513,17 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
     node.shutdown().await;
 }
 
-
 async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
     request.send().await.ok()?.json().await.ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_each_run_once() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let data = tempfile::tempdir().unwrap();
     node_runtime::control_plane::install_crypto_provider();
@@ -440,7 +545,9 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
             "inputRef": {"message": format!("run {i}")},
             "budgets": {"maxDurationSeconds": 1},
         });
-        let answer = http_json(http.post(format!("{url}/v1/runs")).json(&body)).await.unwrap();
+        let answer = http_json(http.post(format!("{url}/v1/runs")).json(&body))
+            .await
+            .unwrap();
         ids.push(answer["runId"].as_str().unwrap().to_string());
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -452,7 +559,9 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
         let runs = http_json(http.get(format!("{url}/v1/runs"))).await?;
         let runs = runs.as_array()?.clone();
         let all_ended = runs.len() == ids.len()
-            && runs.iter().all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
+            && runs
+                .iter()
+                .all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
         all_ended.then_some(runs)
     })
     .await;
@@ -462,4 +571,3 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     node.shutdown().await;
     plane.kill().await.unwrap();
 }
-

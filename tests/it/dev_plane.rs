@@ -8,9 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use node_runtime::dev_plane::{DevPlane, PlaneOptions, Reregistration, RunStatus};
 use node_runtime::proto::lease_service_client::LeaseServiceClient;
-use node_runtime::proto::{
-    AckRequest, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest, TimingInfo,
-};
+use node_runtime::proto::{AckRequest, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest, TimingInfo};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tonic::Streaming;
@@ -53,19 +51,11 @@ impl Harness {
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap()
+        self.http.get(format!("{}{path}", self.url)).send().await.unwrap()
     }
 
     async fn delete(&self, path: &str) -> reqwest::Response {
-        self.http
-            .delete(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap()
+        self.http.delete(format!("{}{path}", self.url)).send().await.unwrap()
     }
 
     async fn register(&self, node_id: &str, slots: i32) {
@@ -78,16 +68,9 @@ impl Harness {
         assert_eq!(response.status(), StatusCode::CREATED);
     }
 
-    async fn heartbeat(
-        &self,
-        node_id: &str,
-        state: &str,
-        available_slots: i32,
-    ) -> reqwest::Response {
-        let body =
-            json!({"status": {"state": state, "activeRuns": 0, "availableSlots": available_slots}});
-        self.post(&format!("/v1/nodes/{node_id}:heartbeat"), body)
-            .await
+    async fn heartbeat(&self, node_id: &str, state: &str, available_slots: i32) -> reqwest::Response {
+        let body = json!({"status": {"state": state, "activeRuns": 0, "availableSlots": available_slots}});
+        self.post(&format!("/v1/nodes/{node_id}:heartbeat"), body).await
     }
 
     async fn submit(&self, body: Value) -> String {
@@ -109,22 +92,14 @@ impl Harness {
     }
 
     async fn grpc(&self) -> LeaseServiceClient<Channel> {
-        let channel = Channel::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap();
         LeaseServiceClient::new(channel)
     }
 }
 
 /// Opens a Pull stream. Like the reference, the plane answers only with
 /// the first lease, so a run must be pending for this to return.
-async fn pull(
-    client: &mut LeaseServiceClient<Channel>,
-    node_id: &str,
-    max_leases: i32,
-) -> Streaming<Lease> {
+async fn pull(client: &mut LeaseServiceClient<Channel>, node_id: &str, max_leases: i32) -> Streaming<Lease> {
     let request = PullRequest {
         node_id: node_id.to_string(),
         max_leases,
@@ -165,10 +140,7 @@ fn complete_request(lease: &Lease, node_id: &str) -> CompleteRequest {
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 // ---- REST: nodes ---------------------------------------------------------
@@ -187,23 +159,14 @@ async fn registering_a_node_answers_201_with_its_location_and_the_node() {
     let node: Value = response.json().await.unwrap();
     assert_eq!(node["nodeId"], "node-a");
     // Map keys come back exactly as sent.
-    assert_eq!(
-        node["metadata"],
-        json!({"Region": "westeurope", "Environment": "dev"})
-    );
-    assert_eq!(
-        node["capacity"],
-        json!({"slots": 4, "cpu": "2", "memory": "4Gi"})
-    );
+    assert_eq!(node["metadata"], json!({"Region": "westeurope", "Environment": "dev"}));
+    assert_eq!(node["capacity"], json!({"slots": 4, "cpu": "2", "memory": "4Gi"}));
     // Schedulable before its first heartbeat.
     assert_eq!(
         node["status"],
         json!({"state": "active", "activeRuns": 0, "availableSlots": 4})
     );
-    assert!(
-        node["heartbeatAt"].as_str().unwrap().ends_with('Z'),
-        "{node}"
-    );
+    assert!(node["heartbeatAt"].as_str().unwrap().ends_with('Z'), "{node}");
     h.plane.shutdown().await;
 }
 
@@ -215,10 +178,7 @@ async fn property_names_are_matched_ignoring_case_and_written_in_camel_case() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let node: Value = response.json().await.unwrap();
     assert_eq!(node["nodeId"], "node-b");
-    assert_eq!(
-        node["capacity"],
-        json!({"slots": 2, "cpu": "1", "memory": "1Gi"})
-    );
+    assert_eq!(node["capacity"], json!({"slots": 2, "cpu": "1", "memory": "1Gi"}));
     assert_eq!(node["metadata"], json!({}));
     h.plane.shutdown().await;
 }
@@ -229,10 +189,7 @@ async fn registering_without_a_node_id_is_400_with_the_reference_error() {
     for body in [json!({"nodeId": ""}), json!({"capacity": {"slots": 1}})] {
         let response = h.post("/v1/nodes:register", body).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            response.text().await.unwrap(),
-            r#"{"error":"NodeId is required"}"#
-        );
+        assert_eq!(response.text().await.unwrap(), r#"{"error":"NodeId is required"}"#);
     }
     h.plane.shutdown().await;
 }
@@ -300,21 +257,12 @@ async fn a_heartbeat_replaces_the_status_and_get_list_and_delete_follow() {
     let all: Value = h.get("/v1/nodes").await.json().await.unwrap();
     assert_eq!(all, json!([node]));
 
-    assert_eq!(
-        h.delete("/v1/nodes/node-a").await.status(),
-        StatusCode::NO_CONTENT
-    );
+    assert_eq!(h.delete("/v1/nodes/node-a").await.status(), StatusCode::NO_CONTENT);
     let gone = h.get("/v1/nodes/node-a").await;
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);
     assert_eq!(gone.text().await.unwrap(), "");
-    assert_eq!(
-        h.delete("/v1/nodes/node-a").await.status(),
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        h.heartbeat("node-a", "active", 1).await.status(),
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(h.delete("/v1/nodes/node-a").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(h.heartbeat("node-a", "active", 1).await.status(), StatusCode::NOT_FOUND);
     h.plane.shutdown().await;
 }
 
@@ -324,14 +272,8 @@ async fn a_heartbeat_replaces_the_status_and_get_list_and_delete_follow() {
 async fn a_run_needs_an_agent_id_and_a_version() {
     let h = start(options()).await;
     let cases = [
-        (
-            json!({"version": "1"}),
-            r#"{"error":"AgentId is required"}"#,
-        ),
-        (
-            json!({"agentId": "echo"}),
-            r#"{"error":"Version is required"}"#,
-        ),
+        (json!({"version": "1"}), r#"{"error":"AgentId is required"}"#),
+        (json!({"agentId": "echo"}), r#"{"error":"Version is required"}"#),
     ];
     for (body, error) in cases {
         let response = h.post("/v1/runs", body).await;
@@ -412,17 +354,10 @@ async fn a_run_is_leased_acked_and_completed_by_a_registered_node() {
         .strip_prefix(&format!("lease-{run_id}-"))
         .expect("lease-{runId}-{hex}");
     assert_eq!(suffix.len(), 32);
-    assert!(
-        suffix
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    );
+    assert!(suffix.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     assert_eq!(lease.trace_id.len(), 36);
     let ttl_left = lease.deadline_unix_ms - now_unix_ms();
-    assert!(
-        (295_000..=300_000).contains(&ttl_left),
-        "deadline {ttl_left} ms away"
-    );
+    assert!((295_000..=300_000).contains(&ttl_left), "deadline {ttl_left} ms away");
     let spec = lease.run_spec.clone().unwrap();
     assert_eq!(
         (
@@ -473,10 +408,7 @@ async fn a_run_is_leased_acked_and_completed_by_a_registered_node() {
         run["timings"],
         json!({"durationMs": 30, "queueTimeMs": 10, "executionTimeMs": 20})
     );
-    assert_eq!(
-        run["costs"],
-        json!({"tokensIn": 7, "tokensOut": 9, "usdCost": 0.25})
-    );
+    assert_eq!(run["costs"], json!({"tokensIn": 7, "tokensOut": 9, "usdCost": 0.25}));
     assert_eq!(run["errorInfo"], Value::Null);
     assert_eq!(run["attempts"], 1);
     assert_eq!(run["outcomes"], 1);
@@ -525,10 +457,7 @@ async fn pull_without_a_node_id_or_with_max_leases_below_1_is_invalid_argument()
 async fn a_draining_node_gets_no_lease_until_it_is_active_again() {
     let h = start(options()).await;
     h.register("node-a", 4).await;
-    assert_eq!(
-        h.heartbeat("node-a", "draining", 0).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(h.heartbeat("node-a", "draining", 0).await.status(), StatusCode::OK);
     let run_id = h.submit_message("later").await;
 
     let mut client = h.grpc().await;
@@ -538,17 +467,11 @@ async fn a_draining_node_gets_no_lease_until_it_is_active_again() {
     });
     // An idle Pull sends nothing, not even headers: the call is still open.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !waiting.is_finished(),
-        "a draining node must not get a lease"
-    );
+    assert!(!waiting.is_finished(), "a draining node must not get a lease");
     assert_eq!(h.run(&run_id).await["status"], "pending");
 
     // The heartbeat wakes the waiting stream; no 2 s idle poll needed.
-    assert_eq!(
-        h.heartbeat("node-a", "active", 4).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(h.heartbeat("node-a", "active", 4).await.status(), StatusCode::OK);
     let lease = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
     assert_eq!(lease.run_id, run_id);
     h.plane.shutdown().await;
@@ -679,10 +602,7 @@ async fn an_expired_lease_requeues_the_run_and_its_complete_is_refused() {
         .into_inner();
     assert!(done.success, "{}", done.message);
     let run = h.run(&run_id).await;
-    assert_eq!(
-        (run["attempts"].as_u64(), run["outcomes"].as_u64()),
-        (Some(2), Some(1))
-    );
+    assert_eq!((run["attempts"].as_u64(), run["outcomes"].as_u64()), (Some(2), Some(1)));
     h.plane.shutdown().await;
 }
 
@@ -702,11 +622,7 @@ async fn a_report_from_a_node_that_does_not_hold_the_run_is_refused() {
         .unwrap()
         .into_inner();
     assert!(!refused.success);
-    assert!(
-        refused.message.contains("held by node node-a"),
-        "{}",
-        refused.message
-    );
+    assert!(refused.message.contains("held by node node-a"), "{}", refused.message);
     let fail = FailRequest {
         lease_id: lease.lease_id.clone(),
         run_id: run_id.clone(),
@@ -829,10 +745,7 @@ async fn runs_and_their_outcomes_survive_a_restart_with_the_same_data_dir() {
     assert_eq!(run["leaseId"], second.lease_id.as_str());
     assert_eq!(run["leaseDeadlineUnixMs"], second.deadline_unix_ms);
     // Nodes are not kept: the node learns it must register again.
-    assert_eq!(
-        h.heartbeat("node-a", "active", 2).await.status(),
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(h.heartbeat("node-a", "active", 2).await.status(), StatusCode::NOT_FOUND);
     h.register("node-a", 2).await;
     let mut client = h.grpc().await;
     let done = client
@@ -886,15 +799,9 @@ async fn a_second_plane_on_a_taken_port_says_which_address_and_what_to_do() {
         listen: h.plane.local_addr(),
         ..options()
     };
-    let err = DevPlane::start(taken)
-        .await
-        .err()
-        .expect("the port is taken");
+    let err = DevPlane::start(taken).await.err().expect("the port is taken");
     let message = err.to_string();
-    assert!(
-        message.contains(&h.plane.local_addr().to_string()),
-        "{message}"
-    );
+    assert!(message.contains(&h.plane.local_addr().to_string()), "{message}");
     assert!(message.contains("--listen 127.0.0.1:0"), "{message}");
     h.plane.shutdown().await;
 }
@@ -947,10 +854,7 @@ async fn unknown_paths_are_404_and_post_to_a_node_without_an_action_is_405() {
         .unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     let error: Value = bad.json().await.unwrap();
-    assert!(
-        error["error"].as_str().unwrap().contains("not valid JSON"),
-        "{error}"
-    );
+    assert!(error["error"].as_str().unwrap().contains("not valid JSON"), "{error}");
     h.plane.shutdown().await;
 }
 
@@ -961,7 +865,9 @@ async fn unknown_paths_are_404_and_post_to_a_node_without_an_action_is_405() {
 async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = request.replace("{addr}", &addr.to_string()).replace("{port}", &addr.port().to_string());
+    let request = request
+        .replace("{addr}", &addr.to_string())
+        .replace("{port}", &addr.port().to_string());
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
@@ -1001,11 +907,18 @@ async fn the_lease_service_serves_no_web_page() {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = tokio::time::timeout(WAIT, request.send()).await.expect("answered at once").unwrap();
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("answered at once")
+            .unwrap();
         assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{headers:?}");
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(h.run(&run_id).await["status"], "pending", "no lease was handed to the page");
+    assert_eq!(
+        h.run(&run_id).await["status"],
+        "pending",
+        "no lease was handed to the page"
+    );
     // A gRPC client is served.
     let mut stream = pull(&mut h.grpc().await, "dev-node-1", 1).await;
     assert_eq!(next_lease(&mut stream).await.run_id, run_id);
@@ -1074,13 +987,21 @@ async fn a_request_for_another_host_name_is_refused_so_dns_rebinding_reads_nothi
     h.submit_message("secret input").await;
 
     // A page on attacker.example whose name now resolves to 127.0.0.1.
-    for host in ["attacker.example:{port}", "attacker.example", "localhost.attacker.example:{port}", "127.0.0.1.nip.io:{port}"] {
+    for host in [
+        "attacker.example:{port}",
+        "attacker.example",
+        "localhost.attacker.example:{port}",
+        "127.0.0.1.nip.io:{port}",
+    ] {
         let (status, body) = raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", host)).await;
         assert_eq!(status, 421, "Host {host}: {body}");
         assert!(!body.contains("secret input"), "{body}");
         let error: Value = serde_json::from_str(&body).unwrap();
         let message = error["error"].as_str().unwrap_or_default();
-        assert!(message.contains("attacker.example") || message.contains("nip.io"), "names the host: {message}");
+        assert!(
+            message.contains("attacker.example") || message.contains("nip.io"),
+            "names the host: {message}"
+        );
         assert!(message.contains("--allow-host"), "names the fix: {message}");
     }
     let run = r#"{"agentId": "echo", "version": "1"}"#;
@@ -1093,12 +1014,23 @@ async fn a_request_for_another_host_name_is_refused_so_dns_rebinding_reads_nothi
     assert_eq!(h.plane.runs().len(), 1, "the refused POST created nothing");
     // The right name with another port is someone else's address too, and
     // a request must name a host.
-    assert_eq!(raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", "localhost:1")).await.0, 421);
+    assert_eq!(
+        raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", "localhost:1"))
+            .await
+            .0,
+        421
+    );
     let (status, _) = raw_http(h.plane.local_addr(), "GET /v1/runs HTTP/1.0\r\n\r\n").await;
     assert_eq!(status, 421, "no Host");
 
     // The loopback plane's own names, as curl and browsers send them.
-    for host in ["127.0.0.1:{port}", "localhost:{port}", "LocalHost:{port}", "localhost.:{port}", "[::1]:{port}"] {
+    for host in [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "LocalHost:{port}",
+        "localhost.:{port}",
+        "[::1]:{port}",
+    ] {
         let (status, body) = raw_http(h.plane.local_addr(), &get_with_host("/v1/runs", host)).await;
         assert_eq!(status, 200, "Host {host}: {body}");
         assert!(body.contains("secret input"), "{body}");
@@ -1153,12 +1085,18 @@ async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
     std::fs::write(runs_file.join("keep"), "x").unwrap();
 
     let response = h
-        .post("/v1/runs", json!({"agentId": "echo", "version": "1", "inputRef": {"message": "lost"}}))
+        .post(
+            "/v1/runs",
+            json!({"agentId": "echo", "version": "1", "inputRef": {"message": "lost"}}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let error: Value = response.json().await.unwrap();
     let message = error["error"].as_str().unwrap_or_default();
-    assert!(message.contains(&runs_file.display().to_string()), "names the file: {message}");
+    assert!(
+        message.contains(&runs_file.display().to_string()),
+        "names the file: {message}"
+    );
     assert!(message.contains("writable"), "names the fix: {message}");
     let runs: Value = h.get("/v1/runs").await.json().await.unwrap();
     assert_eq!(runs.as_array().unwrap().len(), 1, "the refused run is not kept: {runs}");
@@ -1180,10 +1118,18 @@ async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
     std::fs::remove_dir_all(&runs_file).unwrap();
     let later = h.submit_message("after the fix").await;
     let mut stream = pull(&mut client, "node-a", 4).await;
-    let leased = [next_lease(&mut stream).await.run_id, next_lease(&mut stream).await.run_id];
+    let leased = [
+        next_lease(&mut stream).await.run_id,
+        next_lease(&mut stream).await.run_id,
+    ];
     assert_eq!(leased, [kept.clone(), later.clone()]);
     let saved: Value = serde_json::from_slice(&std::fs::read(&runs_file).unwrap()).unwrap();
-    let saved_ids: Vec<&str> = saved["runs"].as_array().unwrap().iter().map(|run| run["runId"].as_str().unwrap()).collect();
+    let saved_ids: Vec<&str> = saved["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["runId"].as_str().unwrap())
+        .collect();
     assert_eq!(saved_ids, [kept.as_str(), later.as_str()]);
     drop(stream);
     h.plane.shutdown().await;
@@ -1241,6 +1187,10 @@ async fn dev_refuses_to_listen_beyond_loopback_without_tls_unless_told_and_then_
         ("localhost:{port}", 200),
         ("attacker.example:{port}", 421),
     ] {
-        assert_eq!(raw_http(addr, &get_with_host("/v1/runs", host)).await.0, status, "Host {host}");
+        assert_eq!(
+            raw_http(addr, &get_with_host("/v1/runs", host)).await.0,
+            status,
+            "Host {host}"
+        );
     }
 }

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, Execution, FailKind, RunFailure, RunOutcome, RunResult, Sandbox,
-    SandboxConfig,
+    BudgetRequest, EngineSettings, Execution, FailKind, RunFailure, RunOutcome, RunResult, Sandbox, SandboxConfig,
 };
 use support::*;
 
@@ -27,7 +26,11 @@ const HOST_TRIPLE: &str = if cfg!(target_arch = "aarch64") {
 } else {
     "x86_64-unknown-linux-gnu"
 };
-const OTHER: &str = if cfg!(target_arch = "aarch64") { "x86_64" } else { "aarch64" };
+const OTHER: &str = if cfg!(target_arch = "aarch64") {
+    "x86_64"
+} else {
+    "aarch64"
+};
 const OTHER_TRIPLE: &str = if cfg!(target_arch = "aarch64") {
     "x86_64-unknown-linux-gnu"
 } else {
@@ -72,7 +75,10 @@ async fn echo_runs_under_pulley_and_returns_its_input() {
     assert!(sandbox.target().0.starts_with("pulley"), "{:?}", sandbox.target());
     let agent = load(&sandbox, "echo").await;
     let result = sandbox
-        .run(&agent, request("echo", &[("message", r#"{"invoice":42}"#)], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("echo", &[("message", r#"{"invoice":42}"#)], BudgetRequest::default()),
+        )
         .await;
     match &result.outcome {
         RunOutcome::Completed(map) => {
@@ -122,10 +128,16 @@ async fn a_pulley_node_and_a_cranelift_node_each_refuse_the_others_cwasm_by_name
     let pulley = pulley_sandbox();
     let cranelift = sandbox();
     let pulley_target = pulley.target().1;
-    let for_pulley = cranelift.precompile_for(&agent_bytes("echo"), &pulley_target).expect("compiles");
+    let for_pulley = cranelift
+        .precompile_for(&agent_bytes("echo"), &pulley_target)
+        .expect("compiles");
     let native = cranelift.precompile(&agent_bytes("echo")).expect("compiles");
 
-    let refused = cranelift.load(Arc::from(for_pulley.clone())).await.unwrap_err().to_string();
+    let refused = cranelift
+        .load(Arc::from(for_pulley.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains(&format!("compiled for {pulley_target}")), "{refused}");
     assert!(refused.contains(&format!("native {HERE} code")), "{refused}");
 
@@ -133,9 +145,18 @@ async fn a_pulley_node_and_a_cranelift_node_each_refuse_the_others_cwasm_by_name
     assert!(refused.contains(&format!("compiled for {HERE}")), "{refused}");
     assert!(refused.contains(&format!("--target {pulley_target}")), "{refused}");
 
-    let agent = pulley.load(Arc::from(for_pulley)).await.expect("the Pulley node loads it");
-    let result = pulley.run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default())).await;
-    assert!(matches!(&result.outcome, RunOutcome::Completed(map) if map["message"] == "hi"), "{:?}", result.outcome);
+    let agent = pulley
+        .load(Arc::from(for_pulley))
+        .await
+        .expect("the Pulley node loads it");
+    let result = pulley
+        .run(&agent, request("echo", &[("message", "hi")], BudgetRequest::default()))
+        .await;
+    assert!(
+        matches!(&result.outcome, RunOutcome::Completed(map) if map["message"] == "hi"),
+        "{:?}",
+        result.outcome
+    );
 }
 
 #[test]
@@ -199,7 +220,10 @@ fn compile_for_an_unsupported_target_is_a_usage_error_listing_the_supported_ones
         let output = compile_for(target, &cwasm);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{target}: {stderr}");
-        assert!(stderr.contains(&format!("--target: cannot compile for target `{target}`")), "{stderr}");
+        assert!(
+            stderr.contains(&format!("--target: cannot compile for target `{target}`")),
+            "{stderr}"
+        );
         assert!(
             stderr.contains("x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu, pulley64, pulley32"),
             "{stderr}"

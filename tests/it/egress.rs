@@ -13,8 +13,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, Uri};
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, HTTP_RESPONSE_BYTES, RunOutcome, RunRequest,
-    RunResult, Sandbox, SandboxConfig, SandboxError,
+    BudgetRequest, EngineSettings, FailKind, HTTP_RESPONSE_BYTES, RunOutcome, RunRequest, RunResult, Sandbox,
+    SandboxConfig, SandboxError,
 };
 use support::*;
 
@@ -144,7 +144,10 @@ fn completed(result: &RunResult) -> &BTreeMap<String, String> {
 fn assert_denied(result: &RunResult) {
     let seen = completed(result);
     let error = seen.get("error").map(String::as_str).unwrap_or("");
-    assert!(error.contains("HttpRequestDenied"), "expected a denied request: {seen:?}");
+    assert!(
+        error.contains("HttpRequestDenied"),
+        "expected a denied request: {seen:?}"
+    );
     assert!(!seen.contains_key("status"), "{seen:?}");
 }
 
@@ -204,7 +207,11 @@ async fn a_host_not_on_the_allow_list_is_denied_and_reaches_nothing() {
     let result = fetch(&sandbox, fetch_request(&target.url("127.0.0.1", "/"), None, &[], LONG)).await;
     assert_denied(&result);
     // No grants at all: the default.
-    let result = fetch(&sandbox_with(Default::default()), fetch_request(&target.url("127.0.0.1", "/"), None, &[], LONG)).await;
+    let result = fetch(
+        &sandbox_with(Default::default()),
+        fetch_request(&target.url("127.0.0.1", "/"), None, &[], LONG),
+    )
+    .await;
     assert_denied(&result);
     assert!(target.seen().is_empty(), "{:?}", target.seen());
 }
@@ -230,11 +237,24 @@ async fn metadata_narrows_the_allow_list_and_never_widens_it() {
     let sandbox = egress_sandbox(&["127.0.0.1", "LOCALHOST"]);
     let narrowed = [("http.allow", format!("Localhost:{port}"))];
     let narrowed = [(narrowed[0].0, narrowed[0].1.as_str())];
-    let result = fetch(&sandbox, fetch_request(&target.url("127.0.0.1", "/"), None, &narrowed, LONG)).await;
+    let result = fetch(
+        &sandbox,
+        fetch_request(&target.url("127.0.0.1", "/"), None, &narrowed, LONG),
+    )
+    .await;
     assert_denied(&result);
     assert!(target.seen().is_empty());
-    let result = fetch(&sandbox, fetch_request(&target.url("localhost", "/kept"), None, &narrowed, LONG)).await;
-    assert_eq!(completed(&result).get("status").map(String::as_str), Some("200"), "{:?}", result.outcome);
+    let result = fetch(
+        &sandbox,
+        fetch_request(&target.url("localhost", "/kept"), None, &narrowed, LONG),
+    )
+    .await;
+    assert_eq!(
+        completed(&result).get("status").map(String::as_str),
+        Some("200"),
+        "{:?}",
+        result.outcome
+    );
     let seen = target.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/kept");
@@ -271,7 +291,10 @@ async fn a_target_that_never_answers_ends_by_the_runs_deadline() {
     assert!(took < Duration::from_secs(6), "the run took {took:?}");
     match &result.outcome {
         RunOutcome::Completed(answer) => {
-            assert!(answer.contains_key("error") && !answer.contains_key("status"), "{answer:?}")
+            assert!(
+                answer.contains_key("error") && !answer.contains_key("status"),
+                "{answer:?}"
+            )
         }
         RunOutcome::Failed(failure) => assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}"),
     }
@@ -281,7 +304,11 @@ async fn a_target_that_never_answers_ends_by_the_runs_deadline() {
 async fn a_response_body_past_the_cap_ends_with_an_error() {
     let target = Target::start().await;
     let sandbox = egress_sandbox(&["127.0.0.1"]);
-    let result = fetch(&sandbox, fetch_request(&target.url("127.0.0.1", "/big"), None, &[], LONG)).await;
+    let result = fetch(
+        &sandbox,
+        fetch_request(&target.url("127.0.0.1", "/big"), None, &[], LONG),
+    )
+    .await;
     let answer = completed(&result);
     assert_eq!(answer.get("status").map(String::as_str), Some("200"), "{answer:?}");
     let read: u64 = answer["body_bytes"].parse().unwrap();
@@ -341,7 +368,13 @@ async fn run_agent_allow_http_grants_the_host() {
     };
 
     let denied = run(None).await;
-    assert!(denied["result"]["error"].as_str().unwrap_or("").contains("HttpRequestDenied"), "{denied}");
+    assert!(
+        denied["result"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("HttpRequestDenied"),
+        "{denied}"
+    );
     assert!(target.seen().is_empty());
 
     let allowed = run(Some(format!("127.0.0.1:{}", target.port()))).await;
@@ -356,5 +389,9 @@ async fn run_agent_allow_http_grants_the_host() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--allow-http"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--allow-http"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -92,6 +92,9 @@ fn run_agent_reports_a_missing_import_as_agent_invalid() {
         .unwrap_or_else(|err| panic!("{err}: {stdout} {}", String::from_utf8_lossy(&output.stderr)));
     assert_eq!(json["outcome"], "failed", "{json}");
     assert_eq!(json["kind"], "agent.invalid", "{json}");
-    assert!(json["message"].as_str().unwrap_or("").contains("nope:missing/thing"), "{json}");
+    assert!(
+        json["message"].as_str().unwrap_or("").contains("nope:missing/thing"),
+        "{json}"
+    );
     assert_eq!(output.status.code(), Some(5), "{json}");
 }

@@ -23,8 +23,7 @@ use node_runtime::config::Secret;
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, RunOutcome, RunRequest, Sandbox,
-    SandboxConfig,
+    BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
@@ -56,7 +55,11 @@ async fn model(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
             "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 5, "total_tokens": PROMPT_TOKENS + 5},
         }));
     }
-    let (_, category, route) = VENDORS.iter().find(|(name, ..)| *name == vendor).copied().unwrap_or((vendor, "Other", "General Accounts Payable"));
+    let (_, category, route) = VENDORS.iter().find(|(name, ..)| *name == vendor).copied().unwrap_or((
+        vendor,
+        "Other",
+        "General Accounts Payable",
+    ));
     let answer = serde_json::json!({
         "vendorName": vendor,
         "vendorCategory": category,
@@ -93,8 +96,18 @@ struct TargetApi {
     unavailable: std::sync::atomic::AtomicU32,
 }
 
-async fn target(State(api): State<Arc<TargetApi>>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+async fn target(
+    State(api): State<Arc<TargetApi>>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     api.accepted.lock().unwrap().push(Received {
         idempotency_key: header("idempotency-key"),
         correlation_id: header("x-correlation-id"),
@@ -146,11 +159,24 @@ async fn invoice_suite(agent: &str) {
             .with_state(api.clone()),
     )
     .await;
-    let mut llm = LlmSettings::openai(format!("http://{model_addr}"), Secret::new("sk-invoices-test".to_string()), MODEL);
-    llm.prices = BTreeMap::from([(MODEL.to_string(), ModelPrice { input_per_1k: 0.5, output_per_1k: 1.5 })]);
+    let mut llm = LlmSettings::openai(
+        format!("http://{model_addr}"),
+        Secret::new("sk-invoices-test".to_string()),
+        MODEL,
+    );
+    llm.prices = BTreeMap::from([(
+        MODEL.to_string(),
+        ModelPrice {
+            input_per_1k: 0.5,
+            output_per_1k: 1.5,
+        },
+    )]);
     let sandbox = Arc::new(
         Sandbox::new(SandboxConfig {
-            engine: EngineSettings { max_concurrent_runs: 4, ..EngineSettings::default() },
+            engine: EngineSettings {
+                max_concurrent_runs: 4,
+                ..EngineSettings::default()
+            },
             llm: Some(llm),
             allowed_hosts: BTreeMap::from([(agent.to_string(), vec![target_addr.clone()])]),
             ..SandboxConfig::default()
@@ -185,7 +211,11 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
             slots: 4,
             max_leases: 4,
             heartbeat_interval: Duration::from_millis(500),
-            capacity: Capacity { slots: 4, cpu: "2".into(), memory: "1Gi".into() },
+            capacity: Capacity {
+                slots: 4,
+                cpu: "2".into(),
+                memory: "1Gi".into(),
+            },
             metadata: BTreeMap::new(),
             drain_timeout: Duration::from_secs(5),
         },
@@ -213,12 +243,19 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
             })
             .await
             .unwrap();
-        expected.insert(run.run_id, (format!("msg-{i}"), format!("INV-{i}"), category, 100.0 + i as f64));
+        expected.insert(
+            run.run_id,
+            (format!("msg-{i}"), format!("INV-{i}"), category, 100.0 + i as f64),
+        );
     }
     // Generous: the first run waits for the component to compile (an 18 MB
     // one takes tens of seconds in a debug build on a busy machine).
     eventually(Duration::from_secs(300), "50 invoices to end", || {
-        plane.runs().iter().all(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed)).then_some(())
+        plane
+            .runs()
+            .iter()
+            .all(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+            .then_some(())
     })
     .await;
 
@@ -232,9 +269,15 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
         assert_eq!(result["invoiceNumber"], *number);
         assert_eq!(result["totalAmount"].parse::<f64>().unwrap(), *amount, "{result:?}");
         assert_eq!(result["confidence"], "0.93");
-        assert_eq!((result["tokensIn"].as_str(), result["tokensOut"].as_str()), ("100", "50"));
+        assert_eq!(
+            (result["tokensIn"].as_str(), result["tokensOut"].as_str()),
+            ("100", "50")
+        );
         let costs = run.costs.as_ref().unwrap();
-        assert_eq!((costs.tokens_in, costs.tokens_out), (PROMPT_TOKENS as i32, ANSWER_TOKENS as i32));
+        assert_eq!(
+            (costs.tokens_in, costs.tokens_out),
+            (PROMPT_TOKENS as i32, ANSWER_TOKENS as i32)
+        );
         let priced = (f64::from(PROMPT_TOKENS) * 0.5 + f64::from(ANSWER_TOKENS) * 1.5) / 1000.0;
         assert!((costs.usd_cost - priced).abs() < 1e-9, "{costs:?} vs {priced}");
 
@@ -243,7 +286,11 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
             .find(|post| post.idempotency_key == format!("{run_id}-{message_id}"))
             .unwrap_or_else(|| panic!("no POST with the idempotency key of {run_id}"));
         assert_eq!(&post.correlation_id, run_id);
-        assert!(post.traceparent.starts_with("00-") && post.traceparent.len() == 55, "{}", post.traceparent);
+        assert!(
+            post.traceparent.starts_with("00-") && post.traceparent.len() == 55,
+            "{}",
+            post.traceparent
+        );
         assert_eq!(post.body["vendorCategory"], *category);
         assert_eq!(post.body["invoiceNumber"], *number);
         assert_eq!(post.body["totalAmount"].as_f64(), Some(*amount));
@@ -256,7 +303,10 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
 fn invoice_request(agent: &str, vendor: &str, target_url: Option<&str>) -> RunRequest {
     let mut request: RunRequest = request(
         agent,
-        &[("message", &serde_json::json!({"vendor": vendor, "number": "INV-9", "amount": 1.0}).to_string())],
+        &[(
+            "message",
+            &serde_json::json!({"vendor": vendor, "number": "INV-9", "amount": 1.0}).to_string(),
+        )],
         BudgetRequest::default(),
     );
     if let Some(url) = target_url {
@@ -276,38 +326,69 @@ async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_ret
     let loaded = load(sandbox, agent).await;
     let unavailable_url = format!("http://{target_addr}/unavailable");
 
-    let garbled = sandbox.run(&loaded, invoice_request(agent, "Garbled Answers Co", Some(&unavailable_url))).await;
-    let RunOutcome::Failed(failure) = &garbled.outcome else { panic!("{agent}: {:?}", garbled.outcome) };
+    let garbled = sandbox
+        .run(
+            &loaded,
+            invoice_request(agent, "Garbled Answers Co", Some(&unavailable_url)),
+        )
+        .await;
+    let RunOutcome::Failed(failure) = &garbled.outcome else {
+        panic!("{agent}: {:?}", garbled.outcome)
+    };
     assert!(!failure.retryable, "{agent}: {failure:?}");
-    assert!(failure.message.contains("not the classification asked for"), "{agent}: {}", failure.message);
+    assert!(
+        failure.message.contains("not the classification asked for"),
+        "{agent}: {}",
+        failure.message
+    );
     assert_eq!(api.unavailable.load(Ordering::SeqCst), 0, "{agent}: nothing was posted");
 
-    let unavailable = sandbox.run(&loaded, invoice_request(agent, "City Water", Some(&unavailable_url))).await;
-    let RunOutcome::Failed(failure) = &unavailable.outcome else { panic!("{agent}: {:?}", unavailable.outcome) };
+    let unavailable = sandbox
+        .run(&loaded, invoice_request(agent, "City Water", Some(&unavailable_url)))
+        .await;
+    let RunOutcome::Failed(failure) = &unavailable.outcome else {
+        panic!("{agent}: {:?}", unavailable.outcome)
+    };
     assert!(failure.retryable, "{agent}: {failure:?}");
     assert!(failure.message.contains("503"), "{agent}: {}", failure.message);
-    assert_eq!(api.unavailable.load(Ordering::SeqCst), 3, "{agent}: the agent's own bounded retries");
+    assert_eq!(
+        api.unavailable.load(Ordering::SeqCst),
+        3,
+        "{agent}: the agent's own bounded retries"
+    );
 }
 
 async fn half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent: &str, sandbox: &Sandbox) {
     let loaded = load(sandbox, agent).await;
     let reference = sandbox.run(&loaded, invoice_request(agent, "City Water", None)).await;
-    assert!(matches!(reference.outcome, RunOutcome::Completed(_)), "{agent}: {:?}", reference.outcome);
+    assert!(
+        matches!(reference.outcome, RunOutcome::Completed(_)),
+        "{agent}: {:?}",
+        reference.outcome
+    );
     let (fuel, memory) = (reference.report.fuel_consumed, reference.report.peak_memory_bytes);
     assert!(fuel > 0 && memory > 0, "{agent}: {:?}", reference.report);
 
     let mut starved = invoice_request(agent, "City Water", None);
     starved.budget.fuel = Some(fuel / 2);
     let result = sandbox.run(&loaded, starved).await;
-    let RunOutcome::Failed(failure) = &result.outcome else { panic!("{agent}: {:?}", result.outcome) };
+    let RunOutcome::Failed(failure) = &result.outcome else {
+        panic!("{agent}: {:?}", result.outcome)
+    };
     assert_eq!(failure.kind, FailKind::BudgetFuel, "{agent}: {failure:?}");
     assert!(!failure.retryable, "{agent}: {failure:?}");
 
     let mut cramped = invoice_request(agent, "City Water", None);
     cramped.budget.memory_bytes = Some(memory / 2);
     let result = sandbox.run(&loaded, cramped).await;
-    let RunOutcome::Failed(failure) = &result.outcome else { panic!("{agent}: {:?}", result.outcome) };
+    let RunOutcome::Failed(failure) = &result.outcome else {
+        panic!("{agent}: {:?}", result.outcome)
+    };
     assert_eq!(failure.kind, FailKind::BudgetMemory, "{agent}: {failure:?}");
     assert!(!failure.retryable, "{agent}: {failure:?}");
-    assert!(result.report.peak_memory_bytes <= memory / 2, "{agent}: {:?}", result.report);
+    assert!(
+        result.report.peak_memory_bytes <= memory / 2,
+        "{agent}: {:?}",
+        result.report
+    );
 }

@@ -8,14 +8,14 @@
 //! Run one suite with its module as the filter: `cargo test --test it
 //! sandbox::`.
 
-#[path = "../support/mod.rs"]
-mod support;
 #[path = "../support/certs.rs"]
 mod certs;
-#[path = "../support/otlp.rs"]
-mod otlp;
 #[path = "../hostile_set/mod.rs"]
 mod hostile_set;
+#[path = "../support/otlp.rs"]
+mod otlp;
+#[path = "../support/mod.rs"]
+mod support;
 
 /// Agents from HTTP and digest pins, through the real node.
 mod agent_store;

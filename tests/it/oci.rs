@@ -25,7 +25,11 @@ struct Registry {
 }
 
 async fn start_registry(dir: &Path) -> Registry {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let address = format!("127.0.0.1:{port}");
     let config = dir.join("registry.yml");
     std::fs::write(
@@ -51,7 +55,10 @@ async fn start_registry(dir: &Path) -> Registry {
         answer.status().is_success().then_some(())
     })
     .await;
-    Registry { address, _process: process }
+    Registry {
+        address,
+        _process: process,
+    }
 }
 
 async fn node_runtime(args: &[&str]) -> Output {
@@ -61,11 +68,18 @@ async fn node_runtime(args: &[&str]) -> Output {
         .env_remove("NODE_RUNTIME_REGISTRY_USERNAME")
         .env_remove("NODE_RUNTIME_REGISTRY_PASSWORD")
         .output();
-    tokio::time::timeout(Duration::from_secs(120), command).await.expect("the command ends").unwrap()
+    tokio::time::timeout(Duration::from_secs(120), command)
+        .await
+        .expect("the command ends")
+        .unwrap()
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +93,11 @@ async fn push_then_pull_gives_back_the_same_bytes_and_prints_the_pin() {
 
     let pushed = node_runtime(&["push", echo.to_str().unwrap(), &reference, "--insecure"]).await;
     assert!(pushed.status.success(), "{}", text(&pushed));
-    assert!(text(&pushed).contains(&format!("agent.digest {digest}")), "{}", text(&pushed));
+    assert!(
+        text(&pushed).contains(&format!("agent.digest {digest}")),
+        "{}",
+        text(&pushed)
+    );
 
     let copy = dir.path().join("copy.wasm");
     let pulled = node_runtime(&["pull", &reference, "-o", copy.to_str().unwrap(), "--insecure"]).await;
@@ -91,8 +109,17 @@ async fn push_then_pull_gives_back_the_same_bytes_and_prints_the_pin() {
     std::fs::write(&junk, b"not webassembly").unwrap();
     let refused_ref = format!("{}/agents/junk:1.0.0", registry.address);
     let refused = node_runtime(&["push", junk.to_str().unwrap(), &refused_ref, "--insecure"]).await;
-    assert_eq!(refused.status.code(), Some(5), "agent.invalid's exit code: {}", text(&refused));
-    assert!(text(&refused).contains("not a WebAssembly component"), "{}", text(&refused));
+    assert_eq!(
+        refused.status.code(),
+        Some(5),
+        "agent.invalid's exit code: {}",
+        text(&refused)
+    );
+    assert!(
+        text(&refused).contains("not a WebAssembly component"),
+        "{}",
+        text(&refused)
+    );
     let absent = node_runtime(&["pull", &refused_ref, "-o", copy.to_str().unwrap(), "--insecure"]).await;
     assert!(!absent.status.success(), "nothing was pushed: {}", text(&absent));
 
@@ -136,7 +163,12 @@ async fn start_oci_node(registry: &Registry, node_id: &str) -> OciNode {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    OciNode { plane, data, _agents: agents, _node: node }
+    OciNode {
+        plane,
+        data,
+        _agents: agents,
+        _node: node,
+    }
 }
 
 fn run_of(agent: &str, version: &str, digest: Option<&str>) -> NewRun {
@@ -144,15 +176,25 @@ fn run_of(agent: &str, version: &str, digest: Option<&str>) -> NewRun {
         agent_id: agent.to_string(),
         version: version.to_string(),
         input_ref: BTreeMap::from([("message".to_string(), "from the registry".to_string())]),
-        metadata: digest.map(|d| ("agent.digest".to_string(), d.to_string())).into_iter().collect(),
+        metadata: digest
+            .map(|d| ("agent.digest".to_string(), d.to_string()))
+            .into_iter()
+            .collect(),
         budgets: Default::default(),
     }
 }
 
 fn failure(run: &Run) -> (String, String, bool) {
-    let info = run.error_info.as_ref().unwrap_or_else(|| panic!("expected a failure: {run:?}"));
+    let info = run
+        .error_info
+        .as_ref()
+        .unwrap_or_else(|| panic!("expected a failure: {run:?}"));
     let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
-    (details["kind"].as_str().unwrap().to_string(), info.error_message.clone(), info.retryable)
+    (
+        details["kind"].as_str().unwrap().to_string(),
+        info.error_message.clone(),
+        info.retryable,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,12 +231,22 @@ async fn a_node_with_only_the_oci_source_runs_what_was_pushed_and_honours_the_pi
     assert_eq!(runs[0].result.as_ref().unwrap()["message"], "from the registry");
     let (kind, message, retryable) = failure(&runs[1]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
-    assert!(message.contains(&digest) && message.contains(&wrong), "names both digests: {message}");
+    assert!(
+        message.contains(&digest) && message.contains(&wrong),
+        "names both digests: {message}"
+    );
     let (kind, message, retryable) = failure(&runs[2]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
-    assert!(message.contains(&format!("{}/agents/echo:7.0.0", registry.address)), "{message}");
+    assert!(
+        message.contains(&format!("{}/agents/echo:7.0.0", registry.address)),
+        "{message}"
+    );
     let kept = data.path().join("agents").join("oci").join("echo").join("1.0.0.wasm");
-    assert_eq!(std::fs::read(kept).unwrap(), std::fs::read(&echo).unwrap(), "the pulled copy is kept");
+    assert_eq!(
+        std::fs::read(kept).unwrap(),
+        std::fs::read(&echo).unwrap(),
+        "the pulled copy is kept"
+    );
 }
 
 /// Pushes `layers` (with the Wasm config of the oci-wasm layout, as `push`
@@ -209,13 +261,20 @@ async fn push_raw(reference: &str, layers: Vec<oci_client::client::ImageLayer>) 
     manifest.media_type = Some(oci_wasm::WASM_MANIFEST_MEDIA_TYPE.to_string());
     let reference: oci_client::Reference = reference.parse().unwrap();
     let auth = oci_client::secrets::RegistryAuth::Anonymous;
-    client.as_ref().push(&reference, &layers, config, &auth, Some(manifest)).await.unwrap();
+    client
+        .as_ref()
+        .push(&reference, &layers, config, &auth, Some(manifest))
+        .await
+        .unwrap();
 }
 
 /// The registry's file for the blob with SHA-256 `digest` (`sha256:<hex>`).
 fn blob_file(dir: &Path, digest: &str) -> std::path::PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap();
-    dir.join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    dir.join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,12 +293,17 @@ async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_ne
     // 3.0.0: native code, pushed as `application/wasm`.
     let cwasm_file = dir.path().join("echo.cwasm");
     let echo_path = agent_path("echo");
-    let compiled = node_runtime(&["compile", echo_path.to_str().unwrap(), "-o", cwasm_file.to_str().unwrap()]).await;
+    let compiled = node_runtime(&[
+        "compile",
+        echo_path.to_str().unwrap(),
+        "-o",
+        cwasm_file.to_str().unwrap(),
+    ])
+    .await;
     assert!(compiled.status.success(), "{}", text(&compiled));
     let cwasm = std::fs::read(&cwasm_file).unwrap();
-    let wasm_layer = |data: Vec<u8>| {
-        oci_client::client::ImageLayer::new(data, oci_wasm::WASM_LAYER_MEDIA_TYPE.to_string(), None)
-    };
+    let wasm_layer =
+        |data: Vec<u8>| oci_client::client::ImageLayer::new(data, oci_wasm::WASM_LAYER_MEDIA_TYPE.to_string(), None);
     push_raw(&reference("3.0.0"), vec![wasm_layer(cwasm.clone())]).await;
     // 4.0.0: a manifest with two layers.
     let header_only = wasm_layer(b"\0asm\x0d\0\x01\0".to_vec());
@@ -267,31 +331,55 @@ async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_ne
     let (kind, message, retryable) = failure(&runs[0]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
     assert!(message.contains(&reference("2.0.0")), "names the reference: {message}");
-    assert!(message.contains(tar) && message.contains("application/wasm"), "names both media types: {message}");
+    assert!(
+        message.contains(tar) && message.contains("application/wasm"),
+        "names both media types: {message}"
+    );
 
     let (kind, message, retryable) = failure(&runs[1]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
     assert!(message.contains(&reference("3.0.0")), "names the reference: {message}");
     assert!(message.contains("not a WebAssembly component"), "{message}");
-    assert!(message.contains("AgentsDirectory"), "says where native code may come from: {message}");
+    assert!(
+        message.contains("AgentsDirectory"),
+        "says where native code may come from: {message}"
+    );
     let info = runs[1].error_info.as_ref().unwrap();
     let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
     assert_eq!(details["report"]["fuel_consumed"], 0, "never ran: {details}");
 
     let (kind, message, retryable) = failure(&runs[2]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
-    assert!(message.contains(&reference("4.0.0")) && message.contains("2 layers"), "{message}");
+    assert!(
+        message.contains(&reference("4.0.0")) && message.contains("2 layers"),
+        "{message}"
+    );
     let (kind, message, retryable) = failure(&runs[3]);
     assert_eq!((kind.as_str(), retryable), ("agent.invalid", false), "{message}");
-    assert!(message.contains(&reference("5.0.0")) && message.contains("0 layers"), "{message}");
+    assert!(
+        message.contains(&reference("5.0.0")) && message.contains("0 layers"),
+        "{message}"
+    );
 
     let kept = files_under(&data.path().join("agents"));
-    assert!(kept.is_empty(), "nothing refused is kept in the download cache: {kept:?}");
+    assert!(
+        kept.is_empty(),
+        "nothing refused is kept in the download cache: {kept:?}"
+    );
 
     // `pull` does not save native code either.
     let copy = dir.path().join("copy.wasm");
     let pulled = node_runtime(&["pull", &reference("3.0.0"), "-o", copy.to_str().unwrap(), "--insecure"]).await;
-    assert_eq!(pulled.status.code(), Some(5), "agent.invalid's exit code: {}", text(&pulled));
-    assert!(text(&pulled).contains("not a WebAssembly component"), "{}", text(&pulled));
+    assert_eq!(
+        pulled.status.code(),
+        Some(5),
+        "agent.invalid's exit code: {}",
+        text(&pulled)
+    );
+    assert!(
+        text(&pulled).contains("not a WebAssembly component"),
+        "{}",
+        text(&pulled)
+    );
     assert!(!copy.exists(), "nothing saved");
 }

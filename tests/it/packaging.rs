@@ -19,13 +19,29 @@ fn read(relative: &str) -> String {
 #[test]
 fn the_systemd_unit_verifies_cleanly_and_runs_serve() {
     let unit = read("deploy/systemd/node-runtime.service");
-    let exec = unit.lines().find_map(|line| line.strip_prefix("ExecStart=")).expect("an ExecStart line");
-    assert!(exec.starts_with("/usr/local/bin/node-runtime serve --config "), "{exec}");
-    for directive in ["Restart=always", "StateDirectory=node-runtime", "KillSignal=SIGTERM", "NoNewPrivileges=yes"] {
+    let exec = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    assert!(
+        exec.starts_with("/usr/local/bin/node-runtime serve --config "),
+        "{exec}"
+    );
+    for directive in [
+        "Restart=always",
+        "StateDirectory=node-runtime",
+        "KillSignal=SIGTERM",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(unit.lines().any(|line| line == directive), "missing {directive}");
     }
     // The stop timeout leaves room for the default 30 s drain.
-    let stop: u64 = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap().parse().unwrap();
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(stop > 30, "TimeoutStopSec={stop}");
 
     let Ok(version) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
@@ -36,12 +52,27 @@ fn the_systemd_unit_verifies_cleanly_and_runs_serve() {
     // verify checks that ExecStart's binary exists: point it at this build.
     let dir = tempfile::tempdir().unwrap();
     let checked = dir.path().join("node-runtime.service");
-    std::fs::write(&checked, unit.replace("/usr/local/bin/node-runtime", env!("CARGO_BIN_EXE_node-runtime"))).unwrap();
-    let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&checked).output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    std::fs::write(
+        &checked,
+        unit.replace("/usr/local/bin/node-runtime", env!("CARGO_BIN_EXE_node-runtime")),
+    )
+    .unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&checked)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(verify.status.success(), "{said}");
     // Unknown or misspelt directives are only warnings: none is allowed.
-    let about_unit: Vec<&str> = said.lines().filter(|line| line.contains("node-runtime.service")).collect();
+    let about_unit: Vec<&str> = said
+        .lines()
+        .filter(|line| line.contains("node-runtime.service"))
+        .collect();
     assert!(about_unit.is_empty(), "{about_unit:#?}");
 }
 
@@ -50,7 +81,9 @@ fn documents() -> Vec<Yaml> {
 }
 
 fn of_kind<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
-    docs.iter().find(|doc| doc["kind"].as_str() == Some(kind)).unwrap_or_else(|| panic!("no {kind}"))
+    docs.iter()
+        .find(|doc| doc["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
 }
 
 #[test]
@@ -59,14 +92,29 @@ fn the_kubernetes_manifest_parses_and_its_configuration_loads_in_the_node() {
     let kinds: Vec<&str> = docs.iter().filter_map(|doc| doc["kind"].as_str()).collect();
     assert_eq!(kinds, ["ConfigMap", "StatefulSet", "Service"]);
 
-    let settings = of_kind(&docs, "ConfigMap")["data"]["appsettings.json"].as_str().expect("appsettings.json");
-    let config = NodeConfig::from_json_str(settings, Path::new("/etc/node-runtime"), Vec::new()).expect("the node loads it");
-    assert!(config.ignored_keys.is_empty(), "keys the node would ignore: {:?}", config.ignored_keys);
-    let admin = config.node_runtime.admin_listen.expect("the probes need NodeRuntime.AdminListen");
+    let settings = of_kind(&docs, "ConfigMap")["data"]["appsettings.json"]
+        .as_str()
+        .expect("appsettings.json");
+    let config =
+        NodeConfig::from_json_str(settings, Path::new("/etc/node-runtime"), Vec::new()).expect("the node loads it");
+    assert!(
+        config.ignored_keys.is_empty(),
+        "keys the node would ignore: {:?}",
+        config.ignored_keys
+    );
+    let admin = config
+        .node_runtime
+        .admin_listen
+        .expect("the probes need NodeRuntime.AdminListen");
 
     let pod = &of_kind(&docs, "StatefulSet")["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
-    let args: Vec<&str> = container["args"].as_vec().unwrap().iter().filter_map(Yaml::as_str).collect();
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
     assert_eq!(args, ["serve", "--config", "/etc/node-runtime/appsettings.json"]);
     assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
@@ -74,14 +122,20 @@ fn the_kubernetes_manifest_parses_and_its_configuration_loads_in_the_node() {
     assert_eq!(port, i64::from(admin.port()), "the probes reach the admin endpoint");
     // SIGTERM drains: the pod must be given longer than the drain.
     let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
-    assert!(grace > config.node_runtime.drain_timeout.as_secs() as i64, "grace {grace}s");
+    assert!(
+        grace > config.node_runtime.drain_timeout.as_secs() as i64,
+        "grace {grace}s"
+    );
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_vec()
         .unwrap()
         .iter()
         .filter_map(|mount| mount["mountPath"].as_str())
         .collect();
-    assert!(mounts.contains(&config.node_runtime.data_directory.to_str().unwrap()), "the data directory is a volume: {mounts:?}");
+    assert!(
+        mounts.contains(&config.node_runtime.data_directory.to_str().unwrap()),
+        "the data directory is a volume: {mounts:?}"
+    );
 }
 
 #[test]
@@ -89,8 +143,16 @@ fn the_container_recipe_builds_the_static_binary_and_keeps_state_in_a_volume() {
     let recipe = read("deploy/container/Containerfile");
     assert!(recipe.contains("--target x86_64-unknown-linux-musl"), "a static build");
     assert!(recipe.contains("FROM scratch"), "an empty base");
-    assert!(recipe.contains("ca-certificates.crt"), "CA roots for https:// control planes");
+    assert!(
+        recipe.contains("ca-certificates.crt"),
+        "CA roots for https:// control planes"
+    );
     assert!(recipe.contains("VOLUME [\"/var/lib/node-runtime\"]"));
     assert!(recipe.contains("NodeRuntime__DataDirectory=/var/lib/node-runtime"));
-    assert!(recipe.lines().any(|line| line.starts_with("USER ") && !line.contains(" 0")), "not root");
+    assert!(
+        recipe
+            .lines()
+            .any(|line| line.starts_with("USER ") && !line.contains(" 0")),
+        "not root"
+    );
 }

@@ -104,7 +104,10 @@ fn reports_and_accepted_ids_survive_reopening_and_delivered_ones_are_gone() {
     }
     assert!(outbox.get("lease-2").unwrap().is_none());
     assert!(outbox.is_accepted("lease-1").unwrap());
-    assert!(!outbox.accept("lease-1", deadline).unwrap(), "still accepted after reopening");
+    assert!(
+        !outbox.accept("lease-1", deadline).unwrap(),
+        "still accepted after reopening"
+    );
 }
 
 #[test]
@@ -168,12 +171,7 @@ fn concurrent_writers_each_get_their_own_answer_and_all_of_it_is_stored() {
                         // every other one.
                         for n in 0..LEASES {
                             let id = format!("t{thread}-{n}");
-                            assert!(
-                                outbox
-                                    .put(&complete(&id, &id), deadline)
-                                    .unwrap()
-                                    .is_empty()
-                            );
+                            assert!(outbox.put(&complete(&id, &id), deadline).unwrap().is_empty());
                             if n % 2 == 0 {
                                 assert!(outbox.remove(&id).unwrap(), "{id} was just stored");
                                 assert!(!outbox.remove(&id).unwrap(), "{id} was already removed");
@@ -183,24 +181,14 @@ fn concurrent_writers_each_get_their_own_answer_and_all_of_it_is_stored() {
                     })
                 })
                 .collect();
-            workers
-                .into_iter()
-                .map(|worker| worker.join().unwrap())
-                .collect()
+            workers.into_iter().map(|worker| worker.join().unwrap()).collect()
         });
         let mut won: Vec<usize> = fresh_per_thread.into_iter().flatten().collect();
         won.sort();
-        assert_eq!(
-            won,
-            (0..LEASES).collect::<Vec<_>>(),
-            "each lease accepted exactly once"
-        );
+        assert_eq!(won, (0..LEASES).collect::<Vec<_>>(), "each lease accepted exactly once");
     }
     let outbox = Outbox::open(dir.path()).unwrap();
-    assert_eq!(
-        outbox.pending_count().unwrap(),
-        (THREADS * LEASES / 2) as u64
-    );
+    assert_eq!(outbox.pending_count().unwrap(), (THREADS * LEASES / 2) as u64);
     for thread in 0..THREADS {
         for n in 0..LEASES {
             let id = format!("t{thread}-{n}");
@@ -229,7 +217,9 @@ async fn a_lease_redelivered_after_a_restart_is_not_run_again_and_its_stored_out
     {
         let outbox = Outbox::open(data.path()).unwrap();
         outbox.accept("lease-r", now + 60_000).unwrap();
-        outbox.put(&complete("lease-r", "from the outbox"), now + 60_000).unwrap();
+        outbox
+            .put(&complete("lease-r", "from the outbox"), now + 60_000)
+            .unwrap();
     }
     let (url, recorded) = scripted::serve(vec![
         scripted::lease("lease-r", "echo", now + 60_000),
@@ -246,9 +236,21 @@ async fn a_lease_redelivered_after_a_restart_is_not_run_again_and_its_stored_out
     tokio::time::sleep(Duration::from_millis(700)).await;
     {
         let recorded = recorded.lock().unwrap();
-        let of = |id: &str| recorded.completes.iter().filter(|c| c.lease_id == id).cloned().collect::<Vec<_>>();
+        let of = |id: &str| {
+            recorded
+                .completes
+                .iter()
+                .filter(|c| c.lease_id == id)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         let stored = of("lease-r");
-        assert_eq!(stored.len(), 1, "the stored outcome is sent once: {:?}", recorded.completes);
+        assert_eq!(
+            stored.len(),
+            1,
+            "the stored outcome is sent once: {:?}",
+            recorded.completes
+        );
         assert_eq!(stored[0].result["stored"], "from the outbox", "not run again");
         assert_eq!(of("lease-new").len(), 1);
         assert!(recorded.fails.is_empty());
@@ -289,7 +291,6 @@ async fn the_age_bound_drops_an_expired_report_and_counts_it() {
     assert_eq!(Outbox::open(data.path()).unwrap().pending_count().unwrap(), 0);
 }
 
-
 /// `node-runtime serve` as its own process, so it can be SIGKILLed.
 fn spawn_node_process(url: &str, agents: &std::path::Path, data: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
@@ -317,7 +318,11 @@ async fn runs(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node_is_sigkilled_and_restarted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
@@ -338,7 +343,9 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
             "inputRef": {"message": format!("run {i}")},
             "budgets": {"maxDurationSeconds": 3},
         });
-        let answer = http_json(http.post(format!("{url}/v1/runs")).json(&body)).await.unwrap();
+        let answer = http_json(http.post(format!("{url}/v1/runs")).json(&body))
+            .await
+            .unwrap();
         ids.push(answer["runId"].as_str().unwrap().to_string());
     }
     eventually_async(Duration::from_secs(60), "every run to be acknowledged", || async {
@@ -353,7 +360,11 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     node.kill().await.unwrap(); // SIGKILL
     {
         let outbox = Outbox::open(node_data.path()).expect("the killed node released the file");
-        assert_eq!(outbox.pending_count().unwrap(), ids.len() as u64, "every outcome is on disk");
+        assert_eq!(
+            outbox.pending_count().unwrap(),
+            ids.len() as u64,
+            "every outcome is on disk"
+        );
     }
     let list = outbox_command(node_data.path(), &["list"], None).await;
     let listed = String::from_utf8_lossy(&list.stdout);
@@ -364,12 +375,17 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     assert!(outbox_file.exists());
 
     let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
-    eventually_async(Duration::from_secs(30), "the plane to listen again", || runs(&http, &url)).await;
+    eventually_async(Duration::from_secs(30), "the plane to listen again", || {
+        runs(&http, &url)
+    })
+    .await;
     let mut node = spawn_node_process(&url, agents.path(), node_data.path());
     let ended = eventually_async(Duration::from_secs(90), "every run to end", || async {
         let runs = runs(&http, &url).await?;
         let all_ended = runs.len() == ids.len()
-            && runs.iter().all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
+            && runs
+                .iter()
+                .all(|run| matches!(run["status"].as_str(), Some("completed" | "failed")));
         all_ended.then_some(runs)
     })
     .await;
@@ -392,11 +408,18 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
 /// `node-runtime outbox ...` against the outbox in `data`.
 async fn outbox_command(data: &std::path::Path, args: &[&str], url: Option<&str>) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"));
-    command.arg("outbox").args(args).env("NodeRuntime__DataDirectory", data).env("RUST_LOG", "warn");
+    command
+        .arg("outbox")
+        .args(args)
+        .env("NodeRuntime__DataDirectory", data)
+        .env("RUST_LOG", "warn");
     if let Some(url) = url {
         command.env("NodeRuntime__ControlPlaneUrl", url);
     }
-    tokio::time::timeout(Duration::from_secs(60), command.output()).await.expect("the command ends").unwrap()
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the command ends")
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,7 +453,11 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
     let missing = outbox_command(data.path(), &["purge", "--lease", "lease-two"], None).await;
     assert_eq!(missing.status.code(), Some(2), "{missing:?}");
     let neither = outbox_command(data.path(), &["purge"], None).await;
-    assert_eq!(neither.status.code(), Some(2), "purge asks for --all or --lease: {neither:?}");
+    assert_eq!(
+        neither.status.code(),
+        Some(2),
+        "purge asks for --all or --lease: {neither:?}"
+    );
 
     let (url, recorded) = scripted::serve(Vec::new()).await;
     let retry = outbox_command(data.path(), &["retry"], Some(&url)).await;
@@ -445,14 +472,21 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
     }
     assert_eq!(Outbox::open(data.path()).unwrap().pending_count().unwrap(), 0);
 
-    Outbox::open(data.path()).unwrap().put(&fail("lease-five"), deadline).unwrap();
+    Outbox::open(data.path())
+        .unwrap()
+        .put(&fail("lease-five"), deadline)
+        .unwrap();
     let purge = outbox_command(data.path(), &["purge", "--all"], None).await;
-    assert!(String::from_utf8_lossy(&purge.stdout).contains("purged 1 report(s)"), "{purge:?}");
+    assert!(
+        String::from_utf8_lossy(&purge.stdout).contains("purged 1 report(s)"),
+        "{purge:?}"
+    );
     let list = outbox_command(data.path(), &["list"], None).await;
-    assert!(String::from_utf8_lossy(&list.stdout).contains("0 pending report(s)"), "{list:?}");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("0 pending report(s)"),
+        "{list:?}"
+    );
 }
-
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_works_again_against_a_plane_that_answers_500_to_its_re_registration() {
@@ -485,7 +519,13 @@ async fn a_restarted_node_works_again_against_a_plane_that_answers_500_to_its_re
 
     // SIGTERM: the node drains, says so, and exits; the plane keeps it.
     let pid = node.id().expect("the node runs").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     tokio::time::timeout(Duration::from_secs(30), node.wait())
         .await
         .expect("the node exits after SIGTERM")
@@ -505,6 +545,9 @@ async fn a_restarted_node_works_again_against_a_plane_that_answers_500_to_its_re
     assert_eq!(run.node_id.as_deref(), Some("killed-node"));
     let nodes = plane.nodes();
     assert_eq!(nodes.len(), 1, "{nodes:?}");
-    assert_eq!(nodes[0].status.state, "active", "its heartbeat says it is back: {nodes:?}");
+    assert_eq!(
+        nodes[0].status.state, "active",
+        "its heartbeat says it is back: {nodes:?}"
+    );
     plane.shutdown().await;
 }

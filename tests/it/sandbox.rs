@@ -8,9 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use node_runtime::sandbox::precompiled;
 use node_runtime::sandbox::{
-    Agent,
-    Allocator, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, NodeLimits, RunFailure,
-    RunOutcome, RunRequest, RunResult, Sandbox, SandboxConfig,
+    Agent, Allocator, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, NodeLimits, RunFailure, RunOutcome,
+    RunRequest, RunResult, Sandbox, SandboxConfig,
 };
 use support::*;
 
@@ -60,8 +59,12 @@ async fn two_runs_of_the_same_agent_and_input_burn_the_same_fuel() {
     let sandbox = sandbox();
     let agent = load(&sandbox, "echo").await;
     let input = [("message", "same input")];
-    let first = sandbox.run(&agent, request("echo", &input, BudgetRequest::default())).await;
-    let second = sandbox.run(&agent, request("echo", &input, BudgetRequest::default())).await;
+    let first = sandbox
+        .run(&agent, request("echo", &input, BudgetRequest::default()))
+        .await;
+    let second = sandbox
+        .run(&agent, request("echo", &input, BudgetRequest::default()))
+        .await;
     completed(&first);
     assert_eq!(first.report.fuel_consumed, second.report.fuel_consumed);
 }
@@ -90,7 +93,11 @@ async fn spin_forever_with_only_a_timeout_fails_budget_deadline_on_time() {
     let failure = failure(&result);
     assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
     assert!(result.report.wall_ms >= 1000, "{:?}", result.report);
-    assert!(result.report.wall_ms <= 1100, "ended {} ms after start", result.report.wall_ms);
+    assert!(
+        result.report.wall_ms <= 1100,
+        "ended {} ms after start",
+        result.report.wall_ms
+    );
 }
 
 #[tokio::test]
@@ -104,7 +111,11 @@ async fn sleep_forever_fails_budget_deadline_on_time() {
     assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
     assert!(failure.message.contains("host call"), "{}", failure.message);
     assert!(result.report.wall_ms >= 1000, "{:?}", result.report);
-    assert!(result.report.wall_ms <= 1100, "ended {} ms after start", result.report.wall_ms);
+    assert!(
+        result.report.wall_ms <= 1100,
+        "ended {} ms after start",
+        result.report.wall_ms
+    );
 }
 
 #[tokio::test]
@@ -140,7 +151,11 @@ async fn memory_bomb_fails_budget_memory_and_its_peak_stays_under_the_limit() {
     assert_eq!(failure.kind, FailKind::BudgetMemory, "{failure:?}");
     assert!(failure.message.contains("32 MiB"), "{}", failure.message);
     assert!(result.report.peak_memory_bytes <= 32 * MIB, "{:?}", result.report);
-    assert!(result.report.peak_memory_bytes > 16 * MIB, "it did grow: {:?}", result.report);
+    assert!(
+        result.report.peak_memory_bytes > 16 * MIB,
+        "it did grow: {:?}",
+        result.report
+    );
 }
 
 #[tokio::test]
@@ -171,7 +186,11 @@ async fn agent_error_fails_agent_error_and_keeps_its_retryable_flag() {
     let failure = failure(&result);
     assert_eq!(failure.kind, FailKind::AgentError);
     assert!(failure.retryable);
-    assert!(failure.message.contains("downstream system unavailable"), "{}", failure.message);
+    assert!(
+        failure.message.contains("downstream system unavailable"),
+        "{}",
+        failure.message
+    );
 }
 
 #[tokio::test]
@@ -185,13 +204,25 @@ async fn big_result_is_refused_and_memory_stays_bounded() {
     assert_eq!(failure.kind, FailKind::BudgetOutput, "{failure:?}");
     // 16 MiB is more than a returned value may carry out of the agent:
     // refused while it is copied, before the node could measure it.
-    assert!(failure.message.contains("returned more than 2 MiB"), "{}", failure.message);
-    assert!(failure.message.contains("over the node's cap of 1 MiB"), "{}", failure.message);
+    assert!(
+        failure.message.contains("returned more than 2 MiB"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        failure.message.contains("over the node's cap of 1 MiB"),
+        "{}",
+        failure.message
+    );
     assert!(result.report.peak_memory_bytes <= 64 * MIB);
     let result = run("big-result", &[("size", &(3 * MIB / 2).to_string())], budget).await;
     let measured = self::failure(&result);
     assert_eq!(measured.kind, FailKind::BudgetOutput, "{measured:?}");
-    assert!(measured.message.contains("1.5 MiB, over the node's cap of 1 MiB"), "{}", measured.message);
+    assert!(
+        measured.message.contains("1.5 MiB, over the node's cap of 1 MiB"),
+        "{}",
+        measured.message
+    );
 
     // A result under the cap completes.
     let result = run("big-result", &[("size", "1000")], BudgetRequest::default()).await;
@@ -214,7 +245,10 @@ async fn log_flood_is_capped_and_the_drops_are_counted() {
     let sandbox = sandbox_with(limits.clone());
     let agent = load(&sandbox, "log-flood").await;
     let result = sandbox
-        .run(&agent, request("log-flood", &[("lines", "5000")], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("log-flood", &[("lines", "5000")], BudgetRequest::default()),
+        )
         .await;
     assert_eq!(completed(&result)["lines"], "5000");
     assert_eq!(result.report.log_lines, limits.log_lines);
@@ -235,9 +269,7 @@ async fn capabilities_answer_the_guest_budget_llm_and_denied_http() {
         duration: Some(Duration::from_secs(30)),
         tokens: Some(500),
     };
-    let result = sandbox
-        .run(&agent, request("capabilities-probe", &[], budget))
-        .await;
+    let result = sandbox.run(&agent, request("capabilities-probe", &[], budget)).await;
     let seen = completed(&result);
     let fuel: u64 = seen["budget.fuel"].parse().unwrap();
     assert!(fuel > 0 && fuel < 1_000_000_000, "fuel counts down: {fuel}");
@@ -251,11 +283,7 @@ async fn capabilities_answer_the_guest_budget_llm_and_denied_http() {
         "llm: {}",
         seen["llm"]
     );
-    assert!(
-        seen["http"].to_lowercase().contains("denied"),
-        "http: {}",
-        seen["http"]
-    );
+    assert!(seen["http"].to_lowercase().contains("denied"), "http: {}", seen["http"]);
     assert_eq!((result.report.http_requests, result.report.http_denied), (1, 1));
 }
 
@@ -265,21 +293,38 @@ async fn a_wasi_command_reads_its_context_on_stdin_and_answers_on_stdout() {
     let agent = load(&sandbox, "wasi-command-echo").await;
     assert_eq!(agent.kind(), "command");
     let result = sandbox
-        .run(&agent, request("wasi-command-echo", &[("message", "hi")], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("wasi-command-echo", &[("message", "hi")], BudgetRequest::default()),
+        )
         .await;
     let result_map = completed(&result);
     assert_eq!(result_map["message"], "hi");
     assert_eq!(result_map["run_id"], "run-0001");
-    assert_eq!(result_map["lease_id"], "lease-run-0001-0123456789abcdef0123456789abcdef");
+    assert_eq!(
+        result_map["lease_id"],
+        "lease-run-0001-0123456789abcdef0123456789abcdef"
+    );
 
     let result = sandbox
-        .run(&agent, request("wasi-command-echo", &[("exit-code", "7")], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("wasi-command-echo", &[("exit-code", "7")], BudgetRequest::default()),
+        )
         .await;
     let failure = failure(&result);
     assert_eq!(failure.kind, FailKind::AgentError);
     // WASI 0.2 carries only success or failure, not the code itself.
-    assert!(failure.message.contains("exited with a failure status"), "{}", failure.message);
-    assert!(failure.message.contains("asked to exit with 7"), "stderr is quoted: {}", failure.message);
+    assert!(
+        failure.message.contains("exited with a failure status"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        failure.message.contains("asked to exit with 7"),
+        "stderr is quoted: {}",
+        failure.message
+    );
 }
 
 #[tokio::test]
@@ -291,7 +336,10 @@ async fn a_wasi_command_with_too_much_stdout_fails_budget_output() {
     let agent = load(&sandbox, "wasi-command-echo").await;
     let long = "x".repeat(200);
     let result = sandbox
-        .run(&agent, request("wasi-command-echo", &[("message", &long)], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("wasi-command-echo", &[("message", &long)], BudgetRequest::default()),
+        )
         .await;
     assert_eq!(failure(&result).kind, FailKind::BudgetOutput, "{:?}", result.outcome);
 }
@@ -306,7 +354,11 @@ async fn invalid(bytes: Vec<u8>) -> String {
 #[tokio::test]
 async fn files_that_are_not_agents_are_refused_with_the_reason() {
     assert!(invalid(Vec::new()).await.contains("empty"));
-    assert!(invalid(b"#!/bin/sh\necho hi\n".to_vec()).await.contains("not WebAssembly"));
+    assert!(
+        invalid(b"#!/bin/sh\necho hi\n".to_vec())
+            .await
+            .contains("not WebAssembly")
+    );
     let core_module = b"\0asm\x01\0\0\0".to_vec();
     assert!(invalid(core_module).await.contains("core WebAssembly module"));
     let echo = agent_bytes("echo");
@@ -332,7 +384,10 @@ async fn a_precompiled_cwasm_runs_and_a_damaged_one_is_refused() {
     let cwasm = sandbox.precompile(&agent_bytes("echo")).expect("precompiles");
     let agent = sandbox.load(Arc::from(cwasm.clone())).await.expect("loads the .cwasm");
     let result = sandbox
-        .run(&agent, request("echo", &[("message", "from cwasm")], BudgetRequest::default()))
+        .run(
+            &agent,
+            request("echo", &[("message", "from cwasm")], BudgetRequest::default()),
+        )
         .await;
     assert_eq!(completed(&result)["message"], "from cwasm");
 
@@ -378,7 +433,11 @@ async fn when_the_pool_cannot_be_reserved_the_engine_falls_back_to_on_demand() {
         sandbox.allocator()
     );
     let agent = load(&sandbox, "echo").await;
-    completed(&sandbox.run(&agent, request("echo", &[], BudgetRequest::default())).await);
+    completed(
+        &sandbox
+            .run(&agent, request("echo", &[], BudgetRequest::default()))
+            .await,
+    );
 
     let pooling_only = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
@@ -430,12 +489,18 @@ async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
     let hostile = load(&sandbox, "hostile").await;
     for round in 0..3 {
         let result = sandbox
-            .run(&hostile, request("hostile", &[("attack", "residue")], BudgetRequest::default()))
+            .run(
+                &hostile,
+                request("hostile", &[("attack", "residue")], BudgetRequest::default()),
+            )
             .await;
         let seen = completed(&result);
         assert_eq!(seen["residue.static"], "0", "round {round}: {seen:?}");
         assert_eq!(seen["residue.heap"], "0", "round {round}: {seen:?}");
-        assert_eq!(seen["residue.heap.same_run"], "4096", "the probe finds residue when there is some");
+        assert_eq!(
+            seen["residue.heap.same_run"], "4096",
+            "the probe finds residue when there is some"
+        );
     }
 }
 
@@ -479,6 +544,9 @@ async fn a_cpu_bound_agent_does_not_starve_other_runs() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let result = sandbox.run(&echo, RunRequest::default()).await;
     completed(&result);
-    assert!(!spinning.is_finished(), "echo finished while spin-forever was still running");
+    assert!(
+        !spinning.is_finished(),
+        "echo finished while spin-forever was still running"
+    );
     assert_eq!(failure(&spinning.await.unwrap()).kind, FailKind::BudgetDeadline);
 }

@@ -4,8 +4,8 @@
 //! control plane that goes away and comes back, log formats and levels, and
 //! the Grafana dashboard's queries.
 
-use crate::support;
 use crate::otlp;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -53,7 +53,11 @@ impl Node {
         for (key, value) in env {
             command.env(key, value);
         }
-        Node { child: command.spawn().expect("node-runtime starts"), stderr, _dir: dir }
+        Node {
+            child: command.spawn().expect("node-runtime starts"),
+            stderr,
+            _dir: dir,
+        }
     }
 
     fn stderr(&self) -> String {
@@ -62,7 +66,10 @@ impl Node {
 
     /// SIGTERM, and the exit status within `limit`.
     async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let child = &mut self.child;
         eventually(limit, "the node to exit after SIGTERM", || child.try_wait().unwrap()).await
     }
@@ -132,7 +139,13 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The value a metric's latest data point carries (sums and gauges), or
 /// the count of its latest histogram point.
-fn latest_value(metrics: &[(Option<otlp_resource::Resource>, opentelemetry_proto::tonic::metrics::v1::Metric)], name: &str) -> Option<f64> {
+fn latest_value(
+    metrics: &[(
+        Option<otlp_resource::Resource>,
+        opentelemetry_proto::tonic::metrics::v1::Metric,
+    )],
+    name: &str,
+) -> Option<f64> {
     let (_, metric) = metrics.iter().rev().find(|(_, m)| m.name == name)?;
     let number = |point: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match point.value? {
         number_data_point::Value::AsInt(i) => Some(i as f64),
@@ -154,8 +167,18 @@ async fn one_run_is_exported(protocol: &str) {
     let model = stubs::start_stub_model().await.unwrap();
     let leases = vec![
         lease("lease-echo", "echo", TRACE_GUID, &[("message", "{\"invoice\": 1}")]),
-        lease("lease-http", "http-fetch", "0af7651916cd43dd8448eb211c80319c", &[("url", &target_url)]),
-        lease("lease-llm", "llm-chat", "5c6f4f5e8d2a4b1c9e7f0a1b2c3d4e5f", &[("message", "{\"vendor\": \"Acme\"}")]),
+        lease(
+            "lease-http",
+            "http-fetch",
+            "0af7651916cd43dd8448eb211c80319c",
+            &[("url", &target_url)],
+        ),
+        lease(
+            "lease-llm",
+            "llm-chat",
+            "5c6f4f5e8d2a4b1c9e7f0a1b2c3d4e5f",
+            &[("message", "{\"vendor\": \"Acme\"}")],
+        ),
     ];
     let (plane, recorded) = scripted::serve(leases).await;
     let agents = agents_layout();
@@ -186,15 +209,22 @@ async fn one_run_is_exported(protocol: &str) {
         .find(|c| c.lease_id == "lease-llm")
         .and_then(|c| c.costs)
         .expect("the llm run's costs");
-    assert!(llm_cost.tokens_in > 0 && llm_cost.usd_cost > 0.0, "the stub model was metered: {llm_cost:?}");
+    assert!(
+        llm_cost.tokens_in > 0 && llm_cost.usd_cost > 0.0,
+        "the stub model was metered: {llm_cost:?}"
+    );
 
     // Spans: the lease spans close once their report is answered.
-    let spans = eventually(Duration::from_secs(60), "the three lease spans and their children", || {
-        let spans = received.lock().unwrap().spans();
-        let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
-        let leases = names.iter().filter(|n| **n == "lease").count();
-        (leases == 3 && names.contains(&"llm.chat") && names.contains(&"http.request")).then_some(spans)
-    })
+    let spans = eventually(
+        Duration::from_secs(60),
+        "the three lease spans and their children",
+        || {
+            let spans = received.lock().unwrap().spans();
+            let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+            let leases = names.iter().filter(|n| **n == "lease").count();
+            (leases == 3 && names.contains(&"llm.chat") && names.contains(&"http.request")).then_some(spans)
+        },
+    )
     .await;
     let lease_span = |lease_id: &str| {
         spans
@@ -212,7 +242,11 @@ async fn one_run_is_exported(protocol: &str) {
     };
 
     let (resource, echo) = lease_span("lease-echo");
-    assert_eq!(hex(&echo.trace_id), TRACE_HEX, "the lease's GUID is the span's trace id");
+    assert_eq!(
+        hex(&echo.trace_id),
+        TRACE_HEX,
+        "the lease's GUID is the span's trace id"
+    );
     for (key, want) in [
         ("lease.id", "lease-echo"),
         ("run.id", "run-of-lease-echo"),
@@ -221,14 +255,24 @@ async fn one_run_is_exported(protocol: &str) {
         ("agent.version", "1.0.0"),
         ("outcome", "completed"),
     ] {
-        assert_eq!(otlp::attribute(&echo.attributes, key).as_deref(), Some(want), "lease span attribute {key}");
+        assert_eq!(
+            otlp::attribute(&echo.attributes, key).as_deref(),
+            Some(want),
+            "lease span attribute {key}"
+        );
     }
     for key in ["run.fuel_consumed", "run.peak_memory_bytes"] {
-        let value: f64 = otlp::attribute(&echo.attributes, key).unwrap_or_else(|| panic!("{key}")).parse().unwrap();
+        let value: f64 = otlp::attribute(&echo.attributes, key)
+            .unwrap_or_else(|| panic!("{key}"))
+            .parse()
+            .unwrap();
         assert!(value > 0.0, "{key} = {value}");
     }
     for key in ["run.tokens_in", "run.tokens_out", "run.cost_usd"] {
-        assert!(otlp::attribute(&echo.attributes, key).is_some(), "lease span attribute {key}");
+        assert!(
+            otlp::attribute(&echo.attributes, key).is_some(),
+            "lease span attribute {key}"
+        );
     }
     let resource = resource.expect("a resource").attributes;
     for (key, want) in [
@@ -238,35 +282,64 @@ async fn one_run_is_exported(protocol: &str) {
         ("node.region", "eu-test"),
         ("node.environment", "ci"),
     ] {
-        assert_eq!(otlp::attribute(&resource, key).as_deref(), Some(want), "resource attribute {key}");
+        assert_eq!(
+            otlp::attribute(&resource, key).as_deref(),
+            Some(want),
+            "resource attribute {key}"
+        );
     }
     assert!(otlp::attribute(&resource, "host.arch").is_some_and(|a| !a.is_empty()));
 
     let echo_children = children(&echo);
     for name in ["resolve", "execute", "report"] {
-        assert!(echo_children.contains_key(name), "the lease span has a {name} child: {:?}", echo_children.keys());
+        assert!(
+            echo_children.contains_key(name),
+            "the lease span has a {name} child: {:?}",
+            echo_children.keys()
+        );
     }
-    assert_eq!(otlp::attribute(&echo_children["report"].attributes, "report.kind").as_deref(), Some("Complete"));
+    assert_eq!(
+        otlp::attribute(&echo_children["report"].attributes, "report.kind").as_deref(),
+        Some("Complete")
+    );
     assert!(children(&echo_children["execute"]).contains_key("instantiate"));
 
     let (_, http) = lease_span("lease-http");
     assert_eq!(hex(&http.trace_id), "0af7651916cd43dd8448eb211c80319c");
     let http_execute = children(&http).remove("execute").expect("execute under the http lease");
-    let request = children(&http_execute).remove("http.request").expect("an http.request span");
-    assert_eq!(otlp::attribute(&request.attributes, "http.status_code").as_deref(), Some("200"));
+    let request = children(&http_execute)
+        .remove("http.request")
+        .expect("an http.request span");
+    assert_eq!(
+        otlp::attribute(&request.attributes, "http.status_code").as_deref(),
+        Some("200")
+    );
     let sent = traceparents.lock().unwrap().clone();
     assert_eq!(
         sent,
-        vec![format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", hex(&request.span_id))],
+        vec![format!(
+            "00-0af7651916cd43dd8448eb211c80319c-{}-01",
+            hex(&request.span_id)
+        )],
         "the outbound request carries the trace and its own span as parent"
     );
 
     let (_, llm) = lease_span("lease-llm");
     let llm_execute = children(&llm).remove("execute").expect("execute under the llm lease");
     let chat = children(&llm_execute).remove("llm.chat").expect("an llm.chat span");
-    assert_eq!(otlp::attribute(&chat.attributes, "llm.tokens_in"), Some(llm_cost.tokens_in.to_string()));
-    let cost: f64 = otlp::attribute(&llm.attributes, "run.cost_usd").unwrap().parse().unwrap();
-    assert!((cost - llm_cost.usd_cost).abs() < 1e-9, "span cost {cost} = reported {}", llm_cost.usd_cost);
+    assert_eq!(
+        otlp::attribute(&chat.attributes, "llm.tokens_in"),
+        Some(llm_cost.tokens_in.to_string())
+    );
+    let cost: f64 = otlp::attribute(&llm.attributes, "run.cost_usd")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (cost - llm_cost.usd_cost).abs() < 1e-9,
+        "span cost {cost} = reported {}",
+        llm_cost.usd_cost
+    );
 
     // Metrics: cumulative, so the latest export has the totals.
     let metrics = eventually(Duration::from_secs(60), "metrics counting the three runs", || {
@@ -327,9 +400,19 @@ async fn one_run_is_exported(protocol: &str) {
                 && r.body.as_ref().and_then(otlp::text).as_deref() == Some("run completed")
         })
         .expect("the 'run completed' record of the echo run");
-    assert_eq!(otlp::attribute(&completed.attributes, "lease.id").as_deref(), Some("lease-echo"));
-    assert_eq!(otlp::attribute(&completed.attributes, "trace_id").as_deref(), Some(TRACE_HEX));
-    assert_eq!(hex(&completed.trace_id), TRACE_HEX, "the record is in the run's trace, natively too");
+    assert_eq!(
+        otlp::attribute(&completed.attributes, "lease.id").as_deref(),
+        Some("lease-echo")
+    );
+    assert_eq!(
+        otlp::attribute(&completed.attributes, "trace_id").as_deref(),
+        Some(TRACE_HEX)
+    );
+    assert_eq!(
+        hex(&completed.trace_id),
+        TRACE_HEX,
+        "the record is in the run's trace, natively too"
+    );
 
     let status = node.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status:?}; stderr:\n{}", node.stderr());
@@ -396,15 +479,21 @@ async fn runs_keep_completing_when_the_collector_is_down_or_silent() {
         });
         let started = std::time::Instant::now();
         let mut node = Node::start(config, &[], &[]);
-        eventually(Duration::from_secs(120), "20 Completes with the collector unreachable", || {
-            (recorded.lock().unwrap().completes.len() == 20).then_some(())
-        })
+        eventually(
+            Duration::from_secs(120),
+            "20 Completes with the collector unreachable",
+            || (recorded.lock().unwrap().completes.len() == 20).then_some(()),
+        )
         .await;
         let runs = started.elapsed();
         // Shutdown flushes telemetry, each signal bounded by its timeout.
         let stopping = std::time::Instant::now();
         let status = node.terminate(Duration::from_secs(60)).await;
-        assert!(status.success(), "{protocol} to {collector}: exit {status:?}; stderr:\n{}", node.stderr());
+        assert!(
+            status.success(),
+            "{protocol} to {collector}: exit {status:?}; stderr:\n{}",
+            node.stderr()
+        );
         eprintln!(
             "{case:>16} ({protocol:>13}): start + 20 runs {:>5} ms, SIGTERM to exit {:>5} ms",
             runs.as_millis(),
@@ -438,7 +527,10 @@ fn parse_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> 
             let (kind, name) = (parts.next().unwrap(), parts.next().expect("a metric name"));
             if kind == "TYPE" {
                 let kind = parts.next().expect("a type");
-                assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                    "{line}"
+                );
                 assert!(typed.insert(name.to_string()), "one TYPE line per metric: {line}");
             }
             continue;
@@ -452,10 +544,14 @@ fn parse_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> 
         let (name, labels) = match series.split_once('{') {
             None => (series.to_string(), BTreeMap::new()),
             Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("closed labels: {line}"));
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("closed labels: {line}"));
                 let mut labels = BTreeMap::new();
                 for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (key, value) = pair.split_once("=\"").unwrap_or_else(|| panic!("label=\"value\": {line}"));
+                    let (key, value) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("label=\"value\": {line}"));
                     labels.insert(key.to_string(), value.trim_end_matches('"').to_string());
                 }
                 (name.to_string(), labels)
@@ -472,7 +568,11 @@ fn parse_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> 
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,7 +643,11 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
         .expect("the node at the plane")
         .status
         .available_slots;
-    assert_eq!(value("available_slots"), f64::from(heartbeat_slots), "as the heartbeat says");
+    assert_eq!(
+        value("available_slots"),
+        f64::from(heartbeat_slots),
+        "as the heartbeat says"
+    );
     assert_eq!(value("available_slots"), 2.0);
     assert_eq!(value("agent_execution_duration_ms_count"), 2.0);
     assert_eq!(value("agent_executions_total"), 2.0);
@@ -551,7 +655,10 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
     assert_eq!(value("agent_compile_cache_hits_total"), 1.0);
     assert_eq!(value("outbox_depth"), 0.0);
     assert!(
-        samples.iter().any(|(name, labels, _)| name == "target_info" && labels.get("node_id").map(String::as_str) == Some("otel-node")),
+        samples
+            .iter()
+            .any(|(name, labels, _)| name == "target_info"
+                && labels.get("node_id").map(String::as_str) == Some("otel-node")),
         "target_info carries the node id"
     );
 
@@ -581,11 +688,14 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_about_a_run_carry_its_run_lease_and_trace_ids() {
-    let (plane, recorded) =
-        scripted::serve(vec![lease("lease-json", "echo", TRACE_GUID, &[("message", "{}")])]).await;
+    let (plane, recorded) = scripted::serve(vec![lease("lease-json", "echo", TRACE_GUID, &[("message", "{}")])]).await;
     let agents = agents_layout();
     let data = tempfile::tempdir().unwrap();
-    let mut node = Node::start(base_config(&plane, agents.path(), data.path()), &["--log-format", "json"], &[]);
+    let mut node = Node::start(
+        base_config(&plane, agents.path(), data.path()),
+        &["--log-format", "json"],
+        &[],
+    );
     eventually(Duration::from_secs(60), "the Complete", || {
         (recorded.lock().unwrap().completes.len() == 1).then_some(())
     })
@@ -598,14 +708,25 @@ async fn json_log_lines_about_a_run_carry_its_run_lease_and_trace_ids() {
         .collect();
     let about_the_run: Vec<&serde_json::Value> = lines
         .iter()
-        .filter(|line| line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s["name"] == "lease")))
+        .filter(|line| {
+            line["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| s["name"] == "lease"))
+        })
         .collect();
     assert!(
-        about_the_run.iter().any(|line| line["fields"]["message"] == "run completed"),
+        about_the_run
+            .iter()
+            .any(|line| line["fields"]["message"] == "run completed"),
         "{stderr}"
     );
     for line in about_the_run {
-        let lease = line["spans"].as_array().unwrap().iter().find(|s| s["name"] == "lease").unwrap();
+        let lease = line["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "lease")
+            .unwrap();
         assert_eq!(lease["run.id"], "run-of-lease-json", "{line}");
         assert_eq!(lease["lease.id"], "lease-json", "{line}");
         assert_eq!(lease["trace_id"], TRACE_HEX, "{line}");
@@ -637,10 +758,38 @@ async fn logging_loglevel_sets_the_level_and_rust_log_overrides_it() {
 
 /// PromQL words the dashboard may use that are not metric names.
 const PROMQL_WORDS: &[&str] = &[
-    "sum", "rate", "irate", "increase", "histogram_quantile", "max", "min", "avg", "count", "by",
-    "without", "on", "ignoring", "group_left", "topk", "bottomk", "time", "clamp_min", "or", "and",
-    "unless", "le", "kind", "agent_id", "outcome", "node_id", "instance", "job", "service_name",
-    "node_region", "node_environment", "label_values",
+    "sum",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "topk",
+    "bottomk",
+    "time",
+    "clamp_min",
+    "or",
+    "and",
+    "unless",
+    "le",
+    "kind",
+    "agent_id",
+    "outcome",
+    "node_id",
+    "instance",
+    "job",
+    "service_name",
+    "node_region",
+    "node_environment",
+    "label_values",
 ];
 
 #[test]
@@ -664,7 +813,10 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
         }
     }
     collect(&dashboard, &mut expressions);
-    assert!(expressions.len() >= 8, "the dashboard has its panels' queries: {expressions:?}");
+    assert!(
+        expressions.len() >= 8,
+        "the dashboard has its panels' queries: {expressions:?}"
+    );
     let mut used = BTreeSet::new();
     for expr in &expressions {
         // Drop quoted label values and Grafana variables, then read identifiers.
@@ -688,7 +840,10 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
                 .iter()
                 .find_map(|suffix| word.strip_suffix(suffix).filter(|b| METRIC_NAMES.contains(b)))
                 .unwrap_or(word);
-            assert!(METRIC_NAMES.contains(&base), "the dashboard queries `{word}`, which the node does not export (in: {expr})");
+            assert!(
+                METRIC_NAMES.contains(&base),
+                "the dashboard queries `{word}`, which the node does not export (in: {expr})"
+            );
             used.insert(base.to_string());
         }
     }
@@ -711,14 +866,26 @@ async fn dev_serves_the_admin_endpoint_and_logs_json() {
     let dir = tempfile::tempdir().unwrap();
     let stderr = dir.path().join("stderr.log");
     let child = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", &admin, "--log-format", "json"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &admin,
+            "--log-format",
+            "json",
+        ])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    let mut node = Node { child, stderr, _dir: dir };
+    let mut node = Node {
+        child,
+        stderr,
+        _dir: dir,
+    };
     let base = format!("http://{admin}");
     eventually_async(Duration::from_secs(30), "dev's /readyz ready", || async {
         (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
@@ -727,7 +894,12 @@ async fn dev_serves_the_admin_endpoint_and_logs_json() {
     let (status, text) = get(&format!("{base}/metrics")).await;
     assert_eq!(status, 200);
     let samples = parse_prometheus(&text);
-    assert!(samples.iter().any(|(name, _, value)| name == "available_slots" && *value == 4.0), "{text}");
+    assert!(
+        samples
+            .iter()
+            .any(|(name, _, value)| name == "available_slots" && *value == 4.0),
+        "{text}"
+    );
     node.terminate(Duration::from_secs(30)).await;
     let log = node.stderr();
     let json_lines: Vec<&str> = log.lines().filter(|line| line.starts_with('{')).collect();
@@ -740,7 +912,14 @@ async fn dev_serves_the_admin_endpoint_and_logs_json() {
 #[test]
 fn run_agent_logs_json_inside_a_span_with_the_runs_ids() {
     let output = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["run-agent", agent_path("echo").to_str().unwrap(), "--input", "{\"a\": 1}", "--log-format", "json"])
+        .args([
+            "run-agent",
+            agent_path("echo").to_str().unwrap(),
+            "--input",
+            "{\"a\": 1}",
+            "--log-format",
+            "json",
+        ])
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
@@ -748,11 +927,26 @@ fn run_agent_logs_json_inside_a_span_with_the_runs_ids() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let agent_line = stderr
         .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+        })
         .find(|line| line["target"] == "agent")
         .unwrap_or_else(|| panic!("the agent's log line in:\n{stderr}"));
-    let run = agent_line["spans"].as_array().unwrap().iter().find(|s| s["name"] == "run").expect("the run span");
-    assert!(run["run.id"].as_str().is_some_and(|id| id.starts_with("local-")), "{agent_line}");
-    assert!(run["lease.id"].as_str().is_some_and(|id| id.starts_with("lease-local-")), "{agent_line}");
+    let run = agent_line["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "run")
+        .expect("the run span");
+    assert!(
+        run["run.id"].as_str().is_some_and(|id| id.starts_with("local-")),
+        "{agent_line}"
+    );
+    assert!(
+        run["lease.id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("lease-local-")),
+        "{agent_line}"
+    );
     assert_eq!(run["trace_id"].as_str().map(str::len), Some(32), "{agent_line}");
 }

@@ -53,7 +53,10 @@ impl ServedNode {
     /// SIGTERM, then waits (at most 30 s) for the drain and exit.
     async fn stop(&mut self) {
         let pid = self.child.id().expect("the node is running");
-        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(sent.success());
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -73,9 +76,7 @@ impl ServedNode {
             &format!("a node log line with {needle:?}"),
             || {
                 let text = std::fs::read_to_string(log).unwrap_or_default();
-                text.lines()
-                    .find(|line| line.contains(needle))
-                    .map(str::to_string)
+                text.lines().find(|line| line.contains(needle)).map(str::to_string)
             },
         )
         .await
@@ -170,16 +171,8 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_runs_over_tls() {
     let setup = Setup::new();
-    let plane = start_plane(
-        "127.0.0.1:0",
-        plane_tls(&setup.server, &setup.ca, &["node-a"]),
-    )
-    .await;
-    assert!(
-        plane.url().starts_with("https://127.0.0.1:"),
-        "{}",
-        plane.url()
-    );
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
+    assert!(plane.url().starts_with("https://127.0.0.1:"), "{}", plane.url());
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
     let config = write_config(
         setup.dir.path(),
@@ -192,31 +185,18 @@ async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_run
 
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(
-            plane
-                .submit(echo_run(&format!("invoice {i}")))
-                .await
-                .unwrap()
-                .run_id,
-        );
+        ids.push(plane.submit(echo_run(&format!("invoice {i}"))).await.unwrap().run_id);
     }
     eventually(Duration::from_secs(60), "three runs to complete", || {
         ids.iter()
-            .all(|id| {
-                plane
-                    .run(id)
-                    .is_some_and(|run| run.status == RunStatus::Completed)
-            })
+            .all(|id| plane.run(id).is_some_and(|run| run.status == RunStatus::Completed))
             .then_some(())
     })
     .await;
     for (i, id) in ids.iter().enumerate() {
         let run = plane.run(id).unwrap();
         assert_eq!(run.node_id.as_deref(), Some("tls-node"), "{run:?}");
-        assert_eq!(
-            run.result.as_ref().unwrap()["message"],
-            format!("invoice {i}")
-        );
+        assert_eq!(run.result.as_ref().unwrap()["message"], format!("invoice {i}"));
         assert_eq!(run.outcomes, 1);
     }
     // REST: registered and heartbeating over TLS (the plane speaks nothing else).
@@ -227,15 +207,8 @@ async fn a_node_with_a_good_client_certificate_registers_pulls_and_completes_run
     // and the gRPC channel, every one as node-a.
     let subjects = plane.client_subjects();
     assert!(subjects.len() >= 2, "{subjects:?}");
-    assert!(
-        subjects.iter().all(|subject| subject == "node-a"),
-        "{subjects:?}"
-    );
-    assert!(
-        node.log().contains("client certificate loaded"),
-        "{}",
-        node.log()
-    );
+    assert!(subjects.iter().all(|subject| subject == "node-a"), "{subjects:?}");
+    assert!(node.log().contains("client certificate loaded"), "{}", node.log());
 }
 
 /// Starts a node against a plane that must refuse it, waits for the log
@@ -253,11 +226,7 @@ async fn refused(plane: &DevPlane, node: &ServedNode, cause: &str) {
         (attempts(&node.log()) >= seen + 2).then_some(())
     })
     .await;
-    assert!(
-        plane.nodes().is_empty(),
-        "no node registered: {:?}",
-        plane.nodes()
-    );
+    assert!(plane.nodes().is_empty(), "no node registered: {:?}", plane.nodes());
     let run = plane.run(&run.run_id).unwrap();
     assert_eq!(run.status, RunStatus::Pending, "nothing ran: {run:?}");
 }
@@ -279,12 +248,7 @@ async fn a_node_without_a_client_certificate_is_refused_and_says_a_certificate_i
         &config,
         &[("SSL_CERT_FILE", setup.ca_path.to_str().unwrap())],
     );
-    refused(
-        &plane,
-        &node,
-        "requires a client certificate and none was sent",
-    )
-    .await;
+    refused(&plane, &node, "requires a client certificate and none was sent").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,11 +272,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 async fn a_server_certificate_from_a_ca_other_than_the_configured_one_is_refused() {
     let setup = Setup::new();
     let other = TestCa::new("another CA");
-    let plane = start_plane(
-        "127.0.0.1:0",
-        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
-    )
-    .await;
+    let plane = start_plane("127.0.0.1:0", plane_tls(&other.server("control-plane"), &setup.ca, &[])).await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
     let config = write_config(
         setup.dir.path(),
@@ -332,11 +292,7 @@ async fn a_server_certificate_from_a_ca_other_than_the_configured_one_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cn_other_than_the_expected_subject_is_refused() {
     let setup = Setup::new();
-    let plane = start_plane(
-        "127.0.0.1:0",
-        plane_tls(&setup.ca.server("impostor"), &setup.ca, &[]),
-    )
-    .await;
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.ca.server("impostor"), &setup.ca, &[])).await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
     let config = write_config(
         setup.dir.path(),
@@ -346,15 +302,8 @@ async fn a_server_cn_other_than_the_expected_subject_is_refused() {
         serde_json::json!({}),
     );
     let node = start_node(setup.dir.path(), &config, &[]);
-    refused(
-        &plane,
-        &node,
-        "but MTls.ExpectedServerCertificateSubject is",
-    )
-    .await;
-    let line = node
-        .wait_for_log("but MTls.ExpectedServerCertificateSubject is")
-        .await;
+    refused(&plane, &node, "but MTls.ExpectedServerCertificateSubject is").await;
+    let line = node.wait_for_log("but MTls.ExpectedServerCertificateSubject is").await;
     assert!(
         line.contains("impostor") && line.contains("control-plane"),
         "names both CNs: {line}"
@@ -390,10 +339,7 @@ async fn refused_at_start(dir: &Path, mtls: serde_json::Value, key: &str, why: &
         mtls,
         serde_json::json!({}),
     );
-    for args in [
-        vec!["serve", "--config"],
-        vec!["config", "check", "--config"],
-    ] {
+    for args in [vec!["serve", "--config"], vec!["config", "check", "--config"]] {
         let output = tokio::time::timeout(
             Duration::from_secs(60),
             tokio::process::Command::new(NODE_BINARY)
@@ -470,17 +416,10 @@ async fn a_missing_or_non_pem_certificate_file_stops_start_up_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() {
     let setup = Setup::new();
-    let plane = start_plane(
-        "127.0.0.1:0",
-        plane_tls(&setup.server, &setup.ca, &["node-a"]),
-    )
-    .await;
+    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
     let listen = plane.local_addr().to_string();
     // The certificate about to be replaced is close to its end: warned at start.
-    let (cert, key) = setup
-        .ca
-        .client_expiring_in("node-a", 3)
-        .write(setup.dir.path(), "node");
+    let (cert, key) = setup.ca.client_expiring_in("node-a", 3).write(setup.dir.path(), "node");
     let config = write_config(
         setup.dir.path(),
         &plane.url(),
@@ -509,21 +448,14 @@ async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() 
     plane.shutdown().await;
     let plane = start_plane(&listen, plane_tls(&setup.server, &setup.ca, &["node-b"])).await;
     let second = plane.submit(echo_run("after rotation")).await.unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the second run to complete",
-        || {
-            plane
-                .run(&second.run_id)
-                .is_some_and(|run| run.status == RunStatus::Completed)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(60), "the second run to complete", || {
+        plane
+            .run(&second.run_id)
+            .is_some_and(|run| run.status == RunStatus::Completed)
+            .then_some(())
+    })
     .await;
-    assert_eq!(
-        plane.run(&second.run_id).unwrap().node_id.as_deref(),
-        Some("tls-node")
-    );
+    assert_eq!(plane.run(&second.run_id).unwrap().node_id.as_deref(), Some("tls-node"));
     let subjects = plane.client_subjects();
     assert!(
         !subjects.is_empty() && subjects.iter().all(|subject| subject == "node-b"),
@@ -541,9 +473,7 @@ async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_se
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &[])).await;
     let client = setup.ca.client("node-a");
     let (cert, key) = client.write(setup.dir.path(), "node");
-    let model = node_runtime::dev_plane::stubs::start_stub_model()
-        .await
-        .unwrap();
+    let model = node_runtime::dev_plane::stubs::start_stub_model().await.unwrap();
     let agent_runtime = serde_json::json!({
         "DefaultModel": node_runtime::dev_plane::stubs::STUB_MODEL,
         "OpenAI": {"Endpoint": model, "ApiKey": API_KEY},
@@ -590,9 +520,9 @@ async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_se
     eventually(Duration::from_secs(90), "the three runs to end", || {
         ids.iter()
             .all(|id| {
-                plane.run(id).is_some_and(|run| {
-                    matches!(run.status, RunStatus::Completed | RunStatus::Failed)
-                })
+                plane
+                    .run(id)
+                    .is_some_and(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
             })
             .then_some(())
     })
@@ -604,10 +534,7 @@ async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_se
         "the model was called with the key: {classified:?}"
     );
     assert!(
-        classified
-            .costs
-            .as_ref()
-            .is_some_and(|costs| costs.tokens_in > 0),
+        classified.costs.as_ref().is_some_and(|costs| costs.tokens_in > 0),
         "{classified:?}"
     );
     let guest_visible = serde_json::to_string(&plane.runs()).unwrap();
@@ -619,11 +546,7 @@ async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_se
         .output()
         .await
         .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let check_output = format!(
         "{}{}",
         String::from_utf8_lossy(&check.stdout),
@@ -656,15 +579,8 @@ async fn secrets_appear_nowhere_in_logs_telemetry_config_check_or_what_guests_se
         assert!(!text.contains(API_KEY), "{name} holds the API key");
         assert!(!text.contains(&key_body), "{name} holds the client key");
         // No line of the key either, in case it were printed wrapped.
-        for line in client
-            .key_pem
-            .lines()
-            .filter(|line| !line.starts_with("-----"))
-        {
-            assert!(
-                !text.contains(line),
-                "{name} holds a line of the client key"
-            );
+        for line in client.key_pem.lines().filter(|line| !line.starts_with("-----")) {
+            assert!(!text.contains(line), "{name} holds a line of the client key");
         }
     }
 }
@@ -701,13 +617,8 @@ fn tls_dir_client(url: &str, dir: &Path) -> reqwest::Client {
         dir: dir.to_path_buf(),
         generated: Vec::new(),
     };
-    let tls = node_runtime::control_plane::ControlPlaneTls::configure(
-        url,
-        &certificates.node_tls_options(),
-    )
-    .unwrap();
-    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls)
-        .unwrap()
+    let tls = node_runtime::control_plane::ControlPlaneTls::configure(url, &certificates.node_tls_options()).unwrap();
+    node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls).unwrap()
 }
 
 /// Submits an echo run over HTTPS and waits for it to end; returns the run.
@@ -756,17 +667,10 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
     node_runtime::control_plane::install_crypto_provider();
     let anonymous = reqwest::Client::builder()
         .http1_only()
-        .tls_certs_only([reqwest::Certificate::from_pem(
-            &std::fs::read(tls_dir.join("ca-cert.pem")).unwrap(),
-        )
-        .unwrap()])
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(tls_dir.join("ca-cert.pem")).unwrap()).unwrap()])
         .build()
         .unwrap();
-    let refused = anonymous
-        .get(format!("{url}/v1/runs"))
-        .send()
-        .await
-        .unwrap_err();
+    let refused = anonymous.get(format!("{url}/v1/runs")).send().await.unwrap_err();
     let why = node_runtime::control_plane::tls::describe(&refused);
     assert!(
         why.contains("CertificateRequired"),
@@ -784,11 +688,7 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
 async fn dev_plane_only_with_a_tls_dir_serves_a_node_configured_with_its_files() {
     let dir = tempfile::tempdir().unwrap();
     let tls_dir = dir.path().join("certs");
-    let (_dev, url) = start_dev(
-        dir.path(),
-        &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()],
-    )
-    .await;
+    let (_dev, url) = start_dev(dir.path(), &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()]).await;
     let config = write_config(
         dir.path(),
         &url,
@@ -813,11 +713,7 @@ async fn dev_with_a_tls_dir_binds_each_node_id_to_its_certificate_cn() {
     use node_runtime::dev_plane::tls_dir::DevCertificates;
     let dir = tempfile::tempdir().unwrap();
     let tls_dir = dir.path().join("certs");
-    let (_dev, url) = start_dev(
-        dir.path(),
-        &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()],
-    )
-    .await;
+    let (_dev, url) = start_dev(dir.path(), &["--plane-only", "--tls-dir", tls_dir.to_str().unwrap()]).await;
     let client = tls_dir_client(&url, &tls_dir);
     let register = |node_id: &'static str| {
         client
@@ -956,22 +852,15 @@ async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() 
 
     let (cert, key) = setup.ca.client("grpc-node").write(setup.dir.path(), "good");
     let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
-    let client =
-        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
-    let (success, _message) = client
-        .ack(ack.clone())
-        .await
-        .expect("gRPC over mTLS answers");
+    let client = LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let (success, _message) = client.ack(ack.clone()).await.expect("gRPC over mTLS answers");
     assert!(!success, "an unknown lease is not acknowledged");
     assert_eq!(plane.client_subjects(), ["grpc-node"]);
 
     let stranger = TestCa::new("another CA");
-    let (cert, key) = stranger
-        .client("grpc-node")
-        .write(setup.dir.path(), "stranger");
+    let (cert, key) = stranger.client("grpc-node").write(setup.dir.path(), "stranger");
     let tls = ControlPlaneTls::configure(&plane.url(), &options(cert, key)).unwrap();
-    let client =
-        LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
+    let client = LeaseClient::connect_lazy_with(&plane.url(), Duration::from_secs(10), &tls).unwrap();
     let refused = client.ack(ack).await.expect_err("refused");
     let text = refused.to_string();
     assert!(text.contains("Ack failed"), "{text}");
@@ -982,22 +871,14 @@ async fn the_grpc_channel_presents_the_client_certificate_and_names_a_refusal() 
     if text.contains("UnknownCA") {
         assert!(text.contains("issued by a CA it does not trust"), "{text}");
     }
-    assert_eq!(
-        plane.client_subjects(),
-        ["grpc-node"],
-        "the stranger never got in"
-    );
+    assert_eq!(plane.client_subjects(), ["grpc-node"], "the stranger never got in");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_certificate_chain_false_accepts_a_server_certificate_from_another_issuer_and_warns() {
     let setup = Setup::new();
     let other = TestCa::new("another CA");
-    let plane = start_plane(
-        "127.0.0.1:0",
-        plane_tls(&other.server("control-plane"), &setup.ca, &[]),
-    )
-    .await;
+    let plane = start_plane("127.0.0.1:0", plane_tls(&other.server("control-plane"), &setup.ca, &[])).await;
     let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
     let mut unchecked = mtls(&setup.ca_path, &cert, &key);
     unchecked["ValidateCertificateChain"] = serde_json::json!(false);

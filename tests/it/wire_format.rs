@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use node_runtime::proto::{
-    AckRequest, BudgetConstraints, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest,
-    RunSpec, SandboxReport, TimingInfo,
+    AckRequest, BudgetConstraints, CompleteRequest, CostInfo, FailRequest, Lease, PullRequest, RunSpec, SandboxReport,
+    TimingInfo,
 };
 use prost::Message;
 
@@ -93,7 +93,11 @@ fn map_entries(values: &[Value]) -> BTreeMap<String, String> {
 
 #[test]
 fn pull_request_is_node_id_1_and_max_leases_2() {
-    let bytes = PullRequest { node_id: "node-1".into(), max_leases: 5 }.encode_to_vec();
+    let bytes = PullRequest {
+        node_id: "node-1".into(),
+        max_leases: 5,
+    }
+    .encode_to_vec();
     let f = fields(&bytes);
     assert_eq!(string(&f[&1][0]), "node-1");
     assert_eq!(f[&2], vec![Value::Varint(5)]);
@@ -143,12 +147,21 @@ fn lease_and_run_spec_keep_the_reference_numbers() {
 #[test]
 fn ack_complete_and_fail_keep_the_reference_numbers() {
     let ack = fields(
-        &AckRequest { lease_id: "l".into(), node_id: "n".into(), ack_timestamp_unix_ms: 42 }.encode_to_vec(),
+        &AckRequest {
+            lease_id: "l".into(),
+            node_id: "n".into(),
+            ack_timestamp_unix_ms: 42,
+        }
+        .encode_to_vec(),
     );
     assert_eq!((string(&ack[&1][0]), string(&ack[&2][0])), ("l".into(), "n".into()));
     assert_eq!(ack[&3], vec![Value::Varint(42)]);
 
-    let timings = TimingInfo { duration_ms: 30, queue_time_ms: 10, execution_time_ms: 20 };
+    let timings = TimingInfo {
+        duration_ms: 30,
+        queue_time_ms: 10,
+        execution_time_ms: 20,
+    };
     let complete = fields(
         &CompleteRequest {
             lease_id: "l".into(),
@@ -156,8 +169,17 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
             node_id: "n".into(),
             result: HashMap::from([("category".into(), "invoice".into())]),
             timings: Some(timings),
-            costs: Some(CostInfo { tokens_in: 100, tokens_out: 20, usd_cost: 0.5 }),
-            sandbox: Some(SandboxReport { fuel_consumed: 11, peak_memory_bytes: 12, instantiate_us: 13, peak_host_bytes: 14 }),
+            costs: Some(CostInfo {
+                tokens_in: 100,
+                tokens_out: 20,
+                usd_cost: 0.5,
+            }),
+            sandbox: Some(SandboxReport {
+                fuel_consumed: 11,
+                peak_memory_bytes: 12,
+                instantiate_us: 13,
+                peak_host_bytes: 14,
+            }),
         }
         .encode_to_vec(),
     );
@@ -166,7 +188,14 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(string(&complete[&3][0]), "n");
     assert_eq!(map_entries(&complete[&4])["category"], "invoice");
     let t = message(&complete[&5][0]);
-    assert_eq!((t[&1].clone(), t[&2].clone(), t[&3].clone()), (vec![Value::Varint(30)], vec![Value::Varint(10)], vec![Value::Varint(20)]));
+    assert_eq!(
+        (t[&1].clone(), t[&2].clone(), t[&3].clone()),
+        (
+            vec![Value::Varint(30)],
+            vec![Value::Varint(10)],
+            vec![Value::Varint(20)]
+        )
+    );
     let costs = message(&complete[&6][0]);
     assert_eq!(costs[&1], vec![Value::Varint(100)]);
     assert_eq!(costs[&2], vec![Value::Varint(20)]);
@@ -195,5 +224,8 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(string(&fail[&5][0]), "{}");
     assert!(matches!(fail[&6][0], Value::Bytes(_)));
     assert_eq!(fail[&7], vec![Value::Varint(1)]);
-    assert!(matches!(fail[&8][0], Value::Bytes(_)), "SandboxReport is field 8 of FailRequest");
+    assert!(
+        matches!(fail[&8][0], Value::Bytes(_)),
+        "SandboxReport is field 8 of FailRequest"
+    );
 }

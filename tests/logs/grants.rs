@@ -17,8 +17,8 @@ use std::path::Path;
 use std::process::Command;
 
 use node_runtime::sandbox::{
-    BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, ResultMap, RunOutcome,
-    Sandbox, SandboxConfig, SandboxError,
+    BudgetRequest, DirectoryGrant, EngineSettings, FailKind, Grants, ResultMap, RunOutcome, Sandbox, SandboxConfig,
+    SandboxError,
 };
 use support::{agent_path, load, request};
 
@@ -52,12 +52,7 @@ fn dir(host: &Path, guest: &str, read_only: bool) -> DirectoryGrant {
 
 /// Runs the probe as `agent_id` with `ops` and the run metadata given, and
 /// returns its answers.
-async fn probe(
-    sandbox: &Sandbox,
-    agent_id: &str,
-    ops: &[&str],
-    metadata: &[(&str, &str)],
-) -> ResultMap {
+async fn probe(sandbox: &Sandbox, agent_id: &str, ops: &[&str], metadata: &[(&str, &str)]) -> ResultMap {
     let agent = load(sandbox, PROBE).await;
     let joined = ops.join("\n");
     let mut request = request(agent_id, &[("ops", &joined)], BudgetRequest::default());
@@ -84,7 +79,10 @@ fn assert_ok(seen: &ResultMap, op: &str, expected: &str) {
 
 fn assert_refused(seen: &ResultMap, op: &str) {
     let got = answer(seen, op);
-    assert!(got.starts_with("error: "), "`{op}` should have been refused, got {got:?}");
+    assert!(
+        got.starts_with("error: "),
+        "`{op}` should have been refused, got {got:?}"
+    );
     assert!(!got.contains(SECRET), "`{op}` leaked the secret: {got:?}");
 }
 
@@ -202,7 +200,10 @@ async fn a_read_only_grant_reads_and_lists_but_never_writes() {
     ] {
         assert_refused(&seen, op);
     }
-    assert_eq!(std::fs::read_to_string(host.path().join("invoice.txt")).unwrap(), "INV-1001");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("invoice.txt")).unwrap(),
+        "INV-1001"
+    );
     assert!(!host.path().join("new.txt").exists());
     assert!(!host.path().join("made").exists());
     assert!(!host.path().join("archive/new.txt").exists());
@@ -232,7 +233,11 @@ async fn a_read_write_grant_writes_files_the_host_sees() {
     )
     .await;
 
-    for op in ["mkdir /out/reports", "write /out/reports/summary.txt=3 invoices classified", "remove /out/scratch.txt"] {
+    for op in [
+        "mkdir /out/reports",
+        "write /out/reports/summary.txt=3 invoices classified",
+        "remove /out/scratch.txt",
+    ] {
         assert_ok(&seen, op, "");
     }
     assert_ok(&seen, "read /out/reports/summary.txt", "3 invoices classified");
@@ -288,7 +293,11 @@ async fn no_path_escapes_a_granted_directory_by_dot_dot_or_symlink() {
         "write /data/absolute-file-link=overwritten",
     ];
     let mut ops = escapes.to_vec();
-    ops.extend(["read /data/inside.txt", "read /data/inner-link", "read /data/sub/../inside.txt"]);
+    ops.extend([
+        "read /data/inside.txt",
+        "read /data/inner-link",
+        "read /data/sub/../inside.txt",
+    ]);
     let seen = probe(&sandbox, PROBE, &ops, &[]).await;
 
     for op in escapes {
@@ -322,7 +331,13 @@ async fn only_granted_variables_are_visible_with_the_nodes_values() {
     let seen = probe(
         &sandbox,
         PROBE,
-        &["env-names", "env PATH", "env CARGO_PKG_NAME", "env CARGO_MANIFEST_DIR", &env_unset],
+        &[
+            "env-names",
+            "env PATH",
+            "env CARGO_PKG_NAME",
+            "env CARGO_MANIFEST_DIR",
+            &env_unset,
+        ],
         &[],
     )
     .await;
@@ -422,18 +437,33 @@ async fn grants_are_logged_once_per_agent_at_its_first_run_without_values() {
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let lines = |agent: &str| {
         let needle = format!("sandbox grants for agent `{agent}`");
-        log.lines().filter(|line| line.contains(&needle)).map(str::to_string).collect::<Vec<_>>()
+        log.lines()
+            .filter(|line| line.contains(&needle))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
     };
     let logged = lines("logged-agent");
     assert_eq!(logged.len(), 1, "captured log:\n{log}");
     let line = &logged[0];
-    for granted in ["/data (read-only)", "environment: PATH", "outbound HTTP: api.example.com:443", "sockets: none"] {
+    for granted in [
+        "/data (read-only)",
+        "environment: PATH",
+        "outbound HTTP: api.example.com:443",
+        "sockets: none",
+    ] {
         assert!(line.contains(granted), "{granted:?} in {line}");
     }
-    assert!(!line.contains(&std::env::var("PATH").unwrap()), "a value was logged: {line}");
+    assert!(
+        !line.contains(&std::env::var("PATH").unwrap()),
+        "a value was logged: {line}"
+    );
     let other = lines("another-logged-agent");
     assert_eq!(other.len(), 1, "captured log:\n{log}");
-    assert!(other[0].contains("directories: none; environment: none; outbound HTTP: none"), "{}", other[0]);
+    assert!(
+        other[0].contains("directories: none; environment: none; outbound HTTP: none"),
+        "{}",
+        other[0]
+    );
 }
 
 #[tokio::test]
@@ -453,7 +483,10 @@ async fn a_granted_directory_is_checked_at_start_and_again_at_each_run() {
     .expect("a missing directory is refused");
     assert!(matches!(err, SandboxError::Grant { .. }), "{err}");
     let message = err.to_string();
-    assert!(message.contains(PROBE) && message.contains(&missing.display().to_string()), "{message}");
+    assert!(
+        message.contains(PROBE) && message.contains(&missing.display().to_string()),
+        "{message}"
+    );
 
     // Removed after start-up: the run is handed back, naming the directory.
     let host = tempfile::tempdir().unwrap();
@@ -468,12 +501,19 @@ async fn a_granted_directory_is_checked_at_start_and_again_at_each_run() {
     drop(host);
     let agent = load(&sandbox, PROBE).await;
     let result = sandbox
-        .run(&agent, request(PROBE, &[("ops", "env-names")], BudgetRequest::default()))
+        .run(
+            &agent,
+            request(PROBE, &[("ops", "env-names")], BudgetRequest::default()),
+        )
         .await;
     let failure = result.outcome.failure().expect("the run cannot start").clone();
     assert_eq!(failure.kind, FailKind::NodeUnavailable);
     assert!(failure.retryable);
-    assert!(failure.message.contains("/data") && failure.message.contains(&path.display().to_string()), "{}", failure.message);
+    assert!(
+        failure.message.contains("/data") && failure.message.contains(&path.display().to_string()),
+        "{}",
+        failure.message
+    );
 }
 
 // The binary, as a developer drives it.
@@ -527,10 +567,19 @@ fn run_agent_dir_and_env_flags_grant_exactly_what_they_name() {
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
     let result = &json["result"];
     assert_eq!(result["read /ref/in.txt"], "ok: from the host");
-    assert!(result["write /ref/new.txt=x"].as_str().unwrap().starts_with("error: "), "{result}");
+    assert!(
+        result["write /ref/new.txt=x"].as_str().unwrap().starts_with("error: "),
+        "{result}"
+    );
     assert_eq!(result["write /out/result.txt=written by the agent"], "ok");
     assert_eq!(result["env GRANTS_TEST_TENANT"], "ok: acme");
-    assert!(result["env GRANTS_TEST_NOT_GRANTED"].as_str().unwrap().starts_with("error: "), "{result}");
+    assert!(
+        result["env GRANTS_TEST_NOT_GRANTED"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: "),
+        "{result}"
+    );
     assert_eq!(result["env-names"], "ok: GRANTS_TEST_TENANT");
     assert!(!stdout.contains(SECRET));
     assert_eq!(
@@ -539,10 +588,21 @@ fn run_agent_dir_and_env_flags_grant_exactly_what_they_name() {
     );
     assert!(!ro.path().join("new.txt").exists());
 
-    let logged: Vec<&str> = stderr.lines().filter(|l| l.contains("sandbox grants for agent `fs-env-probe`")).collect();
+    let logged: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("sandbox grants for agent `fs-env-probe`"))
+        .collect();
     assert_eq!(logged.len(), 1, "{stderr}");
-    assert!(logged[0].contains("/ref (read-only)") && logged[0].contains("/out (read-write)"), "{}", logged[0]);
-    assert!(logged[0].contains("environment: GRANTS_TEST_TENANT") && !logged[0].contains("acme"), "{}", logged[0]);
+    assert!(
+        logged[0].contains("/ref (read-only)") && logged[0].contains("/out (read-write)"),
+        "{}",
+        logged[0]
+    );
+    assert!(
+        logged[0].contains("environment: GRANTS_TEST_TENANT") && !logged[0].contains("acme"),
+        "{}",
+        logged[0]
+    );
 }
 
 #[test]
@@ -551,9 +611,19 @@ fn run_agent_without_flags_grants_nothing() {
         &["--json", "--input-ref", "ops=read /etc/passwd\nenv-names\nlist /"],
         &[("GRANTS_TEST_TENANT", "acme")],
     );
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert!(json["result"]["read /etc/passwd"].as_str().unwrap().starts_with("error: "));
+    assert!(
+        json["result"]["read /etc/passwd"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: ")
+    );
     assert!(json["result"]["list /"].as_str().unwrap().starts_with("error: "));
     assert_eq!(json["result"]["env-names"], "ok");
 }
@@ -568,11 +638,26 @@ fn bad_dir_and_env_flags_are_usage_errors_that_name_the_flag_and_the_fix() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--dir".into(), host_dir.clone()], "no `::`"),
         (vec!["--dir".into(), "::/data".into()], "names no host directory"),
-        (vec!["--dir".into(), format!("{host_dir}::data")], "not an absolute path"),
-        (vec!["--dir".into(), format!("{host_dir}::/data/../etc")], "guest path `/data/../etc`"),
-        (vec!["--dir".into(), format!("{host_dir}::/data:rw")], "not an absolute path"),
-        (vec!["--dir".into(), format!("{}::/data", missing.display())], "does not exist"),
-        (vec!["--dir".into(), format!("{}::/data", file.display())], "is not a directory"),
+        (
+            vec!["--dir".into(), format!("{host_dir}::data")],
+            "not an absolute path",
+        ),
+        (
+            vec!["--dir".into(), format!("{host_dir}::/data/../etc")],
+            "guest path `/data/../etc`",
+        ),
+        (
+            vec!["--dir".into(), format!("{host_dir}::/data:rw")],
+            "not an absolute path",
+        ),
+        (
+            vec!["--dir".into(), format!("{}::/data", missing.display())],
+            "does not exist",
+        ),
+        (
+            vec!["--dir".into(), format!("{}::/data", file.display())],
+            "is not a directory",
+        ),
         (vec!["--env".into(), "TOKEN=abc".into()], "name only"),
         (vec!["--env".into(), "".into()], "name only"),
     ];
@@ -605,7 +690,10 @@ fn run_agent_never_passes_the_llm_key_variable() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--env GRANTS_TEST_LLM_KEY") && stderr.contains("never given"), "{stderr}");
+    assert!(
+        stderr.contains("--env GRANTS_TEST_LLM_KEY") && stderr.contains("never given"),
+        "{stderr}"
+    );
     assert!(output.stdout.is_empty() && !stderr.contains(SECRET), "{stderr}");
 }
 

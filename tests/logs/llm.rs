@@ -16,8 +16,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use node_runtime::config::Secret;
 use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, NodeLimits, RunOutcome,
-    RunResult, Sandbox, SandboxConfig,
+    BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, NodeLimits, RunOutcome, RunResult, Sandbox,
+    SandboxConfig,
 };
 use support::*;
 
@@ -180,7 +180,10 @@ async fn a_call_is_metered_and_priced_from_the_providers_usage() {
     let request = &requests[0];
     assert_eq!(request.authorization.as_deref(), Some(&*format!("Bearer {KEY}")));
     assert_eq!(request.body["model"], "stub-default");
-    assert_eq!(request.body["max_tokens"], 1000, "no max_tokens: the budget's remainder");
+    assert_eq!(
+        request.body["max_tokens"], 1000,
+        "no max_tokens: the budget's remainder"
+    );
     assert_eq!(request.body["messages"][0]["role"], "user");
     assert_eq!(request.body["messages"][0]["content"], "Classify INV-1");
 }
@@ -238,8 +241,7 @@ async fn a_spent_budget_refuses_the_next_call_without_reaching_the_provider() {
 #[tokio::test]
 async fn a_provider_writing_past_max_tokens_fails_the_run_budget_tokens() {
     let stub = Arc::new(Stub::default());
-    stub.ignore_max_tokens
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    stub.ignore_max_tokens.store(true, std::sync::atomic::Ordering::Relaxed);
     let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
     // The second call may write 8 but the stub reports 20: 64 of 40.
     let result = run_chat(&sandbox, &[("calls", "5")], tokens(40)).await;
@@ -309,17 +311,18 @@ async fn the_key_reaches_the_provider_and_nothing_else() {
     let settings = settings(addr);
     assert!(!format!("{settings:?}").contains(KEY));
     let sandbox = llm_sandbox(settings);
-    let ok = run_chat(&sandbox, &[("model", "unpriced"), ("calls", "2")], BudgetRequest::default()).await;
+    let ok = run_chat(
+        &sandbox,
+        &[("model", "unpriced"), ("calls", "2")],
+        BudgetRequest::default(),
+    )
+    .await;
     *stub.always.lock().unwrap() = Some(401);
     let refused = run_chat(&sandbox, &[], BudgetRequest::default()).await;
     assert!(completed(&refused)["error"].contains("401"), "{:?}", refused.outcome);
 
     for result in [&ok, &refused] {
-        let everything = format!(
-            "{:?} {}",
-            result,
-            serde_json::to_string(&result.report).unwrap()
-        );
+        let everything = format!("{:?} {}", result, serde_json::to_string(&result.report).unwrap());
         assert!(!everything.contains(KEY), "the key leaked into the run: {everything}");
     }
     assert!(stub.requests().len() >= 4);

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use node_runtime::dev_plane::PlaneTls;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,10 +30,7 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).unwrap();
         TestCa {
             cert_pem: cert.pem(),
@@ -46,13 +42,7 @@ impl TestCa {
         CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()
     }
 
-    fn leaf(
-        &self,
-        cn: &str,
-        names: Vec<String>,
-        usage: ExtendedKeyUsagePurpose,
-        expired: bool,
-    ) -> Leaf {
+    fn leaf(&self, cn: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose, expired: bool) -> Leaf {
         self.leaf_until(cn, names, usage, expired, None)
     }
 
@@ -85,22 +75,12 @@ impl TestCa {
 
     /// A server certificate for `127.0.0.1` and `localhost`.
     pub fn server(&self, cn: &str) -> Leaf {
-        self.leaf(
-            cn,
-            loopback_names(),
-            ExtendedKeyUsagePurpose::ServerAuth,
-            false,
-        )
+        self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, false)
     }
 
     /// The same, but valid only during 2020.
     pub fn expired_server(&self, cn: &str) -> Leaf {
-        self.leaf(
-            cn,
-            loopback_names(),
-            ExtendedKeyUsagePurpose::ServerAuth,
-            true,
-        )
+        self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, true)
     }
 
     pub fn client(&self, cn: &str) -> Leaf {
@@ -109,13 +89,7 @@ impl TestCa {
 
     /// A client certificate valid until midnight (UTC) `days` days from now.
     pub fn client_expiring_in(&self, cn: &str, days: u64) -> Leaf {
-        self.leaf_until(
-            cn,
-            Vec::new(),
-            ExtendedKeyUsagePurpose::ClientAuth,
-            false,
-            Some(days),
-        )
+        self.leaf_until(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, false, Some(days))
     }
 
     pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
@@ -159,10 +133,7 @@ impl Leaf {
 
     /// The key's base64 body, as it would appear if it leaked.
     pub fn key_body(&self) -> String {
-        self.key_pem
-            .lines()
-            .filter(|line| !line.starts_with("-----"))
-            .collect()
+        self.key_pem.lines().filter(|line| !line.starts_with("-----")).collect()
     }
 }
 
@@ -170,9 +141,7 @@ impl Leaf {
 /// `client_ca`, limited to `allowed_subjects` when not empty.
 pub fn plane_tls(server: &Leaf, client_ca: &TestCa, allowed_subjects: &[&str]) -> PlaneTls {
     PlaneTls {
-        certificate_chain: vec![
-            CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap(),
-        ],
+        certificate_chain: vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
         private_key: Arc::new(PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap()),
         client_ca: Some(vec![client_ca.der()]),
         allowed_subjects: allowed_subjects.iter().map(|s| s.to_string()).collect(),

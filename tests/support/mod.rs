@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use node_runtime::sandbox::{
-    Agent, BudgetRequest, EngineSettings, NodeLimits, RunContext, RunRequest, Sandbox,
-    SandboxConfig,
+    Agent, BudgetRequest, EngineSettings, NodeLimits, RunContext, RunRequest, Sandbox, SandboxConfig,
 };
 
 /// The workspace's target directory, where `scripts/build-agents` puts the
@@ -83,10 +82,7 @@ pub fn request(agent_id: &str, input_ref: &[(&str, &str)], budget: BudgetRequest
 }
 
 pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 pub const MIB: u64 = 1 << 20;
@@ -102,8 +98,7 @@ pub fn agents_layout() -> tempfile::TempDir {
             let name = path.file_stem().unwrap().to_str().unwrap().to_string();
             let folder = layout.path().join(&name);
             std::fs::create_dir_all(&folder).unwrap();
-            std::os::unix::fs::symlink(std::fs::canonicalize(&path).unwrap(), folder.join("1.0.0.wasm"))
-                .unwrap();
+            std::os::unix::fs::symlink(std::fs::canonicalize(&path).unwrap(), folder.join("1.0.0.wasm")).unwrap();
         }
     }
     layout
@@ -124,17 +119,16 @@ pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
-pub async fn eventually<T>(
-    limit: std::time::Duration,
-    what: &str,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
+pub async fn eventually<T>(limit: std::time::Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let started = std::time::Instant::now();
     loop {
         if let Some(value) = check() {
             return value;
         }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -150,7 +144,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
@@ -159,7 +156,14 @@ where
 /// so a test can kill it and start it again on the same port.
 pub fn spawn_plane_process(port: u16, data_dir: &std::path::Path, lease_ttl: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .args(["dev", "--plane-only", "--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", lease_ttl])
+        .args([
+            "dev",
+            "--plane-only",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--lease-ttl",
+            lease_ttl,
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn")

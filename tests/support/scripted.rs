@@ -31,7 +31,11 @@ pub struct Answers {
 
 impl Default for Answers {
     fn default() -> Self {
-        Answers { delay: std::time::Duration::ZERO, success: true, max_message_bytes: None }
+        Answers {
+            delay: std::time::Duration::ZERO,
+            success: true,
+            max_message_bytes: None,
+        }
     }
 }
 
@@ -61,14 +65,27 @@ impl LeaseService for Script {
     }
 
     async fn ack(&self, _: tonic::Request<AckRequest>) -> Result<tonic::Response<AckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(AckResponse { success: true, message: String::new() }))
+        Ok(tonic::Response::new(AckResponse {
+            success: true,
+            message: String::new(),
+        }))
     }
 
-    async fn complete(&self, request: tonic::Request<CompleteRequest>) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
+    async fn complete(
+        &self,
+        request: tonic::Request<CompleteRequest>,
+    ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
         tokio::time::sleep(self.answers.delay).await;
         self.recorded.lock().unwrap().completes.push(request.into_inner());
-        let message = if self.answers.success { String::new() } else { "Run held by another node".to_string() };
-        Ok(tonic::Response::new(CompleteResponse { success: self.answers.success, message }))
+        let message = if self.answers.success {
+            String::new()
+        } else {
+            "Run held by another node".to_string()
+        };
+        Ok(tonic::Response::new(CompleteResponse {
+            success: self.answers.success,
+            message,
+        }))
     }
 
     async fn fail(&self, request: tonic::Request<FailRequest>) -> Result<tonic::Response<FailResponse>, tonic::Status> {
@@ -92,7 +109,11 @@ pub async fn serve(leases: Vec<Lease>) -> (String, Arc<Mutex<Recorded>>) {
 /// Like [`serve`], answering reports as `answers` says.
 pub async fn serve_with(leases: Vec<Lease>, answers: Answers) -> (String, Arc<Mutex<Recorded>>) {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
-    let script = Script { leases: Mutex::new(Some(leases)), recorded: recorded.clone(), answers };
+    let script = Script {
+        leases: Mutex::new(Some(leases)),
+        recorded: recorded.clone(),
+        answers,
+    };
     let mut service = LeaseServiceServer::new(script);
     if let Some(limit) = answers.max_message_bytes {
         service = service.max_decoding_message_size(limit);

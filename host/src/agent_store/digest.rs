@@ -74,12 +74,21 @@ mod tests {
             "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         );
         assert_eq!(AgentDigest::parse(&text).unwrap(), digest);
-        assert_eq!(AgentDigest::parse(&text.to_uppercase().replace("SHA256", "sha256")).unwrap(), digest);
+        assert_eq!(
+            AgentDigest::parse(&text.to_uppercase().replace("SHA256", "sha256")).unwrap(),
+            digest
+        );
     }
 
     #[test]
     fn anything_but_sha256_and_64_hex_digits_is_refused() {
-        for bad in ["", "sha256:", "sha512:00", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "sha256:xyz"] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha512:00",
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "sha256:xyz",
+        ] {
             assert!(AgentDigest::parse(bad).is_err(), "{bad:?}");
         }
     }

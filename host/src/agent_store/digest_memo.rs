@@ -94,7 +94,9 @@ impl DigestMemo {
 
     /// Deletes the oldest records past the bound.
     fn bound(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
         let mut records: Vec<(SystemTime, PathBuf)> = entries
             .flatten()
             .filter(|entry| entry.path().extension().is_some_and(|ext| ext == EXTENSION))
@@ -154,7 +156,14 @@ fn decode(record: &[u8]) -> Option<(FileStamp, AgentDigest)> {
         return None;
     }
     let path = PathBuf::from(std::ffi::OsStr::from_bytes(rest));
-    let stamp = FileStamp { path, dev, ino, len, mtime_ns, ctime_ns };
+    let stamp = FileStamp {
+        path,
+        dev,
+        ino,
+        len,
+        mtime_ns,
+        ctime_ns,
+    };
     Some((stamp, AgentDigest::from_bytes(digest)))
 }
 
@@ -225,9 +234,15 @@ mod tests {
     #[test]
     fn the_memo_keeps_its_newest_records_within_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let memo = DigestMemo { max_records: 3, ..DigestMemo::in_cache_dir(dir.path()) };
+        let memo = DigestMemo {
+            max_records: 3,
+            ..DigestMemo::in_cache_dir(dir.path())
+        };
         let stamps: Vec<FileStamp> = (0..5)
-            .map(|n| FileStamp { path: format!("/agents/a/{n}.wasm").into(), ..stamp() })
+            .map(|n| FileStamp {
+                path: format!("/agents/a/{n}.wasm").into(),
+                ..stamp()
+            })
             .collect();
         for stamp in &stamps {
             memo.put(stamp, AgentDigest::of(b"a"));

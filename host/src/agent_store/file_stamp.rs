@@ -69,7 +69,14 @@ mod tests {
     use super::*;
 
     fn stamp(mtime_ns: i128, ctime_ns: i128) -> FileStamp {
-        FileStamp { path: "a.wasm".into(), dev: 1, ino: 2, len: 3, mtime_ns, ctime_ns }
+        FileStamp {
+            path: "a.wasm".into(),
+            dev: 1,
+            ino: 2,
+            len: 3,
+            mtime_ns,
+            ctime_ns,
+        }
     }
 
     #[test]
@@ -78,8 +85,17 @@ mod tests {
         let now_ns = 1_000_000 * 1_000_000_000i128;
         let settle = SETTLE_TIME.as_nanos() as i128;
         assert!(stamp(now_ns - settle - 1, now_ns - settle - 1).settled_at(now));
-        assert!(!stamp(now_ns - settle, now_ns - settle - 1).settled_at(now), "modified too recently");
-        assert!(!stamp(now_ns - settle - 1, now_ns - 5).settled_at(now), "changed too recently");
-        assert!(!stamp(now_ns + settle, now_ns - settle - 1).settled_at(now), "modified in the future");
+        assert!(
+            !stamp(now_ns - settle, now_ns - settle - 1).settled_at(now),
+            "modified too recently"
+        );
+        assert!(
+            !stamp(now_ns - settle - 1, now_ns - 5).settled_at(now),
+            "changed too recently"
+        );
+        assert!(
+            !stamp(now_ns + settle, now_ns - settle - 1).settled_at(now),
+            "modified in the future"
+        );
     }
 }

@@ -58,10 +58,7 @@ pub fn download_client(
 
 impl HttpSource {
     /// A source downloading with [`download_client`].
-    pub fn new(
-        settings: HttpSourceSettings,
-        tls: Option<rustls::ClientConfig>,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(settings: HttpSourceSettings, tls: Option<rustls::ClientConfig>) -> Result<Self, reqwest::Error> {
         Ok(HttpSource {
             client: download_client(settings.timeout, tls)?,
             cache: DownloadCache::new(settings.cache_dir.clone()),
@@ -85,7 +82,9 @@ impl HttpSource {
     /// `None` when the server has no such version (HTTP 404 or 410).
     pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<PathBuf>, FetchError> {
         let url = self.url(agent_id, version);
-        self.cache.get_or_fetch(agent_id, version, &url, || self.download(&url)).await
+        self.cache
+            .get_or_fetch(agent_id, version, &url, || self.download(&url))
+            .await
     }
 
     async fn download(&self, url: &str) -> Result<Option<Vec<u8>>, FetchError> {
@@ -93,9 +92,15 @@ impl HttpSource {
         let timeout = self.settings.timeout;
         let failed = |err: reqwest::Error| {
             if err.is_timeout() {
-                FetchError::Timeout { url: url.to_string(), timeout }
+                FetchError::Timeout {
+                    url: url.to_string(),
+                    timeout,
+                }
             } else {
-                FetchError::Transport { url: url.to_string(), reason: super::download_cache::error_chain(&err) }
+                FetchError::Transport {
+                    url: url.to_string(),
+                    reason: super::download_cache::error_chain(&err),
+                }
             }
         };
         // The timeout covers connecting, the answer and the whole body.
@@ -122,9 +127,15 @@ impl HttpSource {
             });
         }
         if !status.is_success() {
-            return Err(FetchError::Status { url: url.to_string(), status: status.as_u16() });
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
         }
-        let too_large = || FetchError::TooLarge { url: url.to_string(), limit };
+        let too_large = || FetchError::TooLarge {
+            url: url.to_string(),
+            limit,
+        };
         if response.content_length().is_some_and(|length| length > limit) {
             return Err(too_large());
         }

@@ -53,7 +53,9 @@ pub enum ResolveError {
         version: String,
         looked_for: Vec<String>,
     },
-    #[error("invalid agent {field} {value:?} in the lease: it must be non-empty and must not contain `/`, `\\` or `..`")]
+    #[error(
+        "invalid agent {field} {value:?} in the lease: it must be non-empty and must not contain `/`, `\\` or `..`"
+    )]
     InvalidName { field: &'static str, value: String },
     #[error(transparent)]
     InvalidDigest(#[from] InvalidDigest),
@@ -69,10 +71,7 @@ pub enum ResolveError {
         actual: AgentDigest,
     },
     #[error("cannot read {}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error("{}: {invalid}", .path.display())]
@@ -173,12 +172,7 @@ impl AgentStore {
     }
 
     /// The agent for `agent_id` at `version`, compiled by `sandbox`.
-    pub async fn resolve(
-        &self,
-        sandbox: &Sandbox,
-        agent_id: &str,
-        version: &str,
-    ) -> Result<Arc<Agent>, ResolveError> {
+    pub async fn resolve(&self, sandbox: &Sandbox, agent_id: &str, version: &str) -> Result<Arc<Agent>, ResolveError> {
         self.resolve_pinned(sandbox, agent_id, version, None).await
     }
 
@@ -241,12 +235,10 @@ impl AgentStore {
                 }
             }
         }
-        let bytes = tokio::fs::read(&stamp.path)
-            .await
-            .map_err(|source| ResolveError::Io {
-                path: stamp.path.clone(),
-                source,
-            })?;
+        let bytes = tokio::fs::read(&stamp.path).await.map_err(|source| ResolveError::Io {
+            path: stamp.path.clone(),
+            source,
+        })?;
         let digest = AgentDigest::of(&bytes);
         self.hashed.fetch_add(1, Ordering::Relaxed);
         check_pin(&stamp, pin, digest)?;
@@ -257,9 +249,7 @@ impl AgentStore {
                 let path = stamp.path.clone();
                 match trust {
                     ArtifactTrust::Operator => ResolveError::Invalid { path, invalid },
-                    ArtifactTrust::Network { .. } => {
-                        ResolveError::InvalidDownload { path, invalid }
-                    }
+                    ArtifactTrust::Network { .. } => ResolveError::InvalidDownload { path, invalid },
                 }
             })?;
         // A file changed since `checked_at` less the settle time might
@@ -301,11 +291,7 @@ impl AgentStore {
 
     /// The first source's file for the version, and the trust its bytes
     /// carry.
-    async fn locate(
-        &self,
-        agent_id: &str,
-        version: &str,
-    ) -> Result<(FileStamp, ArtifactTrust), ResolveError> {
+    async fn locate(&self, agent_id: &str, version: &str) -> Result<(FileStamp, ArtifactTrust), ResolveError> {
         let mut looked_for = Vec::new();
         for source in &self.sources {
             let found = match source {
@@ -346,9 +332,7 @@ impl AgentStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
-        self.loaded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -418,11 +402,8 @@ fn check_pin(stamp: &FileStamp, pin: Option<AgentDigest>, actual: AgentDigest) -
 }
 
 fn check_name(field: &'static str, value: &str) -> Result<(), ResolveError> {
-    let bad = value.is_empty()
-        || value.contains('/')
-        || value.contains('\\')
-        || value.contains("..")
-        || value.contains('\0');
+    let bad =
+        value.is_empty() || value.contains('/') || value.contains('\\') || value.contains("..") || value.contains('\0');
     if bad {
         return Err(ResolveError::InvalidName {
             field,

@@ -108,13 +108,21 @@ impl OciSource {
                 let timeout = self.settings.timeout;
                 tokio::time::timeout(timeout, self.pull(&reference))
                     .await
-                    .unwrap_or_else(|_| Err(FetchError::Timeout { url: reference.clone(), timeout }))
+                    .unwrap_or_else(|_| {
+                        Err(FetchError::Timeout {
+                            url: reference.clone(),
+                            timeout,
+                        })
+                    })
             })
             .await
     }
 
     async fn pull(&self, text: &str) -> Result<Option<Vec<u8>>, FetchError> {
-        let failed = |reason: String| FetchError::Transport { url: text.to_string(), reason };
+        let failed = |reason: String| FetchError::Transport {
+            url: text.to_string(),
+            reason,
+        };
         let reference: Reference = text
             .parse()
             .map_err(|err: oci_client::ParseError| failed(format!("not an OCI reference: {err}")))?;
@@ -130,7 +138,10 @@ impl OciSource {
             reason,
         })?;
         let limit = self.settings.max_bytes;
-        let too_large = || FetchError::TooLarge { url: text.to_string(), limit };
+        let too_large = || FetchError::TooLarge {
+            url: text.to_string(),
+            limit,
+        };
         if u64::try_from(layer.size).map_or(true, |size| size > limit) {
             return Err(too_large());
         }
@@ -223,6 +234,9 @@ mod tests {
         let mut image = manifest(&[WASM_LAYER_MEDIA_TYPE]);
         image.config.media_type = "application/vnd.oci.image.config.v1+json".to_string();
         let refused = wasm_layer(&image).unwrap_err();
-        assert!(refused.contains("application/vnd.oci.image.config.v1+json"), "{refused}");
+        assert!(
+            refused.contains("application/vnd.oci.image.config.v1+json"),
+            "{refused}"
+        );
     }
 }

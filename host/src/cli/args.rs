@@ -5,9 +5,7 @@ use std::time::Duration;
 /// `33554432`, `32MiB`, `32 MiB`, `32Mi` (binary), `64MB` (decimal), `1GiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
     let invalid = || {
         format!(
@@ -35,9 +33,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = trimmed.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
-    humantime::parse_duration(trimmed).map_err(|err| {
-        format!("invalid duration `{text}` ({err}): use e.g. 1s, 500ms, 2m, or a number of seconds")
-    })
+    humantime::parse_duration(trimmed)
+        .map_err(|err| format!("invalid duration `{text}` ({err}): use e.g. 1s, 500ms, 2m, or a number of seconds"))
 }
 
 /// `KEY=VALUE`; the value may contain `=`, the key may not be empty.
@@ -74,10 +71,7 @@ mod tests {
 
     #[test]
     fn key_values_split_at_the_first_equals_sign() {
-        assert_eq!(
-            parse_key_value("q=a=b"),
-            Ok(("q".to_string(), "a=b".to_string()))
-        );
+        assert_eq!(parse_key_value("q=a=b"), Ok(("q".to_string(), "a=b".to_string())));
         assert!(parse_key_value("=x").is_err());
         assert!(parse_key_value("novalue").is_err());
     }

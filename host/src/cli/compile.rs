@@ -73,7 +73,10 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
         format_bytes(wasm.len() as u64),
         output.display(),
         format_bytes(cwasm.len() as u64),
-        args.target.as_ref().map(|target| format!(", for {target}")).unwrap_or_default(),
+        args.target
+            .as_ref()
+            .map(|target| format!(", for {target}"))
+            .unwrap_or_default(),
         started.elapsed().as_millis()
     );
     Ok(Exit::Completed)
@@ -82,9 +85,7 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
 /// Writes to a temporary file beside `path`, then renames it into place,
 /// so a reader never sees half a `.cwasm`.
 fn write_atomically(path: &PathBuf, bytes: &[u8]) -> Result<(), CommandError> {
-    let fail = |err: std::io::Error| {
-        CommandError::internal(format!("cannot write {}: {err}", path.display()))
-    };
+    let fail = |err: std::io::Error| CommandError::internal(format!("cannot write {}: {err}", path.display()));
     let mut temp = path.clone().into_os_string();
     temp.push(format!(".tmp-{}", std::process::id()));
     let temp = PathBuf::from(temp);

@@ -21,8 +21,8 @@ pub struct ConfigCheckArgs {
 }
 
 pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
-    let config = NodeConfig::load(&args.config, config::process_env())
-        .map_err(|err| CommandError::usage(err.to_string()))?;
+    let config =
+        NodeConfig::load(&args.config, config::process_env()).map_err(|err| CommandError::usage(err.to_string()))?;
     eprintln!("note: {}", config.sources);
     // The certificate files are read as `serve` reads them.
     if config.mtls.enabled {

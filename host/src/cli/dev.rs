@@ -18,8 +18,8 @@ use clap::Args;
 use super::serve::stop_signal;
 use super::{CommandError, Exit};
 use crate::agent_store::AgentStore;
-use crate::control_plane::{Capacity, ControlPlaneTls};
 use crate::config::Secret;
+use crate::control_plane::{Capacity, ControlPlaneTls};
 use crate::dev_plane::tls_dir::DevCertificates;
 use crate::dev_plane::{AllowedHost, DevPlane, PlaneOptions, Reregistration, stubs, tls_dir};
 use crate::outbox::Outbox;
@@ -147,7 +147,9 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     // The plane binds node ids to certificates: the embedded node is who
     // its certificate says.
     let node_id = match &certificates {
-        Some(certificates) => certificates.node_subject().map_err(|err| CommandError::usage(err.to_string()))?,
+        Some(certificates) => certificates
+            .node_subject()
+            .map_err(|err| CommandError::usage(err.to_string()))?,
         None => EMBEDDED_NODE_ID.to_string(),
     };
     // The demo's table is its output; its logs would only bury it.
@@ -236,7 +238,9 @@ async fn run_with(
         None => ControlPlaneTls::plaintext(),
     };
     match &certificates {
-        Some(_) => eprintln!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)"),
+        Some(_) => {
+            eprintln!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)")
+        }
         None => eprintln!("dev control plane listening on {url} (REST and gRPC)"),
     }
 
@@ -286,12 +290,15 @@ async fn run_with(
     let mut llm = match &args.llm_endpoint {
         Some(endpoint) => {
             let key = match &args.llm_key_env {
-                Some(var) => std::env::var(var).map_err(|_| {
-                    CommandError::usage(format!("--llm-key-env {var}: the variable is not set"))
-                })?,
+                Some(var) => std::env::var(var)
+                    .map_err(|_| CommandError::usage(format!("--llm-key-env {var}: the variable is not set")))?,
                 None => String::new(),
             };
-            Some(LlmSettings::openai(endpoint.trim_end_matches('/'), Secret::new(key), args.llm_model.clone()))
+            Some(LlmSettings::openai(
+                endpoint.trim_end_matches('/'),
+                Secret::new(key),
+                args.llm_model.clone(),
+            ))
         }
         None => None,
     };
@@ -303,7 +310,10 @@ async fn run_with(
             let mut stub = LlmSettings::openai(url, Secret::new(String::new()), stubs::STUB_MODEL);
             stub.prices = BTreeMap::from([(
                 stubs::STUB_MODEL.to_string(),
-                ModelPrice { input_per_1k: 0.15, output_per_1k: 0.6 },
+                ModelPrice {
+                    input_per_1k: 0.15,
+                    output_per_1k: 0.6,
+                },
             )]);
             llm = Some(stub);
         }
@@ -350,7 +360,8 @@ async fn run_with(
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => unreachable!("a scratch directory exists without --data-dir"),
     };
-    let outbox = Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
+    let outbox =
+        Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
     let node = NodeHandle::start_with(
         NodeSettings {
             node_id: node_id.clone(),
@@ -379,7 +390,10 @@ async fn run_with(
     let admin = match args.admin_listen {
         Some(addr) => match AdminServer::start(addr, node.readiness_probe(), node.metrics()).await {
             Ok(admin) => {
-                eprintln!("admin endpoint on http://{} (/healthz, /readyz, /metrics)", admin.addr());
+                eprintln!(
+                    "admin endpoint on http://{} (/healthz, /readyz, /metrics)",
+                    admin.addr()
+                );
                 Some(admin)
             }
             Err(err) => {
@@ -396,7 +410,11 @@ async fn run_with(
         eprintln!("the target API received {} classified invoices", target.received());
         result
     } else {
-        eprintln!("node {node_id} joined with {} slots; agents: {}", args.slots, offered.join(", "));
+        eprintln!(
+            "node {node_id} joined with {} slots; agents: {}",
+            args.slots,
+            offered.join(", ")
+        );
         eprintln!(
             "submit a run:\n  curl -s {curl_tls}-X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
              -d '{{\"agentId\": \"echo\", \"version\": \"1.0.0\", \"inputRef\": {{\"message\": \"{{\\\"invoice\\\": 1}}\"}}}}'\n\
@@ -443,9 +461,7 @@ fn lay_out_samples(samples: Option<&Path>, layout: &Path) -> Result<Vec<String>,
     let Some(samples) = samples else {
         return Ok(Vec::new());
     };
-    let fail = |path: &Path, err: std::io::Error| {
-        CommandError::internal(format!("{}: {err}", path.display()))
-    };
+    let fail = |path: &Path, err: std::io::Error| CommandError::internal(format!("{}: {err}", path.display()));
     let mut names = Vec::new();
     for entry in std::fs::read_dir(samples).map_err(|err| fail(samples, err))? {
         let path = entry.map_err(|err| fail(samples, err))?.path();
@@ -455,8 +471,7 @@ fn lay_out_samples(samples: Option<&Path>, layout: &Path) -> Result<Vec<String>,
             let folder = layout.join(name);
             std::fs::create_dir_all(&folder).map_err(|err| fail(&folder, err))?;
             let absolute = std::fs::canonicalize(&path).map_err(|err| fail(&path, err))?;
-            std::os::unix::fs::symlink(&absolute, folder.join("1.0.0.wasm"))
-                .map_err(|err| fail(&folder, err))?;
+            std::os::unix::fs::symlink(&absolute, folder.join("1.0.0.wasm")).map_err(|err| fail(&folder, err))?;
             names.push(name.to_string());
         }
     }
@@ -480,20 +495,58 @@ const DEMO_INVOICES: [&str; 3] = [
 
 async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), CommandError> {
     let runs = [
-        DemoRun { agent: "echo", input: r#"{"invoice": "INV-1001", "amount": 1250.0}"#, budgets: serde_json::json!({}) },
-        DemoRun { agent: "wasi-command-echo", input: r#"{"invoice": "INV-1002"}"#, budgets: serde_json::json!({}) },
-        DemoRun { agent: "spin-forever", input: "{}", budgets: serde_json::json!({"maxFuel": 50_000_000}) },
-        DemoRun { agent: "spin-forever", input: "{}", budgets: serde_json::json!({"maxDurationSeconds": 1}) },
-        DemoRun { agent: "memory-bomb", input: "{}", budgets: serde_json::json!({"maxMemoryBytes": 32 << 20}) },
-        DemoRun { agent: "panic", input: "{}", budgets: serde_json::json!({}) },
-        DemoRun { agent: "agent-error", input: "{}", budgets: serde_json::json!({}) },
-        DemoRun { agent: "no-such-agent", input: "{}", budgets: serde_json::json!({}) },
+        DemoRun {
+            agent: "echo",
+            input: r#"{"invoice": "INV-1001", "amount": 1250.0}"#,
+            budgets: serde_json::json!({}),
+        },
+        DemoRun {
+            agent: "wasi-command-echo",
+            input: r#"{"invoice": "INV-1002"}"#,
+            budgets: serde_json::json!({}),
+        },
+        DemoRun {
+            agent: "spin-forever",
+            input: "{}",
+            budgets: serde_json::json!({"maxFuel": 50_000_000}),
+        },
+        DemoRun {
+            agent: "spin-forever",
+            input: "{}",
+            budgets: serde_json::json!({"maxDurationSeconds": 1}),
+        },
+        DemoRun {
+            agent: "memory-bomb",
+            input: "{}",
+            budgets: serde_json::json!({"maxMemoryBytes": 32 << 20}),
+        },
+        DemoRun {
+            agent: "panic",
+            input: "{}",
+            budgets: serde_json::json!({}),
+        },
+        DemoRun {
+            agent: "agent-error",
+            input: "{}",
+            budgets: serde_json::json!({}),
+        },
+        DemoRun {
+            agent: "no-such-agent",
+            input: "{}",
+            budgets: serde_json::json!({}),
+        },
     ];
     let http = crate::control_plane::registration::http_client_with(Duration::from_secs(30), tls)
         .map_err(|err| CommandError::internal(format!("cannot build the HTTP client: {err}")))?;
     let fetch = |request: reqwest::RequestBuilder| async move {
         let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
-        request.send().await.map_err(fail)?.json::<serde_json::Value>().await.map_err(fail)
+        request
+            .send()
+            .await
+            .map_err(fail)?
+            .json::<serde_json::Value>()
+            .await
+            .map_err(fail)
     };
     let invoices = DEMO_INVOICES.iter().enumerate().map(|(i, invoice)| {
         serde_json::json!({
@@ -557,7 +610,11 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
             .as_str()
             .and_then(|text| serde_json::from_str(text).ok())
             .unwrap_or_default();
-        let report = if run["sandbox"].is_object() { &run["sandbox"] } else { &details["report"] };
+        let report = if run["sandbox"].is_object() {
+            &run["sandbox"]
+        } else {
+            &details["report"]
+        };
         let kind = details["kind"].as_str().unwrap_or("-");
         let fuel = report["fuel_consumed"]
             .as_u64()
@@ -576,7 +633,9 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
             run["agentId"].as_str().unwrap_or("?"),
             run["status"].as_str().unwrap_or("?"),
             kind,
-            run["timings"]["durationMs"].as_i64().map_or("-".to_string(), |ms| ms.to_string()),
+            run["timings"]["durationMs"]
+                .as_i64()
+                .map_or("-".to_string(), |ms| ms.to_string()),
             fuel,
             peak,
             tokens,

@@ -139,6 +139,5 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 /// Reads a file a flag names, with an error that names the flag and path.
 pub(crate) fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, CommandError> {
-    std::fs::read(path)
-        .map_err(|err| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display())))
+    std::fs::read(path).map_err(|err| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display())))
 }

@@ -64,7 +64,11 @@ pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
 fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
     let config = match &args.config {
         Some(path) => NodeConfig::load(path, crate::config::process_env()),
-        None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
+        None => NodeConfig::from_json_str(
+            "{}",
+            &std::env::current_dir().unwrap_or_default(),
+            crate::config::process_env(),
+        ),
     }
     .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let dir = &config.node_runtime.data_directory;
@@ -117,7 +121,12 @@ fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
 async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (config, outbox) = load(args)?;
     control_plane::install_crypto_provider();
-    let url = config.node_runtime.control_plane_url.to_string().trim_end_matches('/').to_string();
+    let url = config
+        .node_runtime
+        .control_plane_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
     let tls = super::serve::control_plane_tls(&config)?;
     let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
         .map_err(|err| CommandError::usage(err.to_string()))?;
@@ -135,7 +144,9 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
             {
                 refused += 1;
                 println!("refused    {lease_id}: {err} (removed: it would never be taken)");
-                outbox.remove(&lease_id).map_err(|err| CommandError::internal(err.to_string()))?;
+                outbox
+                    .remove(&lease_id)
+                    .map_err(|err| CommandError::internal(err.to_string()))?;
                 continue;
             }
         }
@@ -154,7 +165,9 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
                 continue;
             }
         }
-        outbox.remove(&lease_id).map_err(|err| CommandError::internal(err.to_string()))?;
+        outbox
+            .remove(&lease_id)
+            .map_err(|err| CommandError::internal(err.to_string()))?;
     }
     println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
     Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })

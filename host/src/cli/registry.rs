@@ -53,8 +53,12 @@ fn credentials() -> Result<Option<(String, String)>, CommandError> {
     match (std::env::var(USERNAME_VAR).ok(), std::env::var(PASSWORD_VAR).ok()) {
         (Some(user), Some(password)) => Ok(Some((user, password))),
         (None, None) => Ok(None),
-        (Some(_), None) => Err(CommandError::usage(format!("{USERNAME_VAR} is set but {PASSWORD_VAR} is not; set both, or neither for anonymous access"))),
-        (None, Some(_)) => Err(CommandError::usage(format!("{PASSWORD_VAR} is set but {USERNAME_VAR} is not; set both, or neither for anonymous access"))),
+        (Some(_), None) => Err(CommandError::usage(format!(
+            "{USERNAME_VAR} is set but {PASSWORD_VAR} is not; set both, or neither for anonymous access"
+        ))),
+        (None, Some(_)) => Err(CommandError::usage(format!(
+            "{PASSWORD_VAR} is set but {USERNAME_VAR} is not; set both, or neither for anonymous access"
+        ))),
     }
 }
 
@@ -71,11 +75,9 @@ pub async fn push(args: PushArgs) -> Result<Exit, CommandError> {
     let reference = parse_reference(&args.reference)?;
     let bytes = read_file("FILE", &args.file)?;
     let digest = AgentDigest::of(&bytes);
-    let (config, layer) = oci_wasm::WasmConfig::from_raw_component(bytes, None).map_err(|err| {
-        CommandError {
-            exit: Exit::AgentInvalid,
-            message: format!("{} is not a WebAssembly component: {err:#}", args.file.display()),
-        }
+    let (config, layer) = oci_wasm::WasmConfig::from_raw_component(bytes, None).map_err(|err| CommandError {
+        exit: Exit::AgentInvalid,
+        message: format!("{} is not a WebAssembly component: {err:#}", args.file.display()),
     })?;
     let client = registry_client(args.insecure);
     let auth = registry_auth(credentials()?.as_ref());
@@ -107,9 +109,8 @@ pub async fn pull(args: PullArgs) -> Result<Exit, CommandError> {
         exit: Exit::AgentInvalid,
         message: format!("{refused}; nothing was written to {}", args.output.display()),
     })?;
-    std::fs::write(&args.output, bytes).map_err(|err| {
-        CommandError::internal(format!("cannot write --output {}: {err}", args.output.display()))
-    })?;
+    std::fs::write(&args.output, bytes)
+        .map_err(|err| CommandError::internal(format!("cannot write --output {}: {err}", args.output.display())))?;
     println!("pulled {} to {}", args.reference, args.output.display());
     println!("agent.digest {}", AgentDigest::of(bytes));
     Ok(Exit::Completed)

@@ -14,11 +14,11 @@ use super::{CommandError, Exit, read_file};
 use crate::config::Secret;
 use crate::sandbox::budget::format_bytes;
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
-use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 use crate::sandbox::{
-    BudgetRequest, DirectoryGrant, EngineSettings, Execution, FailKind, Grants, InvalidGrant, LlmSettings,
-    RunContext, RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
+    BudgetRequest, DirectoryGrant, EngineSettings, Execution, FailKind, Grants, InvalidGrant, LlmSettings, RunContext,
+    RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
 };
+use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 
 #[derive(Debug, Args)]
 pub struct RunAgentArgs {
@@ -218,7 +218,9 @@ fn parse_allow_http(entry: &str) -> Result<String, String> {
 fn parse_dir(text: &str) -> Result<DirectoryGrant, String> {
     let form = "expected HOST::GUEST or HOST::GUEST:ro, e.g. ./data::/data:ro";
     let Some((host, guest)) = text.split_once("::") else {
-        return Err(format!("`{text}` has no `::` between the host directory and the guest path: {form}"));
+        return Err(format!(
+            "`{text}` has no `::` between the host directory and the guest path: {form}"
+        ));
     };
     let (guest, read_only) = match guest.strip_suffix(":ro") {
         Some(guest) => (guest, true),
@@ -246,7 +248,9 @@ fn parse_engine(text: &str) -> Result<Execution, String> {
 
 /// `--env NAME`: a variable's name, never its value.
 fn parse_env(name: &str) -> Result<String, String> {
-    check_environment_name(name).map(|()| name.to_string()).map_err(|err| err.to_string())
+    check_environment_name(name)
+        .map(|()| name.to_string())
+        .map_err(|err| err.to_string())
 }
 
 /// `--llm-endpoint` and `--llm-key-env` (clap makes each require the
@@ -286,9 +290,8 @@ fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {
         (Some(json), _) => Some(("--input", json.clone())),
         (None, Some(path)) => {
             let bytes = read_file("--input-file", path)?;
-            let text = String::from_utf8(bytes).map_err(|_| {
-                CommandError::usage(format!("--input-file {} is not UTF-8 text", path.display()))
-            })?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| CommandError::usage(format!("--input-file {} is not UTF-8 text", path.display())))?;
             Some(("--input-file", text))
         }
         (None, None) => None,
@@ -338,10 +341,7 @@ fn exit_for(outcome: &RunOutcome) -> Exit {
 
 fn print_invalid(args: &RunAgentArgs, message: &str) {
     if args.json {
-        let outcome = RunOutcome::Failed(crate::sandbox::RunFailure::new(
-            FailKind::AgentInvalid,
-            message,
-        ));
+        let outcome = RunOutcome::Failed(crate::sandbox::RunFailure::new(FailKind::AgentInvalid, message));
         println!("{}", json_report(&outcome, &RunReport::default()));
     } else {
         println!("failed: agent.invalid: {message}");
@@ -420,10 +420,7 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
         ),
         ("wall time", format!("{} ms", report.wall_ms)),
         ("instantiate", format!("{} us", report.instantiate_us)),
-        (
-            "tokens in/out",
-            format!("{} / {}", report.tokens_in, report.tokens_out),
-        ),
+        ("tokens in/out", format!("{} / {}", report.tokens_in, report.tokens_out)),
         ("cost", format!("${:.6}", report.usd_cost)),
         (
             "log lines",

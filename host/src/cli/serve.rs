@@ -36,15 +36,18 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     // Loading may warn (ignored keys); the configured logger comes after.
     let config = tracing::subscriber::with_default(loading_logger(), || match &args.config {
         Some(path) => NodeConfig::load(path, crate::config::process_env()),
-        None => NodeConfig::from_json_str("{}", &std::env::current_dir().unwrap_or_default(), crate::config::process_env()),
+        None => NodeConfig::from_json_str(
+            "{}",
+            &std::env::current_dir().unwrap_or_default(),
+            crate::config::process_env(),
+        ),
     })
     .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let telemetry = Telemetry::init(telemetry_settings(&config, args.log_format))
         .map_err(|err| CommandError::usage(err.to_string()))?;
     tracing::info!("configuration: {}", config.sources);
     let tls = control_plane_tls(&config)?;
-    let sandbox = Sandbox::new(config.sandbox_config())
-        .map_err(|err| CommandError::internal(err.to_string()))?;
+    let sandbox = Sandbox::new(config.sandbox_config()).map_err(|err| CommandError::internal(err.to_string()))?;
     let (architecture, _) = sandbox.target();
     tracing::info!(
         allocator = ?sandbox.allocator(),

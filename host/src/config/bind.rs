@@ -16,14 +16,14 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::tree::{self, Entries, Kind, Node, Origin, Scalar};
 use super::{
-    AgentRuntimeSection, AgentSourceKind, AgentStoreSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection, MTlsSection, Metrics,
-    NodeConfig, NodeRuntimeSection, OpenAiSection, OpenTelemetrySection, OtlpExporter,
+    AgentRuntimeSection, AgentSourceKind, AgentStoreSection, AzureAiFoundry, Capacity, LogLevel, LoggingSection,
+    MTlsSection, Metrics, NodeConfig, NodeRuntimeSection, OpenAiSection, OpenTelemetrySection, OtlpExporter,
     OtlpProtocol, SandboxSection, Secret, Traces,
 };
-use crate::sandbox::llm::ModelPrice;
 use crate::cli::parse_size;
-use crate::sandbox::{AllocatorChoice, Execution};
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
+use crate::sandbox::llm::ModelPrice;
+use crate::sandbox::{AllocatorChoice, Execution};
 
 /// One configuration file's text, and its name as messages give it.
 pub(super) struct Layer {
@@ -207,11 +207,7 @@ impl Binder<'_> {
                 entries: Entries::default(),
             }),
             Some(Node {
-                kind:
-                    Kind::Section {
-                        entries,
-                        list: false,
-                    },
+                kind: Kind::Section { entries, list: false },
                 ..
             }) => Ok(Section { key, entries }),
             Some(Node {
@@ -232,12 +228,7 @@ impl Binder<'_> {
 
     /// The scalar `name`, `None` when absent or null; a section or a list
     /// where a value belongs is an error.
-    fn setting(
-        &self,
-        section: &mut Section,
-        name: &str,
-        expected: &str,
-    ) -> Result<Option<Setting>, ConfigError> {
+    fn setting(&self, section: &mut Section, name: &str, expected: &str) -> Result<Option<Setting>, ConfigError> {
         let key = section.key(name);
         let Some(node) = section.entries.take(name) else {
             return Ok(None);
@@ -250,9 +241,7 @@ impl Binder<'_> {
                 scalar,
                 origin: node.origin,
             })),
-            Kind::Section { .. } => {
-                Err(self.invalid(key, found, &node.origin, format!("expected {expected}")))
-            }
+            Kind::Section { .. } => Err(self.invalid(key, found, &node.origin, format!("expected {expected}"))),
         }
     }
 
@@ -286,12 +275,7 @@ impl Binder<'_> {
     }
 
     /// A string, taken as written (numbers and booleans as their text).
-    fn text(
-        &self,
-        section: &mut Section,
-        name: &str,
-        default: &str,
-    ) -> Result<String, ConfigError> {
+    fn text(&self, section: &mut Section, name: &str, default: &str) -> Result<String, ConfigError> {
         Ok(self
             .setting(section, name, "a string")?
             .and_then(|setting| setting.scalar.text())
@@ -299,11 +283,7 @@ impl Binder<'_> {
     }
 
     /// A string that may be absent; empty is absent.
-    fn optional_text(
-        &self,
-        section: &mut Section,
-        name: &str,
-    ) -> Result<Option<String>, ConfigError> {
+    fn optional_text(&self, section: &mut Section, name: &str) -> Result<Option<String>, ConfigError> {
         Ok(self
             .setting(section, name, "a string")?
             .and_then(|setting| setting.scalar.text())
@@ -327,12 +307,7 @@ impl Binder<'_> {
         }
     }
 
-    fn boolean(
-        &self,
-        section: &mut Section,
-        name: &str,
-        default: bool,
-    ) -> Result<bool, ConfigError> {
+    fn boolean(&self, section: &mut Section, name: &str, default: bool) -> Result<bool, ConfigError> {
         self.value(section, name, default, "true or false", Scalar::boolean)
     }
 
@@ -410,12 +385,7 @@ impl Binder<'_> {
 
     /// A path, resolved against the configuration file's directory, and
     /// checked against what it must be.
-    fn path(
-        &self,
-        section: &mut Section,
-        name: &str,
-        kind: PathKind,
-    ) -> Result<Option<PathBuf>, ConfigError> {
+    fn path(&self, section: &mut Section, name: &str, kind: PathKind) -> Result<Option<PathBuf>, ConfigError> {
         let Some(setting) = self.setting(section, name, "a path")? else {
             return Ok(None);
         };
@@ -430,21 +400,15 @@ impl Binder<'_> {
         }
         let problem = match (kind, std::fs::metadata(&path)) {
             (PathKind::ExistingFile, Ok(meta)) if meta.is_file() => None,
-            (PathKind::ExistingFile, Ok(meta)) if meta.is_dir() => {
-                Some("it is a directory; expected a PEM file")
-            }
-            (PathKind::ExistingFile, Ok(_)) => {
-                Some("it is not a regular file; expected a PEM file")
-            }
+            (PathKind::ExistingFile, Ok(meta)) if meta.is_dir() => Some("it is a directory; expected a PEM file"),
+            (PathKind::ExistingFile, Ok(_)) => Some("it is not a regular file; expected a PEM file"),
             (PathKind::ExistingFile, Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
                 Some("no such file; expected an existing PEM file")
             }
-            (PathKind::ExistingFile, Err(_)) => {
-                Some("it cannot be read; expected a readable PEM file")
+            (PathKind::ExistingFile, Err(_)) => Some("it cannot be read; expected a readable PEM file"),
+            (PathKind::Directory, Ok(meta)) if !meta.is_dir() => {
+                Some("it exists and is not a directory; expected a directory (or a path to create one at)")
             }
-            (PathKind::Directory, Ok(meta)) if !meta.is_dir() => Some(
-                "it exists and is not a directory; expected a directory (or a path to create one at)",
-            ),
             (PathKind::Directory, _) => None,
             (PathKind::ExistingDirectory, Ok(meta)) if meta.is_dir() => None,
             (PathKind::ExistingDirectory, Ok(_)) => {
@@ -453,9 +417,7 @@ impl Binder<'_> {
             (PathKind::ExistingDirectory, Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
                 Some("no such directory; create it, or fix the path")
             }
-            (PathKind::ExistingDirectory, Err(_)) => {
-                Some("it cannot be read; expected a directory the node can open")
-            }
+            (PathKind::ExistingDirectory, Err(_)) => Some("it cannot be read; expected a directory the node can open"),
             (PathKind::Unread, _) => None,
         };
         match problem {
@@ -469,12 +431,7 @@ impl Binder<'_> {
         }
     }
 
-    fn required_path(
-        &self,
-        section: &mut Section,
-        name: &str,
-        default: &str,
-    ) -> Result<PathBuf, ConfigError> {
+    fn required_path(&self, section: &mut Section, name: &str, default: &str) -> Result<PathBuf, ConfigError> {
         match self.path(section, name, PathKind::Directory)? {
             Some(path) => Ok(path),
             None => Ok(self.base_dir.join(default)),
@@ -484,19 +441,9 @@ impl Binder<'_> {
     fn node_runtime(&mut self, root: &mut Section) -> Result<NodeRuntimeSection, ConfigError> {
         let defaults = NodeRuntimeSection::default();
         let mut s = self.section(root, "NodeRuntime")?;
-        let node_id = self.required_text(
-            &mut s,
-            "NodeId",
-            &defaults.node_id,
-            "a non-empty node id, e.g. node-1",
-        )?;
+        let node_id = self.required_text(&mut s, "NodeId", &defaults.node_id, "a non-empty node id, e.g. node-1")?;
         let control_plane_url = self
-            .url(
-                &mut s,
-                "ControlPlaneUrl",
-                "https://control-plane:5109",
-                false,
-            )?
+            .url(&mut s, "ControlPlaneUrl", "https://control-plane:5109", false)?
             .flatten()
             .unwrap_or(defaults.control_plane_url);
         let max_concurrent_leases = self.integer(
@@ -596,16 +543,12 @@ impl Binder<'_> {
         let defaults = MTlsSection::default();
         let mut s = self.section(root, "MTls")?;
         // Said in the message when it surprises: Enabled set from outside the file.
-        let enabled_from_env = s
-            .entries
-            .0
-            .iter()
-            .find_map(|(name, node)| match &node.origin {
-                Origin::Env(variable) if tree::same_key(name, "Enabled") => {
-                    Some(format!(" (from environment variable {variable})"))
-                }
-                _ => None,
-            });
+        let enabled_from_env = s.entries.0.iter().find_map(|(name, node)| match &node.origin {
+            Origin::Env(variable) if tree::same_key(name, "Enabled") => {
+                Some(format!(" (from environment variable {variable})"))
+            }
+            _ => None,
+        });
         let enabled = self.boolean(&mut s, "Enabled", defaults.enabled)?;
         // The reference ships `Enabled: false` with paths under
         // /etc/bpa/certs that exist only where its certificates are
@@ -620,8 +563,7 @@ impl Binder<'_> {
             client_certificate_path: self.path(&mut s, "ClientCertificatePath", certificate)?,
             client_key_path: self.path(&mut s, "ClientKeyPath", certificate)?,
             server_ca_certificate_path: self.path(&mut s, "ServerCaCertificatePath", certificate)?,
-            expected_server_certificate_subject: self
-                .optional_text(&mut s, "ExpectedServerCertificateSubject")?,
+            expected_server_certificate_subject: self.optional_text(&mut s, "ExpectedServerCertificateSubject")?,
             validate_certificate_chain: self.boolean(
                 &mut s,
                 "ValidateCertificateChain",
@@ -705,19 +647,16 @@ impl Binder<'_> {
     /// `ApiKeyEnvironmentVariable` names (so it need not sit in the file).
     fn openai(&mut self, parent: &mut Section) -> Result<OpenAiSection, ConfigError> {
         let mut s = self.section(parent, "OpenAI")?;
-        let endpoint = self
-            .url(&mut s, "Endpoint", "http://127.0.0.1:8000", true)?
-            .flatten();
+        let endpoint = self.url(&mut s, "Endpoint", "http://127.0.0.1:8000", true)?.flatten();
         let mut api_key = self.optional_text(&mut s, "ApiKey")?.map(Secret::new);
         let variable_key = s.key("ApiKeyEnvironmentVariable");
-        let (variable, variable_origin) =
-            match self.setting(&mut s, "ApiKeyEnvironmentVariable", "a string")? {
-                None => (None, Origin::Unset),
-                Some(setting) => (
-                    setting.scalar.text().filter(|text| !text.trim().is_empty()),
-                    setting.origin,
-                ),
-            };
+        let (variable, variable_origin) = match self.setting(&mut s, "ApiKeyEnvironmentVariable", "a string")? {
+            None => (None, Origin::Unset),
+            Some(setting) => (
+                setting.scalar.text().filter(|text| !text.trim().is_empty()),
+                setting.origin,
+            ),
+        };
         if let Some(variable) = &variable {
             match self.env.get(variable) {
                 Some(value) if !value.is_empty() => api_key = Some(Secret::new(value.clone())),
@@ -750,13 +689,9 @@ impl Binder<'_> {
         for model in models {
             let mut m = self.section(&mut s, &model)?;
             let per_1k = |binder: &Self, m: &mut Section, name: &str| {
-                binder.value(
-                    m,
-                    name,
-                    0.0,
-                    "USD per 1,000 tokens, 0 or more, e.g. 0.15",
-                    |scalar| scalar.float().filter(|price| *price >= 0.0),
-                )
+                binder.value(m, name, 0.0, "USD per 1,000 tokens, 0 or more, e.g. 0.15", |scalar| {
+                    scalar.float().filter(|price| *price >= 0.0)
+                })
             };
             let price = ModelPrice {
                 input_per_1k: per_1k(self, &mut m, "InputPer1K")?,
@@ -815,9 +750,10 @@ impl Binder<'_> {
                 None => Vec::new(),
                 Some(node) => {
                     let names = names(&node);
-                    if let Some(secret) = names.iter().find(|name| {
-                        self.key_variables.contains(name) || configures_the_node(name)
-                    }) {
+                    if let Some(secret) = names
+                        .iter()
+                        .find(|name| self.key_variables.contains(name) || configures_the_node(name))
+                    {
                         return Err(self.invalid(
                             a.key("Environment"),
                             format!("{secret:?}"),
@@ -866,8 +802,14 @@ impl Binder<'_> {
         let key = agent.key("Directories");
         let entries = match agent.entries.take("Directories") {
             None => return Ok(Vec::new()),
-            Some(Node { kind: Kind::Value(Scalar::Null), .. }) => return Ok(Vec::new()),
-            Some(Node { kind: Kind::Section { entries, .. }, .. }) => entries,
+            Some(Node {
+                kind: Kind::Value(Scalar::Null),
+                ..
+            }) => return Ok(Vec::new()),
+            Some(Node {
+                kind: Kind::Section { entries, .. },
+                ..
+            }) => entries,
             Some(node) => {
                 return Err(self.invalid(
                     key,
@@ -899,19 +841,28 @@ impl Binder<'_> {
                 None => (String::new(), Origin::Unset),
             };
             let problem = match check_guest_path(&guest_path) {
-                Err(_) => Some("expected an absolute path without `.` or `..` segments, `:` or `,`, \
-                                where the agent sees the directory, e.g. /data"),
-                Ok(()) if directories
-                    .iter()
-                    .any(|other| other.guest_path.trim_end_matches('/') == guest_path.trim_end_matches('/')) =>
+                Err(_) => Some(
+                    "expected an absolute path without `.` or `..` segments, `:` or `,`, \
+                                where the agent sees the directory, e.g. /data",
+                ),
+                Ok(())
+                    if directories
+                        .iter()
+                        .any(|other| other.guest_path.trim_end_matches('/') == guest_path.trim_end_matches('/')) =>
                 {
-                    Some("another directory of this agent is already granted at this guest path; \
-                          give each its own")
+                    Some(
+                        "another directory of this agent is already granted at this guest path; \
+                          give each its own",
+                    )
                 }
                 Ok(()) => None,
             };
             if let Some(fix) = problem {
-                let found = if guest_path.is_empty() { "not set".to_string() } else { format!("{guest_path:?}") };
+                let found = if guest_path.is_empty() {
+                    "not set".to_string()
+                } else {
+                    format!("{guest_path:?}")
+                };
                 return Err(self.invalid(guest_key, found, &origin, fix.to_string()));
             }
             let read_only = self.boolean(&mut d, "ReadOnly", true)?;
@@ -930,12 +881,7 @@ impl Binder<'_> {
         let mut s = self.section(parent, "AzureAIFoundry")?;
         let foundry = AzureAiFoundry {
             endpoint: self
-                .url(
-                    &mut s,
-                    "Endpoint",
-                    "https://my-project.services.ai.azure.com",
-                    true,
-                )?
+                .url(&mut s, "Endpoint", "https://my-project.services.ai.azure.com", true)?
                 .flatten(),
             deployment_name: self.optional_text(&mut s, "DeploymentName")?,
             api_key: self.optional_text(&mut s, "ApiKey")?.map(Secret::new),
@@ -971,9 +917,7 @@ impl Binder<'_> {
                     let text = text.trim();
                     if text.eq_ignore_ascii_case("grpc") {
                         Some(OtlpProtocol::Grpc)
-                    } else if text.eq_ignore_ascii_case("http/protobuf")
-                        || text.eq_ignore_ascii_case("HttpProtobuf")
-                    {
+                    } else if text.eq_ignore_ascii_case("http/protobuf") || text.eq_ignore_ascii_case("HttpProtobuf") {
                         Some(OtlpProtocol::HttpProtobuf)
                     } else {
                         None
@@ -984,8 +928,7 @@ impl Binder<'_> {
         self.finish(exporter);
 
         let mut console = self.section(&mut s, "ConsoleExporter")?;
-        let console_exporter_enabled =
-            self.boolean(&mut console, "Enabled", defaults.console_exporter_enabled)?;
+        let console_exporter_enabled = self.boolean(&mut console, "Enabled", defaults.console_exporter_enabled)?;
         self.finish(console);
 
         let mut traces = self.section(&mut s, "Traces")?;
@@ -1029,14 +972,8 @@ impl Binder<'_> {
     fn logging(&mut self, root: &mut Section) -> Result<LoggingSection, ConfigError> {
         let mut s = self.section(root, "Logging")?;
         let mut levels = self.section(&mut s, "LogLevel")?;
-        let names: Vec<String> = levels
-            .entries
-            .0
-            .iter()
-            .map(|(name, _)| name.clone())
-            .collect();
-        let expected =
-            "a log level: one of Trace, Debug, Information, Warning, Error, Critical, None";
+        let names: Vec<String> = levels.entries.0.iter().map(|(name, _)| name.clone()).collect();
+        let expected = "a log level: one of Trace, Debug, Information, Warning, Error, Critical, None";
         let mut log_level = BTreeMap::new();
         for name in names {
             if !usable_as_target(&name) {
@@ -1059,9 +996,8 @@ impl Binder<'_> {
         let mut s = self.section(root, "Sandbox")?;
         let allowed_hosts = self.allowed_hosts(&mut s)?;
         let grants = self.grants(&mut s)?;
-        let size_expected = |example: &str| {
-            format!("a size in bytes of at least 1: a number, or with a unit such as {example}")
-        };
+        let size_expected =
+            |example: &str| format!("a size in bytes of at least 1: a number, or with a unit such as {example}");
         let sandbox = SandboxSection {
             default_fuel: self.integer(
                 &mut s,
@@ -1184,7 +1120,12 @@ impl Binder<'_> {
                         "http" => AgentSourceKind::Http,
                         "oci" => AgentSourceKind::Oci,
                         _ => {
-                            return Err(self.invalid(sources_key, format!("{name:?}"), &node.origin, expected.to_string()));
+                            return Err(self.invalid(
+                                sources_key,
+                                format!("{name:?}"),
+                                &node.origin,
+                                expected.to_string(),
+                            ));
                         }
                     };
                     if !sources.contains(&kind) {

@@ -233,9 +233,7 @@ impl<'a> View<'a> {
                 client_certificate_path: mtls.client_certificate_path.as_deref().map(path),
                 client_key_path: mtls.client_key_path.as_deref().map(path),
                 server_ca_certificate_path: mtls.server_ca_certificate_path.as_deref().map(path),
-                expected_server_certificate_subject: mtls
-                    .expected_server_certificate_subject
-                    .clone(),
+                expected_server_certificate_subject: mtls.expected_server_certificate_subject.clone(),
                 validate_certificate_chain: mtls.validate_certificate_chain,
             },
             agent_runtime: AgentRuntime {
@@ -259,7 +257,13 @@ impl<'a> View<'a> {
                     .prices
                     .iter()
                     .map(|(model, price)| {
-                        (model.as_str(), Price { input_per_1k: price.input_per_1k, output_per_1k: price.output_per_1k })
+                        (
+                            model.as_str(),
+                            Price {
+                                input_per_1k: price.input_per_1k,
+                                output_per_1k: price.output_per_1k,
+                            },
+                        )
                     })
                     .collect(),
             },
@@ -267,12 +271,7 @@ impl<'a> View<'a> {
                 service_name: &otel.service_name,
                 service_version: &otel.service_version,
                 otlp_exporter: OtlpExporter {
-                    endpoint: otel
-                        .otlp_exporter
-                        .endpoint
-                        .as_ref()
-                        .map(redact_url)
-                        .unwrap_or_default(),
+                    endpoint: otel.otlp_exporter.endpoint.as_ref().map(redact_url).unwrap_or_default(),
                     protocol: otel.otlp_exporter.protocol.as_str(),
                 },
                 console_exporter: Enabled {
@@ -356,10 +355,7 @@ fn redact_url(uri: &http::Uri) -> String {
     let text = uri.to_string();
     match uri.authority() {
         Some(authority) if authority.as_str().contains('@') => {
-            let host = authority
-                .as_str()
-                .rsplit_once('@')
-                .map_or("", |(_, host)| host);
+            let host = authority.as_str().rsplit_once('@').map_or("", |(_, host)| host);
             text.replacen(authority.as_str(), &format!("{REDACTED}@{host}"), 1)
         }
         _ => text,

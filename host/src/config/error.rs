@@ -14,10 +14,7 @@ use thiserror::Error;
 pub enum ConfigError {
     /// The configuration file could not be read.
     #[error("cannot read the configuration file {}: {source}", path.display())]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { path: PathBuf, source: std::io::Error },
 
     /// The file is not JSON, even allowing the comments and trailing commas
     /// .NET accepts. `line` and `column` count from 1.

@@ -86,9 +86,7 @@ impl HostingEnvironment {
     /// the extension, beside it (`appsettings.json` ->
     /// `appsettings.Development.json`).
     pub fn file_for(&self, base: &Path) -> PathBuf {
-        let stem = base
-            .file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned());
+        let stem = base.file_stem().map(|stem| stem.to_string_lossy().into_owned());
         let mut name = format!("{}.{}", stem.unwrap_or_default(), self.name);
         if let Some(extension) = base.extension() {
             name.push('.');
@@ -119,16 +117,9 @@ impl fmt::Display for ConfigSources {
                 format!("from {variable}, which wins over {overridden}")
             }
             (Some(variable), None) => format!("from {variable}"),
-            (None, _) => format!(
-                "the default: neither {} is set",
-                ENVIRONMENT_VARIABLES.join(" nor ")
-            ),
+            (None, _) => format!("the default: neither {} is set", ENVIRONMENT_VARIABLES.join(" nor ")),
         };
-        let files: Vec<String> = self
-            .files
-            .iter()
-            .map(|file| file.display().to_string())
-            .collect();
+        let files: Vec<String> = self.files.iter().map(|file| file.display().to_string()).collect();
         match (&self.environment_file, files.as_slice()) {
             (None, _) | (_, []) => write!(
                 f,

@@ -37,14 +37,12 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use layers::{ConfigSources, HostingEnvironment};
 
+use crate::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings};
 use crate::control_plane::ControlPlaneTls;
-use crate::agent_store::{
-    AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings,
-};
 
 use crate::sandbox::{
-    AllocatorChoice, CompiledCacheSettings, EngineSettings, Execution, Grants, LlmEndpoint,
-    LlmSettings, NodeLimits, SandboxConfig,
+    AllocatorChoice, CompiledCacheSettings, EngineSettings, Execution, Grants, LlmEndpoint, LlmSettings, NodeLimits,
+    SandboxConfig,
 };
 
 /// Everything the node is configured with. Build it with
@@ -541,10 +539,7 @@ impl NodeConfig {
     /// then applies `env` over both (pass [`process_env`]; tests pass their
     /// own, which also names the environment). Relative paths resolve
     /// against the file's directory.
-    pub fn load(
-        path: &Path,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<NodeConfig, ConfigError> {
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<NodeConfig, ConfigError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
         let environment = HostingEnvironment::from_env(&env);
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
@@ -686,7 +681,9 @@ impl NodeConfig {
                 }
                 // The binder guarantees a template for each listed source.
                 AgentSourceKind::Http => {
-                    let Some(template) = &store.http_url_template else { continue };
+                    let Some(template) = &store.http_url_template else {
+                        continue;
+                    };
                     let base = self.node_runtime.control_plane_url.to_string();
                     let settings = HttpSourceSettings {
                         url_template: template.replace("{base}", base.trim_end_matches('/')),
@@ -695,12 +692,18 @@ impl NodeConfig {
                         cache_dir: downloads.join("http"),
                     };
                     let plaintext = ControlPlaneTls::plaintext();
-                    let tls = if template.starts_with("{base}") { control_plane_tls } else { &plaintext };
+                    let tls = if template.starts_with("{base}") {
+                        control_plane_tls
+                    } else {
+                        &plaintext
+                    };
                     let source = HttpSource::new(settings, tls.client_config(&[b"http/1.1"]))?;
                     sources.push(AgentSource::Http(source));
                 }
                 AgentSourceKind::Oci => {
-                    let Some(template) = &store.oci_reference_template else { continue };
+                    let Some(template) = &store.oci_reference_template else {
+                        continue;
+                    };
                     let settings = OciSourceSettings {
                         reference_template: template.clone(),
                         insecure: store.oci_insecure,
@@ -728,7 +731,11 @@ impl NodeConfig {
         if let Some(endpoint) = &agent.openai.endpoint {
             let mut settings = LlmSettings::openai(
                 endpoint.to_string().trim_end_matches('/'),
-                agent.openai.api_key.clone().unwrap_or_else(|| Secret::new(String::new())),
+                agent
+                    .openai
+                    .api_key
+                    .clone()
+                    .unwrap_or_else(|| Secret::new(String::new())),
                 agent.default_model.clone(),
             );
             settings.default_temperature = agent.default_temperature as f32;
@@ -737,11 +744,9 @@ impl NodeConfig {
             return Some(settings);
         }
         let foundry = &agent.azure_ai_foundry;
-        let (Some(endpoint), Some(deployment), Some(key)) = (
-            &foundry.endpoint,
-            &foundry.deployment_name,
-            &foundry.api_key,
-        ) else {
+        let (Some(endpoint), Some(deployment), Some(key)) =
+            (&foundry.endpoint, &foundry.deployment_name, &foundry.api_key)
+        else {
             return None;
         };
         Some(LlmSettings {
@@ -788,6 +793,5 @@ impl NodeConfig {
 /// `std::env::vars`, it skips (rather than panics on) variables that are
 /// not UTF-8.
 pub fn process_env() -> impl Iterator<Item = (String, String)> {
-    std::env::vars_os()
-        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+    std::env::vars_os().filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
 }

@@ -122,10 +122,7 @@ fn the_reference_appsettings_loads_unchanged_and_its_values_come_through() {
         config.logging.log_level.get("Microsoft.AspNetCore"),
         Some(&LogLevel::Warning)
     );
-    assert_eq!(
-        config.log_filter(),
-        "info,Grpc=debug,Microsoft.AspNetCore=warn"
-    );
+    assert_eq!(config.log_filter(), "info,Grpc=debug,Microsoft.AspNetCore=warn");
 
     // Keys of the node's own that the reference file does not have.
     assert_eq!(node.agents_directory, fixtures.join("agents"));
@@ -142,26 +139,15 @@ fn an_empty_configuration_is_the_reference_defaults() {
     let config = load("{}").unwrap();
     let defaults = NodeConfig::default();
     assert_eq!(config.node_runtime.node_id, "node-1");
-    assert_eq!(
-        config.node_runtime.control_plane_url,
-        "http://localhost:5109"
-    );
+    assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
     assert_eq!(config.node_runtime.max_concurrent_leases, 5);
-    assert_eq!(
-        config.node_runtime.heartbeat_interval,
-        Duration::from_secs(30)
-    );
+    assert_eq!(config.node_runtime.heartbeat_interval, Duration::from_secs(30));
     assert_eq!(config.node_runtime.capacity, Capacity::default());
     assert_eq!(config.agent_runtime.max_tokens, 4000);
     assert_eq!(config.agent_runtime.max_duration, Duration::from_secs(60));
     assert_eq!(config.open_telemetry.service_name, "Node.Runtime");
     assert_eq!(
-        config
-            .open_telemetry
-            .otlp_exporter
-            .endpoint
-            .as_ref()
-            .unwrap(),
+        config.open_telemetry.otlp_exporter.endpoint.as_ref().unwrap(),
         "http://localhost:4317"
     );
     assert_eq!(
@@ -174,10 +160,7 @@ fn an_empty_configuration_is_the_reference_defaults() {
         config.node_runtime.agents_directory,
         Path::new("/etc/node-runtime/agents")
     );
-    assert_eq!(
-        config.node_runtime.data_directory,
-        Path::new("/etc/node-runtime/data")
-    );
+    assert_eq!(config.node_runtime.data_directory, Path::new("/etc/node-runtime/data"));
     let resolved = NodeConfig {
         node_runtime: NodeRuntimeSection {
             agents_directory: config.node_runtime.agents_directory.clone(),
@@ -247,10 +230,7 @@ fn numbers_and_booleans_written_as_strings_coerce() {
     )
     .unwrap();
     assert_eq!(config.node_runtime.max_concurrent_leases, 3);
-    assert_eq!(
-        config.node_runtime.heartbeat_interval,
-        Duration::from_secs(10)
-    );
+    assert_eq!(config.node_runtime.heartbeat_interval, Duration::from_secs(10));
     assert_eq!(config.node_runtime.capacity.slots, 12);
     assert_eq!(config.node_runtime.capacity.cpu, "4");
     assert!(!config.mtls.validate_certificate_chain);
@@ -556,18 +536,12 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
         fix,
     } in cases
     {
-        let err = NodeConfig::from_json_str(json, dir.path(), env(vars))
-            .expect_err(&format!("{what}: must be refused"));
+        let err =
+            NodeConfig::from_json_str(json, dir.path(), env(vars)).expect_err(&format!("{what}: must be refused"));
         let message = err.to_string();
         assert_eq!(err.key(), Some(key), "{what}: wrong key in `{message}`");
-        assert!(
-            message.starts_with(key),
-            "{what}: `{message}` must start with the key"
-        );
-        assert!(
-            message.contains(fix),
-            "{what}: `{message}` must say `{fix}`"
-        );
+        assert!(message.starts_with(key), "{what}: `{message}` must start with the key");
+        assert!(message.contains(fix), "{what}: `{message}` must say `{fix}`");
     }
 }
 
@@ -604,11 +578,7 @@ fn an_error_says_the_key_the_value_where_it_came_from_and_what_to_write() {
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("appsettings.json");
-    std::fs::write(
-        &path,
-        r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "x"}}"#,
-    )
-    .unwrap();
+    std::fs::write(&path, r#"{"MTls": {"Enabled": true, "ClientCertificatePath": "x"}}"#).unwrap();
     let message = NodeConfig::load(&path, no_env()).unwrap_err().to_string();
     let resolved = dir.path().join("x");
     assert_eq!(
@@ -627,11 +597,7 @@ fn an_error_says_the_key_the_value_where_it_came_from_and_what_to_write() {
 fn invalid_json_is_reported_with_its_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("appsettings.json");
-    std::fs::write(
-        &path,
-        "{\n  \"NodeRuntime\": {\n    \"NodeId\": node-1\n  }\n}\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "{\n  \"NodeRuntime\": {\n    \"NodeId\": node-1\n  }\n}\n").unwrap();
     let err = NodeConfig::load(&path, no_env()).unwrap_err();
     let ConfigError::Syntax { line, column, .. } = err else {
         panic!("expected a syntax error, got {err}");
@@ -657,30 +623,24 @@ fn an_unreadable_file_is_reported_with_its_path() {
     let err = NodeConfig::load(&path, no_env()).unwrap_err();
     assert!(matches!(err, ConfigError::Unreadable { .. }));
     assert!(
-        err.to_string().starts_with(&format!(
-            "cannot read the configuration file {}:",
-            path.display()
-        )),
+        err.to_string()
+            .starts_with(&format!("cannot read the configuration file {}:", path.display())),
         "{err}"
     );
 }
 
 #[test]
 fn comments_trailing_commas_and_a_byte_order_mark_are_read_as_dotnet_reads_them() {
-    let config = load(
-        "\u{feff}{\n  // the node\n  \"NodeRuntime\": { /* id */ \"NodeId\": \"n // not a comment\", },\n}\n",
-    )
-    .unwrap();
+    let config =
+        load("\u{feff}{\n  // the node\n  \"NodeRuntime\": { /* id */ \"NodeId\": \"n // not a comment\", },\n}\n")
+            .unwrap();
     assert_eq!(config.node_runtime.node_id, "n // not a comment");
 
     // Positions still point into the file as written: at the `1` where
     // a colon belongs.
     let line = "  /* a comment */ \"NodeRuntime\": {\"NodeId\" 1}";
     let err = load(&format!("{{\n{line}\n}}")).unwrap_err();
-    let ConfigError::Syntax {
-        line: 2, column, ..
-    } = err
-    else {
+    let ConfigError::Syntax { line: 2, column, .. } = err else {
         panic!("expected a syntax error on line 2, got {err}");
     };
     assert_eq!(column, line.find('1').unwrap() + 1, "{err}");
@@ -713,11 +673,7 @@ fn unknown_sections_and_keys_are_collected_for_one_warning() {
 fn the_sandbox_section_sets_the_node_limits_and_the_pool() {
     let config = NodeConfig::load(&fixtures().join("appsettings.node.json"), no_env()).unwrap();
     assert!(config.mtls.enabled);
-    assert_eq!(
-        config.slots(),
-        2,
-        "the lower of MaxConcurrentLeases 2 and Slots 4"
-    );
+    assert_eq!(config.slots(), 2, "the lower of MaxConcurrentLeases 2 and Slots 4");
     let sandbox = config.sandbox_config();
     assert_eq!(
         sandbox.limits,
@@ -735,10 +691,7 @@ fn the_sandbox_section_sets_the_node_limits_and_the_pool() {
     );
     assert_eq!(sandbox.engine.allocator, AllocatorChoice::OnDemand);
     assert_eq!(sandbox.engine.max_concurrent_runs, 2);
-    assert_eq!(
-        config.node_runtime.data_directory,
-        Path::new("/var/lib/node-runtime")
-    );
+    assert_eq!(config.node_runtime.data_directory, Path::new("/var/lib/node-runtime"));
     assert_eq!(config.log_filter(), "warn,node_runtime=info");
     assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
 }
@@ -770,10 +723,7 @@ fn sizes_take_kubernetes_and_binary_units_and_the_slots_follow_capacity() {
     assert_eq!(sandbox.engine.max_concurrent_runs, 3);
     assert_eq!(sandbox.engine.allocator, AllocatorChoice::Pooling);
     assert_eq!(sandbox.engine.execution, Execution::Cranelift, "the default");
-    assert_eq!(
-        NodeConfig::default().sandbox_config().limits,
-        NodeLimits::default()
-    );
+    assert_eq!(NodeConfig::default().sandbox_config().limits, NodeLimits::default());
 }
 
 #[test]
@@ -824,11 +774,7 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
     // The reference's names and order, defaults filled in.
     let sections: Vec<&str> = json
         .lines()
-        .filter_map(|line| {
-            line.strip_prefix("  \"")?
-                .split_once('"')
-                .map(|(name, _)| name)
-        })
+        .filter_map(|line| line.strip_prefix("  \"")?.split_once('"').map(|(name, _)| name))
         .collect();
     assert_eq!(
         sections,
@@ -846,18 +792,14 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
     assert_eq!(value["NodeRuntime"]["Metadata"]["Region"], "eu-west-1");
     assert_eq!(value["Sandbox"]["Allocator"], "auto");
     assert_eq!(value["Sandbox"]["Engine"], "cranelift");
-    assert_eq!(
-        value["Logging"]["LogLevel"]["Microsoft.AspNetCore"],
-        "Warning"
-    );
+    assert_eq!(value["Logging"]["LogLevel"]["Microsoft.AspNetCore"], "Warning");
 
     // What `config check` prints is a configuration: it loads back the same,
     // but for the secrets it hid.
     let reloaded = NodeConfig::from_json_str(&json, Path::new("/"), no_env()).unwrap();
     let mut expected = config.clone();
     expected.agent_runtime.azure_ai_foundry.api_key = Some(Secret::new("***"));
-    expected.open_telemetry.otlp_exporter.endpoint =
-        Some("https://***@collector:4318/".parse().unwrap());
+    expected.open_telemetry.otlp_exporter.endpoint = Some("https://***@collector:4318/".parse().unwrap());
     expected.ignored_keys.clear();
     expected.sources = reloaded.sources.clone();
     assert_eq!(reloaded, expected);
@@ -905,12 +847,8 @@ fn an_openai_endpoint_takes_its_key_from_the_named_variable_and_its_prices() {
         "OpenAI": {"Endpoint": "http://127.0.0.1:8000/", "ApiKeyEnvironmentVariable": "LLM_KEY"},
         "Prices": {"stub-model": {"InputPer1K": 0.5, "OutputPer1K": "1.5"}}
     }}"#;
-    let config = NodeConfig::from_json_str(
-        json,
-        Path::new("/etc/node-runtime"),
-        env(&[("LLM_KEY", "sk-from-env")]),
-    )
-    .unwrap();
+    let config =
+        NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), env(&[("LLM_KEY", "sk-from-env")])).unwrap();
     let llm = config.sandbox_config().llm.expect("an LLM provider");
     assert_eq!(llm.api_key.expose(), "sk-from-env");
     assert_eq!(llm.default_model, "stub-model");
@@ -924,7 +862,10 @@ fn an_openai_endpoint_takes_its_key_from_the_named_variable_and_its_prices() {
     let unset = NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), no_env())
         .unwrap_err()
         .to_string();
-    assert!(unset.contains("AgentRuntime.OpenAI.ApiKeyEnvironmentVariable"), "{unset}");
+    assert!(
+        unset.contains("AgentRuntime.OpenAI.ApiKeyEnvironmentVariable"),
+        "{unset}"
+    );
     assert!(unset.contains("LLM_KEY is not set"), "{unset}");
 }
 
@@ -950,18 +891,25 @@ fn allowed_hosts_are_granted_per_agent_as_a_list_or_a_comma_separated_string() {
 
 #[test]
 fn the_agent_store_tries_http_after_the_directory_once_a_template_is_set() {
-    let config = load(r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}/{version}.wasm",
-        "RequireDigest": true, "MaxDownloadBytes": "8MiB", "DownloadTimeoutSeconds": 5}}"#)
+    let config = load(
+        r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}/{version}.wasm",
+        "RequireDigest": true, "MaxDownloadBytes": "8MiB", "DownloadTimeoutSeconds": 5}}"#,
+    )
     .unwrap();
     let store = &config.agent_store;
     assert_eq!(store.sources, [AgentSourceKind::Directory, AgentSourceKind::Http]);
     assert!(store.require_digest);
     assert_eq!(store.max_download_bytes, 8 << 20);
     assert_eq!(store.download_timeout, Duration::from_secs(5));
-    let config = load(r#"{"AgentStore": {"HttpUrlTemplate": "https://agents.test/{agent_id}/{version}",
-        "Sources": "http, directory"}}"#)
+    let config = load(
+        r#"{"AgentStore": {"HttpUrlTemplate": "https://agents.test/{agent_id}/{version}",
+        "Sources": "http, directory"}}"#,
+    )
     .unwrap();
-    assert_eq!(config.agent_store.sources, [AgentSourceKind::Http, AgentSourceKind::Directory]);
+    assert_eq!(
+        config.agent_store.sources,
+        [AgentSourceKind::Http, AgentSourceKind::Directory]
+    );
     assert_eq!(load("{}").unwrap().agent_store, AgentStoreSection::default());
 }
 
@@ -1099,9 +1047,21 @@ fn a_bad_grant_names_its_key_its_value_and_the_fix() {
             "Sandbox.Grants.echo.Directories.0.ReadOnly",
             "true or false",
         ),
-        (r#"{"Directories": "ref"}"#, "Sandbox.Grants.echo.Directories", "a list of directories"),
-        (r#"{"Environment": ["TOKEN=abc"]}"#, "Sandbox.Grants.echo.Environment", "the name only"),
-        (r#"{"AllowedHosts": ["https://x.com/"]}"#, "Sandbox.Grants.echo.AllowedHosts", "host:port"),
+        (
+            r#"{"Directories": "ref"}"#,
+            "Sandbox.Grants.echo.Directories",
+            "a list of directories",
+        ),
+        (
+            r#"{"Environment": ["TOKEN=abc"]}"#,
+            "Sandbox.Grants.echo.Environment",
+            "the name only",
+        ),
+        (
+            r#"{"AllowedHosts": ["https://x.com/"]}"#,
+            "Sandbox.Grants.echo.AllowedHosts",
+            "host:port",
+        ),
     ];
     for (grant, key, fix) in cases {
         let message = refused(grant);
@@ -1110,7 +1070,10 @@ fn a_bad_grant_names_its_key_its_value_and_the_fix() {
         assert!(message.contains("in the configuration text"), "{grant}: {message}");
     }
     let missing = refused(r#"{"Directories": [{"HostPath": "missing", "GuestPath": "/data"}]}"#);
-    assert!(missing.contains(&dir.path().join("missing").display().to_string()), "{missing}");
+    assert!(
+        missing.contains(&dir.path().join("missing").display().to_string()),
+        "{missing}"
+    );
 }
 
 #[test]
@@ -1123,7 +1086,11 @@ fn no_grant_passes_the_llm_key_or_a_node_setting_to_an_agent() {
         );
         NodeConfig::from_json_str(&json, Path::new("/etc/node-runtime"), env(&[("LLM_KEY", "sk-1")]))
     };
-    for grant in [r#"["LLM_KEY"]"#, r#""TENANT, AgentRuntime__OpenAI__ApiKey""#, r#"["sandbox:grants"]"#] {
+    for grant in [
+        r#"["LLM_KEY"]"#,
+        r#""TENANT, AgentRuntime__OpenAI__ApiKey""#,
+        r#"["sandbox:grants"]"#,
+    ] {
         let message = with_key(grant).unwrap_err().to_string();
         assert!(message.contains("Sandbox.Grants.echo.Environment"), "{message}");
         assert!(message.contains("never given"), "{message}");
@@ -1204,8 +1171,7 @@ fn the_reference_nodes_own_appsettings_loads_with_mtls_off_and_its_certificates_
 
 #[test]
 fn with_mtls_enabled_the_reference_nodes_missing_certificates_stop_start_up() {
-    let err = NodeConfig::load(&reference_node_file(), env(&[("MTls__Enabled", "true")]))
-        .unwrap_err();
+    let err = NodeConfig::load(&reference_node_file(), env(&[("MTls__Enabled", "true")])).unwrap_err();
     assert_eq!(err.key(), Some("MTls.ClientCertificatePath"), "{err}");
     let message = err.to_string();
     assert!(message.contains("/etc/bpa/certs/node-cert.pem"), "{message}");
@@ -1228,10 +1194,7 @@ fn the_environments_file_is_merged_over_the_base_key_by_key() {
     assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
     assert_eq!(config.node_runtime.max_concurrent_leases, 5);
     assert_eq!(config.node_runtime.metadata["Region"], "us-east-1");
-    assert_eq!(
-        config.logging.log_level["Microsoft.AspNetCore"],
-        LogLevel::Warning
-    );
+    assert_eq!(config.logging.log_level["Microsoft.AspNetCore"], LogLevel::Warning);
     assert!(!config.mtls.enabled);
     assert_eq!(
         config.sources.files,
@@ -1297,7 +1260,10 @@ fn dotnet_environment_wins_over_aspnetcore_environment_and_production_is_the_def
     let id = |pairs: &[(&str, &str)]| NodeConfig::load(&base, env(pairs)).unwrap().node_runtime.node_id;
     assert_eq!(id(&[("ASPNETCORE_ENVIRONMENT", "Development")]), "node-dev");
     assert_eq!(
-        id(&[("DOTNET_ENVIRONMENT", "Production"), ("ASPNETCORE_ENVIRONMENT", "Development")]),
+        id(&[
+            ("DOTNET_ENVIRONMENT", "Production"),
+            ("ASPNETCORE_ENVIRONMENT", "Development")
+        ]),
         "node-1"
     );
     // The name is a file name: on Linux its case matters, as in .NET.
@@ -1317,13 +1283,17 @@ fn a_bad_environments_file_is_named_in_the_error() {
     let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env.clone()).unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { line: 3, .. }), "{err}");
     assert!(
-        err.to_string().starts_with(&format!("{} is not valid JSON", overlay.display())),
+        err.to_string()
+            .starts_with(&format!("{} is not valid JSON", overlay.display())),
         "{err}"
     );
 
     std::fs::write(&overlay, "[]").unwrap();
     let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env.clone()).unwrap_err();
-    assert!(matches!(err, ConfigError::NotAnObject { ref file, .. } if *file == overlay.display().to_string()), "{err}");
+    assert!(
+        matches!(err, ConfigError::NotAnObject { ref file, .. } if *file == overlay.display().to_string()),
+        "{err}"
+    );
 
     // A bad value says which file it is in; a good one in the base does not
     // change that.
@@ -1342,7 +1312,10 @@ fn a_bad_environments_file_is_named_in_the_error() {
     std::fs::remove_file(&overlay).unwrap();
     std::fs::create_dir(&overlay).unwrap();
     let err = NodeConfig::load(&dir.path().join("appsettings.json"), dotnet_env).unwrap_err();
-    assert!(matches!(err, ConfigError::Unreadable { ref path, .. } if *path == overlay), "{err}");
+    assert!(
+        matches!(err, ConfigError::Unreadable { ref path, .. } if *path == overlay),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1404,7 +1377,10 @@ fn arrays_merge_by_index_as_in_dotnet_and_a_string_replaces_a_whole_list() {
 fn keys_in_the_environments_file_match_the_base_in_any_case() {
     let dir = config_dir(&[
         ("appsettings.json", &fixture_text("reference-appsettings.json")),
-        ("appsettings.Development.json", r#"{"noderuntime": {"CAPACITY": {"slots": 3}}}"#),
+        (
+            "appsettings.Development.json",
+            r#"{"noderuntime": {"CAPACITY": {"slots": 3}}}"#,
+        ),
     ]);
     let config = NodeConfig::load(
         &dir.path().join("appsettings.json"),
@@ -1454,7 +1430,10 @@ fn the_sources_line_says_which_environment_and_which_files() {
     let base = dir.path().join("appsettings.json");
     let config = NodeConfig::load(
         &base,
-        env(&[("DOTNET_ENVIRONMENT", "Development"), ("ASPNETCORE_ENVIRONMENT", "Staging")]),
+        env(&[
+            ("DOTNET_ENVIRONMENT", "Development"),
+            ("ASPNETCORE_ENVIRONMENT", "Staging"),
+        ]),
     )
     .unwrap();
     let line = config.sources.to_string();
@@ -1468,6 +1447,12 @@ fn the_sources_line_says_which_environment_and_which_files() {
     assert!(line.contains("appsettings.Development.json over it"), "{line}");
 
     let line = NodeConfig::load(&base, no_env()).unwrap().sources.to_string();
-    assert!(line.contains("the default: neither DOTNET_ENVIRONMENT nor ASPNETCORE_ENVIRONMENT is set"), "{line}");
-    assert!(line.contains("no ") && line.contains("appsettings.Production.json beside it"), "{line}");
+    assert!(
+        line.contains("the default: neither DOTNET_ENVIRONMENT nor ASPNETCORE_ENVIRONMENT is set"),
+        "{line}"
+    );
+    assert!(
+        line.contains("no ") && line.contains("appsettings.Production.json beside it"),
+        "{line}"
+    );
 }

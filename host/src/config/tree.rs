@@ -111,8 +111,7 @@ impl Entries {
         let index = match self.0.iter().position(|(key, _)| same_key(key, name)) {
             Some(index) => index,
             None => {
-                self.0
-                    .push(((*name).to_string(), Node::section(value.origin.clone())));
+                self.0.push(((*name).to_string(), Node::section(value.origin.clone())));
                 self.0.len() - 1
             }
         };
@@ -247,9 +246,7 @@ impl fmt::Display for Scalar {
             Scalar::Bool(value) => write!(f, "{value}"),
             Scalar::Number(number) => write!(f, "{number}"),
             // Quoted and escaped, so that `""` and `" 5"` read as what they are.
-            Scalar::String(text) => {
-                f.write_str(&serde_json::to_string(text).map_err(|_| fmt::Error)?)
-            }
+            Scalar::String(text) => f.write_str(&serde_json::to_string(text).map_err(|_| fmt::Error)?),
         }
     }
 }
@@ -318,9 +315,7 @@ fn blank_trailing_commas(bytes: &mut [u8]) {
             (true, b'\\') => i += 1,
             (_, b'"') => in_string = !in_string,
             (false, b',') => {
-                let next = bytes[i + 1..]
-                    .iter()
-                    .find(|byte| !byte.is_ascii_whitespace());
+                let next = bytes[i + 1..].iter().find(|byte| !byte.is_ascii_whitespace());
                 if matches!(next, Some(b'}') | Some(b']')) {
                     bytes[i] = b' ';
                 }
@@ -391,10 +386,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
             entries.0.push((entries.0.len().to_string(), node));
         }
         Ok(Node {
-            kind: Kind::Section {
-                entries,
-                list: true,
-            },
+            kind: Kind::Section { entries, list: true },
             origin: Origin::File(0),
         })
     }
@@ -405,10 +397,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
             entries.insert(name, node);
         }
         Ok(Node {
-            kind: Kind::Section {
-                entries,
-                list: false,
-            },
+            kind: Kind::Section { entries, list: false },
             origin: Origin::File(0),
         })
     }

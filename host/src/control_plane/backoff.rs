@@ -17,19 +17,12 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
+        Backoff { base, cap, attempt: 0 }
     }
 
     /// The delay before the next attempt; each call doubles the bound.
     pub fn next_delay(&mut self) -> Duration {
-        let bound = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
+        let bound = self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let millis = bound.as_millis() as u64;
         // Never zero: a hot loop is the one thing backoff must prevent.

@@ -12,9 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::tls::{self, ControlPlaneTls, TlsConnector};
 
 use crate::proto::lease_service_client::LeaseServiceClient;
-use crate::proto::{
-    AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest,
-};
+use crate::proto::{AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest};
 
 #[derive(Debug, Error)]
 pub enum LeaseClientError {
@@ -104,7 +102,9 @@ impl LeaseClient {
             .tcp_nodelay(true);
         let channel = match tls_config {
             Some(config) => {
-                let origin = url.parse().map_err(|err: http::uri::InvalidUri| invalid(err.to_string()))?;
+                let origin = url
+                    .parse()
+                    .map_err(|err: http::uri::InvalidUri| invalid(err.to_string()))?;
                 endpoint = endpoint.origin(origin);
                 endpoint.connect_with_connector_lazy(TlsConnector::new(config))
             }
@@ -143,10 +143,7 @@ impl LeaseClient {
         Ok((response.success, response.message))
     }
 
-    pub async fn complete(
-        &self,
-        request: CompleteRequest,
-    ) -> Result<CompleteResponse, LeaseClientError> {
+    pub async fn complete(&self, request: CompleteRequest) -> Result<CompleteResponse, LeaseClientError> {
         self.client
             .clone()
             .complete(self.bounded(request))

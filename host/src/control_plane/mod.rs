@@ -12,10 +12,8 @@ pub mod tls;
 
 pub use backoff::Backoff;
 pub use leases::{LeaseClient, LeaseClientError, LeaseStream};
+pub use registration::{Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient, RestError};
 pub use tls::{ControlPlaneTls, TlsError, TlsOptions};
-pub use registration::{
-    Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient, RestError,
-};
 
 /// rustls needs one process-wide crypto provider; the node uses ring (the
 /// provider wasmtime's HTTP client already brings). Safe to call often.

@@ -101,15 +101,9 @@ impl RestClient {
         Err(status_error(url, response).await)
     }
 
-    pub async fn heartbeat(
-        &self,
-        node_id: &str,
-        status: NodeStatus,
-    ) -> Result<HeartbeatAnswer, RestError> {
+    pub async fn heartbeat(&self, node_id: &str, status: NodeStatus) -> Result<HeartbeatAnswer, RestError> {
         let url = format!("{}/v1/nodes/{node_id}:heartbeat", self.base);
-        let response = self
-            .post(&url, &serde_json::json!({ "status": status }))
-            .await?;
+        let response = self.post(&url, &serde_json::json!({ "status": status })).await?;
         match response.status() {
             status if status.is_success() => Ok(HeartbeatAnswer::Accepted),
             reqwest::StatusCode::NOT_FOUND => Ok(HeartbeatAnswer::UnknownNode),
@@ -119,11 +113,7 @@ impl RestClient {
 }
 
 impl RestClient {
-    async fn post(
-        &self,
-        url: &str,
-        body: &impl Serialize,
-    ) -> Result<reqwest::Response, RestError> {
+    async fn post(&self, url: &str, body: &impl Serialize) -> Result<reqwest::Response, RestError> {
         self.http
             .post(url)
             .json(body)
@@ -155,10 +145,7 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
 
 /// Like [`http_client`], with the control plane's TLS (the same
 /// configuration as the gRPC channel's, offering HTTP/1.1).
-pub fn http_client_with(
-    timeout: Duration,
-    tls: &super::ControlPlaneTls,
-) -> Result<reqwest::Client, reqwest::Error> {
+pub fn http_client_with(timeout: Duration, tls: &super::ControlPlaneTls) -> Result<reqwest::Client, reqwest::Error> {
     let builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))

@@ -28,10 +28,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
@@ -139,9 +136,7 @@ impl ControlPlaneTls {
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
         if !https {
             if options.enabled {
-                return Err(TlsError::NotHttps {
-                    url: url.to_string(),
-                });
+                return Err(TlsError::NotHttps { url: url.to_string() });
             }
             return Ok(ControlPlaneTls {
                 config: None,
@@ -154,9 +149,7 @@ impl ControlPlaneTls {
             let certificate = options
                 .client_certificate_path
                 .clone()
-                .ok_or(TlsError::Missing {
-                    key: CERTIFICATE_KEY,
-                })?;
+                .ok_or(TlsError::Missing { key: CERTIFICATE_KEY })?;
             let key = options
                 .client_key_path
                 .clone()
@@ -167,9 +160,7 @@ impl ControlPlaneTls {
                 Arc::clone(&provider),
             )?))
         } else {
-            if options.server_ca_certificate_path.is_some()
-                || options.expected_server_certificate_subject.is_some()
-            {
+            if options.server_ca_certificate_path.is_some() || options.expected_server_certificate_subject.is_some() {
                 tracing::warn!(
                     "MTls.ServerCaCertificatePath and ExpectedServerCertificateSubject apply only \
                      when MTls.Enabled is true; verifying the control plane against the system roots"
@@ -181,10 +172,9 @@ impl ControlPlaneTls {
             (Some(path), true) => ca_roots(path)?,
             _ => system_roots()?,
         };
-        let webpki =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .build()
-                .map_err(|err| TlsError::Rustls(err.to_string()))?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|err| TlsError::Rustls(err.to_string()))?;
         let expected_subject = options
             .expected_server_certificate_subject
             .as_deref()
@@ -216,8 +206,7 @@ impl ControlPlaneTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match &identity {
-            Some(identity) => builder
-                .with_client_cert_resolver(Arc::clone(identity) as Arc<dyn ResolvesClientCert>),
+            Some(identity) => builder.with_client_cert_resolver(Arc::clone(identity) as Arc<dyn ResolvesClientCert>),
             None => builder.with_no_client_auth(),
         };
         config.resumption = Resumption::disabled();
@@ -258,12 +247,7 @@ impl ControlPlaneTls {
         let identity = self.identity.as_ref()?;
         identity.refresh();
         let loaded = identity.current();
-        expiry_message(
-            &loaded.subject,
-            &identity.certificate_path,
-            loaded.not_after,
-            now,
-        )
+        expiry_message(&loaded.subject, &identity.certificate_path, loaded.not_after, now)
     }
 
     /// Logs [`Self::expiry_warning`] now and once a day until `stop`.
@@ -283,12 +267,7 @@ impl ControlPlaneTls {
     }
 }
 
-fn expiry_message(
-    subject: &str,
-    path: &Path,
-    not_after: SystemTime,
-    now: SystemTime,
-) -> Option<String> {
+fn expiry_message(subject: &str, path: &Path, not_after: SystemTime, now: SystemTime) -> Option<String> {
     match not_after.duration_since(now) {
         Ok(left) if left >= EXPIRY_WARNING => None,
         Ok(left) => Some(format!(
@@ -339,10 +318,7 @@ fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// Every certificate in a PEM file; none is an error naming `key`.
-pub fn read_certificates(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
         key,
         path: path.to_path_buf(),
@@ -363,10 +339,7 @@ pub fn read_certificates(
 }
 
 /// The private key in a PEM file (PKCS#1, PKCS#8 or SEC1).
-pub fn read_private_key(
-    key: &'static str,
-    path: &Path,
-) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn read_private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
         key,
         path: path.to_path_buf(),
@@ -444,11 +417,7 @@ impl fmt::Debug for ReloadingIdentity {
 }
 
 impl ReloadingIdentity {
-    fn load(
-        certificate_path: PathBuf,
-        key_path: PathBuf,
-        provider: Arc<CryptoProvider>,
-    ) -> Result<Self, TlsError> {
+    fn load(certificate_path: PathBuf, key_path: PathBuf, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let loaded = load_identity(&certificate_path, &key_path, &provider)?;
         tracing::info!(subject = %loaded.subject, path = %certificate_path.display(), "client certificate loaded");
         Ok(ReloadingIdentity {
@@ -460,22 +429,14 @@ impl ReloadingIdentity {
     }
 
     fn current(&self) -> Arc<LoadedIdentity> {
-        Arc::clone(
-            &self
-                .loaded
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        Arc::clone(&self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     /// Re-reads the files if they changed. A half-written or broken pair
     /// keeps the previous certificate in use, with a warning.
     fn refresh(&self) {
         let stamp = FileStamp::of(&[&self.certificate_path, &self.key_path]);
-        let mut loaded = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if loaded.stamp == stamp {
             return;
         }
@@ -500,11 +461,7 @@ impl ReloadingIdentity {
 }
 
 impl ResolvesClientCert for ReloadingIdentity {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.refresh();
         Some(Arc::clone(&self.current().key))
     }
@@ -523,24 +480,21 @@ fn load_identity(
     let stamp = FileStamp::of(&[certificate_path, key_path]);
     let chain = read_certificates(CERTIFICATE_KEY, certificate_path)?;
     let key = read_private_key(KEY_KEY, key_path)?;
-    let signing_key =
-        provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|err| TlsError::UnusableKey {
-                path: key_path.to_path_buf(),
-                reason: err.to_string(),
-            })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|err| TlsError::UnusableKey {
+            path: key_path.to_path_buf(),
+            reason: err.to_string(),
+        })?;
     let subject = common_name(&chain[0]).unwrap_or_else(|| "?".to_string());
     let not_after = not_after(&chain[0]).unwrap_or(UNIX_EPOCH);
     let certified = CertifiedKey::new(chain, signing_key);
-    certified
-        .keys_match()
-        .map_err(|err| TlsError::KeyMismatch {
-            certificate: certificate_path.to_path_buf(),
-            key: key_path.to_path_buf(),
-            reason: err.to_string(),
-        })?;
+    certified.keys_match().map_err(|err| TlsError::KeyMismatch {
+        certificate: certificate_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        reason: err.to_string(),
+    })?;
     Ok(LoadedIdentity {
         stamp,
         key: Arc::new(certified),
@@ -560,9 +514,7 @@ struct ControlPlaneVerifier {
 
 /// The server certificate's CN is not `ExpectedServerCertificateSubject`.
 #[derive(Debug, Error)]
-#[error(
-    "the control plane's certificate has CN={found:?}, but MTls.ExpectedServerCertificateSubject is {expected:?}"
-)]
+#[error("the control plane's certificate has CN={found:?}, but MTls.ExpectedServerCertificateSubject is {expected:?}")]
 pub struct SubjectMismatch {
     pub found: String,
     pub expected: String,
@@ -578,23 +530,16 @@ impl ServerCertVerifier for ControlPlaneVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         if self.validate_chain {
-            self.webpki.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            )?;
+            self.webpki
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         }
         if let Some(expected) = &self.expected_subject {
             let found = common_name(end_entity).unwrap_or_default();
             if &found != expected {
-                return Err(rustls::Error::Other(rustls::OtherError(Arc::new(
-                    SubjectMismatch {
-                        found,
-                        expected: expected.clone(),
-                    },
-                ))));
+                return Err(rustls::Error::Other(rustls::OtherError(Arc::new(SubjectMismatch {
+                    found,
+                    expected: expected.clone(),
+                }))));
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -653,17 +598,11 @@ impl tower_service::Service<http::Uri> for TlsConnector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let connector = self.connector.clone();
         Box::pin(async move {
-            let invalid = |what: &str| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{what} in {uri}"))
-            };
+            let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} in {uri}"));
             let host = uri.host().ok_or_else(|| invalid("no host"))?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let name =
-                ServerName::try_from(host.clone()).map_err(|_| invalid("an invalid host name"))?;
+            let name = ServerName::try_from(host.clone()).map_err(|_| invalid("an invalid host name"))?;
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
@@ -759,22 +698,16 @@ mod tests {
         let now = SystemTime::now();
         let path = Path::new("node-cert.pem");
         assert!(expiry_message("n", path, now + Duration::from_secs(8 * 86_400), now).is_none());
-        let soon =
-            expiry_message("n", path, now + Duration::from_secs(3 * 86_400 + 60), now).unwrap();
+        let soon = expiry_message("n", path, now + Duration::from_secs(3 * 86_400 + 60), now).unwrap();
         assert!(soon.contains("expires in 3 days"), "{soon}");
-        assert!(
-            soon.contains("MTls.ClientCertificatePath node-cert.pem"),
-            "{soon}"
-        );
+        assert!(soon.contains("MTls.ClientCertificatePath node-cert.pem"), "{soon}");
         let past = expiry_message("n", path, now - Duration::from_secs(60), now).unwrap();
         assert!(past.contains("has expired"), "{past}");
     }
 
     #[test]
     fn a_tls_failure_inside_an_io_error_is_explained() {
-        let io = io::Error::other(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer,
-        ));
+        let io = io::Error::other(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
         let text = describe(&io);
         assert!(text.contains("not issued by a trusted CA"), "{text}");
         assert!(text.contains("UnknownIssuer"), "{text}");
@@ -805,9 +738,7 @@ mod tests {
             short if short < 0x80 => (short as usize, 2),
             long => {
                 let bytes = (long & 0x7f) as usize;
-                let length = der[2..2 + bytes]
-                    .iter()
-                    .fold(0, |n, b| (n << 8) | *b as usize);
+                let length = der[2..2 + bytes].iter().fold(0, |n, b| (n << 8) | *b as usize);
                 (length, 2 + bytes)
             }
         };
@@ -835,19 +766,14 @@ mod tests {
             .chunks(64)
             .map(|line| std::str::from_utf8(line).unwrap())
             .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
     }
 
     #[test]
     fn pkcs8_and_sec1_keys_load_and_a_foreign_key_is_refused() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "node-a");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "node-a");
         let cert = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.pem");
@@ -874,11 +800,7 @@ mod tests {
         load_identity(&cert_path, &sec1_path, &provider).unwrap();
 
         let other_path = dir.path().join("other.pem");
-        std::fs::write(
-            &other_path,
-            rcgen::KeyPair::generate().unwrap().serialize_pem(),
-        )
-        .unwrap();
+        std::fs::write(&other_path, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
         match load_identity(&cert_path, &other_path, &provider) {
             Err(TlsError::KeyMismatch { .. }) => {}
             Err(other) => panic!("{other}"),

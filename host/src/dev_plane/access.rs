@@ -65,9 +65,8 @@ impl FromStr for AllowedHost {
     type Err = String;
 
     fn from_str(text: &str) -> Result<AllowedHost, String> {
-        let (name, port) = split_authority(text).ok_or_else(|| {
-            format!("{text:?} is not a host name: give NAME or NAME:PORT, e.g. devbox.local:5109")
-        })?;
+        let (name, port) = split_authority(text)
+            .ok_or_else(|| format!("{text:?} is not a host name: give NAME or NAME:PORT, e.g. devbox.local:5109"))?;
         Ok(AllowedHost { name, port })
     }
 }
@@ -140,9 +139,7 @@ impl HostRule {
             self.listen.to_string()
         };
         match authority {
-            None => format!(
-                "the request names no host (no Host header): the plane answers only requests for {listen}"
-            ),
+            None => format!("the request names no host (no Host header): the plane answers only requests for {listen}"),
             Some(authority) => {
                 let name = split_authority(authority).map_or_else(|| authority.to_string(), |(name, _)| name);
                 format!(
@@ -211,10 +208,7 @@ impl NodeIds {
     /// What the guard recorded for this request; without it (a route the
     /// guard does not cover), no node id is allowed.
     pub fn of(extensions: &axum::http::Extensions) -> NodeIds {
-        extensions
-            .get::<NodeIds>()
-            .cloned()
-            .unwrap_or(NodeIds::Subject(None))
+        extensions.get::<NodeIds>().cloned().unwrap_or(NodeIds::Subject(None))
     }
 
     /// Ok when the request may act as `node_id`. An empty id is left to
@@ -309,8 +303,7 @@ fn not_from_a_grpc_client(headers: &HeaderMap) -> Option<String> {
     }
     if headers.contains_key(header::ORIGIN) {
         return Some(
-            "the lease service takes no requests from web pages (this one carries an Origin header)"
-                .to_string(),
+            "the lease service takes no requests from web pages (this one carries an Origin header)".to_string(),
         );
     }
     None
@@ -319,10 +312,10 @@ fn not_from_a_grpc_client(headers: &HeaderMap) -> Option<String> {
 /// The layer on REST routes: a POST must carry JSON, said so.
 pub async fn json_only(request: Request, next: Next) -> Response {
     if request.method() == axum::http::Method::POST && !is_json(request.headers()) {
-        let given = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map_or_else(|| "none".to_string(), |value| format!("{:?}", String::from_utf8_lossy(value.as_bytes())));
+        let given = request.headers().get(header::CONTENT_TYPE).map_or_else(
+            || "none".to_string(),
+            |value| format!("{:?}", String::from_utf8_lossy(value.as_bytes())),
+        );
         let message = format!(
             "POST {} needs the header Content-Type: application/json (this request's content type: {given}); \
              send the body as JSON with that header (curl: -H 'content-type: application/json')",
@@ -360,18 +353,30 @@ mod tests {
         let headers = |pairs: &[(&str, &str)]| {
             let mut map = HeaderMap::new();
             for (name, value) in pairs {
-                map.insert(axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+                map.insert(
+                    axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
             }
             map
         };
-        assert_eq!(super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc")])), None);
-        assert_eq!(super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc+proto")])), None);
+        assert_eq!(
+            super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc")])),
+            None
+        );
+        assert_eq!(
+            super::not_from_a_grpc_client(&headers(&[("content-type", "application/grpc+proto")])),
+            None
+        );
         for refused in [
             &[("content-type", "text/plain")][..],
             &[],
             &[("content-type", "application/grpc"), ("origin", "https://evil.example")],
         ] {
-            assert!(super::not_from_a_grpc_client(&headers(refused)).is_some(), "{refused:?}");
+            assert!(
+                super::not_from_a_grpc_client(&headers(refused)).is_some(),
+                "{refused:?}"
+            );
         }
     }
 
@@ -388,7 +393,14 @@ mod tests {
     #[test]
     fn a_loopback_plane_answers_to_its_loopback_names_on_its_port() {
         let rule = rule("127.0.0.1:5109", &[]);
-        for host in ["127.0.0.1:5109", "localhost:5109", "LOCALHOST:5109", "localhost.:5109", "[::1]:5109", "127.0.0.2:5109"] {
+        for host in [
+            "127.0.0.1:5109",
+            "localhost:5109",
+            "LOCALHOST:5109",
+            "localhost.:5109",
+            "[::1]:5109",
+            "127.0.0.2:5109",
+        ] {
             assert!(rule.allows(host), "{host}");
         }
         for host in [
@@ -411,7 +423,10 @@ mod tests {
         assert!(rule.allows("192.168.1.5:5109"));
         assert!(!rule.allows("localhost:5109"), "not reachable as localhost");
         assert!(!rule.allows("10.0.0.1:5109"));
-        assert!(rule.allows("devbox.local:5109") && rule.allows("DevBox.Local:1234"), "any port");
+        assert!(
+            rule.allows("devbox.local:5109") && rule.allows("DevBox.Local:1234"),
+            "any port"
+        );
         assert!(rule.allows("proxy.example:443"));
         assert!(!rule.allows("proxy.example:5109"), "that port only");
         assert!(!rule.allows("other.local:5109"));
@@ -420,7 +435,13 @@ mod tests {
     #[test]
     fn a_wildcard_plane_answers_to_any_ip_and_localhost_but_names_need_allowing() {
         let rule = rule("0.0.0.0:5109", &["devbox.local"]);
-        for host in ["192.168.1.5:5109", "10.0.0.1:5109", "[fe80::1]:5109", "localhost:5109", "devbox.local:5109"] {
+        for host in [
+            "192.168.1.5:5109",
+            "10.0.0.1:5109",
+            "[fe80::1]:5109",
+            "localhost:5109",
+            "devbox.local:5109",
+        ] {
             assert!(rule.allows(host), "{host}");
         }
         assert!(!rule.allows("attacker.example:5109"));
@@ -454,7 +475,10 @@ mod tests {
         }));
         assert!(bound.check("node-a").is_ok());
         let refused = bound.check("node-b").unwrap_err().to_string();
-        assert!(refused.contains("\"node-b\"") && refused.contains("CN \"node-a\""), "{refused}");
+        assert!(
+            refused.contains("\"node-b\"") && refused.contains("CN \"node-a\""),
+            "{refused}"
+        );
         assert!(NodeIds::Subject(None).check("node-a").is_err());
         assert!(NodeIds::Any.check("node-b").is_ok());
         assert!(bound.check("").is_ok(), "left to the handler's own check");

@@ -25,8 +25,8 @@ use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, SandboxReadin
 use super::wait_for_shutdown;
 use crate::proto::lease_service_server::LeaseService;
 use crate::proto::{
-    AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo,
-    FailRequest, FailResponse, Lease, PullRequest, RunSpec, SandboxReport, TimingInfo,
+    AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo, FailRequest, FailResponse,
+    Lease, PullRequest, RunSpec, SandboxReport, TimingInfo,
 };
 
 /// The reference's budgets for every lease, used when a run gives none.
@@ -46,11 +46,7 @@ pub struct LeaseDesk {
 }
 
 impl LeaseDesk {
-    pub fn new(
-        ledger: Arc<Ledger>,
-        shutdown: watch::Receiver<bool>,
-        idle_poll: Duration,
-    ) -> LeaseDesk {
+    pub fn new(ledger: Arc<Ledger>, shutdown: watch::Receiver<bool>, idle_poll: Duration) -> LeaseDesk {
         LeaseDesk {
             ledger,
             shutdown,
@@ -67,10 +63,7 @@ impl LeaseService for LeaseDesk {
 
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<LeaseStream>, Status> {
         let node_ids = NodeIds::of(request.extensions());
-        let PullRequest {
-            node_id,
-            max_leases,
-        } = request.into_inner();
+        let PullRequest { node_id, max_leases } = request.into_inner();
         if node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
@@ -99,18 +92,14 @@ impl LeaseService for LeaseDesk {
             Some(Err(status)) => Err(status),
             Some(Ok(first)) => {
                 let rest = tokio_stream::wrappers::ReceiverStream::new(receiver);
-                Ok(Response::new(Box::pin(
-                    tokio_stream::once(Ok(first)).chain(rest),
-                )))
+                Ok(Response::new(Box::pin(tokio_stream::once(Ok(first)).chain(rest))))
             }
         }
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let node_ids = NodeIds::of(request.extensions());
-        let AckRequest {
-            lease_id, node_id, ..
-        } = request.into_inner();
+        let AckRequest { lease_id, node_id, .. } = request.into_inner();
         may_act_as(&node_ids, &node_id)?;
         let answer = self
             .ledger
@@ -122,10 +111,7 @@ impl LeaseService for LeaseDesk {
         Ok(Response::new(AckResponse { success, message }))
     }
 
-    async fn complete(
-        &self,
-        request: Request<CompleteRequest>,
-    ) -> Result<Response<CompleteResponse>, Status> {
+    async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
         let node_ids = NodeIds::of(request.extensions());
         let request = request.into_inner();
         may_act_as(&node_ids, &request.node_id)?;
@@ -141,13 +127,8 @@ impl LeaseService for LeaseDesk {
             },
             sandbox: request.sandbox.map(readings),
         };
-        let answer = self
-            .ledger
-            .write(|state, now| state.report(report, now))
-            .await;
-        let (success, message) = verdict(answer.map_err(unavailable)?, || {
-            format!("run {run_id} completed")
-        });
+        let answer = self.ledger.write(|state, now| state.report(report, now)).await;
+        let (success, message) = verdict(answer.map_err(unavailable)?, || format!("run {run_id} completed"));
         Ok(Response::new(CompleteResponse { success, message }))
     }
 
@@ -170,13 +151,8 @@ impl LeaseService for LeaseDesk {
             },
             sandbox: request.sandbox.map(readings),
         };
-        let answer = self
-            .ledger
-            .write(|state, now| state.report(report, now))
-            .await;
-        let (success, message) = verdict(answer.map_err(unavailable)?, || {
-            format!("run {run_id} failed")
-        });
+        let answer = self.ledger.write(|state, now| state.report(report, now)).await;
+        let (success, message) = verdict(answer.map_err(unavailable)?, || format!("run {run_id} failed"));
         // The reference echoes `retryable`; nothing on this side re-queues.
         Ok(Response::new(FailResponse {
             success,
@@ -216,11 +192,7 @@ impl Puller {
             tokio::pin!(woken);
             woken.as_mut().enable();
 
-            let (node_id, ttl, max) = (
-                &self.node_id,
-                self.ledger.lease_ttl,
-                self.max_leases.min(room),
-            );
+            let (node_id, ttl, max) = (&self.node_id, self.ledger.lease_ttl, self.max_leases.min(room));
             let poll = match self
                 .ledger
                 .write(|state, now| state.lease(node_id, max, now, ttl))
@@ -264,10 +236,7 @@ fn lease(grant: Grant) -> Lease {
     let run = grant.run;
     let budgets = BudgetConstraints {
         max_tokens: run.budgets.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-        max_duration_seconds: run
-            .budgets
-            .max_duration_seconds
-            .unwrap_or(DEFAULT_MAX_DURATION_SECONDS),
+        max_duration_seconds: run.budgets.max_duration_seconds.unwrap_or(DEFAULT_MAX_DURATION_SECONDS),
         max_fuel: run.budgets.max_fuel.unwrap_or(0),
         max_memory_bytes: run.budgets.max_memory_bytes.unwrap_or(0),
     };
@@ -288,10 +257,7 @@ fn lease(grant: Grant) -> Lease {
 }
 
 /// `(success, message)` for an Ack/Complete/Fail answer.
-fn verdict(
-    answer: Result<(), super::state::Refusal>,
-    accepted: impl FnOnce() -> String,
-) -> (bool, String) {
+fn verdict(answer: Result<(), super::state::Refusal>, accepted: impl FnOnce() -> String) -> (bool, String) {
     match answer {
         Ok(()) => (true, accepted()),
         Err(refusal) => (false, refusal.to_string()),

@@ -50,10 +50,7 @@ impl Ledger {
     /// Changes the state at the current time, then saves the runs if they
     /// changed. When this returns `Ok`, the change is on disk; when it
     /// returns the save's error, the change is undone.
-    pub async fn write<R>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut PlaneState, SystemTime) -> R,
-    ) -> Result<R, SaveError> {
+    pub async fn write<R>(self: &Arc<Self>, f: impl FnOnce(&mut PlaneState, SystemTime) -> R) -> Result<R, SaveError> {
         if self.store.is_none() {
             let (answer, wake) = {
                 let mut state = self.lock();
@@ -69,8 +66,7 @@ impl Ledger {
             let before = state.revision();
             state.begin();
             let answer = f(&mut state, SystemTime::now());
-            let snapshot = (state.revision() != before)
-                .then(|| Snapshot::of(state.revision(), state.runs()));
+            let snapshot = (state.revision() != before).then(|| Snapshot::of(state.revision(), state.runs()));
             if snapshot.is_none() {
                 state.commit();
             }
@@ -144,8 +140,6 @@ impl Ledger {
     fn lock(&self) -> std::sync::MutexGuard<'_, PlaneState> {
         // A panic while holding the lock leaves the state as consistent as
         // each single method left it; keep serving rather than cascade.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

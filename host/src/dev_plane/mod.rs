@@ -23,8 +23,8 @@ mod grpc;
 mod ledger;
 mod rest;
 pub mod state;
-pub mod stubs;
 mod store;
+pub mod stubs;
 pub mod tls;
 pub mod tls_dir;
 
@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 
 use crate::proto::lease_service_server::LeaseServiceServer;
 pub use access::AllowedHost;
-pub use state::{SandboxReadings, 
-    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus,
+pub use state::{
+    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus, SandboxReadings,
     Timings,
 };
 pub use store::{LoadError, SaveError};
@@ -133,20 +133,16 @@ impl DevPlane {
             None => (PlaneState::new(), None),
         };
         let state = state.with_reregistration(options.reregistration);
-        let listener = tokio::net::TcpListener::bind(options.listen)
-            .await
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::AddrInUse {
-                    PlaneError::AddressInUse {
-                        addr: options.listen,
-                    }
-                } else {
-                    PlaneError::Listen {
-                        addr: options.listen,
-                        source,
-                    }
+        let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                PlaneError::AddressInUse { addr: options.listen }
+            } else {
+                PlaneError::Listen {
+                    addr: options.listen,
+                    source,
                 }
-            })?;
+            }
+        })?;
         let addr = listener.local_addr().map_err(|source| PlaneError::Listen {
             addr: options.listen,
             source,
@@ -155,8 +151,7 @@ impl DevPlane {
         let ledger = Arc::new(Ledger::new(state, store, options.lease_ttl));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let desk =
-            grpc::LeaseDesk::new(Arc::clone(&ledger), shutdown_rx.clone(), options.idle_poll);
+        let desk = grpc::LeaseDesk::new(Arc::clone(&ledger), shutdown_rx.clone(), options.idle_poll);
         // The generated server is routed like tonic's own `Routes` does,
         // but without its gRPC "unimplemented" fallback, so an unknown REST
         // path still gets a plain 404.
@@ -164,17 +159,12 @@ impl DevPlane {
         let rules = Arc::new(Access {
             // A browser has no client certificate to present: with them
             // required, the Host check adds nothing.
-            hosts: (!client_certificates).then(|| {
-                HostRule::new(addr, options.tls.is_some(), options.allowed_hosts.clone())
-            }),
-            bind_node_ids: client_certificates
-                && options.tls.as_ref().is_some_and(|tls| tls.bind_node_ids),
+            hosts: (!client_certificates)
+                .then(|| HostRule::new(addr, options.tls.is_some(), options.allowed_hosts.clone())),
+            bind_node_ids: client_certificates && options.tls.as_ref().is_some_and(|tls| tls.bind_node_ids),
         });
         let app = rest::router(Arc::clone(&ledger))
-            .route_service(
-                "/lease.LeaseService/{*method}",
-                LeaseServiceServer::new(desk),
-            )
+            .route_service("/lease.LeaseService/{*method}", LeaseServiceServer::new(desk))
             .layer(axum::middleware::from_fn_with_state(rules, access::guard));
         let mut stop_serving = shutdown_rx.clone();
         let client_subjects = Arc::new(tls::ClientSubjects::default());
@@ -193,13 +183,9 @@ impl DevPlane {
             }),
             Some(plane_tls) => {
                 let config = plane_tls.server_config().map_err(PlaneError::Tls)?;
-                let listener = tls::TlsListener::start(
-                    listener,
-                    config,
-                    Arc::clone(&client_subjects),
-                    shutdown_rx.clone(),
-                )
-                .map_err(|source| PlaneError::Listen { addr, source })?;
+                let listener =
+                    tls::TlsListener::start(listener, config, Arc::clone(&client_subjects), shutdown_rx.clone())
+                        .map_err(|source| PlaneError::Listen { addr, source })?;
                 // Each request learns its connection's client certificate.
                 let app = app.into_make_service_with_connect_info::<Peer>();
                 tokio::spawn(async move {
@@ -209,11 +195,7 @@ impl DevPlane {
                 })
             }
         };
-        let expiry = tokio::spawn(expire_leases(
-            Arc::clone(&ledger),
-            options.lease_ttl,
-            shutdown_rx,
-        ));
+        let expiry = tokio::spawn(expire_leases(Arc::clone(&ledger), options.lease_ttl, shutdown_rx));
         tracing::info!(%addr, data_dir = ?options.data_dir, tls = ?options.tls, "dev control plane listening");
         Ok(DevPlane {
             addr,
@@ -250,11 +232,7 @@ impl DevPlane {
 
     /// Submits a run, as `POST /v1/runs` does.
     pub async fn submit(&self, run: NewRun) -> Result<Run, PlaneError> {
-        match self
-            .ledger
-            .write(|state, now| state.submit(run, now))
-            .await?
-        {
+        match self.ledger.write(|state, now| state.submit(run, now)).await? {
             Ok(run) => Ok(run),
             Err(invalid) => Err(PlaneError::InvalidRun(invalid.to_string())),
         }
@@ -292,9 +270,7 @@ impl DevPlane {
                 Ok(Ok(Err(err))) => tracing::warn!(%err, "dev control plane server failed"),
                 Ok(Err(join)) => tracing::warn!(%join, "dev control plane server panicked"),
                 Err(_) => {
-                    tracing::warn!(
-                        "connections still open after {SHUTDOWN_GRACE:?}; dropping them"
-                    );
+                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; dropping them");
                     server.abort();
                 }
             }
@@ -324,11 +300,7 @@ async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
 /// short test TTLs). Leasing calls also expire leases themselves; this
 /// pass makes a lapsed run show as pending and wakes idle pullers even
 /// when no node is calling.
-async fn expire_leases(
-    ledger: Arc<Ledger>,
-    lease_ttl: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn expire_leases(ledger: Arc<Ledger>, lease_ttl: Duration, mut shutdown: watch::Receiver<bool>) {
     let tick = (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         tokio::select! {

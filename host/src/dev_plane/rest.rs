@@ -42,10 +42,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         // suffix the handler parses.
         .route("/v1/nodes:register", post(register))
         .route("/v1/nodes", get(list_nodes))
-        .route(
-            "/v1/nodes/{target}",
-            get(get_node).delete(delete_node).post(heartbeat),
-        )
+        .route("/v1/nodes/{target}", get(get_node).delete(delete_node).post(heartbeat))
         .route("/v1/runs", post(submit_run).get(list_runs))
         .route("/v1/runs/{run_id}", get(get_run))
         .route_layer(axum::middleware::from_fn(access::json_only))
@@ -54,11 +51,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
 
 type Ledgered = State<Arc<Ledger>>;
 
-async fn register(
-    State(ledger): Ledgered,
-    Extension(node_ids): Extension<NodeIds>,
-    body: Bytes,
-) -> Response {
+async fn register(State(ledger): Ledgered, Extension(node_ids): Extension<NodeIds>, body: Bytes) -> Response {
     let registration = match parse_registration(&body) {
         Ok(registration) => registration,
         Err(bad) => return bad.into_response(),
@@ -66,10 +59,7 @@ async fn register(
     if let Err(not_this_node) = node_ids.check(&registration.node_id) {
         return forbidden(not_this_node);
     }
-    match ledger
-        .write(|state, now| state.register(registration, now))
-        .await
-    {
+    match ledger.write(|state, now| state.register(registration, now)).await {
         Ok(Ok(node)) => created(&format!("/v1/nodes/{}", path_segment(&node.node_id)), &node),
         Ok(Err(RegistrationRefused::Invalid(invalid))) => BadRequest::from(invalid).into_response(),
         Ok(Err(duplicate @ RegistrationRefused::DuplicateKey(_))) => (
@@ -98,10 +88,7 @@ async fn heartbeat(
         Ok(status) => status,
         Err(bad) => return bad.into_response(),
     };
-    match ledger
-        .write(|state, now| state.heartbeat(node_id, status, now))
-        .await
-    {
+    match ledger.write(|state, now| state.heartbeat(node_id, status, now)).await {
         Ok(Some(node)) => json(StatusCode::OK, &node),
         Ok(None) => empty(StatusCode::NOT_FOUND),
         Err(save) => save_failed(save),
@@ -200,11 +187,7 @@ impl From<Invalid> for BadRequest {
 
 impl IntoResponse for BadRequest {
     fn into_response(self) -> Response {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": self.0 })),
-        )
-            .into_response()
+        (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": self.0 }))).into_response()
     }
 }
 
@@ -278,12 +261,8 @@ fn parse_new_run(body: &[u8]) -> Result<NewRun, BadRequest> {
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, BadRequest> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(BadRequest(
-            "the request body must be a JSON object".to_string(),
-        )),
-        Err(err) => Err(BadRequest(format!(
-            "the request body is not valid JSON: {err}"
-        ))),
+        Ok(_) => Err(BadRequest("the request body must be a JSON object".to_string())),
+        Err(err) => Err(BadRequest(format!("the request body is not valid JSON: {err}"))),
     }
 }
 

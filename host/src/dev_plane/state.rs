@@ -154,9 +154,7 @@ impl Run {
                     && self.costs == *costs
             }
             Outcome::Failed { error, timings } => {
-                self.status == RunStatus::Failed
-                    && self.error_info.as_ref() == Some(error)
-                    && self.timings == *timings
+                self.status == RunStatus::Failed && self.error_info.as_ref() == Some(error) && self.timings == *timings
             }
         }
     }
@@ -429,10 +427,7 @@ impl PlaneState {
         if let Some(journal) = &mut self.journal
             && at < journal.runs
         {
-            journal
-                .before
-                .entry(at)
-                .or_insert_with(|| self.runs[at].clone());
+            journal.before.entry(at).or_insert_with(|| self.runs[at].clone());
         }
     }
 
@@ -441,17 +436,11 @@ impl PlaneState {
     /// Registers a node, replacing any node with the same id (unless told
     /// to refuse that, see [`Reregistration`]). A new node is schedulable
     /// at once (active, every slot free), before its first heartbeat.
-    pub fn register(
-        &mut self,
-        registration: Registration,
-        now: SystemTime,
-    ) -> Result<Node, RegistrationRefused> {
+    pub fn register(&mut self, registration: Registration, now: SystemTime) -> Result<Node, RegistrationRefused> {
         if registration.node_id.is_empty() {
             return Err(Invalid::Required("NodeId").into());
         }
-        if self.reregistration == Reregistration::DuplicateKey
-            && self.nodes.contains_key(&registration.node_id)
-        {
+        if self.reregistration == Reregistration::DuplicateKey && self.nodes.contains_key(&registration.node_id) {
             return Err(RegistrationRefused::DuplicateKey(registration.node_id));
         }
         let node = Node {
@@ -471,12 +460,7 @@ impl PlaneState {
     }
 
     /// Replaces the node's whole status; `None` if the node is unknown.
-    pub fn heartbeat(
-        &mut self,
-        node_id: &str,
-        status: NodeStatus,
-        now: SystemTime,
-    ) -> Option<Node> {
+    pub fn heartbeat(&mut self, node_id: &str, status: NodeStatus, now: SystemTime) -> Option<Node> {
         let node = self.nodes.get_mut(node_id)?;
         node.status = status;
         node.heartbeat_at = Some(iso8601(now));
@@ -653,8 +637,7 @@ impl PlaneState {
         if node_id.is_empty() {
             return Err(Refusal::Missing("node_id"));
         }
-        let run_id =
-            run_id_of_lease(lease_id).ok_or_else(|| Refusal::UnknownLease(lease_id.to_string()))?;
+        let run_id = run_id_of_lease(lease_id).ok_or_else(|| Refusal::UnknownLease(lease_id.to_string()))?;
         self.expire_leases(now);
         let at = self.holder_check(lease_id, run_id, node_id)?;
         if self.runs[at].status == RunStatus::Assigned && self.runs[at].acked_at.is_none() {
@@ -700,11 +683,7 @@ impl PlaneState {
         run.outcomes += 1;
         run.sandbox = report.sandbox;
         match report.outcome {
-            Outcome::Completed {
-                result,
-                timings,
-                costs,
-            } => {
+            Outcome::Completed { result, timings, costs } => {
                 run.status = RunStatus::Completed;
                 run.result = Some(result);
                 run.timings = timings;
@@ -752,8 +731,7 @@ impl PlaneState {
 
 /// The run's entry in [`PlaneState::leased`], if it is assigned.
 fn lease_key(run: &Run, at: usize) -> Option<(i64, usize)> {
-    (run.status == RunStatus::Assigned)
-        .then(|| (run.lease_deadline_unix_ms.unwrap_or(i64::MIN), at))
+    (run.status == RunStatus::Assigned).then(|| (run.lease_deadline_unix_ms.unwrap_or(i64::MIN), at))
 }
 
 /// `lease-{runId}-{32 lowercase hex}`, the reference's lease id shape.
@@ -849,16 +827,9 @@ mod tests {
     /// A state with one registered node and `runs` pending runs.
     fn with_node_and_runs(slots: i32, runs: usize) -> (PlaneState, Vec<String>) {
         let mut state = PlaneState::new();
-        state
-            .register(registration("node-1", slots), at(0))
-            .unwrap();
+        state.register(registration("node-1", slots), at(0)).unwrap();
         let ids = (0..runs)
-            .map(|i| {
-                state
-                    .submit(new_run(&format!("agent-{i}")), at(0))
-                    .unwrap()
-                    .run_id
-            })
+            .map(|i| state.submit(new_run(&format!("agent-{i}")), at(0)).unwrap().run_id)
             .collect();
         (state, ids)
     }
@@ -882,19 +853,10 @@ mod tests {
     #[test]
     fn a_heartbeat_replaces_the_whole_status_and_an_unknown_node_gets_none() {
         let (mut state, _) = with_node_and_runs(8, 0);
-        let node = state
-            .heartbeat("node-1", status("draining", 0), at(5))
-            .unwrap();
+        let node = state.heartbeat("node-1", status("draining", 0), at(5)).unwrap();
         assert_eq!(node.status, status("draining", 0));
-        assert_eq!(
-            node.heartbeat_at.as_deref(),
-            Some("2023-11-14T22:13:25.000000Z")
-        );
-        assert!(
-            state
-                .heartbeat("node-2", status("active", 1), at(5))
-                .is_none()
-        );
+        assert_eq!(node.heartbeat_at.as_deref(), Some("2023-11-14T22:13:25.000000Z"));
+        assert!(state.heartbeat("node-2", status("active", 1), at(5)).is_none());
     }
 
     #[test]
@@ -944,21 +906,12 @@ mod tests {
         let (mut state, ids) = with_node_and_runs(1, 1);
         let grant = grants(state.lease("node-1", 1, at(1), TTL)).remove(0);
         let lease_id = grant.run.lease_id.clone().unwrap();
-        let suffix = lease_id
-            .strip_prefix(&format!("lease-{}-", ids[0]))
-            .unwrap();
+        let suffix = lease_id.strip_prefix(&format!("lease-{}-", ids[0])).unwrap();
         assert_eq!(suffix.len(), 32);
-        assert!(
-            suffix
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        );
+        assert!(suffix.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
         assert_eq!(run_id_of_lease(&lease_id), Some(ids[0].as_str()));
         assert_eq!(grant.trace_id.len(), 36);
-        assert_eq!(
-            grant.run.lease_deadline_unix_ms,
-            Some(unix_ms(at(1)) + 300_000)
-        );
+        assert_eq!(grant.run.lease_deadline_unix_ms, Some(unix_ms(at(1)) + 300_000));
         assert_eq!(grant.run.status, RunStatus::Assigned);
         assert_eq!(grant.run.node_id.as_deref(), Some("node-1"));
         assert_eq!(grant.run.attempts, 1);
@@ -1031,7 +984,11 @@ mod tests {
         };
         state.report(slower, at(4)).unwrap();
         let run = state.run(&ids[0]).unwrap();
-        assert_eq!((run.outcomes, run.repeats), (2, 1), "a report that differs is a second outcome");
+        assert_eq!(
+            (run.outcomes, run.repeats),
+            (2, 1),
+            "a report that differs is a second outcome"
+        );
     }
 
     #[test]
@@ -1066,10 +1023,7 @@ mod tests {
             node_id: String::new(),
             ..completed(&grant, "node-1")
         };
-        assert_eq!(
-            state.report(missing, at(2)),
-            Err(Refusal::Missing("node_id"))
-        );
+        assert_eq!(state.report(missing, at(2)), Err(Refusal::Missing("node_id")));
         let unknown = Report {
             run_id: "nope".to_string(),
             ..completed(&grant, "node-1")
@@ -1078,13 +1032,8 @@ mod tests {
             state.report(unknown, at(2)),
             Err(Refusal::UnknownRun("nope".to_string()))
         );
-        let other = state
-            .report(completed(&grant, "node-2"), at(2))
-            .unwrap_err();
-        assert!(
-            matches!(other, Refusal::HeldByAnotherNode { .. }),
-            "{other}"
-        );
+        let other = state.report(completed(&grant, "node-2"), at(2)).unwrap_err();
+        assert!(matches!(other, Refusal::HeldByAnotherNode { .. }), "{other}");
         assert!(other.to_string().contains("held by node node-1"), "{other}");
         assert_eq!(
             state.ack("not-a-lease", "node-1", at(2)),
@@ -1132,19 +1081,13 @@ mod tests {
         state.report(completed(&a, "node-1"), at(2)).unwrap();
         assert_eq!(state.expire_leases(at(50)), 1, "only c lapsed");
         assert_eq!(state.run(&c.run.run_id).unwrap().status, RunStatus::Pending);
-        assert_eq!(
-            state.run(&b.run.run_id).unwrap().status,
-            RunStatus::Assigned
-        );
+        assert_eq!(state.run(&b.run.run_id).unwrap().status, RunStatus::Assigned);
 
         // A plane restored from saved runs still expires b on time.
         let mut restored = PlaneState::from_runs(state.runs().to_vec());
         assert_eq!(restored.expire_leases(at(99)), 0);
         assert_eq!(restored.expire_leases(at(100)), 1);
-        assert_eq!(
-            restored.run(&b.run.run_id).unwrap().status,
-            RunStatus::Pending
-        );
+        assert_eq!(restored.run(&b.run.run_id).unwrap().status, RunStatus::Pending);
 
         // Ended runs are listed once each, in the order they ended.
         let (ended, next) = state.finished_since(0);
@@ -1220,10 +1163,7 @@ mod tests {
         assert!(state.take_wake_pullers());
         assert!(!state.take_wake_pullers());
         state.lease("node-1", 1, at(1), TTL);
-        assert!(
-            !state.take_wake_pullers(),
-            "a poll must not wake pollers, or they spin"
-        );
+        assert!(!state.take_wake_pullers(), "a poll must not wake pollers, or they spin");
         state.heartbeat("node-1", status("draining", 0), at(1));
         assert!(!state.take_wake_pullers());
         state.heartbeat("node-1", status("active", 1), at(1));

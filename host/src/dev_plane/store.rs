@@ -83,11 +83,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn of(revision: u64, runs: &[Run]) -> Snapshot {
-        let bytes = serde_json::to_vec_pretty(&FileOut {
-            format: FORMAT,
-            runs,
-        })
-        .expect("runs are plain data and always serialize");
+        let bytes = serde_json::to_vec_pretty(&FileOut { format: FORMAT, runs })
+            .expect("runs are plain data and always serialize");
         Snapshot { revision, bytes }
     }
 }
@@ -110,11 +107,10 @@ impl Store {
         let path = dir.join(FILE_NAME);
         let runs = match std::fs::read(&path) {
             Ok(bytes) => {
-                let file: FileIn =
-                    serde_json::from_slice(&bytes).map_err(|source| LoadError::Parse {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let file: FileIn = serde_json::from_slice(&bytes).map_err(|source| LoadError::Parse {
+                    path: path.clone(),
+                    source,
+                })?;
                 if file.format != FORMAT {
                     return Err(LoadError::Format {
                         path,

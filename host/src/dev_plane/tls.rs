@@ -19,8 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -57,10 +56,7 @@ pub struct PlaneTls {
 impl fmt::Debug for PlaneTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PlaneTls")
-            .field(
-                "server_subject",
-                &self.certificate_chain.first().and_then(common_name),
-            )
+            .field("server_subject", &self.certificate_chain.first().and_then(common_name))
             .field("client_certificates_required", &self.client_ca.is_some())
             .field("allowed_subjects", &self.allowed_subjects)
             .field("bind_node_ids", &self.bind_node_ids)
@@ -81,9 +77,7 @@ impl PlaneTls {
             Some(cas) => {
                 let mut roots = RootCertStore::empty();
                 for ca in cas {
-                    roots
-                        .add(ca.clone())
-                        .map_err(|err| format!("the client CA: {err}"))?;
+                    roots.add(ca.clone()).map_err(|err| format!("the client CA: {err}"))?;
                 }
                 let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
@@ -129,9 +123,7 @@ impl ClientCertVerifier for AllowedSubjects {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self.webpki.verify_client_cert(end_entity, intermediates, now)?;
         if self.allowed.is_empty() {
             return Ok(verified);
         }
@@ -176,10 +168,7 @@ pub(super) struct ClientSubjects(Mutex<Vec<String>>);
 
 impl ClientSubjects {
     fn record(&self, subject: String) {
-        let mut subjects = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut subjects = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if subjects.len() == SUBJECTS_KEPT {
             subjects.remove(0);
         }
@@ -187,10 +176,7 @@ impl ClientSubjects {
     }
 
     pub(super) fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 }
 
@@ -227,8 +213,7 @@ impl TlsListener {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, ready_tx, subjects) =
-                    (acceptor.clone(), ready_tx.clone(), Arc::clone(&subjects));
+                let (acceptor, ready_tx, subjects) = (acceptor.clone(), ready_tx.clone(), Arc::clone(&subjects));
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -282,25 +267,20 @@ impl axum::serve::Listener for TlsListener {
 /// Why a client's handshake failed, from the plane's side.
 fn refusal_cause(err: &std::io::Error) -> String {
     use rustls::Error as E;
-    let Some(tls) = err
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
+    let Some(tls) = err.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
         return err.to_string();
     };
     let cause = match tls {
-        E::NoCertificatesPresented => {
-            "the client sent no certificate, and client certificates are required"
-        }
+        E::NoCertificatesPresented => "the client sent no certificate, and client certificates are required",
         E::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "the client certificate is not issued by the plane's client CA"
         }
         E::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
             "the client certificate's subject is not allowed"
         }
-        E::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "the client certificate has expired",
+        E::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "the client certificate has expired"
+        }
         E::AlertReceived(_) => "the client refused the plane's certificate",
         _ => "TLS handshake failed",
     };

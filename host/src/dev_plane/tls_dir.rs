@@ -19,15 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use thiserror::Error;
 
 use super::PlaneTls;
-use crate::control_plane::tls::{
-    TlsError, TlsOptions, common_name, read_certificates, read_private_key,
-};
+use crate::control_plane::tls::{TlsError, TlsOptions, common_name, read_certificates, read_private_key};
 
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -99,15 +96,9 @@ impl DevCertificates {
     /// bound to certificates.
     pub fn plane_tls(&self, allowed_subjects: Vec<String>) -> Result<PlaneTls, TlsDirError> {
         Ok(PlaneTls {
-            certificate_chain: read_certificates(
-                "the server certificate",
-                &self.path(SERVER_CERT),
-            )?,
+            certificate_chain: read_certificates("the server certificate", &self.path(SERVER_CERT))?,
             private_key: Arc::new(read_private_key("the server key", &self.path(SERVER_KEY))?),
-            client_ca: Some(read_certificates(
-                "the CA certificate",
-                &self.path(CA_CERT),
-            )?),
+            client_ca: Some(read_certificates("the CA certificate", &self.path(CA_CERT))?),
             allowed_subjects,
             bind_node_ids: true,
         })
@@ -191,16 +182,9 @@ pub fn prepare(dir: &Path) -> Result<DevCertificates, TlsDirError> {
                 missing: CA_CERT,
             });
         }
-        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate {
-            what: CA_KEY,
-            source,
-        })?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|source| {
-            TlsDirError::Generate {
-                what: CA_CERT,
-                source,
-            }
-        })?;
+        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate { what: CA_KEY, source })?;
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(|source| TlsDirError::Generate { what: CA_CERT, source })?;
         params
             .distinguished_name
             .push(DnType::CommonName, "node-runtime dev CA");
@@ -212,20 +196,16 @@ pub fn prepare(dir: &Path) -> Result<DevCertificates, TlsDirError> {
         ];
         let cert = params
             .self_signed(&key)
-            .map_err(|source| TlsDirError::Generate {
-                what: CA_CERT,
-                source,
-            })?;
+            .map_err(|source| TlsDirError::Generate { what: CA_CERT, source })?;
         write(dir, CA_KEY, &key.serialize_pem(), true)?;
         write(dir, CA_CERT, &cert.pem(), false)?;
         generated.extend([CA_CERT, CA_KEY]);
         (cert.pem(), key)
     };
-    let issuer =
-        Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|source| TlsDirError::Generate {
-            what: "anything: ca-cert.pem is not a usable CA certificate",
-            source,
-        })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|source| TlsDirError::Generate {
+        what: "anything: ca-cert.pem is not a usable CA certificate",
+        source,
+    })?;
 
     let mut leaf = |cert_name: &'static str,
                     key_name: &'static str,
@@ -233,10 +213,7 @@ pub fn prepare(dir: &Path) -> Result<DevCertificates, TlsDirError> {
                     names: Vec<String>,
                     usage: ExtendedKeyUsagePurpose|
      -> Result<(), TlsDirError> {
-        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate {
-            what: key_name,
-            source,
-        })?;
+        let key = KeyPair::generate().map_err(|source| TlsDirError::Generate { what: key_name, source })?;
         let mut params = CertificateParams::new(names).map_err(|source| TlsDirError::Generate {
             what: cert_name,
             source,
@@ -307,14 +284,7 @@ mod tests {
         let first = prepare(dir.path()).unwrap();
         assert_eq!(
             first.generated,
-            [
-                CA_CERT,
-                CA_KEY,
-                SERVER_CERT,
-                SERVER_KEY,
-                NODE_CERT,
-                NODE_KEY
-            ]
+            [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, NODE_CERT, NODE_KEY]
         );
         let server = read_certificates("s", &first.path(SERVER_CERT)).unwrap();
         assert_eq!(
@@ -328,10 +298,7 @@ mod tests {
         );
         assert_eq!(first.node_subject().unwrap(), "dev-node-1");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(first.path(NODE_KEY))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(first.path(NODE_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "keys are owner-only");
 
         let before = std::fs::read(first.path(SERVER_CERT)).unwrap();
@@ -339,11 +306,7 @@ mod tests {
         std::fs::remove_file(first.path(NODE_KEY)).unwrap();
         let second = prepare(dir.path()).unwrap();
         assert_eq!(second.generated, [NODE_CERT, NODE_KEY]);
-        assert_eq!(
-            std::fs::read(first.path(SERVER_CERT)).unwrap(),
-            before,
-            "kept"
-        );
+        assert_eq!(std::fs::read(first.path(SERVER_CERT)).unwrap(), before, "kept");
         second.plane_tls(Vec::new()).unwrap();
 
         std::fs::remove_file(first.path(SERVER_KEY)).unwrap();

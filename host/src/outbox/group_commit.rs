@@ -25,17 +25,9 @@ use tokio::sync::oneshot;
 /// One queued write.
 #[derive(Debug)]
 pub(super) enum Write {
-    Accept {
-        lease_id: String,
-        deadline_unix_ms: i64,
-    },
-    Put {
-        lease_id: String,
-        value: Vec<u8>,
-    },
-    Remove {
-        lease_id: String,
-    },
+    Accept { lease_id: String, deadline_unix_ms: i64 },
+    Put { lease_id: String, value: Vec<u8> },
+    Remove { lease_id: String },
 }
 
 /// What a write found.
@@ -183,8 +175,7 @@ fn commit_jobs<C: Committer>(committer: &C, jobs: Vec<Job<C::Error>>) {
     }
     // Should the commit panic, answer everyone (the panic hook has already
     // logged it) rather than leave them waiting.
-    let outcome =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.commit(&batch)));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.commit(&batch)));
     let answers: Answers<C::Error> = match outcome {
         Ok(Ok(answers)) if answers.len() == batch.len() => answers.into_iter().map(Ok).collect(),
         Ok(Err(error)) => batch.iter().map(|_| Err(committer.each(&error))).collect(),
@@ -294,9 +285,7 @@ mod tests {
     fn queued(group: &Arc<GroupCommit<String>>, writes: Vec<Write>) -> Submission {
         let group = Arc::clone(group);
         let mut submission: Submission = Box::pin(async move { group.submit(writes).await });
-        let polled = submission
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()));
+        let polled = submission.as_mut().poll(&mut Context::from_waker(Waker::noop()));
         assert!(polled.is_pending(), "answered before the writer was let go");
         submission
     }

@@ -73,15 +73,10 @@ impl Default for OutboxLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error(
-        "the outbox {0} is in use by another process (is a node running with this DataDirectory?)"
-    )]
+    #[error("the outbox {0} is in use by another process (is a node running with this DataDirectory?)")]
     Locked(PathBuf),
     #[error("cannot create the data directory {path}: {source}")]
-    Directory {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Directory { path: PathBuf, source: std::io::Error },
     #[error("outbox {path}: {message}")]
     Database { path: PathBuf, message: String },
     #[error("a stored report for lease {0} cannot be decoded")]
@@ -146,7 +141,10 @@ struct Tables {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox").field("path", &self.path).field("limits", &self.limits).finish()
+        f.debug_struct("Outbox")
+            .field("path", &self.path)
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
@@ -213,10 +211,7 @@ impl Outbox {
         self.limits
     }
 
-    fn write<T>(
-        &self,
-        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
-    ) -> Result<T, OutboxError> {
+    fn write<T>(&self, body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, OutboxError> {
         let run = || -> Result<T, redb::Error> {
             let txn = self.db.begin_write()?;
             let value = body(&txn)?;
@@ -345,7 +340,11 @@ impl Outbox {
 
     /// True when a report's lease is past its deadline plus the grace.
     pub fn expired(&self, deadline_unix_ms: i64, written_unix_ms: i64, now_unix_ms: i64) -> bool {
-        let from = if deadline_unix_ms > 0 { deadline_unix_ms } else { written_unix_ms };
+        let from = if deadline_unix_ms > 0 {
+            deadline_unix_ms
+        } else {
+            written_unix_ms
+        };
         let grace = i64::try_from(self.limits.grace.as_millis()).unwrap_or(i64::MAX);
         now_unix_ms > from.saturating_add(grace)
     }
@@ -463,12 +462,7 @@ fn removed(mut answers: Vec<Result<Written, OutboxError>>) -> Result<bool, Outbo
 
 impl Tables {
     /// Inserts a report, then drops the oldest others past `max_reports`.
-    fn put_in(
-        &self,
-        table: &mut Table<&str, &[u8]>,
-        lease_id: &str,
-        value: &[u8],
-    ) -> Result<Vec<String>, redb::Error> {
+    fn put_in(&self, table: &mut Table<&str, &[u8]>, lease_id: &str, value: &[u8]) -> Result<Vec<String>, redb::Error> {
         table.insert(lease_id, value)?;
         let max = self.limits.max_reports.max(1);
         let len = usize::try_from(table.len()?).unwrap_or(usize::MAX);
@@ -490,7 +484,6 @@ impl Tables {
         }
         Ok(dropped)
     }
-
 }
 
 impl Committer for Tables {
@@ -516,10 +509,7 @@ impl Committer for Tables {
                             must_sync = true;
                             let fresh = accepted.get(lease_id.as_str())?.is_none();
                             if fresh {
-                                accepted.insert(
-                                    lease_id.as_str(),
-                                    (now_unix_ms(), *deadline_unix_ms),
-                                )?;
+                                accepted.insert(lease_id.as_str(), (now_unix_ms(), *deadline_unix_ms))?;
                             }
                             Written::Accepted(fresh)
                         }
@@ -527,9 +517,7 @@ impl Committer for Tables {
                             must_sync = true;
                             Written::Put(self.put_in(&mut pending, lease_id, value)?)
                         }
-                        Write::Remove { lease_id } => {
-                            Written::Removed(pending.remove(lease_id.as_str())?.is_some())
-                        }
+                        Write::Remove { lease_id } => Written::Removed(pending.remove(lease_id.as_str())?.is_some()),
                     });
                 }
                 !pending.is_empty()?

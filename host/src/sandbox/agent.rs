@@ -13,8 +13,8 @@
 use std::fmt;
 
 use thiserror::Error;
-use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
+use wasmtime::component::{Component, InstancePre, Linker};
 
 use super::artifact_trust::ArtifactKind;
 use super::bindings::AgentPre;
@@ -79,17 +79,12 @@ const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 /// Compiles `bytes` as [`classify`](super::artifact_trust::classify)
 /// found them: a `.wasm`, or (loaded) a `.cwasm`. CPU-heavy for a
 /// `.wasm`: call it off the async runtime's worker threads.
-pub(crate) fn compile(
-    engine: &Engine,
-    bytes: &[u8],
-    kind: ArtifactKind,
-) -> Result<Component, InvalidAgent> {
+pub(crate) fn compile(engine: &Engine, bytes: &[u8], kind: ArtifactKind) -> Result<Component, InvalidAgent> {
     if bytes.is_empty() {
         return Err(InvalidAgent("the file is empty (0 bytes)".into()));
     }
     if kind == ArtifactKind::Precompiled {
-        let artifact =
-            precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
+        let artifact = precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
         check_architecture(engine, artifact)?;
         // SAFETY: only the operator's own files are taken for a .cwasm
         // (`classify`), as trusted as those files; the artifact carries the
@@ -105,9 +100,7 @@ pub(crate) fn compile(
         });
     }
     if wasmtime::Engine::detect_precompiled(bytes).is_some() {
-        return Err(InvalidAgent(
-            precompiled::PrecompiledError::ForeignArtifact.to_string(),
-        ));
+        return Err(InvalidAgent(precompiled::PrecompiledError::ForeignArtifact.to_string()));
     }
     if !bytes.starts_with(WASM_MAGIC) {
         return Err(InvalidAgent(
@@ -199,7 +192,11 @@ pub(crate) fn link(
             export_list(&exports)
         )));
     };
-    Ok(Agent { entry, digest, made_from })
+    Ok(Agent {
+        entry,
+        digest,
+        made_from,
+    })
 }
 
 /// The longest name of the agent's (an export, an import) a message quotes.
@@ -241,7 +238,11 @@ mod tests {
     fn an_export_list_quotes_a_few_names_each_cut() {
         let exports: Vec<String> = (0..1000).map(|n| format!("{n}{}", "x".repeat(10_000))).collect();
         let listed = export_list(&exports);
-        assert!(listed.len() < LISTED_EXPORTS * (GUEST_NAME_BYTES + 40) + 40, "{} bytes", listed.len());
+        assert!(
+            listed.len() < LISTED_EXPORTS * (GUEST_NAME_BYTES + 40) + 40,
+            "{} bytes",
+            listed.len()
+        );
         assert!(listed.ends_with("... 980 more"), "{}", &listed[listed.len() - 40..]);
         assert_eq!(export_list(&["greet".to_string()]), "greet");
     }

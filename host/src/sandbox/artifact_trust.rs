@@ -113,17 +113,22 @@ pub(crate) fn classify(bytes: &[u8], trust: &ArtifactTrust) -> Result<ArtifactKi
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::precompiled;
+    use super::*;
 
     fn network() -> ArtifactTrust {
-        ArtifactTrust::Network { origin: "https://agents.test/echo/1.0.0.wasm".into() }
+        ArtifactTrust::Network {
+            origin: "https://agents.test/echo/1.0.0.wasm".into(),
+        }
     }
 
     #[test]
     fn a_cwasm_is_native_code_only_from_the_operator() {
         let cwasm = precompiled::seal(b"\x7fELF\x02\x01\x01\0 native code".to_vec());
-        assert_eq!(classify(&cwasm, &ArtifactTrust::Operator), Ok(ArtifactKind::Precompiled));
+        assert_eq!(
+            classify(&cwasm, &ArtifactTrust::Operator),
+            Ok(ArtifactKind::Precompiled)
+        );
         let refused = classify(&cwasm, &network()).unwrap_err().to_string();
         assert!(refused.contains("https://agents.test/echo/1.0.0.wasm"), "{refused}");
         assert!(refused.contains("not a WebAssembly component"), "{refused}");
@@ -143,11 +148,18 @@ mod tests {
     fn only_the_component_header_passes() {
         assert_eq!(check_component(b"\0asm\x0d\x00\x01\x00 and the rest"), Ok(()));
         assert_eq!(check_component(&COMPONENT_HEADER), Ok(()));
-        assert_eq!(check_component(b"\0asm\x01\x00\x00\x00\x01"), Err(NotAComponent::CoreModule));
+        assert_eq!(
+            check_component(b"\0asm\x01\x00\x00\x00\x01"),
+            Err(NotAComponent::CoreModule)
+        );
         // Another component version or layer is not this header.
         assert_eq!(check_component(b"\0asm\x0c\x00\x01\x00"), Err(NotAComponent::Other));
         assert_eq!(check_component(b"\0asm\x0d\x00\x02\x00"), Err(NotAComponent::Other));
-        assert_eq!(check_component(b"\0asm\x0d\x00\x01"), Err(NotAComponent::Other), "cut short");
+        assert_eq!(
+            check_component(b"\0asm\x0d\x00\x01"),
+            Err(NotAComponent::Other),
+            "cut short"
+        );
         assert_eq!(check_component(b""), Err(NotAComponent::Other));
         assert_eq!(check_component(b"<html>"), Err(NotAComponent::Other));
     }
@@ -164,7 +176,10 @@ mod tests {
     fn a_refusal_names_the_origin_and_where_native_code_may_come_from() {
         let refused = check_network_artifact("https://agents.test/echo/1.0.0.wasm", b"\x7fELF").unwrap_err();
         let message = refused.to_string();
-        assert!(message.starts_with("https://agents.test/echo/1.0.0.wasm: "), "{message}");
+        assert!(
+            message.starts_with("https://agents.test/echo/1.0.0.wasm: "),
+            "{message}"
+        );
         assert!(message.contains("not a WebAssembly component"), "{message}");
         assert!(message.contains("NodeRuntime.AgentsDirectory"), "{message}");
     }

@@ -133,9 +133,7 @@ impl NodeLimits {
             }
         }
         above("fuel", request.fuel, self.fuel, u64::to_string)?;
-        above("memory", request.memory_bytes, self.memory_bytes, |b| {
-            format_bytes(*b)
-        })?;
+        above("memory", request.memory_bytes, self.memory_bytes, |b| format_bytes(*b))?;
         above("duration", request.duration, self.duration, |d| {
             humantime::format_duration(*d).to_string()
         })?;

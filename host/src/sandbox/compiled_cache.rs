@@ -56,9 +56,7 @@ fn unseal(entry: &[u8]) -> Result<&[u8], String> {
     let recorded = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
     let found = crc32fast::hash(artifact);
     if found != recorded {
-        return Err(format!(
-            "damaged: CRC-32 {found:08x}, recorded {recorded:08x}"
-        ));
+        return Err(format!("damaged: CRC-32 {found:08x}, recorded {recorded:08x}"));
     }
     Ok(artifact)
 }
@@ -152,8 +150,7 @@ impl CompiledCache {
             // entry in place (a new entry is renamed over the old, eviction
             // unlinks), and a mapped file that is renamed over or unlinked
             // keeps its content.
-            unsafe { Component::deserialize_file(engine, &path) }
-                .map_err(|err| super::agent::error_chain(&err))
+            unsafe { Component::deserialize_file(engine, &path) }.map_err(|err| super::agent::error_chain(&err))
         });
         match loaded {
             Ok(component) => {
@@ -191,7 +188,9 @@ impl CompiledCache {
 
     /// Deletes the least recently used entries until the folder fits.
     fn evict(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
         let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
             .flatten()
             .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "cwasm"))

@@ -20,9 +20,7 @@
 
 use std::time::Duration;
 
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails};
 
 use super::budget::NodeLimits;
 use super::meters::InstanceShape;
@@ -202,8 +200,12 @@ fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result
 /// Targets `node-runtime compile --target` is known to produce code for
 /// (the `-musl` forms give the same code; Linux is what the node is built
 /// and tested for).
-pub const PRECOMPILE_TARGETS: [&str; 4] =
-    ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "pulley64", "pulley32"];
+pub const PRECOMPILE_TARGETS: [&str; 4] = [
+    "x86_64-unknown-linux-gnu",
+    "aarch64-unknown-linux-gnu",
+    "pulley64",
+    "pulley32",
+];
 
 /// A target this build cannot compile for.
 #[derive(Debug, thiserror::Error)]
@@ -231,10 +233,7 @@ pub fn build_precompile_engine(target: &str, metering: Metering) -> Result<Engin
 }
 
 /// Builds the process's engine, with the pool when it can be reserved.
-pub fn build_engine(
-    settings: &EngineSettings,
-    limits: &NodeLimits,
-) -> wasmtime::Result<(Engine, Allocator)> {
+pub fn build_engine(settings: &EngineSettings, limits: &NodeLimits) -> wasmtime::Result<(Engine, Allocator)> {
     no_transparent_huge_pages();
     let target = match settings.execution {
         Execution::Cranelift => None,
@@ -252,9 +251,7 @@ pub fn build_engine(
         choice => {
             let slots = settings.max_concurrent_runs.max(1);
             let mut config = compiler_config(settings.metering, target)?;
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
-                slots, limits,
-            )));
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(slots, limits)));
             match Engine::new(&config) {
                 Ok(engine) => {
                     let reset = if pagemap_scan_available() {
@@ -342,7 +339,10 @@ fn pagemap_scan_available() -> bool {
 
 /// Whether a kernel release string (`6.18.44-fc`) is at least `wanted`.
 fn kernel_at_least(release: &str, wanted: (u32, u32)) -> bool {
-    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).map(|part| part.parse::<u32>().ok());
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
     match (numbers.next().flatten(), numbers.next().flatten()) {
         (Some(major), Some(minor)) => (major, minor) >= wanted,
         _ => false,
@@ -358,7 +358,11 @@ const MAPPINGS_BESIDES_RUNS: u64 = 2_000;
 
 /// Linux's per-process limit on memory mappings, if this is Linux.
 fn read_max_map_count() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Past `vm.max_map_count` mappings, every new run fails to instantiate

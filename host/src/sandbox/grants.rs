@@ -311,7 +311,11 @@ mod tests {
     fn bad_grants_are_refused_with_what_to_write_instead() {
         let dir = tempfile::tempdir().unwrap();
         let with_dir = |host: PathBuf, guest: &str| Grants {
-            directories: vec![DirectoryGrant { host_path: host, guest_path: guest.into(), read_only: true }],
+            directories: vec![DirectoryGrant {
+                host_path: host,
+                guest_path: guest.into(),
+                read_only: true,
+            }],
             ..Grants::default()
         };
         let missing = dir.path().join("missing");
@@ -321,21 +325,41 @@ mod tests {
         );
         for guest in ["data", "/data/../etc", "/./data", "", "/a,b", "/data:ro"] {
             assert!(
-                matches!(AgentGrants::check(&with_dir(dir.path().into(), guest), &[]), Err(InvalidGrant::GuestPath(_))),
+                matches!(
+                    AgentGrants::check(&with_dir(dir.path().into(), guest), &[]),
+                    Err(InvalidGrant::GuestPath(_))
+                ),
                 "{guest}"
             );
         }
         let twice = Grants {
             directories: vec![
-                DirectoryGrant { host_path: dir.path().into(), guest_path: "/d".into(), read_only: true },
-                DirectoryGrant { host_path: dir.path().into(), guest_path: "/d/".into(), read_only: false },
+                DirectoryGrant {
+                    host_path: dir.path().into(),
+                    guest_path: "/d".into(),
+                    read_only: true,
+                },
+                DirectoryGrant {
+                    host_path: dir.path().into(),
+                    guest_path: "/d/".into(),
+                    read_only: false,
+                },
             ],
             ..Grants::default()
         };
-        assert_eq!(AgentGrants::check(&twice, &[]), Err(InvalidGrant::DuplicateGuestPath("/d".into())));
+        assert_eq!(
+            AgentGrants::check(&twice, &[]),
+            Err(InvalidGrant::DuplicateGuestPath("/d".into()))
+        );
         for name in ["", "A=B", "A B", "A,B"] {
-            let env = Grants { environment: vec![name.into()], ..Grants::default() };
-            assert_eq!(AgentGrants::check(&env, &[]), Err(InvalidGrant::EnvironmentName(name.into())));
+            let env = Grants {
+                environment: vec![name.into()],
+                ..Grants::default()
+            };
+            assert_eq!(
+                AgentGrants::check(&env, &[]),
+                Err(InvalidGrant::EnvironmentName(name.into()))
+            );
         }
         assert!(AgentGrants::check(&Grants::default(), &["https://x.com/".into()]).is_err());
         let message = InvalidGrant::EnvironmentName("A=B".into()).to_string();
@@ -355,8 +379,11 @@ mod tests {
             (FS_ALLOW_METADATA_KEY, "/data:ro, /ref, /etc, /elsewhere:ro"),
             (ENV_ALLOW_METADATA_KEY, "REGION, PATH, HOME"),
         ]));
-        let dirs: Vec<(&str, bool)> =
-            run.directories.iter().map(|d| (d.guest_path.as_str(), d.read_only)).collect();
+        let dirs: Vec<(&str, bool)> = run
+            .directories
+            .iter()
+            .map(|d| (d.guest_path.as_str(), d.read_only))
+            .collect();
         assert_eq!(dirs, [("/data", true), ("/ref", true)]);
         assert_eq!(run.environment, ["REGION"]);
         assert_eq!(run.http_hosts, grants.http_hosts, "http.allow is the egress policy's");
@@ -375,9 +402,15 @@ mod tests {
     fn the_log_line_names_grants_and_never_values() {
         let (_dir, grants) = granted();
         let line = grants.to_string();
-        assert!(line.contains("/data (read-write)") && line.contains("/ref (read-only)"), "{line}");
+        assert!(
+            line.contains("/data (read-write)") && line.contains("/ref (read-only)"),
+            "{line}"
+        );
         assert!(line.contains("environment: TENANT, REGION"), "{line}");
-        assert!(line.contains("outbound HTTP: api.example.com, b.example.com:443"), "{line}");
+        assert!(
+            line.contains("outbound HTTP: api.example.com, b.example.com:443"),
+            "{line}"
+        );
         assert_eq!(
             AgentGrants::default().to_string(),
             "directories: none; environment: none; outbound HTTP: none; sockets: none"

@@ -202,7 +202,11 @@ mod tests {
         assert_eq!(audit(&mut table, &limits, &mut meter), (false, 4));
         assert!(matches!(meter.refusal(), Some(Refusal::Host { host_bytes, .. }) if *host_bytes == 4 * per_map));
         table.delete(fourth).unwrap();
-        assert_eq!(charge(&mut table, &limits), (3 * per_map, 3), "a dropped map is no longer charged");
+        assert_eq!(
+            charge(&mut table, &limits),
+            (3 * per_map, 3),
+            "a dropped map is no longer charged"
+        );
         assert_eq!(meter.peak_host_bytes(), 4 * per_map);
     }
 

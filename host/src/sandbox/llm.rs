@@ -68,10 +68,7 @@ impl LlmEndpoint {
             LlmEndpoint::OpenAi { base_url } => {
                 format!("{}/v1/chat/completions", base_url.trim_end_matches('/'))
             }
-            LlmEndpoint::Azure {
-                base_url,
-                deployment,
-            } => format!(
+            LlmEndpoint::Azure { base_url, deployment } => format!(
                 "{}/openai/deployments/{deployment}/chat/completions?api-version={AZURE_API_VERSION}",
                 base_url.trim_end_matches('/')
             ),
@@ -88,8 +85,7 @@ pub struct ModelPrice {
 
 impl ModelPrice {
     pub fn cost(&self, tokens_in: u32, tokens_out: u32) -> f64 {
-        (f64::from(tokens_in) * self.input_per_1k + f64::from(tokens_out) * self.output_per_1k)
-            / 1000.0
+        (f64::from(tokens_in) * self.input_per_1k + f64::from(tokens_out) * self.output_per_1k) / 1000.0
     }
 }
 
@@ -288,11 +284,7 @@ impl LlmClient {
 
     /// Sends `request`, retrying 429 and 5xx with backoff while `deadline`
     /// allows another attempt.
-    pub(crate) async fn chat(
-        &self,
-        request: &ProviderRequest,
-        deadline: Instant,
-    ) -> Result<Answer, CallError> {
+    pub(crate) async fn chat(&self, request: &ProviderRequest, deadline: Instant) -> Result<Answer, CallError> {
         // Serialised once, whatever the retries (a copy per attempt of a
         // large prompt is memory the run does not see), and never past the
         // cap: JSON writes a control character as six bytes.
@@ -367,7 +359,10 @@ impl LlmClient {
             LlmEndpoint::OpenAi { .. } => builder.bearer_auth(key),
             LlmEndpoint::Azure { .. } => builder.header("api-key", key),
         };
-        let response = builder.send().await.map_err(|err| self.transport_error(&err, timeout))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|err| self.transport_error(&err, timeout))?;
         let status = response.status();
         let body = self.read_body(response, timeout).await?;
         if !status.is_success() {
@@ -413,11 +408,18 @@ impl LlmClient {
                 LLM_RESPONSE_BYTES
             )))
         };
-        if response.content_length().is_some_and(|length| length > LLM_RESPONSE_BYTES as u64) {
+        if response
+            .content_length()
+            .is_some_and(|length| length > LLM_RESPONSE_BYTES as u64)
+        {
             return Err(too_large());
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|err| self.transport_error(&err, timeout))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| self.transport_error(&err, timeout))?
+        {
             if body.len() + chunk.len() > LLM_RESPONSE_BYTES {
                 return Err(too_large());
             }
@@ -481,7 +483,11 @@ struct CappedBuffer {
 
 impl CappedBuffer {
     fn new(cap: usize) -> Self {
-        CappedBuffer { bytes: Vec::new(), cap, overflowed: false }
+        CappedBuffer {
+            bytes: Vec::new(),
+            cap,
+            overflowed: false,
+        }
     }
 }
 

@@ -151,18 +151,11 @@ impl MemoryMeter {
 }
 
 impl ResourceLimiter for MemoryMeter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let growth = desired.saturating_sub(current) as u64;
         let total = self.total().saturating_add(growth);
         if total > self.limit_bytes {
-            self.refuse(Refusal::Memory {
-                requested_total: total,
-            });
+            self.refuse(Refusal::Memory { requested_total: total });
             return Ok(false);
         }
         self.linear_bytes += growth;
@@ -176,17 +169,10 @@ impl ResourceLimiter for MemoryMeter {
         Ok(())
     }
 
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let growth = desired.saturating_sub(current);
         let elements = self.current_elements.saturating_add(growth);
-        let total = self
-            .total()
-            .saturating_add(growth as u64 * TABLE_ELEMENT_BYTES);
+        let total = self.total().saturating_add(growth as u64 * TABLE_ELEMENT_BYTES);
         if elements > self.table_elements || total > self.limit_bytes {
             self.refuse(Refusal::Table {
                 requested_elements: elements,
@@ -280,10 +266,21 @@ mod tests {
     fn tables_are_summed_and_count_toward_the_memory_limit() {
         let mut meter = MemoryMeter::new(1000, 100, SHAPE);
         assert!(meter.table_growing(0, 60, None).unwrap(), "first table");
-        assert!(!meter.table_growing(0, 60, None).unwrap(), "a second table past the sum");
-        assert_eq!(meter.refusal(), Some(&Refusal::Table { requested_elements: 120 }));
+        assert!(
+            !meter.table_growing(0, 60, None).unwrap(),
+            "a second table past the sum"
+        );
+        assert_eq!(
+            meter.refusal(),
+            Some(&Refusal::Table {
+                requested_elements: 120
+            })
+        );
         assert_eq!(meter.peak_bytes(), 60 * TABLE_ELEMENT_BYTES);
-        assert!(!meter.memory_growing(0, 600, None).unwrap(), "480 bytes of table leave 520");
+        assert!(
+            !meter.memory_growing(0, 600, None).unwrap(),
+            "480 bytes of table leave 520"
+        );
         assert!(meter.memory_growing(0, 520, None).unwrap());
         assert_eq!(meter.remaining_bytes(), 0);
     }
@@ -293,14 +290,27 @@ mod tests {
         let mut meter = MemoryMeter::new(100, 10, SHAPE);
         assert!(meter.memory_growing(0, 60, None).unwrap());
         assert!(meter.set_host_bytes(40));
-        assert!(!meter.memory_growing(60, 61, None).unwrap(), "the host's 40 bytes count");
+        assert!(
+            !meter.memory_growing(60, 61, None).unwrap(),
+            "the host's 40 bytes count"
+        );
         assert!(meter.set_host_bytes(10));
         assert!(!meter.set_host_bytes(41));
-        assert_eq!(meter.refusal(), Some(&Refusal::Memory { requested_total: 101 }), "the first refusal is kept");
+        assert_eq!(
+            meter.refusal(),
+            Some(&Refusal::Memory { requested_total: 101 }),
+            "the first refusal is kept"
+        );
         assert_eq!((meter.peak_bytes(), meter.peak_host_bytes()), (101, 41));
         let mut fresh = MemoryMeter::new(100, 10, SHAPE);
         assert!(!fresh.set_host_bytes(101));
-        assert_eq!(fresh.refusal(), Some(&Refusal::Host { host_bytes: 101, total: 101 }));
+        assert_eq!(
+            fresh.refusal(),
+            Some(&Refusal::Host {
+                host_bytes: 101,
+                total: 101
+            })
+        );
     }
 
     #[test]
@@ -308,12 +318,7 @@ mod tests {
         let mut meter = MemoryMeter::new(100, 10, SHAPE);
         assert!(meter.memory_growing(0, 60, None).unwrap(), "first memory");
         assert!(!meter.memory_growing(0, 60, None).unwrap(), "second memory");
-        assert_eq!(
-            meter.refusal(),
-            Some(&Refusal::Memory {
-                requested_total: 120
-            })
-        );
+        assert_eq!(meter.refusal(), Some(&Refusal::Memory { requested_total: 120 }));
         assert_eq!(meter.peak_bytes(), 60);
         assert_eq!(meter.remaining_bytes(), 40);
     }

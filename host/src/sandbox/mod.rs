@@ -39,22 +39,16 @@ use wasmtime::component::Linker;
 pub use agent::{Agent, InvalidAgent};
 pub use artifact_trust::{ArtifactTrust, NetworkArtifactRefused, NotAComponent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
+pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant};
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
-    Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS,
-    UnsupportedTarget,
+    Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,
 };
+pub use grants::{AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants, InvalidGrant};
 pub use host_memory::HostLimits;
-pub use grants::{
-    AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants,
-    InvalidGrant,
-};
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 pub use run::{RunContext, RunRequest, RunResult};
-pub use capabilities::http::{
-    HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant,
-};
 
 use artifact_trust::ArtifactKind;
 use state::RunState;
@@ -92,16 +86,10 @@ pub enum SandboxError {
     /// An entry of `SandboxConfig.allowed_hosts` is not `host` or
     /// `host:port`.
     #[error("outbound HTTP grant for agent `{agent_id}`: {error}")]
-    AllowedHost {
-        agent_id: String,
-        error: InvalidHostGrant,
-    },
+    AllowedHost { agent_id: String, error: InvalidHostGrant },
     /// A grant in `SandboxConfig.grants` cannot be given.
     #[error("sandbox grant for agent `{agent_id}`: {error}")]
-    Grant {
-        agent_id: String,
-        error: InvalidGrant,
-    },
+    Grant { agent_id: String, error: InvalidGrant },
 }
 
 /// Why [`Sandbox::precompile_for`] produced nothing.
@@ -151,7 +139,11 @@ impl Sandbox {
         let grants = check_grants(&config)?;
         let (engine, allocator) = engine::build_engine(&config.engine, &config.limits).map_err(fail)?;
         let linker = capabilities::linker(&engine).map_err(fail)?;
-        let execution = if engine.is_pulley() { Execution::Pulley } else { Execution::Cranelift };
+        let execution = if engine.is_pulley() {
+            Execution::Pulley
+        } else {
+            Execution::Cranelift
+        };
         if execution != config.engine.execution {
             tracing::warn!(
                 "Cranelift has no backend for this host ({}): guests run under the Pulley \
@@ -160,11 +152,7 @@ impl Sandbox {
                 engine::pulley_host_target()
             );
         }
-        let llm = config
-            .llm
-            .map(llm::LlmClient::new)
-            .transpose()?
-            .map(Arc::new);
+        let llm = config.llm.map(llm::LlmClient::new).transpose()?.map(Arc::new);
         let compiled_cache = config
             .compiled_cache
             .as_ref()
@@ -216,14 +204,20 @@ impl Sandbox {
     /// The architecture of the code this node runs (`x86_64`, `pulley64`,
     /// ...), and the `compile --target` value that produces it.
     pub fn target(&self) -> (&'static str, String) {
-        (engine::engine_architecture(&self.engine), engine::host_precompile_target(&self.engine))
+        (
+            engine::engine_architecture(&self.engine),
+            engine::host_precompile_target(&self.engine),
+        )
     }
 
     /// Agent loads that did not compile (served in memory or from the
     /// on-disk cache), and loads that compiled.
     pub fn compile_cache_stats(&self) -> (u64, u64) {
         let counts = self.compile_counts();
-        (self.memory_hits.load(Ordering::Relaxed) + counts.cache_hits, counts.compiled)
+        (
+            self.memory_hits.load(Ordering::Relaxed) + counts.cache_hits,
+            counts.compiled,
+        )
     }
 
     pub fn limits(&self) -> &NodeLimits {
@@ -286,10 +280,7 @@ impl Sandbox {
             let linker = self.linker.clone();
             // A .cwasm loads quickly as it is; only .wasm compiled here is
             // cached, so every entry is native code this node produced.
-            let cache = self
-                .compiled_cache
-                .clone()
-                .filter(|_| made_from == ArtifactKind::Wasm);
+            let cache = self.compiled_cache.clone().filter(|_| made_from == ArtifactKind::Wasm);
             let counters = self.compile_counters.clone();
             let agent = tokio::task::spawn_blocking(move || {
                 let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
@@ -328,11 +319,7 @@ impl Sandbox {
     /// For bytes from the network, an agent loaded from a `.cwasm` (the
     /// operator's, with the same digest) is not served: reading the
     /// artifact refuses it. The on-disk entries are all compiled here.
-    pub async fn load_compiled(
-        &self,
-        digest: [u8; 32],
-        trust: &ArtifactTrust,
-    ) -> Option<Arc<Agent>> {
+    pub async fn load_compiled(&self, digest: [u8; 32], trust: &ArtifactTrust) -> Option<Arc<Agent>> {
         let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
             if agent.is_precompiled() && *trust != ArtifactTrust::Operator {
@@ -390,7 +377,13 @@ impl Sandbox {
             return Err(InvalidAgent("the file is already a precompiled .cwasm".into()));
         }
         let component = agent::compile(&self.engine, wasm, ArtifactKind::Wasm)?;
-        agent::link(&self.engine, &self.linker, &component, String::new(), ArtifactKind::Wasm)?;
+        agent::link(
+            &self.engine,
+            &self.linker,
+            &component,
+            String::new(),
+            ArtifactKind::Wasm,
+        )?;
         let artifact = component.serialize().map_err(|err| {
             InvalidAgent(format!(
                 "could not serialise the component: {}",
@@ -429,17 +422,24 @@ impl Sandbox {
         let no_grants = AgentGrants::default();
         let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
         self.announce_grants(&context.agent_id, grants);
-        run::execute(&self.engine, self.metering, &self.limits, self.llm.as_ref(), grants, agent, request)
-            .instrument(span)
-            .await
+        run::execute(
+            &self.engine,
+            self.metering,
+            &self.limits,
+            self.llm.as_ref(),
+            grants,
+            agent,
+            request,
+        )
+        .instrument(span)
+        .await
     }
 }
 
 /// Checks every agent's grants, merging the HTTP-only `allowed_hosts` into
 /// them.
 fn check_grants(config: &SandboxConfig) -> Result<BTreeMap<String, AgentGrants>, SandboxError> {
-    let agent_ids: BTreeSet<&String> =
-        config.grants.keys().chain(config.allowed_hosts.keys()).collect();
+    let agent_ids: BTreeSet<&String> = config.grants.keys().chain(config.allowed_hosts.keys()).collect();
     let no_grants = Grants::default();
     agent_ids
         .into_iter()

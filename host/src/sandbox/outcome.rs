@@ -183,11 +183,21 @@ mod tests {
         let failure = RunFailure::new(FailKind::AgentError, "é".repeat(20 * 1024 * 1024))
             .with_details("x".repeat(FAILURE_DETAILS_BYTES))
             .capped();
-        assert!(failure.message.len() <= FAILURE_MESSAGE_BYTES, "{}", failure.message.len());
-        assert!(failure.message.ends_with(" bytes cut]"), "{}", &failure.message[failure.message.len() - 40..]);
+        assert!(
+            failure.message.len() <= FAILURE_MESSAGE_BYTES,
+            "{}",
+            failure.message.len()
+        );
+        assert!(
+            failure.message.ends_with(" bytes cut]"),
+            "{}",
+            &failure.message[failure.message.len() - 40..]
+        );
         assert_eq!(failure.details.len(), FAILURE_DETAILS_BYTES, "at the cap: kept whole");
         assert_eq!(cut("short".into(), 10), "short");
-        let nul = RunFailure::new(FailKind::AgentError, "a\0b").with_details("\0").capped();
+        let nul = RunFailure::new(FailKind::AgentError, "a\0b")
+            .with_details("\0")
+            .capped();
         assert_eq!((nul.message.as_str(), nul.details.as_str()), ("a\u{fffd}b", "\u{fffd}"));
     }
 }

@@ -111,11 +111,19 @@ pub fn artifact_architecture(artifact: &[u8]) -> Option<&'static str> {
     };
     let u16_at = |at: usize| -> Option<u16> {
         let bytes: [u8; 2] = artifact.get(at..at + 2)?.try_into().ok()?;
-        Some(if big_endian { u16::from_be_bytes(bytes) } else { u16::from_le_bytes(bytes) })
+        Some(if big_endian {
+            u16::from_be_bytes(bytes)
+        } else {
+            u16::from_le_bytes(bytes)
+        })
     };
     let u32_at = |at: usize| -> Option<u32> {
         let bytes: [u8; 4] = artifact.get(at..at + 4)?.try_into().ok()?;
-        Some(if big_endian { u32::from_be_bytes(bytes) } else { u32::from_le_bytes(bytes) })
+        Some(if big_endian {
+            u32::from_be_bytes(bytes)
+        } else {
+            u32::from_le_bytes(bytes)
+        })
     };
     let flags = u32_at(flags_at)?;
     Some(match (u16_at(18)?, big_endian) {
@@ -142,10 +150,7 @@ mod tests {
         let mut sealed = seal(b"\x7fELF pretend artifact".to_vec());
         assert!(is_precompiled(&sealed));
         sealed[3] ^= 1;
-        assert!(matches!(
-            unseal(&sealed),
-            Err(PrecompiledError::DigestMismatch { .. })
-        ));
+        assert!(matches!(unseal(&sealed), Err(PrecompiledError::DigestMismatch { .. })));
     }
 
     /// The first 64 bytes of a little-endian ELF64 file.
@@ -160,13 +165,23 @@ mod tests {
     #[test]
     fn pulley_bytecode_is_told_from_riscv64_code_by_wasmtimes_elf_flags() {
         let component = 1 << 1;
-        assert_eq!(artifact_architecture(&elf64_header(EM_RISCV, component)), Some("riscv64"));
+        assert_eq!(
+            artifact_architecture(&elf64_header(EM_RISCV, component)),
+            Some("riscv64")
+        );
         let pulley64 = elf64_header(EM_RISCV, component | EF_WASMTIME_PULLEY64);
         assert_eq!(artifact_architecture(&pulley64), Some("pulley64"));
         let pulley32 = elf64_header(EM_RISCV, component | EF_WASMTIME_PULLEY32);
         assert_eq!(artifact_architecture(&pulley32), Some("pulley32"));
-        assert_eq!(artifact_architecture(&elf64_header(EM_AARCH64, component)), Some("aarch64"));
-        assert_eq!(artifact_architecture(&elf64_header(EM_X86_64, component)[..40]), None, "cut short");
+        assert_eq!(
+            artifact_architecture(&elf64_header(EM_AARCH64, component)),
+            Some("aarch64")
+        );
+        assert_eq!(
+            artifact_architecture(&elf64_header(EM_X86_64, component)[..40]),
+            None,
+            "cut short"
+        );
         assert_eq!(artifact_architecture(b"\0asm\x0d\0\x01\0"), None);
     }
 

@@ -19,15 +19,15 @@ use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
-use super::engine::Metering;
 use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
 use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
-use super::grants::AgentGrants;
 use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
-use super::llm::LlmClient;
 use super::capabilities::log::{RunLog, truncate};
+use super::engine::Metering;
 use super::engine::RUN_SHAPE;
+use super::grants::AgentGrants;
 use super::host_memory::{self, HostLimits};
+use super::llm::LlmClient;
 use super::meters::{MemoryMeter, Refusal, TokenMeter};
 use super::outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
 use super::output::{BoundedOutput, Overflow};
@@ -337,11 +337,7 @@ pub(crate) async fn execute(
 }
 
 fn wit_context(context: &RunContext) -> WitRunContext {
-    let pairs = |map: &BTreeMap<String, String>| {
-        map.iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<Vec<_>>()
-    };
+    let pairs = |map: &BTreeMap<String, String>| map.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
     WitRunContext {
         run_id: context.run_id.clone(),
         lease_id: context.lease_id.clone(),
@@ -468,10 +464,7 @@ impl Judge<'_> {
         if err.is::<DeadlineExceeded>() {
             return RunFailure::new(
                 FailKind::BudgetDeadline,
-                format!(
-                    "the run did not finish within its deadline ({})",
-                    self.deadline_text()
-                ),
+                format!("the run did not finish within its deadline ({})", self.deadline_text()),
             )
             .with_details(details);
         }
@@ -494,8 +487,7 @@ impl Judge<'_> {
             );
         }
         if let Some(refusal) = self.state.memory.refusal().cloned().or_else(|| self.host_limit(err)) {
-            return RunFailure::new(FailKind::BudgetMemory, self.refusal_message(&refusal))
-                .with_details(details);
+            return RunFailure::new(FailKind::BudgetMemory, self.refusal_message(&refusal)).with_details(details);
         }
         if self.stdout.overflowed() {
             return self.output_overflow().with_details(details);
@@ -602,9 +594,9 @@ impl Judge<'_> {
                 format_bytes(*host_bytes),
                 format_bytes(*total),
             ),
-            Refusal::HostResources { what, limit } => format!(
-                "the run holds {limit} {what} at once, the most a run may; drop them once used"
-            ),
+            Refusal::HostResources { what, limit } => {
+                format!("the run holds {limit} {what} at once, the most a run may; drop them once used")
+            }
             Refusal::HostcallData { limit } => format!(
                 "the agent handed the host more than {} in one call (a host call's arguments, \
                  or the result it returned), the most a call may carry",

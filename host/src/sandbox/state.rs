@@ -73,8 +73,7 @@ impl RunState {
 impl WasiHttpView for RunState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         if !self.host_refused {
-            let (within, walked) =
-                host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
+            let (within, walked) = host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
             self.host_refused = !within;
             self.host_work_fuel += walked * host_memory::FUEL_PER_ENTRY;
         }

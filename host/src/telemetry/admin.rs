@@ -77,10 +77,7 @@ pub enum AdminError {
         "cannot listen on {addr} for the admin endpoint: {source}; \
          choose a free address with --admin-listen or NodeRuntime.AdminListen"
     )]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 #[derive(Clone)]
@@ -106,7 +103,9 @@ impl AdminServer {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AdminError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| AdminError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr, source })?;
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
@@ -146,7 +145,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     // The probe may read the outbox (a disk read): off the async threads.
     let readiness = match tokio::task::spawn_blocking(move || probe.readiness()).await {
         Ok(readiness) => readiness,
-        Err(err) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("readiness check failed: {err}\n")).into_response(),
+        Err(err) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("readiness check failed: {err}\n"),
+            )
+                .into_response();
+        }
     };
     let problems = readiness.problems();
     if problems.is_empty() {
@@ -172,7 +177,11 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
         )
             .into_response(),
         Ok(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
-        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics failed: {err}\n")).into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("collecting metrics failed: {err}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -191,8 +200,15 @@ mod tests {
             draining: false,
         };
         assert!(ready.problems().is_empty());
-        let unready = Readiness { heartbeat_answered: false, outbox_depth: 100, ..ready };
+        let unready = Readiness {
+            heartbeat_answered: false,
+            outbox_depth: 100,
+            ..ready
+        };
         let problems = unready.problems().join("; ");
-        assert!(problems.contains("heartbeat") && problems.contains("outbox holds 100"), "{problems}");
+        assert!(
+            problems.contains("heartbeat") && problems.contains("outbox holds 100"),
+            "{problems}"
+        );
     }
 }

@@ -21,9 +21,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader;
-use opentelemetry_sdk::metrics::{
-    InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
-};
+use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
 
 /// The meter's (and tracer's) name, as the reference node names them.
 pub const METER_NAME: &str = "Node.Runtime";
@@ -169,8 +167,15 @@ const TOKENS: &[f64] = &[0.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.
 const COST_USD: &[f64] = &[0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 const FUEL: &[f64] = &[1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11];
 const MEMORY_BYTES: &[f64] = &[
-    1048576.0, 4194304.0, 16777216.0, 33554432.0, 67108864.0, 134217728.0, 268435456.0,
-    536870912.0, 1073741824.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
 ];
 const INSTANTIATE_US: &[f64] = &[10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0];
 
@@ -314,15 +319,47 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
     };
     type Pick = fn(&NodeCounts) -> u64;
     let counters: [(&'static str, &'static str, Pick); 9] = [
-        ("leases_received_total", "Leases received on the lease stream (duplicates included)", |c| c.leases_received),
-        ("leases_acknowledged_total", "Acks the control plane accepted", |c| c.leases_acknowledged),
-        ("agent_executions_total", "Runs started in the sandbox", |c| c.runs_started),
-        ("lease_stream_errors_total", "Lease streams that could not be opened or broke", |c| c.lease_stream_errors),
-        ("lease_stream_reconnects_total", "Lease streams reopened after the first", |c| c.lease_stream_reconnects),
-        ("heartbeat_failures_total", "Heartbeats that got no answer or an error", |c| c.heartbeat_failures),
-        ("reports_delivered_total", "Complete and Fail reports the control plane accepted", |c| c.reports_delivered),
-        ("agent_compile_cache_hits_total", "Agent resolutions served without compiling (agent store or sandbox cache)", |c| c.compile_cache_hits),
-        ("agent_compile_cache_misses_total", "Agent loads that compiled the component", |c| c.compile_cache_misses),
+        (
+            "leases_received_total",
+            "Leases received on the lease stream (duplicates included)",
+            |c| c.leases_received,
+        ),
+        ("leases_acknowledged_total", "Acks the control plane accepted", |c| {
+            c.leases_acknowledged
+        }),
+        ("agent_executions_total", "Runs started in the sandbox", |c| {
+            c.runs_started
+        }),
+        (
+            "lease_stream_errors_total",
+            "Lease streams that could not be opened or broke",
+            |c| c.lease_stream_errors,
+        ),
+        (
+            "lease_stream_reconnects_total",
+            "Lease streams reopened after the first",
+            |c| c.lease_stream_reconnects,
+        ),
+        (
+            "heartbeat_failures_total",
+            "Heartbeats that got no answer or an error",
+            |c| c.heartbeat_failures,
+        ),
+        (
+            "reports_delivered_total",
+            "Complete and Fail reports the control plane accepted",
+            |c| c.reports_delivered,
+        ),
+        (
+            "agent_compile_cache_hits_total",
+            "Agent resolutions served without compiling (agent store or sandbox cache)",
+            |c| c.compile_cache_hits,
+        ),
+        (
+            "agent_compile_cache_misses_total",
+            "Agent loads that compiled the component",
+            |c| c.compile_cache_misses,
+        ),
     ];
     for (name, description, pick) in counters {
         let read = read.clone();
@@ -340,14 +377,20 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
     let dropped = read.clone();
     let _ = meter
         .u64_observable_counter("outbox_reports_dropped_total")
-        .with_description("Reports dropped from the outbox: expired past the lease deadline plus grace, or over the size bound")
+        .with_description(
+            "Reports dropped from the outbox: expired past the lease deadline plus grace, or over the size bound",
+        )
         .with_callback(move |observe| {
             observe.observe(dropped().map_or(0, |o| o.counts().reports_dropped), &[]);
         })
         .build();
     let gauges: [(&'static str, &'static str, Pick); 2] = [
         ("active_leases", "Runs executing now", |c| c.active_leases),
-        ("available_slots", "Free slots, as the last heartbeat reports them", |c| c.available_slots),
+        (
+            "available_slots",
+            "Free slots, as the last heartbeat reports them",
+            |c| c.available_slots,
+        ),
     ];
     for (name, description, pick) in gauges {
         let read = read.clone();
@@ -391,10 +434,17 @@ mod tests {
 
     impl NodeObserver for Fixed {
         fn counts(&self) -> NodeCounts {
-            NodeCounts { leases_received: 3, available_slots: 2, ..NodeCounts::default() }
+            NodeCounts {
+                leases_received: 3,
+                available_slots: 2,
+                ..NodeCounts::default()
+            }
         }
         fn outbox_backlog(&self) -> Option<OutboxBacklog> {
-            Some(OutboxBacklog { depth: 1, oldest_age: Duration::from_secs(5) })
+            Some(OutboxBacklog {
+                depth: 1,
+                oldest_age: Duration::from_secs(5),
+            })
         }
     }
 
@@ -410,10 +460,17 @@ mod tests {
             fuel_consumed: 10,
             ..FinishedRun::default()
         });
-        metrics.run_finished(&FinishedRun { agent_id: "echo", executed: true, ..FinishedRun::default() });
+        metrics.run_finished(&FinishedRun {
+            agent_id: "echo",
+            executed: true,
+            ..FinishedRun::default()
+        });
         let text = metrics.prometheus_text().unwrap();
         for name in METRIC_NAMES {
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
         }
         assert!(text.contains("leases_received_total 3\n"), "{text}");
         assert!(text.contains("available_slots 2\n"), "{text}");

@@ -36,9 +36,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 pub use admin::{AdminError, AdminServer, Readiness, ReadinessProbe};
-pub use metrics::{
-    FinishedRun, METER_NAME, METRIC_NAMES, NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog,
-};
+pub use metrics::{FinishedRun, METER_NAME, METRIC_NAMES, NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog};
 pub use otlp::{OtlpSettings, ResourceIdentity};
 
 /// How log lines are written to stderr.
@@ -105,10 +103,17 @@ impl Telemetry {
             Some(otlp) => otlp::Providers::build(otlp, &settings.resource)?,
             None => (otlp::Providers::default(), None),
         };
-        let metrics = Arc::new(NodeMetrics::new(settings.resource.resource(settings.otlp.as_ref()), meter_reader));
+        let metrics = Arc::new(NodeMetrics::new(
+            settings.resource.resource(settings.otlp.as_ref()),
+            meter_reader,
+        ));
 
         let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
-        let span_events = if settings.console_spans { FmtSpan::CLOSE } else { FmtSpan::NONE };
+        let span_events = if settings.console_spans {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        };
         let stderr = match settings.log_format {
             LogFormat::Human => tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
@@ -142,7 +147,9 @@ impl Telemetry {
         if let Some(logger) = &providers.logger {
             // As on stderr, but never the transport crates: exporting a log
             // record must not log (and so export) again.
-            let quiet = format!("{filter},h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off");
+            let quiet = format!(
+                "{filter},h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off"
+            );
             layers.push(
                 opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::builder(logger)
                     .with_tracing_span_attributes(

@@ -71,8 +71,20 @@ fn series<T: Copy>(out: &mut String, metric: &Metric, data: &MetricData<T>, numb
                     sample(out, &bucket, point.attributes(), Some(&float(bound)), cumulative as f64);
                 }
                 sample(out, &bucket, point.attributes(), Some("+Inf"), point.count() as f64);
-                sample(out, &format!("{name}_sum"), point.attributes(), None, number(&point.sum()));
-                sample(out, &format!("{name}_count"), point.attributes(), None, point.count() as f64);
+                sample(
+                    out,
+                    &format!("{name}_sum"),
+                    point.attributes(),
+                    None,
+                    number(&point.sum()),
+                );
+                sample(
+                    out,
+                    &format!("{name}_count"),
+                    point.attributes(),
+                    None,
+                    point.count() as f64,
+                );
             }
         }
         MetricData::ExponentialHistogram(_) => {}
@@ -143,7 +155,13 @@ fn label_name(name: &str) -> String {
 fn sanitize(name: &str, colon: bool) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if out.starts_with(|c: char| c.is_ascii_digit()) || out.is_empty() {
         out.insert(0, '_');

@@ -15,16 +15,12 @@ use tracing::Instrument;
 use super::Node;
 use super::lease::{AcceptedLease, Report, Timings};
 use super::report;
-use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
 use crate::agent_store::{AgentDigest, DIGEST_METADATA_KEY};
+use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
 use crate::telemetry::{self, FinishedRun};
 use tracing::field::Empty;
 
-pub(super) async fn run(
-    node: Arc<Node>,
-    mut queue: mpsc::Receiver<AcceptedLease>,
-    runs: TaskTracker,
-) {
+pub(super) async fn run(node: Arc<Node>, mut queue: mpsc::Receiver<AcceptedLease>, runs: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = node.stop.cancelled() => break,
@@ -35,7 +31,10 @@ pub(super) async fn run(
         };
         // The contract's case: a lease already past its deadline fails,
         // retryable, without running (a re-lease comes with a new one).
-        if accepted.deadline().is_some_and(|deadline| deadline <= SystemTime::now()) {
+        if accepted
+            .deadline()
+            .is_some_and(|deadline| deadline <= SystemTime::now())
+        {
             let failure = RunFailure {
                 retryable: true,
                 ..RunFailure::new(

@@ -126,7 +126,10 @@ async fn heartbeat_until_forgotten(node: &Node, registered: Registered, backoff:
                 }
                 if !confirmed {
                     confirmed = true;
-                    confirm(node, "the control plane knows this node already (a heartbeat was answered); going on as registered");
+                    confirm(
+                        node,
+                        "the control plane knows this node already (a heartbeat was answered); going on as registered",
+                    );
                 }
             }
             Ok(HeartbeatAnswer::UnknownNode) => {

@@ -49,9 +49,7 @@ impl AcceptedLease {
     /// The same deadline on the monotonic clock, for timers.
     pub fn deadline_instant(&self) -> Option<Instant> {
         self.deadline().map(|deadline| {
-            let left = deadline
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
+            let left = deadline.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
             Instant::now() + left
         })
     }
@@ -91,14 +89,15 @@ fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
 /// malformed, all zeros) gets a fresh id, so logs still correlate.
 pub fn trace_id(raw: &str) -> String {
     let hex: String = raw.chars().filter(|c| *c != '-').collect();
-    let valid = hex.len() == 32
-        && hex.chars().all(|c| c.is_ascii_hexdigit())
-        && hex.chars().any(|c| c != '0');
+    let valid = hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()) && hex.chars().any(|c| c != '0');
     if valid {
         hex.to_ascii_lowercase()
     } else {
         if !raw.is_empty() {
-            tracing::warn!(trace_id = raw, "the lease's trace id is not a GUID or 32 hex digits; using a new one");
+            tracing::warn!(
+                trace_id = raw,
+                "the lease's trace id is not a GUID or 32 hex digits; using a new one"
+            );
         }
         uuid::Uuid::new_v4().simple().to_string()
     }
@@ -353,8 +352,16 @@ mod tests {
     #[test]
     fn a_result_is_sent_without_nul() {
         let result = crate::sandbox::ResultMap::from([("k\0".to_string(), "a\0b".to_string())]);
-        let report = Report::build(&accepted("lease-1"), "node-1", &RunOutcome::Completed(result), &RunReport::default(), timings());
-        let Report::Complete(complete) = report else { panic!("completed") };
+        let report = Report::build(
+            &accepted("lease-1"),
+            "node-1",
+            &RunOutcome::Completed(result),
+            &RunReport::default(),
+            timings(),
+        );
+        let Report::Complete(complete) = report else {
+            panic!("completed")
+        };
         assert_eq!(complete.result.get("k\u{fffd}").map(String::as_str), Some("a\u{fffd}b"));
     }
 
@@ -363,10 +370,22 @@ mod tests {
         // A result map far over what a plane takes (a node configured with
         // a large MaxResultBytes) becomes a budget.output Fail.
         let result: crate::sandbox::ResultMap = (0..300).map(|n| (format!("k{n}"), "v".repeat(20_000))).collect();
-        let report = Report::build(&accepted("lease-1"), "node-1", &RunOutcome::Completed(result), &RunReport::default(), timings());
+        let report = Report::build(
+            &accepted("lease-1"),
+            "node-1",
+            &RunOutcome::Completed(result),
+            &RunReport::default(),
+            timings(),
+        );
         assert!(report.encoded_len() <= MAX_REPORT_BYTES, "{}", report.encoded_len());
-        let Report::Fail(fail) = &report else { panic!("a Complete of 6 MB was sent") };
-        assert!(fail.error_message.contains("larger than the control plane accepts"), "{}", fail.error_message);
+        let Report::Fail(fail) = &report else {
+            panic!("a Complete of 6 MB was sent")
+        };
+        assert!(
+            fail.error_message.contains("larger than the control plane accepts"),
+            "{}",
+            fail.error_message
+        );
         assert!(fail.error_details.contains("budget.output"), "{}", fail.error_details);
         assert!(!fail.retryable);
         // A failure built around the caps (message and details full of
@@ -374,14 +393,30 @@ mod tests {
         let failure = RunFailure::new(FailKind::AgentError, "\u{1}".repeat(20 << 20))
             .with_details("\u{1}".repeat(20 << 20))
             .capped();
-        let report = Report::build(&accepted("lease-2"), "node-1", &RunOutcome::Failed(failure), &RunReport::default(), timings());
+        let report = Report::build(
+            &accepted("lease-2"),
+            "node-1",
+            &RunOutcome::Failed(failure),
+            &RunReport::default(),
+            timings(),
+        );
         assert!(report.encoded_len() <= MAX_REPORT_BYTES, "{}", report.encoded_len());
         // Uncapped (as an older node's outbox may hold it) it is shrunk.
         let failure = RunFailure::new(FailKind::AgentError, "m".repeat(20 << 20)).with_details("d".repeat(20 << 20));
-        let report = Report::build(&accepted("lease-3"), "node-1", &RunOutcome::Failed(failure), &RunReport::default(), timings());
+        let report = Report::build(
+            &accepted("lease-3"),
+            "node-1",
+            &RunOutcome::Failed(failure),
+            &RunReport::default(),
+            timings(),
+        );
         assert!(report.encoded_len() < 16 * 1024, "{}", report.encoded_len());
         let Report::Fail(fail) = &report else { panic!() };
-        assert!(fail.error_details.contains("agent.error") && fail.error_message.ends_with("bytes cut]"), "{}", fail.error_details);
+        assert!(
+            fail.error_details.contains("agent.error") && fail.error_message.ends_with("bytes cut]"),
+            "{}",
+            fail.error_details
+        );
     }
 
     #[test]

@@ -37,11 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent_store::AgentStore;
-use crate::outbox::{self, Outbox};
 use crate::control_plane::{
-    self, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError,
-    TlsOptions,
+    self, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError, TlsOptions,
 };
+use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
 use crate::telemetry::{NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog, Readiness, ReadinessProbe};
 
@@ -175,7 +174,11 @@ impl Node {
 
     /// What the heartbeat reports: 0 once draining.
     fn reported_available_slots(&self) -> u32 {
-        if self.stop.is_cancelled() { 0 } else { self.available_slots() }
+        if self.stop.is_cancelled() {
+            0
+        } else {
+            self.available_slots()
+        }
     }
 
     fn backlog(&self) -> Option<OutboxBacklog> {
@@ -315,7 +318,9 @@ impl NodeHandle {
         }
         control_plane::install_crypto_provider();
         // REST calls must end before the next heartbeat is due.
-        let rest_timeout = settings.heartbeat_interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let rest_timeout = settings
+            .heartbeat_interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
         let rest = RestClient::new(
             &settings.control_plane_url,
             control_plane::registration::http_client_with(rest_timeout, &tls)?,

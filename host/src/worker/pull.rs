@@ -155,13 +155,8 @@ async fn accept(node: &Arc<Node>, leases: Vec<Lease>) -> Vec<AcceptedLease> {
         .leases_received
         .fetch_add(leases.len() as u64, Ordering::Relaxed);
     let (fresh, seen): (Vec<Lease>, Vec<Lease>) = {
-        let mut seen = node
-            .seen
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        leases
-            .into_iter()
-            .partition(|lease| seen.insert(&lease.lease_id))
+        let mut seen = node.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        leases.into_iter().partition(|lease| seen.insert(&lease.lease_id))
     };
     let keys: Vec<(&str, i64)> = fresh
         .iter()

@@ -17,7 +17,7 @@ use super::Node;
 use super::lease::{AcceptedLease, Report, Timings};
 use crate::control_plane::Backoff;
 use crate::outbox;
-use crate::sandbox::{RunOutcome, RunFailure, RunReport};
+use crate::sandbox::{RunFailure, RunOutcome, RunReport};
 use crate::telemetry::FinishedRun;
 use tracing::Instrument;
 
@@ -49,12 +49,7 @@ pub(super) fn hand_back(node: &Arc<Node>, accepted: &AcceptedLease, failure: Run
 /// Stores `report` in the outbox (synced), then sends it in the
 /// background, retrying until answered. `deadline_unix_ms` is its lease's;
 /// `lease_span`, when given, is the parent of the delivery's span.
-pub(super) fn deliver(
-    node: &Arc<Node>,
-    report: Report,
-    deadline_unix_ms: i64,
-    lease_span: Option<&tracing::Span>,
-) {
+pub(super) fn deliver(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, lease_span: Option<&tracing::Span>) {
     let lease_id = report.lease_id().to_string();
     if !mark_delivering(node, &lease_id) {
         tracing::warn!(%lease_id, "a report for this lease is being delivered already");
@@ -65,8 +60,12 @@ pub(super) fn deliver(
         Report::Fail(_) => "Fail",
     };
     let span = match lease_span {
-        Some(parent) => tracing::info_span!(parent: parent, "report", "report.kind" = kind, "report.attempts" = tracing::field::Empty),
-        None => tracing::info_span!("report", "lease.id" = %lease_id, "report.kind" = kind, "report.attempts" = tracing::field::Empty),
+        Some(parent) => {
+            tracing::info_span!(parent: parent, "report", "report.kind" = kind, "report.attempts" = tracing::field::Empty)
+        }
+        None => {
+            tracing::info_span!("report", "lease.id" = %lease_id, "report.kind" = kind, "report.attempts" = tracing::field::Empty)
+        }
     };
     let node = node.clone();
     node.reports.clone().spawn(async move {
@@ -192,7 +191,10 @@ async fn send(node: &Arc<Node>, mut report: Report, deadline_unix_ms: i64, writt
     let remove = loop {
         attempts += 1;
         tracing::Span::current().record("report.attempts", attempts);
-        if node.outbox.expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms()) {
+        if node
+            .outbox
+            .expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms())
+        {
             expired(node, &lease_id);
             break true;
         }

@@ -38,7 +38,11 @@ impl Guest for Probe {
         seen.push(("llm".to_string(), llm));
         seen.push(("http".to_string(), fetch("example.com")));
 
-        log::log(log::Level::Info, "probed", &[("entries".to_string(), seen.len().to_string())]);
+        log::log(
+            log::Level::Info,
+            "probed",
+            &[("entries".to_string(), seen.len().to_string())],
+        );
         Ok(seen)
     }
 }

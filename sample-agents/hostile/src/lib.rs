@@ -110,7 +110,10 @@ impl Guest for Hostile {
                 let content = "\u{1}".repeat(number(&context, "bytes", 2_000_000));
                 let request = llm::ChatRequest {
                     model: None,
-                    messages: vec![llm::Message { role: llm::Role::User, content }],
+                    messages: vec![llm::Message {
+                        role: llm::Role::User,
+                        content,
+                    }],
                     max_tokens: None,
                     temperature: None,
                 };
@@ -222,8 +225,13 @@ fn header_map(context: &RunContext) -> Result<wasi::http::types::Fields, AgentEr
 /// A GET of `url` (`http://host:port/path`), sent.
 fn get(url: &str) -> Result<wasi::http::types::FutureIncomingResponse, AgentError> {
     use wasi::http::types::{Fields, Method, OutgoingRequest, Scheme};
-    let failed = |message: String| AgentError { message, retryable: false };
-    let rest = url.strip_prefix("http://").ok_or_else(|| failed(format!("not an http:// URL: {url:?}")))?;
+    let failed = |message: String| AgentError {
+        message,
+        retryable: false,
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| failed(format!("not an http:// URL: {url:?}")))?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let request = OutgoingRequest::new(Fields::new());
     let _ = request.set_method(&Method::Get);
@@ -266,7 +274,9 @@ fn probe_heap() -> (usize, Vec<u64>) {
     let base = std::hint::black_box(block.as_ptr());
     // SAFETY: the 4096 words are allocated; any bit pattern is a valid u64,
     // and wasm memory always holds some bytes.
-    let found = (0..4096).filter(|&i| unsafe { std::ptr::read_volatile(base.add(i)) } == RESIDUE).count();
+    let found = (0..4096)
+        .filter(|&i| unsafe { std::ptr::read_volatile(base.add(i)) } == RESIDUE)
+        .count();
     (found, block)
 }
 

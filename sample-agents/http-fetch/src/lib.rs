@@ -10,9 +10,7 @@
 wit_bindgen::generate!({ world: "agent", path: "../../wit", generate_all });
 
 use wasi::http::outgoing_handler;
-use wasi::http::types::{
-    Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
-};
+use wasi::http::types::{Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme};
 use wasi::io::streams::StreamError;
 
 struct HttpFetch;
@@ -63,7 +61,9 @@ fn fetch(url: &str, body: Option<&str>, seen: &mut Vec<(String, String)>) -> Res
     let _ = request.set_scheme(Some(&scheme));
     let _ = request.set_authority(Some(authority));
     let _ = request.set_path_with_query(Some(path));
-    let outgoing = request.body().map_err(|()| "the request body was already taken".to_string())?;
+    let outgoing = request
+        .body()
+        .map_err(|()| "the request body was already taken".to_string())?;
     // Generous timeouts of its own: the node bounds them by the run's
     // deadline.
     let options = RequestOptions::new();
@@ -86,10 +86,14 @@ fn fetch(url: &str, body: Option<&str>, seen: &mut Vec<(String, String)>) -> Res
         _ => return Err("no response".to_string()),
     };
     seen.push(("status".to_string(), response.status().to_string()));
-    let incoming = response.consume().map_err(|()| "the body was already taken".to_string())?;
+    let incoming = response
+        .consume()
+        .map_err(|()| "the body was already taken".to_string())?;
     let mut bytes: u64 = 0;
     {
-        let stream = incoming.stream().map_err(|()| "the body stream was already taken".to_string())?;
+        let stream = incoming
+            .stream()
+            .map_err(|()| "the body stream was already taken".to_string())?;
         loop {
             match stream.blocking_read(64 * 1024) {
                 Ok(chunk) => bytes += chunk.len() as u64,

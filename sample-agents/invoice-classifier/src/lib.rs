@@ -73,22 +73,25 @@ impl Guest for InvoiceClassifier {
             .ok_or_else(|| fail("no invoice: input_ref[\"message\"] is missing", false))?;
         serde_json::from_str::<serde_json::Value>(invoice)
             .map_err(|err| fail(format!("the invoice is not JSON: {err}"), false))?;
-        let instructions =
-            lookup(&context.metadata, "instructions").unwrap_or(DEFAULT_INSTRUCTIONS);
+        let instructions = lookup(&context.metadata, "instructions").unwrap_or(DEFAULT_INSTRUCTIONS);
 
         let answer = llm::chat(&ChatRequest {
             model: None,
             messages: vec![
-                Message { role: Role::System, content: instructions.to_string() },
-                Message { role: Role::User, content: invoice.to_string() },
+                Message {
+                    role: Role::System,
+                    content: instructions.to_string(),
+                },
+                Message {
+                    role: Role::User,
+                    content: invoice.to_string(),
+                },
             ],
             max_tokens: Some(400),
             temperature: Some(0.0),
         })
         .map_err(|error| match error {
-            llm::LlmError::Timeout(m) | llm::LlmError::Provider(m) => {
-                fail(format!("the LLM failed: {m}"), true)
-            }
+            llm::LlmError::Timeout(m) | llm::LlmError::Provider(m) => fail(format!("the LLM failed: {m}"), true),
             other => fail(format!("the LLM refused: {other:?}"), false),
         })?;
         let classification = parse(&answer.content)?;
@@ -102,8 +105,7 @@ impl Guest for InvoiceClassifier {
         );
 
         if let Some(target) = lookup(&context.metadata, "target_url") {
-            let message_id = lookup(&context.input_ref, "messageId")
-                .unwrap_or(&classification.invoice_number);
+            let message_id = lookup(&context.input_ref, "messageId").unwrap_or(&classification.invoice_number);
             let key = format!("{}-{}", context.run_id, message_id);
             let body = serde_json::to_vec(&classification).expect("a classification serialises");
             post_with_retries(target, &key, &body)?;
@@ -137,14 +139,20 @@ fn parse(content: &str) -> Result<Classification, AgentError> {
         .trim();
     let classification: Classification = serde_json::from_str(trimmed).map_err(|err| {
         let shown: String = content.chars().take(200).collect();
-        fail(format!("the model's answer is not the classification asked for ({err}): {shown}"), false)
+        fail(
+            format!("the model's answer is not the classification asked for ({err}): {shown}"),
+            false,
+        )
     })?;
     let Some((_, department)) = ROUTING
         .iter()
         .find(|(category, _)| *category == classification.vendor_category)
     else {
         return Err(fail(
-            format!("the model chose an unknown category {:?}", classification.vendor_category),
+            format!(
+                "the model chose an unknown category {:?}",
+                classification.vendor_category
+            ),
             false,
         ));
     };
@@ -207,7 +215,9 @@ fn post(url: &str, idempotency_key: &str, body: &[u8]) -> Result<u16, String> {
     let _ = request.set_scheme(Some(&scheme));
     let _ = request.set_authority(Some(authority));
     let _ = request.set_path_with_query(Some(path));
-    let outgoing = request.body().map_err(|()| "the request body was already taken".to_string())?;
+    let outgoing = request
+        .body()
+        .map_err(|()| "the request body was already taken".to_string())?;
     let pending = outgoing_handler::handle(request, None).map_err(|code| format!("{code:?}"))?;
     {
         let stream = outgoing.write().map_err(|()| "cannot write the body".to_string())?;

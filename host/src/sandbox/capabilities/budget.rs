@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use wasmtime::component::Linker;
 use wasmtime::StoreContextMut;
+use wasmtime::component::Linker;
 
 use crate::sandbox::bindings::budget::RemainingBudget;
 use crate::sandbox::state::RunState;
@@ -20,10 +20,7 @@ pub fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
             let state = store.data();
             // Less what the run owes for host work it caused.
             let fuel = store.get_fuel()?.saturating_sub(state.host_work_fuel);
-            let time_ms = state
-                .deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis();
+            let time_ms = state.deadline.saturating_duration_since(Instant::now()).as_millis();
             Ok((RemainingBudget {
                 fuel,
                 memory_bytes: state.memory.remaining_bytes(),

@@ -211,10 +211,12 @@ impl EgressPolicy {
         if !valid {
             return None;
         }
-        let span_id = span_id.filter(|id| *id != 0).unwrap_or_else(|| loop {
-            let id: u64 = rand::random();
-            if id != 0 {
-                break id;
+        let span_id = span_id.filter(|id| *id != 0).unwrap_or_else(|| {
+            loop {
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
             }
         });
         HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok()
@@ -258,9 +260,7 @@ pub(crate) fn destination(uri: &http::Uri) -> Option<(String, u16)> {
 fn owned_headers(headers: &http::HeaderMap, limit: usize) -> Option<http::HeaderMap> {
     let size: usize = headers
         .iter()
-        .map(|(name, value)| {
-            name.as_str().len() + size_of::<HeaderName>() + value.len() + size_of::<HeaderValue>()
-        })
+        .map(|(name, value)| name.as_str().len() + size_of::<HeaderName>() + value.len() + size_of::<HeaderValue>())
         .sum();
     if size > limit {
         return None;
@@ -432,15 +432,43 @@ mod tests {
     }
 
     fn policy(node: &[&str], metadata: Option<&str>) -> EgressPolicy {
-        EgressPolicy::new(&grants(node), metadata, "run-1", "4bf92f3577b34da6a3ce929d0e0e4736", Instant::now(), HostLimits::default())
+        EgressPolicy::new(
+            &grants(node),
+            metadata,
+            "run-1",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            Instant::now(),
+            HostLimits::default(),
+        )
     }
 
     #[test]
     fn entries_parse_hosts_ports_and_ipv6() {
-        assert_eq!(HostGrant::parse("API.example.com").unwrap(), HostGrant { host: "api.example.com".into(), port: None });
+        assert_eq!(
+            HostGrant::parse("API.example.com").unwrap(),
+            HostGrant {
+                host: "api.example.com".into(),
+                port: None
+            }
+        );
         assert_eq!(HostGrant::parse("127.0.0.1:8080").unwrap().port, Some(8080));
-        assert_eq!(HostGrant::parse("[::1]:9").unwrap(), HostGrant { host: "[::1]".into(), port: Some(9) });
-        for bad in ["", "https://x.com", "x.com:http", "x.com:0", "x.com:70000", "a/b", ":80", "*.x.com"] {
+        assert_eq!(
+            HostGrant::parse("[::1]:9").unwrap(),
+            HostGrant {
+                host: "[::1]".into(),
+                port: Some(9)
+            }
+        );
+        for bad in [
+            "",
+            "https://x.com",
+            "x.com:http",
+            "x.com:0",
+            "x.com:70000",
+            "a/b",
+            ":80",
+            "*.x.com",
+        ] {
             assert!(HostGrant::parse(bad).is_err(), "{bad}");
         }
     }
@@ -498,7 +526,10 @@ mod tests {
         let a = policy.traceparent(None).unwrap();
         let b = policy.traceparent(None).unwrap();
         let a = a.to_str().unwrap();
-        assert!(a.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && a.ends_with("-01"), "{a}");
+        assert!(
+            a.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && a.ends_with("-01"),
+            "{a}"
+        );
         assert_eq!(a.len(), 55);
         assert_ne!(a, b.to_str().unwrap());
     }

@@ -134,10 +134,7 @@ impl Host for RunState {
         Ok(ChatResponse {
             content: answer.content,
             model: answer.model,
-            usage: Usage {
-                tokens_in,
-                tokens_out,
-            },
+            usage: Usage { tokens_in, tokens_out },
             finish_reason: answer.finish_reason,
         })
     }

@@ -125,12 +125,7 @@ pub(crate) fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 }
 
 impl Host for RunState {
-    fn log(
-        &mut self,
-        level: Level,
-        message: String,
-        fields: Vec<(String, String)>,
-    ) -> wasmtime::Result<()> {
+    fn log(&mut self, level: Level, message: String, fields: Vec<(String, String)>) -> wasmtime::Result<()> {
         // The message and each field were copied out of the guest and are
         // looked at here: host work a flood of fields or a loop of large
         // messages would otherwise get for free.
@@ -179,7 +174,9 @@ mod tests {
         assert!(text.starts_with("k0=vvv"), "{text}");
         assert!(text.len() < 80, "{} bytes: {text}", text.len());
         assert!(text.ends_with("bytes cut]"), "{text}");
-        let (_, short) = log.line("m", &[("a".into(), "1".into()), ("b".into(), "2".into())]).unwrap();
+        let (_, short) = log
+            .line("m", &[("a".into(), "1".into()), ("b".into(), "2".into())])
+            .unwrap();
         assert_eq!(short, "a=1 b=2");
     }
 

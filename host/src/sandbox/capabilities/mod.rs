@@ -7,8 +7,8 @@ pub mod llm;
 pub mod log;
 pub mod random;
 
-use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings;
 use super::state::RunState;
