@@ -110,7 +110,7 @@ async fn main() {
         "{:<10} {:>14} {:>14} {:>14} {:>14} {:>16} {:>16}",
         "engine", "sieve median", "sieve p99", "echo median", "echo p99", "compile sieve", "compile echo"
     );
-    let spreads: Vec<(Execution, Spread, Spread, [Duration; 2])> = variants
+    let spreads: Vec<Measured> = variants
         .into_iter()
         .map(|v| {
             (
@@ -133,12 +133,14 @@ async fn main() {
             ms(compile[1]),
         );
     }
-    let ratio = |pick: fn(&(Execution, Spread, Spread, [Duration; 2])) -> Duration| {
-        pick(&spreads[1]).as_secs_f64() / pick(&spreads[0]).as_secs_f64()
-    };
+    let ratio = |pick: fn(&Measured) -> Duration| pick(&spreads[1]).as_secs_f64() / pick(&spreads[0]).as_secs_f64();
     println!(
         "pulley / cranelift: sieve {:.1}x, echo {:.1}x (medians)",
         ratio(|s| s.1.median),
         ratio(|s| s.2.median)
     );
 }
+
+/// One engine's readings: the sieve's and echo's spreads, and the two
+/// compile times.
+type Measured = (Execution, Spread, Spread, [Duration; 2]);

@@ -11,6 +11,8 @@
 //! - [`proto`]: the control plane's LeaseService, generated from `proto/`.
 //! - [`control_plane`]: the client of the control plane (REST and gRPC).
 //! - [`worker`]: a node's life: register, heartbeat, pull, run, report, drain.
+//! - [`outbox`]: what the node owes the control plane, on disk (redb) across restarts.
+//! - [`telemetry`]: logs, OpenTelemetry, the metrics registry, the admin endpoint.
 //! - [`dev_plane`]: a control plane for development and tests (REST, gRPC, run submission).
 //! - [`cli`]: the `node-runtime` command line.
 

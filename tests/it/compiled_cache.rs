@@ -40,7 +40,7 @@ fn engine_dir(dir: &Path) -> PathBuf {
 }
 
 fn entry_for(dir: &Path, agent: &str) -> PathBuf {
-    let digest = hex::encode(Sha256::digest(&agent_bytes(agent)));
+    let digest = hex::encode(Sha256::digest(agent_bytes(agent)));
     engine_dir(dir).join(format!("{digest}.cwasm"))
 }
 

@@ -77,11 +77,14 @@ impl FetchError {
     }
 }
 
+/// An agent id and a version.
+type AgentVersion = (String, String);
+
 pub struct DownloadCache {
     dir: PathBuf,
     /// One lock per version being fetched: the first caller downloads,
     /// the others wait and then find the file.
-    in_flight: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: Mutex<HashMap<AgentVersion, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl DownloadCache {

@@ -128,7 +128,7 @@ impl ClientCertVerifier for AllowedSubjects {
             return Ok(verified);
         }
         let subject = common_name(end_entity).unwrap_or_default();
-        if self.allowed.iter().any(|allowed| *allowed == subject) {
+        if self.allowed.contains(&subject) {
             Ok(verified)
         } else {
             tracing::warn!(%subject, allowed = ?self.allowed, "client certificate refused: its subject is not allowed");

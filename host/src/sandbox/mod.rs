@@ -101,6 +101,10 @@ pub enum PrecompileError {
     Agent(#[from] InvalidAgent),
 }
 
+/// Where the agent compiled from one artifact is, or will be once its
+/// first load has compiled it.
+type AgentCell = Arc<tokio::sync::OnceCell<Arc<Agent>>>;
+
 /// The process's one WebAssembly engine and the agents compiled for it.
 pub struct Sandbox {
     engine: Engine,
@@ -123,7 +127,7 @@ pub struct Sandbox {
     /// per artifact, so that runs arriving together for an agent not yet
     /// compiled wait for one compilation instead of each starting their own
     /// (an 18 MB component takes seconds to compile, tens in a debug build).
-    agents: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Arc<Agent>>>>>,
+    agents: Mutex<HashMap<[u8; 32], AgentCell>>,
     /// Compiled components on disk, when configured.
     compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
     compile_counters: Arc<compiled_cache::Counters>,
@@ -359,7 +363,7 @@ impl Sandbox {
         self.compiled_cache.as_ref().map(|cache| cache.root())
     }
 
-    fn cell(&self, digest: [u8; 32]) -> Arc<tokio::sync::OnceCell<Arc<Agent>>> {
+    fn cell(&self, digest: [u8; 32]) -> AgentCell {
         self.agents
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -247,10 +247,8 @@ async fn send(node: &Arc<Node>, mut report: Report, deadline_unix_ms: i64, writt
             }
         }
     };
-    if remove {
-        if let Err(err) = node.outbox.remove_async(&lease_id).await {
-            outbox_error(node, &lease_id, &err);
-        }
+    if remove && let Err(err) = node.outbox.remove_async(&lease_id).await {
+        outbox_error(node, &lease_id, &err);
     }
     // Only now: a stored copy is gone before another task may look for it.
     node.delivering

@@ -247,7 +247,7 @@ fn number(context: &RunContext, key: &str, default: usize) -> usize {
 
 /// Written by every `residue` run; a fresh instance starts with zero.
 static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-const RESIDUE: u64 = 0x5ec2_e7_1e_f7_0e_e2;
+const RESIDUE: u64 = 0x5e_c2e7_1ef7_0ee2;
 
 fn residue(seen: &mut Vec<(String, String)>) {
     use std::sync::atomic::Ordering;

@@ -36,11 +36,11 @@ fn main() {
         }
     };
 
-    if let Some(code) = context.input_ref.get("exit-code") {
-        if let Ok(code @ (..=-1 | 1..)) = code.parse::<i32>() {
-            eprintln!("asked to exit with {code}");
-            exit(code);
-        }
+    if let Some(code) = context.input_ref.get("exit-code")
+        && let Ok(code @ (..=-1 | 1..)) = code.parse::<i32>()
+    {
+        eprintln!("asked to exit with {code}");
+        exit(code);
     }
 
     // Same mapping as the `echo` agent; later entries win on a repeated key.
