@@ -672,8 +672,11 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
         .unwrap();
     let refused = anonymous.get(format!("{url}/v1/runs")).send().await.unwrap_err();
     let why = node_runtime::control_plane::tls::describe(&refused);
+    // Under TLS 1.3 the server refuses after the client's side of the
+    // handshake: its alert names the cause, unless the connection's close
+    // wins the race (seen under load), which refuses just the same.
     assert!(
-        why.contains("CertificateRequired"),
+        why.contains("CertificateRequired") || why.contains("connection was not ready"),
         "refused for want of a certificate: {why}"
     );
 
