@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bench::wait_for_quiet_machine;
-use node_runtime::config::Secret;
 use node_runtime::sandbox::{
     BudgetRequest, EngineSettings, LlmSettings, NodeLimits, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
+use node_runtime::support::Secret;
 
 const ANSWER_AFTER: Duration = Duration::from_secs(30);
 /// Added to ANSWER_AFTER per run of the largest N, for the ramp-up.

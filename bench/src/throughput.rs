@@ -84,12 +84,13 @@ async fn start(slots: u32, agents: &Path, scratch: &Path) -> Setup {
         metadata: BTreeMap::new(),
         drain_timeout: Duration::from_secs(10),
     };
-    let node = NodeHandle::start(
+    let node = NodeHandle::builder(
         settings,
         Arc::new(sandbox),
         Arc::new(AgentStore::new(vec![agents.to_path_buf()])),
         Outbox::open(&outbox_dir).expect("outbox"),
     )
+    .start()
     .expect("node starts");
     // Wait for registration, and warm the agent (compile) with one run.
     let setup = Setup { plane, node };

@@ -99,10 +99,10 @@ pub fn egress(entries: &[String], metadata_allow: Option<&str>, uri: &str) {
 
 /// The command line's value parsers.
 pub fn cli_values(text: &str) {
-    if let Ok(bytes) = crate::cli::parse_size(text) {
+    if let Ok(bytes) = support::units::parse_size(text) {
         let _ = bytes;
     }
-    let _ = crate::cli::parse_duration(text);
+    let _ = support::units::parse_duration(text);
     if let Ok((key, value)) = crate::cli::parse_key_value(text) {
         assert!(!key.is_empty());
         assert_eq!(format!("{key}={value}"), text);

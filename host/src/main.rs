@@ -10,7 +10,7 @@ use node_runtime::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

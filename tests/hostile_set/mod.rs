@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
-use node_runtime::config::Secret;
 use node_runtime::sandbox::outcome::{FAILURE_DETAILS_BYTES, FAILURE_MESSAGE_BYTES};
 use node_runtime::sandbox::{
     Agent, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, HostLimits, LlmSettings, NodeLimits, RunFailure,
     RunOutcome, RunResult, Sandbox, SandboxConfig,
 };
+use node_runtime::support::Secret;
 
 use crate::support::*;
 

@@ -119,7 +119,7 @@ fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
     })
     .unwrap();
     let outbox_dir = tempfile::tempdir().unwrap();
-    NodeHandle::start(
+    NodeHandle::builder(
         NodeSettings {
             node_id: "store-node".to_string(),
             control_plane_url: plane.url(),
@@ -138,6 +138,7 @@ fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
         Arc::new(store),
         Outbox::open(outbox_dir.path()).unwrap(),
     )
+    .start()
     .unwrap()
 }
 
@@ -190,7 +191,7 @@ fn failure(run: &Run) -> (String, String, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_runs_of_a_new_version_download_it_once_and_a_restart_reuses_the_copy() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
     artifacts
@@ -231,7 +232,7 @@ async fn twenty_runs_of_a_new_version_download_it_once_and_a_restart_reuses_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_or_missing_pin_and_a_missing_version_fail_for_good() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
     artifacts
@@ -294,7 +295,7 @@ async fn a_wrong_or_missing_pin_and_a_missing_version_fail_for_good() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behind() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let (base, artifacts) = start_artifact_server().await;
     let bytes = echo_bytes();
     artifacts.files.lock().unwrap().insert(
@@ -688,7 +689,7 @@ fn fuel_of_failure(run: &Run) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cwasm_from_the_http_source_is_refused_and_never_run_but_runs_from_the_agents_directory() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let [work, agents, data] = [(); 3].map(|_| tempfile::tempdir().unwrap());
     let cwasm = echo_cwasm(work.path());
     let (base, artifacts) = start_artifact_server().await;
@@ -744,7 +745,7 @@ async fn a_cwasm_from_the_http_source_is_refused_and_never_run_but_runs_from_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_from_the_http_source_is_not_followed() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let (agents, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (base, artifacts) = start_artifact_server().await;
     let elsewhere = format!("{base}/agents/moved/echo.wasm");

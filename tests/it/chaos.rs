@@ -33,7 +33,7 @@ async fn wait_for_plane(http: &reqwest::Client, url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -56,7 +56,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
         ..SandboxConfig::default()
     })
     .unwrap();
-    let node = NodeHandle::start(
+    let node = NodeHandle::builder(
         NodeSettings {
             node_id: "chaos-node".into(),
             control_plane_url: url.clone(),
@@ -75,6 +75,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
         Arc::new(AgentStore::new(vec![agents.path().to_path_buf()])),
         Outbox::open(node_data.path()).unwrap(),
     )
+    .start()
     .unwrap();
 
     const RUNS: usize = 1000;
@@ -181,7 +182,7 @@ async fn ended(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -284,7 +285,7 @@ fn leases(count: usize) -> Vec<node_runtime::proto::Lease> {
 
 fn scripted_node(url: &str, agents: &tempfile::TempDir, outbox_dir: &tempfile::TempDir) -> NodeHandle {
     let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
-    NodeHandle::start(
+    NodeHandle::builder(
         NodeSettings {
             node_id: "node-1".into(),
             control_plane_url: url.to_string(),
@@ -303,6 +304,7 @@ fn scripted_node(url: &str, agents: &tempfile::TempDir, outbox_dir: &tempfile::T
         Arc::new(AgentStore::new(vec![agents.path().to_path_buf()])),
         Outbox::open(outbox_dir.path()).unwrap(),
     )
+    .start()
     .unwrap()
 }
 

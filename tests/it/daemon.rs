@@ -46,12 +46,13 @@ fn start_node(url: &str, slots: u32, agents: &tempfile::TempDir) -> NodeHandle {
     })
     .unwrap();
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    NodeHandle::start(
+    NodeHandle::builder(
         settings(url, slots),
         Arc::new(sandbox),
         Arc::new(store),
         scratch_outbox(),
     )
+    .start()
     .unwrap()
 }
 
@@ -526,7 +527,7 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let data = tempfile::tempdir().unwrap();
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     let mut plane = spawn_plane_process(port, data.path(), "10s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || {

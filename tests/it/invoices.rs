@@ -19,12 +19,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use node_runtime::agent_store::AgentStore;
-use node_runtime::config::Secret;
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
 use node_runtime::sandbox::{
     BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, RunOutcome, RunRequest, Sandbox, SandboxConfig,
 };
+use node_runtime::support::Secret;
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
 
@@ -149,7 +149,7 @@ async fn the_javascript_invoice_classifier_passes_the_invoice_suite() {
 /// The whole suite against one built agent, `target/agents/{agent}.wasm`,
 /// which runs under the agent id `agent`.
 async fn invoice_suite(agent: &str) {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let model_addr = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(model))).await;
     let api = Arc::new(TargetApi::default());
     let target_addr = serve(
@@ -204,7 +204,7 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
     .await
     .unwrap();
     let agents = agents_layout();
-    let node = NodeHandle::start(
+    let node = NodeHandle::builder(
         NodeSettings {
             node_id: "invoice-node".into(),
             control_plane_url: plane.url(),
@@ -224,6 +224,7 @@ async fn fifty_invoices_are_classified_posted_once_each_and_priced(
         // The directory goes at once; the open outbox file lives on.
         node_runtime::outbox::Outbox::open(tempfile::tempdir().unwrap().path()).unwrap(),
     )
+    .start()
     .unwrap();
 
     let mut expected = BTreeMap::new();

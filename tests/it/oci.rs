@@ -84,7 +84,7 @@ fn text(output: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_then_pull_gives_back_the_same_bytes_and_prints_the_pin() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let registry = start_registry(dir.path()).await;
     let echo = agent_path("echo");
@@ -199,7 +199,7 @@ fn failure(run: &Run) -> (String, String, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_only_the_oci_source_runs_what_was_pushed_and_honours_the_pin() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let registry = start_registry(dir.path()).await;
     let echo = agent_path("echo");
@@ -279,7 +279,7 @@ fn blob_file(dir: &Path, digest: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_not_in_the_wasm_layout_or_holding_a_cwasm_is_refused_and_never_run() {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let registry = start_registry(dir.path()).await;
     let echo = std::fs::read(agent_path("echo")).unwrap();

@@ -49,7 +49,9 @@ fn start_node(url: &str, agents: &tempfile::TempDir, outbox: Outbox) -> NodeHand
     })
     .unwrap();
     let store = AgentStore::new(vec![agents.path().to_path_buf()]);
-    NodeHandle::start(settings(url), Arc::new(sandbox), Arc::new(store), outbox).unwrap()
+    NodeHandle::builder(settings(url), Arc::new(sandbox), Arc::new(store), outbox)
+        .start()
+        .unwrap()
 }
 
 fn complete(lease_id: &str, marker: &str) -> Report {
@@ -326,7 +328,7 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || runs(&http, &url)).await;

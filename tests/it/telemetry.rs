@@ -503,7 +503,7 @@ async fn runs_keep_completing_when_the_collector_is_down_or_silent() {
 }
 
 async fn get(url: &str) -> (u16, String) {
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     match reqwest::get(url).await {
         Ok(response) => {
             let status = response.status().as_u16();

@@ -617,7 +617,7 @@ fn tls_dir_client(url: &str, dir: &Path) -> reqwest::Client {
         dir: dir.to_path_buf(),
         generated: Vec::new(),
     };
-    let tls = node_runtime::control_plane::ControlPlaneTls::configure(url, &certificates.node_tls_options()).unwrap();
+    let tls = node_runtime::control_plane::ControlPlaneTls::configure(url, &node_tls_options(&certificates)).unwrap();
     node_runtime::control_plane::registration::http_client_with(Duration::from_secs(10), &tls).unwrap()
 }
 
@@ -664,7 +664,7 @@ async fn dev_with_a_tls_dir_generates_the_files_and_its_node_uses_them() {
         assert!(tls_dir.join(name).is_file(), "{name} generated");
     }
     // Without a client certificate the plane refuses even REST.
-    node_runtime::control_plane::install_crypto_provider();
+    node_runtime::support::tls::install_crypto_provider();
     let anonymous = reqwest::Client::builder()
         .http1_only()
         .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(tls_dir.join("ca-cert.pem")).unwrap()).unwrap()])
@@ -749,7 +749,7 @@ async fn dev_with_a_tls_dir_binds_each_node_id_to_its_certificate_cn() {
         dir: tls_dir.clone(),
         generated: Vec::new(),
     };
-    let tls = ControlPlaneTls::configure(&url, &certificates.node_tls_options()).unwrap();
+    let tls = ControlPlaneTls::configure(&url, &node_tls_options(&certificates)).unwrap();
     let leases = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls).unwrap();
     let ack = |node_id: &str| node_runtime::proto::AckRequest {
         lease_id: "lease-unknown".to_string(),
@@ -903,4 +903,20 @@ async fn validate_certificate_chain_false_accepts_a_server_certificate_from_anot
     .await;
     let warning = node.wait_for_log("MTls.ValidateCertificateChain is false").await;
     assert!(warning.contains("WARN"), "{warning}");
+}
+
+/// The embedded dev node's TLS: the node certificate, and only the CA
+/// trusted (what `node-runtime dev --tls-dir` configures).
+fn node_tls_options(
+    certificates: &node_runtime::dev_plane::tls_dir::DevCertificates,
+) -> node_runtime::control_plane::TlsOptions {
+    use node_runtime::dev_plane::tls_dir::{CA_CERT, NODE_CERT, NODE_KEY};
+    node_runtime::control_plane::TlsOptions {
+        enabled: true,
+        client_certificate_path: Some(certificates.path(NODE_CERT)),
+        client_key_path: Some(certificates.path(NODE_KEY)),
+        server_ca_certificate_path: Some(certificates.path(CA_CERT)),
+        expected_server_certificate_subject: None,
+        validate_certificate_chain: true,
+    }
 }

@@ -713,7 +713,7 @@ async fn grants_in_the_configuration_reach_the_agents_runs() {
         }}
     }}"#;
     let config = node_runtime::config::NodeConfig::from_json_str(json, dir.path(), Vec::new()).unwrap();
-    let sandbox = Sandbox::new(config.sandbox_config()).expect("the sandbox starts");
+    let sandbox = Sandbox::new(node_runtime::app::sandbox_config(&config)).expect("the sandbox starts");
     let hosts: Vec<String> = sandbox.allowed_hosts(PROBE).iter().map(ToString::to_string).collect();
     assert_eq!(hosts, ["api.example.com:443", "old.example.com"]);
 

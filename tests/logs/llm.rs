@@ -14,11 +14,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use node_runtime::config::Secret;
 use node_runtime::sandbox::{
     BudgetRequest, EngineSettings, FailKind, LlmSettings, ModelPrice, NodeLimits, RunOutcome, RunResult, Sandbox,
     SandboxConfig,
 };
+use node_runtime::support::Secret;
 use support::*;
 
 const KEY: &str = "sk-test-4f1c9e2a7b3d-never-shown";

@@ -25,7 +25,8 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use super::digest::AgentDigest;
-use super::file_stamp::FileStamp;
+use support::file_stamp::FileStamp;
+use support::fs::{Durability, write_atomically};
 
 /// Marks a record and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:fd1";
@@ -83,8 +84,11 @@ impl DigestMemo {
     /// be written only costs a later hash: it is logged, never an error.
     pub fn put(&self, stamp: &FileStamp, digest: AgentDigest) {
         let record_path = self.record_path(&stamp.path);
-        let written = std::fs::create_dir_all(&self.dir)
-            .and_then(|()| write_atomically(&self.dir, &record_path, &encode(stamp, digest)));
+        let written = std::fs::create_dir_all(&self.dir).and_then(
+            |()| // No sync: a record lost or half-written in a crash fails its
+            // checksum and costs one hash.
+            write_atomically(&record_path, &encode(stamp, digest), Durability::Unsynced),
+        );
         if let Err(err) = written {
             tracing::warn!(path = %record_path.display(), error = %err, "could not remember the agent file's digest");
             return;
@@ -165,16 +169,6 @@ fn decode(record: &[u8]) -> Option<(FileStamp, AgentDigest)> {
         ctime_ns,
     };
     Some((stamp, AgentDigest::from_bytes(digest)))
-}
-
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    // No sync: a record lost or half-written in a crash fails its checksum
-    // and costs one hash.
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.persist(path).map_err(|err| err.error)?;
-    Ok(())
 }
 
 #[cfg(test)]

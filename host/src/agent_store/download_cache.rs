@@ -15,8 +15,11 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::sync::lock;
 
 use thiserror::Error;
+
+use support::fs::{Durability, write_atomically};
 
 use crate::sandbox::NetworkArtifactRefused;
 use crate::sandbox::artifact_trust::check_network_artifact;
@@ -130,21 +133,25 @@ impl DownloadCache {
         };
         check_network_artifact(origin, &bytes)?;
         let target = path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|written| written)
-            .map_err(|source| FetchError::Store {
-                url: origin.to_string(),
-                path: path.clone(),
-                source,
-            })?;
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().expect("a cached path has a parent");
+            std::fs::create_dir_all(dir)?;
+            write_atomically(&target, &bytes, Durability::Synced)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written)
+        .map_err(|source| FetchError::Store {
+            url: origin.to_string(),
+            path: path.clone(),
+            source,
+        })?;
         tracing::info!(origin, path = %path.display(), "downloaded agent");
         Ok(Some(path))
     }
 
     fn gate(&self, agent_id: &str, version: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut gates = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut gates = lock(&self.in_flight);
         gates
             .entry((agent_id.to_string(), version.to_string()))
             .or_default()
@@ -154,29 +161,4 @@ impl DownloadCache {
 
 async fn is_file(path: &Path) -> bool {
     tokio::fs::metadata(path).await.is_ok_and(|meta| meta.is_file())
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames
-/// it into place: readers see the whole file or none.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("a cached path has a parent");
-    std::fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|err| err.error)?;
-    Ok(())
-}
-
-/// An error with its causes, on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

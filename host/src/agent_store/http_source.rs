@@ -99,7 +99,7 @@ impl HttpSource {
             } else {
                 FetchError::Transport {
                     url: url.to_string(),
-                    reason: super::download_cache::error_chain(&err),
+                    reason: support::error::error_chain(&err),
                 }
             }
         };
@@ -155,7 +155,7 @@ mod tests {
     use super::*;
 
     fn source(template: &str) -> HttpSource {
-        crate::control_plane::install_crypto_provider();
+        support::tls::install_crypto_provider();
         HttpSource::new(
             HttpSourceSettings {
                 url_template: template.to_string(),

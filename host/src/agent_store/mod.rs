@@ -18,14 +18,13 @@
 //! the compiled cache ([`digest_memo`]), so the compiled component is
 //! loaded from that cache without reading the file at all. A file changed
 //! in the last seconds is always read and hashed again
-//! ([`file_stamp::SETTLE_TIME`]). The ids come from the control plane, so
+//! ([`SETTLE_TIME`]). The ids come from the control plane, so
 //! they are checked before they touch the filesystem or a URL: no
 //! separators, no `..`.
 
 pub mod digest;
 pub mod digest_memo;
 pub mod download_cache;
-pub mod file_stamp;
 pub mod http_source;
 pub mod oci_source;
 
@@ -34,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+use support::sync::lock;
 
 use thiserror::Error;
 
@@ -41,9 +41,9 @@ use crate::sandbox::{Agent, ArtifactTrust, InvalidAgent, Sandbox};
 pub use digest::{AgentDigest, DIGEST_METADATA_KEY, InvalidDigest};
 pub use digest_memo::DigestMemo;
 pub use download_cache::FetchError;
-pub use file_stamp::{FileStamp, SETTLE_TIME};
 pub use http_source::{HttpSource, HttpSourceSettings};
 pub use oci_source::{OciSource, OciSourceSettings};
+pub use support::file_stamp::{FileStamp, SETTLE_TIME};
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
@@ -332,7 +332,7 @@ impl AgentStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
-        self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.loaded)
     }
 }
 

@@ -23,7 +23,9 @@ use oci_wasm::{WASM_LAYER_MEDIA_TYPE, WASM_MANIFEST_CONFIG_MEDIA_TYPE, WasmClien
 use tokio_stream::StreamExt;
 
 use super::digest::AgentDigest;
-use super::download_cache::{DownloadCache, FetchError, error_chain};
+use support::error::error_chain;
+
+use super::download_cache::{DownloadCache, FetchError};
 
 /// Where and how to pull agents.
 #[derive(Clone, PartialEq)]

@@ -9,8 +9,9 @@ use std::time::Instant;
 use clap::Args;
 
 use super::{CommandError, Exit, read_file};
-use crate::sandbox::budget::format_bytes;
 use crate::sandbox::{EngineSettings, PrecompileError, Sandbox, SandboxConfig};
+use support::fs::{Durability, write_atomically};
+use support::units::format_bytes;
 
 #[derive(Debug, Args)]
 pub struct CompileArgs {
@@ -66,7 +67,9 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
             return Ok(Exit::AgentInvalid);
         }
     };
-    write_atomically(&output, &cwasm)?;
+    // A reader never sees half a `.cwasm`.
+    write_atomically(&output, &cwasm, Durability::Unsynced)
+        .map_err(|err| CommandError::internal(format!("cannot write {}: {err}", output.display())))?;
     println!(
         "compiled {} ({}) -> {} ({}{}) in {} ms",
         args.agent.display(),
@@ -80,18 +83,4 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
         started.elapsed().as_millis()
     );
     Ok(Exit::Completed)
-}
-
-/// Writes to a temporary file beside `path`, then renames it into place,
-/// so a reader never sees half a `.cwasm`.
-fn write_atomically(path: &PathBuf, bytes: &[u8]) -> Result<(), CommandError> {
-    let fail = |err: std::io::Error| CommandError::internal(format!("cannot write {}: {err}", path.display()));
-    let mut temp = path.clone().into_os_string();
-    temp.push(format!(".tmp-{}", std::process::id()));
-    let temp = PathBuf::from(temp);
-    std::fs::write(&temp, bytes).map_err(fail)?;
-    std::fs::rename(&temp, path).map_err(|err| {
-        let _ = std::fs::remove_file(&temp);
-        fail(err)
-    })
 }

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use super::{CommandError, Exit};
-use crate::config::{self, NodeConfig};
+use crate::app;
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigCheckArgs {
@@ -21,12 +21,11 @@ pub struct ConfigCheckArgs {
 }
 
 pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
-    let config =
-        NodeConfig::load(&args.config, config::process_env()).map_err(|err| CommandError::usage(err.to_string()))?;
+    let config = app::load_config(Some(&args.config)).map_err(|err| CommandError::usage(err.to_string()))?;
     eprintln!("note: {}", config.sources);
     // The certificate files are read as `serve` reads them.
     if config.mtls.enabled {
-        super::serve::control_plane_tls(&config)?;
+        app::control_plane_tls(&config).map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     } else {
         let mtls = &config.mtls;
         let unread: Vec<&str> = [

@@ -10,23 +10,23 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use super::serve::stop_signal;
 use super::{CommandError, Exit};
+use support::Secret;
+use support::units::format_bytes;
+
 use crate::agent_store::AgentStore;
-use crate::config::Secret;
-use crate::control_plane::{Capacity, ControlPlaneTls};
-use crate::dev_plane::tls_dir::DevCertificates;
-use crate::dev_plane::{AllowedHost, DevPlane, PlaneOptions, Reregistration, stubs, tls_dir};
-use crate::outbox::Outbox;
-use crate::sandbox::budget::format_bytes;
-use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmSettings, ModelPrice, Sandbox, SandboxConfig};
+use crate::app;
+use crate::app::config::{self, MTlsSection, NodeConfig};
+use crate::control_plane::ControlPlaneTls;
+use crate::sandbox::ModelPrice;
 use crate::telemetry::{AdminServer, LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
-use crate::worker::{NodeHandle, NodeSettings};
+use dev_plane::tls_dir::DevCertificates;
+use dev_plane::{AllowedHost, DevPlane, PlaneOptions, Reregistration, stubs, tls_dir};
 
 /// The embedded node's id without `--tls-dir` (and the CN of the node
 /// certificate generated with it).
@@ -232,11 +232,23 @@ async fn run_with(
         ),
         None => String::new(),
     };
-    let node_tls = match &certificates {
-        Some(certificates) => ControlPlaneTls::configure(&url, &certificates.node_tls_options())
-            .map_err(|err| CommandError::usage(err.to_string()))?,
-        None => ControlPlaneTls::plaintext(),
-    };
+    // The embedded node, described as a configuration would describe it;
+    // the parts below fill in its agents and the outside world.
+    let mut config = NodeConfig::default();
+    config.node_runtime.control_plane_url = url
+        .parse()
+        .map_err(|err| CommandError::internal(format!("the dev plane's URL {url}: {err}")))?;
+    if let Some(c) = &certificates {
+        config.mtls = MTlsSection {
+            enabled: true,
+            client_certificate_path: Some(c.path(tls_dir::NODE_CERT)),
+            client_key_path: Some(c.path(tls_dir::NODE_KEY)),
+            server_ca_certificate_path: Some(c.path(tls_dir::CA_CERT)),
+            expected_server_certificate_subject: None,
+            validate_certificate_chain: true,
+        };
+    }
+    let node_tls = app::control_plane_tls(&config).map_err(|err| CommandError::usage(err.to_string()))?;
     match &certificates {
         Some(_) => {
             eprintln!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)")
@@ -287,35 +299,38 @@ async fn run_with(
     for (agent, host) in &args.allow_http {
         allowed_hosts.entry(agent.clone()).or_default().push(host.clone());
     }
-    let mut llm = match &args.llm_endpoint {
-        Some(endpoint) => {
-            let key = match &args.llm_key_env {
-                Some(var) => std::env::var(var)
-                    .map_err(|_| CommandError::usage(format!("--llm-key-env {var}: the variable is not set")))?,
-                None => String::new(),
-            };
-            Some(LlmSettings::openai(
-                endpoint.trim_end_matches('/'),
-                Secret::new(key),
-                args.llm_model.clone(),
+    let agent_runtime = &mut config.agent_runtime;
+    if let Some(endpoint) = &args.llm_endpoint {
+        let key = match &args.llm_key_env {
+            Some(var) => std::env::var(var)
+                .map_err(|_| CommandError::usage(format!("--llm-key-env {var}: the variable is not set")))?,
+            None => String::new(),
+        };
+        agent_runtime.openai.endpoint = Some(endpoint.parse().map_err(|err| {
+            CommandError::usage(format!(
+                "--llm-endpoint {endpoint}: not a URL ({err}); give the endpoint's base, e.g. https://api.openai.com"
             ))
-        }
-        None => None,
-    };
+        })?);
+        agent_runtime.openai.api_key = Some(Secret::new(key));
+        agent_runtime.default_model = args.llm_model.clone();
+    }
     let target = if args.demo {
-        if llm.is_none() {
+        if agent_runtime.openai.endpoint.is_none() {
             let url = stubs::start_stub_model()
                 .await
                 .map_err(|err| CommandError::internal(format!("cannot start the stub model: {err}")))?;
-            let mut stub = LlmSettings::openai(url, Secret::new(String::new()), stubs::STUB_MODEL);
-            stub.prices = BTreeMap::from([(
+            agent_runtime.openai.endpoint = Some(
+                url.parse()
+                    .map_err(|err| CommandError::internal(format!("the stub model's URL {url}: {err}")))?,
+            );
+            agent_runtime.default_model = stubs::STUB_MODEL.to_string();
+            agent_runtime.prices = BTreeMap::from([(
                 stubs::STUB_MODEL.to_string(),
                 ModelPrice {
                     input_per_1k: 0.15,
                     output_per_1k: 0.6,
                 },
             )]);
-            llm = Some(stub);
         }
         let target = stubs::StubTarget::start()
             .await
@@ -329,21 +344,6 @@ async fn run_with(
         None
     };
 
-    let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings {
-            max_concurrent_runs: args.slots,
-            ..EngineSettings::default()
-        },
-        llm,
-        allowed_hosts,
-        // With --data-dir, compiled agents survive a restart too.
-        compiled_cache: args.data_dir.as_ref().map(|dir| CompiledCacheSettings {
-            dir: dir.join("node").join("compiled"),
-            max_bytes: 1 << 30,
-        }),
-        ..SandboxConfig::default()
-    })
-    .map_err(|err| CommandError::internal(err.to_string()))?;
     // The node's outbox: under --data-dir/node, else in a temporary
     // directory that lives as long as this command.
     let scratch = match &args.data_dir {
@@ -360,33 +360,28 @@ async fn run_with(
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => unreachable!("a scratch directory exists without --data-dir"),
     };
-    let outbox =
-        Outbox::open(&node_dir).map_err(|err| CommandError::usage(format!("cannot open the outbox: {err}")))?;
-    let node = NodeHandle::start_with(
-        NodeSettings {
-            node_id: node_id.clone(),
-            control_plane_url: url.clone(),
-            slots: args.slots,
-            max_leases: args.slots,
-            heartbeat_interval: Duration::from_secs(5),
-            capacity: Capacity {
-                slots: args.slots,
-                cpu: std::thread::available_parallelism().map_or(1, |n| n.get()).to_string(),
-                memory: "1Gi".to_string(),
-            },
-            metadata: [("Region", "local"), ("Environment", "dev")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            drain_timeout: Duration::from_secs(10),
-        },
-        node_tls.clone(),
-        Arc::new(sandbox),
-        Arc::new(AgentStore::new(dirs)),
-        outbox,
-        telemetry.metrics(),
-    )
-    .map_err(|err| CommandError::internal(err.to_string()))?;
+    let node_runtime = &mut config.node_runtime;
+    node_runtime.node_id = node_id.clone();
+    node_runtime.max_concurrent_leases = args.slots;
+    node_runtime.heartbeat_interval = Duration::from_secs(5);
+    node_runtime.capacity = config::Capacity {
+        slots: args.slots,
+        cpu: std::thread::available_parallelism().map_or(1, |n| n.get()).to_string(),
+        memory: "1Gi".to_string(),
+    };
+    node_runtime.metadata = [("Region", "local"), ("Environment", "dev")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    node_runtime.data_directory = node_dir;
+    node_runtime.drain_timeout = Duration::from_secs(10);
+    config.sandbox.allowed_hosts = allowed_hosts;
+    // With --data-dir, compiled agents survive a restart too.
+    config.sandbox.compiled_cache_max_bytes = if args.data_dir.is_some() { 1 << 30 } else { 0 };
+    let node = app::NodeBuild::new(&config)
+        .agent_store(AgentStore::new(dirs))
+        .metrics(telemetry.metrics())
+        .start()?;
     let admin = match args.admin_listen {
         Some(addr) => match AdminServer::start(addr, node.readiness_probe(), node.metrics()).await {
             Ok(admin) => {

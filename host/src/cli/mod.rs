@@ -111,6 +111,18 @@ impl CommandError {
     }
 }
 
+impl From<crate::app::BuildError> for CommandError {
+    /// A configuration (or a file it names) at fault is a usage error; the
+    /// node failing to start its parts is internal.
+    fn from(err: crate::app::BuildError) -> Self {
+        if err.is_usage() {
+            CommandError::usage(err.to_string())
+        } else {
+            CommandError::internal(err.to_string())
+        }
+    }
+}
+
 /// Runs the parsed command and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     // run-agent, serve and dev install their own logging (format, level,

@@ -10,10 +10,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{ArgGroup, Args, Subcommand};
 
 use super::{CommandError, Exit};
-use crate::config::NodeConfig;
-use crate::control_plane::{self, LeaseClient};
+use crate::app::{self, NodeConfig};
+use crate::control_plane::LeaseClient;
 use crate::outbox::{Outbox, OutboxError, PendingReport, now_unix_ms};
-use crate::worker::lease::Report;
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
@@ -62,15 +61,8 @@ pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
 }
 
 fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
-    let config = match &args.config {
-        Some(path) => NodeConfig::load(path, crate::config::process_env()),
-        None => NodeConfig::from_json_str(
-            "{}",
-            &std::env::current_dir().unwrap_or_default(),
-            crate::config::process_env(),
-        ),
-    }
-    .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
+    let config = app::load_config(args.config.as_deref())
+        .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let dir = &config.node_runtime.data_directory;
     let outbox = Outbox::open(dir).map_err(|err| match err {
         OutboxError::Locked(path) => CommandError::usage(format!(
@@ -120,25 +112,26 @@ fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
 
 async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (config, outbox) = load(args)?;
-    control_plane::install_crypto_provider();
+    support::tls::install_crypto_provider();
     let url = config
         .node_runtime
         .control_plane_url
         .to_string()
         .trim_end_matches('/')
         .to_string();
-    let tls = super::serve::control_plane_tls(&config)?;
+    let tls =
+        app::control_plane_tls(&config).map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
         .map_err(|err| CommandError::usage(err.to_string()))?;
     let reports = pending(&outbox)?;
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);
     for report in reports {
         let lease_id = report.lease_id().to_string();
-        let mut answer = send(&client, &report.report).await;
+        let mut answer = client.send_report(&report.report).await;
         // Refused for its size: shrunk and sent once more, as the node does.
         if answer.as_ref().is_err_and(|err| err.refused_for_size()) {
             println!("shrunk     {lease_id}: the control plane refused its size; sending it without its details");
-            answer = send(&client, &report.report.shrunk()).await;
+            answer = client.send_report(&report.report.shrunk()).await;
             if let Err(err) = &answer
                 && err.refused_for_size()
             {
@@ -171,13 +164,6 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     }
     println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
     Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })
-}
-
-async fn send(client: &LeaseClient, report: &Report) -> Result<(bool, String), control_plane::LeaseClientError> {
-    match report {
-        Report::Complete(request) => client.complete(request.clone()).await.map(|r| (r.success, r.message)),
-        Report::Fail(request) => client.fail(request.clone()).await.map(|r| (r.success, r.message)),
-    }
 }
 
 fn purge(args: &PurgeArgs) -> Result<Exit, CommandError> {

@@ -9,14 +9,16 @@ use std::time::Duration;
 use clap::Args;
 use tracing::Instrument;
 
+use support::Secret;
+use support::units::format_bytes;
+
 use super::args::{parse_duration, parse_key_value, parse_size};
 use super::{CommandError, Exit, read_file};
-use crate::config::Secret;
-use crate::sandbox::budget::format_bytes;
+use crate::app::{self, NodeConfig};
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::sandbox::{
-    BudgetRequest, DirectoryGrant, EngineSettings, Execution, FailKind, Grants, InvalidGrant, LlmSettings, RunContext,
-    RunOutcome, RunReport, RunRequest, Sandbox, SandboxConfig, SandboxError,
+    BudgetRequest, DirectoryGrant, Execution, FailKind, Grants, InvalidGrant, RunContext, RunOutcome, RunReport,
+    RunRequest, Sandbox, SandboxError,
 };
 use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 
@@ -139,23 +141,29 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
              agent is never given; pass the agent what it needs in a variable of its own"
         )));
     }
-    let config = SandboxConfig {
-        engine: EngineSettings {
-            max_concurrent_runs: 1,
-            execution: args.engine.unwrap_or_default(),
-            ..EngineSettings::default()
+    // The node this run gets: a configuration's defaults with the flags
+    // applied, built into a sandbox by the same code `serve` uses.
+    let mut node = NodeConfig::default();
+    node.node_runtime.max_concurrent_leases = 1;
+    node.sandbox.engine = args.engine.unwrap_or_default();
+    node.sandbox.compiled_cache_max_bytes = 0;
+    node.sandbox.grants = BTreeMap::from([(
+        context.agent_id.clone(),
+        Grants {
+            directories: args.dirs.clone(),
+            environment: args.env.clone(),
+            http_hosts: args.allow_http.clone(),
         },
-        llm: llm_settings(&args)?,
-        grants: BTreeMap::from([(
-            context.agent_id.clone(),
-            Grants {
-                directories: args.dirs.clone(),
-                environment: args.env.clone(),
-                http_hosts: args.allow_http.clone(),
-            },
-        )]),
-        ..SandboxConfig::default()
-    };
+    )]);
+    if let Some((endpoint, key)) = llm_endpoint(&args)? {
+        let agent_runtime = &mut node.agent_runtime;
+        agent_runtime.openai.endpoint = Some(endpoint);
+        agent_runtime.openai.api_key = Some(key);
+        if let Some(model) = &args.llm_model {
+            agent_runtime.default_model = model.clone();
+        }
+    }
+    let config = app::sandbox_config(&node);
     config.limits.check(&budget).map_err(|err| {
         CommandError::usage(format!(
             "{err} (--fuel, --max-memory, --timeout and --max-tokens can only lower the node's \
@@ -253,21 +261,21 @@ fn parse_env(name: &str) -> Result<String, String> {
         .map_err(|err| err.to_string())
 }
 
-/// `--llm-endpoint` and `--llm-key-env` (clap makes each require the
-/// other).
-fn llm_settings(args: &RunAgentArgs) -> Result<Option<LlmSettings>, CommandError> {
+/// `--llm-endpoint` and the key `--llm-key-env` names (clap makes each
+/// require the other).
+fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Secret)>, CommandError> {
     let (Some(endpoint), Some(var)) = (&args.llm_endpoint, &args.llm_key_env) else {
         return Ok(None);
     };
-    match endpoint.parse::<http::Uri>() {
-        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+    let uri = match endpoint.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => uri,
         _ => {
             return Err(CommandError::usage(format!(
                 "--llm-endpoint `{endpoint}` is not an http:// or https:// URL with a host, \
                  e.g. https://api.openai.com"
             )));
         }
-    }
+    };
     let key = match std::env::var(var) {
         Ok(key) if !key.is_empty() => key,
         _ => {
@@ -277,11 +285,7 @@ fn llm_settings(args: &RunAgentArgs) -> Result<Option<LlmSettings>, CommandError
             )));
         }
     };
-    let model = args
-        .llm_model
-        .clone()
-        .unwrap_or_else(|| crate::config::AgentRuntimeSection::default().default_model);
-    Ok(Some(LlmSettings::openai(endpoint.clone(), Secret::new(key), model)))
+    Ok(Some((uri, Secret::new(key))))
 }
 
 fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {

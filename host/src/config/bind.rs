@@ -20,10 +20,10 @@ use super::{
     MTlsSection, Metrics, NodeConfig, NodeRuntimeSection, OpenAiSection, OpenTelemetrySection, OtlpExporter,
     OtlpProtocol, SandboxSection, Secret, Traces,
 };
-use crate::cli::parse_size;
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
 use crate::sandbox::llm::ModelPrice;
 use crate::sandbox::{AllocatorChoice, Execution};
+use support::units::parse_size;
 
 /// One configuration file's text, and its name as messages give it.
 pub(super) struct Layer {

@@ -30,20 +30,15 @@ mod tree;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
 pub use layers::{ConfigSources, HostingEnvironment};
+pub use support::Secret;
 
-use crate::agent_store::{AgentSource, AgentStore, HttpSource, HttpSourceSettings, OciSource, OciSourceSettings};
-use crate::control_plane::ControlPlaneTls;
-
-use crate::sandbox::{
-    AllocatorChoice, CompiledCacheSettings, EngineSettings, Execution, Grants, LlmEndpoint, LlmSettings, NodeLimits,
-    SandboxConfig,
-};
+use crate::sandbox::{AllocatorChoice, Execution, Grants, NodeLimits};
+pub use crate::telemetry::OtlpProtocol;
 
 /// Everything the node is configured with. Build it with
 /// [`NodeConfig::load`]; `Default` is the reference's defaults.
@@ -200,26 +195,6 @@ pub struct OtlpExporter {
     pub endpoint: Option<http::Uri>,
     /// `Protocol`.
     pub protocol: OtlpProtocol,
-}
-
-/// `OpenTelemetry.OtlpExporter.Protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OtlpProtocol {
-    /// `grpc`
-    #[default]
-    Grpc,
-    /// `http/protobuf`
-    HttpProtobuf,
-}
-
-impl OtlpProtocol {
-    /// The spelling the reference uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OtlpProtocol::Grpc => "grpc",
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-        }
-    }
 }
 
 /// `OpenTelemetry.Traces`.
@@ -394,27 +369,6 @@ impl Default for AgentStoreSection {
             download_timeout: Duration::from_secs(60),
             require_digest: false,
         }
-    }
-}
-
-/// A value that must not be printed: `Debug` shows `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
     }
 }
 
@@ -631,135 +585,6 @@ impl NodeConfig {
         self.node_runtime
             .max_concurrent_leases
             .min(self.node_runtime.capacity.slots)
-    }
-
-    /// The sandbox this configuration asks for: `Sandbox` for the ceilings,
-    /// `AgentRuntime` for tokens and duration, and a pool sized for
-    /// [`NodeConfig::slots`].
-    pub fn sandbox_config(&self) -> SandboxConfig {
-        let sandbox = &self.sandbox;
-        SandboxConfig {
-            limits: NodeLimits {
-                fuel: sandbox.default_fuel,
-                memory_bytes: sandbox.max_memory_bytes,
-                table_elements: sandbox.max_table_elements,
-                duration: self.agent_runtime.max_duration,
-                tokens: self.agent_runtime.max_tokens,
-                result_bytes: sandbox.max_result_bytes,
-                log_lines: sandbox.max_log_lines,
-                log_bytes: sandbox.max_log_bytes,
-                ..NodeLimits::default()
-            },
-            engine: EngineSettings {
-                allocator: sandbox.allocator,
-                execution: sandbox.engine,
-                max_concurrent_runs: self.slots(),
-                ..EngineSettings::default()
-            },
-            llm: self.llm_settings(),
-            allowed_hosts: self.sandbox.allowed_hosts.clone(),
-            compiled_cache: (sandbox.compiled_cache_max_bytes > 0).then(|| CompiledCacheSettings {
-                dir: self.node_runtime.data_directory.join("compiled"),
-                max_bytes: sandbox.compiled_cache_max_bytes,
-            }),
-            grants: self.sandbox.grants.clone(),
-        }
-    }
-
-    /// The agent store: its sources in the configured order; downloads are
-    /// kept under `DataDirectory/agents`. An HTTP source on the control
-    /// plane (`{base}`) is reached with the control plane's TLS, client
-    /// certificate included.
-    pub fn agent_store(&self, control_plane_tls: &ControlPlaneTls) -> Result<AgentStore, reqwest::Error> {
-        let store = &self.agent_store;
-        let downloads = self.node_runtime.data_directory.join("agents");
-        let mut sources = Vec::new();
-        for kind in &store.sources {
-            match kind {
-                AgentSourceKind::Directory => {
-                    sources.push(AgentSource::Directory(self.node_runtime.agents_directory.clone()));
-                }
-                // The binder guarantees a template for each listed source.
-                AgentSourceKind::Http => {
-                    let Some(template) = &store.http_url_template else {
-                        continue;
-                    };
-                    let base = self.node_runtime.control_plane_url.to_string();
-                    let settings = HttpSourceSettings {
-                        url_template: template.replace("{base}", base.trim_end_matches('/')),
-                        max_bytes: store.max_download_bytes,
-                        timeout: store.download_timeout,
-                        cache_dir: downloads.join("http"),
-                    };
-                    let plaintext = ControlPlaneTls::plaintext();
-                    let tls = if template.starts_with("{base}") {
-                        control_plane_tls
-                    } else {
-                        &plaintext
-                    };
-                    let source = HttpSource::new(settings, tls.client_config(&[b"http/1.1"]))?;
-                    sources.push(AgentSource::Http(source));
-                }
-                AgentSourceKind::Oci => {
-                    let Some(template) = &store.oci_reference_template else {
-                        continue;
-                    };
-                    let settings = OciSourceSettings {
-                        reference_template: template.clone(),
-                        insecure: store.oci_insecure,
-                        credentials: store.oci_username.clone().map(|user| {
-                            let password = store.oci_password.as_ref().map(|p| p.expose().to_string());
-                            (user, password.unwrap_or_default())
-                        }),
-                        max_bytes: store.max_download_bytes,
-                        timeout: store.download_timeout,
-                        cache_dir: downloads.join("oci"),
-                    };
-                    sources.push(AgentSource::Oci(OciSource::new(settings)));
-                }
-            }
-        }
-        Ok(AgentStore::with_sources(sources, store.require_digest))
-    }
-
-    /// `AgentRuntime` as the sandbox's LLM provider: the Azure flavour when
-    /// `AzureAIFoundry` has an endpoint, a deployment and a key; otherwise
-    /// none (`llm.chat` answers `not-configured`). Managed identity is not
-    /// supported: without `ApiKey` there is no provider.
-    fn llm_settings(&self) -> Option<LlmSettings> {
-        let agent = &self.agent_runtime;
-        if let Some(endpoint) = &agent.openai.endpoint {
-            let mut settings = LlmSettings::openai(
-                endpoint.to_string().trim_end_matches('/'),
-                agent
-                    .openai
-                    .api_key
-                    .clone()
-                    .unwrap_or_else(|| Secret::new(String::new())),
-                agent.default_model.clone(),
-            );
-            settings.default_temperature = agent.default_temperature as f32;
-            settings.request_timeout = agent.max_duration;
-            settings.prices = agent.prices.clone();
-            return Some(settings);
-        }
-        let foundry = &agent.azure_ai_foundry;
-        let (Some(endpoint), Some(deployment), Some(key)) =
-            (&foundry.endpoint, &foundry.deployment_name, &foundry.api_key)
-        else {
-            return None;
-        };
-        Some(LlmSettings {
-            endpoint: LlmEndpoint::Azure {
-                base_url: endpoint.to_string(),
-                deployment: deployment.clone(),
-            },
-            api_key: key.clone(),
-            default_model: agent.default_model.clone(),
-            default_temperature: agent.default_temperature as f32,
-            request_timeout: agent.max_duration,
-            prices: agent.prices.clone(),
-        })
     }
 
     /// `Logging.LogLevel` as a `tracing_subscriber::EnvFilter` directive:

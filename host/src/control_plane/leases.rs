@@ -9,10 +9,11 @@ use std::time::Duration;
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
 
+use super::report::Report;
 use super::tls::{self, ControlPlaneTls, TlsConnector};
 
-use crate::proto::lease_service_client::LeaseServiceClient;
-use crate::proto::{AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest};
+use proto::lease_service_client::LeaseServiceClient;
+use proto::{AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest};
 
 #[derive(Debug, Error)]
 pub enum LeaseClientError {
@@ -141,6 +142,22 @@ impl LeaseClient {
             .map_err(|status| LeaseClientError::call("Ack", status))?
             .into_inner();
         Ok((response.success, response.message))
+    }
+
+    /// Sends a run's report, Complete or Fail: `Ok((true, _))` when the
+    /// plane took it, `Ok((false, message))` when it answered but refused it
+    /// (it will never take it), `Err` when it did not answer.
+    pub async fn send_report(&self, report: &Report) -> Result<(bool, String), LeaseClientError> {
+        match report {
+            Report::Complete(request) => self
+                .complete(request.clone())
+                .await
+                .map(|response| (response.success, response.message)),
+            Report::Fail(request) => self
+                .fail(request.clone())
+                .await
+                .map(|response| (response.success, response.message)),
+        }
     }
 
     pub async fn complete(&self, request: CompleteRequest) -> Result<CompleteResponse, LeaseClientError> {

@@ -21,16 +21,19 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::sync::lock;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
+
+use support::file_stamp::FileStamp;
+pub use support::tls::{PemError, common_name, not_after, read_certificates, read_private_key};
 
 /// A client certificate expiring sooner than this is warned about.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -67,22 +70,9 @@ impl Default for TlsOptions {
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{key} {}: cannot read it: {source}; point {key} at a readable PEM file", path.display())]
-    Unreadable {
-        key: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{key} {}: not a PEM certificate ({detail}); point {key} at a PEM file holding -----BEGIN CERTIFICATE-----", path.display())]
-    NotPemCertificate {
-        key: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
-    // The key file's contents are never quoted, not even a parse error's excerpt.
-    #[error("{key} {}: not a PEM private key; point {key} at a PKCS#1 (BEGIN RSA PRIVATE KEY), PKCS#8 (BEGIN PRIVATE KEY) or SEC1 (BEGIN EC PRIVATE KEY) PEM file", path.display())]
-    NotPemKey { key: &'static str, path: PathBuf },
+    /// A file that cannot be read or is not PEM: the error names its key.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     #[error("{KEY_KEY} {}: the key cannot be used ({reason}); use the key that belongs to {CERTIFICATE_KEY}", path.display())]
     UnusableKey { path: PathBuf, reason: String },
     #[error("{CERTIFICATE_KEY} {cert} and {KEY_KEY} {key} do not belong together ({reason}); set both to the files of one certificate", cert = certificate.display(), key = key.display())]
@@ -143,7 +133,7 @@ impl ControlPlaneTls {
                 identity: None,
             });
         }
-        super::install_crypto_provider();
+        support::tls::install_crypto_provider();
         let provider = provider();
         let identity = if options.enabled {
             let certificate = options
@@ -317,63 +307,6 @@ fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Every certificate in a PEM file; none is an error naming `key`.
-pub fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
-        key,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let not_pem = |detail: String| TlsError::NotPemCertificate {
-        key,
-        path: path.to_path_buf(),
-        detail,
-    };
-    let certificates = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| not_pem(err.to_string()))?;
-    if certificates.is_empty() {
-        return Err(not_pem("no CERTIFICATE section".to_string()));
-    }
-    Ok(certificates)
-}
-
-/// The private key in a PEM file (PKCS#1, PKCS#8 or SEC1).
-pub fn read_private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
-        key,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NotPemKey {
-        key,
-        path: path.to_path_buf(),
-    })
-}
-
-/// The subject's common name, or the whole subject when it has no CN.
-pub fn common_name(certificate: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
-    let subject = parsed.subject();
-    let cn = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    Some(cn.unwrap_or_else(|| subject.to_string()))
-}
-
-/// The end of the certificate's validity.
-pub fn not_after(certificate: &CertificateDer<'_>) -> Option<SystemTime> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
-    let seconds = parsed.validity().not_after.timestamp();
-    Some(if seconds >= 0 {
-        UNIX_EPOCH + Duration::from_secs(seconds as u64)
-    } else {
-        UNIX_EPOCH
-    })
-}
-
 /// The client certificate and key, re-read when their files change.
 struct ReloadingIdentity {
     certificate_path: PathBuf,
@@ -383,25 +316,23 @@ struct ReloadingIdentity {
 }
 
 struct LoadedIdentity {
-    stamp: FileStamp,
+    stamp: FileStamps,
     key: Arc<CertifiedKey>,
     subject: String,
     not_after: SystemTime,
 }
 
-/// What tells a changed file: modification time and size of both files.
+/// What tells a changed file: the stamps of both files (a missing file has
+/// none).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp(Vec<(Option<SystemTime>, u64)>);
+struct FileStamps(Vec<Option<FileStamp>>);
 
-impl FileStamp {
-    fn of(paths: &[&Path]) -> FileStamp {
-        FileStamp(
+impl FileStamps {
+    fn of(paths: &[&Path]) -> FileStamps {
+        FileStamps(
             paths
                 .iter()
-                .map(|path| match std::fs::metadata(path) {
-                    Ok(meta) => (meta.modified().ok(), meta.len()),
-                    Err(_) => (None, 0),
-                })
+                .map(|path| std::fs::metadata(path).ok().map(|meta| FileStamp::of(path, &meta)))
                 .collect(),
         )
     }
@@ -429,14 +360,14 @@ impl ReloadingIdentity {
     }
 
     fn current(&self) -> Arc<LoadedIdentity> {
-        Arc::clone(&self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        Arc::clone(&lock(&self.loaded))
     }
 
     /// Re-reads the files if they changed. A half-written or broken pair
     /// keeps the previous certificate in use, with a warning.
     fn refresh(&self) {
-        let stamp = FileStamp::of(&[&self.certificate_path, &self.key_path]);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stamp = FileStamps::of(&[&self.certificate_path, &self.key_path]);
+        let mut loaded = lock(&self.loaded);
         if loaded.stamp == stamp {
             return;
         }
@@ -477,7 +408,7 @@ fn load_identity(
     provider: &CryptoProvider,
 ) -> Result<LoadedIdentity, TlsError> {
     // The stamp is taken first: a change during the read is seen next time.
-    let stamp = FileStamp::of(&[certificate_path, key_path]);
+    let stamp = FileStamps::of(&[certificate_path, key_path]);
     let chain = read_certificates(CERTIFICATE_KEY, certificate_path)?;
     let key = read_private_key(KEY_KEY, key_path)?;
     let signing_key = provider

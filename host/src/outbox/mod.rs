@@ -40,8 +40,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinitio
 
 use group_commit::{Committer, GroupCommit, Write, Written};
 
-use crate::proto::{CompleteRequest, FailRequest};
-use crate::worker::lease::Report;
+use crate::control_plane::Report;
+use proto::{CompleteRequest, FailRequest};
 
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
 const ACCEPTED: TableDefinition<&str, (i64, i64)> = TableDefinition::new("accepted");

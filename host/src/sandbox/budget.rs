@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use support::units::format_bytes;
+
 /// The node's ceilings for one run, and the caps on what a run may emit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeLimits {
@@ -141,21 +143,6 @@ impl NodeLimits {
     }
 }
 
-/// `33554432` -> `32 MiB`; exact binary units where they divide evenly.
-pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if bytes >= size {
-            return if bytes.is_multiple_of(size) {
-                format!("{} {unit}", bytes / size)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / size as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,12 +174,5 @@ mod tests {
         assert_eq!(err.meter, "memory");
         assert_eq!(err.limit, "256 MiB");
         assert!(limits.check(&BudgetRequest::default()).is_ok());
-    }
-
-    #[test]
-    fn bytes_format_in_binary_units() {
-        assert_eq!(format_bytes(32 << 20), "32 MiB");
-        assert_eq!(format_bytes(1536), "1.5 KiB");
-        assert_eq!(format_bytes(12), "12 B");
     }
 }

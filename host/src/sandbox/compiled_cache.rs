@@ -34,6 +34,8 @@ use std::time::SystemTime;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use support::fs::{Durability, write_atomically};
+
 /// Marks a cache entry and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:cc1";
 const TRAILER_LEN: usize = 4 + MAGIC.len();
@@ -178,7 +180,7 @@ impl CompiledCache {
         let written = component
             .serialize()
             .map_err(|err| std::io::Error::other(super::agent::error_chain(&err)))
-            .and_then(|artifact| write_atomically(&self.dir, &path, &seal(artifact)));
+            .and_then(|artifact| write_atomically(&path, &seal(artifact), Durability::Synced));
         if let Err(err) = written {
             tracing::warn!(path = %path.display(), error = %err, "could not keep the compiled component");
             return;
@@ -229,13 +231,4 @@ fn check_in_place(file: &std::fs::File) -> Result<(), String> {
     let mapped = unsafe { memmap2::MmapOptions::new().len(len).populate().map(file) }
         .map_err(|err| format!("cannot map it: {err}"))?;
     unseal(&mapped).map(|_| ())
-}
-
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|err| err.error)?;
-    Ok(())
 }

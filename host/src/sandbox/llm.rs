@@ -17,12 +17,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use support::sync::lock;
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::config::Secret;
-use crate::control_plane::Backoff;
+use support::Backoff;
+use support::Secret;
 
 /// The API version the Azure flavour asks for.
 pub const AZURE_API_VERSION: &str = "2024-06-01";
@@ -242,7 +243,7 @@ impl fmt::Debug for LlmClient {
 
 impl LlmClient {
     pub fn new(settings: LlmSettings) -> Result<Self, LlmClientError> {
-        crate::control_plane::install_crypto_provider();
+        support::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -266,10 +267,7 @@ impl LlmClient {
         match prices.get(asked).or_else(|| prices.get(answered)) {
             Some(price) => price.cost(tokens_in, tokens_out),
             None => {
-                let mut warned = self
-                    .unpriced_warned
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut warned = lock(&self.unpriced_warned);
                 if warned.insert(asked.to_string()) {
                     tracing::warn!(
                         model = asked,

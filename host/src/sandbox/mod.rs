@@ -29,6 +29,7 @@ mod state;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use support::sync::lock;
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -237,11 +238,7 @@ impl Sandbox {
 
     /// Logs an agent's grants the first time one of its runs starts.
     fn announce_grants(&self, agent_id: &str, grants: &AgentGrants) {
-        let first = self
-            .announced
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(agent_id.to_string());
+        let first = lock(&self.announced).insert(agent_id.to_string());
         if first {
             tracing::info!(agent_id, "sandbox grants for agent `{agent_id}`: {grants}");
         }
@@ -364,12 +361,7 @@ impl Sandbox {
     }
 
     fn cell(&self, digest: [u8; 32]) -> AgentCell {
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(digest)
-            .or_default()
-            .clone()
+        lock(&self.agents).entry(digest).or_default().clone()
     }
 
     /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`

@@ -10,6 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use support::sync::lock;
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -63,7 +64,7 @@ impl BoundedOutput {
     fn lock(&self) -> std::sync::MutexGuard<'_, Captured> {
         // The lock is only held to copy bytes; a poisoned lock still holds
         // valid bytes.
-        self.captured.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.captured)
     }
 
     fn write(&self, buf: &[u8]) -> io::Result<usize> {

@@ -19,7 +19,9 @@ use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::agent::{Agent, Entry, error_chain};
 use super::bindings::types::{AgentError, RunContext as WitRunContext};
-use super::budget::{Budget, BudgetRequest, NodeLimits, format_bytes};
+use support::units::format_bytes;
+
+use super::budget::{Budget, BudgetRequest, NodeLimits};
 use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
 use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
 use super::capabilities::log::{RunLog, truncate};

@@ -14,6 +14,7 @@
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use support::sync::lock;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
@@ -256,7 +257,7 @@ impl NodeMetrics {
     /// The worker's counts, observed from now on. The metrics hold it
     /// weakly: a stopped node reads as zeros, not as its last values.
     pub fn observe(&self, observer: Weak<dyn NodeObserver>) {
-        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+        *lock(&self.observer) = Some(observer);
     }
 
     /// Records the end of one lease.
@@ -313,9 +314,7 @@ impl NodeMetrics {
 fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObserver>>>>) {
     let read = {
         let observer = observer.clone();
-        move || -> Option<Arc<dyn NodeObserver>> {
-            observer.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.upgrade()
-        }
+        move || -> Option<Arc<dyn NodeObserver>> { lock(&observer).as_ref()?.upgrade() }
     };
     type Pick = fn(&NodeCounts) -> u64;
     let counters: [(&'static str, &'static str, Pick); 9] = [

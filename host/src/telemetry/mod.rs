@@ -37,7 +37,7 @@ use tracing_subscriber::{Layer, Registry};
 
 pub use admin::{AdminError, AdminServer, Readiness, ReadinessProbe};
 pub use metrics::{FinishedRun, METER_NAME, METRIC_NAMES, NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog};
-pub use otlp::{OtlpSettings, ResourceIdentity};
+pub use otlp::{OtlpProtocol, OtlpSettings, ResourceIdentity};
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -19,10 +19,30 @@ use opentelemetry_sdk::metrics::PeriodicReader;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 use super::metrics::METER_NAME;
-use crate::config::OtlpProtocol;
 
 /// How long one export may take before it is abandoned.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How spans, metrics and logs reach the collector
+/// (`OpenTelemetry.OtlpExporter.Protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    /// `grpc`
+    #[default]
+    Grpc,
+    /// `http/protobuf`
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The spelling the reference uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
 
 /// The `OpenTelemetry` section, as the exporters need it.
 #[derive(Debug, Clone)]

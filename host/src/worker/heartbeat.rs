@@ -16,7 +16,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Node;
-use crate::control_plane::{Backoff, HeartbeatAnswer, NodeState, NodeStatus, Registration};
+use support::Backoff;
+
+use crate::control_plane::{HeartbeatAnswer, NodeState, NodeStatus, Registration};
 
 /// How a registration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

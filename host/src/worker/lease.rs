@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 
-use crate::proto::{CompleteRequest, CostInfo, FailRequest, Lease, SandboxReport, TimingInfo};
+pub use crate::control_plane::Report;
 use crate::sandbox::outcome::cut;
 use crate::sandbox::{BudgetRequest, FailKind, RunContext, RunFailure, RunOutcome, RunReport, RunRequest};
+use proto::{CompleteRequest, CostInfo, FailRequest, Lease, SandboxReport, TimingInfo};
 
 /// The largest report the node sends, encoded: under 4 MiB, the smallest
 /// message limit a control plane is known to have (gRPC's default, which
@@ -124,21 +125,9 @@ impl Timings {
     }
 }
 
-/// What the node sends for one lease: exactly one of these.
-#[derive(Debug, Clone)]
-pub enum Report {
-    Complete(CompleteRequest),
-    Fail(FailRequest),
-}
-
+/// How a run becomes the [`Report`] the control plane is owed (the type
+/// itself is the control-plane client's: it is what that client sends).
 impl Report {
-    pub fn lease_id(&self) -> &str {
-        match self {
-            Report::Complete(request) => &request.lease_id,
-            Report::Fail(request) => &request.lease_id,
-        }
-    }
-
     /// The report of `outcome`. It always fits in [`MAX_REPORT_BYTES`]: a
     /// failure's message and details are capped by the sandbox, and a
     /// result map too large to send (a node configured with a larger
@@ -201,14 +190,6 @@ impl Report {
                 retryable: failure.retryable,
                 sandbox: Some(sandbox_report(report)),
             }),
-        }
-    }
-
-    /// The size of the report on the wire (without gRPC's framing).
-    pub fn encoded_len(&self) -> usize {
-        match self {
-            Report::Complete(request) => request.encoded_len(),
-            Report::Fail(request) => request.encoded_len(),
         }
     }
 
@@ -313,7 +294,7 @@ fn error_details(failure: &RunFailure, report: &RunReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{BudgetConstraints, RunSpec};
+    use proto::{BudgetConstraints, RunSpec};
 
     #[test]
     fn a_guid_trace_id_becomes_32_hex_digits() {

@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::sync::lock;
 
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -182,7 +183,7 @@ impl Node {
     }
 
     fn backlog(&self) -> Option<OutboxBacklog> {
-        let mut cached = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = lock(&self.backlog);
         if let Some((read, backlog)) = *cached
             && read.elapsed() < Duration::from_secs(1)
         {
@@ -266,57 +267,70 @@ pub enum StartError {
 }
 
 impl NodeHandle {
-    /// Starts the node's tasks. It registers, delivers what `outbox` still
-    /// holds, then pulls, until shut down. An `https://` control plane is
+    /// A node to start with [`NodeBuilder::start`]: it registers, delivers
+    /// what `outbox` still holds, then pulls, until shut down. Unless
+    /// [`NodeBuilder::tls`] says otherwise, an `https://` control plane is
     /// verified against the system roots, with no client certificate.
-    pub fn start(
+    pub fn builder(
         settings: NodeSettings,
         sandbox: Arc<Sandbox>,
         store: Arc<AgentStore>,
         outbox: Outbox,
-    ) -> Result<NodeHandle, StartError> {
-        let tls = ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?;
-        Self::start_with(settings, tls, sandbox, store, outbox, Arc::default())
+    ) -> NodeBuilder {
+        NodeBuilder {
+            settings,
+            sandbox,
+            store,
+            outbox,
+            tls: None,
+            metrics: Arc::default(),
+        }
+    }
+}
+
+/// What a node starts with; see [`NodeHandle::builder`].
+pub struct NodeBuilder {
+    settings: NodeSettings,
+    sandbox: Arc<Sandbox>,
+    store: Arc<AgentStore>,
+    outbox: Outbox,
+    tls: Option<ControlPlaneTls>,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl NodeBuilder {
+    /// The TLS (and client certificate) the `MTls` configuration asks
+    /// for, on both the REST and gRPC links.
+    pub fn tls(mut self, tls: ControlPlaneTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
-    /// Like [`Self::start`], with the TLS (and client certificate) the
-    /// `MTls` configuration asks for, on both the REST and gRPC links.
-    pub fn start_with_tls(
-        settings: NodeSettings,
-        tls: ControlPlaneTls,
-        sandbox: Arc<Sandbox>,
-        store: Arc<AgentStore>,
-        outbox: Outbox,
-    ) -> Result<NodeHandle, StartError> {
-        Self::start_with(settings, tls, sandbox, store, outbox, Arc::default())
+    /// Records into `metrics` (the registry that telemetry exports and
+    /// `/metrics` serves) instead of a registry of its own.
+    pub fn metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
-    /// [`NodeHandle::start`], recording into `metrics` (the registry that
-    /// telemetry exports and `/metrics` serves).
-    pub fn start_with_metrics(
-        settings: NodeSettings,
-        sandbox: Arc<Sandbox>,
-        store: Arc<AgentStore>,
-        outbox: Outbox,
-        metrics: Arc<NodeMetrics>,
-    ) -> Result<NodeHandle, StartError> {
-        let tls = ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?;
-        Self::start_with(settings, tls, sandbox, store, outbox, metrics)
-    }
-
-    /// The node with its control-plane TLS and its metrics registry.
-    pub fn start_with(
-        settings: NodeSettings,
-        tls: ControlPlaneTls,
-        sandbox: Arc<Sandbox>,
-        store: Arc<AgentStore>,
-        outbox: Outbox,
-        metrics: Arc<NodeMetrics>,
-    ) -> Result<NodeHandle, StartError> {
+    /// Starts the node's tasks.
+    pub fn start(self) -> Result<NodeHandle, StartError> {
+        let NodeBuilder {
+            settings,
+            sandbox,
+            store,
+            outbox,
+            tls,
+            metrics,
+        } = self;
+        let tls = match tls {
+            Some(tls) => tls,
+            None => ControlPlaneTls::configure(&settings.control_plane_url, &TlsOptions::default())?,
+        };
         if settings.slots == 0 || settings.max_leases == 0 {
             return Err(StartError::NoSlots);
         }
-        control_plane::install_crypto_provider();
+        support::tls::install_crypto_provider();
         // REST calls must end before the next heartbeat is due.
         let rest_timeout = settings
             .heartbeat_interval
@@ -356,7 +370,9 @@ impl NodeHandle {
         let done = tokio::spawn(lifecycle(node.clone(), queue_tx, queue_rx));
         Ok(NodeHandle { node, done })
     }
+}
 
+impl NodeHandle {
     pub fn stats(&self) -> Arc<NodeStats> {
         self.node.stats.clone()
     }

@@ -14,15 +14,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll as TaskPoll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::sync::lock;
 
 use tokio::sync::mpsc;
 
 use super::Node;
 use super::lease::AcceptedLease;
 use super::report;
-use crate::control_plane::{Backoff, LeaseStream};
-use crate::proto::{AckRequest, Lease};
+use support::Backoff;
+
+use crate::control_plane::LeaseStream;
 use crate::sandbox::RunFailure;
+use proto::{AckRequest, Lease};
 
 /// A stream that ends sooner than this after opening, with no lease, looks
 /// like "unknown node": ask for a heartbeat, which re-registers on a 404.
@@ -155,7 +158,7 @@ async fn accept(node: &Arc<Node>, leases: Vec<Lease>) -> Vec<AcceptedLease> {
         .leases_received
         .fetch_add(leases.len() as u64, Ordering::Relaxed);
     let (fresh, seen): (Vec<Lease>, Vec<Lease>) = {
-        let mut seen = node.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut seen = lock(&node.seen);
         leases.into_iter().partition(|lease| seen.insert(&lease.lease_id))
     };
     let keys: Vec<(&str, i64)> = fresh

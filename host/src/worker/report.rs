@@ -12,13 +12,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use support::sync::lock;
 
 use super::Node;
 use super::lease::{AcceptedLease, Report, Timings};
-use crate::control_plane::Backoff;
 use crate::outbox;
 use crate::sandbox::{RunFailure, RunOutcome, RunReport};
 use crate::telemetry::FinishedRun;
+use support::Backoff;
 use tracing::Instrument;
 
 /// Fails a lease that never ran, handing it back to the control plane.
@@ -86,7 +87,7 @@ pub(super) fn deliver(node: &Arc<Node>, report: Report, deadline_unix_ms: i64, l
 /// Sends the report the outbox holds for `lease_id`, unless a task
 /// delivers it already or it is gone.
 pub(super) fn deliver_stored(node: &Arc<Node>, lease_id: &str) {
-    let mut delivering = node.delivering.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut delivering = lock(&node.delivering);
     if delivering.contains(lease_id) {
         return;
     }
@@ -163,10 +164,7 @@ pub(super) async fn recover(node: Arc<Node>) {
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 fn mark_delivering(node: &Node, lease_id: &str) -> bool {
-    node.delivering
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .insert(lease_id.to_string())
+    lock(&node.delivering).insert(lease_id.to_string())
 }
 
 fn outbox_error(node: &Node, lease_id: &str, err: &dyn std::fmt::Display) {
@@ -198,18 +196,7 @@ async fn send(node: &Arc<Node>, mut report: Report, deadline_unix_ms: i64, writt
             expired(node, &lease_id);
             break true;
         }
-        let answer = match &report {
-            Report::Complete(request) => node
-                .leases
-                .complete(request.clone())
-                .await
-                .map(|response| (response.success, response.message)),
-            Report::Fail(request) => node
-                .leases
-                .fail(request.clone())
-                .await
-                .map(|response| (response.success, response.message)),
-        };
+        let answer = node.leases.send_report(&report).await;
         match answer {
             Ok((true, _)) => {
                 node.stats.reports_delivered.fetch_add(1, Ordering::Relaxed);
@@ -251,8 +238,5 @@ async fn send(node: &Arc<Node>, mut report: Report, deadline_unix_ms: i64, writt
         outbox_error(node, &lease_id, &err);
     }
     // Only now: a stored copy is gone before another task may look for it.
-    node.delivering
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .remove(&lease_id);
+    lock(&node.delivering).remove(&lease_id);
 }

@@ -23,8 +23,8 @@ use super::access::NodeIds;
 use super::ledger::Ledger;
 use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, SandboxReadings, Timings};
 use super::wait_for_shutdown;
-use crate::proto::lease_service_server::LeaseService;
-use crate::proto::{
+use proto::lease_service_server::LeaseService;
+use proto::{
     AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo, FailRequest, FailResponse,
     Lease, PullRequest, RunSpec, SandboxReport, TimingInfo,
 };

@@ -37,8 +37,8 @@ use axum::serve::ListenerExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::proto::lease_service_server::LeaseServiceServer;
 pub use access::AllowedHost;
+use proto::lease_service_server::LeaseServiceServer;
 pub use state::{
     Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus, SandboxReadings,
     Timings,

@@ -1,6 +1,6 @@
 //! A file's identity on disk, strict enough that a rewrite changes it.
 //!
-//! The store keeps what it learnt about an agent file (its SHA-256, the
+//! The agent store keeps what it learnt about an agent file (its SHA-256, the
 //! compiled agent) under the file's stamp: device, inode, length, and
 //! modification and change times in nanoseconds. Any write changes the
 //! change time (ctime), which no user can set back, and replacing a file
@@ -11,6 +11,9 @@
 //! safely before the moment the store looked at it ([`FileStamp::settled_at`]);
 //! a file changed in the last [`SETTLE_TIME`] is simply read and hashed
 //! again, until it has settled.
+//!
+//! The control-plane client re-reads its certificate when either file's
+//! stamp changes.
 //!
 //! This trusts the file system's clock to be the node's (as on a local
 //! file system) to within [`SETTLE_TIME`].

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::sync::lock;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -27,7 +28,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::access::Peer;
 use super::wait_for_shutdown;
-use crate::control_plane::tls::common_name;
+use support::tls::common_name;
 
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,7 +67,7 @@ impl fmt::Debug for PlaneTls {
 
 impl PlaneTls {
     pub(super) fn server_config(&self) -> Result<ServerConfig, String> {
-        crate::control_plane::install_crypto_provider();
+        support::tls::install_crypto_provider();
         let provider = rustls::crypto::CryptoProvider::get_default()
             .cloned()
             .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
@@ -168,7 +169,7 @@ pub(super) struct ClientSubjects(Mutex<Vec<String>>);
 
 impl ClientSubjects {
     fn record(&self, subject: String) {
-        let mut subjects = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut subjects = lock(&self.0);
         if subjects.len() == SUBJECTS_KEPT {
             subjects.remove(0);
         }
@@ -176,7 +177,7 @@ impl ClientSubjects {
     }
 
     pub(super) fn all(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        lock(&self.0).clone()
     }
 }
 

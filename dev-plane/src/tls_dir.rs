@@ -24,7 +24,7 @@ use rcgen::{
 use thiserror::Error;
 
 use super::PlaneTls;
-use crate::control_plane::tls::{TlsError, TlsOptions, common_name, read_certificates, read_private_key};
+use support::tls::{PemError, common_name, read_certificates, read_private_key};
 
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -61,7 +61,7 @@ pub enum TlsDirError {
         source: rcgen::Error,
     },
     #[error("--tls-dir: {0}")]
-    Pem(#[from] TlsError),
+    Pem(#[from] PemError),
     #[error("--tls-dir: {} has no subject CN, and a node's id is its certificate's CN; issue one with a CN, or remove node-cert.pem and node-key.pem to have them generated", path.display())]
     NoSubject { path: PathBuf },
 }
@@ -102,18 +102,6 @@ impl DevCertificates {
             allowed_subjects,
             bind_node_ids: true,
         })
-    }
-
-    /// The node's side: the node certificate, and only the CA trusted.
-    pub fn node_tls_options(&self) -> TlsOptions {
-        TlsOptions {
-            enabled: true,
-            client_certificate_path: Some(self.path(NODE_CERT)),
-            client_key_path: Some(self.path(NODE_KEY)),
-            server_ca_certificate_path: Some(self.path(CA_CERT)),
-            expected_server_certificate_subject: None,
-            validate_certificate_chain: true,
-        }
     }
 }
 
@@ -287,15 +275,9 @@ mod tests {
             [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, NODE_CERT, NODE_KEY]
         );
         let server = read_certificates("s", &first.path(SERVER_CERT)).unwrap();
-        assert_eq!(
-            crate::control_plane::tls::common_name(&server[0]).as_deref(),
-            Some(SERVER_SUBJECT)
-        );
+        assert_eq!(common_name(&server[0]).as_deref(), Some(SERVER_SUBJECT));
         let node = read_certificates("n", &first.path(NODE_CERT)).unwrap();
-        assert_eq!(
-            crate::control_plane::tls::common_name(&node[0]).as_deref(),
-            Some(NODE_SUBJECT)
-        );
+        assert_eq!(common_name(&node[0]).as_deref(), Some(NODE_SUBJECT));
         assert_eq!(first.node_subject().unwrap(), "dev-node-1");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(first.path(NODE_KEY)).unwrap().permissions().mode();

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use support::sync::lock;
 
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
@@ -140,6 +141,6 @@ impl Ledger {
     fn lock(&self) -> std::sync::MutexGuard<'_, PlaneState> {
         // A panic while holding the lock leaves the state as consistent as
         // each single method left it; keep serving rather than cascade.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 }

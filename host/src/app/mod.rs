@@ -1,0 +1,140 @@
+//! The composition root: the one place that turns a [`NodeConfig`] into
+//! the running parts of a node (its sandbox, agent store, control-plane
+//! TLS and settings, outbox and telemetry). `serve`, `dev`, `config check`
+//! and `outbox` all build through it; nothing below it reads the
+//! configuration.
+//!
+//! - [`sandbox`]: `Sandbox` and `AgentRuntime` as the sandbox's settings.
+//! - [`agent_store`]: `AgentStore` and `NodeRuntime.AgentsDirectory` as the store.
+//! - [`control_plane`]: `MTls` as the client's TLS, `NodeRuntime` as the worker's settings.
+//! - [`telemetry`]: `Logging` and `OpenTelemetry`.
+
+pub mod agent_store;
+pub mod control_plane;
+pub mod sandbox;
+pub mod telemetry;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use agent_store::agent_store;
+pub use control_plane::{control_plane_tls, node_settings, tls_options};
+pub use sandbox::{llm_settings, sandbox_config};
+pub use telemetry::{loading_logger, telemetry_settings};
+
+/// The configuration the root builds from: the commands reach it through
+/// here, and describe nodes of their own (`dev`) with it.
+pub use crate::config::{self, NodeConfig};
+
+use crate::agent_store::AgentStore;
+use crate::config::ConfigError;
+use crate::control_plane::TlsError;
+use crate::outbox::{Outbox, OutboxError};
+use crate::sandbox::{Sandbox, SandboxError};
+use crate::telemetry::NodeMetrics;
+use crate::worker::{NodeHandle, StartError};
+
+/// Loads the configuration as `serve` does: `path` (or, without one, the
+/// defaults), its environment's file, then the process environment; the
+/// warnings of loading (ignored keys) go to stderr.
+pub fn load_config(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+    tracing::subscriber::with_default(loading_logger(), || match path {
+        Some(path) => NodeConfig::load(path, config::process_env()),
+        None => NodeConfig::from_json_str(
+            "{}",
+            &std::env::current_dir().unwrap_or_default(),
+            config::process_env(),
+        ),
+    })
+}
+
+/// Why a node could not be built from its configuration.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
+    #[error("cannot build the agent store's HTTP client: {0}")]
+    StoreClient(#[from] reqwest::Error),
+    #[error("cannot open the outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+impl BuildError {
+    /// Whether the configuration (or a file it names) is at fault, rather
+    /// than the node.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, BuildError::Sandbox(_) | BuildError::StoreClient(_))
+    }
+}
+
+/// Builds every part `config` asks for and starts the node, recording into
+/// `metrics`.
+pub fn start_node(config: &NodeConfig, metrics: Arc<NodeMetrics>) -> Result<NodeHandle, BuildError> {
+    NodeBuild::new(config).metrics(metrics).start()
+}
+
+/// A node built from its configuration, with parts no configuration key
+/// describes given instead (the dev node's agents come from several
+/// directories).
+pub struct NodeBuild<'a> {
+    config: &'a NodeConfig,
+    store: Option<AgentStore>,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl<'a> NodeBuild<'a> {
+    pub fn new(config: &'a NodeConfig) -> Self {
+        NodeBuild {
+            config,
+            store: None,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// This store instead of the one `AgentStore` describes.
+    pub fn agent_store(mut self, store: AgentStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Records into `metrics` (the registry telemetry exports).
+    pub fn metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Reads the certificates, starts the engine, opens the outbox and
+    /// starts the node's tasks.
+    pub fn start(self) -> Result<NodeHandle, BuildError> {
+        let config = self.config;
+        let tls = control_plane_tls(config)?;
+        let sandbox = Sandbox::new(sandbox_config(config))?;
+        let (architecture, _) = sandbox.target();
+        tracing::info!(
+            allocator = ?sandbox.allocator(),
+            engine = %sandbox.execution(),
+            architecture,
+            "sandbox ready"
+        );
+        let store = match self.store {
+            Some(store) => store,
+            None => agent_store(config, &tls)?,
+        };
+        let outbox = Outbox::open(&config.node_runtime.data_directory)?;
+        tracing::info!(path = %outbox.path().display(), "outbox open");
+        let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
+            .tls(tls)
+            .metrics(self.metrics)
+            .start()?;
+        Ok(node)
+    }
+}
