@@ -4,7 +4,7 @@
 //!
 //! The plane has no authentication of its own, so it stays on loopback
 //! unless it requires client certificates (`--tls-dir`) or the developer
-//! says `--insecure-listen`; see `dev_plane::access` for what keeps web
+//! says `--insecure-listen`; see `dev-plane/src/access.rs` for what keeps web
 //! pages out.
 
 use std::collections::BTreeMap;
