@@ -34,6 +34,52 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durability: Durability) -> st
     Ok(())
 }
 
+/// How much a folder of files with one extension may keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// At most this many bytes, summed over the files.
+    Bytes(u64),
+    /// At most this many files.
+    Files(usize),
+}
+
+/// Deletes the least recently modified files ending in `.{extension}` in
+/// `dir` until the rest fit `bound`, and returns each deleted file with its
+/// length. Files it cannot read or delete are skipped: a bound kept
+/// loosely is better than a cache that fails.
+pub fn evict_oldest(dir: &Path, extension: &str, bound: Bound) -> Vec<(std::path::PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, std::path::PathBuf)> = entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == extension))
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), entry.path()))
+        })
+        .collect();
+    files.sort();
+    let mut bytes: u64 = files.iter().map(|(_, len, _)| len).sum();
+    let mut count = files.len();
+    let mut evicted = Vec::new();
+    for (_, len, path) in files {
+        let fits = match bound {
+            Bound::Bytes(max) => bytes <= max,
+            Bound::Files(max) => count <= max,
+        };
+        if fits {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            bytes -= len;
+            count -= 1;
+            evicted.push((path, len));
+        }
+    }
+    evicted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +104,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = write_atomically(&dir.path().join("no/such/entry"), b"x", Durability::Synced).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    fn aged(dir: &Path, name: &str, len: usize, age_s: u64) {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_oldest_files_go_first_until_the_rest_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        aged(dir.path(), "old.cwasm", 100, 300);
+        aged(dir.path(), "mid.cwasm", 100, 200);
+        aged(dir.path(), "new.cwasm", 100, 100);
+        aged(dir.path(), "other.txt", 1000, 400);
+        let evicted = evict_oldest(dir.path(), "cwasm", Bound::Bytes(150));
+        let names: Vec<_> = evicted.iter().map(|(p, _)| p.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["old.cwasm", "mid.cwasm"]);
+        assert!(dir.path().join("new.cwasm").exists() && dir.path().join("other.txt").exists());
+        assert!(
+            evict_oldest(dir.path(), "cwasm", Bound::Bytes(150)).is_empty(),
+            "already fits"
+        );
+        aged(dir.path(), "newer.cwasm", 1, 50);
+        let evicted = evict_oldest(dir.path(), "cwasm", Bound::Files(1));
+        assert_eq!(evicted.len(), 1);
+        assert!(dir.path().join("newer.cwasm").exists());
     }
 }

@@ -20,13 +20,12 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
 use super::digest::AgentDigest;
 use support::file_stamp::FileStamp;
-use support::fs::{Durability, write_atomically};
+use support::fs::{Bound, Durability, evict_oldest, write_atomically};
 
 /// Marks a record and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:fd1";
@@ -98,22 +97,7 @@ impl DigestMemo {
 
     /// Deletes the oldest records past the bound.
     fn bound(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let mut records: Vec<(SystemTime, PathBuf)> = entries
-            .flatten()
-            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == EXTENSION))
-            .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
-            .collect();
-        if records.len() <= self.max_records {
-            return;
-        }
-        records.sort();
-        let excess = records.len() - self.max_records;
-        for (_, path) in records.into_iter().take(excess) {
-            let _ = std::fs::remove_file(path);
-        }
+        evict_oldest(&self.dir, EXTENSION, Bound::Files(self.max_records));
     }
 }
 
