@@ -2,7 +2,7 @@
 //! the component, the first run after a restart with the on-disk compiled
 //! cache, and a warm run.
 //!
-//! `cargo run -p bench --bin coldstart [-- ROUNDS]`, after
+//! `cargo run -p bench -- coldstart [ROUNDS]`, after
 //! `scripts/build-agents`. Agents are resolved as a node resolves a
 //! lease's agent: through an [`AgentStore`] over a directory
 //! (`<dir>/<agent_id>/<version>.wasm`). Each round uses an empty cache
@@ -70,10 +70,9 @@ fn ended(outcome: &RunOutcome) {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
+pub async fn main(args: Vec<String>) {
+    let rounds: usize = args
+        .first()
         .map(|n| n.parse().expect("ROUNDS is a number"))
         .unwrap_or(5);
     let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));

@@ -3,7 +3,7 @@
 //! answers after 30 s (a stub in a child process, so its connections do
 //! not count against the node's memory).
 //!
-//! `cargo run -p bench --bin density [-- N...]` (default 1000 10000),
+//! `cargo run -p bench -- density [N...]` (default 1000 10000),
 //! after `scripts/build-agents`. For each N, a sandbox sized for N
 //! concurrent runs (`EngineSettings.max_concurrent_runs = N`; the pool
 //! falls back to on-demand allocation when it cannot be reserved) starts
@@ -70,6 +70,7 @@ impl Drop for StubProcess {
 
 fn start_stub(answer_after: Duration) -> (StubProcess, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("density")
         .arg("--stub")
         .arg(answer_after.as_millis().to_string())
         .stdin(Stdio::piped())
@@ -203,9 +204,7 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+pub async fn main(args: Vec<String>) {
     if args.first().map(String::as_str) == Some("--stub") {
         let millis = args[1].parse().expect("--stub MILLIS");
         // The parent holds our stdin: when it dies, even by abort (a

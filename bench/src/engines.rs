@@ -4,7 +4,7 @@
 //! both metered as the node meters them (fuel + epochs), plus the time to
 //! compile each agent for each engine.
 //!
-//! `cargo run -p bench --bin engines [-- RUNS [LIMIT]]`, after
+//! `cargo run -p bench -- engines [RUNS [LIMIT]]`, after
 //! `scripts/build-agents`. The engines alternate run by run so that load
 //! from elsewhere on the machine falls on both alike; 2 warm-up runs each.
 
@@ -50,9 +50,8 @@ async fn timed_load(sandbox: &Sandbox, wasm: Arc<[u8]>) -> (Arc<Agent>, Duration
     (agent, started.elapsed())
 }
 
-#[tokio::main]
-async fn main() {
-    let mut args = std::env::args().skip(1);
+pub async fn main(args: Vec<String>) {
+    let mut args = args.into_iter();
     let runs: usize = args.next().map(|n| n.parse().expect("RUNS is a number")).unwrap_or(20);
     let limit: u64 = args
         .next()

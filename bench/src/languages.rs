@@ -2,7 +2,7 @@
 //! Rust, Python (componentize-py) and JavaScript (componentize-js), each
 //! compiled once, then instantiated in a fresh store and run many times.
 //!
-//! `cargo run -p bench --bin languages [-- RUNS]`, after
+//! `cargo run -p bench -- languages [RUNS]`, after
 //! `scripts/build-agents`. No LLM is configured, so each run instantiates
 //! the agent, reads its invoice and ends at its first `llm.chat` call
 //! (`not-configured`): the per-run cost of the language's runtime, without
@@ -35,10 +35,9 @@ fn request() -> RunRequest {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
+pub async fn main(args: Vec<String>) {
+    let runs: usize = args
+        .first()
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(200);
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());

@@ -2,7 +2,7 @@
 //! run in a sandbox whose engine meters guests (the node's only mode)
 //! against one built with `Metering::Off` (a bench-only setting).
 //!
-//! `cargo run -p bench --bin metering [-- RUNS [LIMIT]]`, after
+//! `cargo run -p bench -- metering [RUNS [LIMIT]]`, after
 //! `scripts/build-agents`. Each variant compiles the component itself
 //! (metered and unmetered code differ), runs it a few times to warm up,
 //! then RUNS times; the two variants alternate run by run so that load
@@ -13,9 +13,8 @@ use std::time::Duration;
 use bench::{Spread, agent_wasm, sieve_run, wait_for_quiet_machine};
 use node_runtime::sandbox::{EngineSettings, Metering, Sandbox, SandboxConfig};
 
-#[tokio::main]
-async fn main() {
-    let mut args = std::env::args().skip(1);
+pub async fn main(args: Vec<String>) {
+    let mut args = args.into_iter();
     let runs: usize = args.next().map(|n| n.parse().expect("RUNS is a number")).unwrap_or(30);
     let limit: u64 = args
         .next()

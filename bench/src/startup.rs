@@ -14,7 +14,7 @@
 //! The in-process `wasi-command-echo` variant is the same component that
 //! `wasmtime run` starts, run by the node.
 //!
-//! `cargo run -p bench --bin startup [-- RUNS]`, after
+//! `cargo run -p bench -- startup [RUNS]`, after
 //! `scripts/build-agents` and `bench/setup`. Prints median and p99 per
 //! variant and the ratio of each to the native process per run. With
 //! `BENCH_IN_PROCESS_ONLY=1`, only the pooled in-process run is measured
@@ -89,10 +89,9 @@ fn read(path: &Path) -> Arc<[u8]> {
         .into()
 }
 
-#[tokio::main]
-async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
+pub async fn main(args: Vec<String>) {
+    let runs: usize = args
+        .first()
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(2000);
     let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()));

@@ -2,7 +2,7 @@
 //! node in this process, talking gRPC and REST over loopback as they would
 //! across machines (`Pull -> Ack -> run -> Complete`), running `echo`.
 //!
-//! `cargo run -p bench --bin throughput [-- RUNS]`, after
+//! `cargo run -p bench -- throughput [RUNS]`, after
 //! `scripts/build-agents`. For each slot count (1, 8, 64), a fresh plane
 //! and node:
 //!
@@ -206,9 +206,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-#[tokio::main]
-async fn main() {
-    let mut args = std::env::args().skip(1);
+pub async fn main(args: Vec<String>) {
+    let mut args = args.into_iter();
     let runs: usize = args
         .next()
         .map(|n| n.parse().expect("RUNS is a number"))

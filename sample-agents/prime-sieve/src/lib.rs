@@ -1,5 +1,5 @@
 //! Prime-sieve agent: CPU-bound work sized by its input, for measuring
-//! what fuel and epoch metering cost (`bench --bin metering`).
+//! what fuel and epoch metering cost (`bench metering`).
 //!
 //! Input-ref `limit` (default 2,000,000): sieves the primes below it,
 //! `rounds` times (default 1), and returns `primes` (their count) and
