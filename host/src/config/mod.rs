@@ -6,10 +6,11 @@
 //! environment's file (`appsettings.Development.json`) over it, and
 //! environment variables (`NodeRuntime__MaxConcurrentLeases=2`) over both
 //! (`layers` says which files, in which order). The files and the
-//! environment are merged into one tree (`tree`), which is bound to plain
-//! structs with every value checked (`bind`); a bad value stops start-up
-//! with a [`ConfigError`] naming its key, the file or variable it came
-//! from, and the fix.
+//! environment are merged into one tree (`tree`), which each section
+//! (`sections`, one file per section) binds to plain structs with every
+//! value checked, through the section-agnostic typed reads of `reader`; a
+//! bad value stops start-up with a [`ConfigError`] naming its key, the
+//! file or variable it came from, and the fix.
 //! Sections and keys the node does not read are listed in one warning.
 //! `effective` prints the result back in the reference's shape, secrets
 //! redacted, for `node-runtime config check`.
@@ -20,10 +21,11 @@
 //! [`LoggingSection`] (`Logging`), and this node's [`SandboxSection`]
 //! (`Sandbox`).
 
-mod bind;
 mod effective;
 mod error;
 mod layers;
+mod reader;
+mod sections;
 mod tree;
 
 #[cfg(test)]
@@ -504,7 +506,7 @@ impl NodeConfig {
         // working directory.
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base_dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        let mut layers = vec![bind::Layer {
+        let mut layers = vec![reader::Layer {
             name: path.display().to_string(),
             text,
         }];
@@ -512,7 +514,7 @@ impl NodeConfig {
         let environment_file = environment.file_for(&path);
         match std::fs::read_to_string(&environment_file) {
             Ok(text) => {
-                layers.push(bind::Layer {
+                layers.push(reader::Layer {
                     name: environment_file.display().to_string(),
                     text,
                 });
@@ -547,7 +549,7 @@ impl NodeConfig {
             environment: HostingEnvironment::from_env(&env),
             ..ConfigSources::default()
         };
-        let layer = bind::Layer {
+        let layer = reader::Layer {
             name: "the configuration text".to_string(),
             text: text.to_string(),
         };
@@ -555,13 +557,39 @@ impl NodeConfig {
     }
 
     fn read(
-        layers: Vec<bind::Layer>,
+        layers: Vec<reader::Layer>,
         sources: ConfigSources,
         base_dir: &Path,
         env: Vec<(String, String)>,
     ) -> Result<NodeConfig, ConfigError> {
-        let mut config = bind::read(layers, base_dir, env)?;
-        config.sources = sources;
+        let (mut reader, mut root) = reader::open(layers, base_dir, env)?;
+        // In this order, which is the order a file's errors are found in.
+        let node_runtime = sections::node_runtime::bind(&mut reader, &mut root)?;
+        let mtls = sections::mtls::bind(&mut reader, &mut root)?;
+        let agent_runtime = sections::agent_runtime::bind(&mut reader, &mut root)?;
+        // Variables that hold a key of the node's (the LLM's), which no grant
+        // may pass to an agent.
+        let key_variables: Vec<String> = agent_runtime
+            .openai
+            .api_key_environment_variable
+            .iter()
+            .cloned()
+            .collect();
+        let open_telemetry = sections::open_telemetry::bind(&mut reader, &mut root)?;
+        let logging = sections::logging::bind(&mut reader, &mut root)?;
+        let sandbox = sections::sandbox::bind(&mut reader, &mut root, &key_variables)?;
+        let agent_store = sections::agent_store::bind(&mut reader, &mut root)?;
+        let config = NodeConfig {
+            node_runtime,
+            mtls,
+            agent_runtime,
+            open_telemetry,
+            logging,
+            sandbox,
+            agent_store,
+            ignored_keys: reader.ignored_keys(root),
+            sources,
+        };
         if !config.ignored_keys.is_empty() {
             tracing::warn!(
                 "ignoring configuration keys this node does not read: {}",
