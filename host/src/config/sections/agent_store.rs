@@ -1,8 +1,78 @@
-//! `AgentStore` (this node): where agents come from.
+//! `AgentStore` (this node): where agents come from. Its type and
+//! defaults, its binding, and its printed view, so that each of its keys
+//! is spelt here only.
 
+use std::time::Duration;
+
+use serde::Serialize;
+use support::Secret;
+
+use crate::config::effective::REDACTED;
 use crate::config::error::ConfigError;
 use crate::config::reader::{Reader, Section, http_url, names};
-use crate::config::{AgentSourceKind, AgentStoreSection, Secret};
+
+/// Which kind of place an agent is looked for in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSourceKind {
+    /// `NodeRuntime.AgentsDirectory`.
+    Directory,
+    /// `AgentStore.HttpUrlTemplate`.
+    Http,
+    /// `AgentStore.OciReferenceTemplate`.
+    Oci,
+}
+
+impl AgentSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentSourceKind::Directory => "directory",
+            AgentSourceKind::Http => "http",
+            AgentSourceKind::Oci => "oci",
+        }
+    }
+}
+
+/// `AgentStore` (this node): where agents come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStoreSection {
+    /// `Sources`: the order the sources are tried in. Default: the
+    /// directory, then HTTP when `HttpUrlTemplate` is set.
+    pub sources: Vec<AgentSourceKind>,
+    /// `HttpUrlTemplate`: with `{agent_id}` and `{version}`, and
+    /// optionally `{base}` (the control plane's URL).
+    pub http_url_template: Option<String>,
+    /// `OciReferenceTemplate`: `REGISTRY/REPOSITORY:TAG` with
+    /// `{agent_id}` and `{version}`.
+    pub oci_reference_template: Option<String>,
+    /// `OciInsecure`: plain HTTP to the registry.
+    pub oci_insecure: bool,
+    /// `OciUsername`, `OciPassword`: basic credentials; anonymous when
+    /// unset.
+    pub oci_username: Option<String>,
+    pub oci_password: Option<Secret>,
+    /// `MaxDownloadBytes`: bytes or a size.
+    pub max_download_bytes: u64,
+    /// `DownloadTimeoutSeconds`.
+    pub download_timeout: Duration,
+    /// `RequireDigest`: refuse leases without `agent.digest` metadata.
+    pub require_digest: bool,
+}
+
+impl Default for AgentStoreSection {
+    fn default() -> Self {
+        AgentStoreSection {
+            sources: vec![AgentSourceKind::Directory],
+            http_url_template: None,
+            oci_reference_template: None,
+            oci_insecure: false,
+            oci_username: None,
+            oci_password: None,
+            max_download_bytes: 256 << 20,
+            download_timeout: Duration::from_secs(60),
+            require_digest: false,
+        }
+    }
+}
 
 pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Result<AgentStoreSection, ConfigError> {
     let defaults = AgentStoreSection::default();
@@ -133,4 +203,36 @@ fn valid_url_template(template: &str) -> bool {
         .replace("{agent_id}", "echo")
         .replace("{version}", "1.0.0");
     placeholders && http_url(&sample).is_some()
+}
+
+/// `AgentStore` as `config check` prints it, the registry password
+/// redacted.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(in crate::config) struct View<'a> {
+    sources: Vec<&'static str>,
+    http_url_template: Option<&'a str>,
+    oci_reference_template: Option<&'a str>,
+    oci_insecure: bool,
+    oci_username: Option<&'a str>,
+    oci_password: Option<&'static str>,
+    max_download_bytes: u64,
+    download_timeout_seconds: u64,
+    require_digest: bool,
+}
+
+impl<'a> View<'a> {
+    pub(in crate::config) fn of(store: &'a AgentStoreSection) -> Self {
+        View {
+            sources: store.sources.iter().map(|kind| kind.as_str()).collect(),
+            http_url_template: store.http_url_template.as_deref(),
+            oci_reference_template: store.oci_reference_template.as_deref(),
+            oci_insecure: store.oci_insecure,
+            oci_username: store.oci_username.as_deref(),
+            oci_password: store.oci_password.as_ref().map(|_| REDACTED),
+            max_download_bytes: store.max_download_bytes,
+            download_timeout_seconds: store.download_timeout.as_secs(),
+            require_digest: store.require_digest,
+        }
+    }
 }

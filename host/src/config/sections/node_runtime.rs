@@ -1,10 +1,85 @@
 //! `NodeRuntime`: who the node is and how it talks to the control plane.
+//! Its type and defaults, its binding, and its printed view, so that each
+//! of its keys is spelt here only.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
+use serde::Serialize;
+
+use crate::config::effective::{path, redact_url};
 use crate::config::error::ConfigError;
 use crate::config::reader::{Reader, Section};
-use crate::config::{Capacity, NodeRuntimeSection};
+
+/// `NodeRuntime`: who the node is and how it talks to the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRuntimeSection {
+    /// `NodeId`: the id the node registers under; never empty.
+    pub node_id: String,
+    /// `ControlPlaneUrl`: absolute `http://` or `https://` with a host.
+    pub control_plane_url: http::Uri,
+    /// `MaxConcurrentLeases`: sent as `max_leases` in each `Pull`.
+    pub max_concurrent_leases: u32,
+    /// `HeartbeatIntervalSeconds`: whole seconds, at least 1.
+    pub heartbeat_interval: Duration,
+    /// `Capacity`: what registration reports.
+    pub capacity: Capacity,
+    /// `Metadata`: sent at registration with its keys exactly as written
+    /// (the reference sends `Region`, `Environment`).
+    pub metadata: BTreeMap<String, String>,
+    /// `AgentsDirectory` (this node): agents as
+    /// `<dir>/<agent_id>/<version>.wasm` or `.cwasm`.
+    pub agents_directory: PathBuf,
+    /// `DataDirectory` (this node): the node's state, such as its outbox.
+    pub data_directory: PathBuf,
+    /// `DrainTimeoutSeconds` (this node): how long shutdown waits for
+    /// running leases; 0 does not wait.
+    pub drain_timeout: Duration,
+    /// `AdminListen` (this node): where `/healthz`, `/readyz` and
+    /// `/metrics` are served, e.g. `127.0.0.1:9090`; None (the default)
+    /// serves nothing.
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
+
+/// `NodeRuntime.Capacity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacity {
+    /// `Slots`: runs the node takes at once (with `MaxConcurrentLeases`,
+    /// see [`NodeConfig::slots`](crate::config::NodeConfig::slots)).
+    pub slots: u32,
+    /// `Cpu`: reported as written, e.g. "4".
+    pub cpu: String,
+    /// `Memory`: reported as written, e.g. "8Gi".
+    pub memory: String,
+}
+
+impl Default for NodeRuntimeSection {
+    fn default() -> Self {
+        NodeRuntimeSection {
+            node_id: "node-1".to_string(),
+            control_plane_url: http::Uri::from_static("http://localhost:5109"),
+            max_concurrent_leases: 5,
+            heartbeat_interval: Duration::from_secs(30),
+            capacity: Capacity::default(),
+            metadata: BTreeMap::new(),
+            agents_directory: PathBuf::from("agents"),
+            data_directory: PathBuf::from("data"),
+            drain_timeout: Duration::from_secs(30),
+            admin_listen: None,
+        }
+    }
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            slots: 8,
+            cpu: "4".to_string(),
+            memory: "8Gi".to_string(),
+        }
+    }
+}
 
 pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Result<NodeRuntimeSection, ConfigError> {
     let defaults = NodeRuntimeSection::default();
@@ -105,4 +180,49 @@ fn metadata(reader: &mut Reader<'_>, parent: &mut Section) -> Result<BTreeMap<St
         }
     }
     Ok(metadata)
+}
+
+/// `NodeRuntime` as `config check` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(in crate::config) struct View<'a> {
+    node_id: &'a str,
+    control_plane_url: String,
+    max_concurrent_leases: u32,
+    heartbeat_interval_seconds: u64,
+    capacity: CapacityView<'a>,
+    metadata: &'a BTreeMap<String, String>,
+    agents_directory: String,
+    data_directory: String,
+    drain_timeout_seconds: u64,
+    admin_listen: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CapacityView<'a> {
+    slots: u32,
+    cpu: &'a str,
+    memory: &'a str,
+}
+
+impl<'a> View<'a> {
+    pub(in crate::config) fn of(node: &'a NodeRuntimeSection) -> Self {
+        View {
+            node_id: &node.node_id,
+            control_plane_url: redact_url(&node.control_plane_url),
+            max_concurrent_leases: node.max_concurrent_leases,
+            heartbeat_interval_seconds: node.heartbeat_interval.as_secs(),
+            capacity: CapacityView {
+                slots: node.capacity.slots,
+                cpu: &node.capacity.cpu,
+                memory: &node.capacity.memory,
+            },
+            metadata: &node.metadata,
+            agents_directory: path(&node.agents_directory),
+            data_directory: path(&node.data_directory),
+            drain_timeout_seconds: node.drain_timeout.as_secs(),
+            admin_listen: node.admin_listen.map(|addr| addr.to_string()),
+        }
+    }
 }

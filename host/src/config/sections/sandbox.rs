@@ -1,14 +1,72 @@
 //! `Sandbox` (this node): the ceilings of every run, and what each agent
-//! may reach (`AllowedHosts`, `Grants`).
+//! may reach (`AllowedHosts`, `Grants`). Its type and defaults, its
+//! binding, and its printed view, so that each of its keys is spelt here
+//! only.
 
 use std::collections::BTreeMap;
 
-use crate::config::SandboxSection;
+use serde::Serialize;
+
+use crate::config::effective::path;
 use crate::config::error::ConfigError;
 use crate::config::reader::{PathKind, Reader, Section, names};
 use crate::config::tree::{self, Kind, Node, Origin, Scalar};
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
-use crate::sandbox::{AllocatorChoice, Execution};
+use crate::sandbox::{AllocatorChoice, Execution, NodeLimits};
+
+/// `Sandbox` (this node): the ceilings of every run. Token and duration
+/// limits come from `AgentRuntime` (`MaxTokens`, `MaxDurationSeconds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSection {
+    /// `DefaultFuel`: CPU fuel per run.
+    pub default_fuel: u64,
+    /// `MaxMemoryBytes`: bytes or a size (`"256MiB"`, `"256Mi"`); at
+    /// least one WebAssembly page (64 KiB).
+    pub max_memory_bytes: u64,
+    /// `MaxTableElements`.
+    pub max_table_elements: u32,
+    /// `MaxResultBytes`: bytes or a size.
+    pub max_result_bytes: usize,
+    /// `MaxLogLines`: 0 drops every log line.
+    pub max_log_lines: u32,
+    /// `MaxLogBytes`: bytes or a size.
+    pub max_log_bytes: usize,
+    /// `Allocator`: `auto`, `pooling` or `on-demand`.
+    pub allocator: AllocatorChoice,
+    /// `Engine`: `cranelift` (native code) or `pulley` (the interpreter);
+    /// Pulley regardless where Cranelift has no backend for the host.
+    pub engine: Execution,
+    /// `AllowedHosts` (agent id -> `host` or `host:port` entries): where
+    /// each agent's outbound HTTP may go. An agent not listed reaches
+    /// nothing.
+    pub allowed_hosts: BTreeMap<String, Vec<String>>,
+    /// `CompiledCacheMaxBytes`: room for compiled components kept under
+    /// `DataDirectory/compiled`; 0 keeps them in memory only.
+    pub compiled_cache_max_bytes: u64,
+    /// `Grants` (agent id -> `Directories`, `Environment`, `AllowedHosts`):
+    /// what each agent may reach beyond clocks and random; host
+    /// directories exist (checked at load). An agent not listed gets none.
+    pub grants: BTreeMap<String, Grants>,
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        let limits = NodeLimits::default();
+        SandboxSection {
+            default_fuel: limits.fuel,
+            max_memory_bytes: limits.memory_bytes,
+            max_table_elements: limits.table_elements,
+            max_result_bytes: limits.result_bytes,
+            max_log_lines: limits.log_lines,
+            max_log_bytes: limits.log_bytes,
+            allocator: AllocatorChoice::Auto,
+            engine: Execution::Cranelift,
+            allowed_hosts: BTreeMap::new(),
+            compiled_cache_max_bytes: 1 << 30,
+            grants: BTreeMap::new(),
+        }
+    }
+}
 
 /// `Sandbox`. `key_variables` are the variables that hold a key of the
 /// node's (the LLM's), which no grant may pass to an agent.
@@ -302,4 +360,79 @@ fn valid_host(entry: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         && port.is_none_or(|port| port.parse::<u16>().is_ok())
+}
+
+/// `Sandbox` as `config check` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(in crate::config) struct View<'a> {
+    default_fuel: u64,
+    max_memory_bytes: u64,
+    max_table_elements: u32,
+    max_result_bytes: usize,
+    max_log_lines: u32,
+    max_log_bytes: usize,
+    allocator: &'static str,
+    engine: &'static str,
+    allowed_hosts: &'a BTreeMap<String, Vec<String>>,
+    compiled_cache_max_bytes: u64,
+    grants: BTreeMap<&'a str, AgentGrantsView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentGrantsView<'a> {
+    directories: Vec<DirectoryView<'a>>,
+    environment: &'a [String],
+    allowed_hosts: &'a [String],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DirectoryView<'a> {
+    host_path: String,
+    guest_path: &'a str,
+    read_only: bool,
+}
+
+impl<'a> View<'a> {
+    pub(in crate::config) fn of(sandbox: &'a SandboxSection) -> Self {
+        View {
+            default_fuel: sandbox.default_fuel,
+            max_memory_bytes: sandbox.max_memory_bytes,
+            max_table_elements: sandbox.max_table_elements,
+            max_result_bytes: sandbox.max_result_bytes,
+            max_log_lines: sandbox.max_log_lines,
+            max_log_bytes: sandbox.max_log_bytes,
+            allocator: match sandbox.allocator {
+                AllocatorChoice::Auto => "auto",
+                AllocatorChoice::Pooling => "pooling",
+                AllocatorChoice::OnDemand => "on-demand",
+            },
+            engine: sandbox.engine.as_str(),
+            allowed_hosts: &sandbox.allowed_hosts,
+            compiled_cache_max_bytes: sandbox.compiled_cache_max_bytes,
+            grants: sandbox
+                .grants
+                .iter()
+                .map(|(agent, grants)| {
+                    let directories = grants
+                        .directories
+                        .iter()
+                        .map(|d| DirectoryView {
+                            host_path: path(&d.host_path),
+                            guest_path: &d.guest_path,
+                            read_only: d.read_only,
+                        })
+                        .collect();
+                    let view = AgentGrantsView {
+                        directories,
+                        environment: &grants.environment,
+                        allowed_hosts: &grants.http_hosts,
+                    };
+                    (agent.as_str(), view)
+                })
+                .collect(),
+        }
+    }
 }
