@@ -3,7 +3,7 @@
 //! The files (`appsettings.json`, then its environment's file, see
 //! `layers`) and the environment are merged into one tree of sections and
 //! scalar values, with names compared case-insensitively, so that binding
-//! (`bind`) reads one source and every value remembers where it came from
+//! (`reader`) reads one source and every value remembers where it came from
 //! for error messages.
 //!
 //! Merging follows .NET, which flattens every source into keys such as
