@@ -270,6 +270,13 @@ impl Outbox {
         }
     }
 
+    /// [`Outbox::get`] for async callers: the read runs on a blocking
+    /// thread, not the runtime's.
+    pub async fn get_async(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
+        let lease_id = lease_id.to_string();
+        self.blocking(move |outbox| outbox.get(&lease_id)).await
+    }
+
     /// Removes a report (the control plane answered). True if it was there.
     ///
     /// Synced only when it leaves no report pending: while others wait, the
@@ -311,6 +318,11 @@ impl Outbox {
         }
         reports.sort_by_key(|report| report.written_unix_ms);
         Ok(reports)
+    }
+
+    /// [`Outbox::pending`] for async callers.
+    pub async fn pending_async(&self) -> Result<Vec<PendingReport>, OutboxError> {
+        self.blocking(|outbox| outbox.pending()).await
     }
 
     /// How many reports wait, and when the oldest was written (unix ms),
@@ -371,10 +383,20 @@ impl Outbox {
         })
     }
 
+    /// [`Outbox::prune`] for async callers.
+    pub async fn prune_async(&self, now_unix_ms: i64) -> Result<Pruned, OutboxError> {
+        self.blocking(move |outbox| outbox.prune(now_unix_ms)).await
+    }
+
     /// Drops expired accepted ids only (a running node's pending reports
     /// are its delivery tasks' business). Returns how many.
     pub fn prune_accepted(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
         self.write(|txn| self.prune_accepted_in(txn, now_unix_ms))
+    }
+
+    /// [`Outbox::prune_accepted`] for async callers.
+    pub async fn prune_accepted_async(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
+        self.blocking(move |outbox| outbox.prune_accepted(now_unix_ms)).await
     }
 
     fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<usize, redb::Error> {
@@ -391,6 +413,23 @@ impl Outbox {
             accepted.remove(lease_id.as_str())?;
         }
         Ok(stale.len())
+    }
+
+    /// Runs a blocking read or write of this outbox on a blocking thread,
+    /// so an async caller's runtime thread never waits for the disk. A
+    /// panic there comes back as this outbox's database error.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let outbox = self.clone();
+        match tokio::task::spawn_blocking(move || work(&outbox)).await {
+            Ok(done) => done,
+            Err(err) => Err(OutboxError::Database {
+                path: self.path.clone(),
+                message: err.to_string(),
+            }),
+        }
     }
 
     /// Deletes every pending report; returns how many.
