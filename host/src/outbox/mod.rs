@@ -624,3 +624,55 @@ fn database(path: &Path, err: impl Into<redb::Error>) -> OutboxError {
         message: err.into().to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(lease_id: &str) -> Report {
+        Report::Fail(FailRequest {
+            lease_id: lease_id.into(),
+            run_id: format!("run-of-{lease_id}"),
+            ..FailRequest::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn the_async_twins_answer_as_the_blocking_calls_do() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens");
+        // Deadline 1 ms after the epoch: long past its grace. 0: no deadline,
+        // so it counts from now and is fresh.
+        outbox.put(&fail("stale"), 1).expect("put");
+        outbox.put(&fail("fresh"), 0).expect("put");
+
+        let stored = outbox.get_async("stale").await.expect("get").expect("stored");
+        assert_eq!((stored.lease_id(), stored.deadline_unix_ms), ("stale", 1));
+        assert!(outbox.get_async("unknown").await.expect("get").is_none());
+        let pending: Vec<String> = outbox
+            .pending_async()
+            .await
+            .expect("pending")
+            .iter()
+            .map(|report| report.lease_id().to_string())
+            .collect();
+        assert_eq!(
+            pending,
+            outbox
+                .pending()
+                .expect("pending")
+                .iter()
+                .map(|r| r.lease_id().to_string())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(pending.len(), 2);
+
+        let pruned = outbox.prune_async(now_unix_ms()).await.expect("prune");
+        assert_eq!(pruned.expired_reports, ["stale"]);
+        assert!(outbox.get_async("fresh").await.expect("get").is_some());
+
+        assert!(outbox.accept("old lease", 1).expect("accept"));
+        assert_eq!(outbox.prune_accepted_async(now_unix_ms()).await.expect("prune"), 1);
+        assert!(!outbox.is_accepted("old lease").expect("read"));
+    }
+}
