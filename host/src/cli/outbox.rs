@@ -13,6 +13,7 @@ use super::{CommandError, Exit};
 use crate::app::{self, NodeConfig};
 use crate::control_plane::LeaseClient;
 use crate::outbox::{Outbox, OutboxError, PendingReport, now_unix_ms};
+use crate::worker::{Delivery, Sent};
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
@@ -127,40 +128,40 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);
     for report in reports {
         let lease_id = report.lease_id().to_string();
-        let mut answer = client.send_report(&report.report).await;
-        // Refused for its size: shrunk and sent once more, as the node does.
-        if answer.as_ref().is_err_and(|err| err.refused_for_size()) {
-            println!("shrunk     {lease_id}: the control plane refused its size; sending it without its details");
-            answer = client.send_report(&report.report.shrunk()).await;
-            if let Err(err) = &answer
-                && err.refused_for_size()
-            {
-                refused += 1;
-                println!("refused    {lease_id}: {err} (removed: it would never be taken)");
-                outbox
-                    .remove(&lease_id)
-                    .map_err(|err| CommandError::internal(err.to_string()))?;
-                continue;
+        // The node's own send, shrinking once for a plane that refuses the
+        // size: sent once, and once more if it had to shrink.
+        let mut delivery = Delivery::new(report.report);
+        loop {
+            match delivery.send(&client).await {
+                Sent::Shrunk { .. } => {
+                    println!(
+                        "shrunk     {lease_id}: the control plane refused its size; sending it without its details"
+                    );
+                    continue;
+                }
+                Sent::Delivered => {
+                    delivered += 1;
+                    println!("delivered  {lease_id}");
+                }
+                Sent::Refused(message) => {
+                    refused += 1;
+                    println!("refused    {lease_id}: {message} (removed: it would never be taken)");
+                }
+                Sent::TooLarge(err) => {
+                    refused += 1;
+                    println!("refused    {lease_id}: {err} (removed: it would never be taken)");
+                }
+                Sent::Failed(err) => {
+                    failed += 1;
+                    println!("failed     {lease_id}: {err} (kept)");
+                    break;
+                }
             }
+            outbox
+                .remove(&lease_id)
+                .map_err(|err| CommandError::internal(err.to_string()))?;
+            break;
         }
-        match answer {
-            Ok((true, _)) => {
-                delivered += 1;
-                println!("delivered  {lease_id}");
-            }
-            Ok((false, message)) => {
-                refused += 1;
-                println!("refused    {lease_id}: {message} (removed: it would never be taken)");
-            }
-            Err(err) => {
-                failed += 1;
-                println!("failed     {lease_id}: {err} (kept)");
-                continue;
-            }
-        }
-        outbox
-            .remove(&lease_id)
-            .map_err(|err| CommandError::internal(err.to_string()))?;
     }
     println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
     Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })

@@ -270,6 +270,13 @@ impl Outbox {
         }
     }
 
+    /// [`Outbox::get`] for async callers: the read runs on a blocking
+    /// thread, not the runtime's.
+    pub async fn get_async(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
+        let lease_id = lease_id.to_string();
+        self.blocking(move |outbox| outbox.get(&lease_id)).await
+    }
+
     /// Removes a report (the control plane answered). True if it was there.
     ///
     /// Synced only when it leaves no report pending: while others wait, the
@@ -311,6 +318,11 @@ impl Outbox {
         }
         reports.sort_by_key(|report| report.written_unix_ms);
         Ok(reports)
+    }
+
+    /// [`Outbox::pending`] for async callers.
+    pub async fn pending_async(&self) -> Result<Vec<PendingReport>, OutboxError> {
+        self.blocking(|outbox| outbox.pending()).await
     }
 
     /// How many reports wait, and when the oldest was written (unix ms),
@@ -371,10 +383,20 @@ impl Outbox {
         })
     }
 
+    /// [`Outbox::prune`] for async callers.
+    pub async fn prune_async(&self, now_unix_ms: i64) -> Result<Pruned, OutboxError> {
+        self.blocking(move |outbox| outbox.prune(now_unix_ms)).await
+    }
+
     /// Drops expired accepted ids only (a running node's pending reports
     /// are its delivery tasks' business). Returns how many.
     pub fn prune_accepted(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
         self.write(|txn| self.prune_accepted_in(txn, now_unix_ms))
+    }
+
+    /// [`Outbox::prune_accepted`] for async callers.
+    pub async fn prune_accepted_async(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
+        self.blocking(move |outbox| outbox.prune_accepted(now_unix_ms)).await
     }
 
     fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<usize, redb::Error> {
@@ -391,6 +413,23 @@ impl Outbox {
             accepted.remove(lease_id.as_str())?;
         }
         Ok(stale.len())
+    }
+
+    /// Runs a blocking read or write of this outbox on a blocking thread,
+    /// so an async caller's runtime thread never waits for the disk. A
+    /// panic there comes back as this outbox's database error.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let outbox = self.clone();
+        match tokio::task::spawn_blocking(move || work(&outbox)).await {
+            Ok(done) => done,
+            Err(err) => Err(OutboxError::Database {
+                path: self.path.clone(),
+                message: err.to_string(),
+            }),
+        }
     }
 
     /// Deletes every pending report; returns how many.
@@ -583,5 +622,57 @@ fn database(path: &Path, err: impl Into<redb::Error>) -> OutboxError {
     OutboxError::Database {
         path: path.to_path_buf(),
         message: err.into().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(lease_id: &str) -> Report {
+        Report::Fail(FailRequest {
+            lease_id: lease_id.into(),
+            run_id: format!("run-of-{lease_id}"),
+            ..FailRequest::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn the_async_twins_answer_as_the_blocking_calls_do() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens");
+        // Deadline 1 ms after the epoch: long past its grace. 0: no deadline,
+        // so it counts from now and is fresh.
+        outbox.put(&fail("stale"), 1).expect("put");
+        outbox.put(&fail("fresh"), 0).expect("put");
+
+        let stored = outbox.get_async("stale").await.expect("get").expect("stored");
+        assert_eq!((stored.lease_id(), stored.deadline_unix_ms), ("stale", 1));
+        assert!(outbox.get_async("unknown").await.expect("get").is_none());
+        let pending: Vec<String> = outbox
+            .pending_async()
+            .await
+            .expect("pending")
+            .iter()
+            .map(|report| report.lease_id().to_string())
+            .collect();
+        assert_eq!(
+            pending,
+            outbox
+                .pending()
+                .expect("pending")
+                .iter()
+                .map(|r| r.lease_id().to_string())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(pending.len(), 2);
+
+        let pruned = outbox.prune_async(now_unix_ms()).await.expect("prune");
+        assert_eq!(pruned.expired_reports, ["stale"]);
+        assert!(outbox.get_async("fresh").await.expect("get").is_some());
+
+        assert!(outbox.accept("old lease", 1).expect("accept"));
+        assert_eq!(outbox.prune_accepted_async(now_unix_ms()).await.expect("prune"), 1);
+        assert!(!outbox.is_accepted("old lease").expect("read"));
     }
 }

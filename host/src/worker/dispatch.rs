@@ -12,61 +12,180 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::Node;
 use super::lease::{AcceptedLease, Report, Timings};
-use super::report;
-use crate::agent_store::{AgentDigest, DIGEST_METADATA_KEY};
-use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport};
-use crate::telemetry::{self, FinishedRun};
+use super::report::Reporter;
+use super::shutdown::Shutdown;
+use super::{NodeStats, Slots};
+use crate::agent_store::{AgentDigest, AgentStore, DIGEST_METADATA_KEY};
+use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport, Sandbox};
+use crate::telemetry::{self, FinishedRun, NodeMetrics};
 use tracing::field::Empty;
 
-pub(super) async fn run(node: Arc<Node>, mut queue: mpsc::Receiver<AcceptedLease>, runs: TaskTracker) {
-    loop {
-        let accepted = tokio::select! {
-            _ = node.stop.cancelled() => break,
-            accepted = queue.recv() => match accepted {
-                Some(accepted) => accepted,
-                None => break,
-            },
-        };
-        // The contract's case: a lease already past its deadline fails,
-        // retryable, without running (a re-lease comes with a new one).
-        if accepted
-            .deadline()
-            .is_some_and(|deadline| deadline <= SystemTime::now())
-        {
-            let failure = RunFailure {
-                retryable: true,
-                ..RunFailure::new(
-                    FailKind::BudgetDeadline,
-                    "the lease's deadline had passed before the run could start",
-                )
+/// The dispatch task's state: what running a lease needs.
+pub(super) struct Dispatcher {
+    pub(super) node_id: String,
+    pub(super) sandbox: Arc<Sandbox>,
+    pub(super) store: Arc<AgentStore>,
+    pub(super) slots: Slots,
+    pub(super) stats: Arc<NodeStats>,
+    pub(super) metrics: Arc<NodeMetrics>,
+    pub(super) reporter: Arc<Reporter>,
+    pub(super) shutdown: Shutdown,
+}
+
+impl Dispatcher {
+    pub(super) async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<AcceptedLease>, runs: TaskTracker) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.stopping() => break,
+                accepted = queue.recv() => match accepted {
+                    Some(accepted) => accepted,
+                    None => break,
+                },
             };
-            report::hand_back(&node, &accepted, failure);
-            continue;
-        }
-        let deadline = accepted.deadline_instant();
-        let permit = tokio::select! {
-            // A free slot wins over a deadline that passes at the same moment.
-            biased;
-            _ = node.stop.cancelled() => {
-                report::hand_back(&node, &accepted, RunFailure::handed_back("the node is shutting down"));
-                break;
-            }
-            permit = node.slots.clone().acquire_owned() => permit.expect("the slots semaphore is never closed"),
-            _ = sleep_until(deadline) => {
-                report::hand_back(&node, &accepted, RunFailure::handed_back(
-                    "the lease's deadline passed while it waited for a free slot",
-                ));
+            // The contract's case: a lease already past its deadline fails,
+            // retryable, without running (a re-lease comes with a new one).
+            if accepted
+                .deadline()
+                .is_some_and(|deadline| deadline <= SystemTime::now())
+            {
+                let failure = RunFailure {
+                    retryable: true,
+                    ..RunFailure::new(
+                        FailKind::BudgetDeadline,
+                        "the lease's deadline had passed before the run could start",
+                    )
+                };
+                self.reporter.hand_back(&accepted, failure).await;
                 continue;
             }
-        };
-        runs.spawn(execute(node.clone(), accepted, permit));
+            let deadline = accepted.deadline_instant();
+            let permit = tokio::select! {
+                // A free slot wins over a deadline that passes at the same moment.
+                biased;
+                _ = self.shutdown.stopping() => {
+                    self.reporter.hand_back(&accepted, RunFailure::handed_back("the node is shutting down")).await;
+                    break;
+                }
+                permit = self.slots.acquire() => permit.expect("the slots semaphore is never closed"),
+                _ = sleep_until(deadline) => {
+                    self.reporter.hand_back(&accepted, RunFailure::handed_back(
+                        "the lease's deadline passed while it waited for a free slot",
+                    )).await;
+                    continue;
+                }
+            };
+            runs.spawn(self.clone().execute(accepted, permit));
+        }
+        // Stopping: whatever is still queued goes back to the control plane.
+        queue.close();
+        while let Some(accepted) = queue.recv().await {
+            self.reporter
+                .hand_back(&accepted, RunFailure::handed_back("the node is shutting down"))
+                .await;
+        }
     }
-    // Stopping: whatever is still queued goes back to the control plane.
-    queue.close();
-    while let Some(accepted) = queue.recv().await {
-        report::hand_back(&node, &accepted, RunFailure::handed_back("the node is shutting down"));
+
+    async fn execute(self: Arc<Self>, accepted: AcceptedLease, permit: OwnedSemaphorePermit) {
+        let started = Instant::now();
+        self.stats.run_started();
+        let request = accepted.run_request();
+        let context = &request.context;
+        // The lease's span: every log line about the run carries its ids, and
+        // its OpenTelemetry trace is the lease's (`trace_id`).
+        let span = tracing::info_span!(
+            "lease",
+            "lease.id" = %context.lease_id,
+            "run.id" = %context.run_id,
+            trace_id = %context.trace_id,
+            "node.id" = %self.node_id,
+            "agent.id" = %context.agent_id,
+            "agent.version" = %context.agent_version,
+            "outcome" = Empty,
+            "outcome.kind" = Empty,
+            "run.fuel_consumed" = Empty,
+            "run.peak_memory_bytes" = Empty,
+            "run.tokens_in" = Empty,
+            "run.tokens_out" = Empty,
+            "run.cost_usd" = Empty,
+        );
+        telemetry::adopt_trace_id(&span, &context.trace_id);
+        let (outcome, run_report) = async {
+            let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
+            let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
+                Ok(pin) => {
+                    self.store
+                        .resolve_pinned(&self.sandbox, accepted.agent_id(), accepted.version(), pin)
+                        .instrument(tracing::info_span!("resolve"))
+                        .await
+                }
+                Err(invalid) => Err(invalid.into()),
+            };
+            let agent = match resolved {
+                Ok(agent) => agent,
+                // A download that failed is the node's trouble: hand it back.
+                Err(err) if err.is_retryable() => {
+                    let failure = RunFailure::handed_back(err.to_string());
+                    return (RunOutcome::Failed(failure), RunReport::default());
+                }
+                Err(err) => {
+                    let failure = RunFailure::new(FailKind::AgentInvalid, err.to_string());
+                    return (RunOutcome::Failed(failure), RunReport::default());
+                }
+            };
+            tokio::select! {
+                result = self.sandbox.run(&agent, request.clone()) => (result.outcome, result.report),
+                _ = self.shutdown.runs_aborted() => (
+                    RunOutcome::Failed(RunFailure::handed_back(
+                        "the node shut down before the run finished (drain timeout)",
+                    )),
+                    RunReport::default(),
+                ),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        drop(permit);
+        self.stats.run_ended();
+        span.record("run.fuel_consumed", run_report.fuel_consumed);
+        span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
+        span.record("run.tokens_in", run_report.tokens_in);
+        span.record("run.tokens_out", run_report.tokens_out);
+        span.record("run.cost_usd", run_report.usd_cost);
+        let fail_kind = match &outcome {
+            RunOutcome::Completed(_) => {
+                span.record("outcome", "completed");
+                span.in_scope(|| tracing::info!("run completed"));
+                None
+            }
+            RunOutcome::Failed(failure) => {
+                span.record("outcome", "failed");
+                span.record("outcome.kind", failure.kind.as_str());
+                span.in_scope(|| tracing::info!(kind = %failure.kind, message = %failure.message, "run failed"));
+                Some(failure.kind.as_str())
+            }
+        };
+        let timings = Timings {
+            received: accepted.received,
+            started: Some(started),
+            finished: Instant::now(),
+        };
+        self.metrics.run_finished(&FinishedRun {
+            agent_id: accepted.agent_id(),
+            fail_kind,
+            executed: true,
+            processing: timings.finished - timings.received,
+            execution_ms: run_report.wall_ms,
+            fuel_consumed: run_report.fuel_consumed,
+            peak_memory_bytes: run_report.peak_memory_bytes,
+            instantiate_us: run_report.instantiate_us,
+            tokens: u64::from(run_report.tokens_in) + u64::from(run_report.tokens_out),
+            usd_cost: run_report.usd_cost,
+        });
+        let report = Report::build(&accepted, &self.node_id, &outcome, &run_report, timings);
+        self.reporter
+            .deliver(report, accepted.lease.deadline_unix_ms, Some(&span))
+            .await;
     }
 }
 
@@ -75,104 +194,4 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
-}
-
-async fn execute(node: Arc<Node>, accepted: AcceptedLease, permit: OwnedSemaphorePermit) {
-    let started = Instant::now();
-    node.stats.run_started();
-    let request = accepted.run_request();
-    let context = &request.context;
-    // The lease's span: every log line about the run carries its ids, and
-    // its OpenTelemetry trace is the lease's (`trace_id`).
-    let span = tracing::info_span!(
-        "lease",
-        "lease.id" = %context.lease_id,
-        "run.id" = %context.run_id,
-        trace_id = %context.trace_id,
-        "node.id" = %node.settings.node_id,
-        "agent.id" = %context.agent_id,
-        "agent.version" = %context.agent_version,
-        "outcome" = Empty,
-        "outcome.kind" = Empty,
-        "run.fuel_consumed" = Empty,
-        "run.peak_memory_bytes" = Empty,
-        "run.tokens_in" = Empty,
-        "run.tokens_out" = Empty,
-        "run.cost_usd" = Empty,
-    );
-    telemetry::adopt_trace_id(&span, &context.trace_id);
-    let (outcome, run_report) = async {
-        let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
-        let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
-            Ok(pin) => {
-                node.store
-                    .resolve_pinned(&node.sandbox, accepted.agent_id(), accepted.version(), pin)
-                    .instrument(tracing::info_span!("resolve"))
-                    .await
-            }
-            Err(invalid) => Err(invalid.into()),
-        };
-        let agent = match resolved {
-            Ok(agent) => agent,
-            // A download that failed is the node's trouble: hand it back.
-            Err(err) if err.is_retryable() => {
-                let failure = RunFailure::handed_back(err.to_string());
-                return (RunOutcome::Failed(failure), RunReport::default());
-            }
-            Err(err) => {
-                let failure = RunFailure::new(FailKind::AgentInvalid, err.to_string());
-                return (RunOutcome::Failed(failure), RunReport::default());
-            }
-        };
-        tokio::select! {
-            result = node.sandbox.run(&agent, request.clone()) => (result.outcome, result.report),
-            _ = node.abort.cancelled() => (
-                RunOutcome::Failed(RunFailure::handed_back(
-                    "the node shut down before the run finished (drain timeout)",
-                )),
-                RunReport::default(),
-            ),
-        }
-    }
-    .instrument(span.clone())
-    .await;
-    drop(permit);
-    node.stats.run_ended();
-    span.record("run.fuel_consumed", run_report.fuel_consumed);
-    span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
-    span.record("run.tokens_in", run_report.tokens_in);
-    span.record("run.tokens_out", run_report.tokens_out);
-    span.record("run.cost_usd", run_report.usd_cost);
-    let fail_kind = match &outcome {
-        RunOutcome::Completed(_) => {
-            span.record("outcome", "completed");
-            span.in_scope(|| tracing::info!("run completed"));
-            None
-        }
-        RunOutcome::Failed(failure) => {
-            span.record("outcome", "failed");
-            span.record("outcome.kind", failure.kind.as_str());
-            span.in_scope(|| tracing::info!(kind = %failure.kind, message = %failure.message, "run failed"));
-            Some(failure.kind.as_str())
-        }
-    };
-    let timings = Timings {
-        received: accepted.received,
-        started: Some(started),
-        finished: Instant::now(),
-    };
-    node.metrics.run_finished(&FinishedRun {
-        agent_id: accepted.agent_id(),
-        fail_kind,
-        executed: true,
-        processing: timings.finished - timings.received,
-        execution_ms: run_report.wall_ms,
-        fuel_consumed: run_report.fuel_consumed,
-        peak_memory_bytes: run_report.peak_memory_bytes,
-        instantiate_us: run_report.instantiate_us,
-        tokens: u64::from(run_report.tokens_in) + u64::from(run_report.tokens_out),
-        usd_cost: run_report.usd_cost,
-    });
-    let report = Report::build(&accepted, &node.settings.node_id, &outcome, &run_report, timings);
-    report::deliver(&node, report, accepted.lease.deadline_unix_ms, Some(&span));
 }

@@ -11,14 +11,18 @@
 //! only once a heartbeat is answered; a 404 sends it back to registering,
 //! after a backoff delay, so the two never alternate in a hot loop.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::Node;
+use tokio::sync::{Notify, watch};
+
+use super::shutdown::Shutdown;
+use super::{NodeStats, Slots};
 use support::Backoff;
 
-use crate::control_plane::{HeartbeatAnswer, NodeState, NodeStatus, Registration};
+use crate::control_plane::{Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient};
 
 /// How a registration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,135 +33,157 @@ enum Registered {
     Unconfirmed,
 }
 
-pub(super) async fn run(node: Arc<Node>) {
-    // Shared by registration failures and by register-then-404 rounds;
-    // reset once a heartbeat is answered. A plane that takes every
-    // registration and forgets it at once (replicas that share nothing,
-    // behind one address) gets a round per delay, not a hot loop.
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-    loop {
-        let Some(registered) = register(&node, &mut backoff).await else {
-            return; // stopped before the control plane took us
-        };
-        if !heartbeat_until_forgotten(&node, registered, &mut backoff).await {
-            return;
-        }
-        node.registered.send_replace(false);
-        let delay = backoff.next_delay();
-        match registered {
-            Registered::Accepted => {
-                tracing::warn!(retry_in = ?delay, "the control plane no longer knows this node (404 to a heartbeat); registering again");
-            }
-            Registered::Unconfirmed => {
-                tracing::warn!(
-                    retry_in = ?delay,
-                    "the control plane does not know this node after all (its registration was answered \
-                     with a server error, then a heartbeat with 404); registering again"
-                );
-            }
-        }
-        tokio::select! {
-            _ = node.stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
+/// The heartbeat task's state: who this node is, how to reach the plane,
+/// and the flag it raises once the plane has the node.
+pub(super) struct Heartbeat {
+    pub(super) node_id: String,
+    /// Logged with each registration.
+    pub(super) control_plane_url: String,
+    pub(super) interval: Duration,
+    pub(super) capacity: Capacity,
+    pub(super) metadata: BTreeMap<String, String>,
+    pub(super) rest: RestClient,
+    /// How many runs the node takes at once; `slots` says how many are free.
+    pub(super) slot_count: u32,
+    pub(super) slots: Slots,
+    pub(super) stats: Arc<NodeStats>,
+    /// True once the control plane accepted the registration.
+    pub(super) registered: Arc<watch::Sender<bool>>,
+    /// Asks for a heartbeat now (the lease stream ended at once: the plane
+    /// may have forgotten this node).
+    pub(super) heartbeat_now: Arc<Notify>,
+    pub(super) shutdown: Shutdown,
 }
 
-/// Registers until accepted, or until a 5xx says the control plane may
-/// have this node already; `None` if stopped first.
-async fn register(node: &Node, backoff: &mut Backoff) -> Option<Registered> {
-    let settings = &node.settings;
-    let registration = Registration {
-        node_id: settings.node_id.clone(),
-        metadata: settings.metadata.clone(),
-        capacity: settings.capacity.clone(),
-    };
-    loop {
-        match node.rest.register(&registration).await {
-            Ok(()) => {
-                confirm(node, "registered with the control plane");
-                return Some(Registered::Accepted);
+impl Heartbeat {
+    pub(super) async fn run(self) {
+        // Shared by registration failures and by register-then-404 rounds;
+        // reset once a heartbeat is answered. A plane that takes every
+        // registration and forgets it at once (replicas that share nothing,
+        // behind one address) gets a round per delay, not a hot loop.
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            let Some(registered) = self.register(&mut backoff).await else {
+                return; // stopped before the control plane took us
+            };
+            if !self.heartbeat_until_forgotten(registered, &mut backoff).await {
+                return;
             }
-            Err(err) if err.is_server_error() => {
-                tracing::warn!(
-                    error = %err,
-                    "registration answered with a server error; the control plane may know this node \
-                     already (the Postgres-backed reference answers 500 to a known id): heartbeating to find out"
-                );
-                return Some(Registered::Unconfirmed);
-            }
-            Err(err) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in = ?delay, attempt = backoff.attempts(), "registration failed");
-                tokio::select! {
-                    _ = node.stop.cancelled() => return None,
-                    _ = tokio::time::sleep(delay) => {}
+            self.registered.send_replace(false);
+            let delay = backoff.next_delay();
+            match registered {
+                Registered::Accepted => {
+                    tracing::warn!(retry_in = ?delay, "the control plane no longer knows this node (404 to a heartbeat); registering again");
                 }
-            }
-        }
-    }
-}
-
-/// The control plane has this node: the lease stream and the outbox's
-/// deliveries may start.
-fn confirm(node: &Node, what: &str) {
-    node.stats.registrations.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(node_id = %node.settings.node_id, url = %node.settings.control_plane_url, "{what}");
-    node.registered.send_replace(true);
-}
-
-/// Heartbeats until stopped (false) or until the control plane answers 404
-/// (true). After an unconfirmed registration, the first heartbeat answered
-/// confirms it.
-async fn heartbeat_until_forgotten(node: &Node, registered: Registered, backoff: &mut Backoff) -> bool {
-    let interval = node.settings.heartbeat_interval;
-    let mut confirmed = registered == Registered::Accepted;
-    let mut answered = false;
-    loop {
-        let status = NodeStatus {
-            state: NodeState::Active,
-            active_runs: node.settings.slots - node.available_slots().min(node.settings.slots),
-            available_slots: node.available_slots(),
-        };
-        match node.rest.heartbeat(&node.settings.node_id, status).await {
-            Ok(HeartbeatAnswer::Accepted) => {
-                node.stats.heartbeat_answered.store(true, Ordering::SeqCst);
-                if !answered {
-                    answered = true;
-                    backoff.reset();
-                }
-                if !confirmed {
-                    confirmed = true;
-                    confirm(
-                        node,
-                        "the control plane knows this node already (a heartbeat was answered); going on as registered",
+                Registered::Unconfirmed => {
+                    tracing::warn!(
+                        retry_in = ?delay,
+                        "the control plane does not know this node after all (its registration was answered \
+                         with a server error, then a heartbeat with 404); registering again"
                     );
                 }
             }
-            Ok(HeartbeatAnswer::UnknownNode) => {
-                node.stats.heartbeat_answered.store(false, Ordering::SeqCst);
-                return true;
-            }
-            Err(err) => {
-                node.stats.heartbeat_answered.store(false, Ordering::SeqCst);
-                node.stats.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %err, "heartbeat failed; the next one is due in {interval:?}");
+            tokio::select! {
+                _ = self.shutdown.stopping() => return,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
-        tokio::select! {
-            _ = node.stop.cancelled() => break,
-            _ = tokio::time::sleep(interval) => {}
-            _ = node.heartbeat_now.notified() => {}
+    }
+
+    /// Registers until accepted, or until a 5xx says the control plane may
+    /// have this node already; `None` if stopped first.
+    async fn register(&self, backoff: &mut Backoff) -> Option<Registered> {
+        let registration = Registration {
+            node_id: self.node_id.clone(),
+            metadata: self.metadata.clone(),
+            capacity: self.capacity.clone(),
+        };
+        loop {
+            match self.rest.register(&registration).await {
+                Ok(()) => {
+                    self.confirm("registered with the control plane");
+                    return Some(Registered::Accepted);
+                }
+                Err(err) if err.is_server_error() => {
+                    tracing::warn!(
+                        error = %err,
+                        "registration answered with a server error; the control plane may know this node \
+                         already (the Postgres-backed reference answers 500 to a known id): heartbeating to find out"
+                    );
+                    return Some(Registered::Unconfirmed);
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %err, retry_in = ?delay, attempt = backoff.attempts(), "registration failed");
+                    tokio::select! {
+                        _ = self.shutdown.stopping() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
         }
     }
-    // Stopping: the scheduler must not place anything here any more.
-    let draining = NodeStatus {
-        state: NodeState::Draining,
-        active_runs: node.settings.slots - node.available_slots().min(node.settings.slots),
-        available_slots: 0,
-    };
-    if let Err(err) = node.rest.heartbeat(&node.settings.node_id, draining).await {
-        tracing::warn!(error = %err, "could not tell the control plane this node is draining");
+
+    /// The control plane has this node: the lease stream and the outbox's
+    /// deliveries may start.
+    fn confirm(&self, what: &str) {
+        self.stats.registrations.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node_id = %self.node_id, url = %self.control_plane_url, "{what}");
+        self.registered.send_replace(true);
     }
-    false
+
+    /// Heartbeats until stopped (false) or until the control plane answers 404
+    /// (true). After an unconfirmed registration, the first heartbeat answered
+    /// confirms it.
+    async fn heartbeat_until_forgotten(&self, registered: Registered, backoff: &mut Backoff) -> bool {
+        let interval = self.interval;
+        let mut confirmed = registered == Registered::Accepted;
+        let mut answered = false;
+        loop {
+            let status = NodeStatus {
+                state: NodeState::Active,
+                active_runs: self.slot_count - self.slots.available().min(self.slot_count),
+                available_slots: self.slots.available(),
+            };
+            match self.rest.heartbeat(&self.node_id, status).await {
+                Ok(HeartbeatAnswer::Accepted) => {
+                    self.stats.heartbeat_answered.store(true, Ordering::SeqCst);
+                    if !answered {
+                        answered = true;
+                        backoff.reset();
+                    }
+                    if !confirmed {
+                        confirmed = true;
+                        self.confirm(
+                            "the control plane knows this node already (a heartbeat was answered); going on as registered",
+                        );
+                    }
+                }
+                Ok(HeartbeatAnswer::UnknownNode) => {
+                    self.stats.heartbeat_answered.store(false, Ordering::SeqCst);
+                    return true;
+                }
+                Err(err) => {
+                    self.stats.heartbeat_answered.store(false, Ordering::SeqCst);
+                    self.stats.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, "heartbeat failed; the next one is due in {interval:?}");
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.stopping() => break,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.heartbeat_now.notified() => {}
+            }
+        }
+        // Stopping: the scheduler must not place anything here any more.
+        let draining = NodeStatus {
+            state: NodeState::Draining,
+            active_runs: self.slot_count - self.slots.available().min(self.slot_count),
+            available_slots: 0,
+        };
+        if let Err(err) = self.rest.heartbeat(&self.node_id, draining).await {
+            tracing::warn!(error = %err, "could not tell the control plane this node is draining");
+        }
+        false
+    }
 }

@@ -1,39 +1,49 @@
 //! The worker: a node's whole life, from registration to drain.
 //!
-//! Five tasks share one [`Node`]:
-//! - `heartbeat`: registers (retrying until accepted), heartbeats every
-//!   interval, re-registers when the control plane forgot the node;
-//! - `pull`: keeps the lease stream open and hands each new lease to the
-//!   queue (a lease id seen before is not run again);
-//! - `dispatch`: takes leases from the bounded queue as slots free up and
-//!   runs them in the sandbox;
-//! - `report`: delivers exactly one Complete or Fail per accepted lease,
+//! Five tasks, each owning the state it uses:
+//! - `heartbeat` ([`Heartbeat`](heartbeat::Heartbeat)): registers
+//!   (retrying until accepted), heartbeats every interval, re-registers
+//!   when the control plane forgot the node;
+//! - `pull` ([`Puller`](pull::Puller)): keeps the lease stream open and
+//!   hands each new lease to the queue (a lease id seen before is not run
+//!   again);
+//! - `dispatch` ([`Dispatcher`](dispatch::Dispatcher)): takes leases from
+//!   the bounded queue as slots free up and runs them in the sandbox;
+//! - `report` ([`Reporter`](report::Reporter), shared by pull and
+//!   dispatch): delivers exactly one Complete or Fail per accepted lease,
 //!   retrying until the control plane answers;
 //! - `recover` (in `report`): at start, drops expired outbox entries and,
 //!   once registered, delivers the reports an earlier run left behind;
 //!   then prunes expired accepted lease ids every minute.
 //!
+//! What two tasks really share is an `Arc` of that one piece: the
+//! [`NodeStats`], the registered flag, the slots. The metrics and
+//! `/readyz` read the node through [`Readings`].
+//!
 //! Data flows one way: lease -> queue -> sandbox -> outbox -> control
 //! plane. The [`Outbox`] (redb, on disk) records each accepted lease id
 //! before the lease is queued, and each report before its first send; a
 //! report leaves it only once the control plane answered. On start, after
-//! registration, whatever it still holds is delivered. Shutdown is two
-//! tokens passed down: `stop` (no new leases; drain) and `abort` (the drain
-//! timeout passed: hand back what still runs).
+//! registration, whatever it still holds is delivered. Shutdown is one
+//! value passed down ([`Shutdown`](shutdown::Shutdown)), in three stages:
+//! stop taking leases (drain), abort the runs (the drain timeout passed:
+//! hand back what still runs), give up delivering (at exit).
 
 mod dispatch;
 mod heartbeat;
 pub mod lease;
 mod pull;
 mod report;
+mod shutdown;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::sync::lock;
 
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,6 +54,14 @@ use crate::control_plane::{
 use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
 use crate::telemetry::{NodeCounts, NodeMetrics, NodeObserver, OutboxBacklog, Readiness, ReadinessProbe};
+
+use dispatch::Dispatcher;
+use heartbeat::Heartbeat;
+use pull::Puller;
+use report::Reporter;
+use shutdown::Shutdown;
+
+pub use report::{Delivery, Sent};
 
 /// What the worker needs to know, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -113,72 +131,47 @@ impl NodeStats {
     }
 }
 
-/// Lease ids this node accepted, the newest few thousand: the control
-/// plane may redeliver one (after a reconnect), and a lease must not run
-/// twice.
-struct SeenLeases {
-    ids: HashSet<String>,
-    order: VecDeque<String>,
-}
+/// The node's run slots: a permit per run. Cloning shares them.
+#[derive(Clone)]
+struct Slots(Arc<Semaphore>);
 
-const SEEN_LEASES_KEPT: usize = 10_000;
+impl Slots {
+    fn new(count: u32) -> Slots {
+        Slots(Arc::new(Semaphore::new(count as usize)))
+    }
 
-impl SeenLeases {
-    /// False when the id was seen already.
-    fn insert(&mut self, lease_id: &str) -> bool {
-        if self.ids.contains(lease_id) {
-            return false;
-        }
-        if self.order.len() == SEEN_LEASES_KEPT
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.ids.remove(&oldest);
-        }
-        self.ids.insert(lease_id.to_string());
-        self.order.push_back(lease_id.to_string());
-        true
+    /// The slots free now.
+    fn available(&self) -> u32 {
+        u32::try_from(self.0.available_permits()).unwrap_or(u32::MAX)
+    }
+
+    /// Waits for a free slot; the permit holds it until dropped.
+    fn acquire(&self) -> impl Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + use<> {
+        self.0.clone().acquire_owned()
     }
 }
 
-/// State shared by the worker's tasks.
-pub(crate) struct Node {
-    settings: NodeSettings,
+/// What the metrics and `/readyz` read of a running node: its counters,
+/// slots, registration, outbox and whether it drains.
+struct Readings {
     sandbox: Arc<Sandbox>,
     store: Arc<AgentStore>,
-    rest: RestClient,
-    leases: LeaseClient,
-    slots: Arc<Semaphore>,
     stats: Arc<NodeStats>,
-    seen: Mutex<SeenLeases>,
+    slots: Slots,
+    registered: Arc<watch::Sender<bool>>,
     outbox: Outbox,
-    /// Lease ids whose report a task is delivering right now.
-    delivering: Mutex<HashSet<String>>,
-    /// True once the control plane accepted the registration.
-    registered: watch::Sender<bool>,
-    /// Asks the heartbeat task for a heartbeat now (the lease stream ended
-    /// at once: the plane may have forgotten this node).
-    heartbeat_now: Notify,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    /// Cancelled when undelivered reports must be abandoned, at exit.
-    give_up: CancellationToken,
-    reports: TaskTracker,
-    metrics: Arc<NodeMetrics>,
+    shutdown: Shutdown,
     /// The outbox's depth and oldest age, read at most once a second.
     backlog: Mutex<Option<(std::time::Instant, OutboxBacklog)>>,
 }
 
-impl Node {
-    fn available_slots(&self) -> u32 {
-        u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX)
-    }
-
+impl Readings {
     /// What the heartbeat reports: 0 once draining.
     fn reported_available_slots(&self) -> u32 {
-        if self.stop.is_cancelled() {
+        if self.shutdown.is_stopping() {
             0
         } else {
-            self.available_slots()
+            self.slots.available()
         }
     }
 
@@ -205,7 +198,7 @@ impl Node {
     }
 }
 
-impl NodeObserver for Node {
+impl NodeObserver for Readings {
     fn counts(&self) -> NodeCounts {
         let stats = &self.stats;
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -233,7 +226,7 @@ impl NodeObserver for Node {
     }
 }
 
-impl ReadinessProbe for Node {
+impl ReadinessProbe for Readings {
     fn readiness(&self) -> Readiness {
         Readiness {
             registered: *self.registered.borrow(),
@@ -243,14 +236,17 @@ impl ReadinessProbe for Node {
             // promises durably should not take more work.
             outbox_depth: self.backlog().map_or(u64::MAX, |backlog| backlog.depth),
             outbox_bound: self.outbox.limits().max_reports as u64,
-            draining: self.stop.is_cancelled(),
+            draining: self.shutdown.is_stopping(),
         }
     }
 }
 
 /// A started node. Dropping it does not stop it: call [`NodeHandle::shutdown`].
 pub struct NodeHandle {
-    node: Arc<Node>,
+    node_id: String,
+    readings: Arc<Readings>,
+    metrics: Arc<NodeMetrics>,
+    shutdown: Shutdown,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -341,59 +337,115 @@ impl NodeBuilder {
         );
         let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?;
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
-        let node = Arc::new(Node {
-            slots: Arc::new(Semaphore::new(settings.slots as usize)),
-            settings,
+        // Created once; each task gets what it uses.
+        let shutdown = Shutdown::default();
+        let stats = Arc::<NodeStats>::default();
+        let slots = Slots::new(settings.slots);
+        let registered = Arc::new(watch::Sender::new(false));
+        let heartbeat_now = Arc::new(Notify::new());
+        let reporter = Arc::new(Reporter {
+            node_id: settings.node_id.clone(),
+            leases: leases.clone(),
+            outbox: outbox.clone(),
+            delivering: tokio::sync::Mutex::new(HashSet::new()),
+            tasks: TaskTracker::new(),
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let heartbeat = Heartbeat {
+            node_id: settings.node_id.clone(),
+            control_plane_url: settings.control_plane_url.clone(),
+            interval: settings.heartbeat_interval,
+            capacity: settings.capacity.clone(),
+            metadata: settings.metadata.clone(),
+            rest,
+            slot_count: settings.slots,
+            slots: slots.clone(),
+            stats: stats.clone(),
+            registered: registered.clone(),
+            heartbeat_now: heartbeat_now.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let puller = Puller {
+            node_id: settings.node_id.clone(),
+            control_plane_url: settings.control_plane_url.clone(),
+            max_leases: settings.max_leases,
+            leases,
+            outbox: outbox.clone(),
+            seen: pull::SeenLeases::default(),
+            stats: stats.clone(),
+            registered: registered.clone(),
+            heartbeat_now,
+            reporter: reporter.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let dispatcher = Arc::new(Dispatcher {
+            node_id: settings.node_id.clone(),
+            sandbox: sandbox.clone(),
+            store: store.clone(),
+            slots: slots.clone(),
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            reporter: reporter.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let readings = Arc::new(Readings {
             sandbox,
             store,
-            rest,
-            leases,
-            stats: Arc::default(),
-            seen: Mutex::new(SeenLeases {
-                ids: HashSet::new(),
-                order: VecDeque::new(),
-            }),
+            stats,
+            slots,
+            registered: registered.clone(),
             outbox,
-            delivering: Mutex::new(HashSet::new()),
-            registered: watch::Sender::new(false),
-            heartbeat_now: Notify::new(),
-            stop: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            give_up: CancellationToken::new(),
-            reports: TaskTracker::new(),
-            metrics,
+            shutdown: shutdown.clone(),
             backlog: Mutex::new(None),
         });
-        tokio::spawn(tls.warn_before_expiry(node.stop.clone()));
-        let observer: Arc<dyn NodeObserver> = node.clone();
-        node.metrics.observe(Arc::downgrade(&observer));
-        let done = tokio::spawn(lifecycle(node.clone(), queue_tx, queue_rx));
-        Ok(NodeHandle { node, done })
+        tokio::spawn(tls.warn_before_expiry(shutdown.stop_token()));
+        let observer: Arc<dyn NodeObserver> = readings.clone();
+        metrics.observe(Arc::downgrade(&observer));
+        let tasks = Tasks {
+            heartbeat,
+            puller,
+            dispatcher,
+            reporter,
+            registered,
+            readings: readings.clone(),
+            shutdown: shutdown.clone(),
+            drain_timeout: settings.drain_timeout,
+        };
+        let done = tokio::spawn(lifecycle(tasks, queue_tx, queue_rx));
+        Ok(NodeHandle {
+            node_id: settings.node_id,
+            readings,
+            metrics,
+            shutdown,
+            done,
+        })
     }
 }
 
 impl NodeHandle {
     pub fn stats(&self) -> Arc<NodeStats> {
-        self.node.stats.clone()
+        self.readings.stats.clone()
     }
 
     /// What `/readyz` asks.
     pub fn readiness_probe(&self) -> Arc<dyn ReadinessProbe> {
-        self.node.clone()
+        self.readings.clone()
     }
 
     pub fn metrics(&self) -> Arc<NodeMetrics> {
-        self.node.metrics.clone()
+        self.metrics.clone()
     }
 
     pub fn node_id(&self) -> &str {
-        &self.node.settings.node_id
+        &self.node_id
     }
 
     /// Stops pulling, drains running leases within the drain timeout, hands
     /// back the rest, delivers every report it can, and returns.
     pub async fn shutdown(self) {
-        self.node.stop.cancel();
+        self.shutdown.stop_taking_leases();
         let _ = self.done.await;
     }
 
@@ -404,7 +456,7 @@ impl NodeHandle {
 
     /// A token that, when cancelled, starts the shutdown.
     pub fn stop_token(&self) -> CancellationToken {
-        self.node.stop.clone()
+        self.shutdown.stop_token()
     }
 }
 
@@ -418,42 +470,65 @@ fn queue_capacity(slots: u32) -> usize {
 /// gives up on them (the control plane re-leases after the lease TTL).
 const REPORT_FLUSH: Duration = Duration::from_secs(10);
 
+/// The tasks of a node, made at start, and what the lifecycle itself
+/// needs to run them to the end.
+struct Tasks {
+    heartbeat: Heartbeat,
+    puller: Puller,
+    dispatcher: Arc<Dispatcher>,
+    reporter: Arc<Reporter>,
+    /// For the recovery task, which waits for the registration.
+    registered: Arc<watch::Sender<bool>>,
+    /// Kept until the node stops, so the metrics can read it meanwhile
+    /// (they hold it weakly), even if the handle was dropped.
+    readings: Arc<Readings>,
+    shutdown: Shutdown,
+    drain_timeout: Duration,
+}
+
 async fn lifecycle(
-    node: Arc<Node>,
+    tasks: Tasks,
     queue_tx: mpsc::Sender<lease::AcceptedLease>,
     queue_rx: mpsc::Receiver<lease::AcceptedLease>,
 ) {
+    let Tasks {
+        heartbeat,
+        puller,
+        dispatcher,
+        reporter,
+        registered,
+        readings: _readings,
+        shutdown,
+        drain_timeout,
+    } = tasks;
     let runs = TaskTracker::new();
-    let heartbeat = tokio::spawn(heartbeat::run(node.clone()));
-    let pull = tokio::spawn(pull::run(node.clone(), queue_tx));
-    let dispatch = tokio::spawn(dispatch::run(node.clone(), queue_rx, runs.clone()));
-    let recovery = tokio::spawn(report::recover(node.clone()));
+    let heartbeat = tokio::spawn(heartbeat.run());
+    let pull = tokio::spawn(puller.run(queue_tx));
+    let dispatch = tokio::spawn(dispatcher.run(queue_rx, runs.clone()));
+    let recovery = tokio::spawn(reporter.clone().recover(registered));
 
-    node.stop.cancelled().await;
+    shutdown.stopping().await;
     tracing::info!(
-        drain_timeout = ?node.settings.drain_timeout,
+        drain_timeout = ?drain_timeout,
         "stopping: no new leases; draining the runs in flight"
     );
     let _ = pull.await;
     let _ = dispatch.await;
     let _ = recovery.await;
     runs.close();
-    if tokio::time::timeout(node.settings.drain_timeout, runs.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain_timeout, runs.wait()).await.is_err() {
         tracing::warn!("drain timeout passed: handing back the runs still in flight");
-        node.abort.cancel();
+        shutdown.abort_runs();
         runs.wait().await;
     }
-    node.reports.close();
-    if tokio::time::timeout(REPORT_FLUSH, node.reports.wait()).await.is_err() {
+    reporter.tasks.close();
+    if tokio::time::timeout(REPORT_FLUSH, reporter.tasks.wait()).await.is_err() {
         tracing::error!(
             "some reports could not be delivered before exit; they stay in the outbox \
              and are sent when the node starts again"
         );
-        node.give_up.cancel();
-        node.reports.wait().await;
+        shutdown.give_up_delivering();
+        reporter.tasks.wait().await;
     }
     let _ = heartbeat.await;
     tracing::info!("stopped");

@@ -9,21 +9,23 @@
 //! the run for good. A lease that waited past its deadline is still
 //! handed back (retryable) by the dispatcher.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll as TaskPoll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::sync::lock;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 
-use super::Node;
+use super::NodeStats;
 use super::lease::AcceptedLease;
-use super::report;
+use super::report::Reporter;
+use super::shutdown::Shutdown;
 use support::Backoff;
 
-use crate::control_plane::LeaseStream;
+use crate::control_plane::{LeaseClient, LeaseStream};
+use crate::outbox::Outbox;
 use crate::sandbox::RunFailure;
 use proto::{AckRequest, Lease};
 
@@ -31,113 +33,249 @@ use proto::{AckRequest, Lease};
 /// like "unknown node": ask for a heartbeat, which re-registers on a 404.
 const SUSPICIOUSLY_SHORT: Duration = Duration::from_secs(1);
 
-pub(super) async fn run(node: Arc<Node>, queue: mpsc::Sender<AcceptedLease>) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-    let mut registered = node.registered.subscribe();
-    let mut opened_before = false;
-    loop {
-        tokio::select! {
-            _ = node.stop.cancelled() => return,
-            ready = registered.wait_for(|registered| *registered) => if ready.is_err() { return },
+/// The pull task's state: the stream's parameters, the leases seen, and
+/// where an accepted lease goes next.
+pub(super) struct Puller {
+    pub(super) node_id: String,
+    /// For the hint when the stream cannot be opened.
+    pub(super) control_plane_url: String,
+    /// `Pull.max_leases`.
+    pub(super) max_leases: u32,
+    pub(super) leases: LeaseClient,
+    /// Where each accepted lease id is recorded before it is queued.
+    pub(super) outbox: Outbox,
+    pub(super) seen: SeenLeases,
+    pub(super) stats: Arc<NodeStats>,
+    /// The stream opens only while the control plane has this node.
+    pub(super) registered: Arc<watch::Sender<bool>>,
+    /// Asks the heartbeat task for a heartbeat now.
+    pub(super) heartbeat_now: Arc<Notify>,
+    /// Hands back what cannot be queued; sends a stored report again.
+    pub(super) reporter: Arc<Reporter>,
+    pub(super) shutdown: Shutdown,
+}
+
+/// Lease ids this node accepted, the newest few thousand: the control
+/// plane may redeliver one (after a reconnect), and a lease must not run
+/// twice.
+#[derive(Default)]
+pub(super) struct SeenLeases {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+const SEEN_LEASES_KEPT: usize = 10_000;
+
+impl SeenLeases {
+    /// False when the id was seen already.
+    fn insert(&mut self, lease_id: &str) -> bool {
+        if self.ids.contains(lease_id) {
+            return false;
         }
-        if opened_before {
-            node.stats.lease_stream_reconnects.fetch_add(1, Ordering::Relaxed);
+        if self.order.len() == SEEN_LEASES_KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
         }
-        opened_before = true;
-        let opened = Instant::now();
-        // An idle Pull gets no headers until the first lease: while it is
-        // outstanding and has not failed, the stream counts as connected.
-        node.stats.lease_stream_connected.store(true, Ordering::SeqCst);
-        let stream = tokio::select! {
-            _ = node.stop.cancelled() => return,
-            stream = node.leases.pull(&node.settings.node_id, node.settings.max_leases) => stream,
+        self.ids.insert(lease_id.to_string());
+        self.order.push_back(lease_id.to_string());
+        true
+    }
+}
+
+impl Puller {
+    pub(super) async fn run(mut self, queue: mpsc::Sender<AcceptedLease>) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut registered = self.registered.subscribe();
+        let mut opened_before = false;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.stopping() => return,
+                ready = registered.wait_for(|registered| *registered) => if ready.is_err() { return },
+            }
+            if opened_before {
+                self.stats.lease_stream_reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            opened_before = true;
+            let opened = Instant::now();
+            // An idle Pull gets no headers until the first lease: while it is
+            // outstanding and has not failed, the stream counts as connected.
+            self.stats.lease_stream_connected.store(true, Ordering::SeqCst);
+            let stream = tokio::select! {
+                _ = self.shutdown.stopping() => return,
+                stream = self.leases.pull(&self.node_id, self.max_leases) => stream,
+            };
+            match stream {
+                Ok(stream) => {
+                    let received = self.consume(stream, &queue, &mut backoff).await;
+                    if self.shutdown.is_stopping() {
+                        return;
+                    }
+                    if received == 0 && opened.elapsed() < SUSPICIOUSLY_SHORT {
+                        self.heartbeat_now.notify_one();
+                    }
+                }
+                Err(err) => {
+                    self.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
+                    let hint = if self.control_plane_url.starts_with("http://") {
+                        " (if the control plane only speaks HTTP/2 over TLS, as the reference's \
+                         Kestrel defaults do, use an https:// ControlPlaneUrl)"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!(error = %err, "the lease stream could not be opened{hint}");
+                }
+            }
+            self.stats.lease_stream_connected.store(false, Ordering::SeqCst);
+            let delay = backoff.next_delay();
+            tracing::info!(reopen_in = ?delay, "lease stream closed; reopening");
+            tokio::select! {
+                _ = self.shutdown.stopping() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Reads leases until the stream ends or the node stops; returns how many
+    /// arrived.
+    async fn consume(
+        &mut self,
+        mut stream: LeaseStream,
+        queue: &mpsc::Sender<AcceptedLease>,
+        backoff: &mut Backoff,
+    ) -> u64 {
+        let mut received = 0;
+        loop {
+            let mut message = tokio::select! {
+                _ = self.shutdown.stopping() => return received,
+                message = stream.message() => message,
+            };
+            // This lease and those already arrived behind it are recorded in
+            // the outbox together: one fsync for a burst, not one each.
+            let mut leases = Vec::new();
+            let ended = loop {
+                match message {
+                    Ok(Some(lease)) => leases.push(lease),
+                    ended => break Some(ended),
+                }
+                if leases.len() == ACCEPT_BATCH {
+                    break None;
+                }
+                match arrived(&mut stream) {
+                    Some(next) => message = next,
+                    None => break None,
+                }
+            };
+            if !leases.is_empty() {
+                received += leases.len() as u64;
+                backoff.reset();
+            }
+            for accepted in self.accept(leases).await {
+                self.enqueue(accepted, queue).await;
+            }
+            match ended {
+                None | Some(Ok(Some(_))) => {}
+                Some(Ok(None)) => {
+                    tracing::info!("the control plane ended the lease stream");
+                    return received;
+                }
+                Some(Err(status)) => {
+                    self.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %status, "the lease stream broke");
+                    return received;
+                }
+            }
+        }
+    }
+
+    /// Records (in the outbox, synced, one commit for all) and acknowledges
+    /// new leases. A lease accepted before, by this process or an earlier one,
+    /// does not run again, and the report the outbox may hold for it is sent.
+    async fn accept(&mut self, leases: Vec<Lease>) -> Vec<AcceptedLease> {
+        self.stats
+            .leases_received
+            .fetch_add(leases.len() as u64, Ordering::Relaxed);
+        let (fresh, seen): (Vec<Lease>, Vec<Lease>) =
+            leases.into_iter().partition(|lease| self.seen.insert(&lease.lease_id));
+        let keys: Vec<(&str, i64)> = fresh
+            .iter()
+            .map(|lease| (lease.lease_id.as_str(), lease.deadline_unix_ms))
+            .collect();
+        let recorded = self.outbox.accept_all_async(&keys).await;
+
+        let mut accepted = Vec::with_capacity(fresh.len());
+        let mut again = seen;
+        for (lease, recorded) in fresh.into_iter().zip(recorded) {
+            match recorded {
+                Ok(true) => {}
+                Ok(false) => {
+                    again.push(lease);
+                    continue;
+                }
+                Err(err) => {
+                    self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
+                }
+            }
+            let lease = AcceptedLease {
+                lease,
+                received: Instant::now(),
+            };
+            tracing::info!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
+            self.acknowledge(&lease);
+            accepted.push(lease);
+        }
+        for lease in again {
+            self.stats.duplicate_leases.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "lease received twice; it runs once (its stored report, if any, is sent)");
+            self.reporter.deliver_stored(&lease.lease_id).await;
+        }
+        accepted
+    }
+
+    /// Waits for a place in the queue; the stream is not read meanwhile.
+    async fn enqueue(&self, accepted: AcceptedLease, queue: &mpsc::Sender<AcceptedLease>) {
+        let permit = tokio::select! {
+            _ = self.shutdown.stopping() => None,
+            permit = queue.reserve() => permit.ok(),
         };
-        match stream {
-            Ok(stream) => {
-                let received = consume(&node, stream, &queue, &mut backoff).await;
-                if node.stop.is_cancelled() {
-                    return;
-                }
-                if received == 0 && opened.elapsed() < SUSPICIOUSLY_SHORT {
-                    node.heartbeat_now.notify_one();
-                }
-            }
-            Err(err) => {
-                node.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
-                let hint = if node.settings.control_plane_url.starts_with("http://") {
-                    " (if the control plane only speaks HTTP/2 over TLS, as the reference's \
-                     Kestrel defaults do, use an https:// ControlPlaneUrl)"
-                } else {
-                    ""
-                };
-                tracing::warn!(error = %err, "the lease stream could not be opened{hint}");
+        match permit {
+            Some(permit) => permit.send(accepted),
+            None => {
+                self.reporter
+                    .hand_back(&accepted, RunFailure::handed_back("the node is shutting down"))
+                    .await
             }
         }
-        node.stats.lease_stream_connected.store(false, Ordering::SeqCst);
-        let delay = backoff.next_delay();
-        tracing::info!(reopen_in = ?delay, "lease stream closed; reopening");
-        tokio::select! {
-            _ = node.stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
+    }
+
+    /// Acks off the stream's path, so a slow Ack never delays the next lease.
+    fn acknowledge(&self, accepted: &AcceptedLease) {
+        let request = AckRequest {
+            lease_id: accepted.lease.lease_id.clone(),
+            node_id: self.node_id.clone(),
+            ack_timestamp_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let (leases, stats) = (self.leases.clone(), self.stats.clone());
+        tokio::spawn(async move {
+            match leases.ack(request.clone()).await {
+                Ok((true, _)) => {
+                    stats.leases_acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((false, message)) => {
+                    tracing::warn!(lease_id = %request.lease_id, %message, "the control plane refused the Ack")
+                }
+                Err(err) => tracing::warn!(lease_id = %request.lease_id, error = %err, "Ack failed"),
+            }
+        });
     }
 }
 
 /// Leases accepted with one outbox commit at most: what has already
 /// arrived when the first of them is read, up to this many.
 const ACCEPT_BATCH: usize = 256;
-
-/// Reads leases until the stream ends or the node stops; returns how many
-/// arrived.
-async fn consume(
-    node: &Arc<Node>,
-    mut stream: LeaseStream,
-    queue: &mpsc::Sender<AcceptedLease>,
-    backoff: &mut Backoff,
-) -> u64 {
-    let mut received = 0;
-    loop {
-        let mut message = tokio::select! {
-            _ = node.stop.cancelled() => return received,
-            message = stream.message() => message,
-        };
-        // This lease and those already arrived behind it are recorded in
-        // the outbox together: one fsync for a burst, not one each.
-        let mut leases = Vec::new();
-        let ended = loop {
-            match message {
-                Ok(Some(lease)) => leases.push(lease),
-                ended => break Some(ended),
-            }
-            if leases.len() == ACCEPT_BATCH {
-                break None;
-            }
-            match arrived(&mut stream) {
-                Some(next) => message = next,
-                None => break None,
-            }
-        };
-        if !leases.is_empty() {
-            received += leases.len() as u64;
-            backoff.reset();
-        }
-        for accepted in accept(node, leases).await {
-            enqueue(node, accepted, queue).await;
-        }
-        match ended {
-            None | Some(Ok(Some(_))) => {}
-            Some(Ok(None)) => {
-                tracing::info!("the control plane ended the lease stream");
-                return received;
-            }
-            Some(Err(status)) => {
-                node.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %status, "the lease stream broke");
-                return received;
-            }
-        }
-    }
-}
 
 /// The stream's next message if it has already arrived; None if reading
 /// it would wait. (Polling once with a no-op waker is enough: the next
@@ -148,86 +286,4 @@ fn arrived(stream: &mut LeaseStream) -> Option<Result<Option<Lease>, tonic::Stat
         TaskPoll::Ready(message) => Some(message),
         TaskPoll::Pending => None,
     }
-}
-
-/// Records (in the outbox, synced, one commit for all) and acknowledges
-/// new leases. A lease accepted before, by this process or an earlier one,
-/// does not run again, and the report the outbox may hold for it is sent.
-async fn accept(node: &Arc<Node>, leases: Vec<Lease>) -> Vec<AcceptedLease> {
-    node.stats
-        .leases_received
-        .fetch_add(leases.len() as u64, Ordering::Relaxed);
-    let (fresh, seen): (Vec<Lease>, Vec<Lease>) = {
-        let mut seen = lock(&node.seen);
-        leases.into_iter().partition(|lease| seen.insert(&lease.lease_id))
-    };
-    let keys: Vec<(&str, i64)> = fresh
-        .iter()
-        .map(|lease| (lease.lease_id.as_str(), lease.deadline_unix_ms))
-        .collect();
-    let recorded = node.outbox.accept_all_async(&keys).await;
-
-    let mut accepted = Vec::with_capacity(fresh.len());
-    let mut again = seen;
-    for (lease, recorded) in fresh.into_iter().zip(recorded) {
-        match recorded {
-            Ok(true) => {}
-            Ok(false) => {
-                again.push(lease);
-                continue;
-            }
-            Err(err) => {
-                node.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
-            }
-        }
-        let lease = AcceptedLease {
-            lease,
-            received: Instant::now(),
-        };
-        tracing::info!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
-        acknowledge(node, &lease);
-        accepted.push(lease);
-    }
-    for lease in again {
-        node.stats.duplicate_leases.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "lease received twice; it runs once (its stored report, if any, is sent)");
-        report::deliver_stored(node, &lease.lease_id);
-    }
-    accepted
-}
-
-/// Waits for a place in the queue; the stream is not read meanwhile.
-async fn enqueue(node: &Arc<Node>, accepted: AcceptedLease, queue: &mpsc::Sender<AcceptedLease>) {
-    let permit = tokio::select! {
-        _ = node.stop.cancelled() => None,
-        permit = queue.reserve() => permit.ok(),
-    };
-    match permit {
-        Some(permit) => permit.send(accepted),
-        None => report::hand_back(node, &accepted, RunFailure::handed_back("the node is shutting down")),
-    }
-}
-
-/// Acks off the stream's path, so a slow Ack never delays the next lease.
-fn acknowledge(node: &Arc<Node>, accepted: &AcceptedLease) {
-    let request = AckRequest {
-        lease_id: accepted.lease.lease_id.clone(),
-        node_id: node.settings.node_id.clone(),
-        ack_timestamp_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-    };
-    let node = node.clone();
-    tokio::spawn(async move {
-        match node.leases.ack(request.clone()).await {
-            Ok((true, _)) => {
-                node.stats.leases_acknowledged.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((false, message)) => {
-                tracing::warn!(lease_id = %request.lease_id, %message, "the control plane refused the Ack")
-            }
-            Err(err) => tracing::warn!(lease_id = %request.lease_id, error = %err, "Ack failed"),
-        }
-    });
 }
