@@ -18,7 +18,6 @@ pub mod compiled_cache;
 pub mod engine;
 pub mod grants;
 pub mod host_memory;
-pub mod llm;
 mod meters;
 pub mod outcome;
 mod output;
@@ -41,6 +40,9 @@ pub use agent::{Agent, InvalidAgent};
 pub use artifact_trust::{ArtifactTrust, NetworkArtifactRefused, NotAComponent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant};
+/// The LLM capability's settings and shared client, where they have always
+/// been named (`sandbox::llm::ModelPrice`).
+pub use capabilities::llm;
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,

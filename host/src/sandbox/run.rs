@@ -23,7 +23,7 @@ use support::units::format_bytes;
 
 use super::budget::{Budget, BudgetRequest, NodeLimits};
 use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
-use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
+use super::capabilities::llm::RunLlm;
 use super::capabilities::log::{RunLog, truncate};
 use super::engine::Metering;
 use super::engine::RUN_SHAPE;
@@ -201,15 +201,7 @@ pub(crate) async fn execute(
         memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize, RUN_SHAPE),
         log: RunLog::new(limits),
         tokens: TokenMeter::new(budget.tokens()),
-        llm: llm.map(|client| RunLlm {
-            client: client.clone(),
-            agent_model: request
-                .context
-                .metadata
-                .get(MODEL_METADATA_KEY)
-                .filter(|model| !model.trim().is_empty())
-                .cloned(),
-        }),
+        llm: llm.map(|client| RunLlm::new(client, &request.context.metadata)),
         deadline,
     };
     let mut store = Store::new(engine, state);
