@@ -24,6 +24,7 @@ mod output;
 pub mod precompiled;
 mod run;
 mod state;
+mod state_builder;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,17 +421,13 @@ impl Sandbox {
         let no_grants = AgentGrants::default();
         let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
         self.announce_grants(&context.agent_id, grants);
-        run::execute(
-            &self.engine,
-            self.metering,
-            &self.limits,
-            self.llm.as_ref(),
-            grants,
-            agent,
-            request,
-        )
-        .instrument(span)
-        .await
+        let shared = run::Shared {
+            engine: &self.engine,
+            metering: self.metering,
+            limits: &self.limits,
+            llm: self.llm.as_ref(),
+        };
+        run::execute(&shared, grants, agent, request).instrument(span).await
     }
 }
 

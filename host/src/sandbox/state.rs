@@ -1,13 +1,14 @@
 //! The host state of one run: everything a `Store` owns.
 //!
-//! A fresh [`RunState`] is built for every run, so nothing an agent does
-//! outlives it. Its fields are the run's grants (a WASI context with only
-//! the directories and variables granted to the agent, an HTTP egress
-//! policy), its meters (memory, log volume, tokens), and what it needs to
-//! call the LLM. The host capabilities in `capabilities/` are trait impls
-//! on this struct, grouped by WIT interface (`wasi:http`'s view of it,
-//! which charges the run for what its resource table holds, is in
-//! `capabilities/http/`).
+//! A fresh [`RunState`] is built for every run, by `RunStateBuilder`
+//! (`state_builder.rs`), so nothing an agent does outlives it. Its fields
+//! are the run's grants (a WASI context with only the directories and
+//! variables granted to the agent, an HTTP egress policy), its captured
+//! stdout and stderr, its meters (memory, log volume, tokens), and what it
+//! needs to call the LLM. The host capabilities in `capabilities/` are
+//! trait impls on this struct, grouped by WIT interface (`wasi:http`'s
+//! view of it, which charges the run for what its resource table holds, is
+//! in `capabilities/http/`).
 
 use std::time::Instant;
 
@@ -20,9 +21,14 @@ use super::capabilities::llm::RunLlm;
 use super::capabilities::log::RunLog;
 use super::host_memory::HostLimits;
 use super::meters::{MemoryMeter, TokenMeter};
+use super::output::BoundedOutput;
 
 pub struct RunState {
     pub(crate) wasi: WasiCtx,
+    /// The guest's stdout and stderr as captured (its WASI context writes
+    /// into clones of these).
+    pub(crate) stdout: BoundedOutput,
+    pub(crate) stderr: BoundedOutput,
     pub(crate) table: ResourceTable,
     /// Served to `wasi:http` calls instead of `table` once the run is over
     /// its memory budget: empty, and full at no entries.
@@ -52,17 +58,5 @@ impl WasiView for RunState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
-    }
-}
-
-impl RunState {
-    /// A run's resource table, holding at most `limits.resource_entries`
-    /// entries, and the refused one.
-    pub(crate) fn tables(limits: &HostLimits) -> (ResourceTable, ResourceTable) {
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(limits.resource_entries);
-        let mut refused = ResourceTable::new();
-        refused.set_max_capacity(0);
-        (table, refused)
     }
 }

@@ -5,7 +5,7 @@
 //! holding its settings, the part every run shares, its per-run part and
 //! its linking, the way Spin's factors do; `random.rs` replaces
 //! wasmtime-wasi's random byte draws. A capability's per-run part is put
-//! into the run's state when the run is built (`sandbox/run.rs`).
+//! into the run's state by `RunStateBuilder` (`sandbox/state_builder.rs`).
 
 pub mod budget;
 pub mod http;

@@ -12,7 +12,8 @@
 //!   against the run's token budget and prices it.
 //!
 //! [`add_to_linker`] offers `llm.chat` to every component; on a node with
-//! no LLM configured it answers `not-configured`.
+//! no LLM configured (a run state built without `RunStateBuilder::llm`) it
+//! answers `not-configured`.
 
 mod chat;
 mod client;
