@@ -11,9 +11,10 @@
 //! environment at each run; and outbound HTTP hosts. [`Sandbox::new`]
 //! checks them once into [`AgentGrants`]; each run then narrows its agent's
 //! grants by its metadata ([`AgentGrants::narrowed`]: `fs.allow`,
-//! `env.allow`, and `http.allow` in `capabilities/http.rs`), which can drop
-//! or downgrade a grant, never add one. `run.rs` turns the result into the
-//! run's `WasiCtx`, the one place the sandbox's power is built.
+//! `env.allow`, and `http.allow` in `capabilities/http/`), which can drop
+//! or downgrade a grant, never add one. `RunStateBuilder` (`state_builder.rs`)
+//! turns the result into the run's `WasiCtx`, the one place the sandbox's
+//! power is built.
 //!
 //! [`Sandbox::new`]: super::Sandbox::new
 

@@ -28,7 +28,7 @@
 //! node also bounds what it cannot charge precisely at its source: a
 //! response's headers are copied out of hyper's read buffer (so a kept
 //! header map pins no connection buffer) and refused past `field_bytes`
-//! (`capabilities/http.rs`).
+//! (`capabilities/http/outgoing.rs`).
 
 use std::any::Any;
 

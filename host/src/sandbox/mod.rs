@@ -18,13 +18,13 @@ pub mod compiled_cache;
 pub mod engine;
 pub mod grants;
 pub mod host_memory;
-pub mod llm;
 mod meters;
 pub mod outcome;
 mod output;
 pub mod precompiled;
 mod run;
 mod state;
+mod state_builder;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,9 @@ pub use agent::{Agent, InvalidAgent};
 pub use artifact_trust::{ArtifactTrust, NetworkArtifactRefused, NotAComponent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant};
+/// The LLM capability's settings and shared client, where they have always
+/// been named (`sandbox::llm::ModelPrice`).
+pub use capabilities::llm;
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,
@@ -418,17 +421,13 @@ impl Sandbox {
         let no_grants = AgentGrants::default();
         let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
         self.announce_grants(&context.agent_id, grants);
-        run::execute(
-            &self.engine,
-            self.metering,
-            &self.limits,
-            self.llm.as_ref(),
-            grants,
-            agent,
-            request,
-        )
-        .instrument(span)
-        .await
+        let shared = run::Shared {
+            engine: &self.engine,
+            metering: self.metering,
+            limits: &self.limits,
+            llm: self.llm.as_ref(),
+        };
+        run::execute(&shared, grants, agent, request).instrument(span).await
     }
 }
 

@@ -1,31 +1,34 @@
 //! The host state of one run: everything a `Store` owns.
 //!
-//! A fresh [`RunState`] is built for every run, so nothing an agent does
-//! outlives it. Its fields are the run's grants (a WASI context with only
-//! the directories and variables granted to the agent, an HTTP egress
-//! policy) and its meters (memory, log
-//! volume, tokens), and what it needs to call the LLM. The host capabilities in `capabilities/` are trait
-//! impls on this struct, grouped by WIT interface.
-//!
-//! Every `wasi:http` call first charges the run for what its resource table
-//! holds (`host_memory::audit`); once that is over the run's memory
-//! budget, the calls are served from an empty table that holds and accepts
-//! nothing, so each one traps and the run ends `budget.memory`.
+//! A fresh [`RunState`] is built for every run, by `RunStateBuilder`
+//! (`state_builder.rs`), so nothing an agent does outlives it. Its fields
+//! are the run's grants (a WASI context with only the directories and
+//! variables granted to the agent, an HTTP egress policy), its captured
+//! stdout and stderr, its meters (memory, log volume, tokens), and what it
+//! needs to call the LLM. The host capabilities in `capabilities/` are
+//! trait impls on this struct, grouped by WIT interface (`wasi:http`'s
+//! view of it, which charges the run for what its resource table holds, is
+//! in `capabilities/http/`).
 
 use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::capabilities::http::EgressPolicy;
 use super::capabilities::llm::RunLlm;
 use super::capabilities::log::RunLog;
-use super::host_memory::{self, HostLimits};
+use super::host_memory::HostLimits;
 use super::meters::{MemoryMeter, TokenMeter};
+use super::output::BoundedOutput;
 
 pub struct RunState {
     pub(crate) wasi: WasiCtx,
+    /// The guest's stdout and stderr as captured (its WASI context writes
+    /// into clones of these).
+    pub(crate) stdout: BoundedOutput,
+    pub(crate) stderr: BoundedOutput,
     pub(crate) table: ResourceTable,
     /// Served to `wasi:http` calls instead of `table` once the run is over
     /// its memory budget: empty, and full at no entries.
@@ -54,38 +57,6 @@ impl WasiView for RunState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
-        }
-    }
-}
-
-impl RunState {
-    /// A run's resource table, holding at most `limits.resource_entries`
-    /// entries, and the refused one.
-    pub(crate) fn tables(limits: &HostLimits) -> (ResourceTable, ResourceTable) {
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(limits.resource_entries);
-        let mut refused = ResourceTable::new();
-        refused.set_max_capacity(0);
-        (table, refused)
-    }
-}
-
-impl WasiHttpView for RunState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        if !self.host_refused {
-            let (within, walked) = host_memory::audit(&mut self.table, &self.host_limits, &mut self.memory);
-            self.host_refused = !within;
-            self.host_work_fuel += walked * host_memory::FUEL_PER_ENTRY;
-        }
-        let table = if self.host_refused {
-            &mut self.refused_table
-        } else {
-            &mut self.table
-        };
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table,
-            hooks: &mut self.egress,
         }
     }
 }

@@ -1,5 +1,11 @@
-//! The host side of the agent world's imports, one module per interface,
-//! and the linker that offers them (plus WASI) to every component.
+//! The host side of the agent world's imports, and the linker that offers
+//! them (plus WASI) to every component.
+//!
+//! One folder per capability (`llm/`, `http/`, `log/`, `budget/`), each
+//! holding its settings, the part every run shares, its per-run part and
+//! its linking, the way Spin's factors do; `random.rs` replaces
+//! wasmtime-wasi's random byte draws. A capability's per-run part is put
+//! into the run's state by `RunStateBuilder` (`sandbox/state_builder.rs`).
 
 pub mod budget;
 pub mod http;
@@ -21,10 +27,10 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<RunState>> {
     // from each run's `WasiCtx`, which grants nothing by default.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     random::add_to_linker(&mut linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    http::add_to_linker(&mut linker)?;
     bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    bindings::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    bindings::llm::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    log::add_to_linker(&mut linker)?;
+    llm::add_to_linker(&mut linker)?;
     budget::add_to_linker(&mut linker)?;
     Ok(linker)
 }

@@ -1,5 +1,5 @@
-//! `llm.chat`: chat completion for agents, metered against the run's token
-//! budget.
+//! The LLM capability's per-run part: `llm.chat`, chat completion for
+//! agents, metered against the run's token budget.
 //!
 //! Per call: the model is the request's, else the run's metadata
 //! `llm.model`, else the node's default. A run whose budget is spent is
@@ -8,25 +8,41 @@
 //! agent gave none), so only the prompt of the one call that crosses the
 //! budget can overrun it. Tokens are counted from the provider's `usage`
 //! and priced from the node's table. The provider call itself (timeouts
-//! bounded by the run's deadline, retries) is in `sandbox/llm.rs`.
+//! bounded by the run's deadline, retries) is the shared client's, in
+//! `client.rs`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::Instrument;
 
+use super::client::{CallError, LlmClient, ProviderMessage, ProviderRequest};
 use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
-use crate::sandbox::llm::{CallError, LlmClient, ProviderMessage, ProviderRequest};
 use crate::sandbox::state::RunState;
 
 /// The metadata key through which a run names its model.
-pub const MODEL_METADATA_KEY: &str = "llm.model";
+const MODEL_METADATA_KEY: &str = "llm.model";
 
 /// What one run needs to call the provider.
 #[derive(Debug, Clone)]
-pub struct RunLlm {
+pub(crate) struct RunLlm {
     pub client: Arc<LlmClient>,
     /// The run's metadata `llm.model`, if any.
     pub agent_model: Option<String>,
+}
+
+impl RunLlm {
+    /// The node's provider, for a run with this metadata (a blank
+    /// `llm.model` names no model).
+    pub(crate) fn new(client: &Arc<LlmClient>, metadata: &BTreeMap<String, String>) -> RunLlm {
+        RunLlm {
+            client: client.clone(),
+            agent_model: metadata
+                .get(MODEL_METADATA_KEY)
+                .filter(|model| !model.trim().is_empty())
+                .cloned(),
+        }
+    }
 }
 
 impl Host for RunState {
@@ -39,7 +55,7 @@ impl Host for RunState {
         // The messages were copied out of the guest, and are written out
         // again as JSON: host work paid in fuel like a log line's.
         let bytes: usize = request.messages.iter().map(|message| message.content.len()).sum();
-        self.host_work_fuel += bytes as u64 * super::log::FUEL_PER_BYTE;
+        self.host_work_fuel += bytes as u64 * crate::sandbox::capabilities::log::FUEL_PER_BYTE;
         if request.messages.is_empty() {
             return Err(LlmError::InvalidRequest(
                 "the chat request has no messages; give at least one".to_string(),

@@ -1,16 +1,11 @@
-//! `log.log`: the agent's structured log lines, passed on through
-//! `tracing` inside the run's span (which carries the run id, lease id,
-//! agent id and trace id), and capped per run.
+//! The log capability's per-run part: a run's log caps and what it has
+//! used of them.
+//!
+//! [`RunLog`] admits a run's lines up to the node's caps (`NodeLimits`'
+//! `log_lines`, `log_bytes` and `log_line_bytes`), drops and counts the
+//! rest, and renders an admitted line cut to the per-line cap.
 
-use crate::sandbox::bindings::log::{Host, Level};
 use crate::sandbox::budget::NodeLimits;
-use crate::sandbox::state::RunState;
-
-/// Fuel a run pays for each log field it hands the host (two strings
-/// copied out of the guest and looked at), on top of the call's own.
-const FUEL_PER_FIELD: u64 = 200;
-/// And for each byte of its message and fields.
-pub(crate) const FUEL_PER_BYTE: u64 = 4;
 
 /// A run's log budget and what it has used.
 #[derive(Debug)]
@@ -113,7 +108,7 @@ impl RunLog {
 
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the
 /// cut.
-pub(crate) fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }
@@ -122,27 +117,6 @@ pub(crate) fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
         end -= 1;
     }
     format!("{}... [{} bytes cut]", &text[..end], text.len() - end).into()
-}
-
-impl Host for RunState {
-    fn log(&mut self, level: Level, message: String, fields: Vec<(String, String)>) -> wasmtime::Result<()> {
-        // The message and each field were copied out of the guest and are
-        // looked at here: host work a flood of fields or a loop of large
-        // messages would otherwise get for free.
-        let bytes = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        self.host_work_fuel += fields.len() as u64 * FUEL_PER_FIELD + bytes as u64 * FUEL_PER_BYTE;
-        let Some((message, fields)) = self.log.line(&message, &fields) else {
-            return Ok(());
-        };
-        match level {
-            Level::Trace => tracing::trace!(target: "agent", %fields, "{message}"),
-            Level::Debug => tracing::debug!(target: "agent", %fields, "{message}"),
-            Level::Info => tracing::info!(target: "agent", %fields, "{message}"),
-            Level::Warn => tracing::warn!(target: "agent", %fields, "{message}"),
-            Level::Error => tracing::error!(target: "agent", %fields, "{message}"),
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

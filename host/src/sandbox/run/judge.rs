@@ -1,77 +1,30 @@
-//! One run, start to finish: a fresh store, four meters, the call, and the
-//! classification of how it ended.
+//! The judge: how a run ended, classified.
 //!
-//! The wall clock is enforced twice: the epoch callback traps a guest that
-//! is computing past its deadline (and makes every guest yield to the
-//! async runtime once per tick), and an outer timeout ends a guest that is
-//! blocked in a host call, where epochs cannot reach it.
+//! Turns what the call came back with (a result, the agent's own error, a
+//! command's exit status, a trap, a host error, the outer timeout) and what
+//! the meters read (a refused growth, the tokens spent, an overflowed
+//! stdout) into the run's [`RunOutcome`]: completed with its result map, or
+//! failed with a [`FailKind`], a one-line message with the numbers, and
+//! details with the evidence a developer needs (the guest backtrace, the
+//! agent's stderr).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use thiserror::Error;
-use tracing::Instrument;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
-use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
-use wasmtime_wasi_http::WasiHttpCtx;
+use tokio::time::error::Elapsed;
+use wasmtime::{Trap, WasmBacktrace};
+use wasmtime_wasi::I32Exit;
 
-use super::agent::{Agent, Entry, error_chain};
-use super::bindings::types::{AgentError, RunContext as WitRunContext};
 use support::units::format_bytes;
 
-use super::budget::{Budget, BudgetRequest, NodeLimits};
-use super::capabilities::http::{EgressPolicy, HTTP_ALLOW_METADATA_KEY};
-use super::capabilities::llm::{MODEL_METADATA_KEY, RunLlm};
-use super::capabilities::log::{RunLog, truncate};
-use super::engine::Metering;
-use super::engine::RUN_SHAPE;
-use super::grants::AgentGrants;
-use super::host_memory::{self, HostLimits};
-use super::llm::LlmClient;
-use super::meters::{MemoryMeter, Refusal, TokenMeter};
-use super::outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
-use super::output::{BoundedOutput, Overflow};
-use super::state::RunState;
+use crate::sandbox::agent::error_chain;
+use crate::sandbox::bindings::types::AgentError;
+use crate::sandbox::budget::{Budget, NodeLimits};
+use crate::sandbox::capabilities::log::truncate;
+use crate::sandbox::meters::Refusal;
+use crate::sandbox::outcome::{FailKind, ResultMap, RunFailure, RunOutcome};
+use crate::sandbox::output::BoundedOutput;
+use crate::sandbox::state::RunState;
 
-/// What the node knows about a run, from its lease.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RunContext {
-    pub run_id: String,
-    pub lease_id: String,
-    pub agent_id: String,
-    pub agent_version: String,
-    /// 32 lowercase hex digits.
-    pub trace_id: String,
-    pub input_ref: BTreeMap<String, String>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// A run to execute: its context, the budget it asks for, and the lease's
-/// deadline if it has one.
-#[derive(Debug, Clone, Default)]
-pub struct RunRequest {
-    pub context: RunContext,
-    pub budget: BudgetRequest,
-    pub deadline: Option<SystemTime>,
-}
-
-/// How a run ended and what it consumed.
-#[derive(Debug, Clone)]
-pub struct RunResult {
-    pub outcome: RunOutcome,
-    pub report: RunReport,
-}
-
-/// How long after the deadline the outer timeout waits for the epoch trap.
-const BACKSTOP_GRACE: Duration = Duration::from_millis(30);
-
-/// How much of a guest's stderr the node keeps: enough for a panic message
-/// and a few lines before it.
-const STDERR_CAP: usize = 64 * 1024;
-/// A world agent's stdout is only for debugging.
-const WORLD_STDOUT_CAP: usize = 64 * 1024;
 /// How wasmtime says a host call (or a result) carried more than the
 /// store's hostcall fuel allows; the error type is private.
 const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
@@ -83,291 +36,29 @@ const BACKTRACE_LINE_BYTES: usize = 512;
 const MESSAGE_STDERR_TAIL: usize = 300;
 
 /// The epoch callback's verdict once the deadline has passed.
-#[derive(Debug, Error)]
+#[derive(Debug, thiserror::Error)]
 #[error("the run's deadline passed")]
-struct DeadlineExceeded;
+pub(super) struct DeadlineExceeded;
 
 /// Where a wasmtime error came from.
-enum Stage {
+pub(super) enum Stage {
     Instantiate,
     Call,
 }
 
 /// What the guest returned, before the node judged it.
-enum Returned {
+pub(super) enum Returned {
     World(Result<Vec<(String, String)>, AgentError>),
     Command(Result<(), ()>),
 }
 
-pub(crate) async fn execute(
-    engine: &Engine,
-    metering: Metering,
-    limits: &NodeLimits,
-    llm: Option<&Arc<LlmClient>>,
-    grants: &AgentGrants,
-    agent: &Agent,
-    request: RunRequest,
-) -> RunResult {
-    let budget = limits.budget(&request.budget);
-    let started = Instant::now();
-    let mut deadline = started + budget.duration();
-    if let Some(lease_deadline) = request.deadline {
-        match lease_deadline.duration_since(SystemTime::now()) {
-            Ok(left) => deadline = deadline.min(started + left),
-            Err(_) => {
-                // Retryable: a new lease comes with a new deadline.
-                return RunResult {
-                    outcome: RunOutcome::Failed(RunFailure {
-                        retryable: true,
-                        ..RunFailure::new(
-                            FailKind::BudgetDeadline,
-                            "the lease's deadline had passed before the run started",
-                        )
-                    }),
-                    report: RunReport::default(),
-                };
-            }
-        }
-    }
-
-    let is_command = matches!(agent.entry, Entry::Command(_));
-    let stdout = if is_command {
-        BoundedOutput::new(limits.result_bytes, Overflow::Refuse)
-    } else {
-        BoundedOutput::new(WORLD_STDOUT_CAP, Overflow::Truncate)
-    };
-    let stderr = BoundedOutput::new(STDERR_CAP, Overflow::Truncate);
-    // The run's whole WASI power, granted here and nowhere else: captured
-    // stdio, the operator's grants for this agent as narrowed by the run's
-    // metadata, and no network (every socket use and name lookup refused).
-    let granted = grants.narrowed(&request.context.metadata);
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(stdout.clone()).stderr(stderr.clone());
-    if is_command {
-        wasi.stdin(MemoryInputPipe::new(command_stdin(&request.context)))
-            .arg(&request.context.agent_id);
-    }
-    wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-    let host_limits = HostLimits::for_results(limits.result_bytes);
-    wasi.max_random_size(host_limits.random_bytes);
-    for directory in &granted.directories {
-        let perms = if directory.read_only {
-            FsPerms::ReadOnly
-        } else {
-            FsPerms::ReadWrite
-        };
-        if let Err(err) = wasi.preopened_dir(&directory.host_path, &directory.guest_path, perms) {
-            // Checked at start-up; gone or unreadable since. Another node
-            // (or this one, once it is back) may run the lease.
-            return RunResult {
-                outcome: RunOutcome::Failed(RunFailure::handed_back(format!(
-                    "the directory granted to agent `{}` at {} cannot be opened on this node \
-                     ({}): {}; restore it, or remove the grant",
-                    request.context.agent_id,
-                    directory.guest_path,
-                    directory.host_path.display(),
-                    error_chain(&err)
-                ))),
-                report: RunReport::default(),
-            };
-        }
-    }
-    for (name, value) in granted.environment_values() {
-        wasi.env(name, value);
-    }
-    let (table, refused_table) = RunState::tables(&host_limits);
-    let mut http = WasiHttpCtx::new();
-    http.set_field_size_limit(host_limits.field_bytes);
-    let state = RunState {
-        wasi: wasi.build(),
-        table,
-        refused_table,
-        host_limits,
-        host_refused: false,
-        host_work_fuel: 0,
-        http,
-        egress: EgressPolicy::new(
-            &granted.http_hosts,
-            request
-                .context
-                .metadata
-                .get(HTTP_ALLOW_METADATA_KEY)
-                .map(String::as_str),
-            &request.context.run_id,
-            &request.context.trace_id,
-            deadline,
-            host_limits,
-        ),
-        memory: MemoryMeter::new(budget.memory_bytes(), limits.table_elements as usize, RUN_SHAPE),
-        log: RunLog::new(limits),
-        tokens: TokenMeter::new(budget.tokens()),
-        llm: llm.map(|client| RunLlm {
-            client: client.clone(),
-            agent_model: request
-                .context
-                .metadata
-                .get(MODEL_METADATA_KEY)
-                .filter(|model| !model.trim().is_empty())
-                .cloned(),
-        }),
-        deadline,
-    };
-    let mut store = Store::new(engine, state);
-    store.limiter(|state| &mut state.memory);
-    store.set_max_component_handles(host_limits.component_handles);
-    store.set_hostcall_fuel(host_limits.hostcall_bytes);
-    if metering.fuel() {
-        store
-            .set_fuel(budget.fuel())
-            .expect("the engine is configured with fuel");
-    }
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |ctx| {
-        if Instant::now() >= ctx.data().deadline {
-            return Err(DeadlineExceeded.into());
-        }
-        // The host work the run caused counts against its fuel. (Compiled
-        // code keeps its fuel count in a register across this callback,
-        // so the debt is kept beside it rather than taken out of it.)
-        let owed = ctx.data().host_work_fuel;
-        if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
-            return Err(Trap::OutOfFuel.into());
-        }
-        Ok(UpdateDeadline::Yield(1))
-    });
-
-    let mut instantiate_us = 0;
-    let call = async {
-        let began = Instant::now();
-        match &agent.entry {
-            Entry::World(pre) => {
-                let instance = pre
-                    .instantiate_async(&mut store)
-                    .instrument(tracing::info_span!("instantiate"))
-                    .await
-                    .map_err(|e| (Stage::Instantiate, e))?;
-                instantiate_us = began.elapsed().as_micros() as u64;
-                let context = wit_context(&request.context);
-                instance
-                    .call_run(&mut store, &context)
-                    .await
-                    .map(Returned::World)
-                    .map_err(|e| (Stage::Call, e))
-            }
-            Entry::Command(pre) => {
-                let instance = pre
-                    .instantiate_async(&mut store)
-                    .instrument(tracing::info_span!("instantiate"))
-                    .await
-                    .map_err(|e| (Stage::Instantiate, e))?;
-                instantiate_us = began.elapsed().as_micros() as u64;
-                instance
-                    .wasi_cli_run()
-                    .call_run(&mut store)
-                    .await
-                    .map(Returned::Command)
-                    .map_err(|e| (Stage::Call, e))
-            }
-        }
-    };
-    // The backstop fires a little after the deadline, so a computing guest
-    // is stopped by its epoch trap (which leaves the store's meters
-    // readable) and only a guest blocked in a host call is cut off here.
-    let ended = tokio::time::timeout_at((deadline + BACKSTOP_GRACE).into(), call).await;
-
-    let judge = Judge {
-        budget: &budget,
-        allowed: Duration::from_millis((deadline - started).as_millis() as u64),
-        limits,
-        stdout: &stdout,
-        stderr: &stderr,
-        state: store.data(),
-    };
-    let outcome = match ended {
-        Err(_elapsed) => RunOutcome::Failed(judge.deadline_in_host_call()),
-        Ok(Err((stage, err))) => match err.downcast_ref::<I32Exit>() {
-            Some(I32Exit(0)) => judge.command_output(),
-            Some(I32Exit(code)) => RunOutcome::Failed(judge.command_exit(*code)),
-            None => RunOutcome::Failed(judge.error(stage, &err)),
-        },
-        Ok(Ok(Returned::World(Ok(pairs)))) => judge.result(pairs),
-        Ok(Ok(Returned::World(Err(error)))) => RunOutcome::Failed(RunFailure {
-            kind: FailKind::AgentError,
-            message: error.message,
-            retryable: error.retryable,
-            details: judge.stderr_details(),
-        }),
-        Ok(Ok(Returned::Command(Ok(())))) => judge.command_output(),
-        Ok(Ok(Returned::Command(Err(())))) => RunOutcome::Failed(judge.command_exit(1)),
-    };
-    let outcome = match judge.check_tokens(outcome) {
-        RunOutcome::Failed(failure) => RunOutcome::Failed(failure.capped()),
-        completed => completed,
-    };
-    // A failure carries stderr in its details; a completed world agent's
-    // `eprintln!`s would otherwise be lost.
-    if !is_command && matches!(outcome, RunOutcome::Completed(_)) {
-        judge.pass_on_stderr();
-    }
-
-    // The host's share at the end, for runs that made no `wasi:http` call
-    // after their last resource appeared.
-    let state = store.data_mut();
-    let (held, _) = host_memory::charge(&mut state.table, &state.host_limits);
-    state.memory.set_host_bytes(held);
-    let state = store.data();
-    let report = RunReport {
-        // Exact for a run that returned or ran out of fuel. For one trapped
-        // at its deadline mid-loop it is a lower bound: compiled code keeps
-        // fuel in a register and stores it at calls, not at every back-edge.
-        fuel_consumed: (budget.fuel() - store.get_fuel().unwrap_or(0))
-            .saturating_add(state.host_work_fuel)
-            .min(budget.fuel()),
-        peak_memory_bytes: state.memory.peak_bytes(),
-        peak_host_bytes: state.memory.peak_host_bytes(),
-        wall_ms: started.elapsed().as_millis() as u64,
-        instantiate_us,
-        tokens_in: state.tokens.tokens_in,
-        tokens_out: state.tokens.tokens_out,
-        usd_cost: state.tokens.usd_cost,
-        log_lines: state.log.lines(),
-        log_lines_dropped: state.log.dropped(),
-        http_requests: state.egress.requests + state.egress.denied,
-        http_denied: state.egress.denied,
-    };
-    RunResult { outcome, report }
-}
-
-fn wit_context(context: &RunContext) -> WitRunContext {
-    let pairs = |map: &BTreeMap<String, String>| map.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
-    WitRunContext {
-        run_id: context.run_id.clone(),
-        lease_id: context.lease_id.clone(),
-        agent_id: context.agent_id.clone(),
-        agent_version: context.agent_version.clone(),
-        trace_id: context.trace_id.clone(),
-        input_ref: pairs(&context.input_ref),
-        metadata: pairs(&context.metadata),
-    }
-}
-
-/// A command agent reads its context as one JSON object on stdin.
-fn command_stdin(context: &RunContext) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "run_id": context.run_id,
-        "lease_id": context.lease_id,
-        "agent_id": context.agent_id,
-        "agent_version": context.agent_version,
-        "trace_id": context.trace_id,
-        "input_ref": context.input_ref,
-        "metadata": context.metadata,
-    }))
-    .expect("a map of strings always serialises")
-}
+/// How a run's call ended: what the guest returned, a wasmtime error from
+/// instantiating or calling it, or the outer timeout.
+pub(super) type Ended = Result<Result<Returned, (Stage, wasmtime::Error)>, Elapsed>;
 
 /// Turns what happened into an outcome, with the evidence a developer
 /// needs in the message and details.
-struct Judge<'a> {
+pub(super) struct Judge<'a> {
     budget: &'a Budget,
     /// From the start of the run to its deadline.
     allowed: Duration,
@@ -377,7 +68,46 @@ struct Judge<'a> {
     state: &'a RunState,
 }
 
-impl Judge<'_> {
+impl<'a> Judge<'a> {
+    /// A judge of the run whose state is `state`; `allowed` is the time
+    /// from its start to its deadline.
+    pub(super) fn new(budget: &'a Budget, allowed: Duration, limits: &'a NodeLimits, state: &'a RunState) -> Self {
+        Judge {
+            budget,
+            allowed,
+            limits,
+            stdout: &state.stdout,
+            stderr: &state.stderr,
+            state,
+        }
+    }
+
+    /// The outcome of a run whose call ended as `ended`, a failure cut to
+    /// what a report carries.
+    pub(super) fn verdict(&self, ended: Ended) -> RunOutcome {
+        let outcome = match ended {
+            Err(_elapsed) => RunOutcome::Failed(self.deadline_in_host_call()),
+            Ok(Err((stage, err))) => match err.downcast_ref::<I32Exit>() {
+                Some(I32Exit(0)) => self.command_output(),
+                Some(I32Exit(code)) => RunOutcome::Failed(self.command_exit(*code)),
+                None => RunOutcome::Failed(self.error(stage, &err)),
+            },
+            Ok(Ok(Returned::World(Ok(pairs)))) => self.result(pairs),
+            Ok(Ok(Returned::World(Err(error)))) => RunOutcome::Failed(RunFailure {
+                kind: FailKind::AgentError,
+                message: error.message,
+                retryable: error.retryable,
+                details: self.stderr_details(),
+            }),
+            Ok(Ok(Returned::Command(Ok(())))) => self.command_output(),
+            Ok(Ok(Returned::Command(Err(())))) => RunOutcome::Failed(self.command_exit(1)),
+        };
+        match self.check_tokens(outcome) {
+            RunOutcome::Failed(failure) => RunOutcome::Failed(failure.capped()),
+            completed => completed,
+        }
+    }
+
     fn result(&self, pairs: Vec<(String, String)>) -> RunOutcome {
         let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
         if size > self.limits.result_bytes {
@@ -692,7 +422,7 @@ impl Judge<'_> {
 
     /// A world agent's stderr (its `eprintln!`s) reaches the node's log,
     /// once, at the end of the run.
-    fn pass_on_stderr(&self) {
+    pub(super) fn pass_on_stderr(&self) {
         let stderr = self.stderr_text();
         let stderr = stderr.trim_end();
         if !stderr.is_empty() {

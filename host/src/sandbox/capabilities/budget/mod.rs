@@ -1,4 +1,9 @@
-//! `budget.remaining`: what is left of each meter.
+//! The budget capability: `budget.remaining`, what is left of each meter.
+//!
+//! It has no settings, shared part or per-run state of its own: it reads
+//! the run's meters, whose limits are the run's `Budget` (`sandbox/budget.rs`,
+//! the node's ceilings every meter shares) and whose readings live in the
+//! `Store` (fuel) and the run state (memory, tokens, the deadline).
 //!
 //! Linked by hand rather than through the generated trait because reading
 //! the fuel needs the `Store`, not only the host state.
@@ -13,7 +18,7 @@ use crate::sandbox::state::RunState;
 
 const INTERFACE: &str = "node-runtime:agent/budget@0.1.0";
 
-pub fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+pub(crate) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     linker
         .instance(INTERFACE)?
         .func_wrap("remaining", |store: StoreContextMut<'_, RunState>, (): ()| {

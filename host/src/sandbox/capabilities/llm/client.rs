@@ -1,19 +1,13 @@
-//! The LLM provider behind `llm.chat`: its settings and the one HTTP client
-//! every run shares.
+//! The LLM capability's shared part: the one HTTP client every run's
+//! `llm.chat` calls go through.
 //!
-//! The node, not the agent, holds the endpoint and its key. [`LlmSettings`]
-//! says where to send a chat completion (an OpenAI-compatible endpoint or
-//! an Azure OpenAI deployment), which model and temperature to use when the
-//! agent does not say, how long one request may take, and what each model
-//! costs. [`LlmClient`] sends one request per attempt, retrying 429 and 5xx
-//! answers with backoff while the run's deadline allows; the metering
-//! (budget, token counts, cost) is done by the capability in
-//! `capabilities/llm.rs`, which owns the run's meters.
-//!
-//! The key is a [`Secret`]: `Debug` prints `***`, it goes into exactly one
-//! header, and error messages quoting a provider's answer have it masked.
+//! [`LlmClient`] holds the node's [`LlmSettings`] and sends one request per
+//! attempt, retrying 429 and 5xx answers with backoff while the run's
+//! deadline allows; the metering (budget, token counts, cost) is done by
+//! the per-run part in `chat.rs`, which owns the run's meters. Error
+//! messages quoting a provider's answer have the key masked.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,103 +17,13 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use support::Backoff;
-use support::Secret;
 
-/// The API version the Azure flavour asks for.
-pub const AZURE_API_VERSION: &str = "2024-06-01";
+use super::settings::{LlmEndpoint, LlmSettings};
 
 /// How much of a provider's error body an error message quotes.
 const BODY_QUOTE: usize = 200;
 /// Attempts per call at most, however much time the deadline leaves.
 const MAX_ATTEMPTS: u32 = 5;
-
-/// Where chat completions go and how they are priced.
-#[derive(Clone)]
-pub struct LlmSettings {
-    pub endpoint: LlmEndpoint,
-    /// Sent as `Authorization: Bearer` (OpenAI) or `api-key` (Azure).
-    pub api_key: Secret,
-    /// The model of a call that names none, when the run's metadata has no
-    /// `llm.model` either.
-    pub default_model: String,
-    /// The temperature of a call that gives none.
-    pub default_temperature: f32,
-    /// The longest one request may take; the run's deadline may cut it
-    /// shorter.
-    pub request_timeout: Duration,
-    /// USD per 1k tokens, by model name. A model not listed costs 0 (and
-    /// is warned about once).
-    pub prices: BTreeMap<String, ModelPrice>,
-}
-
-/// The provider's flavour of the chat-completions API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LlmEndpoint {
-    /// `POST {base_url}/v1/chat/completions` with a bearer key.
-    OpenAi { base_url: String },
-    /// `POST {base_url}/openai/deployments/{deployment}/chat/completions
-    /// ?api-version=2024-06-01` with an `api-key` header.
-    Azure { base_url: String, deployment: String },
-}
-
-impl LlmEndpoint {
-    /// The URL a chat completion is posted to.
-    pub fn url(&self) -> String {
-        match self {
-            LlmEndpoint::OpenAi { base_url } => {
-                format!("{}/v1/chat/completions", base_url.trim_end_matches('/'))
-            }
-            LlmEndpoint::Azure { base_url, deployment } => format!(
-                "{}/openai/deployments/{deployment}/chat/completions?api-version={AZURE_API_VERSION}",
-                base_url.trim_end_matches('/')
-            ),
-        }
-    }
-}
-
-/// USD per 1000 tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct ModelPrice {
-    pub input_per_1k: f64,
-    pub output_per_1k: f64,
-}
-
-impl ModelPrice {
-    pub fn cost(&self, tokens_in: u32, tokens_out: u32) -> f64 {
-        (f64::from(tokens_in) * self.input_per_1k + f64::from(tokens_out) * self.output_per_1k) / 1000.0
-    }
-}
-
-impl LlmSettings {
-    /// Settings for an OpenAI-compatible endpoint with the usual defaults
-    /// (60 s per request, no prices).
-    pub fn openai(base_url: impl Into<String>, api_key: Secret, default_model: impl Into<String>) -> Self {
-        LlmSettings {
-            endpoint: LlmEndpoint::OpenAi {
-                base_url: base_url.into(),
-            },
-            api_key,
-            default_model: default_model.into(),
-            default_temperature: 0.7,
-            request_timeout: Duration::from_secs(60),
-            prices: BTreeMap::new(),
-        }
-    }
-}
-
-// By hand, so that the key can never reach a log through `{:?}`.
-impl fmt::Debug for LlmSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LlmSettings")
-            .field("endpoint", &self.endpoint)
-            .field("api_key", &"***")
-            .field("default_model", &self.default_model)
-            .field("default_temperature", &self.default_temperature)
-            .field("request_timeout", &self.request_timeout)
-            .field("prices", &self.prices)
-            .finish()
-    }
-}
 
 #[derive(Debug, Error)]
 #[error("could not build the LLM HTTP client: {0}")]
@@ -520,22 +424,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_follow_each_flavour() {
-        let openai = LlmEndpoint::OpenAi {
-            base_url: "http://127.0.0.1:9/".into(),
-        };
-        assert_eq!(openai.url(), "http://127.0.0.1:9/v1/chat/completions");
-        let azure = LlmEndpoint::Azure {
-            base_url: "https://x.openai.azure.com".into(),
-            deployment: "gpt".into(),
-        };
-        assert_eq!(
-            azure.url(),
-            "https://x.openai.azure.com/openai/deployments/gpt/chat/completions?api-version=2024-06-01"
-        );
-    }
-
-    #[test]
     fn only_the_first_choice_is_built() {
         let many = format!(
             r#"{{"choices": [{{"message": {{"content": "first"}}}}{}], "model": "m"}}"#,
@@ -556,20 +444,5 @@ mod tests {
         let mut fits = CappedBuffer::new(16);
         serde_json::to_writer(&mut fits, &"ok").unwrap();
         assert_eq!(fits.bytes, br#""ok""#);
-    }
-
-    #[test]
-    fn debug_never_shows_the_key() {
-        let settings = LlmSettings::openai("http://x", Secret::new("sk-very-secret"), "m");
-        assert!(!format!("{settings:?}").contains("sk-very-secret"));
-    }
-
-    #[test]
-    fn prices_are_per_thousand_tokens() {
-        let price = ModelPrice {
-            input_per_1k: 0.15,
-            output_per_1k: 0.6,
-        };
-        assert!((price.cost(1000, 500) - 0.45).abs() < 1e-12);
     }
 }

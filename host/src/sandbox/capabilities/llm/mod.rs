@@ -1,0 +1,34 @@
+//! The LLM capability: `llm.chat` against the provider the node is
+//! configured with. Everything about it is here, in three parts:
+//!
+//! - its settings (`settings.rs`): [`LlmSettings`] (the endpoint, the key,
+//!   the default model and temperature, the per-request timeout) and the
+//!   price table of [`ModelPrice`]s;
+//! - its shared part (`client.rs`): the one [`LlmClient`] every run's calls
+//!   go through (pooled connections, retries with backoff within the run's
+//!   deadline, capped requests and answers, the key masked in errors);
+//! - its per-run part (`chat.rs`): `RunLlm`, the client and the run's
+//!   model, and the `llm.chat` host function, which meters each call
+//!   against the run's token budget and prices it.
+//!
+//! [`add_to_linker`] offers `llm.chat` to every component; on a node with
+//! no LLM configured (a run state built without `RunStateBuilder::llm`) it
+//! answers `not-configured`.
+
+mod chat;
+mod client;
+mod settings;
+
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::sandbox::bindings;
+use crate::sandbox::state::RunState;
+
+pub(crate) use chat::RunLlm;
+pub use client::{LLM_REQUEST_BYTES, LLM_RESPONSE_BYTES, LlmClient, LlmClientError};
+pub use settings::{AZURE_API_VERSION, LlmEndpoint, LlmSettings, ModelPrice};
+
+/// Offers `llm.chat` (the host side is [`RunState`]'s `llm::Host` impl).
+pub(crate) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    bindings::llm::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+}

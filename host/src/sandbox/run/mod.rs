@@ -1,0 +1,270 @@
+//! One run, start to finish: its deadline, a fresh store with its meters,
+//! the call, and the report of what the meters read.
+//!
+//! The run's state (its WASI context, its capabilities' per-run parts, its
+//! meters) is built by `RunStateBuilder` (`sandbox/state_builder.rs`), the
+//! one place a run's power is granted; how the run ended is classified by
+//! the judge (`judge.rs`).
+//!
+//! The wall clock is enforced twice: the epoch callback traps a guest that
+//! is computing past its deadline (and makes every guest yield to the
+//! async runtime once per tick), and an outer timeout ends a guest that is
+//! blocked in a host call, where epochs cannot reach it.
+
+mod judge;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::Instrument;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+use super::agent::{Agent, Entry};
+use super::bindings::types::RunContext as WitRunContext;
+use super::budget::{Budget, BudgetRequest, NodeLimits};
+use super::engine::Metering;
+use super::grants::AgentGrants;
+use super::host_memory;
+use super::llm::LlmClient;
+use super::outcome::{FailKind, RunFailure, RunOutcome, RunReport};
+use super::state::RunState;
+use super::state_builder::RunStateBuilder;
+use judge::{DeadlineExceeded, Judge, Returned, Stage};
+
+/// What the node knows about a run, from its lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunContext {
+    pub run_id: String,
+    pub lease_id: String,
+    pub agent_id: String,
+    pub agent_version: String,
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
+    pub input_ref: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A run to execute: its context, the budget it asks for, and the lease's
+/// deadline if it has one.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    pub context: RunContext,
+    pub budget: BudgetRequest,
+    pub deadline: Option<SystemTime>,
+}
+
+/// How a run ended and what it consumed.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub outcome: RunOutcome,
+    pub report: RunReport,
+}
+
+/// How long after the deadline the outer timeout waits for the epoch trap.
+const BACKSTOP_GRACE: Duration = Duration::from_millis(30);
+
+/// What every run of one sandbox shares: the engine and how it meters
+/// guests, the node's limits, and the LLM client (`None`: no LLM
+/// configured).
+pub(crate) struct Shared<'a> {
+    pub engine: &'a Engine,
+    pub metering: Metering,
+    pub limits: &'a NodeLimits,
+    pub llm: Option<&'a Arc<LlmClient>>,
+}
+
+/// Runs `agent` once for `request`, granted `grants` (its agent id's, as
+/// checked at start-up).
+pub(crate) async fn execute(
+    shared: &Shared<'_>,
+    grants: &AgentGrants,
+    agent: &Agent,
+    request: RunRequest,
+) -> RunResult {
+    let limits = shared.limits;
+    let budget = limits.budget(&request.budget);
+    let started = Instant::now();
+    let mut deadline = started + budget.duration();
+    if let Some(lease_deadline) = request.deadline {
+        match lease_deadline.duration_since(SystemTime::now()) {
+            Ok(left) => deadline = deadline.min(started + left),
+            Err(_) => {
+                // Retryable: a new lease comes with a new deadline.
+                return RunResult {
+                    outcome: RunOutcome::Failed(RunFailure {
+                        retryable: true,
+                        ..RunFailure::new(
+                            FailKind::BudgetDeadline,
+                            "the lease's deadline had passed before the run started",
+                        )
+                    }),
+                    report: RunReport::default(),
+                };
+            }
+        }
+    }
+
+    let is_command = matches!(agent.entry, Entry::Command(_));
+    // The run's whole power, granted here and nowhere else: captured
+    // stdio, the operator's grants for this agent as narrowed by the run's
+    // metadata, and no network (every socket use and name lookup refused).
+    let granted = grants.narrowed(&request.context.metadata);
+    let mut builder = RunStateBuilder::new(limits, &budget, &request.context, deadline);
+    if is_command {
+        builder.command();
+    }
+    builder
+        .directories(&granted.directories)
+        .environment(granted.environment_values())
+        .http_hosts(&granted.http_hosts);
+    if let Some(client) = shared.llm {
+        builder.llm(client);
+    }
+    let state = match builder.build() {
+        Ok(state) => state,
+        Err(unavailable) => {
+            // Checked at start-up; gone or unreadable since. Another node
+            // (or this one, once it is back) may run the lease.
+            return RunResult {
+                outcome: RunOutcome::Failed(RunFailure::handed_back(unavailable.to_string())),
+                report: RunReport::default(),
+            };
+        }
+    };
+    let mut store = store(shared.engine, shared.metering, &budget, state);
+
+    let mut instantiate_us = 0;
+    let calling = call(&mut store, agent, &request.context, &mut instantiate_us);
+    // The backstop fires a little after the deadline, so a computing guest
+    // is stopped by its epoch trap (which leaves the store's meters
+    // readable) and only a guest blocked in a host call is cut off here.
+    let ended = tokio::time::timeout_at((deadline + BACKSTOP_GRACE).into(), calling).await;
+
+    let allowed = Duration::from_millis((deadline - started).as_millis() as u64);
+    let judge = Judge::new(&budget, allowed, limits, store.data());
+    let outcome = judge.verdict(ended);
+    // A failure carries stderr in its details; a completed world agent's
+    // `eprintln!`s would otherwise be lost.
+    if !is_command && matches!(outcome, RunOutcome::Completed(_)) {
+        judge.pass_on_stderr();
+    }
+    let report = report(&mut store, &budget, started, instantiate_us);
+    RunResult { outcome, report }
+}
+
+/// A fresh store for one run: its state, its memory meter as the store's
+/// limiter, the host's ceilings, the run's fuel, and the epoch callback
+/// that ends a computing guest at the deadline and charges it for the host
+/// work it caused.
+fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) -> Store<RunState> {
+    let host_limits = state.host_limits;
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.memory);
+    store.set_max_component_handles(host_limits.component_handles);
+    store.set_hostcall_fuel(host_limits.hostcall_bytes);
+    if metering.fuel() {
+        store
+            .set_fuel(budget.fuel())
+            .expect("the engine is configured with fuel");
+    }
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |ctx| {
+        if Instant::now() >= ctx.data().deadline {
+            return Err(DeadlineExceeded.into());
+        }
+        // The host work the run caused counts against its fuel. (Compiled
+        // code keeps its fuel count in a register across this callback,
+        // so the debt is kept beside it rather than taken out of it.)
+        let owed = ctx.data().host_work_fuel;
+        if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
+            return Err(Trap::OutOfFuel.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store
+}
+
+/// Instantiates the agent and calls its entry point. `instantiate_us` is
+/// set as soon as the instance is made, so that a run cut off during its
+/// call still reports it.
+async fn call(
+    store: &mut Store<RunState>,
+    agent: &Agent,
+    context: &RunContext,
+    instantiate_us: &mut u64,
+) -> Result<Returned, (Stage, wasmtime::Error)> {
+    let began = Instant::now();
+    match &agent.entry {
+        Entry::World(pre) => {
+            let instance = pre
+                .instantiate_async(&mut *store)
+                .instrument(tracing::info_span!("instantiate"))
+                .await
+                .map_err(|e| (Stage::Instantiate, e))?;
+            *instantiate_us = began.elapsed().as_micros() as u64;
+            let context = wit_context(context);
+            instance
+                .call_run(&mut *store, &context)
+                .await
+                .map(Returned::World)
+                .map_err(|e| (Stage::Call, e))
+        }
+        Entry::Command(pre) => {
+            let instance = pre
+                .instantiate_async(&mut *store)
+                .instrument(tracing::info_span!("instantiate"))
+                .await
+                .map_err(|e| (Stage::Instantiate, e))?;
+            *instantiate_us = began.elapsed().as_micros() as u64;
+            instance
+                .wasi_cli_run()
+                .call_run(&mut *store)
+                .await
+                .map(Returned::Command)
+                .map_err(|e| (Stage::Call, e))
+        }
+    }
+}
+
+/// What the run's meters read at its end.
+fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant, instantiate_us: u64) -> RunReport {
+    // The host's share at the end, for runs that made no `wasi:http` call
+    // after their last resource appeared.
+    let state = store.data_mut();
+    let (held, _) = host_memory::charge(&mut state.table, &state.host_limits);
+    state.memory.set_host_bytes(held);
+    let state = store.data();
+    RunReport {
+        // Exact for a run that returned or ran out of fuel. For one trapped
+        // at its deadline mid-loop it is a lower bound: compiled code keeps
+        // fuel in a register and stores it at calls, not at every back-edge.
+        fuel_consumed: (budget.fuel() - store.get_fuel().unwrap_or(0))
+            .saturating_add(state.host_work_fuel)
+            .min(budget.fuel()),
+        peak_memory_bytes: state.memory.peak_bytes(),
+        peak_host_bytes: state.memory.peak_host_bytes(),
+        wall_ms: started.elapsed().as_millis() as u64,
+        instantiate_us,
+        tokens_in: state.tokens.tokens_in,
+        tokens_out: state.tokens.tokens_out,
+        usd_cost: state.tokens.usd_cost,
+        log_lines: state.log.lines(),
+        log_lines_dropped: state.log.dropped(),
+        http_requests: state.egress.requests + state.egress.denied,
+        http_denied: state.egress.denied,
+    }
+}
+
+fn wit_context(context: &RunContext) -> WitRunContext {
+    let pairs = |map: &BTreeMap<String, String>| map.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+    WitRunContext {
+        run_id: context.run_id.clone(),
+        lease_id: context.lease_id.clone(),
+        agent_id: context.agent_id.clone(),
+        agent_version: context.agent_version.clone(),
+        trace_id: context.trace_id.clone(),
+        input_ref: pairs(&context.input_ref),
+        metadata: pairs(&context.metadata),
+    }
+}
