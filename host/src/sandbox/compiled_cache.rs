@@ -34,7 +34,7 @@ use std::time::SystemTime;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use support::fs::{Durability, write_atomically};
+use support::fs::{Bound, Durability, evict_oldest, write_atomically};
 
 /// Marks a cache entry and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:cc1";
@@ -190,27 +190,8 @@ impl CompiledCache {
 
     /// Deletes the least recently used entries until the folder fits.
     fn evict(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
-            .flatten()
-            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "cwasm"))
-            .filter_map(|entry| {
-                let meta = entry.metadata().ok()?;
-                Some((meta.modified().ok()?, meta.len(), entry.path()))
-            })
-            .collect();
-        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
-        files.sort();
-        for (_, len, path) in files {
-            if total <= self.max_bytes {
-                break;
-            }
-            if std::fs::remove_file(&path).is_ok() {
-                tracing::info!(path = %path.display(), bytes = len, "evicted from the compiled cache");
-                total -= len;
-            }
+        for (path, bytes) in evict_oldest(&self.dir, "cwasm", Bound::Bytes(self.max_bytes)) {
+            tracing::info!(path = %path.display(), bytes, "evicted from the compiled cache");
         }
     }
 }

@@ -17,6 +17,10 @@ use http::header::HeaderValue;
 use super::grant::{HTTP_ALLOW_METADATA_KEY, HostGrant};
 use crate::sandbox::host_memory::HostLimits;
 
+/// The events' target from before this file moved, so that log filters
+/// written for it (`Logging.LogLevel`) still apply.
+const LOG_TARGET: &str = "node_runtime::sandbox::capabilities::http";
+
 /// One run's egress: what it may reach, and what its requests carry.
 #[derive(Debug)]
 pub struct EgressPolicy {
@@ -63,7 +67,7 @@ impl EgressPolicy {
                     let wanted = match HostGrant::parse(entry) {
                         Ok(wanted) => wanted,
                         Err(err) => {
-                            tracing::warn!("metadata {HTTP_ALLOW_METADATA_KEY}: {err}; ignored");
+                            tracing::warn!(target: LOG_TARGET, "metadata {HTTP_ALLOW_METADATA_KEY}: {err}; ignored");
                             continue;
                         }
                     };

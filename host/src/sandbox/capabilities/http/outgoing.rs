@@ -23,6 +23,10 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::egress::{EgressPolicy, InFlight};
 
+/// The events' target from before this file moved, so that log filters
+/// written for it (`Logging.LogLevel`) still apply.
+const LOG_TARGET: &str = "node_runtime::sandbox::capabilities::http";
+
 /// The largest response body an agent may read; past it the body stream
 /// ends with `HTTP-response-body-size`.
 pub const HTTP_RESPONSE_BYTES: u64 = 1024 * 1024;
@@ -107,13 +111,13 @@ impl WasiHttpHooks for EgressPolicy {
         // its own, so it is given its `http.request` span (below).
         let Some((host, port)) = destination(request.uri()) else {
             self.denied += 1;
-            tracing::warn!(run_id = %self.run_id, "outbound HTTP denied: the request has no host");
+            tracing::warn!(target: LOG_TARGET, run_id = %self.run_id, "outbound HTTP denied: the request has no host");
             return Box::new(async { Err(Error::HttpRequestDenied) });
         };
         if !self.allows(&host, port) {
             self.denied += 1;
             tracing::warn!(
-                run_id = %self.run_id,
+                target: LOG_TARGET, run_id = %self.run_id,
                 host = %host,
                 port,
                 "outbound HTTP denied: the host is not on this run's allow-list"
@@ -126,19 +130,19 @@ impl WasiHttpHooks for EgressPolicy {
             drop(place);
             self.denied += 1;
             tracing::warn!(
-                run_id = %self.run_id,
+                target: LOG_TARGET, run_id = %self.run_id,
                 limit = self.limits.http_in_flight,
                 "outbound HTTP refused: the run has as many requests in flight as a run may"
             );
             return Box::new(async { Err(Error::ConnectionLimitReached) });
         }
         self.requests += 1;
-        tracing::debug!(host = %host, port, "outbound HTTP request");
+        tracing::debug!(target: LOG_TARGET, host = %host, port, "outbound HTTP request");
 
         // One span per request (a child of the run's); its span id is the
         // parent the downstream service sees in `traceparent`.
         let span = tracing::info_span!(
-            "http.request",
+            target: LOG_TARGET, "http.request",
             "http.method" = %request.method(),
             "server.address" = %host,
             "server.port" = port,
@@ -176,12 +180,12 @@ impl WasiHttpHooks for EgressPolicy {
                     Ok(Ok(sent)) => sent,
                     Ok(Err(err)) => {
                         tracing::Span::current().record("error", tracing::field::display(&err));
-                        tracing::info!(host = %host, port, "outbound HTTP request failed: {err}");
+                        tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request failed: {err}");
                         return Err(err);
                     }
                     Err(_elapsed) => {
                         tracing::Span::current().record("error", "cut off by the run's deadline");
-                        tracing::info!(host = %host, port, "outbound HTTP request cut off by the run's deadline");
+                        tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request cut off by the run's deadline");
                         return Err(Error::ConnectionTimeout);
                     }
                 };
@@ -190,7 +194,7 @@ impl WasiHttpHooks for EgressPolicy {
                 head.headers = match owned_headers(&head.headers, field_bytes) {
                     Some(headers) => headers,
                     None => {
-                        tracing::info!(host = %host, port, limit = field_bytes, "outbound HTTP response refused: its headers are larger than a run may hold");
+                        tracing::info!(target: LOG_TARGET, host = %host, port, limit = field_bytes, "outbound HTTP response refused: its headers are larger than a run may hold");
                         return Err(Error::HttpResponseHeaderSectionSize(u32::try_from(field_bytes).ok()));
                     }
                 };

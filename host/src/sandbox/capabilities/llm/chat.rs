@@ -20,6 +20,10 @@ use super::client::{CallError, LlmClient, ProviderMessage, ProviderRequest};
 use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
 use crate::sandbox::state::RunState;
 
+/// The events' target from before this file moved, so that log filters
+/// written for it (`Logging.LogLevel`) still apply.
+const LOG_TARGET: &str = "node_runtime::sandbox::capabilities::llm";
+
 /// The metadata key through which a run names its model.
 const MODEL_METADATA_KEY: &str = "llm.model";
 
@@ -105,7 +109,7 @@ impl Host for RunState {
 
         // One span per call (a child of the run's), for the trace.
         let span = tracing::info_span!(
-            "llm.chat",
+            target: LOG_TARGET, "llm.chat",
             "llm.model" = %model,
             "llm.max_tokens" = max_tokens,
             "llm.tokens_in" = tracing::field::Empty,
@@ -130,7 +134,7 @@ impl Host for RunState {
             // Without a usage report the node cannot know; it charges the
             // most the call was allowed, so the budget still holds.
             tracing::warn!(
-                model = %model,
+                target: LOG_TARGET, model = %model,
                 "the LLM provider reported no usage: charging max_tokens as output"
             );
             (0, max_tokens)
@@ -141,7 +145,7 @@ impl Host for RunState {
         tokens.record(tokens_in, tokens_out, max_tokens);
         if tokens.used() > tokens.limit {
             tracing::warn!(
-                used = tokens.used(),
+                target: LOG_TARGET, used = tokens.used(),
                 limit = tokens.limit,
                 "this LLM call's prompt took the run over its token budget; later calls are refused"
             );

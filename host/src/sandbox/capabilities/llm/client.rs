@@ -20,6 +20,10 @@ use support::Backoff;
 
 use super::settings::{LlmEndpoint, LlmSettings};
 
+/// The events' target from before this file moved, so that log filters
+/// written for it (`Logging.LogLevel`) still apply.
+const LOG_TARGET: &str = "node_runtime::sandbox::llm";
+
 /// How much of a provider's error body an error message quotes.
 const BODY_QUOTE: usize = 200;
 /// Attempts per call at most, however much time the deadline leaves.
@@ -174,7 +178,7 @@ impl LlmClient {
                 let mut warned = lock(&self.unpriced_warned);
                 if warned.insert(asked.to_string()) {
                     tracing::warn!(
-                        model = asked,
+                        target: LOG_TARGET, model = asked,
                         "no price configured for this LLM model: its calls cost 0; \
                          add it to AgentRuntime.Prices"
                     );
@@ -217,7 +221,7 @@ impl LlmClient {
             };
             let delay = backoff.next_delay();
             tracing::warn!(
-                attempt = backoff.attempts(),
+                target: LOG_TARGET, attempt = backoff.attempts(),
                 error = %describe(&error),
                 "LLM call failed; retrying"
             );

@@ -7,6 +7,10 @@
 
 use crate::sandbox::budget::NodeLimits;
 
+/// The events' target from before this file moved, so that log filters
+/// written for it (`Logging.LogLevel`) still apply.
+const LOG_TARGET: &str = "node_runtime::sandbox::capabilities::log";
+
 /// A run's log budget and what it has used.
 #[derive(Debug)]
 pub struct RunLog {
@@ -45,7 +49,7 @@ impl RunLog {
         if self.lines >= self.max_lines || self.bytes + len > self.max_bytes {
             if self.dropped == 0 {
                 tracing::warn!(
-                    max_lines = self.max_lines,
+                    target: LOG_TARGET, max_lines = self.max_lines,
                     max_bytes = self.max_bytes,
                     "agent log cap reached: further lines of this run are dropped and counted"
                 );
