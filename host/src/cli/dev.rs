@@ -364,7 +364,7 @@ async fn run_with(
     node_runtime.node_id = node_id.clone();
     node_runtime.max_concurrent_leases = args.slots;
     node_runtime.heartbeat_interval = Duration::from_secs(5);
-    node_runtime.capacity = config::Capacity {
+    node_runtime.capacity = config::CapacitySection {
         slots: args.slots,
         cpu: std::thread::available_parallelism().map_or(1, |n| n.get()).to_string(),
         memory: "1Gi".to_string(),

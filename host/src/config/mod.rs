@@ -42,7 +42,7 @@ pub use sections::agent_runtime::{AgentRuntimeSection, AzureAiFoundry, OpenAiSec
 pub use sections::agent_store::{AgentSourceKind, AgentStoreSection};
 pub use sections::logging::{LogLevel, LoggingSection};
 pub use sections::mtls::MTlsSection;
-pub use sections::node_runtime::{Capacity, NodeRuntimeSection};
+pub use sections::node_runtime::{CapacitySection, NodeRuntimeSection};
 pub use sections::open_telemetry::{Metrics, OpenTelemetrySection, OtlpExporter, Traces};
 pub use sections::sandbox::SandboxSection;
 pub use support::Secret;

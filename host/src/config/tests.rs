@@ -43,7 +43,7 @@ fn the_reference_appsettings_loads_unchanged_and_its_values_come_through() {
     assert_eq!(node.heartbeat_interval, Duration::from_secs(15));
     assert_eq!(
         node.capacity,
-        Capacity {
+        CapacitySection {
             slots: 6,
             cpu: "2".into(),
             memory: "4Gi".into()
@@ -142,7 +142,7 @@ fn an_empty_configuration_is_the_reference_defaults() {
     assert_eq!(config.node_runtime.control_plane_url, "http://localhost:5109");
     assert_eq!(config.node_runtime.max_concurrent_leases, 5);
     assert_eq!(config.node_runtime.heartbeat_interval, Duration::from_secs(30));
-    assert_eq!(config.node_runtime.capacity, Capacity::default());
+    assert_eq!(config.node_runtime.capacity, CapacitySection::default());
     assert_eq!(config.agent_runtime.max_tokens, 4000);
     assert_eq!(config.agent_runtime.max_duration, Duration::from_secs(60));
     assert_eq!(config.open_telemetry.service_name, "Node.Runtime");

@@ -24,7 +24,7 @@ pub struct NodeRuntimeSection {
     /// `HeartbeatIntervalSeconds`: whole seconds, at least 1.
     pub heartbeat_interval: Duration,
     /// `Capacity`: what registration reports.
-    pub capacity: Capacity,
+    pub capacity: CapacitySection,
     /// `Metadata`: sent at registration with its keys exactly as written
     /// (the reference sends `Region`, `Environment`).
     pub metadata: BTreeMap<String, String>,
@@ -44,7 +44,7 @@ pub struct NodeRuntimeSection {
 
 /// `NodeRuntime.Capacity`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Capacity {
+pub struct CapacitySection {
     /// `Slots`: runs the node takes at once (with `MaxConcurrentLeases`,
     /// see [`NodeConfig::slots`](crate::config::NodeConfig::slots)).
     pub slots: u32,
@@ -61,7 +61,7 @@ impl Default for NodeRuntimeSection {
             control_plane_url: http::Uri::from_static("http://localhost:5109"),
             max_concurrent_leases: 5,
             heartbeat_interval: Duration::from_secs(30),
-            capacity: Capacity::default(),
+            capacity: CapacitySection::default(),
             metadata: BTreeMap::new(),
             agents_directory: PathBuf::from("agents"),
             data_directory: PathBuf::from("data"),
@@ -71,9 +71,9 @@ impl Default for NodeRuntimeSection {
     }
 }
 
-impl Default for Capacity {
+impl Default for CapacitySection {
     fn default() -> Self {
-        Capacity {
+        CapacitySection {
             slots: 8,
             cpu: "4".to_string(),
             memory: "8Gi".to_string(),
@@ -148,10 +148,10 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     })
 }
 
-fn capacity(reader: &mut Reader<'_>, parent: &mut Section) -> Result<Capacity, ConfigError> {
-    let defaults = Capacity::default();
+fn capacity(reader: &mut Reader<'_>, parent: &mut Section) -> Result<CapacitySection, ConfigError> {
+    let defaults = CapacitySection::default();
     let mut s = reader.section(parent, "Capacity")?;
-    let capacity = Capacity {
+    let capacity = CapacitySection {
         slots: reader.integer(
             &mut s,
             "Slots",
