@@ -376,14 +376,27 @@ pub fn json_report(outcome: &RunOutcome, report: &RunReport) -> serde_json::Valu
     }
 }
 
-/// Shows a result value on one line: newlines escaped, long values cut.
+/// Shows a result key or value on one line: control characters (newlines,
+/// escape sequences) escaped, so an agent's result cannot forge lines or
+/// drive the terminal; long text cut.
 fn one_line(value: &str, max_chars: usize) -> String {
-    let escaped = value.replace('\n', "\\n");
-    match escaped.char_indices().nth(max_chars) {
-        Some((cut, _)) => format!("{}... ({} bytes)", &escaped[..cut], value.len()),
-        None => escaped,
+    let mut shown = String::new();
+    for (count, c) in value.chars().enumerate() {
+        if count == max_chars {
+            let _ = write!(shown, "... ({} bytes)", value.len());
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
     }
+    shown
 }
+
+/// Characters of a result key the human report shows.
+const RESULT_KEY_CHARS: usize = 64;
 
 /// The human form: the outcome, the result or the failure's evidence, and
 /// the meters.
@@ -392,8 +405,11 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
     match outcome {
         RunOutcome::Completed(result) => {
             out.push_str("completed\n\nresult:\n");
-            let width = result.keys().map(String::len).max().unwrap_or(0);
-            for (key, value) in result {
+            // Keys come from the agent: shown cut, so that one long key can
+            // neither widen every line nor overflow the padding.
+            let keys: Vec<String> = result.keys().map(|key| one_line(key, RESULT_KEY_CHARS)).collect();
+            let width = keys.iter().map(|key| key.chars().count()).max().unwrap_or(0);
+            for (key, value) in keys.iter().zip(result.values()) {
                 let value = one_line(value, 200);
                 let _ = writeln!(out, "  {key:width$}  {value}");
             }
@@ -440,4 +456,36 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
         let _ = writeln!(out, "  {name:<14} {value}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_with_huge_or_control_character_keys_prints_one_bounded_line_per_entry() {
+        // A key of 65,536 characters or more once made the padding panic
+        // ("Formatting argument out of range"): an agent could crash the CLI.
+        let huge = "k".repeat(70_000);
+        let result = crate::sandbox::ResultMap::from([
+            (huge.clone(), "v".to_string()),
+            (
+                "forged\nfailed: agent.trap\x1b[2J".to_string(),
+                "two\nlines\r".to_string(),
+            ),
+            ("short".to_string(), "ok".to_string()),
+        ]);
+        let text = human_report(&RunOutcome::Completed(result), &RunReport::default());
+        let entries: Vec<&str> = text
+            .lines()
+            .skip_while(|line| *line != "result:")
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .collect();
+        assert_eq!(entries.len(), 3, "{text}");
+        assert!(entries.iter().all(|line| line.len() < 300), "{entries:?}");
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text}");
+        assert!(text.contains("forged\\nfailed: agent.trap\\u{1b}[2J"), "{text}");
+        assert!(text.contains(&format!("... ({} bytes)", huge.len())), "{text}");
+    }
 }
