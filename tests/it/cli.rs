@@ -3,6 +3,7 @@
 
 use crate::support;
 
+use std::os::unix::fs::FileTypeExt;
 use std::process::Command;
 
 use support::{agent_path, node_runtime, run_agent_json};
@@ -154,6 +155,58 @@ fn compile_refuses_what_could_never_run() {
     assert_eq!(output.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&output.stderr).contains("another world"));
     assert!(!output_path.exists(), "nothing is written");
+}
+
+#[test]
+fn compile_refuses_an_output_that_is_the_input_or_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("echo.wasm");
+    std::fs::copy(agent_path("echo"), &input).unwrap();
+    let original = std::fs::read(&input).unwrap();
+
+    // The input as its own output: once, the .cwasm replaced the source.
+    let same = node_runtime(&["compile", input.to_str().unwrap(), "-o", input.to_str().unwrap()]);
+    assert_eq!(same.status.code(), Some(2), "{}", String::from_utf8_lossy(&same.stderr));
+    assert!(String::from_utf8_lossy(&same.stderr).contains("is the input file itself"));
+    assert_eq!(std::fs::read(&input).unwrap(), original, "the source is untouched");
+
+    // A FIFO (as a device would be) is not replaced by a regular file.
+    let fifo = dir.path().join("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let piped = node_runtime(&["compile", input.to_str().unwrap(), "-o", fifo.to_str().unwrap()]);
+    assert_eq!(
+        piped.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert!(String::from_utf8_lossy(&piped.stderr).contains("not a regular file"));
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "still a FIFO");
+
+    // A directory neither.
+    let folder = dir.path().join("out");
+    std::fs::create_dir(&folder).unwrap();
+    let into = node_runtime(&["compile", input.to_str().unwrap(), "-o", folder.to_str().unwrap()]);
+    assert_eq!(into.status.code(), Some(2));
+    assert!(folder.is_dir());
+
+    // A regular file is replaced, as before.
+    let old = dir.path().join("old.cwasm");
+    std::fs::write(&old, b"stale").unwrap();
+    let replaced = node_runtime(&["compile", input.to_str().unwrap(), "-o", old.to_str().unwrap()]);
+    assert_eq!(
+        replaced.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replaced.stderr)
+    );
+    assert_ne!(std::fs::read(&old).unwrap(), b"stale");
 }
 
 /// The `Authorization` header and JSON body of each request a stub saw.

@@ -2,7 +2,8 @@
 //! this machine or, with `--target`, for another one (an ARM edge box, or
 //! the Pulley interpreter).
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,11 +34,12 @@ pub struct CompileArgs {
 }
 
 pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
-    let wasm = read_file("the agent file", &args.agent)?;
     let output = args
         .output
         .clone()
         .unwrap_or_else(|| args.agent.with_extension("cwasm"));
+    check_output(&args.agent, &output)?;
+    let wasm = read_file("the agent file", &args.agent)?;
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,
@@ -83,4 +85,36 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
         started.elapsed().as_millis()
     );
     Ok(Exit::Completed)
+}
+
+/// The output is written to a temporary file renamed over it, which
+/// replaces whatever the path names: so it must be a new path or a regular
+/// file, and not the input itself.
+fn check_output(input: &Path, output: &Path) -> Result<(), CommandError> {
+    let meta = match std::fs::metadata(output) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => {
+            return Err(CommandError::usage(format!("-o {}: {err}", output.display())));
+        }
+    };
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a device, FIFO or socket)"
+        };
+        return Err(CommandError::usage(format!(
+            "-o {} is {kind}, which the .cwasm would replace; give a new path or a regular file",
+            output.display()
+        )));
+    }
+    let same = std::fs::metadata(input).is_ok_and(|input| input.dev() == meta.dev() && input.ino() == meta.ino());
+    if same {
+        return Err(CommandError::usage(format!(
+            "-o {} is the input file itself, which the .cwasm would replace; give another path",
+            output.display()
+        )));
+    }
+    Ok(())
 }
