@@ -39,6 +39,11 @@ use crate::sandbox::{Sandbox, SandboxError};
 use crate::telemetry::NodeMetrics;
 use crate::worker::{NodeHandle, StartError};
 
+/// The target of the start-up lines from before they moved here from
+/// `serve`, so that log filters written for it (`Logging.LogLevel`) still
+/// apply.
+const LOG_TARGET: &str = "node_runtime::cli::serve";
+
 /// Loads the configuration as `serve` does: `path` (or, without one, the
 /// defaults), its environment's file, then the process environment; the
 /// warnings of loading (ignored keys) go to stderr.
@@ -120,6 +125,7 @@ impl<'a> NodeBuild<'a> {
         let sandbox = Sandbox::new(sandbox_config(config))?;
         let (architecture, _) = sandbox.target();
         tracing::info!(
+            target: LOG_TARGET,
             allocator = ?sandbox.allocator(),
             engine = %sandbox.execution(),
             architecture,
@@ -130,7 +136,7 @@ impl<'a> NodeBuild<'a> {
             None => agent_store(config, &tls)?,
         };
         let outbox = Outbox::open(&config.node_runtime.data_directory)?;
-        tracing::info!(path = %outbox.path().display(), "outbox open");
+        tracing::info!(target: LOG_TARGET, path = %outbox.path().display(), "outbox open");
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)
             .metrics(self.metrics)
