@@ -144,6 +144,23 @@ fn compile_produces_a_cwasm_that_runs_and_a_tampered_one_is_refused() {
     let (code, json) = run_agent_json(&tampered, &[]);
     assert_eq!(code, 5, "{json}");
     assert!(json["message"].as_str().unwrap().contains("damaged"), "{json}");
+
+    // Cut short, or with bytes appended: the trailer is no longer at the
+    // end, and the file is said to be damaged, not "not WebAssembly nor a
+    // .cwasm" (which told the user to run the compile they just ran).
+    let whole = std::fs::read(&cwasm).unwrap();
+    for (name, bytes) in [
+        ("truncated.cwasm", whole[..whole.len() - 100].to_vec()),
+        ("extended.cwasm", [whole.as_slice(), b"appended"].concat()),
+    ] {
+        let damaged = dir.path().join(name);
+        std::fs::write(&damaged, bytes).unwrap();
+        let (code, json) = run_agent_json(&damaged, &[]);
+        assert_eq!(code, 5, "{name}: {json}");
+        let message = json["message"].as_str().unwrap();
+        assert!(message.contains("damaged"), "{name}: {message}");
+        assert!(!message.contains("not WebAssembly"), "{name}: {message}");
+    }
 }
 
 #[test]

@@ -50,6 +50,13 @@ pub fn is_precompiled(bytes: &[u8]) -> bool {
     bytes.len() >= TRAILER_LEN && bytes.ends_with(MAGIC)
 }
 
+/// True when a node-runtime trailer appears anywhere in `bytes`: a `.cwasm`
+/// with bytes appended after it. Only asked of a file already refused, to
+/// say why.
+pub fn holds_trailer(bytes: &[u8]) -> bool {
+    bytes.windows(MAGIC.len()).any(|window| window == MAGIC)
+}
+
 /// Appends the trailer to wasmtime's serialized component.
 pub fn seal(mut artifact: Vec<u8>) -> Vec<u8> {
     let digest = Sha256::digest(&artifact);
