@@ -425,6 +425,31 @@ async fn outbox_command(data: &std::path::Path, args: &[&str], url: Option<&str>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_commands_name_a_data_directory_that_holds_no_outbox_and_create_nothing() {
+    let parent = tempfile::tempdir().unwrap();
+    // Once, a mistyped directory showed "0 pending" and was created, with
+    // an empty outbox in it.
+    let missing = parent.path().join("no-such-dir");
+    for command in [&["list"][..], &["purge", "--all"][..]] {
+        let output = outbox_command(&missing, command, None).await;
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("does not exist"), "{stderr}");
+        assert!(stderr.contains("no-such-dir"), "{stderr}");
+        assert!(!missing.exists(), "nothing is created");
+    }
+    let empty = parent.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let output = outbox_command(&empty, &["list"], None).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("holds no outbox"),
+        "{output:?}"
+    );
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing is created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_list_retry_and_purge_through_the_binary() {
     let data = tempfile::tempdir().unwrap();
     let deadline = now_unix_ms() + 60_000;

@@ -12,7 +12,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use super::{CommandError, Exit};
 use crate::app::{self, NodeConfig};
 use crate::control_plane::LeaseClient;
-use crate::outbox::{Outbox, OutboxError, PendingReport, now_unix_ms};
+use crate::outbox::{self, Outbox, OutboxError, PendingReport, now_unix_ms};
 use crate::worker::{Delivery, Sent};
 
 #[derive(Debug, Args)]
@@ -65,6 +65,24 @@ fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
     let config = app::load_config(args.config.as_deref())
         .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let dir = &config.node_runtime.data_directory;
+    // Opening creates: a mistyped directory would show an empty outbox, and
+    // leave one behind.
+    if !dir.is_dir() {
+        return Err(CommandError::usage(format!(
+            "NodeRuntime.DataDirectory {} does not exist, so it holds no outbox; point --config or \
+             NodeRuntime__DataDirectory at the data directory of the node whose reports you want",
+            dir.display()
+        )));
+    }
+    if !dir.join(outbox::FILE_NAME).exists() {
+        return Err(CommandError::usage(format!(
+            "NodeRuntime.DataDirectory {} holds no outbox ({}): no node has run with it; point \
+             --config or NodeRuntime__DataDirectory at the data directory of the node whose \
+             reports you want",
+            dir.display(),
+            outbox::FILE_NAME
+        )));
+    }
     let outbox = Outbox::open(dir).map_err(|err| match err {
         OutboxError::Locked(path) => CommandError::usage(format!(
             "the outbox {} is locked by a running node; stop that node first \
