@@ -359,6 +359,27 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             fix: "non-empty",
         },
         Case {
+            what: "a node id with a slash (a segment of the plane's URLs)",
+            json: r#"{"NodeRuntime": {"NodeId": "eu/node-1"}}"#,
+            env: &[],
+            key: "NodeRuntime.NodeId",
+            fix: "part of the control plane's URLs",
+        },
+        Case {
+            what: "a node id with a space, from the environment",
+            json: "{}",
+            env: &[("NodeRuntime__NodeId", "node 1")],
+            key: "NodeRuntime.NodeId",
+            fix: "letters, digits",
+        },
+        Case {
+            what: "a node id of two dots",
+            json: r#"{"NodeRuntime": {"NodeId": ".."}}"#,
+            env: &[],
+            key: "NodeRuntime.NodeId",
+            fix: "e.g. node-1",
+        },
+        Case {
             what: "a URL template without {version}",
             json: r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}.wasm"}}"#,
             env: &[],
@@ -632,9 +653,10 @@ fn an_unreadable_file_is_reported_with_its_path() {
 #[test]
 fn comments_trailing_commas_and_a_byte_order_mark_are_read_as_dotnet_reads_them() {
     let config =
-        load("\u{feff}{\n  // the node\n  \"NodeRuntime\": { /* id */ \"NodeId\": \"n // not a comment\", },\n}\n")
+        load("\u{feff}{\n  // the node\n  \"NodeRuntime\": { /* id */ \"NodeId\": \"n\", \"Metadata\": {\"Region\": \"eu // not a comment\"}, },\n}\n")
             .unwrap();
-    assert_eq!(config.node_runtime.node_id, "n // not a comment");
+    assert_eq!(config.node_runtime.node_id, "n");
+    assert_eq!(config.node_runtime.metadata["Region"], "eu // not a comment");
 
     // Positions still point into the file as written: at the `1` where
     // a colon belongs.

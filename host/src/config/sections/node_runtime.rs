@@ -81,10 +81,31 @@ impl Default for CapacitySection {
     }
 }
 
+/// What `NodeId` may be: it is a segment of the control plane's URLs
+/// (`/v1/nodes/{id}/heartbeat`), so a `/` once made every heartbeat 404.
+const NODE_ID_EXPECTED: &str = "a non-empty node id of letters, digits, `-`, `_`, `.` and `~` (it is part of the \
+     control plane's URLs), at most 128 characters, e.g. node-1";
+
+/// URL-safe as it is (RFC 3986's unreserved characters), not `.` or `..`.
+fn valid_node_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+}
+
 pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Result<NodeRuntimeSection, ConfigError> {
     let defaults = NodeRuntimeSection::default();
     let mut s = reader.section(root, "NodeRuntime")?;
-    let node_id = reader.required_text(&mut s, "NodeId", &defaults.node_id, "a non-empty node id, e.g. node-1")?;
+    let node_id = match reader.setting(&mut s, "NodeId", NODE_ID_EXPECTED)? {
+        None => defaults.node_id.clone(),
+        Some(setting) => match setting.scalar.text() {
+            Some(text) if valid_node_id(&text) => text,
+            _ => return Err(reader.rejected(setting, NODE_ID_EXPECTED)),
+        },
+    };
     let control_plane_url = reader
         .url(&mut s, "ControlPlaneUrl", "https://control-plane:5109", false)?
         .flatten()
