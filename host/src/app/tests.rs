@@ -1,32 +1,13 @@
 //! The configuration as running parts: the sandbox each configuration
 //! asks for, specified by example from the file or the environment.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use super::sandbox_config;
+use crate::config::tests::{env, fixtures, load, no_env};
 use crate::config::*;
 use crate::sandbox::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn no_env() -> Vec<(String, String)> {
-    Vec::new()
-}
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect()
-}
-
-/// Loads `json` as if it were a file in `/etc/node-runtime`.
-fn load(json: &str) -> Result<NodeConfig, ConfigError> {
-    NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), no_env())
-}
 
 #[test]
 fn the_sandbox_section_sets_the_node_limits_and_the_pool() {

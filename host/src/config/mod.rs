@@ -31,7 +31,7 @@ mod sections;
 mod tree;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 
-fn fixtures() -> PathBuf {
+pub(crate) fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
@@ -15,11 +15,11 @@ fn reference_file() -> PathBuf {
     fixtures().join("appsettings.reference.json")
 }
 
-fn no_env() -> Vec<(String, String)> {
+pub(crate) fn no_env() -> Vec<(String, String)> {
     Vec::new()
 }
 
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(crate) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
         .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -27,7 +27,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// Loads `json` as if it were a file in `/etc/node-runtime`.
-fn load(json: &str) -> Result<NodeConfig, ConfigError> {
+pub(crate) fn load(json: &str) -> Result<NodeConfig, ConfigError> {
     NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), no_env())
 }
 
