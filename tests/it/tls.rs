@@ -290,6 +290,30 @@ async fn a_server_certificate_from_a_ca_other_than_the_configured_one_is_refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_from_the_trusted_ca_for_another_host_is_refused() {
+    // The right CA, the right CN, but issued for another host than the one
+    // ControlPlaneUrl names (127.0.0.1): a certificate stolen from another
+    // service of the same CA must not pass.
+    let setup = Setup::new();
+    let elsewhere = setup.ca.server_for("control-plane", &["billing.internal.example"]);
+    let plane = start_plane("127.0.0.1:0", plane_tls(&elsewhere, &setup.ca, &[])).await;
+    let (cert, key) = setup.ca.client("node-a").write(setup.dir.path(), "node");
+    let config = write_config(
+        setup.dir.path(),
+        &plane.url(),
+        Path::new("agents"),
+        mtls(&setup.ca_path, &cert, &key),
+        serde_json::json!({}),
+    );
+    let node = start_node(setup.dir.path(), &config, &[]);
+    refused(&plane, &node, "does not name the host of NodeRuntime.ControlPlaneUrl").await;
+    assert!(
+        plane.client_subjects().is_empty(),
+        "the node never completed a handshake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cn_other_than_the_expected_subject_is_refused() {
     let setup = Setup::new();
     let plane = start_plane("127.0.0.1:0", plane_tls(&setup.ca.server("impostor"), &setup.ca, &[])).await;

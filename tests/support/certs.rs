@@ -78,6 +78,12 @@ impl TestCa {
         self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, false)
     }
 
+    /// A server certificate for `names` only (not loopback).
+    pub fn server_for(&self, cn: &str, names: &[&str]) -> Leaf {
+        let names = names.iter().map(|name| name.to_string()).collect();
+        self.leaf(cn, names, ExtendedKeyUsagePurpose::ServerAuth, false)
+    }
+
     /// The same, but valid only during 2020.
     pub fn expired_server(&self, cn: &str) -> Leaf {
         self.leaf(cn, loopback_names(), ExtendedKeyUsagePurpose::ServerAuth, true)
