@@ -438,11 +438,27 @@ async fn sigterm_drains_finished_runs_complete_unfinished_ones_are_handed_back()
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the node exits after its drain")
-        .unwrap();
+    // While it drains, the node goes on heartbeating, as `draining`: each
+    // heartbeat the plane records while the node is draining, until exit.
+    let mut draining_beats = std::collections::BTreeSet::new();
+    let status = loop {
+        let node = plane.nodes().into_iter().find(|n| n.node_id == "draining-node");
+        if let Some(node) = node.filter(|node| node.status.state == "draining") {
+            draining_beats.extend(node.heartbeat_at);
+        }
+        match tokio::time::timeout(Duration::from_millis(100), child.wait()).await {
+            Ok(status) => break status.unwrap(),
+            Err(_) => assert!(
+                signalled.elapsed() < Duration::from_secs(20),
+                "the node exits after its drain"
+            ),
+        }
+    };
     assert!(status.success(), "exit status {status:?}");
+    assert!(
+        draining_beats.len() >= 2,
+        "heartbeats go on during a 3 s drain at a 1 s interval: {draining_beats:?}"
+    );
     assert!(
         signalled.elapsed() < Duration::from_secs(15),
         "took {:?}",

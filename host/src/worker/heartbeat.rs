@@ -1,7 +1,7 @@
 //! Registration and heartbeats, as the contract's "node must" lines say:
 //! register with backoff until accepted; heartbeat right after, then every
 //! interval, never overlapping; register again on a 404; say `draining`
-//! with no free slots once stopping.
+//! with no free slots once stopping, every interval until the node exits.
 //!
 //! A 5xx to a registration may mean "known already": the Postgres-backed
 //! reference answers 500 (duplicate key) to every registration of an id it
@@ -175,15 +175,32 @@ impl Heartbeat {
                 _ = self.heartbeat_now.notified() => {}
             }
         }
-        // Stopping: the scheduler must not place anything here any more.
-        let draining = NodeStatus {
-            state: NodeState::Draining,
-            active_runs: self.slot_count - self.slots.available().min(self.slot_count),
-            available_slots: 0,
-        };
-        if let Err(err) = self.rest.heartbeat(&self.node_id, draining).await {
-            tracing::warn!(error = %err, "could not tell the control plane this node is draining");
-        }
+        self.heartbeat_while_draining().await;
         false
+    }
+
+    /// Stopping: says `draining` (no free slot, so the scheduler places
+    /// nothing here) every interval until the node exits, which ends this
+    /// task: a drain longer than the plane's liveness window (60 s in the
+    /// reference) must not look like a dead node. A 404 is not answered by
+    /// registering again: the node is leaving.
+    async fn heartbeat_while_draining(&self) {
+        let mut warned = false;
+        loop {
+            let draining = NodeStatus {
+                state: NodeState::Draining,
+                active_runs: self.slot_count - self.slots.available().min(self.slot_count),
+                available_slots: 0,
+            };
+            match self.rest.heartbeat(&self.node_id, draining).await {
+                Ok(_) => warned = false,
+                Err(err) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %err, "could not tell the control plane this node is draining");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(self.interval).await;
+        }
     }
 }

@@ -530,6 +530,8 @@ async fn lifecycle(
         shutdown.give_up_delivering();
         reporter.tasks.wait().await;
     }
+    // The heartbeat says `draining` until here; the node is done.
+    heartbeat.abort();
     let _ = heartbeat.await;
     tracing::info!("stopped");
 }
