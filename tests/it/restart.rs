@@ -487,9 +487,25 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
     );
 
     let (url, recorded) = scripted::serve(Vec::new()).await;
+    // A dry run names the plane and the reports, and sends nothing.
+    let dry = outbox_command(data.path(), &["retry", "--dry-run"], Some(&url)).await;
+    assert!(dry.status.success(), "{dry:?}");
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        stdout.contains(&format!("would send 3 pending report(s) to {url}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("would send lease-three"), "{stdout}");
+    assert!(recorded.lock().unwrap().completes.is_empty(), "nothing sent");
+    assert_eq!(Outbox::open(data.path()).unwrap().pending_count().unwrap(), 3);
+
     let retry = outbox_command(data.path(), &["retry"], Some(&url)).await;
     assert!(retry.status.success(), "{retry:?}");
     let stdout = String::from_utf8_lossy(&retry.stdout);
+    assert!(
+        stdout.contains(&format!("sending 3 pending report(s) to {url}")),
+        "{stdout}"
+    );
     assert!(stdout.contains("3 delivered"), "{stdout}");
     {
         let recorded = recorded.lock().unwrap();

@@ -26,8 +26,9 @@ pub enum OutboxCommand {
     /// Show each pending report: lease id, run id, kind, age, deadline.
     List(ConfigArg),
     /// Send every pending report now (to `ControlPlaneUrl`), once each, and
-    /// say what was delivered; answered ones leave the outbox.
-    Retry(ConfigArg),
+    /// say what was delivered; answered ones leave the outbox (a plane that
+    /// refuses a report will never take it: check the URL with --dry-run).
+    Retry(RetryArgs),
     /// Delete pending reports: `--all`, or one `--lease ID`.
     Purge(PurgeArgs),
 }
@@ -38,6 +39,16 @@ pub struct ConfigArg {
     /// apply over it); the outbox is `{DataDirectory}/outbox.redb`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Say what would be sent, and to which control plane; send nothing and
+    /// change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -56,7 +67,7 @@ pub struct PurgeArgs {
 pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
     match args.command {
         OutboxCommand::List(config) => list(&config),
-        OutboxCommand::Retry(config) => retry(&config).await,
+        OutboxCommand::Retry(args) => retry(&args).await,
         OutboxCommand::Purge(args) => purge(&args),
     }
 }
@@ -129,8 +140,8 @@ fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
     Ok(Exit::Completed)
 }
 
-async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
-    let (config, outbox) = load(args)?;
+async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
+    let (config, outbox) = load(&args.config)?;
     support::tls::install_crypto_provider();
     let url = config
         .node_runtime
@@ -143,6 +154,17 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
     let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
         .map_err(|err| CommandError::usage(err.to_string()))?;
     let reports = pending(&outbox)?;
+    if args.dry_run {
+        println!(
+            "would send {} pending report(s) to {url}; sending nothing (--dry-run)",
+            reports.len()
+        );
+        for report in &reports {
+            println!("would send {}", report.lease_id());
+        }
+        return Ok(Exit::Completed);
+    }
+    println!("sending {} pending report(s) to {url}", reports.len());
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);
     for report in reports {
         let lease_id = report.lease_id().to_string();
@@ -163,15 +185,15 @@ async fn retry(args: &ConfigArg) -> Result<Exit, CommandError> {
                 }
                 Sent::Refused(message) => {
                     refused += 1;
-                    println!("refused    {lease_id}: {message} (removed: it would never be taken)");
+                    println!("refused    {lease_id}: {url} answered: {message} (removed: it would never be taken)");
                 }
                 Sent::TooLarge(err) => {
                     refused += 1;
-                    println!("refused    {lease_id}: {err} (removed: it would never be taken)");
+                    println!("refused    {lease_id}: {url}: {err} (removed: it would never be taken)");
                 }
                 Sent::Failed(err) => {
                     failed += 1;
-                    println!("failed     {lease_id}: {err} (kept)");
+                    println!("failed     {lease_id}: {url}: {err} (kept)");
                     break;
                 }
             }
