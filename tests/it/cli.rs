@@ -226,6 +226,36 @@ fn compile_refuses_an_output_that_is_the_input_or_not_a_regular_file() {
     assert_ne!(std::fs::read(&old).unwrap(), b"stale");
 }
 
+#[test]
+fn run_agent_reads_no_more_of_an_agent_or_input_file_than_it_may_hold() {
+    // Once, run-agent read any file whole before checking it: a 500 MB
+    // file peaked at 1.05 GB, and /dev/zero grew without bound.
+    let (code, json) = run_agent_json(std::path::Path::new("/dev/zero"), &[]);
+    assert_eq!(code, 5, "{json}");
+    assert!(json["message"].as_str().unwrap().contains("not WebAssembly"), "{json}");
+
+    // Starts as WebAssembly, but larger than an agent may be (sparse: no
+    // disk is written).
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wasm");
+    let file = std::fs::File::create(&big).unwrap();
+    std::io::Write::write_all(&mut &file, b"\0asm\x0d\0\x01\0").unwrap();
+    file.set_len(300 << 20).unwrap();
+    let output = node_runtime(&["run-agent", big.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("larger than the 256 MiB an agent may be"), "{stderr}");
+
+    let echo = agent_path("echo");
+    let output = node_runtime(&["run-agent", echo.to_str().unwrap(), "--input-file", "/dev/zero"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--input-file /dev/zero is larger than the 32 MiB"),
+        "{stderr}"
+    );
+}
+
 /// The `Authorization` header and JSON body of each request a stub saw.
 type SeenRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
 

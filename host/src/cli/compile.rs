@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::{CommandError, Exit, read_file};
+use super::{CommandError, Exit, read_agent_file};
 use crate::sandbox::{EngineSettings, PrecompileError, Sandbox, SandboxConfig};
 use support::fs::{Durability, write_atomically};
 use support::units::format_bytes;
@@ -39,7 +39,7 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
         .clone()
         .unwrap_or_else(|| args.agent.with_extension("cwasm"));
     check_output(&args.agent, &output)?;
-    let wasm = read_file("the agent file", &args.agent)?;
+    let wasm = read_agent_file("the agent file", &args.agent)?;
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
             max_concurrent_runs: 1,

@@ -149,7 +149,52 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Reads a file a flag names, with an error that names the flag and path.
-pub(crate) fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, CommandError> {
-    std::fs::read(path).map_err(|err| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display())))
+/// The most an agent file given on the command line may hold: what a node
+/// downloads at most by default (`AgentStore.MaxDownloadBytes`).
+pub(crate) const MAX_AGENT_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads an agent file: its first bytes first, and only a file that starts
+/// as WebAssembly or as a compiled artifact (ELF) whole, and at most
+/// [`MAX_AGENT_FILE_BYTES`]. Anything else comes back as its first bytes
+/// only, for the sandbox to say what it is not: a large file, or an endless
+/// one (`/dev/zero`), is never read into memory.
+pub(crate) fn read_agent_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, CommandError> {
+    use std::io::Read;
+    let fail = |err: std::io::Error| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mut header = Vec::with_capacity(8);
+    file.by_ref().take(8).read_to_end(&mut header).map_err(fail)?;
+    if !(header.starts_with(b"\0asm") || header.starts_with(b"\x7fELF")) {
+        return Ok(header);
+    }
+    let mut bytes = header;
+    file.take(MAX_AGENT_FILE_BYTES + 1 - bytes.len() as u64)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_AGENT_FILE_BYTES {
+        return Err(too_large(flag, path, MAX_AGENT_FILE_BYTES, "an agent"));
+    }
+    Ok(bytes)
+}
+
+/// Reads at most `max` bytes of a file a flag names; a larger (or endless)
+/// one is an error naming the flag, the path and the bound.
+pub(crate) fn read_file_at_most(flag: &str, path: &PathBuf, max: u64, what: &str) -> Result<Vec<u8>, CommandError> {
+    use std::io::Read;
+    let fail = |err: std::io::Error| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display()));
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).map_err(fail)?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(flag, path, max, what));
+    }
+    Ok(bytes)
+}
+
+fn too_large(flag: &str, path: &std::path::Path, max: u64, what: &str) -> CommandError {
+    CommandError::usage(format!(
+        "{flag} {} is larger than the {} {what} may be; check that it is the file you meant",
+        path.display(),
+        support::units::format_bytes(max)
+    ))
 }

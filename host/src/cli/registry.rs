@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{CommandError, Exit, read_file};
+use super::{CommandError, Exit, read_agent_file};
 use crate::agent_store::AgentDigest;
 use crate::agent_store::oci_source::{registry_auth, registry_client};
 use crate::sandbox::artifact_trust::check_network_artifact;
@@ -73,7 +73,7 @@ fn parse_reference(text: &str) -> Result<oci_client::Reference, CommandError> {
 
 pub async fn push(args: PushArgs) -> Result<Exit, CommandError> {
     let reference = parse_reference(&args.reference)?;
-    let bytes = read_file("FILE", &args.file)?;
+    let bytes = read_agent_file("FILE", &args.file)?;
     let digest = AgentDigest::of(&bytes);
     let (config, layer) = oci_wasm::WasmConfig::from_raw_component(bytes, None).map_err(|err| CommandError {
         exit: Exit::AgentInvalid,

@@ -13,7 +13,7 @@ use support::Secret;
 use support::units::format_bytes;
 
 use super::args::{parse_duration, parse_key_value, parse_size};
-use super::{CommandError, Exit, read_file};
+use super::{CommandError, Exit, read_agent_file, read_file_at_most};
 use crate::app::{self, NodeConfig};
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::sandbox::{
@@ -127,7 +127,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         resource: ResourceIdentity::default(),
     })
     .map_err(|err| CommandError::usage(err.to_string()))?;
-    let bytes = read_file("the agent file", &args.agent)?;
+    let bytes = read_agent_file("the agent file", &args.agent)?;
     let context = context(&args)?;
     let budget = BudgetRequest {
         fuel: args.fuel,
@@ -293,7 +293,7 @@ fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {
     let message = match (&args.input, &args.input_file) {
         (Some(json), _) => Some(("--input", json.clone())),
         (None, Some(path)) => {
-            let bytes = read_file("--input-file", path)?;
+            let bytes = read_file_at_most("--input-file", path, MAX_INPUT_FILE_BYTES, "an input")?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| CommandError::usage(format!("--input-file {} is not UTF-8 text", path.display())))?;
             Some(("--input-file", text))
@@ -394,6 +394,10 @@ fn one_line(value: &str, max_chars: usize) -> String {
     }
     shown
 }
+
+/// The most `--input-file` may hold: a lease's input arrives in one gRPC
+/// message, 4 MiB by default; this leaves room for larger planes.
+const MAX_INPUT_FILE_BYTES: u64 = 32 << 20;
 
 /// Characters of a result key the human report shows.
 const RESULT_KEY_CHARS: usize = 64;
