@@ -164,31 +164,31 @@ pub(crate) fn read_agent_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, Com
     let mut file = std::fs::File::open(path).map_err(fail)?;
     let mut header = Vec::with_capacity(8);
     file.by_ref().take(8).read_to_end(&mut header).map_err(fail)?;
-    if !(header.starts_with(b"\0asm") || header.starts_with(b"\x7fELF")) {
+    if !(header.starts_with(crate::sandbox::WASM_MAGIC) || header.starts_with(crate::sandbox::ELF_MAGIC)) {
         return Ok(header);
     }
-    let mut bytes = header;
-    file.take(MAX_AGENT_FILE_BYTES + 1 - bytes.len() as u64)
-        .read_to_end(&mut bytes)
-        .map_err(fail)?;
-    if bytes.len() as u64 > MAX_AGENT_FILE_BYTES {
-        return Err(too_large(flag, path, MAX_AGENT_FILE_BYTES, "an agent"));
-    }
-    Ok(bytes)
+    read_rest(file, header, MAX_AGENT_FILE_BYTES)
+        .map_err(fail)?
+        .ok_or_else(|| too_large(flag, path, MAX_AGENT_FILE_BYTES, "an agent"))
 }
 
 /// Reads at most `max` bytes of a file a flag names; a larger (or endless)
 /// one is an error naming the flag, the path and the bound.
 pub(crate) fn read_file_at_most(flag: &str, path: &PathBuf, max: u64, what: &str) -> Result<Vec<u8>, CommandError> {
-    use std::io::Read;
     let fail = |err: std::io::Error| CommandError::usage(format!("cannot read {flag} {}: {err}", path.display()));
     let file = std::fs::File::open(path).map_err(fail)?;
-    let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes).map_err(fail)?;
-    if bytes.len() as u64 > max {
-        return Err(too_large(flag, path, max, what));
-    }
-    Ok(bytes)
+    read_rest(file, Vec::new(), max)
+        .map_err(fail)?
+        .ok_or_else(|| too_large(flag, path, max, what))
+}
+
+/// Appends what is left of `file` to `bytes`, up to `max` bytes in all;
+/// `None` when there is more.
+fn read_rest(file: std::fs::File, mut bytes: Vec<u8>, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let room = (max + 1).saturating_sub(bytes.len() as u64);
+    file.take(room).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
 }
 
 fn too_large(flag: &str, path: &std::path::Path, max: u64, what: &str) -> CommandError {

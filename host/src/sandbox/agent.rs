@@ -74,8 +74,9 @@ impl fmt::Debug for Agent {
 }
 
 /// How every wasmtime artifact, and so every `.cwasm`, starts.
-const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
-const WASM_MAGIC: &[u8; 4] = b"\0asm";
+pub(crate) const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// How every WebAssembly binary starts.
+pub(crate) const WASM_MAGIC: &[u8; 4] = b"\0asm";
 const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 
 /// Compiles `bytes` as [`classify`](super::artifact_trust::classify)
@@ -105,23 +106,26 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8], kind: ArtifactKind) -> Resu
     // with its trailer. With bytes appended, the trailer sits inside; cut
     // short, wasmtime no longer recognises the artifact (nor would it any
     // other ELF file).
-    if bytes.starts_with(ELF_MAGIC) && precompiled::holds_trailer(bytes) {
-        return Err(InvalidAgent(
-            "the file is a damaged .cwasm: bytes were appended after it, so node-runtime's \
-             integrity trailer is not at its end; compile it again from the .wasm with \
-             `node-runtime compile`"
-                .into(),
-        ));
+    let detected = wasmtime::Engine::detect_precompiled(bytes);
+    if bytes.starts_with(ELF_MAGIC) {
+        if precompiled::holds_trailer(bytes) {
+            return Err(InvalidAgent(
+                "the file is a damaged .cwasm: bytes were appended after it, so node-runtime's \
+                 integrity trailer is not at its end; compile it again from the .wasm with \
+                 `node-runtime compile`"
+                    .into(),
+            ));
+        }
+        if detected.is_none() {
+            return Err(InvalidAgent(
+                "the file is an ELF file wasmtime does not recognise: a damaged (truncated) .cwasm, \
+                 or native code that is no agent; compile the .cwasm again from the .wasm with \
+                 `node-runtime compile`"
+                    .into(),
+            ));
+        }
     }
-    if bytes.starts_with(ELF_MAGIC) && wasmtime::Engine::detect_precompiled(bytes).is_none() {
-        return Err(InvalidAgent(
-            "the file is an ELF file wasmtime does not recognise: a damaged (truncated) .cwasm, \
-             or native code that is no agent; compile the .cwasm again from the .wasm with \
-             `node-runtime compile`"
-                .into(),
-        ));
-    }
-    if wasmtime::Engine::detect_precompiled(bytes).is_some() {
+    if detected.is_some() {
         return Err(InvalidAgent(precompiled::PrecompiledError::ForeignArtifact.to_string()));
     }
     if !bytes.starts_with(WASM_MAGIC) {

@@ -38,6 +38,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use agent::{Agent, InvalidAgent};
+pub(crate) use agent::{ELF_MAGIC, WASM_MAGIC};
 pub use artifact_trust::{ArtifactTrust, NetworkArtifactRefused, NotAComponent};
 pub use budget::{Budget, BudgetRequest, NodeLimits};
 pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostGrant, InvalidHostGrant};

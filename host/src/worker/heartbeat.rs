@@ -140,12 +140,7 @@ impl Heartbeat {
         let mut confirmed = registered == Registered::Accepted;
         let mut answered = false;
         loop {
-            let status = NodeStatus {
-                state: NodeState::Active,
-                active_runs: self.slot_count - self.slots.available().min(self.slot_count),
-                available_slots: self.slots.available(),
-            };
-            match self.rest.heartbeat(&self.node_id, status).await {
+            match self.rest.heartbeat(&self.node_id, self.status(NodeState::Active)).await {
                 Ok(HeartbeatAnswer::Accepted) => {
                     self.stats.heartbeat_answered.store(true, Ordering::SeqCst);
                     if !answered {
@@ -179,6 +174,21 @@ impl Heartbeat {
         false
     }
 
+    /// What a heartbeat reports now: a draining node offers no free slot, so
+    /// the scheduler places nothing here.
+    fn status(&self, state: NodeState) -> NodeStatus {
+        let free = self.slots.available().min(self.slot_count);
+        NodeStatus {
+            active_runs: self.slot_count - free,
+            available_slots: if state == NodeState::Draining {
+                0
+            } else {
+                self.slots.available()
+            },
+            state,
+        }
+    }
+
     /// Stopping: says `draining` (no free slot, so the scheduler places
     /// nothing here) every interval until the node exits, which ends this
     /// task: a drain longer than the plane's liveness window (60 s in the
@@ -187,12 +197,11 @@ impl Heartbeat {
     async fn heartbeat_while_draining(&self) {
         let mut warned = false;
         loop {
-            let draining = NodeStatus {
-                state: NodeState::Draining,
-                active_runs: self.slot_count - self.slots.available().min(self.slot_count),
-                available_slots: 0,
-            };
-            match self.rest.heartbeat(&self.node_id, draining).await {
+            match self
+                .rest
+                .heartbeat(&self.node_id, self.status(NodeState::Draining))
+                .await
+            {
                 Ok(_) => warned = false,
                 Err(err) if !warned => {
                     warned = true;

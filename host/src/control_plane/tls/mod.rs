@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 pub use connector::TlsConnector;
 pub use diagnosis::describe;
 use identity::ReloadingIdentity;
-pub use support::tls::{PemError, common_name, not_after, read_certificates, read_private_key};
+use support::tls::{PemError, read_certificates};
 use verifier::ControlPlaneVerifier;
 pub use verifier::SubjectMismatch;
 
