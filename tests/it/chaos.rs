@@ -21,7 +21,7 @@ async fn get_json(http: &reqwest::Client, url: String) -> Option<serde_json::Val
     http.get(url).send().await.ok()?.json().await.ok()
 }
 
-async fn wait_for_plane(http: &reqwest::Client, url: &str) {
+pub(crate) async fn wait_for_plane(http: &reqwest::Client, url: &str) {
     for _ in 0..300 {
         if get_json(http, format!("{url}/v1/nodes")).await.is_some() {
             return;
@@ -129,7 +129,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
 
 /// `node-runtime serve` as its own process, logging each run's end to
 /// `log` (plain text), so it can be SIGKILLed and its runs counted.
-fn spawn_node(
+pub(crate) fn spawn_node(
     url: &str,
     agents: &std::path::Path,
     data: &std::path::Path,
@@ -154,7 +154,7 @@ fn spawn_node(
 }
 
 /// The lease ids of the runs a node's log says it finished.
-fn finished_leases(log: &str) -> Vec<String> {
+pub(crate) fn finished_leases(log: &str) -> Vec<String> {
     log.lines()
         .filter(|line| line.contains("run completed") || line.contains("run failed"))
         .filter_map(|line| {

@@ -46,6 +46,8 @@ mod packaging;
 mod restart;
 /// The sandbox as a library: every way a run can end.
 mod sandbox;
+/// 10,000 runs through plane restarts and node kills (opt-in: scripts/soak).
+mod soak;
 /// OTLP, the admin endpoint, log formats, the dashboard.
 mod telemetry;
 /// Mutual TLS between the node and a control plane.
