@@ -363,6 +363,164 @@ pub async fn table_growth_refused(env: &Env) {
     );
 }
 
+/// A table of a hundred million elements, declared by the component's
+/// core module, on a node that allocates each instance's memory when it is
+/// created (no pool to bound it): the store limiter refuses the table
+/// before wasmtime allocates it, so the bomb costs nothing.
+pub async fn table_bomb_under_the_on_demand_allocator(_env: &Env) {
+    const BOMB: u64 = 100_000_000;
+    let sandbox = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            allocator: AllocatorChoice::OnDemand,
+            max_concurrent_runs: 1,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .expect("the sandbox starts");
+    let bytes = with_tables_of(&agent_bytes("echo"), BOMB);
+    let agent = sandbox
+        .load(Arc::from(bytes))
+        .await
+        .expect("the bomb is a valid component");
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        sandbox.run(
+            &agent,
+            request("echo", &[("message", "boom")], BudgetRequest::default()),
+        ),
+    )
+    .await
+    .expect("the run ends within 20 s");
+    // The bomb, plus the few elements of the shims' own tables.
+    fails(&result, FailKind::BudgetMemory, "table growth to");
+    let asked: u64 = failure(&result).message["table growth to ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", result.outcome));
+    assert!((BOMB..BOMB + 1000).contains(&asked), "{:?}", result.outcome);
+    assert!(result.report.peak_memory_bytes < 64 * MIB, "{:?}", result.report);
+    let limit = NodeLimits::default().table_elements;
+    assert!(
+        failure(&result).message.contains(&format!("limit is {limit}")),
+        "{:?}",
+        result.outcome
+    );
+    // The same node still runs the real echo.
+    let agent = load(&sandbox, "echo").await;
+    let result = sandbox
+        .run(
+            &agent,
+            request("echo", &[("message", "after")], BudgetRequest::default()),
+        )
+        .await;
+    assert_eq!(completed(&result)["message"], "after");
+}
+
+/// `component` with the tables of its main core module (the largest: the
+/// agent's code, beside the small adapter shims, whose tables other
+/// modules import and so must keep their limits) declared with `elements`
+/// as their minimum and no maximum: a valid component whose instantiation
+/// asks for that much table.
+fn with_tables_of(component: &[u8], elements: u64) -> Vec<u8> {
+    let (header, sections) = component.split_at(8);
+    let sections = wasm_sections(sections);
+    // Section 1 of a component is a core module.
+    let main = (0..sections.len())
+        .filter(|&at| sections[at].0 == 1)
+        .max_by_key(|&at| sections[at].1.len())
+        .expect("a component holds a core module");
+    let mut out = header.to_vec();
+    for (at, (id, payload)) in sections.into_iter().enumerate() {
+        let payload = if at == main {
+            core_module_with_tables_of(payload, elements)
+        } else {
+            payload.to_vec()
+        };
+        push_section(&mut out, id, &payload);
+    }
+    out
+}
+
+fn core_module_with_tables_of(module: &[u8], elements: u64) -> Vec<u8> {
+    let (header, sections) = module.split_at(8);
+    let mut out = header.to_vec();
+    for (id, payload) in wasm_sections(sections) {
+        if id != 4 {
+            push_section(&mut out, id, payload);
+            continue;
+        }
+        // The table section: a count, then per table a reference type
+        // (one byte for funcref and externref, which is all a Rust agent
+        // declares) and limits (a flag byte, the minimum, and the maximum
+        // when flag bit 0 is set).
+        let (count, mut at) = read_leb(payload, 0);
+        let mut tables = Vec::new();
+        write_leb(&mut tables, count);
+        for _ in 0..count {
+            let reftype = payload[at];
+            assert!(
+                reftype == 0x70 || reftype == 0x6f,
+                "a table of reference type {reftype:#x}"
+            );
+            let flags = payload[at + 1];
+            assert!(flags <= 1, "table limits with flags {flags:#x}");
+            let (_min, next) = read_leb(payload, at + 2);
+            at = if flags == 1 { read_leb(payload, next).1 } else { next };
+            tables.push(reftype);
+            tables.push(0x00);
+            write_leb(&mut tables, elements);
+        }
+        assert_eq!(at, payload.len(), "the table section ends where its tables do");
+        push_section(&mut out, 4, &tables);
+    }
+    out
+}
+
+fn wasm_sections(mut bytes: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut sections = Vec::new();
+    while let Some((&id, rest)) = bytes.split_first() {
+        let (size, start) = read_leb(rest, 0);
+        let end = start + size as usize;
+        sections.push((id, &rest[start..end]));
+        bytes = &rest[end..];
+    }
+    sections
+}
+
+fn push_section(out: &mut Vec<u8>, id: u8, payload: &[u8]) {
+    out.push(id);
+    write_leb(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+}
+
+/// An unsigned LEB128 at `at`: its value and the offset after it.
+fn read_leb(bytes: &[u8], mut at: usize) -> (u64, usize) {
+    let (mut value, mut shift) = (0u64, 0);
+    loop {
+        let byte = bytes[at];
+        at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return (value, at);
+        }
+        shift += 7;
+    }
+}
+
+fn write_leb(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 pub async fn deep_recursion(env: &Env) {
     let result = env.run("stack-overflow", &[], BudgetRequest::default()).await;
     fails(&result, FailKind::AgentTrap, "stack overflow");
@@ -912,6 +1070,7 @@ cases!(
     log_call_loop_past_the_deadline,
     memory_bomb,
     table_growth_refused,
+    table_bomb_under_the_on_demand_allocator,
     deep_recursion,
     http_fields_bomb,
     kept_http_responses,

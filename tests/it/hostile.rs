@@ -40,6 +40,7 @@ hostile_tests!(
     log_call_loop_past_the_deadline,
     memory_bomb,
     table_growth_refused,
+    table_bomb_under_the_on_demand_allocator,
     deep_recursion,
     http_fields_bomb,
     kept_http_responses,
@@ -74,7 +75,7 @@ hostile_tests!(
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 37);
+    assert_eq!(hostile_set::CASES.len(), 38);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`
