@@ -588,3 +588,97 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     node.shutdown().await;
     plane.kill().await.unwrap();
 }
+
+/// A lease from the scripted plane whose run sleeps for longer than the
+/// test lasts.
+fn long_lease(lease_id: &str, deadline_unix_ms: i64) -> node_runtime::proto::Lease {
+    let mut lease = scripted::lease(lease_id, "sleep-forever", deadline_unix_ms);
+    if let Some(spec) = lease.run_spec.as_mut() {
+        spec.budgets = Some(node_runtime::proto::BudgetConstraints {
+            max_duration_seconds: 50,
+            ..Default::default()
+        });
+    }
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_slots_is_acknowledged_only_as_far_as_there_is_room() {
+    let now = node_runtime::outbox::now_unix_ms();
+    let burst: Vec<_> = (0..12)
+        .map(|i| long_lease(&format!("lease-burst-{i}"), now + 120_000))
+        .collect();
+    let (url, recorded) = scripted::serve(burst).await;
+    let agents = agents_layout();
+    let slots = 2;
+    let node = start_node(&url, slots, &agents);
+    // Room: the two slots, the queue (2 x slots, at least 4), and the one
+    // lease the dispatcher holds while it waits for the next free slot.
+    let room = 2 + 4 + 1;
+    eventually(Duration::from_secs(30), "the node to fill its room", || {
+        (recorded.lock().unwrap().acks.len() >= room).then_some(())
+    })
+    .await;
+    // Time for a wrong Ack beyond the room to show; no run ends meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        assert!(
+            recorded.fails.is_empty() && recorded.completes.is_empty(),
+            "no run ended yet"
+        );
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(
+            acked.len(),
+            room,
+            "acknowledged before any run ended: {acked:?}; room for {room}"
+        );
+    }
+    assert_eq!(node.stats().runs_started.load(Ordering::SeqCst), 2);
+    // Stopping hands back (Fail, retryable) exactly what was acknowledged;
+    // the rest was never read, so the plane still holds it.
+    node.shutdown().await;
+    let recorded = recorded.lock().unwrap();
+    let mut failed: Vec<&str> = recorded.fails.iter().map(|fail| fail.lease_id.as_str()).collect();
+    let mut acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+    failed.sort();
+    acked.sort();
+    assert_eq!(
+        failed, acked,
+        "one report for each acknowledged lease, none for the others"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_lease_id_is_refused_and_the_next_one_runs() {
+    let now = node_runtime::outbox::now_unix_ms();
+    let mut nameless = scripted::lease("", "echo", now + 60_000);
+    nameless.run_id = "run-without-a-lease-id".to_string();
+    let (url, recorded) = scripted::serve(vec![nameless, scripted::lease("lease-named", "echo", now + 60_000)]).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 2, &agents);
+    eventually(Duration::from_secs(30), "the named lease's report", || {
+        (!recorded.lock().unwrap().completes.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        let completed: Vec<&str> = recorded.completes.iter().map(|c| c.lease_id.as_str()).collect();
+        assert_eq!(completed, ["lease-named"]);
+        assert!(
+            recorded.fails.is_empty(),
+            "nothing is failed: a Fail needs the lease id"
+        );
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(acked, ["lease-named"], "no Ack without a lease id");
+    }
+    let stats = node.stats();
+    assert_eq!(
+        stats.runs_started.load(Ordering::SeqCst),
+        1,
+        "the nameless lease never ran"
+    );
+    assert_eq!(stats.leases_without_id.load(Ordering::SeqCst), 1);
+    node.shutdown().await;
+}

@@ -32,6 +32,7 @@ pub const METER_NAME: &str = "Node.Runtime";
 pub const METRIC_NAMES: &[&str] = &[
     "leases_received_total",
     "leases_acknowledged_total",
+    "leases_without_id_total",
     "leases_completed_total",
     "leases_failed_total",
     "agent_executions_total",
@@ -61,6 +62,8 @@ pub const METRIC_NAMES: &[&str] = &[
 pub struct NodeCounts {
     pub leases_received: u64,
     pub leases_acknowledged: u64,
+    /// Leases refused because their lease id was empty.
+    pub leases_without_id: u64,
     pub runs_started: u64,
     pub lease_stream_errors: u64,
     pub lease_stream_reconnects: u64,
@@ -317,7 +320,7 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         move || -> Option<Arc<dyn NodeObserver>> { lock(&observer).as_ref()?.upgrade() }
     };
     type Pick = fn(&NodeCounts) -> u64;
-    let counters: [(&'static str, &'static str, Pick); 9] = [
+    let counters: [(&'static str, &'static str, Pick); 10] = [
         (
             "leases_received_total",
             "Leases received on the lease stream (duplicates included)",
@@ -326,6 +329,11 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         ("leases_acknowledged_total", "Acks the control plane accepted", |c| {
             c.leases_acknowledged
         }),
+        (
+            "leases_without_id_total",
+            "Leases refused because their lease id was empty (they cannot be acknowledged or failed)",
+            |c| c.leases_without_id,
+        ),
         ("agent_executions_total", "Runs started in the sandbox", |c| {
             c.runs_started
         }),

@@ -106,6 +106,8 @@ pub struct NodeStats {
     pub reports_recovered: AtomicU64,
     /// Acks the control plane accepted.
     pub leases_acknowledged: AtomicU64,
+    /// Leases refused because their lease id was empty.
+    pub leases_without_id: AtomicU64,
     /// Lease streams that could not be opened, or broke.
     pub lease_stream_errors: AtomicU64,
     /// Lease streams opened after the first.
@@ -206,6 +208,7 @@ impl NodeObserver for Readings {
         NodeCounts {
             leases_received: read(&stats.leases_received),
             leases_acknowledged: read(&stats.leases_acknowledged),
+            leases_without_id: read(&stats.leases_without_id),
             runs_started: read(&stats.runs_started),
             lease_stream_errors: read(&stats.lease_stream_errors),
             lease_stream_reconnects: read(&stats.lease_stream_reconnects),
@@ -460,8 +463,11 @@ impl NodeHandle {
     }
 }
 
-/// Leases accepted beyond the running ones: enough that a burst from the
-/// control plane keeps every slot busy, few enough that none waits long.
+/// Leases acknowledged beyond the running ones: enough that a burst from
+/// the control plane keeps every slot busy, few enough that none waits
+/// long. The pull task reads no lease it has no place for here, so at most
+/// this many wait, plus the one the dispatcher holds while it waits for the
+/// next free slot; the rest stay unread at the control plane.
 fn queue_capacity(slots: u32) -> usize {
     (slots as usize * 2).max(4)
 }

@@ -2,9 +2,11 @@
 //! queue, reopen with backoff when it breaks.
 //!
 //! The reference may stream more leases than the node has slots
-//! (`max_leases` caps one poll, not concurrency). When the queue is full
-//! the node stops reading the stream until a place frees up, so HTTP/2
-//! flow control holds the surplus back, rather than handing leases back:
+//! (`max_leases` caps one poll, not concurrency). The node reads (records,
+//! acknowledges) no more leases than it has places for in its queue; when
+//! the queue is full it stops reading the stream until a place frees up,
+//! so HTTP/2 flow control holds the surplus back, unacknowledged, rather
+//! than handing leases back:
 //! the reference never re-queues a failed run, so a hand-back would fail
 //! the run for good. A lease that waited past its deadline is still
 //! handed back (retryable) by the dispatcher.
@@ -26,7 +28,6 @@ use support::Backoff;
 
 use crate::control_plane::{LeaseClient, LeaseStream};
 use crate::outbox::Outbox;
-use crate::sandbox::RunFailure;
 use proto::{AckRequest, Lease};
 
 /// A stream that ends sooner than this after opening, with no lease, looks
@@ -138,6 +139,14 @@ impl Puller {
 
     /// Reads leases until the stream ends or the node stops; returns how many
     /// arrived.
+    ///
+    /// A lease is read only once there is a place for it in the queue: the
+    /// places are reserved first, and no more leases are read (so recorded
+    /// and acknowledged) than places were free. What the node has no room
+    /// for stays unread in the stream, where HTTP/2 flow control holds it
+    /// at the control plane, unacknowledged: the plane still has it, and a
+    /// lease never waits acknowledged in this node behind a full queue
+    /// while its deadline passes.
     async fn consume(
         &mut self,
         mut stream: LeaseStream,
@@ -146,19 +155,23 @@ impl Puller {
     ) -> u64 {
         let mut received = 0;
         loop {
+            let Some(mut places) = self.room(queue).await else {
+                return received;
+            };
             let mut message = tokio::select! {
                 _ = self.shutdown.stopping() => return received,
                 message = stream.message() => message,
             };
-            // This lease and those already arrived behind it are recorded in
-            // the outbox together: one fsync for a burst, not one each.
+            // This lease and those already arrived behind it, up to the
+            // places reserved, are recorded in the outbox together: one
+            // fsync for a burst, not one each.
             let mut leases = Vec::new();
             let ended = loop {
                 match message {
                     Ok(Some(lease)) => leases.push(lease),
                     ended => break Some(ended),
                 }
-                if leases.len() == ACCEPT_BATCH {
+                if leases.len() == places.len() {
                     break None;
                 }
                 match arrived(&mut stream) {
@@ -171,8 +184,11 @@ impl Puller {
                 backoff.reset();
             }
             for accepted in self.accept(leases).await {
-                self.enqueue(accepted, queue).await;
+                let place = places.pop().expect("no more leases are read than places reserved");
+                place.send(accepted);
             }
+            // Places left over (a duplicate, a lease refused) go back.
+            drop(places);
             match ended {
                 None | Some(Ok(Some(_))) => {}
                 Some(Ok(None)) => {
@@ -188,6 +204,23 @@ impl Puller {
         }
     }
 
+    /// Waits for at least one free place in the queue, then takes every
+    /// other place free now (up to [`ACCEPT_BATCH`]). None: the node stops.
+    async fn room<'q>(&self, queue: &'q mpsc::Sender<AcceptedLease>) -> Option<Vec<mpsc::Permit<'q, AcceptedLease>>> {
+        let first = tokio::select! {
+            _ = self.shutdown.stopping() => return None,
+            place = queue.reserve() => place.ok()?,
+        };
+        let mut places = vec![first];
+        while places.len() < ACCEPT_BATCH {
+            match queue.try_reserve() {
+                Ok(place) => places.push(place),
+                Err(_) => break,
+            }
+        }
+        Some(places)
+    }
+
     /// Records (in the outbox, synced, one commit for all) and acknowledges
     /// new leases. A lease accepted before, by this process or an earlier one,
     /// does not run again, and the report the outbox may hold for it is sent.
@@ -195,6 +228,11 @@ impl Puller {
         self.stats
             .leases_received
             .fetch_add(leases.len() as u64, Ordering::Relaxed);
+        let (leases, nameless): (Vec<Lease>, Vec<Lease>) =
+            leases.into_iter().partition(|lease| !lease.lease_id.is_empty());
+        for lease in nameless {
+            self.refuse_nameless(&lease);
+        }
         let (fresh, seen): (Vec<Lease>, Vec<Lease>) =
             leases.into_iter().partition(|lease| self.seen.insert(&lease.lease_id));
         let keys: Vec<(&str, i64)> = fresh
@@ -233,20 +271,22 @@ impl Puller {
         accepted
     }
 
-    /// Waits for a place in the queue; the stream is not read meanwhile.
-    async fn enqueue(&self, accepted: AcceptedLease, queue: &mpsc::Sender<AcceptedLease>) {
-        let permit = tokio::select! {
-            _ = self.shutdown.stopping() => None,
-            permit = queue.reserve() => permit.ok(),
-        };
-        match permit {
-            Some(permit) => permit.send(accepted),
-            None => {
-                self.reporter
-                    .hand_back(&accepted, RunFailure::handed_back("the node is shutting down"))
-                    .await
-            }
-        }
+    /// A lease without a lease id cannot be acknowledged, completed or
+    /// failed: each of those names the lease, and the control plane
+    /// refuses an empty one. So it is not run (its outcome could never be
+    /// reported) and nothing is sent; the control plane keeps the run
+    /// assigned until its lease expires. It is logged with what identifies
+    /// it, and counted.
+    fn refuse_nameless(&self, lease: &Lease) {
+        self.stats.leases_without_id.fetch_add(1, Ordering::Relaxed);
+        let agent_id = lease.run_spec.as_ref().map_or("", |spec| spec.agent_id.as_str());
+        tracing::error!(
+            run_id = %lease.run_id,
+            agent_id,
+            "the control plane sent a lease with an empty lease id: it cannot be acknowledged or \
+             failed (both name the lease), so the node does not run it; the control plane keeps \
+             the run assigned until its lease expires (fix the control plane)"
+        );
     }
 
     /// Acks off the stream's path, so a slow Ack never delays the next lease.
