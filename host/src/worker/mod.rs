@@ -108,6 +108,9 @@ pub struct NodeStats {
     pub leases_acknowledged: AtomicU64,
     /// Leases refused because their lease id was empty.
     pub leases_without_id: AtomicU64,
+    /// Leases found in flight at start-up (the node died while they ran),
+    /// failed as interrupted.
+    pub leases_interrupted: AtomicU64,
     /// Lease streams that could not be opened, or broke.
     pub lease_stream_errors: AtomicU64,
     /// Lease streams opened after the first.
@@ -209,6 +212,9 @@ impl NodeObserver for Readings {
             leases_received: read(&stats.leases_received),
             leases_acknowledged: read(&stats.leases_acknowledged),
             leases_without_id: read(&stats.leases_without_id),
+            leases_interrupted: read(&stats.leases_interrupted),
+            outbox_write_failures: self.outbox.write_failures(),
+            outbox_writable: u64::from(self.outbox.is_writable()),
             runs_started: read(&stats.runs_started),
             lease_stream_errors: read(&stats.lease_stream_errors),
             lease_stream_reconnects: read(&stats.lease_stream_reconnects),
@@ -240,6 +246,13 @@ impl ReadinessProbe for Readings {
             outbox_depth: self.backlog().map_or(u64::MAX, |backlog| backlog.depth),
             outbox_bound: self.outbox.limits().max_reports as u64,
             draining: self.shutdown.is_stopping(),
+            outbox_fault: self.outbox.fault().map(|fault| {
+                format!(
+                    "since {}: {}",
+                    humantime::format_rfc3339_seconds(fault.since),
+                    fault.error
+                )
+            }),
         }
     }
 }
@@ -508,6 +521,9 @@ async fn lifecycle(
         drain_timeout,
     } = tasks;
     let runs = TaskTracker::new();
+    // Before any lease is read: what an earlier life left running is failed
+    // now, so a lease this life accepts is never taken for one of them.
+    reporter.fail_interrupted().await;
     let heartbeat = tokio::spawn(heartbeat.run());
     let pull = tokio::spawn(puller.run(queue_tx));
     let dispatch = tokio::spawn(dispatcher.run(queue_rx, runs.clone()));
@@ -536,8 +552,18 @@ async fn lifecycle(
         shutdown.give_up_delivering();
         reporter.tasks.wait().await;
     }
-    // The heartbeat says `draining` until here; the node is done.
-    heartbeat.abort();
-    let _ = heartbeat.await;
+    // The heartbeat says `draining` until here; the node is done. A drain
+    // with nothing to wait for ends in a millisecond: the heartbeat's first
+    // `draining` must not be cut off on its way (bounded by its own timeout).
+    let mut heartbeat = heartbeat;
+    let ended = tokio::select! {
+        _ = shutdown.draining_was_said() => false,
+        _ = &mut heartbeat => true,
+        _ = tokio::time::sleep(Duration::from_secs(15)) => false,
+    };
+    if !ended {
+        heartbeat.abort();
+        let _ = heartbeat.await;
+    }
     tracing::info!("stopped");
 }

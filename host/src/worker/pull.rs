@@ -27,7 +27,7 @@ use super::shutdown::Shutdown;
 use support::Backoff;
 
 use crate::control_plane::{LeaseClient, LeaseStream};
-use crate::outbox::Outbox;
+use crate::outbox::{LeaseKey, Outbox};
 use proto::{AckRequest, Lease};
 
 /// A stream that ends sooner than this after opening, with no lease, looks
@@ -158,6 +158,14 @@ impl Puller {
             let Some(mut places) = self.room(queue).await else {
                 return received;
             };
+            // While the outbox cannot record, the next lease is not read:
+            // flow control holds it at the control plane.
+            if !self.outbox.is_writable() {
+                tokio::select! {
+                    _ = self.shutdown.stopping() => return received,
+                    _ = self.outbox.writable() => {}
+                }
+            }
             let mut message = tokio::select! {
                 _ = self.shutdown.stopping() => return received,
                 message = stream.message() => message,
@@ -235,30 +243,12 @@ impl Puller {
         }
         let (fresh, seen): (Vec<Lease>, Vec<Lease>) =
             leases.into_iter().partition(|lease| self.seen.insert(&lease.lease_id));
-        let keys: Vec<(&str, i64)> = fresh
-            .iter()
-            .map(|lease| (lease.lease_id.as_str(), lease.deadline_unix_ms))
-            .collect();
-        let recorded = self.outbox.accept_all_async(&keys).await;
-
-        let mut accepted = Vec::with_capacity(fresh.len());
-        let mut again = seen;
-        for (lease, recorded) in fresh.into_iter().zip(recorded) {
-            match recorded {
-                Ok(true) => {}
-                Ok(false) => {
-                    again.push(lease);
-                    continue;
-                }
-                Err(err) => {
-                    self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(lease_id = %lease.lease_id, error = %err, "cannot record the accepted lease; running it anyway");
-                }
-            }
-            let lease = AcceptedLease {
-                lease,
-                received: Instant::now(),
-            };
+        let received = Instant::now();
+        let (recorded, mut again) = self.record(fresh).await;
+        again.extend(seen);
+        let mut accepted = Vec::with_capacity(recorded.len());
+        for lease in recorded {
+            let lease = AcceptedLease { lease, received };
             tracing::info!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
             self.acknowledge(&lease);
             accepted.push(lease);
@@ -269,6 +259,64 @@ impl Puller {
             self.reporter.deliver_stored(&lease.lease_id).await;
         }
         accepted
+    }
+
+    /// Records fresh leases as accepted: returns those recorded now, and
+    /// those the outbox had accepted before (by an earlier life of the node).
+    ///
+    /// A lease is acknowledged only once it is recorded. While the outbox
+    /// cannot record, the leases already read are held here, unacknowledged,
+    /// and recorded as soon as it can again; meanwhile the stream is not
+    /// read. Under the reference plane's rule (a Fail ends the run for good)
+    /// this loses least: running a lease unrecorded would, after a crash,
+    /// leave a run the node can neither recognise when it is redelivered
+    /// (it runs twice) nor fail at start-up; failing it would end the run;
+    /// holding it only makes it wait, and the plane keeps it assigned (and
+    /// re-leases it after its TTL if the node dies meanwhile). Should the
+    /// node stop before the outbox records again, the held leases are left
+    /// to the plane the same way, with a warning each.
+    async fn record(&mut self, mut fresh: Vec<Lease>) -> (Vec<Lease>, Vec<Lease>) {
+        let mut recorded = Vec::with_capacity(fresh.len());
+        let mut before = Vec::new();
+        while !fresh.is_empty() {
+            let keys: Vec<LeaseKey> = fresh
+                .iter()
+                .map(|lease| LeaseKey {
+                    lease_id: lease.lease_id.clone(),
+                    run_id: lease.run_id.clone(),
+                    deadline_unix_ms: lease.deadline_unix_ms,
+                })
+                .collect();
+            let answers = self.outbox.accept_leases(&keys).await;
+            let mut unrecorded = Vec::new();
+            for (lease, answer) in fresh.into_iter().zip(answers) {
+                match answer {
+                    Ok(true) => recorded.push(lease),
+                    Ok(false) => before.push(lease),
+                    Err(_) => unrecorded.push(lease),
+                }
+            }
+            fresh = unrecorded;
+            if fresh.is_empty() {
+                break;
+            }
+            // The outbox has logged the fault once; say what waits on it.
+            self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                count = fresh.len(),
+                "holding leases unacknowledged until the outbox can record them"
+            );
+            tokio::select! {
+                _ = self.shutdown.stopping() => {
+                    for lease in &fresh {
+                        tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "stopping with a lease the outbox could not record: it was not acknowledged and did not run; the control plane keeps it assigned and re-leases it after its TTL");
+                    }
+                    break;
+                }
+                _ = self.outbox.writable() => {}
+            }
+        }
+        (recorded, before)
     }
 
     /// A lease without a lease id cannot be acknowledged, completed or
