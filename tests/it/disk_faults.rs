@@ -202,3 +202,158 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
     assert!(!stderr.contains("running it anyway"), "{stderr}");
     plane.shutdown().await;
 }
+
+/// An outbox file with two reports in `dir`, closed.
+fn outbox_with_reports(dir: &Path) -> PathBuf {
+    use node_runtime::outbox::{Outbox, now_unix_ms};
+    use node_runtime::proto::FailRequest;
+    use node_runtime::worker::lease::Report;
+    let outbox = Outbox::open(dir).unwrap();
+    for lease_id in ["lease-kept-1", "lease-kept-2"] {
+        let report = Report::Fail(FailRequest {
+            lease_id: lease_id.to_string(),
+            run_id: format!("run-of-{lease_id}"),
+            retryable: true,
+            ..FailRequest::default()
+        });
+        outbox.put(&report, now_unix_ms() + 60_000).unwrap();
+    }
+    outbox.path().to_path_buf()
+}
+
+fn outbox_command(args: &[&str], data: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("outbox")
+        .args(args)
+        .env("NodeRuntime__DataDirectory", data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let agents = agents_layout();
+    // Truncated (redb used to panic on it: a crash loop under
+    // Restart=always), and random bytes.
+    for damage in ["truncated", "random bytes"] {
+        let data = tempfile::tempdir().unwrap();
+        let file = outbox_with_reports(data.path());
+        match damage {
+            "truncated" => {
+                let length = std::fs::metadata(&file).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .unwrap()
+                    .set_len(length / 3)
+                    .unwrap();
+            }
+            _ => std::fs::write(
+                &file,
+                (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(),
+            )
+            .unwrap(),
+        }
+        // The outbox command says what is wrong and what to do, no panic.
+        let listed = outbox_command(&["list"], data.path());
+        let stderr = String::from_utf8_lossy(&listed.stderr);
+        assert_eq!(listed.status.code(), Some(1), "{damage}: {listed:?}");
+        assert!(
+            stderr.contains("is damaged") && stderr.contains("outbox list --file"),
+            "{damage}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{damage}: {stderr}");
+
+        let log = data.path().join("serve.log");
+        let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .arg("serve")
+            .env("NodeRuntime__NodeId", format!("damaged-{}", damage.replace(' ', "-")))
+            .env("NodeRuntime__ControlPlaneUrl", plane.url())
+            .env("NodeRuntime__AgentsDirectory", agents.path())
+            .env("NodeRuntime__DataDirectory", data.path())
+            .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let run_id = plane
+            .submit(NewRun {
+                agent_id: "echo".to_string(),
+                version: "1.0.0".to_string(),
+                input_ref: Default::default(),
+                metadata: Default::default(),
+                budgets: Budgets::default(),
+            })
+            .await
+            .unwrap()
+            .run_id;
+        let run = eventually(
+            Duration::from_secs(60),
+            "a run on the node that found its outbox damaged",
+            || plane.run(&run_id).filter(|run| run.status == RunStatus::Completed),
+        )
+        .await;
+        assert_eq!(run.outcomes, 1);
+        node.kill().await.unwrap();
+
+        let aside: Vec<PathBuf> = std::fs::read_dir(data.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| {
+                path.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("outbox.redb.corrupt-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "{damage}: moved aside once: {aside:?}");
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(stderr.contains("THE OUTBOX WAS DAMAGED"), "{damage}: {stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string()) && stderr.contains(&aside[0].display().to_string()),
+            "{damage}: both paths named: {stderr}"
+        );
+        assert!(file.exists(), "{damage}: a fresh outbox took its place");
+
+        // What is left is read from the file moved aside, or the command
+        // says plainly that nothing can be.
+        let salvaged = outbox_command(&["list", "--file", aside[0].to_str().unwrap()], data.path());
+        let stdout = String::from_utf8_lossy(&salvaged.stdout);
+        let stderr = String::from_utf8_lossy(&salvaged.stderr);
+        assert!(
+            (salvaged.status.success() && stdout.contains("report(s) read from"))
+                || (salvaged.status.code() == Some(1) && stderr.contains("nothing can be read from")),
+            "{damage}: {salvaged:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{damage}: {stderr}");
+    }
+    plane.shutdown().await;
+}
+
+#[test]
+fn outbox_list_file_reads_the_reports_of_an_outbox_file_without_changing_it() {
+    let data = tempfile::tempdir().unwrap();
+    let file = outbox_with_reports(data.path());
+    let aside = data.path().join("outbox.redb.corrupt-20261206T000000Z");
+    std::fs::rename(&file, &aside).unwrap();
+    let before = std::fs::read(&aside).unwrap();
+    let listed = outbox_command(&["list", "--file", aside.to_str().unwrap()], data.path());
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(stdout.contains("2 report(s) read from"), "{stdout}");
+    assert!(
+        stdout.contains("lease-kept-1") && stdout.contains("lease-kept-2"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&aside).unwrap(), before, "the file is not changed");
+    assert!(!file.exists(), "no outbox is created beside it");
+}

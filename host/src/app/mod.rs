@@ -135,7 +135,7 @@ impl<'a> NodeBuild<'a> {
             Some(store) => store,
             None => agent_store(config, &tls)?,
         };
-        let outbox = Outbox::open(&config.node_runtime.data_directory)?;
+        let outbox = Outbox::open_setting_aside_damaged(&config.node_runtime.data_directory, Default::default())?;
         tracing::info!(target: LOG_TARGET, path = %outbox.path().display(), "outbox open");
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)

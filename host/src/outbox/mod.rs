@@ -39,6 +39,7 @@
 // redb::Error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
+mod damaged;
 mod file;
 mod group_commit;
 
@@ -49,6 +50,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 
+use damaged::{OpenFailure, open_database};
+pub use damaged::{Salvaged, salvage};
 use file::DatabaseFile;
 pub use file::OutboxFault;
 use group_commit::{Committer, GroupCommit, Write, Written};
@@ -95,6 +98,8 @@ pub enum OutboxError {
     Database { path: PathBuf, message: String },
     #[error("a stored report for lease {0} cannot be decoded")]
     Corrupt(String),
+    #[error("the outbox {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
 }
 
 /// A report waiting in the outbox.
@@ -190,10 +195,11 @@ impl Outbox {
             source,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
+        let db = match open_database(&path, true) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::Locked(path)),
-            Err(err) => return Err(database(&path, err)),
+            Err(OpenFailure::Locked) => return Err(OutboxError::Locked(path)),
+            Err(OpenFailure::Damaged(reason)) => return Err(OutboxError::Damaged { path, reason }),
+            Err(OpenFailure::Other(err)) => return Err(database(&path, err)),
         };
         let file = Arc::new(DatabaseFile::new(path.clone(), db));
         let tables = Tables {
@@ -226,6 +232,34 @@ impl Outbox {
             Ok(())
         })?;
         Ok(outbox)
+    }
+
+    /// Opens the outbox as [`Outbox::open_with`] does, but a damaged file
+    /// does not stop the node: it is moved aside
+    /// (`outbox.redb.corrupt-<time>`, see `node-runtime outbox list
+    /// --file`), with an error log naming both paths, and an empty outbox
+    /// takes its place. What the damaged file held is not sent: leases it
+    /// had accepted may be redelivered and run again, reports it held are
+    /// lost unless salvaged by hand; the alternative, a node that cannot
+    /// start, loses every run it would have taken.
+    pub fn open_setting_aside_damaged(dir: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
+        match Outbox::open_with(dir, limits) {
+            Err(OutboxError::Damaged { path, reason }) => {
+                let aside = damaged::set_aside(&path)?;
+                tracing::error!(
+                    damaged = %path.display(),
+                    moved_to = %aside.display(),
+                    %reason,
+                    "THE OUTBOX WAS DAMAGED: moved it aside and starting with an empty one; the \
+                     reports it held are not sent and the leases it had accepted are not \
+                     recognised if redelivered; read what is left with `node-runtime outbox list \
+                     --file {}`",
+                    aside.display()
+                );
+                Outbox::open_with(dir, limits)
+            }
+            other => other,
+        }
     }
 
     pub fn path(&self) -> &Path {
