@@ -140,6 +140,7 @@ impl<'a> NodeBuild<'a> {
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)
             .metrics(self.metrics)
+            .max_lease_message_bytes(usize::try_from(config.node_runtime.max_lease_message_bytes).unwrap_or(usize::MAX))
             .start()?;
         Ok(node)
     }

@@ -34,6 +34,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "leases_acknowledged_total",
     "leases_without_id_total",
     "leases_interrupted_total",
+    "lease_messages_too_large_total",
     "outbox_writable",
     "outbox_write_failures_total",
     "leases_completed_total",
@@ -69,6 +70,8 @@ pub struct NodeCounts {
     pub leases_without_id: u64,
     /// Leases found in flight at start-up and failed as interrupted.
     pub leases_interrupted: u64,
+    /// Lease messages larger than `MaxLeaseMessageBytes`.
+    pub lease_messages_too_large: u64,
     /// Outbox writes the disk refused.
     pub outbox_write_failures: u64,
     /// 1 while the outbox records, 0 while it cannot.
@@ -329,7 +332,7 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         move || -> Option<Arc<dyn NodeObserver>> { lock(&observer).as_ref()?.upgrade() }
     };
     type Pick = fn(&NodeCounts) -> u64;
-    let counters: [(&'static str, &'static str, Pick); 12] = [
+    let counters: [(&'static str, &'static str, Pick); 13] = [
         (
             "leases_received_total",
             "Leases received on the lease stream (duplicates included)",
@@ -347,6 +350,11 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
             "leases_interrupted_total",
             "Leases found in flight at start-up (the node died while they ran), failed retryable",
             |c| c.leases_interrupted,
+        ),
+        (
+            "lease_messages_too_large_total",
+            "Lease messages larger than MaxLeaseMessageBytes: undecodable, so neither acknowledged nor failed",
+            |c| c.lease_messages_too_large,
         ),
         (
             "outbox_write_failures_total",

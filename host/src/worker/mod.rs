@@ -111,6 +111,8 @@ pub struct NodeStats {
     /// Leases found in flight at start-up (the node died while they ran),
     /// failed as interrupted.
     pub leases_interrupted: AtomicU64,
+    /// Lease messages larger than the node decodes: each broke the stream.
+    pub lease_messages_too_large: AtomicU64,
     /// Lease streams that could not be opened, or broke.
     pub lease_stream_errors: AtomicU64,
     /// Lease streams opened after the first.
@@ -213,6 +215,7 @@ impl NodeObserver for Readings {
             leases_acknowledged: read(&stats.leases_acknowledged),
             leases_without_id: read(&stats.leases_without_id),
             leases_interrupted: read(&stats.leases_interrupted),
+            lease_messages_too_large: read(&stats.lease_messages_too_large),
             outbox_write_failures: self.outbox.write_failures(),
             outbox_writable: u64::from(self.outbox.is_writable()),
             runs_started: read(&stats.runs_started),
@@ -296,9 +299,14 @@ impl NodeHandle {
             outbox,
             tls: None,
             metrics: Arc::default(),
+            max_lease_message_bytes: DEFAULT_MAX_LEASE_MESSAGE_BYTES,
         }
     }
 }
+
+/// The largest lease message decoded unless the builder says otherwise
+/// (`NodeRuntime.MaxLeaseMessageBytes`'s default).
+pub const DEFAULT_MAX_LEASE_MESSAGE_BYTES: usize = 64 << 20;
 
 /// What a node starts with; see [`NodeHandle::builder`].
 pub struct NodeBuilder {
@@ -308,6 +316,7 @@ pub struct NodeBuilder {
     outbox: Outbox,
     tls: Option<ControlPlaneTls>,
     metrics: Arc<NodeMetrics>,
+    max_lease_message_bytes: usize,
 }
 
 impl NodeBuilder {
@@ -325,6 +334,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Decodes lease messages of up to `bytes` (`MaxLeaseMessageBytes`).
+    pub fn max_lease_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_lease_message_bytes = bytes;
+        self
+    }
+
     /// Starts the node's tasks.
     pub fn start(self) -> Result<NodeHandle, StartError> {
         let NodeBuilder {
@@ -334,6 +349,7 @@ impl NodeBuilder {
             outbox,
             tls,
             metrics,
+            max_lease_message_bytes,
         } = self;
         let tls = match tls {
             Some(tls) => tls,
@@ -351,7 +367,8 @@ impl NodeBuilder {
             &settings.control_plane_url,
             control_plane::registration::http_client_with(rest_timeout, &tls)?,
         );
-        let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?;
+        let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?
+            .max_lease_message_bytes(max_lease_message_bytes);
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
         // Created once; each task gets what it uses.
         let shutdown = Shutdown::default();
@@ -387,6 +404,7 @@ impl NodeBuilder {
             node_id: settings.node_id.clone(),
             control_plane_url: settings.control_plane_url.clone(),
             max_leases: settings.max_leases,
+            max_lease_message_bytes,
             leases,
             outbox: outbox.clone(),
             seen: pull::SeenLeases::default(),

@@ -26,7 +26,7 @@ use super::report::Reporter;
 use super::shutdown::Shutdown;
 use support::Backoff;
 
-use crate::control_plane::{LeaseClient, LeaseStream};
+use crate::control_plane::{LeaseClient, LeaseStream, is_message_too_large};
 use crate::outbox::{LeaseKey, Outbox};
 use proto::{AckRequest, Lease};
 
@@ -42,6 +42,8 @@ pub(super) struct Puller {
     pub(super) control_plane_url: String,
     /// `Pull.max_leases`.
     pub(super) max_leases: u32,
+    /// The largest lease message decoded (`MaxLeaseMessageBytes`).
+    pub(super) max_lease_message_bytes: usize,
     pub(super) leases: LeaseClient,
     /// Where each accepted lease id is recorded before it is queued.
     pub(super) outbox: Outbox,
@@ -203,6 +205,10 @@ impl Puller {
                     tracing::info!("the control plane ended the lease stream");
                     return received;
                 }
+                Some(Err(status)) if is_message_too_large(&status) => {
+                    self.too_large(&status);
+                    return received;
+                }
                 Some(Err(status)) => {
                     self.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %status, "the lease stream broke");
@@ -317,6 +323,28 @@ impl Puller {
             }
         }
         (recorded, before)
+    }
+
+    /// A lease message larger than the node decodes breaks the stream
+    /// (gRPC cannot skip one message), and, undecoded, it names no lease:
+    /// the node cannot acknowledge, run or fail it. So it says so loudly,
+    /// with the size and the setting to raise, counts it, and reopens the
+    /// stream after the usual back-off; the other leases are served. The
+    /// control plane keeps that run assigned until its lease expires (and
+    /// may send it again, to break the stream again, until the setting is
+    /// raised).
+    fn too_large(&self, status: &tonic::Status) {
+        self.stats.lease_stream_errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.lease_messages_too_large.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            error = %status.message(),
+            limit_bytes = self.max_lease_message_bytes,
+            "a lease larger than NodeRuntime.MaxLeaseMessageBytes ({} bytes) broke the lease stream: \
+             the node cannot decode it, so it cannot tell which lease it was, nor acknowledge, \
+             run or fail it; the control plane keeps that run until its lease expires. Raise \
+             NodeRuntime.MaxLeaseMessageBytes (NodeRuntime__MaxLeaseMessageBytes) above the size found",
+            self.max_lease_message_bytes
+        );
     }
 
     /// A lease without a lease id cannot be acknowledged, completed or
