@@ -14,7 +14,13 @@
 //!   retrying until the control plane answers;
 //! - `recover` (in `report`): at start, drops expired outbox entries and,
 //!   once registered, delivers the reports an earlier run left behind;
-//!   then prunes expired accepted lease ids every minute.
+//!   then prunes expired accepted lease ids every minute. Before any task
+//!   starts, each lease an earlier run left in flight (accepted, with no
+//!   report) gets a retryable Fail in the outbox, which `recover` sends.
+//!
+//! While the outbox cannot record (a disk fault), the pull task reads no
+//! lease and acknowledges none it could not record; reports are sent from
+//! memory meanwhile; `/readyz` and the metrics say so.
 //!
 //! What two tasks really share is an `Arc` of that one piece: the
 //! [`NodeStats`], the registered flag, the slots. The metrics and

@@ -279,8 +279,8 @@ impl Puller {
     /// (it runs twice) nor fail at start-up; failing it would end the run;
     /// holding it only makes it wait, and the plane keeps it assigned (and
     /// re-leases it after its TTL if the node dies meanwhile). Should the
-    /// node stop before the outbox records again, the held leases are left
-    /// to the plane the same way, with a warning each.
+    /// node stop before the outbox records again, or a held lease's
+    /// deadline pass, it is left to the plane the same way, with a warning.
     async fn record(&mut self, mut fresh: Vec<Lease>) -> (Vec<Lease>, Vec<Lease>) {
         let mut recorded = Vec::with_capacity(fresh.len());
         let mut before = Vec::new();
@@ -321,6 +321,16 @@ impl Puller {
                 }
                 _ = self.outbox.writable() => {}
             }
+            // One whose deadline passed meanwhile is not taken now: failing
+            // it would end the run for good, and the plane re-leases it.
+            let now = crate::outbox::now_unix_ms();
+            fresh.retain(|lease| {
+                let expired = lease.deadline_unix_ms > 0 && lease.deadline_unix_ms <= now;
+                if expired {
+                    tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "the lease's deadline passed while the outbox could not record it: not acknowledged, not run, left to the control plane to re-lease");
+                }
+                !expired
+            });
         }
         (recorded, before)
     }
