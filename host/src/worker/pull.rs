@@ -84,6 +84,13 @@ impl SeenLeases {
         self.order.push_back(lease_id.to_string());
         true
     }
+
+    /// Forgets a lease that was never taken, so it is taken if it comes
+    /// again. (Its place in the eviction order stays; evicting an id no
+    /// longer held is harmless.)
+    fn forget(&mut self, lease_id: &str) {
+        self.ids.remove(lease_id);
+    }
 }
 
 impl Puller {
@@ -284,6 +291,9 @@ impl Puller {
     async fn record(&mut self, mut fresh: Vec<Lease>) -> (Vec<Lease>, Vec<Lease>) {
         let mut recorded = Vec::with_capacity(fresh.len());
         let mut before = Vec::new();
+        // Only for an error that did not stop the outbox recording (its
+        // writer thread gone): no hot loop on it either.
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while !fresh.is_empty() {
             let keys: Vec<LeaseKey> = fresh
                 .iter()
@@ -312,14 +322,22 @@ impl Puller {
                 count = fresh.len(),
                 "holding leases unacknowledged until the outbox can record them"
             );
+            let delay = backoff.next_delay();
             tokio::select! {
                 _ = self.shutdown.stopping() => {
                     for lease in &fresh {
+                        self.seen.forget(&lease.lease_id);
                         tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "stopping with a lease the outbox could not record: it was not acknowledged and did not run; the control plane keeps it assigned and re-leases it after its TTL");
                     }
                     break;
                 }
-                _ = self.outbox.writable() => {}
+                _ = async {
+                    if self.outbox.is_writable() {
+                        tokio::time::sleep(delay).await;
+                    } else {
+                        self.outbox.writable().await;
+                    }
+                } => {}
             }
             // One whose deadline passed meanwhile is not taken now: failing
             // it would end the run for good, and the plane re-leases it.
@@ -327,6 +345,7 @@ impl Puller {
             fresh.retain(|lease| {
                 let expired = lease.deadline_unix_ms > 0 && lease.deadline_unix_ms <= now;
                 if expired {
+                    self.seen.forget(&lease.lease_id);
                     tracing::warn!(lease_id = %lease.lease_id, run_id = %lease.run_id, "the lease's deadline passed while the outbox could not record it: not acknowledged, not run, left to the control plane to re-lease");
                 }
                 !expired
