@@ -133,16 +133,32 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
     eventually(Duration::from_secs(60), "the first run", || ended(&before)).await;
 
     fill(&inside.join("filler"));
-    // The next write fails: the Ack's record of this lease, or, if redb
-    // still had room for that, the record of its report (then it is sent
-    // from memory).
-    let trigger = plane.submit(echo("the write that fails")).await.unwrap().run_id;
-    let unready = eventually_async(Duration::from_secs(60), "readiness to name the outbox", || async {
-        get(&http, &readyz)
-            .await
-            .filter(|(status, body)| *status == 503 && body.contains("outbox cannot record"))
-    })
-    .await;
+    // A write that needs new room fails: the record of a lease (then it
+    // waits, unacknowledged), or of its report (then the report is sent
+    // from memory). redb may still fit a small write in pages it holds, so
+    // runs are submitted until one write fails.
+    let mut triggers = Vec::new();
+    let mut unready = None;
+    for attempt in 0..20 {
+        triggers.push(
+            plane
+                .submit(echo(&format!("a write that may fail {attempt}")))
+                .await
+                .unwrap()
+                .run_id,
+        );
+        let started = std::time::Instant::now();
+        while unready.is_none() && started.elapsed() < Duration::from_secs(3) {
+            unready = get(&http, &readyz)
+                .await
+                .filter(|(status, body)| *status == 503 && body.contains("outbox cannot record"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if unready.is_some() {
+            break;
+        }
+    }
+    let unready = unready.expect("readiness names the outbox once a write fails on the full disk");
     assert!(unready.1.contains("No space left on device"), "{unready:?}");
     let (_, text) = get(&http, &metrics).await.unwrap();
     assert!(text.contains("outbox_writable 0\n"), "{text}");
@@ -170,7 +186,7 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
             "{run:?}"
         );
     }
-    during.push(trigger);
+    during.extend(triggers);
 
     std::fs::remove_file(inside.join("filler")).unwrap();
     for run_id in &during {
