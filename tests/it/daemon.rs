@@ -588,3 +588,210 @@ async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_eac
     node.shutdown().await;
     plane.kill().await.unwrap();
 }
+
+/// A lease from the scripted plane whose run sleeps for longer than the
+/// test lasts.
+fn long_lease(lease_id: &str, deadline_unix_ms: i64) -> node_runtime::proto::Lease {
+    let mut lease = scripted::lease(lease_id, "sleep-forever", deadline_unix_ms);
+    if let Some(spec) = lease.run_spec.as_mut() {
+        spec.budgets = Some(node_runtime::proto::BudgetConstraints {
+            max_duration_seconds: 50,
+            ..Default::default()
+        });
+    }
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_slots_is_acknowledged_only_as_far_as_there_is_room() {
+    let now = node_runtime::outbox::now_unix_ms();
+    let burst: Vec<_> = (0..12)
+        .map(|i| long_lease(&format!("lease-burst-{i}"), now + 120_000))
+        .collect();
+    let (url, recorded) = scripted::serve(burst).await;
+    let agents = agents_layout();
+    let slots = 2;
+    let node = start_node(&url, slots, &agents);
+    // Room: the two slots, the queue (2 x slots, at least 4), and the one
+    // lease the dispatcher holds while it waits for the next free slot.
+    let room = 2 + 4 + 1;
+    eventually(Duration::from_secs(30), "the node to fill its room", || {
+        (recorded.lock().unwrap().acks.len() >= room).then_some(())
+    })
+    .await;
+    // Time for a wrong Ack beyond the room to show; no run ends meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        assert!(
+            recorded.fails.is_empty() && recorded.completes.is_empty(),
+            "no run ended yet"
+        );
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(
+            acked.len(),
+            room,
+            "acknowledged before any run ended: {acked:?}; room for {room}"
+        );
+    }
+    assert_eq!(node.stats().runs_started.load(Ordering::SeqCst), 2);
+    // Stopping hands back (Fail, retryable) exactly what was acknowledged;
+    // the rest was never read, so the plane still holds it.
+    node.shutdown().await;
+    let recorded = recorded.lock().unwrap();
+    let mut failed: Vec<&str> = recorded.fails.iter().map(|fail| fail.lease_id.as_str()).collect();
+    let mut acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+    failed.sort();
+    acked.sort();
+    assert_eq!(
+        failed, acked,
+        "one report for each acknowledged lease, none for the others"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_lease_id_is_refused_and_the_next_one_runs() {
+    let now = node_runtime::outbox::now_unix_ms();
+    let mut nameless = scripted::lease("", "echo", now + 60_000);
+    nameless.run_id = "run-without-a-lease-id".to_string();
+    let (url, recorded) = scripted::serve(vec![nameless, scripted::lease("lease-named", "echo", now + 60_000)]).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 2, &agents);
+    eventually(Duration::from_secs(30), "the named lease's report", || {
+        (!recorded.lock().unwrap().completes.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        let completed: Vec<&str> = recorded.completes.iter().map(|c| c.lease_id.as_str()).collect();
+        assert_eq!(completed, ["lease-named"]);
+        assert!(
+            recorded.fails.is_empty(),
+            "nothing is failed: a Fail needs the lease id"
+        );
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(acked, ["lease-named"], "no Ack without a lease id");
+    }
+    let stats = node.stats();
+    assert_eq!(
+        stats.runs_started.load(Ordering::SeqCst),
+        1,
+        "the nameless lease never ran"
+    );
+    assert_eq!(stats.leases_without_id.load(Ordering::SeqCst), 1);
+    node.shutdown().await;
+}
+
+/// A lease whose input is `bytes` long.
+fn lease_with_input(lease_id: &str, bytes: usize) -> node_runtime::proto::Lease {
+    let mut lease = scripted::lease(lease_id, "echo", node_runtime::outbox::now_unix_ms() + 60_000);
+    if let Some(spec) = lease.run_spec.as_mut() {
+        spec.input_ref.insert("message".to_string(), "x".repeat(bytes));
+    }
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_with_a_5_mib_input_runs_under_the_default_message_limit() {
+    // gRPC's default decode limit (4 MiB) once broke the stream on it, and
+    // the run stayed assigned for ever, with no Ack and no report.
+    let (url, recorded) = scripted::serve_with(
+        vec![lease_with_input("lease-5mib", 5 << 20)],
+        scripted::Answers {
+            max_message_bytes: Some(64 << 20),
+            ..scripted::Answers::default()
+        },
+    )
+    .await;
+    let agents = agents_layout();
+    let node = start_node(&url, 2, &agents);
+    eventually(Duration::from_secs(60), "the 5 MiB lease's report", || {
+        let recorded = recorded.lock().unwrap();
+        (recorded.completes.len() + recorded.fails.len() == 1).then_some(())
+    })
+    .await;
+    {
+        let recorded = recorded.lock().unwrap();
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(acked, ["lease-5mib"]);
+        let reported = recorded
+            .completes
+            .iter()
+            .map(|c| c.lease_id.as_str())
+            .chain(recorded.fails.iter().map(|f| f.lease_id.as_str()))
+            .collect::<Vec<_>>();
+        assert_eq!(reported, ["lease-5mib"]);
+    }
+    let stats = node.stats();
+    assert_eq!(stats.runs_started.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.lease_messages_too_large.load(Ordering::SeqCst), 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_over_max_lease_message_bytes_is_logged_and_counted_and_the_next_lease_runs() {
+    node_runtime::support::tls::install_crypto_provider();
+    // The first stream carries a 2 MiB lease, over the 1 MiB configured;
+    // the stream the node reopens carries a small one.
+    let (url, recorded) = scripted::serve_pulls(
+        vec![
+            vec![lease_with_input("lease-too-large", 2 << 20)],
+            vec![scripted::lease(
+                "lease-small",
+                "echo",
+                node_runtime::outbox::now_unix_ms() + 60_000,
+            )],
+        ],
+        scripted::Answers::default(),
+    )
+    .await;
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("serve.log");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__ControlPlaneUrl", &url)
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path().join("data"))
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("NodeRuntime__MaxLeaseMessageBytes", "1MiB")
+        .env("NodeRuntime__AdminListen", admin.to_string())
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(60), "the small lease's report", || {
+        (!recorded.lock().unwrap().completes.is_empty()).then_some(())
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    node.kill().await.unwrap();
+    {
+        let recorded = recorded.lock().unwrap();
+        let acked: Vec<&str> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.as_str()).collect();
+        assert_eq!(acked, ["lease-small"], "the undecodable lease cannot be acknowledged");
+        assert_eq!(recorded.completes.len(), 1);
+        assert_eq!(recorded.completes[0].lease_id, "lease-small");
+        assert!(recorded.fails.is_empty(), "nor failed: it names no lease");
+        assert!(recorded.pulls >= 2, "the stream was reopened");
+    }
+    assert!(metrics.contains("lease_messages_too_large_total 1\n"), "{metrics}");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("MaxLeaseMessageBytes"))
+        .unwrap_or_else(|| panic!("no log line names the setting:\n{stderr}"));
+    assert!(line.contains("1048576"), "the limit: {line}");
+    assert!(line.contains("found 2097"), "the size found: {line}");
+}

@@ -30,6 +30,8 @@ mod compiled_cache;
 mod daemon;
 /// The development control plane, as nodes and developers use it.
 mod dev_plane;
+/// The outbox on a full filesystem, and damaged outbox files.
+mod disk_faults;
 /// Pulley and `compile --target`.
 mod edge;
 /// Outbound HTTP allow-lists and trace context.

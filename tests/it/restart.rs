@@ -594,3 +594,54 @@ async fn a_restarted_node_works_again_against_a_plane_that_answers_500_to_its_re
     );
     plane.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_running_when_the_node_is_sigkilled_is_failed_retryable_once_it_restarts() {
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let mut node = spawn_node_process(&plane.url(), agents.path(), data.path());
+    let sleeping = NewRun {
+        agent_id: "sleep-forever".to_string(),
+        version: "1.0.0".to_string(),
+        input_ref: BTreeMap::new(),
+        metadata: BTreeMap::new(),
+        budgets: Budgets {
+            max_duration_seconds: Some(60),
+            ..Budgets::default()
+        },
+    };
+    let run_id = plane.submit(sleeping).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "the run to be acknowledged", || {
+        plane.run(&run_id).filter(|run| run.acked_at.is_some())
+    })
+    .await;
+    node.kill().await.unwrap(); // SIGKILL, mid-run
+    assert_eq!(plane.run(&run_id).unwrap().status, RunStatus::Assigned);
+
+    // Restarted, the node fails it at once rather than leave it to a plane
+    // that never re-queues a run it believes is running (the lease TTL here
+    // is 300 s: the test would time out first).
+    let _node = spawn_node_process(&plane.url(), agents.path(), data.path());
+    let run = eventually(Duration::from_secs(60), "the interrupted run to be failed", || {
+        plane.run(&run_id).filter(|run| run.status == RunStatus::Failed)
+    })
+    .await;
+    let info = run.error_info.as_ref().expect("a failed run has errorInfo");
+    assert!(info.retryable, "{info:?}");
+    assert_eq!(info.error_message, "the node restarted during this lease");
+    let details: serde_json::Value = serde_json::from_str(&info.error_details).unwrap();
+    assert_eq!(details["kind"], "node.unavailable", "{details}");
+    // Time for a second report, or a second run, to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = plane.run(&run_id).unwrap();
+    assert_eq!(run.outcomes, 1, "{run:?}");
+    assert_eq!(run.attempts, 1, "not leased again: {run:?}");
+    plane.shutdown().await;
+}

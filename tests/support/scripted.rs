@@ -15,6 +15,11 @@ use tokio_stream::wrappers::ReceiverStream;
 pub struct Recorded {
     pub completes: Vec<CompleteRequest>,
     pub fails: Vec<FailRequest>,
+    /// Each Ack, with how many reports (Complete or Fail) had arrived
+    /// before it.
+    pub acks: Vec<(AckRequest, usize)>,
+    /// Pull streams opened.
+    pub pulls: usize,
 }
 
 /// How the script answers Complete and Fail.
@@ -40,7 +45,8 @@ impl Default for Answers {
 }
 
 struct Script {
-    leases: Mutex<Option<Vec<Lease>>>,
+    /// What each Pull streams, in turn; later Pulls stream nothing.
+    leases: Mutex<std::collections::VecDeque<Vec<Lease>>>,
     recorded: Arc<Mutex<Recorded>>,
     answers: Answers,
 }
@@ -51,7 +57,8 @@ impl LeaseService for Script {
 
     async fn pull(&self, _: tonic::Request<PullRequest>) -> Result<tonic::Response<Self::PullStream>, tonic::Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let leases = self.leases.lock().unwrap().take().unwrap_or_default();
+        self.recorded.lock().unwrap().pulls += 1;
+        let leases = self.leases.lock().unwrap().pop_front().unwrap_or_default();
         tokio::spawn(async move {
             for lease in leases {
                 if tx.send(Ok(lease)).await.is_err() {
@@ -64,7 +71,11 @@ impl LeaseService for Script {
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn ack(&self, _: tonic::Request<AckRequest>) -> Result<tonic::Response<AckResponse>, tonic::Status> {
+    async fn ack(&self, request: tonic::Request<AckRequest>) -> Result<tonic::Response<AckResponse>, tonic::Status> {
+        let mut recorded = self.recorded.lock().unwrap();
+        let reports = recorded.completes.len() + recorded.fails.len();
+        recorded.acks.push((request.into_inner(), reports));
+        drop(recorded);
         Ok(tonic::Response::new(AckResponse {
             success: true,
             message: String::new(),
@@ -108,9 +119,15 @@ pub async fn serve(leases: Vec<Lease>) -> (String, Arc<Mutex<Recorded>>) {
 
 /// Like [`serve`], answering reports as `answers` says.
 pub async fn serve_with(leases: Vec<Lease>, answers: Answers) -> (String, Arc<Mutex<Recorded>>) {
+    serve_pulls(vec![leases], answers).await
+}
+
+/// Like [`serve_with`], streaming `pulls[0]` on the first Pull, `pulls[1]`
+/// on the second (after the node reopened the stream), and so on.
+pub async fn serve_pulls(pulls: Vec<Vec<Lease>>, answers: Answers) -> (String, Arc<Mutex<Recorded>>) {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let script = Script {
-        leases: Mutex::new(Some(leases)),
+        leases: Mutex::new(pulls.into()),
         recorded: recorded.clone(),
         answers,
     };

@@ -135,11 +135,12 @@ impl<'a> NodeBuild<'a> {
             Some(store) => store,
             None => agent_store(config, &tls)?,
         };
-        let outbox = Outbox::open(&config.node_runtime.data_directory)?;
+        let outbox = Outbox::open_setting_aside_damaged(&config.node_runtime.data_directory, Default::default())?;
         tracing::info!(target: LOG_TARGET, path = %outbox.path().display(), "outbox open");
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)
             .metrics(self.metrics)
+            .max_lease_message_bytes(usize::try_from(config.node_runtime.max_lease_message_bytes).unwrap_or(usize::MAX))
             .start()?;
         Ok(node)
     }

@@ -2,7 +2,10 @@
 //! node still owes its control plane (`{DataDirectory}/outbox.redb`).
 //!
 //! The outbox file is locked while a node runs with it; these commands
-//! then refuse, naming the reason, rather than race the node.
+//! then refuse, naming the reason, rather than race the node. A damaged
+//! outbox (which `serve` moves aside as `outbox.redb.corrupt-<time>`) is
+//! read with `list --file`, on a copy: what can be read is listed, or the
+//! command says plainly that nothing can.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -24,7 +27,7 @@ pub struct OutboxArgs {
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
     /// Show each pending report: lease id, run id, kind, age, deadline.
-    List(ConfigArg),
+    List(ListArgs),
     /// Send every pending report now (to `ControlPlaneUrl`), once each, and
     /// say what was delivered; answered ones leave the outbox (a plane that
     /// refuses a report will never take it: check the URL with --dry-run).
@@ -39,6 +42,17 @@ pub struct ConfigArg {
     /// apply over it); the outbox is `{DataDirectory}/outbox.redb`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Read this outbox file instead of `{DataDirectory}/outbox.redb`, e.g.
+    /// an `outbox.redb.corrupt-<time>` that `serve` moved aside: it is read
+    /// from a copy, never changed, and what can be read is listed.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -66,7 +80,10 @@ pub struct PurgeArgs {
 
 pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
     match args.command {
-        OutboxCommand::List(config) => list(&config),
+        OutboxCommand::List(args) => match &args.file {
+            Some(file) => list_file(file),
+            None => list(&args.config),
+        },
         OutboxCommand::Retry(args) => retry(&args).await,
         OutboxCommand::Purge(args) => purge(&args),
     }
@@ -100,6 +117,12 @@ fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
              (it delivers what the outbox holds by itself)",
             path.display()
         )),
+        OutboxError::Damaged { path, reason } => CommandError::internal(format!(
+            "the outbox {} is damaged ({reason}); `node-runtime serve` moves it aside and starts \
+             with an empty one; read what is left of it with `node-runtime outbox list --file {}`",
+            path.display(),
+            path.display()
+        )),
         other => CommandError::internal(format!("cannot open the outbox: {other}")),
     })?;
     Ok((config, outbox))
@@ -113,18 +136,65 @@ fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (_, outbox) = load(args)?;
     let reports = pending(&outbox)?;
     println!("{} pending report(s) in {}", reports.len(), outbox.path().display());
+    print_reports(&reports, |report| {
+        outbox.expired(report.deadline_unix_ms, report.written_unix_ms, now_unix_ms())
+    });
+    Ok(Exit::Completed)
+}
+
+/// `list --file`: what can be read of an outbox file, damaged or not.
+fn list_file(path: &std::path::Path) -> Result<Exit, CommandError> {
+    if !path.is_file() {
+        return Err(CommandError::usage(format!(
+            "{} is not a file: give the path of an outbox file, e.g. an outbox.redb.corrupt-<time> \
+             that serve moved aside in the DataDirectory",
+            path.display()
+        )));
+    }
+    let salvaged = outbox::salvage(path).map_err(|err| match err {
+        OutboxError::Damaged { reason, .. } => {
+            CommandError::internal(format!("nothing can be read from {}: {reason}", path.display()))
+        }
+        other => CommandError::internal(other.to_string()),
+    })?;
+    println!("{} report(s) read from {}", salvaged.reports.len(), path.display());
+    if salvaged.unreadable > 0 || salvaged.stopped.is_some() {
+        println!(
+            "{} entr(y/ies) could not be read{}",
+            salvaged.unreadable,
+            salvaged
+                .stopped
+                .as_deref()
+                .map(|why| format!("; reading stopped early: {why}"))
+                .unwrap_or_default()
+        );
+    }
+    let limits = outbox::OutboxLimits::default();
+    let grace = i64::try_from(limits.grace.as_millis()).unwrap_or(i64::MAX);
+    print_reports(&salvaged.reports, |report| {
+        let from = if report.deadline_unix_ms > 0 {
+            report.deadline_unix_ms
+        } else {
+            report.written_unix_ms
+        };
+        now_unix_ms() > from.saturating_add(grace)
+    });
+    Ok(Exit::Completed)
+}
+
+fn print_reports(reports: &[PendingReport], expired: impl Fn(&PendingReport) -> bool) {
     if reports.is_empty() {
-        return Ok(Exit::Completed);
+        return;
     }
     let now = now_unix_ms();
     println!("{:<40}  {:<40}  {:<8}  {:>10}  DEADLINE", "LEASE", "RUN", "KIND", "AGE");
-    for report in &reports {
+    for report in reports {
         let age = Duration::from_secs(u64::try_from((now - report.written_unix_ms) / 1000).unwrap_or(0));
         let deadline = match u64::try_from(report.deadline_unix_ms) {
             Ok(ms) if ms > 0 => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string(),
             _ => "none".to_string(),
         };
-        let expired = if outbox.expired(report.deadline_unix_ms, report.written_unix_ms, now) {
+        let expired = if expired(report) {
             " (expired: will be dropped)"
         } else {
             ""
@@ -137,7 +207,6 @@ fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
             humantime::format_duration(age).to_string(),
         );
     }
-    Ok(Exit::Completed)
 }
 
 async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {

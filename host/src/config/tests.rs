@@ -185,6 +185,7 @@ fn environment_variables_override_the_file_the_dotnet_way() {
             ("OpenTelemetry:Traces:SamplingRatio", "0.5"),
             ("Logging__LogLevel__Default", "Debug"),
             ("NodeRuntime__AdminListen", "0.0.0.0:9090"),
+            ("NodeRuntime__MaxLeaseMessageBytes", "5MiB"),
             // Not the node's sections: none of its business.
             ("PATH", "/usr/bin"),
             ("Kestrel__Endpoints__Http__Url", "http://*:80"),
@@ -201,6 +202,7 @@ fn environment_variables_override_the_file_the_dotnet_way() {
     assert_eq!(config.open_telemetry.traces.sampling_ratio, 0.5);
     assert!(config.log_filter().starts_with("debug,"));
     assert_eq!(config.node_runtime.admin_listen, Some("0.0.0.0:9090".parse().unwrap()));
+    assert_eq!(config.node_runtime.max_lease_message_bytes, 5 << 20);
     assert_eq!(config.ignored_keys, ["AllowedHosts"]);
 }
 
@@ -343,6 +345,13 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             env: &[],
             key: "NodeRuntime.AdminListen",
             fix: "127.0.0.1:9090",
+        },
+        Case {
+            what: "a lease message limit too small for a lease",
+            json: r#"{"NodeRuntime": {"MaxLeaseMessageBytes": 1000}}"#,
+            env: &[],
+            key: "NodeRuntime.MaxLeaseMessageBytes",
+            fix: "at least 64KiB",
         },
         Case {
             what: "a negative drain timeout",

@@ -26,6 +26,13 @@ pub enum LeaseClientError {
     },
 }
 
+/// Whether a broken lease stream broke on a message larger than the
+/// client decodes (tonic: OUT_OF_RANGE, "decoded message length too
+/// large: found N bytes, the limit is: M bytes").
+pub fn is_message_too_large(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large")
+}
+
 impl LeaseClientError {
     /// Whether the control plane refused the message for its size: gRPC
     /// servers answer RESOURCE_EXHAUSTED (ASP.NET's "Received message
@@ -115,6 +122,12 @@ impl LeaseClient {
             client: LeaseServiceClient::new(channel),
             call_timeout,
         })
+    }
+
+    /// Decodes lease messages of up to `bytes` (tonic's default is 4 MiB).
+    pub fn max_lease_message_bytes(mut self, bytes: usize) -> Self {
+        self.client = self.client.max_decoding_message_size(bytes);
+        self
     }
 
     /// Opens the lease stream. Returns only once the server sends headers,

@@ -10,7 +10,7 @@ pub mod registration;
 pub mod report;
 pub mod tls;
 
-pub use leases::{LeaseClient, LeaseClientError, LeaseStream};
+pub use leases::{LeaseClient, LeaseClientError, LeaseStream, is_message_too_large};
 pub use registration::{Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient, RestError};
 pub use report::Report;
 pub use tls::{ControlPlaneTls, TlsError, TlsOptions};

@@ -16,18 +16,36 @@
 //! the reports dropped to stay in bounds), exactly as if it had committed
 //! alone and in queue order. A transaction that fails fails every write in
 //! it.
+//!
+//! A failed (or panicked) commit leaves the store unable to record (redb
+//! refuses everything after an I/O error). From then on the writer thread
+//! answers each write at once with the committer's "unavailable" error,
+//! rather than let it wait, and asks the committer to reopen the store
+//! with back-off; once it has, writes commit again.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use support::Backoff;
 
 use tokio::sync::oneshot;
 
 /// One queued write.
 #[derive(Debug)]
 pub(super) enum Write {
-    Accept { lease_id: String, deadline_unix_ms: i64 },
-    Put { lease_id: String, value: Vec<u8> },
-    Remove { lease_id: String },
+    Accept {
+        lease_id: String,
+        run_id: String,
+        deadline_unix_ms: i64,
+    },
+    Put {
+        lease_id: String,
+        value: Vec<u8>,
+    },
+    Remove {
+        lease_id: String,
+    },
 }
 
 /// What a write found.
@@ -50,7 +68,19 @@ pub(super) trait Committer: Send + 'static {
     fn each(&self, error: &Self::Error) -> Self::Error;
     /// The error for writes whose commit panicked.
     fn panicked(&self) -> Self::Error;
+    /// Whether the store records now; false after a failed commit until
+    /// [`Committer::reopen`] succeeds.
+    fn healthy(&self) -> bool;
+    /// Reopens the store after a failure (`attempt` counts from 1); true
+    /// once it records again.
+    fn reopen(&self, attempt: u32) -> bool;
+    /// The answer to a write while the store is not healthy.
+    fn unavailable(&self) -> Self::Error;
 }
+
+/// The first wait before reopening a failed store, and the longest.
+const REOPEN_FIRST: Duration = Duration::from_millis(200);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
 
 type Answers<E> = Vec<Result<Written, E>>;
 
@@ -152,7 +182,30 @@ impl<E> Drop for GroupCommit<E> {
 }
 
 fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C::Error>>) {
-    while let Ok(first) = queue.recv() {
+    let mut backoff = Backoff::new(REOPEN_FIRST, REOPEN_MAX);
+    let mut next_reopen: Option<Instant> = None;
+    loop {
+        if !committer.healthy() {
+            // Answer what arrives at once, and reopen when it is time.
+            let due = *next_reopen.get_or_insert_with(|| Instant::now() + backoff.next_delay());
+            match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(job) => answer(
+                    job.reply,
+                    job.writes.iter().map(|_| Err(committer.unavailable())).collect(),
+                ),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if committer.reopen(backoff.attempts()) {
+                        backoff.reset();
+                        next_reopen = None;
+                    } else {
+                        next_reopen = Some(Instant::now() + backoff.next_delay());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            continue;
+        }
+        let Ok(first) = queue.recv() else { return };
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
             match queue.try_recv() {
@@ -184,15 +237,19 @@ fn commit_jobs<C: Committer>(committer: &C, jobs: Vec<Job<C::Error>>) {
     let mut answers = answers.into_iter();
     for (count, reply) in counts.into_iter().zip(replies) {
         let own: Answers<C::Error> = answers.by_ref().take(count).collect();
-        // A caller that stopped waiting (its task was dropped) needs no
-        // answer; the write is committed all the same.
-        match reply {
-            Reply::Blocking(sender) => {
-                let _ = sender.send(own);
-            }
-            Reply::Async(sender) => {
-                let _ = sender.send(own);
-            }
+        answer(reply, own);
+    }
+}
+
+fn answer<E>(reply: Reply<E>, answers: Answers<E>) {
+    // A caller that stopped waiting (its task was dropped) needs no
+    // answer; the write is committed all the same.
+    match reply {
+        Reply::Blocking(sender) => {
+            let _ = sender.send(answers);
+        }
+        Reply::Async(sender) => {
+            let _ = sender.send(answers);
         }
     }
 }
@@ -213,6 +270,8 @@ mod tests {
         started: mpsc::Sender<()>,
         gate: Mutex<mpsc::Receiver<()>>,
         panic_on: Option<&'static str>,
+        /// Set by a panicked commit, cleared by a reopen.
+        broken: Mutex<bool>,
     }
 
     impl Committer for Recorder {
@@ -242,7 +301,21 @@ mod tests {
         }
 
         fn panicked(&self) -> String {
+            *self.broken.lock().unwrap() = true;
             "panicked".to_string()
+        }
+
+        fn healthy(&self) -> bool {
+            !*self.broken.lock().unwrap()
+        }
+
+        fn reopen(&self, _: u32) -> bool {
+            *self.broken.lock().unwrap() = false;
+            true
+        }
+
+        fn unavailable(&self) -> String {
+            "unavailable".to_string()
         }
     }
 
@@ -262,6 +335,7 @@ mod tests {
             started: started_tx,
             gate: Mutex::new(gate_rx),
             panic_on,
+            broken: Mutex::new(false),
         };
         let group = GroupCommit::start(recorder, || "gone".to_string()).expect("writer thread");
         Harness {
@@ -337,7 +411,19 @@ mod tests {
         let answers = doomed.await;
         assert_eq!(answers.len(), 2);
         assert!(answers.iter().all(|answer| matches!(answer, Err(e) if e == "panicked")));
-        assert_eq!(ids(h.group.submit(vec![put("after")]).await), ["after"]);
+        // Until the store is reopened (after a back-off), writes are
+        // answered "unavailable" at once; then they commit again.
+        let mut after = h.group.submit(vec![put("after")]).await;
+        for _ in 0..100 {
+            match &after[0] {
+                Err(e) if e == "unavailable" => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    after = h.group.submit(vec![put("after")]).await;
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(ids(after), ["after"]);
     }
 
     #[test]

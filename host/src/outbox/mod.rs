@@ -18,17 +18,29 @@
 //!   `[tag: 1 byte][deadline unix ms: i64 LE][written unix ms: i64 LE]`
 //!   then the prost-encoded `CompleteRequest` (tag 1) or `FailRequest`
 //!   (tag 2);
-//! - `accepted`: lease id -> (accepted-at unix ms, lease deadline unix ms).
+//! - `accepted`: lease id -> (accepted-at unix ms, lease deadline unix ms);
+//! - `in_flight`: lease id -> (run id, lease deadline unix ms), for each
+//!   accepted lease that has no report yet. Written with the accept,
+//!   removed (in the same commit) when its report is stored or answered.
+//!   What it holds at start-up was running when the node died: see
+//!   [`Outbox::in_flight`].
 //!
 //! Bounds: a report (or accepted id) whose lease deadline plus
 //! [`OutboxLimits::grace`] has passed is dropped: the control plane has
 //! re-leased that run. A lease with no deadline counts from when the
 //! report was written. Past [`OutboxLimits::max_reports`], the oldest
 //! report is dropped.
+//!
+//! After an I/O error redb refuses everything until reopened; the outbox
+//! then says it cannot record ([`Outbox::is_writable`], [`Outbox::fault`]),
+//! answers writes with an error at once, and its writer thread reopens the
+//! file with back-off (see `file`).
 
 // redb::Error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
+mod damaged;
+mod file;
 mod group_commit;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +50,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 
+use damaged::{OpenFailure, open_database};
+pub use damaged::{Salvaged, salvage};
+use file::DatabaseFile;
+pub use file::OutboxFault;
 use group_commit::{Committer, GroupCommit, Write, Written};
 
 use crate::control_plane::Report;
@@ -45,6 +61,7 @@ use proto::{CompleteRequest, FailRequest};
 
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
 const ACCEPTED: TableDefinition<&str, (i64, i64)> = TableDefinition::new("accepted");
+const IN_FLIGHT: TableDefinition<&str, (&str, i64)> = TableDefinition::new("in_flight");
 
 const TAG_COMPLETE: u8 = 1;
 const TAG_FAIL: u8 = 2;
@@ -81,6 +98,8 @@ pub enum OutboxError {
     Database { path: PathBuf, message: String },
     #[error("a stored report for lease {0} cannot be decoded")]
     Corrupt(String),
+    #[error("the outbox {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
 }
 
 /// A report waiting in the outbox.
@@ -113,6 +132,16 @@ impl PendingReport {
     }
 }
 
+/// A lease accepted, with no report yet: to record one, or one found at
+/// start-up, left by a node that died while it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseKey {
+    pub lease_id: String,
+    pub run_id: String,
+    /// The lease's deadline, unix ms (0: none).
+    pub deadline_unix_ms: i64,
+}
+
 /// What [`Outbox::prune`] dropped.
 #[derive(Debug, Default)]
 pub struct Pruned {
@@ -124,7 +153,7 @@ pub struct Pruned {
 /// The durable outbox. Cloning shares the same open database.
 #[derive(Clone)]
 pub struct Outbox {
-    db: Arc<Database>,
+    file: Arc<DatabaseFile>,
     path: PathBuf,
     limits: OutboxLimits,
     /// Accepts, reports and removals of concurrent runs share commits,
@@ -134,7 +163,7 @@ pub struct Outbox {
 
 /// The writer thread's side of the outbox: the tables the writes go to.
 struct Tables {
-    db: Arc<Database>,
+    file: Arc<DatabaseFile>,
     path: PathBuf,
     limits: OutboxLimits,
 }
@@ -166,14 +195,15 @@ impl Outbox {
             source,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
+        let db = match open_database(&path, true) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::Locked(path)),
-            Err(err) => return Err(database(&path, err)),
+            Err(OpenFailure::Locked) => return Err(OutboxError::Locked(path)),
+            Err(OpenFailure::Damaged(reason)) => return Err(OutboxError::Damaged { path, reason }),
+            Err(OpenFailure::Other(err)) => return Err(database(&path, err)),
         };
-        let db = Arc::new(db);
+        let file = Arc::new(DatabaseFile::new(path.clone(), db));
         let tables = Tables {
-            db: Arc::clone(&db),
+            file: Arc::clone(&file),
             path: path.clone(),
             limits,
         };
@@ -189,7 +219,7 @@ impl Outbox {
             message: format!("cannot start the outbox writer thread: {err}"),
         })?;
         let outbox = Outbox {
-            db,
+            file,
             path,
             limits,
             group: Arc::new(group),
@@ -198,9 +228,38 @@ impl Outbox {
         outbox.write(|txn| {
             txn.open_table(PENDING)?;
             txn.open_table(ACCEPTED)?;
+            txn.open_table(IN_FLIGHT)?;
             Ok(())
         })?;
         Ok(outbox)
+    }
+
+    /// Opens the outbox as [`Outbox::open_with`] does, but a damaged file
+    /// does not stop the node: it is moved aside
+    /// (`outbox.redb.corrupt-<time>`, see `node-runtime outbox list
+    /// --file`), with an error log naming both paths, and an empty outbox
+    /// takes its place. What the damaged file held is not sent: leases it
+    /// had accepted may be redelivered and run again, reports it held are
+    /// lost unless salvaged by hand; the alternative, a node that cannot
+    /// start, loses every run it would have taken.
+    pub fn open_setting_aside_damaged(dir: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
+        match Outbox::open_with(dir, limits) {
+            Err(OutboxError::Damaged { path, reason }) => {
+                let aside = damaged::set_aside(&path)?;
+                tracing::error!(
+                    damaged = %path.display(),
+                    moved_to = %aside.display(),
+                    %reason,
+                    "THE OUTBOX WAS DAMAGED: moved it aside and starting with an empty one; the \
+                     reports it held are not sent and the leases it had accepted are not \
+                     recognised if redelivered; read what is left with `node-runtime outbox list \
+                     --file {}`",
+                    aside.display()
+                );
+                Outbox::open_with(dir, limits)
+            }
+            other => other,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -211,15 +270,57 @@ impl Outbox {
         self.limits
     }
 
+    /// Whether the outbox records now: false from a failed write until the
+    /// file has been reopened and a write committed.
+    pub fn is_writable(&self) -> bool {
+        self.file.is_writable()
+    }
+
+    /// Waits until the outbox records (at once when it does).
+    pub async fn writable(&self) {
+        let mut writable = self.file.subscribe();
+        let _ = writable.wait_for(|writable| *writable).await;
+    }
+
+    /// Why the outbox cannot record, and since when; None while it can.
+    pub fn fault(&self) -> Option<OutboxFault> {
+        self.file.fault()
+    }
+
+    /// Writes the disk refused since the outbox was opened.
+    pub fn write_failures(&self) -> u64 {
+        self.file.write_failures()
+    }
+
+    /// Runs a read on the current database. A panic inside redb (it has
+    /// assertions that a damaged file can trip) is this outbox's error.
+    fn read<T>(&self, body: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, OutboxError> {
+        let db = self.file.current()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&db))) {
+            Ok(done) => done.map_err(|err| database(&self.path, err)),
+            Err(_) => Err(OutboxError::Database {
+                path: self.path.clone(),
+                message: "redb panicked while reading".to_string(),
+            }),
+        }
+    }
+
     fn write<T>(&self, body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, OutboxError> {
+        let db = self.file.current()?;
         let run = || -> Result<T, redb::Error> {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             let value = body(&txn)?;
             // Durability::Immediate (the default): fsynced before it returns.
             txn.commit()?;
             Ok(value)
         };
-        run().map_err(|err| database(&self.path, err))
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .unwrap_or_else(|_| Err(redb::Error::Corrupted("redb panicked while writing".to_string())));
+        written.map_err(|err| {
+            let err = database(&self.path, err);
+            self.file.failed(&err.to_string());
+            err
+        })
     }
 
     /// Records an accepted lease, synced. False when it was accepted before
@@ -230,21 +331,59 @@ impl Outbox {
 
     /// [`Outbox::accept`] for several leases (id, deadline), in one commit.
     pub fn accept_all(&self, leases: &[(&str, i64)]) -> Vec<Result<bool, OutboxError>> {
-        accepted(self.group.submit_blocking(accept_writes(leases)))
+        let keys: Vec<LeaseKey> = leases
+            .iter()
+            .map(|&(lease_id, deadline_unix_ms)| LeaseKey {
+                lease_id: lease_id.to_string(),
+                run_id: String::new(),
+                deadline_unix_ms,
+            })
+            .collect();
+        accepted(self.group.submit_blocking(accept_writes(&keys)))
     }
 
-    /// [`Outbox::accept_all`] for async callers: no thread is held while
-    /// the commit waits for the disk.
-    pub async fn accept_all_async(&self, leases: &[(&str, i64)]) -> Vec<Result<bool, OutboxError>> {
+    /// Records leases as accepted and in flight (until their report is
+    /// stored), in one commit, for async callers: no thread is held while
+    /// the commit waits for the disk. False for a lease accepted before.
+    pub async fn accept_leases(&self, leases: &[LeaseKey]) -> Vec<Result<bool, OutboxError>> {
         accepted(self.group.submit(accept_writes(leases)).await)
     }
 
     pub fn is_accepted(&self, lease_id: &str) -> Result<bool, OutboxError> {
-        let run = || -> Result<bool, redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|db| {
+            let txn = db.begin_read()?;
             Ok(txn.open_table(ACCEPTED)?.get(lease_id)?.is_some())
-        };
-        run().map_err(|err| database(&self.path, err))
+        })
+    }
+
+    /// The leases accepted that have no report stored or answered: at
+    /// start-up, those that were running (or queued) when the node died.
+    pub fn in_flight(&self) -> Result<Vec<LeaseKey>, OutboxError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(IN_FLIGHT)?;
+            let pending = txn.open_table(PENDING)?;
+            let mut leases = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                let lease_id = key.value();
+                if pending.get(lease_id)?.is_some() {
+                    continue;
+                }
+                let (run_id, deadline_unix_ms) = value.value();
+                leases.push(LeaseKey {
+                    lease_id: lease_id.to_string(),
+                    run_id: run_id.to_string(),
+                    deadline_unix_ms,
+                });
+            }
+            Ok(leases)
+        })
+    }
+
+    /// [`Outbox::in_flight`] for async callers.
+    pub async fn in_flight_async(&self) -> Result<Vec<LeaseKey>, OutboxError> {
+        self.blocking(|outbox| outbox.in_flight()).await
     }
 
     /// Stores a report, synced. Returns the lease ids of the oldest reports
@@ -259,12 +398,12 @@ impl Outbox {
     }
 
     pub fn get(&self, lease_id: &str) -> Result<Option<PendingReport>, OutboxError> {
-        let run = || -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let stored = self.read(|db| {
+            let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
             Ok(table.get(lease_id)?.map(|value| value.value().to_vec()))
-        };
-        match run().map_err(|err| database(&self.path, err))? {
+        })?;
+        match stored {
             Some(bytes) => decode(lease_id, &bytes).map(Some),
             None => Ok(None),
         }
@@ -299,8 +438,8 @@ impl Outbox {
     /// Every pending report, oldest first. Undecodable entries are skipped
     /// with an error log.
     pub fn pending(&self) -> Result<Vec<PendingReport>, OutboxError> {
-        let run = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let all = self.read(|db| {
+            let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
             let mut all = Vec::new();
             for entry in table.iter()? {
@@ -308,9 +447,9 @@ impl Outbox {
                 all.push((key.value().to_string(), value.value().to_vec()));
             }
             Ok(all)
-        };
+        })?;
         let mut reports = Vec::new();
-        for (lease_id, bytes) in run().map_err(|err| database(&self.path, err))? {
+        for (lease_id, bytes) in all {
             match decode(&lease_id, &bytes) {
                 Ok(report) => reports.push(report),
                 Err(err) => tracing::error!(error = %err, "skipping an outbox entry"),
@@ -328,8 +467,8 @@ impl Outbox {
     /// How many reports wait, and when the oldest was written (unix ms),
     /// reading only the entries' headers.
     pub fn backlog(&self) -> Result<(u64, Option<i64>), OutboxError> {
-        let run = || -> Result<(u64, Option<i64>), redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|db| {
+            let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
             let mut oldest: Option<i64> = None;
             for entry in table.iter()? {
@@ -338,16 +477,14 @@ impl Outbox {
                 oldest = Some(oldest.map_or(at, |o| o.min(at)));
             }
             Ok((table.len()?, oldest))
-        };
-        run().map_err(|err| database(&self.path, err))
+        })
     }
 
     pub fn pending_count(&self) -> Result<u64, OutboxError> {
-        let run = || -> Result<u64, redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|db| {
+            let txn = db.begin_read()?;
             Ok(txn.open_table(PENDING)?.len()?)
-        };
-        run().map_err(|err| database(&self.path, err))
+        })
     }
 
     /// True when a report's lease is past its deadline plus the grace.
@@ -412,6 +549,18 @@ impl Outbox {
         for lease_id in &stale {
             accepted.remove(lease_id.as_str())?;
         }
+        // An in-flight lease goes with its accepted id.
+        let mut in_flight = txn.open_table(IN_FLIGHT)?;
+        let mut gone = Vec::new();
+        for entry in in_flight.iter()? {
+            let (key, _) = entry?;
+            if accepted.get(key.value())?.is_none() {
+                gone.push(key.value().to_string());
+            }
+        }
+        for lease_id in &gone {
+            in_flight.remove(lease_id.as_str())?;
+        }
         Ok(stale.len())
     }
 
@@ -443,12 +592,13 @@ impl Outbox {
     }
 }
 
-fn accept_writes(leases: &[(&str, i64)]) -> Vec<Write> {
+fn accept_writes(leases: &[LeaseKey]) -> Vec<Write> {
     leases
         .iter()
-        .map(|&(lease_id, deadline_unix_ms)| Write::Accept {
-            lease_id: lease_id.to_string(),
-            deadline_unix_ms,
+        .map(|lease| Write::Accept {
+            lease_id: lease.lease_id.clone(),
+            run_id: lease.run_id.clone(),
+            deadline_unix_ms: lease.deadline_unix_ms,
         })
         .collect()
 }
@@ -533,30 +683,47 @@ impl Committer for Tables {
     /// [`Outbox::remove`]).
     fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, OutboxError> {
         let run = || -> Result<Vec<Written>, redb::Error> {
-            let mut txn = self.db.begin_write()?;
+            let db = self
+                .file
+                .current()
+                .map_err(|err| redb::Error::Corrupted(err.to_string()))?;
+            let mut txn = db.begin_write()?;
             let mut answers = Vec::with_capacity(batch.len());
             let mut must_sync = false;
             let others_wait = {
                 let mut pending = txn.open_table(PENDING)?;
                 let mut accepted = txn.open_table(ACCEPTED)?;
+                let mut in_flight = txn.open_table(IN_FLIGHT)?;
                 for write in batch {
                     answers.push(match write {
                         Write::Accept {
                             lease_id,
+                            run_id,
                             deadline_unix_ms,
                         } => {
                             must_sync = true;
                             let fresh = accepted.get(lease_id.as_str())?.is_none();
                             if fresh {
                                 accepted.insert(lease_id.as_str(), (now_unix_ms(), *deadline_unix_ms))?;
+                                in_flight.insert(lease_id.as_str(), (run_id.as_str(), *deadline_unix_ms))?;
                             }
                             Written::Accepted(fresh)
                         }
                         Write::Put { lease_id, value } => {
                             must_sync = true;
+                            in_flight.remove(lease_id.as_str())?;
                             Written::Put(self.put_in(&mut pending, lease_id, value)?)
                         }
-                        Write::Remove { lease_id } => Written::Removed(pending.remove(lease_id.as_str())?.is_some()),
+                        Write::Remove { lease_id } => {
+                            // A lease answered without a stored report (the
+                            // outbox could not record it): that it was
+                            // answered must reach the disk, or a restart
+                            // would fail it after its outcome.
+                            if in_flight.remove(lease_id.as_str())?.is_some() {
+                                must_sync = true;
+                            }
+                            Written::Removed(pending.remove(lease_id.as_str())?.is_some())
+                        }
                     });
                 }
                 !pending.is_empty()?
@@ -571,6 +738,7 @@ impl Committer for Tables {
     }
 
     fn each(&self, error: &OutboxError) -> OutboxError {
+        self.file.failed(&error.to_string());
         let message = match error {
             OutboxError::Database { message, .. } => message.clone(),
             other => other.to_string(),
@@ -582,10 +750,30 @@ impl Committer for Tables {
     }
 
     fn panicked(&self) -> OutboxError {
-        OutboxError::Database {
+        let error = OutboxError::Database {
             path: self.path.clone(),
             message: "the commit holding this write panicked".to_string(),
+        };
+        self.file.failed(&error.to_string());
+        error
+    }
+
+    fn healthy(&self) -> bool {
+        self.file.is_writable()
+    }
+
+    fn reopen(&self, attempt: u32) -> bool {
+        match self.file.reopen(attempt) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
+                false
+            }
         }
+    }
+
+    fn unavailable(&self) -> OutboxError {
+        self.file.unavailable()
     }
 }
 

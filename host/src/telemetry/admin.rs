@@ -3,8 +3,9 @@
 //!
 //! - `GET /healthz`: 200 while the process serves HTTP at all (liveness).
 //! - `GET /readyz`: 200 when the node is registered, its lease stream is
-//!   connected, its heartbeats are answered and its outbox is below its
-//!   bound; otherwise 503 naming each condition that fails (readiness).
+//!   connected, its heartbeats are answered and its outbox records and is
+//!   below its bound; otherwise 503 naming each condition that fails
+//!   (readiness).
 //! - `GET /metrics`: the node's metrics in the Prometheus text format.
 //!
 //! It serves plain HTTP on the address given: bind it to loopback or a pod
@@ -38,6 +39,9 @@ pub struct Readiness {
     pub outbox_bound: u64,
     /// The node is stopping (draining): no longer ready for new work.
     pub draining: bool,
+    /// Why the outbox cannot record, when it cannot: the node then takes
+    /// no leases.
+    pub outbox_fault: Option<String>,
 }
 
 impl Readiness {
@@ -55,6 +59,11 @@ impl Readiness {
         }
         if !self.lease_stream_connected {
             problems.push("the lease stream is not connected".to_string());
+        }
+        if let Some(fault) = &self.outbox_fault {
+            problems.push(format!(
+                "the outbox cannot record ({fault}); no leases are taken until it can"
+            ));
         }
         if self.outbox_depth >= self.outbox_bound {
             problems.push(format!(
@@ -198,16 +207,20 @@ mod tests {
             outbox_depth: 3,
             outbox_bound: 100,
             draining: false,
+            outbox_fault: None,
         };
         assert!(ready.problems().is_empty());
         let unready = Readiness {
             heartbeat_answered: false,
             outbox_depth: 100,
+            outbox_fault: Some("No space left on device".to_string()),
             ..ready
         };
         let problems = unready.problems().join("; ");
         assert!(
-            problems.contains("heartbeat") && problems.contains("outbox holds 100"),
+            problems.contains("heartbeat")
+                && problems.contains("outbox holds 100")
+                && problems.contains("outbox cannot record (No space left on device)"),
             "{problems}"
         );
     }

@@ -32,6 +32,11 @@ pub const METER_NAME: &str = "Node.Runtime";
 pub const METRIC_NAMES: &[&str] = &[
     "leases_received_total",
     "leases_acknowledged_total",
+    "leases_without_id_total",
+    "leases_interrupted_total",
+    "lease_messages_too_large_total",
+    "outbox_writable",
+    "outbox_write_failures_total",
     "leases_completed_total",
     "leases_failed_total",
     "agent_executions_total",
@@ -61,6 +66,16 @@ pub const METRIC_NAMES: &[&str] = &[
 pub struct NodeCounts {
     pub leases_received: u64,
     pub leases_acknowledged: u64,
+    /// Leases refused because their lease id was empty.
+    pub leases_without_id: u64,
+    /// Leases found in flight at start-up and failed as interrupted.
+    pub leases_interrupted: u64,
+    /// Lease messages larger than `MaxLeaseMessageBytes`.
+    pub lease_messages_too_large: u64,
+    /// Outbox writes the disk refused.
+    pub outbox_write_failures: u64,
+    /// 1 while the outbox records, 0 while it cannot.
+    pub outbox_writable: u64,
     pub runs_started: u64,
     pub lease_stream_errors: u64,
     pub lease_stream_reconnects: u64,
@@ -317,7 +332,7 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         move || -> Option<Arc<dyn NodeObserver>> { lock(&observer).as_ref()?.upgrade() }
     };
     type Pick = fn(&NodeCounts) -> u64;
-    let counters: [(&'static str, &'static str, Pick); 9] = [
+    let counters: [(&'static str, &'static str, Pick); 13] = [
         (
             "leases_received_total",
             "Leases received on the lease stream (duplicates included)",
@@ -326,6 +341,26 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         ("leases_acknowledged_total", "Acks the control plane accepted", |c| {
             c.leases_acknowledged
         }),
+        (
+            "leases_without_id_total",
+            "Leases refused because their lease id was empty (they cannot be acknowledged or failed)",
+            |c| c.leases_without_id,
+        ),
+        (
+            "leases_interrupted_total",
+            "Leases found in flight at start-up (the node died while they ran), failed retryable",
+            |c| c.leases_interrupted,
+        ),
+        (
+            "lease_messages_too_large_total",
+            "Lease messages larger than MaxLeaseMessageBytes: undecodable, so neither acknowledged nor failed",
+            |c| c.lease_messages_too_large,
+        ),
+        (
+            "outbox_write_failures_total",
+            "Outbox writes the disk refused (the node takes no leases until the outbox records again)",
+            |c| c.outbox_write_failures,
+        ),
         ("agent_executions_total", "Runs started in the sandbox", |c| {
             c.runs_started
         }),
@@ -383,8 +418,13 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
             observe.observe(dropped().map_or(0, |o| o.counts().reports_dropped), &[]);
         })
         .build();
-    let gauges: [(&'static str, &'static str, Pick); 2] = [
+    let gauges: [(&'static str, &'static str, Pick); 3] = [
         ("active_leases", "Runs executing now", |c| c.active_leases),
+        (
+            "outbox_writable",
+            "1 while the outbox records, 0 while it cannot (no leases are taken meanwhile)",
+            |c| c.outbox_writable,
+        ),
         (
             "available_slots",
             "Free slots, as the last heartbeat reports them",

@@ -209,6 +209,7 @@ impl Heartbeat {
                 }
                 Err(_) => {}
             }
+            self.shutdown.draining_said();
             tokio::time::sleep(self.interval).await;
         }
     }

@@ -14,7 +14,13 @@
 //!   retrying until the control plane answers;
 //! - `recover` (in `report`): at start, drops expired outbox entries and,
 //!   once registered, delivers the reports an earlier run left behind;
-//!   then prunes expired accepted lease ids every minute.
+//!   then prunes expired accepted lease ids every minute. Before any task
+//!   starts, each lease an earlier run left in flight (accepted, with no
+//!   report) gets a retryable Fail in the outbox, which `recover` sends.
+//!
+//! While the outbox cannot record (a disk fault), the pull task reads no
+//! lease and acknowledges none it could not record; reports are sent from
+//! memory meanwhile; `/readyz` and the metrics say so.
 //!
 //! What two tasks really share is an `Arc` of that one piece: the
 //! [`NodeStats`], the registered flag, the slots. The metrics and
@@ -106,6 +112,13 @@ pub struct NodeStats {
     pub reports_recovered: AtomicU64,
     /// Acks the control plane accepted.
     pub leases_acknowledged: AtomicU64,
+    /// Leases refused because their lease id was empty.
+    pub leases_without_id: AtomicU64,
+    /// Leases found in flight at start-up (the node died while they ran),
+    /// failed as interrupted.
+    pub leases_interrupted: AtomicU64,
+    /// Lease messages larger than the node decodes: each broke the stream.
+    pub lease_messages_too_large: AtomicU64,
     /// Lease streams that could not be opened, or broke.
     pub lease_stream_errors: AtomicU64,
     /// Lease streams opened after the first.
@@ -206,6 +219,11 @@ impl NodeObserver for Readings {
         NodeCounts {
             leases_received: read(&stats.leases_received),
             leases_acknowledged: read(&stats.leases_acknowledged),
+            leases_without_id: read(&stats.leases_without_id),
+            leases_interrupted: read(&stats.leases_interrupted),
+            lease_messages_too_large: read(&stats.lease_messages_too_large),
+            outbox_write_failures: self.outbox.write_failures(),
+            outbox_writable: u64::from(self.outbox.is_writable()),
             runs_started: read(&stats.runs_started),
             lease_stream_errors: read(&stats.lease_stream_errors),
             lease_stream_reconnects: read(&stats.lease_stream_reconnects),
@@ -237,6 +255,13 @@ impl ReadinessProbe for Readings {
             outbox_depth: self.backlog().map_or(u64::MAX, |backlog| backlog.depth),
             outbox_bound: self.outbox.limits().max_reports as u64,
             draining: self.shutdown.is_stopping(),
+            outbox_fault: self.outbox.fault().map(|fault| {
+                format!(
+                    "since {}: {}",
+                    humantime::format_rfc3339_seconds(fault.since),
+                    fault.error
+                )
+            }),
         }
     }
 }
@@ -280,9 +305,14 @@ impl NodeHandle {
             outbox,
             tls: None,
             metrics: Arc::default(),
+            max_lease_message_bytes: DEFAULT_MAX_LEASE_MESSAGE_BYTES,
         }
     }
 }
+
+/// The largest lease message decoded unless the builder says otherwise
+/// (`NodeRuntime.MaxLeaseMessageBytes`'s default).
+pub const DEFAULT_MAX_LEASE_MESSAGE_BYTES: usize = 64 << 20;
 
 /// What a node starts with; see [`NodeHandle::builder`].
 pub struct NodeBuilder {
@@ -292,6 +322,7 @@ pub struct NodeBuilder {
     outbox: Outbox,
     tls: Option<ControlPlaneTls>,
     metrics: Arc<NodeMetrics>,
+    max_lease_message_bytes: usize,
 }
 
 impl NodeBuilder {
@@ -309,6 +340,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Decodes lease messages of up to `bytes` (`MaxLeaseMessageBytes`).
+    pub fn max_lease_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_lease_message_bytes = bytes;
+        self
+    }
+
     /// Starts the node's tasks.
     pub fn start(self) -> Result<NodeHandle, StartError> {
         let NodeBuilder {
@@ -318,6 +355,7 @@ impl NodeBuilder {
             outbox,
             tls,
             metrics,
+            max_lease_message_bytes,
         } = self;
         let tls = match tls {
             Some(tls) => tls,
@@ -335,7 +373,8 @@ impl NodeBuilder {
             &settings.control_plane_url,
             control_plane::registration::http_client_with(rest_timeout, &tls)?,
         );
-        let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?;
+        let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?
+            .max_lease_message_bytes(max_lease_message_bytes);
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
         // Created once; each task gets what it uses.
         let shutdown = Shutdown::default();
@@ -371,6 +410,7 @@ impl NodeBuilder {
             node_id: settings.node_id.clone(),
             control_plane_url: settings.control_plane_url.clone(),
             max_leases: settings.max_leases,
+            max_lease_message_bytes,
             leases,
             outbox: outbox.clone(),
             seen: pull::SeenLeases::default(),
@@ -460,8 +500,11 @@ impl NodeHandle {
     }
 }
 
-/// Leases accepted beyond the running ones: enough that a burst from the
-/// control plane keeps every slot busy, few enough that none waits long.
+/// Leases acknowledged beyond the running ones: enough that a burst from
+/// the control plane keeps every slot busy, few enough that none waits
+/// long. The pull task reads no lease it has no place for here, so at most
+/// this many wait, plus the one the dispatcher holds while it waits for the
+/// next free slot; the rest stay unread at the control plane.
 fn queue_capacity(slots: u32) -> usize {
     (slots as usize * 2).max(4)
 }
@@ -502,6 +545,9 @@ async fn lifecycle(
         drain_timeout,
     } = tasks;
     let runs = TaskTracker::new();
+    // Before any lease is read: what an earlier life left running is failed
+    // now, so a lease this life accepts is never taken for one of them.
+    reporter.fail_interrupted().await;
     let heartbeat = tokio::spawn(heartbeat.run());
     let pull = tokio::spawn(puller.run(queue_tx));
     let dispatch = tokio::spawn(dispatcher.run(queue_rx, runs.clone()));
@@ -530,8 +576,18 @@ async fn lifecycle(
         shutdown.give_up_delivering();
         reporter.tasks.wait().await;
     }
-    // The heartbeat says `draining` until here; the node is done.
-    heartbeat.abort();
-    let _ = heartbeat.await;
+    // The heartbeat says `draining` until here; the node is done. A drain
+    // with nothing to wait for ends in a millisecond: the heartbeat's first
+    // `draining` must not be cut off on its way (bounded by its own timeout).
+    let mut heartbeat = heartbeat;
+    let ended = tokio::select! {
+        _ = shutdown.draining_was_said() => false,
+        _ = &mut heartbeat => true,
+        _ = tokio::time::sleep(Duration::from_secs(15)) => false,
+    };
+    if !ended {
+        heartbeat.abort();
+        let _ = heartbeat.await;
+    }
     tracing::info!("stopped");
 }

@@ -159,17 +159,78 @@ impl Reporter {
         let reporter = self.clone();
         self.tasks.spawn(async move {
             let written = outbox::now_unix_ms();
-            match reporter.outbox.put_async(&report, deadline_unix_ms).await {
-                Ok(dropped) => {
-                    for dropped in dropped {
-                        reporter.stats.reports_overflowed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(lease_id = %dropped, max_reports = reporter.outbox.limits().max_reports, "the outbox is full: dropped its oldest report; the control plane will re-lease that run");
-                    }
-                }
-                Err(err) => reporter.outbox_error(&lease_id, &err),
+            let recorded = reporter.record(&report, deadline_unix_ms).await;
+            if !recorded {
+                tracing::warn!(%lease_id, "the outbox cannot record this report: sending it from memory now, and recording it if the outbox records again before it is delivered");
             }
-            reporter.send(report, deadline_unix_ms, written).await;
+            reporter.send(report, deadline_unix_ms, written, recorded).await;
         }.instrument(span));
+    }
+
+    /// Stores a report; false when the outbox could not.
+    async fn record(&self, report: &Report, deadline_unix_ms: i64) -> bool {
+        match self.outbox.put_async(report, deadline_unix_ms).await {
+            Ok(dropped) => {
+                for dropped in dropped {
+                    self.stats.reports_overflowed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(lease_id = %dropped, max_reports = self.outbox.limits().max_reports, "the outbox is full: dropped its oldest report; the control plane will re-lease that run");
+                }
+                true
+            }
+            Err(_) => {
+                // The outbox logs the fault once per episode.
+                self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// At start-up, before any lease is read: each lease the outbox
+    /// recorded as accepted that has no report was running (or queued)
+    /// when the node died. It is failed now, retryable, `node.unavailable`,
+    /// through the outbox like any report (so a second crash does not lose
+    /// the Fail; it is sent once registered), rather than left to a control
+    /// plane that may never re-lease it. The run may have had effects before the node died; a
+    /// Fail says it did not finish, which is true.
+    pub(super) async fn fail_interrupted(self: &Arc<Self>) {
+        let interrupted = match self.outbox.in_flight_async().await {
+            Ok(interrupted) => interrupted,
+            Err(err) => return self.outbox_error("", &err),
+        };
+        if !interrupted.is_empty() {
+            tracing::warn!(
+                count = interrupted.len(),
+                "failing the leases that were running when the node stopped without finishing them"
+            );
+        }
+        for key in interrupted {
+            let accepted = AcceptedLease {
+                lease: proto::Lease {
+                    lease_id: key.lease_id,
+                    run_id: key.run_id,
+                    deadline_unix_ms: key.deadline_unix_ms,
+                    ..proto::Lease::default()
+                },
+                received: Instant::now(),
+            };
+            self.stats.leases_interrupted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(lease_id = %accepted.lease.lease_id, run_id = %accepted.lease.run_id, "failing a lease that was in flight when the node stopped (retryable, node.unavailable)");
+            let now = Instant::now();
+            let report = Report::build(
+                &accepted,
+                &self.node_id,
+                &RunOutcome::Failed(RunFailure::handed_back(INTERRUPTED)),
+                &RunReport::default(),
+                Timings {
+                    received: now,
+                    started: None,
+                    finished: now,
+                },
+            );
+            // Stored only: `recover` sends it with the rest of the outbox
+            // once the node is registered.
+            self.record(&report, key.deadline_unix_ms).await;
+        }
     }
 
     /// Sends the report the outbox holds for `lease_id`, unless a task
@@ -193,7 +254,7 @@ impl Reporter {
         let reporter = self.clone();
         self.tasks.spawn(async move {
             reporter
-                .send(stored.report, stored.deadline_unix_ms, stored.written_unix_ms)
+                .send(stored.report, stored.deadline_unix_ms, stored.written_unix_ms, true)
                 .await;
         });
     }
@@ -244,6 +305,28 @@ impl Reporter {
         }
     }
 
+    /// Removes an answered report, and with it the lease's in-flight mark.
+    /// While the outbox cannot record, this waits for it (until the node
+    /// gives up delivering at exit): a lease answered but still marked in
+    /// flight would be failed by the next start, after its outcome.
+    async fn forget(&self, lease_id: &str) {
+        loop {
+            let Err(err) = self.outbox.remove_async(lease_id).await else {
+                return;
+            };
+            if self.outbox.is_writable() {
+                return self.outbox_error(lease_id, &err);
+            }
+            tokio::select! {
+                _ = self.shutdown.delivery_given_up() => {
+                    tracing::error!(%lease_id, "exiting before the outbox could record that this lease was answered; the next start fails it (retryable) as interrupted");
+                    return;
+                }
+                _ = self.outbox.writable() => {}
+            }
+        }
+    }
+
     async fn mark_delivering(&self, lease_id: &str) -> bool {
         self.delivering.lock().await.insert(lease_id.to_string())
     }
@@ -262,7 +345,14 @@ impl Reporter {
     /// the outbox. At exit (`give_up`) it stays there, for the next start. A
     /// report the plane refuses for its size is shrunk and sent once more;
     /// refused again, it is dropped: waiting cannot make it smaller.
-    async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64) {
+    ///
+    /// A report the outbox could not record (`recorded` false) is sent
+    /// from memory all the same: the plane having it is what matters, and
+    /// waiting for the disk would only widen the window in which a crash
+    /// loses it. Between attempts it is recorded as soon as the outbox
+    /// can, so a node that dies while the plane is unreachable still
+    /// delivers it after the restart.
+    async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64, mut recorded: bool) {
         let lease_id = report.lease_id().to_string();
         let mut delivery = Delivery::new(report);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -300,6 +390,9 @@ impl Reporter {
                     break true;
                 }
                 Sent::Failed(err) => {
+                    if !recorded && self.outbox.is_writable() {
+                        recorded = self.record(delivery.report(), deadline_unix_ms).await;
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(%lease_id, error = %err, retry_in = ?delay, "report not delivered");
                     tokio::select! {
@@ -312,13 +405,16 @@ impl Reporter {
                 }
             }
         };
-        if remove && let Err(err) = self.outbox.remove_async(&lease_id).await {
-            self.outbox_error(&lease_id, &err);
+        if remove {
+            self.forget(&lease_id).await;
         }
         // Only now: a stored copy is gone before another task may look for it.
         self.delivering.lock().await.remove(&lease_id);
     }
 }
+
+/// The message of the Fail a lease gets when the node died while it ran.
+pub(super) const INTERRUPTED: &str = "the node restarted during this lease";
 
 /// How often a running node prunes expired accepted lease ids.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

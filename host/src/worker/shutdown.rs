@@ -20,6 +20,9 @@ pub(super) struct Shutdown {
     abort: CancellationToken,
     /// Cancelled when undelivered reports must be abandoned, at exit.
     give_up: CancellationToken,
+    /// Cancelled once the heartbeat has tried to say `draining`: the node
+    /// does not exit before that attempt ends.
+    draining_said: CancellationToken,
 }
 
 impl Shutdown {
@@ -63,5 +66,15 @@ impl Shutdown {
     /// Completes once stage 3 began.
     pub(super) fn delivery_given_up(&self) -> WaitForCancellationFuture<'_> {
         self.give_up.cancelled()
+    }
+
+    /// The heartbeat has tried once to tell the plane the node drains.
+    pub(super) fn draining_said(&self) {
+        self.draining_said.cancel();
+    }
+
+    /// Completes once the heartbeat tried to say `draining`.
+    pub(super) fn draining_was_said(&self) -> WaitForCancellationFuture<'_> {
+        self.draining_said.cancelled()
     }
 }

@@ -40,6 +40,13 @@ pub struct NodeRuntimeSection {
     /// `/metrics` are served, e.g. `127.0.0.1:9090`; None (the default)
     /// serves nothing.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// `MaxLeaseMessageBytes` (this node): the largest lease the node
+    /// decodes from the lease stream. A lease carries its run's input
+    /// inline, and gRPC's default of 4 MiB broke the stream on a 5 MiB
+    /// input; the default, 64 MiB, bounds what one message may cost in
+    /// memory (one stream, one message at a time) while taking any input
+    /// a plane is likely to send inline.
+    pub max_lease_message_bytes: u64,
 }
 
 /// `NodeRuntime.Capacity`.
@@ -67,6 +74,7 @@ impl Default for NodeRuntimeSection {
             data_directory: PathBuf::from("data"),
             drain_timeout: Duration::from_secs(30),
             admin_listen: None,
+            max_lease_message_bytes: 64 << 20,
         }
     }
 }
@@ -154,9 +162,17 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
             },
         },
     };
+    let max_lease_message_bytes = reader.size(
+        &mut s,
+        "MaxLeaseMessageBytes",
+        defaults.max_lease_message_bytes,
+        64 << 10,
+        "a size in bytes of at least 64KiB: a number, or with a unit such as 64MiB",
+    )?;
     reader.finish(s);
     Ok(NodeRuntimeSection {
         admin_listen,
+        max_lease_message_bytes,
         node_id,
         control_plane_url,
         max_concurrent_leases,
@@ -217,6 +233,7 @@ pub(in crate::config) struct View<'a> {
     data_directory: String,
     drain_timeout_seconds: u64,
     admin_listen: Option<String>,
+    max_lease_message_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -244,6 +261,7 @@ impl<'a> View<'a> {
             data_directory: path(&node.data_directory),
             drain_timeout_seconds: node.drain_timeout.as_secs(),
             admin_listen: node.admin_listen.map(|addr| addr.to_string()),
+            max_lease_message_bytes: node.max_lease_message_bytes,
         }
     }
 }
