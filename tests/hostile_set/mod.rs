@@ -62,8 +62,10 @@ impl Listener {
 /// Prompt tokens the stub model reports for every call.
 const PROMPT_TOKENS: u64 = 12;
 /// Completion tokens it writes (fewer if `max_tokens` says so, unless the
-/// model is `greedy`, which ignores `max_tokens`).
+/// model is `greedy`, which ignores `max_tokens` and writes
+/// [`GREEDY_TOKENS`]).
 const ANSWER_TOKENS: u64 = 20;
+const GREEDY_TOKENS: u64 = 100;
 
 /// A deterministic OpenAI-compatible stub on loopback.
 #[derive(Default)]
@@ -76,7 +78,7 @@ async fn completions(State(stub): State<Arc<LlmStub>>, Json(body): Json<serde_js
     let greedy = body["model"] == "greedy";
     let max_tokens = body["max_tokens"].as_u64().unwrap_or(u64::MAX);
     let completion = if greedy {
-        ANSWER_TOKENS
+        GREEDY_TOKENS
     } else {
         ANSWER_TOKENS.min(max_tokens)
     };
@@ -159,6 +161,13 @@ impl Env {
         let stub = start_stub(llm.clone()).await;
         let headers = start_headers_server().await;
         let sandbox = Sandbox::new(SandboxConfig {
+            // A token ceiling far above what the cases ask for, so that the
+            // escaped-characters prompt (estimated at 500,008 tokens) meets
+            // the request's byte cap rather than the budget.
+            limits: NodeLimits {
+                tokens: 1_000_000,
+                ..NodeLimits::default()
+            },
             engine: EngineSettings {
                 max_concurrent_runs: 4,
                 ..EngineSettings::default()
@@ -722,8 +731,9 @@ pub async fn http_to_an_allowed_host_that_never_answers(env: &Env) {
 // ---- LLM -------------------------------------------------------------------
 
 pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
-    // 32 tokens a call against a budget of 100: three full calls, a fourth
-    // cut to the 4 tokens left, then every call is refused unsent.
+    // 32 tokens a call against a budget of 100, each prompt estimated at
+    // 10: three full calls, then the 4 tokens left cannot hold the next
+    // prompt, and every call is refused unsent.
     let before = env.llm.requests.load(Ordering::SeqCst);
     let budget = BudgetRequest {
         tokens: Some(100),
@@ -731,17 +741,18 @@ pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
     };
     let result = env.run("llm-chat", &[("calls", "1000")], budget).await;
     let seen = completed(&result);
-    assert_eq!(seen["calls_completed"], "4", "{seen:?}");
+    assert_eq!(seen["calls_completed"], "3", "{seen:?}");
     assert!(seen["error"].starts_with("budget-exhausted: "), "{seen:?}");
     assert_eq!(
         env.llm.requests.load(Ordering::SeqCst) - before,
-        4,
+        3,
         "refused calls never reach the provider"
     );
 }
 
 pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
-    // A provider that ignores max_tokens: the run goes over and fails.
+    // A provider that ignores max_tokens (100 tokens where 90 were
+    // allowed): the run goes over and fails.
     let budget = BudgetRequest {
         tokens: Some(100),
         ..BudgetRequest::default()
@@ -750,7 +761,34 @@ pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
         .run("llm-chat", &[("calls", "1000"), ("model", "greedy")], budget)
         .await;
     fails(&result, FailKind::BudgetTokens, "over its budget of 100");
-    assert_eq!(result.report.tokens_in + result.report.tokens_out, 128);
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 112);
+}
+
+pub async fn llm_prompt_larger_than_the_remaining_budget(env: &Env) {
+    // 100,000 bytes of prompt, estimated at 25,008 tokens, against a budget
+    // of 4,000: refused before any request reaches the provider, every
+    // time the agent asks.
+    let before = env.llm.requests.load(Ordering::SeqCst);
+    let budget = BudgetRequest {
+        tokens: Some(4000),
+        ..BudgetRequest::default()
+    };
+    let prompt = "p".repeat(100_000);
+    let result = env
+        .run("llm-chat", &[("message", &prompt), ("calls", "50")], budget)
+        .await;
+    let seen = completed(&result);
+    assert_eq!(seen["calls_completed"], "0", "{seen:?}");
+    assert!(
+        seen["error"].starts_with("budget-exhausted: ") && seen["error"].contains("25008 tokens"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        env.llm.requests.load(Ordering::SeqCst),
+        before,
+        "nothing reached the provider"
+    );
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 0);
 }
 
 // ---- artifacts that are not agents ------------------------------------------
@@ -941,4 +979,5 @@ cases!(
     a_corrupt_file,
     a_cwasm_from_a_network_source,
     a_zero_byte_file,
+    llm_prompt_larger_than_the_remaining_budget,
 );

@@ -1277,3 +1277,22 @@ fn the_sources_line_says_which_environment_and_which_files() {
         "{line}"
     );
 }
+
+#[test]
+fn allowed_models_are_a_list_or_a_comma_separated_string_and_are_printed() {
+    let config = load(r#"{"AgentRuntime": {"AllowedModels": ["gpt-4o-mini", " gpt-4o "]}}"#).unwrap();
+    let allowed: Vec<&str> = config.agent_runtime.allowed_models.iter().map(String::as_str).collect();
+    assert_eq!(allowed, ["gpt-4o", "gpt-4o-mini"]);
+    assert!(
+        config.redacted_json().contains(r#""AllowedModels": ["#),
+        "{}",
+        config.redacted_json()
+    );
+    let from_env =
+        NodeConfig::from_json_str("{}", Path::new("."), env(&[("AgentRuntime__AllowedModels", "a,b")])).unwrap();
+    assert_eq!(from_env.agent_runtime.allowed_models.len(), 2);
+    assert!(
+        load("{}").unwrap().agent_runtime.allowed_models.is_empty(),
+        "empty: any model"
+    );
+}
