@@ -927,6 +927,69 @@ pub async fn a_zero_byte_file(env: &Env) {
     assert!(reason.contains("empty"), "{reason}");
 }
 
+/// A component holding one core module of `functions` bodies, each
+/// `blocks` nested blocks deep: valid WebAssembly, written byte by byte.
+fn code_bomb(functions: u32, blocks: u32) -> Vec<u8> {
+    fn leb(mut n: u32, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len() as u32, out);
+        out.extend_from_slice(body);
+    }
+    let mut body = vec![0]; // no locals
+    for _ in 0..blocks {
+        body.extend_from_slice(&[0x02, 0x40]); // block (no result)
+    }
+    body.extend(std::iter::repeat_n(0x0b, blocks as usize + 1)); // the ends
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: [] -> []
+    let mut funcs = Vec::new();
+    leb(functions, &mut funcs);
+    funcs.extend(std::iter::repeat_n(0, functions as usize));
+    section(3, &funcs, &mut module);
+    let mut code = Vec::new();
+    leb(functions, &mut code);
+    for _ in 0..functions {
+        leb(body.len() as u32, &mut code);
+        code.extend_from_slice(&body);
+    }
+    section(10, &code, &mut module);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    section(1, &module, &mut component);
+    component
+}
+
+pub async fn compile_bomb(env: &Env) {
+    // Well within the size bound (under 1 MB each), but compiling them
+    // would keep a thread busy that no deadline can stop: 250,000
+    // functions, and one function of 200,000 nested blocks. Both are
+    // refused before wasmtime sees them, naming the bound.
+    let many = code_bomb(250_000, 0);
+    assert!(many.len() < 1 << 20, "{} bytes", many.len());
+    let reason = env.refused(many).await;
+    assert!(
+        reason.contains("more than 100000 functions") && reason.contains("Sandbox.MaxFunctions"),
+        "{reason}"
+    );
+    let deep = code_bomb(1, 200_000);
+    assert!(deep.len() < 1 << 20, "{} bytes", deep.len());
+    let reason = env.refused(deep).await;
+    assert!(
+        reason.contains("more than 4000 deep") && reason.contains("Sandbox.MaxNesting"),
+        "{reason}"
+    );
+}
+
 pub type Case = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 macro_rules! cases {
@@ -980,4 +1043,5 @@ cases!(
     a_cwasm_from_a_network_source,
     a_zero_byte_file,
     llm_prompt_larger_than_the_remaining_budget,
+    compile_bomb,
 );

@@ -33,6 +33,7 @@ pub fn sandbox_config(config: &NodeConfig) -> SandboxConfig {
             dir: config.node_runtime.data_directory.join("compiled"),
             max_bytes: sandbox.compiled_cache_max_bytes,
         }),
+        compile_limits: sandbox.compile_limits,
         grants: sandbox.grants.clone(),
     }
 }

@@ -1296,3 +1296,39 @@ fn allowed_models_are_a_list_or_a_comma_separated_string_and_are_printed() {
         "empty: any model"
     );
 }
+
+#[test]
+fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
+    let config = load(
+        r#"{"Sandbox": {"MaxComponentBytes": "32MiB", "MaxFunctions": 5000,
+            "MaxFunctionBytes": "1MiB", "MaxNesting": 100}}"#,
+    )
+    .unwrap();
+    let limits = config.sandbox.compile_limits;
+    assert_eq!(
+        (
+            limits.max_bytes,
+            limits.max_functions,
+            limits.max_function_bytes,
+            limits.max_nesting
+        ),
+        (32 << 20, 5000, 1 << 20, 100)
+    );
+    let printed = config.redacted_json();
+    assert!(printed.contains(r#""MaxNesting": 100"#), "{printed}");
+    assert_eq!(
+        load("{}").unwrap().sandbox.compile_limits,
+        crate::sandbox::CompileLimits::default()
+    );
+    for (json, key) in [
+        (r#"{"Sandbox": {"MaxFunctions": 0}}"#, "Sandbox.MaxFunctions"),
+        (r#"{"Sandbox": {"MaxNesting": -1}}"#, "Sandbox.MaxNesting"),
+        (
+            r#"{"Sandbox": {"MaxComponentBytes": "lots"}}"#,
+            "Sandbox.MaxComponentBytes",
+        ),
+    ] {
+        let err = load(json).unwrap_err().to_string();
+        assert!(err.contains(key), "{json}: {err}");
+    }
+}
