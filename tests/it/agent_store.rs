@@ -13,6 +13,7 @@
 //! agents directory runs; a redirect is not followed.
 
 use crate::support;
+use crate::support::scripted;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,6 +44,8 @@ enum Answer {
     Status(StatusCode),
     /// 302 Found to this location.
     Redirect(String),
+    /// No answer, ever.
+    Stall,
 }
 
 #[derive(Default)]
@@ -75,6 +78,7 @@ async fn serve_artifact(
         Some(Answer::Redirect(location)) => {
             (StatusCode::FOUND, [(axum::http::header::LOCATION, location)]).into_response()
         }
+        Some(Answer::Stall) => std::future::pending().await,
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -109,6 +113,10 @@ fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) ->
 }
 
 fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
+    start_node_at(&plane.url(), store)
+}
+
+fn start_node_at(control_plane_url: &str, store: AgentStore) -> NodeHandle {
     let slots = 8;
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
@@ -122,7 +130,7 @@ fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
     NodeHandle::builder(
         NodeSettings {
             node_id: "store-node".to_string(),
-            control_plane_url: plane.url(),
+            control_plane_url: control_plane_url.to_string(),
             slots,
             max_leases: slots,
             heartbeat_interval: Duration::from_millis(300),
@@ -324,6 +332,78 @@ async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behin
 
     let leftovers: Vec<_> = files_under(cache.path());
     assert!(leftovers.is_empty(), "no partial artifact on disk: {leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_outlasting_the_lease_deadline_fails_budget_deadline_and_shutdown_does_not_wait_for_it() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("echo/1.0.0.wasm".into(), Answer::Stall);
+    let cache = tempfile::tempdir().unwrap();
+    // The download itself may take two minutes: only the lease's deadline
+    // (2 s for the first lease) and the node's drain timeout (5 s) stop it.
+    let source = HttpSource::new(
+        HttpSourceSettings {
+            url_template: format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
+            max_bytes: 1 << 30,
+            timeout: Duration::from_secs(120),
+            cache_dir: cache.path().to_path_buf(),
+        },
+        None,
+    )
+    .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (url, recorded) = scripted::serve(vec![
+        scripted::lease("lease-soon", "echo", now_ms + 2_000),
+        scripted::lease("lease-later", "echo", now_ms + 600_000),
+    ])
+    .await;
+    let node = start_node_at(&url, AgentStore::with_sources(vec![AgentSource::Http(source)], false));
+
+    let soon = eventually(Duration::from_secs(30), "the first lease to fail", || {
+        let recorded = recorded.lock().unwrap();
+        recorded
+            .fails
+            .iter()
+            .find(|fail| fail.lease_id == "lease-soon")
+            .cloned()
+    })
+    .await;
+    let details: serde_json::Value = serde_json::from_str(&soon.error_details).unwrap();
+    assert_eq!(details["kind"], "budget.deadline", "{soon:?}");
+    assert!(
+        soon.error_message
+            .contains("deadline passed while its agent was being fetched"),
+        "{}",
+        soon.error_message
+    );
+    assert!(recorded.lock().unwrap().completes.is_empty());
+
+    tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+        .await
+        .expect("shutdown waits for the drain timeout, not for the download");
+    let later = recorded
+        .lock()
+        .unwrap()
+        .fails
+        .iter()
+        .find(|fail| fail.lease_id == "lease-later")
+        .cloned()
+        .expect("the second lease is handed back");
+    assert!(later.retryable, "{later:?}");
+    assert!(
+        later.error_message.contains("fetched or compiled"),
+        "{}",
+        later.error_message
+    );
+    assert!(artifacts.requests_for("echo/1.0.0.wasm") >= 1);
 }
 
 fn cached_sandbox(cache: &Path) -> Sandbox {

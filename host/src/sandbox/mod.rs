@@ -285,41 +285,50 @@ impl Sandbox {
             return Ok(agent.clone());
         }
         // A failed compilation leaves the cell empty: the next load tries
-        // again (and reports the same error), nothing invalid is kept.
-        cell.get_or_try_init(|| async {
-            let engine = self.engine.clone();
-            let linker = self.linker.clone();
-            // A .cwasm loads quickly as it is; only .wasm compiled here is
-            // cached, so every entry is native code this node produced.
-            let cache = self.compiled_cache.clone().filter(|_| made_from == ArtifactKind::Wasm);
-            let counters = self.compile_counters.clone();
-            let limits = self.compile_limits;
-            let agent = tokio::task::spawn_blocking(move || {
-                let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
-                let component = match kept {
-                    Some(component) => component,
-                    None => {
-                        let component = agent::compile(&engine, &bytes, made_from, &limits)?;
-                        if made_from == ArtifactKind::Wasm {
-                            counters.compiled();
+        // again (and reports the same error), nothing invalid is kept. The
+        // compilation is a task of its own: a caller that stops waiting (its
+        // lease's deadline passed) cannot cancel it (wasmtime cannot), so it
+        // finishes and fills the cell, and the loads that come meanwhile
+        // wait for it rather than start another.
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        // A .cwasm loads quickly as it is; only .wasm compiled here is
+        // cached, so every entry is native code this node produced.
+        let cache = self.compiled_cache.clone().filter(|_| made_from == ArtifactKind::Wasm);
+        let counters = self.compile_counters.clone();
+        let limits = self.compile_limits;
+        let compiling = tokio::spawn(async move {
+            cell.get_or_try_init(|| async move {
+                let agent = tokio::task::spawn_blocking(move || {
+                    let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
+                    let component = match kept {
+                        Some(component) => component,
+                        None => {
+                            let component = agent::compile(&engine, &bytes, made_from, &limits)?;
+                            if made_from == ArtifactKind::Wasm {
+                                counters.compiled();
+                            }
+                            // Only an agent that links is worth keeping.
+                            let hex_digest = hex::encode(digest);
+                            let agent = agent::link(&engine, &linker, &component, hex_digest, made_from)?;
+                            if let Some(cache) = &cache {
+                                cache.put(&digest, &component);
+                            }
+                            return Ok(agent);
                         }
-                        // Only an agent that links is worth keeping.
-                        let hex_digest = hex::encode(digest);
-                        let agent = agent::link(&engine, &linker, &component, hex_digest, made_from)?;
-                        if let Some(cache) = &cache {
-                            cache.put(&digest, &component);
-                        }
-                        return Ok(agent);
-                    }
-                };
-                agent::link(&engine, &linker, &component, hex::encode(digest), made_from)
+                    };
+                    agent::link(&engine, &linker, &component, hex::encode(digest), made_from)
+                })
+                .await
+                .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
+                Ok(Arc::new(agent))
             })
             .await
-            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
-            Ok(Arc::new(agent))
-        })
-        .await
-        .cloned()
+            .cloned()
+        });
+        compiling
+            .await
+            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))?
     }
 
     /// The agent compiled from the artifact with SHA-256 `digest`, when
