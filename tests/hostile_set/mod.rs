@@ -897,6 +897,7 @@ pub async fn a_cwasm_from_a_network_source(env: &Env) {
             max_bytes: 64 * MIB,
             timeout: Duration::from_secs(10),
             cache_dir: cache.path().to_path_buf(),
+            cache_max_bytes: 1 << 30,
         },
         None,
     )

@@ -99,12 +99,23 @@ fn echo_bytes() -> Arc<[u8]> {
 }
 
 fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) -> AgentStore {
+    http_store_bounded(base, cache, max_bytes, 1 << 30, require_digest)
+}
+
+fn http_store_bounded(
+    base: &str,
+    cache: &Path,
+    max_bytes: u64,
+    cache_max_bytes: u64,
+    require_digest: bool,
+) -> AgentStore {
     let source = HttpSource::new(
         HttpSourceSettings {
             url_template: format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
             max_bytes,
             timeout: Duration::from_secs(10),
             cache_dir: cache.to_path_buf(),
+            cache_max_bytes,
         },
         None,
     )
@@ -352,6 +363,7 @@ async fn a_download_outlasting_the_lease_deadline_fails_budget_deadline_and_shut
             max_bytes: 1 << 30,
             timeout: Duration::from_secs(120),
             cache_dir: cache.path().to_path_buf(),
+            cache_max_bytes: 1 << 30,
         },
         None,
     )
@@ -404,6 +416,127 @@ async fn a_download_outlasting_the_lease_deadline_fails_budget_deadline_and_shut
         later.error_message
     );
     assert!(artifacts.requests_for("echo/1.0.0.wasm") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_download_cache_keeps_within_its_bound_evicting_the_oldest_download() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    let bytes = echo_bytes();
+    for version in ["1.0.0", "2.0.0"] {
+        let served = Answer::Artifact(bytes.clone());
+        artifacts
+            .files
+            .lock()
+            .unwrap()
+            .insert(format!("echo/{version}.wasm"), served);
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let plane = start_plane().await;
+    // Room for one download and a half.
+    let bound = bytes.len() as u64 * 3 / 2;
+    let node = start_node(&plane, http_store_bounded(&base, cache.path(), 1 << 30, bound, false));
+    let kept = |version: &str| cache.path().join("echo").join(format!("{version}.wasm")).exists();
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert!(kept("1.0.0"));
+    let runs = submit_and_wait(&plane, vec![run_of("2.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert!(kept("2.0.0") && !kept("1.0.0"), "the older download was evicted");
+    let on_disk: u64 = files_under(cache.path())
+        .iter()
+        .map(|path| std::fs::metadata(path).unwrap().len())
+        .sum();
+    assert!(on_disk <= bound, "{on_disk} bytes kept, bound {bound}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_the_disk_cannot_keep_runs_from_memory() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    let served = Answer::Artifact(echo_bytes());
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), served);
+    // The cache directory lies under a file: nothing can be written there.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("a-file"), "").unwrap();
+    let cache = work.path().join("a-file").join("cache");
+    let plane = start_plane().await;
+    let node = start_node(&plane, http_store(&base, &cache, 1 << 30, false));
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert_eq!(
+        artifacts.requests_for("echo/1.0.0.wasm"),
+        2,
+        "nothing was kept: each lease downloads the version"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_download_cache_does_not_fail_the_run() {
+    // A real ENOSPC: `serve` in its own mount namespace with a 1 MiB tmpfs
+    // over its download cache, too small for echo's 2.5 MB.
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
+        .output();
+    if !probe.as_ref().is_ok_and(|output| output.status.success()) {
+        eprintln!(
+            "skipped: cannot mount a tmpfs in a new mount namespace here (needs root and \
+             unshare -m): {probe:?}"
+        );
+        return;
+    }
+    node_runtime::support::tls::install_crypto_provider();
+    let [agents, data] = [(); 2].map(|_| tempfile::tempdir().unwrap());
+    let (base, artifacts) = start_artifact_server().await;
+    let served = Answer::Artifact(echo_bytes());
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), served);
+    let downloads = data.path().join("agents").join("http");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let plane = start_plane().await;
+    let mut node = tokio::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m tmpfs \"$0\" && exec \"$@\"",
+        ])
+        .arg(&downloads)
+        .arg(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "full-disk-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("AgentStore__Sources", "http")
+        .env(
+            "AgentStore__HttpUrlTemplate",
+            format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
+        )
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts under unshare");
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert_eq!(runs[0].result.as_ref().unwrap()["message"], "hello");
+    node.kill().await.unwrap();
+    let mut log = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut node.stderr.take().unwrap(), &mut log)
+        .await
+        .unwrap();
+    assert!(
+        log.contains("could not keep the downloaded agent") && log.contains("No space left on device"),
+        "the write met a full disk: {log}"
+    );
 }
 
 fn cached_sandbox(cache: &Path) -> Sandbox {

@@ -1332,3 +1332,23 @@ fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
         assert!(err.contains(key), "{json}: {err}");
     }
 }
+
+#[test]
+fn the_download_cache_bound_holds_at_least_one_download_of_the_largest_size() {
+    let config = load(r#"{"AgentStore": {"DownloadCacheMaxBytes": "512MiB"}}"#).unwrap();
+    assert_eq!(config.agent_store.download_cache_max_bytes, 512 << 20);
+    assert!(config.redacted_json().contains(r#""DownloadCacheMaxBytes": 536870912"#));
+    let raised = load(r#"{"AgentStore": {"MaxDownloadBytes": "2GiB"}}"#).unwrap();
+    assert_eq!(
+        raised.agent_store.download_cache_max_bytes,
+        2 << 30,
+        "the default follows"
+    );
+    let err = load(r#"{"AgentStore": {"MaxDownloadBytes": "64MiB", "DownloadCacheMaxBytes": "32MiB"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("AgentStore.DownloadCacheMaxBytes") && err.contains("at least AgentStore.MaxDownloadBytes"),
+        "{err}"
+    );
+}
