@@ -478,9 +478,10 @@ async fn a_download_the_disk_cannot_keep_runs_from_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_under_the_download_cache_does_not_fail_the_run() {
+async fn a_full_disk_under_the_caches_does_not_fail_the_run() {
     // A real ENOSPC: `serve` in its own mount namespace with a 1 MiB tmpfs
-    // over its download cache, too small for echo's 2.5 MB.
+    // over its download cache, too small for echo's 2.5 MB, and one of
+    // 64 KiB over its compiled cache, too small for echo compiled.
     let probe = std::process::Command::new("unshare")
         .args(["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
         .output();
@@ -497,16 +498,20 @@ async fn a_full_disk_under_the_download_cache_does_not_fail_the_run() {
     let served = Answer::Artifact(echo_bytes());
     artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), served);
     let downloads = data.path().join("agents").join("http");
+    let compiled = data.path().join("compiled");
     std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::create_dir_all(&compiled).unwrap();
     let plane = start_plane().await;
     let mut node = tokio::process::Command::new("unshare")
         .args([
             "-m",
             "sh",
             "-c",
-            "mount -t tmpfs -o size=1m tmpfs \"$0\" && exec \"$@\"",
+            "mount -t tmpfs -o size=1m tmpfs \"$0\" && mount -t tmpfs -o size=64k tmpfs \"$1\" \
+             && shift && exec \"$@\"",
         ])
         .arg(&downloads)
+        .arg(&compiled)
         .arg(env!("CARGO_BIN_EXE_node-runtime"))
         .arg("serve")
         .env("NodeRuntime__NodeId", "full-disk-node")
@@ -535,7 +540,11 @@ async fn a_full_disk_under_the_download_cache_does_not_fail_the_run() {
         .unwrap();
     assert!(
         log.contains("could not keep the downloaded agent") && log.contains("No space left on device"),
-        "the write met a full disk: {log}"
+        "the download met a full disk: {log}"
+    );
+    assert!(
+        log.contains("could not keep the compiled component"),
+        "the compiled entry met a full disk: {log}"
     );
 }
 
