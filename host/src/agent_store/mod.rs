@@ -344,11 +344,11 @@ impl AgentStore {
                 }
                 AgentSource::Http(http) => {
                     let origin = http.url(agent_id, version);
-                    downloaded(http.fetch(agent_id, version).await?, origin, &mut looked_for).await?
+                    downloaded(|| http.fetch(agent_id, version), origin, &mut looked_for).await?
                 }
                 AgentSource::Oci(oci) => {
                     let origin = oci.reference(agent_id, version);
-                    downloaded(oci.fetch(agent_id, version).await?, origin, &mut looked_for).await?
+                    downloaded(|| oci.fetch(agent_id, version), origin, &mut looked_for).await?
                 }
             };
             if let Some(found) = found {
@@ -379,28 +379,50 @@ enum Located {
     },
 }
 
-/// What a network source answered: its downloaded copy (or its bytes),
-/// trusted as bytes from `origin`, or (not there) `origin` noted as
-/// looked for.
-async fn downloaded(
-    fetched: Option<Fetched>,
+/// What a network source answers (`fetch`): its downloaded copy (or its
+/// bytes), trusted as bytes from `origin`, or (not there) `origin` noted as
+/// looked for. A kept copy evicted before it could be stamped (another
+/// version's download made room) is fetched again, once: a version the
+/// source has is never reported missing for that.
+async fn downloaded<F, Fut>(
+    fetch: F,
     origin: String,
     looked_for: &mut Vec<String>,
-) -> Result<Option<Located>, ResolveError> {
-    match fetched {
-        Some(Fetched::Kept(path)) => Ok(stamp_of(&path)
-            .await?
-            .map(|stamp| Located::File(stamp, ArtifactTrust::Network { origin }))),
-        Some(Fetched::InMemory(bytes)) => Ok(Some(Located::InMemory {
-            bytes,
-            trust: ArtifactTrust::Network { origin: origin.clone() },
-            origin,
-        })),
-        None => {
-            looked_for.push(origin);
-            Ok(None)
+) -> Result<Option<Located>, ResolveError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Fetched>, FetchError>>,
+{
+    let trust = || ArtifactTrust::Network { origin: origin.clone() };
+    for _ in 0..2 {
+        match fetch().await? {
+            Some(Fetched::Kept(path)) => {
+                if let Some(stamp) = stamp_of(&path).await? {
+                    return Ok(Some(Located::File(stamp, trust())));
+                }
+            }
+            Some(Fetched::InMemory(bytes)) => {
+                return Ok(Some(Located::InMemory {
+                    bytes,
+                    trust: trust(),
+                    origin,
+                }));
+            }
+            None => {
+                looked_for.push(origin);
+                return Ok(None);
+            }
         }
     }
+    Err(ResolveError::Fetch(FetchError::Store {
+        url: origin.clone(),
+        path: PathBuf::from(&origin),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the download was evicted from the download cache twice before it could be loaded; \
+             raise AgentStore.DownloadCacheMaxBytes",
+        ),
+    }))
 }
 
 /// The file's stamp, or `None` when there is no file at `path`.
