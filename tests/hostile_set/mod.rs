@@ -62,8 +62,10 @@ impl Listener {
 /// Prompt tokens the stub model reports for every call.
 const PROMPT_TOKENS: u64 = 12;
 /// Completion tokens it writes (fewer if `max_tokens` says so, unless the
-/// model is `greedy`, which ignores `max_tokens`).
+/// model is `greedy`, which ignores `max_tokens` and writes
+/// [`GREEDY_TOKENS`]).
 const ANSWER_TOKENS: u64 = 20;
+const GREEDY_TOKENS: u64 = 100;
 
 /// A deterministic OpenAI-compatible stub on loopback.
 #[derive(Default)]
@@ -76,7 +78,7 @@ async fn completions(State(stub): State<Arc<LlmStub>>, Json(body): Json<serde_js
     let greedy = body["model"] == "greedy";
     let max_tokens = body["max_tokens"].as_u64().unwrap_or(u64::MAX);
     let completion = if greedy {
-        ANSWER_TOKENS
+        GREEDY_TOKENS
     } else {
         ANSWER_TOKENS.min(max_tokens)
     };
@@ -159,6 +161,13 @@ impl Env {
         let stub = start_stub(llm.clone()).await;
         let headers = start_headers_server().await;
         let sandbox = Sandbox::new(SandboxConfig {
+            // A token ceiling far above what the cases ask for, so that the
+            // escaped-characters prompt (estimated at 500,008 tokens) meets
+            // the request's byte cap rather than the budget.
+            limits: NodeLimits {
+                tokens: 1_000_000,
+                ..NodeLimits::default()
+            },
             engine: EngineSettings {
                 max_concurrent_runs: 4,
                 ..EngineSettings::default()
@@ -880,8 +889,9 @@ pub async fn http_to_an_allowed_host_that_never_answers(env: &Env) {
 // ---- LLM -------------------------------------------------------------------
 
 pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
-    // 32 tokens a call against a budget of 100: three full calls, a fourth
-    // cut to the 4 tokens left, then every call is refused unsent.
+    // 32 tokens a call against a budget of 100, each prompt estimated at
+    // 10: three full calls, then the 4 tokens left cannot hold the next
+    // prompt, and every call is refused unsent.
     let before = env.llm.requests.load(Ordering::SeqCst);
     let budget = BudgetRequest {
         tokens: Some(100),
@@ -889,17 +899,18 @@ pub async fn llm_loop_is_refused_past_the_token_budget(env: &Env) {
     };
     let result = env.run("llm-chat", &[("calls", "1000")], budget).await;
     let seen = completed(&result);
-    assert_eq!(seen["calls_completed"], "4", "{seen:?}");
+    assert_eq!(seen["calls_completed"], "3", "{seen:?}");
     assert!(seen["error"].starts_with("budget-exhausted: "), "{seen:?}");
     assert_eq!(
         env.llm.requests.load(Ordering::SeqCst) - before,
-        4,
+        3,
         "refused calls never reach the provider"
     );
 }
 
 pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
-    // A provider that ignores max_tokens: the run goes over and fails.
+    // A provider that ignores max_tokens (100 tokens where 90 were
+    // allowed): the run goes over and fails.
     let budget = BudgetRequest {
         tokens: Some(100),
         ..BudgetRequest::default()
@@ -908,7 +919,34 @@ pub async fn llm_loop_past_the_token_budget_fails(env: &Env) {
         .run("llm-chat", &[("calls", "1000"), ("model", "greedy")], budget)
         .await;
     fails(&result, FailKind::BudgetTokens, "over its budget of 100");
-    assert_eq!(result.report.tokens_in + result.report.tokens_out, 128);
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 112);
+}
+
+pub async fn llm_prompt_larger_than_the_remaining_budget(env: &Env) {
+    // 100,000 bytes of prompt, estimated at 25,008 tokens, against a budget
+    // of 4,000: refused before any request reaches the provider, every
+    // time the agent asks.
+    let before = env.llm.requests.load(Ordering::SeqCst);
+    let budget = BudgetRequest {
+        tokens: Some(4000),
+        ..BudgetRequest::default()
+    };
+    let prompt = "p".repeat(100_000);
+    let result = env
+        .run("llm-chat", &[("message", &prompt), ("calls", "50")], budget)
+        .await;
+    let seen = completed(&result);
+    assert_eq!(seen["calls_completed"], "0", "{seen:?}");
+    assert!(
+        seen["error"].starts_with("budget-exhausted: ") && seen["error"].contains("25008 tokens"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        env.llm.requests.load(Ordering::SeqCst),
+        before,
+        "nothing reached the provider"
+    );
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 0);
 }
 
 // ---- artifacts that are not agents ------------------------------------------
@@ -1017,6 +1055,7 @@ pub async fn a_cwasm_from_a_network_source(env: &Env) {
             max_bytes: 64 * MIB,
             timeout: Duration::from_secs(10),
             cache_dir: cache.path().to_path_buf(),
+            cache_max_bytes: 1 << 30,
         },
         None,
     )
@@ -1045,6 +1084,69 @@ pub async fn a_cwasm_from_a_network_source(env: &Env) {
 pub async fn a_zero_byte_file(env: &Env) {
     let reason = env.refused(Vec::new()).await;
     assert!(reason.contains("empty"), "{reason}");
+}
+
+/// A component holding one core module of `functions` bodies, each
+/// `blocks` nested blocks deep: valid WebAssembly, written byte by byte.
+fn code_bomb(functions: u32, blocks: u32) -> Vec<u8> {
+    fn leb(mut n: u32, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len() as u32, out);
+        out.extend_from_slice(body);
+    }
+    let mut body = vec![0]; // no locals
+    for _ in 0..blocks {
+        body.extend_from_slice(&[0x02, 0x40]); // block (no result)
+    }
+    body.extend(std::iter::repeat_n(0x0b, blocks as usize + 1)); // the ends
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: [] -> []
+    let mut funcs = Vec::new();
+    leb(functions, &mut funcs);
+    funcs.extend(std::iter::repeat_n(0, functions as usize));
+    section(3, &funcs, &mut module);
+    let mut code = Vec::new();
+    leb(functions, &mut code);
+    for _ in 0..functions {
+        leb(body.len() as u32, &mut code);
+        code.extend_from_slice(&body);
+    }
+    section(10, &code, &mut module);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    section(1, &module, &mut component);
+    component
+}
+
+pub async fn compile_bomb(env: &Env) {
+    // Well within the size bound (under 1 MB each), but compiling them
+    // would keep a thread busy that no deadline can stop: 250,000
+    // functions, and one function of 200,000 nested blocks. Both are
+    // refused before wasmtime sees them, naming the bound.
+    let many = code_bomb(250_000, 0);
+    assert!(many.len() < 1 << 20, "{} bytes", many.len());
+    let reason = env.refused(many).await;
+    assert!(
+        reason.contains("more than 100000 functions") && reason.contains("Sandbox.MaxFunctions"),
+        "{reason}"
+    );
+    let deep = code_bomb(1, 200_000);
+    assert!(deep.len() < 1 << 20, "{} bytes", deep.len());
+    let reason = env.refused(deep).await;
+    assert!(
+        reason.contains("more than 4000 deep") && reason.contains("Sandbox.MaxNesting"),
+        "{reason}"
+    );
 }
 
 pub type Case = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -1100,4 +1202,6 @@ cases!(
     a_corrupt_file,
     a_cwasm_from_a_network_source,
     a_zero_byte_file,
+    llm_prompt_larger_than_the_remaining_budget,
+    compile_bomb,
 );

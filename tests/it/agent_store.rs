@@ -13,6 +13,7 @@
 //! agents directory runs; a redirect is not followed.
 
 use crate::support;
+use crate::support::scripted;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,6 +44,8 @@ enum Answer {
     Status(StatusCode),
     /// 302 Found to this location.
     Redirect(String),
+    /// No answer, ever.
+    Stall,
 }
 
 #[derive(Default)]
@@ -75,6 +78,7 @@ async fn serve_artifact(
         Some(Answer::Redirect(location)) => {
             (StatusCode::FOUND, [(axum::http::header::LOCATION, location)]).into_response()
         }
+        Some(Answer::Stall) => std::future::pending().await,
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -95,12 +99,23 @@ fn echo_bytes() -> Arc<[u8]> {
 }
 
 fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) -> AgentStore {
+    http_store_bounded(base, cache, max_bytes, 1 << 30, require_digest)
+}
+
+fn http_store_bounded(
+    base: &str,
+    cache: &Path,
+    max_bytes: u64,
+    cache_max_bytes: u64,
+    require_digest: bool,
+) -> AgentStore {
     let source = HttpSource::new(
         HttpSourceSettings {
             url_template: format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
             max_bytes,
             timeout: Duration::from_secs(10),
             cache_dir: cache.to_path_buf(),
+            cache_max_bytes,
         },
         None,
     )
@@ -109,6 +124,10 @@ fn http_store(base: &str, cache: &Path, max_bytes: u64, require_digest: bool) ->
 }
 
 fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
+    start_node_at(&plane.url(), store)
+}
+
+fn start_node_at(control_plane_url: &str, store: AgentStore) -> NodeHandle {
     let slots = 8;
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
@@ -122,7 +141,7 @@ fn start_node(plane: &DevPlane, store: AgentStore) -> NodeHandle {
     NodeHandle::builder(
         NodeSettings {
             node_id: "store-node".to_string(),
-            control_plane_url: plane.url(),
+            control_plane_url: control_plane_url.to_string(),
             slots,
             max_leases: slots,
             heartbeat_interval: Duration::from_millis(300),
@@ -324,6 +343,209 @@ async fn a_failing_or_oversized_download_is_handed_back_and_leaves_nothing_behin
 
     let leftovers: Vec<_> = files_under(cache.path());
     assert!(leftovers.is_empty(), "no partial artifact on disk: {leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_outlasting_the_lease_deadline_fails_budget_deadline_and_shutdown_does_not_wait_for_it() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    artifacts
+        .files
+        .lock()
+        .unwrap()
+        .insert("echo/1.0.0.wasm".into(), Answer::Stall);
+    let cache = tempfile::tempdir().unwrap();
+    // The download itself may take two minutes: only the lease's deadline
+    // (2 s for the first lease) and the node's drain timeout (5 s) stop it.
+    let source = HttpSource::new(
+        HttpSourceSettings {
+            url_template: format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
+            max_bytes: 1 << 30,
+            timeout: Duration::from_secs(120),
+            cache_dir: cache.path().to_path_buf(),
+            cache_max_bytes: 1 << 30,
+        },
+        None,
+    )
+    .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (url, recorded) = scripted::serve(vec![
+        scripted::lease("lease-soon", "echo", now_ms + 2_000),
+        scripted::lease("lease-later", "echo", now_ms + 600_000),
+    ])
+    .await;
+    let node = start_node_at(&url, AgentStore::with_sources(vec![AgentSource::Http(source)], false));
+
+    let soon = eventually(Duration::from_secs(30), "the first lease to fail", || {
+        let recorded = recorded.lock().unwrap();
+        recorded
+            .fails
+            .iter()
+            .find(|fail| fail.lease_id == "lease-soon")
+            .cloned()
+    })
+    .await;
+    let details: serde_json::Value = serde_json::from_str(&soon.error_details).unwrap();
+    assert_eq!(details["kind"], "budget.deadline", "{soon:?}");
+    assert!(
+        soon.error_message
+            .contains("deadline passed while its agent was being fetched"),
+        "{}",
+        soon.error_message
+    );
+    assert!(recorded.lock().unwrap().completes.is_empty());
+
+    tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+        .await
+        .expect("shutdown waits for the drain timeout, not for the download");
+    let later = recorded
+        .lock()
+        .unwrap()
+        .fails
+        .iter()
+        .find(|fail| fail.lease_id == "lease-later")
+        .cloned()
+        .expect("the second lease is handed back");
+    assert!(later.retryable, "{later:?}");
+    assert!(
+        later.error_message.contains("fetched or compiled"),
+        "{}",
+        later.error_message
+    );
+    assert!(artifacts.requests_for("echo/1.0.0.wasm") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_download_cache_keeps_within_its_bound_evicting_the_oldest_download() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    let bytes = echo_bytes();
+    for version in ["1.0.0", "2.0.0"] {
+        let served = Answer::Artifact(bytes.clone());
+        artifacts
+            .files
+            .lock()
+            .unwrap()
+            .insert(format!("echo/{version}.wasm"), served);
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let plane = start_plane().await;
+    // Room for one download and a half.
+    let bound = bytes.len() as u64 * 3 / 2;
+    let node = start_node(&plane, http_store_bounded(&base, cache.path(), 1 << 30, bound, false));
+    let kept = |version: &str| cache.path().join("echo").join(format!("{version}.wasm")).exists();
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert!(kept("1.0.0"));
+    let runs = submit_and_wait(&plane, vec![run_of("2.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert!(kept("2.0.0") && !kept("1.0.0"), "the older download was evicted");
+    let on_disk: u64 = files_under(cache.path())
+        .iter()
+        .map(|path| std::fs::metadata(path).unwrap().len())
+        .sum();
+    assert!(on_disk <= bound, "{on_disk} bytes kept, bound {bound}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_the_disk_cannot_keep_runs_from_memory() {
+    node_runtime::support::tls::install_crypto_provider();
+    let (base, artifacts) = start_artifact_server().await;
+    let served = Answer::Artifact(echo_bytes());
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), served);
+    // The cache directory lies under a file: nothing can be written there.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("a-file"), "").unwrap();
+    let cache = work.path().join("a-file").join("cache");
+    let plane = start_plane().await;
+    let node = start_node(&plane, http_store(&base, &cache, 1 << 30, false));
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert_eq!(
+        artifacts.requests_for("echo/1.0.0.wasm"),
+        2,
+        "nothing was kept: each lease downloads the version"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_caches_does_not_fail_the_run() {
+    // A real ENOSPC: `serve` in its own mount namespace with a 1 MiB tmpfs
+    // over its download cache, too small for echo's 2.5 MB, and one of
+    // 64 KiB over its compiled cache, too small for echo compiled.
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
+        .output();
+    if !probe.as_ref().is_ok_and(|output| output.status.success()) {
+        eprintln!(
+            "skipped: cannot mount a tmpfs in a new mount namespace here (needs root and \
+             unshare -m): {probe:?}"
+        );
+        return;
+    }
+    node_runtime::support::tls::install_crypto_provider();
+    let [agents, data] = [(); 2].map(|_| tempfile::tempdir().unwrap());
+    let (base, artifacts) = start_artifact_server().await;
+    let served = Answer::Artifact(echo_bytes());
+    artifacts.files.lock().unwrap().insert("echo/1.0.0.wasm".into(), served);
+    let downloads = data.path().join("agents").join("http");
+    let compiled = data.path().join("compiled");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::create_dir_all(&compiled).unwrap();
+    let plane = start_plane().await;
+    let mut node = tokio::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m tmpfs \"$0\" && mount -t tmpfs -o size=64k tmpfs \"$1\" \
+             && shift && exec \"$@\"",
+        ])
+        .arg(&downloads)
+        .arg(&compiled)
+        .arg(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "full-disk-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("AgentStore__Sources", "http")
+        .env(
+            "AgentStore__HttpUrlTemplate",
+            format!("{base}/agents/{{agent_id}}/{{version}}.wasm"),
+        )
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts under unshare");
+
+    let runs = submit_and_wait(&plane, vec![run_of("1.0.0", None)]).await;
+    assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+    assert_eq!(runs[0].result.as_ref().unwrap()["message"], "hello");
+    node.kill().await.unwrap();
+    let mut log = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut node.stderr.take().unwrap(), &mut log)
+        .await
+        .unwrap();
+    assert!(
+        log.contains("could not keep the downloaded agent") && log.contains("No space left on device"),
+        "the download met a full disk: {log}"
+    );
+    assert!(
+        log.contains("could not keep the compiled component"),
+        "the compiled entry met a full disk: {log}"
+    );
 }
 
 fn cached_sandbox(cache: &Path) -> Sandbox {

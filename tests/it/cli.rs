@@ -325,7 +325,13 @@ fn run_agent_calls_the_llm_endpoint_with_the_key_from_the_environment() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].0, "Bearer sk-cli-secret");
     assert_eq!(seen[0].1["model"], "cli-model");
-    assert_eq!(seen[0].1["max_tokens"], 100, "--max-tokens is the run's budget");
+    // The budget less the prompt's estimate: 4 for the request, 4 for the
+    // message, 2 for "hello".
+    assert_eq!(
+        seen[0].1["max_tokens"],
+        100 - 10,
+        "--max-tokens is the run's budget, the estimated prompt taken from it"
+    );
 }
 
 #[test]

@@ -70,12 +70,14 @@ hostile_tests!(
     a_corrupt_file,
     a_cwasm_from_a_network_source,
     a_zero_byte_file,
+    llm_prompt_larger_than_the_remaining_budget,
+    compile_bomb,
 );
 
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 38);
+    assert_eq!(hostile_set::CASES.len(), 40);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

@@ -156,3 +156,47 @@ fn the_container_recipe_builds_the_static_binary_and_keeps_state_in_a_volume() {
         "not root"
     );
 }
+
+/// What the manifest allows for the outbox, which no setting bounds.
+const OUTBOX_ALLOWANCE: u64 = 512 << 20;
+/// The most one file-digest memo record takes: its fixed part, a path of
+/// up to PATH_MAX, its checksum.
+const MEMO_RECORD_BYTES: u64 = 140 + 4096;
+
+/// `4Gi`, `512Mi`, `100G`: a Kubernetes quantity in bytes.
+fn quantity(text: &str) -> u64 {
+    let units = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("G", 1_000_000_000),
+    ];
+    for (suffix, factor) in units {
+        if let Some(number) = text.strip_suffix(suffix) {
+            return number.parse::<u64>().expect("a whole quantity") * factor;
+        }
+    }
+    text.parse().expect("a quantity")
+}
+
+#[test]
+fn the_data_volume_holds_the_caches_at_their_bounds_and_the_outbox() {
+    let docs = documents();
+    let settings = of_kind(&docs, "ConfigMap")["data"]["appsettings.json"]
+        .as_str()
+        .expect("appsettings.json");
+    let config = NodeConfig::from_json_str(settings, Path::new("/etc/node-runtime"), Vec::new()).unwrap();
+    let claim = &of_kind(&docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["metadata"]["name"].as_str(), Some("data"));
+    let storage = quantity(claim["spec"]["resources"]["requests"]["storage"].as_str().unwrap());
+    // Both network sources keep their own downloads.
+    let needed = config.sandbox.compiled_cache_max_bytes
+        + 2 * config.agent_store.download_cache_max_bytes
+        + node_runtime::agent_store::digest_memo::MAX_RECORDS as u64 * MEMO_RECORD_BYTES
+        + OUTBOX_ALLOWANCE;
+    assert!(
+        storage >= needed,
+        "the data volume ({storage} bytes) is smaller than the caches' bounds and the outbox ({needed} bytes)"
+    );
+}

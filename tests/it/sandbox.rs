@@ -550,3 +550,20 @@ async fn a_cpu_bound_agent_does_not_starve_other_runs() {
     );
     assert_eq!(failure(&spinning.await.unwrap()).kind, FailKind::BudgetDeadline);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compilation_whose_caller_stopped_waiting_finishes_and_serves_the_next_load() {
+    // A caller that gives up (its lease's deadline passed) cannot cancel a
+    // compilation; the next load must wait for that one, not start
+    // another beside it.
+    let sandbox = sandbox();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(1),
+        sandbox.load(agent_bytes("invoice-classifier")),
+    )
+    .await;
+    assert!(abandoned.is_err(), "a compilation takes longer than 1 ms");
+    let agent = load(&sandbox, "invoice-classifier").await;
+    assert_eq!(agent.kind(), "agent");
+    assert_eq!(sandbox.compile_counts().compiled, 1, "compiled once");
+}

@@ -43,6 +43,8 @@ struct Stub {
     always: Mutex<Option<u16>>,
     /// Report a full answer's usage whatever `max_tokens` said.
     ignore_max_tokens: std::sync::atomic::AtomicBool,
+    /// Prompt tokens to report instead of [`PROMPT_TOKENS`] (0: that).
+    prompt_tokens: std::sync::atomic::AtomicU64,
 }
 
 impl Stub {
@@ -78,6 +80,10 @@ async fn completions(
     }
     let completion = ANSWER_TOKENS.min(max_tokens);
     let finish = if completion < ANSWER_TOKENS { "length" } else { "stop" };
+    let prompt_tokens = match stub.prompt_tokens.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => PROMPT_TOKENS,
+        reported => reported,
+    };
     Json(serde_json::json!({
         "id": format!("chatcmpl-{number}"),
         "object": "chat.completion",
@@ -88,9 +94,9 @@ async fn completions(
             "finish_reason": finish,
         }],
         "usage": {
-            "prompt_tokens": PROMPT_TOKENS,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
-            "total_tokens": PROMPT_TOKENS + completion,
+            "total_tokens": prompt_tokens + completion,
         },
     }))
     .into_response()
@@ -180,9 +186,12 @@ async fn a_call_is_metered_and_priced_from_the_providers_usage() {
     let request = &requests[0];
     assert_eq!(request.authorization.as_deref(), Some(&*format!("Bearer {KEY}")));
     assert_eq!(request.body["model"], "stub-default");
+    // The prompt is estimated at 12 tokens: 4 for the request, 4 for the
+    // message, 4 for its 14 ASCII bytes.
     assert_eq!(
-        request.body["max_tokens"], 1000,
-        "no max_tokens: the budget's remainder"
+        request.body["max_tokens"],
+        1000 - 12,
+        "no max_tokens: the budget's remainder after the estimated prompt"
     );
     assert_eq!(request.body["messages"][0]["role"], "user");
     assert_eq!(request.body["messages"][0]["content"], "Classify INV-1");
@@ -211,9 +220,10 @@ async fn the_model_comes_from_the_request_then_the_metadata_then_the_default() {
 async fn a_spent_budget_refuses_the_next_call_without_reaching_the_provider() {
     let stub = Arc::new(Stub::default());
     let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
-    // 12 + 20 = 32 per full call. With 44: the first call may write 44
-    // tokens (writes 20), the second only the 12 that remain (writes 12,
-    // and its prompt takes the run 12 over), the third is refused.
+    // "hi" is estimated at 9 prompt tokens; the stub reports 12. With 44:
+    // the first call may write 44 - 9 = 35 (writes 20; 32 used), the second
+    // 12 - 9 = 3 (writes 3, and the 3 prompt tokens the estimate missed
+    // take the run 3 over, within the tolerance), the third is refused.
     let result = run_chat(
         &sandbox,
         &[("message", "hi"), ("calls", "5"), ("max_tokens", "100")],
@@ -222,19 +232,64 @@ async fn a_spent_budget_refuses_the_next_call_without_reaching_the_provider() {
     .await;
     let seen = completed(&result);
     assert_eq!(seen["calls_completed"], "2", "{seen:?}");
-    assert_eq!(seen["tokens_out.1"], "12");
+    assert_eq!(seen["tokens_out.1"], "3");
     assert_eq!(seen["finish_reason.1"], "length");
     assert!(seen["error"].starts_with("budget-exhausted: "), "{seen:?}");
     assert_eq!(seen["error_call"], "2");
 
     let requests = stub.requests();
     assert_eq!(requests.len(), 2, "the refused call never reached the provider");
-    assert_eq!(requests[0].body["max_tokens"], 44);
-    assert_eq!(requests[1].body["max_tokens"], 12);
+    assert_eq!(requests[0].body["max_tokens"], 35);
+    assert_eq!(requests[1].body["max_tokens"], 3);
     assert_eq!(
         result.report.tokens_in + result.report.tokens_out,
-        44 + PROMPT_TOKENS as u32,
-        "the overrun is the crossing call's prompt, no more"
+        44 + 3,
+        "the overrun is what the estimate missed of the crossing call's prompt, no more"
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_larger_than_the_remaining_budget_is_refused_unsent() {
+    let stub = Arc::new(Stub::default());
+    let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
+    // 40,000 bytes are estimated at 10,008 tokens: an unbounded prompt in
+    // the old scheme, where only the completion was capped.
+    let prompt = "x".repeat(40_000);
+    let result = run_chat(&sandbox, &[("message", &prompt), ("calls", "3")], tokens(4000)).await;
+    let seen = completed(&result);
+    assert_eq!(seen["calls_completed"], "0", "{seen:?}");
+    let error = &seen["error"];
+    assert!(error.starts_with("budget-exhausted: "), "{error}");
+    assert!(
+        error.contains("10008 tokens") && error.contains("4000") && error.contains("shorter prompt"),
+        "{error}"
+    );
+    assert_eq!(stub.requests().len(), 0, "nothing reached the provider");
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 0);
+}
+
+#[tokio::test]
+async fn a_prompt_the_estimate_misses_by_more_than_the_tolerance_fails_budget_tokens() {
+    let stub = Arc::new(Stub::default());
+    // The provider counts 200 prompt tokens where the node estimates 9.
+    stub.prompt_tokens.store(200, std::sync::atomic::Ordering::Relaxed);
+    let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
+    let result = run_chat(&sandbox, &[("message", "hi"), ("calls", "5")], tokens(100)).await;
+    let RunOutcome::Failed(failure) = &result.outcome else {
+        panic!("expected budget.tokens: {:?}", result.outcome);
+    };
+    assert_eq!(failure.kind, FailKind::BudgetTokens);
+    assert!(
+        failure.message.contains("220 LLM tokens")
+            && failure.message.contains("budget of 100 by 120")
+            && failure.message.contains("32 tokens tolerated"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(
+        stub.requests().len(),
+        1,
+        "the second call is refused: the budget is spent"
     );
 }
 
@@ -243,19 +298,59 @@ async fn a_provider_writing_past_max_tokens_fails_the_run_budget_tokens() {
     let stub = Arc::new(Stub::default());
     stub.ignore_max_tokens.store(true, std::sync::atomic::Ordering::Relaxed);
     let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
-    // The second call may write 8 but the stub reports 20: 64 of 40.
-    let result = run_chat(&sandbox, &[("calls", "5")], tokens(40)).await;
+    // "Hello" is estimated at 10 tokens, so the call may write 15 of the
+    // 25; the stub writes 20: 32 of 25, 7 over, 5 of them past the cap.
+    let result = run_chat(&sandbox, &[("calls", "5")], tokens(25)).await;
     let RunOutcome::Failed(failure) = &result.outcome else {
         panic!("expected budget.tokens: {:?}", result.outcome);
     };
     assert_eq!(failure.kind, FailKind::BudgetTokens);
     assert!(
-        failure.message.contains("64") && failure.message.contains("40"),
+        failure.message.contains("32") && failure.message.contains("25") && failure.message.contains("5 tokens past"),
         "{}",
         failure.message
     );
-    assert_eq!(stub.requests().len(), 2);
-    assert_eq!(result.report.tokens_in + result.report.tokens_out, 64);
+    assert_eq!(stub.requests().len(), 1);
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 32);
+}
+
+#[tokio::test]
+async fn a_model_off_the_allow_list_is_refused_naming_it_and_the_setting() {
+    let stub = Arc::new(Stub::default());
+    let mut settings = settings(start_stub(stub.clone()).await);
+    settings.allowed_models = ["stub-default".to_string()].into();
+    let sandbox = llm_sandbox(settings);
+    let refused = run_chat(&sandbox, &[("model", "gpt-unlisted")], tokens(1000)).await;
+    let error = &completed(&refused)["error"];
+    assert!(
+        error.starts_with("invalid-request: ")
+            && error.contains("\"gpt-unlisted\"")
+            && error.contains("AgentRuntime.AllowedModels (stub-default)"),
+        "{error}"
+    );
+    assert_eq!(stub.requests().len(), 0, "nothing reached the provider");
+    let allowed = run_chat(&sandbox, &[], tokens(1000)).await;
+    assert_eq!(completed(&allowed)["model.0"], "stub-default");
+    assert_eq!(stub.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_configured_model_without_a_price_is_warned_about_at_start_up() {
+    let captured = capture_logs();
+    let stub = Arc::new(Stub::default());
+    let mut settings = settings(start_stub(stub.clone()).await);
+    settings.default_model = "unpriced-default-at-start-up".to_string();
+    let _sandbox = llm_sandbox(settings);
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let warning = logs
+        .lines()
+        .find(|line| line.contains("unpriced-default-at-start-up"))
+        .unwrap_or_else(|| panic!("no warning for the unpriced default model: {logs}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("no price") && warning.contains("AgentRuntime.Prices"),
+        "{warning}"
+    );
+    assert_eq!(stub.requests().len(), 0, "warned before any call");
 }
 
 #[tokio::test]

@@ -9,6 +9,15 @@
 //! kept: anything else a source delivers (native code above all) is
 //! refused before it reaches the disk
 //! ([`check_network_artifact`]). The HTTP and OCI sources share it.
+//!
+//! The folder is bounded in bytes (`AgentStore.DownloadCacheMaxBytes`, per
+//! source): after each download the oldest downloads are deleted until the
+//! rest fit, never the one just written. A deleted version is downloaded
+//! again at its next lease; the agent compiled from it stays in memory
+//! and in the compiled cache. A download that cannot be kept (a full or
+//! read-only disk) is not a failure: the lease runs from the bytes in
+//! memory ([`Fetched::InMemory`]), with a warning, and the next lease for
+//! that version downloads it again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -83,17 +92,31 @@ impl FetchError {
 /// An agent id and a version.
 type AgentVersion = (String, String);
 
+/// What a source found for a version.
+#[derive(Debug)]
+pub enum Fetched {
+    /// Its kept copy on disk.
+    Kept(PathBuf),
+    /// Downloaded, but the copy could not be written (the disk is full,
+    /// or read-only): the bytes, checked to be a component, for this lease
+    /// only.
+    InMemory(Vec<u8>),
+}
+
 pub struct DownloadCache {
     dir: PathBuf,
+    /// The most its downloads may take on disk together.
+    max_bytes: u64,
     /// One lock per version being fetched: the first caller downloads,
     /// the others wait and then find the file.
     in_flight: Mutex<HashMap<AgentVersion, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl DownloadCache {
-    pub fn new(dir: PathBuf) -> Self {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
         DownloadCache {
             dir,
+            max_bytes,
             in_flight: Mutex::default(),
         }
     }
@@ -105,49 +128,59 @@ impl DownloadCache {
     }
 
     /// The kept copy of the version, or what `download` brings (`None`:
-    /// the source has no such version), kept first if it is a component.
-    /// `origin` names the download in errors and logs. A kept copy is
-    /// returned as it is: its loader checks it again.
+    /// the source has no such version), kept first if it is a component
+    /// and the disk takes it. `origin` names the download in errors and
+    /// logs. A kept copy is returned as it is: its loader checks it again.
     pub async fn get_or_fetch<F, Fut>(
         &self,
         agent_id: &str,
         version: &str,
         origin: &str,
         download: F,
-    ) -> Result<Option<PathBuf>, FetchError>
+    ) -> Result<Option<Fetched>, FetchError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, FetchError>>,
     {
         let path = self.path(agent_id, version);
         if is_file(&path).await {
-            return Ok(Some(path));
+            return Ok(Some(Fetched::Kept(path)));
         }
         let gate = self.gate(agent_id, version);
         let _downloading = gate.lock().await;
         if is_file(&path).await {
-            return Ok(Some(path));
+            return Ok(Some(Fetched::Kept(path)));
         }
         let Some(bytes) = download().await? else {
             return Ok(None);
         };
         check_network_artifact(origin, &bytes)?;
-        let target = path.clone();
-        tokio::task::spawn_blocking(move || {
+        let (target, root, max_bytes) = (path.clone(), self.dir.clone(), self.max_bytes);
+        let (bytes, written) = tokio::task::spawn_blocking(move || {
             let dir = target.parent().expect("a cached path has a parent");
-            std::fs::create_dir_all(dir)?;
-            write_atomically(&target, &bytes, Durability::Synced)
+            let written =
+                std::fs::create_dir_all(dir).and_then(|()| write_atomically(&target, &bytes, Durability::Synced));
+            if written.is_ok() {
+                evict_oldest_downloads(&root, max_bytes, &target);
+            }
+            (bytes, written)
         })
         .await
-        .map_err(std::io::Error::other)
-        .and_then(|written| written)
-        .map_err(|source| FetchError::Store {
+        .map_err(|err| FetchError::Store {
             url: origin.to_string(),
             path: path.clone(),
-            source,
+            source: std::io::Error::other(err),
         })?;
+        if let Err(err) = written {
+            tracing::warn!(
+                origin, path = %path.display(), error = %err,
+                "could not keep the downloaded agent (is the disk full?); running it from memory, \
+                 and downloading it again for its next lease"
+            );
+            return Ok(Some(Fetched::InMemory(bytes)));
+        }
         tracing::info!(origin, path = %path.display(), "downloaded agent");
-        Ok(Some(path))
+        Ok(Some(Fetched::Kept(path)))
     }
 
     fn gate(&self, agent_id: &str, version: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -159,6 +192,79 @@ impl DownloadCache {
     }
 }
 
+/// Deletes the oldest downloads (`<root>/<agent_id>/<version>.wasm`, by
+/// modification time: when they were downloaded) until the rest take at
+/// most `max_bytes`, never `keep`. Files it cannot read or delete are
+/// skipped: a bound kept loosely is better than a failed download.
+/// Downloads are ordered by when they were written, not by their last use:
+/// touching a kept file would change the stamp the agent store knows it by.
+fn evict_oldest_downloads(root: &Path, max_bytes: u64, keep: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(agents) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = agents
+        .flatten()
+        .filter_map(|agent| std::fs::read_dir(agent.path()).ok())
+        .flat_map(|versions| versions.flatten())
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            meta.is_file().then_some(())?;
+            Some((meta.modified().ok()?, meta.len(), entry.path()))
+        })
+        .collect();
+    files.sort();
+    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+    let mut evicted = Vec::new();
+    for (_, len, path) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            tracing::info!(path = %path.display(), bytes = len, "evicted from the download cache");
+            evicted.push((path, len));
+        }
+    }
+    evicted
+}
+
 async fn is_file(path: &Path) -> bool {
     tokio::fs::metadata(path).await.is_ok_and(|meta| meta.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn download(root: &Path, agent: &str, version: &str, len: usize, age_s: u64) -> PathBuf {
+        let path = root.join(agent).join(format!("{version}.wasm"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let file = std::fs::File::options().append(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn the_oldest_downloads_go_first_across_agents_never_the_newest() {
+        let root = tempfile::tempdir().unwrap();
+        let oldest = download(root.path(), "a", "1", 100, 30);
+        let older = download(root.path(), "b", "1", 100, 20);
+        let newer = download(root.path(), "a", "2", 100, 10);
+        let evicted = evict_oldest_downloads(root.path(), 150, &newer);
+        let evicted: Vec<&PathBuf> = evicted.iter().map(|(path, _)| path).collect();
+        assert_eq!(evicted, [&oldest, &older]);
+        assert!(newer.exists());
+        // A download larger than the bound is kept: it is the one in use.
+        let big = download(root.path(), "c", "1", 500, 0);
+        let evicted = evict_oldest_downloads(root.path(), 150, &big);
+        assert_eq!(evicted.len(), 1, "{evicted:?}");
+        assert!(big.exists() && !newer.exists());
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::download_cache::{DownloadCache, FetchError};
+use super::download_cache::{DownloadCache, FetchError, Fetched};
 
 /// Where and how to download agents.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,8 @@ pub struct HttpSourceSettings {
     pub timeout: Duration,
     /// Where downloaded versions are kept.
     pub cache_dir: PathBuf,
+    /// The most the kept versions may take on disk; the oldest go first.
+    pub cache_max_bytes: u64,
 }
 
 /// Characters kept as they are in an id or version put into a URL path.
@@ -61,7 +63,7 @@ impl HttpSource {
     pub fn new(settings: HttpSourceSettings, tls: Option<rustls::ClientConfig>) -> Result<Self, reqwest::Error> {
         Ok(HttpSource {
             client: download_client(settings.timeout, tls)?,
-            cache: DownloadCache::new(settings.cache_dir.clone()),
+            cache: DownloadCache::new(settings.cache_dir.clone(), settings.cache_max_bytes),
             settings,
         })
     }
@@ -80,7 +82,7 @@ impl HttpSource {
 
     /// The local copy of the version, downloaded first if there is none;
     /// `None` when the server has no such version (HTTP 404 or 410).
-    pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<PathBuf>, FetchError> {
+    pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<Fetched>, FetchError> {
         let url = self.url(agent_id, version);
         self.cache
             .get_or_fetch(agent_id, version, &url, || self.download(&url))
@@ -162,6 +164,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 timeout: Duration::from_secs(1),
                 cache_dir: PathBuf::from("cache"),
+                cache_max_bytes: 1 << 30,
             },
             None,
         )

@@ -40,7 +40,7 @@ use thiserror::Error;
 use crate::sandbox::{Agent, ArtifactTrust, InvalidAgent, Sandbox};
 pub use digest::{AgentDigest, DIGEST_METADATA_KEY, InvalidDigest};
 pub use digest_memo::DigestMemo;
-pub use download_cache::FetchError;
+pub use download_cache::{FetchError, Fetched};
 pub use http_source::{HttpSource, HttpSourceSettings};
 pub use oci_source::{OciSource, OciSourceSettings};
 pub use support::file_stamp::{FileStamp, SETTLE_TIME};
@@ -196,7 +196,12 @@ impl AgentStore {
         // Taken before the file is stamped: what is known about a file is
         // trusted only if it had settled by then (`FileStamp::settled_at`).
         let checked_at = SystemTime::now();
-        let (stamp, trust) = self.locate(agent_id, version).await?;
+        let (stamp, trust) = match self.locate(agent_id, version).await? {
+            Located::File(stamp, trust) => (stamp, trust),
+            Located::InMemory { bytes, origin, trust } => {
+                return self.load_unkept(sandbox, bytes, origin, trust, pin).await;
+            }
+        };
         let settled = stamp.settled_at(checked_at);
         let key = (agent_id.to_string(), version.to_string());
         let cached = self.lock().get(&key).cloned();
@@ -272,6 +277,32 @@ impl AgentStore {
         Ok(agent)
     }
 
+    /// A download the disk did not take: loaded from its bytes, for this
+    /// lease only (nothing is remembered under a stamp: there is no file).
+    async fn load_unkept(
+        &self,
+        sandbox: &Sandbox,
+        bytes: Vec<u8>,
+        origin: String,
+        trust: ArtifactTrust,
+        pin: Option<AgentDigest>,
+    ) -> Result<Arc<Agent>, ResolveError> {
+        let digest = AgentDigest::of(&bytes);
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(origin);
+        if let Some(expected) = pin.filter(|pin| *pin != digest) {
+            return Err(ResolveError::DigestMismatch {
+                path,
+                expected,
+                actual: digest,
+            });
+        }
+        sandbox
+            .load_digested(Arc::from(bytes), *digest.bytes(), &trust)
+            .await
+            .map_err(|invalid| ResolveError::Invalid { path, invalid })
+    }
+
     /// Resolutions served without reading or compiling the agent again,
     /// from this store's memory (the sandbox counts the loads that found
     /// the same bytes compiled, in memory or in its on-disk cache).
@@ -289,9 +320,9 @@ impl AgentStore {
         }
     }
 
-    /// The first source's file for the version, and the trust its bytes
-    /// carry.
-    async fn locate(&self, agent_id: &str, version: &str) -> Result<(FileStamp, ArtifactTrust), ResolveError> {
+    /// The first source's file for the version (or, for a download the
+    /// disk did not take, its bytes), and the trust its bytes carry.
+    async fn locate(&self, agent_id: &str, version: &str) -> Result<Located, ResolveError> {
         let mut looked_for = Vec::new();
         for source in &self.sources {
             let found = match source {
@@ -304,7 +335,7 @@ impl AgentStore {
                     let mut found = None;
                     for path in candidates {
                         if let Some(stamp) = stamp_of(&path).await? {
-                            found = Some((stamp, ArtifactTrust::Operator));
+                            found = Some(Located::File(stamp, ArtifactTrust::Operator));
                             break;
                         }
                         looked_for.push(path.display().to_string());
@@ -313,11 +344,11 @@ impl AgentStore {
                 }
                 AgentSource::Http(http) => {
                     let origin = http.url(agent_id, version);
-                    downloaded(http.fetch(agent_id, version).await?, origin, &mut looked_for).await?
+                    downloaded(|| http.fetch(agent_id, version), origin, &mut looked_for).await?
                 }
                 AgentSource::Oci(oci) => {
                     let origin = oci.reference(agent_id, version);
-                    downloaded(oci.fetch(agent_id, version).await?, origin, &mut looked_for).await?
+                    downloaded(|| oci.fetch(agent_id, version), origin, &mut looked_for).await?
                 }
             };
             if let Some(found) = found {
@@ -336,22 +367,62 @@ impl AgentStore {
     }
 }
 
-/// What a network source answered: its downloaded copy, trusted as bytes
-/// from `origin`, or (not there) `origin` noted as looked for.
-async fn downloaded(
-    path: Option<PathBuf>,
+/// Where a version's bytes are.
+enum Located {
+    /// In a file: the operator's, or a kept download.
+    File(FileStamp, ArtifactTrust),
+    /// Downloaded, but not kept (the disk did not take it).
+    InMemory {
+        bytes: Vec<u8>,
+        origin: String,
+        trust: ArtifactTrust,
+    },
+}
+
+/// What a network source answers (`fetch`): its downloaded copy (or its
+/// bytes), trusted as bytes from `origin`, or (not there) `origin` noted as
+/// looked for. A kept copy evicted before it could be stamped (another
+/// version's download made room) is fetched again, once: a version the
+/// source has is never reported missing for that.
+async fn downloaded<F, Fut>(
+    fetch: F,
     origin: String,
     looked_for: &mut Vec<String>,
-) -> Result<Option<(FileStamp, ArtifactTrust)>, ResolveError> {
-    match path {
-        Some(path) => Ok(stamp_of(&path)
-            .await?
-            .map(|stamp| (stamp, ArtifactTrust::Network { origin }))),
-        None => {
-            looked_for.push(origin);
-            Ok(None)
+) -> Result<Option<Located>, ResolveError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Fetched>, FetchError>>,
+{
+    let trust = || ArtifactTrust::Network { origin: origin.clone() };
+    for _ in 0..2 {
+        match fetch().await? {
+            Some(Fetched::Kept(path)) => {
+                if let Some(stamp) = stamp_of(&path).await? {
+                    return Ok(Some(Located::File(stamp, trust())));
+                }
+            }
+            Some(Fetched::InMemory(bytes)) => {
+                return Ok(Some(Located::InMemory {
+                    bytes,
+                    trust: trust(),
+                    origin,
+                }));
+            }
+            None => {
+                looked_for.push(origin);
+                return Ok(None);
+            }
         }
     }
+    Err(ResolveError::Fetch(FetchError::Store {
+        url: origin.clone(),
+        path: PathBuf::from(&origin),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the download was evicted from the download cache twice before it could be loaded; \
+             raise AgentStore.DownloadCacheMaxBytes",
+        ),
+    }))
 }
 
 /// The file's stamp, or `None` when there is no file at `path`.

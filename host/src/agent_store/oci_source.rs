@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 use super::digest::AgentDigest;
 use support::error::error_chain;
 
-use super::download_cache::{DownloadCache, FetchError};
+use super::download_cache::{DownloadCache, FetchError, Fetched};
 
 /// Where and how to pull agents.
 #[derive(Clone, PartialEq)]
@@ -39,6 +39,8 @@ pub struct OciSourceSettings {
     pub max_bytes: u64,
     pub timeout: Duration,
     pub cache_dir: PathBuf,
+    /// The most the kept versions may take on disk; the oldest go first.
+    pub cache_max_bytes: u64,
 }
 
 impl std::fmt::Debug for OciSourceSettings {
@@ -50,6 +52,7 @@ impl std::fmt::Debug for OciSourceSettings {
             .field("max_bytes", &self.max_bytes)
             .field("timeout", &self.timeout)
             .field("cache_dir", &self.cache_dir)
+            .field("cache_max_bytes", &self.cache_max_bytes)
             .finish()
     }
 }
@@ -87,7 +90,7 @@ impl OciSource {
         OciSource {
             client: registry_client(settings.insecure),
             auth: registry_auth(settings.credentials.as_ref()),
-            cache: DownloadCache::new(settings.cache_dir.clone()),
+            cache: DownloadCache::new(settings.cache_dir.clone(), settings.cache_max_bytes),
             settings,
         }
     }
@@ -103,7 +106,7 @@ impl OciSource {
 
     /// The local copy of the version, pulled first if there is none;
     /// `None` when the registry has no such repository or tag.
-    pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<PathBuf>, FetchError> {
+    pub async fn fetch(&self, agent_id: &str, version: &str) -> Result<Option<Fetched>, FetchError> {
         let reference = self.reference(agent_id, version);
         self.cache
             .get_or_fetch(agent_id, version, &reference, || async {

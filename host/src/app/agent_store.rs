@@ -28,6 +28,7 @@ pub fn agent_store(config: &NodeConfig, control_plane_tls: &ControlPlaneTls) -> 
                     max_bytes: store.max_download_bytes,
                     timeout: store.download_timeout,
                     cache_dir: downloads.join("http"),
+                    cache_max_bytes: store.download_cache_max_bytes,
                 };
                 let plaintext = ControlPlaneTls::plaintext();
                 let tls = if template.starts_with("{base}") {
@@ -52,6 +53,7 @@ pub fn agent_store(config: &NodeConfig, control_plane_tls: &ControlPlaneTls) -> 
                     max_bytes: store.max_download_bytes,
                     timeout: store.download_timeout,
                     cache_dir: downloads.join("oci"),
+                    cache_max_bytes: store.download_cache_max_bytes,
                 };
                 sources.push(AgentSource::Oci(OciSource::new(settings)));
             }

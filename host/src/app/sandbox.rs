@@ -33,6 +33,7 @@ pub fn sandbox_config(config: &NodeConfig) -> SandboxConfig {
             dir: config.node_runtime.data_directory.join("compiled"),
             max_bytes: sandbox.compiled_cache_max_bytes,
         }),
+        compile_limits: sandbox.compile_limits,
         grants: sandbox.grants.clone(),
     }
 }
@@ -56,6 +57,7 @@ pub fn llm_settings(agent: &AgentRuntimeSection) -> Option<LlmSettings> {
         settings.default_temperature = agent.default_temperature as f32;
         settings.request_timeout = agent.max_duration;
         settings.prices = agent.prices.clone();
+        settings.allowed_models = agent.allowed_models.clone();
         return Some(settings);
     }
     let foundry = &agent.azure_ai_foundry;
@@ -73,5 +75,6 @@ pub fn llm_settings(agent: &AgentRuntimeSection) -> Option<LlmSettings> {
         default_temperature: agent.default_temperature as f32,
         request_timeout: agent.max_duration,
         prices: agent.prices.clone(),
+        allowed_models: agent.allowed_models.clone(),
     })
 }

@@ -1286,3 +1286,78 @@ fn the_sources_line_says_which_environment_and_which_files() {
         "{line}"
     );
 }
+
+#[test]
+fn allowed_models_are_a_list_or_a_comma_separated_string_and_are_printed() {
+    let config = load(r#"{"AgentRuntime": {"AllowedModels": ["gpt-4o-mini", " gpt-4o "]}}"#).unwrap();
+    let allowed: Vec<&str> = config.agent_runtime.allowed_models.iter().map(String::as_str).collect();
+    assert_eq!(allowed, ["gpt-4o", "gpt-4o-mini"]);
+    assert!(
+        config.redacted_json().contains(r#""AllowedModels": ["#),
+        "{}",
+        config.redacted_json()
+    );
+    let from_env =
+        NodeConfig::from_json_str("{}", Path::new("."), env(&[("AgentRuntime__AllowedModels", "a,b")])).unwrap();
+    assert_eq!(from_env.agent_runtime.allowed_models.len(), 2);
+    assert!(
+        load("{}").unwrap().agent_runtime.allowed_models.is_empty(),
+        "empty: any model"
+    );
+}
+
+#[test]
+fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
+    let config = load(
+        r#"{"Sandbox": {"MaxComponentBytes": "32MiB", "MaxFunctions": 5000,
+            "MaxFunctionBytes": "1MiB", "MaxNesting": 100}}"#,
+    )
+    .unwrap();
+    let limits = config.sandbox.compile_limits;
+    assert_eq!(
+        (
+            limits.max_bytes,
+            limits.max_functions,
+            limits.max_function_bytes,
+            limits.max_nesting
+        ),
+        (32 << 20, 5000, 1 << 20, 100)
+    );
+    let printed = config.redacted_json();
+    assert!(printed.contains(r#""MaxNesting": 100"#), "{printed}");
+    assert_eq!(
+        load("{}").unwrap().sandbox.compile_limits,
+        crate::sandbox::CompileLimits::default()
+    );
+    for (json, key) in [
+        (r#"{"Sandbox": {"MaxFunctions": 0}}"#, "Sandbox.MaxFunctions"),
+        (r#"{"Sandbox": {"MaxNesting": -1}}"#, "Sandbox.MaxNesting"),
+        (
+            r#"{"Sandbox": {"MaxComponentBytes": "lots"}}"#,
+            "Sandbox.MaxComponentBytes",
+        ),
+    ] {
+        let err = load(json).unwrap_err().to_string();
+        assert!(err.contains(key), "{json}: {err}");
+    }
+}
+
+#[test]
+fn the_download_cache_bound_holds_at_least_one_download_of_the_largest_size() {
+    let config = load(r#"{"AgentStore": {"DownloadCacheMaxBytes": "512MiB"}}"#).unwrap();
+    assert_eq!(config.agent_store.download_cache_max_bytes, 512 << 20);
+    assert!(config.redacted_json().contains(r#""DownloadCacheMaxBytes": 536870912"#));
+    let raised = load(r#"{"AgentStore": {"MaxDownloadBytes": "2GiB"}}"#).unwrap();
+    assert_eq!(
+        raised.agent_store.download_cache_max_bytes,
+        2 << 30,
+        "the default follows"
+    );
+    let err = load(r#"{"AgentStore": {"MaxDownloadBytes": "64MiB", "DownloadCacheMaxBytes": "32MiB"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("AgentStore.DownloadCacheMaxBytes") && err.contains("at least AgentStore.MaxDownloadBytes"),
+        "{err}"
+    );
+}

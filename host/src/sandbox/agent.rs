@@ -18,6 +18,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 
 use super::artifact_trust::ArtifactKind;
 use super::bindings::AgentPre;
+use super::compile_limits::CompileLimits;
 use super::precompiled;
 use super::state::RunState;
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -82,7 +83,14 @@ const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 /// Compiles `bytes` as [`classify`](super::artifact_trust::classify)
 /// found them: a `.wasm`, or (loaded) a `.cwasm`. CPU-heavy for a
 /// `.wasm`: call it off the async runtime's worker threads.
-pub(crate) fn compile(engine: &Engine, bytes: &[u8], kind: ArtifactKind) -> Result<Component, InvalidAgent> {
+/// A `.wasm` larger than `limits` allow is refused before wasmtime sees
+/// it: a compilation cannot be cancelled.
+pub(crate) fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    kind: ArtifactKind,
+    limits: &CompileLimits,
+) -> Result<Component, InvalidAgent> {
     if bytes.is_empty() {
         return Err(InvalidAgent("the file is empty (0 bytes)".into()));
     }
@@ -142,6 +150,7 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8], kind: ArtifactKind) -> Resu
                 .into(),
         ));
     }
+    limits.check(bytes)?;
     Component::new(engine, bytes).map_err(|err| {
         InvalidAgent(format!(
             "the file is not a valid WebAssembly component (truncated or corrupt?): {}",

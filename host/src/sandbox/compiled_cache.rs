@@ -20,8 +20,11 @@
 //! twice, a read and wasmtime's copy into fresh memory, was most of a
 //! cached load). That is sound because an entry is never written in place:
 //! writes go to a temporary file renamed over the entry, so a component
-//! mapped from the old file keeps its bytes. The folder is bounded in
-//! size, evicting the least recently used entries.
+//! mapped from the old file keeps its bytes. The cache directory is
+//! bounded in size, all engine folders together (those an older wasmtime
+//! or other settings left behind included), evicting the least recently
+//! used entries. A write the disk refuses (full, read-only) only costs a
+//! later compile: the component compiled in memory serves the run.
 //!
 //! The entries are native code the node will execute: the cache directory
 //! must be as protected as the node's binary.
@@ -34,7 +37,7 @@ use std::time::SystemTime;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use support::fs::{Bound, Durability, evict_oldest, write_atomically};
+use support::fs::{Durability, write_atomically};
 
 /// Marks a cache entry and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:cc1";
@@ -188,12 +191,47 @@ impl CompiledCache {
         self.evict();
     }
 
-    /// Deletes the least recently used entries until the folder fits.
+    /// Deletes the least recently used entries, in every engine's folder,
+    /// until the cache directory fits.
     fn evict(&self) {
-        for (path, bytes) in evict_oldest(&self.dir, "cwasm", Bound::Bytes(self.max_bytes)) {
+        for (path, bytes) in evict_least_recently_used(&self.root, self.max_bytes) {
             tracing::info!(path = %path.display(), bytes, "evicted from the compiled cache");
         }
     }
+}
+
+/// Deletes the least recently used `.cwasm` entries of every
+/// `<root>/engine-*` folder until they take at most `max_bytes` together.
+/// Files it cannot read or delete are skipped: a bound kept loosely is
+/// better than a cache that fails.
+fn evict_least_recently_used(root: &Path, max_bytes: u64) -> Vec<(PathBuf, u64)> {
+    let Ok(engines) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<(SystemTime, u64, PathBuf)> = engines
+        .flatten()
+        .filter(|engine| engine.file_name().to_string_lossy().starts_with("engine-"))
+        .filter_map(|engine| std::fs::read_dir(engine.path()).ok())
+        .flat_map(|files| files.flatten())
+        .filter(|file| file.path().extension().is_some_and(|ext| ext == "cwasm"))
+        .filter_map(|file| {
+            let meta = file.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), file.path()))
+        })
+        .collect();
+    entries.sort();
+    let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
+    let mut evicted = Vec::new();
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            evicted.push((path, len));
+        }
+    }
+    evicted
 }
 
 /// Checks an entry where it lies, through a read-only mapping of `file`,
@@ -212,4 +250,33 @@ fn check_in_place(file: &std::fs::File) -> Result<(), String> {
     let mapped = unsafe { memmap2::MmapOptions::new().len(len).populate().map(file) }
         .map_err(|err| format!("cannot map it: {err}"))?;
     unseal(&mapped).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn entry(dir: &Path, name: &str, len: usize, age_s: u64) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let file = std::fs::File::options().append(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn the_bound_covers_every_engines_folder_the_least_recently_used_first() {
+        let root = tempfile::tempdir().unwrap();
+        let left_behind = entry(&root.path().join("engine-0000000000000001"), "a.cwasm", 100, 30);
+        let older = entry(&root.path().join("engine-0000000000000002"), "b.cwasm", 100, 20);
+        let newer = entry(&root.path().join("engine-0000000000000002"), "c.cwasm", 100, 10);
+        let memo = entry(&root.path().join("file-digests"), "d.cwasm", 100, 40);
+        let evicted = evict_least_recently_used(root.path(), 150);
+        let evicted: Vec<&PathBuf> = evicted.iter().map(|(path, _)| path).collect();
+        assert_eq!(evicted, [&left_behind, &older]);
+        assert!(newer.exists() && memo.exists(), "only engine folders are touched");
+    }
 }

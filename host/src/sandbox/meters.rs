@@ -203,6 +203,14 @@ impl ResourceLimiter for MemoryMeter {
     }
 }
 
+/// How far a run may end over its token budget without failing: 10% of
+/// the budget, and at least this many tokens. The node refuses a call
+/// whose estimated prompt plus its output cap does not fit what remains,
+/// so a run goes over only by what the prompt estimate missed on the one
+/// call that crossed the budget (the provider's tokenizer is not the
+/// node's); this is how much of a miss is accepted.
+pub const TOKEN_TOLERANCE_FLOOR: u32 = 32;
+
 /// LLM tokens spent by a run, and its cost.
 #[derive(Debug, Default, Clone)]
 pub struct TokenMeter {
@@ -210,10 +218,18 @@ pub struct TokenMeter {
     pub tokens_in: u32,
     pub tokens_out: u32,
     pub usd_cost: f64,
-    /// Tokens over the limit that the node let happen: the prompt of the
-    /// one call that crossed the budget (its completion was capped to what
-    /// remained, but a prompt's size is known only from the answer).
-    pub tolerated_overrun: u32,
+    /// Output tokens a provider reported beyond the `max_tokens` the node
+    /// gave it, summed over the run's calls: never tolerated.
+    pub output_past_cap: u32,
+}
+
+/// Why a run that ended over its token budget fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOverrun {
+    /// The provider wrote more than it was allowed to.
+    OutputPastCap { tokens: u32 },
+    /// The prompts took the run further over than the tolerance allows.
+    BeyondTolerance { tolerance: u32 },
 }
 
 impl TokenMeter {
@@ -232,23 +248,44 @@ impl TokenMeter {
         self.limit.saturating_sub(self.used())
     }
 
-    /// Counts one call's usage. `max_tokens` is what the call was allowed
-    /// to write: a call that stayed within it and crossed the budget only
-    /// by its prompt is tolerated; more than that fails the run.
-    pub fn record(&mut self, tokens_in: u32, tokens_out: u32, max_tokens: u32) {
-        let was_over = self.used() > self.limit;
-        self.tokens_in = self.tokens_in.saturating_add(tokens_in);
-        self.tokens_out = self.tokens_out.saturating_add(tokens_out);
-        let over = self.used().saturating_sub(self.limit);
-        if !was_over && over > 0 && tokens_out <= max_tokens {
-            self.tolerated_overrun = over.min(tokens_in);
-        }
+    /// Tokens used beyond the budget.
+    pub fn over(&self) -> u32 {
+        self.used().saturating_sub(self.limit)
     }
 
-    /// Tokens used beyond what the budget and the tolerated prompt allow.
-    pub fn excess(&self) -> u32 {
-        self.used()
-            .saturating_sub(self.limit.saturating_add(self.tolerated_overrun))
+    /// How far past the budget a run may end: 10% of it, at least
+    /// [`TOKEN_TOLERANCE_FLOOR`].
+    pub fn tolerance(&self) -> u32 {
+        (self.limit / 10).max(TOKEN_TOLERANCE_FLOOR)
+    }
+
+    /// Counts one call's usage. `max_tokens` is what the call was allowed
+    /// to write; more than that is the provider's fault and fails the run.
+    pub fn record(&mut self, tokens_in: u32, tokens_out: u32, max_tokens: u32) {
+        self.tokens_in = self.tokens_in.saturating_add(tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(tokens_out);
+        self.output_past_cap = self
+            .output_past_cap
+            .saturating_add(tokens_out.saturating_sub(max_tokens));
+    }
+
+    /// Why the run's token use fails it, if it does: over the budget with
+    /// output past a call's cap, or by more than the tolerance.
+    pub fn overrun(&self) -> Option<TokenOverrun> {
+        let over = self.over();
+        if over == 0 {
+            None
+        } else if self.output_past_cap > 0 {
+            Some(TokenOverrun::OutputPastCap {
+                tokens: self.output_past_cap,
+            })
+        } else if over > self.tolerance() {
+            Some(TokenOverrun::BeyondTolerance {
+                tolerance: self.tolerance(),
+            })
+        } else {
+            None
+        }
     }
 }
 
@@ -324,15 +361,25 @@ mod tests {
     }
 
     #[test]
-    fn only_the_prompt_of_the_crossing_call_may_overrun_the_budget() {
-        let mut meter = TokenMeter::new(44);
-        meter.record(12, 20, 44);
-        meter.record(12, 12, 12);
-        assert_eq!((meter.used(), meter.remaining(), meter.excess()), (56, 0, 0));
+    fn a_run_over_its_budget_fails_past_the_tolerance_or_past_a_cap() {
+        // 4000 tokens: a tolerance of 400.
+        let mut within = TokenMeter::new(4000);
+        within.record(3000, 500, 900);
+        within.record(800, 100, 100);
+        assert_eq!((within.used(), within.over(), within.tolerance()), (4400, 400, 400));
+        assert_eq!(within.overrun(), None);
+        within.record(1, 0, 0);
+        assert_eq!(within.overrun(), Some(TokenOverrun::BeyondTolerance { tolerance: 400 }));
+        // A small budget still tolerates the floor.
+        let mut small = TokenMeter::new(44);
+        small.record(12, 20, 39);
+        small.record(12, 12, 12);
+        assert_eq!((small.over(), small.overrun()), (12, None));
+        // A provider ignoring max_tokens is not tolerated at all.
         let mut greedy = TokenMeter::new(40);
-        greedy.record(12, 20, 40);
+        greedy.record(12, 20, 28);
         greedy.record(12, 20, 8);
-        assert_eq!(greedy.excess(), 24, "a provider ignoring max_tokens is not tolerated");
+        assert_eq!(greedy.overrun(), Some(TokenOverrun::OutputPastCap { tokens: 12 }));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod artifact_trust;
 mod bindings;
 pub mod budget;
 pub(crate) mod capabilities;
+pub mod compile_limits;
 pub mod compiled_cache;
 pub mod engine;
 pub mod grants;
@@ -45,6 +46,7 @@ pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostG
 /// The LLM capability's settings and shared client, where they have always
 /// been named (`sandbox::llm::ModelPrice`).
 pub use capabilities::llm;
+pub use compile_limits::CompileLimits;
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,
@@ -72,6 +74,8 @@ pub struct SandboxConfig {
     /// Where compiled components are kept across restarts; `None` keeps
     /// them in memory only.
     pub compiled_cache: Option<CompiledCacheSettings>,
+    /// How much code one component may bring to be compiled.
+    pub compile_limits: CompileLimits,
     /// What each agent id may reach beyond clocks and random: directories,
     /// environment variables, HTTP hosts. An agent not listed gets none.
     pub grants: BTreeMap<String, Grants>,
@@ -136,6 +140,7 @@ pub struct Sandbox {
     /// Compiled components on disk, when configured.
     compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
     compile_counters: Arc<compiled_cache::Counters>,
+    compile_limits: CompileLimits,
     /// Loads served by an agent already compiled in this process.
     memory_hits: AtomicU64,
 }
@@ -191,6 +196,7 @@ impl Sandbox {
             agents: Mutex::default(),
             compiled_cache,
             compile_counters: Arc::default(),
+            compile_limits: config.compile_limits,
             memory_hits: AtomicU64::new(0),
         })
     }
@@ -279,40 +285,50 @@ impl Sandbox {
             return Ok(agent.clone());
         }
         // A failed compilation leaves the cell empty: the next load tries
-        // again (and reports the same error), nothing invalid is kept.
-        cell.get_or_try_init(|| async {
-            let engine = self.engine.clone();
-            let linker = self.linker.clone();
-            // A .cwasm loads quickly as it is; only .wasm compiled here is
-            // cached, so every entry is native code this node produced.
-            let cache = self.compiled_cache.clone().filter(|_| made_from == ArtifactKind::Wasm);
-            let counters = self.compile_counters.clone();
-            let agent = tokio::task::spawn_blocking(move || {
-                let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
-                let component = match kept {
-                    Some(component) => component,
-                    None => {
-                        let component = agent::compile(&engine, &bytes, made_from)?;
-                        if made_from == ArtifactKind::Wasm {
-                            counters.compiled();
+        // again (and reports the same error), nothing invalid is kept. The
+        // compilation is a task of its own: a caller that stops waiting (its
+        // lease's deadline passed) cannot cancel it (wasmtime cannot), so it
+        // finishes and fills the cell, and the loads that come meanwhile
+        // wait for it rather than start another.
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        // A .cwasm loads quickly as it is; only .wasm compiled here is
+        // cached, so every entry is native code this node produced.
+        let cache = self.compiled_cache.clone().filter(|_| made_from == ArtifactKind::Wasm);
+        let counters = self.compile_counters.clone();
+        let limits = self.compile_limits;
+        let compiling = tokio::spawn(async move {
+            cell.get_or_try_init(|| async move {
+                let agent = tokio::task::spawn_blocking(move || {
+                    let kept = cache.as_ref().and_then(|cache| cache.get(&engine, &digest, &counters));
+                    let component = match kept {
+                        Some(component) => component,
+                        None => {
+                            let component = agent::compile(&engine, &bytes, made_from, &limits)?;
+                            if made_from == ArtifactKind::Wasm {
+                                counters.compiled();
+                            }
+                            // Only an agent that links is worth keeping.
+                            let hex_digest = hex::encode(digest);
+                            let agent = agent::link(&engine, &linker, &component, hex_digest, made_from)?;
+                            if let Some(cache) = &cache {
+                                cache.put(&digest, &component);
+                            }
+                            return Ok(agent);
                         }
-                        // Only an agent that links is worth keeping.
-                        let hex_digest = hex::encode(digest);
-                        let agent = agent::link(&engine, &linker, &component, hex_digest, made_from)?;
-                        if let Some(cache) = &cache {
-                            cache.put(&digest, &component);
-                        }
-                        return Ok(agent);
-                    }
-                };
-                agent::link(&engine, &linker, &component, hex::encode(digest), made_from)
+                    };
+                    agent::link(&engine, &linker, &component, hex::encode(digest), made_from)
+                })
+                .await
+                .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
+                Ok(Arc::new(agent))
             })
             .await
-            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))??;
-            Ok(Arc::new(agent))
-        })
-        .await
-        .cloned()
+            .cloned()
+        });
+        compiling
+            .await
+            .map_err(|err| InvalidAgent(format!("compiling the agent panicked: {err}")))?
     }
 
     /// The agent compiled from the artifact with SHA-256 `digest`, when
@@ -376,7 +392,7 @@ impl Sandbox {
         if precompiled::is_precompiled(wasm) {
             return Err(InvalidAgent("the file is already a precompiled .cwasm".into()));
         }
-        let component = agent::compile(&self.engine, wasm, ArtifactKind::Wasm)?;
+        let component = agent::compile(&self.engine, wasm, ArtifactKind::Wasm, &self.compile_limits)?;
         agent::link(
             &self.engine,
             &self.linker,

@@ -112,14 +112,39 @@ impl Dispatcher {
         telemetry::adopt_trace_id(&span, &context.trace_id);
         let (outcome, run_report) = async {
             let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
-            let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
-                Ok(pin) => {
-                    self.store
-                        .resolve_pinned(&self.sandbox, accepted.agent_id(), accepted.version(), pin)
-                        .instrument(tracing::info_span!("resolve"))
-                        .await
+            let resolving = async {
+                match pin.map(|text| AgentDigest::parse(text)).transpose() {
+                    Ok(pin) => {
+                        self.store
+                            .resolve_pinned(&self.sandbox, accepted.agent_id(), accepted.version(), pin)
+                            .instrument(tracing::info_span!("resolve"))
+                            .await
+                    }
+                    Err(invalid) => Err(invalid.into()),
                 }
-                Err(invalid) => Err(invalid.into()),
+            };
+            // Fetching and compiling count against the lease's deadline and
+            // obey shutdown: the run is abandoned, not started late (a
+            // compilation already under way finishes on its own thread and
+            // is kept for the next lease; its input is bounded).
+            let resolved = tokio::select! {
+                resolved = resolving => resolved,
+                _ = sleep_until(accepted.deadline_instant()) => {
+                    let failure = RunFailure {
+                        retryable: true,
+                        ..RunFailure::new(
+                            FailKind::BudgetDeadline,
+                            "the lease's deadline passed while its agent was being fetched or compiled",
+                        )
+                    };
+                    return (RunOutcome::Failed(failure), RunReport::default());
+                }
+                _ = self.shutdown.runs_aborted() => {
+                    let failure = RunFailure::handed_back(
+                        "the node shut down while the run's agent was being fetched or compiled (drain timeout)",
+                    );
+                    return (RunOutcome::Failed(failure), RunReport::default());
+                }
             };
             let agent = match resolved {
                 Ok(agent) => agent,

@@ -1,9 +1,10 @@
 //! `AgentRuntime`: per-run defaults and the model endpoint (`OpenAI`,
-//! `AzureAIFoundry`), and the token prices (`Prices`). Their types and
+//! `AzureAIFoundry`), the token prices (`Prices`) and the models agents
+//! may ask for (`AllowedModels`). Their types and
 //! defaults, their binding, and their printed view, so that each of their
 //! keys is spelt here only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -11,7 +12,7 @@ use support::Secret;
 
 use crate::config::effective::{REDACTED, redact_url};
 use crate::config::error::ConfigError;
-use crate::config::reader::{Reader, Section};
+use crate::config::reader::{Reader, Section, names};
 use crate::config::tree::Origin;
 use crate::sandbox::NodeLimits;
 use crate::sandbox::llm::ModelPrice;
@@ -35,6 +36,9 @@ pub struct AgentRuntimeSection {
     pub openai: OpenAiSection,
     /// `Prices` (this node): USD per 1k input and output tokens by model.
     pub prices: BTreeMap<String, ModelPrice>,
+    /// `AllowedModels` (this node): the models a call may name (a list,
+    /// or one comma-separated string); empty: any.
+    pub allowed_models: BTreeSet<String>,
 }
 
 /// `AgentRuntime.OpenAI`.
@@ -73,6 +77,7 @@ impl Default for AgentRuntimeSection {
             azure_ai_foundry: AzureAiFoundry::default(),
             openai: OpenAiSection::default(),
             prices: BTreeMap::new(),
+            allowed_models: BTreeSet::new(),
         }
     }
 }
@@ -105,6 +110,10 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     let azure_ai_foundry = azure_ai_foundry(reader, &mut s)?;
     let openai = openai(reader, &mut s)?;
     let prices = prices(reader, &mut s)?;
+    let allowed_models = match s.entries.take("AllowedModels") {
+        None => BTreeSet::new(),
+        Some(node) => names(&node).into_iter().collect(),
+    };
     reader.finish(s);
     Ok(AgentRuntimeSection {
         default_model,
@@ -114,6 +123,7 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
         azure_ai_foundry,
         openai,
         prices,
+        allowed_models,
     })
 }
 
@@ -206,6 +216,7 @@ pub(in crate::config) struct View<'a> {
     #[serde(rename = "OpenAI")]
     openai: OpenAiView<'a>,
     prices: BTreeMap<&'a str, PriceView>,
+    allowed_models: Vec<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -267,6 +278,7 @@ impl<'a> View<'a> {
                     )
                 })
                 .collect(),
+            allowed_models: agent.allowed_models.iter().map(String::as_str).collect(),
         }
     }
 }

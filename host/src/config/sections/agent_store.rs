@@ -54,6 +54,10 @@ pub struct AgentStoreSection {
     pub max_download_bytes: u64,
     /// `DownloadTimeoutSeconds`.
     pub download_timeout: Duration,
+    /// `DownloadCacheMaxBytes`: bytes or a size; the most each network
+    /// source's kept downloads may take on disk (the oldest go first). At
+    /// least `MaxDownloadBytes`.
+    pub download_cache_max_bytes: u64,
     /// `RequireDigest`: refuse leases without `agent.digest` metadata.
     pub require_digest: bool,
 }
@@ -69,6 +73,7 @@ impl Default for AgentStoreSection {
             oci_password: None,
             max_download_bytes: 256 << 20,
             download_timeout: Duration::from_secs(60),
+            download_cache_max_bytes: 1 << 30,
             require_digest: false,
         }
     }
@@ -180,7 +185,24 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
             1..=86_400,
             "whole seconds from 1 to 86400, e.g. 60",
         )?,
+        download_cache_max_bytes: 0,
         require_digest: reader.boolean(&mut s, "RequireDigest", defaults.require_digest)?,
+    };
+    // At least one download of the largest size: the one just kept is
+    // never evicted, so a smaller bound would not hold.
+    let max_download = store.max_download_bytes;
+    let store = AgentStoreSection {
+        download_cache_max_bytes: reader.size(
+            &mut s,
+            "DownloadCacheMaxBytes",
+            defaults.download_cache_max_bytes.max(max_download),
+            max_download,
+            &format!(
+                "a size of at least AgentStore.MaxDownloadBytes ({max_download} bytes): a number, \
+                 or with a unit such as 1GiB"
+            ),
+        )?,
+        ..store
     };
     reader.finish(s);
     Ok(store)
@@ -218,6 +240,7 @@ pub(in crate::config) struct View<'a> {
     oci_password: Option<&'static str>,
     max_download_bytes: u64,
     download_timeout_seconds: u64,
+    download_cache_max_bytes: u64,
     require_digest: bool,
 }
 
@@ -232,6 +255,7 @@ impl<'a> View<'a> {
             oci_password: store.oci_password.as_ref().map(|_| REDACTED),
             max_download_bytes: store.max_download_bytes,
             download_timeout_seconds: store.download_timeout.as_secs(),
+            download_cache_max_bytes: store.download_cache_max_bytes,
             require_digest: store.require_digest,
         }
     }

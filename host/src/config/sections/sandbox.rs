@@ -12,7 +12,7 @@ use crate::config::error::ConfigError;
 use crate::config::reader::{PathKind, Reader, Section, names};
 use crate::config::tree::{self, Kind, Node, Origin, Scalar};
 use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
-use crate::sandbox::{AllocatorChoice, Execution, NodeLimits};
+use crate::sandbox::{AllocatorChoice, CompileLimits, Execution, NodeLimits};
 
 /// `Sandbox` (this node): the ceilings of every run. Token and duration
 /// limits come from `AgentRuntime` (`MaxTokens`, `MaxDurationSeconds`).
@@ -43,6 +43,9 @@ pub struct SandboxSection {
     /// `CompiledCacheMaxBytes`: room for compiled components kept under
     /// `DataDirectory/compiled`; 0 keeps them in memory only.
     pub compiled_cache_max_bytes: u64,
+    /// `MaxComponentBytes`, `MaxFunctions`, `MaxFunctionBytes`,
+    /// `MaxNesting`: how much code a component may bring to be compiled.
+    pub compile_limits: CompileLimits,
     /// `Grants` (agent id -> `Directories`, `Environment`, `AllowedHosts`):
     /// what each agent may reach beyond clocks and random; host
     /// directories exist (checked at load). An agent not listed gets none.
@@ -63,6 +66,7 @@ impl Default for SandboxSection {
             engine: Execution::Cranelift,
             allowed_hosts: BTreeMap::new(),
             compiled_cache_max_bytes: 1 << 30,
+            compile_limits: CompileLimits::default(),
             grants: BTreeMap::new(),
         }
     }
@@ -148,6 +152,37 @@ pub(in crate::config) fn bind(
             0,
             "a size in bytes, 0 (no cache on disk) or more: a number, or with a unit such as 1GiB",
         )?,
+        compile_limits: CompileLimits {
+            max_bytes: reader.size(
+                &mut s,
+                "MaxComponentBytes",
+                defaults.compile_limits.max_bytes,
+                1,
+                &size_expected("64MiB"),
+            )?,
+            max_functions: reader.integer(
+                &mut s,
+                "MaxFunctions",
+                defaults.compile_limits.max_functions,
+                1..=u32::MAX as i128,
+                "a whole number of functions of at least 1, e.g. 100000",
+            )?,
+            max_function_bytes: u32::try_from(reader.size(
+                &mut s,
+                "MaxFunctionBytes",
+                u64::from(defaults.compile_limits.max_function_bytes),
+                1,
+                "a size in bytes from 1 to 4GiB: a number, or with a unit such as 2MiB",
+            )?)
+            .unwrap_or(u32::MAX),
+            max_nesting: reader.integer(
+                &mut s,
+                "MaxNesting",
+                defaults.compile_limits.max_nesting,
+                1..=u32::MAX as i128,
+                "a whole number of nested blocks of at least 1, e.g. 4000",
+            )?,
+        },
         grants,
     };
     reader.finish(s);
@@ -376,6 +411,10 @@ pub(in crate::config) struct View<'a> {
     engine: &'static str,
     allowed_hosts: &'a BTreeMap<String, Vec<String>>,
     compiled_cache_max_bytes: u64,
+    max_component_bytes: u64,
+    max_functions: u32,
+    max_function_bytes: u32,
+    max_nesting: u32,
     grants: BTreeMap<&'a str, AgentGrantsView<'a>>,
 }
 
@@ -412,6 +451,10 @@ impl<'a> View<'a> {
             engine: sandbox.engine.as_str(),
             allowed_hosts: &sandbox.allowed_hosts,
             compiled_cache_max_bytes: sandbox.compiled_cache_max_bytes,
+            max_component_bytes: sandbox.compile_limits.max_bytes,
+            max_functions: sandbox.compile_limits.max_functions,
+            max_function_bytes: sandbox.compile_limits.max_function_bytes,
+            max_nesting: sandbox.compile_limits.max_nesting,
             grants: sandbox
                 .grants
                 .iter()

@@ -20,7 +20,7 @@ use crate::sandbox::agent::error_chain;
 use crate::sandbox::bindings::types::AgentError;
 use crate::sandbox::budget::{Budget, NodeLimits};
 use crate::sandbox::capabilities::log::truncate;
-use crate::sandbox::meters::Refusal;
+use crate::sandbox::meters::{Refusal, TOKEN_TOLERANCE_FLOOR, TokenOverrun};
 use crate::sandbox::outcome::{FailKind, ResultMap, RunFailure, RunOutcome};
 use crate::sandbox::output::BoundedOutput;
 use crate::sandbox::state::RunState;
@@ -347,27 +347,35 @@ impl<'a> Judge<'a> {
     }
 
     /// A run that spent more tokens than its budget fails, whatever it
-    /// returned. The LLM capability caps each call's completion to what
-    /// remains, so the only overrun it lets happen is the prompt of the one
-    /// call that crossed the budget, which is tolerated (the run ends as
-    /// the agent decides, and the report shows the tokens used); anything
-    /// beyond means a provider reported more than it was allowed.
+    /// returned, unless the overrun is within the tolerance. The LLM
+    /// capability refuses a call whose estimated prompt plus its output
+    /// cap does not fit what remains, so a run goes over only by what the
+    /// estimate missed on the call that crossed the budget: up to the
+    /// tolerance (10% of the budget, at least 32 tokens) the run ends as
+    /// the agent decides, and the report shows the tokens used. A provider
+    /// that wrote past the cap it was given fails the run however small
+    /// the overrun.
     fn check_tokens(&self, outcome: RunOutcome) -> RunOutcome {
         let tokens = &self.state.tokens;
-        if tokens.excess() > 0 {
-            return RunOutcome::Failed(RunFailure::new(
-                FailKind::BudgetTokens,
-                format!(
-                    "the run used {} LLM tokens, over its budget of {} (by {}; the prompt of \
-                     the call that crossed the budget accounts for {})",
-                    tokens.used(),
-                    tokens.limit,
-                    tokens.used() - tokens.limit,
-                    tokens.tolerated_overrun
-                ),
-            ));
-        }
-        outcome
+        let why = match tokens.overrun() {
+            None => return outcome,
+            Some(TokenOverrun::OutputPastCap { tokens }) => {
+                format!("the LLM provider wrote {tokens} tokens past the max_tokens the node gave it")
+            }
+            Some(TokenOverrun::BeyondTolerance { tolerance }) => format!(
+                "more than the {tolerance} tokens tolerated for a prompt the node's estimate \
+                 missed (10% of the budget, at least {TOKEN_TOLERANCE_FLOOR})"
+            ),
+        };
+        RunOutcome::Failed(RunFailure::new(
+            FailKind::BudgetTokens,
+            format!(
+                "the run used {} LLM tokens, over its budget of {} by {}: {why}",
+                tokens.used(),
+                tokens.limit,
+                tokens.over(),
+            ),
+        ))
     }
 
     fn stderr_text(&self) -> String {

@@ -2,14 +2,18 @@
 //! agents, metered against the run's token budget.
 //!
 //! Per call: the model is the request's, else the run's metadata
-//! `llm.model`, else the node's default. A run whose budget is spent is
-//! refused with `budget-exhausted` before anything is sent; otherwise the
-//! request's `max_tokens` is lowered to what remains (the remainder when the
-//! agent gave none), so only the prompt of the one call that crosses the
-//! budget can overrun it. Tokens are counted from the provider's `usage`
-//! and priced from the node's table. The provider call itself (timeouts
-//! bounded by the run's deadline, retries) is the shared client's, in
-//! `client.rs`.
+//! `llm.model`, else the node's default; a model off the node's allow-list
+//! is refused with `invalid-request`. The prompt's tokens are estimated
+//! (`prompt_estimate.rs`); a call whose estimated prompt leaves no room
+//! for output in what remains of the run's budget is refused with
+//! `budget-exhausted` before anything is sent, and otherwise the request's
+//! `max_tokens` is lowered to what remains after the estimated prompt (all
+//! of that when the agent gave none). So a run goes over its budget only
+//! by what the estimate missed on the one call that crossed it, which the
+//! judge tolerates up to a bound (`meters.rs`). Tokens are counted from
+//! the provider's `usage` and priced from the node's table. The provider
+//! call itself (timeouts bounded by the run's deadline, retries) is the
+//! shared client's, in `client.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::client::{CallError, LlmClient, ProviderMessage, ProviderRequest};
+use super::prompt_estimate::estimate_prompt_tokens;
 use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
 use crate::sandbox::state::RunState;
 
@@ -72,6 +77,19 @@ impl Host for RunState {
                 "temperature {temperature} is not a number of 0 or more"
             )));
         }
+        let model = request
+            .model
+            .filter(|model| !model.trim().is_empty())
+            .or_else(|| llm.agent_model.clone())
+            .unwrap_or_else(|| settings.default_model.clone());
+        if !settings.allows(&model) {
+            return Err(LlmError::InvalidRequest(format!(
+                "the model {:?} is not allowed on this node; ask for one of AgentRuntime.AllowedModels \
+                 ({}), or have the operator add it there",
+                crate::sandbox::capabilities::log::truncate(&model, 200),
+                settings.allowed_models.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
         let remaining = self.tokens.remaining();
         if remaining == 0 {
             return Err(LlmError::BudgetExhausted(format!(
@@ -80,14 +98,19 @@ impl Host for RunState {
                 self.tokens.used()
             )));
         }
-        let model = request
-            .model
-            .filter(|model| !model.trim().is_empty())
-            .or_else(|| llm.agent_model.clone())
-            .unwrap_or_else(|| settings.default_model.clone());
+        let prompt_tokens = estimate_prompt_tokens(&request.messages);
+        if prompt_tokens >= remaining {
+            return Err(LlmError::BudgetExhausted(format!(
+                "the prompt is about {prompt_tokens} tokens (estimated from its {bytes} bytes), \
+                 which leaves no room for an answer in the {remaining} tokens left of the run's \
+                 LLM token budget of {}; no call was made; send a shorter prompt",
+                self.tokens.limit
+            )));
+        }
+        let room = remaining - prompt_tokens;
         let max_tokens = match request.max_tokens {
-            Some(asked) if asked > 0 => asked.min(remaining),
-            _ => remaining,
+            Some(asked) if asked > 0 => asked.min(room),
+            _ => room,
         };
         let provider_request = ProviderRequest {
             model: model.clone(),
@@ -147,7 +170,10 @@ impl Host for RunState {
             tracing::warn!(
                 target: LOG_TARGET, used = tokens.used(),
                 limit = tokens.limit,
-                "this LLM call's prompt took the run over its token budget; later calls are refused"
+                estimated_prompt = prompt_tokens,
+                tokens_in,
+                "this LLM call took the run over its token budget (its prompt was more than estimated, \
+                 or the provider wrote past max_tokens); later calls are refused"
             );
         }
         tokens.usd_cost += llm.client.price(&model, &answer.model, tokens_in, tokens_out);

@@ -156,10 +156,20 @@ impl LlmClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|err| LlmClientError(err.to_string()))?;
+        // The models the configuration names are warned about now, once,
+        // rather than at some run's first call.
+        let unpriced: HashSet<String> = settings.unpriced_models().into_iter().map(str::to_string).collect();
+        for model in &unpriced {
+            tracing::warn!(
+                target: LOG_TARGET, model = %model,
+                "no price configured for this LLM model: its calls will cost 0 in every report; \
+                 add it to AgentRuntime.Prices"
+            );
+        }
         Ok(LlmClient {
             settings,
             http,
-            unpriced_warned: Mutex::default(),
+            unpriced_warned: Mutex::new(unpriced),
         })
     }
 

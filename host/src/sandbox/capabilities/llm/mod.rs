@@ -3,7 +3,9 @@
 //!
 //! - its settings (`settings.rs`): [`LlmSettings`] (the endpoint, the key,
 //!   the default model and temperature, the per-request timeout) and the
-//!   price table of [`ModelPrice`]s;
+//!   price table of [`ModelPrice`]s, and the allowed models;
+//! - the prompt estimate (`prompt_estimate.rs`): a prompt's tokens, known
+//!   before it is sent, so a call that cannot fit the budget is refused;
 //! - its shared part (`client.rs`): the one [`LlmClient`] every run's calls
 //!   go through (pooled connections, retries with backoff within the run's
 //!   deadline, capped requests and answers, the key masked in errors);
@@ -17,6 +19,7 @@
 
 mod chat;
 mod client;
+mod prompt_estimate;
 mod settings;
 
 use wasmtime::component::{HasSelf, Linker};
@@ -26,6 +29,7 @@ use crate::sandbox::state::RunState;
 
 pub(crate) use chat::RunLlm;
 pub use client::{LLM_REQUEST_BYTES, LLM_RESPONSE_BYTES, LlmClient, LlmClientError};
+pub use prompt_estimate::{TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST};
 pub use settings::{AZURE_API_VERSION, LlmEndpoint, LlmSettings, ModelPrice};
 
 /// Offers `llm.chat` (the host side is [`RunState`]'s `llm::Host` impl).

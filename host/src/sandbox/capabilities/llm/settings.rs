@@ -5,13 +5,14 @@
 //! says where to send a chat completion (an OpenAI-compatible endpoint or
 //! an Azure OpenAI deployment), which model and temperature to use when the
 //! agent does not say, how long one request may take, and what each model
-//! costs ([`ModelPrice`]).
+//! costs ([`ModelPrice`]), and which models agents may ask for at all
+//! (`allowed_models`).
 //!
 //! The key is a [`Secret`]: `Debug` prints `***`, it goes into exactly one
 //! header, and error messages quoting a provider's answer have it masked
 //! (`client.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -34,9 +35,13 @@ pub struct LlmSettings {
     /// The longest one request may take; the run's deadline may cut it
     /// shorter.
     pub request_timeout: Duration,
-    /// USD per 1k tokens, by model name. A model not listed costs 0 (and
-    /// is warned about once).
+    /// USD per 1k tokens, by model name. A model not listed costs 0, and
+    /// is warned about once: at start-up for the default model and the
+    /// allowed ones, else at its first call.
     pub prices: BTreeMap<String, ModelPrice>,
+    /// The models a call may name (the default model included); empty:
+    /// any. A call for another model is refused before anything is sent.
+    pub allowed_models: BTreeSet<String>,
 }
 
 /// The provider's flavour of the chat-completions API.
@@ -90,7 +95,24 @@ impl LlmSettings {
             default_temperature: 0.7,
             request_timeout: Duration::from_secs(60),
             prices: BTreeMap::new(),
+            allowed_models: BTreeSet::new(),
         }
+    }
+
+    /// Whether a call may name `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.allowed_models.is_empty() || self.allowed_models.contains(model)
+    }
+
+    /// The models the settings name (the default and the allowed ones)
+    /// that have no price: their calls would cost 0.
+    pub fn unpriced_models(&self) -> Vec<&str> {
+        std::iter::once(self.default_model.as_str())
+            .chain(self.allowed_models.iter().map(String::as_str))
+            .filter(|model| !self.prices.contains_key(*model))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
     }
 }
 
@@ -104,6 +126,7 @@ impl fmt::Debug for LlmSettings {
             .field("default_temperature", &self.default_temperature)
             .field("request_timeout", &self.request_timeout)
             .field("prices", &self.prices)
+            .field("allowed_models", &self.allowed_models)
             .finish()
     }
 }
@@ -132,6 +155,17 @@ mod tests {
     fn debug_never_shows_the_key() {
         let settings = LlmSettings::openai("http://x", Secret::new("sk-very-secret"), "m");
         assert!(!format!("{settings:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn an_empty_allow_list_allows_any_model_and_unpriced_models_are_named() {
+        let mut settings = LlmSettings::openai("http://x", Secret::new("k"), "default");
+        assert!(settings.allows("anything"));
+        assert_eq!(settings.unpriced_models(), ["default"]);
+        settings.allowed_models = ["priced".to_string(), "free".to_string()].into();
+        settings.prices.insert("priced".into(), ModelPrice::default());
+        assert!(settings.allows("priced") && !settings.allows("anything"));
+        assert_eq!(settings.unpriced_models(), ["default", "free"]);
     }
 
     #[test]
