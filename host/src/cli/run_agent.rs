@@ -461,6 +461,10 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
             "http requests",
             format!("{} ({} denied)", report.http_requests, report.http_denied),
         ),
+        (
+            "host warnings",
+            format!("{} suppressed", report.host_warnings_suppressed),
+        ),
     ];
     out.push_str("\nreport:\n");
     for (name, value) in rows {

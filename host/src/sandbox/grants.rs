@@ -33,6 +33,7 @@ use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
 
 use super::capabilities::http::{HostGrant, InvalidHostGrant};
+use super::capabilities::log::{HostWarning, HostWarnings};
 
 /// The run metadata key that narrows a run's directories: a comma-separated
 /// list of granted guest paths, each optionally `:ro` (read-only for this
@@ -184,6 +185,8 @@ impl AgentGrants {
     /// something not granted adds nothing (it is logged). Outbound HTTP is
     /// narrowed by `http.allow` in the egress policy.
     pub fn narrowed(&self, metadata: &BTreeMap<String, String>) -> AgentGrants {
+        // A long list of entries logs its first few, then one summary.
+        let warnings = HostWarnings::default();
         let directories = match metadata.get(FS_ALLOW_METADATA_KEY) {
             None => self.directories.clone(),
             Some(list) => {
@@ -202,10 +205,11 @@ impl AgentGrants {
                             });
                         }
                         Some(_already_kept) => {}
-                        None => tracing::warn!(
+                        None if warnings.admit(HostWarning::MetadataIgnored) => tracing::warn!(
                             "metadata {FS_ALLOW_METADATA_KEY}: `{entry}` is not a directory this \
                              agent is granted; ignored (metadata can only narrow grants)"
                         ),
+                        None => {}
                     }
                 }
                 kept
@@ -216,6 +220,9 @@ impl AgentGrants {
             Some(list) => {
                 let named: Vec<&str> = list_entries(list).collect();
                 for name in named.iter().filter(|n| !self.environment.iter().any(|g| g == *n)) {
+                    if !warnings.admit(HostWarning::MetadataIgnored) {
+                        continue;
+                    }
                     tracing::warn!(
                         "metadata {ENV_ALLOW_METADATA_KEY}: `{name}` is not a variable this agent \
                          is granted; ignored (metadata can only narrow grants)"
@@ -228,6 +235,7 @@ impl AgentGrants {
                     .collect()
             }
         };
+        warnings.summarise();
         AgentGrants {
             directories,
             environment,

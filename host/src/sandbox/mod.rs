@@ -45,6 +45,7 @@ pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostG
 /// The LLM capability's settings and shared client, where they have always
 /// been named (`sandbox::llm::ModelPrice`).
 pub use capabilities::llm;
+pub use capabilities::log::HOST_WARNINGS_PER_KIND;
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,

@@ -150,6 +150,7 @@ pub(crate) async fn execute(
         judge.pass_on_stderr();
     }
     let report = report(&mut store, &budget, started, instantiate_us);
+    store.data().egress.warnings.summarise();
     RunResult { outcome, report }
 }
 
@@ -253,6 +254,7 @@ fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant, instan
         log_lines_dropped: state.log.dropped(),
         http_requests: state.egress.requests + state.egress.denied,
         http_denied: state.egress.denied,
+        host_warnings_suppressed: state.egress.warnings.suppressed(),
     }
 }
 
