@@ -146,15 +146,35 @@ async fn serve_against_a_closed_port_logs_its_url_without_credentials() {
         listener.local_addr().unwrap().port()
     };
     let url = format!("http://node:hunter2-serve@127.0.0.1:{port}/?token=hunter2-token");
-    let stderr = serve_until(&[("NodeRuntime__ControlPlaneUrl", &url)], |seen| {
-        seen.lines().filter(|line| line.contains(&port.to_string())).count() >= 2
-    })
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let stderr = serve_until(
+        &[("NodeRuntime__ControlPlaneUrl", &url), ("NodeRuntime__DataDirectory", data_dir)],
+        |seen| seen.lines().filter(|line| line.contains(&port.to_string())).count() >= 2,
+    )
     .await;
     assert!(
         stderr.lines().any(|line| line.contains(&format!("127.0.0.1:{port}"))),
         "the plane's address is logged: {stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    // `outbox retry` names the plane in what it prints, redacted too.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["outbox", "retry", "--dry-run"])
+        .env("NodeRuntime__DataDirectory", data_dir)
+        .env("NodeRuntime__ControlPlaneUrl", &url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(0), "{printed}");
+    assert!(printed.contains(&format!("http://***@127.0.0.1:{port}")), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
