@@ -50,7 +50,8 @@ pub fn url(url: &str) -> String {
 }
 
 /// `text` with every URL in it (`scheme://...`, up to a blank, a quote, a
-/// bracket or a control character) passed through [`url`]. Borrowed when
+/// bracket or a control character; braces belong to it, as in a
+/// `{agent_id}` template) passed through [`url`]. Borrowed when
 /// nothing needed redacting.
 pub fn urls_in(text: &str) -> Cow<'_, str> {
     if !text.contains("://") {
@@ -64,7 +65,7 @@ pub fn urls_in(text: &str) -> Cow<'_, str> {
             .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
             .map_or(0, |i| i + 1);
         let end = rest[found + 3..]
-            .find(|c: char| c.is_whitespace() || c.is_control() || "\"'`<>()[]{}\\|^".contains(c))
+            .find(|c: char| c.is_whitespace() || c.is_control() || "\"'`<>()[]\\|^".contains(c))
             .map_or(rest.len(), |i| found + 3 + i);
         let original = &rest[scheme_start..end];
         let redacted = url(original);
@@ -154,5 +155,9 @@ mod tests {
         assert!(matches!(urls_in("no url here"), Cow::Borrowed(_)));
         assert!(matches!(urls_in("see http://plain.test/x"), Cow::Borrowed(_)));
         assert_eq!(urls_in("://odd"), "://odd");
+        assert_eq!(
+            urls_in("template https://u:p@h/{agent_id}.wasm?sig=s."),
+            "template https://***@h/{agent_id}.wasm?sig=***"
+        );
     }
 }

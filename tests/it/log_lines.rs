@@ -124,6 +124,10 @@ fn credentials_in_urls_appear_in_neither_config_check_nor_its_errors() {
             "OpenTelemetry__OtlpExporter__Endpoint",
             "http://otel:hunter2-otlp@127.0.0.1:4317",
         ),
+        (
+            "AgentStore__HttpUrlTemplate",
+            "https://store:hunter2-store@127.0.0.1:9/{agent_id}/{version}.wasm?sig=hunter2-sig",
+        ),
     ]);
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
@@ -149,7 +153,10 @@ async fn serve_against_a_closed_port_logs_its_url_without_credentials() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();
     let stderr = serve_until(
-        &[("NodeRuntime__ControlPlaneUrl", &url), ("NodeRuntime__DataDirectory", data_dir)],
+        &[
+            ("NodeRuntime__ControlPlaneUrl", &url),
+            ("NodeRuntime__DataDirectory", data_dir),
+        ],
         |seen| seen.lines().filter(|line| line.contains(&port.to_string())).count() >= 2,
     )
     .await;

@@ -22,7 +22,9 @@ pub(super) const REDACTED: &str = "***";
 
 pub(super) fn redacted_json(config: &NodeConfig) -> String {
     let view = View::of(config);
-    serde_json::to_string_pretty(&view).expect("the configuration view serialises")
+    let json = serde_json::to_string_pretty(&view).expect("the configuration view serialises");
+    // Any URL among the values (a template, an endpoint): no credentials.
+    support::redact::urls_in(&json).into_owned()
 }
 
 #[derive(Serialize)]
