@@ -233,3 +233,24 @@ async fn at_trace_level_the_http_client_crates_print_nothing_and_the_key_never_a
         assert!(!(below_info && client), "a client crate below info: {line}");
     }
 }
+
+#[test]
+fn json_log_lines_stay_json_whatever_the_ids_hold() {
+    let agent_id = "evil\n2026 FORGED\u{85}\u{2028}\u{1b}[2J";
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("run-agent")
+        .arg(support::agent_path("echo"))
+        .args(["--log-format", "json", "--agent-id", agent_id, "--input", "{}"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let mut seen_id = false;
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+        seen_id |= event["spans"][0]["agent.id"] == agent_id;
+    }
+    assert!(seen_id, "the id round-trips: {stderr}");
+}

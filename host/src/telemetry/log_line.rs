@@ -3,9 +3,10 @@
 //!
 //! Ids from a control plane, an agent's errors and a library's messages end
 //! up in field values and messages. Each formatted event passes through
-//! [`SafeStderr`] on its way out: control characters are escaped (a newline
-//! in a lease id cannot forge a second line, an escape sequence cannot
-//! rewrite the terminal), and credentials in any URL are redacted
+//! [`SafeStderr`] on its way out: in the human format control characters
+//! are escaped (a newline in a lease id cannot forge a second line, an
+//! escape sequence cannot rewrite the terminal; the JSON format escapes
+//! its own strings), and in both credentials in any URL are redacted
 //! (`support::redact`). The formatters' own colours are kept. [`cap_libraries`]
 //! keeps the HTTP, gRPC and OCI client crates at `info` whatever the
 //! filter asks, as at `debug` and `trace` they print request headers
@@ -48,19 +49,36 @@ pub fn cap_libraries(filter: &str) -> String {
 pub struct SafeStderr {
     /// Whether the formatter writes colours (they are kept).
     pub colours: bool,
+    /// Whether to escape control characters: for the human format. The
+    /// JSON formatter escapes what JSON must itself, and an escape of ours
+    /// inside a JSON string would not be JSON.
+    pub escape: bool,
+}
+
+impl SafeStderr {
+    pub fn human(colours: bool) -> Self {
+        SafeStderr { colours, escape: true }
+    }
+
+    pub fn json() -> Self {
+        SafeStderr {
+            colours: false,
+            escape: false,
+        }
+    }
 }
 
 impl<'a> MakeWriter<'a> for SafeStderr {
     type Writer = SafeLine;
 
     fn make_writer(&'a self) -> SafeLine {
-        SafeLine { colours: self.colours }
+        SafeLine { stderr: *self }
     }
 }
 
 /// One event on its way to stderr.
 pub struct SafeLine {
-    colours: bool,
+    stderr: SafeStderr,
 }
 
 impl Write for SafeLine {
@@ -71,7 +89,11 @@ impl Write for SafeLine {
             None => (&*text, false),
         };
         let redacted = support::redact::urls_in(body);
-        let escaped = support::one_line::escape_keeping_colours(&redacted, self.colours);
+        let escaped = if self.stderr.escape {
+            support::one_line::escape_keeping_colours(&redacted, self.stderr.colours)
+        } else {
+            redacted
+        };
         let mut stderr = io::stderr().lock();
         stderr.write_all(escaped.as_bytes())?;
         if newline {

@@ -123,7 +123,7 @@ impl Telemetry {
         let colours = std::io::stderr().is_terminal();
         let stderr = match settings.log_format {
             LogFormat::Human => tracing_subscriber::fmt::layer()
-                .with_writer(log_line::SafeStderr { colours })
+                .with_writer(log_line::SafeStderr::human(colours))
                 // Colours for a terminal; plain text for journald and files.
                 .with_ansi(colours)
                 .with_span_events(span_events)
@@ -134,7 +134,7 @@ impl Telemetry {
                 .with_span_events(span_events)
                 .with_current_span(false)
                 .with_span_list(true)
-                .with_writer(log_line::SafeStderr { colours: false })
+                .with_writer(log_line::SafeStderr::json())
                 .with_filter(stderr_filter)
                 .boxed(),
         };
@@ -226,7 +226,7 @@ pub fn init_plain_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colours)
-        .with_writer(log_line::SafeStderr { colours })
+        .with_writer(log_line::SafeStderr::human(colours))
         .try_init();
 }
 
