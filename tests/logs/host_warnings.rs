@@ -48,3 +48,36 @@ async fn a_flood_of_denied_requests_logs_the_first_few_and_one_summary() {
         summaries[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_list_of_ungranted_entries_logs_the_first_few_and_counts_the_rest() {
+    let captured = capture_logs();
+    let sandbox = support::sandbox();
+    let agent = load(&sandbox, "echo").await;
+    let agent_id = "metadata-flood-3b9d";
+    let paths: Vec<String> = (0..50).map(|n| format!("/not-granted-{n}")).collect();
+    let names: Vec<String> = (0..30).map(|n| format!("NOT_GRANTED_{n}")).collect();
+    let mut request = request(agent_id, &[("message", "{}")], BudgetRequest::default());
+    request.context.metadata = support::map(&[("fs.allow", &paths.join(",")), ("env.allow", &names.join(","))]);
+    let result = sandbox.run(&agent, request).await;
+    assert!(
+        matches!(result.outcome, RunOutcome::Completed(_)),
+        "{:?}",
+        result.outcome
+    );
+    assert_eq!(result.report.host_warnings_suppressed, 80 - HOST_WARNINGS_PER_KIND);
+
+    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|line| line.contains(agent_id)).collect();
+    let ignored = lines.iter().filter(|line| line.contains("; ignored")).count();
+    assert_eq!(ignored, HOST_WARNINGS_PER_KIND as usize, "{lines:#?}");
+    let summary = format!(
+        "{} more ignored metadata entries suppressed",
+        80 - HOST_WARNINGS_PER_KIND
+    );
+    assert_eq!(
+        lines.iter().filter(|line| line.contains(&summary)).count(),
+        1,
+        "{lines:#?}"
+    );
+}

@@ -184,9 +184,10 @@ impl AgentGrants {
     /// `:ro` entry makes a read-write grant read-only; an entry naming
     /// something not granted adds nothing (it is logged). Outbound HTTP is
     /// narrowed by `http.allow` in the egress policy.
-    pub fn narrowed(&self, metadata: &BTreeMap<String, String>) -> AgentGrants {
-        // A long list of entries logs its first few, then one summary.
-        let warnings = HostWarnings::default();
+    ///
+    /// Ignored entries are counted in `warnings`, the run's, which logs
+    /// the first few.
+    pub fn narrowed(&self, metadata: &BTreeMap<String, String>, warnings: &HostWarnings) -> AgentGrants {
         let directories = match metadata.get(FS_ALLOW_METADATA_KEY) {
             None => self.directories.clone(),
             Some(list) => {
@@ -235,7 +236,6 @@ impl AgentGrants {
                     .collect()
             }
         };
-        warnings.summarise();
         AgentGrants {
             directories,
             environment,
@@ -564,16 +564,20 @@ mod tests {
     #[test]
     fn without_metadata_a_run_gets_every_grant() {
         let (_dir, grants) = granted();
-        assert_eq!(grants.narrowed(&metadata(&[])), grants);
+        assert_eq!(grants.narrowed(&metadata(&[]), &HostWarnings::default()), grants);
     }
 
     #[test]
     fn metadata_keeps_downgrades_and_never_adds() {
         let (_dir, grants) = granted();
-        let run = grants.narrowed(&metadata(&[
-            (FS_ALLOW_METADATA_KEY, "/data:ro, /ref, /etc, /elsewhere:ro"),
-            (ENV_ALLOW_METADATA_KEY, "REGION, PATH, HOME"),
-        ]));
+        let warnings = HostWarnings::default();
+        let run = grants.narrowed(
+            &metadata(&[
+                (FS_ALLOW_METADATA_KEY, "/data:ro, /ref, /etc, /elsewhere:ro"),
+                (ENV_ALLOW_METADATA_KEY, "REGION, PATH, HOME"),
+            ]),
+            &warnings,
+        );
         let dirs: Vec<(&str, bool)> = run
             .directories
             .iter()
@@ -584,12 +588,15 @@ mod tests {
         assert_eq!(run.http_hosts, grants.http_hosts, "http.allow is the egress policy's");
 
         // Naming a read-only grant without `:ro` does not make it writable.
-        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, "/ref")]));
+        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, "/ref")]), &warnings);
         assert_eq!(run.directories.len(), 1);
         assert!(run.directories[0].read_only);
 
         // Empty lists allow nothing.
-        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, ""), (ENV_ALLOW_METADATA_KEY, " ")]));
+        let run = grants.narrowed(
+            &metadata(&[(FS_ALLOW_METADATA_KEY, ""), (ENV_ALLOW_METADATA_KEY, " ")]),
+            &warnings,
+        );
         assert!(run.directories.is_empty() && run.environment.is_empty());
     }
 

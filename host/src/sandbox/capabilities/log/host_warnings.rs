@@ -59,6 +59,16 @@ impl HostWarnings {
         seen < HOST_WARNINGS_PER_KIND
     }
 
+    /// Adds what `other` counted (warnings made before the run's state,
+    /// which holds this one, was built).
+    pub fn add(&self, other: &HostWarnings) {
+        for kind in KINDS {
+            let more = other.0[kind as usize].load(Ordering::Relaxed);
+            let _ = self.0[kind as usize]
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_add(more)));
+        }
+    }
+
     /// Warnings counted and not logged, every kind together.
     pub fn suppressed(&self) -> u32 {
         KINDS
@@ -103,5 +113,11 @@ mod tests {
             "each kind has its own count"
         );
         assert_eq!(warnings.suppressed(), 1000 - HOST_WARNINGS_PER_KIND);
+        let more = HostWarnings::default();
+        (0..20).for_each(|_| {
+            more.admit(HostWarning::MetadataIgnored);
+        });
+        warnings.add(&more);
+        assert_eq!(warnings.suppressed(), 1000 - HOST_WARNINGS_PER_KIND + 11);
     }
 }
