@@ -10,11 +10,15 @@
 //! - [`file_stamp`]: a file's identity on disk, strict enough that a rewrite changes it.
 //! - [`sync`]: a mutex lock that survives a panicked holder.
 //! - [`error`]: an error and its causes on one line.
+//! - [`redact`]: credentials taken out of URLs, alone or inside a text.
+//! - [`one_line`]: control characters escaped, so a text stays one line.
 
 pub mod backoff;
 pub mod error;
 pub mod file_stamp;
 pub mod fs;
+pub mod one_line;
+pub mod redact;
 pub mod secret;
 pub mod sync;
 pub mod tls;

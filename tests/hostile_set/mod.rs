@@ -124,7 +124,13 @@ pub struct Env {
     /// Granted to `hostile`: answers `/small` with a few headers and
     /// `/big` with 95 headers of 4,000 bytes, both with no body.
     pub headers: SocketAddr,
+    /// `WRITER`'s read-write grant (`a/`, holding `a/shared/`), in a
+    /// scratch directory (`root`).
+    pub writable: tempfile::TempDir,
 }
+
+/// The agent id under which the hostile agent holds a read-write grant.
+pub const WRITER: &str = "hostile-writer";
 
 /// A server whose answers carry few or many headers.
 async fn start_headers_server() -> SocketAddr {
@@ -160,6 +166,8 @@ impl Env {
         let llm = Arc::new(LlmStub::default());
         let stub = start_stub(llm.clone()).await;
         let headers = start_headers_server().await;
+        let writable = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(writable.path().join("a").join("shared")).unwrap();
         let sandbox = Sandbox::new(SandboxConfig {
             // A token ceiling far above what the cases ask for, so that the
             // escaped-characters prompt (estimated at 500,008 tokens) meets
@@ -168,6 +176,7 @@ impl Env {
                 tokens: 1_000_000,
                 ..NodeLimits::default()
             },
+            grants: BTreeMap::from([(WRITER.to_string(), writer_grants(&writable))]),
             engine: EngineSettings {
                 max_concurrent_runs: 4,
                 ..EngineSettings::default()
@@ -209,6 +218,7 @@ impl Env {
             socket_target,
             llm,
             headers,
+            writable,
         }
     }
 
@@ -1149,6 +1159,98 @@ pub async fn compile_bomb(env: &Env) {
     );
 }
 
+// ---- Added with the second hardening: floods and grants ------------------
+
+pub async fn egress_denial_flood(env: &Env) {
+    // Thousands of denied requests within fuel: each is counted, the node
+    // logs the first few (`tests/logs/host_warnings.rs` reads the lines)
+    // and counts the rest in the report.
+    let url = format!("http://{}/", env.denied.addr);
+    let result = env
+        .run(
+            "hostile",
+            &[("attack", "http-flood"), ("url", &url), ("count", "5000")],
+            BudgetRequest::default(),
+        )
+        .await;
+    let seen = completed(&result);
+    assert_eq!(seen["denied"], "5000", "{seen:?}");
+    assert_eq!((result.report.http_requests, result.report.http_denied), (5000, 5000));
+    assert_eq!(
+        result.report.host_warnings_suppressed,
+        5000 - node_runtime::sandbox::HOST_WARNINGS_PER_KIND
+    );
+    assert_eq!(env.denied.accepted(), 0, "the denied host saw a connection");
+}
+
+fn writer_grants(writable: &tempfile::TempDir) -> node_runtime::sandbox::Grants {
+    node_runtime::sandbox::Grants {
+        directories: vec![node_runtime::sandbox::DirectoryGrant {
+            host_path: writable.path().join("a"),
+            guest_path: "/data".to_string(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
+pub async fn nested_grant_symlink_swap(env: &Env) {
+    // The agent with a read-write grant on `a/` swaps `a/shared/` for a
+    // symlink out of its grant; a node that would also grant `a/shared/`
+    // to another agent is refused at start-up, before and after the swap.
+    let a = env.writable.path().join("a");
+    let shared = a.join("shared");
+    if shared.is_symlink() {
+        std::fs::remove_file(&shared).unwrap();
+    }
+    std::fs::create_dir_all(&shared).unwrap();
+    let node_granting_shared = || {
+        let reader = node_runtime::sandbox::Grants {
+            directories: vec![node_runtime::sandbox::DirectoryGrant {
+                host_path: shared.clone(),
+                guest_path: "/shared".to_string(),
+                read_only: true,
+            }],
+            ..Default::default()
+        };
+        let grants = BTreeMap::from([
+            (WRITER.to_string(), writer_grants(&env.writable)),
+            ("reader".to_string(), reader),
+        ]);
+        match Sandbox::new(SandboxConfig {
+            grants,
+            ..SandboxConfig::default()
+        }) {
+            Ok(_) => panic!("a grant inside another agent's writable grant was accepted"),
+            Err(err) => err.to_string(),
+        }
+    };
+    let refused = node_granting_shared();
+    for part in [WRITER, "reader", "lies inside", "read-only"] {
+        assert!(refused.contains(part), "{part} not in {refused}");
+    }
+
+    let agent = load(&env.sandbox, "hostile").await;
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        env.sandbox.run(
+            &agent,
+            request(WRITER, &[("attack", "symlink-swap")], BudgetRequest::default()),
+        ),
+    )
+    .await
+    .expect("the run ends");
+    let seen = completed(&result);
+    assert_eq!(seen["rmdir"], "Ok(())", "{seen:?}");
+    // wasmtime 48 lets a writable grant hold a symlink pointing out of it
+    // (following it from inside the grant is refused); the host sees it.
+    if seen["symlink"] == "Ok(())" {
+        assert!(shared.is_symlink(), "the agent's symlink is on the host");
+    }
+    let refused = node_granting_shared();
+    assert!(refused.contains("lies inside"), "{refused}");
+}
+
 pub type Case = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 macro_rules! cases {
@@ -1204,4 +1306,6 @@ cases!(
     a_zero_byte_file,
     llm_prompt_larger_than_the_remaining_budget,
     compile_bomb,
+    egress_denial_flood,
+    nested_grant_symlink_swap,
 );

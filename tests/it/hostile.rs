@@ -2,7 +2,8 @@
 //! tables, the stack, traps, output, logs, waiting forever, the
 //! filesystem, the environment, sockets, outbound HTTP, the LLM budget,
 //! what the host holds for a run: header maps, resources, random bytes,
-//! oversized errors)
+//! oversized errors, a flood of denied requests, a symlink swapped into
+//! a writable grant)
 //! and artifacts that are not agents at all. Each case ends in a
 //! classified outcome with the kind and message a user or the control
 //! plane would see, and after each one `echo` still completes in the same
@@ -72,12 +73,14 @@ hostile_tests!(
     a_zero_byte_file,
     llm_prompt_larger_than_the_remaining_budget,
     compile_bomb,
+    egress_denial_flood,
+    nested_grant_symlink_swap,
 );
 
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 40);
+    assert_eq!(hostile_set::CASES.len(), 42);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

@@ -40,6 +40,8 @@ mod egress;
 mod hostile;
 /// The invoice classifier in Rust, Python and JavaScript.
 mod invoices;
+/// What the node prints: one line per event, no credential, no header.
+mod log_lines;
 /// Agents in a real OCI registry.
 mod oci;
 /// The deployment recipes in `deploy/`.

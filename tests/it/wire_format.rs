@@ -179,6 +179,8 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
                 peak_memory_bytes: 12,
                 instantiate_us: 13,
                 peak_host_bytes: 14,
+                http_denied: 15,
+                host_warnings_suppressed: 16,
             }),
         }
         .encode_to_vec(),
@@ -206,6 +208,8 @@ fn ack_complete_and_fail_keep_the_reference_numbers() {
     assert_eq!(sandbox[&2], vec![Value::Varint(12)]);
     assert_eq!(sandbox[&3], vec![Value::Varint(13)]);
     assert_eq!(sandbox[&4], vec![Value::Varint(14)]);
+    assert_eq!(sandbox[&5], vec![Value::Varint(15)]);
+    assert_eq!(sandbox[&6], vec![Value::Varint(16)]);
 
     let fail = fields(
         &FailRequest {

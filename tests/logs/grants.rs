@@ -536,7 +536,7 @@ fn run_agent_dir_and_env_flags_grant_exactly_what_they_name() {
     let rw = tempfile::tempdir().unwrap();
     std::fs::write(ro.path().join("in.txt"), "from the host").unwrap();
     let ro_flag = format!("{}::/ref:ro", ro.path().display());
-    let rw_flag = format!("{}::/out", rw.path().display());
+    let rw_flag = format!("{}::/out:rw", rw.path().display());
     let ops = [
         "read /ref/in.txt",
         "write /ref/new.txt=x",
@@ -606,6 +606,41 @@ fn run_agent_dir_and_env_flags_grant_exactly_what_they_name() {
 }
 
 #[test]
+fn run_agent_dir_is_read_only_unless_rw_is_asked_for() {
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("in.txt"), "from the host").unwrap();
+    let flag = format!("{}::/data", host.path().display());
+    let ops_ref = "ops=read /data/in.txt\nwrite /data/new.txt=x";
+    let output = run_agent(&["--json", "--input-ref", ops_ref, "--dir", &flag], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["result"]["read /data/in.txt"], "ok: from the host");
+    assert!(
+        json["result"]["write /data/new.txt=x"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: "),
+        "{json}"
+    );
+    assert!(
+        !host.path().join("new.txt").exists(),
+        "a plain --dir let the agent write"
+    );
+    assert!(stderr.contains("/data (read-only)"), "{stderr}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["run-agent", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("HOST::GUEST[:rw]") && help.contains("read-write with `:rw`"),
+        "{help}"
+    );
+}
+
+#[test]
 fn run_agent_without_flags_grants_nothing() {
     let output = run_agent(
         &["--json", "--input-ref", "ops=read /etc/passwd\nenv-names\nlist /"],
@@ -635,6 +670,7 @@ fn bad_dir_and_env_flags_are_usage_errors_that_name_the_flag_and_the_fix() {
     let file = host.path().join("file.txt");
     std::fs::write(&file, "x").unwrap();
     let missing = host.path().join("missing");
+    std::fs::create_dir(host.path().join("inner")).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--dir".into(), host_dir.clone()], "no `::`"),
         (vec!["--dir".into(), "::/data".into()], "names no host directory"),
@@ -647,8 +683,17 @@ fn bad_dir_and_env_flags_are_usage_errors_that_name_the_flag_and_the_fix() {
             "guest path `/data/../etc`",
         ),
         (
-            vec!["--dir".into(), format!("{host_dir}::/data:rw")],
+            vec!["--dir".into(), format!("{host_dir}::/data:rwx")],
             "not an absolute path",
+        ),
+        (
+            vec![
+                "--dir".into(),
+                format!("{host_dir}::/data:rw"),
+                "--dir".into(),
+                format!("{host_dir}/inner::/inner"),
+            ],
+            "lies inside",
         ),
         (
             vec!["--dir".into(), format!("{}::/data", missing.display())],

@@ -5,11 +5,13 @@
 //!
 //! - `llm`: the `llm` capability against a stub provider on loopback.
 //! - `grants`: sandbox grants (directories, environment, HTTP hosts).
+//! - `host_warnings`: the node's own warnings an agent can cause, bounded.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod grants;
+mod host_warnings;
 mod llm;
 
 use std::io::Write;

@@ -143,7 +143,8 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(exit) => exit.into(),
         Err(err) => {
-            eprintln!("error: {}", err.message);
+            // No URL's credentials, whatever the error quotes.
+            eprintln!("error: {}", support::redact::urls_in(&err.message));
             err.exit.into()
         }
     }

@@ -222,6 +222,8 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
         app::control_plane_tls(&config).map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
         .map_err(|err| CommandError::usage(err.to_string()))?;
+    // Printed from here on: without the URL's credentials.
+    let url = support::redact::url(&url);
     let reports = pending(&outbox)?;
     if args.dry_run {
         println!(
@@ -258,11 +260,17 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
                 }
                 Sent::TooLarge(err) => {
                     refused += 1;
-                    println!("refused    {lease_id}: {url}: {err} (removed: it would never be taken)");
+                    println!(
+                        "refused    {lease_id}: {url}: {} (removed: it would never be taken)",
+                        support::redact::urls_in(&err.to_string())
+                    );
                 }
                 Sent::Failed(err) => {
                     failed += 1;
-                    println!("failed     {lease_id}: {url}: {err} (kept)");
+                    println!(
+                        "failed     {lease_id}: {url}: {} (kept)",
+                        support::redact::urls_in(&err.to_string())
+                    );
                     break;
                 }
             }

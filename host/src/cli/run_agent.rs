@@ -82,9 +82,11 @@ pub struct RunAgentArgs {
     pub allow_http: Vec<String>,
 
     /// Let the agent see the host directory HOST at the absolute guest
-    /// path GUEST, read-write, or read-only with `:ro` (repeatable).
-    /// Metadata `fs.allow` can narrow this, never widen it.
-    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]", value_parser = parse_dir)]
+    /// path GUEST, read-only, or read-write with `:rw` (repeatable; `:ro`
+    /// is accepted and changes nothing). As in the configuration, write
+    /// access is only ever asked for. No directory may lie inside one
+    /// granted `:rw`. Metadata `fs.allow` can narrow this, never widen it.
+    #[arg(long = "dir", value_name = "HOST::GUEST[:rw]", value_parser = parse_dir)]
     pub dirs: Vec<DirectoryGrant>,
 
     /// Pass the environment variable NAME, with its value here, to the agent
@@ -174,6 +176,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         // The flags were checked as parsed; a directory removed since is
         // still the command line's problem.
         SandboxError::Grant { error, .. } => CommandError::usage(format!("--dir or --env: {error}")),
+        SandboxError::Overlapping(error) => CommandError::usage(format!("--dir: {error}")),
         err => CommandError::internal(err.to_string()),
     })?;
 
@@ -221,18 +224,22 @@ fn parse_allow_http(entry: &str) -> Result<String, String> {
         .map_err(|err| format!("{err}: expected e.g. api.example.com or 127.0.0.1:8080"))
 }
 
-/// `--dir HOST::GUEST[:ro]`: an existing host directory (made absolute),
-/// an absolute guest path, read-write unless `:ro`.
+/// `--dir HOST::GUEST[:rw]`: an existing host directory (made absolute),
+/// an absolute guest path, read-only unless `:rw` (`:ro` says so
+/// explicitly).
 fn parse_dir(text: &str) -> Result<DirectoryGrant, String> {
-    let form = "expected HOST::GUEST or HOST::GUEST:ro, e.g. ./data::/data:ro";
+    let form = "expected HOST::GUEST (read-only) or HOST::GUEST:rw (read-write), e.g. ./data::/data:rw";
     let Some((host, guest)) = text.split_once("::") else {
         return Err(format!(
             "`{text}` has no `::` between the host directory and the guest path: {form}"
         ));
     };
-    let (guest, read_only) = match guest.strip_suffix(":ro") {
-        Some(guest) => (guest, true),
-        None => (guest, false),
+    let (guest, read_only) = if let Some(guest) = guest.strip_suffix(":rw") {
+        (guest, false)
+    } else if let Some(guest) = guest.strip_suffix(":ro") {
+        (guest, true)
+    } else {
+        (guest, true)
     };
     if host.is_empty() {
         return Err(format!("`{text}` names no host directory: {form}"));
@@ -453,6 +460,10 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
         (
             "http requests",
             format!("{} ({} denied)", report.http_requests, report.http_denied),
+        ),
+        (
+            "host warnings",
+            format!("{} suppressed", report.host_warnings_suppressed),
         ),
     ];
     out.push_str("\nreport:\n");

@@ -22,7 +22,9 @@ pub(super) const REDACTED: &str = "***";
 
 pub(super) fn redacted_json(config: &NodeConfig) -> String {
     let view = View::of(config);
-    serde_json::to_string_pretty(&view).expect("the configuration view serialises")
+    let json = serde_json::to_string_pretty(&view).expect("the configuration view serialises");
+    // Any URL among the values (a template, an endpoint): no credentials.
+    support::redact::urls_in(&json).into_owned()
 }
 
 #[derive(Serialize)]
@@ -56,14 +58,8 @@ pub(super) fn path(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// `https://user:password@host/` prints as `https://***@host/`.
+/// `https://user:password@host/` prints as `https://***@host/`, and
+/// secret-named query parameters lose their values (`support::redact`).
 pub(super) fn redact_url(uri: &http::Uri) -> String {
-    let text = uri.to_string();
-    match uri.authority() {
-        Some(authority) if authority.as_str().contains('@') => {
-            let host = authority.as_str().rsplit_once('@').map_or("", |(_, host)| host);
-            text.replacen(authority.as_str(), &format!("{REDACTED}@{host}"), 1)
-        }
-        _ => text,
-    }
+    support::redact::url(&uri.to_string())
 }

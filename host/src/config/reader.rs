@@ -150,10 +150,11 @@ impl Reader<'_> {
         }
     }
 
+    /// `found` is printed with the credentials of any URL in it redacted.
     pub fn invalid(&self, key: String, found: String, origin: &Origin, fix: String) -> ConfigError {
         ConfigError::Invalid {
             key,
-            found,
+            found: support::redact::urls_in(&found).into_owned(),
             origin: self.origin(origin),
             fix,
         }

@@ -901,6 +901,24 @@ fn a_bad_grant_names_its_key_its_value_and_the_fix() {
         assert!(message.contains("in the configuration text"), "{grant}: {message}");
     }
     let missing = refused(r#"{"Directories": [{"HostPath": "missing", "GuestPath": "/data"}]}"#);
+    std::fs::create_dir(dir.path().join("ref").join("inner")).unwrap();
+    let nested = NodeConfig::from_json_str(
+        r#"{"Sandbox": {"Grants": {
+            "echo": {"Directories": [{"HostPath": "ref", "GuestPath": "/out", "ReadOnly": false}]},
+            "other": {"Directories": [{"HostPath": "ref/inner", "GuestPath": "/in"}]}}}}"#,
+        dir.path(),
+        no_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    for part in [
+        "Sandbox.Grants.other.Directories.0.HostPath",
+        "agent `echo`",
+        "inside",
+        "read-only",
+    ] {
+        assert!(nested.contains(part), "{part} not in {nested}");
+    }
     assert!(
         missing.contains(&dir.path().join("missing").display().to_string()),
         "{missing}"

@@ -16,15 +16,24 @@
 //! turns the result into the run's `WasiCtx`, the one place the sandbox's
 //! power is built.
 //!
+//! Directories are opened by path at each run, so a grant is only as fixed
+//! as the directories on the way to it. [`check_separation`] refuses, at
+//! start-up, any grant whose path runs through a directory another grant
+//! may write (an agent could swap a directory there for a symlink, and the
+//! other grant would follow it), and any directory one agent may write
+//! that another agent also sees.
+//!
 //! [`Sandbox::new`]: super::Sandbox::new
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use thiserror::Error;
 
 use super::capabilities::http::{HostGrant, InvalidHostGrant};
+use super::capabilities::log::{HostWarning, HostWarnings};
 
 /// The run metadata key that narrows a run's directories: a comma-separated
 /// list of granted guest paths, each optionally `:ro` (read-only for this
@@ -175,7 +184,10 @@ impl AgentGrants {
     /// `:ro` entry makes a read-write grant read-only; an entry naming
     /// something not granted adds nothing (it is logged). Outbound HTTP is
     /// narrowed by `http.allow` in the egress policy.
-    pub fn narrowed(&self, metadata: &BTreeMap<String, String>) -> AgentGrants {
+    ///
+    /// Ignored entries are counted in `warnings`, the run's, which logs
+    /// the first few.
+    pub fn narrowed(&self, metadata: &BTreeMap<String, String>, warnings: &HostWarnings) -> AgentGrants {
         let directories = match metadata.get(FS_ALLOW_METADATA_KEY) {
             None => self.directories.clone(),
             Some(list) => {
@@ -194,10 +206,11 @@ impl AgentGrants {
                             });
                         }
                         Some(_already_kept) => {}
-                        None => tracing::warn!(
+                        None if warnings.admit(HostWarning::MetadataIgnored) => tracing::warn!(
                             "metadata {FS_ALLOW_METADATA_KEY}: `{entry}` is not a directory this \
                              agent is granted; ignored (metadata can only narrow grants)"
                         ),
+                        None => {}
                     }
                 }
                 kept
@@ -208,6 +221,9 @@ impl AgentGrants {
             Some(list) => {
                 let named: Vec<&str> = list_entries(list).collect();
                 for name in named.iter().filter(|n| !self.environment.iter().any(|g| g == *n)) {
+                    if !warnings.admit(HostWarning::MetadataIgnored) {
+                        continue;
+                    }
                     tracing::warn!(
                         "metadata {ENV_ALLOW_METADATA_KEY}: `{name}` is not a variable this agent \
                          is granted; ignored (metadata can only narrow grants)"
@@ -235,6 +251,184 @@ impl AgentGrants {
             .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
             .collect()
     }
+}
+
+/// How two directory grants overlap where one of them may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// The grant's path runs through the writable directory: the writer can
+    /// replace a directory on the way with a symlink the grant then follows.
+    Through,
+    /// Another agent's grant is the writable directory itself or contains
+    /// it: two agents would share files.
+    Shares,
+}
+
+/// A directory grant that lies inside, equals or contains a directory
+/// another grant may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlappingGrants {
+    pub agent_id: String,
+    /// The position of the refused grant in its agent's list.
+    pub index: usize,
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub writer_agent_id: String,
+    pub writer_host_path: PathBuf,
+    pub writer_guest_path: String,
+    pub overlap: Overlap,
+}
+
+impl OverlappingGrants {
+    /// How the refused grant stands to the writable one, in a few words.
+    pub fn relation(&self) -> &'static str {
+        match self.overlap {
+            Overlap::Through => "inside",
+            Overlap::Shares => "the same as or containing",
+        }
+    }
+}
+
+impl std::error::Error for OverlappingGrants {}
+
+impl fmt::Display for OverlappingGrants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let this = format!(
+            "directory grant {} (agent `{}`, guest path {})",
+            self.host_path.display(),
+            self.agent_id,
+            self.guest_path
+        );
+        let writer = format!(
+            "{} (agent `{}`, guest path {}, read-write)",
+            self.writer_host_path.display(),
+            self.writer_agent_id,
+            self.writer_guest_path
+        );
+        match self.overlap {
+            Overlap::Through => write!(
+                f,
+                "{this} lies inside {writer}: that agent could replace a directory on the way \
+                 with a symlink, and this grant would follow it wherever it points. Grant \
+                 directories side by side instead of one inside a writable one, or make the \
+                 grant of {} read-only",
+                self.writer_host_path.display()
+            ),
+            Overlap::Shares => write!(
+                f,
+                "{this} is or contains {writer}: the two agents would share files through it. \
+                 Give each agent a directory of its own, or make the grant of {} read-only",
+                self.writer_host_path.display()
+            ),
+        }
+    }
+}
+
+/// Checks that no directory grant can be turned by another: across every
+/// agent (`grants`, by agent id), no grant's path may run through a
+/// directory some grant may write, and no agent may see a directory another
+/// agent may write (an agent's grants may repeat or contain its own
+/// writable directory). Paths are compared as the kernel resolves them,
+/// every symlink followed, and every directory on the way counts: a grant
+/// whose path already runs through a swapped symlink is refused as well as
+/// one reached through an operator's symlink.
+pub fn check_separation(grants: &BTreeMap<String, Grants>) -> Result<(), Box<OverlappingGrants>> {
+    struct Resolved<'a> {
+        agent_id: &'a str,
+        index: usize,
+        grant: &'a DirectoryGrant,
+        trail: Vec<PathBuf>,
+    }
+    let resolved: Vec<Resolved<'_>> = grants
+        .iter()
+        .flat_map(|(agent_id, grants)| {
+            grants
+                .directories
+                .iter()
+                .enumerate()
+                .map(move |(index, grant)| Resolved {
+                    agent_id,
+                    index,
+                    grant,
+                    trail: resolution_trail(&grant.host_path),
+                })
+        })
+        .collect();
+    for writer in resolved.iter().filter(|r| !r.grant.read_only) {
+        let written = writer.trail.last().expect("a trail is never empty");
+        for other in &resolved {
+            if std::ptr::eq(other, writer) {
+                continue;
+            }
+            let (end, on_the_way) = other.trail.split_last().expect("a trail is never empty");
+            // A name looked up in a directory the writer controls is one it
+            // can swap.
+            let overlap = if on_the_way.iter().any(|p| p.starts_with(written)) {
+                Some(Overlap::Through)
+            } else if other.agent_id != writer.agent_id && written.starts_with(end) {
+                Some(Overlap::Shares)
+            } else {
+                None
+            };
+            if let Some(overlap) = overlap {
+                return Err(Box::new(OverlappingGrants {
+                    agent_id: other.agent_id.to_string(),
+                    index: other.index,
+                    host_path: other.grant.host_path.clone(),
+                    guest_path: other.grant.guest_path.clone(),
+                    writer_agent_id: writer.agent_id.to_string(),
+                    writer_host_path: writer.grant.host_path.clone(),
+                    writer_guest_path: writer.grant.guest_path.clone(),
+                    overlap,
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every directory the resolution of `path` visits, in order, each without
+/// symlinks; the last is where the path leads. Symlinks are followed as the
+/// kernel would (at most 40); a part that cannot be read ends the walk
+/// lexically.
+fn resolution_trail(path: &Path) -> Vec<PathBuf> {
+    const MAX_SYMLINKS: u32 = 40;
+    fn parts(path: &Path) -> impl DoubleEndedIterator<Item = OsString> + '_ {
+        path.components().filter_map(|component| match component {
+            Component::RootDir => Some(OsString::from("/")),
+            Component::CurDir => None,
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::Normal(name) => Some(name.to_os_string()),
+            Component::Prefix(_) => None,
+        })
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut pending: VecDeque<OsString> = parts(&absolute).collect();
+    let mut current = PathBuf::from("/");
+    let mut trail = vec![current.clone()];
+    let mut symlinks = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == "/" {
+            current = PathBuf::from("/");
+        } else if part == ".." {
+            current.pop();
+        } else {
+            let next = current.join(&part);
+            let is_symlink = std::fs::symlink_metadata(&next).is_ok_and(|m| m.file_type().is_symlink());
+            match std::fs::read_link(&next) {
+                Ok(target) if is_symlink && symlinks < MAX_SYMLINKS => {
+                    symlinks += 1;
+                    for part in parts(&target).rev() {
+                        pending.push_front(part);
+                    }
+                    continue;
+                }
+                _ => current = next,
+            }
+        }
+        trail.push(current.clone());
+    }
+    trail
 }
 
 fn list_entries(list: &str) -> impl Iterator<Item = &str> {
@@ -370,16 +564,20 @@ mod tests {
     #[test]
     fn without_metadata_a_run_gets_every_grant() {
         let (_dir, grants) = granted();
-        assert_eq!(grants.narrowed(&metadata(&[])), grants);
+        assert_eq!(grants.narrowed(&metadata(&[]), &HostWarnings::default()), grants);
     }
 
     #[test]
     fn metadata_keeps_downgrades_and_never_adds() {
         let (_dir, grants) = granted();
-        let run = grants.narrowed(&metadata(&[
-            (FS_ALLOW_METADATA_KEY, "/data:ro, /ref, /etc, /elsewhere:ro"),
-            (ENV_ALLOW_METADATA_KEY, "REGION, PATH, HOME"),
-        ]));
+        let warnings = HostWarnings::default();
+        let run = grants.narrowed(
+            &metadata(&[
+                (FS_ALLOW_METADATA_KEY, "/data:ro, /ref, /etc, /elsewhere:ro"),
+                (ENV_ALLOW_METADATA_KEY, "REGION, PATH, HOME"),
+            ]),
+            &warnings,
+        );
         let dirs: Vec<(&str, bool)> = run
             .directories
             .iter()
@@ -390,12 +588,15 @@ mod tests {
         assert_eq!(run.http_hosts, grants.http_hosts, "http.allow is the egress policy's");
 
         // Naming a read-only grant without `:ro` does not make it writable.
-        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, "/ref")]));
+        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, "/ref")]), &warnings);
         assert_eq!(run.directories.len(), 1);
         assert!(run.directories[0].read_only);
 
         // Empty lists allow nothing.
-        let run = grants.narrowed(&metadata(&[(FS_ALLOW_METADATA_KEY, ""), (ENV_ALLOW_METADATA_KEY, " ")]));
+        let run = grants.narrowed(
+            &metadata(&[(FS_ALLOW_METADATA_KEY, ""), (ENV_ALLOW_METADATA_KEY, " ")]),
+            &warnings,
+        );
         assert!(run.directories.is_empty() && run.environment.is_empty());
     }
 
@@ -416,5 +617,102 @@ mod tests {
             AgentGrants::default().to_string(),
             "directories: none; environment: none; outbound HTTP: none; sockets: none"
         );
+    }
+
+    fn agents(list: &[(&str, &Path, bool)]) -> BTreeMap<String, Grants> {
+        let mut agents: BTreeMap<String, Grants> = BTreeMap::new();
+        for (n, (agent, host, read_only)) in list.iter().enumerate() {
+            agents
+                .entry(agent.to_string())
+                .or_default()
+                .directories
+                .push(DirectoryGrant {
+                    host_path: host.to_path_buf(),
+                    guest_path: format!("/d{n}"),
+                    read_only: *read_only,
+                });
+        }
+        agents
+    }
+
+    #[test]
+    fn a_grant_inside_a_writable_grant_is_refused_naming_both() {
+        let root = tempfile::tempdir().unwrap();
+        let a = root.path().join("a");
+        let shared = a.join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        for same_agent in [false, true] {
+            let other = if same_agent { "writer" } else { "reader" };
+            let error = check_separation(&agents(&[("writer", &a, false), (other, &shared, true)])).unwrap_err();
+            assert_eq!(error.overlap, Overlap::Through);
+            assert_eq!(
+                (error.agent_id.as_str(), error.host_path.as_path()),
+                (other, shared.as_path())
+            );
+            assert_eq!(error.writer_host_path, a);
+            let message = error.to_string();
+            for part in [
+                &shared.display().to_string(),
+                &a.display().to_string(),
+                "read-only",
+                "side by side",
+            ] {
+                assert!(message.contains(part), "{part} not in {message}");
+            }
+        }
+        // Read-only on both sides, or side by side, cannot be turned.
+        let b = root.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        check_separation(&agents(&[("writer", &a, true), ("reader", &shared, true)])).unwrap();
+        check_separation(&agents(&[("writer", &a, false), ("reader", &b, false)])).unwrap();
+        // One agent may see its own writable directory twice, or from above.
+        check_separation(&agents(&[
+            ("one", &a, false),
+            ("one", &a, true),
+            ("one", root.path(), true),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn another_agent_never_sees_a_directory_an_agent_may_write() {
+        let root = tempfile::tempdir().unwrap();
+        let a = root.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        for seen in [a.as_path(), root.path()] {
+            let error = check_separation(&agents(&[("writer", &a, false), ("reader", seen, true)])).unwrap_err();
+            assert_eq!(error.overlap, Overlap::Shares, "{error}");
+            assert!(error.to_string().contains("a directory of its own"), "{error}");
+        }
+    }
+
+    #[test]
+    fn symlinks_on_the_way_count_whether_swapped_already_or_set_by_the_operator() {
+        let root = tempfile::tempdir().unwrap();
+        let a = root.path().join("a");
+        let elsewhere = root.path().join("etc");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        // The writer already swapped `a/shared` for a symlink out of its grant.
+        let swapped = a.join("shared");
+        std::os::unix::fs::symlink(&elsewhere, &swapped).unwrap();
+        let error = check_separation(&agents(&[("writer", &a, false), ("reader", &swapped, true)])).unwrap_err();
+        assert_eq!(error.overlap, Overlap::Through);
+        // The operator reaches into the writable grant through a link of their own.
+        std::fs::create_dir(a.join("inner")).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(a.join("inner"), &link).unwrap();
+        let error = check_separation(&agents(&[("writer", &a, false), ("reader", &link, true)])).unwrap_err();
+        assert_eq!(error.overlap, Overlap::Through);
+        // And the writable grant itself named through a link.
+        let to_a = root.path().join("to-a");
+        std::os::unix::fs::symlink(&a, &to_a).unwrap();
+        let error =
+            check_separation(&agents(&[("writer", &to_a, false), ("reader", &a.join("inner"), true)])).unwrap_err();
+        assert_eq!(error.overlap, Overlap::Through);
+        // `..` after a directory the writer could swap still passes through it.
+        let dotdot = a.join("inner").join("..");
+        let error = check_separation(&agents(&[("writer", &a, false), ("writer", &dotdot, true)])).unwrap_err();
+        assert_eq!(error.overlap, Overlap::Through);
     }
 }

@@ -46,12 +46,15 @@ pub use capabilities::http::{HTTP_ALLOW_METADATA_KEY, HTTP_RESPONSE_BYTES, HostG
 /// The LLM capability's settings and shared client, where they have always
 /// been named (`sandbox::llm::ModelPrice`).
 pub use capabilities::llm;
+pub use capabilities::log::HOST_WARNINGS_PER_KIND;
 pub use compile_limits::CompileLimits;
 pub use compiled_cache::{CompileCounts, CompiledCacheSettings};
 pub use engine::{
     Allocator, AllocatorChoice, EngineSettings, Execution, Metering, PRECOMPILE_TARGETS, UnsupportedTarget,
 };
-pub use grants::{AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants, InvalidGrant};
+pub use grants::{
+    AgentGrants, DirectoryGrant, ENV_ALLOW_METADATA_KEY, FS_ALLOW_METADATA_KEY, Grants, InvalidGrant, OverlappingGrants,
+};
 pub use host_memory::HostLimits;
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
@@ -99,6 +102,10 @@ pub enum SandboxError {
     /// A grant in `SandboxConfig.grants` cannot be given.
     #[error("sandbox grant for agent `{agent_id}`: {error}")]
     Grant { agent_id: String, error: InvalidGrant },
+    /// A directory grant could be redirected by, or shares files with,
+    /// another grant that may write.
+    #[error("sandbox grants: {0}")]
+    Overlapping(#[from] Box<OverlappingGrants>),
 }
 
 /// Why [`Sandbox::precompile_for`] produced nothing.
@@ -453,7 +460,7 @@ impl Sandbox {
 fn check_grants(config: &SandboxConfig) -> Result<BTreeMap<String, AgentGrants>, SandboxError> {
     let agent_ids: BTreeSet<&String> = config.grants.keys().chain(config.allowed_hosts.keys()).collect();
     let no_grants = Grants::default();
-    agent_ids
+    let checked = agent_ids
         .into_iter()
         .map(|agent_id| {
             let grants = config.grants.get(agent_id).unwrap_or(&no_grants);
@@ -471,5 +478,7 @@ fn check_grants(config: &SandboxConfig) -> Result<BTreeMap<String, AgentGrants>,
                     },
                 })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    grants::check_separation(&config.grants)?;
+    Ok(checked)
 }

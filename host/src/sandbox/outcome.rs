@@ -128,12 +128,30 @@ impl RunFailure {
     /// marked: much of both comes from the agent (its error, its stderr,
     /// the names in its backtrace), and a report must always fit in a
     /// message the control plane accepts.
+    /// The message is also made one line and the credentials in any URL
+    /// of message or details redacted, as [`one_line_message`] does.
+    ///
+    /// [`one_line_message`]: Self::one_line_message
     pub fn capped(self) -> Self {
+        let message = RunFailure {
+            message: without_nul(self.message.clone()),
+            ..self.clone()
+        }
+        .one_line_message();
+        let details = support::redact::urls_in(&self.details).into_owned();
         RunFailure {
-            message: cut(without_nul(self.message), FAILURE_MESSAGE_BYTES),
-            details: cut(without_nul(self.details), FAILURE_DETAILS_BYTES),
+            message: cut(message, FAILURE_MESSAGE_BYTES),
+            details: cut(without_nul(details), FAILURE_DETAILS_BYTES),
             ..self
         }
+    }
+
+    /// The message as a Fail carries it: one line (control characters,
+    /// which ids from the plane or the agent's own error may hold, escaped
+    /// as `\n`, `\u{1b}`...) with the credentials in any URL redacted.
+    pub fn one_line_message(&self) -> String {
+        let redacted = support::redact::urls_in(&self.message);
+        support::one_line::escape(&redacted).into_owned()
     }
 }
 
@@ -200,6 +218,24 @@ mod tests {
             .capped();
         assert_eq!((nul.message.as_str(), nul.details.as_str()), ("a\u{fffd}b", "\u{fffd}"));
     }
+
+    #[test]
+    fn a_capped_message_is_one_line_and_no_url_keeps_its_password() {
+        let failure = RunFailure::new(
+            FailKind::AgentError,
+            "agent `x\n2026-01-01T00:00:00Z  INFO forged` fetching https://u:hunter2@store.test/a?sig=abc",
+        )
+        .with_details("backtrace:\n  at https://u:hunter2@store.test/\n")
+        .capped();
+        assert_eq!(
+            failure.message,
+            "agent `x\\n2026-01-01T00:00:00Z  INFO forged` fetching https://***@store.test/a?sig=***"
+        );
+        assert_eq!(
+            failure.details, "backtrace:\n  at https://***@store.test/\n",
+            "details keep their lines"
+        );
+    }
 }
 
 /// How a run ended.
@@ -248,4 +284,8 @@ pub struct RunReport {
     /// allow-list refused.
     pub http_requests: u32,
     pub http_denied: u32,
+    /// Warnings the run made the node log (egress denials and failures,
+    /// ignored metadata entries) past the first
+    /// `HOST_WARNINGS_PER_KIND` of each kind: counted, not logged.
+    pub host_warnings_suppressed: u32,
 }

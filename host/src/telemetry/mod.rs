@@ -6,7 +6,9 @@
 //! run results into [`NodeMetrics`]; nothing else touches OpenTelemetry.
 //! [`Telemetry::init`] turns that into:
 //! - log lines on stderr, human-readable or JSON (`--log-format`), filtered
-//!   by `Logging.LogLevel` unless `RUST_LOG` is set;
+//!   by `Logging.LogLevel` unless `RUST_LOG` is set, each one line with
+//!   credentials in URLs redacted, the client crates never below `info`
+//!   (`log_line.rs`);
 //! - spans exported over OTLP (the `node_runtime` crate's spans at info
 //!   level and above), each lease's span adopting the lease's trace id
 //!   ([`adopt_trace_id`]);
@@ -19,6 +21,7 @@
 //! slower or stuck node.
 
 pub mod admin;
+mod log_line;
 mod metrics;
 mod otlp;
 mod prometheus;
@@ -98,6 +101,9 @@ impl Telemetry {
                 source,
             })
         };
+        // Checked as written, so an error quotes what the operator wrote.
+        env_filter(&filter)?;
+        let filter = log_line::cap_libraries(&filter);
         let stderr_filter = env_filter(&filter)?;
         let (providers, meter_reader) = match &settings.otlp {
             Some(otlp) => otlp::Providers::build(otlp, &settings.resource)?,
@@ -114,11 +120,12 @@ impl Telemetry {
         } else {
             FmtSpan::NONE
         };
+        let colours = std::io::stderr().is_terminal();
         let stderr = match settings.log_format {
             LogFormat::Human => tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(log_line::SafeStderr::human(colours))
                 // Colours for a terminal; plain text for journald and files.
-                .with_ansi(std::io::stderr().is_terminal())
+                .with_ansi(colours)
                 .with_span_events(span_events)
                 .with_filter(stderr_filter)
                 .boxed(),
@@ -127,7 +134,7 @@ impl Telemetry {
                 .with_span_events(span_events)
                 .with_current_span(false)
                 .with_span_list(true)
-                .with_writer(std::io::stderr)
+                .with_writer(log_line::SafeStderr::json())
                 .with_filter(stderr_filter)
                 .boxed(),
         };
@@ -210,10 +217,16 @@ impl Telemetry {
 /// Installs a plain stderr logger for commands that need no telemetry
 /// (`compile`, `outbox`, `config check`): `RUST_LOG`, else `default`.
 pub fn init_plain_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|asked| EnvFilter::from_str(asked).is_ok())
+        .unwrap_or_else(|| default.to_string());
+    let filter = EnvFilter::from_str(&log_line::cap_libraries(&asked)).unwrap_or_else(|_| EnvFilter::new(default));
+    let colours = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(colours)
+        .with_writer(log_line::SafeStderr::human(colours))
         .try_init();
 }
 

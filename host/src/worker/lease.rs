@@ -184,7 +184,7 @@ impl Report {
                 lease_id: lease.lease_id.clone(),
                 run_id: lease.run_id.clone(),
                 node_id: node_id.to_string(),
-                error_message: failure.message.clone(),
+                error_message: failure.one_line_message(),
                 error_details: error_details(failure, report),
                 timings: Some(timings.wire(report)),
                 retryable: failure.retryable,
@@ -276,6 +276,8 @@ fn sandbox_report(report: &RunReport) -> SandboxReport {
         peak_memory_bytes: report.peak_memory_bytes,
         instantiate_us: report.instantiate_us,
         peak_host_bytes: report.peak_host_bytes,
+        http_denied: report.http_denied,
+        host_warnings_suppressed: report.host_warnings_suppressed,
     }
 }
 
@@ -283,9 +285,9 @@ fn sandbox_report(report: &RunReport) -> SandboxReport {
 fn error_details(failure: &RunFailure, report: &RunReport) -> String {
     serde_json::json!({
         "kind": failure.kind,
-        "message": failure.message,
+        "message": failure.one_line_message(),
         "retryable": failure.retryable,
-        "details": failure.details,
+        "details": support::redact::urls_in(&failure.details),
         "report": report,
     })
     .to_string()

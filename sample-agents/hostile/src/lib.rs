@@ -48,6 +48,13 @@
 //!   memory (a static and a heap block), reports it (`residue.static`,
 //!   `residue.heap`), then leaves its own for the next run to find;
 //!   `residue.heap.same_run` shows the probe finds its own freed block.
+//! - `http-flood`: GETs input_ref `url` (a host it is not granted)
+//!   input_ref `count` times (default 5,000); returns how many were denied.
+//! - `symlink-swap`: in its first preopened directory, removes the
+//!   directory input_ref `name` (default `shared`) and puts a symlink to
+//!   input_ref `target` (default `../../../../../../../../etc`) in its
+//!   place, as an agent with a writable grant could to redirect another
+//!   grant; returns what each step answered (`rmdir`, `symlink`).
 
 // The agent world, plus `wasi:random` (linked by every node, as all of
 // WASI is) to ask for more random bytes than a call may carry.
@@ -57,6 +64,7 @@ wit_bindgen::generate!({
              world hostile {
                  include node-runtime:agent/agent@0.1.0;
                  import wasi:random/random@0.2.12;
+                 import wasi:filesystem/preopens@0.2.12;
              }",
     world: "hostile:attacks/hostile",
     generate_all,
@@ -194,6 +202,38 @@ impl Guest for Hostile {
                         .repeat(number(&context, "bytes", 3 * 1024 * 1024 / 2)),
                     retryable: false,
                 });
+            }
+            "http-flood" => {
+                // Denied requests are refused before anything is sent: each
+                // costs the guest little, and the node one (bounded) warning.
+                let url = input(&context, "url").unwrap_or_default();
+                let mut denied = 0usize;
+                for _ in 0..number(&context, "count", 5000) {
+                    let refused = match get(&url) {
+                        Err(_) => true,
+                        Ok(response) => {
+                            response.subscribe().block();
+                            matches!(response.get(), Some(Ok(Err(_))))
+                        }
+                    };
+                    if refused {
+                        denied += 1;
+                    }
+                }
+                seen.push(("denied".to_string(), denied.to_string()));
+            }
+            "symlink-swap" => {
+                let name = input(&context, "name").unwrap_or_else(|| "shared".to_string());
+                let target = input(&context, "target").unwrap_or_else(|| "../../../../../../../../etc".to_string());
+                match wasi::filesystem::preopens::get_directories().into_iter().next() {
+                    Some((dir, _guest)) => {
+                        let removed = dir.remove_directory_at(&name);
+                        seen.push(("rmdir".to_string(), format!("{removed:?}")));
+                        let linked = dir.symlink_at(&target, &name);
+                        seen.push(("symlink".to_string(), format!("{linked:?}")));
+                    }
+                    None => seen.push(("error".to_string(), "no preopened directory".to_string())),
+                }
             }
             other => {
                 return Err(AgentError {

@@ -11,7 +11,7 @@ use crate::config::effective::path;
 use crate::config::error::ConfigError;
 use crate::config::reader::{PathKind, Reader, Section, names};
 use crate::config::tree::{self, Kind, Node, Origin, Scalar};
-use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path};
+use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path, check_separation};
 use crate::sandbox::{AllocatorChoice, CompileLimits, Execution, NodeLimits};
 
 /// `Sandbox` (this node): the ceilings of every run. Token and duration
@@ -232,7 +232,12 @@ fn grants(
     let mut s = reader.section(parent, "Grants")?;
     let agents: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
     let mut grants = BTreeMap::new();
+    // Where each agent's grants were written, for an error about two of them.
+    let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
     for agent in agents {
+        if let Some((_, node)) = s.entries.0.iter().find(|(name, _)| *name == agent) {
+            origins.insert(agent.clone(), node.origin.clone());
+        }
         let mut a = reader.section(&mut s, &agent)?;
         let directories = directory_grants(reader, &mut a)?;
         let environment = match a.entries.take("Environment") {
@@ -280,6 +285,18 @@ fn grants(
                 http_hosts,
             },
         );
+    }
+    if let Err(overlap) = check_separation(&grants) {
+        let key = format!("{}.Directories.{}.HostPath", s.key(&overlap.agent_id), overlap.index);
+        let origin = origins.remove(&overlap.agent_id).unwrap_or(Origin::Unset);
+        let found = format!(
+            "{:?}, {} {:?} (agent `{}`, read-write)",
+            overlap.host_path.display().to_string(),
+            overlap.relation(),
+            overlap.writer_host_path.display().to_string(),
+            overlap.writer_agent_id,
+        );
+        return Err(reader.invalid(key, found, &origin, overlap.to_string()));
     }
     reader.finish(s);
     Ok(grants)

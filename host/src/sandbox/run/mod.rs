@@ -23,6 +23,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use super::agent::{Agent, Entry};
 use super::bindings::types::RunContext as WitRunContext;
 use super::budget::{Budget, BudgetRequest, NodeLimits};
+use super::capabilities::log::HostWarnings;
 use super::engine::Metering;
 use super::grants::AgentGrants;
 use super::host_memory;
@@ -109,7 +110,8 @@ pub(crate) async fn execute(
     // The run's whole power, granted here and nowhere else: captured
     // stdio, the operator's grants for this agent as narrowed by the run's
     // metadata, and no network (every socket use and name lookup refused).
-    let granted = grants.narrowed(&request.context.metadata);
+    let narrowing = HostWarnings::default();
+    let granted = grants.narrowed(&request.context.metadata, &narrowing);
     let mut builder = RunStateBuilder::new(limits, &budget, &request.context, deadline);
     if is_command {
         builder.command();
@@ -122,8 +124,12 @@ pub(crate) async fn execute(
         builder.llm(client);
     }
     let state = match builder.build() {
-        Ok(state) => state,
+        Ok(state) => {
+            state.egress.warnings.add(&narrowing);
+            state
+        }
         Err(unavailable) => {
+            narrowing.summarise();
             // Checked at start-up; gone or unreadable since. Another node
             // (or this one, once it is back) may run the lease.
             return RunResult {
@@ -150,6 +156,7 @@ pub(crate) async fn execute(
         judge.pass_on_stderr();
     }
     let report = report(&mut store, &budget, started, instantiate_us);
+    store.data().egress.warnings.summarise();
     RunResult { outcome, report }
 }
 
@@ -253,6 +260,7 @@ fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant, instan
         log_lines_dropped: state.log.dropped(),
         http_requests: state.egress.requests + state.egress.denied,
         http_denied: state.egress.denied,
+        host_warnings_suppressed: state.egress.warnings.suppressed(),
     }
 }
 

@@ -4,8 +4,9 @@
 //! id, narrowed by the run's metadata `http.allow`. It decides which hosts
 //! (and ports) the run may reach, counts the run's requests, sent and
 //! denied, for its report, keeps the count of its requests in flight (each
-//! holds an `InFlight` place until its connection ends), and carries the
-//! run's trace context into its requests. The request itself is sent by its
+//! holds an `InFlight` place until its connection ends), bounds the
+//! warnings its requests make the node log (`HostWarnings`), and carries
+//! the run's trace context into its requests. The request itself is sent by its
 //! `WasiHttpHooks` impl, in `outgoing.rs`.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::Instant;
 use http::header::HeaderValue;
 
 use super::grant::{HTTP_ALLOW_METADATA_KEY, HostGrant};
+use crate::sandbox::capabilities::log::{HostWarning, HostWarnings};
 use crate::sandbox::host_memory::HostLimits;
 
 /// The events' target from before this file moved, so that log filters
@@ -35,6 +37,9 @@ pub struct EgressPolicy {
     /// Requests sent and requests denied, for the run's report.
     pub(crate) requests: u32,
     pub(crate) denied: u32,
+    /// The run's denials and failures as the node logs them: the first few
+    /// of each kind, the rest counted.
+    pub(crate) warnings: HostWarnings,
 }
 
 /// One request in flight; dropping it frees the place.
@@ -59,6 +64,7 @@ impl EgressPolicy {
         deadline: Instant,
         limits: HostLimits,
     ) -> EgressPolicy {
+        let warnings = HostWarnings::default();
         let allowed = match metadata_allow {
             None => node_grants.to_vec(),
             Some(list) => {
@@ -67,7 +73,9 @@ impl EgressPolicy {
                     let wanted = match HostGrant::parse(entry) {
                         Ok(wanted) => wanted,
                         Err(err) => {
-                            tracing::warn!(target: LOG_TARGET, "metadata {HTTP_ALLOW_METADATA_KEY}: {err}; ignored");
+                            if warnings.admit(HostWarning::MetadataIgnored) {
+                                tracing::warn!(target: LOG_TARGET, "metadata {HTTP_ALLOW_METADATA_KEY}: {err}; ignored");
+                            }
                             continue;
                         }
                     };
@@ -91,6 +99,7 @@ impl EgressPolicy {
             in_flight: Arc::default(),
             requests: 0,
             denied: 0,
+            warnings,
         }
     }
 

@@ -4,7 +4,9 @@
 //! [`EgressPolicy`] (its `WasiHttpHooks` impl, here). A request to a host
 //! (and port) not granted gets `HTTP-request-denied`, an error the agent
 //! can handle, and the node logs the host it tried to reach; so does a
-//! request past the run's in-flight limit (`connection-limit-reached`). An
+//! request past the run's in-flight limit (`connection-limit-reached`).
+//! Denials and failures are logged for the first few of a run only, the
+//! rest counted (`HostWarnings`). An
 //! allowed request goes out through wasmtime-wasi-http's default sender in
 //! an `http.request` span, with the run's trace context (`traceparent`
 //! naming that span when traces are exported, `X-Correlation-ID`), its
@@ -22,6 +24,7 @@ use tracing::Instrument;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::egress::{EgressPolicy, InFlight};
+use crate::sandbox::capabilities::log::HostWarning;
 
 /// The events' target from before this file moved, so that log filters
 /// written for it (`Logging.LogLevel`) still apply.
@@ -109,19 +112,24 @@ impl WasiHttpHooks for EgressPolicy {
     ) -> SendFuture {
         // Called inside the run's span; the send itself runs on a task of
         // its own, so it is given its `http.request` span (below).
+        // Each denial is counted; the first few of the run are logged.
         let Some((host, port)) = destination(request.uri()) else {
             self.denied += 1;
-            tracing::warn!(target: LOG_TARGET, run_id = %self.run_id, "outbound HTTP denied: the request has no host");
+            if self.warnings.admit(HostWarning::EgressDenied) {
+                tracing::warn!(target: LOG_TARGET, run_id = %self.run_id, "outbound HTTP denied: the request has no host");
+            }
             return Box::new(async { Err(Error::HttpRequestDenied) });
         };
         if !self.allows(&host, port) {
             self.denied += 1;
-            tracing::warn!(
-                target: LOG_TARGET, run_id = %self.run_id,
-                host = %host,
-                port,
-                "outbound HTTP denied: the host is not on this run's allow-list"
-            );
+            if self.warnings.admit(HostWarning::EgressDenied) {
+                tracing::warn!(
+                    target: LOG_TARGET, run_id = %self.run_id,
+                    host = %host,
+                    port,
+                    "outbound HTTP denied: the host is not on this run's allow-list"
+                );
+            }
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -129,13 +137,16 @@ impl WasiHttpHooks for EgressPolicy {
         if in_flight >= self.limits.http_in_flight {
             drop(place);
             self.denied += 1;
-            tracing::warn!(
-                target: LOG_TARGET, run_id = %self.run_id,
-                limit = self.limits.http_in_flight,
-                "outbound HTTP refused: the run has as many requests in flight as a run may"
-            );
+            if self.warnings.admit(HostWarning::EgressDenied) {
+                tracing::warn!(
+                    target: LOG_TARGET, run_id = %self.run_id,
+                    limit = self.limits.http_in_flight,
+                    "outbound HTTP refused: the run has as many requests in flight as a run may"
+                );
+            }
             return Box::new(async { Err(Error::ConnectionLimitReached) });
         }
+        let warnings = self.warnings.clone();
         self.requests += 1;
         tracing::debug!(target: LOG_TARGET, host = %host, port, "outbound HTTP request");
 
@@ -180,12 +191,16 @@ impl WasiHttpHooks for EgressPolicy {
                     Ok(Ok(sent)) => sent,
                     Ok(Err(err)) => {
                         tracing::Span::current().record("error", tracing::field::display(&err));
-                        tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request failed: {err}");
+                        if warnings.admit(HostWarning::EgressFailed) {
+tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request failed: {err}");
+}
                         return Err(err);
                     }
                     Err(_elapsed) => {
                         tracing::Span::current().record("error", "cut off by the run's deadline");
-                        tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request cut off by the run's deadline");
+                        if warnings.admit(HostWarning::EgressFailed) {
+tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request cut off by the run's deadline");
+}
                         return Err(Error::ConnectionTimeout);
                     }
                 };
@@ -194,7 +209,9 @@ impl WasiHttpHooks for EgressPolicy {
                 head.headers = match owned_headers(&head.headers, field_bytes) {
                     Some(headers) => headers,
                     None => {
-                        tracing::info!(target: LOG_TARGET, host = %host, port, limit = field_bytes, "outbound HTTP response refused: its headers are larger than a run may hold");
+                        if warnings.admit(HostWarning::EgressFailed) {
+tracing::info!(target: LOG_TARGET, host = %host, port, limit = field_bytes, "outbound HTTP response refused: its headers are larger than a run may hold");
+}
                         return Err(Error::HttpResponseHeaderSectionSize(u32::try_from(field_bytes).ok()));
                     }
                 };

@@ -4,8 +4,11 @@
 //!
 //! Its settings are the node's log caps (`NodeLimits`' `log_*` fields); its
 //! per-run part is the run's [`RunLog`] (`run_log.rs`); it has no shared
-//! part. The host function, its fuel prices and its linking are here.
+//! part. The host function, its fuel prices and its linking are here. The
+//! node's own warnings that a run causes are bounded per run by
+//! [`HostWarnings`] (`host_warnings.rs`).
 
+mod host_warnings;
 mod run_log;
 
 use wasmtime::component::{HasSelf, Linker};
@@ -14,6 +17,7 @@ use crate::sandbox::bindings;
 use crate::sandbox::bindings::log::{Host, Level};
 use crate::sandbox::state::RunState;
 
+pub use host_warnings::{HOST_WARNINGS_PER_KIND, HostWarning, HostWarnings};
 pub use run_log::{RunLog, truncate};
 
 /// Fuel a run pays for each log field it hands the host (two strings

@@ -1,0 +1,85 @@
+//! Text that stays on one line: control characters escaped.
+//!
+//! Ids and messages from outside (a control plane's lease, an agent's
+//! error) end up in log lines and in a Fail's one-line message. A newline
+//! there forges a second log line; an escape sequence rewrites a terminal.
+//! [`escape`] writes every control character (C0, DEL, C1), the Unicode
+//! line and paragraph separators and the bidirectional overrides as a
+//! visible escape (`\n`, `\r`, `\t`, `\u{1b}`), so the text reads the same
+//! and cannot break out of its line.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// Whether `c` is written as an escape.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with its control characters escaped; borrowed when it has none.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    escape_keeping_colours(text, false)
+}
+
+/// As [`escape`], but with `keep_colours` the terminal colour sequences a
+/// log formatter writes (`ESC [ digits ; ... m`, which can only change
+/// colours) are kept.
+pub fn escape_keeping_colours(text: &str, keep_colours: bool) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if keep_colours
+            && c == '\x1b'
+            && let Some(length) = colour_sequence(rest)
+        {
+            out.push_str(&rest[..length]);
+            rest = &rest[length..];
+            continue;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    Cow::Owned(out)
+}
+
+/// The length of the SGR sequence `ESC [ [0-9;]* m` at the start of `text`.
+fn colour_sequence(text: &str) -> Option<usize> {
+    let body = text.strip_prefix("\x1b[")?;
+    let digits = body.find(|c: char| !(c.is_ascii_digit() || c == ';'))?;
+    (body[digits..].starts_with('m') && digits <= 16).then_some(2 + digits + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_become_visible_escapes() {
+        assert_eq!(
+            escape("lease-1\n2026-01-01T00:00:00Z  INFO forged\r\t\x1b]0;x\x07\u{2028}\u{202e}"),
+            "lease-1\\n2026-01-01T00:00:00Z  INFO forged\\r\\t\\u{1b}]0;x\\u{7}\\u{2028}\\u{202e}"
+        );
+        assert!(matches!(escape("plain text, ünïcode"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn colour_sequences_are_kept_only_when_asked_and_only_colours() {
+        let line = "\x1b[32mINFO\x1b[0m id=a\x1b[2Jb";
+        assert_eq!(
+            escape_keeping_colours(line, true),
+            "\x1b[32mINFO\x1b[0m id=a\\u{1b}[2Jb"
+        );
+        assert_eq!(escape(line), "\\u{1b}[32mINFO\\u{1b}[0m id=a\\u{1b}[2Jb");
+    }
+}

@@ -1,0 +1,256 @@
+//! What the node prints is safe to print: one line per log event whatever
+//! the ids a control plane sends hold, a Fail message on one line, no
+//! credential of a URL in any log line, error or `config check` output,
+//! and no header of the HTTP client crates even at `trace`. Each test
+//! drives the built binary.
+
+use crate::support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+
+use support::scripted;
+
+/// A log line an id would forge if it reached the log raw.
+const FORGED: &str = "2026-12-06T00:00:00.000000Z  INFO node_runtime::worker: FORGED run completed";
+
+/// Runs `serve` with `env` until `done` says so (or 60 s pass), then
+/// stops it; returns its stderr.
+async fn serve_until(env: &[(&str, &str)], mut done: impl FnMut(&str) -> bool) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let agents = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"));
+    command
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "log-lines-node")
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("node-runtime serve starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    let mut buffer = [0u8; 8192];
+    while started.elapsed() < Duration::from_secs(60) && !done(&String::from_utf8_lossy(&seen)) {
+        match tokio::time::timeout(Duration::from_millis(200), stderr.read(&mut buffer)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buffer[..n]),
+            Ok(Err(_)) => break,
+            Err(_timeout) => {}
+        }
+    }
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stderr.read_to_end(&mut seen)).await;
+    let _ = child.wait().await;
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_with_control_characters_forge_no_log_line_and_the_fail_message_stays_one_line() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut lease = scripted::lease(
+        &format!("lease-ctl\n{FORGED}"),
+        &format!("ghost\n{FORGED}"),
+        now_ms + 60_000,
+    );
+    if let Some(spec) = lease.run_spec.as_mut() {
+        spec.version = "1.0.0\u{1b}[2J\u{1b}]0;owned\u{7}".to_string();
+    }
+    let (url, recorded) = scripted::serve(vec![lease]).await;
+    let stderr = serve_until(&[("NodeRuntime__ControlPlaneUrl", &url)], |_| {
+        !recorded.lock().unwrap().fails.is_empty()
+    })
+    .await;
+
+    let recorded = recorded.lock().unwrap();
+    assert_eq!(recorded.fails.len(), 1, "{stderr}");
+    let message = &recorded.fails[0].error_message;
+    assert!(
+        !message.contains(['\n', '\r', '\u{1b}', '\u{7}']),
+        "the Fail message is not one line: {message:?}"
+    );
+    assert!(message.contains("ghost\\n2026-12-06T00:00:00"), "{message}");
+
+    assert!(
+        stderr.contains("ghost\\n2026-12-06T00:00:00"),
+        "the id was logged, escaped: {stderr}"
+    );
+    for line in stderr.lines() {
+        assert!(
+            !line.starts_with("2026-12-06T00:00:00.000000Z"),
+            "a forged line: {line:?}\n{stderr}"
+        );
+        assert!(!line.contains('\u{1b}'), "an escape sequence reached the log: {line:?}");
+    }
+}
+
+#[test]
+fn credentials_in_urls_appear_in_neither_config_check_nor_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("appsettings.json");
+    std::fs::write(&config, "{}").unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .args(["config", "check", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), text)
+    };
+    let (code, text) = check(&[
+        (
+            "NodeRuntime__ControlPlaneUrl",
+            "https://node:hunter2-plane@127.0.0.1:9/?access_token=hunter2-query",
+        ),
+        (
+            "OpenTelemetry__OtlpExporter__Endpoint",
+            "http://otel:hunter2-otlp@127.0.0.1:4317",
+        ),
+        (
+            "AgentStore__HttpUrlTemplate",
+            "https://store:hunter2-store@127.0.0.1:9/{agent_id}/{version}.wasm?sig=hunter2-sig",
+        ),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("https://***@127.0.0.1:9/?access_token=***"), "{text}");
+
+    // A value refused is quoted in the error, redacted.
+    let (code, text) = check(&[("NodeRuntime__ControlPlaneUrl", "ftp://node:hunter2-bad@127.0.0.1/")]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains("NodeRuntime.ControlPlaneUrl") && text.contains("ftp://***@127.0.0.1/"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_against_a_closed_port_logs_its_url_without_credentials() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("http://node:hunter2-serve@127.0.0.1:{port}/?token=hunter2-token");
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let stderr = serve_until(
+        &[
+            ("NodeRuntime__ControlPlaneUrl", &url),
+            ("NodeRuntime__DataDirectory", data_dir),
+        ],
+        |seen| seen.lines().filter(|line| line.contains(&port.to_string())).count() >= 2,
+    )
+    .await;
+    assert!(
+        stderr.lines().any(|line| line.contains(&format!("127.0.0.1:{port}"))),
+        "the plane's address is logged: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    // `outbox retry` names the plane in what it prints, redacted too.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["outbox", "retry", "--dry-run"])
+        .env("NodeRuntime__DataDirectory", data_dir)
+        .env("NodeRuntime__ControlPlaneUrl", &url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(0), "{printed}");
+    assert!(printed.contains(&format!("http://***@127.0.0.1:{port}")), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_trace_level_the_http_client_crates_print_nothing_and_the_key_never_appears() {
+    const KEY: &str = "sk-trace-level-4711-secret";
+    let completions = axum::routing::post(|| async {
+        axum::Json(serde_json::json!({
+            "id": "c1", "model": "gpt-5-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        }))
+    });
+    let app = axum::Router::new().route("/v1/chat/completions", completions);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let agent = support::agent_path("llm-chat");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("run-agent")
+        .arg(&agent)
+        .args([
+            "--json",
+            "--llm-endpoint",
+            &format!("http://{addr}"),
+            "--llm-key-env",
+            "LOG_LINES_LLM_KEY",
+        ])
+        // Everything at trace but the compiler's own (millions of lines).
+        .env(
+            "RUST_LOG",
+            "trace,cranelift_codegen=off,cranelift_frontend=off,wasmtime_internal_cranelift=off",
+        )
+        .env("LOG_LINES_LLM_KEY", KEY)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["outcome"], "completed", "the call was made: {json}");
+    assert!(stderr.contains(" TRACE wasmtime"), "trace was on: {stderr}");
+    assert!(!stderr.contains(KEY), "the key was printed");
+    for line in stderr.lines() {
+        let below_info = line.contains(" TRACE ") || line.contains(" DEBUG ");
+        let client = ["reqwest", "hyper", "h2::", "tonic", "tower"]
+            .iter()
+            .any(|name| line.contains(&format!(" {name}")) || line.contains(&format!(": {name}")));
+        assert!(!(below_info && client), "a client crate below info: {line}");
+    }
+}
+
+#[test]
+fn json_log_lines_stay_json_whatever_the_ids_hold() {
+    let agent_id = "evil\n2026 FORGED\u{85}\u{2028}\u{1b}[2J";
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("run-agent")
+        .arg(support::agent_path("echo"))
+        .args(["--log-format", "json", "--agent-id", agent_id, "--input", "{}"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let mut seen_id = false;
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+        seen_id |= event["spans"][0]["agent.id"] == agent_id;
+    }
+    assert!(seen_id, "the id round-trips: {stderr}");
+}
