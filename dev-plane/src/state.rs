@@ -422,6 +422,18 @@ impl PlaneState {
         self.revision = journal.revision;
     }
 
+    /// The runs changed since [`begin`](Self::begin), with their places:
+    /// what a save must write.
+    pub fn changed_runs(&self) -> Vec<(usize, &Run)> {
+        let Some(journal) = &self.journal else {
+            return Vec::new();
+        };
+        let mut changed: Vec<usize> = journal.before.keys().copied().collect();
+        changed.extend(journal.runs..self.runs.len());
+        changed.sort_unstable();
+        changed.into_iter().map(|at| (at, &self.runs[at])).collect()
+    }
+
     /// Copies run `at` into the journal before its first change.
     fn keep_for_undo(&mut self, at: usize) {
         if let Some(journal) = &mut self.journal
@@ -545,6 +557,19 @@ impl PlaneState {
     /// All runs in submission order.
     pub fn runs(&self) -> &[Run] {
         &self.runs
+    }
+
+    /// Up to `limit` runs in submission order, after the run `after` (or
+    /// from the first), and whether more follow; `None` if `after` names no
+    /// run.
+    pub fn runs_page(&self, after: Option<&str>, limit: usize) -> Option<(Vec<Run>, bool)> {
+        let start = match after {
+            Some(run_id) => self.index.get(run_id)? + 1,
+            None => 0,
+        };
+        let rest = self.runs.get(start..).unwrap_or_default();
+        let page = rest.iter().take(limit).cloned().collect();
+        Some((page, rest.len() > limit))
     }
 
     // ---- leasing -----------------------------------------------------
