@@ -56,7 +56,7 @@ async fn register(State(ledger): Ledgered, Extension(node_ids): Extension<NodeId
         Ok(registration) => registration,
         Err(bad) => return bad.into_response(),
     };
-    if let Err(bad) = bounded_id("NodeId", &registration.node_id, "node-1", "") {
+    if let Err(bad) = bounded_id("NodeId", &registration.node_id, "node-1", IdKind::Plain) {
         return bad.into_response();
     }
     if let Err(not_this_node) = node_ids.check(&registration.node_id) {
@@ -123,8 +123,8 @@ async fn submit_run(State(ledger): Ledgered, body: Bytes) -> Response {
         Ok(new_run) => new_run,
         Err(bad) => return bad.into_response(),
     };
-    let bounds = bounded_id("AgentId", &new_run.agent_id, "invoice-classifier", "")
-        .and_then(|()| bounded_id("Version", &new_run.version, "1.0.0", " and `+`"));
+    let bounds = bounded_id("AgentId", &new_run.agent_id, "invoice-classifier", IdKind::Plain)
+        .and_then(|()| bounded_id("Version", &new_run.version, "1.0.0", IdKind::Version));
     if let Err(bad) = bounds {
         return bad.into_response();
     }
@@ -249,13 +249,23 @@ pub const DEFAULT_PAGE: usize = 1_000;
 /// The largest `limit` of `GET /v1/runs`.
 pub const MAX_PAGE: usize = 10_000;
 
+/// Which characters an id may hold besides RFC 3986's unreserved ones.
+#[derive(Clone, Copy, PartialEq)]
+enum IdKind {
+    Plain,
+    /// Also `+`: semver's build metadata (`1.0.0+build.7`).
+    Version,
+}
+
 /// An id that goes into URLs and file names (the node lays agents out as
 /// `<agent_id>/<version>.wasm`): at most [`MAX_ID_BYTES`] of RFC 3986's
-/// unreserved characters (and `+` where `also` says so), not `.` or `..`.
-/// Empty passes: "X is required" is the state's answer, in the
-/// reference's words.
-fn bounded_id(field: &str, id: &str, example: &str, also: &str) -> Result<(), BadRequest> {
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (also.contains('+') && b == b'+');
+/// unreserved characters (and `+` in a version), not `.` or `..`. Empty
+/// passes: "X is required" is the state's answer, in the reference's
+/// words.
+fn bounded_id(field: &str, id: &str, example: &str, kind: IdKind) -> Result<(), BadRequest> {
+    let plus = kind == IdKind::Version;
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (plus && b == b'+');
+    let also = if plus { ", `+`" } else { "" };
     let problem = if id.len() > MAX_ID_BYTES {
         Some(format!("got {} bytes", id.len()))
     } else if id == "." || id == ".." {
