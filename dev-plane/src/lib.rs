@@ -5,7 +5,7 @@
 //!
 //! One port serves both, like the reference: HTTP/1.1 for REST and HTTP/2
 //! cleartext (prior knowledge) for gRPC, told apart per connection by
-//! hyper's auto builder under `axum::serve`; with [`PlaneTls`], the same
+//! hyper's auto builder (`serve`); with [`PlaneTls`], the same
 //! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
@@ -14,7 +14,8 @@
 //! - `store`: the runs database in the data dir, written per change.
 //! - `access`: who may use the plane: the Host check, JSON-only POSTs,
 //!   node ids bound to client certificates.
-//! - `rest`, `grpc`: the two front ends.
+//! - `rest`, `grpc`: the two front ends; `serve`: the connections they
+//!   are served on, with a header-read timeout.
 //! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
 //!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
