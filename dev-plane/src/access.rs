@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -45,12 +45,6 @@ use axum::response::{IntoResponse, Response};
 pub struct Peer {
     pub addr: SocketAddr,
     pub subject: Option<String>,
-}
-
-impl Connected<axum::serve::IncomingStream<'_, super::tls::TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, super::tls::TlsListener>) -> Peer {
-        stream.remote_addr().clone()
-    }
 }
 
 /// A name (or address) the plane answers to besides its listen address's

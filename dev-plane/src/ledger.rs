@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
 use super::state::PlaneState;
-use super::store::{SaveError, Snapshot, Store};
+use super::store::{Row, SaveError, Store};
 
 pub struct Ledger {
     // A std mutex: no critical section awaits, and each is short (the
@@ -62,18 +62,24 @@ impl Ledger {
             return Ok(answer);
         }
         let writing = Arc::clone(&self.writing).lock_owned().await;
-        let (answer, snapshot) = {
+        let (answer, rows) = {
             let mut state = self.lock();
             let before = state.revision();
             state.begin();
             let answer = f(&mut state, SystemTime::now());
-            let snapshot = (state.revision() != before).then(|| Snapshot::of(state.revision(), state.runs()));
-            if snapshot.is_none() {
+            let rows: Option<Vec<Row>> = (state.revision() != before).then(|| {
+                state
+                    .changed_runs()
+                    .into_iter()
+                    .map(|(at, run)| Row::of(at, run))
+                    .collect()
+            });
+            if rows.is_none() {
                 state.commit();
             }
-            (answer, snapshot)
+            (answer, rows)
         };
-        if let Some(snapshot) = snapshot {
+        if let Some(rows) = rows {
             // Saved and settled in a task of its own: a caller that goes
             // away mid-save (a client hanging up) must not leave the
             // change neither kept nor undone.
@@ -81,7 +87,7 @@ impl Ledger {
             let settled = tokio::spawn(async move {
                 let _writing = writing;
                 let saved = match &ledger.store {
-                    Some(store) => store.save(snapshot).await,
+                    Some(store) => store.save(rows).await,
                     None => Ok(()),
                 };
                 let mut state = ledger.lock();
@@ -111,18 +117,30 @@ impl Ledger {
         Ok(answer)
     }
 
-    /// Saves the current runs (used at shutdown; normally a no-op since
-    /// every change was saved when it happened).
-    pub async fn flush(&self) -> Result<(), SaveError> {
-        let Some(store) = &self.store else {
-            return Ok(());
-        };
+    /// Waits for a save in flight, then closes the store, so the data dir
+    /// is free for the next plane; changes after this fail to save (and
+    /// are undone).
+    pub async fn close(&self) {
         let _writing = self.writing.lock().await;
-        let snapshot = {
-            let state = self.lock();
-            Snapshot::of(state.revision(), state.runs())
-        };
-        store.save(snapshot).await
+        if let Some(store) = &self.store {
+            store.close();
+        }
+    }
+
+    /// Makes the store's writes fail, as a failing disk would (`false`:
+    /// work again); for tests of what the plane does then.
+    pub fn fail_disk_writes(&self, failing: bool) {
+        if let Some(store) = &self.store {
+            store.fail_writes(failing);
+        }
+    }
+
+    /// Closes the store without waiting (a plane dropped without
+    /// `shutdown`): a save in flight still completes.
+    pub fn close_now(&self) {
+        if let Some(store) = &self.store {
+            store.close();
+        }
     }
 
     /// A future that completes at the next wake-up for pullers. Create it

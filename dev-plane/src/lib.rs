@@ -5,16 +5,17 @@
 //!
 //! One port serves both, like the reference: HTTP/1.1 for REST and HTTP/2
 //! cleartext (prior knowledge) for gRPC, told apart per connection by
-//! hyper's auto builder under `axum::serve`; with [`PlaneTls`], the same
+//! hyper's auto builder (`serve`); with [`PlaneTls`], the same
 //! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
 //! - `ledger`: the state behind a lock, saved on every change (a change
 //!   that cannot be saved is undone).
-//! - `store`: the runs file in the data dir.
+//! - `store`: the runs database in the data dir, written per change.
 //! - `access`: who may use the plane: the Host check, JSON-only POSTs,
 //!   node ids bound to client certificates.
-//! - `rest`, `grpc`: the two front ends.
+//! - `rest`, `grpc`: the two front ends; `serve`: the connections they
+//!   are served on, with a header-read timeout.
 //! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
 //!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
@@ -22,6 +23,7 @@ mod access;
 mod grpc;
 mod ledger;
 mod rest;
+mod serve;
 pub mod state;
 mod store;
 pub mod stubs;
@@ -46,10 +48,13 @@ pub use state::{
 pub use store::{LoadError, SaveError};
 pub use tls::PlaneTls;
 
-use access::{Access, HostRule, Peer};
+use access::{Access, HostRule};
 use ledger::Ledger;
 use state::PlaneState;
 use store::Store;
+
+/// How long a client may take to send a request's headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `shutdown` waits for open connections to finish before it
 /// drops them.
@@ -73,6 +78,10 @@ pub struct PlaneOptions {
     pub allowed_hosts: Vec<AllowedHost>,
     /// How a registration for a node id the plane knows is answered.
     pub reregistration: Reregistration,
+    /// How long a connection may take to send a complete request's
+    /// headers (the first request's, and each HTTP/1.1 request's after
+    /// it); slower connections are dropped.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for PlaneOptions {
@@ -86,6 +95,7 @@ impl Default for PlaneOptions {
             tls: None,
             allowed_hosts: Vec::new(),
             reregistration: Reregistration::Replace,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -111,14 +121,14 @@ pub enum PlaneError {
 }
 
 /// A running plane. Dropping it stops the server as `shutdown` does, but
-/// without waiting; call `shutdown` to know the state is flushed.
+/// without waiting; call `shutdown` to wait for open requests and free the data dir.
 pub struct DevPlane {
     addr: SocketAddr,
     ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
     tls: bool,
     client_subjects: Arc<tls::ClientSubjects>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<()>>,
     expiry: Option<JoinHandle<()>>,
 }
 
@@ -166,10 +176,10 @@ impl DevPlane {
         let app = rest::router(Arc::clone(&ledger))
             .route_service("/lease.LeaseService/{*method}", LeaseServiceServer::new(desk))
             .layer(axum::middleware::from_fn_with_state(rules, access::guard));
-        let mut stop_serving = shutdown_rx.clone();
         let client_subjects = Arc::new(tls::ClientSubjects::default());
+        let header_read_timeout = options.header_read_timeout;
         let server = match &options.tls {
-            None => tokio::spawn(async move {
+            None => {
                 // Without TCP_NODELAY a lease written while the previous
                 // one is unacknowledged waits for the node's delayed ACK
                 // (tens of milliseconds on loopback). The TLS listener
@@ -177,22 +187,16 @@ impl DevPlane {
                 let listener = listener.tap_io(|tcp| {
                     let _ = tcp.set_nodelay(true);
                 });
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
-                    .await
-            }),
+                tokio::spawn(serve::serve(listener, app, header_read_timeout, shutdown_rx.clone()))
+            }
             Some(plane_tls) => {
                 let config = plane_tls.server_config().map_err(PlaneError::Tls)?;
+                // Each request learns its connection's client certificate
+                // (`ConnectInfo<Peer>`).
                 let listener =
                     tls::TlsListener::start(listener, config, Arc::clone(&client_subjects), shutdown_rx.clone())
                         .map_err(|source| PlaneError::Listen { addr, source })?;
-                // Each request learns its connection's client certificate.
-                let app = app.into_make_service_with_connect_info::<Peer>();
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { wait_for_shutdown(&mut stop_serving).await })
-                        .await
-                })
+                tokio::spawn(serve::serve(listener, app, header_read_timeout, shutdown_rx.clone()))
             }
         };
         let expiry = tokio::spawn(expire_leases(Arc::clone(&ledger), options.lease_ttl, shutdown_rx));
@@ -254,6 +258,13 @@ impl DevPlane {
         self.ledger.read(|state| state.finished_since(from))
     }
 
+    /// Makes every write to the data dir's database fail, as a full or
+    /// failing disk would, until called with `false`: for testing what a
+    /// plane (and a node) does then. Without a data dir, nothing changes.
+    pub fn fail_disk_writes(&self, failing: bool) {
+        self.ledger.fail_disk_writes(failing);
+    }
+
     /// Every registered node, ordered by id.
     pub fn nodes(&self) -> Vec<Node> {
         self.ledger.read(|state| state.nodes().cloned().collect())
@@ -261,13 +272,12 @@ impl DevPlane {
 
     /// Stops accepting connections, ends every Pull stream (with OK, as a
     /// clean end of stream), waits up to a few seconds for open requests,
-    /// and saves the runs.
+    /// and closes the runs database.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(mut server) = self.server.take() {
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(err))) => tracing::warn!(%err, "dev control plane server failed"),
+                Ok(Ok(())) => {}
                 Ok(Err(join)) => tracing::warn!(%join, "dev control plane server panicked"),
                 Err(_) => {
                     tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; dropping them");
@@ -278,15 +288,16 @@ impl DevPlane {
         if let Some(expiry) = self.expiry.take() {
             let _ = expiry.await;
         }
-        if let Err(err) = self.ledger.flush().await {
-            tracing::warn!(%err, "dev control plane could not save its runs at shutdown");
-        }
+        // Every change was saved as it happened; what is left is to free
+        // the data dir for the next plane.
+        self.ledger.close().await;
     }
 }
 
 impl Drop for DevPlane {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
+        self.ledger.close_now();
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -56,6 +56,9 @@ async fn register(State(ledger): Ledgered, Extension(node_ids): Extension<NodeId
         Ok(registration) => registration,
         Err(bad) => return bad.into_response(),
     };
+    if let Err(bad) = bounded_id("NodeId", &registration.node_id, "node-1", IdKind::Plain) {
+        return bad.into_response();
+    }
     if let Err(not_this_node) = node_ids.check(&registration.node_id) {
         return forbidden(not_this_node);
     }
@@ -120,6 +123,11 @@ async fn submit_run(State(ledger): Ledgered, body: Bytes) -> Response {
         Ok(new_run) => new_run,
         Err(bad) => return bad.into_response(),
     };
+    let bounds = bounded_id("AgentId", &new_run.agent_id, "invoice-classifier", IdKind::Plain)
+        .and_then(|()| bounded_id("Version", &new_run.version, "1.0.0", IdKind::Version));
+    if let Err(bad) = bounds {
+        return bad.into_response();
+    }
     match ledger.write(|state, now| state.submit(new_run, now)).await {
         Ok(Ok(run)) => {
             let location = format!("/v1/runs/{}", path_segment(&run.run_id));
@@ -130,9 +138,35 @@ async fn submit_run(State(ledger): Ledgered, body: Bytes) -> Response {
     }
 }
 
-async fn list_runs(State(ledger): Ledgered) -> Response {
-    let runs = ledger.read(|state| state.runs().to_vec());
-    json(StatusCode::OK, &runs)
+/// One page of runs in submission order: `limit` runs (default
+/// [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) after the run `after`, or from
+/// the first. The body is the same JSON array as ever; when more runs
+/// follow, a `Link` header names the next page (`rel="next"`).
+async fn list_runs(State(ledger): Ledgered, RawQuery(query): RawQuery) -> Response {
+    let (after, limit) = match parse_paging(query.as_deref().unwrap_or_default()) {
+        Ok(paging) => paging,
+        Err(bad) => return bad.into_response(),
+    };
+    let page = ledger.read(|state| state.runs_page(after.as_deref(), limit));
+    let Some((runs, more)) = page else {
+        let after = after.unwrap_or_default();
+        return BadRequest(format!(
+            "after: no run {after} on this plane; pass the runId of the last run of the previous page \
+             (or leave after out to start from the first run)"
+        ))
+        .into_response();
+    };
+    let mut response = json(StatusCode::OK, &runs);
+    if let (true, Some(last)) = (more, runs.last()) {
+        let next = format!(
+            "</v1/runs?limit={limit}&after={}>; rel=\"next\"",
+            path_segment(&last.run_id)
+        );
+        if let Ok(value) = header::HeaderValue::from_str(&next) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    response
 }
 
 async fn get_run(State(ledger): Ledgered, Path(run_id): Path<String>) -> Response {
@@ -203,6 +237,122 @@ fn path_segment(id: &str) -> String {
         }
     }
     out
+}
+
+// ---- ids and paging ----------------------------------------------------
+
+/// The longest id the REST API takes (agent id, version, node id, a
+/// paging cursor), as the node bounds its own `NodeId`.
+pub const MAX_ID_BYTES: usize = 128;
+/// Runs per page of `GET /v1/runs` when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 1_000;
+/// The largest `limit` of `GET /v1/runs`.
+pub const MAX_PAGE: usize = 10_000;
+
+/// Which characters an id may hold besides RFC 3986's unreserved ones.
+#[derive(Clone, Copy, PartialEq)]
+enum IdKind {
+    Plain,
+    /// Also `+`: semver's build metadata (`1.0.0+build.7`).
+    Version,
+}
+
+/// An id that goes into URLs and file names (the node lays agents out as
+/// `<agent_id>/<version>.wasm`): at most [`MAX_ID_BYTES`] of RFC 3986's
+/// unreserved characters (and `+` in a version), not `.` or `..`. Empty
+/// passes: "X is required" is the state's answer, in the reference's
+/// words.
+fn bounded_id(field: &str, id: &str, example: &str, kind: IdKind) -> Result<(), BadRequest> {
+    let plus = kind == IdKind::Version;
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (plus && b == b'+');
+    let also = if plus { ", `+`" } else { "" };
+    let problem = if id.len() > MAX_ID_BYTES {
+        Some(format!("got {} bytes", id.len()))
+    } else if id == "." || id == ".." {
+        Some(format!("got {id:?}"))
+    } else {
+        id.bytes()
+            .position(|b| !allowed(b))
+            .map(|at| format!("got {:?} at byte {at}", id[at..].chars().next().unwrap_or_default()))
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(BadRequest(format!(
+            "{field} must be at most {MAX_ID_BYTES} bytes of letters, digits, `-`, `_`, `.`, `~`{also} \
+             (not `.` or `..`), e.g. {example}: it becomes part of URLs and file names; {problem}"
+        ))),
+    }
+}
+
+/// `limit` and `after` of `GET /v1/runs`; any other parameter is refused,
+/// so a misspelt one is not silently ignored.
+fn parse_paging(query: &str) -> Result<(Option<String>, usize), BadRequest> {
+    let mut after = None;
+    let mut limit = DEFAULT_PAGE;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                    .ok_or_else(|| {
+                        BadRequest(format!(
+                            "limit must be a whole number from 1 to {MAX_PAGE} (default {DEFAULT_PAGE}); got {:?}",
+                            truncated(value)
+                        ))
+                    })?;
+            }
+            "after" => {
+                let id = percent_decoded(value)
+                    .ok_or_else(|| BadRequest("after must be a percent-encoded UTF-8 run id".to_string()))?;
+                if id.len() > MAX_ID_BYTES {
+                    return Err(BadRequest(format!(
+                        "after must be a run id of at most {MAX_ID_BYTES} bytes; got {} bytes",
+                        id.len()
+                    )));
+                }
+                after = Some(id);
+            }
+            other => {
+                return Err(BadRequest(format!(
+                    "GET /v1/runs takes limit and after, not {:?}; e.g. /v1/runs?limit=100&after=<runId>",
+                    truncated(other)
+                )));
+            }
+        }
+    }
+    Ok((after, limit))
+}
+
+/// At most 64 characters of what a client sent, for an error message.
+fn truncated(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+fn percent_decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 // ---- request bodies ----------------------------------------------------

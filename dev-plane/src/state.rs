@@ -422,6 +422,18 @@ impl PlaneState {
         self.revision = journal.revision;
     }
 
+    /// The runs changed since [`begin`](Self::begin), with their places:
+    /// what a save must write.
+    pub fn changed_runs(&self) -> Vec<(usize, &Run)> {
+        let Some(journal) = &self.journal else {
+            return Vec::new();
+        };
+        let mut changed: Vec<usize> = journal.before.keys().copied().collect();
+        changed.extend(journal.runs..self.runs.len());
+        changed.sort_unstable();
+        changed.into_iter().map(|at| (at, &self.runs[at])).collect()
+    }
+
     /// Copies run `at` into the journal before its first change.
     fn keep_for_undo(&mut self, at: usize) {
         if let Some(journal) = &mut self.journal
@@ -545,6 +557,19 @@ impl PlaneState {
     /// All runs in submission order.
     pub fn runs(&self) -> &[Run] {
         &self.runs
+    }
+
+    /// Up to `limit` runs in submission order, after the run `after` (or
+    /// from the first), and whether more follow; `None` if `after` names no
+    /// run.
+    pub fn runs_page(&self, after: Option<&str>, limit: usize) -> Option<(Vec<Run>, bool)> {
+        let start = match after {
+            Some(run_id) => self.index.get(run_id)? + 1,
+            None => 0,
+        };
+        let rest = self.runs.get(start..).unwrap_or_default();
+        let page = rest.iter().take(limit).cloned().collect();
+        Some((page, rest.len() > limit))
     }
 
     // ---- leasing -----------------------------------------------------
@@ -1236,6 +1261,43 @@ mod tests {
         // Gone (deleted), it may register again.
         state.remove_node("node-1");
         state.register(registration("node-1", 4), at(2)).unwrap();
+    }
+
+    #[test]
+    fn pages_follow_the_cursor_in_submission_order_and_say_whether_more_follow() {
+        let (state, ids) = with_node_and_runs(1, 5);
+        let page = |after: Option<&str>, limit| {
+            let (runs, more) = state.runs_page(after, limit).unwrap();
+            (runs.into_iter().map(|run| run.run_id).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(page(None, 2), (ids[..2].to_vec(), true));
+        assert_eq!(page(Some(&ids[1]), 2), (ids[2..4].to_vec(), true));
+        assert_eq!(page(Some(&ids[3]), 2), (ids[4..].to_vec(), false));
+        assert_eq!(page(Some(&ids[4]), 2), (Vec::new(), false));
+        assert_eq!(page(None, 5), (ids.clone(), false));
+        assert!(state.runs_page(Some("no-such-run"), 2).is_none());
+    }
+
+    #[test]
+    fn a_change_names_exactly_the_runs_it_touched_for_the_store() {
+        let (mut state, ids) = with_node_and_runs(4, 3);
+        state.begin();
+        let leased = grants(state.lease("node-1", 2, at(1), TTL));
+        let touched: Vec<usize> = state.changed_runs().into_iter().map(|(at, _)| at).collect();
+        assert_eq!(touched, [0, 1]);
+        state.commit();
+
+        state.begin();
+        let new = state.submit(new_run("later"), at(2)).unwrap();
+        state.report(completed(&leased[1], "node-1"), at(2)).unwrap();
+        let touched: Vec<(usize, String)> = state
+            .changed_runs()
+            .into_iter()
+            .map(|(at, run)| (at, run.run_id.clone()))
+            .collect();
+        assert_eq!(touched, [(1, ids[1].clone()), (3, new.run_id)]);
+        state.commit();
+        assert!(state.changed_runs().is_empty(), "nothing outside a change");
     }
 
     #[test]

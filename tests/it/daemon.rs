@@ -340,6 +340,57 @@ async fn a_plane_that_takes_every_registration_and_forgets_it_at_once_gets_no_ho
     node.shutdown().await;
 }
 
+/// The node binary against a plane that forgets the node at once (201
+/// to every registration, 404 to every heartbeat, as a plane that lost its
+/// state or a node id it routes elsewhere): black-box testing once saw
+/// about 8,000 registrations a second, and a SIGINT that logged
+/// "draining" without the process ever exiting. Registration backs off,
+/// and either signal ends the process while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_against_a_plane_that_404s_every_heartbeat_backs_off_and_exits_on_either_signal() {
+    for signal in ["INT", "TERM"] {
+        let (url, calls) = fake_plane(201, 404).await;
+        let data = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .arg("serve")
+            .env("NodeRuntime__NodeId", "forgotten-node")
+            .env("NodeRuntime__ControlPlaneUrl", &url)
+            .env("NodeRuntime__DataDirectory", data.path())
+            .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node-runtime serve starts");
+        // Two rounds seen (the node is up and going round), then a window
+        // of 2 s counted.
+        eventually(Duration::from_secs(30), "a second registration", || {
+            (calls.registrations.load(Ordering::SeqCst) >= 2).then_some(())
+        })
+        .await;
+        let before = calls.registrations.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let in_window = calls.registrations.load(Ordering::SeqCst) - before;
+        // Backoff from 0.5 s, doubling, up to 60 s: a handful, not thousands.
+        assert!(
+            in_window <= 5,
+            "SIG{signal}: {in_window} registrations in 2 s: no backoff"
+        );
+
+        let pid = child.id().unwrap();
+        let kill = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("SIG{signal}: the node did not exit within 20 s of the signal"))
+            .unwrap();
+        assert!(status.success(), "SIG{signal}: exit status {status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plane_restarted_without_persistence_gets_the_node_back_by_itself() {
     let first = start_plane("127.0.0.1:0").await;

@@ -779,9 +779,23 @@ async fn an_acknowledged_outcome_is_on_disk_before_the_answer() {
             .success
     );
 
-    // A second plane reads the data dir while the first is still running
-    // and has flushed nothing at shutdown: as after a SIGKILL.
-    let reader = start(with_dir()).await;
+    // The data dir is the first plane's while it runs: a second one is
+    // refused, with the file and what to do.
+    let refused = DevPlane::start(with_dir()).await.err().expect("the data dir is in use");
+    let message = refused.to_string();
+    assert!(
+        message.contains("runs.redb") && message.contains("another data dir"),
+        "{message}"
+    );
+    // A copy of the database, taken while the first plane still runs and
+    // has closed nothing, is what a SIGKILL would leave behind.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("runs.redb"), copy.path().join("runs.redb")).unwrap();
+    let reader = start(PlaneOptions {
+        data_dir: Some(copy.path().to_path_buf()),
+        ..options()
+    })
+    .await;
     let run = reader.run(&run_id).await;
     assert_eq!(
         (run["status"].as_str(), run["outcomes"].as_u64()),
@@ -790,6 +804,197 @@ async fn an_acknowledged_outcome_is_on_disk_before_the_answer() {
     reader.plane.shutdown().await;
     drop(stream);
     h.plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_submissions_survive_a_restart_and_page_through_once_each() {
+    const RUNS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    };
+    let h = start(with_dir()).await;
+    let mut submitted = Vec::with_capacity(RUNS);
+    for i in 0..RUNS {
+        submitted.push(h.submit_message(&format!("run {i}")).await);
+    }
+    h.plane.shutdown().await;
+
+    let h = start(with_dir()).await;
+    // Without a limit: the first 1,000, and a link to the rest.
+    let first = h.get("/v1/runs").await;
+    let link = first.headers()["link"].to_str().unwrap().to_string();
+    let page: Value = first.json().await.unwrap();
+    assert_eq!(page.as_array().unwrap().len(), 1_000);
+    assert_eq!(
+        link,
+        format!("</v1/runs?limit=1000&after={}>; rel=\"next\"", submitted[999])
+    );
+    // Pages of 300, each from the link of the one before, hold every run
+    // once, in submission order; the last has no link.
+    let mut listed: Vec<String> = Vec::new();
+    let mut next = Some("/v1/runs?limit=300".to_string());
+    for _ in 0..RUNS / 300 + 2 {
+        let Some(path) = next.take() else { break };
+        let response = h.get(&path).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        next = response.headers().get("link").map(|link| {
+            let link = link.to_str().unwrap();
+            link[1..link.find('>').unwrap()].to_string()
+        });
+        let page: Value = response.json().await.unwrap();
+        let page = page.as_array().unwrap();
+        assert!(!page.is_empty() && page.len() <= 300, "{} runs in a page", page.len());
+        listed.extend(page.iter().map(|run| run["runId"].as_str().unwrap().to_string()));
+    }
+    assert!(next.is_none(), "the pages did not end");
+    assert_eq!(listed, submitted);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn paging_parameters_out_of_bounds_get_a_400_that_names_them() {
+    let h = start(options()).await;
+    let id = h.submit_message("one").await;
+    let cases = [
+        ("/v1/runs?limit=0", "limit must be a whole number from 1 to 10000"),
+        ("/v1/runs?limit=10001", "limit must be a whole number from 1 to 10000"),
+        ("/v1/runs?limit=ten", "limit must be a whole number from 1 to 10000"),
+        ("/v1/runs?after=no-such-run", "after: no run no-such-run"),
+        ("/v1/runs?page=2", "GET /v1/runs takes limit and after"),
+    ];
+    for (path, error) in cases {
+        let response = h.get(path).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(error), "{path}: {body}");
+    }
+    let after_the_last = h.get(&format!("/v1/runs?after={id}")).await;
+    assert!(after_the_last.headers().get("link").is_none());
+    assert_eq!(after_the_last.json::<Value>().await.unwrap(), json!([]));
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn ids_over_128_bytes_or_outside_the_url_safe_set_get_a_400_that_names_the_field_and_the_bound() {
+    let h = start(options()).await;
+    let long = "a".repeat(129);
+    let cases = [
+        (
+            "/v1/runs",
+            json!({"agentId": long, "version": "1"}),
+            "AgentId",
+            "got 129 bytes",
+        ),
+        (
+            "/v1/runs",
+            json!({"agentId": "echo\nforged", "version": "1"}),
+            "AgentId",
+            "at byte 4",
+        ),
+        (
+            "/v1/runs",
+            json!({"agentId": "echo", "version": "../1"}),
+            "Version",
+            "at byte 2",
+        ),
+        (
+            "/v1/runs",
+            json!({"agentId": "..", "version": "1"}),
+            "AgentId",
+            "got \"..\"",
+        ),
+        (
+            "/v1/nodes:register",
+            json!({"nodeId": "a/b", "capacity": {"slots": 1}}),
+            "NodeId",
+            "at byte 1",
+        ),
+        (
+            "/v1/nodes:register",
+            json!({"nodeId": "n".repeat(1_000), "capacity": {"slots": 1}}),
+            "NodeId",
+            "got 1000 bytes",
+        ),
+    ];
+    for (path, body, field, problem) in cases {
+        let response = h.post(path, body.clone()).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let answer: Value = response.json().await.unwrap();
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.starts_with(&format!("{field} must be at most 128 bytes")) && error.contains(problem),
+            "{body}: {error}"
+        );
+    }
+    assert!(h.plane.runs().is_empty() && h.plane.nodes().is_empty());
+    // At the bound, with every allowed character (and `+` in a version).
+    let at_bound = format!("{}-_.~", "A9".repeat(62));
+    assert_eq!(at_bound.len(), 128);
+    h.submit(json!({"agentId": at_bound, "version": "1.0.0-rc.1+build.7"}))
+        .await;
+    h.register(&at_bound, 1).await;
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_never_completes_its_request_headers_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start(PlaneOptions {
+        header_read_timeout: Duration::from_millis(500),
+        ..options()
+    })
+    .await;
+    let addr = h.plane.local_addr();
+    // Half a request; nothing at all; a first request answered, then half
+    // of a second one on the same connection.
+    let half = format!("POST /v1/runs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: applica");
+    let whole_then_half =
+        format!("GET /v1/runs HTTP/1.1\r\nHost: {addr}\r\n\r\nGET /v1/runs HTTP/1.1\r\nHost: {addr}\r\n");
+    for sent in [half.as_str(), "", whole_then_half.as_str()] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(sent.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        // Closed by the plane: read_to_end ends (or the socket is reset).
+        let ended = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut answer)).await;
+        assert!(ended.is_ok(), "{sent:?}: the connection is still open after 20 s");
+        let answers = String::from_utf8_lossy(&answer).matches("HTTP/1.1 200").count();
+        assert_eq!(answers, usize::from(sent == whole_then_half), "{sent:?}");
+    }
+    // The plane still serves everyone else.
+    assert_eq!(h.get("/v1/runs").await.status(), StatusCode::OK);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runs_json_left_by_an_older_plane_is_imported_once() {
+    // An older plane's file: the run as the REST API shows it.
+    let memory = start(options()).await;
+    let id = memory.submit_message("from the old file").await;
+    let run = memory.run(&id).await;
+    memory.plane.shutdown().await;
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("runs.json");
+    std::fs::write(&legacy, json!({"format": 1, "runs": [run]}).to_string()).unwrap();
+
+    let with_dir = || PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    };
+    for _ in 0..2 {
+        let h = start(with_dir()).await;
+        assert_eq!(h.run(&id).await["inputRef"]["message"], "from the old file");
+        assert_eq!(h.plane.runs().len(), 1);
+        h.plane.shutdown().await;
+        assert!(!legacy.exists());
+        assert!(dir.path().join("runs.json.imported").exists());
+    }
+
+    // Copied back over a database that has runs: refused, not merged.
+    std::fs::copy(dir.path().join("runs.json.imported"), &legacy).unwrap();
+    let message = DevPlane::start(with_dir()).await.err().expect("refused").to_string();
+    assert!(message.contains("runs.json") && message.contains("move"), "{message}");
 }
 
 #[tokio::test]
@@ -1077,12 +1282,9 @@ async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
     h.register("node-a", 4).await;
     let kept = h.submit_message("saved").await;
 
-    // The runs file's path becomes a directory: every save fails, even
-    // for root, whom permission bits would not stop.
-    let runs_file = dir.path().join("runs.json");
-    std::fs::remove_file(&runs_file).unwrap();
-    std::fs::create_dir(&runs_file).unwrap();
-    std::fs::write(runs_file.join("keep"), "x").unwrap();
+    // Every write to the database fails, as on a full or failing disk.
+    let runs_file = dir.path().join("runs.redb");
+    h.plane.fail_disk_writes(true);
 
     let response = h
         .post(
@@ -1115,7 +1317,7 @@ async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
     assert_eq!(h.plane.run(&kept).unwrap().status, RunStatus::Pending);
 
     // Fixed: the plane goes on where it was, without the refused run.
-    std::fs::remove_dir_all(&runs_file).unwrap();
+    h.plane.fail_disk_writes(false);
     let later = h.submit_message("after the fix").await;
     let mut stream = pull(&mut client, "node-a", 4).await;
     let leased = [
@@ -1123,15 +1325,17 @@ async fn a_failed_save_answers_503_naming_the_file_and_queues_nothing() {
         next_lease(&mut stream).await.run_id,
     ];
     assert_eq!(leased, [kept.clone(), later.clone()]);
-    let saved: Value = serde_json::from_slice(&std::fs::read(&runs_file).unwrap()).unwrap();
-    let saved_ids: Vec<&str> = saved["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|run| run["runId"].as_str().unwrap())
-        .collect();
-    assert_eq!(saved_ids, [kept.as_str(), later.as_str()]);
     drop(stream);
+    h.plane.shutdown().await;
+    // And the disk holds exactly that.
+    let h = start(PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    })
+    .await;
+    let saved: Vec<String> = h.plane.runs().into_iter().map(|run| run.run_id).collect();
+    assert_eq!(saved, [kept.clone(), later.clone()]);
+    assert_eq!(h.plane.run(&kept).unwrap().status, RunStatus::Assigned);
     h.plane.shutdown().await;
 }
 

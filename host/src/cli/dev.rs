@@ -569,16 +569,12 @@ async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), Comm
     let started = Instant::now();
     let mut finished: Vec<serde_json::Value>;
     loop {
-        let all = fetch(http.get(format!("{url}/v1/runs"))).await?;
-        finished = all
-            .as_array()
-            .map(|runs| {
-                runs.iter()
-                    .filter(|run| ids.iter().any(|id| run["runId"] == id.as_str()))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Each run by its id: with --data-dir, the list's first page may
+        // hold only older runs.
+        finished = Vec::with_capacity(ids.len());
+        for id in &ids {
+            finished.push(fetch(http.get(format!("{url}/v1/runs/{id}"))).await?);
+        }
         let done = finished.len() == ids.len()
             && finished
                 .iter()

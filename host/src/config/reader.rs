@@ -46,7 +46,7 @@ pub(super) fn open(
                 entries: layer_entries,
                 list: false,
             } => {
-                for (name, node) in layer_entries.0 {
+                for (name, node) in layer_entries {
                     entries.insert(name, node);
                 }
             }
@@ -163,7 +163,7 @@ impl Reader<'_> {
     /// Records what is left of a section as ignored. A whole unknown
     /// section is one entry.
     pub fn finish(&mut self, section: Section) {
-        for (name, _) in &section.entries.0 {
+        for (name, _) in section.entries.iter() {
             self.ignored.push(section.key(name));
         }
     }
@@ -443,7 +443,6 @@ pub(super) fn names(node: &Node) -> Vec<String> {
             .map(str::to_string)
             .collect(),
         Kind::Section { entries, .. } => entries
-            .0
             .iter()
             .filter_map(|(_, item)| match &item.kind {
                 Kind::Value(scalar) => scalar.text(),

@@ -169,7 +169,7 @@ fn openai(reader: &mut Reader<'_>, parent: &mut Section) -> Result<OpenAiSection
 /// `AgentRuntime.Prices`: `{"model": {"InputPer1K": 0.15, "OutputPer1K": 0.6}}`.
 fn prices(reader: &mut Reader<'_>, parent: &mut Section) -> Result<BTreeMap<String, ModelPrice>, ConfigError> {
     let mut s = reader.section(parent, "Prices")?;
-    let models: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let models: Vec<String> = s.entries.names();
     let mut prices = BTreeMap::new();
     for model in models {
         let mut m = reader.section(&mut s, &model)?;

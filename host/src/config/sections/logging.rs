@@ -73,7 +73,7 @@ impl LogLevel {
 pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Result<LoggingSection, ConfigError> {
     let mut s = reader.section(root, "Logging")?;
     let mut levels = reader.section(&mut s, "LogLevel")?;
-    let names: Vec<String> = levels.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let names: Vec<String> = levels.entries.names();
     let expected = "a log level: one of Trace, Debug, Information, Warning, Error, Critical, None";
     let mut log_level = BTreeMap::new();
     for name in names {

@@ -50,7 +50,7 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     let defaults = MTlsSection::default();
     let mut s = reader.section(root, "MTls")?;
     // Said in the message when it surprises: Enabled set from outside the file.
-    let enabled_from_env = s.entries.0.iter().find_map(|(name, node)| match &node.origin {
+    let enabled_from_env = s.entries.iter().find_map(|(name, node)| match &node.origin {
         Origin::Env(variable) if tree::same_key(name, "Enabled") => {
             Some(format!(" (from environment variable {variable})"))
         }

@@ -207,7 +207,7 @@ fn capacity(reader: &mut Reader<'_>, parent: &mut Section) -> Result<CapacitySec
 /// its spelling.
 fn metadata(reader: &mut Reader<'_>, parent: &mut Section) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut s = reader.section(parent, "Metadata")?;
-    let names: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let names: Vec<String> = s.entries.names();
     let mut metadata = BTreeMap::new();
     for name in names {
         if let Some(setting) = reader.setting(&mut s, &name, "a string")?

@@ -194,7 +194,7 @@ pub(in crate::config) fn bind(
 /// `host:port`.
 fn allowed_hosts(reader: &mut Reader<'_>, parent: &mut Section) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
     let mut s = reader.section(parent, "AllowedHosts")?;
-    let agents: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let agents: Vec<String> = s.entries.names();
     let mut grants = BTreeMap::new();
     for agent in agents {
         let key = s.key(&agent);
@@ -230,7 +230,7 @@ fn grants(
     key_variables: &[String],
 ) -> Result<BTreeMap<String, Grants>, ConfigError> {
     let mut s = reader.section(parent, "Grants")?;
-    let agents: Vec<String> = s.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let agents: Vec<String> = s.entries.names();
     let mut grants = BTreeMap::new();
     // Where each agent's grants were written, for an error about two of them.
     let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
@@ -328,7 +328,7 @@ fn directory_grants(reader: &mut Reader<'_>, agent: &mut Section) -> Result<Vec<
         }
     };
     let mut list = Section { key, entries };
-    let names: Vec<String> = list.entries.0.iter().map(|(name, _)| name.clone()).collect();
+    let names: Vec<String> = list.entries.names();
     let mut directories: Vec<DirectoryGrant> = Vec::new();
     for name in names {
         let mut d = reader.section(&mut list, &name)?;
