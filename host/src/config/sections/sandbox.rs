@@ -233,11 +233,12 @@ fn grants(
     let agents: Vec<String> = s.entries.names();
     let mut grants = BTreeMap::new();
     // Where each agent's grants were written, for an error about two of them.
-    let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+    let mut origins: BTreeMap<String, Origin> = s
+        .entries
+        .iter()
+        .map(|(name, node)| (name.clone(), node.origin.clone()))
+        .collect();
     for agent in agents {
-        if let Some((_, node)) = s.entries.0.iter().find(|(name, _)| *name == agent) {
-            origins.insert(agent.clone(), node.origin.clone());
-        }
         let mut a = reader.section(&mut s, &agent)?;
         let directories = directory_grants(reader, &mut a)?;
         let environment = match a.entries.take("Environment") {
