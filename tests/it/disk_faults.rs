@@ -163,6 +163,14 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
     let (_, text) = get(&http, &metrics).await.unwrap();
     assert!(text.contains("outbox_writable 0\n"), "{text}");
     assert!(!text.contains("outbox_write_failures_total 0\n"), "{text}");
+    // The heartbeats offer no slot meanwhile, so the plane assigns nothing
+    // that would only wait here.
+    eventually(Duration::from_secs(10), "a heartbeat offering no slot", || {
+        let nodes = plane.nodes();
+        let node = nodes.iter().find(|node| node.node_id == "full-disk-node")?;
+        (node.status.available_slots == 0 && node.status.state == "active").then_some(())
+    })
+    .await;
     let mut during = Vec::new();
     for i in 0..3 {
         during.push(
@@ -198,6 +206,12 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
     }
     eventually_async(Duration::from_secs(30), "the node to be ready again", || async {
         get(&http, &readyz).await.filter(|(status, _)| *status == 200)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "a heartbeat offering slots again", || {
+        let nodes = plane.nodes();
+        let node = nodes.iter().find(|node| node.node_id == "full-disk-node")?;
+        (node.status.available_slots > 0).then_some(())
     })
     .await;
     let (_, text) = get(&http, &metrics).await.unwrap();

@@ -23,6 +23,7 @@ use super::{NodeStats, Slots};
 use support::Backoff;
 
 use crate::control_plane::{Capacity, HeartbeatAnswer, NodeState, NodeStatus, Registration, RestClient};
+use crate::outbox::Outbox;
 
 /// How a registration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub(super) struct Heartbeat {
     pub(super) stats: Arc<NodeStats>,
     /// True once the control plane accepted the registration.
     pub(super) registered: Arc<watch::Sender<bool>>,
+    /// Read for whether it can record: a node that cannot offers no slot.
+    pub(super) outbox: Outbox,
     /// Asks for a heartbeat now (the lease stream ended at once: the plane
     /// may have forgotten this node).
     pub(super) heartbeat_now: Arc<Notify>,
@@ -175,12 +178,14 @@ impl Heartbeat {
     }
 
     /// What a heartbeat reports now: a draining node offers no free slot, so
-    /// the scheduler places nothing here.
+    /// the scheduler places nothing here; nor does a node whose outbox
+    /// cannot record, which reads no lease until it can (runs the plane
+    /// assigned meanwhile would only wait, unacknowledged).
     fn status(&self, state: NodeState) -> NodeStatus {
         let free = self.slots.available().min(self.slot_count);
         NodeStatus {
             active_runs: self.slot_count - free,
-            available_slots: if state == NodeState::Draining {
+            available_slots: if state == NodeState::Draining || !self.outbox.is_writable() {
                 0
             } else {
                 self.slots.available()

@@ -179,9 +179,10 @@ struct Readings {
 }
 
 impl Readings {
-    /// What the heartbeat reports: 0 once draining.
+    /// What the heartbeat reports: 0 once draining, and while the outbox
+    /// cannot record (no lease is taken then).
     fn reported_available_slots(&self) -> u32 {
-        if self.shutdown.is_stopping() {
+        if self.shutdown.is_stopping() || !self.outbox.is_writable() {
             0
         } else {
             self.slots.available()
@@ -405,6 +406,7 @@ impl NodeBuilder {
             registered: registered.clone(),
             heartbeat_now: heartbeat_now.clone(),
             shutdown: shutdown.clone(),
+            outbox: outbox.clone(),
         };
         let puller = Puller {
             node_id: settings.node_id.clone(),
