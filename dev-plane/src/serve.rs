@@ -79,6 +79,10 @@ async fn connection<I, A>(
     let first_request = tokio::time::sleep(header_read_timeout);
     tokio::pin!(first_request);
     let mut stopping = false;
+    // Whether the first request's timer is still to be heeded. `select!`
+    // reads a branch's condition only when it is entered, so the timer
+    // checks `requested` itself when it fires.
+    let mut waiting_for_a_request = true;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -87,7 +91,11 @@ async fn connection<I, A>(
                 }
                 return;
             }
-            () = &mut first_request, if !requested.load(Ordering::Relaxed) => {
+            () = &mut first_request, if waiting_for_a_request => {
+                if requested.load(Ordering::Relaxed) {
+                    waiting_for_a_request = false;
+                    continue;
+                }
                 tracing::warn!(
                     peer = ?addr,
                     "dev control plane dropped a connection: no complete request within {header_read_timeout:?}"

@@ -967,6 +967,54 @@ async fn a_connection_that_never_completes_its_request_headers_is_dropped() {
     h.plane.shutdown().await;
 }
 
+/// The header-read timer is for connections that never complete a
+/// request: one in use (a request every 100 ms, for three times the
+/// timeout) stays open and every request is answered.
+#[tokio::test]
+async fn a_connection_in_use_outlives_the_header_read_timeout() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let h = start(PlaneOptions {
+        header_read_timeout: Duration::from_millis(500),
+        ..options()
+    })
+    .await;
+    let addr = h.plane.local_addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tcp = tokio::io::BufReader::new(tcp);
+    for n in 0..15 {
+        let request = format!("GET /v1/runs HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        tcp.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut length = 0;
+            let mut status = String::new();
+            tcp.read_line(&mut status).await.ok()?;
+            loop {
+                let mut line = String::new();
+                if tcp.read_line(&mut line).await.ok()? == 0 {
+                    return None;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().ok()?;
+                }
+            }
+            let mut body = vec![0; length];
+            tcp.read_exact(&mut body).await.ok()?;
+            Some(status)
+        })
+        .await
+        .expect("an answer within 10 s");
+        let status = answer.unwrap_or_else(|| panic!("request {n}: the plane closed a connection in use"));
+        assert!(status.starts_with("HTTP/1.1 200"), "request {n}: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.plane.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_runs_json_left_by_an_older_plane_is_imported_once() {
     // An older plane's file: the run as the REST API shows it.
