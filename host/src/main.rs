@@ -18,5 +18,10 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::Exit::Internal as u8);
         }
     };
-    runtime.block_on(cli::run(cli))
+    let code = runtime.block_on(cli::run(cli));
+    // Dropping the runtime would wait for every blocking task, and a
+    // compilation wasmtime cannot cancel may hold one for minutes after a
+    // drain gave up on it: the command is done, so exit without it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
