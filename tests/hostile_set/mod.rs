@@ -170,10 +170,11 @@ impl Env {
         std::fs::create_dir_all(writable.path().join("a").join("shared")).unwrap();
         let sandbox = Sandbox::new(SandboxConfig {
             // A token ceiling far above what the cases ask for, so that the
-            // escaped-characters prompt (estimated at 500,008 tokens) meets
-            // the request's byte cap rather than the budget.
+            // escaped-characters prompt (2,000,000 control characters,
+            // estimated at a token each: 2,000,008) meets the request's byte
+            // cap rather than the budget.
             limits: NodeLimits {
-                tokens: 1_000_000,
+                tokens: 4_000_000,
                 ..NodeLimits::default()
             },
             grants: BTreeMap::from([(WRITER.to_string(), writer_grants(&writable))]),
