@@ -170,10 +170,11 @@ impl Env {
         std::fs::create_dir_all(writable.path().join("a").join("shared")).unwrap();
         let sandbox = Sandbox::new(SandboxConfig {
             // A token ceiling far above what the cases ask for, so that the
-            // escaped-characters prompt (estimated at 500,008 tokens) meets
-            // the request's byte cap rather than the budget.
+            // escaped-characters prompt (2,000,000 control characters,
+            // estimated at a token each: 2,000,008) meets the request's byte
+            // cap rather than the budget.
             limits: NodeLimits {
-                tokens: 1_000_000,
+                tokens: 4_000_000,
                 ..NodeLimits::default()
             },
             grants: BTreeMap::from([(WRITER.to_string(), writer_grants(&writable))]),
@@ -1097,8 +1098,9 @@ pub async fn a_zero_byte_file(env: &Env) {
 }
 
 /// A component holding one core module of `functions` bodies, each
-/// `blocks` nested blocks deep: valid WebAssembly, written byte by byte.
-fn code_bomb(functions: u32, blocks: u32) -> Vec<u8> {
+/// `blocks` nested blocks deep and declaring `locals` `i64` locals: valid
+/// WebAssembly, written byte by byte.
+fn code_bomb(functions: u32, blocks: u32, locals: u32) -> Vec<u8> {
     fn leb(mut n: u32, out: &mut Vec<u8>) {
         loop {
             let byte = (n & 0x7f) as u8;
@@ -1115,7 +1117,14 @@ fn code_bomb(functions: u32, blocks: u32) -> Vec<u8> {
         leb(body.len() as u32, out);
         out.extend_from_slice(body);
     }
-    let mut body = vec![0]; // no locals
+    let mut body = Vec::new();
+    if locals == 0 {
+        body.push(0); // no locals
+    } else {
+        body.push(1); // one run of locals: `locals` of type i64
+        leb(locals, &mut body);
+        body.push(0x7e);
+    }
     for _ in 0..blocks {
         body.extend_from_slice(&[0x02, 0x40]); // block (no result)
     }
@@ -1141,20 +1150,38 @@ fn code_bomb(functions: u32, blocks: u32) -> Vec<u8> {
 pub async fn compile_bomb(env: &Env) {
     // Well within the size bound (under 1 MB each), but compiling them
     // would keep a thread busy that no deadline can stop: 250,000
-    // functions, and one function of 200,000 nested blocks. Both are
-    // refused before wasmtime sees them, naming the bound.
-    let many = code_bomb(250_000, 0);
+    // functions; one function of 200,000 nested blocks; 100,000 six-byte
+    // functions of 50,000 locals each (minutes and most of a gigabyte in
+    // Cranelift); and, within every per-function bound, 2,000 functions
+    // of 4,000 locals. All are refused before wasmtime sees them, naming
+    // the bound.
+    let many = code_bomb(250_000, 0, 0);
     assert!(many.len() < 1 << 20, "{} bytes", many.len());
     let reason = env.refused(many).await;
     assert!(
         reason.contains("more than 100000 functions") && reason.contains("Sandbox.MaxFunctions"),
         "{reason}"
     );
-    let deep = code_bomb(1, 200_000);
+    let deep = code_bomb(1, 200_000, 0);
     assert!(deep.len() < 1 << 20, "{} bytes", deep.len());
     let reason = env.refused(deep).await;
     assert!(
         reason.contains("more than 4000 deep") && reason.contains("Sandbox.MaxNesting"),
+        "{reason}"
+    );
+    let locals = code_bomb(100_000, 0, 50_000);
+    assert!(locals.len() < 1 << 20, "{} bytes", locals.len());
+    let reason = env.refused(locals).await;
+    assert!(
+        reason.contains("function 0")
+            && reason.contains("more than 5000 locals")
+            && reason.contains("Sandbox.MaxFunctionLocals"),
+        "{reason}"
+    );
+    let spread = code_bomb(2_000, 0, 4_000);
+    let reason = env.refused(spread).await;
+    assert!(
+        reason.contains("more than 500000 locals together") && reason.contains("Sandbox.MaxLocals"),
         "{reason}"
     );
 }

@@ -186,11 +186,12 @@ async fn a_call_is_metered_and_priced_from_the_providers_usage() {
     let request = &requests[0];
     assert_eq!(request.authorization.as_deref(), Some(&*format!("Bearer {KEY}")));
     assert_eq!(request.body["model"], "stub-default");
-    // The prompt is estimated at 12 tokens: 4 for the request, 4 for the
-    // message, 4 for its 14 ASCII bytes.
+    // The prompt is estimated at 14 tokens: 4 for the request, 4 for the
+    // message, 6 for its text ("Classify" 9 quarters, " INV" 7, "-" and
+    // "1" a token each).
     assert_eq!(
         request.body["max_tokens"],
-        1000 - 12,
+        1000 - 14,
         "no max_tokens: the budget's remainder after the estimated prompt"
     );
     assert_eq!(request.body["messages"][0]["role"], "user");
@@ -262,6 +263,28 @@ async fn a_prompt_larger_than_the_remaining_budget_is_refused_unsent() {
     assert!(error.starts_with("budget-exhausted: "), "{error}");
     assert!(
         error.contains("10008 tokens") && error.contains("4000") && error.contains("shorter prompt"),
+        "{error}"
+    );
+    assert_eq!(stub.requests().len(), 0, "nothing reached the provider");
+    assert_eq!(result.report.tokens_in + result.report.tokens_out, 0);
+}
+
+#[tokio::test]
+async fn a_prompt_of_digits_and_punctuation_is_estimated_a_token_a_character_and_refused_unsent() {
+    let stub = Arc::new(Stub::default());
+    let sandbox = llm_sandbox(settings(start_stub(stub.clone()).await));
+    // 3,000 characters of digits and punctuation cost about a token each
+    // in the common tokenizers; at a quarter token a byte they were
+    // estimated at 758, under a budget of 1,000, sent, and billed ~3,000.
+    let prompt: String = (0..3000u32)
+        .map(|i| char::from(b"0123456789!#$%&()*+,-./:;<=>?@[]^_{|}~"[(i * 7 % 37) as usize]))
+        .collect();
+    let result = run_chat(&sandbox, &[("message", &prompt), ("calls", "3")], tokens(1000)).await;
+    let seen = completed(&result);
+    assert_eq!(seen["calls_completed"], "0", "{seen:?}");
+    let error = &seen["error"];
+    assert!(
+        error.starts_with("budget-exhausted: ") && error.contains("3008 tokens"),
         "{error}"
     );
     assert_eq!(stub.requests().len(), 0, "nothing reached the provider");

@@ -1328,7 +1328,8 @@ fn allowed_models_are_a_list_or_a_comma_separated_string_and_are_printed() {
 fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
     let config = load(
         r#"{"Sandbox": {"MaxComponentBytes": "32MiB", "MaxFunctions": 5000,
-            "MaxFunctionBytes": "1MiB", "MaxNesting": 100}}"#,
+            "MaxFunctionBytes": "1MiB", "MaxNesting": 100, "MaxFunctionLocals": 300,
+            "MaxLocals": 90000}}"#,
     )
     .unwrap();
     let limits = config.sandbox.compile_limits;
@@ -1337,12 +1338,16 @@ fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
             limits.max_bytes,
             limits.max_functions,
             limits.max_function_bytes,
-            limits.max_nesting
+            limits.max_nesting,
+            limits.max_function_locals,
+            limits.max_locals
         ),
-        (32 << 20, 5000, 1 << 20, 100)
+        (32 << 20, 5000, 1 << 20, 100, 300, 90000)
     );
     let printed = config.redacted_json();
     assert!(printed.contains(r#""MaxNesting": 100"#), "{printed}");
+    assert!(printed.contains(r#""MaxFunctionLocals": 300"#), "{printed}");
+    assert!(printed.contains(r#""MaxLocals": 90000"#), "{printed}");
     assert_eq!(
         load("{}").unwrap().sandbox.compile_limits,
         crate::sandbox::CompileLimits::default()
@@ -1350,6 +1355,8 @@ fn the_compile_limits_bind_and_a_bad_one_is_refused_naming_its_key() {
     for (json, key) in [
         (r#"{"Sandbox": {"MaxFunctions": 0}}"#, "Sandbox.MaxFunctions"),
         (r#"{"Sandbox": {"MaxNesting": -1}}"#, "Sandbox.MaxNesting"),
+        (r#"{"Sandbox": {"MaxFunctionLocals": 0}}"#, "Sandbox.MaxFunctionLocals"),
+        (r#"{"Sandbox": {"MaxLocals": "many"}}"#, "Sandbox.MaxLocals"),
         (
             r#"{"Sandbox": {"MaxComponentBytes": "lots"}}"#,
             "Sandbox.MaxComponentBytes",

@@ -44,7 +44,8 @@ pub struct SandboxSection {
     /// `DataDirectory/compiled`; 0 keeps them in memory only.
     pub compiled_cache_max_bytes: u64,
     /// `MaxComponentBytes`, `MaxFunctions`, `MaxFunctionBytes`,
-    /// `MaxNesting`: how much code a component may bring to be compiled.
+    /// `MaxNesting`, `MaxFunctionLocals`, `MaxLocals`: how much code a
+    /// component may bring to be compiled.
     pub compile_limits: CompileLimits,
     /// `Grants` (agent id -> `Directories`, `Environment`, `AllowedHosts`):
     /// what each agent may reach beyond clocks and random; host
@@ -181,6 +182,20 @@ pub(in crate::config) fn bind(
                 defaults.compile_limits.max_nesting,
                 1..=u32::MAX as i128,
                 "a whole number of nested blocks of at least 1, e.g. 4000",
+            )?,
+            max_function_locals: reader.integer(
+                &mut s,
+                "MaxFunctionLocals",
+                defaults.compile_limits.max_function_locals,
+                1..=u32::MAX as i128,
+                "a whole number of locals (parameters included) of at least 1, e.g. 10000",
+            )?,
+            max_locals: reader.integer(
+                &mut s,
+                "MaxLocals",
+                defaults.compile_limits.max_locals,
+                1..=u64::MAX as i128,
+                "a whole number of locals (parameters included) of at least 1, e.g. 2000000",
             )?,
         },
         grants,
@@ -433,6 +448,8 @@ pub(in crate::config) struct View<'a> {
     max_functions: u32,
     max_function_bytes: u32,
     max_nesting: u32,
+    max_function_locals: u32,
+    max_locals: u64,
     grants: BTreeMap<&'a str, AgentGrantsView<'a>>,
 }
 
@@ -473,6 +490,8 @@ impl<'a> View<'a> {
             max_functions: sandbox.compile_limits.max_functions,
             max_function_bytes: sandbox.compile_limits.max_function_bytes,
             max_nesting: sandbox.compile_limits.max_nesting,
+            max_function_locals: sandbox.compile_limits.max_function_locals,
+            max_locals: sandbox.compile_limits.max_locals,
             grants: sandbox
                 .grants
                 .iter()

@@ -4,11 +4,24 @@
 //! keep a call within the run's budget. So the node estimates them first,
 //! cheaply and on the high side for most text, and refuses a call whose
 //! estimated prompt plus its output cap does not fit what remains of the
-//! budget (`chat.rs`). The estimate, in one pass over the bytes:
+//! budget (`chat.rs`). The estimate, in one pass over the bytes, counted
+//! in quarter tokens and rounded up per message:
 //!
-//! - a quarter of a token per ASCII byte, rounded up per message (English
-//!   and code average about four characters a token in the common
-//!   tokenizers);
+//! - a quarter of a token per lowercase ASCII letter and half a token per
+//!   uppercase one (English words average about four letters a token in
+//!   the common tokenizers; capitals split more often), and at least one
+//!   token per word: a run of letters, a new word starting where a capital
+//!   follows a small letter (`camelCase` is two), so `a b c d` is not four
+//!   bytes a token;
+//! - a single space before a word counts with the word (` cat` is one
+//!   token), one before punctuation a quarter token (tokenizers fold it
+//!   into what follows); any other run of spaces and tabs a quarter a
+//!   byte, at least one token;
+//! - one token for every other ASCII character: digits, punctuation,
+//!   symbols, newlines and control characters. A tokenizer often merges
+//!   a few of them, but a prompt of random digits and punctuation costs
+//!   about a token a character, and a quarter would let it cost four
+//!   times its estimate;
 //! - one token per non-ASCII character (a CJK character is one or two
 //!   tokens, an accented letter usually part of one), so text in other
 //!   scripts is not estimated at a quarter of its UTF-8 bytes;
@@ -36,12 +49,52 @@ pub(crate) fn estimate_prompt_tokens(messages: &[Message]) -> u32 {
     u32::try_from(tokens).unwrap_or(u32::MAX)
 }
 
-/// A quarter token per ASCII byte (rounded up), one per other character.
+/// The tokens of one message's text, as the module describes: counted in
+/// quarters, rounded up.
 fn text_tokens(text: &[u8]) -> u64 {
-    let ascii = text.iter().filter(|byte| byte.is_ascii()).count() as u64;
-    // Each non-ASCII character has exactly one lead byte (0b11xxxxxx).
-    let other_chars = text.iter().filter(|byte| **byte >= 0xC0).count() as u64;
-    ascii.div_ceil(4) + other_chars
+    let mut quarters: u64 = 0;
+    // The quarters of the word being read (0: none).
+    let mut word: u64 = 0;
+    let mut i = 0;
+    while i < text.len() {
+        let byte = text[i];
+        if byte.is_ascii_alphabetic() {
+            let follows_small = i > 0 && text[i - 1].is_ascii_lowercase();
+            if word > 0 && follows_small && byte.is_ascii_uppercase() {
+                quarters += word.max(4);
+                word = 0;
+            }
+            word += if byte.is_ascii_uppercase() { 2 } else { 1 };
+            i += 1;
+            continue;
+        }
+        if word > 0 {
+            quarters += word.max(4);
+            word = 0;
+        }
+        if byte == b' ' || byte == b'\t' {
+            let run = text[i..].iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+            let single_space = run == 1 && byte == b' ';
+            match text.get(i + run) {
+                // Folded into the word's own token (" cat" is one).
+                Some(next) if single_space && next.is_ascii_alphabetic() => word = 1,
+                Some(next) if single_space && next.is_ascii_punctuation() => quarters += 1,
+                _ => quarters += (run as u64).max(4),
+            }
+            i += run;
+            continue;
+        }
+        // A UTF-8 continuation byte (0b10xxxxxx) belongs to the character
+        // its lead byte already counted.
+        if !(0x80..0xC0).contains(&byte) {
+            quarters += 4;
+        }
+        i += 1;
+    }
+    if word > 0 {
+        quarters += word.max(4);
+    }
+    quarters.div_ceil(4)
 }
 
 #[cfg(test)]
@@ -63,6 +116,36 @@ mod tests {
         assert_eq!(estimate_prompt_tokens(&[user("Hello")]), 8 + 2);
         assert_eq!(estimate_prompt_tokens(&[user(&"a".repeat(4000))]), 8 + 1000);
         assert_eq!(estimate_prompt_tokens(&[user("abcd"), user("abcd")]), 4 + 2 * (4 + 1));
+    }
+
+    #[test]
+    fn words_count_at_least_a_token_and_capitals_half_a_token_a_letter() {
+        // "The cat sat": three words of 4 quarters, the spaces with them.
+        assert_eq!(estimate_prompt_tokens(&[user("The cat sat")]), 8 + 3);
+        // One-letter words are a token each (with the space before them).
+        // The last space, before nothing, is a token of its own.
+        assert_eq!(estimate_prompt_tokens(&[user(&"a ".repeat(1000))]), 8 + 1001);
+        assert_eq!(estimate_prompt_tokens(&[user("ABCDEFGH")]), 8 + 4);
+        // Words: a, Ba, Ba, Ba, B.
+        assert_eq!(estimate_prompt_tokens(&[user("aBaBaBaB")]), 8 + 5);
+        // Indentation is a quarter a space, at least a token a run.
+        assert_eq!(estimate_prompt_tokens(&[user("\n        x")]), 8 + 1 + 2 + 1);
+    }
+
+    #[test]
+    fn digits_punctuation_and_symbols_count_a_token_each() {
+        let dense: String = (0..3000u32)
+            .map(|i| char::from(b"0123456789!#$%&()*+,-./:;<=>?@[]^_{|}~"[(i * 7 % 37) as usize]))
+            .collect();
+        assert_eq!(estimate_prompt_tokens(&[user(&dense)]), 8 + 3000);
+        // Ordinary prose stays close: 12 words and 2 punctuation marks in
+        // 55 bytes (a quarter token a byte was 14).
+        assert_eq!(
+            estimate_prompt_tokens(&[user("Classify the invoice, and say why: it is due on Monday.")]),
+            8 + 18
+        );
+        // A space before a digit is its own token.
+        assert_eq!(estimate_prompt_tokens(&[user("1 2 3")]), 8 + 5);
     }
 
     #[test]
