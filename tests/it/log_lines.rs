@@ -1,7 +1,8 @@
 //! What the node prints is safe to print: one line per log event whatever
 //! the ids a control plane sends hold, a Fail message on one line, no
 //! credential of a URL in any log line, error or `config check` output,
-//! and no header of the HTTP client crates even at `trace`. Each test
+//! and no header of the HTTP client crates even at `trace`, even asked for
+//! by module. Each test
 //! drives the built binary.
 
 use crate::support;
@@ -256,10 +257,15 @@ async fn at_trace_level_the_http_client_crates_print_nothing_and_the_key_never_a
             "--llm-key-env",
             "LOG_LINES_LLM_KEY",
         ])
-        // Everything at trace but the compiler's own (millions of lines).
+        // Everything at trace but the compiler's own (millions of lines),
+        // the client crates' modules asked for by name too: a more specific
+        // directive does not lift the cap.
         .env(
             "RUST_LOG",
-            "trace,cranelift_codegen=off,cranelift_frontend=off,wasmtime_internal_cranelift=off",
+            "trace,cranelift_codegen=off,cranelift_frontend=off,wasmtime_internal_cranelift=off,\
+             hyper_util::client::legacy=trace,hyper_util::client=trace,hyper::proto=trace,\
+             hyper::proto::h1::io=trace,reqwest::connect=trace,reqwest::async_impl=trace,\
+             h2::codec=trace,tonic::transport=trace,tower::buffer=trace",
         )
         .env("LOG_LINES_LLM_KEY", KEY)
         .output()
