@@ -45,11 +45,13 @@ pub fn url(url: &str) -> String {
 /// `text` with every URL in it passed through [`url`]. A URL runs from
 /// `scheme://` to a blank, a quote, a bracket or a control character
 /// (braces belong to it, as in a `{agent_id}` template), except in its
-/// user information: an `@` before the first `/`, `?`, `#`, blank or
-/// control character after `scheme://` ends the user information whatever
-/// comes before it (RFC 3986 allows `( ) ' ! $ & * + , ; =` in a password,
-/// and people write other characters unescaped), and all of it is
-/// redacted. Borrowed when nothing needed redacting.
+/// user information: an `@` before the first `/`, `?`, `#`, blank, control
+/// character, `"`, `<` or `>` after `scheme://` ends the user information
+/// whatever comes before it (RFC 3986 allows `( ) ' ! $ & * + , ; =` in a
+/// password, and people write others unescaped), and all of it is
+/// redacted. A `"` (never part of a URL) ends the search so that a URL at
+/// the end of one JSON string is not joined to an `@` in a later one.
+/// Borrowed when nothing needed redacting.
 pub fn urls_in(text: &str) -> Cow<'_, str> {
     if !text.contains("://") {
         return Cow::Borrowed(text);
@@ -64,7 +66,7 @@ pub fn urls_in(text: &str) -> Cow<'_, str> {
         let after_scheme = found + 3;
         // The user information, if any, ends at the last `@` of the authority.
         let authority_end = rest[after_scheme..]
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c.is_control())
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '<' | '>') || c.is_whitespace() || c.is_control())
             .map_or(rest.len(), |i| after_scheme + i);
         let host_start = rest[after_scheme..authority_end]
             .rfind('@')
@@ -151,8 +153,16 @@ mod tests {
     #[test]
     fn a_password_with_any_characters_is_redacted_inside_a_text() {
         // RFC 3986 allows `( ) ' ! $ & * + , ; =` in the user information;
-        // `[ ] " \ |` are not allowed but are written anyway.
-        for password in ["s3cr(et)PW", "it's", "a!$&*+,;=b", "x[y]z", "q\"uo\\te|d", "p)", "(p"] {
+        // `[ ] \ | ^ { }` are not allowed but are written anyway.
+        for password in [
+            "s3cr(et)PW",
+            "it's",
+            "a!$&*+,;=b",
+            "x[y]z",
+            "b\\ck|sl^{a}sh",
+            "p)",
+            "(p",
+        ] {
             let text = format!("fetching (https://deploy:{password}@artifacts.example/a.wasm?x=1) failed");
             let redacted = urls_in(&text);
             assert_eq!(
@@ -171,6 +181,9 @@ mod tests {
             urls_in("\"https://u:p(w@h.test:8443\" then"),
             "\"https://***@h.test:8443\" then"
         );
+        // One JSON string's URL is not joined to a later string's `@`.
+        let json = r#"{"message":"plane http://h.test:1","spans":[{"agent.id":"team@x"}]}"#;
+        assert_eq!(urls_in(json), json);
     }
 
     #[test]
