@@ -4,7 +4,7 @@
 //! (`https://user:pass@host/`, or a token alone as the user: both become
 //! `https://***@host/`) and in query
 //! or fragment parameters named like one (`?token=`, `api_key=`, `sig=`,
-//! `X-Amz-Signature=`, `password=`). [`url`] redacts one URL; [`urls_in`]
+//! `X-Amz-Signature=`, `password=`, `pass=`, `jwt=`). [`url`] redacts one URL; [`urls_in`]
 //! every URL inside a longer text (an error chain, a log line), so that a
 //! message built by a library that quotes a URL is safe to print too.
 //! Whatever is redacted becomes `***`; the scheme, host, port and path stay,
@@ -18,16 +18,9 @@ pub const REDACTED: &str = "***";
 /// Parameter names (lower-cased, matched as parts of the name) whose values
 /// are secrets.
 const SECRET_PARAMETERS: &[&str] = &[
-    "token",
-    "key",
-    "secret",
-    "password",
-    "passwd",
-    "pwd",
-    "sig",
-    "auth",
-    "credential",
-    "session",
+    "token", "key", "secret", // password, passwd, passphrase
+    "pass", "pwd", "sig", "auth", "bearer", "jwt", // credential, creds
+    "cred", "session",
 ];
 
 /// `url` without its credentials: its user information (user and
@@ -49,10 +42,16 @@ pub fn url(url: &str) -> String {
     format!("{scheme}{authority}{}", redact_parameters(tail))
 }
 
-/// `text` with every URL in it (`scheme://...`, up to a blank, a quote, a
-/// bracket or a control character; braces belong to it, as in a
-/// `{agent_id}` template) passed through [`url`]. Borrowed when
-/// nothing needed redacting.
+/// `text` with every URL in it passed through [`url`]. A URL runs from
+/// `scheme://` to a blank, a quote, a bracket or a control character
+/// (braces belong to it, as in a `{agent_id}` template), except in its
+/// user information: an `@` before the first `/`, `?`, `#`, blank, control
+/// character, `"`, `<` or `>` after `scheme://` ends the user information
+/// whatever comes before it (RFC 3986 allows `( ) ' ! $ & * + , ; =` in a
+/// password, and people write others unescaped), and all of it is
+/// redacted. A `"` (never part of a URL) ends the search so that a URL at
+/// the end of one JSON string is not joined to an `@` in a later one.
+/// Borrowed when nothing needed redacting.
 pub fn urls_in(text: &str) -> Cow<'_, str> {
     if !text.contains("://") {
         return Cow::Borrowed(text);
@@ -64,9 +63,17 @@ pub fn urls_in(text: &str) -> Cow<'_, str> {
         let scheme_start = rest[..found]
             .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
             .map_or(0, |i| i + 1);
-        let end = rest[found + 3..]
+        let after_scheme = found + 3;
+        // The user information, if any, ends at the last `@` of the authority.
+        let authority_end = rest[after_scheme..]
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '<' | '>') || c.is_whitespace() || c.is_control())
+            .map_or(rest.len(), |i| after_scheme + i);
+        let host_start = rest[after_scheme..authority_end]
+            .rfind('@')
+            .map_or(after_scheme, |i| after_scheme + i + 1);
+        let end = rest[host_start..]
             .find(|c: char| c.is_whitespace() || c.is_control() || "\"'`<>()[]\\|^".contains(c))
-            .map_or(rest.len(), |i| found + 3 + i);
+            .map_or(rest.len(), |i| host_start + i);
         let original = &rest[scheme_start..end];
         let redacted = url(original);
         changed |= redacted != original;
@@ -137,6 +144,46 @@ mod tests {
             "https://h/p?access_token=***&page=2&API_KEY=***&X-Amz-Signature=***&sig=***#id_token=***"
         );
         assert_eq!(url("https://h/p?password=&q"), "https://h/p?password=&q");
+        assert_eq!(
+            url("https://h/p?pass=a&passphrase=b&jwt=c&bearer=d&creds=e&page=2"),
+            "https://h/p?pass=***&passphrase=***&jwt=***&bearer=***&creds=***&page=2"
+        );
+    }
+
+    #[test]
+    fn a_password_with_any_characters_is_redacted_inside_a_text() {
+        // RFC 3986 allows `( ) ' ! $ & * + , ; =` in the user information;
+        // `[ ] \ | ^ { }` are not allowed but are written anyway.
+        for password in [
+            "s3cr(et)PW",
+            "it's",
+            "a!$&*+,;=b",
+            "x[y]z",
+            "b\\ck|sl^{a}sh",
+            "p)",
+            "(p",
+        ] {
+            let text = format!("fetching (https://deploy:{password}@artifacts.example/a.wasm?x=1) failed");
+            let redacted = urls_in(&text);
+            assert_eq!(
+                redacted, "fetching (https://***@artifacts.example/a.wasm?x=1) failed",
+                "{password}"
+            );
+        }
+        // The user information ends before a path, a query or a blank: an
+        // `@` after them is not part of it.
+        assert_eq!(
+            urls_in("see http://h.test/p@q and a@b"),
+            "see http://h.test/p@q and a@b"
+        );
+        assert_eq!(urls_in("see (http://h.test) mail a@b"), "see (http://h.test) mail a@b");
+        assert_eq!(
+            urls_in("\"https://u:p(w@h.test:8443\" then"),
+            "\"https://***@h.test:8443\" then"
+        );
+        // One JSON string's URL is not joined to a later string's `@`.
+        let json = r#"{"message":"plane http://h.test:1","spans":[{"agent.id":"team@x"}]}"#;
+        assert_eq!(urls_in(json), json);
     }
 
     #[test]

@@ -160,6 +160,15 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
     }
     let unready = unready.expect("readiness names the outbox once a write fails on the full disk");
     assert!(unready.1.contains("No space left on device"), "{unready:?}");
+    // Scraped again and again: no made-up count of reports (an unreadable
+    // outbox is said to be so), and the log is not flooded (checked below).
+    for _ in 0..5 {
+        let (_, body) = get(&http, &readyz).await.unwrap();
+        assert!(!body.contains("18446744073709551615"), "{body}");
+        assert!(!body.contains("reports, at its bound"), "{body}");
+        let _ = get(&http, &metrics).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
     let (_, text) = get(&http, &metrics).await.unwrap();
     assert!(text.contains("outbox_writable 0\n"), "{text}");
     assert!(!text.contains("outbox_write_failures_total 0\n"), "{text}");
@@ -229,6 +238,10 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
         "the fault is logged once per episode:\n{stderr}"
     );
     assert!(stderr.contains("the outbox records again"), "{stderr}");
+    assert!(
+        stderr.matches("cannot read the outbox's backlog").count() <= 1,
+        "an unreadable backlog is logged once per episode, not per scrape:\n{stderr}"
+    );
     assert!(!stderr.contains("running it anyway"), "{stderr}");
     plane.shutdown().await;
 }

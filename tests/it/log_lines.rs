@@ -1,7 +1,8 @@
 //! What the node prints is safe to print: one line per log event whatever
 //! the ids a control plane sends hold, a Fail message on one line, no
 //! credential of a URL in any log line, error or `config check` output,
-//! and no header of the HTTP client crates even at `trace`. Each test
+//! and no header of the HTTP client crates even at `trace`, even asked for
+//! by module. Each test
 //! drives the built binary.
 
 use crate::support;
@@ -132,6 +133,16 @@ fn credentials_in_urls_appear_in_neither_config_check_nor_its_errors() {
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("https://***@127.0.0.1:9/?access_token=***"), "{text}");
+    // Characters RFC 3986 allows in a password, and secrets under other
+    // parameter names.
+    let (code, text) = check(&[(
+        "AgentStore__HttpUrlTemplate",
+        "https://deploy:hunter2(pw)'!*;@127.0.0.1:9/{agent_id}/{version}.wasm\
+         ?pass=hunter2-pass&jwt=hunter2-jwt&bearer=hunter2-bearer&passphrase=hunter2-phrase",
+    )]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!text.contains("(pw)"), "{text}");
 
     // A value refused is quoted in the error, redacted.
     let (code, text) = check(&[("NodeRuntime__ControlPlaneUrl", "ftp://node:hunter2-bad@127.0.0.1/")]);
@@ -141,6 +152,42 @@ fn credentials_in_urls_appear_in_neither_config_check_nor_its_errors() {
         "{text}"
     );
     assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_message_quoting_an_agent_url_carries_no_password_whatever_its_characters() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let template = format!(
+        "http://deploy:hunter2(et)PW@127.0.0.1:{closed}/agents/{{agent_id}}/{{version}}.wasm\
+         ?pass=hunter2-pass&jwt=hunter2-jwt"
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (url, recorded) = scripted::serve(vec![scripted::lease("lease-url", "fetched", now_ms + 60_000)]).await;
+    let stderr = serve_until(
+        &[
+            ("NodeRuntime__ControlPlaneUrl", &url),
+            ("AgentStore__Sources", "http"),
+            ("AgentStore__HttpUrlTemplate", &template),
+        ],
+        |_| !recorded.lock().unwrap().fails.is_empty(),
+    )
+    .await;
+    let recorded = recorded.lock().unwrap();
+    assert_eq!(recorded.fails.len(), 1, "{stderr}");
+    let message = &recorded.fails[0].error_message;
+    assert!(
+        message.contains(&format!("***@127.0.0.1:{closed}")),
+        "the URL is named: {message}"
+    );
+    assert!(!message.contains("hunter2") && !message.contains("(et)"), "{message}");
+    assert!(stderr.contains(&format!("127.0.0.1:{closed}")), "{stderr}");
+    assert!(!stderr.contains("hunter2") && !stderr.contains("(et)"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,10 +257,15 @@ async fn at_trace_level_the_http_client_crates_print_nothing_and_the_key_never_a
             "--llm-key-env",
             "LOG_LINES_LLM_KEY",
         ])
-        // Everything at trace but the compiler's own (millions of lines).
+        // Everything at trace but the compiler's own (millions of lines),
+        // the client crates' modules asked for by name too: a more specific
+        // directive does not lift the cap.
         .env(
             "RUST_LOG",
-            "trace,cranelift_codegen=off,cranelift_frontend=off,wasmtime_internal_cranelift=off",
+            "trace,cranelift_codegen=off,cranelift_frontend=off,wasmtime_internal_cranelift=off,\
+             hyper_util::client::legacy=trace,hyper_util::client=trace,hyper::proto=trace,\
+             hyper::proto::h1::io=trace,reqwest::connect=trace,reqwest::async_impl=trace,\
+             h2::codec=trace,tonic::transport=trace,tower::buffer=trace",
         )
         .env("LOG_LINES_LLM_KEY", KEY)
         .output()

@@ -800,3 +800,53 @@ fn config_check_refuses_a_granted_directory_that_does_not_exist_naming_the_key()
         assert!(stderr.contains(expected), "{expected:?} in {stderr}");
     }
 }
+
+#[test]
+fn config_check_refuses_a_grant_on_the_node_s_own_directories_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("compiled")).unwrap();
+    std::fs::create_dir(dir.path().join("agents")).unwrap();
+    std::fs::create_dir(dir.path().join("shared")).unwrap();
+    let file = dir.path().join("appsettings.json");
+    let check = |host_path: &str, read_only: bool| {
+        let json = format!(
+            r#"{{"NodeRuntime": {{"DataDirectory": "data", "AgentsDirectory": "agents"}},
+                "Sandbox": {{"Grants": {{"echo": {{"Directories": [
+                    {{"HostPath": "{host_path}", "GuestPath": "/cache", "ReadOnly": {read_only}}}
+                ]}}}}}}}}"#
+        );
+        std::fs::write(&file, json).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .args(["config", "check", "--config"])
+            .arg(&file)
+            .output()
+            .expect("the node-runtime binary runs")
+    };
+    // The compiled cache, where the node trusts `.cwasm` files by name.
+    for (host_path, read_only, node_key) in [
+        ("data/compiled", false, "NodeRuntime.DataDirectory"),
+        ("data", true, "NodeRuntime.DataDirectory"),
+        ("agents", false, "NodeRuntime.AgentsDirectory"),
+    ] {
+        let output = check(host_path, read_only);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{host_path}: {stderr}");
+        for expected in [
+            "Sandbox.Grants.echo.Directories.0.HostPath",
+            &dir.path().join(host_path).display().to_string(),
+            node_key,
+            &file.display().to_string(),
+            "Grant a directory that neither contains nor lies inside",
+        ] {
+            assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+        }
+    }
+    let output = check("shared", false);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a directory beside them is granted: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

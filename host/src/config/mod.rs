@@ -49,6 +49,8 @@ pub use support::Secret;
 
 pub use crate::telemetry::OtlpProtocol;
 
+use crate::sandbox::grants::NodePath;
+
 /// Everything the node is configured with. Build it with
 /// [`NodeConfig::load`]; `Default` is the reference's defaults.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -158,7 +160,12 @@ impl NodeConfig {
             .collect();
         let open_telemetry = sections::open_telemetry::bind(&mut reader, &mut root)?;
         let logging = sections::logging::bind(&mut reader, &mut root)?;
-        let sandbox = sections::sandbox::bind(&mut reader, &mut root, &key_variables)?;
+        let sandbox = sections::sandbox::bind(
+            &mut reader,
+            &mut root,
+            &key_variables,
+            &node_paths(&node_runtime, &mtls, &sources),
+        )?;
         let agent_store = sections::agent_store::bind(&mut reader, &mut root)?;
         let config = NodeConfig {
             node_runtime,
@@ -221,6 +228,33 @@ impl NodeConfig {
     pub fn redacted_json(&self) -> String {
         effective::redacted_json(self)
     }
+}
+
+/// What the node writes or trusts, which no agent's grant may overlap:
+/// its data directory (the outbox, downloaded and compiled components),
+/// its agents, its certificate and keys, its configuration files.
+fn node_paths(node_runtime: &NodeRuntimeSection, mtls: &MTlsSection, sources: &ConfigSources) -> Vec<NodePath> {
+    let setting = |key: &str, path: &Path| NodePath {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+    };
+    let mut paths = vec![
+        setting("NodeRuntime.DataDirectory", &node_runtime.data_directory),
+        setting("NodeRuntime.AgentsDirectory", &node_runtime.agents_directory),
+    ];
+    for (key, path) in [
+        ("MTls.ClientCertificatePath", &mtls.client_certificate_path),
+        ("MTls.ClientKeyPath", &mtls.client_key_path),
+        ("MTls.ServerCaCertificatePath", &mtls.server_ca_certificate_path),
+    ] {
+        if let Some(path) = path {
+            paths.push(setting(key, path));
+        }
+    }
+    for file in &sources.files {
+        paths.push(setting("the configuration file", file));
+    }
+    paths
 }
 
 /// The process environment for [`NodeConfig::load`]. Unlike

@@ -837,6 +837,68 @@ fn the_registry_password_is_read_from_the_environment_and_never_printed() {
 }
 
 #[test]
+fn no_grant_overlaps_the_node_s_own_directories_or_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node");
+    for sub in ["data/compiled", "agents", "tls", "shared"] {
+        std::fs::create_dir_all(node.join(sub)).unwrap();
+    }
+    std::fs::write(node.join("tls/ca.pem"), "ca").unwrap();
+    let config_file = dir.path().join("appsettings.json");
+    let load = |host_path: &std::path::Path, read_only: bool| {
+        let json = serde_json::json!({
+            "NodeRuntime": {"DataDirectory": "node/data", "AgentsDirectory": "node/agents"},
+            "MTls": {"ServerCaCertificatePath": "node/tls/ca.pem"},
+            "Sandbox": {"Grants": {"echo": {"Directories": [
+                {"HostPath": host_path, "GuestPath": "/d", "ReadOnly": read_only}
+            ]}}}
+        });
+        std::fs::write(&config_file, json.to_string()).unwrap();
+        // Relative paths resolve against the file's directory.
+        NodeConfig::load(&config_file, no_env())
+    };
+    for read_only in [true, false] {
+        for (granted, node_key) in [
+            (node.join("data"), "NodeRuntime.DataDirectory"),
+            (node.join("data/compiled"), "NodeRuntime.DataDirectory"),
+            (node.clone(), "NodeRuntime.DataDirectory"),
+            (node.join("agents"), "NodeRuntime.AgentsDirectory"),
+            (node.join("tls"), "MTls.ServerCaCertificatePath"),
+            (dir.path().to_path_buf(), "NodeRuntime.DataDirectory"),
+        ] {
+            let message = load(&granted, read_only).unwrap_err().to_string();
+            for part in [
+                "Sandbox.Grants.echo.Directories.0.HostPath",
+                &granted.display().to_string(),
+                node_key,
+                "the node's own",
+                "Grant a directory that neither contains nor lies inside",
+            ] {
+                assert!(message.contains(part), "{part} not in: {message}");
+            }
+        }
+        // Beside them, the grant stands.
+        let config = load(&node.join("shared"), read_only).unwrap();
+        assert_eq!(
+            config.sandbox.grants["echo"].directories[0].host_path,
+            node.join("shared")
+        );
+    }
+    // The configuration file's own directory.
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let json = serde_json::json!({
+        "NodeRuntime": {"DataDirectory": node.join("data"), "AgentsDirectory": node.join("agents")},
+        "Sandbox": {"Grants": {"echo": {"Directories": [{"HostPath": etc, "GuestPath": "/d"}]}}}
+    });
+    std::fs::write(etc.join("appsettings.json"), json.to_string()).unwrap();
+    let message = NodeConfig::load(&etc.join("appsettings.json"), no_env())
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("the configuration file"), "{message}");
+}
+
+#[test]
 fn a_bad_grant_names_its_key_its_value_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("file"), "x").unwrap();

@@ -387,6 +387,115 @@ pub fn check_separation(grants: &BTreeMap<String, Grants>) -> Result<(), Box<Ove
     Ok(())
 }
 
+/// A path the node itself writes or trusts (its data directory, its
+/// agents, its certificates, its configuration), and the setting that names
+/// it: no agent may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePath {
+    /// `NodeRuntime.DataDirectory`, or a description: `the configuration file`.
+    pub key: String,
+    /// A directory (everything under it counts) or a file.
+    pub path: PathBuf,
+}
+
+/// A directory grant that would let its agent see or change the node's own files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOnNodePath {
+    pub agent_id: String,
+    /// The position of the refused grant in its agent's list.
+    pub index: usize,
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub read_only: bool,
+    pub node_key: String,
+    pub node_path: PathBuf,
+    /// The grant lies inside the node's path; else it is, or contains, the
+    /// node's path (or, read-write, a directory on the way to it).
+    pub inside: bool,
+}
+
+impl GrantOnNodePath {
+    /// How the grant stands to the node's path, in a few words.
+    pub fn relation(&self) -> &'static str {
+        if self.inside {
+            "inside"
+        } else {
+            "the same as or containing"
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.read_only { "read-only" } else { "read-write" }
+    }
+}
+
+impl std::error::Error for GrantOnNodePath {}
+
+impl fmt::Display for GrantOnNodePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "directory grant {} (agent `{}`, guest path {}, {}) is {} {} {}, which is the \
+             node's own: an agent that sees it could read other runs' inputs and results, or \
+             change the code the node runs (compiled components are trusted by name), its \
+             certificates or its settings. Grant a directory that neither contains nor lies \
+             inside {}, or move {} elsewhere",
+            self.host_path.display(),
+            self.agent_id,
+            self.guest_path,
+            self.mode(),
+            self.relation(),
+            self.node_key,
+            self.node_path.display(),
+            self.node_path.display(),
+            self.node_key,
+        )
+    }
+}
+
+/// Checks that no directory grant, read-only or read-write, overlaps a path
+/// of the node's own (`node_paths`): a grant may not be, contain or lie
+/// inside one, and a read-write grant may not hold a directory on the way to
+/// one (the agent could swap it for a symlink). Paths are resolved as in
+/// [`check_separation`], every symlink followed.
+pub fn check_node_paths(
+    grants: &BTreeMap<String, Grants>,
+    node_paths: &[NodePath],
+) -> Result<(), Box<GrantOnNodePath>> {
+    let node_trails: Vec<(&NodePath, Vec<PathBuf>)> = node_paths
+        .iter()
+        .map(|node| (node, resolution_trail(&node.path)))
+        .collect();
+    for (agent_id, agent_grants) in grants {
+        for (index, grant) in agent_grants.directories.iter().enumerate() {
+            let trail = resolution_trail(&grant.host_path);
+            let granted = trail.last().expect("a trail is never empty");
+            for (node, node_trail) in &node_trails {
+                let node_end = node_trail.last().expect("a trail is never empty");
+                let inside = granted.starts_with(node_end);
+                let covers = if grant.read_only {
+                    node_end.starts_with(granted)
+                } else {
+                    node_trail.iter().any(|p| p.starts_with(granted))
+                };
+                if inside || covers {
+                    return Err(Box::new(GrantOnNodePath {
+                        agent_id: agent_id.clone(),
+                        index,
+                        host_path: grant.host_path.clone(),
+                        guest_path: grant.guest_path.clone(),
+                        read_only: grant.read_only,
+                        node_key: node.key.clone(),
+                        node_path: node.path.clone(),
+                        inside: inside && !covers,
+                    }));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every directory the resolution of `path` visits, in order, each without
 /// symlinks; the last is where the path leads. Symlinks are followed as the
 /// kernel would (at most 40); a part that cannot be read ends the walk
@@ -617,6 +726,69 @@ mod tests {
             AgentGrants::default().to_string(),
             "directories: none; environment: none; outbound HTTP: none; sockets: none"
         );
+    }
+
+    #[test]
+    fn no_grant_may_see_a_path_of_the_node_s_own() {
+        let root = tempfile::tempdir().unwrap();
+        let node = root.path().join("node");
+        let data = node.join("data");
+        let key = root.path().join("tls").join("client.key");
+        let beside = root.path().join("beside");
+        for dir in [&data, &beside, &key.parent().unwrap().to_path_buf()] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(&key, "key").unwrap();
+        let node_paths = [
+            NodePath {
+                key: "NodeRuntime.DataDirectory".to_string(),
+                path: data.clone(),
+            },
+            NodePath {
+                key: "MTls.ClientKeyPath".to_string(),
+                path: key.clone(),
+            },
+        ];
+        let compiled = data.join("compiled");
+        std::fs::create_dir(&compiled).unwrap();
+        // A symlink elsewhere that leads into the data directory.
+        let link = beside.join("link");
+        std::os::unix::fs::symlink(&compiled, &link).unwrap();
+        for read_only in [true, false] {
+            for (granted, key_name, inside) in [
+                (&data, "NodeRuntime.DataDirectory", false),
+                (&node, "NodeRuntime.DataDirectory", false),
+                (&compiled, "NodeRuntime.DataDirectory", true),
+                (&link, "NodeRuntime.DataDirectory", true),
+                (&key.parent().unwrap().to_path_buf(), "MTls.ClientKeyPath", false),
+            ] {
+                let error = check_node_paths(&agents(&[("a", granted, read_only)]), &node_paths).unwrap_err();
+                assert_eq!(
+                    (error.node_key.as_str(), error.inside, error.host_path.as_path()),
+                    (key_name, inside, granted.as_path()),
+                    "{error}"
+                );
+                let message = error.to_string();
+                for part in [
+                    &granted.display().to_string(),
+                    key_name,
+                    "Grant a directory that neither",
+                ] {
+                    assert!(message.contains(part), "{part} not in {message}");
+                }
+            }
+            // Side by side is fine.
+            check_node_paths(&agents(&[("a", &beside, read_only)]), &node_paths).unwrap();
+        }
+        // The data directory reached through a symlink in a writable grant:
+        // the agent could point it elsewhere.
+        let through = NodePath {
+            key: "NodeRuntime.DataDirectory".to_string(),
+            path: link.clone(),
+        };
+        let error = check_node_paths(&agents(&[("a", &beside, false)]), std::slice::from_ref(&through)).unwrap_err();
+        assert!(!error.inside, "{error}");
+        check_node_paths(&agents(&[("a", &beside, true)]), &[through]).unwrap();
     }
 
     fn agents(list: &[(&str, &Path, bool)]) -> BTreeMap<String, Grants> {

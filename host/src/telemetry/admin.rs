@@ -34,8 +34,9 @@ pub struct Readiness {
     pub lease_stream_connected: bool,
     /// The last heartbeat was answered.
     pub heartbeat_answered: bool,
-    /// Reports in the outbox, and the bound past which the oldest are dropped.
-    pub outbox_depth: u64,
+    /// Reports in the outbox, and the bound past which the oldest are
+    /// dropped. `None`: the outbox cannot be read (see `outbox_fault`).
+    pub outbox_depth: Option<u64>,
     pub outbox_bound: u64,
     /// The node is stopping (draining): no longer ready for new work.
     pub draining: bool,
@@ -65,11 +66,18 @@ impl Readiness {
                 "the outbox cannot record ({fault}); no leases are taken until it can"
             ));
         }
-        if self.outbox_depth >= self.outbox_bound {
-            problems.push(format!(
-                "the outbox holds {} reports, at its bound of {}",
-                self.outbox_depth, self.outbox_bound
-            ));
+        match self.outbox_depth {
+            // A node that cannot read its outbox should not take more work.
+            None => problems.push(
+                "the outbox cannot be read (the node's log says why: look for \"cannot read \
+                 the outbox's backlog\"; check the disk under NodeRuntime.DataDirectory)"
+                    .to_string(),
+            ),
+            Some(depth) if depth >= self.outbox_bound => problems.push(format!(
+                "the outbox holds {depth} reports, at its bound of {}",
+                self.outbox_bound
+            )),
+            Some(_) => {}
         }
         problems
     }
@@ -204,7 +212,7 @@ mod tests {
             registered: true,
             lease_stream_connected: true,
             heartbeat_answered: true,
-            outbox_depth: 3,
+            outbox_depth: Some(3),
             outbox_bound: 100,
             draining: false,
             outbox_fault: None,
@@ -212,9 +220,9 @@ mod tests {
         assert!(ready.problems().is_empty());
         let unready = Readiness {
             heartbeat_answered: false,
-            outbox_depth: 100,
+            outbox_depth: Some(100),
             outbox_fault: Some("No space left on device".to_string()),
-            ..ready
+            ..ready.clone()
         };
         let problems = unready.problems().join("; ");
         assert!(
@@ -223,5 +231,13 @@ mod tests {
                 && problems.contains("outbox cannot record (No space left on device)"),
             "{problems}"
         );
+        // Unreadable: said so, with no made-up count.
+        let unreadable = Readiness {
+            outbox_depth: None,
+            ..ready
+        };
+        let problems = unreadable.problems().join("; ");
+        assert!(problems.contains("the outbox cannot be read"), "{problems}");
+        assert!(!problems.contains("holds"), "{problems}");
     }
 }

@@ -7,10 +7,12 @@
 //! are escaped (a newline in a lease id cannot forge a second line, an
 //! escape sequence cannot rewrite the terminal; the JSON format escapes
 //! its own strings), and in both credentials in any URL are redacted
-//! (`support::redact`). The formatters' own colours are kept. [`cap_libraries`]
-//! keeps the HTTP, gRPC and OCI client crates at `info` whatever the
-//! filter asks, as at `debug` and `trace` they print request headers
-//! (bearer tokens among them).
+//! (`support::redact`). The formatters' own colours are kept. [`capped`]
+//! keeps the HTTP, gRPC and OCI client crates at `info` and above whatever
+//! the filter asks, as at `debug` and `trace` they print request headers
+//! (bearer tokens among them). It is a filter of its own after the
+//! operator's, not directives added to it: `RUST_LOG` directives for a
+//! module (`hyper_util::client::legacy=trace`) would win over a crate's.
 
 use std::io::{self, Write};
 
@@ -31,17 +33,17 @@ const HEADER_PRINTING_CRATES: &[&str] = &[
     "wasmtime_wasi_http",
 ];
 
-/// `filter` with every header-printing crate capped at `info`.
-pub fn cap_libraries(filter: &str) -> String {
-    let mut capped = filter.trim().trim_end_matches(',').to_string();
-    for target in HEADER_PRINTING_CRATES {
-        if !capped.is_empty() {
-            capped.push(',');
-        }
-        capped.push_str(target);
-        capped.push_str("=info");
-    }
-    capped
+/// Whether an event or span passes the cap: below `info` (debug, trace),
+/// nothing of a header-printing crate's targets (the crate's, or any of
+/// its modules') does.
+pub fn capped(metadata: &tracing::Metadata<'_>) -> bool {
+    *metadata.level() <= tracing::Level::INFO || !of_crates(metadata.target(), HEADER_PRINTING_CRATES)
+}
+
+/// Whether `target` (`hyper_util::client::legacy::pool`) belongs to one of `crates`.
+pub fn of_crates(target: &str, crates: &[&str]) -> bool {
+    let root = target.split("::").next().unwrap_or(target);
+    crates.contains(&root)
 }
 
 /// stderr for a `tracing` fmt layer, which writes each event in one call.
@@ -112,18 +114,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_header_printing_crate_is_capped_after_what_the_operator_asked() {
-        assert_eq!(
-            cap_libraries("trace,"),
-            format!(
-                "trace,{}",
-                HEADER_PRINTING_CRATES
-                    .iter()
-                    .map(|c| format!("{c}=info"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        );
-        assert!(cap_libraries("").starts_with("h2=info,"));
+    fn the_client_crates_and_their_modules_stay_at_info_and_above() {
+        use tracing::Level;
+        use tracing::callsite::Identifier;
+        use tracing::field::FieldSet;
+        use tracing::metadata::Kind;
+
+        struct Site;
+        impl tracing::callsite::Callsite for Site {
+            fn set_interest(&self, _: tracing::subscriber::Interest) {}
+            fn metadata(&self) -> &tracing::Metadata<'_> {
+                unreachable!()
+            }
+        }
+        static SITE: Site = Site;
+        let passes = |target: &'static str, level: Level| {
+            let metadata = tracing::Metadata::new(
+                "event",
+                target,
+                level,
+                None,
+                None,
+                None,
+                FieldSet::new(&[], Identifier(&SITE)),
+                Kind::EVENT,
+            );
+            capped(&metadata)
+        };
+        for target in [
+            "hyper_util::client::legacy",
+            "hyper",
+            "h2::codec::framed_write",
+            "tonic::transport",
+            "reqwest::connect",
+        ] {
+            assert!(!passes(target, Level::TRACE), "{target}");
+            assert!(!passes(target, Level::DEBUG), "{target}");
+            assert!(passes(target, Level::INFO), "{target}");
+            assert!(passes(target, Level::WARN), "{target}");
+        }
+        // Not a client crate, though the name starts alike.
+        assert!(passes("hyperloop::x", Level::TRACE));
+        assert!(passes("node_runtime::worker", Level::TRACE));
     }
 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, filter_fn};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -101,9 +101,6 @@ impl Telemetry {
                 source,
             })
         };
-        // Checked as written, so an error quotes what the operator wrote.
-        env_filter(&filter)?;
-        let filter = log_line::cap_libraries(&filter);
         let stderr_filter = env_filter(&filter)?;
         let (providers, meter_reader) = match &settings.otlp {
             Some(otlp) => otlp::Providers::build(otlp, &settings.resource)?,
@@ -127,7 +124,7 @@ impl Telemetry {
                 // Colours for a terminal; plain text for journald and files.
                 .with_ansi(colours)
                 .with_span_events(span_events)
-                .with_filter(stderr_filter)
+                .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
                 .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()
@@ -135,7 +132,7 @@ impl Telemetry {
                 .with_current_span(false)
                 .with_span_list(true)
                 .with_writer(log_line::SafeStderr::json())
-                .with_filter(stderr_filter)
+                .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
                 .boxed(),
         };
         layers.push(stderr);
@@ -153,10 +150,9 @@ impl Telemetry {
         }
         if let Some(logger) = &providers.logger {
             // As on stderr, but never the transport crates: exporting a log
-            // record must not log (and so export) again.
-            let quiet = format!(
-                "{filter},h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off"
-            );
+            // record must not log (and so export) again. A filter of its
+            // own, as a module's directive in RUST_LOG would win over `=off`.
+            let quiet = filter_fn(|metadata| !log_line::of_crates(metadata.target(), EXPORTER_CRATES));
             layers.push(
                 opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::builder(logger)
                     .with_tracing_span_attributes(
@@ -165,7 +161,7 @@ impl Telemetry {
                         ),
                     )
                     .build()
-                    .with_filter(env_filter(&quiet)?)
+                    .with_filter(env_filter(&filter)?.and(filter_fn(log_line::capped)).and(quiet))
                     .boxed(),
             );
         }
@@ -221,14 +217,31 @@ pub fn init_plain_logging(default: &str) {
         .ok()
         .filter(|asked| EnvFilter::from_str(asked).is_ok())
         .unwrap_or_else(|| default.to_string());
-    let filter = EnvFilter::from_str(&log_line::cap_libraries(&asked)).unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::from_str(&asked).unwrap_or_else(|_| EnvFilter::new(default));
     let colours = std::io::stderr().is_terminal();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colours)
-        .with_writer(log_line::SafeStderr::human(colours))
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(colours)
+                .with_writer(log_line::SafeStderr::human(colours))
+                .with_filter(filter.and(filter_fn(log_line::capped))),
+        )
         .try_init();
 }
+
+/// The crates whose events the OTLP log bridge never exports, at any
+/// level: the exporter's transport and the exporter itself.
+const EXPORTER_CRATES: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "reqwest",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+];
 
 /// The span fields that tie a log line to a run; OTLP log records copy
 /// them from the enclosing span.

@@ -176,6 +176,8 @@ struct Readings {
     shutdown: Shutdown,
     /// The outbox's depth and oldest age, read at most once a second.
     backlog: Mutex<Option<(std::time::Instant, OutboxBacklog)>>,
+    /// The last read of the backlog failed (its warning is logged once).
+    backlog_unreadable: AtomicBool,
 }
 
 impl Readings {
@@ -199,10 +201,21 @@ impl Readings {
         let (depth, oldest) = match self.outbox.backlog() {
             Ok(backlog) => backlog,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot read the outbox's backlog for the metrics");
+                // Once per episode: `/readyz` and `/metrics` ask at every scrape.
+                if !self.backlog_unreadable.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        error = %err,
+                        "cannot read the outbox's backlog: /readyz reports the node unready and \
+                         /metrics leaves out the outbox's gauges until it can; check the disk \
+                         under NodeRuntime.DataDirectory"
+                    );
+                }
                 return None;
             }
         };
+        if self.backlog_unreadable.swap(false, Ordering::SeqCst) {
+            tracing::info!(depth, "the outbox's backlog can be read again");
+        }
         let oldest_age = oldest.map_or(Duration::ZERO, |written| {
             Duration::from_millis(u64::try_from(outbox::now_unix_ms() - written).unwrap_or(0))
         });
@@ -251,9 +264,8 @@ impl ReadinessProbe for Readings {
             registered: *self.registered.borrow(),
             lease_stream_connected: self.stats.lease_stream_connected.load(Ordering::SeqCst),
             heartbeat_answered: self.stats.heartbeat_answered.load(Ordering::SeqCst),
-            // Unreadable counts as full: a node that cannot keep its
-            // promises durably should not take more work.
-            outbox_depth: self.backlog().map_or(u64::MAX, |backlog| backlog.depth),
+            // Unreadable: not ready, said as such.
+            outbox_depth: self.backlog().map(|backlog| backlog.depth),
             outbox_bound: self.outbox.limits().max_reports as u64,
             draining: self.shutdown.is_stopping(),
             outbox_fault: self.outbox.fault().map(|fault| {
@@ -441,6 +453,7 @@ impl NodeBuilder {
             outbox,
             shutdown: shutdown.clone(),
             backlog: Mutex::new(None),
+            backlog_unreadable: AtomicBool::new(false),
         });
         tokio::spawn(tls.warn_before_expiry(shutdown.stop_token()));
         let observer: Arc<dyn NodeObserver> = readings.clone();

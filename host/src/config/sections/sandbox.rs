@@ -11,7 +11,9 @@ use crate::config::effective::path;
 use crate::config::error::ConfigError;
 use crate::config::reader::{PathKind, Reader, Section, names};
 use crate::config::tree::{self, Kind, Node, Origin, Scalar};
-use crate::sandbox::grants::{DirectoryGrant, Grants, check_environment_name, check_guest_path, check_separation};
+use crate::sandbox::grants::{
+    DirectoryGrant, Grants, NodePath, check_environment_name, check_guest_path, check_node_paths, check_separation,
+};
 use crate::sandbox::{AllocatorChoice, CompileLimits, Execution, NodeLimits};
 
 /// `Sandbox` (this node): the ceilings of every run. Token and duration
@@ -74,16 +76,18 @@ impl Default for SandboxSection {
 }
 
 /// `Sandbox`. `key_variables` are the variables that hold a key of the
-/// node's (the LLM's), which no grant may pass to an agent.
+/// node's (the LLM's), which no grant may pass to an agent; `node_paths`
+/// the node's own directories and files, which no grant may overlap.
 pub(in crate::config) fn bind(
     reader: &mut Reader<'_>,
     root: &mut Section,
     key_variables: &[String],
+    node_paths: &[NodePath],
 ) -> Result<SandboxSection, ConfigError> {
     let defaults = SandboxSection::default();
     let mut s = reader.section(root, "Sandbox")?;
     let allowed_hosts = allowed_hosts(reader, &mut s)?;
-    let grants = grants(reader, &mut s, key_variables)?;
+    let grants = grants(reader, &mut s, key_variables, node_paths)?;
     let size_expected =
         |example: &str| format!("a size in bytes of at least 1: a number, or with a unit such as {example}");
     let sandbox = SandboxSection {
@@ -243,6 +247,7 @@ fn grants(
     reader: &mut Reader<'_>,
     parent: &mut Section,
     key_variables: &[String],
+    node_paths: &[NodePath],
 ) -> Result<BTreeMap<String, Grants>, ConfigError> {
     let mut s = reader.section(parent, "Grants")?;
     let agents: Vec<String> = s.entries.names();
@@ -311,6 +316,18 @@ fn grants(
             overlap.relation(),
             overlap.writer_host_path.display().to_string(),
             overlap.writer_agent_id,
+        );
+        return Err(reader.invalid(key, found, &origin, overlap.to_string()));
+    }
+    if let Err(overlap) = check_node_paths(&grants, node_paths) {
+        let key = format!("{}.Directories.{}.HostPath", s.key(&overlap.agent_id), overlap.index);
+        let origin = origins.remove(&overlap.agent_id).unwrap_or(Origin::Unset);
+        let found = format!(
+            "{:?}, {} {} {:?}",
+            overlap.host_path.display().to_string(),
+            overlap.relation(),
+            overlap.node_key,
+            overlap.node_path.display().to_string(),
         );
         return Err(reader.invalid(key, found, &origin, overlap.to_string()));
     }
