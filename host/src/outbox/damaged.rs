@@ -26,16 +26,13 @@ pub(super) enum OpenFailure {
 /// file from other failures. A panic inside redb is caught, and its
 /// message kept off stderr: it becomes the reason.
 pub(super) fn open_database(path: &Path, create: bool) -> Result<Database, OpenFailure> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| {
+    let opened = quietly(|| {
         if create {
             Database::create(path)
         } else {
             Database::open(path)
         }
     });
-    std::panic::set_hook(hook);
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(OpenFailure::Locked),
@@ -50,6 +47,33 @@ pub(super) fn open_database(path: &Path, create: bool) -> Result<Database, OpenF
             Err(OpenFailure::Damaged(format!("redb cannot read it: {message}")))
         }
     }
+}
+
+thread_local! {
+    /// Whether a panic on this thread is being caught as a reason, not a
+    /// crash, and so stays off stderr.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, with the panic's message kept off stderr
+/// for this thread only. The process's panic hook is wrapped once, never
+/// swapped per call: swapping it would silence every other thread's
+/// panics meanwhile, and two swaps racing could leave the silent hook in
+/// place for good.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|quiet| quiet.set(true));
+    let result = std::panic::catch_unwind(f);
+    QUIET.with(|quiet| quiet.set(false));
+    result
 }
 
 fn is_damage(err: &redb::DatabaseError) -> bool {
