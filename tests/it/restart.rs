@@ -333,7 +333,26 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || runs(&http, &url)).await;
     let agents = agents_layout();
-    let mut node = spawn_node_process(&url, agents.path(), node_data.path());
+    let admin = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    // Not the shared spawner: this life also serves /metrics, to see when
+    // every outcome is in the outbox.
+    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "killed-node")
+        .env("NodeRuntime__ControlPlaneUrl", &url)
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", node_data.path())
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("NodeRuntime__MaxConcurrentLeases", "6")
+        .env("NodeRuntime__Capacity__Slots", "6")
+        .env("NodeRuntime__AdminListen", &admin)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node-runtime serve starts");
 
     // Each run takes three seconds (sleep-forever, cut by its duration
     // budget), long enough to kill the plane while they run.
@@ -356,9 +375,22 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     })
     .await;
     plane.kill().await.unwrap();
-    // The runs end while the plane is down; their outcomes go to the outbox.
+    // The runs end while the plane is down; their outcomes go to the outbox
+    // (seen through /metrics: on a busy machine a fixed wait was too short).
     let outbox_file = node_data.path().join("outbox.redb");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let depth = format!("outbox_depth {}\n", ids.len());
+    eventually_async(Duration::from_secs(60), "every outcome in the outbox", || async {
+        let text = http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains(&depth).then_some(())
+    })
+    .await;
     node.kill().await.unwrap(); // SIGKILL
     {
         let outbox = Outbox::open(node_data.path()).expect("the killed node released the file");
