@@ -170,7 +170,8 @@ impl Dispatcher {
         }
         .instrument(span.clone())
         .await;
-        drop(permit);
+        // The slot is given back once the report is stored (below), not
+        // when the run ends.
         self.stats.run_ended();
         span.record("run.fuel_consumed", run_report.fuel_consumed);
         span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
@@ -211,6 +212,7 @@ impl Dispatcher {
         self.reporter
             .deliver(report, accepted.lease.deadline_unix_ms, Some(&span))
             .await;
+        drop(permit);
     }
 }
 

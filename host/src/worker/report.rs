@@ -131,7 +131,8 @@ impl Reporter {
     }
 
     /// Stores `report` in the outbox (synced), then sends it in the
-    /// background, retrying until answered. `deadline_unix_ms` is its lease's;
+    /// background, retrying until answered; returns once it is stored (or
+    /// the outbox could not store it). `deadline_unix_ms` is its lease's;
     /// `lease_span`, when given, is the parent of the delivery's span.
     pub(super) async fn deliver(
         self: &Arc<Self>,
@@ -156,15 +157,23 @@ impl Reporter {
                 tracing::info_span!("report", "lease.id" = %lease_id, "report.kind" = kind, "report.attempts" = tracing::field::Empty)
             }
         };
+        // Recorded before this returns, sent in the background: the caller
+        // keeps its run's slot until the report is on disk, so a node whose
+        // recording lags takes no more leases meanwhile, and a crash never
+        // finds a finished run without its report (it would be failed as
+        // interrupted at the next start).
+        let written = outbox::now_unix_ms();
+        let recorded = self.record(&report, deadline_unix_ms).instrument(span.clone()).await;
+        if !recorded {
+            span.in_scope(|| tracing::warn!(%lease_id, "the outbox cannot record this report: sending it from memory now, and recording it if the outbox records again before it is delivered"));
+        }
         let reporter = self.clone();
-        self.tasks.spawn(async move {
-            let written = outbox::now_unix_ms();
-            let recorded = reporter.record(&report, deadline_unix_ms).await;
-            if !recorded {
-                tracing::warn!(%lease_id, "the outbox cannot record this report: sending it from memory now, and recording it if the outbox records again before it is delivered");
+        self.tasks.spawn(
+            async move {
+                reporter.send(report, deadline_unix_ms, written, recorded).await;
             }
-            reporter.send(report, deadline_unix_ms, written, recorded).await;
-        }.instrument(span));
+            .instrument(span),
+        );
     }
 
     /// Stores a report; false when the outbox could not.
