@@ -112,6 +112,9 @@ pub struct Env {
     /// A node whose table limit (16 elements) is below what a Rust agent's
     /// function table needs.
     pub tight_tables: Sandbox,
+    /// A node with the default limits whose instances get their memory
+    /// when created: no pool bounds what one asks for.
+    pub on_demand: Sandbox,
     /// The deadline of the cases that end by the wall clock.
     pub short: Duration,
     /// Granted to `http-fetch`; accepts and never answers.
@@ -210,9 +213,19 @@ impl Env {
             ..SandboxConfig::default()
         })
         .expect("the sandbox starts");
+        let on_demand = Sandbox::new(SandboxConfig {
+            engine: EngineSettings {
+                allocator: AllocatorChoice::OnDemand,
+                max_concurrent_runs: 1,
+                ..EngineSettings::default()
+            },
+            ..SandboxConfig::default()
+        })
+        .expect("the sandbox starts");
         Env {
             sandbox,
             tight_tables,
+            on_demand,
             short,
             silent,
             denied,
@@ -387,17 +400,9 @@ pub async fn table_growth_refused(env: &Env) {
 /// core module, on a node that allocates each instance's memory when it is
 /// created (no pool to bound it): the store limiter refuses the table
 /// before wasmtime allocates it, so the bomb costs nothing.
-pub async fn table_bomb_under_the_on_demand_allocator(_env: &Env) {
+pub async fn table_bomb_under_the_on_demand_allocator(env: &Env) {
     const BOMB: u64 = 100_000_000;
-    let sandbox = Sandbox::new(SandboxConfig {
-        engine: EngineSettings {
-            allocator: AllocatorChoice::OnDemand,
-            max_concurrent_runs: 1,
-            ..EngineSettings::default()
-        },
-        ..SandboxConfig::default()
-    })
-    .expect("the sandbox starts");
+    let sandbox = &env.on_demand;
     let bytes = with_tables_of(&agent_bytes("echo"), BOMB);
     let agent = sandbox
         .load(Arc::from(bytes))
@@ -428,7 +433,7 @@ pub async fn table_bomb_under_the_on_demand_allocator(_env: &Env) {
         result.outcome
     );
     // The same node still runs the real echo.
-    let agent = load(&sandbox, "echo").await;
+    let agent = load(sandbox, "echo").await;
     let result = sandbox
         .run(
             &agent,
