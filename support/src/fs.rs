@@ -43,33 +43,68 @@ pub enum Bound {
     Files(usize),
 }
 
+/// A file of a bounded cache, as eviction orders it: least recently
+/// modified first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CachedFile {
+    pub modified: std::time::SystemTime,
+    pub len: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// The regular files ending in `.{extension}` directly in `dir` (none
+/// when it cannot be read). Files whose metadata cannot be read are
+/// skipped.
+pub fn files_in(dir: &Path, extension: &str) -> Vec<CachedFile> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == extension))
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            meta.is_file().then_some(())?;
+            Some(CachedFile {
+                modified: meta.modified().ok()?,
+                len: meta.len(),
+                path: entry.path(),
+            })
+        })
+        .collect()
+}
+
 /// Deletes the least recently modified files ending in `.{extension}` in
 /// `dir` until the rest fit `bound`, and returns each deleted file with its
 /// length. Files it cannot read or delete are skipped: a bound kept
 /// loosely is better than a cache that fails.
 pub fn evict_oldest(dir: &Path, extension: &str, bound: Bound) -> Vec<(std::path::PathBuf, u64)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<(std::time::SystemTime, u64, std::path::PathBuf)> = entries
-        .flatten()
-        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == extension))
-        .filter_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            Some((meta.modified().ok()?, meta.len(), entry.path()))
-        })
-        .collect();
+    evict_oldest_of(files_in(dir, extension), bound, None)
+}
+
+/// Deletes the least recently modified of `files` until the rest fit
+/// `bound`, never `keep`, and returns each deleted file with its length.
+/// For a cache spread over several folders (gather them with
+/// [`files_in`]); files it cannot delete are skipped.
+pub fn evict_oldest_of(
+    mut files: Vec<CachedFile>,
+    bound: Bound,
+    keep: Option<&Path>,
+) -> Vec<(std::path::PathBuf, u64)> {
     files.sort();
-    let mut bytes: u64 = files.iter().map(|(_, len, _)| len).sum();
+    let mut bytes: u64 = files.iter().map(|file| file.len).sum();
     let mut count = files.len();
     let mut evicted = Vec::new();
-    for (_, len, path) in files {
+    for CachedFile { len, path, .. } in files {
         let fits = match bound {
             Bound::Bytes(max) => bytes <= max,
             Bound::Files(max) => count <= max,
         };
         if fits {
             break;
+        }
+        if Some(path.as_path()) == keep {
+            continue;
         }
         if std::fs::remove_file(&path).is_ok() {
             bytes -= len;

@@ -449,15 +449,15 @@ pub async fn table_bomb_under_the_on_demand_allocator(env: &Env) {
 /// as their minimum and no maximum: a valid component whose instantiation
 /// asks for that much table.
 fn with_tables_of(component: &[u8], elements: u64) -> Vec<u8> {
-    let (header, sections) = component.split_at(8);
-    let sections = wasm_sections(sections);
+    let sections = wasm_sections(component);
     // Section 1 of a component is a core module.
     let main = (0..sections.len())
         .filter(|&at| sections[at].0 == 1)
         .max_by_key(|&at| sections[at].1.len())
         .expect("a component holds a core module");
-    let mut out = header.to_vec();
-    for (at, (id, payload)) in sections.into_iter().enumerate() {
+    let mut out = component[..8].to_vec();
+    for (at, (id, range)) in sections.into_iter().enumerate() {
+        let payload = &component[range];
         let payload = if at == main {
             core_module_with_tables_of(payload, elements)
         } else {
@@ -469,9 +469,9 @@ fn with_tables_of(component: &[u8], elements: u64) -> Vec<u8> {
 }
 
 fn core_module_with_tables_of(module: &[u8], elements: u64) -> Vec<u8> {
-    let (header, sections) = module.split_at(8);
-    let mut out = header.to_vec();
-    for (id, payload) in wasm_sections(sections) {
+    let mut out = module[..8].to_vec();
+    for (id, range) in wasm_sections(module) {
+        let payload = &module[range];
         if id != 4 {
             push_section(&mut out, id, payload);
             continue;
@@ -503,13 +503,16 @@ fn core_module_with_tables_of(module: &[u8], elements: u64) -> Vec<u8> {
     out
 }
 
-fn wasm_sections(mut bytes: &[u8]) -> Vec<(u8, &[u8])> {
+/// The sections of a module or component (`bytes`, its 8-byte header
+/// first), as (id, the payload's range in `bytes`).
+fn wasm_sections(bytes: &[u8]) -> Vec<(u8, std::ops::Range<usize>)> {
     let mut sections = Vec::new();
-    while let Some((&id, rest)) = bytes.split_first() {
-        let (size, start) = read_leb(rest, 0);
+    let mut at = 8;
+    while at < bytes.len() {
+        let (size, start) = read_leb(bytes, at + 1);
         let end = start + size as usize;
-        sections.push((id, &rest[start..end]));
-        bytes = &rest[end..];
+        sections.push((bytes[at], start..end));
+        at = end;
     }
     sections
 }
@@ -1010,40 +1013,15 @@ pub async fn a_corrupt_file(env: &Env) {
 
 /// Where the code section of a component's first core module is.
 fn code_section(component: &[u8]) -> Option<std::ops::Range<usize>> {
-    fn leb(bytes: &[u8], at: &mut usize) -> Option<usize> {
-        let (mut value, mut shift) = (0usize, 0);
-        loop {
-            let byte = *bytes.get(*at)?;
-            *at += 1;
-            value |= ((byte & 0x7f) as usize) << shift;
-            if byte & 0x80 == 0 {
-                return Some(value);
-            }
-            shift += 7;
-        }
-    }
-    /// The sections after an 8-byte header, as (id, payload range).
-    fn sections(bytes: &[u8], range: std::ops::Range<usize>) -> Option<Vec<(u8, std::ops::Range<usize>)>> {
-        let mut at = range.start + 8;
-        let mut found = Vec::new();
-        while at < range.end {
-            let id = bytes[at];
-            at += 1;
-            let size = leb(bytes, &mut at)?;
-            found.push((id, at..at + size));
-            at += size;
-        }
-        Some(found)
-    }
     const COMPONENT_CORE_MODULE: u8 = 1;
     const MODULE_CODE: u8 = 10;
-    let (_, module) = sections(component, 0..component.len())?
+    let (_, module) = wasm_sections(component)
         .into_iter()
         .find(|(id, _)| *id == COMPONENT_CORE_MODULE)?;
-    sections(component, module)?
+    let (_, code) = wasm_sections(&component[module.clone()])
         .into_iter()
-        .find(|(id, _)| *id == MODULE_CODE)
-        .map(|(_, range)| range)
+        .find(|(id, _)| *id == MODULE_CODE)?;
+    Some(module.start + code.start..module.start + code.end)
 }
 
 pub async fn a_cwasm_from_a_network_source(env: &Env) {
@@ -1106,28 +1084,12 @@ pub async fn a_zero_byte_file(env: &Env) {
 /// `blocks` nested blocks deep and declaring `locals` `i64` locals: valid
 /// WebAssembly, written byte by byte.
 fn code_bomb(functions: u32, blocks: u32, locals: u32) -> Vec<u8> {
-    fn leb(mut n: u32, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
-        out.push(id);
-        leb(body.len() as u32, out);
-        out.extend_from_slice(body);
-    }
     let mut body = Vec::new();
     if locals == 0 {
         body.push(0); // no locals
     } else {
         body.push(1); // one run of locals: `locals` of type i64
-        leb(locals, &mut body);
+        write_leb(&mut body, u64::from(locals));
         body.push(0x7e);
     }
     for _ in 0..blocks {
@@ -1135,20 +1097,20 @@ fn code_bomb(functions: u32, blocks: u32, locals: u32) -> Vec<u8> {
     }
     body.extend(std::iter::repeat_n(0x0b, blocks as usize + 1)); // the ends
     let mut module = b"\0asm\x01\0\0\0".to_vec();
-    section(1, &[1, 0x60, 0, 0], &mut module); // one type: [] -> []
+    push_section(&mut module, 1, &[1, 0x60, 0, 0]); // one type: [] -> []
     let mut funcs = Vec::new();
-    leb(functions, &mut funcs);
+    write_leb(&mut funcs, u64::from(functions));
     funcs.extend(std::iter::repeat_n(0, functions as usize));
-    section(3, &funcs, &mut module);
+    push_section(&mut module, 3, &funcs);
     let mut code = Vec::new();
-    leb(functions, &mut code);
+    write_leb(&mut code, u64::from(functions));
     for _ in 0..functions {
-        leb(body.len() as u32, &mut code);
+        write_leb(&mut code, body.len() as u64);
         code.extend_from_slice(&body);
     }
-    section(10, &code, &mut module);
+    push_section(&mut module, 10, &code);
     let mut component = b"\0asm\x0d\0\x01\0".to_vec();
-    section(1, &module, &mut component);
+    push_section(&mut component, 1, &module);
     component
 }
 

@@ -5,6 +5,7 @@
 //! Mounting needs root and `unshare`; where either is missing the test
 //! that needs them prints why and passes without running.
 
+use crate::restart::outbox_command;
 use crate::support;
 
 use std::path::{Path, PathBuf};
@@ -12,14 +13,6 @@ use std::time::Duration;
 
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
 use support::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Whether this machine lets a test mount a tmpfs in a mount namespace of
 /// its own; the reason when not.
@@ -264,16 +257,6 @@ fn outbox_with_reports(dir: &Path) -> PathBuf {
     outbox.path().to_path_buf()
 }
 
-fn outbox_command(args: &[&str], data: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("outbox")
-        .args(args)
-        .env("NodeRuntime__DataDirectory", data)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
     let plane = DevPlane::start(PlaneOptions {
@@ -306,7 +289,7 @@ async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
             .unwrap(),
         }
         // The outbox command says what is wrong and what to do, no panic.
-        let listed = outbox_command(&["list"], data.path());
+        let listed = outbox_command(data.path(), &["list"], None).await;
         let stderr = String::from_utf8_lossy(&listed.stderr);
         assert_eq!(listed.status.code(), Some(1), "{damage}: {listed:?}");
         assert!(
@@ -369,7 +352,7 @@ async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
 
         // What is left is read from the file moved aside, or the command
         // says plainly that nothing can be.
-        let salvaged = outbox_command(&["list", "--file", aside[0].to_str().unwrap()], data.path());
+        let salvaged = outbox_command(data.path(), &["list", "--file", aside[0].to_str().unwrap()], None).await;
         let stdout = String::from_utf8_lossy(&salvaged.stdout);
         let stderr = String::from_utf8_lossy(&salvaged.stderr);
         assert!(
@@ -382,14 +365,14 @@ async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
     plane.shutdown().await;
 }
 
-#[test]
-fn outbox_list_file_reads_the_reports_of_an_outbox_file_without_changing_it() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_list_file_reads_the_reports_of_an_outbox_file_without_changing_it() {
     let data = tempfile::tempdir().unwrap();
     let file = outbox_with_reports(data.path());
     let aside = data.path().join("outbox.redb.corrupt-20261206T000000Z");
     std::fs::rename(&file, &aside).unwrap();
     let before = std::fs::read(&aside).unwrap();
-    let listed = outbox_command(&["list", "--file", aside.to_str().unwrap()], data.path());
+    let listed = outbox_command(data.path(), &["list", "--file", aside.to_str().unwrap()], None).await;
     assert!(listed.status.success(), "{listed:?}");
     let stdout = String::from_utf8_lossy(&listed.stdout);
     assert!(stdout.contains("2 report(s) read from"), "{stdout}");

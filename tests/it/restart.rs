@@ -333,10 +333,7 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
     let mut plane = spawn_plane_process(port, plane_data.path(), "300s");
     eventually_async(Duration::from_secs(30), "the plane to listen", || runs(&http, &url)).await;
     let agents = agents_layout();
-    let admin = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    let admin = format!("127.0.0.1:{}", free_port());
     // Not the shared spawner: this life also serves /metrics, to see when
     // every outcome is in the outbox.
     let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
@@ -440,7 +437,7 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
 }
 
 /// `node-runtime outbox ...` against the outbox in `data`.
-async fn outbox_command(data: &std::path::Path, args: &[&str], url: Option<&str>) -> std::process::Output {
+pub(crate) async fn outbox_command(data: &std::path::Path, args: &[&str], url: Option<&str>) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"));
     command
         .arg("outbox")

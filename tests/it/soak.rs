@@ -67,11 +67,7 @@ async fn ten_thousand_runs_through_plane_restarts_and_node_kills_each_end_exactl
     let started = Instant::now();
 
     node_runtime::support::tls::install_crypto_provider();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();

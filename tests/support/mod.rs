@@ -152,6 +152,16 @@ where
     }
 }
 
+/// A port free on 127.0.0.1 a moment ago, for a server the test starts
+/// (in another process, or one that must bind a known port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `node-runtime dev --plane-only` with `--data-dir`, as its own process,
 /// so a test can kill it and start it again on the same port.
 pub fn spawn_plane_process(port: u16, data_dir: &std::path::Path, lease_ttl: &str) -> tokio::process::Child {

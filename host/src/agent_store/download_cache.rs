@@ -28,7 +28,7 @@ use support::sync::lock;
 
 use thiserror::Error;
 
-use support::fs::{Durability, write_atomically};
+use support::fs::{Bound, Durability, evict_oldest_of, files_in, write_atomically};
 
 use crate::sandbox::NetworkArtifactRefused;
 use crate::sandbox::artifact_trust::check_network_artifact;
@@ -202,32 +202,13 @@ fn evict_oldest_downloads(root: &Path, max_bytes: u64, keep: &Path) -> Vec<(Path
     let Ok(agents) = std::fs::read_dir(root) else {
         return Vec::new();
     };
-    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = agents
+    let files = agents
         .flatten()
-        .filter_map(|agent| std::fs::read_dir(agent.path()).ok())
-        .flat_map(|versions| versions.flatten())
-        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
-        .filter_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            meta.is_file().then_some(())?;
-            Some((meta.modified().ok()?, meta.len(), entry.path()))
-        })
+        .flat_map(|agent| files_in(&agent.path(), "wasm"))
         .collect();
-    files.sort();
-    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
-    let mut evicted = Vec::new();
-    for (_, len, path) in files {
-        if total <= max_bytes {
-            break;
-        }
-        if path == keep {
-            continue;
-        }
-        if std::fs::remove_file(&path).is_ok() {
-            total -= len;
-            tracing::info!(path = %path.display(), bytes = len, "evicted from the download cache");
-            evicted.push((path, len));
-        }
+    let evicted = evict_oldest_of(files, Bound::Bytes(max_bytes), Some(keep));
+    for (path, bytes) in &evicted {
+        tracing::info!(path = %path.display(), bytes, "evicted from the download cache");
     }
     evicted
 }

@@ -37,7 +37,7 @@ use std::time::SystemTime;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use support::fs::{Durability, write_atomically};
+use support::fs::{Bound, Durability, evict_oldest_of, files_in, write_atomically};
 
 /// Marks a cache entry and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:cc1";
@@ -208,30 +208,12 @@ fn evict_least_recently_used(root: &Path, max_bytes: u64) -> Vec<(PathBuf, u64)>
     let Ok(engines) = std::fs::read_dir(root) else {
         return Vec::new();
     };
-    let mut entries: Vec<(SystemTime, u64, PathBuf)> = engines
+    let entries = engines
         .flatten()
         .filter(|engine| engine.file_name().to_string_lossy().starts_with("engine-"))
-        .filter_map(|engine| std::fs::read_dir(engine.path()).ok())
-        .flat_map(|files| files.flatten())
-        .filter(|file| file.path().extension().is_some_and(|ext| ext == "cwasm"))
-        .filter_map(|file| {
-            let meta = file.metadata().ok()?;
-            Some((meta.modified().ok()?, meta.len(), file.path()))
-        })
+        .flat_map(|engine| files_in(&engine.path(), "cwasm"))
         .collect();
-    entries.sort();
-    let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
-    let mut evicted = Vec::new();
-    for (_, len, path) in entries {
-        if total <= max_bytes {
-            break;
-        }
-        if std::fs::remove_file(&path).is_ok() {
-            total -= len;
-            evicted.push((path, len));
-        }
-    }
-    evicted
+    evict_oldest_of(entries, Bound::Bytes(max_bytes), None)
 }
 
 /// Checks an entry where it lies, through a read-only mapping of `file`,
