@@ -141,6 +141,7 @@ impl<'a> NodeBuild<'a> {
             .tls(tls)
             .metrics(self.metrics)
             .max_lease_message_bytes(usize::try_from(config.node_runtime.max_lease_message_bytes).unwrap_or(usize::MAX))
+            .declarative_agents(config.declarative_agents.enabled)
             .start()?;
         Ok(node)
     }

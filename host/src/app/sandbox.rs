@@ -1,8 +1,11 @@
 //! The sandbox a configuration asks for: `Sandbox` for the ceilings,
 //! `AgentRuntime` for tokens, duration and the model endpoint.
 
-use crate::config::{AgentRuntimeSection, NodeConfig};
-use crate::sandbox::{CompiledCacheSettings, EngineSettings, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig};
+use crate::config::{AgentRuntimeSection, DeclarativeAgentsSection, NodeConfig};
+use crate::sandbox::declarative::{BoundSecret, DeclarativeSettings, Secrets};
+use crate::sandbox::{
+    CompiledCacheSettings, EngineSettings, HostGrant, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
+};
 use support::Secret;
 
 /// The sandbox's settings: `Sandbox` for the ceilings, `AgentRuntime` for
@@ -35,6 +38,30 @@ pub fn sandbox_config(config: &NodeConfig) -> SandboxConfig {
         }),
         compile_limits: sandbox.compile_limits,
         grants: sandbox.grants.clone(),
+        declarative: declarative_settings(&config.declarative_agents),
+    }
+}
+
+/// `DeclarativeAgents` as the built-in agent's settings: the node-wide
+/// output hosts and the secrets with their hosts (all checked by the
+/// configuration's binding).
+pub fn declarative_settings(section: &DeclarativeAgentsSection) -> DeclarativeSettings {
+    let grants = |hosts: &[String]| hosts.iter().filter_map(|host| HostGrant::parse(host).ok()).collect();
+    DeclarativeSettings {
+        output_hosts: grants(&section.allowed_hosts),
+        secrets: Secrets(
+            section
+                .secrets
+                .iter()
+                .map(|(name, secret)| {
+                    let bound = BoundSecret {
+                        value: secret.value.clone(),
+                        hosts: grants(&secret.hosts),
+                    };
+                    (name.clone(), bound)
+                })
+                .collect(),
+        ),
     }
 }
 

@@ -15,6 +15,7 @@ use support::units::format_bytes;
 use super::args::{parse_duration, parse_key_value, parse_size};
 use super::{CommandError, Exit, read_agent_file, read_file_at_most};
 use crate::app::{self, NodeConfig};
+use crate::sandbox::declarative::{AgentSpec, SPEC_BYTES};
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::sandbox::{
     BudgetRequest, DirectoryGrant, Execution, FailKind, Grants, InvalidGrant, RunContext, RunOutcome, RunReport,
@@ -25,8 +26,23 @@ use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings
 #[derive(Debug, Args)]
 pub struct RunAgentArgs {
     /// The agent: a component (.wasm) or a file from `node-runtime compile`
-    /// (.cwasm).
-    pub agent: PathBuf,
+    /// (.cwasm). Not with `--spec`.
+    #[arg(required_unless_present = "spec", conflicts_with = "spec")]
+    pub agent: Option<PathBuf>,
+
+    /// Run a declarative agent instead: a definition in the reference's
+    /// format (a version document `{"agentId", "version", "spec"}`, or the
+    /// spec itself) from a file, or `-` for stdin. Its output endpoint
+    /// must be allowed with --allow-http; its `${NAME}` placeholders need
+    /// --secret.
+    #[arg(long, value_name = "FILE|-")]
+    pub spec: Option<PathBuf>,
+
+    /// Let a declarative agent's `${NAME}` placeholders use the value of the
+    /// environment variable VAR (repeatable), sent only to the hosts
+    /// --allow-http lists. The value itself is never a flag.
+    #[arg(long = "secret", value_name = "NAME=VAR", value_parser = parse_key_value, requires = "spec")]
+    pub secrets: Vec<(String, String)>,
 
     /// The input as JSON; shorthand for `--input-ref message=JSON`.
     #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
@@ -129,8 +145,18 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         resource: ResourceIdentity::default(),
     })
     .map_err(|err| CommandError::usage(err.to_string()))?;
-    let bytes = read_agent_file("the agent file", &args.agent)?;
-    let context = context(&args)?;
+    let subject = match (&args.agent, &args.spec) {
+        (Some(path), _) => Subject::Component(read_agent_file("the agent file", path)?),
+        (None, Some(path)) => match AgentSpec::parse(&read_spec(path)?) {
+            Ok(spec) => Subject::Spec(Box::new(spec)),
+            Err(invalid) => {
+                print_invalid(&args, &format!("--spec {}: {invalid}", path.display()));
+                return Ok(Exit::AgentInvalid);
+            }
+        },
+        (None, None) => return Err(CommandError::usage("name an agent file, or a definition with --spec")),
+    };
+    let context = context(&args, &subject)?;
     let budget = BudgetRequest {
         fuel: args.fuel,
         memory_bytes: args.max_memory,
@@ -165,6 +191,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
             agent_runtime.default_model = model.clone();
         }
     }
+    node.declarative_agents = declarative_section(&args)?;
     let config = app::sandbox_config(&node);
     config.limits.check(&budget).map_err(|err| {
         CommandError::usage(format!(
@@ -180,13 +207,17 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         err => CommandError::internal(err.to_string()),
     })?;
 
-    let agent = match sandbox.load(Arc::from(bytes)).await {
-        Ok(agent) => agent,
-        Err(invalid) => {
-            let message = format!("{}: {invalid}", args.agent.display());
-            print_invalid(&args, &message);
-            return Ok(Exit::AgentInvalid);
-        }
+    let agent = match subject {
+        Subject::Spec(spec) => Runnable::Spec(spec),
+        Subject::Component(bytes) => match sandbox.load(Arc::from(bytes)).await {
+            Ok(agent) => Runnable::Component(agent),
+            Err(invalid) => {
+                let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
+                let message = format!("{}: {invalid}", path.display());
+                print_invalid(&args, &message);
+                return Ok(Exit::AgentInvalid);
+            }
+        },
     };
     // As the worker's lease span: every line about the run carries its ids.
     let span = tracing::info_span!(
@@ -197,17 +228,15 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         "agent.id" = %context.agent_id,
         "agent.version" = %context.agent_version,
     );
-    let result = sandbox
-        .run(
-            &agent,
-            RunRequest {
-                context,
-                budget,
-                deadline: None,
-            },
-        )
-        .instrument(span)
-        .await;
+    let request = RunRequest {
+        context,
+        budget,
+        deadline: None,
+    };
+    let result = match &agent {
+        Runnable::Component(agent) => sandbox.run(agent, request).instrument(span).await,
+        Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await,
+    };
 
     if args.json {
         println!("{}", json_report(&result.outcome, &result.report));
@@ -215,6 +244,75 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         print!("{}", human_report(&result.outcome, &result.report));
     }
     Ok(exit_for(&result.outcome))
+}
+
+/// What the command line names: a component's bytes, or a definition.
+enum Subject {
+    Component(Vec<u8>),
+    Spec(Box<AgentSpec>),
+}
+
+/// What runs: a loaded component, or a definition for the built-in agent.
+enum Runnable {
+    Component(Arc<crate::sandbox::Agent>),
+    Spec(Box<AgentSpec>),
+}
+
+/// `--spec FILE|-`: the definition's bytes, at most [`SPEC_BYTES`].
+fn read_spec(path: &std::path::Path) -> Result<Vec<u8>, CommandError> {
+    if path.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        let read = std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin().lock(), SPEC_BYTES as u64 + 1),
+            &mut bytes,
+        );
+        read.map_err(|err| CommandError::usage(format!("cannot read --spec - (stdin): {err}")))?;
+        if bytes.len() > SPEC_BYTES {
+            return Err(CommandError::usage(format!(
+                "--spec - (stdin) is more than the {SPEC_BYTES} bytes a definition may take"
+            )));
+        }
+        return Ok(bytes);
+    }
+    read_file_at_most("--spec", &path.to_path_buf(), SPEC_BYTES as u64, "a definition")
+}
+
+/// `--secret NAME=VAR` as the node's `DeclarativeAgents` section: each
+/// secret bound to the hosts `--allow-http` lists.
+fn declarative_section(args: &RunAgentArgs) -> Result<app::config::DeclarativeAgentsSection, CommandError> {
+    let mut section = app::config::DeclarativeAgentsSection::default();
+    for (name, variable) in &args.secrets {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(CommandError::usage(format!(
+                "--secret {name}={variable}: a secret's name is what a spec writes inside ${{...}}: \
+                 letters, digits and `_` only"
+            )));
+        }
+        if args.allow_http.is_empty() {
+            return Err(CommandError::usage(format!(
+                "--secret {name}={variable}: a secret is sent only to the hosts --allow-http \
+                 lists, and there are none; add --allow-http HOST for the output endpoint"
+            )));
+        }
+        let value = match std::env::var(variable) {
+            Ok(value) if !value.is_empty() => value,
+            _ => {
+                return Err(CommandError::usage(format!(
+                    "--secret {name}={variable}: the environment variable {variable} is not set \
+                     (or empty); export it with the secret's value"
+                )));
+            }
+        };
+        section.secrets.insert(
+            name.clone(),
+            app::config::DeclarativeSecret {
+                value: Secret::new(value),
+                environment_variable: Some(variable.clone()),
+                hosts: args.allow_http.clone(),
+            },
+        );
+    }
+    Ok(section)
 }
 
 /// `--allow-http HOST[:PORT]`, checked as the sandbox will read it.
@@ -295,7 +393,7 @@ fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Secret)>, Comm
     Ok(Some((uri, Secret::new(key))))
 }
 
-fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {
+fn context(args: &RunAgentArgs, subject: &Subject) -> Result<RunContext, CommandError> {
     let mut input_ref: BTreeMap<String, String> = args.input_ref.iter().cloned().collect();
     let message = match (&args.input, &args.input_file) {
         (Some(json), _) => Some(("--input", json.clone())),
@@ -321,12 +419,24 @@ fn context(args: &RunAgentArgs) -> Result<RunContext, CommandError> {
         }
         input_ref.insert("message".to_string(), json);
     }
-    let agent_id = args.agent_id.clone().unwrap_or_else(|| {
+    let from_spec = match subject {
+        Subject::Spec(spec) => spec.agent_id.clone(),
+        Subject::Component(_) => None,
+    };
+    let from_file = || {
         args.agent
-            .file_stem()
+            .as_ref()
+            .or(args.spec.as_ref())
+            .filter(|path| path.as_os_str() != "-")
+            .and_then(|path| path.file_stem())
             .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "agent".to_string())
-    });
+    };
+    let agent_id = args
+        .agent_id
+        .clone()
+        .or(from_spec)
+        .or_else(from_file)
+        .unwrap_or_else(|| "agent".to_string());
     let run = uuid::Uuid::new_v4().simple().to_string();
     Ok(RunContext {
         run_id: format!("local-{run}"),

@@ -16,7 +16,9 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::NodeConfig;
-use super::sections::{agent_runtime, agent_store, logging, mtls, node_runtime, open_telemetry, sandbox};
+use super::sections::{
+    agent_runtime, agent_store, declarative_agents, logging, mtls, node_runtime, open_telemetry, sandbox,
+};
 
 pub(super) const REDACTED: &str = "***";
 
@@ -38,6 +40,7 @@ struct View<'a> {
     logging: logging::View<'a>,
     sandbox: sandbox::View<'a>,
     agent_store: agent_store::View<'a>,
+    declarative_agents: declarative_agents::View<'a>,
 }
 
 impl<'a> View<'a> {
@@ -50,6 +53,7 @@ impl<'a> View<'a> {
             logging: logging::View::of(&config.logging),
             sandbox: sandbox::View::of(&config.sandbox),
             agent_store: agent_store::View::of(&config.agent_store),
+            declarative_agents: declarative_agents::View::of(&config.declarative_agents),
         }
     }
 }

@@ -40,6 +40,7 @@ pub use error::ConfigError;
 pub use layers::{ConfigSources, HostingEnvironment};
 pub use sections::agent_runtime::{AgentRuntimeSection, AzureAiFoundry, OpenAiSection};
 pub use sections::agent_store::{AgentSourceKind, AgentStoreSection};
+pub use sections::declarative_agents::{DeclarativeAgentsSection, DeclarativeSecret};
 pub use sections::logging::{LogLevel, LoggingSection};
 pub use sections::mtls::MTlsSection;
 pub use sections::node_runtime::{CapacitySection, NodeRuntimeSection};
@@ -62,6 +63,7 @@ pub struct NodeConfig {
     pub logging: LoggingSection,
     pub sandbox: SandboxSection,
     pub agent_store: AgentStoreSection,
+    pub declarative_agents: DeclarativeAgentsSection,
     /// Keys found in the file or the environment that the node does not
     /// read (`AllowedHosts`, `NodeRuntime.Typo`), already warned about
     /// once. A whole unknown section is listed by its name only.
@@ -150,12 +152,19 @@ impl NodeConfig {
         let node_runtime = sections::node_runtime::bind(&mut reader, &mut root)?;
         let mtls = sections::mtls::bind(&mut reader, &mut root)?;
         let agent_runtime = sections::agent_runtime::bind(&mut reader, &mut root)?;
-        // Variables that hold a key of the node's (the LLM's), which no grant
-        // may pass to an agent.
+        // Variables that hold a key of the node's (the LLM's, the declarative
+        // agents' secrets), which no grant may pass to an agent.
+        let declarative_agents = sections::declarative_agents::bind(&mut reader, &mut root)?;
         let key_variables: Vec<String> = agent_runtime
             .openai
             .api_key_environment_variable
             .iter()
+            .chain(
+                declarative_agents
+                    .secrets
+                    .values()
+                    .filter_map(|secret| secret.environment_variable.as_ref()),
+            )
             .cloned()
             .collect();
         let open_telemetry = sections::open_telemetry::bind(&mut reader, &mut root)?;
@@ -175,6 +184,7 @@ impl NodeConfig {
             logging,
             sandbox,
             agent_store,
+            declarative_agents,
             ignored_keys: reader.ignored_keys(root),
             sources,
         };

@@ -759,7 +759,8 @@ fn config_check_output_redacts_the_api_key_and_loads_back() {
             "OpenTelemetry",
             "Logging",
             "Sandbox",
-            "AgentStore"
+            "AgentStore",
+            "DeclarativeAgents"
         ]
     );
     assert_eq!(value["NodeRuntime"]["HeartbeatIntervalSeconds"], 15);
@@ -1482,4 +1483,61 @@ fn a_configuration_of_forty_thousand_keys_loads_with_every_key_accounted_for() {
             .ignored_keys
             .contains(&format!("NodeRuntime.Unknown{}", HALF - 1))
     );
+}
+
+#[test]
+fn declarative_agents_secrets_are_bound_to_hosts_read_from_the_environment_and_never_printed() {
+    let json = r#"{"DeclarativeAgents": {"AllowedHosts": "erp.example.com, 127.0.0.1:9000",
+        "Secrets": {"ERP_TOKEN": {"EnvironmentVariable": "ERP_TOKEN_VAR", "Hosts": ["erp.example.com"]},
+                    "INLINE": {"Value": "inline-s3cret", "Hosts": "hooks.example.com"}}}}"#;
+    let config = NodeConfig::from_json_str(
+        json,
+        Path::new("/etc/node-runtime"),
+        env(&[("ERP_TOKEN_VAR", "env-s3cret")]),
+    )
+    .unwrap();
+    let section = &config.declarative_agents;
+    assert!(section.enabled);
+    assert_eq!(section.allowed_hosts, ["erp.example.com", "127.0.0.1:9000"]);
+    let erp = &section.secrets["ERP_TOKEN"];
+    assert_eq!(erp.value.expose(), "env-s3cret");
+    assert_eq!(erp.hosts, ["erp.example.com"]);
+    assert_eq!(section.secrets["INLINE"].value.expose(), "inline-s3cret");
+    let printed = config.redacted_json();
+    assert!(!printed.contains("s3cret"), "{printed}");
+    assert!(printed.contains("ERP_TOKEN_VAR"), "{printed}");
+
+    for (bad, says) in [
+        (
+            r#"{"Secrets": {"A": {"Value": "v"}}}"#,
+            "DeclarativeAgents.Secrets.A.Hosts",
+        ),
+        (
+            r#"{"Secrets": {"A": {"Hosts": ["h"]}}}"#,
+            "DeclarativeAgents.Secrets.A.Value",
+        ),
+        (
+            r#"{"Secrets": {"A": {"EnvironmentVariable": "UNSET_VAR_X", "Hosts": ["h"]}}}"#,
+            "UNSET_VAR_X is not set",
+        ),
+        (
+            r#"{"Secrets": {"A-B": {"Value": "v", "Hosts": ["h"]}}}"#,
+            "letters, digits",
+        ),
+        (
+            r#"{"AllowedHosts": ["https://x.com"]}"#,
+            "DeclarativeAgents.AllowedHosts",
+        ),
+    ] {
+        let json = format!(r#"{{"DeclarativeAgents": {bad}}}"#);
+        let message = load(&json).unwrap_err().to_string();
+        assert!(message.contains(says), "{bad}: {message}");
+    }
+    // No grant hands a secret's variable to an agent.
+    let json = r#"{"DeclarativeAgents": {"Secrets": {"T": {"EnvironmentVariable": "ERP_TOKEN_VAR", "Hosts": ["h"]}}},
+                   "Sandbox": {"Grants": {"echo": {"Environment": ["ERP_TOKEN_VAR"]}}}}"#;
+    let message = NodeConfig::from_json_str(json, Path::new("/etc/node-runtime"), env(&[("ERP_TOKEN_VAR", "x")]))
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("never given"), "{message}");
 }

@@ -16,6 +16,7 @@ pub mod budget;
 pub(crate) mod capabilities;
 pub mod compile_limits;
 pub mod compiled_cache;
+pub mod declarative;
 pub mod engine;
 pub mod grants;
 pub mod host_memory;
@@ -82,6 +83,9 @@ pub struct SandboxConfig {
     /// What each agent id may reach beyond clocks and random: directories,
     /// environment variables, HTTP hosts. An agent not listed gets none.
     pub grants: BTreeMap<String, Grants>,
+    /// What declarative agents may use beyond their agent id's grants:
+    /// output hosts for all of them, and the operator's secrets.
+    pub declarative: declarative::DeclarativeSettings,
 }
 
 #[derive(Debug, Error)]
@@ -148,6 +152,7 @@ pub struct Sandbox {
     compiled_cache: Option<Arc<compiled_cache::CompiledCache>>,
     compile_counters: Arc<compiled_cache::Counters>,
     compile_limits: CompileLimits,
+    declarative: declarative::DeclarativeSettings,
     /// Loads served by an agent already compiled in this process.
     memory_hits: AtomicU64,
 }
@@ -204,6 +209,7 @@ impl Sandbox {
             compiled_cache,
             compile_counters: Arc::default(),
             compile_limits: config.compile_limits,
+            declarative: config.declarative,
             memory_hits: AtomicU64::new(0),
         })
     }
@@ -452,6 +458,26 @@ impl Sandbox {
             llm: self.llm.as_ref(),
         };
         run::execute(&shared, grants, agent, request).instrument(span).await
+    }
+
+    /// Runs a declarative agent once with the built-in agent
+    /// (`declarative`): the same grants for its agent id, meters, report
+    /// and outcome kinds as [`run`](Self::run).
+    pub async fn run_spec(&self, spec: &declarative::AgentSpec, request: RunRequest) -> RunResult {
+        let context = &request.context;
+        let span = tracing::info_span!("execute", "agent.id" = %context.agent_id, "agent.kind" = "declarative");
+        let no_grants = AgentGrants::default();
+        let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
+        self.announce_grants(&context.agent_id, grants);
+        let shared = run::Shared {
+            engine: &self.engine,
+            metering: self.metering,
+            limits: &self.limits,
+            llm: self.llm.as_ref(),
+        };
+        declarative::execute(&shared, grants, &self.declarative, spec, request)
+            .instrument(span)
+            .await
     }
 }
 

@@ -15,9 +15,11 @@ use tracing::Instrument;
 use super::lease::{AcceptedLease, Report, Timings};
 use super::report::Reporter;
 use super::shutdown::Shutdown;
+use super::specs::{SpecError, Specs};
 use super::{NodeStats, Slots};
-use crate::agent_store::{AgentDigest, AgentStore, DIGEST_METADATA_KEY};
-use crate::sandbox::{FailKind, RunFailure, RunOutcome, RunReport, Sandbox};
+use crate::agent_store::{AgentDigest, AgentStore, DIGEST_METADATA_KEY, ResolveError};
+use crate::sandbox::declarative::AgentSpec;
+use crate::sandbox::{Agent, FailKind, RunFailure, RunOutcome, RunReport, Sandbox};
 use crate::telemetry::{self, FinishedRun, NodeMetrics};
 use tracing::field::Empty;
 
@@ -26,6 +28,9 @@ pub(super) struct Dispatcher {
     pub(super) node_id: String,
     pub(super) sandbox: Arc<Sandbox>,
     pub(super) store: Arc<AgentStore>,
+    /// The control plane's definitions, for agents no source has (`None`:
+    /// declarative agents are off).
+    pub(super) specs: Option<Arc<Specs>>,
     pub(super) slots: Slots,
     pub(super) stats: Arc<NodeStats>,
     pub(super) metrics: Arc<NodeMetrics>,
@@ -113,7 +118,7 @@ impl Dispatcher {
         let (outcome, run_report) = async {
             let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
             let resolving = async {
-                match pin.map(|text| AgentDigest::parse(text)).transpose() {
+                let resolved = match pin.map(|text| AgentDigest::parse(text)).transpose() {
                     Ok(pin) => {
                         self.store
                             .resolve_pinned(&self.sandbox, accepted.agent_id(), accepted.version(), pin)
@@ -121,6 +126,18 @@ impl Dispatcher {
                             .await
                     }
                     Err(invalid) => Err(invalid.into()),
+                };
+                match (resolved, &self.specs) {
+                    // No source has it: the control plane's definition, if
+                    // it has one. A pinned lease names bytes, which a
+                    // definition is not.
+                    (Err(ResolveError::NotFound { .. }), Some(specs)) if pin.is_none() => specs
+                        .get(accepted.agent_id(), accepted.version())
+                        .instrument(tracing::info_span!("definition"))
+                        .await
+                        .map(Runnable::Spec)
+                        .map_err(Unrunnable::Spec),
+                    (resolved, _) => resolved.map(Runnable::Component).map_err(Unrunnable::Resolve),
                 }
             };
             // Fetching and compiling count against the lease's deadline and
@@ -146,20 +163,33 @@ impl Dispatcher {
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }
             };
-            let agent = match resolved {
-                Ok(agent) => agent,
+            let runnable = match resolved {
+                Ok(runnable) => runnable,
                 // A download that failed is the node's trouble: hand it back.
-                Err(err) if err.is_retryable() => {
+                Err(Unrunnable::Resolve(err)) if err.is_retryable() => {
                     let failure = RunFailure::handed_back(err.to_string());
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }
-                Err(err) => {
+                Err(Unrunnable::Resolve(err)) => {
                     let failure = RunFailure::new(FailKind::AgentInvalid, err.to_string());
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }
+                Err(Unrunnable::Spec(SpecError::Unavailable(why))) => {
+                    return (RunOutcome::Failed(RunFailure::handed_back(why)), RunReport::default());
+                }
+                Err(Unrunnable::Spec(SpecError::Invalid(why))) => {
+                    let failure = RunFailure::new(FailKind::AgentInvalid, why);
+                    return (RunOutcome::Failed(failure), RunReport::default());
+                }
+            };
+            let running = async {
+                match &runnable {
+                    Runnable::Component(agent) => self.sandbox.run(agent, request.clone()).await,
+                    Runnable::Spec(spec) => self.sandbox.run_spec(spec, request.clone()).await,
+                }
             };
             tokio::select! {
-                result = self.sandbox.run(&agent, request.clone()) => (result.outcome, result.report),
+                result = running => (result.outcome, result.report),
                 _ = self.shutdown.runs_aborted() => (
                     RunOutcome::Failed(RunFailure::handed_back(
                         "the node shut down before the run finished (drain timeout)",
@@ -214,6 +244,20 @@ impl Dispatcher {
             .await;
         drop(permit);
     }
+}
+
+/// What a lease's agent turned out to be.
+enum Runnable {
+    /// A component from one of the node's sources.
+    Component(Arc<Agent>),
+    /// The control plane's definition, run by the built-in agent.
+    Spec(Arc<AgentSpec>),
+}
+
+/// Why a lease's agent cannot run.
+enum Unrunnable {
+    Resolve(ResolveError),
+    Spec(SpecError),
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

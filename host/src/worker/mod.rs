@@ -41,6 +41,7 @@ pub mod lease;
 mod pull;
 mod report;
 mod shutdown;
+mod specs;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -55,7 +56,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent_store::AgentStore;
 use crate::control_plane::{
-    self, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError, TlsOptions,
+    self, AgentApi, Capacity, ControlPlaneTls, LeaseClient, LeaseClientError, RestClient, TlsError, TlsOptions,
 };
 use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
@@ -319,6 +320,7 @@ impl NodeHandle {
             tls: None,
             metrics: Arc::default(),
             max_lease_message_bytes: DEFAULT_MAX_LEASE_MESSAGE_BYTES,
+            declarative_agents: true,
         }
     }
 }
@@ -336,9 +338,18 @@ pub struct NodeBuilder {
     tls: Option<ControlPlaneTls>,
     metrics: Arc<NodeMetrics>,
     max_lease_message_bytes: usize,
+    declarative_agents: bool,
 }
 
 impl NodeBuilder {
+    /// Whether a lease whose agent no source has runs the control plane's
+    /// definition of it (`DeclarativeAgents.Enabled`; on unless turned
+    /// off).
+    pub fn declarative_agents(mut self, enabled: bool) -> Self {
+        self.declarative_agents = enabled;
+        self
+    }
+
     /// The TLS (and client certificate) the `MTls` configuration asks
     /// for, on both the REST and gRPC links.
     pub fn tls(mut self, tls: ControlPlaneTls) -> Self {
@@ -369,6 +380,7 @@ impl NodeBuilder {
             tls,
             metrics,
             max_lease_message_bytes,
+            declarative_agents,
         } = self;
         let tls = match tls {
             Some(tls) => tls,
@@ -382,10 +394,14 @@ impl NodeBuilder {
         let rest_timeout = settings
             .heartbeat_interval
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let rest = RestClient::new(
-            &settings.control_plane_url,
-            control_plane::registration::http_client_with(rest_timeout, &tls)?,
-        );
+        let rest_http = control_plane::registration::http_client_with(rest_timeout, &tls)?;
+        let specs = declarative_agents.then(|| {
+            Arc::new(specs::Specs::new(AgentApi::new(
+                &settings.control_plane_url,
+                rest_http.clone(),
+            )))
+        });
+        let rest = RestClient::new(&settings.control_plane_url, rest_http);
         let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?
             .max_lease_message_bytes(max_lease_message_bytes);
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
@@ -438,6 +454,7 @@ impl NodeBuilder {
             node_id: settings.node_id.clone(),
             sandbox: sandbox.clone(),
             store: store.clone(),
+            specs,
             slots: slots.clone(),
             stats: stats.clone(),
             metrics: metrics.clone(),

@@ -5,6 +5,7 @@
 
 pub(super) mod agent_runtime;
 pub(super) mod agent_store;
+pub(super) mod declarative_agents;
 pub(super) mod logging;
 pub(super) mod mtls;
 pub(super) mod node_runtime;

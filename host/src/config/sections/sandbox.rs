@@ -226,7 +226,7 @@ fn allowed_hosts(reader: &mut Reader<'_>, parent: &mut Section) -> Result<BTreeM
 
 /// An agent's HTTP hosts: a JSON array or a comma-separated string of
 /// `host` or `host:port`.
-fn host_list(reader: &Reader<'_>, key: String, node: &Node) -> Result<Vec<String>, ConfigError> {
+pub(super) fn host_list(reader: &Reader<'_>, key: String, node: &Node) -> Result<Vec<String>, ConfigError> {
     let hosts = names(node);
     if let Some(bad) = hosts.iter().find(|host| !valid_host(host)) {
         return Err(reader.invalid(
@@ -273,7 +273,7 @@ fn grants(
                         a.key("Environment"),
                         format!("{secret:?}"),
                         &node.origin,
-                        "that variable configures the node or holds its LLM key, which an \
+                        "that variable configures the node or holds its LLM key or a secret, which an \
                          agent is never given; remove it from the grant (and give the agent \
                          what it needs in a variable of its own)"
                             .to_string(),

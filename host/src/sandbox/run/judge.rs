@@ -20,7 +20,7 @@ use crate::sandbox::agent::error_chain;
 use crate::sandbox::bindings::types::AgentError;
 use crate::sandbox::budget::{Budget, NodeLimits};
 use crate::sandbox::capabilities::log::truncate;
-use crate::sandbox::meters::{Refusal, TOKEN_TOLERANCE_FLOOR, TokenOverrun};
+use crate::sandbox::meters::{Refusal, TOKEN_TOLERANCE_FLOOR, TokenMeter, TokenOverrun};
 use crate::sandbox::outcome::{FailKind, ResultMap, RunFailure, RunOutcome};
 use crate::sandbox::output::BoundedOutput;
 use crate::sandbox::state::RunState;
@@ -356,26 +356,7 @@ impl<'a> Judge<'a> {
     /// that wrote past the cap it was given fails the run however small
     /// the overrun.
     fn check_tokens(&self, outcome: RunOutcome) -> RunOutcome {
-        let tokens = &self.state.tokens;
-        let why = match tokens.overrun() {
-            None => return outcome,
-            Some(TokenOverrun::OutputPastCap { tokens }) => {
-                format!("the LLM provider wrote {tokens} tokens past the max_tokens the node gave it")
-            }
-            Some(TokenOverrun::BeyondTolerance { tolerance }) => format!(
-                "more than the {tolerance} tokens tolerated for a prompt the node's estimate \
-                 missed (10% of the budget, at least {TOKEN_TOLERANCE_FLOOR})"
-            ),
-        };
-        RunOutcome::Failed(RunFailure::new(
-            FailKind::BudgetTokens,
-            format!(
-                "the run used {} LLM tokens, over its budget of {} by {}: {why}",
-                tokens.used(),
-                tokens.limit,
-                tokens.over(),
-            ),
-        ))
+        check_tokens(&self.state.tokens, outcome)
     }
 
     fn stderr_text(&self) -> String {
@@ -438,4 +419,28 @@ impl<'a> Judge<'a> {
             tracing::info!(target: "agent", stream = "stderr", "{text}");
         }
     }
+}
+
+/// The token check of [`Judge`], for any run that metered tokens (the
+/// built-in declarative agent's too).
+pub(crate) fn check_tokens(tokens: &TokenMeter, outcome: RunOutcome) -> RunOutcome {
+    let why = match tokens.overrun() {
+        None => return outcome,
+        Some(TokenOverrun::OutputPastCap { tokens }) => {
+            format!("the LLM provider wrote {tokens} tokens past the max_tokens the node gave it")
+        }
+        Some(TokenOverrun::BeyondTolerance { tolerance }) => format!(
+            "more than the {tolerance} tokens tolerated for a prompt the node's estimate \
+             missed (10% of the budget, at least {TOKEN_TOLERANCE_FLOOR})"
+        ),
+    };
+    RunOutcome::Failed(RunFailure::new(
+        FailKind::BudgetTokens,
+        format!(
+            "the run used {} LLM tokens, over its budget of {} by {}: {why}",
+            tokens.used(),
+            tokens.limit,
+            tokens.over(),
+        ),
+    ))
 }

@@ -13,6 +13,8 @@
 
 mod judge;
 
+pub(crate) use judge::check_tokens;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -84,27 +86,15 @@ pub(crate) async fn execute(
     request: RunRequest,
 ) -> RunResult {
     let limits = shared.limits;
-    let budget = limits.budget(&request.budget);
-    let started = Instant::now();
-    let mut deadline = started + budget.duration();
-    if let Some(lease_deadline) = request.deadline {
-        match lease_deadline.duration_since(SystemTime::now()) {
-            Ok(left) => deadline = deadline.min(started + left),
-            Err(_) => {
-                // Retryable: a new lease comes with a new deadline.
-                return RunResult {
-                    outcome: RunOutcome::Failed(RunFailure {
-                        retryable: true,
-                        ..RunFailure::new(
-                            FailKind::BudgetDeadline,
-                            "the lease's deadline had passed before the run started",
-                        )
-                    }),
-                    report: RunReport::default(),
-                };
-            }
+    let (budget, started, deadline) = match begin(limits, &request) {
+        Ok(begun) => begun,
+        Err(late) => {
+            return RunResult {
+                outcome: RunOutcome::Failed(late),
+                report: RunReport::default(),
+            };
         }
-    }
+    };
 
     let is_command = matches!(agent.entry, Entry::Command(_));
     // The run's whole power, granted here and nowhere else: captured
@@ -158,6 +148,31 @@ pub(crate) async fn execute(
     let report = report(&mut store, &budget, started, instantiate_us);
     store.data().egress.warnings.summarise();
     RunResult { outcome, report }
+}
+
+/// The run's budget, when it starts, and when it must end: its duration
+/// budget or the lease's deadline, whichever comes first. A lease already
+/// past its deadline is not started (retryable: a new lease comes with a
+/// new deadline).
+pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget, Instant, Instant), RunFailure> {
+    let budget = limits.budget(&request.budget);
+    let started = Instant::now();
+    let mut deadline = started + budget.duration();
+    if let Some(lease_deadline) = request.deadline {
+        match lease_deadline.duration_since(SystemTime::now()) {
+            Ok(left) => deadline = deadline.min(started + left),
+            Err(_) => {
+                return Err(RunFailure {
+                    retryable: true,
+                    ..RunFailure::new(
+                        FailKind::BudgetDeadline,
+                        "the lease's deadline had passed before the run started",
+                    )
+                });
+            }
+        }
+    }
+    Ok((budget, started, deadline))
 }
 
 /// A fresh store for one run: its state, its memory meter as the store's

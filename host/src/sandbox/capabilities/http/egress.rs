@@ -116,7 +116,7 @@ impl EgressPolicy {
 
     /// `00-{trace id}-{span id}-01`: the span id is the request span's
     /// when traces are exported, else a fresh one.
-    pub(super) fn traceparent(&self, span_id: Option<u64>) -> Option<HeaderValue> {
+    pub(crate) fn traceparent(&self, span_id: Option<u64>) -> Option<HeaderValue> {
         let trace_id = self.trace_id.to_ascii_lowercase();
         let valid = trace_id.len() == 32
             && trace_id.bytes().all(|b| b.is_ascii_hexdigit())

@@ -64,7 +64,7 @@ impl HostGrant {
         })
     }
 
-    pub(super) fn allows(&self, host: &str, port: u16) -> bool {
+    pub(crate) fn allows(&self, host: &str, port: u16) -> bool {
         self.host.eq_ignore_ascii_case(host) && self.port.is_none_or(|p| p == port)
     }
 

@@ -54,28 +54,55 @@ impl RunLlm {
     }
 }
 
+/// Why a metered call failed: the agent's error, and whether the same
+/// call could succeed later (the provider failed on every attempt with a
+/// 429, a 5xx or a network error).
+#[derive(Debug, Clone)]
+pub(crate) struct ChatFailure {
+    pub error: LlmError,
+    pub retryable: bool,
+}
+
+impl From<LlmError> for ChatFailure {
+    fn from(error: LlmError) -> ChatFailure {
+        ChatFailure {
+            error,
+            retryable: false,
+        }
+    }
+}
+
 impl Host for RunState {
     async fn chat(&mut self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        self.metered_chat(request).await.map_err(|failure| failure.error)
+    }
+}
+
+impl RunState {
+    /// `llm.chat`, metered against the run's token budget: the guest's
+    /// call, and the built-in declarative agent's (`sandbox/declarative`),
+    /// which goes through exactly these checks.
+    pub(crate) async fn metered_chat(&mut self, request: ChatRequest) -> Result<ChatResponse, ChatFailure> {
         let Some(llm) = self.llm.clone() else {
-            return Err(LlmError::NotConfigured(
+            return Err(ChatFailure::from(LlmError::NotConfigured(
                 "no LLM endpoint configured on this node".to_string(),
-            ));
+            )));
         };
         // The messages were copied out of the guest, and are written out
         // again as JSON: host work paid in fuel like a log line's.
         let bytes: usize = request.messages.iter().map(|message| message.content.len()).sum();
         self.host_work_fuel += bytes as u64 * crate::sandbox::capabilities::log::FUEL_PER_BYTE;
         if request.messages.is_empty() {
-            return Err(LlmError::InvalidRequest(
+            return Err(ChatFailure::from(LlmError::InvalidRequest(
                 "the chat request has no messages; give at least one".to_string(),
-            ));
+            )));
         }
         let settings = llm.client.settings();
         let temperature = request.temperature.unwrap_or(settings.default_temperature);
         if !temperature.is_finite() || temperature < 0.0 {
-            return Err(LlmError::InvalidRequest(format!(
+            return Err(ChatFailure::from(LlmError::InvalidRequest(format!(
                 "temperature {temperature} is not a number of 0 or more"
-            )));
+            ))));
         }
         let model = request
             .model
@@ -83,29 +110,29 @@ impl Host for RunState {
             .or_else(|| llm.agent_model.clone())
             .unwrap_or_else(|| settings.default_model.clone());
         if !settings.allows(&model) {
-            return Err(LlmError::InvalidRequest(format!(
+            return Err(ChatFailure::from(LlmError::InvalidRequest(format!(
                 "the model {:?} is not allowed on this node; ask for one of AgentRuntime.AllowedModels \
                  ({}), or have the operator add it there",
                 crate::sandbox::capabilities::log::truncate(&model, 200),
                 settings.allowed_models.iter().cloned().collect::<Vec<_>>().join(", ")
-            )));
+            ))));
         }
         let remaining = self.tokens.remaining();
         if remaining == 0 {
-            return Err(LlmError::BudgetExhausted(format!(
+            return Err(ChatFailure::from(LlmError::BudgetExhausted(format!(
                 "the run's LLM token budget of {} is spent ({} used); no call was made",
                 self.tokens.limit,
                 self.tokens.used()
-            )));
+            ))));
         }
         let prompt_tokens = estimate_prompt_tokens(&request.messages);
         if prompt_tokens >= remaining {
-            return Err(LlmError::BudgetExhausted(format!(
+            return Err(ChatFailure::from(LlmError::BudgetExhausted(format!(
                 "the prompt is about {prompt_tokens} tokens (estimated from its {bytes} bytes), \
                  which leaves no room for an answer in the {remaining} tokens left of the run's \
                  LLM token budget of {}; no call was made; send a shorter prompt",
                 self.tokens.limit
-            )));
+            ))));
         }
         let room = remaining - prompt_tokens;
         let max_tokens = match request.max_tokens {
@@ -145,13 +172,14 @@ impl Host for RunState {
             .instrument(span.clone())
             .await
             .map_err(|err| {
-                let err = match err {
-                    CallError::Timeout(message) => LlmError::Timeout(message),
-                    CallError::Provider(message) => LlmError::Provider(message),
-                    CallError::TooLarge(message) => LlmError::InvalidRequest(message),
+                let (error, retryable) = match err {
+                    CallError::Timeout(message) => (LlmError::Timeout(message), false),
+                    CallError::Provider(message) => (LlmError::Provider(message), false),
+                    CallError::Exhausted(message) => (LlmError::Provider(message), true),
+                    CallError::TooLarge(message) => (LlmError::InvalidRequest(message), false),
                 };
-                span.record("error", tracing::field::debug(&err));
-                err
+                span.record("error", tracing::field::debug(&error));
+                ChatFailure { error, retryable }
             })?;
         let (tokens_in, tokens_out) = answer.usage.unwrap_or_else(|| {
             // Without a usage report the node cannot know; it charges the
@@ -177,6 +205,14 @@ impl Host for RunState {
             );
         }
         tokens.usd_cost += llm.client.price(&model, &answer.model, tokens_in, tokens_out);
+        if let Some(refusal) = answer.refusal {
+            // Metered and priced above: a refusal costs its tokens too.
+            return Err(LlmError::Provider(format!(
+                "the model refused to answer: {}",
+                crate::sandbox::capabilities::log::truncate(&refusal, 500)
+            ))
+            .into());
+        }
         Ok(ChatResponse {
             content: answer.content,
             model: answer.model,

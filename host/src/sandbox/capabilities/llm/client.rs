@@ -93,6 +93,10 @@ struct Choice {
 struct ChoiceMessage {
     #[serde(default)]
     content: Option<String>,
+    /// OpenAI's structured refusal: set, with no content, when the model
+    /// declines to answer.
+    #[serde(default)]
+    refusal: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +113,8 @@ pub(crate) struct Answer {
     pub content: String,
     pub model: String,
     pub finish_reason: String,
+    /// The model's refusal, when it declined to answer.
+    pub refusal: Option<String>,
     /// `None` when the provider reported no usage.
     pub usage: Option<(u32, u32)>,
 }
@@ -129,6 +135,9 @@ pub(crate) enum CallError {
     Timeout(String),
     /// The provider refused or failed.
     Provider(String),
+    /// The provider failed in a way that could pass (429, 5xx, a network
+    /// error) on every attempt the deadline allowed.
+    Exhausted(String),
     /// The request is more than the node sends.
     TooLarge(String),
 }
@@ -228,6 +237,30 @@ impl LlmClient {
                 Ok(answer) => return Ok(answer),
                 Err(Attempt::Final(error)) => return Err(error),
                 Err(Attempt::Retry(error)) => error,
+                Err(Attempt::RetryAfter(error, asked)) => {
+                    // The provider said when to come back (a 429's
+                    // `Retry-After`): not sooner, and not at all when that
+                    // is past the deadline.
+                    if Instant::now() + asked >= deadline {
+                        return Err(CallError::Exhausted(format!(
+                            "{} (it asked to retry after {}s, past the run's deadline)",
+                            describe(&error),
+                            asked.as_secs()
+                        )));
+                    }
+                    backoff.next_delay();
+                    tracing::warn!(
+                        target: LOG_TARGET, attempt = backoff.attempts(),
+                        error = %describe(&error),
+                        retry_after_s = asked.as_secs(),
+                        "LLM call failed; retrying when the provider asked"
+                    );
+                    if backoff.attempts() >= MAX_ATTEMPTS {
+                        return Err(self.out_of_time(Some(error), backoff.attempts()));
+                    }
+                    tokio::time::sleep(asked).await;
+                    continue;
+                }
             };
             let delay = backoff.next_delay();
             tracing::warn!(
@@ -251,8 +284,8 @@ impl LlmClient {
             Some(CallError::Timeout(message)) => {
                 CallError::Timeout(format!("{message} (gave up after {attempts} attempts)"))
             }
-            Some(CallError::Provider(message)) => {
-                CallError::Provider(format!("{message} (gave up after {attempts} attempts)"))
+            Some(CallError::Provider(message) | CallError::Exhausted(message)) => {
+                CallError::Exhausted(format!("{message} (gave up after {attempts} attempts)"))
             }
             Some(too_large @ CallError::TooLarge(_)) => too_large,
         }
@@ -280,6 +313,12 @@ impl LlmClient {
             .await
             .map_err(|err| self.transport_error(&err, timeout))?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = self.read_body(response, timeout).await?;
         if !status.is_success() {
             let message = format!(
@@ -287,7 +326,10 @@ impl LlmClient {
                 self.quote(&String::from_utf8_lossy(quoted(&body)))
             );
             return Err(if status.as_u16() == 429 || status.is_server_error() {
-                Attempt::Retry(CallError::Provider(message))
+                match retry_after {
+                    Some(asked) => Attempt::RetryAfter(CallError::Provider(message), asked),
+                    None => Attempt::Retry(CallError::Provider(message)),
+                }
             } else {
                 Attempt::Final(CallError::Provider(message))
             });
@@ -304,8 +346,13 @@ impl LlmClient {
             )));
         };
         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (content, refusal) = match choice.message {
+            Some(message) => (message.content, message.refusal.filter(|r| !r.is_empty())),
+            None => (None, None),
+        };
         Ok(Answer {
-            content: choice.message.and_then(|m| m.content).unwrap_or_default(),
+            content: content.unwrap_or_default(),
+            refusal,
             model: parsed.model.unwrap_or_else(|| request.model.clone()),
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage: parsed
@@ -424,12 +471,17 @@ impl std::io::Write for CappedBuffer {
 
 enum Attempt {
     Retry(CallError),
+    /// Retry no sooner than the provider asked.
+    RetryAfter(CallError, Duration),
     Final(CallError),
 }
 
 fn describe(error: &CallError) -> &str {
     match error {
-        CallError::Timeout(message) | CallError::Provider(message) | CallError::TooLarge(message) => message,
+        CallError::Timeout(message)
+        | CallError::Provider(message)
+        | CallError::Exhausted(message)
+        | CallError::TooLarge(message) => message,
     }
 }
 

@@ -27,7 +27,7 @@ use wasmtime::component::{HasSelf, Linker};
 use crate::sandbox::bindings;
 use crate::sandbox::state::RunState;
 
-pub(crate) use chat::RunLlm;
+pub(crate) use chat::{ChatFailure, RunLlm};
 pub use client::{LLM_REQUEST_BYTES, LLM_RESPONSE_BYTES, LlmClient, LlmClientError};
 pub use prompt_estimate::{TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST};
 pub use settings::{AZURE_API_VERSION, LlmEndpoint, LlmSettings, ModelPrice};
