@@ -599,3 +599,137 @@ fn serve_starts_with_the_reference_nodes_own_appsettings_and_registers() {
     child.wait().unwrap();
     runtime.block_on(plane.shutdown());
 }
+
+/// `run-agent --spec -`: a definition from stdin runs with the built-in
+/// agent, its placeholder filled from `--secret` for the `--allow-http`
+/// host only, its answer in the result; without the grant it is refused
+/// before the model is called.
+#[test]
+fn run_agent_runs_a_definition_from_stdin_and_refuses_what_the_flags_do_not_grant() {
+    use std::io::Write as _;
+    let (runtime, url, seen) = llm_stub();
+    let target_seen: SeenRequests = std::sync::Arc::default();
+    let recorder = target_seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let recorder = recorder.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    recorder.lock().unwrap().push((auth, body));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let spec = serde_json::json!({
+        "agentId": "hook-agent", "version": "2.0.0",
+        "spec": {"name": "Hook", "instructions": "Say something.", "tools": ["http-post"],
+                 "budget": {"maxTokens": 500},
+                 "output": {"type": "Http", "config": {"endpoint": format!("http://{target}/hook"),
+                            "headers": {"Authorization": "Token ${HOOK_TOKEN}"}}}}
+    })
+    .to_string();
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .args(["run-agent", "--spec", "-", "--json", "--input-ref", "message=hi"])
+            .args(["--llm-endpoint", &url, "--llm-key-env", "CLI_SPEC_LLM_KEY"])
+            .args(extra)
+            .env("CLI_SPEC_LLM_KEY", "sk-spec")
+            .env("HOOK_TOKEN_VAR", "hook-s3cret")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(spec.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(
+            !stdout.contains("hook-s3cret") && !stderr.contains("hook-s3cret"),
+            "{stdout}{stderr}"
+        );
+        (output.status.code(), stdout, stderr)
+    };
+
+    let (code, stdout, stderr) = run(&["--allow-http", &target, "--secret", "HOOK_TOKEN=HOOK_TOKEN_VAR"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["result"]["output"], "stub answer");
+    assert_eq!(json["report"]["tokens_in"], 9);
+    assert_eq!(json["report"]["http_requests"], 1);
+    assert_eq!(json["report"]["fuel_consumed"], 0);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1["messages"][0]["content"], "Say something.");
+        assert_eq!(seen[0].1["messages"][1]["content"], "hi");
+        let posted = target_seen.lock().unwrap();
+        assert_eq!(posted.len(), 1);
+        assert_eq!(posted[0].0, "Token hook-s3cret");
+        assert_eq!(posted[0].1, serde_json::json!({"output": "stub answer"}));
+    }
+
+    // No --allow-http: refused before the model is called (exit 4, agent.invalid).
+    let (code, stdout, _) = run(&[]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["kind"], "agent.invalid", "{stdout}");
+    assert!(json["message"].as_str().unwrap().contains("allow-list"), "{stdout}");
+    assert_ne!(code, Some(0));
+    // Allowed, but no secret: the placeholder is refused by name.
+    let (_, stdout, _) = run(&["--allow-http", &target]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(json["message"].as_str().unwrap().contains("${HOOK_TOKEN}"), "{stdout}");
+    // A lease (here the flag) may lower the spec's budget, never raise it.
+    let (_, stdout, _) = run(&[
+        "--allow-http",
+        &target,
+        "--secret",
+        "HOOK_TOKEN=HOOK_TOKEN_VAR",
+        "--max-tokens",
+        "900",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        json["message"].as_str().unwrap().contains("budget.maxTokens"),
+        "{stdout}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "a refused run called the model");
+    assert_eq!(target_seen.lock().unwrap().len(), 1, "a refused run posted");
+
+    // Flags that cannot work are usage errors naming the fix.
+    let (code, _, stderr) = run(&["--secret", "HOOK_TOKEN=HOOK_TOKEN_VAR"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--allow-http"), "{stderr}");
+    let (code, _, stderr) = run(&["--allow-http", &target, "--secret", "HOOK_TOKEN=NO_SUCH_VAR_X"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("NO_SUCH_VAR_X is not set"), "{stderr}");
+}
+
+#[test]
+fn run_agent_spec_names_what_is_wrong_with_a_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.json");
+    std::fs::write(&path, r#"{"name": "x", "budget": {"maxTokens": 0}}"#).unwrap();
+    let output = node_runtime(&["run-agent", "--spec", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("agent.invalid") && stdout.contains("instructions is required"),
+        "{stdout}"
+    );
+    assert_ne!(output.status.code(), Some(0));
+    let both = node_runtime(&["run-agent", "a.wasm", "--spec", path.to_str().unwrap()]);
+    assert_eq!(both.status.code(), Some(2));
+}
