@@ -16,9 +16,12 @@ use support::sync::lock;
 use crate::control_plane::{AgentApi, AgentApiError};
 use crate::sandbox::declarative::AgentSpec;
 
-/// Definitions kept in memory: past this many versions, the oldest half is
-/// forgotten (and fetched again when a lease names it).
+/// Definitions kept in memory: past this many versions, or this many
+/// bytes of definitions (each is at most `SPEC_BYTES`, 1 MiB), the older
+/// half by last use is forgotten (and fetched again when a lease names
+/// it).
 const KEPT_VERSIONS: usize = 1024;
+const KEPT_BYTES: usize = 64 << 20;
 
 type SpecCell = Arc<tokio::sync::OnceCell<Arc<AgentSpec>>>;
 
@@ -40,8 +43,16 @@ pub(super) struct Specs {
 
 #[derive(Default)]
 struct Kept {
-    cells: HashMap<(String, String), (SpecCell, u64)>,
+    /// The cell, when it was last asked for (a counter), and the size of
+    /// the definition it holds (0 until fetched).
+    cells: HashMap<(String, String), (SpecCell, u64, usize)>,
     clock: u64,
+}
+
+impl Kept {
+    fn bytes(&self) -> usize {
+        self.cells.values().map(|(_, _, bytes)| bytes).sum()
+    }
 }
 
 impl Specs {
@@ -60,34 +71,44 @@ impl Specs {
             let mut kept = lock(&self.kept);
             kept.clock += 1;
             let now = kept.clock;
-            if kept.cells.len() >= KEPT_VERSIONS && !kept.cells.contains_key(&key) {
+            let full = kept.cells.len() >= KEPT_VERSIONS || kept.bytes() >= KEPT_BYTES;
+            if full && !kept.cells.contains_key(&key) {
                 // Forget the older half, by last use.
-                let mut uses: Vec<u64> = kept.cells.values().map(|(_, used)| *used).collect();
+                let mut uses: Vec<u64> = kept.cells.values().map(|(_, used, _)| *used).collect();
                 uses.sort_unstable();
                 let cut = uses[uses.len() / 2];
-                kept.cells.retain(|_, (_, used)| *used >= cut);
+                kept.cells.retain(|_, (_, used, _)| *used >= cut);
             }
-            let entry = kept.cells.entry(key).or_default();
+            let entry = kept.cells.entry(key.clone()).or_default();
             entry.1 = now;
             entry.0.clone()
         };
-        cell.get_or_try_init(|| async {
-            let bytes = self.api.version(agent_id, version).await.map_err(|err| match err {
-                AgentApiError::NotFound { .. } => SpecError::Invalid(format!(
-                    "agent {agent_id} version {version} not found: no agent source has it, and the \
+        let mut size = 0;
+        let spec = cell
+            .get_or_try_init(|| async {
+                let bytes = self.api.version(agent_id, version).await.map_err(|err| match err {
+                    AgentApiError::NotFound { .. } => SpecError::Invalid(format!(
+                        "agent {agent_id} version {version} not found: no agent source has it, and the \
                      control plane has no definition of it ({err})"
-                )),
-                AgentApiError::Unavailable { .. } => SpecError::Unavailable(err.to_string()),
-            })?;
-            let spec = AgentSpec::parse(&bytes).map_err(|invalid| {
-                SpecError::Invalid(format!(
-                    "the control plane's definition of agent {agent_id} version {version} cannot \
+                    )),
+                    AgentApiError::Unavailable { .. } => SpecError::Unavailable(err.to_string()),
+                })?;
+                size = bytes.len();
+                let spec = AgentSpec::parse(&bytes).map_err(|invalid| {
+                    SpecError::Invalid(format!(
+                        "the control plane's definition of agent {agent_id} version {version} cannot \
                      run: {invalid}"
-                ))
-            })?;
-            Ok(Arc::new(spec))
-        })
-        .await
-        .cloned()
+                    ))
+                })?;
+                Ok(Arc::new(spec))
+            })
+            .await
+            .cloned();
+        if size > 0
+            && let Some(entry) = lock(&self.kept).cells.get_mut(&key)
+        {
+            entry.2 = size;
+        }
+        spec
     }
 }

@@ -424,12 +424,24 @@ pub(crate) fn is_internal(ip: IpAddr) -> bool {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => is_internal(IpAddr::V4(v4)),
             None => {
-                let first = v6.segments()[0];
+                let segments = v6.segments();
+                let first = segments[0];
+                // An IPv4 address carried inside: NAT64 (64:ff9b::/96) and
+                // 6to4 (2002::/16) reach it.
+                let embedded = |high: u16, low: u16| {
+                    let [a, b] = high.to_be_bytes();
+                    let [c, d] = low.to_be_bytes();
+                    is_internal(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
+                };
+                let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
                 v6.is_loopback()
                     || v6.is_unspecified()
                     || v6.is_multicast()
                     || (first & 0xfe00) == 0xfc00
                     || (first & 0xffc0) == 0xfe80
+                    || (first & 0xffc0) == 0xfec0
+                    || (nat64 && embedded(segments[6], segments[7]))
+                    || (first == 0x2002 && embedded(segments[1], segments[2]))
             }
         },
     }
@@ -454,10 +466,19 @@ mod tests {
             "fe80::1",
             "::ffff:10.0.0.1",
             "::ffff:127.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+            "fec0::1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }
         assert_eq!(ip_host("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
