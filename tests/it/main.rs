@@ -28,6 +28,8 @@ mod cli;
 mod compiled_cache;
 /// The daemon against the dev plane: registration, slots, reports, drain.
 mod daemon;
+/// Declarative agents: definitions from the agent API run by a node.
+mod declarative;
 /// The development control plane, as nodes and developers use it.
 mod dev_plane;
 /// The outbox on a full filesystem, and damaged outbox files.
