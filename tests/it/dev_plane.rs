@@ -2320,3 +2320,46 @@ mod stub_shapes {
         assert_eq!(accepted.json(), Some(json!({"vendorCategory": "Utilities"})));
     }
 }
+
+#[tokio::test]
+async fn a_node_reads_a_version_with_a_plain_get_over_the_same_tls_and_client_certificate() {
+    use crate::certs::{TestCa, plane_tls};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = TestCa::new("agents test CA");
+    let server = ca.server("127.0.0.1");
+    let node = ca.client("node-1");
+    let plane = DevPlane::start(PlaneOptions {
+        tls: Some(plane_tls(&server, &ca, &[])),
+        definitions: Some(declarative_samples()),
+        ..options()
+    })
+    .await
+    .unwrap();
+    let url = format!(
+        "{}/v1/agents/invoice-classifier-declarative/versions/1.0.0",
+        plane.url()
+    );
+    let root = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap();
+    let identity = reqwest::Identity::from_pem(format!("{}{}", node.cert_pem, node.key_pem).as_bytes()).unwrap();
+    let with_certificate = reqwest::Client::builder()
+        .timeout(WAIT)
+        .tls_certs_only([root.clone()])
+        .identity(identity)
+        .build()
+        .unwrap();
+    let response = with_certificate.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let version: Value = response.json().await.unwrap();
+    assert_eq!(version["spec"]["output"]["type"], "Http");
+
+    let without = reqwest::Client::builder()
+        .timeout(WAIT)
+        .tls_certs_only([root])
+        .build()
+        .unwrap();
+    assert!(
+        without.get(&url).send().await.is_err(),
+        "no client certificate, no agents"
+    );
+    plane.shutdown().await;
+}
