@@ -723,5 +723,22 @@ mod tests {
         }
         let refused = book.create(spec(valid()), "one-more".to_string()).unwrap_err();
         assert!(refused.to_string().contains("delete one"), "{refused}");
+
+        let entry = book.agents.get_mut("a0").unwrap();
+        for i in 0..MAX_VERSIONS_PER_AGENT {
+            entry.versions.push(AgentVersion {
+                agent_id: "a0".to_string(),
+                version: format!("1.0.{i}"),
+                spec: Agent::default(),
+                created_at: String::new(),
+            });
+        }
+        let refused = book
+            .add_version("a0", "2.0.0", Some(spec(valid())), String::new())
+            .unwrap_err();
+        assert!(
+            matches!(&refused, AgentRefusal::Invalid(m) if m.contains("1000 versions")),
+            "{refused}"
+        );
     }
 }
