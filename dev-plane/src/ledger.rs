@@ -16,6 +16,7 @@ use support::sync::lock;
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
+use super::agents::{AgentBook, AgentChange};
 use super::state::PlaneState;
 use super::store::{Row, SaveError, Store};
 
@@ -23,6 +24,9 @@ pub struct Ledger {
     // A std mutex: no critical section awaits, and each is short (the
     // longest serializes the runs for the store).
     state: std::sync::Mutex<PlaneState>,
+    /// The agent API's agents and versions; changed only through
+    /// [`Ledger::change_agents`].
+    agents: std::sync::Mutex<AgentBook>,
     store: Option<Store>,
     /// Held from applying a change until it is saved or undone, so no
     /// other change (a lease of a just-submitted run, say) builds on one
@@ -33,9 +37,10 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(state: PlaneState, store: Option<Store>, lease_ttl: Duration) -> Ledger {
+    pub fn new(state: PlaneState, agents: AgentBook, store: Option<Store>, lease_ttl: Duration) -> Ledger {
         Ledger {
             state: std::sync::Mutex::new(state),
+            agents: std::sync::Mutex::new(agents),
             store,
             writing: Arc::new(tokio::sync::Mutex::new(())),
             work: Notify::new(),
@@ -115,6 +120,45 @@ impl Ledger {
         let wake = self.lock().take_wake_pullers();
         self.wake(wake);
         Ok(answer)
+    }
+
+    /// Reads the agents.
+    pub fn read_agents<R>(&self, f: impl FnOnce(&AgentBook) -> R) -> R {
+        f(&lock(&self.agents))
+    }
+
+    /// Asks the agents for a change at the current time, saves it, and
+    /// only then applies it: an agent or version that cannot be saved is
+    /// never kept. Changes to agents are serialized with each other (and
+    /// with saves of runs), so each is planned on the book as it stands.
+    pub async fn change_agents<E>(
+        self: &Arc<Self>,
+        plan: impl FnOnce(&AgentBook, SystemTime) -> Result<AgentChange, E>,
+    ) -> Result<Result<AgentChange, E>, SaveError> {
+        let writing = Arc::clone(&self.writing).lock_owned().await;
+        let change = match plan(&lock(&self.agents), SystemTime::now()) {
+            Ok(change) => change,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        // Saved and applied in a task of its own, as in `write`: a caller
+        // that goes away mid-save must not leave the change half done.
+        let ledger = Arc::clone(self);
+        let settled = tokio::spawn(async move {
+            let _writing = writing;
+            if let Some(store) = &ledger.store {
+                store.save_agents(change.clone()).await?;
+            }
+            lock(&ledger.agents).apply(change.clone());
+            Ok(change)
+        })
+        .await;
+        match settled {
+            Ok(saved) => saved.map(Ok),
+            Err(join) => Err(SaveError {
+                path: self.store.as_ref().map(Store::path).unwrap_or_default(),
+                source: std::io::Error::other(join),
+            }),
+        }
     }
 
     /// Waits for a save in flight, then closes the store, so the data dir

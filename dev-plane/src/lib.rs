@@ -9,17 +9,24 @@
 //! over TLS (ALPN `h2` or `http/1.1`), client certificates required.
 //!
 //! - [`state`]: nodes, runs and the leasing rules (pure logic).
+//! - [`agents`]: the reference's declarative agents and their versions,
+//!   with its spec validation (pure logic); `definitions`: agent files
+//!   loaded at start-up.
 //! - `ledger`: the state behind a lock, saved on every change (a change
 //!   that cannot be saved is undone).
-//! - `store`: the runs database in the data dir, written per change.
+//! - `store`: the runs and agents database in the data dir, written per
+//!   change.
 //! - `access`: who may use the plane: the Host check, JSON-only POSTs,
 //!   node ids bound to client certificates.
-//! - `rest`, `grpc`: the two front ends; `serve`: the connections they
+//! - `rest` (with `agent_api`), `grpc`: the two front ends; `serve`: the connections they
 //!   are served on, with a header-read timeout.
 //! - [`tls`]: HTTPS and gRPC over TLS, with required client certificates;
 //!   [`tls_dir`]: the certificate files of `dev --tls-dir`.
 
 mod access;
+mod agent_api;
+pub mod agents;
+mod definitions;
 mod grpc;
 mod ledger;
 mod rest;
@@ -40,6 +47,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use access::AllowedHost;
+pub use agents::{Agent, AgentVersion};
+pub use definitions::DefinitionError;
 use proto::lease_service_server::LeaseServiceServer;
 pub use state::{
     Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus, SandboxReadings,
@@ -49,6 +58,7 @@ pub use store::{LoadError, SaveError};
 pub use tls::PlaneTls;
 
 use access::{Access, HostRule};
+use agents::AgentBook;
 use ledger::Ledger;
 use state::PlaneState;
 use store::Store;
@@ -82,6 +92,9 @@ pub struct PlaneOptions {
     /// headers (the first request's, and each HTTP/1.1 request's after
     /// it); slower connections are dropped.
     pub header_read_timeout: Duration,
+    /// A directory of agent definitions (`*.json`, the reference's
+    /// format) to publish at start-up (see `definitions`).
+    pub definitions: Option<PathBuf>,
 }
 
 impl Default for PlaneOptions {
@@ -96,6 +109,7 @@ impl Default for PlaneOptions {
             allowed_hosts: Vec::new(),
             reregistration: Reregistration::Replace,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            definitions: None,
         }
     }
 }
@@ -118,6 +132,8 @@ pub enum PlaneError {
     InvalidRun(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Definitions(#[from] DefinitionError),
 }
 
 /// A running plane. Dropping it stops the server as `shutdown` does, but
@@ -135,12 +151,19 @@ pub struct DevPlane {
 impl DevPlane {
     /// Binds, loads the saved runs, and starts serving and expiring leases.
     pub async fn start(options: PlaneOptions) -> Result<DevPlane, PlaneError> {
-        let (state, store) = match &options.data_dir {
+        // Definition files are read first: a bad one stops the plane
+        // before anything is opened.
+        let definitions = match &options.definitions {
+            Some(dir) => definitions::read_dir(dir)?,
+            None => Vec::new(),
+        };
+        let (state, book, store) = match &options.data_dir {
             Some(dir) => {
-                let (store, runs) = Store::open(dir)?;
-                (PlaneState::from_runs(runs), Some(store))
+                let (store, runs, saved) = Store::open(dir)?;
+                let book = AgentBook::from_saved(saved.agents, saved.versions);
+                (PlaneState::from_runs(runs), book, Some(store))
             }
-            None => (PlaneState::new(), None),
+            None => (PlaneState::new(), AgentBook::default(), None),
         };
         let state = state.with_reregistration(options.reregistration);
         let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|source| {
@@ -158,7 +181,8 @@ impl DevPlane {
             source,
         })?;
 
-        let ledger = Arc::new(Ledger::new(state, store, options.lease_ttl));
+        let ledger = Arc::new(Ledger::new(state, book, store, options.lease_ttl));
+        publish(&ledger, &definitions).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let desk = grpc::LeaseDesk::new(Arc::clone(&ledger), shutdown_rx.clone(), options.idle_poll);
@@ -265,6 +289,16 @@ impl DevPlane {
         self.ledger.fail_disk_writes(failing);
     }
 
+    /// Every agent of the agent API, ordered by id.
+    pub fn agents(&self) -> Vec<Agent> {
+        self.ledger.read_agents(AgentBook::agents)
+    }
+
+    /// One version of an agent, as `GET /v1/agents/{agentId}/versions/{version}` shows it.
+    pub fn agent_version(&self, agent_id: &str, version: &str) -> Option<AgentVersion> {
+        self.ledger.read_agents(|book| book.version(agent_id, version).cloned())
+    }
+
     /// Every registered node, ordered by id.
     pub fn nodes(&self) -> Vec<Node> {
         self.ledger.read(|state| state.nodes().cloned().collect())
@@ -299,6 +333,28 @@ impl Drop for DevPlane {
         let _ = self.shutdown.send(true);
         self.ledger.close_now();
     }
+}
+
+/// Publishes the definition files' agents and versions that the plane
+/// does not hold yet (saved like any other change).
+async fn publish(ledger: &Arc<Ledger>, definitions: &[definitions::Definition]) -> Result<(), PlaneError> {
+    for definition in definitions {
+        let now = state::iso8601(std::time::SystemTime::now());
+        let changes = ledger.read_agents(|book| definitions::changes(book, definition, &now))?;
+        for change in changes {
+            ledger
+                .change_agents(|_, _| Ok::<_, std::convert::Infallible>(change))
+                .await?
+                .unwrap_or_else(|never| match never {});
+        }
+        tracing::info!(
+            agent_id = %definition.agent.agent_id,
+            version = %definition.version,
+            file = %definition.path.display(),
+            "agent definition published"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves once shutdown is requested (or the `DevPlane` is gone).

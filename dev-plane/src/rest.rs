@@ -1,6 +1,6 @@
 //! The REST half of the plane: node registration, heartbeat and listing,
 //! as the reference serves them, plus run submission and inspection,
-//! which the reference lacks.
+//! which the reference lacks; the agent API is in `agent_api`.
 //!
 //! JSON follows the reference's conventions (ASP.NET's defaults):
 //! camelCase names out, property names matched case-insensitively in,
@@ -45,6 +45,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/v1/nodes/{target}", get(get_node).delete(delete_node).post(heartbeat))
         .route("/v1/runs", post(submit_run).get(list_runs))
         .route("/v1/runs/{run_id}", get(get_run))
+        .merge(super::agent_api::routes())
         .route_layer(axum::middleware::from_fn(access::json_only))
         .with_state(ledger)
 }
@@ -178,11 +179,11 @@ async fn get_run(State(ledger): Ledgered, Path(run_id): Path<String>) -> Respons
 
 // ---- responses ---------------------------------------------------------
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+pub(super) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn created<T: Serialize>(location: &str, body: &T) -> Response {
+pub(super) fn created<T: Serialize>(location: &str, body: &T) -> Response {
     (
         StatusCode::CREATED,
         [(header::LOCATION, location.to_string())],
@@ -191,13 +192,13 @@ fn created<T: Serialize>(location: &str, body: &T) -> Response {
         .into_response()
 }
 
-fn empty(status: StatusCode) -> Response {
+pub(super) fn empty(status: StatusCode) -> Response {
     status.into_response()
 }
 
 /// 503: the plane's disk failed, not the request; nothing was changed, so
 /// the same request may simply be sent again.
-fn save_failed(save: SaveError) -> Response {
+pub(super) fn save_failed(save: SaveError) -> Response {
     let body = serde_json::json!({
         "error": format!("{save}; the request was not carried out: send it again once the file can be written")
     });
@@ -227,7 +228,7 @@ impl IntoResponse for BadRequest {
 
 /// Percent-encodes what a header value or path segment cannot carry, so an
 /// odd node id still gets a valid `Location`.
-fn path_segment(id: &str) -> String {
+pub(super) fn path_segment(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for byte in id.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~:@!$&'()*+,;=".contains(&byte) {

@@ -8,6 +8,9 @@
 //! not saved: after a restart they get 404 on heartbeat and register
 //! again, as with the reference.
 //!
+//! The agents and their versions (the agent API) live in two more tables
+//! of the same file, written the same way, one change per transaction.
+//!
 //! A change costs the rows it touched, whatever the number of runs (the
 //! whole-file `runs.json` this replaces slowed from 96 to 7 submissions a
 //! second over 10,000). A `runs.json` left by an older plane is imported
@@ -30,6 +33,7 @@ use redb::{Database, DatabaseError, ReadableTable, StorageBackend, TableDefiniti
 use serde::Deserialize;
 use support::sync::lock;
 
+use super::agents::{Agent, AgentChange, AgentVersion};
 use super::state::Run;
 
 const FILE_NAME: &str = "runs.redb";
@@ -38,12 +42,23 @@ const LEGACY_FILE: &str = "runs.json";
 const LEGACY_FORMAT: u32 = 1;
 /// A run's place in submission order -> the run as JSON (the REST shape).
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs_v1");
+/// An agent id -> the agent as JSON (the REST shape).
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents_v1");
+/// (agent id, version) -> the version as JSON (the REST shape).
+const AGENT_VERSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("agent_versions_v1");
+
+/// The agents and versions a data dir holds.
+#[derive(Debug, Default)]
+pub struct SavedAgents {
+    pub agents: Vec<Agent>,
+    pub versions: Vec<AgentVersion>,
+}
 
 /// Why a change could not be saved; the message names the file and what
 /// to check.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot save runs to {}: {source}; check that it is a writable file in a writable directory with free space",
+    "cannot save to {}: {source}; check that it is a writable file in a writable directory with free space",
     path.display()
 )]
 pub struct SaveError {
@@ -203,7 +218,7 @@ impl Store {
     /// Opens (creating if needed) the data dir and its database, imports a
     /// `runs.json` left there by an older plane, and loads the saved runs
     /// in submission order.
-    pub fn open(dir: &Path) -> Result<(Store, Vec<Run>), LoadError> {
+    pub fn open(dir: &Path) -> Result<(Store, Vec<Run>, SavedAgents), LoadError> {
         std::fs::create_dir_all(dir).map_err(|source| LoadError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -212,6 +227,7 @@ impl Store {
         let failing = Arc::new(AtomicBool::new(false));
         let db = open_database(&path, &failing)?;
         let mut runs = read_runs(&db, &path)?;
+        let agents = read_agents(&db, &path)?;
         let legacy = dir.join(LEGACY_FILE);
         if let Some(imported) = read_legacy(&legacy)? {
             if !runs.is_empty() {
@@ -249,7 +265,7 @@ impl Store {
             reopen: AtomicBool::new(false),
             failing,
         };
-        Ok((Store { inner: Arc::new(inner) }, runs))
+        Ok((Store { inner: Arc::new(inner) }, runs, agents))
     }
 
     /// The database file.
@@ -261,8 +277,21 @@ impl Store {
     /// are in the file (see the module's paragraph on fsync). Callers
     /// never save concurrently (the ledger serializes them).
     pub async fn save(&self, rows: Vec<Row>) -> Result<(), SaveError> {
+        self.save_with(move |db| write_rows(db, &rows)).await
+    }
+
+    /// Writes one change to the agents in one transaction, with the same
+    /// durability as [`save`](Self::save).
+    pub async fn save_agents(&self, change: AgentChange) -> Result<(), SaveError> {
+        self.save_with(move |db| write_agent_change(db, &change)).await
+    }
+
+    async fn save_with(
+        &self,
+        write: impl FnOnce(&Database) -> Result<(), std::io::Error> + Send + 'static,
+    ) -> Result<(), SaveError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.save(&rows))
+        tokio::task::spawn_blocking(move || inner.save(write))
             .await
             .unwrap_or_else(|join| Err(std::io::Error::other(join)))
             .map_err(|source| SaveError {
@@ -286,7 +315,7 @@ impl Store {
 }
 
 impl Inner {
-    fn save(&self, rows: &[Row]) -> Result<(), std::io::Error> {
+    fn save(&self, write: impl FnOnce(&Database) -> Result<(), std::io::Error>) -> Result<(), std::io::Error> {
         let db = {
             let mut db = lock(&self.db);
             if self.closed.load(Ordering::SeqCst) {
@@ -306,7 +335,7 @@ impl Inner {
         let Some(db) = db else {
             unreachable!("an open store holds its database, or returned above")
         };
-        let written = write_rows(&db, rows);
+        let written = write(&db);
         if written.is_err() {
             self.reopen.store(true, Ordering::SeqCst);
         }
@@ -369,6 +398,89 @@ fn read_runs(db: &Database, path: &Path) -> Result<Vec<Run>, LoadError> {
         runs.push(run);
     }
     Ok(runs)
+}
+
+fn read_agents(db: &Database, path: &Path) -> Result<SavedAgents, LoadError> {
+    let open_failed = |source: redb::Error| LoadError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let bad_row = |what: String, err: serde_json::Error| LoadError::Row {
+        path: path.to_path_buf(),
+        message: format!("{what}: {err}"),
+    };
+    let read = db.begin_read().map_err(|err| open_failed(err.into()))?;
+    let mut saved = SavedAgents::default();
+    match read.open_table(AGENTS) {
+        Ok(table) => {
+            for row in table.iter().map_err(|err| open_failed(err.into()))? {
+                let (id, bytes) = row.map_err(|err| open_failed(err.into()))?;
+                let agent = serde_json::from_slice(bytes.value())
+                    .map_err(|err| bad_row(format!("agent {}", id.value()), err))?;
+                saved.agents.push(agent);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(err) => return Err(open_failed(err.into())),
+    }
+    match read.open_table(AGENT_VERSIONS) {
+        Ok(table) => {
+            for row in table.iter().map_err(|err| open_failed(err.into()))? {
+                let (key, bytes) = row.map_err(|err| open_failed(err.into()))?;
+                let (id, version) = key.value();
+                let version = serde_json::from_slice(bytes.value())
+                    .map_err(|err| bad_row(format!("agent {id} version {version}"), err))?;
+                saved.versions.push(version);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(err) => return Err(open_failed(err.into())),
+    }
+    Ok(saved)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("agents are plain data and always serialize")
+}
+
+fn write_agent_change(db: &Database, change: &AgentChange) -> Result<(), std::io::Error> {
+    let write = db.begin_write().map_err(std::io::Error::other)?;
+    {
+        let mut agents = write.open_table(AGENTS).map_err(std::io::Error::other)?;
+        let mut versions = write.open_table(AGENT_VERSIONS).map_err(std::io::Error::other)?;
+        match change {
+            AgentChange::PutAgent(agent) => {
+                agents
+                    .insert(agent.agent_id.as_str(), to_json(agent).as_slice())
+                    .map_err(std::io::Error::other)?;
+            }
+            AgentChange::DeleteAgent {
+                agent_id,
+                versions: numbers,
+            } => {
+                agents.remove(agent_id.as_str()).map_err(std::io::Error::other)?;
+                for version in numbers {
+                    versions
+                        .remove((agent_id.as_str(), version.as_str()))
+                        .map_err(std::io::Error::other)?;
+                }
+            }
+            AgentChange::PutVersion(version) => {
+                versions
+                    .insert(
+                        (version.agent_id.as_str(), version.version.as_str()),
+                        to_json(version).as_slice(),
+                    )
+                    .map_err(std::io::Error::other)?;
+            }
+            AgentChange::DeleteVersion { agent_id, version } => {
+                versions
+                    .remove((agent_id.as_str(), version.as_str()))
+                    .map_err(std::io::Error::other)?;
+            }
+        }
+    }
+    write.commit().map_err(std::io::Error::other)
 }
 
 /// The runs of an older plane's `runs.json`, if there is one.

@@ -1446,3 +1446,920 @@ async fn dev_refuses_to_listen_beyond_loopback_without_tls_unless_told_and_then_
         );
     }
 }
+
+// ---- the agent API -----------------------------------------------------------
+
+/// An agent in the reference's format, valid as a version's spec.
+fn agent_spec(name: &str) -> Value {
+    json!({
+        "name": name,
+        "description": "classifies invoices",
+        "instructions": "Classify the invoice.",
+        "modelProfile": {"model": "stub-echo", "temperature": 0.2, "maxTokens": 300},
+        "budget": {"maxTokens": 2000, "maxDurationSeconds": 30},
+        "tools": ["http-post"],
+        "input": {"type": "ServiceBus", "config": {"queue": "invoices"}},
+        "output": {"type": "Http", "config": {"endpoint": "http://127.0.0.1:9/x", "method": "POST"}},
+        "metadata": {"Owner": "finance"},
+    })
+}
+
+impl Harness {
+    async fn put(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .put(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates an agent; returns its id.
+    async fn create_agent(&self, name: &str) -> String {
+        let response = self.post("/v1/agents", agent_spec(name)).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let agent: Value = response.json().await.unwrap();
+        agent["agentId"].as_str().unwrap().to_string()
+    }
+
+    async fn add_version(&self, agent_id: &str, version: &str, spec: Value) -> reqwest::Response {
+        self.post(
+            &format!("/v1/agents/{agent_id}:version"),
+            json!({"version": version, "spec": spec}),
+        )
+        .await
+    }
+}
+
+async fn error_of(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn creating_an_agent_is_201_with_a_server_generated_id_and_a_missing_name_is_400() {
+    let h = start(options()).await;
+    let mut body = agent_spec("Invoice classifier");
+    body["agentId"] = json!("chosen-by-the-client");
+    let response = h.post("/v1/agents", body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let agent: Value = response.json().await.unwrap();
+    let agent_id = agent["agentId"].as_str().unwrap();
+    assert_ne!(agent_id, "chosen-by-the-client", "agentId is ignored");
+    assert_eq!(agent_id.len(), 36, "a hyphenated GUID: {agent_id}");
+    assert!(uuid_like(agent_id), "{agent_id}");
+    assert_eq!(location, format!("/v1/agents/{agent_id}"));
+    assert_eq!(agent["name"], "Invoice classifier");
+    assert_eq!(agent["modelProfile"]["temperature"], 0.2);
+    assert_eq!(agent["output"]["type"], "Http");
+    assert_eq!(agent["metadata"], json!({"Owner": "finance"}));
+
+    // The reference's names, matched ignoring case; absent values are null.
+    let response = h.post("/v1/agents", json!({"NAME": "minimal"})).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let minimal: Value = response.json().await.unwrap();
+    assert_eq!(minimal["name"], "minimal");
+    assert_eq!(minimal["instructions"], Value::Null);
+    assert_eq!(minimal["tools"], json!([]));
+
+    for nameless in [
+        json!({}),
+        json!({"name": ""}),
+        json!({"name": "  ", "instructions": "x"}),
+    ] {
+        let response = h.post("/v1/agents", nameless).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.text().await.unwrap(), r#"{"error":"Name is required"}"#);
+    }
+    let response = h
+        .post("/v1/agents", json!({"name": "x", "budget": {"maxTokens": "lots"}}))
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error_of(response).await["error"],
+        "budget.maxTokens must be a whole number"
+    );
+
+    let listed: Value = h.get("/v1/agents").await.json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    h.plane.shutdown().await;
+}
+
+fn uuid_like(id: &str) -> bool {
+    let groups: Vec<usize> = id.split('-').map(str::len).collect();
+    groups == [8, 4, 4, 4, 12] && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+}
+
+#[tokio::test]
+async fn an_agent_is_read_updated_in_part_and_deleted_and_an_unknown_id_is_404() {
+    let h = start(options()).await;
+    let agent_id = h.create_agent("before").await;
+    let read: Value = h.get(&format!("/v1/agents/{agent_id}")).await.json().await.unwrap();
+    assert_eq!(read["name"], "before");
+
+    let response = h
+        .put(
+            &format!("/v1/agents/{agent_id}"),
+            json!({"name": "after", "agentId": "ignored"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let updated: Value = response.json().await.unwrap();
+    assert_eq!(updated["agentId"], agent_id.as_str());
+    assert_eq!(updated["name"], "after");
+    assert_eq!(
+        updated["instructions"], "Classify the invoice.",
+        "what the update leaves out is kept"
+    );
+    assert_eq!(updated["budget"], json!({"maxTokens": 2000, "maxDurationSeconds": 30}));
+    let response = h.put(&format!("/v1/agents/{agent_id}"), json!({"name": ""})).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    for (response, what) in [
+        (h.get("/v1/agents/no-such-agent").await, "GET"),
+        (h.put("/v1/agents/no-such-agent", json!({"name": "x"})).await, "PUT"),
+        (h.delete("/v1/agents/no-such-agent").await, "DELETE"),
+        (h.get("/v1/agents/no-such-agent/versions").await, "GET versions"),
+        (
+            h.get(&format!("/v1/agents/{agent_id}/versions/9.9.9")).await,
+            "GET version",
+        ),
+        (
+            h.delete(&format!("/v1/agents/{agent_id}/versions/9.9.9")).await,
+            "DELETE version",
+        ),
+    ] {
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{what}");
+        assert_eq!(response.text().await.unwrap(), "", "{what}: an empty body");
+    }
+    // A POST to an agent without `:version` is not a route (as for nodes).
+    let response = h.post(&format!("/v1/agents/{agent_id}"), json!({})).await;
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // JSON only, as every POST.
+    let response = h
+        .http
+        .post(format!("{}/v1/agents", h.url))
+        .header("content-type", "text/plain")
+        .body(r#"{"name": "x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    assert_eq!(
+        h.delete(&format!("/v1/agents/{agent_id}")).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.get(&format!("/v1/agents/{agent_id}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_version_is_201_with_its_location_and_reads_back_with_its_spec_and_created_at() {
+    let h = start(options()).await;
+    let agent_id = h.create_agent("classifier").await;
+    let response = h.add_version(&agent_id, "1.0.0", agent_spec("classifier")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/v1/agents/{agent_id}/versions/1.0.0").as_str()
+    );
+    let created: Value = response.json().await.unwrap();
+    let read: Value = h
+        .get(&format!("/v1/agents/{agent_id}/versions/1.0.0"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read, created);
+    let fields: Vec<&str> = read.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(fields, ["agentId", "createdAt", "spec", "version"]);
+    assert_eq!(read["agentId"], agent_id.as_str());
+    assert_eq!(read["version"], "1.0.0");
+    assert_eq!(read["spec"]["instructions"], "Classify the invoice.");
+    assert_eq!(
+        read["spec"]["input"],
+        json!({"type": "ServiceBus", "config": {"queue": "invoices"}})
+    );
+    assert_eq!(read["spec"]["agentId"], agent_id.as_str());
+    let created_at = read["createdAt"].as_str().unwrap();
+    assert!(
+        created_at.ends_with('Z') && humantime::parse_rfc3339(created_at).is_ok(),
+        "RFC 3339 UTC: {created_at}"
+    );
+
+    // Pre-release and build metadata are semver too.
+    let response = h
+        .add_version(&agent_id, "1.1.0-beta.1+build.7", agent_spec("classifier"))
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/v1/agents/{agent_id}/versions/1.1.0-beta.1+build.7").as_str()
+    );
+    let versions: Value = h
+        .get(&format!("/v1/agents/{agent_id}/versions"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["1.0.0", "1.1.0-beta.1+build.7"]);
+
+    assert_eq!(
+        h.delete(&format!("/v1/agents/{agent_id}/versions/1.0.0"))
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.get(&format!("/v1/agents/{agent_id}/versions/1.0.0")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_version_or_spec_is_400_and_an_unknown_agent_or_a_taken_version_is_409() {
+    let h = start(options()).await;
+    let agent_id = h.create_agent("classifier").await;
+
+    let missing = h
+        .post(
+            &format!("/v1/agents/{agent_id}:version"),
+            json!({"spec": agent_spec("x")}),
+        )
+        .await;
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(missing).await["error"], "Version is required");
+    for bad in ["1.0", "v1.0.0", "01.0.0", "1.0.0-", "1.0.0+a..b"] {
+        let response = h.add_version(&agent_id, bad, agent_spec("x")).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let error = error_of(response).await;
+        assert!(
+            error["error"].as_str().unwrap().contains("not a semantic version"),
+            "{bad}: {error}"
+        );
+    }
+
+    let mut spec = agent_spec("");
+    spec["instructions"] = json!("");
+    spec["budget"] = json!({"maxTokens": 0, "maxDurationSeconds": 7200});
+    spec["tools"] = json!(["http-post", "http-post", " "]);
+    spec["input"] = json!({"type": "ftp"});
+    let response = h.add_version(&agent_id, "1.0.0", spec).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let error = error_of(response).await;
+    assert_eq!(error["error"], "Spec validation failed");
+    let errors: Vec<&str> = error["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 7, "{errors:?}");
+    for named in [
+        "Name is required",
+        "Instructions are required",
+        "Budget.MaxTokens",
+        "Budget.MaxDurationSeconds",
+        "Input.Type \"ftp\"",
+        "more than once",
+        "blank",
+    ] {
+        assert!(errors.iter().any(|e| e.contains(named)), "{named}: {errors:?}");
+    }
+    // The reference's own spellings and its validator's are both accepted.
+    let mut lower = agent_spec("x");
+    lower["input"]["type"] = json!("service-bus");
+    lower["output"]["type"] = json!("http");
+    assert_eq!(
+        h.add_version(&agent_id, "0.1.0", lower).await.status(),
+        StatusCode::CREATED
+    );
+
+    let unknown = h.add_version("no-such-agent", "1.0.0", agent_spec("x")).await;
+    assert_eq!(unknown.status(), StatusCode::CONFLICT);
+    assert!(
+        error_of(unknown).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-agent")
+    );
+    assert_eq!(
+        h.add_version(&agent_id, "1.0.0", agent_spec("x")).await.status(),
+        StatusCode::CREATED
+    );
+    let mut changed = agent_spec("x");
+    changed["instructions"] = json!("Something else.");
+    let taken = h.add_version(&agent_id, "1.0.0", changed).await;
+    assert_eq!(taken.status(), StatusCode::CONFLICT);
+    assert!(error_of(taken).await["error"].as_str().unwrap().contains("immutable"));
+    let kept: Value = h
+        .get(&format!("/v1/agents/{agent_id}/versions/1.0.0"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["spec"]["instructions"], "Classify the invoice.");
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_body_over_the_bound_is_413_and_the_plane_keeps_nothing_of_it() {
+    let h = start(options()).await;
+    let mut big = agent_spec("big");
+    big["instructions"] = json!("x".repeat(node_runtime::dev_plane::agents::MAX_AGENT_BODY_BYTES));
+    let response = h.post("/v1/agents", big.clone()).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let error = error_of(response).await;
+    assert!(error["error"].as_str().unwrap().contains("bytes"), "{error}");
+    let agent_id = h.create_agent("small").await;
+    let response = h.add_version(&agent_id, "1.0.0", big).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let long = format!("1.0.0-{}", "a".repeat(200));
+    let response = h.add_version(&agent_id, &long, agent_spec("x")).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(response).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("128 bytes")
+    );
+    assert_eq!(h.plane.agents().len(), 1);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn agents_and_versions_survive_a_restart_and_one_that_cannot_be_saved_is_503_and_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || PlaneOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..options()
+    };
+    let h = start(with_dir()).await;
+    let kept = h.create_agent("kept").await;
+    let deleted = h.create_agent("deleted").await;
+    assert_eq!(
+        h.add_version(&kept, "1.0.0", agent_spec("kept")).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        h.add_version(&kept, "1.1.0", agent_spec("kept")).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        h.add_version(&deleted, "1.0.0", agent_spec("gone")).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        h.delete(&format!("/v1/agents/{deleted}")).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let before: Value = h
+        .get(&format!("/v1/agents/{kept}/versions/1.1.0"))
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    h.plane.fail_disk_writes(true);
+    let refused = h.add_version(&kept, "2.0.0", agent_spec("kept")).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error = error_of(refused).await;
+    assert!(
+        error["error"].as_str().unwrap().contains("runs.redb"),
+        "names the file: {error}"
+    );
+    assert_eq!(
+        h.post("/v1/agents", agent_spec("lost")).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        h.get(&format!("/v1/agents/{kept}/versions/2.0.0")).await.status(),
+        StatusCode::NOT_FOUND,
+        "a version that could not be saved is not kept"
+    );
+    assert_eq!(h.plane.agents().len(), 1);
+    h.plane.fail_disk_writes(false);
+    h.plane.shutdown().await;
+
+    let h = start(with_dir()).await;
+    let agents: Value = h.get("/v1/agents").await.json().await.unwrap();
+    let names: Vec<&str> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    let versions: Value = h
+        .get(&format!("/v1/agents/{kept}/versions"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["1.0.0", "1.1.0"]);
+    let after: Value = h
+        .get(&format!("/v1/agents/{kept}/versions/1.1.0"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, before, "a version reads back the same after a restart");
+    assert_eq!(
+        h.get(&format!("/v1/agents/{deleted}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.get(&format!("/v1/agents/{deleted}/versions/1.0.0")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.plane.shutdown().await;
+}
+
+// ---- definitions loaded at start-up ----------------------------------------
+
+/// The repository's declarative samples.
+fn declarative_samples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("sample-agents")
+        .join("declarative")
+}
+
+#[tokio::test]
+async fn the_declarative_invoice_classifier_loads_from_the_samples_and_is_served_to_nodes() {
+    let h = start(PlaneOptions {
+        definitions: Some(declarative_samples()),
+        ..options()
+    })
+    .await;
+    let response = h.get("/v1/agents/invoice-classifier-declarative/versions/1.0.0").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let version: Value = response.json().await.unwrap();
+    let spec = &version["spec"];
+    assert_eq!(spec["agentId"], "invoice-classifier-declarative");
+    assert_eq!(spec["modelProfile"]["model"], "stub-invoice-model");
+    assert_eq!(spec["tools"], json!(["http-post"]));
+    assert_eq!(spec["input"]["type"], "ServiceBus");
+    let output = &spec["output"];
+    assert_eq!(output["type"], "Http");
+    assert_eq!(output["config"]["idempotencyKeyFormat"], "{RunId}-{MessageId}");
+    assert_eq!(
+        output["config"]["headers"]["Authorization"],
+        "Bearer ${INVOICE_API_TOKEN}"
+    );
+    assert!(
+        spec.get("version").is_none(),
+        "the file's version is the version's, not the spec's"
+    );
+    let instructions = spec["instructions"].as_str().unwrap();
+    for field in [
+        "vendorName",
+        "vendorCategory",
+        "invoiceNumber",
+        "invoiceDate",
+        "totalAmount",
+        "currency",
+        "routingDestination",
+        "confidence",
+    ] {
+        assert!(instructions.contains(field), "the instructions ask for {field}");
+    }
+    let agent: Value = h
+        .get("/v1/agents/invoice-classifier-declarative")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(agent["name"], spec["name"]);
+    h.plane.shutdown().await;
+}
+
+fn write_definition(dir: &std::path::Path, file: &str, body: &Value) {
+    std::fs::write(dir.join(file), serde_json::to_vec_pretty(body).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn definitions_take_their_id_and_version_from_the_file_and_a_reload_must_not_change_a_version() {
+    let definitions = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut with_id = agent_spec("with id");
+    with_id["agentId"] = json!("triage");
+    with_id["version"] = json!("2.1.0");
+    write_definition(definitions.path(), "anything.json", &with_id);
+    write_definition(definitions.path(), "from-the-stem.json", &agent_spec("stem"));
+    std::fs::write(definitions.path().join("notes.txt"), "not a definition").unwrap();
+    let plane_options = || PlaneOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        definitions: Some(definitions.path().to_path_buf()),
+        ..options()
+    };
+
+    let h = start(plane_options()).await;
+    assert_eq!(h.get("/v1/agents/triage/versions/2.1.0").await.status(), StatusCode::OK);
+    assert_eq!(
+        h.get("/v1/agents/from-the-stem/versions/1.0.0").await.status(),
+        StatusCode::OK
+    );
+    h.plane.shutdown().await;
+
+    // The same files into the same data dir: nothing to do.
+    let h = start(plane_options()).await;
+    let versions: Value = h.get("/v1/agents/triage/versions").await.json().await.unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 1);
+    h.plane.shutdown().await;
+
+    // A changed file under the same version: versions are immutable.
+    let mut changed = with_id.clone();
+    changed["instructions"] = json!("Triage differently.");
+    write_definition(definitions.path(), "anything.json", &changed);
+    let refused = DevPlane::start(plane_options())
+        .await
+        .err()
+        .expect("the plane refuses to start");
+    let message = refused.to_string();
+    assert!(message.contains("anything.json"), "names the file: {message}");
+    assert!(message.contains("2.1.0") && message.contains("immutable"), "{message}");
+
+    // Given a new version, it loads, next to the old one.
+    changed["version"] = json!("2.2.0");
+    write_definition(definitions.path(), "anything.json", &changed);
+    let h = start(plane_options()).await;
+    let versions: Value = h.get("/v1/agents/triage/versions").await.json().await.unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 2);
+    h.plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_definition_that_fails_validation_stops_the_plane_naming_the_file_and_the_error() {
+    for (file, body, named) in [
+        (
+            "no-instructions.json",
+            json!({"name": "x"}),
+            "Instructions are required",
+        ),
+        (
+            "bad-version.json",
+            json!({"name": "x", "instructions": "y", "version": "1.0"}),
+            "not a semantic version",
+        ),
+        (
+            "bad-type.json",
+            json!({"name": "x", "instructions": "y", "output": {"type": "Ftp"}}),
+            "Output.Type",
+        ),
+        ("bad id!.json", json!({"name": "x", "instructions": "y"}), "AgentId"),
+    ] {
+        let definitions = tempfile::tempdir().unwrap();
+        write_definition(definitions.path(), file, &body);
+        let refused = DevPlane::start(PlaneOptions {
+            definitions: Some(definitions.path().to_path_buf()),
+            ..options()
+        })
+        .await
+        .err()
+        .expect("the plane refuses to start");
+        let message = refused.to_string();
+        assert!(message.contains(file), "names the file: {message}");
+        assert!(message.contains(named), "names the error: {message}");
+    }
+    let definitions = tempfile::tempdir().unwrap();
+    std::fs::write(definitions.path().join("broken.json"), "{ not json").unwrap();
+    let refused = DevPlane::start(PlaneOptions {
+        definitions: Some(definitions.path().to_path_buf()),
+        ..options()
+    })
+    .await
+    .err()
+    .expect("the plane refuses to start");
+    assert!(refused.to_string().contains("broken.json"), "{refused}");
+}
+
+#[tokio::test]
+async fn dev_takes_definitions_and_stops_with_exit_2_naming_a_bad_file() {
+    let definitions = tempfile::tempdir().unwrap();
+    write_definition(definitions.path(), "half.json", &json!({"name": "half"}));
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .args(["dev", "--plane-only", "--listen", "127.0.0.1:0", "--definitions"])
+            .arg(definitions.path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("refused at once")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("half.json") && stderr.contains("Instructions are required"),
+        "{stderr}"
+    );
+}
+
+// ---- the stub model and the recording target ---------------------------------
+
+mod stub_shapes {
+    use super::*;
+    use node_runtime::dev_plane::stubs::{StubModel, StubModelOptions, StubTarget};
+
+    fn client() -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder().timeout(WAIT).build().unwrap()
+    }
+
+    fn chat(model: &str, system: &str, user: &str) -> Value {
+        json!({
+            "model": model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": 500,
+            "temperature": 0.2,
+        })
+    }
+
+    async fn openai(model: &StubModel, body: Value) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let response = client()
+            .post(format!("{}/v1/chat/completions", model.url()))
+            .bearer_auth("sk-test")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        (status, headers, response.json().await.unwrap())
+    }
+
+    async fn azure(
+        model: &StubModel,
+        deployment: &str,
+        body: Value,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let response = client()
+            .post(format!(
+                "{}/openai/deployments/{deployment}/chat/completions?api-version=2024-06-01",
+                model.url()
+            ))
+            .header("api-key", "azure-key")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        (status, headers, response.json().await.unwrap())
+    }
+
+    fn usage_adds_up(answer: &Value) {
+        let usage = &answer["usage"];
+        let (prompt, completion) = (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap(),
+        );
+        assert!(prompt > 0 && completion > 0, "{answer}");
+        assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+    }
+
+    #[tokio::test]
+    async fn the_invoice_model_answers_an_openai_chat_completion_with_the_classification_and_usage() {
+        let model = StubModel::start().await.unwrap();
+        let invoice = r#"{"vendor": "Rackmount Servers Inc", "number": "INV-7", "date": "2026-11-03", "amount": 12400.0, "currency": "USD"}"#;
+        let (status, _, answer) = openai(&model, chat("stub-invoice-model", "Classify.", invoice)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["model"], "stub-invoice-model");
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop");
+        assert_eq!(choice["message"]["role"], "assistant");
+        assert_eq!(choice["message"]["refusal"], Value::Null);
+        let classification: Value = serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(classification["vendorCategory"], "Technology/Hardware");
+        assert_eq!(classification["routingDestination"], "IT Department");
+        assert_eq!(classification["invoiceNumber"], "INV-7");
+        usage_adds_up(&answer);
+        assert!(
+            answer.get("prompt_filter_results").is_none(),
+            "Azure's fields only on Azure"
+        );
+
+        assert_eq!(model.request_count(), 1);
+        let seen = &model.requests()[0];
+        assert_eq!(seen.path, "/v1/chat/completions");
+        assert_eq!(seen.header("authorization"), Some("Bearer sk-test"));
+        assert_eq!(seen.json().unwrap()["messages"][0]["content"], "Classify.");
+    }
+
+    #[tokio::test]
+    async fn the_echo_model_answers_with_the_instructions_and_input_and_max_tokens_cuts_it_with_length() {
+        let model = StubModel::start().await.unwrap();
+        let (_, _, answer) = openai(&model, chat("stub-echo", "Be brief.", "hello there")).await;
+        let content: Value =
+            serde_json::from_str(answer["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            content,
+            json!({"instructions": "Be brief.", "input": "hello there", "model": "stub-echo"})
+        );
+
+        let mut short = chat("stub-echo", "Be brief.", &"word ".repeat(100));
+        short["max_tokens"] = json!(100);
+        short["max_completion_tokens"] = json!(3);
+        let (_, _, answer) = openai(&model, short).await;
+        let choice = &answer["choices"][0];
+        assert_eq!(
+            choice["finish_reason"], "length",
+            "max_completion_tokens wins over max_tokens"
+        );
+        assert_eq!(answer["usage"]["completion_tokens"], 3);
+        assert_eq!(choice["message"]["content"].as_str().unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn refusals_come_in_each_providers_shape() {
+        let model = StubModel::start().await.unwrap();
+        let (status, _, answer) = openai(&model, chat("stub-refusal", "x", "y")).await;
+        assert_eq!(status, StatusCode::OK);
+        let message = &answer["choices"][0]["message"];
+        assert_eq!(message["content"], Value::Null);
+        assert!(message["refusal"].as_str().unwrap().contains("can't help"), "{answer}");
+        usage_adds_up(&answer);
+
+        let (status, _, answer) = azure(&model, "stub-refusal", chat("ignored-on-azure", "x", "y")).await;
+        assert_eq!(status, StatusCode::OK);
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "content_filter");
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(
+            choice["content_filter_results"]["violence"],
+            json!({"filtered": true, "severity": "high"})
+        );
+        assert_eq!(
+            answer["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"],
+            false
+        );
+    }
+
+    #[tokio::test]
+    async fn azure_deployments_answer_with_filter_results_and_need_an_api_version() {
+        let model = StubModel::start_with(StubModelOptions {
+            api_key: Some("azure-key".to_string()),
+        })
+        .await
+        .unwrap();
+        let (status, _, answer) = azure(&model, "stub-echo", chat("some-model", "Sys.", "User.")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            answer["model"], "stub-echo",
+            "the deployment chooses, not the body's model"
+        );
+        assert_eq!(
+            answer["choices"][0]["content_filter_results"]["sexual"]["severity"],
+            "safe"
+        );
+        assert!(answer["prompt_filter_results"].is_array(), "{answer}");
+        assert!(answer["choices"][0]["message"].get("refusal").is_none());
+        usage_adds_up(&answer);
+        assert_eq!(model.requests()[0].header("api-key"), Some("azure-key"));
+
+        let without_version = client()
+            .post(format!("{}/openai/deployments/stub-echo/chat/completions", model.url()))
+            .header("api-key", "azure-key")
+            .json(&chat("m", "s", "u"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(without_version.status(), StatusCode::NOT_FOUND);
+        // The configured key is required: the OpenAI path's bearer here is not it.
+        let (status, _, answer) = openai(&model, chat("stub-echo", "s", "u")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer["error"]["code"], "invalid_api_key");
+        assert_eq!(model.request_count(), 3, "refused requests are recorded too");
+    }
+
+    #[tokio::test]
+    async fn rate_limits_answer_429_with_retry_after_always_or_for_the_first_n_requests() {
+        let model = StubModel::start().await.unwrap();
+        let (status, headers, answer) = openai(&model, chat("stub-rate-limited", "s", "u")).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], "1");
+        assert_eq!(answer["error"]["code"], "rate_limit_exceeded");
+        let (status, headers, answer) = azure(&model, "stub-rate-limited", chat("m", "s", "u")).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], "1");
+        assert_eq!(answer["error"]["code"], "429");
+
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(openai(&model, chat("stub-rate-limited-2", "s", "u")).await.0);
+        }
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::OK,
+                StatusCode::OK
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_target_records_every_request_and_answers_as_told_before_accepting() {
+        let target = StubTarget::start().await.unwrap();
+        target.answer_next(1, StatusCode::SERVICE_UNAVAILABLE, None);
+        target.answer_next(1, StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(2)));
+        let http = client();
+        let send = |path: &'static str| {
+            http.post(format!("{}{path}", target.url()))
+                .header("idempotency-key", "run-1-msg-1")
+                .header("x-correlation-id", "run-1")
+                .json(&json!({"vendorCategory": "Utilities"}))
+                .send()
+        };
+        let first = send("/invoices").await.unwrap();
+        assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let second = send("/invoices").await.unwrap();
+        assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(second.headers()["retry-after"], "2");
+        assert_eq!(send("/any/path?x=1").await.unwrap().status(), StatusCode::CREATED);
+        assert_eq!(
+            http.get(format!("{}/health", target.url()))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
+
+        assert_eq!((target.request_count(), target.received()), (4, 2));
+        let seen = target.requests();
+        let statuses: Vec<u16> = seen.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [503, 429, 201, 200]);
+        let accepted = &seen[2];
+        assert_eq!(
+            (accepted.method.as_str(), accepted.path.as_str()),
+            ("POST", "/any/path")
+        );
+        assert_eq!(accepted.query.as_deref(), Some("x=1"));
+        assert_eq!(accepted.header("Idempotency-Key"), Some("run-1-msg-1"));
+        assert_eq!(accepted.header("x-correlation-id"), Some("run-1"));
+        assert_eq!(accepted.json(), Some(json!({"vendorCategory": "Utilities"})));
+    }
+}
+
+#[tokio::test]
+async fn a_node_reads_a_version_with_a_plain_get_over_the_same_tls_and_client_certificate() {
+    use crate::certs::{TestCa, plane_tls};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = TestCa::new("agents test CA");
+    let server = ca.server("127.0.0.1");
+    let node = ca.client("node-1");
+    let plane = DevPlane::start(PlaneOptions {
+        tls: Some(plane_tls(&server, &ca, &[])),
+        definitions: Some(declarative_samples()),
+        ..options()
+    })
+    .await
+    .unwrap();
+    let url = format!(
+        "{}/v1/agents/invoice-classifier-declarative/versions/1.0.0",
+        plane.url()
+    );
+    let root = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap();
+    let identity = reqwest::Identity::from_pem(format!("{}{}", node.cert_pem, node.key_pem).as_bytes()).unwrap();
+    let with_certificate = reqwest::Client::builder()
+        .timeout(WAIT)
+        .tls_certs_only([root.clone()])
+        .identity(identity)
+        .build()
+        .unwrap();
+    let response = with_certificate.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let version: Value = response.json().await.unwrap();
+    assert_eq!(version["spec"]["output"]["type"], "Http");
+
+    let without = reqwest::Client::builder()
+        .timeout(WAIT)
+        .tls_certs_only([root])
+        .build()
+        .unwrap();
+    assert!(
+        without.get(&url).send().await.is_err(),
+        "no client certificate, no agents"
+    );
+    plane.shutdown().await;
+}

@@ -61,6 +61,13 @@ pub struct DevArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Publish the agent definitions in DIR (`*.json`, the reference's
+    /// format) through the plane's agent API at start-up: agent id = the
+    /// file's `agentId` (else its stem), version = its `version` (else
+    /// 1.0.0). A file that fails validation stops the plane.
+    #[arg(long, value_name = "DIR")]
+    pub definitions: Option<PathBuf>,
+
     /// Serve only the control plane, for nodes started elsewhere
     /// (`node-runtime serve` with `ControlPlaneUrl` pointing here).
     #[arg(long)]
@@ -212,6 +219,7 @@ async fn run_with(
         lease_ttl: args.lease_ttl,
         tls: plane_tls,
         allowed_hosts: args.allow_hosts.clone(),
+        definitions: args.definitions.clone(),
         reregistration: if args.reregistration_answers_500 {
             Reregistration::DuplicateKey
         } else {
