@@ -112,6 +112,7 @@ fn ended(run: &Run) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_definition_from_the_agent_api_runs_on_a_serve_node_and_cannot_widen_the_operators_grants() {
+    node_runtime::support::tls::install_crypto_provider();
     let recorder = Arc::new(Recorder::default());
     let target = serve(
         axum::Router::new()

@@ -2363,3 +2363,54 @@ async fn a_node_reads_a_version_with_a_plain_get_over_the_same_tls_and_client_ce
     );
     plane.shutdown().await;
 }
+
+/// The main job: `dev --demo` classifies the invoices with the component
+/// and with the declarative classifier, every other demonstration run ends
+/// as it is meant to, and the target API sees each classified invoice.
+#[test]
+fn the_demo_classifies_with_the_component_and_the_declarative_agent_and_trips_each_budget() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args(["dev", "--demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("node-runtime dev --demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let outcome = |agent: &str| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|row| row.get(1) == Some(&agent))
+            .map(|row| (row[2].to_string(), row[3].to_string()))
+            .collect()
+    };
+    let completed = || ("completed".to_string(), "-".to_string());
+    assert_eq!(outcome("invoice-classifier"), vec![completed(); 3], "{stdout}");
+    assert_eq!(
+        outcome("invoice-classifier-declarative"),
+        vec![completed(); 3],
+        "{stdout}"
+    );
+    for row in rows
+        .iter()
+        .filter(|row| row.get(1) == Some(&"invoice-classifier-declarative"))
+    {
+        let tokens: u64 = row[row.len() - 2].parse().unwrap();
+        assert!(tokens > 0, "the declarative run reported no tokens: {stdout}");
+    }
+    let failed = |kind: &str| ("failed".to_string(), kind.to_string());
+    assert_eq!(
+        outcome("spin-forever"),
+        vec![failed("budget.fuel"), failed("budget.deadline")]
+    );
+    assert_eq!(outcome("memory-bomb"), vec![failed("budget.memory")]);
+    assert_eq!(outcome("no-such-agent"), vec![failed("agent.invalid")]);
+    assert!(
+        stderr.contains("the target API received 6 classified invoices"),
+        "{stderr}"
+    );
+}

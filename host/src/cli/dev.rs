@@ -213,13 +213,35 @@ async fn run_with(
         ),
         None => None,
     };
+    // The demo's target API, started first: the declarative classifier's
+    // definition names it as its output endpoint.
+    let target = if args.demo && !args.plane_only {
+        Some(
+            stubs::StubTarget::start()
+                .await
+                .map_err(|err| CommandError::internal(format!("cannot start the stub target API: {err}")))?,
+        )
+    } else {
+        None
+    };
+    let demo_definitions = match &target {
+        Some(target) => Some(demo_definitions(
+            &target.addr.to_string(),
+            args.llm_endpoint.is_some(),
+            args.definitions.as_deref(),
+        )?),
+        None => None,
+    };
     let plane = DevPlane::start(PlaneOptions {
         listen: args.listen,
         data_dir: args.data_dir.as_ref().map(|dir| dir.join("plane")),
         lease_ttl: args.lease_ttl,
         tls: plane_tls,
         allowed_hosts: args.allow_hosts.clone(),
-        definitions: args.definitions.clone(),
+        definitions: match &demo_definitions {
+            Some(dir) => Some(dir.path().to_path_buf()),
+            None => args.definitions.clone(),
+        },
         reregistration: if args.reregistration_answers_500 {
             Reregistration::DuplicateKey
         } else {
@@ -322,7 +344,7 @@ async fn run_with(
         agent_runtime.openai.api_key = Some(Secret::new(key));
         agent_runtime.default_model = args.llm_model.clone();
     }
-    let target = if args.demo {
+    if let Some(target) = &target {
         if agent_runtime.openai.endpoint.is_none() {
             let url = stubs::start_stub_model()
                 .await
@@ -340,17 +362,23 @@ async fn run_with(
                 },
             )]);
         }
-        let target = stubs::StubTarget::start()
-            .await
-            .map_err(|err| CommandError::internal(format!("cannot start the stub target API: {err}")))?;
         allowed_hosts
             .entry("invoice-classifier".to_string())
             .or_default()
             .push(target.addr.to_string());
-        Some(target)
-    } else {
-        None
-    };
+        // The declarative classifier posts there, with a token the
+        // operator (here, the demo) gives it for that host only.
+        let declarative = &mut config.declarative_agents;
+        declarative.allowed_hosts.push(target.addr.to_string());
+        declarative.secrets.insert(
+            DEMO_TOKEN_SECRET.to_string(),
+            config::DeclarativeSecret {
+                value: Secret::new("demo-invoice-api-token"),
+                environment_variable: None,
+                hosts: vec![target.addr.to_string()],
+            },
+        );
+    }
 
     // The node's outbox: under --data-dir/node, else in a temporary
     // directory that lives as long as this command.
@@ -482,6 +510,44 @@ fn lay_out_samples(samples: Option<&Path>, layout: &Path) -> Result<Vec<String>,
     Ok(names)
 }
 
+/// The declarative invoice classifier, in the reference's format.
+const DEMO_DEFINITION: &str = include_str!("../../../sample-agents/declarative/invoice-classifier.json");
+/// Its agent id (the file's `agentId`) and the secret its output's
+/// `Authorization` header names.
+const DEMO_DECLARATIVE_AGENT: &str = "invoice-classifier-declarative";
+const DEMO_TOKEN_SECRET: &str = "INVOICE_API_TOKEN";
+
+/// The demo's definitions: the declarative classifier, its output pointed
+/// at the demo's target API (and, with a real model, its model left to
+/// `--llm-model`), plus the files of `--definitions` if given.
+fn demo_definitions(target: &str, real_model: bool, more: Option<&Path>) -> Result<tempfile::TempDir, CommandError> {
+    let internal = |what: String| CommandError::internal(what);
+    let dir = tempfile::Builder::new()
+        .prefix("node-runtime-dev-definitions-")
+        .tempdir()
+        .map_err(|err| internal(format!("cannot create a temporary directory: {err}")))?;
+    let mut definition: serde_json::Value =
+        serde_json::from_str(DEMO_DEFINITION).map_err(|err| internal(format!("the demo's definition: {err}")))?;
+    definition["output"]["config"]["endpoint"] = serde_json::Value::String(format!("http://{target}/invoices"));
+    if real_model && let Some(profile) = definition["modelProfile"].as_object_mut() {
+        profile.remove("model");
+    }
+    let path = dir.path().join("invoice-classifier.json");
+    std::fs::write(&path, definition.to_string()).map_err(|err| internal(format!("{}: {err}", path.display())))?;
+    if let Some(more) = more {
+        let fail = |err: std::io::Error| CommandError::usage(format!("--definitions {}: {err}", more.display()));
+        for entry in std::fs::read_dir(more).map_err(fail)? {
+            let from = entry.map_err(fail)?.path();
+            if from.extension().is_some_and(|ext| ext == "json")
+                && let Some(name) = from.file_name()
+            {
+                std::fs::copy(&from, dir.path().join(format!("user-{}", name.to_string_lossy()))).map_err(fail)?;
+            }
+        }
+    }
+    Ok(dir)
+}
+
 /// One demonstration run: what to submit, and the budgets that trip.
 struct DemoRun {
     agent: &'static str,
@@ -559,6 +625,15 @@ async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), Comm
             "metadata": {"target_url": format!("http://{target}/invoices")},
         })
     });
+    // The same invoices through the declarative classifier: a definition,
+    // no code, run by the node's built-in agent.
+    let declarative = DEMO_INVOICES.iter().enumerate().map(|(i, invoice)| {
+        serde_json::json!({
+            "agentId": DEMO_DECLARATIVE_AGENT,
+            "version": "1.0.0",
+            "inputRef": {"message": invoice, "messageId": format!("demo-declarative-{i}")},
+        })
+    });
     let others = runs.iter().map(|run| {
         serde_json::json!({
             "agentId": run.agent,
@@ -568,7 +643,7 @@ async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), Comm
         })
     });
     let mut ids = Vec::new();
-    for body in invoices.chain(others) {
+    for body in invoices.chain(declarative).chain(others) {
         let answer = fetch(http.post(format!("{url}/v1/runs")).json(&body)).await?;
         ids.push(answer["runId"].as_str().unwrap_or_default().to_string());
     }
@@ -601,7 +676,7 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
+        "{:<38} {:<30} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
         "run", "agent", "outcome", "kind", "time (ms)", "fuel", "peak memory", "tokens", "cost ($)"
     );
     for run in runs {
@@ -627,7 +702,7 @@ fn demo_table(runs: &[serde_json::Value]) -> String {
         let tokens = costs["tokensIn"].as_i64().unwrap_or(0) + costs["tokensOut"].as_i64().unwrap_or(0);
         let _ = writeln!(
             out,
-            "{:<38} {:<18} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
+            "{:<38} {:<30} {:<10} {:<16} {:>9} {:>12} {:>11} {:>7} {:>9}",
             run["runId"].as_str().unwrap_or("?"),
             run["agentId"].as_str().unwrap_or("?"),
             run["status"].as_str().unwrap_or("?"),

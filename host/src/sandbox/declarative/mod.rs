@@ -36,6 +36,7 @@ mod secrets;
 mod spec;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -268,11 +269,21 @@ pub(crate) async fn execute(
     }
 }
 
+/// The budgets the reference control plane puts in every lease, whatever
+/// the run or agent (contract: "budgets today always 4000 tokens / 60
+/// s"). They say "the plane's default", not "this run needs this much",
+/// so against a spec they count as no ask: the spec's budget applies.
+const PLANE_DEFAULT_TOKENS: u32 = 4000;
+const PLANE_DEFAULT_DURATION: Duration = Duration::from_secs(60);
+
 /// The run's budget request: the spec's ceiling, lowered by the lease's.
-/// A lease asking for more than the spec allows is refused.
+/// A lease asking for more than the spec allows is refused (the
+/// reference plane's fixed default budgets aside, which ask nothing).
 fn lowered(spec: &AgentSpec, lease: BudgetRequest) -> Result<BudgetRequest, String> {
-    let asked_tokens = lease.tokens.filter(|t| *t > 0);
-    let asked_duration = lease.duration.filter(|d| !d.is_zero());
+    let plane_default_tokens = |t: &u32| *t == PLANE_DEFAULT_TOKENS && spec.budget_tokens.is_some();
+    let plane_default_duration = |d: &Duration| *d == PLANE_DEFAULT_DURATION && spec.budget_duration.is_some();
+    let asked_tokens = lease.tokens.filter(|t| *t > 0 && !plane_default_tokens(t));
+    let asked_duration = lease.duration.filter(|d| !d.is_zero() && !plane_default_duration(d));
     if let (Some(asked), Some(allowed)) = (asked_tokens, spec.budget_tokens)
         && asked > allowed
     {
@@ -380,8 +391,6 @@ fn body(answer: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn spec(tokens: Option<u32>, seconds: Option<u64>) -> AgentSpec {
@@ -411,6 +420,12 @@ mod tests {
         assert!(err.contains("budget.maxDurationSeconds"), "{err}");
         // A spec without a budget leaves the lease's (and the node's).
         assert_eq!(lowered(&spec(None, None), lease(5000, 60)).unwrap().tokens, Some(5000));
+        // The reference plane's fixed 4000 tokens / 60 s ask nothing: the
+        // spec's budget applies.
+        let reference = lowered(&spec(Some(1000), Some(30)), lease(4000, 60)).unwrap();
+        assert_eq!(reference.tokens, Some(1000));
+        assert_eq!(reference.duration, Some(Duration::from_secs(30)));
+        assert_eq!(lowered(&spec(None, None), lease(4000, 60)).unwrap().tokens, Some(4000));
     }
 
     #[test]
