@@ -131,12 +131,20 @@ impl Dispatcher {
                     // No source has it: the control plane's definition, if
                     // it has one. A pinned lease names bytes, which a
                     // definition is not.
-                    (Err(ResolveError::NotFound { .. }), Some(specs)) if pin.is_none() => specs
-                        .get(accepted.agent_id(), accepted.version())
-                        .instrument(tracing::info_span!("definition"))
-                        .await
-                        .map(Runnable::Spec)
-                        .map_err(Unrunnable::Spec),
+                    (Err(not_found @ ResolveError::NotFound { .. }), Some(specs)) if pin.is_none() => {
+                        match specs
+                            .get(accepted.agent_id(), accepted.version())
+                            .instrument(tracing::info_span!("definition"))
+                            .await
+                        {
+                            Ok(spec) => Ok(Runnable::Spec(spec)),
+                            // Both said no: what was looked for, and where.
+                            Err(SpecError::NotDefined(asked)) => Err(Unrunnable::Spec(SpecError::Invalid(format!(
+                                "{not_found}; nor does the control plane define it ({asked})"
+                            )))),
+                            Err(other) => Err(Unrunnable::Spec(other)),
+                        }
+                    }
                     (resolved, _) => resolved.map(Runnable::Component).map_err(Unrunnable::Resolve),
                 }
             };
@@ -177,7 +185,7 @@ impl Dispatcher {
                 Err(Unrunnable::Spec(SpecError::Unavailable(why))) => {
                     return (RunOutcome::Failed(RunFailure::handed_back(why)), RunReport::default());
                 }
-                Err(Unrunnable::Spec(SpecError::Invalid(why))) => {
+                Err(Unrunnable::Spec(SpecError::Invalid(why) | SpecError::NotDefined(why))) => {
                     let failure = RunFailure::new(FailKind::AgentInvalid, why);
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }

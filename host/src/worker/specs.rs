@@ -28,7 +28,10 @@ type SpecCell = Arc<tokio::sync::OnceCell<Arc<AgentSpec>>>;
 /// Why a definition cannot be had.
 #[derive(Debug)]
 pub(super) enum SpecError {
-    /// Not defined, or defined in a way that cannot run: final.
+    /// The plane has no such agent version either (its API answered 404):
+    /// final. Says what was asked.
+    NotDefined(String),
+    /// Defined in a way that cannot run: final.
     Invalid(String),
     /// Could not be read now: hand the lease back.
     Unavailable(String),
@@ -87,10 +90,7 @@ impl Specs {
         let spec = cell
             .get_or_try_init(|| async {
                 let bytes = self.api.version(agent_id, version).await.map_err(|err| match err {
-                    AgentApiError::NotFound { .. } => SpecError::Invalid(format!(
-                        "agent {agent_id} version {version} not found: no agent source has it, and the \
-                     control plane has no definition of it ({err})"
-                    )),
+                    AgentApiError::NotFound { url, .. } => SpecError::NotDefined(format!("{url} answered 404")),
                     AgentApiError::Unavailable { .. } => SpecError::Unavailable(err.to_string()),
                 })?;
                 size = bytes.len();

@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(defaulted.duration, Some(Duration::from_secs(30)));
         let err = lowered(&spec(Some(1000), Some(30)), lease(5000, 10)).unwrap_err();
         assert!(err.contains("5000") && err.contains("budget.maxTokens"), "{err}");
-        let err = lowered(&spec(Some(1000), Some(30)), lease(10, 60)).unwrap_err();
+        let err = lowered(&spec(Some(1000), Some(30)), lease(10, 90)).unwrap_err();
         assert!(err.contains("budget.maxDurationSeconds"), "{err}");
         // A spec without a budget leaves the lease's (and the node's).
         assert_eq!(lowered(&spec(None, None), lease(5000, 60)).unwrap().tokens, Some(5000));
