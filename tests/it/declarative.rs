@@ -329,3 +329,106 @@ async fn a_definition_from_the_agent_api_runs_on_a_serve_node_and_cannot_widen_t
     let _ = node.wait().await;
     plane.shutdown().await;
 }
+
+/// The built-in agent against the stub model in each provider's shape:
+/// OpenAI and Azure answers complete with their usage metered; a refusal
+/// (metered too) and a content filter fail `agent.error`, final; a 429
+/// with `Retry-After` is waited out and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_agent_meters_each_provider_shape_and_fails_refusals_clearly() {
+    use node_runtime::dev_plane::stubs::{STUB_ECHO_MODEL, STUB_REFUSAL_MODEL, StubModel, StubModelOptions};
+    use node_runtime::sandbox::declarative::AgentSpec;
+    use node_runtime::sandbox::{FailKind, LlmEndpoint, LlmSettings, RunOutcome, Sandbox, SandboxConfig};
+    use node_runtime::support::Secret;
+
+    node_runtime::support::tls::install_crypto_provider();
+    let model = StubModel::start_with(StubModelOptions {
+        api_key: Some("sk-shapes".into()),
+    })
+    .await
+    .unwrap();
+    let spec = |model: &str| {
+        AgentSpec::parse(
+            serde_json::json!({"name": "shapes", "instructions": "Answer as JSON.",
+                               "modelProfile": {"model": model}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    let sandbox = |endpoint: LlmEndpoint| {
+        let mut llm = LlmSettings::openai(model.url(), Secret::new("sk-shapes"), STUB_ECHO_MODEL);
+        llm.endpoint = endpoint;
+        Sandbox::new(SandboxConfig {
+            llm: Some(llm),
+            ..SandboxConfig::default()
+        })
+        .unwrap()
+    };
+    let openai = sandbox(LlmEndpoint::OpenAi { base_url: model.url() });
+    async fn run_on(sandbox: &Sandbox, spec: AgentSpec) -> node_runtime::sandbox::RunResult {
+        let request = request("shapes", &[("message", "the input")], Default::default());
+        sandbox.run_spec(&spec, request).await
+    }
+    let run = |sandbox, model: &str| run_on(sandbox, spec(model));
+
+    let echo = run(&openai, STUB_ECHO_MODEL).await;
+    let RunOutcome::Completed(result) = &echo.outcome else {
+        panic!("{:?}", echo.outcome)
+    };
+    assert_eq!(result["instructions"], "Answer as JSON.", "{result:?}");
+    assert_eq!(result["input"], "the input", "{result:?}");
+    assert!(
+        echo.report.tokens_in > 0 && echo.report.tokens_out > 0,
+        "{:?}",
+        echo.report
+    );
+
+    let refused = run(&openai, STUB_REFUSAL_MODEL).await;
+    let failure = refused.outcome.failure().expect("a refusal fails");
+    assert_eq!(
+        (failure.kind, failure.retryable),
+        (FailKind::AgentError, false),
+        "{failure:?}"
+    );
+    assert!(failure.message.contains("refused"), "{failure:?}");
+    assert!(
+        refused.report.tokens_out > 0,
+        "a refusal's tokens are metered: {:?}",
+        refused.report
+    );
+
+    // The first answer is a 429 asking for a second's wait; the retry answers.
+    let before = model.request_count();
+    let limited = run(&openai, "stub-rate-limited-1").await;
+    assert!(
+        matches!(limited.outcome, RunOutcome::Completed(_)),
+        "{:?}",
+        limited.outcome
+    );
+    assert_eq!(model.request_count() - before, 2);
+    assert!(
+        limited.report.wall_ms >= 1000,
+        "Retry-After: 1 was not waited out: {:?}",
+        limited.report
+    );
+
+    let azure = sandbox(LlmEndpoint::Azure {
+        base_url: model.url(),
+        deployment: STUB_ECHO_MODEL.into(),
+    });
+    let echo = run(&azure, STUB_ECHO_MODEL).await;
+    assert!(matches!(echo.outcome, RunOutcome::Completed(_)), "{:?}", echo.outcome);
+    assert!(echo.report.tokens_in > 0);
+    let last = model.requests().pop().unwrap();
+    assert!(last.path.starts_with("/openai/deployments/"), "{last:?}");
+    assert_eq!(last.header("api-key"), Some("sk-shapes"));
+    let azure_refusal = sandbox(LlmEndpoint::Azure {
+        base_url: model.url(),
+        deployment: STUB_REFUSAL_MODEL.into(),
+    });
+    let filtered = run(&azure_refusal, STUB_REFUSAL_MODEL).await;
+    let failure = filtered.outcome.failure().expect("a filtered answer fails");
+    assert_eq!(failure.kind, FailKind::AgentError, "{failure:?}");
+    assert!(failure.message.contains("content filter"), "{failure:?}");
+}
