@@ -29,6 +29,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<RunState>> {
     random::add_to_linker(&mut linker)?;
     http::add_to_linker(&mut linker)?;
     bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    bindings::v2::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     log::add_to_linker(&mut linker)?;
     llm::add_to_linker(&mut linker)?;
     budget::add_to_linker(&mut linker)?;
@@ -36,3 +37,4 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<RunState>> {
 }
 
 impl bindings::types::Host for RunState {}
+impl bindings::v2::types::Host for RunState {}

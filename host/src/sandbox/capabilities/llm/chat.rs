@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
-use super::client::{CallError, LlmClient, ProviderMessage, ProviderRequest};
+use super::client::{CallError, LlmClient, ProviderMessage, ProviderRequest, ProviderTool, ProviderToolCall};
 use super::prompt_estimate::estimate_prompt_tokens;
 use crate::sandbox::bindings::llm::{ChatRequest, ChatResponse, Host, LlmError, Role, Usage};
 use crate::sandbox::state::RunState;
@@ -72,6 +72,32 @@ impl From<LlmError> for ChatFailure {
     }
 }
 
+/// One chat completion as either version of the agent world (or the
+/// built-in declarative agent) asks for it, before the node's checks.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LlmCall {
+    pub model: Option<String>,
+    pub messages: Vec<ProviderMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub tools: Vec<ProviderTool>,
+    pub response_format: Option<serde_json::Value>,
+    /// Bytes the guest handed over for it (copied out and written again as
+    /// JSON): host work the run pays for in fuel.
+    pub bytes: usize,
+}
+
+/// A metered answer.
+#[derive(Debug, Clone)]
+pub(crate) struct LlmAnswer {
+    pub content: String,
+    pub tool_calls: Vec<ProviderToolCall>,
+    pub model: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub finish_reason: String,
+}
+
 impl Host for RunState {
     async fn chat(&mut self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         self.metered_chat(request).await.map_err(|failure| failure.error)
@@ -79,10 +105,47 @@ impl Host for RunState {
 }
 
 impl RunState {
-    /// `llm.chat`, metered against the run's token budget: the guest's
-    /// call, and the built-in declarative agent's (`sandbox/declarative`),
-    /// which goes through exactly these checks.
+    /// `llm.chat` of the agent world 0.1.0 (text messages only), metered:
+    /// the guest's call, and the built-in declarative agent's
+    /// (`sandbox/declarative`), which goes through exactly these checks.
     pub(crate) async fn metered_chat(&mut self, request: ChatRequest) -> Result<ChatResponse, ChatFailure> {
+        let bytes = request.messages.iter().map(|message| message.content.len()).sum();
+        let call = LlmCall {
+            model: request.model,
+            messages: request
+                .messages
+                .into_iter()
+                .map(|message| {
+                    let role = match message.role {
+                        Role::System => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    };
+                    ProviderMessage::text(role, message.content)
+                })
+                .collect(),
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            bytes,
+            ..LlmCall::default()
+        };
+        let answer = self.metered_call(call).await?;
+        Ok(ChatResponse {
+            content: answer.content,
+            model: answer.model,
+            usage: Usage {
+                tokens_in: answer.tokens_in,
+                tokens_out: answer.tokens_out,
+            },
+            finish_reason: answer.finish_reason,
+        })
+    }
+
+    /// One chat completion, whichever world asked: the model allowed, the
+    /// prompt (tool schemas included) estimated against what remains of
+    /// the run's token budget before anything is sent, `max_tokens`
+    /// lowered to fit, the provider's usage counted and priced.
+    pub(crate) async fn metered_call(&mut self, request: LlmCall) -> Result<LlmAnswer, ChatFailure> {
         let Some(llm) = self.llm.clone() else {
             return Err(ChatFailure::from(LlmError::NotConfigured(
                 "no LLM endpoint configured on this node".to_string(),
@@ -90,7 +153,7 @@ impl RunState {
         };
         // The messages were copied out of the guest, and are written out
         // again as JSON: host work paid in fuel like a log line's.
-        let bytes: usize = request.messages.iter().map(|message| message.content.len()).sum();
+        let bytes = request.bytes;
         self.host_work_fuel += bytes as u64 * crate::sandbox::capabilities::log::FUEL_PER_BYTE;
         if request.messages.is_empty() {
             return Err(ChatFailure::from(LlmError::InvalidRequest(
@@ -125,7 +188,7 @@ impl RunState {
                 self.tokens.used()
             ))));
         }
-        let prompt_tokens = estimate_prompt_tokens(&request.messages);
+        let prompt_tokens = estimate_prompt_tokens(&request.messages, &request.tools);
         if prompt_tokens >= remaining {
             return Err(ChatFailure::from(LlmError::BudgetExhausted(format!(
                 "the prompt is about {prompt_tokens} tokens (estimated from its {bytes} bytes), \
@@ -141,20 +204,11 @@ impl RunState {
         };
         let provider_request = ProviderRequest {
             model: model.clone(),
-            messages: request
-                .messages
-                .into_iter()
-                .map(|message| ProviderMessage {
-                    role: match message.role {
-                        Role::System => "system",
-                        Role::User => "user",
-                        Role::Assistant => "assistant",
-                    },
-                    content: message.content,
-                })
-                .collect(),
+            messages: request.messages,
             max_tokens,
             temperature,
+            tools: request.tools,
+            response_format: request.response_format,
         };
 
         // One span per call (a child of the run's), for the trace.
@@ -213,10 +267,12 @@ impl RunState {
             ))
             .into());
         }
-        Ok(ChatResponse {
+        Ok(LlmAnswer {
             content: answer.content,
+            tool_calls: answer.tool_calls,
             model: answer.model,
-            usage: Usage { tokens_in, tokens_out },
+            tokens_in,
+            tokens_out,
             finish_reason: answer.finish_reason,
         })
     }

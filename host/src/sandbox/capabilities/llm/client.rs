@@ -33,20 +33,89 @@ const MAX_ATTEMPTS: u32 = 5;
 #[error("could not build the LLM HTTP client: {0}")]
 pub struct LlmClientError(String);
 
-/// One chat completion as sent to the provider.
+/// One chat completion as sent to the provider (OpenAI's shape, which
+/// Azure OpenAI shares).
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ProviderRequest {
     pub model: String,
     pub messages: Vec<ProviderMessage>,
     pub max_tokens: u32,
     pub temperature: f32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ProviderTool>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ProviderMessage {
     pub role: &'static str,
     pub content: String,
+    /// An assistant message's tool calls, handed back as the model gave them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ProviderToolCall>,
+    /// A tool message: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
+
+impl ProviderMessage {
+    /// A message of text only.
+    pub(crate) fn text(role: &'static str, content: String) -> ProviderMessage {
+        ProviderMessage {
+            role,
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A tool the model may call: `{"type": "function", "function": {...}}`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ProviderTool {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: ProviderFunction,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ProviderFunction {
+    pub name: String,
+    pub description: String,
+    /// A JSON Schema, parsed from the agent's text (so that the node sends
+    /// JSON, never text it did not check).
+    pub parameters: serde_json::Value,
+}
+
+/// A tool call, in a request (an assistant message handed back) and as
+/// read from an answer.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub(crate) struct ProviderToolCall {
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: ProviderCalledFunction,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
+pub(crate) struct ProviderCalledFunction {
+    #[serde(default)]
+    pub name: String,
+    /// JSON text, as the model wrote it.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+fn function_kind() -> String {
+    "function".to_string()
+}
+
+/// The most tool calls read from one answer.
+pub const MAX_TOOL_CALLS: usize = 128;
 
 /// What the node reads of a provider's answer; everything is optional, so
 /// an odd answer becomes a clear error rather than a parse failure deep in
@@ -97,6 +166,8 @@ struct ChoiceMessage {
     /// declines to answer.
     #[serde(default)]
     refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ProviderToolCall>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +186,8 @@ pub(crate) struct Answer {
     pub finish_reason: String,
     /// The model's refusal, when it declined to answer.
     pub refusal: Option<String>,
+    /// The tools the model asked to call, in order.
+    pub tool_calls: Vec<ProviderToolCall>,
     /// `None` when the provider reported no usage.
     pub usage: Option<(u32, u32)>,
 }
@@ -248,17 +321,19 @@ impl LlmClient {
                             asked.as_secs()
                         )));
                     }
-                    backoff.next_delay();
+                    // Never sooner than the backoff either: `Retry-After: 0`
+                    // must not make the retries a burst.
+                    let wait = asked.max(backoff.next_delay());
                     tracing::warn!(
                         target: LOG_TARGET, attempt = backoff.attempts(),
                         error = %describe(&error),
                         retry_after_s = asked.as_secs(),
                         "LLM call failed; retrying when the provider asked"
                     );
-                    if backoff.attempts() >= MAX_ATTEMPTS {
+                    if backoff.attempts() >= MAX_ATTEMPTS || Instant::now() + wait >= deadline {
                         return Err(self.out_of_time(Some(error), backoff.attempts()));
                     }
-                    tokio::time::sleep(asked).await;
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };
@@ -346,13 +421,25 @@ impl LlmClient {
             )));
         };
         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-        let (content, refusal) = match choice.message {
-            Some(message) => (message.content, message.refusal.filter(|r| !r.is_empty())),
-            None => (None, None),
+        let (content, refusal, tool_calls) = match choice.message {
+            Some(message) => (
+                message.content,
+                message.refusal.filter(|r| !r.is_empty()),
+                message.tool_calls.unwrap_or_default(),
+            ),
+            None => (None, None, Vec::new()),
         };
+        if tool_calls.len() > MAX_TOOL_CALLS {
+            return Err(Attempt::Final(CallError::Provider(format!(
+                "the LLM provider's answer asks for {} tool calls, more than the {MAX_TOOL_CALLS} the \
+                 node reads from one answer",
+                tool_calls.len()
+            ))));
+        }
         Ok(Answer {
             content: content.unwrap_or_default(),
             refusal,
+            tool_calls,
             model: parsed.model.unwrap_or_else(|| request.model.clone()),
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage: parsed

@@ -21,6 +21,7 @@ mod chat;
 mod client;
 mod prompt_estimate;
 mod settings;
+mod tools;
 
 use wasmtime::component::{HasSelf, Linker};
 
@@ -32,7 +33,10 @@ pub use client::{LLM_REQUEST_BYTES, LLM_RESPONSE_BYTES, LlmClient, LlmClientErro
 pub use prompt_estimate::{TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST};
 pub use settings::{AZURE_API_VERSION, LlmEndpoint, LlmSettings, ModelPrice};
 
-/// Offers `llm.chat` (the host side is [`RunState`]'s `llm::Host` impl).
+/// Offers `llm.chat` in both versions of the agent world (the host side
+/// is [`RunState`]'s `llm::Host` impls: 0.1.0's in `chat.rs`, 0.2.0's,
+/// with tools and response formats, in `tools.rs`).
 pub(crate) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
-    bindings::llm::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+    bindings::llm::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    bindings::v2::llm::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
 }

@@ -29,12 +29,14 @@
 //!   [`TOKENS_PER_REQUEST`] for the reply's priming, as OpenAI's chat
 //!   format adds them.
 //!
-//! The chat request carries no tool schemas (the agent world's
-//! `chat-request` has none), so messages are all there is to count. What
-//! the estimate misses on the call that crosses the budget is what the
-//! token tolerance of `meters.rs` covers.
+//! Tool calls an assistant message hands back count as their names and
+//! arguments; each tool offered to the model counts
+//! [`TOKENS_PER_MESSAGE`] plus its name, description and parameter
+//! schema as JSON text, since providers put the schemas into the prompt.
+//! What the estimate misses on the call that crosses the budget is what
+//! the token tolerance of `meters.rs` covers.
 
-use crate::sandbox::bindings::llm::Message;
+use super::client::{ProviderMessage, ProviderTool};
 
 /// Tokens counted for each message's role and separators.
 pub const TOKENS_PER_MESSAGE: u32 = 4;
@@ -42,11 +44,34 @@ pub const TOKENS_PER_MESSAGE: u32 = 4;
 pub const TOKENS_PER_REQUEST: u32 = 4;
 
 /// The estimated prompt tokens of `messages`, saturating.
-pub(crate) fn estimate_prompt_tokens(messages: &[Message]) -> u32 {
-    let tokens = messages.iter().fold(u64::from(TOKENS_PER_REQUEST), |sum, message| {
-        sum + u64::from(TOKENS_PER_MESSAGE) + text_tokens(message.content.as_bytes())
+pub(crate) fn estimate_prompt_tokens(messages: &[ProviderMessage], tools: &[ProviderTool]) -> u32 {
+    let messages = messages.iter().fold(u64::from(TOKENS_PER_REQUEST), |sum, message| {
+        let calls: u64 = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                text_tokens(call.id.as_bytes())
+                    + text_tokens(call.function.name.as_bytes())
+                    + text_tokens(call.function.arguments.as_bytes())
+            })
+            .sum();
+        let answers = message
+            .tool_call_id
+            .as_deref()
+            .map_or(0, |id| text_tokens(id.as_bytes()));
+        sum + u64::from(TOKENS_PER_MESSAGE) + text_tokens(message.content.as_bytes()) + calls + answers
     });
-    u32::try_from(tokens).unwrap_or(u32::MAX)
+    let tools: u64 = tools
+        .iter()
+        .map(|tool| {
+            let function = &tool.function;
+            u64::from(TOKENS_PER_MESSAGE)
+                + text_tokens(function.name.as_bytes())
+                + text_tokens(function.description.as_bytes())
+                + text_tokens(function.parameters.to_string().as_bytes())
+        })
+        .sum();
+    u32::try_from(messages + tools).unwrap_or(u32::MAX)
 }
 
 /// The tokens of one message's text, as the module describes: counted in
@@ -100,36 +125,73 @@ fn text_tokens(text: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::bindings::llm::Role;
+    use crate::sandbox::capabilities::llm::client::{ProviderCalledFunction, ProviderFunction, ProviderToolCall};
 
-    fn user(content: &str) -> Message {
-        Message {
-            role: Role::User,
-            content: content.to_string(),
-        }
+    fn user(content: &str) -> ProviderMessage {
+        ProviderMessage::text("user", content.to_string())
+    }
+
+    /// The estimate of messages alone.
+    fn estimate(messages: &[ProviderMessage]) -> u32 {
+        estimate_prompt_tokens(messages, &[])
+    }
+
+    #[test]
+    fn tool_schemas_and_tool_calls_count_in_the_prompt() {
+        let tool = ProviderTool {
+            kind: "function",
+            function: ProviderFunction {
+                name: "lookup".into(),
+                description: "Looks a vendor up".into(),
+                parameters: serde_json::json!({"type": "object", "properties": {"vendor": {"type": "string"}}}),
+            },
+        };
+        let bare = estimate(&[user("Hello")]);
+        let with_tool = estimate_prompt_tokens(&[user("Hello")], std::slice::from_ref(&tool));
+        let schema = tool.function.parameters.to_string();
+        assert_eq!(
+            with_tool,
+            bare + TOKENS_PER_MESSAGE
+                + text_tokens(b"lookup") as u32
+                + text_tokens(b"Looks a vendor up") as u32
+                + text_tokens(schema.as_bytes()) as u32
+        );
+        assert!(with_tool > bare + 20, "{with_tool} vs {bare}");
+        let call = ProviderMessage {
+            tool_calls: vec![ProviderToolCall {
+                id: "call_1".into(),
+                kind: "function".into(),
+                function: ProviderCalledFunction {
+                    name: "lookup".into(),
+                    arguments: r#"{"vendor": "Paper Co"}"#.into(),
+                },
+            }],
+            ..ProviderMessage::text("assistant", String::new())
+        };
+        assert!(estimate(&[call]) > estimate(&[ProviderMessage::text("assistant", String::new())]) + 8);
     }
 
     #[test]
     fn ascii_counts_a_quarter_token_a_byte_and_every_message_its_framing() {
-        assert_eq!(estimate_prompt_tokens(&[]), TOKENS_PER_REQUEST);
-        assert_eq!(estimate_prompt_tokens(&[user("")]), 8);
-        assert_eq!(estimate_prompt_tokens(&[user("Hello")]), 8 + 2);
-        assert_eq!(estimate_prompt_tokens(&[user(&"a".repeat(4000))]), 8 + 1000);
-        assert_eq!(estimate_prompt_tokens(&[user("abcd"), user("abcd")]), 4 + 2 * (4 + 1));
+        assert_eq!(estimate(&[]), TOKENS_PER_REQUEST);
+        assert_eq!(estimate(&[user("")]), 8);
+        assert_eq!(estimate(&[user("Hello")]), 8 + 2);
+        assert_eq!(estimate(&[user(&"a".repeat(4000))]), 8 + 1000);
+        assert_eq!(estimate(&[user("abcd"), user("abcd")]), 4 + 2 * (4 + 1));
     }
 
     #[test]
     fn words_count_at_least_a_token_and_capitals_half_a_token_a_letter() {
         // "The cat sat": three words of 4 quarters, the spaces with them.
-        assert_eq!(estimate_prompt_tokens(&[user("The cat sat")]), 8 + 3);
+        assert_eq!(estimate(&[user("The cat sat")]), 8 + 3);
         // One-letter words are a token each (with the space before them).
         // The last space, before nothing, is a token of its own.
-        assert_eq!(estimate_prompt_tokens(&[user(&"a ".repeat(1000))]), 8 + 1001);
-        assert_eq!(estimate_prompt_tokens(&[user("ABCDEFGH")]), 8 + 4);
+        assert_eq!(estimate(&[user(&"a ".repeat(1000))]), 8 + 1001);
+        assert_eq!(estimate(&[user("ABCDEFGH")]), 8 + 4);
         // Words: a, Ba, Ba, Ba, B.
-        assert_eq!(estimate_prompt_tokens(&[user("aBaBaBaB")]), 8 + 5);
+        assert_eq!(estimate(&[user("aBaBaBaB")]), 8 + 5);
         // Indentation is a quarter a space, at least a token a run.
-        assert_eq!(estimate_prompt_tokens(&[user("\n        x")]), 8 + 1 + 2 + 1);
+        assert_eq!(estimate(&[user("\n        x")]), 8 + 1 + 2 + 1);
     }
 
     #[test]
@@ -137,22 +199,22 @@ mod tests {
         let dense: String = (0..3000u32)
             .map(|i| char::from(b"0123456789!#$%&()*+,-./:;<=>?@[]^_{|}~"[(i * 7 % 37) as usize]))
             .collect();
-        assert_eq!(estimate_prompt_tokens(&[user(&dense)]), 8 + 3000);
+        assert_eq!(estimate(&[user(&dense)]), 8 + 3000);
         // Ordinary prose stays close: 12 words and 2 punctuation marks in
         // 55 bytes (a quarter token a byte was 14).
         assert_eq!(
-            estimate_prompt_tokens(&[user("Classify the invoice, and say why: it is due on Monday.")]),
+            estimate(&[user("Classify the invoice, and say why: it is due on Monday.")]),
             8 + 18
         );
         // A space before a digit is its own token.
-        assert_eq!(estimate_prompt_tokens(&[user("1 2 3")]), 8 + 5);
+        assert_eq!(estimate(&[user("1 2 3")]), 8 + 5);
     }
 
     #[test]
     fn other_scripts_count_a_token_a_character_not_a_quarter_of_their_bytes() {
         // 1000 CJK characters are 3000 bytes of UTF-8.
         let cjk = "\u{4e2d}".repeat(1000);
-        assert_eq!(estimate_prompt_tokens(&[user(&cjk)]), 8 + 1000);
-        assert_eq!(estimate_prompt_tokens(&[user("caf\u{e9}")]), 8 + 1 + 1);
+        assert_eq!(estimate(&[user(&cjk)]), 8 + 1000);
+        assert_eq!(estimate(&[user("caf\u{e9}")]), 8 + 1 + 1);
     }
 }

@@ -26,9 +26,30 @@ const FUEL_PER_FIELD: u64 = 200;
 /// And for each byte of its message and fields.
 pub(crate) const FUEL_PER_BYTE: u64 = 4;
 
-/// Offers `log.log`.
+/// Offers `log.log`, in both versions of the agent world.
 pub(crate) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
-    bindings::log::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+    bindings::log::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    bindings::v2::log::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+}
+
+/// The agent world 0.2.0's `log.log`: the same line, the same caps.
+impl bindings::v2::log::Host for RunState {
+    fn log(
+        &mut self,
+        level: bindings::v2::log::Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) -> wasmtime::Result<()> {
+        use bindings::v2::log::Level as V2;
+        let level = match level {
+            V2::Trace => Level::Trace,
+            V2::Debug => Level::Debug,
+            V2::Info => Level::Info,
+            V2::Warn => Level::Warn,
+            V2::Error => Level::Error,
+        };
+        <RunState as Host>::log(self, level, message, fields)
+    }
 }
 
 impl Host for RunState {
