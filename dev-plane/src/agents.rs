@@ -23,6 +23,9 @@ pub const MAX_VERSIONS_PER_AGENT: usize = 1_000;
 pub const MAX_ID_BYTES: usize = 128;
 /// The largest agent or version body the plane takes.
 pub const MAX_AGENT_BODY_BYTES: usize = 256 * 1024;
+/// The most bytes of agents and versions (as JSON) one plane holds: the
+/// counts alone would let a client make it hold gigabytes.
+pub const MAX_BOOK_BYTES: usize = 64 << 20;
 
 /// The version a definition file without a top-level `"version"` gets.
 pub const DEFAULT_FILE_VERSION: &str = "1.0.0";
@@ -414,6 +417,32 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct AgentBook {
     agents: BTreeMap<String, Entry>,
+    /// What they take as JSON, bounded by [`MAX_BOOK_BYTES`].
+    bytes: usize,
+}
+
+/// What `value` takes as JSON.
+fn json_bytes(value: &impl Serialize) -> usize {
+    serde_json::to_vec(value).map_or(0, |json| json.len())
+}
+
+impl AgentBook {
+    /// Refuses a change that would take the book past [`MAX_BOOK_BYTES`].
+    fn room_for(&self, adding: usize) -> Result<(), AgentRefusal> {
+        if self.bytes.saturating_add(adding) > MAX_BOOK_BYTES {
+            return Err(AgentRefusal::Invalid(format!(
+                "this plane holds {} bytes of agents and versions, and this one ({adding} bytes) \
+                 would take it past the {MAX_BOOK_BYTES} it keeps; delete agents or versions first",
+                self.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The JSON bytes of an agent with its versions.
+    fn entry_bytes(entry: &Entry) -> usize {
+        json_bytes(&entry.agent) + entry.versions.iter().map(json_bytes).sum::<usize>()
+    }
 }
 
 impl AgentBook {
@@ -435,6 +464,7 @@ impl AgentBook {
                 entry.versions.push(version);
             }
         }
+        book.bytes = book.agents.values().map(AgentBook::entry_bytes).sum();
         book
     }
 
@@ -469,6 +499,7 @@ impl AgentBook {
             )));
         }
         agent.agent_id = agent_id;
+        self.room_for(json_bytes(&agent))?;
         Ok(AgentChange::PutAgent(agent))
     }
 
@@ -533,12 +564,14 @@ impl AgentBook {
             )));
         }
         spec.agent_id = agent_id.to_string();
-        Ok(AgentChange::PutVersion(AgentVersion {
+        let version = AgentVersion {
             agent_id: agent_id.to_string(),
             version: version.to_string(),
             spec,
             created_at,
-        }))
+        };
+        self.room_for(json_bytes(&version))?;
+        Ok(AgentChange::PutVersion(version))
     }
 
     pub fn delete_version(&self, agent_id: &str, version: &str) -> Result<AgentChange, AgentRefusal> {
@@ -551,6 +584,31 @@ impl AgentBook {
 
     /// Applies a change the store has saved.
     pub fn apply(&mut self, change: AgentChange) {
+        // What the change takes away and adds, measured on the parts it
+        // touches only.
+        let (removed, added) = match &change {
+            AgentChange::PutAgent(agent) => (
+                self.agents
+                    .get(&agent.agent_id)
+                    .map_or(0, |entry| json_bytes(&entry.agent)),
+                json_bytes(agent),
+            ),
+            AgentChange::DeleteAgent { agent_id, .. } => {
+                (self.agents.get(agent_id).map_or(0, AgentBook::entry_bytes), 0)
+            }
+            AgentChange::PutVersion(version) => (
+                self.version(&version.agent_id, &version.version).map_or(0, json_bytes),
+                json_bytes(version),
+            ),
+            AgentChange::DeleteVersion { agent_id, version } => {
+                (self.version(agent_id, version).map_or(0, json_bytes), 0)
+            }
+        };
+        self.apply_unmeasured(change);
+        self.bytes = self.bytes.saturating_sub(removed) + added;
+    }
+
+    fn apply_unmeasured(&mut self, change: AgentChange) {
         match change {
             AgentChange::PutAgent(agent) => {
                 let entry = self.agents.entry(agent.agent_id.clone()).or_default();
@@ -592,6 +650,45 @@ mod tests {
             "input": {"type": "ServiceBus", "config": {"queue": "invoices"}},
             "output": {"type": "Http", "config": {"endpoint": "http://127.0.0.1:8089/invoices"}},
         })
+    }
+
+    #[test]
+    fn the_book_is_bounded_in_bytes_and_a_deletion_gives_the_room_back() {
+        let mut book = AgentBook::default();
+        book.apply(
+            book.create(
+                Agent {
+                    name: "big".into(),
+                    ..Agent::default()
+                },
+                "big".into(),
+            )
+            .unwrap(),
+        );
+        let mut large = valid();
+        large["instructions"] = json!("x".repeat(200 * 1024));
+        let mut added = 0;
+        loop {
+            match book.add_version("big", &format!("1.0.{added}"), Some(spec(large.clone())), "t".into()) {
+                Ok(change) => {
+                    book.apply(change);
+                    added += 1;
+                    assert!(added < 1000, "never refused");
+                }
+                Err(AgentRefusal::Invalid(message)) => {
+                    assert!(message.contains("delete agents or versions"), "{message}");
+                    break;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            book.bytes <= MAX_BOOK_BYTES && added >= 300,
+            "{added} versions, {} bytes",
+            book.bytes
+        );
+        book.apply(book.delete_version("big", "1.0.0").unwrap());
+        assert!(book.add_version("big", "2.0.0", Some(spec(large)), "t".into()).is_ok());
     }
 
     #[test]

@@ -432,3 +432,80 @@ async fn the_built_in_agent_meters_each_provider_shape_and_fails_refusals_clearl
     assert_eq!(failure.kind, FailKind::AgentError, "{failure:?}");
     assert!(failure.message.contains("content filter"), "{failure:?}");
 }
+
+/// A secret the output carries never comes back in the run's failure:
+/// not from a target that echoes the request in its error body, not from
+/// a path that holds it when the target cannot be reached, and a spec
+/// cannot put one in the host it is checked against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_failure_message() {
+    use node_runtime::dev_plane::stubs::{STUB_ECHO_MODEL, StubModel};
+    use node_runtime::sandbox::declarative::{AgentSpec, BoundSecret, DeclarativeSettings, Secrets};
+    use node_runtime::sandbox::{FailKind, HostGrant, LlmSettings, Sandbox, SandboxConfig};
+    use node_runtime::support::Secret;
+
+    const VALUE: &str = "Sup3rSecretValue";
+    node_runtime::support::tls::install_crypto_provider();
+    let model = StubModel::start().await.unwrap();
+    // A target that answers 400 quoting everything it was sent.
+    let echo = serve(
+        axum::Router::new().fallback(|request: axum::extract::Request| async move {
+            let (parts, _) = request.into_parts();
+            let mut body = format!("{} {}\n", parts.method, parts.uri);
+            for (name, value) in &parts.headers {
+                body.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("")));
+            }
+            (StatusCode::BAD_REQUEST, body)
+        }),
+    )
+    .await;
+    let closed = format!("127.0.0.1:{}", free_port());
+    let hosts = vec![HostGrant::parse(&echo).unwrap(), HostGrant::parse(&closed).unwrap()];
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(model.url(), Secret::new("k"), STUB_ECHO_MODEL)),
+        declarative: DeclarativeSettings {
+            output_hosts: hosts.clone(),
+            secrets: Secrets(BTreeMap::from([(
+                "TOK".to_string(),
+                BoundSecret {
+                    value: Secret::new(VALUE),
+                    hosts,
+                },
+            )])),
+        },
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let spec = |endpoint: String| {
+        AgentSpec::parse(
+            serde_json::json!({"name": "leak", "instructions": "i", "tools": ["http-post"],
+                "output": {"type": "Http", "config": {"endpoint": endpoint,
+                    "headers": {"Authorization": "Bearer ${TOK}"},
+                    "retryPolicy": {"maxRetries": 1, "retryDelayMs": 10}}}})
+            .to_string()
+            .as_bytes(),
+        )
+    };
+    for endpoint in [
+        format!("http://{echo}/hook/${{TOK}}?key=${{TOK}}"),
+        format!("http://{closed}/hook/${{TOK}}"),
+    ] {
+        let result = sandbox
+            .run_spec(
+                &spec(endpoint.clone()).unwrap(),
+                request("leak", &[("message", "hi")], Default::default()),
+            )
+            .await;
+        let failure = result.outcome.failure().expect("the delivery fails");
+        assert_eq!(failure.kind, FailKind::AgentError, "{failure:?}");
+        let shown = format!("{failure:?}").to_lowercase();
+        assert!(!shown.contains(&VALUE.to_lowercase()), "{endpoint}: {failure:?}");
+        assert!(
+            failure.message.contains("${TOK}"),
+            "the endpoint is shown as written: {failure:?}"
+        );
+    }
+    // In the host, the placeholder is refused before anything runs.
+    let err = spec(format!("http://${{TOK}}.{echo}/")).unwrap_err();
+    assert!(err.0.contains("scheme, host or port"), "{err}");
+}

@@ -24,7 +24,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// The top-level sections the node reads; environment variables whose
 /// first segment is not one of these are none of its business.
-pub(super) const SECTIONS: [&str; 7] = [
+pub(super) const SECTIONS: [&str; 8] = [
     "NodeRuntime",
     "MTls",
     "AgentRuntime",
@@ -32,6 +32,7 @@ pub(super) const SECTIONS: [&str; 7] = [
     "Logging",
     "Sandbox",
     "AgentStore",
+    "DeclarativeAgents",
 ];
 
 /// Where a value came from.

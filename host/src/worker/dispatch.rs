@@ -190,20 +190,44 @@ impl Dispatcher {
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }
             };
-            let running = async {
-                match &runnable {
-                    Runnable::Component(agent) => self.sandbox.run(agent, request.clone()).await,
-                    Runnable::Spec(spec) => self.sandbox.run_spec(spec, request.clone()).await,
+            // The run is a task of its own, so that a panic in the node's
+            // code (a bug, whatever input caused it) still ends the lease
+            // with a Fail rather than with no report at all.
+            let sandbox = self.sandbox.clone();
+            let request = request.clone();
+            let running = tokio::spawn(
+                async move {
+                    match &runnable {
+                        Runnable::Component(agent) => sandbox.run(agent, request).await,
+                        Runnable::Spec(spec) => sandbox.run_spec(spec, request).await,
+                    }
                 }
-            };
+                .in_current_span(),
+            );
+            let abort = running.abort_handle();
             tokio::select! {
-                result = running => (result.outcome, result.report),
-                _ = self.shutdown.runs_aborted() => (
-                    RunOutcome::Failed(RunFailure::handed_back(
-                        "the node shut down before the run finished (drain timeout)",
-                    )),
-                    RunReport::default(),
-                ),
+                joined = running => match joined {
+                    Ok(result) => (result.outcome, result.report),
+                    Err(failed) => {
+                        let why = if failed.is_panic() { "panicked" } else { "was cancelled" };
+                        tracing::error!("the run {why}: a bug in the node; the lease is handed back");
+                        (
+                            RunOutcome::Failed(RunFailure::handed_back(format!(
+                                "the node failed running this lease (it {why}: a bug in the node, logged on it)"
+                            ))),
+                            RunReport::default(),
+                        )
+                    }
+                },
+                _ = self.shutdown.runs_aborted() => {
+                    abort.abort();
+                    (
+                        RunOutcome::Failed(RunFailure::handed_back(
+                            "the node shut down before the run finished (drain timeout)",
+                        )),
+                        RunReport::default(),
+                    )
+                }
             }
         }
         .instrument(span.clone())

@@ -34,19 +34,29 @@ use rand::Rng;
 
 use super::secrets::Secrets;
 use super::spec::{HttpOutput, RetryPolicy};
-use crate::sandbox::HostGrant;
 use crate::sandbox::capabilities::http::EgressPolicy;
 use crate::sandbox::capabilities::log::HostWarning;
 use crate::sandbox::run::RunContext;
+use crate::sandbox::{HTTP_ALLOW_METADATA_KEY, HostGrant};
 
 /// The events' target, so that log filters can pick the connector out.
 const LOG_TARGET: &str = "node_runtime::sandbox::declarative::http_output";
+
+/// The shortest wait between two attempts, whatever the policy says: a
+/// spec's `retryDelayMs: 0` must not fire its retries in a burst.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// How much of an error answer's body is quoted in the run's failure.
 const QUOTED_BODY_BYTES: usize = 512;
 
 /// A request the checks passed: filled, resolved and pinned.
 pub(crate) struct PreparedPost {
+    /// The endpoint as the spec wrote it (placeholders as names), the only
+    /// form messages show.
+    shown: String,
+    /// The secret values this request carries: cut out of anything quoted
+    /// back (a target's error body may echo the request).
+    scrub: Vec<String>,
     url: reqwest::Url,
     host: String,
     port: u16,
@@ -67,6 +77,8 @@ pub(crate) struct NotDelivered {
     pub retryable: bool,
     /// Refused by the node's checks: nothing was sent.
     pub refused: bool,
+    /// The run's deadline ended the delivery.
+    pub deadline: bool,
 }
 
 impl NotDelivered {
@@ -75,6 +87,7 @@ impl NotDelivered {
             message,
             retryable: false,
             refused: true,
+            deadline: false,
         }
     }
 }
@@ -97,12 +110,14 @@ pub(crate) async fn prepare(
     deadline: Instant,
 ) -> Result<PreparedPost, NotDelivered> {
     let refuse = |message: String| NotDelivered::refused(message);
-    // The endpoint's placeholders are checked by name first, then again
-    // for the host the filled URL names.
-    let named = secrets
+    // The host is the one written: placeholders may stand only in the
+    // path and query (`spec.rs` refuses one before them), so the template
+    // names the host the checks below are about, and no message about it
+    // can carry a secret's value.
+    secrets
         .fill("output.config.endpoint", &output.endpoint, None)
         .map_err(|err| refuse(err.to_string()))?;
-    let url = reqwest::Url::parse(&named).map_err(|err| {
+    let url = reqwest::Url::parse(&output.endpoint).map_err(|err| {
         refuse(format!(
             "output.config.endpoint {} is not a URL ({err})",
             quote_endpoint(&output.endpoint)
@@ -123,7 +138,20 @@ pub(crate) async fn prepare(
     }
     let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
     let port = url.port_or_known_default().unwrap_or(443);
-    let allowed = |host: &str, port: u16| node_hosts.iter().any(|g| g.allows(host, port)) || egress.allows(host, port);
+    // The node-wide list, narrowed by the lease's `http.allow` as the
+    // agent's own grants are (metadata never widens).
+    let narrowing: Option<Vec<HostGrant>> = context.metadata.get(HTTP_ALLOW_METADATA_KEY).map(|list| {
+        list.split(',')
+            .filter_map(|entry| HostGrant::parse(entry.trim()).ok())
+            .collect()
+    });
+    let allowed = |host: &str, port: u16| {
+        let node_wide = node_hosts.iter().any(|g| g.allows(host, port))
+            && narrowing
+                .as_ref()
+                .is_none_or(|narrowed| narrowed.iter().any(|g| g.allows(host, port)));
+        node_wide || egress.allows(host, port)
+    };
     if host.is_empty() || !allowed(&host, port) {
         egress.denied += 1;
         if egress.warnings.admit(HostWarning::EgressDenied) {
@@ -140,7 +168,16 @@ pub(crate) async fn prepare(
     let filled = secrets
         .fill("output.config.endpoint", &output.endpoint, Some((&host, port)))
         .map_err(|err| refuse(err.to_string()))?;
-    let url = reqwest::Url::parse(&filled).map_err(|_| refuse("output.config.endpoint is not a URL".into()))?;
+    let url = reqwest::Url::parse(&filled)
+        .ok()
+        .filter(|filled| filled.host_str().map(str::to_ascii_lowercase).as_deref() == Some(host.as_str()))
+        .ok_or_else(|| {
+            refuse(format!(
+                "output.config.endpoint {} is not a URL of the same host once its placeholders are filled",
+                quote_endpoint(&output.endpoint)
+            ))
+        })?;
+    let mut scrub = secrets.values_in(&output.endpoint);
 
     let mut headers = http::HeaderMap::new();
     for (name, template) in &output.headers {
@@ -154,8 +191,11 @@ pub(crate) async fn prepare(
             .map_err(|_| refuse(format!("{field}: the value is not a valid header value")))?;
         if Secrets::has_placeholder(template) {
             value.set_sensitive(true);
+            scrub.extend(secrets.values_in(template));
         }
-        headers.append(header, value);
+        headers
+            .try_append(header, value)
+            .map_err(|_| refuse(format!("{field}: too many headers")))?;
     }
     if !headers.contains_key(http::header::CONTENT_TYPE) {
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -194,17 +234,23 @@ pub(crate) async fn prepare(
                     message: format!("the run's deadline passed while looking up {host}; nothing was sent"),
                     retryable: true,
                     refused: false,
+                    deadline: true,
                 })?
                 .map_err(|err| NotDelivered {
                     message: format!("cannot look up the output endpoint's host {host}: {err}; nothing was sent"),
                     retryable: true,
                     refused: false,
+                    deadline: false,
                 })?
                 .collect::<Vec<_>>();
+            // `localhost` written by the operator allows its loopback
+            // addresses, and only those.
             let loopback_name = host == "localhost" || host.ends_with(".localhost");
-            let (kept, internal): (Vec<SocketAddr>, Vec<SocketAddr>) = found
-                .into_iter()
-                .partition(|addr| !is_internal(addr.ip()) || loopback_name || allowed(&ip_host(addr.ip()), port));
+            let (kept, internal): (Vec<SocketAddr>, Vec<SocketAddr>) = found.into_iter().partition(|addr| {
+                !is_internal(addr.ip())
+                    || (loopback_name && addr.ip().to_canonical().is_loopback())
+                    || allowed(&ip_host(addr.ip()), port)
+            });
             if kept.is_empty() {
                 let listed = internal.iter().map(|a| ip_host(a.ip())).collect::<Vec<_>>().join(", ");
                 egress.denied += 1;
@@ -217,7 +263,11 @@ pub(crate) async fn prepare(
             kept
         }
     };
+    scrub.sort_by_key(|value| std::cmp::Reverse(value.len()));
+    scrub.dedup();
     Ok(PreparedPost {
+        shown: quote_endpoint(&output.endpoint),
+        scrub,
         url,
         host,
         port,
@@ -250,9 +300,10 @@ pub(crate) async fn send(
         message: format!("cannot make the output connector's HTTP client: {err}"),
         retryable: true,
         refused: false,
+        deadline: false,
     })?;
     let body = bytes::Bytes::from(body);
-    let shown = support::redact::url(post.url.as_str());
+    let shown = &post.shown;
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
@@ -265,6 +316,7 @@ pub(crate) async fn send(
                 ),
                 retryable: true,
                 refused: false,
+                deadline: true,
             });
         }
         egress.requests += 1;
@@ -285,7 +337,7 @@ pub(crate) async fn send(
                     });
                 }
                 let retry_after = retry_after(response.headers());
-                let quoted = quoted_body(response).await;
+                let quoted = scrubbed(quoted_body(response).await, &post.scrub);
                 let why = format!("{shown} answered {status}{quoted}");
                 let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 429);
                 if !transient {
@@ -298,12 +350,16 @@ pub(crate) async fn send(
                         message: format!("the output connector's {} to {why}{hint}", post.method),
                         retryable: false,
                         refused: false,
+                        deadline: false,
                     });
                 }
                 (why, retry_after)
             }
             Err(err) => (
-                format!("{shown} could not be reached: {}", support::error::error_chain(&err)),
+                format!(
+                    "{shown} could not be reached: {}",
+                    scrubbed(support::error::error_chain(&err.without_url()), &post.scrub)
+                ),
                 None,
             ),
         };
@@ -315,6 +371,7 @@ pub(crate) async fn send(
                 message: format!("the output connector gave up after {attempt} attempts: {why}"),
                 retryable: true,
                 refused: false,
+                deadline: false,
             });
         }
         let delay = delay(&post.retry, attempt, retry_after);
@@ -325,6 +382,7 @@ pub(crate) async fn send(
                 ),
                 retryable: true,
                 refused: false,
+                deadline: true,
             });
         }
         tokio::time::sleep(delay).await;
@@ -335,6 +393,11 @@ pub(crate) async fn send(
 /// delay, doubled per attempt when exponential, capped, plus up to 20%
 /// jitter; a longer `Retry-After` wins, up to the cap.
 fn delay(policy: &RetryPolicy, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let policy = &RetryPolicy {
+        retry_delay: policy.retry_delay.max(MIN_RETRY_DELAY),
+        max_retry_delay: policy.max_retry_delay.max(MIN_RETRY_DELAY),
+        ..*policy
+    };
     let base = if policy.exponential {
         policy.retry_delay.saturating_mul(1 << (attempt - 1).min(20))
     } else {
@@ -377,6 +440,14 @@ async fn quoted_body(response: reqwest::Response) -> String {
     } else {
         format!(": {text}")
     }
+}
+
+/// `text` with every secret value this request carries replaced by `***`.
+fn scrubbed(text: String, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|value| !value.is_empty())
+        .fold(text, |text, value| text.replace(value.as_str(), "***"))
 }
 
 /// The endpoint as written, for an error: placeholders are names, not
@@ -434,13 +505,19 @@ pub(crate) fn is_internal(ip: IpAddr) -> bool {
                     is_internal(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
                 };
                 let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+                // IPv4-compatible (::a.b.c.d) and SIIT (::ffff:0:a.b.c.d).
+                let compatible = segments[..6] == [0, 0, 0, 0, 0, 0] || segments[..6] == [0, 0, 0, 0, 0xffff, 0];
+                let discard = segments[..4] == [0x100, 0, 0, 0];
+                let documentation = first == 0x2001 && segments[1] == 0x0db8;
                 v6.is_loopback()
                     || v6.is_unspecified()
                     || v6.is_multicast()
                     || (first & 0xfe00) == 0xfc00
                     || (first & 0xffc0) == 0xfe80
                     || (first & 0xffc0) == 0xfec0
-                    || (nat64 && embedded(segments[6], segments[7]))
+                    || ((nat64 || compatible) && embedded(segments[6], segments[7]))
+                    || discard
+                    || documentation
                     || (first == 0x2002 && embedded(segments[1], segments[2]))
             }
         },
@@ -469,6 +546,10 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:c0a8:101::1",
             "fec0::1",
+            "::a00:1",
+            "::ffff:0:a00:1",
+            "100::1",
+            "2001:db8::1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }

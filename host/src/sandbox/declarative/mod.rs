@@ -182,6 +182,8 @@ pub(crate) async fn execute(
                 Err(refused) => {
                     let kind = if refused.refused {
                         FailKind::AgentInvalid
+                    } else if refused.deadline {
+                        FailKind::BudgetDeadline
                     } else {
                         FailKind::AgentError
                     };
@@ -260,9 +262,16 @@ pub(crate) async fn execute(
             finish(&state, RunOutcome::Completed(result))
         }
         Ok(Err(not_delivered)) => {
+            // The deadline is a budget like any run's; the rest is the
+            // target's doing.
+            let kind = if not_delivered.deadline {
+                FailKind::BudgetDeadline
+            } else {
+                FailKind::AgentError
+            };
             let failure = RunFailure {
-                retryable: not_delivered.retryable,
-                ..RunFailure::new(FailKind::AgentError, not_delivered.message)
+                retryable: not_delivered.retryable && !not_delivered.deadline,
+                ..RunFailure::new(kind, not_delivered.message)
             };
             finish(&state, RunOutcome::Failed(failure))
         }
@@ -271,19 +280,36 @@ pub(crate) async fn execute(
 
 /// The budgets the reference control plane puts in every lease, whatever
 /// the run or agent (contract: "budgets today always 4000 tokens / 60
-/// s"). They say "the plane's default", not "this run needs this much",
-/// so against a spec they count as no ask: the spec's budget applies.
+/// s"). A lease carrying exactly this pair cannot be told from one that
+/// asks nothing, so where it is above the spec it is not refused: the
+/// spec's lower value applies. Where it is below, it lowers the spec's
+/// as any lease does.
 const PLANE_DEFAULT_TOKENS: u32 = 4000;
 const PLANE_DEFAULT_DURATION: Duration = Duration::from_secs(60);
 
-/// The run's budget request: the spec's ceiling, lowered by the lease's.
-/// A lease asking for more than the spec allows is refused (the
-/// reference plane's fixed default budgets aside, which ask nothing).
+/// The run's budget request: the lower of the spec's and the lease's,
+/// each meter. A lease asking for more than the spec allows is refused
+/// (but for the reference plane's fixed pair, above).
 fn lowered(spec: &AgentSpec, lease: BudgetRequest) -> Result<BudgetRequest, String> {
-    let plane_default_tokens = |t: &u32| *t == PLANE_DEFAULT_TOKENS && spec.budget_tokens.is_some();
-    let plane_default_duration = |d: &Duration| *d == PLANE_DEFAULT_DURATION && spec.budget_duration.is_some();
-    let asked_tokens = lease.tokens.filter(|t| *t > 0 && !plane_default_tokens(t));
-    let asked_duration = lease.duration.filter(|d| !d.is_zero() && !plane_default_duration(d));
+    let asked_tokens = lease.tokens.filter(|t| *t > 0);
+    let asked_duration = lease.duration.filter(|d| !d.is_zero());
+    let plane_default = asked_tokens == Some(PLANE_DEFAULT_TOKENS) && asked_duration == Some(PLANE_DEFAULT_DURATION);
+    let lower = |asked: Option<u32>, allowed: Option<u32>| match (asked, allowed) {
+        (Some(asked), Some(allowed)) => Some(asked.min(allowed)),
+        (asked, allowed) => asked.or(allowed),
+    };
+    let tokens = lower(asked_tokens, spec.budget_tokens);
+    let duration = match (asked_duration, spec.budget_duration) {
+        (Some(asked), Some(allowed)) => Some(asked.min(allowed)),
+        (asked, allowed) => asked.or(allowed),
+    };
+    if plane_default {
+        return Ok(BudgetRequest {
+            tokens,
+            duration,
+            ..lease
+        });
+    }
     if let (Some(asked), Some(allowed)) = (asked_tokens, spec.budget_tokens)
         && asked > allowed
     {
@@ -306,8 +332,8 @@ fn lowered(spec: &AgentSpec, lease: BudgetRequest) -> Result<BudgetRequest, Stri
         ));
     }
     Ok(BudgetRequest {
-        tokens: asked_tokens.or(spec.budget_tokens),
-        duration: asked_duration.or(spec.budget_duration),
+        tokens,
+        duration,
         ..lease
     })
 }
@@ -420,12 +446,21 @@ mod tests {
         assert!(err.contains("budget.maxDurationSeconds"), "{err}");
         // A spec without a budget leaves the lease's (and the node's).
         assert_eq!(lowered(&spec(None, None), lease(5000, 60)).unwrap().tokens, Some(5000));
-        // The reference plane's fixed 4000 tokens / 60 s ask nothing: the
-        // spec's budget applies.
+        // The reference plane's fixed 4000 tokens / 60 s are not refused
+        // where they are above the spec (the spec's value applies), and
+        // lower it where they are below.
         let reference = lowered(&spec(Some(1000), Some(30)), lease(4000, 60)).unwrap();
         assert_eq!(reference.tokens, Some(1000));
         assert_eq!(reference.duration, Some(Duration::from_secs(30)));
+        let bigger_spec = lowered(&spec(Some(8000), Some(30)), lease(4000, 60)).unwrap();
+        assert_eq!(
+            bigger_spec.tokens,
+            Some(4000),
+            "the lease's 4000 lowers the spec's 8000"
+        );
         assert_eq!(lowered(&spec(None, None), lease(4000, 60)).unwrap().tokens, Some(4000));
+        // Only the pair: 4000 tokens with another duration is an ask.
+        assert!(lowered(&spec(Some(1000), Some(30)), lease(4000, 20)).is_err());
     }
 
     #[test]

@@ -107,6 +107,22 @@ impl Secrets {
         Ok(filled)
     }
 
+    /// The values of the secrets `text` names (for scrubbing them out of
+    /// anything quoted back); unknown names are skipped.
+    pub fn values_in(&self, text: &str) -> Vec<String> {
+        let mut values = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("${") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find('}') else { break };
+            if let Some(secret) = self.0.get(&after[..end]) {
+                values.push(secret.value.expose().to_string());
+            }
+            rest = &after[end + 1..];
+        }
+        values
+    }
+
     /// Whether `text` holds a placeholder.
     pub fn has_placeholder(text: &str) -> bool {
         text.contains("${")

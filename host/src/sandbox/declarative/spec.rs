@@ -103,6 +103,31 @@ impl Default for RetryPolicy {
 /// The most retries a spec may ask for: each is a POST the target sees.
 pub const MAX_RETRIES: u32 = 10;
 
+/// The most headers an output may set, and the most bytes of names and
+/// values together.
+pub const MAX_HEADERS: usize = 64;
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Headers a spec may not set: the request's framing and routing, which
+/// the node decides (`Host` would route a secret bound to one virtual
+/// host to another behind the same address), and the ones the node sets
+/// itself on every attempt.
+const RESERVED_HEADERS: [&str; 13] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "idempotency-key",
+    "x-correlation-id",
+    "traceparent",
+];
+
 /// The default per-attempt timeout of the HTTP output.
 pub const DEFAULT_OUTPUT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -238,21 +263,63 @@ fn parse_output(output: &Map<String, Value>) -> Result<Output, InvalidSpec> {
             }
         }
     };
-    let headers = match config.get("headers") {
+    let headers: Vec<(String, String)> = match config.get("headers") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Object(headers)) => headers
-            .iter()
-            .map(|(name, value)| match value {
-                Value::String(value) => Ok((name.clone(), value.clone())),
-                other => Err(InvalidSpec(format!("{at}headers.{name} must be a string, not {other}"))),
-            })
-            .collect::<Result<_, _>>()?,
+        Some(Value::Object(headers)) => {
+            if headers.len() > MAX_HEADERS {
+                return Err(InvalidSpec(format!(
+                    "{at}headers has {} entries, more than the {MAX_HEADERS} an output may set",
+                    headers.len()
+                )));
+            }
+            headers
+                .iter()
+                .map(|(name, value)| match value {
+                    Value::String(value) => Ok((name.clone(), value.clone())),
+                    other => Err(InvalidSpec(format!("{at}headers.{name} must be a string, not {other}"))),
+                })
+                .collect::<Result<_, _>>()?
+        }
         Some(other) => {
             return Err(InvalidSpec(format!(
                 "{at}headers must be an object of header names to values, not {other}"
             )));
         }
     };
+    let bytes: usize = headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(InvalidSpec(format!(
+            "{at}headers take {bytes} bytes, more than the {MAX_HEADER_BYTES} an output may set"
+        )));
+    }
+    let mut seen: Vec<String> = Vec::with_capacity(headers.len());
+    for (name, _) in &headers {
+        let lower = name.to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&lower.as_str()) {
+            return Err(InvalidSpec(format!(
+                "{at}headers.{name}: the node sets this header itself (framing, routing, or the \
+                 connector's own headers); remove it"
+            )));
+        }
+        if seen.contains(&lower) {
+            return Err(InvalidSpec(format!(
+                "{at}headers names {name:?} twice (header names ignore case)"
+            )));
+        }
+        seen.push(lower);
+    }
+    if output
+        .get("config")
+        .and_then(|c| c.get("endpoint"))
+        .and_then(Value::as_str)
+        .is_some_and(authority_has_placeholder)
+    {
+        return Err(InvalidSpec(format!(
+            "{at}endpoint has a ${{NAME}} placeholder in its scheme, host or port: placeholders may \
+             stand in the path, the query and header values only, so the host the operator allowed \
+             is the host written"
+        )));
+    }
     let timeout = optional_count(config, "timeoutSeconds", at, 1..=600)?
         .map_or(DEFAULT_OUTPUT_TIMEOUT, |s| Duration::from_secs(u64::from(s)));
     let retry = match optional_object(config, "retryPolicy")? {
@@ -287,6 +354,16 @@ fn parse_output(output: &Map<String, Value>) -> Result<Output, InvalidSpec> {
         retry,
         idempotency_key_format,
     }))
+}
+
+/// Whether `${` appears before the endpoint's path, query or fragment.
+fn authority_has_placeholder(endpoint: &str) -> bool {
+    let after_scheme = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let authority_end = after_scheme.find(['/', '?', '#']).unwrap_or(after_scheme.len());
+    endpoint
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.contains("${"))
+        || after_scheme[..authority_end].contains("${")
 }
 
 fn tools(spec: &Map<String, Value>) -> Result<BTreeSet<String>, InvalidSpec> {
@@ -414,6 +491,23 @@ mod tests {
     }
 
     #[test]
+    fn headers_are_bounded_in_count_and_bytes_and_placeholders_may_stand_in_the_path() {
+        let headers: serde_json::Map<String, Value> = (0..=MAX_HEADERS)
+            .map(|n| (format!("h{n}"), Value::String(String::new())))
+            .collect();
+        let spec = serde_json::json!({"name": "n", "instructions": "i",
+            "output": {"type": "Http", "config": {"endpoint": "http://h/", "headers": headers}}});
+        let err = AgentSpec::parse(spec.to_string().as_bytes()).unwrap_err();
+        assert!(err.0.contains("more than the 64"), "{err}");
+        let spec = serde_json::json!({"name": "n", "instructions": "i",
+            "output": {"type": "Http", "config": {"endpoint": "http://h/", "headers": {"A": "x".repeat(MAX_HEADER_BYTES)}}}});
+        let err = AgentSpec::parse(spec.to_string().as_bytes()).unwrap_err();
+        assert!(err.0.contains("bytes"), "{err}");
+        let spec = br#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "https://h.example/hook/${T}?k=${T}"}}}"#;
+        assert!(AgentSpec::parse(spec).is_ok());
+    }
+
+    #[test]
     fn a_bare_spec_reads_too_and_other_connectors_are_named_not_run() {
         let spec =
             AgentSpec::parse(br#"{"name": "n", "instructions": "i", "output": {"type": "ServiceBus", "config": {}}}"#)
@@ -466,6 +560,26 @@ mod tests {
             ),
             (r#"[1]"#, "not a JSON object"),
             (r#"{"spec": 1}"#, "`spec` must be an object"),
+            (
+                r#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "http://${T}.evil/"}}}"#,
+                "placeholder in its scheme, host or port",
+            ),
+            (
+                r#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "http://h:${P}/"}}}"#,
+                "placeholder in its scheme, host or port",
+            ),
+            (
+                r#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "x", "headers": {"Host": "evil"}}}}"#,
+                "sets this header itself",
+            ),
+            (
+                r#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "x", "headers": {"Content-Length": "0"}}}}"#,
+                "sets this header itself",
+            ),
+            (
+                r#"{"name": "n", "instructions": "i", "output": {"type": "Http", "config": {"endpoint": "x", "headers": {"A": "1", "a": "2"}}}}"#,
+                "twice",
+            ),
         ] {
             let err = AgentSpec::parse(bad.as_bytes()).unwrap_err();
             assert!(err.0.contains(says), "{bad}: {err}");
