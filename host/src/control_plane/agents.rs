@@ -93,8 +93,12 @@ impl AgentApi {
     }
 }
 
-/// A path segment, percent-encoded but for the unreserved characters.
+/// A path segment, percent-encoded but for the unreserved characters
+/// (and `.` and `..` in full, which a URL would otherwise resolve).
 fn segment(text: &str) -> String {
+    if text == "." || text == ".." {
+        return text.replace('.', "%2E");
+    }
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
@@ -113,5 +117,6 @@ mod tests {
         assert_eq!(super::segment("invoice-classifier"), "invoice-classifier");
         assert_eq!(super::segment("1.0.0+build"), "1.0.0%2Bbuild");
         assert_eq!(super::segment("a b:c"), "a%20b%3Ac");
+        assert_eq!(super::segment(".."), "%2E%2E");
     }
 }
