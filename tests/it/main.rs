@@ -58,5 +58,7 @@ mod soak;
 mod telemetry;
 /// Mutual TLS between the node and a control plane.
 mod tls;
+/// Tool calling and structured output: the agent world 0.2.0.
+mod tools;
 /// The LeaseService wire format against the contract.
 mod wire_format;

@@ -16,8 +16,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 pub use model::{
-    STUB_ECHO_MODEL, STUB_MODEL, STUB_RATE_LIMITED_MODEL, STUB_REFUSAL_MODEL, StubModel, StubModelOptions,
-    start_stub_model,
+    STUB_ECHO_MODEL, STUB_MODEL, STUB_RATE_LIMITED_MODEL, STUB_REFUSAL_MODEL, STUB_TOOLS_FOREVER_MODEL,
+    STUB_TOOLS_MODEL, StubModel, StubModelOptions, start_stub_model,
 };
 pub use target::StubTarget;
 

@@ -20,7 +20,14 @@
 //! | [`STUB_RATE_LIMITED_MODEL`] (`stub-rate-limited`) | always 429, `Retry-After: 1` and the provider's error body |
 //! | `stub-rate-limited-N` (e.g. `stub-rate-limited-2`) | 429 for the first N requests naming it, then answers as `stub-echo` |
 //! | [`STUB_MODEL`] (`stub-invoice-model`), and any other name | the invoice classifier: the user message read as an invoice (`vendor`, `number`, `date`, `amount`, `currency`), classified by vendor keyword into the fields the sample classifier returns |
+//! | [`STUB_TOOLS_MODEL`] (`stub-tools`) | a scripted tool loop: while the request offers tools and its last message is not a tool result, it asks for the first tool (`finish_reason: "tool_calls"`, call id `call_<turn>`, arguments made from the tool's schema: each string property the last user message, numbers 1, booleans true); once a tool result is the last message, it answers `{"answer": "done", "toolResults": [<each tool message's content, parsed as JSON when it is>]}` |
+//! | [`STUB_TOOLS_FOREVER_MODEL`] (`stub-tools-forever`) | asks for the first tool on every turn, never answering: a model that never stops calling tools |
 //!
+//! Whatever the behaviour, a request with `response_format` of type
+//! `json_schema` gets an answer shaped by the schema: an object with each
+//! of the schema's properties, the behaviour's own value where its answer
+//! has one of that name, else a value of the property's type (the first
+//! of an `enum`).
 //! Every answer honours `max_completion_tokens` (else `max_tokens`): an
 //! answer longer than that (at about four characters a token) is cut, and
 //! `finish_reason` is `length`. Usage counts about four characters a token.
@@ -49,6 +56,10 @@ pub const STUB_ECHO_MODEL: &str = "stub-echo";
 pub const STUB_REFUSAL_MODEL: &str = "stub-refusal";
 /// Answers every request 429; `stub-rate-limited-N`, only the first N.
 pub const STUB_RATE_LIMITED_MODEL: &str = "stub-rate-limited";
+/// Calls the first tool until a tool result comes back, then answers.
+pub const STUB_TOOLS_MODEL: &str = "stub-tools";
+/// Calls the first tool on every turn.
+pub const STUB_TOOLS_FOREVER_MODEL: &str = "stub-tools-forever";
 
 /// Azure's answer path prefix and suffix.
 const AZURE_PREFIX: &str = "/openai/deployments/";
@@ -200,7 +211,13 @@ fn respond(shared: &Shared, parts: &axum::http::request::Parts, body: &[u8]) -> 
             );
         }
     };
-    let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
+    // The prompt as a provider counts it: the messages, the tool calls
+    // handed back, and the tool schemas.
+    let prompt_chars: usize = messages
+        .iter()
+        .map(|m| m["content"].as_str().map_or(0, str::len) + m.get("tool_calls").map_or(0, |c| c.to_string().len()))
+        .sum::<usize>()
+        + request.get("tools").map_or(0, |tools| tools.to_string().len());
     let prompt_tokens = tokens(prompt_chars);
     let max_tokens = request["max_completion_tokens"]
         .as_u64()
@@ -227,9 +244,21 @@ fn respond(shared: &Shared, parts: &axum::http::request::Parts, body: &[u8]) -> 
     if behaviour_model == STUB_REFUSAL_MODEL {
         return refusal(flavour, &model, prompt_tokens);
     }
+    let tools = request["tools"].as_array().filter(|tools| !tools.is_empty());
+    let last_is_tool = messages.last().is_some_and(|m| m["role"] == "tool");
+    if let Some(tools) = tools
+        && (behaviour_model == STUB_TOOLS_FOREVER_MODEL || (behaviour_model == STUB_TOOLS_MODEL && !last_is_tool))
+    {
+        return tool_call(flavour, &model, messages, &tools[0], prompt_tokens);
+    }
     let text = match behaviour_model {
         STUB_ECHO_MODEL => echo(messages, &model),
+        STUB_TOOLS_MODEL | STUB_TOOLS_FOREVER_MODEL => tool_answer(messages),
         _ => classify(messages),
+    };
+    let text = match &request["response_format"] {
+        format if format["type"] == "json_schema" => shaped(&format["json_schema"]["schema"], &text),
+        _ => text,
     };
     let (content, completion_tokens, finish_reason) = match max_tokens {
         Some(max) if tokens(text.len()) > max => {
@@ -404,6 +433,89 @@ fn completion(
     }
     body["choices"] = json!([choice]);
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// The model asks for `tool` (the first offered), with arguments made
+/// from its schema.
+fn tool_call(flavour: Flavour, model: &str, messages: &[Value], tool: &Value, prompt_tokens: u64) -> Response {
+    let turn = messages.iter().filter(|m| m["role"] == "assistant").count() + 1;
+    let input = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default();
+    let function = &tool["function"];
+    let mut arguments = serde_json::Map::new();
+    if let Some(properties) = function["parameters"]["properties"].as_object() {
+        for (name, property) in properties {
+            let value = match property["type"].as_str() {
+                Some("number" | "integer") => json!(1),
+                Some("boolean") => json!(true),
+                Some("array") => json!([]),
+                Some("object") => json!({}),
+                _ => json!(input),
+            };
+            arguments.insert(name.clone(), value);
+        }
+    }
+    let arguments = Value::Object(arguments).to_string();
+    let call = json!({
+        "id": format!("call_{turn}"),
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    });
+    let mut message = json!({"role": "assistant", "content": null, "tool_calls": [call]});
+    if flavour == Flavour::OpenAi {
+        message["refusal"] = Value::Null;
+    }
+    let completion_tokens = tokens(call.to_string().len());
+    completion(
+        flavour,
+        model,
+        message,
+        "tool_calls",
+        prompt_tokens,
+        completion_tokens,
+        false,
+    )
+}
+
+/// `stub-tools` once the tools answered: the tool results it was given.
+fn tool_answer(messages: &[Value]) -> String {
+    let results: Vec<Value> = messages
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .filter_map(|m| m["content"].as_str())
+        .map(|text| serde_json::from_str(text).unwrap_or_else(|_| json!(text)))
+        .collect();
+    json!({"answer": "done", "toolResults": results}).to_string()
+}
+
+/// An answer shaped by a JSON Schema: each property of the schema, with
+/// the behaviour's own value of that name where `natural` (its answer,
+/// when it is a JSON object) has one, else a value of the property's type.
+fn shaped(schema: &Value, natural: &str) -> String {
+    let natural: Value = serde_json::from_str(natural).unwrap_or_default();
+    let Some(properties) = schema["properties"].as_object() else {
+        return natural.to_string();
+    };
+    let mut answer = serde_json::Map::new();
+    for (name, property) in properties {
+        let value = match natural.get(name) {
+            Some(value) => value.clone(),
+            None => match (property["enum"].as_array(), property["type"].as_str()) {
+                (Some(values), _) if !values.is_empty() => values[0].clone(),
+                (_, Some("number" | "integer")) => json!(0),
+                (_, Some("boolean")) => json!(false),
+                (_, Some("array")) => json!([]),
+                (_, Some("object")) => json!({}),
+                _ => json!(""),
+            },
+        };
+        answer.insert(name.clone(), value);
+    }
+    Value::Object(answer).to_string()
 }
 
 /// `stub-echo`: the instructions (system messages) and the input (the

@@ -1,0 +1,229 @@
+//! Tool calling and structured output (the agent world 0.2.0), against
+//! the stub model's scripted conversations: the `tool-loop` sample asks
+//! the model, serves its tool call through `wasi:http`, hands the result
+//! back and gets the answer, in the OpenAI and the Azure shape; a tool
+//! call to a host the agent may not reach is refused and the model is told
+//! so; a model that never stops calling tools is stopped by the token
+//! budget; and a 0.1.0 component runs beside a 0.2.0 one in one sandbox.
+
+use crate::support::*;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use node_runtime::dev_plane::stubs::{STUB_TOOLS_FOREVER_MODEL, STUB_TOOLS_MODEL, StubModel};
+use node_runtime::sandbox::{
+    BudgetRequest, EngineSettings, FailKind, LlmEndpoint, LlmSettings, RunOutcome, Sandbox, SandboxConfig,
+};
+use node_runtime::support::Secret;
+
+/// The vendor registry the tool posts to: answers each lookup with a
+/// category, and keeps what it was asked.
+async fn registry() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let asked: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let recorder = asked.clone();
+    let app = axum::Router::new().route(
+        "/vendors",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.lock().unwrap().push(body);
+                axum::Json(serde_json::json!({"category": "Office Supplies", "department": "Procurement"}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, asked)
+}
+
+fn sandbox(model: &StubModel, endpoint: LlmEndpoint, default_model: &str, allowed: &[&str]) -> Sandbox {
+    let mut llm = LlmSettings::openai(model.url(), Secret::new("sk-tools"), default_model);
+    llm.endpoint = endpoint;
+    Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            max_concurrent_runs: 2,
+            ..EngineSettings::default()
+        },
+        llm: Some(llm),
+        allowed_hosts: BTreeMap::from([(
+            "tool-loop".to_string(),
+            allowed.iter().map(|host| host.to_string()).collect(),
+        )]),
+        ..SandboxConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tool_loop_completes_in_each_provider_shape_and_a_denied_tool_call_is_told_to_the_model() {
+    node_runtime::support::tls::install_crypto_provider();
+    let model = StubModel::start().await.unwrap();
+    let (registry, asked) = registry().await;
+    let tool_url = format!("http://{registry}/vendors");
+    let shapes = [
+        LlmEndpoint::OpenAi { base_url: model.url() },
+        LlmEndpoint::Azure {
+            base_url: model.url(),
+            deployment: STUB_TOOLS_MODEL.into(),
+        },
+    ];
+    for endpoint in shapes {
+        let azure = matches!(endpoint, LlmEndpoint::Azure { .. });
+        let sandbox = sandbox(&model, endpoint, STUB_TOOLS_MODEL, &[&registry]);
+        let agent = load(&sandbox, "tool-loop").await;
+        let before = model.request_count();
+        let result = sandbox
+            .run(
+                &agent,
+                request(
+                    "tool-loop",
+                    &[("message", "Paper Co"), ("tool_url", &tool_url)],
+                    BudgetRequest::default(),
+                ),
+            )
+            .await;
+        let RunOutcome::Completed(out) = &result.outcome else {
+            panic!("azure {azure}: {:?}", result.outcome)
+        };
+        assert_eq!(
+            (out["turns"].as_str(), out["tool_calls"].as_str()),
+            ("2", "1"),
+            "{out:?}"
+        );
+        assert_eq!(out["tool_errors"], "0");
+        let answer: serde_json::Value = serde_json::from_str(&out["answer"]).unwrap();
+        assert_eq!(answer["toolResults"][0]["category"], "Office Supplies", "{answer}");
+        assert_eq!(model.request_count() - before, 2);
+        // What the provider saw: the tool's schema, then the call handed
+        // back before its result.
+        let requests = model.requests();
+        let first = requests[requests.len() - 2].json().unwrap();
+        let second = requests[requests.len() - 1].json().unwrap();
+        assert_eq!(first["tools"][0]["function"]["name"], "lookup_vendor");
+        assert_eq!(first["tools"][0]["function"]["parameters"]["required"][0], "vendor");
+        let messages = second["messages"].as_array().unwrap();
+        let assistant = &messages[messages.len() - 2];
+        assert_eq!(assistant["tool_calls"][0]["id"], "call_1", "{second}");
+        assert_eq!(messages[messages.len() - 1]["role"], "tool");
+        assert_eq!(messages[messages.len() - 1]["tool_call_id"], "call_1");
+        assert!(result.report.tokens_in > 0 && result.report.tokens_out > 0);
+        assert_eq!(result.report.http_requests, 1);
+    }
+    assert_eq!(asked.lock().unwrap().len(), 2, "one lookup per shape");
+    assert_eq!(asked.lock().unwrap()[0]["vendor"], "Paper Co");
+
+    // No grant for the registry: the call is denied, the model told.
+    let sandbox = sandbox(
+        &model,
+        LlmEndpoint::OpenAi { base_url: model.url() },
+        STUB_TOOLS_MODEL,
+        &[],
+    );
+    let agent = load(&sandbox, "tool-loop").await;
+    let result = sandbox
+        .run(
+            &agent,
+            request(
+                "tool-loop",
+                &[("message", "Paper Co"), ("tool_url", &tool_url)],
+                BudgetRequest::default(),
+            ),
+        )
+        .await;
+    let RunOutcome::Completed(out) = &result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert_eq!(out["tool_errors"], "1", "{out:?}");
+    let answer: serde_json::Value = serde_json::from_str(&out["answer"]).unwrap();
+    let told = answer["toolResults"][0]["error"].as_str().unwrap_or_default();
+    assert!(told.contains("HttpRequestDenied"), "the model was not told: {answer}");
+    assert_eq!(result.report.http_denied, 1);
+    assert_eq!(asked.lock().unwrap().len(), 2, "the denied call reached the registry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_budget_stops_a_model_that_never_stops_calling_tools() {
+    node_runtime::support::tls::install_crypto_provider();
+    let model = StubModel::start().await.unwrap();
+    let (registry, asked) = registry().await;
+    let sandbox = sandbox(
+        &model,
+        LlmEndpoint::OpenAi { base_url: model.url() },
+        STUB_TOOLS_FOREVER_MODEL,
+        &[&registry],
+    );
+    let agent = load(&sandbox, "tool-loop").await;
+    let result = sandbox
+        .run(
+            &agent,
+            request(
+                "tool-loop",
+                &[
+                    ("message", "Paper Co"),
+                    ("tool_url", &format!("http://{registry}/vendors")),
+                    ("max_turns", "1000"),
+                ],
+                BudgetRequest {
+                    tokens: Some(2000),
+                    ..BudgetRequest::default()
+                },
+            ),
+        )
+        .await;
+    let failure = result.outcome.failure().expect("the budget stops the loop");
+    assert!(
+        failure.kind == FailKind::BudgetTokens
+            || (failure.kind == FailKind::AgentError && failure.message.contains("token budget ran out")),
+        "{failure:?}"
+    );
+    let used = result.report.tokens_in + result.report.tokens_out;
+    assert!(used <= 2000 + 200, "the budget held: {used} tokens");
+    let calls = asked.lock().unwrap().len();
+    assert!(
+        (2..1000).contains(&calls),
+        "{calls} tool calls before the budget stopped it"
+    );
+}
+
+/// A component built against the agent world 0.1.0 and one built against
+/// 0.2.0 run side by side in one sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_of_both_world_versions_run_in_one_sandbox() {
+    let model = StubModel::start().await.unwrap();
+    let sandbox = sandbox(
+        &model,
+        LlmEndpoint::OpenAi { base_url: model.url() },
+        node_runtime::dev_plane::stubs::STUB_ECHO_MODEL,
+        &[],
+    );
+    let old = load(&sandbox, "llm-chat").await;
+    let new = load(&sandbox, "tool-loop").await;
+    let old_run = sandbox
+        .run(
+            &old,
+            request("llm-chat", &[("message", "hello")], BudgetRequest::default()),
+        )
+        .await;
+    assert!(
+        matches!(old_run.outcome, RunOutcome::Completed(_)),
+        "{:?}",
+        old_run.outcome
+    );
+    let new_run = sandbox
+        .run(
+            &new,
+            request(
+                "tool-loop",
+                &[("message", "hello"), ("tool_url", "http://127.0.0.1:9/")],
+                BudgetRequest::default(),
+            ),
+        )
+        .await;
+    // The echo model calls no tool: the loop ends at its first answer.
+    let RunOutcome::Completed(out) = &new_run.outcome else {
+        panic!("{:?}", new_run.outcome)
+    };
+    assert_eq!(out["turns"], "1", "{out:?}");
+}
