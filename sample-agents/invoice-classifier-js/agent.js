@@ -1,9 +1,10 @@
 // Invoice classifier, in JavaScript: the same agent as the Rust
-// `invoice-classifier`, made a component against `wit/` by
-// `scripts/build-agents`.
+// `invoice-classifier`, made a component against the agent world 0.2.0
+// (`wit/v0.2`, named in this folder's `wit-path`) by `scripts/build-agents`.
 //
 // It reads an invoice (JSON in `input_ref["message"]`), asks the node's LLM
-// to classify the vendor, checks the model's answer field by field, posts
+// to classify the vendor with an answer matching a JSON Schema (the world's
+// structured output), checks the model's answer field by field, posts
 // the classified invoice to the target API named by metadata `target_url`
 // (with an `Idempotency-Key` of `{run id}-{message id}`, so a retried run
 // never files an invoice twice), and returns the classification.
@@ -15,8 +16,8 @@
 // The imports below are the world's interfaces; the componentizer binds
 // them, nothing generated is checked in.
 
-import { chat } from 'node-runtime:agent/llm@0.1.0';
-import { log } from 'node-runtime:agent/log@0.1.0';
+import { chat } from 'node-runtime:agent/llm@0.2.0';
+import { log } from 'node-runtime:agent/log@0.2.0';
 import { handle } from 'wasi:http/outgoing-handler@0.2.12';
 import { Fields, OutgoingBody, OutgoingRequest } from 'wasi:http/types@0.2.12';
 import { subscribeDuration } from 'wasi:clocks/monotonic-clock@0.2.12';
@@ -41,6 +42,28 @@ const DEFAULT_INSTRUCTIONS =
   'Department, Technology/Hardware -> IT Department, Professional Services -> Finance ' +
   'Department, Utilities -> Facilities Management, Travel & Expenses -> HR Department, ' +
   'Other -> General Accounts Payable) and confidence (a number from 0 to 1).';
+
+// The answer asked of the model, as a JSON Schema (strict: every field
+// required, no others), so a provider that supports structured output
+// answers in exactly this shape; the answer is still checked below.
+const SCHEMA = {
+  type: 'object',
+  properties: {
+    vendorName: { type: 'string' },
+    vendorCategory: { type: 'string', enum: Object.keys(ROUTING) },
+    invoiceNumber: { type: 'string' },
+    invoiceDate: { type: 'string', description: 'YYYY-MM-DD' },
+    totalAmount: { type: 'number' },
+    currency: { type: 'string', description: 'ISO 4217' },
+    routingDestination: { type: 'string', enum: Object.values(ROUTING) },
+    confidence: { type: 'number' },
+  },
+  required: [
+    'vendorName', 'vendorCategory', 'invoiceNumber', 'invoiceDate',
+    'totalAmount', 'currency', 'routingDestination', 'confidence',
+  ],
+  additionalProperties: false,
+};
 
 // Attempts at the target API before giving up on this run.
 const TARGET_ATTEMPTS = 3;
@@ -103,11 +126,16 @@ export function run(context) {
     answer = chat({
       model: undefined,
       messages: [
-        { role: 'system', content: instructions },
-        { role: 'user', content: invoice },
+        { role: 'system', content: instructions, toolCalls: [], toolCallId: undefined },
+        { role: 'user', content: invoice, toolCalls: [], toolCallId: undefined },
       ],
       maxTokens: 400,
       temperature: 0.0,
+      tools: [],
+      responseFormat: {
+        tag: 'json-schema',
+        val: { name: 'invoice_classification', schema: JSON.stringify(SCHEMA), strict: true },
+      },
     });
   } catch (err) {
     const error = payloadOf(err);

@@ -1,8 +1,10 @@
 """Invoice classifier, in Python: the same agent as the Rust
-`invoice-classifier`, built with componentize-py against `wit/`.
+`invoice-classifier`, built with componentize-py against the agent world
+0.2.0 (`wit/v0.2`, named in this folder's `wit-path`).
 
 It reads an invoice (JSON in `input_ref["message"]`), asks the node's LLM
-to classify the vendor, checks the model's answer field by field, posts the
+to classify the vendor with an answer matching a JSON Schema (the world's
+structured output), checks the model's answer field by field, posts the
 classified invoice to the target API named by metadata `target_url` (with an
 `Idempotency-Key` of `{run id}-{message id}`, so a retried run never files an
 invoice twice), and returns the classification.
@@ -46,6 +48,34 @@ DEFAULT_INSTRUCTIONS = (
     "Department, Utilities -> Facilities Management, Travel & Expenses -> HR Department, "
     "Other -> General Accounts Payable) and confidence (a number from 0 to 1)."
 )
+
+# The answer asked of the model, as a JSON Schema (strict: every field
+# required, no others), so a provider that supports structured output
+# answers in exactly this shape; the answer is still checked below.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "vendorName": {"type": "string"},
+        "vendorCategory": {"type": "string", "enum": list(ROUTING)},
+        "invoiceNumber": {"type": "string"},
+        "invoiceDate": {"type": "string", "description": "YYYY-MM-DD"},
+        "totalAmount": {"type": "number"},
+        "currency": {"type": "string", "description": "ISO 4217"},
+        "routingDestination": {"type": "string", "enum": list(ROUTING.values())},
+        "confidence": {"type": "number"},
+    },
+    "required": [
+        "vendorName",
+        "vendorCategory",
+        "invoiceNumber",
+        "invoiceDate",
+        "totalAmount",
+        "currency",
+        "routingDestination",
+        "confidence",
+    ],
+    "additionalProperties": False,
+}
 
 # Attempts at the target API before giving up on this run.
 TARGET_ATTEMPTS = 3
@@ -100,11 +130,15 @@ class WitWorld(wit_world.WitWorld):
                 llm.ChatRequest(
                     model=None,
                     messages=[
-                        llm.Message(role=llm.Role.SYSTEM, content=instructions),
-                        llm.Message(role=llm.Role.USER, content=invoice),
+                        llm.Message(role=llm.Role.SYSTEM, content=instructions, tool_calls=[], tool_call_id=None),
+                        llm.Message(role=llm.Role.USER, content=invoice, tool_calls=[], tool_call_id=None),
                     ],
                     max_tokens=400,
                     temperature=0.0,
+                    tools=[],
+                    response_format=llm.ResponseFormat_JsonSchema(
+                        llm.JsonSchema(name="invoice_classification", schema=json.dumps(SCHEMA), strict=True)
+                    ),
                 )
             )
         except Err as err:

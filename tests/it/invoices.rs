@@ -39,8 +39,13 @@ const VENDORS: [(&str, &str, &str); 3] = [
     ("City Water", "Utilities", "Facilities Management"),
 ];
 
-/// A model that classifies by vendor name, deterministically.
-async fn model(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+/// The `response_format` of each request the model received.
+type Formats = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// A model that classifies by vendor name, deterministically, and keeps
+/// the response format each request asked for.
+async fn model(State(formats): State<Formats>, Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+    formats.lock().unwrap().push(body["response_format"].clone());
     let invoice: serde_json::Value = body["messages"]
         .as_array()
         .and_then(|messages| messages.iter().find(|m| m["role"] == "user"))
@@ -150,7 +155,13 @@ async fn the_javascript_invoice_classifier_passes_the_invoice_suite() {
 /// which runs under the agent id `agent`.
 async fn invoice_suite(agent: &str) {
     node_runtime::support::tls::install_crypto_provider();
-    let model_addr = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(model))).await;
+    let formats: Formats = Arc::default();
+    let model_addr = serve(
+        axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(model))
+            .with_state(formats.clone()),
+    )
+    .await;
     let api = Arc::new(TargetApi::default());
     let target_addr = serve(
         axum::Router::new()
@@ -185,6 +196,25 @@ async fn invoice_suite(agent: &str) {
     );
 
     fifty_invoices_are_classified_posted_once_each_and_priced(agent, &sandbox, &api, &target_addr).await;
+    // The Python and JavaScript classifiers (agent world 0.2.0) ask for
+    // their answer with a strict JSON Schema of the eight fields; the Rust
+    // one (0.1.0) cannot ask.
+    for format in formats.lock().unwrap().iter() {
+        if agent == "invoice-classifier" {
+            assert!(format.is_null(), "{format}");
+        } else {
+            assert_eq!(format["type"], "json_schema", "{agent}: {format}");
+            assert_eq!(format["json_schema"]["strict"], true);
+            assert_eq!(
+                format["json_schema"]["schema"]["required"].as_array().map(Vec::len),
+                Some(8)
+            );
+            assert_eq!(
+                format["json_schema"]["schema"]["properties"]["vendorCategory"]["enum"][0],
+                "Office Supplies"
+            );
+        }
+    }
     a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry(agent, &sandbox, &api, &target_addr)
         .await;
     half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent, &sandbox).await;
