@@ -2094,6 +2094,31 @@ mod stub_shapes {
         })
     }
 
+    /// A JSON Schema response format shapes the answer, whatever the
+    /// behaviour: each property of the schema, the behaviour's own value
+    /// where it has one, else a value of the property's type.
+    #[tokio::test]
+    async fn a_json_schema_response_format_shapes_the_answer() {
+        let model = StubModel::start().await.unwrap();
+        let mut body = chat(
+            "stub-invoice-model",
+            "Classify.",
+            r#"{"vendor": "Paper Co", "number": "INV-1"}"#,
+        );
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "c", "strict": true,
+            "schema": {"type": "object", "properties": {
+                "vendorCategory": {"type": "string"}, "priority": {"type": "string", "enum": ["high", "low"]},
+                "score": {"type": "number"}, "flagged": {"type": "boolean"}}}}});
+        let (status, _, answer) = openai(&model, body).await;
+        assert_eq!(status, StatusCode::OK);
+        let content: Value =
+            serde_json::from_str(answer["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            content,
+            json!({"vendorCategory": "Office Supplies", "priority": "high", "score": 0, "flagged": false})
+        );
+    }
+
     async fn openai(model: &StubModel, body: Value) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let response = client()
             .post(format!("{}/v1/chat/completions", model.url()))
