@@ -516,6 +516,8 @@ impl AgentBook {
             return Err(AgentRefusal::Invalid("Name is required".to_string()));
         }
         agent.agent_id = agent_id.to_string();
+        // The agent it replaces gives its room back.
+        self.room_for(json_bytes(&agent).saturating_sub(json_bytes(&entry.agent)))?;
         Ok(AgentChange::PutAgent(agent))
     }
 
@@ -686,6 +688,19 @@ mod tests {
             book.bytes <= MAX_BOOK_BYTES && added >= 300,
             "{added} versions, {} bytes",
             book.bytes
+        );
+        // Nor can an update of an agent take it past the bound.
+        let mut update = Map::new();
+        update.insert(
+            "description".into(),
+            json!("d".repeat(MAX_BOOK_BYTES - book.bytes + 100)),
+        );
+        let updated = book.update("big", &update);
+        assert!(
+            matches!(updated, Err(AgentRefusal::Invalid(_))),
+            "at {} bytes, adding {}",
+            book.bytes,
+            update["description"].as_str().unwrap().len()
         );
         book.apply(book.delete_version("big", "1.0.0").unwrap());
         assert!(book.add_version("big", "2.0.0", Some(spec(large)), "t".into()).is_ok());

@@ -509,3 +509,41 @@ async fn no_secret_reaches_a_failure_message() {
     let err = spec(format!("http://${{TOK}}.{echo}/")).unwrap_err();
     assert!(err.0.contains("scheme, host or port"), "{err}");
 }
+
+/// A provider's `Retry-After` of any size is an answer, not a crash: past
+/// the run's deadline, the call gives up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_from_the_model_ends_the_call_not_the_node() {
+    use node_runtime::sandbox::declarative::AgentSpec;
+    use node_runtime::sandbox::{FailKind, LlmSettings, Sandbox, SandboxConfig};
+    use node_runtime::support::Secret;
+
+    node_runtime::support::tls::install_crypto_provider();
+    let model = serve(axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "18446744073709551615")],
+                "{\"error\": {\"message\": \"slow down\"}}",
+            )
+        }),
+    ))
+    .await;
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(format!("http://{model}"), Secret::new("k"), "m")),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let spec = AgentSpec::parse(br#"{"name": "n", "instructions": "i"}"#).unwrap();
+    let result = sandbox
+        .run_spec(&spec, request("n", &[("message", "hi")], Default::default()))
+        .await;
+    let failure = result.outcome.failure().expect("the call gives up");
+    assert_eq!(
+        (failure.kind, failure.retryable),
+        (FailKind::AgentError, true),
+        "{failure:?}"
+    );
+    assert!(failure.message.contains("429"), "{failure:?}");
+}

@@ -1532,7 +1532,20 @@ fn declarative_agents_secrets_are_bound_to_hosts_read_from_the_environment_and_n
         let json = format!(r#"{{"DeclarativeAgents": {bad}}}"#);
         let message = load(&json).unwrap_err().to_string();
         assert!(message.contains(says), "{bad}: {message}");
+        assert!(!message.contains("s3cret"), "{bad}: {message}");
     }
+    // Nor from the environment.
+    let message = NodeConfig::from_json_str(
+        "{}",
+        Path::new("/etc/node-runtime"),
+        env(&[("DeclarativeAgents__Secrets__T", "env-s3cret")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("DeclarativeAgents.Secrets.T") && !message.contains("s3cret"),
+        "{message}"
+    );
     // No grant hands a secret's variable to an agent.
     let json = r#"{"DeclarativeAgents": {"Secrets": {"T": {"EnvironmentVariable": "ERP_TOKEN_VAR", "Hosts": ["h"]}}},
                    "Sandbox": {"Grants": {"echo": {"Environment": ["ERP_TOKEN_VAR"]}}}}"#;

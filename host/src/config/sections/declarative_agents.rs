@@ -22,7 +22,7 @@ use super::sandbox::host_list;
 use crate::config::effective::REDACTED;
 use crate::config::error::ConfigError;
 use crate::config::reader::{Reader, Section};
-use crate::config::tree::Origin;
+use crate::config::tree::{Kind, Origin, Scalar};
 
 /// `DeclarativeAgents`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +80,21 @@ pub(in crate::config) fn bind(
                 "a secret's name is what a spec writes inside ${...}: letters, digits and `_` only, \
                  e.g. ERP_TOKEN"
                     .to_string(),
+            ));
+        }
+        // A secret written as a plain value is the likeliest mistake, and
+        // the value is the secret: the error must not quote it.
+        if let Some((_, node)) = all.entries.iter().find(|(key, _)| *key == name)
+            && !matches!(node.kind, Kind::Section { list: false, .. } | Kind::Value(Scalar::Null))
+        {
+            return Err(reader.invalid(
+                all.key(&name),
+                "a value (not shown: it may be the secret)".to_string(),
+                &node.origin,
+                format!(
+                    "expected a section: \"{name}\": {{\"Value\": \"...\" or \"EnvironmentVariable\": \"VAR\", \
+                     \"Hosts\": [\"host\"]}}"
+                ),
             ));
         }
         let mut one = reader.section(&mut all, &name)?;

@@ -165,8 +165,10 @@ pub(crate) async fn prepare(
             context.agent_id
         )));
     }
+    // Percent-encoded: a `?`, `#` or `/` in a secret must not change the
+    // request's path or query.
     let filled = secrets
-        .fill("output.config.endpoint", &output.endpoint, Some((&host, port)))
+        .fill_encoded("output.config.endpoint", &output.endpoint, Some((&host, port)))
         .map_err(|err| refuse(err.to_string()))?;
     let url = reqwest::Url::parse(&filled)
         .ok()
@@ -337,7 +339,15 @@ pub(crate) async fn send(
                     });
                 }
                 let retry_after = retry_after(response.headers());
-                let quoted = scrubbed(quoted_body(response).await, &post.scrub);
+                // A target's answer may echo the request in any encoding,
+                // and no scrubbing finds every one: when the request
+                // carried a secret, nothing of the answer is quoted.
+                let quoted = if post.scrub.is_empty() {
+                    quoted_body(response).await
+                } else {
+                    drop(response);
+                    " (its body is not quoted: the request carried a secret)".to_string()
+                };
                 let why = format!("{shown} answered {status}{quoted}");
                 let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 429);
                 if !transient {
@@ -363,6 +373,14 @@ pub(crate) async fn send(
                 None,
             ),
         };
+        if Instant::now() >= deadline {
+            return Err(NotDelivered {
+                message: format!("the run's deadline passed during the output's attempt {attempt}: {why}"),
+                retryable: true,
+                refused: false,
+                deadline: true,
+            });
+        }
         if egress.warnings.admit(HostWarning::EgressFailed) {
             tracing::warn!(target: LOG_TARGET, attempt, host = %post.host, port = post.port, "output connector: {why}");
         }

@@ -60,6 +60,33 @@ impl Secrets {
     /// `None` for `host` checks the names only (the host is not known
     /// yet, as for the endpoint itself).
     pub fn fill(&self, field: &str, text: &str, host: Option<(&str, u16)>) -> Result<String, PlaceholderError> {
+        self.fill_with(field, text, host, |value| value.to_string())
+    }
+
+    /// [`fill`](Self::fill) for a URL: each value percent-encoded but for
+    /// the unreserved characters, so a secret holding `?`, `#`, `/` or a
+    /// space stays inside the path segment or query value it was put in.
+    pub fn fill_encoded(&self, field: &str, text: &str, host: Option<(&str, u16)>) -> Result<String, PlaceholderError> {
+        self.fill_with(field, text, host, |value| {
+            let mut encoded = String::with_capacity(value.len());
+            for byte in value.bytes() {
+                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                    encoded.push(byte as char);
+                } else {
+                    encoded.push_str(&format!("%{byte:02X}"));
+                }
+            }
+            encoded
+        })
+    }
+
+    fn fill_with(
+        &self,
+        field: &str,
+        text: &str,
+        host: Option<(&str, u16)>,
+        write: impl Fn(&str) -> String,
+    ) -> Result<String, PlaceholderError> {
         let mut filled = String::with_capacity(text.len());
         let mut rest = text;
         while let Some(at) = rest.find("${") {
@@ -100,7 +127,7 @@ impl Secrets {
                     },
                 });
             }
-            filled.push_str(secret.value.expose());
+            filled.push_str(&write(secret.value.expose()));
             rest = &after[end + 1..];
         }
         filled.push_str(rest);
@@ -190,5 +217,16 @@ mod tests {
             Err(PlaceholderError::BadName { .. })
         ));
         assert_eq!(secrets.fill("h", "plain $text", None).unwrap(), "plain $text");
+        let odd = Secrets(BTreeMap::from([(
+            "ODD".to_string(),
+            BoundSecret {
+                value: Secret::new("a b?c#d/e"),
+                hosts: vec![HostGrant::parse("h").unwrap()],
+            },
+        )]));
+        assert_eq!(
+            odd.fill_encoded("e", "/x/${ODD}", Some(("h", 80))).unwrap(),
+            "/x/a%20b%3Fc%23d%2Fe"
+        );
     }
 }

@@ -108,12 +108,15 @@ pub const MAX_RETRIES: u32 = 10;
 pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Headers a spec may not set: the request's framing and routing, which
-/// the node decides (`Host` would route a secret bound to one virtual
+/// Headers a spec may not set (and any `Proxy-*`, `X-Forwarded-*` and
+/// `X-HTTP-Method*`): the request's framing and routing, which the node
+/// decides (`Host` would route a secret bound to one virtual
 /// host to another behind the same address), and the ones the node sets
 /// itself on every attempt.
-const RESERVED_HEADERS: [&str; 13] = [
+const RESERVED_HEADERS: [&str; 15] = [
     "host",
+    "forwarded",
+    "expect",
     "content-length",
     "transfer-encoding",
     "connection",
@@ -121,8 +124,8 @@ const RESERVED_HEADERS: [&str; 13] = [
     "te",
     "trailer",
     "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
+    "content-encoding",
+    "x-original-url",
     "idempotency-key",
     "x-correlation-id",
     "traceparent",
@@ -295,7 +298,11 @@ fn parse_output(output: &Map<String, Value>) -> Result<Output, InvalidSpec> {
     let mut seen: Vec<String> = Vec::with_capacity(headers.len());
     for (name, _) in &headers {
         let lower = name.to_ascii_lowercase();
-        if RESERVED_HEADERS.contains(&lower.as_str()) {
+        if RESERVED_HEADERS.contains(&lower.as_str())
+            || lower.starts_with("proxy-")
+            || lower.starts_with("x-forwarded-")
+            || lower.starts_with("x-http-method")
+        {
             return Err(InvalidSpec(format!(
                 "{at}headers.{name}: the node sets this header itself (framing, routing, or the \
                  connector's own headers); remove it"

@@ -314,7 +314,7 @@ impl LlmClient {
                     // The provider said when to come back (a 429's
                     // `Retry-After`): not sooner, and not at all when that
                     // is past the deadline.
-                    if Instant::now() + asked >= deadline {
+                    if Instant::now().checked_add(asked).is_none_or(|then| then >= deadline) {
                         return Err(CallError::Exhausted(format!(
                             "{} (it asked to retry after {}s, past the run's deadline)",
                             describe(&error),
@@ -330,7 +330,9 @@ impl LlmClient {
                         retry_after_s = asked.as_secs(),
                         "LLM call failed; retrying when the provider asked"
                     );
-                    if backoff.attempts() >= MAX_ATTEMPTS || Instant::now() + wait >= deadline {
+                    if backoff.attempts() >= MAX_ATTEMPTS
+                        || Instant::now().checked_add(wait).is_none_or(|then| then >= deadline)
+                    {
                         return Err(self.out_of_time(Some(error), backoff.attempts()));
                     }
                     tokio::time::sleep(wait).await;
