@@ -18,6 +18,7 @@ pub mod error;
 pub mod file_stamp;
 pub mod fs;
 pub mod one_line;
+pub mod percent;
 pub mod redact;
 pub mod secret;
 pub mod sync;

@@ -11,8 +11,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-
 use super::download_cache::{DownloadCache, FetchError, Fetched};
 
 /// Where and how to download agents.
@@ -30,9 +28,6 @@ pub struct HttpSourceSettings {
     /// The most the kept versions may take on disk; the oldest go first.
     pub cache_max_bytes: u64,
 }
-
-/// Characters kept as they are in an id or version put into a URL path.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 pub struct HttpSource {
     settings: HttpSourceSettings,
@@ -71,8 +66,8 @@ impl HttpSource {
     pub fn url(&self, agent_id: &str, version: &str) -> String {
         self.settings
             .url_template
-            .replace("{agent_id}", &utf8_percent_encode(agent_id, PATH_SEGMENT).to_string())
-            .replace("{version}", &utf8_percent_encode(version, PATH_SEGMENT).to_string())
+            .replace("{agent_id}", &support::percent::component(agent_id))
+            .replace("{version}", &support::percent::component(version))
     }
 
     /// Where the version is (or will be) kept.

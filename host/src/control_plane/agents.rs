@@ -50,8 +50,8 @@ impl AgentApi {
         let url = format!(
             "{}/v1/agents/{}/versions/{}",
             self.base,
-            segment(agent_id),
-            segment(version)
+            support::percent::component(agent_id),
+            support::percent::component(version)
         );
         let unavailable = |why: String| AgentApiError::Unavailable {
             agent_id: agent_id.to_string(),
@@ -90,33 +90,5 @@ impl AgentApi {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
-    }
-}
-
-/// A path segment, percent-encoded but for the unreserved characters
-/// (and `.` and `..` in full, which a URL would otherwise resolve).
-fn segment(text: &str) -> String {
-    if text == "." || text == ".." {
-        return text.replace('.', "%2E");
-    }
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ids_become_single_path_segments() {
-        assert_eq!(super::segment("invoice-classifier"), "invoice-classifier");
-        assert_eq!(super::segment("1.0.0+build"), "1.0.0%2Bbuild");
-        assert_eq!(super::segment("a b:c"), "a%20b%3Ac");
-        assert_eq!(super::segment(".."), "%2E%2E");
     }
 }

@@ -446,38 +446,45 @@ impl Sandbox {
         // The caller's span carries the run's ids (the worker's `lease`,
         // run-agent's `run`); this one times the sandbox's part, and the
         // instantiation, LLM and HTTP spans nest in it.
-        let context = &request.context;
-        let span = tracing::info_span!("execute", "agent.id" = %context.agent_id);
-        let no_grants = AgentGrants::default();
-        let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
-        self.announce_grants(&context.agent_id, grants);
-        let shared = run::Shared {
-            engine: &self.engine,
-            metering: self.metering,
-            limits: &self.limits,
-            llm: self.llm.as_ref(),
-        };
-        run::execute(&shared, grants, agent, request).instrument(span).await
+        let span = tracing::info_span!("execute", "agent.id" = %request.context.agent_id);
+        let grants = self.grants_for(&request.context.agent_id);
+        run::execute(&self.shared(), grants, agent, request)
+            .instrument(span)
+            .await
     }
 
     /// Runs a declarative agent once with the built-in agent
     /// (`declarative`): the same grants for its agent id, meters, report
     /// and outcome kinds as [`run`](Self::run).
     pub async fn run_spec(&self, spec: &declarative::AgentSpec, request: RunRequest) -> RunResult {
-        let context = &request.context;
-        let span = tracing::info_span!("execute", "agent.id" = %context.agent_id, "agent.kind" = "declarative");
-        let no_grants = AgentGrants::default();
-        let grants = self.grants.get(&context.agent_id).unwrap_or(&no_grants);
-        self.announce_grants(&context.agent_id, grants);
-        let shared = run::Shared {
+        let span = tracing::info_span!(
+            "execute",
+            "agent.id" = %request.context.agent_id,
+            "agent.kind" = "declarative"
+        );
+        let grants = self.grants_for(&request.context.agent_id);
+        declarative::execute(&self.shared(), grants, &self.declarative, spec, request)
+            .instrument(span)
+            .await
+    }
+
+    /// What every run of this sandbox shares.
+    fn shared(&self) -> run::Shared<'_> {
+        run::Shared {
             engine: &self.engine,
             metering: self.metering,
             limits: &self.limits,
             llm: self.llm.as_ref(),
-        };
-        declarative::execute(&shared, grants, &self.declarative, spec, request)
-            .instrument(span)
-            .await
+        }
+    }
+
+    /// The grants of `agent_id` (none when it has none), announced at its
+    /// first run.
+    fn grants_for(&self, agent_id: &str) -> &AgentGrants {
+        static NO_GRANTS: std::sync::LazyLock<AgentGrants> = std::sync::LazyLock::new(AgentGrants::default);
+        let grants = self.grants.get(agent_id).unwrap_or(&NO_GRANTS);
+        self.announce_grants(agent_id, grants);
+        grants
     }
 }
 

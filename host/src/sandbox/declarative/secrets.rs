@@ -67,17 +67,7 @@ impl Secrets {
     /// the unreserved characters, so a secret holding `?`, `#`, `/` or a
     /// space stays inside the path segment or query value it was put in.
     pub fn fill_encoded(&self, field: &str, text: &str, host: Option<(&str, u16)>) -> Result<String, PlaceholderError> {
-        self.fill_with(field, text, host, |value| {
-            let mut encoded = String::with_capacity(value.len());
-            for byte in value.bytes() {
-                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    encoded.push(byte as char);
-                } else {
-                    encoded.push_str(&format!("%{byte:02X}"));
-                }
-            }
-            encoded
-        })
+        self.fill_with(field, text, host, support::percent::component)
     }
 
     fn fill_with(
