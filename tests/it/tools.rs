@@ -227,3 +227,55 @@ async fn components_of_both_world_versions_run_in_one_sandbox() {
     };
     assert_eq!(out["turns"], "1", "{out:?}");
 }
+
+/// An answer the node cannot use (here 200 tool calls, more than it
+/// reads) was still answered, and perhaps billed: its usage is metered
+/// before the call fails, and the flood is never built in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_too_many_tool_calls_is_metered_before_it_fails() {
+    node_runtime::support::tls::install_crypto_provider();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            let calls: Vec<serde_json::Value> = (0..200)
+                .map(|n| {
+                    serde_json::json!({"id": format!("call_{n}"), "type": "function",
+                    "function": {"name": "lookup_vendor", "arguments": {"vendor": "x"}}})
+                })
+                .collect();
+            axum::Json(serde_json::json!({
+                "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                             "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": 123, "completion_tokens": 456},
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(url, Secret::new("k"), "m")),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let agent = load(&sandbox, "tool-loop").await;
+    let result = sandbox
+        .run(
+            &agent,
+            request(
+                "tool-loop",
+                &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
+                BudgetRequest::default(),
+            ),
+        )
+        .await;
+    let failure = result.outcome.failure().expect("the answer cannot be used");
+    assert!(failure.message.contains("200 tool calls"), "{failure:?}");
+    assert_eq!(
+        (result.report.tokens_in, result.report.tokens_out),
+        (123, 456),
+        "{:?}",
+        result.report
+    );
+}

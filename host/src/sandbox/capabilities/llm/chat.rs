@@ -162,9 +162,9 @@ impl RunState {
         }
         let settings = llm.client.settings();
         let temperature = request.temperature.unwrap_or(settings.default_temperature);
-        if !temperature.is_finite() || temperature < 0.0 {
+        if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
             return Err(ChatFailure::from(LlmError::InvalidRequest(format!(
-                "temperature {temperature} is not a number of 0 or more"
+                "temperature {temperature} is not a number from 0 to 2, the range providers take"
             ))));
         }
         let model = request
@@ -188,7 +188,7 @@ impl RunState {
                 self.tokens.used()
             ))));
         }
-        let prompt_tokens = estimate_prompt_tokens(&request.messages, &request.tools);
+        let prompt_tokens = estimate_prompt_tokens(&request.messages, &request.tools, request.response_format.as_ref());
         if prompt_tokens >= remaining {
             return Err(ChatFailure::from(LlmError::BudgetExhausted(format!(
                 "the prompt is about {prompt_tokens} tokens (estimated from its {bytes} bytes), \
@@ -220,30 +220,44 @@ impl RunState {
             "llm.tokens_out" = tracing::field::Empty,
             "error" = tracing::field::Empty,
         );
-        let answer = llm
+        // Without a usage report the node cannot know what the call cost;
+        // it charges the most it may have: the estimated prompt and every
+        // token the answer was allowed, so the budget still holds.
+        let charged = |usage: Option<(u32, u32)>| {
+            usage.unwrap_or_else(|| {
+                tracing::warn!(
+                    target: LOG_TARGET, model = %model,
+                    "the LLM provider reported no usage: charging the estimated prompt and max_tokens"
+                );
+                (prompt_tokens, max_tokens)
+            })
+        };
+        let answer = match llm
             .client
             .chat(&provider_request, self.deadline)
             .instrument(span.clone())
             .await
-            .map_err(|err| {
+        {
+            Ok(answer) => answer,
+            Err(err) => {
                 let (error, retryable) = match err {
                     CallError::Timeout(message) => (LlmError::Timeout(message), false),
                     CallError::Provider(message) => (LlmError::Provider(message), false),
                     CallError::Exhausted(message) => (LlmError::Provider(message), true),
                     CallError::TooLarge(message) => (LlmError::InvalidRequest(message), false),
+                    // Answered, perhaps billed: metered before it fails.
+                    CallError::Unusable { message, usage } => {
+                        let (tokens_in, tokens_out) = charged(usage);
+                        self.tokens.record(tokens_in, tokens_out, max_tokens);
+                        self.tokens.usd_cost += llm.client.price(&model, &model, tokens_in, tokens_out);
+                        (LlmError::Provider(message), false)
+                    }
                 };
                 span.record("error", tracing::field::debug(&error));
-                ChatFailure { error, retryable }
-            })?;
-        let (tokens_in, tokens_out) = answer.usage.unwrap_or_else(|| {
-            // Without a usage report the node cannot know; it charges the
-            // most the call was allowed, so the budget still holds.
-            tracing::warn!(
-                target: LOG_TARGET, model = %model,
-                "the LLM provider reported no usage: charging max_tokens as output"
-            );
-            (0, max_tokens)
-        });
+                return Err(ChatFailure { error, retryable });
+            }
+        };
+        let (tokens_in, tokens_out) = charged(answer.usage);
         span.record("llm.tokens_in", tokens_in);
         span.record("llm.tokens_out", tokens_out);
         let tokens = &mut self.tokens;

@@ -105,9 +105,60 @@ pub(crate) struct ProviderToolCall {
 pub(crate) struct ProviderCalledFunction {
     #[serde(default)]
     pub name: String,
-    /// JSON text, as the model wrote it.
-    #[serde(default)]
+    /// JSON text, as the model wrote it (a provider that sends the
+    /// arguments as a JSON value instead gets them written as text).
+    #[serde(default, deserialize_with = "json_text")]
     pub arguments: String,
+}
+
+/// A string as it is; any other JSON value as its text.
+fn json_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(text) => text,
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// At most [`MAX_TOOL_CALLS`] tool calls, built; the rest only counted
+/// (skipped unbuilt, so a flood of them costs no memory).
+#[derive(Debug, Default)]
+struct ToolCalls {
+    kept: Vec<ProviderToolCall>,
+    total: usize,
+}
+
+impl<'de> Deserialize<'de> for ToolCalls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ToolCalls, D::Error> {
+        struct Bounded;
+        impl<'de> serde::de::Visitor<'de> for Bounded {
+            type Value = ToolCalls;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of tool calls")
+            }
+            fn visit_unit<E>(self) -> Result<ToolCalls, E> {
+                Ok(ToolCalls::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ToolCalls, A::Error> {
+                let mut calls = ToolCalls::default();
+                while calls.kept.len() < MAX_TOOL_CALLS {
+                    match seq.next_element::<ProviderToolCall>()? {
+                        Some(call) => calls.kept.push(call),
+                        None => {
+                            calls.total = calls.kept.len();
+                            return Ok(calls);
+                        }
+                    }
+                }
+                calls.total = calls.kept.len();
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    calls.total += 1;
+                }
+                Ok(calls)
+            }
+        }
+        deserializer.deserialize_any(Bounded)
+    }
 }
 
 fn function_kind() -> String {
@@ -167,7 +218,7 @@ struct ChoiceMessage {
     #[serde(default)]
     refusal: Option<String>,
     #[serde(default)]
-    tool_calls: Option<Vec<ProviderToolCall>>,
+    tool_calls: ToolCalls,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +264,23 @@ pub(crate) enum CallError {
     Exhausted(String),
     /// The request is more than the node sends.
     TooLarge(String),
+    /// The provider answered, but not with anything the node can use: the
+    /// call may still have been billed, with this usage if it said.
+    Unusable { message: String, usage: Option<(u32, u32)> },
+}
+
+/// The usage of an answer that did not parse as a chat completion, if a
+/// `usage` object can still be read from it.
+fn usage_in(body: &[u8]) -> Option<(u32, u32)> {
+    #[derive(Deserialize)]
+    struct JustUsage {
+        usage: Option<Usage>,
+    }
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    serde_json::from_slice::<JustUsage>(body)
+        .ok()?
+        .usage
+        .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens)))
 }
 
 /// The settings and the HTTP client every run shares.
@@ -364,7 +432,7 @@ impl LlmClient {
             Some(CallError::Provider(message) | CallError::Exhausted(message)) => {
                 CallError::Exhausted(format!("{message} (gave up after {attempts} attempts)"))
             }
-            Some(too_large @ CallError::TooLarge(_)) => too_large,
+            Some(final_error @ (CallError::TooLarge(_) | CallError::Unusable { .. })) => final_error,
         }
     }
 
@@ -411,42 +479,55 @@ impl LlmClient {
                 Attempt::Final(CallError::Provider(message))
             });
         }
-        let parsed: ProviderResponse = serde_json::from_slice(&body).map_err(|err| {
-            Attempt::Final(CallError::Provider(format!(
-                "the LLM provider's answer is not a chat completion ({err}): {}",
-                self.quote(&String::from_utf8_lossy(quoted(&body)))
-            )))
-        })?;
-        let Some(choice) = parsed.choices else {
-            return Err(Attempt::Final(CallError::Provider(
-                "the LLM provider's answer has no choices".into(),
-            )));
-        };
+        // From here on the provider answered, and may have billed the call:
+        // an answer the node cannot use still carries its usage (or, when
+        // it has none to read, is charged the most the call was allowed).
         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let parsed: ProviderResponse = serde_json::from_slice(&body).map_err(|err| {
+            Attempt::Final(CallError::Unusable {
+                message: format!(
+                    "the LLM provider's answer is not a chat completion ({err}): {}",
+                    self.quote(&String::from_utf8_lossy(quoted(&body)))
+                ),
+                usage: usage_in(&body),
+            })
+        })?;
+        let usage = parsed
+            .usage
+            .as_ref()
+            .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens)));
+        let Some(choice) = parsed.choices else {
+            return Err(Attempt::Final(CallError::Unusable {
+                message: "the LLM provider's answer has no choices".into(),
+                usage,
+            }));
+        };
         let (content, refusal, tool_calls) = match choice.message {
             Some(message) => (
                 message.content,
                 message.refusal.filter(|r| !r.is_empty()),
-                message.tool_calls.unwrap_or_default(),
+                message.tool_calls,
             ),
-            None => (None, None, Vec::new()),
+            None => (None, None, ToolCalls::default()),
         };
-        if tool_calls.len() > MAX_TOOL_CALLS {
-            return Err(Attempt::Final(CallError::Provider(format!(
-                "the LLM provider's answer asks for {} tool calls, more than the {MAX_TOOL_CALLS} the \
-                 node reads from one answer",
-                tool_calls.len()
-            ))));
+        if tool_calls.total > MAX_TOOL_CALLS {
+            return Err(Attempt::Final(CallError::Unusable {
+                message: format!(
+                    "the LLM provider's answer asks for {} tool calls, more than the {MAX_TOOL_CALLS} the \
+                     node reads from one answer",
+                    tool_calls.total
+                ),
+                usage,
+            }));
         }
+        let tool_calls = tool_calls.kept;
         Ok(Answer {
             content: content.unwrap_or_default(),
             refusal,
             tool_calls,
             model: parsed.model.unwrap_or_else(|| request.model.clone()),
             finish_reason: choice.finish_reason.unwrap_or_default(),
-            usage: parsed
-                .usage
-                .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens))),
+            usage,
         })
     }
 
@@ -570,7 +651,8 @@ fn describe(error: &CallError) -> &str {
         CallError::Timeout(message)
         | CallError::Provider(message)
         | CallError::Exhausted(message)
-        | CallError::TooLarge(message) => message,
+        | CallError::TooLarge(message)
+        | CallError::Unusable { message, .. } => message,
     }
 }
 

@@ -29,8 +29,9 @@
 //!   [`TOKENS_PER_REQUEST`] for the reply's priming, as OpenAI's chat
 //!   format adds them.
 //!
-//! Tool calls an assistant message hands back count as their names and
-//! arguments; each tool offered to the model counts
+//! Tool calls an assistant message hands back count
+//! [`TOKENS_PER_MESSAGE`] each plus their ids, names and arguments; a
+//! response format counts as its JSON text; each tool offered to the model counts
 //! [`TOKENS_PER_MESSAGE`] plus its name, description and parameter
 //! schema as JSON text, since providers put the schemas into the prompt.
 //! What the estimate misses on the call that crosses the budget is what
@@ -44,13 +45,18 @@ pub const TOKENS_PER_MESSAGE: u32 = 4;
 pub const TOKENS_PER_REQUEST: u32 = 4;
 
 /// The estimated prompt tokens of `messages`, saturating.
-pub(crate) fn estimate_prompt_tokens(messages: &[ProviderMessage], tools: &[ProviderTool]) -> u32 {
+pub(crate) fn estimate_prompt_tokens(
+    messages: &[ProviderMessage],
+    tools: &[ProviderTool],
+    response_format: Option<&serde_json::Value>,
+) -> u32 {
     let messages = messages.iter().fold(u64::from(TOKENS_PER_REQUEST), |sum, message| {
         let calls: u64 = message
             .tool_calls
             .iter()
             .map(|call| {
-                text_tokens(call.id.as_bytes())
+                u64::from(TOKENS_PER_MESSAGE)
+                    + text_tokens(call.id.as_bytes())
                     + text_tokens(call.function.name.as_bytes())
                     + text_tokens(call.function.arguments.as_bytes())
             })
@@ -71,7 +77,9 @@ pub(crate) fn estimate_prompt_tokens(messages: &[ProviderMessage], tools: &[Prov
                 + text_tokens(function.parameters.to_string().as_bytes())
         })
         .sum();
-    u32::try_from(messages + tools).unwrap_or(u32::MAX)
+    // A response schema goes into the prompt as the tools' schemas do.
+    let format = response_format.map_or(0, |format| text_tokens(format.to_string().as_bytes()));
+    u32::try_from(messages + tools + format).unwrap_or(u32::MAX)
 }
 
 /// The tokens of one message's text, as the module describes: counted in
@@ -133,7 +141,7 @@ mod tests {
 
     /// The estimate of messages alone.
     fn estimate(messages: &[ProviderMessage]) -> u32 {
-        estimate_prompt_tokens(messages, &[])
+        estimate_prompt_tokens(messages, &[], None)
     }
 
     #[test]
@@ -147,7 +155,7 @@ mod tests {
             },
         };
         let bare = estimate(&[user("Hello")]);
-        let with_tool = estimate_prompt_tokens(&[user("Hello")], std::slice::from_ref(&tool));
+        let with_tool = estimate_prompt_tokens(&[user("Hello")], std::slice::from_ref(&tool), None);
         let schema = tool.function.parameters.to_string();
         assert_eq!(
             with_tool,
@@ -169,6 +177,23 @@ mod tests {
             ..ProviderMessage::text("assistant", String::new())
         };
         assert!(estimate(&[call]) > estimate(&[ProviderMessage::text("assistant", String::new())]) + 8);
+        // An empty call still costs its framing.
+        let empty = ProviderMessage {
+            tool_calls: vec![
+                ProviderToolCall {
+                    id: String::new(),
+                    kind: "function".into(),
+                    function: ProviderCalledFunction::default(),
+                };
+                1000
+            ],
+            ..ProviderMessage::text("assistant", String::new())
+        };
+        assert!(estimate(&[empty]) >= 4000);
+        // And a response schema counts as its text.
+        let schema =
+            serde_json::json!({"type": "json_schema", "json_schema": {"schema": {"description": "x".repeat(4000)}}});
+        assert!(estimate_prompt_tokens(&[user("Hello")], &[], Some(&schema)) >= estimate(&[user("Hello")]) + 1000);
     }
 
     #[test]

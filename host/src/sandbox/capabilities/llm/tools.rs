@@ -17,6 +17,8 @@
 //! no two tools of one name, at most [`MAX_TOOLS`] tools, and each `tool`
 //! message answering a call id.
 
+use std::collections::HashSet;
+
 use serde_json::Value;
 
 use super::chat::{ChatFailure, LlmCall};
@@ -31,6 +33,9 @@ use crate::sandbox::state::RunState;
 pub const MAX_TOOLS: usize = 128;
 /// The longest tool or schema name (the providers' limit).
 const MAX_NAME: usize = 64;
+/// What a handed-back tool call is charged as host work beyond its
+/// strings (an empty one is still a record to check and write out).
+const PER_CALL_BYTES: usize = 64;
 
 impl Host for RunState {
     async fn chat(&mut self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
@@ -103,7 +108,9 @@ fn call(request: ChatRequest) -> Result<LlmCall, String> {
         });
     }
     let mut messages = Vec::with_capacity(request.messages.len());
-    let mut asked: Vec<String> = Vec::new();
+    // The calls handed back so far, and those already answered.
+    let mut asked: HashSet<String> = HashSet::new();
+    let mut answered: HashSet<String> = HashSet::new();
     for (index, message) in request.messages.into_iter().enumerate() {
         let Message {
             role,
@@ -123,23 +130,42 @@ fn call(request: ChatRequest) -> Result<LlmCall, String> {
                 "message {index} is a {role} message with tool calls: only an assistant message carries them"
             ));
         }
-        let tool_calls: Vec<ProviderToolCall> = tool_calls
-            .into_iter()
-            .map(|ToolCall { id, name, arguments }| {
-                bytes += id.len() + name.len() + arguments.len();
-                asked.push(id.clone());
-                ProviderToolCall {
-                    id,
-                    kind: "function".to_string(),
-                    function: ProviderCalledFunction { name, arguments },
-                }
-            })
-            .collect();
+        let mut handed_back = Vec::with_capacity(tool_calls.len());
+        for ToolCall { id, name, arguments } in tool_calls {
+            // Each call is host work however empty its strings.
+            bytes += PER_CALL_BYTES + id.len() + name.len() + arguments.len();
+            check_name(&format!("message {index}'s tool call"), &name)?;
+            if id.is_empty() || !asked.insert(id.clone()) {
+                return Err(format!(
+                    "message {index} hands back a tool call with an empty or repeated id: hand back the \
+                     model's calls as it gave them"
+                ));
+            }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&arguments).is_err() {
+                return Err(format!(
+                    "message {index} hands back tool call {:?} whose arguments are not JSON: hand back \
+                     the model's calls as it gave them",
+                    crate::sandbox::capabilities::log::truncate(&id, 100)
+                ));
+            }
+            handed_back.push(ProviderToolCall {
+                id,
+                kind: "function".to_string(),
+                function: ProviderCalledFunction { name, arguments },
+            });
+        }
+        let tool_calls = handed_back;
         match (role, &tool_call_id) {
             ("tool", None) => {
                 return Err(format!(
                     "message {index} is a tool message without tool-call-id: say which of the model's \
                      calls it answers"
+                ));
+            }
+            ("tool", Some(id)) if !answered.insert(id.clone()) => {
+                return Err(format!(
+                    "message {index} answers the tool call {:?} a second time: answer each call once",
+                    crate::sandbox::capabilities::log::truncate(id, 100)
                 ));
             }
             ("tool", Some(id)) if !asked.contains(id) => {
@@ -171,6 +197,11 @@ fn call(request: ChatRequest) -> Result<LlmCall, String> {
             bytes += format.name.len() + format.schema.len();
             check_name("the response schema's name", &format.name)?;
             let schema = json("the response schema", &format.schema)?;
+            if !schema.is_object() {
+                return Err(
+                    "the response schema must be a JSON Schema object, e.g. {\"type\": \"object\", ...}".into(),
+                );
+            }
             Some(serde_json::json!({
                 "type": "json_schema",
                 "json_schema": {"name": format.name, "schema": schema, "strict": format.strict},
