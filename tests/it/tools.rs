@@ -279,3 +279,62 @@ async fn an_answer_with_too_many_tool_calls_is_metered_before_it_fails() {
         result.report
     );
 }
+
+/// What a hostile or broken provider answers is never free: tool-call
+/// arguments that are not text (skipped unbuilt), a `usage` without its
+/// counts, and a 2xx body larger than the node reads are each charged
+/// (the reported usage, else the estimated prompt and every token the
+/// call was allowed) before the call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_provider_answers_are_charged_not_free() {
+    node_runtime::support::tls::install_crypto_provider();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+            let answer = match body["model"].as_str().unwrap_or_default() {
+                "object-arguments" => serde_json::json!({
+                    "choices": [{"message": {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "lookup_vendor", "arguments": vec![serde_json::json!([[]]); 10_000]}}]},
+                        "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 9}}),
+                "empty-usage" => serde_json::json!({
+                    "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                    "usage": {"input_tokens": 5, "output_tokens": 5}}),
+                _ => serde_json::json!({
+                    "choices": [{"message": {"role": "assistant", "content": "x".repeat(3 << 20)}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+            };
+            axum::Json(answer)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for (model, charged_at_least) in [("object-arguments", 16), ("empty-usage", 300), ("too-large", 300)] {
+        let sandbox = Sandbox::new(SandboxConfig {
+            llm: Some(LlmSettings::openai(url.clone(), Secret::new("k"), model)),
+            ..SandboxConfig::default()
+        })
+        .unwrap();
+        let agent = load(&sandbox, "tool-loop").await;
+        let result = sandbox
+            .run(
+                &agent,
+                request(
+                    "tool-loop",
+                    &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
+                    BudgetRequest::default(),
+                ),
+            )
+            .await;
+        let used = result.report.tokens_in + result.report.tokens_out;
+        assert!(
+            used >= charged_at_least,
+            "{model}: {used} tokens charged: {:?}",
+            result.outcome
+        );
+        if model != "empty-usage" {
+            assert!(result.outcome.failure().is_some(), "{model}: {:?}", result.outcome);
+        }
+    }
+}

@@ -22,7 +22,7 @@ use crate::sandbox::llm::ModelPrice;
 pub struct AgentRuntimeSection {
     /// `DefaultModel`.
     pub default_model: String,
-    /// `DefaultTemperature`: 0 or more.
+    /// `DefaultTemperature`: 0 to 2.
     pub default_temperature: f64,
     /// `MaxTokens`: the node's token limit per run (a lease's budget may
     /// lower it).
@@ -90,8 +90,8 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
         &mut s,
         "DefaultTemperature",
         defaults.default_temperature,
-        "a number of 0 or more, e.g. 0.7",
-        |scalar| scalar.float().filter(|t| *t >= 0.0),
+        "a number from 0 to 2 (the range providers take), e.g. 0.7",
+        |scalar| scalar.float().filter(|t| (0.0..=2.0).contains(t)),
     )?;
     let max_tokens = reader.integer(
         &mut s,

@@ -105,19 +105,62 @@ pub(crate) struct ProviderToolCall {
 pub(crate) struct ProviderCalledFunction {
     #[serde(default)]
     pub name: String,
-    /// JSON text, as the model wrote it (a provider that sends the
-    /// arguments as a JSON value instead gets them written as text).
-    #[serde(default, deserialize_with = "json_text")]
+    /// JSON text, as the model wrote it.
+    #[serde(default, deserialize_with = "arguments_text")]
     pub arguments: String,
 }
 
-/// A string as it is; any other JSON value as its text.
-fn json_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::String(text) => text,
-        serde_json::Value::Null => String::new(),
-        other => other.to_string(),
-    })
+/// What stands for arguments that were not JSON text (an object, an
+/// array...): skipped unbuilt, and the answer refused as unusable.
+const NOT_TEXT: &str = "\u{0}not-text";
+
+/// The arguments as the text they must be; `null` as `{}`; anything else
+/// skipped without being built (a hostile provider's 2 MiB of nested
+/// arrays would otherwise cost the host many times that) and marked.
+fn arguments_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("the arguments as JSON text")
+        }
+        fn visit_str<E>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_string())
+        }
+        fn visit_string<E>(self, text: String) -> Result<String, E> {
+            Ok(text)
+        }
+        fn visit_unit<E>(self) -> Result<String, E> {
+            Ok("{}".to_string())
+        }
+        fn visit_none<E>(self) -> Result<String, E> {
+            Ok("{}".to_string())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<String, E> {
+            Ok(NOT_TEXT.to_string())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<String, E> {
+            Ok(NOT_TEXT.to_string())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<String, E> {
+            Ok(NOT_TEXT.to_string())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<String, E> {
+            Ok(NOT_TEXT.to_string())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(NOT_TEXT.to_string())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(NOT_TEXT.to_string())
+        }
+    }
+    deserializer.deserialize_any(Text)
 }
 
 /// At most [`MAX_TOOL_CALLS`] tool calls, built; the rest only counted
@@ -223,10 +266,19 @@ struct ChoiceMessage {
 
 #[derive(Debug, Deserialize)]
 struct Usage {
+    /// Both counts, or the usage is as good as absent: a `usage` object
+    /// without them (or with other names) must not make a call free.
     #[serde(default)]
-    prompt_tokens: u64,
+    prompt_tokens: Option<u64>,
     #[serde(default)]
-    completion_tokens: u64,
+    completion_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn counts(&self) -> Option<(u32, u32)> {
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Some((clamp(self.prompt_tokens?), clamp(self.completion_tokens?)))
+    }
 }
 
 /// A provider's answer, as the capability needs it.
@@ -276,11 +328,7 @@ fn usage_in(body: &[u8]) -> Option<(u32, u32)> {
     struct JustUsage {
         usage: Option<Usage>,
     }
-    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-    serde_json::from_slice::<JustUsage>(body)
-        .ok()?
-        .usage
-        .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens)))
+    serde_json::from_slice::<JustUsage>(body).ok()?.usage?.counts()
 }
 
 /// The settings and the HTTP client every run shares.
@@ -464,7 +512,22 @@ impl LlmClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = self.read_body(response, timeout).await?;
+        let body = match self.read_body(response, timeout).await {
+            Ok(body) => body,
+            // A 2xx whose body cannot be read whole (too large, cut off,
+            // stalled) was answered and perhaps billed: final, and
+            // charged as an answer without usage. Retrying would bill it
+            // again.
+            Err(Attempt::Final(error) | Attempt::Retry(error) | Attempt::RetryAfter(error, _))
+                if status.is_success() =>
+            {
+                return Err(Attempt::Final(CallError::Unusable {
+                    message: describe(&error).to_string(),
+                    usage: None,
+                }));
+            }
+            Err(other) => return Err(other),
+        };
         if !status.is_success() {
             let message = format!(
                 "the LLM provider answered {status}: {}",
@@ -482,7 +545,6 @@ impl LlmClient {
         // From here on the provider answered, and may have billed the call:
         // an answer the node cannot use still carries its usage (or, when
         // it has none to read, is charged the most the call was allowed).
-        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let parsed: ProviderResponse = serde_json::from_slice(&body).map_err(|err| {
             Attempt::Final(CallError::Unusable {
                 message: format!(
@@ -492,10 +554,7 @@ impl LlmClient {
                 usage: usage_in(&body),
             })
         })?;
-        let usage = parsed
-            .usage
-            .as_ref()
-            .map(|u| (clamp(u.prompt_tokens), clamp(u.completion_tokens)));
+        let usage = parsed.usage.as_ref().and_then(Usage::counts);
         let Some(choice) = parsed.choices else {
             return Err(Attempt::Final(CallError::Unusable {
                 message: "the LLM provider's answer has no choices".into(),
@@ -521,6 +580,14 @@ impl LlmClient {
             }));
         }
         let tool_calls = tool_calls.kept;
+        if tool_calls.iter().any(|call| call.function.arguments == NOT_TEXT) {
+            return Err(Attempt::Final(CallError::Unusable {
+                message: "the LLM provider's answer has tool-call arguments that are not JSON text (the \
+                          chat-completions shape sends them as a string)"
+                    .into(),
+                usage,
+            }));
+        }
         Ok(Answer {
             content: content.unwrap_or_default(),
             refusal,

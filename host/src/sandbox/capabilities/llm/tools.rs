@@ -118,7 +118,7 @@ fn call(request: ChatRequest) -> Result<LlmCall, String> {
             tool_calls,
             tool_call_id,
         } = message;
-        bytes += content.len();
+        bytes += content.len() + tool_call_id.as_ref().map_or(0, String::len);
         let role = match role {
             Role::System => "system",
             Role::User => "user",
@@ -141,7 +141,8 @@ fn call(request: ChatRequest) -> Result<LlmCall, String> {
                      model's calls as it gave them"
                 ));
             }
-            if serde_json::from_str::<serde::de::IgnoredAny>(&arguments).is_err() {
+            // Empty arguments are a call without any (some servers send them so).
+            if !arguments.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(&arguments).is_err() {
                 return Err(format!(
                     "message {index} hands back tool call {:?} whose arguments are not JSON: hand back \
                      the model's calls as it gave them",
