@@ -9,6 +9,7 @@ mod args;
 mod compile;
 mod config_check;
 mod dev;
+mod keygen;
 mod outbox;
 mod registry;
 mod run_agent;
@@ -38,6 +39,10 @@ pub enum Command {
     /// --target, another machine's), so that nodes (edge devices above
     /// all) skip compilation at run time.
     Compile(compile::CompileArgs),
+    /// Make an Ed25519 key pair for `compile --sign`: the private key
+    /// (PKCS#8 PEM) and its public key (`.pub`, for
+    /// AgentStore.TrustedSigningKeys).
+    Keygen(keygen::KeygenArgs),
     /// Run the node daemon: register with the control plane, heartbeat,
     /// pull leases, run them, report; drain on SIGTERM or SIGINT.
     Serve(serve::ServeArgs),
@@ -133,6 +138,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::RunAgent(args) => run_agent::run(args).await,
         Command::Compile(args) => compile::run(args).await,
+        Command::Keygen(args) => keygen::run(args).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Outbox(args) => outbox::run(args).await,

@@ -221,6 +221,8 @@ pub struct UnsupportedTarget {
 /// An engine that compiles, but never runs, code for `target` (a target
 /// triple such as `aarch64-unknown-linux-gnu`, or `pulley64`), with the
 /// node's compiler settings, so that a node on that target accepts it.
+/// Only a build with a compiler has one.
+#[cfg(feature = "cranelift")]
 pub fn build_precompile_engine(target: &str, metering: Metering) -> Result<Engine, UnsupportedTarget> {
     let unsupported = |err: wasmtime::Error| UnsupportedTarget {
         target: target.to_string(),
