@@ -45,6 +45,17 @@ const CONTEXT: &[u8] = b"node-runtime signed .cwasm v1\0";
 /// key bytes: the algorithm 1.3.101.112, then a bit string.
 const SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 
+/// The DER of an Ed25519 PKCS#8 v1 private key before its 32-byte seed:
+/// version 0, the algorithm, then the seed as an octet string in an octet
+/// string.
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+/// The same for v2 (with the public key after the seed), as ring writes it.
+const PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// An Ed25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PublicKey([u8; PUBLIC_KEY_LEN]);
@@ -209,13 +220,21 @@ impl SigningKey {
     }
 
     /// A new key pair: the private key as PKCS#8 PEM, and its public key.
+    /// Written as PKCS#8 v1 (RFC 8410), the form openssl writes and reads:
+    /// openssl 3.0 refuses ring's own v2 encoding.
     pub fn generate() -> Result<(String, PublicKey), String> {
         let random = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&random).map_err(|err| format!("cannot generate a key: {err}"))?;
+        let seed = pkcs8
+            .as_ref()
+            .strip_prefix(&PKCS8_V2_PREFIX[..])
+            .and_then(|rest| rest.get(..32))
+            .ok_or("ring encoded the key in an unexpected form")?;
+        let v1 = [&PKCS8_V1_PREFIX[..], seed].concat();
         let pair =
-            Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|err| format!("generated key unusable: {err}"))?;
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&v1).map_err(|err| format!("generated key unusable: {err}"))?;
         let key = SigningKey(pair).public_key();
-        Ok((pem("PRIVATE KEY", pkcs8.as_ref()), key))
+        Ok((pem("PRIVATE KEY", &v1), key))
     }
 }
 
@@ -345,9 +364,12 @@ mod tests {
     use super::*;
 
     fn key() -> SigningKey {
-        let (pem, _) = SigningKey::generate().unwrap();
+        let (pem, public) = SigningKey::generate().unwrap();
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
-        SigningKey(Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap())
+        assert!(der.secret_pkcs8_der().starts_with(&PKCS8_V1_PREFIX), "written as v1");
+        let key = SigningKey(Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der()).unwrap());
+        assert_eq!(key.public_key(), public);
+        key
     }
 
     fn signed(key: &SigningKey) -> Vec<u8> {
