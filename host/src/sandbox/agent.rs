@@ -183,7 +183,7 @@ fn compile_component(engine: &Engine, _bytes: &[u8]) -> Result<Component, Invali
 
 /// What a build without a compiler says when asked to compile.
 #[cfg(not(feature = "cranelift"))]
-pub(crate) fn no_compiler(engine: &Engine) -> String {
+fn no_compiler(engine: &Engine) -> String {
     format!(
         "the file is a WebAssembly component, and this node-runtime is an edge build with no \
          compiler: it runs only .cwasm files precompiled for it; precompile the component on a \
