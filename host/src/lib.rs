@@ -57,6 +57,7 @@ pub use proto;
 
 /// The development control plane behind `node-runtime dev`: the
 /// `node-runtime-dev-plane` crate.
+#[cfg(feature = "dev")]
 pub use dev_plane;
 
 /// The shared small things (secrets, units, backoff, TLS and PEM helpers,

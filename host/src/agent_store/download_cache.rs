@@ -6,9 +6,9 @@
 //! fetch it again, delete its file. Files are written atomically (a
 //! temporary file, synced, then renamed), so a crash or a cut connection
 //! never leaves half an artifact behind. Only a WebAssembly component is
-//! kept: anything else a source delivers (native code above all) is
-//! refused before it reaches the disk
-//! ([`check_network_artifact`]). The HTTP and OCI sources share it.
+//! kept, or a `.cwasm` whose signature by a trusted key verified: anything
+//! else a source delivers (native code above all) is refused before it
+//! reaches the disk ([`check_network_artifact`]). The HTTP and OCI sources share it.
 //!
 //! The folder is bounded in bytes (`AgentStore.DownloadCacheMaxBytes`, per
 //! source): after each download the oldest downloads are deleted until the
@@ -32,6 +32,7 @@ use support::fs::{Bound, Durability, evict_oldest_of, files_in, write_atomically
 
 use crate::sandbox::NetworkArtifactRefused;
 use crate::sandbox::artifact_trust::check_network_artifact;
+use crate::sandbox::signature::TrustedKeys;
 
 /// Why a download failed. Most are the node's problem, not the agent's
 /// (a server down, a misconfigured URL): the lease goes back to the
@@ -67,8 +68,8 @@ pub enum FetchError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The bytes are not a component (a `.cwasm` above all); nothing was
-    /// kept.
+    /// The bytes are not a component (a `.cwasm` above all), nor a
+    /// `.cwasm` signed by a trusted key; nothing was kept.
     #[error(transparent)]
     NotAComponent(#[from] NetworkArtifactRefused),
     /// An OCI artifact not in the layout of a Wasm component, refused
@@ -110,6 +111,8 @@ pub struct DownloadCache {
     /// One lock per version being fetched: the first caller downloads,
     /// the others wait and then find the file.
     in_flight: Mutex<HashMap<AgentVersion, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys whose signed `.cwasm` may be kept; none by default.
+    trusted_keys: TrustedKeys,
 }
 
 impl DownloadCache {
@@ -118,6 +121,15 @@ impl DownloadCache {
             dir,
             max_bytes,
             in_flight: Mutex::default(),
+            trusted_keys: TrustedKeys::default(),
+        }
+    }
+
+    /// Also keeps a `.cwasm` signed by one of `keys` (verified first).
+    pub fn trusting(self, keys: TrustedKeys) -> Self {
+        DownloadCache {
+            trusted_keys: keys,
+            ..self
         }
     }
 
@@ -154,7 +166,7 @@ impl DownloadCache {
         let Some(bytes) = download().await? else {
             return Ok(None);
         };
-        check_network_artifact(origin, &bytes)?;
+        check_network_artifact(origin, &bytes, &self.trusted_keys)?;
         let (target, root, max_bytes) = (path.clone(), self.dir.clone(), self.max_bytes);
         let (bytes, written) = tokio::task::spawn_blocking(move || {
             let dir = target.parent().expect("a cached path has a parent");

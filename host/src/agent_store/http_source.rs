@@ -63,6 +63,15 @@ impl HttpSource {
         })
     }
 
+    /// Also takes a `.cwasm` signed by one of `keys` (verified before it
+    /// is kept, and again before it is loaded).
+    pub fn trusting(self, keys: crate::sandbox::signature::TrustedKeys) -> Self {
+        HttpSource {
+            cache: self.cache.trusting(keys),
+            ..self
+        }
+    }
+
     pub fn url(&self, agent_id: &str, version: &str) -> String {
         self.settings
             .url_template

@@ -95,6 +95,15 @@ impl OciSource {
         }
     }
 
+    /// Also takes a `.cwasm` signed by one of `keys` (verified before it
+    /// is kept, and again before it is loaded).
+    pub fn trusting(self, keys: crate::sandbox::signature::TrustedKeys) -> Self {
+        OciSource {
+            cache: self.cache.trusting(keys),
+            ..self
+        }
+    }
+
     pub fn reference(&self, agent_id: &str, version: &str) -> String {
         // OCI tags allow [A-Za-z0-9_.-]; `+` (semver build metadata) is
         // spelled `_`, as other Wasm registries do.

@@ -36,7 +36,8 @@ pub fn agent_store(config: &NodeConfig, control_plane_tls: &ControlPlaneTls) -> 
                 } else {
                     &plaintext
                 };
-                let source = HttpSource::new(settings, tls.client_config(&[b"http/1.1"]))?;
+                let source = HttpSource::new(settings, tls.client_config(&[b"http/1.1"]))?
+                    .trusting(super::sandbox::trusted_keys(config));
                 sources.push(AgentSource::Http(source));
             }
             AgentSourceKind::Oci => {
@@ -55,7 +56,8 @@ pub fn agent_store(config: &NodeConfig, control_plane_tls: &ControlPlaneTls) -> 
                     cache_dir: downloads.join("oci"),
                     cache_max_bytes: store.download_cache_max_bytes,
                 };
-                sources.push(AgentSource::Oci(OciSource::new(settings)));
+                let source = OciSource::new(settings).trusting(super::sandbox::trusted_keys(config));
+                sources.push(AgentSource::Oci(source));
             }
         }
     }

@@ -3,6 +3,7 @@
 
 use crate::config::{AgentRuntimeSection, DeclarativeAgentsSection, NodeConfig};
 use crate::sandbox::declarative::{BoundSecret, DeclarativeSettings, Secrets};
+use crate::sandbox::signature::TrustedKeys;
 use crate::sandbox::{
     CompiledCacheSettings, EngineSettings, HostGrant, LlmEndpoint, LlmSettings, NodeLimits, SandboxConfig,
 };
@@ -39,7 +40,19 @@ pub fn sandbox_config(config: &NodeConfig) -> SandboxConfig {
         compile_limits: sandbox.compile_limits,
         grants: sandbox.grants.clone(),
         declarative: declarative_settings(&config.declarative_agents),
+        trusted_keys: trusted_keys(config),
     }
+}
+
+/// `AgentStore.TrustedSigningKeys`, read by the binding.
+pub fn trusted_keys(config: &NodeConfig) -> TrustedKeys {
+    TrustedKeys::new(
+        config
+            .agent_store
+            .trusted_signing_keys
+            .iter()
+            .map(|trusted| trusted.key),
+    )
 }
 
 /// `DeclarativeAgents` as the built-in agent's settings: the node-wide

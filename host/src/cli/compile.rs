@@ -2,17 +2,24 @@
 //! this machine or, with `--target`, for another one (an ARM edge box, or
 //! the Pulley interpreter).
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{CommandError, Exit, read_agent_file};
-use crate::sandbox::{EngineSettings, PrecompileError, Sandbox, SandboxConfig};
-use support::fs::{Durability, write_atomically};
-use support::units::format_bytes;
+use super::{CommandError, Exit};
+
+#[cfg(feature = "cranelift")]
+use {
+    super::read_agent_file,
+    crate::sandbox::signature::{self, SigningKey},
+    crate::sandbox::{EngineSettings, PrecompileError, Sandbox, SandboxConfig},
+    std::os::unix::fs::MetadataExt,
+    std::path::Path,
+    std::sync::Arc,
+    std::time::Instant,
+    support::fs::{Durability, write_atomically},
+    support::units::format_bytes,
+};
 
 #[derive(Debug, Args)]
 pub struct CompileArgs {
@@ -31,14 +38,41 @@ pub struct CompileArgs {
     /// interpreter.
     #[arg(long, value_name = "TRIPLE")]
     pub target: Option<String>,
+
+    /// Sign the .cwasm with this Ed25519 private key (PKCS#8 PEM, from
+    /// `node-runtime keygen` or `openssl genpkey -algorithm ed25519`), so
+    /// that nodes trusting its public key (AgentStore.TrustedSigningKeys)
+    /// take it from an HTTP or OCI source.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
 }
 
+/// A build without a compiler (the edge build) cannot precompile.
+#[cfg(not(feature = "cranelift"))]
+pub async fn run(_args: CompileArgs) -> Result<Exit, CommandError> {
+    Err(CommandError::usage(NO_COMPILER))
+}
+
+/// What a build without a compiler says to `compile`.
+#[cfg(not(feature = "cranelift"))]
+pub(crate) const NO_COMPILER: &str = "this node-runtime is an edge build with no compiler: it runs \
+     precompiled .cwasm files but cannot make them; run `node-runtime compile` (with `--target` \
+     naming this machine) on a full build, the default features, and copy the .cwasm here";
+
+#[cfg(feature = "cranelift")]
 pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
     let output = args
         .output
         .clone()
         .unwrap_or_else(|| args.agent.with_extension("cwasm"));
     check_output(&args.agent, &output)?;
+    // Before compiling: a key that cannot sign should not cost a compile.
+    let key = args
+        .sign
+        .as_deref()
+        .map(|path| SigningKey::read("--sign", path))
+        .transpose()
+        .map_err(|err| CommandError::usage(err.to_string()))?;
     let wasm = read_agent_file("the agent file", &args.agent)?;
     let sandbox = Sandbox::new(SandboxConfig {
         engine: EngineSettings {
@@ -69,6 +103,10 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
             return Ok(Exit::AgentInvalid);
         }
     };
+    let cwasm = match &key {
+        Some(key) => signature::sign(cwasm, key),
+        None => cwasm,
+    };
     // A reader never sees half a `.cwasm`.
     write_atomically(&output, &cwasm, Durability::Unsynced)
         .map_err(|err| CommandError::internal(format!("cannot write {}: {err}", output.display())))?;
@@ -84,9 +122,13 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
             .unwrap_or_default(),
         started.elapsed().as_millis()
     );
+    if let Some(key) = &key {
+        println!("signed by {}", key.public_key());
+    }
     Ok(Exit::Completed)
 }
 
+#[cfg(feature = "cranelift")]
 /// The output is written to a temporary file renamed over it, which
 /// replaces whatever the path names: so it must be a new path or a regular
 /// file, and not the input itself.

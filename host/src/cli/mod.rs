@@ -8,7 +8,9 @@
 mod args;
 mod compile;
 mod config_check;
+#[cfg(feature = "dev")]
 mod dev;
+mod keygen;
 mod outbox;
 mod registry;
 mod run_agent;
@@ -29,7 +31,10 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; without `dev` (whose arguments are as large)
+// clippy flags `run-agent`'s size.
 #[derive(Debug, Subcommand)]
+#[cfg_attr(not(feature = "dev"), allow(clippy::large_enum_variant))]
 pub enum Command {
     /// Run an agent once, locally, in the sandbox production uses, and
     /// print its result and what it consumed.
@@ -38,10 +43,15 @@ pub enum Command {
     /// --target, another machine's), so that nodes (edge devices above
     /// all) skip compilation at run time.
     Compile(compile::CompileArgs),
+    /// Make an Ed25519 key pair for `compile --sign`: the private key
+    /// (PKCS#8 PEM) and its public key (`.pub`, for
+    /// AgentStore.TrustedSigningKeys).
+    Keygen(keygen::KeygenArgs),
     /// Run the node daemon: register with the control plane, heartbeat,
     /// pull leases, run them, report; drain on SIGTERM or SIGINT.
     Serve(serve::ServeArgs),
     /// Start a development control plane and one node in this process.
+    #[cfg(feature = "dev")]
     Dev(dev::DevArgs),
     /// See and manage the reports a stopped node still owes its control
     /// plane: list, retry, purge.
@@ -127,13 +137,21 @@ impl From<crate::app::BuildError> for CommandError {
 pub async fn run(cli: Cli) -> ExitCode {
     // run-agent, serve and dev install their own logging (format, level,
     // OpenTelemetry); the others log plainly.
-    if !matches!(cli.command, Command::RunAgent(_) | Command::Serve(_) | Command::Dev(_)) {
+    let own_logging = match &cli.command {
+        Command::RunAgent(_) | Command::Serve(_) => true,
+        #[cfg(feature = "dev")]
+        Command::Dev(_) => true,
+        _ => false,
+    };
+    if !own_logging {
         crate::telemetry::init_plain_logging("info");
     }
     let result = match cli.command {
         Command::RunAgent(args) => run_agent::run(args).await,
         Command::Compile(args) => compile::run(args).await,
+        Command::Keygen(args) => keygen::run(args).await,
         Command::Serve(args) => serve::run(args).await,
+        #[cfg(feature = "dev")]
         Command::Dev(args) => dev::run(args).await,
         Command::Outbox(args) => outbox::run(args).await,
         Command::Push(args) => registry::push(args).await,

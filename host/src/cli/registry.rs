@@ -19,6 +19,7 @@ use super::{CommandError, Exit, read_agent_file};
 use crate::agent_store::AgentDigest;
 use crate::agent_store::oci_source::{registry_auth, registry_client};
 use crate::sandbox::artifact_trust::check_network_artifact;
+use crate::sandbox::signature::TrustedKeys;
 
 const USERNAME_VAR: &str = "NODE_RUNTIME_REGISTRY_USERNAME";
 const PASSWORD_VAR: &str = "NODE_RUNTIME_REGISTRY_PASSWORD";
@@ -105,7 +106,9 @@ pub async fn pull(args: PullArgs) -> Result<Exit, CommandError> {
         return Err(CommandError::internal(message));
     };
     let bytes = &layer.data;
-    check_network_artifact(&args.reference, bytes).map_err(|refused| CommandError {
+    // A signed .cwasm is for a node's agent store, which verifies it with
+    // its own keys; this command keeps only components.
+    check_network_artifact(&args.reference, bytes, &TrustedKeys::default()).map_err(|refused| CommandError {
         exit: Exit::AgentInvalid,
         message: format!("{refused}; nothing was written to {}", args.output.display()),
     })?;

@@ -367,6 +367,12 @@ impl Reader<'_> {
         }
     }
 
+    /// The configuration file's directory, which relative paths are
+    /// resolved against.
+    pub fn base_dir(&self) -> &Path {
+        self.base_dir
+    }
+
     /// A path, resolved against the configuration file's directory, and
     /// checked against what it must be.
     pub fn path(&self, section: &mut Section, name: &str, kind: PathKind) -> Result<Option<PathBuf>, ConfigError> {

@@ -796,6 +796,30 @@ fn an_empty_otlp_endpoint_turns_the_exporter_off_as_in_the_reference() {
 }
 
 #[test]
+fn trusted_signing_keys_are_read_relative_to_the_configuration_file_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, key) = crate::sandbox::signature::SigningKey::generate().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys").join("signer.pub"), key.to_pem()).unwrap();
+    std::fs::write(dir.path().join("keys").join("signer.pem"), private).unwrap();
+    let load_in = |json: &str| NodeConfig::from_json_str(json, dir.path(), no_env());
+
+    let config = load_in(r#"{"AgentStore": {"TrustedSigningKeys": ["keys/signer.pub"]}}"#).unwrap();
+    let trusted = &config.agent_store.trusted_signing_keys;
+    assert_eq!(trusted.len(), 1);
+    assert_eq!(trusted[0].key, key);
+    assert_eq!(trusted[0].path, dir.path().join("keys").join("signer.pub"));
+
+    let err = load_in(r#"{"AgentStore": {"TrustedSigningKeys": ["keys/signer.pub", "keys/signer.pem"]}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("AgentStore.TrustedSigningKeys"), "{err}");
+    assert!(err.contains("keys/signer.pem"), "{err}");
+    assert!(err.contains("not a PEM public key"), "{err}");
+    assert!(load("{}").unwrap().agent_store.trusted_signing_keys.is_empty());
+}
+
+#[test]
 fn the_agent_store_tries_http_after_the_directory_once_a_template_is_set() {
     let config = load(
         r#"{"AgentStore": {"HttpUrlTemplate": "{base}/agents/{agent_id}/{version}.wasm",

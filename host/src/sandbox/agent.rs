@@ -53,7 +53,14 @@ impl Agent {
     /// Whether it was loaded from a `.cwasm` (native code from the
     /// operator) rather than compiled here.
     pub fn is_precompiled(&self) -> bool {
-        self.made_from == ArtifactKind::Precompiled
+        self.made_from.is_precompiled()
+    }
+
+    /// Whether it was loaded from a network `.cwasm` whose signature by a
+    /// trusted key verified: the same bytes may be served again to a
+    /// network source without verifying them again.
+    pub(crate) fn is_verified_signed(&self) -> bool {
+        self.made_from == ArtifactKind::SignedPrecompiled
     }
 
     /// `"agent"` for the agent world, `"command"` for a WASI command.
@@ -94,14 +101,18 @@ pub(crate) fn compile(
     if bytes.is_empty() {
         return Err(InvalidAgent("the file is empty (0 bytes)".into()));
     }
-    if kind == ArtifactKind::Precompiled {
-        let artifact = precompiled::unseal(bytes).map_err(|err| InvalidAgent(err.to_string()))?;
+    if kind.is_precompiled() {
+        // A signature, if any, was verified by `classify` where it had to
+        // be (bytes from the network); what it covers is the sealed .cwasm.
+        let sealed = super::signature::strip(bytes);
+        let artifact = precompiled::unseal(sealed).map_err(|err| InvalidAgent(err.to_string()))?;
         check_architecture(engine, artifact)?;
-        // SAFETY: only the operator's own files are taken for a .cwasm
-        // (`classify`), as trusted as those files; the artifact carries the
-        // digest `node-runtime compile` recorded, so it is the bytes
-        // wasmtime produced; wasmtime checks its own version and
-        // configuration before using it.
+        // SAFETY: only the operator's own files, and network bytes whose
+        // Ed25519 signature by a key the operator trusts verified, are
+        // taken for a .cwasm (`classify`), as trusted as those files and
+        // keys; the artifact carries the digest `node-runtime compile`
+        // recorded, so it is the bytes wasmtime produced; wasmtime checks
+        // its own version and configuration before using it.
         return unsafe { Component::deserialize(engine, artifact) }.map_err(|err| {
             InvalidAgent(format!(
                 "the .cwasm was precompiled for a different engine and cannot run here: {}; \
@@ -151,12 +162,35 @@ pub(crate) fn compile(
         ));
     }
     limits.check(bytes)?;
+    compile_component(engine, bytes)
+}
+
+#[cfg(feature = "cranelift")]
+fn compile_component(engine: &Engine, bytes: &[u8]) -> Result<Component, InvalidAgent> {
     Component::new(engine, bytes).map_err(|err| {
         InvalidAgent(format!(
             "the file is not a valid WebAssembly component (truncated or corrupt?): {}",
             error_chain(&err)
         ))
     })
+}
+
+/// A build without a compiler (the edge build) runs precompiled code only.
+#[cfg(not(feature = "cranelift"))]
+fn compile_component(engine: &Engine, _bytes: &[u8]) -> Result<Component, InvalidAgent> {
+    Err(InvalidAgent(no_compiler(engine)))
+}
+
+/// What a build without a compiler says when asked to compile.
+#[cfg(not(feature = "cranelift"))]
+fn no_compiler(engine: &Engine) -> String {
+    format!(
+        "the file is a WebAssembly component, and this node-runtime is an edge build with no \
+         compiler: it runs only .cwasm files precompiled for it; precompile the component on a \
+         full build (the default features) with `node-runtime compile --target {}` and give \
+         this node the .cwasm",
+        super::engine::host_precompile_target(engine)
+    )
 }
 
 /// Refuses a `.cwasm` compiled for another machine, naming both targets.

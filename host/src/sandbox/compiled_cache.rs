@@ -29,6 +29,7 @@
 //! The entries are native code the node will execute: the cache directory
 //! must be as protected as the node's binary.
 
+#[cfg(feature = "cranelift")]
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +116,8 @@ pub(crate) struct CompiledCache {
 
 impl CompiledCache {
     /// The cache for `engine` under `settings.dir` (created if missing).
+    /// Only a build with a compiler keeps one.
+    #[cfg(feature = "cranelift")]
     pub(crate) fn open(settings: &CompiledCacheSettings, engine: &Engine) -> std::io::Result<Self> {
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -127,6 +130,7 @@ impl CompiledCache {
         })
     }
 
+    #[cfg(feature = "cranelift")]
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }

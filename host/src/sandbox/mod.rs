@@ -25,6 +25,7 @@ pub mod outcome;
 mod output;
 pub mod precompiled;
 mod run;
+pub mod signature;
 mod state;
 mod state_builder;
 
@@ -86,6 +87,9 @@ pub struct SandboxConfig {
     /// What declarative agents may use beyond their agent id's grants:
     /// output hosts for all of them, and the operator's secrets.
     pub declarative: declarative::DeclarativeSettings,
+    /// Keys whose signature makes a `.cwasm` from a network source
+    /// loadable; empty: none is.
+    pub trusted_keys: signature::TrustedKeys,
 }
 
 #[derive(Debug, Error)]
@@ -153,6 +157,7 @@ pub struct Sandbox {
     compile_counters: Arc<compiled_cache::Counters>,
     compile_limits: CompileLimits,
     declarative: declarative::DeclarativeSettings,
+    trusted_keys: signature::TrustedKeys,
     /// Loads served by an agent already compiled in this process.
     memory_hits: AtomicU64,
 }
@@ -179,21 +184,7 @@ impl Sandbox {
             );
         }
         let llm = config.llm.map(llm::LlmClient::new).transpose()?.map(Arc::new);
-        let compiled_cache = config
-            .compiled_cache
-            .as_ref()
-            .map(|settings| {
-                compiled_cache::CompiledCache::open(settings, &engine)
-                    .map(Arc::new)
-                    .map_err(|source| SandboxError::CompiledCache {
-                        path: settings.dir.clone(),
-                        source,
-                    })
-            })
-            .transpose()?;
-        if let Some(cache) = &compiled_cache {
-            tracing::info!(dir = %cache.dir().display(), "compiled cache on disk");
-        }
+        let compiled_cache = open_compiled_cache(config.compiled_cache.as_ref(), &engine)?;
         engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
         Ok(Sandbox {
             engine,
@@ -210,6 +201,7 @@ impl Sandbox {
             compile_counters: Arc::default(),
             compile_limits: config.compile_limits,
             declarative: config.declarative,
+            trusted_keys: config.trusted_keys,
             memory_hits: AtomicU64::new(0),
         })
     }
@@ -291,7 +283,7 @@ impl Sandbox {
         digest: [u8; 32],
         trust: &ArtifactTrust,
     ) -> Result<Arc<Agent>, InvalidAgent> {
-        let made_from = artifact_trust::classify(&bytes, trust)?;
+        let made_from = artifact_trust::classify(&bytes, trust, &self.trusted_keys)?;
         let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -352,11 +344,13 @@ impl Sandbox {
     /// (the agent store's memo) skips reading and hashing the file.
     /// For bytes from the network, an agent loaded from a `.cwasm` (the
     /// operator's, with the same digest) is not served: reading the
-    /// artifact refuses it. The on-disk entries are all compiled here.
+    /// artifact refuses it, unless those very bytes came from the network
+    /// and their signature verified. The on-disk entries are all compiled
+    /// here.
     pub async fn load_compiled(&self, digest: [u8; 32], trust: &ArtifactTrust) -> Option<Arc<Agent>> {
         let cell = self.cell(digest);
         if let Some(agent) = cell.get() {
-            if agent.is_precompiled() && *trust != ArtifactTrust::Operator {
+            if agent.is_precompiled() && !agent.is_verified_signed() && *trust != ArtifactTrust::Operator {
                 return None;
             }
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -400,9 +394,11 @@ impl Sandbox {
     /// Compiles a `.wasm` component ahead of time into a sealed `.cwasm`
     /// that this engine configuration (and only a compatible one) loads.
     /// The component is linked first, so an agent that could never run
-    /// here is refused now rather than on the edge device.
+    /// here is refused now rather than on the edge device. Only a build
+    /// with a compiler (the `cranelift` feature) has it.
+    #[cfg(feature = "cranelift")]
     pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, InvalidAgent> {
-        if precompiled::is_precompiled(wasm) {
+        if precompiled::is_precompiled(wasm) || signature::is_signed(wasm) {
             return Err(InvalidAgent("the file is already a precompiled .cwasm".into()));
         }
         let component = agent::compile(&self.engine, wasm, ArtifactKind::Wasm, &self.compile_limits)?;
@@ -428,6 +424,7 @@ impl Sandbox {
     /// could never run, then compiled again for the target, with this
     /// node's compiler settings (fuel, epochs) so that the node there
     /// accepts it.
+    #[cfg(feature = "cranelift")]
     pub fn precompile_for(&self, wasm: &[u8], target: &str) -> Result<Vec<u8>, PrecompileError> {
         let target_engine = engine::build_precompile_engine(target, self.metering)?;
         self.precompile(wasm)?;
@@ -486,6 +483,32 @@ impl Sandbox {
         self.announce_grants(agent_id, grants);
         grants
     }
+}
+
+/// The on-disk cache of components compiled here, when configured.
+#[cfg(feature = "cranelift")]
+fn open_compiled_cache(
+    settings: Option<&CompiledCacheSettings>,
+    engine: &Engine,
+) -> Result<Option<Arc<compiled_cache::CompiledCache>>, SandboxError> {
+    let Some(settings) = settings else { return Ok(None) };
+    let cache =
+        compiled_cache::CompiledCache::open(settings, engine).map_err(|source| SandboxError::CompiledCache {
+            path: settings.dir.clone(),
+            source,
+        })?;
+    tracing::info!(dir = %cache.dir().display(), "compiled cache on disk");
+    Ok(Some(Arc::new(cache)))
+}
+
+/// A build without a compiler compiles nothing, so it keeps nothing
+/// compiled: a `.cwasm` is loaded as it lies.
+#[cfg(not(feature = "cranelift"))]
+fn open_compiled_cache(
+    _settings: Option<&CompiledCacheSettings>,
+    _engine: &Engine,
+) -> Result<Option<Arc<compiled_cache::CompiledCache>>, SandboxError> {
+    Ok(None)
 }
 
 /// Checks every agent's grants, merging the HTTP-only `allowed_hosts` into

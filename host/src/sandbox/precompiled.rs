@@ -27,7 +27,7 @@ use thiserror::Error;
 /// Identifies a node-runtime `.cwasm` and its format version.
 const MAGIC: &[u8; 16] = b"node-runtime:cw1";
 const DIGEST_LEN: usize = 32;
-const TRAILER_LEN: usize = DIGEST_LEN + MAGIC.len();
+pub(crate) const TRAILER_LEN: usize = DIGEST_LEN + MAGIC.len();
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PrecompiledError {
@@ -48,6 +48,12 @@ pub enum PrecompiledError {
 /// True when `bytes` end with a node-runtime `.cwasm` trailer.
 pub fn is_precompiled(bytes: &[u8]) -> bool {
     bytes.len() >= TRAILER_LEN && bytes.ends_with(MAGIC)
+}
+
+/// The SHA-256 a sealed `.cwasm`'s trailer records (what
+/// [`signature`](super::signature) signs); `None` for other bytes.
+pub fn recorded_digest(bytes: &[u8]) -> Option<&[u8]> {
+    is_precompiled(bytes).then(|| &bytes[bytes.len() - TRAILER_LEN..bytes.len() - MAGIC.len()])
 }
 
 /// True when a node-runtime trailer appears anywhere in `bytes`: a `.cwasm`

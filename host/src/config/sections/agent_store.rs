@@ -10,6 +10,7 @@ use support::Secret;
 use crate::config::effective::REDACTED;
 use crate::config::error::ConfigError;
 use crate::config::reader::{Reader, Section, http_url, names};
+use crate::sandbox::signature::TrustedKey;
 
 /// Which kind of place an agent is looked for in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,10 @@ pub struct AgentStoreSection {
     pub download_cache_max_bytes: u64,
     /// `RequireDigest`: refuse leases without `agent.digest` metadata.
     pub require_digest: bool,
+    /// `TrustedSigningKeys`: Ed25519 public keys (PEM files) whose
+    /// signature makes a `.cwasm` from the HTTP or OCI source loadable.
+    /// Empty (the default): network sources deliver components only.
+    pub trusted_signing_keys: Vec<TrustedKey>,
 }
 
 impl Default for AgentStoreSection {
@@ -75,6 +80,7 @@ impl Default for AgentStoreSection {
             download_timeout: Duration::from_secs(60),
             download_cache_max_bytes: 1 << 30,
             require_digest: false,
+            trusted_signing_keys: Vec::new(),
         }
     }
 }
@@ -187,6 +193,7 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
         )?,
         download_cache_max_bytes: 0,
         require_digest: reader.boolean(&mut s, "RequireDigest", defaults.require_digest)?,
+        trusted_signing_keys: trusted_signing_keys(reader, &mut s)?,
     };
     // At least one download of the largest size: the one just kept is
     // never evicted, so a smaller bound would not hold.
@@ -206,6 +213,34 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     };
     reader.finish(s);
     Ok(store)
+}
+
+/// `TrustedSigningKeys`: a list of PEM public key files (a JSON array, or
+/// comma-separated), each resolved against the configuration file's
+/// directory and read now, so that a missing or wrong key stops the node
+/// at start-up rather than refusing every signed agent later.
+fn trusted_signing_keys(reader: &Reader<'_>, s: &mut Section) -> Result<Vec<TrustedKey>, ConfigError> {
+    let key = s.key("TrustedSigningKeys");
+    let Some(node) = s.entries.take("TrustedSigningKeys") else {
+        return Ok(Vec::new());
+    };
+    let mut keys = Vec::new();
+    for name in names(&node) {
+        let path = reader.base_dir().join(&name);
+        let trusted = TrustedKey::read(&key, &path).map_err(|err| {
+            reader.invalid(
+                key.clone(),
+                format!("{name:?} (resolved to {})", path.display()),
+                &node.origin,
+                format!(
+                    "{}: {}; a relative path is resolved against the configuration file's directory",
+                    err.problem, err.fix
+                ),
+            )
+        })?;
+        keys.push(trusted);
+    }
+    Ok(keys)
 }
 
 /// Whether `template` names both placeholders and is an OCI reference
@@ -242,6 +277,8 @@ pub(in crate::config) struct View<'a> {
     download_timeout_seconds: u64,
     download_cache_max_bytes: u64,
     require_digest: bool,
+    /// Each file, with the id of the key it holds.
+    trusted_signing_keys: Vec<String>,
 }
 
 impl<'a> View<'a> {
@@ -257,6 +294,11 @@ impl<'a> View<'a> {
             download_timeout_seconds: store.download_timeout.as_secs(),
             download_cache_max_bytes: store.download_cache_max_bytes,
             require_digest: store.require_digest,
+            trusted_signing_keys: store
+                .trusted_signing_keys
+                .iter()
+                .map(|trusted| format!("{} ({})", trusted.path.display(), trusted.key))
+                .collect(),
         }
     }
 }
