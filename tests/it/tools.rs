@@ -228,6 +228,35 @@ async fn components_of_both_world_versions_run_in_one_sandbox() {
     assert_eq!(out["turns"], "1", "{out:?}");
 }
 
+/// Serves `app` as the model on loopback; returns its base URL.
+async fn model_at(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// One run of the `tool-loop` sample against the model at `url` as
+/// `model`, its tool pointed at nothing.
+async fn tool_loop_against(url: &str, model: &str) -> node_runtime::sandbox::RunResult {
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(url, Secret::new("k"), model)),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let agent = load(&sandbox, "tool-loop").await;
+    sandbox
+        .run(
+            &agent,
+            request(
+                "tool-loop",
+                &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
+                BudgetRequest::default(),
+            ),
+        )
+        .await
+}
+
 /// An answer the node cannot use (here 200 tool calls, more than it
 /// reads) was still answered, and perhaps billed: its usage is metered
 /// before the call fails, and the flood is never built in memory.
@@ -251,25 +280,7 @@ async fn an_answer_with_too_many_tool_calls_is_metered_before_it_fails() {
             }))
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let sandbox = Sandbox::new(SandboxConfig {
-        llm: Some(LlmSettings::openai(url, Secret::new("k"), "m")),
-        ..SandboxConfig::default()
-    })
-    .unwrap();
-    let agent = load(&sandbox, "tool-loop").await;
-    let result = sandbox
-        .run(
-            &agent,
-            request(
-                "tool-loop",
-                &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
-                BudgetRequest::default(),
-            ),
-        )
-        .await;
+    let result = tool_loop_against(&model_at(app).await, "m").await;
     let failure = result.outcome.failure().expect("the answer cannot be used");
     assert!(failure.message.contains("200 tool calls"), "{failure:?}");
     assert_eq!(
@@ -307,26 +318,9 @@ async fn odd_provider_answers_are_charged_not_free() {
             axum::Json(answer)
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = model_at(app).await;
     for (model, charged_at_least) in [("object-arguments", 16), ("empty-usage", 300), ("too-large", 300)] {
-        let sandbox = Sandbox::new(SandboxConfig {
-            llm: Some(LlmSettings::openai(url.clone(), Secret::new("k"), model)),
-            ..SandboxConfig::default()
-        })
-        .unwrap();
-        let agent = load(&sandbox, "tool-loop").await;
-        let result = sandbox
-            .run(
-                &agent,
-                request(
-                    "tool-loop",
-                    &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
-                    BudgetRequest::default(),
-                ),
-            )
-            .await;
+        let result = tool_loop_against(&url, model).await;
         let used = result.report.tokens_in + result.report.tokens_out;
         assert!(
             used >= charged_at_least,
