@@ -1578,3 +1578,19 @@ fn declarative_agents_secrets_are_bound_to_hosts_read_from_the_environment_and_n
         .to_string();
     assert!(message.contains("never given"), "{message}");
 }
+
+#[test]
+fn the_agents_directory_may_not_lie_in_the_download_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let inside = dir.path().join("data/agents/http");
+    std::fs::create_dir_all(&inside).unwrap();
+    let json =
+        serde_json::json!({"NodeRuntime": {"DataDirectory": dir.path().join("data"), "AgentsDirectory": inside}});
+    let message = NodeConfig::from_json_str(&json.to_string(), dir.path(), no_env())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("NodeRuntime.AgentsDirectory") && message.contains("download cache"),
+        "{message}"
+    );
+}

@@ -67,8 +67,16 @@ impl PublicKey {
         format!("ed25519:{}", hex::encode(&Sha256::digest(self.0)[..8]))
     }
 
-    /// From a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`).
+    /// From a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`): one
+    /// block, nothing else, and not a weak key.
     pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        let blocks = pem.windows(11).filter(|window| *window == b"-----BEGIN ").count();
+        if blocks > 1 {
+            return Err(format!(
+                "the file holds {blocks} PEM blocks (a private key among them, or several keys): give \
+                 one public key per file"
+            ));
+        }
         let der = SubjectPublicKeyInfoDer::from_pem_slice(pem)
             .map_err(|err| format!("not a PEM public key (-----BEGIN PUBLIC KEY-----): {err}"))?;
         let raw = der
@@ -76,7 +84,22 @@ impl PublicKey {
             .strip_prefix(&SPKI_PREFIX[..])
             .and_then(|raw| <[u8; PUBLIC_KEY_LEN]>::try_from(raw).ok())
             .ok_or("a public key, but not an Ed25519 one")?;
-        Ok(PublicKey(raw))
+        let key = PublicKey(raw);
+        if key.is_weak() {
+            return Err("an Ed25519 key of small order, for which anyone can forge a signature".into());
+        }
+        Ok(key)
+    }
+
+    /// Whether signatures can be forged for this key without its private
+    /// half: a point of small order (the identity among them) makes the
+    /// forgery R = identity, S = 0 verify for a message whose hash is a
+    /// multiple of its order. Tried on 64 messages, such a key is caught
+    /// but for a chance of (7/8)^64.
+    fn is_weak(&self) -> bool {
+        let mut forged = [0u8; SIGNATURE_LEN];
+        forged[0] = 1; // R: the identity point's encoding; S: 0.
+        (0u8..64).any(|n| UnparsedPublicKey::new(&ED25519, self.0).verify(&[n], &forged).is_ok())
     }
 
     /// As a SubjectPublicKeyInfo PEM, as `openssl pkey -pubout` writes it.
@@ -121,6 +144,12 @@ fn read_key_file(setting: &str, path: &Path, fix: &'static str) -> Result<Vec<u8
         problem,
         fix,
     };
+    // A FIFO or device would block start-up, or read forever: a key is a
+    // regular file.
+    let metadata = std::fs::metadata(path).map_err(|err| fail(format!("cannot read it: {err}")))?;
+    if !metadata.is_file() {
+        return Err(fail("not a regular file".to_string()));
+    }
     let file = std::fs::File::open(path).map_err(|err| fail(format!("cannot read it: {err}")))?;
     let mut bytes = Vec::new();
     file.take(KEY_FILE_BYTES + 1)
@@ -389,6 +418,19 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
         }
+    }
+
+    #[test]
+    fn weak_keys_and_files_of_several_blocks_are_refused() {
+        let mut identity = [0u8; PUBLIC_KEY_LEN];
+        identity[0] = 1;
+        let err = PublicKey::from_pem(PublicKey(identity).to_pem().as_bytes()).unwrap_err();
+        assert!(err.contains("small order"), "{err}");
+        let (_, good) = SigningKey::generate().unwrap();
+        assert!(!good.is_weak());
+        let two = format!("{}{}", good.to_pem(), good.to_pem());
+        let err = PublicKey::from_pem(two.as_bytes()).unwrap_err();
+        assert!(err.contains("2 PEM blocks"), "{err}");
     }
 
     #[test]

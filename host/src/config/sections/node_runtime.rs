@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::config::effective::{path, redact_url};
 use crate::config::error::ConfigError;
 use crate::config::reader::{Reader, Section};
+use crate::config::tree::Origin;
 
 /// `NodeRuntime`: who the node is and how it talks to the control plane.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +137,22 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     let metadata = metadata(reader, &mut s)?;
     let agents_directory = reader.required_path(&mut s, "AgentsDirectory", "agents")?;
     let data_directory = reader.required_path(&mut s, "DataDirectory", "data")?;
+    // Downloads are kept under DataDirectory/agents; read as the
+    // operator's own directory, a download would be trusted as one (a
+    // .cwasm from the network run without its signature).
+    let downloads = data_directory.join("agents");
+    if agents_directory.starts_with(&downloads) {
+        return Err(reader.invalid(
+            s.key("AgentsDirectory"),
+            format!("{:?}", agents_directory.display().to_string()),
+            &Origin::Unset,
+            format!(
+                "it lies in the download cache ({}), whose files must never count as the operator's \
+                 own; use a directory outside DataDirectory/agents",
+                downloads.display()
+            ),
+        ));
+    }
     let drain_timeout = reader.seconds(
         &mut s,
         "DrainTimeoutSeconds",
