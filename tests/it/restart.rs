@@ -230,7 +230,7 @@ async fn a_lease_redelivered_after_a_restart_is_not_run_again_and_its_stored_out
     .await;
     let agents = agents_layout();
     let node = start_node(&url, &agents, Outbox::open(data.path()).unwrap());
-    eventually(Duration::from_secs(30), "two reports", || {
+    eventually(Duration::from_secs(90), "two reports", || {
         (recorded.lock().unwrap().completes.len() >= 2).then_some(())
     })
     .await;

@@ -137,11 +137,13 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
     let metadata = metadata(reader, &mut s)?;
     let agents_directory = reader.required_path(&mut s, "AgentsDirectory", "agents")?;
     let data_directory = reader.required_path(&mut s, "DataDirectory", "data")?;
-    // Downloads are kept under DataDirectory/agents; read as the
-    // operator's own directory, a download would be trusted as one (a
-    // .cwasm from the network run without its signature).
+    // Downloads are kept under DataDirectory/agents/<source>/<id>/...; an
+    // agents directory inside that would read them as the operator's own
+    // files (a .cwasm from the network run without its signature). The
+    // same directory is fine: there, the cache's folders are one level
+    // deeper than any agent's files (the shipped manifests use it so).
     let downloads = data_directory.join("agents");
-    if agents_directory.starts_with(&downloads) {
+    if agents_directory.starts_with(&downloads) && agents_directory != downloads {
         return Err(reader.invalid(
             s.key("AgentsDirectory"),
             format!("{:?}", agents_directory.display().to_string()),
