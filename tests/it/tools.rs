@@ -72,18 +72,8 @@ async fn the_tool_loop_completes_in_each_provider_shape_and_a_denied_tool_call_i
     for endpoint in shapes {
         let azure = matches!(endpoint, LlmEndpoint::Azure { .. });
         let sandbox = sandbox(&model, endpoint, STUB_TOOLS_MODEL, &[&registry]);
-        let agent = load(&sandbox, "tool-loop").await;
         let before = model.request_count();
-        let result = sandbox
-            .run(
-                &agent,
-                request(
-                    "tool-loop",
-                    &[("message", "Paper Co"), ("tool_url", &tool_url)],
-                    BudgetRequest::default(),
-                ),
-            )
-            .await;
+        let result = ask_about_paper_co(&sandbox, &tool_url).await;
         let RunOutcome::Completed(out) = &result.outcome else {
             panic!("azure {azure}: {:?}", result.outcome)
         };
@@ -121,17 +111,7 @@ async fn the_tool_loop_completes_in_each_provider_shape_and_a_denied_tool_call_i
         STUB_TOOLS_MODEL,
         &[],
     );
-    let agent = load(&sandbox, "tool-loop").await;
-    let result = sandbox
-        .run(
-            &agent,
-            request(
-                "tool-loop",
-                &[("message", "Paper Co"), ("tool_url", &tool_url)],
-                BudgetRequest::default(),
-            ),
-        )
-        .await;
+    let result = ask_about_paper_co(&sandbox, &tool_url).await;
     let RunOutcome::Completed(out) = &result.outcome else {
         panic!("{:?}", result.outcome)
     };
@@ -244,13 +224,19 @@ async fn tool_loop_against(url: &str, model: &str) -> node_runtime::sandbox::Run
         ..SandboxConfig::default()
     })
     .unwrap();
-    let agent = load(&sandbox, "tool-loop").await;
+    ask_about_paper_co(&sandbox, "http://127.0.0.1:9/").await
+}
+
+/// One run of the `tool-loop` sample in `sandbox`: a question about the
+/// vendor Paper Co, its tool posting to `tool_url`.
+async fn ask_about_paper_co(sandbox: &Sandbox, tool_url: &str) -> node_runtime::sandbox::RunResult {
+    let agent = load(sandbox, "tool-loop").await;
     sandbox
         .run(
             &agent,
             request(
                 "tool-loop",
-                &[("message", "Paper Co"), ("tool_url", "http://127.0.0.1:9/")],
+                &[("message", "Paper Co"), ("tool_url", tool_url)],
                 BudgetRequest::default(),
             ),
         )

@@ -50,12 +50,9 @@ struct Kept {
     /// the definition it holds (0 until fetched).
     cells: HashMap<(String, String), (SpecCell, u64, usize)>,
     clock: u64,
-}
-
-impl Kept {
-    fn bytes(&self) -> usize {
-        self.cells.values().map(|(_, _, bytes)| bytes).sum()
-    }
+    /// The sizes in `cells`, summed: kept as they change, so a lease does
+    /// not walk every kept version.
+    bytes: usize,
 }
 
 impl Specs {
@@ -74,13 +71,14 @@ impl Specs {
             let mut kept = lock(&self.kept);
             kept.clock += 1;
             let now = kept.clock;
-            let full = kept.cells.len() >= KEPT_VERSIONS || kept.bytes() >= KEPT_BYTES;
+            let full = kept.cells.len() >= KEPT_VERSIONS || kept.bytes >= KEPT_BYTES;
             if full && !kept.cells.contains_key(&key) {
                 // Forget the older half, by last use.
                 let mut uses: Vec<u64> = kept.cells.values().map(|(_, used, _)| *used).collect();
                 uses.sort_unstable();
                 let cut = uses[uses.len() / 2];
                 kept.cells.retain(|_, (_, used, _)| *used >= cut);
+                kept.bytes = kept.cells.values().map(|(_, _, bytes)| bytes).sum();
             }
             let entry = kept.cells.entry(key.clone()).or_default();
             entry.1 = now;
@@ -104,10 +102,12 @@ impl Specs {
             })
             .await
             .cloned();
-        if size > 0
-            && let Some(entry) = lock(&self.kept).cells.get_mut(&key)
-        {
-            entry.2 = size;
+        if size > 0 {
+            let mut kept = lock(&self.kept);
+            if let Some(entry) = kept.cells.get_mut(&key) {
+                let before = std::mem::replace(&mut entry.2, size);
+                kept.bytes = kept.bytes.saturating_sub(before) + size;
+            }
         }
         spec
     }
