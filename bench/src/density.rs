@@ -1,10 +1,13 @@
 //! Density: how many runs a node can hold suspended, and what each costs
-//! in resident memory. N runs of `llm-chat` all wait on a model that
-//! answers after 30 s (a stub in a child process, so its connections do
-//! not count against the node's memory).
+//! in resident memory. N runs of an agent (`llm-chat` unless `--agent`
+//! names another) all wait on a model that answers after 30 s (a stub in
+//! a child process, so its connections do not count against the node's
+//! memory). Each run's input is one invoice (`message`), so the invoice
+//! classifiers in Rust, Python and JavaScript can be measured the same way:
+//! they parse it and then wait in `llm.chat`.
 //!
-//! `cargo run -p bench -- density [N...]` (default 1000 10000),
-//! after `scripts/build-agents`. For each N, a sandbox sized for N
+//! `cargo run -p bench -- density [--agent NAME] [N...]` (default
+//! `llm-chat`, 1000 10000), after `scripts/build-agents`. For each N, a sandbox sized for N
 //! concurrent runs (`EngineSettings.max_concurrent_runs = N`; the pool
 //! falls back to on-demand allocation when it cannot be reserved) starts
 //! N runs, waits until the stub has seen N requests, and reads the
@@ -32,6 +35,10 @@ const ANSWER_AFTER: Duration = Duration::from_secs(30);
 /// Added to ANSWER_AFTER per run of the largest N, for the ramp-up.
 const RAMP_PER_RUN: Duration = Duration::from_millis(1);
 
+/// The late answer: a classification the invoice classifiers accept, so
+/// their runs complete as `llm-chat`'s do (it takes any answer).
+const CLASSIFICATION: &str = r#"{"vendorName":"Paper Co","vendorCategory":"Office Supplies","invoiceNumber":"INV-1","invoiceDate":"2026-12-01","totalAmount":100.5,"currency":"EUR","routingDestination":"Procurement Department","confidence":0.9}"#;
+
 /// The stub model: answers every chat completion after ANSWER_AFTER, and
 /// `GET /count` with how many completions it has been asked for.
 async fn stub(answer_after: Duration) {
@@ -47,7 +54,7 @@ async fn stub(answer_after: Duration) {
                     "id": "chatcmpl-1",
                     "object": "chat.completion",
                     "model": "stub",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "late answer"}, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": CLASSIFICATION}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
                 }))
             }),
@@ -95,18 +102,57 @@ fn seen(stub: SocketAddr) -> usize {
     answer.rsplit("\r\n\r\n").next().unwrap().trim().parse().unwrap()
 }
 
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+/// The process's resident memory and its parts, in bytes: VmRSS, and the
+/// anonymous, file-backed and shared-memory pages it is made of. A page of
+/// an agent's memory image (mapped copy-on-write, from the compiled code's
+/// file or a memfd) that a run only reads counts once per run that mapped
+/// it in RssFile/RssShmem, though all of them share one physical page; a
+/// page a run wrote is its own, in RssAnon.
+///
+/// The proportional set size (PSS, from `/proc/self/smaps_rollup`) divides
+/// each shared page among the mappings that share it: the memory the runs
+/// really cost. And the machine's MemAvailable, read alongside, is the
+/// measure nothing can flatter (other processes move it too: read it on a
+/// quiet machine).
+#[derive(Clone, Copy)]
+struct Resident {
+    total: u64,
+    anon: u64,
+    file: u64,
+    shmem: u64,
+    pss: u64,
+    available: u64,
+}
+
+fn kib_field(text: &str, name: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} line"));
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
-fn request(i: usize) -> RunRequest {
+fn resident() -> Resident {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    Resident {
+        total: kib_field(&status, "VmRSS:"),
+        anon: kib_field(&status, "RssAnon:"),
+        file: kib_field(&status, "RssFile:"),
+        shmem: kib_field(&status, "RssShmem:"),
+        pss: kib_field(&rollup, "Pss:"),
+        available: kib_field(&meminfo, "MemAvailable:"),
+    }
+}
+
+fn request(agent: &str, i: usize) -> RunRequest {
+    let invoice = format!(r#"{{"vendor":"Paper Co","number":"INV-{i}","amount":100.5}}"#);
     RunRequest {
         context: RunContext {
             run_id: format!("run-{i}"),
-            agent_id: "llm-chat".to_string(),
-            input_ref: BTreeMap::from([("message".to_string(), "Classify INV-1".to_string())]),
+            agent_id: agent.to_string(),
+            input_ref: BTreeMap::from([("message".to_string(), invoice)]),
             ..RunContext::default()
         },
         budget: BudgetRequest::default(),
@@ -114,7 +160,7 @@ fn request(i: usize) -> RunRequest {
     }
 }
 
-async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[u8]>) {
+async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, name: &str, wasm: Arc<[u8]>) {
     let mut llm = LlmSettings::openai(format!("http://{stub}"), Secret::new("bench"), "stub");
     llm.request_timeout = answer_after * 2;
     let sandbox = match Sandbox::new(SandboxConfig {
@@ -123,7 +169,8 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
             ..NodeLimits::default()
         },
         engine: EngineSettings {
-            max_concurrent_runs: n as u32,
+            // One more than N: the warm-up run holds a slot too.
+            max_concurrent_runs: n as u32 + 1,
             ..EngineSettings::default()
         },
         llm: Some(llm),
@@ -135,15 +182,31 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
             return;
         }
     };
-    let agent = sandbox.load(wasm).await.expect("llm-chat loads");
+    let agent = sandbox
+        .load(wasm)
+        .await
+        .unwrap_or_else(|err| panic!("{name} loads: {err}"));
+    // One run first, so what every run shares (the compiled code, the
+    // memory image mapped from it, the host's lazily built state) is
+    // resident before the reading, and only what each run holds counts.
+    // It ends at the model, which answers late: no need to wait for it.
+    let seen_before_warm = seen(stub);
+    let warm = {
+        let (sandbox, agent, name) = (sandbox.clone(), agent.clone(), name.to_string());
+        tokio::spawn(async move { sandbox.run(&agent, request(&name, n)).await })
+    };
+    let warm_started = Instant::now();
+    while seen(stub) == seen_before_warm && !warm.is_finished() && warm_started.elapsed() < answer_after {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before_seen = seen(stub);
     let load = wait_for_quiet_machine("density");
-    let before = resident_bytes();
+    let before = resident();
     let started = Instant::now();
     let runs: Vec<_> = (0..n)
         .map(|i| {
-            let (sandbox, agent) = (sandbox.clone(), agent.clone());
-            tokio::spawn(async move { sandbox.run(&agent, request(i)).await })
+            let (sandbox, agent, name) = (sandbox.clone(), agent.clone(), name.to_string());
+            tokio::spawn(async move { sandbox.run(&agent, request(&name, i)).await })
         })
         .collect();
     // Every run is either waiting on the model or already over (failed
@@ -161,7 +224,7 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let suspended_after = started.elapsed();
-    let during = resident_bytes();
+    let during = resident();
     let mut completed = 0;
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for run in runs {
@@ -180,9 +243,10 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
 
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     // Per run actually suspended: runs that failed early hold nothing.
-    let per_run = (during.saturating_sub(before)) as f64 / waiting.max(1) as f64;
+    let per_run_of = |during: u64, before: u64| during.saturating_sub(before) as f64 / waiting.max(1) as f64 / 1024.0;
+    let per_run = per_run_of(during.total, before.total);
     println!(
-        "{:>6} {:>9} {:<28} {:>10.1} s {:>12.1} {:>12.1} {:>10.1} KiB {:>10} {:>6.2}",
+        "{:>6} {:>9} {:<28} {:>10.1} s {:>12.1} {:>12.1} {:>10.1} KiB {:>10} {:>6.2}   anon {:.1} / file {:.1} / shmem {:.1} KiB; PSS {:.1} KiB; MemAvailable {:.1} KiB",
         n,
         waiting,
         format!("{:?}", sandbox.allocator())
@@ -190,16 +254,21 @@ async fn measure(n: usize, stub: SocketAddr, answer_after: Duration, wasm: Arc<[
             .take(28)
             .collect::<String>(),
         suspended_after.as_secs_f64(),
-        mib(before),
-        mib(during),
-        per_run / 1024.0,
+        mib(before.total),
+        mib(during.total),
+        per_run,
         completed,
-        load
+        load,
+        per_run_of(during.anon, before.anon),
+        per_run_of(during.file, before.file),
+        per_run_of(during.shmem, before.shmem),
+        per_run_of(during.pss, before.pss),
+        per_run_of(before.available, during.available),
     );
     if n >= 10_000 {
         println!(
             "target: 10,000 suspended runs under 2 GiB resident (measured {:.2} GiB for {waiting})",
-            mib(during) / 1024.0
+            mib(during.total) / 1024.0
         );
     }
 }
@@ -216,20 +285,24 @@ pub async fn main(args: Vec<String>) {
         });
         return stub(Duration::from_millis(millis)).await;
     }
+    let mut args = args.as_slice();
+    let mut name = "llm-chat".to_string();
+    if let [flag, agent, rest @ ..] = args
+        && flag == "--agent"
+    {
+        name = agent.clone();
+        args = rest;
+    }
     let counts: Vec<usize> = if args.is_empty() {
         vec![1000, 10_000]
     } else {
         args.iter().map(|n| n.parse().expect("N is a number")).collect()
     };
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = format!("{target}/agents/llm-chat.wasm");
-    let wasm: Arc<[u8]> = std::fs::read(&path)
-        .unwrap_or_else(|err| panic!("{path}: {err} (run scripts/build-agents)"))
-        .into();
+    let wasm = bench::agent_wasm(&name);
     let answer_after = ANSWER_AFTER + RAMP_PER_RUN * *counts.iter().max().unwrap() as u32;
     let (_stub_process, stub) = start_stub(answer_after);
     println!(
-        "llm-chat runs waiting on a model that answers after {} s",
+        "{name} runs waiting on a model that answers after {} s",
         answer_after.as_secs()
     );
     println!(
@@ -237,6 +310,6 @@ pub async fn main(args: Vec<String>) {
         "N", "suspended", "allocator", "all waiting", "RSS before", "RSS during", "per run", "completed", "load"
     );
     for n in counts {
-        measure(n, stub, answer_after, wasm.clone()).await;
+        measure(n, stub, answer_after, &name, wasm.clone()).await;
     }
 }
