@@ -308,6 +308,19 @@ function split(url) {
   return { scheme: match[1].toUpperCase(), authority: match[2], path };
 }
 
+function writeBody(outgoing, bytes) {
+  const stream = outgoing.write();
+  try {
+    for (let start = 0; start < bytes.length; start += WRITE_CHUNK) {
+      stream.blockingWriteAndFlush(bytes.subarray(start, start + WRITE_CHUNK));
+    }
+  } finally {
+    // The stream must be released before the body is finished.
+    stream[Symbol.dispose]();
+  }
+  OutgoingBody.finish(outgoing, undefined);
+}
+
 function readResponse(url, incoming, maxBytes) {
   const status = incoming.status();
   const headers = {};
@@ -401,7 +414,8 @@ export const http = {
     }
     const bytes = typeof body === 'string' ? new TextEncoder().encode(body) : (body ?? new Uint8Array());
     const lower = method.toLowerCase();
-    let answer;
+    let outgoing;
+    let pending;
     try {
       const encoder = new TextEncoder();
       const request = new OutgoingRequest(Fields.fromList(Object.entries(fields).map(([k, v]) => [k, encoder.encode(v)])));
@@ -409,26 +423,26 @@ export const http = {
       request.setScheme({ tag: scheme }); // WIT names the cases HTTP and HTTPS
       request.setAuthority(authority);
       request.setPathWithQuery(path);
-      const outgoing = request.body();
-      const pending = handle(request, undefined);
-      const stream = outgoing.write();
-      for (let start = 0; start < bytes.length; start += WRITE_CHUNK) {
-        stream.blockingWriteAndFlush(bytes.subarray(start, start + WRITE_CHUNK));
-      }
-      // The stream must be released before the body is finished.
-      stream[Symbol.dispose]();
-      OutgoingBody.finish(outgoing, undefined);
-      pending.subscribe().block();
-      answer = pending.get();
+      outgoing = request.body();
+      pending = handle(request, undefined);
     } catch (err) {
-      if (err instanceof AgentError) throw err;
       const payload = payloadOf(err);
       if (payload === undefined) throw err;
-      if (payload.tag === 'last-operation-failed') {
-        throw new HttpError(`writing the request to ${url} failed`, { url });
+      // An error code, or a header or field the request cannot carry (final).
+      if (payload && typeof payload.tag === 'string' && !['invalid-syntax', 'forbidden', 'immutable'].includes(payload.tag)) {
+        throw failure(url, authority, payload);
       }
-      throw failure(url, authority, payload);
+      throw new HttpError(`the request to ${url} cannot be sent: ${JSON.stringify(payload)}`, { url, retryable: false });
     }
+    try {
+      writeBody(outgoing, bytes);
+    } catch (err) {
+      // A request the node refuses (or a connection that fails) closes the
+      // body's stream; the response future below says why.
+      if (payloadOf(err) === undefined) throw err;
+    }
+    pending.subscribe().block();
+    const answer = pending.get();
     if (answer === undefined || answer.tag !== 'ok') {
       throw new HttpError(`the request to ${url} got no response`, { url });
     }

@@ -124,6 +124,25 @@ def _split(url):
     return (_http.Scheme_Http() if scheme == "http" else _http.Scheme_Https()), authority, path
 
 
+def _error(url, authority, value):
+    """An error raised while the request was being put together: an error
+    code, or a header or field the request cannot carry (final)."""
+    if isinstance(value, tuple(_http.ErrorCode.__args__)):
+        return _failure(url, authority, value)
+    return HttpError(f"the request to {url} cannot be sent: {value!r}", url, retryable=False)
+
+
+def _write(outgoing_body, body):
+    stream = outgoing_body.write()
+    try:
+        for start in range(0, len(body), _WRITE_CHUNK):
+            stream.blocking_write_and_flush(body[start : start + _WRITE_CHUNK])
+    finally:
+        # The stream must be released before the body is finished.
+        stream.__exit__(None, None, None)
+    _http.OutgoingBody.finish(outgoing_body, None)
+
+
 def request(method, url, *, headers=None, body=None, json=None, max_bytes=DEFAULT_MAX_BYTES):
     """Sends one request and reads the whole response. `body`: bytes or
     str; `json`: a value sent as JSON (with `content-type:
@@ -146,24 +165,16 @@ def request(method, url, *, headers=None, body=None, json=None, max_bytes=DEFAUL
         outgoing.set_path_with_query(path)
         outgoing_body = outgoing.body()
         pending = _handler.handle(outgoing, None)
-        stream = outgoing_body.write()
-        for start in range(0, len(body), _WRITE_CHUNK):
-            stream.blocking_write_and_flush(body[start : start + _WRITE_CHUNK])
-        # The stream must be released before the body is finished.
-        stream.__exit__(None, None, None)
-        _http.OutgoingBody.finish(outgoing_body, None)
-        pending.subscribe().block()
-        answer = pending.get()
     except Err as err:
-        value = err.value
-        if isinstance(value, _streams.StreamError_LastOperationFailed):
-            # The write failed; the response, if any, says why.
-            code = _http.http_error_code(value.value)
-            if code is not None:
-                raise _failure(url, authority, code) from None
-        if isinstance(value, tuple(_http.ErrorCode.__args__)):
-            raise _failure(url, authority, value) from None
-        raise HttpError(f"the request to {url} failed: {value!r}", url) from None
+        raise _error(url, authority, err.value) from None
+    try:
+        _write(outgoing_body, body)
+    except Err:
+        # A request the node refuses (or a connection that fails) closes
+        # the body's stream; the response future below says why.
+        pass
+    pending.subscribe().block()
+    answer = pending.get()
     if answer is None or isinstance(answer, Err):
         raise HttpError(f"the request to {url} got no response", url)
     outcome = answer.value
