@@ -6,7 +6,9 @@
 //! plane's CostInfo is the stub's usage priced by the node's table. Then,
 //! in the same sandbox (so each component is compiled once): a garbled
 //! model answer is a final failure, a target API that keeps failing is
-//! worth a retry, and the agent fails `budget.fuel` and `budget.memory`
+//! worth a retry, a target API the node denies is a final failure after one
+//! attempt (the Python and JavaScript classifiers, through their kit SDK's
+//! `Denied` error), and the agent fails `budget.fuel` and `budget.memory`
 //! under half the fuel and memory a successful run used.
 
 use crate::support;
@@ -217,6 +219,10 @@ async fn invoice_suite(agent: &str) {
     }
     a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry(agent, &sandbox, &api, &target_addr)
         .await;
+    // The Rust classifier retries a denial like any transport error.
+    if agent != "invoice-classifier" {
+        a_target_api_the_node_denies_is_final_after_one_attempt(agent, &sandbox).await;
+    }
     half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent, &sandbox).await;
 }
 
@@ -386,6 +392,35 @@ async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_ret
         api.unavailable.load(Ordering::SeqCst),
         3,
         "{agent}: the agent's own bounded retries"
+    );
+}
+
+/// The kit SDKs raise the node's denial as `Denied`, a final `AgentError`
+/// naming the host and the fix; the classifier lets it end the run at once
+/// instead of retrying a request that would be denied again.
+async fn a_target_api_the_node_denies_is_final_after_one_attempt(agent: &str, sandbox: &Sandbox) {
+    let loaded = load(sandbox, agent).await;
+    let denied = sandbox
+        .run(
+            &loaded,
+            invoice_request(agent, "City Water", Some("http://denied.invalid/invoices")),
+        )
+        .await;
+    let RunOutcome::Failed(failure) = &denied.outcome else {
+        panic!("{agent}: {:?}", denied.outcome)
+    };
+    assert_eq!(failure.kind, FailKind::AgentError, "{agent}: {failure:?}");
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+    assert!(
+        failure.message.contains("denied") && failure.message.contains("--allow-http denied.invalid"),
+        "{agent}: {}",
+        failure.message
+    );
+    assert_eq!(
+        (denied.report.http_requests, denied.report.http_denied),
+        (1, 1),
+        "{agent}: one attempt, denied: {:?}",
+        denied.report
     );
 }
 
