@@ -284,7 +284,8 @@ function failure(url, authority, code) {
   if (tag === 'HTTP-request-denied') {
     return new Denied(
       `the node denied the request to ${authority} (${url}): the host is not on this run's allow-list ` +
-        `(run-agent: add --allow-http ${authority}; a node: allow it for the agent)`,
+        `(run-agent: add --allow-http ${authority}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), ` +
+        'or the run has too many requests in flight',
       { url, code: tag, retryable: false },
     );
   }

@@ -100,7 +100,8 @@ def _failure(url, authority, code):
     if isinstance(code, _http.ErrorCode_HttpRequestDenied):
         return Denied(
             f"the node denied the request to {authority} ({url}): the host is not on this run's allow-list "
-            f"(run-agent: add --allow-http {authority}; a node: allow it for the agent)",
+            f"(run-agent: add --allow-http {authority}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), "
+            f"or the run has too many requests in flight",
             url, name, retryable=False,
         )
     # A malformed request fails the same way every time; a connection, DNS
