@@ -12,10 +12,11 @@ export const run = agent((ctx) => {
   // The input is the JSON given to `run-agent --input` (or the control
   // plane's message).
   const invoice = ctx.input();
-  if (typeof invoice.invoice !== 'string') {
-    throw new AgentError('the input has no "invoice" string', { retryable: false });
+  const amount = invoice?.amount ?? 0;
+  if (typeof invoice !== 'object' || typeof invoice?.invoice !== 'string' || typeof amount !== 'number') {
+    // The same input would fail again: not retryable.
+    throw new AgentError('the input is not {"invoice": "...", "amount": N}', { retryable: false });
   }
-  const amount = invoice.amount ?? 0;
   log.info('checking invoice', { invoice: invoice.invoice, run: ctx.runId });
   return {
     invoice: invoice.invoice,

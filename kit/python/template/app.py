@@ -14,9 +14,14 @@ class WitWorld(Agent):
         # The input is the JSON given to `run-agent --input` (or the
         # control plane's message).
         invoice = ctx.input()
-        number = invoice.get("invoice")
-        if not isinstance(number, str):
-            raise AgentError('the input has no "invoice" string', retryable=False)
+        if (
+            not isinstance(invoice, dict)
+            or not isinstance(invoice.get("invoice"), str)
+            or not isinstance(invoice.get("amount", 0), (int, float))
+        ):
+            # The same input would fail again: not retryable.
+            raise AgentError('the input is not {"invoice": "...", "amount": N}', retryable=False)
+        number = invoice["invoice"]
         amount = invoice.get("amount", 0)
         log.info("checking invoice", invoice=number, run=ctx.run_id)
         return {
