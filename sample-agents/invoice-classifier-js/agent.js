@@ -1,6 +1,8 @@
 // Invoice classifier, in JavaScript: the same agent as the Rust
 // `invoice-classifier`, made a component against the agent world 0.2.0
-// (`wit/v0.2`, named in this folder's `wit-path`) by `scripts/build-agents`.
+// (`wit/v0.2`, named in this folder's `wit-path`) by `scripts/build-agents`,
+// on the kit's JavaScript SDK (`kit/js/sdk/node_runtime_agent.js`, which
+// `scripts/build-agents` copies beside this file for the build).
 //
 // It reads an invoice (JSON in `input_ref["message"]`), asks the node's LLM
 // to classify the vendor with an answer matching a JSON Schema (the world's
@@ -10,17 +12,11 @@
 // never files an invoice twice), and returns the classification.
 //
 // Failures say whether a retry can help: a model answer that is not the
-// JSON asked for is final; a target API that keeps answering 5xx after the
-// agent's own few retries is worth another run later.
-//
-// The imports below are the world's interfaces; the componentizer binds
-// them, nothing generated is checked in.
+// JSON asked for is final, and so is a target API the node denies (the same
+// run would be denied again); a target API that keeps answering 5xx after
+// the agent's own few retries is worth another run later.
 
-import { chat } from 'node-runtime:agent/llm@0.2.0';
-import { log } from 'node-runtime:agent/log@0.2.0';
-import { handle } from 'wasi:http/outgoing-handler@0.2.12';
-import { Fields, OutgoingBody, OutgoingRequest } from 'wasi:http/types@0.2.12';
-import { subscribeDuration } from 'wasi:clocks/monotonic-clock@0.2.12';
+import { agent, AgentError, HttpError, LlmError, http, llm, log, sleep } from './node_runtime_agent.js';
 
 // The categories the model may choose, each with the department its
 // invoices go to.
@@ -80,92 +76,54 @@ const FIELDS = [
   ['confidence', 'number'],
 ];
 
-/// An `agent-error`, thrown: the binding turns the payload into `err`.
-class AgentFailure extends Error {
-  constructor(message, retryable) {
-    super(message);
-    this.payload = { message, retryable };
-  }
-}
-
-// The last value for `key` (a repeated key keeps its last value).
-function lookup(pairs, key) {
-  let found;
-  for (const [k, v] of pairs) {
-    if (k === key) found = v;
-  }
-  return found;
-}
-
-// The payload of an error thrown by an import that returns `result`.
-function payloadOf(error) {
-  return error && typeof error === 'object' && 'payload' in error ? error.payload : error;
-}
-
-// What went wrong, for a message: an import's error payload, or a
-// JavaScript error's own text.
-function describe(err) {
-  if (err && typeof err === 'object' && 'payload' in err) return JSON.stringify(err.payload);
-  return String(err);
-}
-
-export function run(context) {
-  const invoice = lookup(context.inputRef, 'message');
+export const run = agent((ctx) => {
+  const invoice = ctx.message;
   if (invoice === undefined) {
-    throw new AgentFailure('no invoice: input_ref["message"] is missing', false);
+    throw new AgentError('no invoice: input_ref["message"] is missing');
   }
   try {
     JSON.parse(invoice);
   } catch (err) {
-    throw new AgentFailure(`the invoice is not JSON: ${err.message}`, false);
+    throw new AgentError(`the invoice is not JSON: ${err.message}`);
   }
-  const instructions = lookup(context.metadata, 'instructions') || DEFAULT_INSTRUCTIONS;
+  const instructions = ctx.metadata.instructions || DEFAULT_INSTRUCTIONS;
 
   let answer;
   try {
-    answer = chat({
-      model: undefined,
-      messages: [
-        { role: 'system', content: instructions, toolCalls: [], toolCallId: undefined },
-        { role: 'user', content: invoice, toolCalls: [], toolCallId: undefined },
-      ],
+    answer = llm.chat({
+      messages: [llm.system(instructions), llm.user(invoice)],
       maxTokens: 400,
       temperature: 0.0,
-      tools: [],
-      responseFormat: {
-        tag: 'json-schema',
-        val: { name: 'invoice_classification', schema: JSON.stringify(SCHEMA), strict: true },
-      },
+      responseFormat: llm.jsonSchema('invoice_classification', SCHEMA, true),
     });
   } catch (err) {
-    const error = payloadOf(err);
-    if (error && (error.tag === 'timeout' || error.tag === 'provider')) {
-      throw new AgentFailure(`the LLM failed: ${error.val}`, true);
-    }
-    throw new AgentFailure(`the LLM refused: ${JSON.stringify(error)}`, false);
+    if (!(err instanceof LlmError)) throw err;
+    // A provider outage or timeout is worth a later run; a missing
+    // endpoint, a spent budget or a refused request is not.
+    const verb = err.retryable ? 'failed' : 'refused';
+    throw new AgentError(`the LLM ${verb}: ${err.detail}`, { retryable: err.retryable });
   }
 
   const classification = parse(answer.content);
-  log('info', 'invoice classified', [
-    ['category', classification.vendorCategory],
-    ['confidence', String(classification.confidence)],
-  ]);
+  log.info('invoice classified', {
+    category: classification.vendorCategory,
+    confidence: classification.confidence,
+  });
 
-  const target = lookup(context.metadata, 'target_url');
+  const target = ctx.metadata.target_url;
   if (target !== undefined) {
-    const messageId = lookup(context.inputRef, 'messageId') ?? classification.invoiceNumber;
-    const key = `${context.runId}-${messageId}`;
+    const messageId = ctx.inputRef.messageId ?? classification.invoiceNumber;
     // JSON.stringify writes 100 where Rust writes 100.0; a JSON reader
     // sees the same number.
-    const body = new TextEncoder().encode(JSON.stringify(classification));
-    postWithRetries(target, key, body);
+    postWithRetries(target, `${ctx.runId}-${messageId}`, classification);
   }
 
-  const result = FIELDS.map(([name]) => [name, String(classification[name])]);
-  result.push(['tokensIn', String(answer.usage.tokensIn)]);
-  result.push(['tokensOut', String(answer.usage.tokensOut)]);
+  const result = {};
+  for (const [name] of FIELDS) result[name] = String(classification[name]);
+  result.tokensIn = String(answer.tokensIn);
+  result.tokensOut = String(answer.tokensOut);
   return result;
-}
+});
 
 // The model's answer as a checked classification; any deviation is a final
 // error, since asking the same model the same thing again is unlikely to
@@ -179,10 +137,7 @@ function parse(content) {
   trimmed = trimmed.trim();
 
   const refuse = (why) =>
-    new AgentFailure(
-      `the model's answer is not the classification asked for (${why}): ${content.slice(0, 200)}`,
-      false,
-    );
+    new AgentError(`the model's answer is not the classification asked for (${why}): ${content.slice(0, 200)}`);
   let value;
   try {
     value = JSON.parse(trimmed);
@@ -205,77 +160,40 @@ function parse(content) {
   const category = classification.vendorCategory;
   const department = Object.hasOwn(ROUTING, category) ? ROUTING[category] : undefined;
   if (department === undefined) {
-    throw new AgentFailure(`the model chose an unknown category ${JSON.stringify(category)}`, false);
+    throw new AgentError(`the model chose an unknown category ${JSON.stringify(category)}`);
   }
   if (classification.routingDestination !== department) {
-    throw new AgentFailure(
+    throw new AgentError(
       `the model routed ${JSON.stringify(category)} to ` +
         `${JSON.stringify(classification.routingDestination)}; it goes to ${JSON.stringify(department)}`,
-      false,
     );
   }
   if (!(classification.confidence >= 0 && classification.confidence <= 1)) {
-    throw new AgentFailure(`the model's confidence ${classification.confidence} is outside 0..1`, false);
+    throw new AgentError(`the model's confidence ${classification.confidence} is outside 0..1`);
   }
   return classification;
 }
 
 // POSTs to the target API, retrying a 5xx or a transport error a few times;
-// a 4xx is final.
-function postWithRetries(url, idempotencyKey, body) {
+// a 4xx, or the node's denial, is final.
+function postWithRetries(url, idempotencyKey, classification) {
   let last = '';
   for (let attempt = 1; attempt <= TARGET_ATTEMPTS; attempt++) {
-    const sent = post(url, idempotencyKey, body);
-    if (sent.status !== undefined) {
-      if (sent.status >= 200 && sent.status < 300) return;
-      if (sent.status < 500) {
-        throw new AgentFailure(`the target API refused the invoice with ${sent.status}`, false);
+    let response;
+    try {
+      response = http.post(url, { json: classification, headers: { 'idempotency-key': idempotencyKey } });
+    } catch (err) {
+      if (!(err instanceof HttpError) || !err.retryable) throw err;
+      last = err.message;
+    }
+    if (response !== undefined) {
+      if (response.ok) return;
+      if (response.status < 500) {
+        throw new AgentError(`the target API refused the invoice with ${response.status}`);
       }
-      last = `the target API answered ${sent.status}`;
-    } else {
-      last = sent.error;
+      last = `the target API answered ${response.status}`;
     }
-    if (attempt < TARGET_ATTEMPTS) {
-      // A blocking sleep: JavaScript has none of its own.
-      subscribeDuration(BigInt(100 << attempt) * 1_000_000n).block();
-    }
+    if (attempt < TARGET_ATTEMPTS) sleep(100 << attempt);
   }
-  throw new AgentFailure(`${last} after ${TARGET_ATTEMPTS} attempts`, true);
-}
-
-// One POST: `{ status }`, or `{ error }` saying why there was none.
-function post(url, idempotencyKey, body) {
-  const match = /^(https?):\/\/([^/]*)(\/.*)?$/.exec(url);
-  if (!match) {
-    return { error: `target_url ${JSON.stringify(url)} is not an http:// or https:// URL` };
-  }
-  const [, scheme, authority, path = '/'] = match;
-  try {
-    const headers = Fields.fromList([
-      ['content-type', new TextEncoder().encode('application/json')],
-      ['idempotency-key', new TextEncoder().encode(idempotencyKey)],
-    ]);
-    const request = new OutgoingRequest(headers);
-    request.setMethod({ tag: 'post' });
-    request.setScheme({ tag: scheme.toUpperCase() }); // WIT names the cases HTTP and HTTPS
-    request.setAuthority(authority);
-    request.setPathWithQuery(path);
-    const outgoing = request.body();
-    const pending = handle(request, undefined);
-    const stream = outgoing.write();
-    // blockingWriteAndFlush takes at most 4096 bytes at a time.
-    for (let start = 0; start < body.length; start += 4096) {
-      stream.blockingWriteAndFlush(body.subarray(start, start + 4096));
-    }
-    // The stream must be dropped before the body is finished.
-    stream[Symbol.dispose]();
-    OutgoingBody.finish(outgoing, undefined);
-    pending.subscribe().block();
-    const response = pending.get();
-    if (response === undefined || response.tag !== 'ok') return { error: 'no response' };
-    if (response.val.tag !== 'ok') return { error: JSON.stringify(response.val.val) };
-    return { status: response.val.val.status() };
-  } catch (err) {
-    return { error: describe(err) };
-  }
+  throw new AgentError(`${last} after ${TARGET_ATTEMPTS} attempts`, { retryable: true });
 }

@@ -5,8 +5,11 @@
 //! once, with the right body, idempotency key and correlation id, and the
 //! plane's CostInfo is the stub's usage priced by the node's table. Then,
 //! in the same sandbox (so each component is compiled once): a garbled
-//! model answer is a final failure, a target API that keeps failing is
-//! worth a retry, and the agent fails `budget.fuel` and `budget.memory`
+//! model answer is final; a target API that keeps failing is worth a
+//! retry; so is a provider that refuses the call, while a spent token
+//! budget is final; a target API the node denies is final after one attempt
+//! (the Python and JavaScript classifiers, through their kit SDK's `Denied`
+//! error); and the agent fails `budget.fuel` and `budget.memory`
 //! under half the fuel and memory a successful run used.
 
 use crate::support;
@@ -44,7 +47,10 @@ type Formats = Arc<Mutex<Vec<serde_json::Value>>>;
 
 /// A model that classifies by vendor name, deterministically, and keeps
 /// the response format each request asked for.
-async fn model(State(formats): State<Formats>, Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+async fn model(
+    State(formats): State<Formats>,
+    Json(body): Json<serde_json::Value>,
+) -> (StatusCode, Json<serde_json::Value>) {
     formats.lock().unwrap().push(body["response_format"].clone());
     let invoice: serde_json::Value = body["messages"]
         .as_array()
@@ -53,12 +59,22 @@ async fn model(State(formats): State<Formats>, Json(body): Json<serde_json::Valu
         .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or_default();
     let vendor = invoice["vendor"].as_str().unwrap_or("?");
+    if vendor == "Refused Requests Co" {
+        // A final 4xx: the node passes it on as `provider` at once.
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": {"message": "this stub refuses the request"}})),
+        );
+    }
     if vendor == "Garbled Answers Co" {
-        return Json(serde_json::json!({
-            "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "I think it is stationery?"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 5, "total_tokens": PROMPT_TOKENS + 5},
-        }));
+        return (
+            StatusCode::OK,
+            Json(serde_json::json!({
+                "model": MODEL,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "I think it is stationery?"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 5, "total_tokens": PROMPT_TOKENS + 5},
+            })),
+        );
     }
     let (_, category, route) = VENDORS.iter().find(|(name, ..)| *name == vendor).copied().unwrap_or((
         vendor,
@@ -75,13 +91,16 @@ async fn model(State(formats): State<Formats>, Json(body): Json<serde_json::Valu
         "routingDestination": route,
         "confidence": 0.93,
     });
-    Json(serde_json::json!({
-        "id": "chatcmpl-stub",
-        "object": "chat.completion",
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.to_string()}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": ANSWER_TOKENS, "total_tokens": PROMPT_TOKENS + ANSWER_TOKENS},
-    }))
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.to_string()}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": ANSWER_TOKENS, "total_tokens": PROMPT_TOKENS + ANSWER_TOKENS},
+        })),
+    )
 }
 
 /// One POST the target API received.
@@ -217,6 +236,11 @@ async fn invoice_suite(agent: &str) {
     }
     a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_retry(agent, &sandbox, &api, &target_addr)
         .await;
+    a_refusing_provider_is_worth_a_retry_and_a_spent_token_budget_is_final(agent, &sandbox).await;
+    // The Rust classifier retries a denial like any transport error.
+    if agent != "invoice-classifier" {
+        a_target_api_the_node_denies_is_final_after_one_attempt(agent, &sandbox).await;
+    }
     half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent, &sandbox).await;
 }
 
@@ -386,6 +410,75 @@ async fn a_garbled_model_answer_is_final_and_a_failing_target_api_is_worth_a_ret
         api.unavailable.load(Ordering::SeqCst),
         3,
         "{agent}: the agent's own bounded retries"
+    );
+}
+
+/// The LLM's errors reach the outcome with the `retryable` their case
+/// calls for (in Python and JavaScript through the kit SDK's `LlmError`):
+/// a provider that refused the call may take it later; a spent token
+/// budget will not grow.
+async fn a_refusing_provider_is_worth_a_retry_and_a_spent_token_budget_is_final(agent: &str, sandbox: &Sandbox) {
+    let loaded = load(sandbox, agent).await;
+    let refused = sandbox
+        .run(&loaded, invoice_request(agent, "Refused Requests Co", None))
+        .await;
+    let RunOutcome::Failed(failure) = &refused.outcome else {
+        panic!("{agent}: {:?}", refused.outcome)
+    };
+    assert_eq!(failure.kind, FailKind::AgentError, "{agent}: {failure:?}");
+    assert!(failure.retryable, "{agent}: {failure:?}");
+    assert!(
+        failure.message.contains("the LLM failed") && failure.message.contains("400"),
+        "{agent}: {}",
+        failure.message
+    );
+
+    let mut starved = invoice_request(agent, "City Water", None);
+    starved.budget.tokens = Some(10);
+    let spent = sandbox.run(&loaded, starved).await;
+    let RunOutcome::Failed(failure) = &spent.outcome else {
+        panic!("{agent}: {:?}", spent.outcome)
+    };
+    assert_eq!(failure.kind, FailKind::AgentError, "{agent}: {failure:?}");
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+    assert!(
+        failure.message.contains("the LLM refused") && failure.message.to_lowercase().contains("budget"),
+        "{agent}: {}",
+        failure.message
+    );
+    assert_eq!(
+        spent.report.tokens_in, 0,
+        "{agent}: no call was made: {:?}",
+        spent.report
+    );
+}
+
+/// The kit SDKs raise the node's denial as `Denied`, a final `AgentError`
+/// naming the host and the fix; the classifier lets it end the run at once
+/// instead of retrying a request that would be denied again.
+async fn a_target_api_the_node_denies_is_final_after_one_attempt(agent: &str, sandbox: &Sandbox) {
+    let loaded = load(sandbox, agent).await;
+    let denied = sandbox
+        .run(
+            &loaded,
+            invoice_request(agent, "City Water", Some("http://denied.invalid/invoices")),
+        )
+        .await;
+    let RunOutcome::Failed(failure) = &denied.outcome else {
+        panic!("{agent}: {:?}", denied.outcome)
+    };
+    assert_eq!(failure.kind, FailKind::AgentError, "{agent}: {failure:?}");
+    assert!(!failure.retryable, "{agent}: {failure:?}");
+    assert!(
+        failure.message.contains("denied") && failure.message.contains("--allow-http denied.invalid"),
+        "{agent}: {}",
+        failure.message
+    );
+    assert_eq!(
+        (denied.report.http_requests, denied.report.http_denied),
+        (1, 1),
+        "{agent}: one attempt, denied: {:?}",
+        denied.report
     );
 }
 
