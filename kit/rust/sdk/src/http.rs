@@ -26,8 +26,13 @@ pub enum Error {
     /// The request failed (connection, timeout, protocol), as the node
     /// reported it.
     Failed(ErrorCode),
-    /// The response's body stopped early, after `read` bytes.
-    Body { read: u64, why: String },
+    /// Writing the request's body failed.
+    Write(String),
+    /// The node gave no response and no reason.
+    NoResponse,
+    /// The response (`status`) came, but its body stopped early, after
+    /// `read` bytes.
+    Body { status: u16, read: u64, why: String },
     /// A header name or value the node refused.
     Header(String),
 }
@@ -35,7 +40,7 @@ pub enum Error {
 impl Error {
     /// Whether trying later could help: not for a denial or a bad URL.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Failed(_) | Error::Body { .. })
+        matches!(self, Error::Failed(_) | Error::Write(_) | Error::Body { .. })
     }
 }
 
@@ -45,7 +50,9 @@ impl fmt::Display for Error {
             Error::Denied => f.write_str("HttpRequestDenied (the host is not on the run's allow-list)"),
             Error::InvalidUrl(url) => write!(f, "{url:?} is not an http:// or https:// URL"),
             Error::Failed(code) => write!(f, "{code:?}"),
-            Error::Body { read, why } => write!(f, "the body stopped after {read} bytes: {why}"),
+            Error::Write(why) => write!(f, "writing the body: {why}"),
+            Error::NoResponse => f.write_str("no response"),
+            Error::Body { read, why, .. } => write!(f, "the body stopped after {read} bytes: {why}"),
             Error::Header(why) => write!(f, "bad header: {why}"),
         }
     }
@@ -112,6 +119,18 @@ impl Request {
     /// Sends the request and reads the whole response. The node bounds
     /// the wait by the run's deadline.
     pub fn send(self) -> Result<Response, Error> {
+        let mut body = Vec::new();
+        let status = self.send_with(|chunk| {
+            body.extend_from_slice(chunk);
+            true
+        })?;
+        Ok(Response { status, body })
+    }
+
+    /// Sends the request and hands the response's body to `chunk` piece
+    /// by piece, keeping none of it, until `chunk` returns `false` or the
+    /// body ends; returns the status.
+    pub fn send_with(self, mut chunk: impl FnMut(&[u8]) -> bool) -> Result<u16, Error> {
         let (scheme, rest) = match self.url.split_once("://") {
             Some(("http", rest)) => (Scheme::Http, rest),
             Some(("https", rest)) => (Scheme::Https, rest),
@@ -136,29 +155,31 @@ impl Request {
         let _ = options.set_connect_timeout(Some(600_000_000_000));
         let _ = options.set_first_byte_timeout(Some(600_000_000_000));
         let pending = outgoing_handler::handle(request, Some(options)).map_err(from_code)?;
-        {
-            let stream = outgoing.write().expect("a new body's stream is there to take");
-            for chunk in self.body.chunks(4096) {
-                stream
-                    .blocking_write_and_flush(chunk)
-                    .map_err(|err| Error::Failed(ErrorCode::InternalError(Some(format!("writing the body: {err:?}")))))?;
-            }
-        }
-        OutgoingBody::finish(outgoing, None).map_err(from_code)?;
+        // A request the node refuses fails its body's stream first; the
+        // reason is the response's error, read below.
+        let written = write_body(&outgoing, &self.body);
+        let finished = OutgoingBody::finish(outgoing, None);
         pending.subscribe().block();
         let response = match pending.get() {
             Some(Ok(Ok(response))) => response,
             Some(Ok(Err(code))) => return Err(from_code(code)),
-            _ => return Err(Error::Failed(ErrorCode::InternalError(Some("no response".to_string())))),
+            _ => return Err(written.err().unwrap_or(Error::NoResponse)),
         };
+        written?;
+        finished.map_err(from_code)?;
         let status = response.status();
         let incoming = response.consume().expect("a new response's body is there to take");
-        let mut body = Vec::new();
+        let mut read: u64 = 0;
         {
             let stream = incoming.stream().expect("a new body's stream is there to take");
             loop {
                 match stream.blocking_read(64 * 1024) {
-                    Ok(chunk) => body.extend_from_slice(&chunk),
+                    Ok(bytes) => {
+                        read += bytes.len() as u64;
+                        if !chunk(&bytes) {
+                            break;
+                        }
+                    }
                     Err(StreamError::Closed) => break,
                     Err(StreamError::LastOperationFailed(error)) => {
                         let why = match crate::bindings::wasi::http::types::http_error_code(&error) {
@@ -166,17 +187,26 @@ impl Request {
                             // The first line: the rest may be a host backtrace.
                             None => error.to_debug_string().lines().next().unwrap_or("").to_string(),
                         };
-                        return Err(Error::Body {
-                            read: body.len() as u64,
-                            why,
-                        });
+                        return Err(Error::Body { status, read, why });
                     }
                 }
             }
         }
         let _ = IncomingBody::finish(incoming);
-        Ok(Response { status, body })
+        Ok(status)
     }
+}
+
+fn write_body(outgoing: &OutgoingBody, body: &[u8]) -> Result<(), Error> {
+    let stream = outgoing
+        .write()
+        .map_err(|()| Error::Write("the body's stream was already taken".to_string()))?;
+    for chunk in body.chunks(4096) {
+        stream
+            .blocking_write_and_flush(chunk)
+            .map_err(|err| Error::Write(format!("{err:?}")))?;
+    }
+    Ok(())
 }
 
 fn from_code(code: ErrorCode) -> Error {

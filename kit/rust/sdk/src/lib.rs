@@ -55,7 +55,7 @@ macro_rules! export {
                 }
             }
 
-            $crate::bindings::export_world!(NodeRuntimeAgent with_types_in $crate::bindings);
+    $crate::bindings::export_world!(NodeRuntimeAgent with_types_in $crate::bindings);
         };
     };
 }
