@@ -292,3 +292,30 @@ fn a_component_of_another_world_or_with_a_missing_import_is_told_what_the_node_s
         );
     }
 }
+
+#[test]
+fn dev_watch_serves_the_project_through_the_plane_and_runs_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "served"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("served");
+    let (code, out, err) = run(kit_command(empty.path()).args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--watch",
+        project.to_str().unwrap(),
+        "--watch-cycles",
+        "1",
+    ]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let outcome = out
+        .lines()
+        .find(|line| line.starts_with("run "))
+        .unwrap_or_else(|| panic!("the run's outcome is printed: {out}\n{err}"));
+    assert!(
+        outcome.contains(" completed: ") && outcome.contains("hello from served"),
+        "{outcome}"
+    );
+    assert!(out.contains("watch: save to result in"), "{out}");
+}
