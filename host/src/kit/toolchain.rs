@@ -101,6 +101,17 @@ pub fn componentize_js() -> Result<PathBuf, KitError> {
 /// Makes sure Rust can build for `wasm32-wasip2`: cargo is there, and the
 /// target is added with rustup when it is missing.
 pub fn rust_target() -> Result<(), KitError> {
+    // Once per process: `--watch` rebuilds without asking again.
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if READY.get().is_some() {
+        return Ok(());
+    }
+    check_rust_target()?;
+    let _ = READY.set(());
+    Ok(())
+}
+
+fn check_rust_target() -> Result<(), KitError> {
     output_of("cargo", &["--version"], false, "cargo", RUSTUP_FIX)?;
     let Ok(installed) = Command::new("rustup").args(["target", "list", "--installed"]).output() else {
         // No rustup: a toolchain from elsewhere may have the target; the
