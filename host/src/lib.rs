@@ -25,11 +25,15 @@
 //!   them: data and binding, nothing that runs.
 //! - [`app`]: the composition root, the one place a configuration becomes
 //!   running parts.
+//! - [`kit`]: the agent kit behind `new`, `build` and `run-agent --watch`:
+//!   templates, SDKs and the world embedded, toolchains run; it imports
+//!   nothing of the node (the commands check its output with the sandbox).
 //! - [`cli`]: the `node-runtime` command line.
 //!
 //! # The rule
 //!
-//! Imports go down only: `support` <- domain <- `config` <- `app` <- `cli`.
+//! Imports go down only: `support` <- domain <- `config` <- `app` <- `cli`;
+//! `kit` imports nothing of the node and only `cli` imports it.
 //! Within the domain, `sandbox` imports nothing of the node; `agent_store`
 //! imports `sandbox`; `outbox` imports `control_plane`; `worker` imports
 //! the rest of the domain. `config` takes from the domain only the value
@@ -47,6 +51,8 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control_plane;
+#[cfg(feature = "dev")]
+pub mod kit;
 pub mod outbox;
 pub mod sandbox;
 pub mod telemetry;

@@ -42,6 +42,8 @@ mod egress;
 mod hostile;
 /// The invoice classifier in Rust, Python and JavaScript.
 mod invoices;
+/// The agent kit: `new`, `build`, `run-agent --watch`, in each language.
+mod kit;
 /// What the node prints: one line per event, no credential, no header.
 mod log_lines;
 /// Agents in a real OCI registry.

@@ -87,6 +87,16 @@ pub struct DevArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub slots: u32,
 
+    /// Serve the kit project in DIR (`node-runtime new`) as agent NAME,
+    /// version `dev`: build it, submit a run of it with DIR/input.json
+    /// through the plane, print its outcome; again on every save.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["demo", "plane_only"])]
+    pub watch: Option<PathBuf>,
+
+    /// Stop `--watch` after this many builds (for scripts and tests).
+    #[arg(long, value_name = "N", requires = "watch", hide = true)]
+    pub watch_cycles: Option<u32>,
+
     /// Submit a handful of demonstration runs, print how each ended, and exit.
     #[arg(long)]
     pub demo: bool,
@@ -316,7 +326,7 @@ async fn run_with(
     let offered = lay_out_samples(samples.as_deref(), layout.path())?;
     let mut dirs = vec![layout.path().to_path_buf()];
     dirs.extend(args.agents.iter().cloned());
-    if offered.is_empty() && args.agents.is_empty() {
+    if offered.is_empty() && args.agents.is_empty() && args.watch.is_none() {
         return Err(CommandError::usage(
             "no agents to run: build the samples with scripts/build-agents, \
              or pass --agents DIR (layout DIR/<agent_id>/<version>.wasm)",
@@ -436,7 +446,9 @@ async fn run_with(
         None => None,
     };
 
-    let result = if let Some(target) = &target {
+    let result = if let Some(dir) = &args.watch {
+        watch_project(&url, &node_tls, dir, layout.path(), args.watch_cycles).await
+    } else if let Some(target) = &target {
         let result = demo(&url, &target.addr.to_string(), &node_tls).await;
         eprintln!("the target API received {} classified invoices", target.received());
         result
@@ -460,6 +472,113 @@ async fn run_with(
     }
     plane.shutdown().await;
     result.map(|()| Exit::Completed)
+}
+
+/// `--watch DIR`: the project built into the agents layout as NAME/dev.wasm
+/// (replaced whole, so a lease never reads half a file; the store sees the
+/// new file by its stamp), a run of it submitted, its outcome printed;
+/// again on every save, until Ctrl-C (or `--watch-cycles`).
+async fn watch_project(
+    url: &str,
+    tls: &ControlPlaneTls,
+    dir: &Path,
+    layout: &Path,
+    cycles: Option<u32>,
+) -> Result<(), CommandError> {
+    use crate::kit::watch::{next_change, snapshot};
+    let project = crate::kit::Project::open(dir).map_err(super::kit_error)?;
+    let folder = layout.join(&project.name);
+    std::fs::create_dir_all(&folder)
+        .map_err(|err| CommandError::internal(format!("cannot create {}: {err}", folder.display())))?;
+    let http = crate::control_plane::registration::http_client_with(Duration::from_secs(30), tls)
+        .map_err(|err| CommandError::internal(format!("cannot build the HTTP client: {err}")))?;
+    eprintln!(
+        "serving {} as agent `{}` version `dev` on {url}; saving a file rebuilds and reruns it",
+        dir.display(),
+        project.name
+    );
+    let mut files = snapshot(dir);
+    let mut saved = std::time::SystemTime::now();
+    for cycle in 1u32.. {
+        let from = dir.to_path_buf();
+        let built = tokio::task::spawn_blocking(move || crate::kit::build(&from))
+            .await
+            .map_err(|err| CommandError::internal(format!("the build stopped: {err}")))?;
+        match built {
+            Ok(built) => {
+                let staged = folder.join(".dev.wasm.part");
+                std::fs::copy(&built.component, &staged)
+                    .and_then(|_| std::fs::rename(&staged, folder.join("dev.wasm")))
+                    .map_err(|err| CommandError::internal(format!("cannot stage {}: {err}", staged.display())))?;
+                let input = std::fs::read_to_string(dir.join("input.json")).unwrap_or_else(|_| "{}".to_string());
+                let run = submit_and_wait(&http, url, &project.name, &input).await?;
+                println!("{}", watched_outcome(&run));
+                println!(
+                    "watch: save to result in {} ms",
+                    saved.elapsed().unwrap_or_default().as_millis()
+                );
+            }
+            Err(err) => eprintln!("error: {err}"),
+        }
+        if cycles.is_some_and(|cycles| cycle >= cycles) {
+            break;
+        }
+        println!("watch: waiting for a change in {}", dir.display());
+        tokio::select! {
+            change = next_change(dir, &files) => (files, saved) = change,
+            () = stop_signal() => break,
+        }
+    }
+    Ok(())
+}
+
+/// Submits a run of `agent` version `dev` and polls it (at most a
+/// minute) until it ends; the plane's view of the run.
+async fn submit_and_wait(
+    http: &reqwest::Client,
+    url: &str,
+    agent: &str,
+    input: &str,
+) -> Result<serde_json::Value, CommandError> {
+    let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
+    let body = serde_json::json!({"agentId": agent, "version": "dev", "inputRef": {"message": input}});
+    let answer: serde_json::Value = http
+        .post(format!("{url}/v1/runs"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(fail)?
+        .json()
+        .await
+        .map_err(fail)?;
+    let id = answer["runId"].as_str().unwrap_or_default().to_string();
+    let started = Instant::now();
+    loop {
+        let run: serde_json::Value = http
+            .get(format!("{url}/v1/runs/{id}"))
+            .send()
+            .await
+            .map_err(fail)?
+            .json()
+            .await
+            .map_err(fail)?;
+        if matches!(run["status"].as_str(), Some("completed" | "failed")) || started.elapsed() > Duration::from_secs(60)
+        {
+            return Ok(run);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One run's outcome for `--watch`: its status and its result (or error).
+fn watched_outcome(run: &serde_json::Value) -> String {
+    let status = run["status"].as_str().unwrap_or("unknown");
+    let detail = if status == "completed" {
+        run["result"].to_string()
+    } else {
+        run["errorInfo"].to_string()
+    };
+    format!("run {} {status}: {detail}", run["runId"].as_str().unwrap_or("?"))
 }
 
 fn sample_agents_dir(given: Option<&Path>) -> Result<Option<PathBuf>, CommandError> {

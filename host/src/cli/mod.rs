@@ -6,11 +6,15 @@
 //! [`Exit`].
 
 mod args;
+#[cfg(feature = "dev")]
+mod build;
 mod compile;
 mod config_check;
 #[cfg(feature = "dev")]
 mod dev;
 mod keygen;
+#[cfg(feature = "dev")]
+mod new;
 mod outbox;
 mod registry;
 mod run_agent;
@@ -63,6 +67,14 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Create an agent project in Rust, Python or JavaScript: a sample
+    /// agent, the SDK and the agent world it targets (no network needed).
+    #[cfg(feature = "dev")]
+    New(new::NewArgs),
+    /// Build an agent project (`node-runtime new`) into a component, check
+    /// it as the node will, and print its path, size and `agent.digest`.
+    #[cfg(feature = "dev")]
+    Build(build::BuildArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +169,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Push(args) => registry::push(args).await,
         Command::Pull(args) => registry::pull(args).await,
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args).await,
+        #[cfg(feature = "dev")]
+        Command::New(args) => new::run(args).await,
+        #[cfg(feature = "dev")]
+        Command::Build(args) => build::run(args).await,
     };
     match result {
         Ok(exit) => exit.into(),
@@ -165,6 +181,23 @@ pub async fn run(cli: Cli) -> ExitCode {
             eprintln!("error: {}", support::redact::urls_in(&err.message));
             err.exit.into()
         }
+    }
+}
+
+/// A kit error as the exit it maps to: the command line's fault (2), a
+/// missing or broken tool (1), the agent's own build failing (5, as an
+/// artifact that is no agent).
+#[cfg(feature = "dev")]
+pub(crate) fn kit_error(err: crate::kit::KitError) -> CommandError {
+    use crate::kit::KitError;
+    let exit = match &err {
+        KitError::Usage(_) => Exit::Usage,
+        KitError::Build(_) => Exit::AgentInvalid,
+        KitError::Tool(_) | KitError::Io { .. } => Exit::Internal,
+    };
+    CommandError {
+        exit,
+        message: err.to_string(),
     }
 }
 

@@ -26,9 +26,22 @@ use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings
 #[derive(Debug, Args)]
 pub struct RunAgentArgs {
     /// The agent: a component (.wasm) or a file from `node-runtime compile`
-    /// (.cwasm). Not with `--spec`.
-    #[arg(required_unless_present = "spec", conflicts_with = "spec")]
+    /// (.cwasm). Not with `--spec` or `--watch`.
+    #[arg(required_unless_present_any = ["spec", "watch"], conflicts_with_all = ["spec", "watch"])]
     pub agent: Option<PathBuf>,
+
+    /// Build the kit project in DIR (default: the current directory) and
+    /// run it, then again on every save, printing the time from the save
+    /// to the result; a failed build waits for the next save. Stop with
+    /// Ctrl-C.
+    #[cfg(feature = "dev")]
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = ".", conflicts_with = "spec")]
+    pub watch: Option<PathBuf>,
+
+    /// Stop `--watch` after this many builds (for scripts and tests).
+    #[cfg(feature = "dev")]
+    #[arg(long, value_name = "N", requires = "watch", hide = true)]
+    pub watch_cycles: Option<u32>,
 
     /// Run a declarative agent instead: a definition in the reference's
     /// format (a version document `{"agentId", "version", "spec"}`, or the
@@ -74,8 +87,9 @@ pub struct RunAgentArgs {
 
     /// An OpenAI-compatible endpoint for `llm.chat` (requests go to
     /// URL/v1/chat/completions); without it the agent's LLM calls answer
-    /// `not-configured`.
-    #[arg(long, value_name = "URL", requires = "llm_key_env")]
+    /// `not-configured`. Without --llm-key-env no key is sent (local
+    /// servers: Ollama, llama.cpp).
+    #[arg(long, value_name = "URL")]
     pub llm_endpoint: Option<String>,
 
     /// The environment variable holding the endpoint's bearer key (the key
@@ -145,6 +159,10 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         resource: ResourceIdentity::default(),
     })
     .map_err(|err| CommandError::usage(err.to_string()))?;
+    #[cfg(feature = "dev")]
+    if let Some(dir) = args.watch.clone() {
+        return watch(args, dir).await;
+    }
     let subject = match (&args.agent, &args.spec) {
         (Some(path), _) => Subject::Component(read_agent_file("the agent file", path)?),
         (None, Some(path)) => match AgentSpec::parse(&read_spec(path)?) {
@@ -157,6 +175,26 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         (None, None) => return Err(CommandError::usage("name an agent file, or a definition with --spec")),
     };
     let context = context(&args, &subject)?;
+    let (sandbox, budget) = node_sandbox(&args, &context.agent_id)?;
+
+    let agent = match subject {
+        Subject::Spec(spec) => Runnable::Spec(spec),
+        Subject::Component(bytes) => match sandbox.load(Arc::from(bytes)).await {
+            Ok(agent) => Runnable::Component(agent),
+            Err(invalid) => {
+                let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
+                let message = format!("{}: {invalid}", path.display());
+                print_invalid(&args, &message);
+                return Ok(Exit::AgentInvalid);
+            }
+        },
+    };
+    Ok(run_once(&args, &sandbox, &agent, context, budget).await)
+}
+
+/// The sandbox a run gets, and its budget: a configuration's defaults
+/// with the flags applied, built by the same code `serve` uses.
+fn node_sandbox(args: &RunAgentArgs, agent_id: &str) -> Result<(Sandbox, BudgetRequest), CommandError> {
     let budget = BudgetRequest {
         fuel: args.fuel,
         memory_bytes: args.max_memory,
@@ -176,22 +214,22 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
     node.sandbox.engine = args.engine.unwrap_or_default();
     node.sandbox.compiled_cache_max_bytes = 0;
     node.sandbox.grants = BTreeMap::from([(
-        context.agent_id.clone(),
+        agent_id.to_string(),
         Grants {
             directories: args.dirs.clone(),
             environment: args.env.clone(),
             http_hosts: args.allow_http.clone(),
         },
     )]);
-    if let Some((endpoint, key)) = llm_endpoint(&args)? {
+    if let Some((endpoint, key)) = llm_endpoint(args)? {
         let agent_runtime = &mut node.agent_runtime;
         agent_runtime.openai.endpoint = Some(endpoint);
-        agent_runtime.openai.api_key = Some(key);
+        agent_runtime.openai.api_key = key;
         if let Some(model) = &args.llm_model {
             agent_runtime.default_model = model.clone();
         }
     }
-    node.declarative_agents = declarative_section(&args)?;
+    node.declarative_agents = declarative_section(args)?;
     let config = app::sandbox_config(&node);
     config.limits.check(&budget).map_err(|err| {
         CommandError::usage(format!(
@@ -206,19 +244,17 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         SandboxError::Overlapping(error) => CommandError::usage(format!("--dir: {error}")),
         err => CommandError::internal(err.to_string()),
     })?;
+    Ok((sandbox, budget))
+}
 
-    let agent = match subject {
-        Subject::Spec(spec) => Runnable::Spec(spec),
-        Subject::Component(bytes) => match sandbox.load(Arc::from(bytes)).await {
-            Ok(agent) => Runnable::Component(agent),
-            Err(invalid) => {
-                let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
-                let message = format!("{}: {invalid}", path.display());
-                print_invalid(&args, &message);
-                return Ok(Exit::AgentInvalid);
-            }
-        },
-    };
+/// One run, its report printed; the exit it maps to.
+async fn run_once(
+    args: &RunAgentArgs,
+    sandbox: &Sandbox,
+    agent: &Runnable,
+    context: RunContext,
+    budget: BudgetRequest,
+) -> Exit {
     // As the worker's lease span: every line about the run carries its ids.
     let span = tracing::info_span!(
         "run",
@@ -233,7 +269,7 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
         budget,
         deadline: None,
     };
-    let result = match &agent {
+    let result = match agent {
         Runnable::Component(agent) => sandbox.run(agent, request).instrument(span).await,
         Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await,
     };
@@ -243,7 +279,54 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
     } else {
         print!("{}", human_report(&result.outcome, &result.report));
     }
-    Ok(exit_for(&result.outcome))
+    exit_for(&result.outcome)
+}
+
+/// `--watch DIR`: build, run, wait for a save, again. Never exits on a
+/// failed build or run (unless `--watch-cycles` says how many).
+#[cfg(feature = "dev")]
+async fn watch(mut args: RunAgentArgs, dir: PathBuf) -> Result<Exit, CommandError> {
+    use crate::kit::watch::{next_change, snapshot};
+    let project = crate::kit::Project::open(&dir).map_err(super::kit_error)?;
+    args.agent_id.get_or_insert_with(|| project.name.clone());
+    let context_of = |args: &RunAgentArgs| context(args, &Subject::Component(Vec::new()));
+    let (sandbox, budget) = node_sandbox(&args, &context_of(&args)?.agent_id)?;
+    let mut files = snapshot(&dir);
+    let mut saved = std::time::SystemTime::now();
+    let mut last = Exit::Completed;
+    for cycle in 1u32.. {
+        let from = dir.clone();
+        let built = tokio::task::spawn_blocking(move || crate::kit::build(&from))
+            .await
+            .map_err(|err| CommandError::internal(format!("the build stopped: {err}")))?;
+        match built {
+            Ok(built) => {
+                let bytes = read_agent_file("the built component", &built.component)?;
+                last = match sandbox.load(Arc::from(bytes)).await {
+                    Ok(agent) => {
+                        let runnable = Runnable::Component(agent);
+                        run_once(&args, &sandbox, &runnable, context_of(&args)?, budget).await
+                    }
+                    Err(invalid) => {
+                        print_invalid(&args, &format!("{}: {invalid}", built.component.display()));
+                        Exit::AgentInvalid
+                    }
+                };
+                let took = saved.elapsed().unwrap_or_default();
+                println!("watch: save to result in {} ms", took.as_millis());
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                last = super::kit_error(err).exit;
+            }
+        }
+        if args.watch_cycles.is_some_and(|cycles| cycle >= cycles) {
+            break;
+        }
+        println!("watch: waiting for a change in {}", dir.display());
+        (files, saved) = next_change(&dir, &files).await;
+    }
+    Ok(last)
 }
 
 /// What the command line names: a component's bytes, or a definition.
@@ -366,10 +449,10 @@ fn parse_env(name: &str) -> Result<String, String> {
         .map_err(|err| err.to_string())
 }
 
-/// `--llm-endpoint` and the key `--llm-key-env` names (clap makes each
-/// require the other).
-fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Secret)>, CommandError> {
-    let (Some(endpoint), Some(var)) = (&args.llm_endpoint, &args.llm_key_env) else {
+/// `--llm-endpoint` and the key `--llm-key-env` names, if it names one
+/// (a local server needs none; clap makes the key require the endpoint).
+fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Option<Secret>)>, CommandError> {
+    let Some(endpoint) = &args.llm_endpoint else {
         return Ok(None);
     };
     let uri = match endpoint.parse::<http::Uri>() {
@@ -381,6 +464,9 @@ fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Secret)>, Comm
             )));
         }
     };
+    let Some(var) = &args.llm_key_env else {
+        return Ok(Some((uri, None)));
+    };
     let key = match std::env::var(var) {
         Ok(key) if !key.is_empty() => key,
         _ => {
@@ -390,7 +476,7 @@ fn llm_endpoint(args: &RunAgentArgs) -> Result<Option<(http::Uri, Secret)>, Comm
             )));
         }
     };
-    Ok(Some((uri, Secret::new(key))))
+    Ok(Some((uri, Some(Secret::new(key)))))
 }
 
 fn context(args: &RunAgentArgs, subject: &Subject) -> Result<RunContext, CommandError> {

@@ -157,7 +157,10 @@ pub(crate) fn compile(
     if bytes.get(4..8) == Some(&CORE_MODULE_VERSION) {
         return Err(InvalidAgent(
             "the file is a core WebAssembly module, not a component; build the agent for \
-             the wasm32-wasip2 target (or wrap the module with `wasm-tools component new`)"
+             the wasm32-wasip2 target (`cargo build --target wasm32-wasip2`, or \
+             `node-runtime new` and `node-runtime build`), or wrap the module with \
+             `wasm-tools component new MODULE.wasm --adapt wasi_snapshot_preview1.reactor.wasm \
+             -o agent.wasm` (the adapter of wasmtime's release)"
                 .into(),
         ));
     }
@@ -234,9 +237,14 @@ pub(crate) fn link(
         .collect();
     let pre: InstancePre<RunState> = linker.instantiate_pre(component).map_err(|err| {
         // The message names the import, a name the agent chose.
+        let chain = error_chain(&err);
+        let missing = match quoted(&chain).first() {
+            Some(import) => format!("`{}`: ", guest_text(import, GUEST_NAME_BYTES)),
+            None => String::new(),
+        };
         InvalidAgent(format!(
-            "the component needs an import this node does not provide: {}",
-            guest_text(&error_chain(&err), 2 * GUEST_NAME_BYTES)
+            "the component needs an import this node does not provide: {missing}{}; {SERVED_WORLDS}",
+            guest_text(&chain, 2 * GUEST_NAME_BYTES)
         ))
     })?;
     let entry = if exports.iter().any(|name| name == "run") {
@@ -257,7 +265,8 @@ pub(crate) fn link(
     } else {
         return Err(InvalidAgent(format!(
             "the component is of another world: it exports neither `run` (the node-runtime \
-             agent world, wit/agent.wit) nor `wasi:cli/run` (a WASI command); its exports: [{}]",
+             agent world, wit/agent.wit) nor `wasi:cli/run` (a WASI command); its exports: [{}]; \
+             {SERVED_WORLDS}",
             export_list(&exports)
         )));
     };
@@ -266,6 +275,19 @@ pub(crate) fn link(
         digest,
         made_from,
     })
+}
+
+/// What a refused component is told the node serves, and how to build for it.
+const SERVED_WORLDS: &str = "this node serves the world `agent` of node-runtime:agent@0.2.0 \
+     (wit/v0.2/agent.wit) and of node-runtime:agent@0.1.0 (wit/agent.wit), which import only \
+     node-runtime:agent/{log,budget,llm}, wasi:http/outgoing-handler and the WASI 0.2 \
+     interfaces, and WASI 0.2 commands (`wasi:cli/run`); build against one \
+     (`node-runtime new` writes a project for 0.2.0)";
+
+/// The names a wasmtime error quotes in backticks, in order (the first
+/// of an instantiation error is the import).
+fn quoted(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
 }
 
 /// The longest name of the agent's (an export, an import) a message quotes.

@@ -9,14 +9,15 @@
 //! Failures say whether a retry can help: a model answer that is not the
 //! JSON asked for is final; a target API that keeps answering 5xx after the
 //! agent's own few retries is worth another run later.
+//!
+//! Written with the Rust SDK (`kit/rust/sdk`), on the agent world 0.2.0.
 
-wit_bindgen::generate!({ world: "agent", path: "../../wit", generate_all });
-
-use node_runtime::agent::llm::{self, ChatRequest, Message, Role};
-use node_runtime::agent::log::{self, Level};
+use node_runtime_agent::bindings::wasi::http::types::Method;
+use node_runtime_agent::http::{self, Request};
+use node_runtime_agent::llm::{self, ChatRequest, Message};
+use node_runtime_agent::log::{self, Level};
+use node_runtime_agent::{Context, Error, Output};
 use serde::{Deserialize, Serialize};
-use wasi::http::outgoing_handler;
-use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
 
 /// The categories the model may choose, each with the department its
 /// invoices go to.
@@ -54,82 +55,65 @@ struct Classification {
     confidence: f64,
 }
 
-struct InvoiceClassifier;
-
-fn lookup<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-fn fail(message: impl Into<String>, retryable: bool) -> AgentError {
-    AgentError {
+fn fail(message: impl Into<String>, retryable: bool) -> Error {
+    Error {
         message: message.into(),
         retryable,
     }
 }
 
-impl Guest for InvoiceClassifier {
-    fn run(context: RunContext) -> Result<StringMap, AgentError> {
-        let invoice = lookup(&context.input_ref, "message")
-            .ok_or_else(|| fail("no invoice: input_ref[\"message\"] is missing", false))?;
-        serde_json::from_str::<serde_json::Value>(invoice)
-            .map_err(|err| fail(format!("the invoice is not JSON: {err}"), false))?;
-        let instructions = lookup(&context.metadata, "instructions").unwrap_or(DEFAULT_INSTRUCTIONS);
+fn run(context: Context) -> Result<Output, Error> {
+    let invoice = context
+        .input()
+        .ok_or_else(|| fail("no invoice: input_ref[\"message\"] is missing", false))?;
+    serde_json::from_str::<serde_json::Value>(invoice)
+        .map_err(|err| fail(format!("the invoice is not JSON: {err}"), false))?;
+    let instructions = context.meta("instructions").unwrap_or(DEFAULT_INSTRUCTIONS);
 
-        let answer = llm::chat(&ChatRequest {
-            model: None,
-            messages: vec![
-                Message {
-                    role: Role::System,
-                    content: instructions.to_string(),
-                },
-                Message {
-                    role: Role::User,
-                    content: invoice.to_string(),
-                },
-            ],
-            max_tokens: Some(400),
-            temperature: Some(0.0),
-        })
-        .map_err(|error| match error {
-            llm::LlmError::Timeout(m) | llm::LlmError::Provider(m) => fail(format!("the LLM failed: {m}"), true),
-            other => fail(format!("the LLM refused: {other:?}"), false),
-        })?;
-        let classification = parse(&answer.content)?;
-        log::log(
-            Level::Info,
-            "invoice classified",
-            &[
-                ("category".to_string(), classification.vendor_category.clone()),
-                ("confidence".to_string(), classification.confidence.to_string()),
-            ],
-        );
+    let mut request = ChatRequest::new(vec![Message::system(instructions), Message::user(invoice)]);
+    request.max_tokens = Some(400);
+    request.temperature = Some(0.0);
+    let answer = llm::chat(&request).map_err(|error| match error {
+        llm::LlmError::Timeout(m) | llm::LlmError::Provider(m) => fail(format!("the LLM failed: {m}"), true),
+        other => fail(format!("the LLM refused: {other:?}"), false),
+    })?;
+    let classification = parse(&answer.content)?;
+    log::write(
+        Level::Info,
+        "invoice classified",
+        &[
+            ("category", &classification.vendor_category),
+            ("confidence", &classification.confidence.to_string()),
+        ],
+    );
 
-        if let Some(target) = lookup(&context.metadata, "target_url") {
-            let message_id = lookup(&context.input_ref, "messageId").unwrap_or(&classification.invoice_number);
-            let key = format!("{}-{}", context.run_id, message_id);
-            let body = serde_json::to_vec(&classification).expect("a classification serialises");
-            post_with_retries(target, &key, &body)?;
-        }
-
-        Ok(vec![
-            ("vendorName".into(), classification.vendor_name),
-            ("vendorCategory".into(), classification.vendor_category),
-            ("invoiceNumber".into(), classification.invoice_number),
-            ("invoiceDate".into(), classification.invoice_date),
-            ("totalAmount".into(), classification.total_amount.to_string()),
-            ("currency".into(), classification.currency),
-            ("routingDestination".into(), classification.routing_destination),
-            ("confidence".into(), classification.confidence.to_string()),
-            ("tokensIn".into(), answer.usage.tokens_in.to_string()),
-            ("tokensOut".into(), answer.usage.tokens_out.to_string()),
-        ])
+    if let Some(target) = context.meta("target_url") {
+        let message_id = context.get("messageId").unwrap_or(&classification.invoice_number);
+        let key = format!("{}-{}", context.run_id, message_id);
+        let body = serde_json::to_vec(&classification).expect("a classification serialises");
+        post_with_retries(target, &key, &body)?;
     }
+
+    Ok(Output::from([
+        ("vendorName".into(), classification.vendor_name),
+        ("vendorCategory".into(), classification.vendor_category),
+        ("invoiceNumber".into(), classification.invoice_number),
+        ("invoiceDate".into(), classification.invoice_date),
+        ("totalAmount".into(), classification.total_amount.to_string()),
+        ("currency".into(), classification.currency),
+        ("routingDestination".into(), classification.routing_destination),
+        ("confidence".into(), classification.confidence.to_string()),
+        ("tokensIn".into(), answer.usage.tokens_in.to_string()),
+        ("tokensOut".into(), answer.usage.tokens_out.to_string()),
+    ]))
 }
+
+node_runtime_agent::export!(run);
 
 /// The model's answer as a checked classification; any deviation is a
 /// final error, since asking the same model the same thing again is
 /// unlikely to help.
-fn parse(content: &str) -> Result<Classification, AgentError> {
+fn parse(content: &str) -> Result<Classification, Error> {
     // Models like to wrap JSON in a Markdown fence.
     let trimmed = content
         .trim()
@@ -176,7 +160,7 @@ fn parse(content: &str) -> Result<Classification, AgentError> {
 
 /// POSTs to the target API, retrying a 5xx or a transport error a few
 /// times; a 4xx is final.
-fn post_with_retries(url: &str, idempotency_key: &str, body: &[u8]) -> Result<(), AgentError> {
+fn post_with_retries(url: &str, idempotency_key: &str, body: &[u8]) -> Result<(), Error> {
     let mut last = String::new();
     for attempt in 1..=TARGET_ATTEMPTS {
         match post(url, idempotency_key, body) {
@@ -196,48 +180,19 @@ fn post_with_retries(url: &str, idempotency_key: &str, body: &[u8]) -> Result<()
 
 /// One POST; the HTTP status, or why there was none.
 fn post(url: &str, idempotency_key: &str, body: &[u8]) -> Result<u16, String> {
-    let (scheme, rest) = match url.split_once("://") {
-        Some(("http", rest)) => (Scheme::Http, rest),
-        Some(("https", rest)) => (Scheme::Https, rest),
-        _ => return Err(format!("target_url {url:?} is not an http:// or https:// URL")),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(at) => (&rest[..at], &rest[at..]),
-        None => (rest, "/"),
-    };
-    let headers = Fields::from_list(&[
-        ("content-type".to_string(), b"application/json".to_vec()),
-        ("idempotency-key".to_string(), idempotency_key.as_bytes().to_vec()),
-    ])
-    .map_err(|err| format!("bad header: {err:?}"))?;
-    let request = OutgoingRequest::new(headers);
-    let _ = request.set_method(&Method::Post);
-    let _ = request.set_scheme(Some(&scheme));
-    let _ = request.set_authority(Some(authority));
-    let _ = request.set_path_with_query(Some(path));
-    let outgoing = request
-        .body()
-        .map_err(|()| "the request body was already taken".to_string())?;
-    let pending = outgoing_handler::handle(request, None).map_err(|code| format!("{code:?}"))?;
-    {
-        let stream = outgoing.write().map_err(|()| "cannot write the body".to_string())?;
-        // blocking_write_and_flush takes at most 4096 bytes at a time.
-        for chunk in body.chunks(4096) {
-            stream
-                .blocking_write_and_flush(chunk)
-                .map_err(|err| format!("writing the body: {err:?}"))?;
-        }
-    }
-    OutgoingBody::finish(outgoing, None).map_err(|code| format!("{code:?}"))?;
-    pending.subscribe().block();
-    match pending.get() {
-        Some(Ok(Ok(response))) => Ok(response.status()),
-        Some(Ok(Err(code))) => Err(format!("{code:?}")),
-        _ => Err("no response".to_string()),
+    let sent = Request::new(Method::Post, url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", idempotency_key)
+        .body(body)
+        .send_with(|_| true);
+    match sent {
+        Ok(status) => Ok(status),
+        Err(http::Error::InvalidUrl(url)) => Err(format!("target_url {url:?} is not an http:// or https:// URL")),
+        // The answer came: its status is what counts.
+        Err(http::Error::Body { status, .. }) => Ok(status),
+        Err(error) => Err(error.to_string()),
     }
 }
-
-export!(InvoiceClassifier);
 
 #[cfg(test)]
 mod tests {

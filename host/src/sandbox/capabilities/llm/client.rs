@@ -498,6 +498,9 @@ impl LlmClient {
             .body(body)
             .timeout(timeout);
         let builder = match self.settings.endpoint {
+            // A local server (Ollama, llama.cpp) needs no key: none is sent,
+            // not an empty `Bearer`.
+            LlmEndpoint::OpenAi { .. } if key.is_empty() => builder,
             LlmEndpoint::OpenAi { .. } => builder.bearer_auth(key),
             LlmEndpoint::Azure { .. } => builder.header("api-key", key),
         };

@@ -1,0 +1,204 @@
+//! The guest toolchains a build needs, found or installed pinned on first
+//! use: componentize-py in a venv (`TOOLS/py`) and componentize-js in a
+//! `node_modules` (`TOOLS/js`), from the pins the binary carries (the
+//! repository's `scripts/guest-tools`), and the `wasm32-wasip2` target for
+//! Rust.
+//!
+//! TOOLS is `$NODE_RUNTIME_TOOLS`, else `$XDG_CACHE_HOME/node-runtime/tools`,
+//! else `~/.cache/node-runtime/tools`. Each environment carries the stamp
+//! `scripts/install-guest-tools` writes (the SHA-256 of the pins and the
+//! interpreter's version, and for the venv its path), computed the same
+//! way, so either installer accepts what the other installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use super::{KitError, embedded};
+
+/// The environment variable that names the tools directory.
+pub const TOOLS_VARIABLE: &str = "NODE_RUNTIME_TOOLS";
+
+/// The directory the toolchains live in.
+pub fn tools_dir() -> Result<PathBuf, KitError> {
+    if let Some(dir) = std::env::var_os(TOOLS_VARIABLE).filter(|dir| !dir.is_empty()) {
+        return std::path::absolute(PathBuf::from(dir))
+            .map_err(|err| KitError::Usage(format!("{TOOLS_VARIABLE}: {err}")));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .ok_or_else(|| {
+            KitError::Usage(format!(
+                "no place for the build tools: neither {TOOLS_VARIABLE}, XDG_CACHE_HOME nor HOME \
+                 is set; set {TOOLS_VARIABLE} to a directory"
+            ))
+        })?;
+    Ok(cache.join("node-runtime").join("tools"))
+}
+
+/// `componentize-py`, installed into `TOOLS/py` if it is not there.
+pub fn componentize_py() -> Result<PathBuf, KitError> {
+    let env = tools_dir()?.join("py");
+    let pins = pin("requirements.txt")?;
+    let version = output_of("python3", &["--version"], true, "python3", PYTHON_FIX)?;
+    let want = stamp(&[pins, &version, format!("{}\n", env.display()).as_bytes()]);
+    let tool = env.join("bin").join("componentize-py");
+    if stamp_matches(&env, &want) && tool.is_file() {
+        return Ok(tool);
+    }
+    eprintln!("installing componentize-py (pinned) into {}", env.display());
+    reset(&env)?;
+    run_tool(
+        Command::new("python3").arg("-m").arg("venv").arg(&env),
+        "python3 -m venv",
+        VENV_FIX,
+    )?;
+    let requirements = env.join("requirements.txt");
+    std::fs::write(&requirements, pins).map_err(KitError::io("cannot write", &requirements))?;
+    run_tool(
+        Command::new(env.join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+        "pip install componentize-py",
+        "check the network and the package index, then run the build again",
+    )?;
+    write_stamp(&env, &want)?;
+    Ok(tool)
+}
+
+/// `componentize-js`, installed into `TOOLS/js` if it is not there.
+pub fn componentize_js() -> Result<PathBuf, KitError> {
+    let env = tools_dir()?.join("js");
+    let (package, lock) = (pin("package.json")?, pin("package-lock.json")?);
+    let version = output_of("node", &["--version"], false, "node", NODE_FIX)?;
+    let want = stamp(&[package, lock, &version]);
+    let tool = env.join("node_modules").join(".bin").join("componentize-js");
+    if stamp_matches(&env, &want) && tool.exists() {
+        return Ok(tool);
+    }
+    output_of("npm", &["--version"], false, "npm", NODE_FIX)?;
+    eprintln!("installing componentize-js (pinned) into {}", env.display());
+    reset(&env)?;
+    for (name, bytes) in [("package.json", package), ("package-lock.json", lock)] {
+        let to = env.join(name);
+        std::fs::write(&to, bytes).map_err(KitError::io("cannot write", &to))?;
+    }
+    // `npm ci`: exactly the lock file's versions and integrity hashes.
+    run_tool(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&env),
+        "npm ci (componentize-js)",
+        "check the network and the npm registry, then run the build again",
+    )?;
+    write_stamp(&env, &want)?;
+    Ok(tool)
+}
+
+/// Makes sure Rust can build for `wasm32-wasip2`: cargo is there, and the
+/// target is added with rustup when it is missing.
+pub fn rust_target() -> Result<(), KitError> {
+    // Once per process: `--watch` rebuilds without asking again.
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if READY.get().is_some() {
+        return Ok(());
+    }
+    check_rust_target()?;
+    let _ = READY.set(());
+    Ok(())
+}
+
+fn check_rust_target() -> Result<(), KitError> {
+    output_of("cargo", &["--version"], false, "cargo", RUSTUP_FIX)?;
+    let Ok(installed) = Command::new("rustup").args(["target", "list", "--installed"]).output() else {
+        // No rustup: a toolchain from elsewhere may have the target; the
+        // build says so if it has not.
+        return Ok(());
+    };
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|line| line.trim() == "wasm32-wasip2")
+    {
+        return Ok(());
+    }
+    eprintln!("adding the wasm32-wasip2 target (rustup target add wasm32-wasip2)");
+    run_tool(
+        Command::new("rustup").args(["target", "add", "wasm32-wasip2"]),
+        "rustup target add wasm32-wasip2",
+        "check the network, then run `rustup target add wasm32-wasip2`",
+    )
+}
+
+/// What a build says when Rust cannot target WebAssembly without rustup.
+pub const RUST_TARGET_FIX: &str = "the Rust toolchain has no wasm32-wasip2 target; with rustup: \
+     `rustup target add wasm32-wasip2` (no rustup? install it: https://rustup.rs)";
+
+const RUSTUP_FIX: &str = "install Rust with rustup: https://rustup.rs (then `rustup target add wasm32-wasip2`)";
+const PYTHON_FIX: &str = "install Python 3 with venv (Debian/Ubuntu: `apt install python3 python3-venv`)";
+const VENV_FIX: &str = "install the venv module (Debian/Ubuntu: `apt install python3-venv`)";
+const NODE_FIX: &str = "install Node.js 20 or newer with npm (Debian/Ubuntu: `apt install nodejs npm`)";
+
+fn pin(name: &str) -> Result<&'static [u8], KitError> {
+    embedded::file(&format!("guest-tools/{name}")).ok_or_else(|| {
+        KitError::Tool(format!(
+            "this node-runtime carries no pin file {name} (scripts/guest-tools/); build it from a \
+             complete source tree"
+        ))
+    })
+}
+
+/// The stamp: SHA-256 of the parts, concatenated, in hex.
+fn stamp(parts: &[&[u8]]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part);
+    }
+    hex::encode(hash.finalize())
+}
+
+fn stamp_matches(env: &Path, want: &str) -> bool {
+    std::fs::read_to_string(env.join(".stamp")).is_ok_and(|have| have.trim() == want)
+}
+
+fn write_stamp(env: &Path, want: &str) -> Result<(), KitError> {
+    let path = env.join(".stamp");
+    std::fs::write(&path, format!("{want}\n")).map_err(KitError::io("cannot write", &path))
+}
+
+/// Empties `env` for a fresh install.
+fn reset(env: &Path) -> Result<(), KitError> {
+    match std::fs::remove_dir_all(env) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(KitError::io("cannot remove", env)(err)),
+    }
+    std::fs::create_dir_all(env).map_err(KitError::io("cannot create", env))
+}
+
+/// A program's stdout (and stderr, as a shell's `2>&1`, when asked); a
+/// program that is not there is an error with `fix`.
+fn output_of(program: &str, args: &[&str], with_stderr: bool, name: &str, fix: &str) -> Result<Vec<u8>, KitError> {
+    let output = Command::new(program).args(args).output().map_err(|err| {
+        KitError::Tool(format!(
+            "`{name}` is needed for this build and cannot run ({err}); {fix}"
+        ))
+    })?;
+    let mut bytes = output.stdout;
+    if with_stderr {
+        bytes.extend_from_slice(&output.stderr);
+    }
+    Ok(bytes)
+}
+
+/// Runs an install step, its output passed through; failing is an error
+/// naming the step and the fix.
+fn run_tool(command: &mut Command, what: &str, fix: &str) -> Result<(), KitError> {
+    match command.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(KitError::Tool(format!("{what} failed ({status}); {fix}"))),
+        Err(err) => Err(KitError::Tool(format!("{what} cannot run ({err}); {fix}"))),
+    }
+}

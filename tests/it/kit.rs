@@ -1,0 +1,356 @@
+//! The agent kit as a developer drives it: `new` + `build` + `run-agent`
+//! in an empty folder for each language, `run-agent --watch` seeing an
+//! edit, a local model reached with no key, and what `build` says about a
+//! project that is not one.
+//!
+//! Rust projects build into one shared target directory under the test's
+//! (`kit-projects`), so repeated runs are incremental; the Python and
+//! JavaScript toolchains come from the repository's tools directory, the
+//! one `scripts/install-guest-tools` fills (`NODE_RUNTIME_TOOLS`).
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::support::{self, agent_path};
+
+/// The binary, for a kit command: the shared Rust target directory and
+/// the repository's tools; none of the lint wrapper `scripts/test` puts
+/// around its own builds (the project is not the repository's to lint).
+fn kit_command(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_node-runtime"));
+    command
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env("CARGO_TARGET_DIR", support::target_dir().join("kit-projects"))
+        .env("NODE_RUNTIME_TOOLS", support::target_dir().join("tools"))
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CLIPPY_ARGS");
+    command
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().expect("node-runtime runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `new LANGUAGE NAME` in an empty folder, `build` in the project, then
+/// `run-agent --json` on the component `build` printed, with the
+/// project's example input: the run's result.
+fn new_build_run(language: &str, name: &str) -> serde_json::Map<String, serde_json::Value> {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", language, name]));
+    assert_eq!(code, 0, "new {language} {name}: {out}\n{err}");
+    let project = empty.path().join(name);
+    let manifest = std::fs::read_to_string(project.join("agent.toml")).unwrap();
+    assert!(manifest.contains(&format!("language = \"{language}\"")), "{manifest}");
+    assert!(manifest.contains("node-runtime:agent@0.2.0"), "{manifest}");
+    assert!(project.join("wit/agent.wit").is_file() && project.join("input.json").is_file());
+
+    let (code, out, err) = run(kit_command(&project).arg("build"));
+    assert_eq!(code, 0, "build: {out}\n{err}");
+    // The toolchains scripts/install-guest-tools installed (scripts/test
+    // runs it first) are taken as they are: the stamps agree.
+    assert!(!err.contains("installing componentize"), "a second install: {err}");
+    let component = out
+        .lines()
+        .find_map(|line| line.strip_prefix("built "))
+        .unwrap_or_else(|| panic!("build names the component: {out}"));
+    assert!(Path::new(component).is_file(), "{component}");
+    let digest = out
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("agent.digest"))
+        .unwrap_or_else(|| panic!("build prints the digest pin: {out}"))
+        .trim()
+        .to_string();
+    let bytes = std::fs::read(component).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    assert_eq!(digest, format!("sha256:{sha}"), "the pin is the component's SHA-256");
+
+    let (code, out, err) =
+        run(kit_command(&project).args(["run-agent", component, "--input-file", "input.json", "--json"]));
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("run-agent --json ({e}): {out}\n{err}"));
+    assert_eq!(code, 0, "the {language} template completes: {json}\n{err}");
+    assert_eq!(json["report"]["log_lines"], 1, "the template logs one line: {json}");
+    json["result"].as_object().unwrap().clone()
+}
+
+#[test]
+fn a_new_rust_agent_builds_and_runs_from_an_empty_folder() {
+    let result = new_build_run("rust", "hello-rust");
+    assert_eq!(result["greeting"], "hello from hello-rust", "{result:?}");
+    assert_eq!(result["input"].as_str().unwrap().trim(), r#"{"name": "world"}"#);
+}
+
+/// Needs the Python template and SDK (`kit/python/`) in the binary, and
+/// componentize-py (installed on first use).
+#[test]
+fn a_new_python_agent_builds_and_runs_from_an_empty_folder() {
+    let result = new_build_run("python", "hello-python");
+    assert!(!result.is_empty(), "the Python template answers with a result");
+}
+
+/// Needs the JavaScript template and SDK (`kit/js/`) in the binary, and
+/// componentize-js (installed on first use).
+#[test]
+fn a_new_javascript_agent_builds_and_runs_from_an_empty_folder() {
+    let result = new_build_run("js", "hello-js");
+    assert!(!result.is_empty(), "the JavaScript template answers with a result");
+}
+
+#[test]
+fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "watched"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("watched");
+    let mut child = kit_command(&project)
+        .args([
+            "run-agent",
+            "--input-file",
+            "input.json",
+            "--watch",
+            ".",
+            "--watch-cycles",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let give_up = Instant::now() + Duration::from_secs(300);
+    let mut printed = Vec::new();
+    let mut edited = false;
+    while let Ok(line) = seen.recv_timeout(give_up.saturating_duration_since(Instant::now())) {
+        if line.starts_with("watch: waiting for a change") && !edited {
+            let source = project.join("src/lib.rs");
+            let text = std::fs::read_to_string(&source).unwrap();
+            std::fs::write(&source, text.replace("hello from", "goodbye from")).unwrap();
+            edited = true;
+        }
+        printed.push(line);
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let text = printed.join("\n");
+    let greetings: Vec<&str> = printed
+        .iter()
+        .filter_map(|line| line.trim().strip_prefix("greeting"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(greetings, ["hello from watched", "goodbye from watched"], "{text}");
+    assert_eq!(
+        printed
+            .iter()
+            .filter(|line| line.starts_with("watch: save to result in"))
+            .count(),
+        2,
+        "each cycle prints the time from the save to the result: {text}"
+    );
+    assert!(status.success(), "two cycles, then a clean exit: {status}\n{text}");
+}
+
+#[test]
+fn build_refuses_a_folder_that_is_no_project_and_watch_waits_out_a_failed_build() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(kit_command(empty.path()).arg("build"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("agent.toml") && err.contains("node-runtime new"), "{err}");
+
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "broken"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("broken");
+    let source = project.join("src/lib.rs");
+    let good = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, "this is not rust").unwrap();
+    let output = kit_command(&project)
+        .args([
+            "run-agent",
+            "--input-file",
+            "input.json",
+            "--watch",
+            ".",
+            "--watch-cycles",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first build fails; once it waits, the source is mended.
+    let mut child = output;
+    let stdout = child.stdout.take().unwrap();
+    let (lines, seen) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let give_up = Instant::now() + Duration::from_secs(300);
+    let mut printed = Vec::new();
+    while let Ok(line) = seen.recv_timeout(give_up.saturating_duration_since(Instant::now())) {
+        if line.starts_with("watch: waiting for a change") {
+            std::fs::write(&source, &good).unwrap();
+        }
+        printed.push(line);
+    }
+    let _ = child.kill();
+    let result = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    let text = printed.join("\n");
+    assert!(err.contains("cargo build failed"), "the failed build is told: {err}");
+    assert!(
+        text.contains("hello from broken"),
+        "the mended project ran: {text}\n{err}"
+    );
+    assert!(result.status.success(), "{}\n{text}\n{err}", result.status);
+}
+
+#[test]
+fn new_refuses_a_bad_name_and_a_folder_with_files_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(kit_command(dir.path()).args(["new", "rust", "My Agent"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("`My Agent` is not a valid agent name") && err.contains("lowercase"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
+    let (code, _, err) = run(kit_command(dir.path()).args(["new", "rust", "ok", "--dir", "."]));
+    assert_eq!(code, 2);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_model_is_reached_with_no_key_and_a_keyed_one_with_its_key() {
+    use node_runtime::dev_plane::stubs::StubModel;
+    let model = StubModel::start().await.unwrap();
+    let agent = agent_path("llm-chat");
+    let run_with = |key: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"));
+        command
+            .args([
+                "run-agent",
+                agent.to_str().unwrap(),
+                "--json",
+                "--input-ref",
+                "message=hello",
+            ])
+            .args(["--llm-endpoint", &model.url()])
+            .env("RUST_LOG", "warn");
+        if let Some(key) = key {
+            command
+                .args(["--llm-key-env", "KIT_TEST_LLM_KEY"])
+                .env("KIT_TEST_LLM_KEY", key);
+        }
+        command
+    };
+    let output = run_with(None).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(json["result"]["answer.0"].is_string(), "the model answered: {json}");
+    let requests = model.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(
+        !requests[0].headers.iter().any(|(name, _)| name == "authorization"),
+        "no key, no Authorization header: {:?}",
+        requests[0].headers
+    );
+
+    let output = run_with(Some("sk-local")).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let requests = model.requests();
+    let authorization: Vec<&str> = requests[1]
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "authorization")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(authorization, ["Bearer sk-local"]);
+}
+
+#[test]
+fn a_plain_core_module_is_told_the_command_that_makes_it_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("core.wasm");
+    std::fs::write(&module, b"\0asm\x01\0\0\0").unwrap();
+    let (code, out, _) = run(kit_command(dir.path()).args(["run-agent", module.to_str().unwrap()]));
+    assert_eq!(code, 5);
+    assert!(
+        out.contains("wasm-tools component new") && out.contains("--adapt"),
+        "{out}"
+    );
+    assert!(out.contains("--target wasm32-wasip2"), "{out}");
+}
+
+#[test]
+fn a_component_of_another_world_or_with_a_missing_import_is_told_what_the_node_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    for (agent, names) in [("other-world", "greet"), ("missing-import", "`nope:missing/thing`")] {
+        let (code, out, _) = run(kit_command(dir.path()).args(["run-agent", agent_path(agent).to_str().unwrap()]));
+        assert_eq!(code, 5, "{out}");
+        assert!(out.contains(names), "{agent}: {out}");
+        assert!(
+            out.contains("node-runtime:agent@0.2.0") && out.contains("node-runtime:agent@0.1.0"),
+            "{agent}: the worlds this node serves are named: {out}"
+        );
+    }
+}
+
+#[test]
+fn dev_watch_serves_the_project_through_the_plane_and_runs_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "served"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("served");
+    let (code, out, err) = run(kit_command(empty.path()).args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--watch",
+        project.to_str().unwrap(),
+        "--watch-cycles",
+        "1",
+    ]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let outcome = out
+        .lines()
+        .find(|line| line.starts_with("run "))
+        .unwrap_or_else(|| panic!("the run's outcome is printed: {out}\n{err}"));
+    assert!(
+        outcome.contains(" completed: ") && outcome.contains("hello from served"),
+        "{outcome}"
+    );
+    assert!(out.contains("watch: save to result in"), "{out}");
+}
