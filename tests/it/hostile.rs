@@ -39,6 +39,7 @@ hostile_tests!(
     host_call_loop_past_the_deadline,
     log_call_loop_out_of_fuel,
     log_call_loop_past_the_deadline,
+    random_draw_loop_past_the_deadline,
     memory_bomb,
     table_growth_refused,
     table_bomb_under_the_on_demand_allocator,
