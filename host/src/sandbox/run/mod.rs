@@ -9,12 +9,12 @@
 //! The wall clock is enforced where the guest comes back to the host. A
 //! computing guest yields to the async runtime every
 //! [`fuel_per_yield`](super::engine::fuel_per_yield) units of fuel (an
-//! engine without fuel: every epoch tick); every return from the host to
-//! the guest, a yield's included, passes the store's call hook, which traps
-//! the guest once its deadline has passed. So does every return from a
-//! host call, so a guest looping on synchronous host calls (fuel does not
-//! advance inside them) is stopped too. A guest blocked in an async host
-//! call never returns to the hook: a timer at the deadline ends it there.
+//! engine without fuel: every epoch tick). A yield is a call into the host
+//! (a libcall), and every return from the host to the guest passes the
+//! store's call hook, which traps the guest once its deadline has passed.
+//! So a guest looping on synchronous host calls, where fuel does not
+//! advance, is stopped too. A guest blocked in an async host call never
+//! returns to the hook: a timer at the deadline ends it there.
 
 mod judge;
 
@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::time::error::Elapsed;
 use tracing::Instrument;
 use wasmtime::{CallHook, Engine, Store, StoreContextMut, Trap, UpdateDeadline};
 
@@ -177,16 +178,14 @@ pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget
 
 /// Runs `calling` until it ends or the run's deadline passes.
 ///
-/// The timer fires at the deadline itself. A computing guest is stopped by
-/// the call hook when it next comes back from a yield, so when the timer
-/// fires the call is polled once more: a guest that was computing resumes
-/// into the hook and traps with the deadline at once (its meters read
-/// where it stood); one still pending is blocked in a host call, and is
-/// cut off here.
-async fn until_deadline<T>(
-    deadline: Instant,
-    calling: impl Future<Output = T>,
-) -> Result<T, tokio::time::error::Elapsed> {
+/// The timer fires at the deadline itself, and is looked at whenever the
+/// guest hands control back: at each fuel (or epoch) yield of a computing
+/// guest, and while it waits in an async host call. The call is then
+/// polled once more to tell the two apart: a computing guest resumes from
+/// its yield into the call hook, which traps it with the deadline at once
+/// (its fuel count exact, as stored for the yield); a guest still pending
+/// is waiting in a host call, and is cut off here.
+async fn until_deadline<T>(deadline: Instant, calling: impl Future<Output = T>) -> Result<T, Elapsed> {
     let mut calling = std::pin::pin!(calling);
     match tokio::time::timeout_at(deadline.into(), calling.as_mut()).await {
         Ok(ended) => Ok(ended),
