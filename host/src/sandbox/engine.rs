@@ -81,10 +81,12 @@ impl Metering {
 
 /// Fuel a computing guest burns between two yields to the async runtime,
 /// where its deadline is checked (`Store::fuel_async_yield_interval`).
-/// About a millisecond of a tight loop in native code here (prime-sieve
-/// burns 1.5-3 units a nanosecond); Pulley runs an order of magnitude
-/// fewer units a second, so it yields after fewer. A yield costs a fiber
-/// switch and a poll (microseconds): well under 1% at this interval.
+/// A quarter of a millisecond of a tight loop in native code here
+/// (`spin-forever` burns 6.5-9.5 units a nanosecond), more for code with
+/// calls and memory traffic; Pulley runs an order of magnitude fewer units
+/// a second, so it yields after fewer. A yield costs a fiber switch and a
+/// poll (a few microseconds), about 1% at worst at this interval, and
+/// bounds how late a computing guest is stopped.
 pub fn fuel_per_yield(engine: &Engine) -> u64 {
     if engine.is_pulley() { 200_000 } else { 2_000_000 }
 }
