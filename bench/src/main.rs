@@ -4,6 +4,7 @@
 //! needs; `bench/README.md` holds the recorded results.
 
 mod coldstart;
+mod deadline;
 mod density;
 mod engines;
 mod languages;
@@ -11,7 +12,7 @@ mod metering;
 mod startup;
 mod throughput;
 
-const USAGE: &str = "usage: bench <startup|languages|throughput|metering|engines|coldstart|density> [ARGS]";
+const USAGE: &str = "usage: bench <startup|languages|throughput|metering|deadline|engines|coldstart|density> [ARGS]";
 
 #[tokio::main]
 async fn main() {
@@ -23,6 +24,7 @@ async fn main() {
         Some("languages") => languages::main(args).await,
         Some("throughput") => throughput::main(args).await,
         Some("metering") => metering::main(args).await,
+        Some("deadline") => deadline::main(args).await,
         Some("engines") => engines::main(args).await,
         Some("coldstart") => coldstart::main(args).await,
         Some("density") => density::main(args).await,

@@ -361,6 +361,19 @@ pub async fn log_call_loop_past_the_deadline(env: &Env) {
     assert!(result.report.log_lines_dropped > 0, "{:?}", result.report);
 }
 
+pub async fn random_draw_loop_past_the_deadline(env: &Env) {
+    // A megabyte of random bytes per call: the guest spends its time in
+    // synchronous host calls, where fuel does not advance, so it burns
+    // little fuel of its own and rarely reaches a fuel yield. It is
+    // stopped where it returns from the host, not at a later yield, and
+    // not as if it were waiting.
+    let result = env.run("hostile", &[("attack", "random-loop")], env.deadline()).await;
+    fails(&result, FailKind::BudgetDeadline, "deadline");
+    let message = &failure(&result).message;
+    assert!(!message.contains("host call"), "{message}");
+    on_time(env, &result);
+}
+
 pub async fn log_call_loop_out_of_fuel(env: &Env) {
     let result = env.run("hostile", &[("attack", "log-loop")], fuel(5_000_000)).await;
     fails(&result, FailKind::BudgetFuel, "5000000");
@@ -1266,6 +1279,7 @@ cases!(
     host_call_loop_past_the_deadline,
     log_call_loop_out_of_fuel,
     log_call_loop_past_the_deadline,
+    random_draw_loop_past_the_deadline,
     memory_bomb,
     table_growth_refused,
     table_bomb_under_the_on_demand_allocator,

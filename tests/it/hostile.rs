@@ -39,6 +39,7 @@ hostile_tests!(
     host_call_loop_past_the_deadline,
     log_call_loop_out_of_fuel,
     log_call_loop_past_the_deadline,
+    random_draw_loop_past_the_deadline,
     memory_bomb,
     table_growth_refused,
     table_bomb_under_the_on_demand_allocator,
@@ -80,7 +81,7 @@ hostile_tests!(
 #[test]
 fn every_case_of_the_set_has_its_own_test() {
     // The list above and the set's list are kept in step.
-    assert_eq!(hostile_set::CASES.len(), 42);
+    assert_eq!(hostile_set::CASES.len(), 43);
 }
 
 /// What a user sees for an artifact the node refuses: `run-agent --json`

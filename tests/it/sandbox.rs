@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use node_runtime::sandbox::precompiled;
 use node_runtime::sandbox::{
-    Agent, Allocator, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, NodeLimits, RunFailure, RunOutcome,
-    RunRequest, RunResult, Sandbox, SandboxConfig,
+    Agent, Allocator, AllocatorChoice, BudgetRequest, EngineSettings, FailKind, Metering, NodeLimits, RunFailure,
+    RunOutcome, RunRequest, RunResult, Sandbox, SandboxConfig,
 };
 use support::*;
 
@@ -414,6 +414,27 @@ async fn a_cwasm_from_another_engine_configuration_is_refused() {
     // A bare wasmtime artifact, without node-runtime's trailer.
     let bare = component.serialize().unwrap();
     assert!(invalid(bare).await.contains("integrity trailer"));
+}
+
+#[tokio::test]
+async fn a_cwasm_with_epoch_checks_from_an_older_node_is_refused_with_the_command_to_rebuild() {
+    // Nodes before issue 22 compiled fuel and epoch checks into every
+    // guest; this one enforces deadlines through fuel, and never advances
+    // an epoch that such code would wait for.
+    let older = Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            metering: Metering::FuelAndEpochs,
+            allocator: AllocatorChoice::OnDemand,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .expect("an engine as older nodes built it");
+    let cwasm = older.precompile(&agent_bytes("echo")).expect("precompiles");
+    let message = invalid(cwasm).await;
+    assert!(message.contains("older node-runtime"), "{message}");
+    assert!(message.contains("epoch"), "{message}");
+    assert!(message.contains("`node-runtime compile`"), "{message}");
 }
 
 #[tokio::test]

@@ -113,13 +113,7 @@ pub(crate) fn compile(
         // keys; the artifact carries the digest `node-runtime compile`
         // recorded, so it is the bytes wasmtime produced; wasmtime checks
         // its own version and configuration before using it.
-        return unsafe { Component::deserialize(engine, artifact) }.map_err(|err| {
-            InvalidAgent(format!(
-                "the .cwasm was precompiled for a different engine and cannot run here: {}; \
-                 compile it again with this node's `node-runtime compile`",
-                error_chain(&err)
-            ))
-        });
+        return unsafe { Component::deserialize(engine, artifact) }.map_err(|err| incompatible(engine, &err));
     }
     // What `node-runtime compile` writes starts as an ELF artifact and ends
     // with its trailer. With bytes appended, the trailer sits inside; cut
@@ -194,6 +188,30 @@ fn no_compiler(engine: &Engine) -> String {
          this node the .cwasm",
         super::engine::host_precompile_target(engine)
     )
+}
+
+/// Why wasmtime refused a `.cwasm`, with the command that makes one this
+/// node runs. wasmtime compares the settings the code was compiled under
+/// with the engine's, epoch interruption among them, so code that checks
+/// epochs is never run by an engine that does not advance them.
+fn incompatible(engine: &Engine, err: &wasmtime::Error) -> InvalidAgent {
+    let reason = error_chain(err);
+    let rebuild = format!(
+        "compile it again from the .wasm with this node's `node-runtime compile` (or, on another \
+         machine, `node-runtime compile --target {}`)",
+        super::engine::host_precompile_target(engine)
+    );
+    if reason.contains("compiled with epoch interruption") {
+        // Nodes before issue 22 compiled epoch checks into every guest for
+        // deadlines; this node enforces them through fuel.
+        return InvalidAgent(format!(
+            "the .cwasm was compiled by an older node-runtime, with epoch checks for deadlines \
+             that this node enforces through fuel instead ({reason}); {rebuild}"
+        ));
+    }
+    InvalidAgent(format!(
+        "the .cwasm was precompiled for a different engine and cannot run here: {reason}; {rebuild}"
+    ))
 }
 
 /// Refuses a `.cwasm` compiled for another machine, naming both targets.

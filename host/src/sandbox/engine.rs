@@ -44,33 +44,51 @@ pub enum Allocator {
     OnDemand { reason: String },
 }
 
-/// Whether guests are metered. Production engines always are: fuel is the
-/// CPU budget and epochs enforce deadlines and make guests yield.
+/// Whether guests are metered. Production engines always are, with fuel:
+/// fuel is the CPU budget, and a computing guest yields every
+/// [`fuel_per_yield`] units, where the run loop enforces its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Metering {
-    /// Fuel and epoch interruption compiled into every guest.
+    /// Fuel only: one check at each guest loop header. The node's mode.
     #[default]
+    Fuel,
+    /// Fuel, and epoch interruption for the deadline: a second check at
+    /// each loop header. The node's mode until issue 22; kept so that
+    /// benchmarks can measure what it cost. Code compiled this way (a
+    /// `.cwasm` from an older node) is refused by a [`Metering::Fuel`]
+    /// engine, and the reverse.
     FuelAndEpochs,
-    /// Fuel only, or epochs only: for benchmarks that tell the two costs
-    /// apart. Without epochs a deadline is enforced only by the timeout
-    /// around the whole run; without fuel there is no CPU budget.
-    FuelOnly,
+    /// Epochs only: for an engine without fuel, where the epoch callback
+    /// makes guests yield and enforces the deadline. No CPU budget.
     EpochsOnly,
     /// Neither: for benchmarks that measure what metering costs, nothing
     /// else. A guest then has no CPU budget, never yields, and its deadline
-    /// is enforced only by the timeout around the whole run. Code compiled
-    /// this way is refused by a metered engine, and the reverse.
+    /// is enforced only when it returns from a host call or after it ends.
+    /// Code compiled this way is refused by a metered engine, and the
+    /// reverse.
     Off,
 }
 
 impl Metering {
     pub fn fuel(self) -> bool {
-        matches!(self, Metering::FuelAndEpochs | Metering::FuelOnly)
+        matches!(self, Metering::Fuel | Metering::FuelAndEpochs)
     }
 
     pub fn epochs(self) -> bool {
         matches!(self, Metering::FuelAndEpochs | Metering::EpochsOnly)
     }
+}
+
+/// Fuel a computing guest burns between two yields to the async runtime,
+/// where its deadline is checked (`Store::fuel_async_yield_interval`).
+/// A quarter of a millisecond of a tight loop in native code here
+/// (`spin-forever` burns 6.5-9.5 units a nanosecond), more for code with
+/// calls and memory traffic; Pulley runs an order of magnitude fewer units
+/// a second, so it yields after fewer. A yield costs a fiber switch and a
+/// poll (a few microseconds), about 1% at worst at this interval, and
+/// bounds how late a computing guest is stopped.
+pub fn fuel_per_yield(engine: &Engine) -> u64 {
+    if engine.is_pulley() { 200_000 } else { 2_000_000 }
 }
 
 /// How guests execute.
@@ -146,10 +164,11 @@ pub struct EngineSettings {
     pub allocator: AllocatorChoice,
     /// Runs that may be instantiated at once; sizes the pool.
     pub max_concurrent_runs: u32,
-    /// How often the epoch advances: the granularity of deadlines and of
-    /// guest yields to the async runtime.
+    /// How often the epoch advances, for an engine with epochs: the
+    /// granularity of its deadlines and of guest yields. (A fuel-only
+    /// engine, the default, has no epoch ticker.)
     pub epoch_tick: Duration,
-    /// Always [`Metering::FuelAndEpochs`] outside benchmarks.
+    /// Always [`Metering::Fuel`] outside benchmarks.
     pub metering: Metering,
     /// Cranelift unless asked otherwise; Pulley regardless where Cranelift
     /// has no backend for the host.
@@ -162,7 +181,7 @@ impl Default for EngineSettings {
             allocator: AllocatorChoice::Auto,
             max_concurrent_runs: 16,
             epoch_tick: Duration::from_millis(10),
-            metering: Metering::FuelAndEpochs,
+            metering: Metering::Fuel,
             execution: Execution::Cranelift,
         }
     }

@@ -1,6 +1,6 @@
 //! Per-run meters that wasmtime does not keep itself.
 //!
-//! Fuel and epochs live in the `Store`; memory and tokens are counted here.
+//! Fuel lives in the `Store`; memory and tokens are counted here.
 //! [`MemoryMeter`] is the store's resource limiter: it sees every linear
 //! memory and table grow (instantiation included) and every instance,
 //! table and memory created, and it is told what the host holds for the

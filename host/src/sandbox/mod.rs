@@ -163,8 +163,8 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Builds the engine and starts its epoch ticker. Call once per
-    /// process.
+    /// Builds the engine (and, for an engine with epochs, starts its
+    /// ticker). Call once per process.
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let fail = |err: wasmtime::Error| SandboxError::Engine(agent::error_chain(&err));
         let grants = check_grants(&config)?;
@@ -185,7 +185,9 @@ impl Sandbox {
         }
         let llm = config.llm.map(llm::LlmClient::new).transpose()?.map(Arc::new);
         let compiled_cache = open_compiled_cache(config.compiled_cache.as_ref(), &engine)?;
-        engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
+        if config.engine.metering.epochs() {
+            engine::start_epoch_ticker(&engine, config.engine.epoch_tick);
+        }
         Ok(Sandbox {
             engine,
             metering: config.engine.metering,

@@ -6,27 +6,35 @@
 //! one place a run's power is granted; how the run ended is classified by
 //! the judge (`judge.rs`).
 //!
-//! The wall clock is enforced twice: the epoch callback traps a guest that
-//! is computing past its deadline (and makes every guest yield to the
-//! async runtime once per tick), and an outer timeout ends a guest that is
-//! blocked in a host call, where epochs cannot reach it.
+//! The wall clock is enforced where the guest comes back to the host. A
+//! computing guest yields to the async runtime every
+//! [`fuel_per_yield`](super::engine::fuel_per_yield) units of fuel (an
+//! engine without fuel: every epoch tick). A yield is a call into the host
+//! (a libcall), and every return from the host to the guest passes the
+//! store's call hook, which traps the guest once its deadline has passed.
+//! So a guest looping on synchronous host calls, where fuel does not
+//! advance, is stopped too. A guest blocked in an async host call never
+//! returns to the hook: a timer at the deadline ends it there.
 
 mod judge;
 
 pub(crate) use judge::check_tokens;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::time::error::Elapsed;
 use tracing::Instrument;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{CallHook, Engine, Store, StoreContextMut, Trap, UpdateDeadline};
 
 use super::agent::{Agent, Entry};
 use super::bindings::types::RunContext as WitRunContext;
 use super::budget::{Budget, BudgetRequest, NodeLimits};
 use super::capabilities::log::HostWarnings;
-use super::engine::Metering;
+use super::engine::{Metering, fuel_per_yield};
 use super::grants::AgentGrants;
 use super::host_memory;
 use super::llm::LlmClient;
@@ -63,9 +71,6 @@ pub struct RunResult {
     pub outcome: RunOutcome,
     pub report: RunReport,
 }
-
-/// How long after the deadline the outer timeout waits for the epoch trap.
-const BACKSTOP_GRACE: Duration = Duration::from_millis(30);
 
 /// What every run of one sandbox shares: the engine and how it meters
 /// guests, the node's limits, and the LLM client (`None`: no LLM
@@ -131,11 +136,7 @@ pub(crate) async fn execute(
     let mut store = store(shared.engine, shared.metering, &budget, state);
 
     let mut instantiate_us = 0;
-    let calling = call(&mut store, agent, &request.context, &mut instantiate_us);
-    // The backstop fires a little after the deadline, so a computing guest
-    // is stopped by its epoch trap (which leaves the store's meters
-    // readable) and only a guest blocked in a host call is cut off here.
-    let ended = tokio::time::timeout_at((deadline + BACKSTOP_GRACE).into(), calling).await;
+    let ended = until_deadline(deadline, call(&mut store, agent, &request.context, &mut instantiate_us)).await;
 
     let allowed = Duration::from_millis((deadline - started).as_millis() as u64);
     let judge = Judge::new(&budget, allowed, limits, store.data());
@@ -175,10 +176,30 @@ pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget
     Ok((budget, started, deadline))
 }
 
+/// Runs `calling` until it ends or the run's deadline passes.
+///
+/// The timer fires at the deadline itself, and is looked at whenever the
+/// guest hands control back: at each fuel (or epoch) yield of a computing
+/// guest, and while it waits in an async host call. The call is then
+/// polled once more to tell the two apart: a computing guest resumes from
+/// its yield into the call hook, which traps it with the deadline at once
+/// (its fuel count exact, as stored for the yield); a guest still pending
+/// is waiting in a host call, and is cut off here.
+async fn until_deadline<T>(deadline: Instant, calling: impl Future<Output = T>) -> Result<T, Elapsed> {
+    let mut calling = std::pin::pin!(calling);
+    match tokio::time::timeout_at(deadline.into(), calling.as_mut()).await {
+        Ok(ended) => Ok(ended),
+        Err(elapsed) => match std::future::poll_fn(|cx| Poll::Ready(calling.as_mut().poll(cx))).await {
+            Poll::Ready(ended) => Ok(ended),
+            Poll::Pending => Err(elapsed),
+        },
+    }
+}
+
 /// A fresh store for one run: its state, its memory meter as the store's
-/// limiter, the host's ceilings, the run's fuel, and the epoch callback
-/// that ends a computing guest at the deadline and charges it for the host
-/// work it caused.
+/// limiter, the host's ceilings, the run's fuel and how often a computing
+/// guest yields, and the call hook that ends the run at its deadline and
+/// charges it for the host work it caused.
 fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) -> Store<RunState> {
     let host_limits = state.host_limits;
     let mut store = Store::new(engine, state);
@@ -189,22 +210,40 @@ fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) 
         store
             .set_fuel(budget.fuel())
             .expect("the engine is configured with fuel");
+        store
+            .fuel_async_yield_interval(Some(fuel_per_yield(engine)))
+            .expect("the engine is configured with fuel and async support");
     }
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |ctx| {
-        if Instant::now() >= ctx.data().deadline {
-            return Err(DeadlineExceeded.into());
-        }
-        // The host work the run caused counts against its fuel. (Compiled
-        // code keeps its fuel count in a register across this callback,
-        // so the debt is kept beside it rather than taken out of it.)
-        let owed = ctx.data().host_work_fuel;
-        if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
-            return Err(Trap::OutOfFuel.into());
-        }
-        Ok(UpdateDeadline::Yield(1))
+    store.call_hook(move |ctx, hook| match hook {
+        CallHook::ReturningFromHost => back_from_host(ctx, metering),
+        _ => Ok(()),
     });
+    if metering.epochs() {
+        // The epoch callback is itself a call into the host: the call hook
+        // checks the deadline when it returns.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    }
     store
+}
+
+/// Every return to the guest from the host: from a host call, a fuel or
+/// epoch yield, or a libcall such as `memory.grow`. Fuel does not advance
+/// while the host works, so this is where a guest that loops on host calls
+/// (a megabyte of random bytes at a time, say) meets its deadline and pays
+/// for the host work it caused.
+fn back_from_host(ctx: StoreContextMut<'_, RunState>, metering: Metering) -> wasmtime::Result<()> {
+    if Instant::now() >= ctx.data().deadline {
+        return Err(DeadlineExceeded.into());
+    }
+    // The host work the run caused counts against its fuel. It is kept
+    // beside the store's count rather than taken out of it: compiled code
+    // holds its fuel count in a register across some of these returns.
+    let owed = ctx.data().host_work_fuel;
+    if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
+        return Err(Trap::OutOfFuel.into());
+    }
+    Ok(())
 }
 
 /// Instantiates the agent and calls its entry point. `instantiate_us` is
@@ -258,9 +297,10 @@ fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant, instan
     state.memory.set_host_bytes(held);
     let state = store.data();
     RunReport {
-        // Exact for a run that returned or ran out of fuel. For one trapped
-        // at its deadline mid-loop it is a lower bound: compiled code keeps
-        // fuel in a register and stores it at calls, not at every back-edge.
+        // Exact for a run that returned, ran out of fuel, or was stopped
+        // at its deadline by the call hook or in a host call: compiled code
+        // stores its fuel count before every call out of the guest, fuel
+        // yields included. (Under epochs only there is no fuel to report.)
         fuel_consumed: (budget.fuel() - store.get_fuel().unwrap_or(0))
             .saturating_add(state.host_work_fuel)
             .min(budget.fuel()),
