@@ -7,11 +7,12 @@ mod coldstart;
 mod density;
 mod engines;
 mod languages;
+mod lease_cost;
 mod metering;
 mod startup;
 mod throughput;
 
-const USAGE: &str = "usage: bench <startup|languages|throughput|metering|engines|coldstart|density> [ARGS]";
+const USAGE: &str = "usage: bench <startup|languages|throughput|lease-cost|metering|engines|coldstart|density> [ARGS]";
 
 #[tokio::main]
 async fn main() {
@@ -22,6 +23,7 @@ async fn main() {
         Some("startup") => startup::main(args).await,
         Some("languages") => languages::main(args).await,
         Some("throughput") => throughput::main(args).await,
+        Some("lease-cost") => lease_cost::main(args).await,
         Some("metering") => metering::main(args).await,
         Some("engines") => engines::main(args).await,
         Some("coldstart") => coldstart::main(args).await,
