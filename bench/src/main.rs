@@ -8,11 +8,13 @@ mod deadline;
 mod density;
 mod engines;
 mod languages;
+mod lease_cost;
 mod metering;
 mod startup;
 mod throughput;
 
-const USAGE: &str = "usage: bench <startup|languages|throughput|metering|deadline|engines|coldstart|density> [ARGS]";
+const USAGE: &str =
+    "usage: bench <startup|languages|throughput|lease-cost|metering|deadline|engines|coldstart|density> [ARGS]";
 
 #[tokio::main]
 async fn main() {
@@ -23,6 +25,7 @@ async fn main() {
         Some("startup") => startup::main(args).await,
         Some("languages") => languages::main(args).await,
         Some("throughput") => throughput::main(args).await,
+        Some("lease-cost") => lease_cost::main(args).await,
         Some("metering") => metering::main(args).await,
         Some("deadline") => deadline::main(args).await,
         Some("engines") => engines::main(args).await,

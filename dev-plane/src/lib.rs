@@ -51,8 +51,8 @@ pub use agents::{Agent, AgentVersion};
 pub use definitions::DefinitionError;
 use proto::lease_service_server::LeaseServiceServer;
 pub use state::{
-    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunStatus, SandboxReadings,
-    Timings,
+    Budgets, Capacity, Costs, ErrorInfo, NewRun, Node, NodeStatus, Reregistration, Run, RunCounts, RunStatus,
+    SandboxReadings, Timings,
 };
 pub use store::{LoadError, SaveError};
 pub use tls::PlaneTls;

@@ -44,6 +44,8 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{target}", get(get_node).delete(delete_node).post(heartbeat))
         .route("/v1/runs", post(submit_run).get(list_runs))
+        // A static segment, like `nodes:register`.
+        .route("/v1/runs:counts", get(run_counts))
         .route("/v1/runs/{run_id}", get(get_run))
         .merge(super::agent_api::routes())
         .route_layer(axum::middleware::from_fn(access::json_only))
@@ -168,6 +170,12 @@ async fn list_runs(State(ledger): Ledgered, RawQuery(query): RawQuery) -> Respon
         }
     }
     response
+}
+
+/// How many runs were submitted, wait, and ended: a poll that costs the
+/// same however many runs the plane holds (load generators use it).
+async fn run_counts(State(ledger): Ledgered) -> Response {
+    json(StatusCode::OK, &ledger.read(|state| state.counts()))
 }
 
 async fn get_run(State(ledger): Ledgered, Path(run_id): Path<String>) -> Response {

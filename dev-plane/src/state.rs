@@ -286,6 +286,17 @@ fn holder_name(holder: &Option<String>) -> String {
     }
 }
 
+/// How many runs the plane holds, by where they are (`GET /v1/runs:counts`).
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RunCounts {
+    pub submitted: usize,
+    /// Waiting for a node (never leased, or re-queued).
+    pub pending: usize,
+    /// Completed or failed.
+    pub finished: usize,
+}
+
 /// Nodes and runs. Runs are never deleted, so a run's index in `runs` is
 /// stable and doubles as its submission order.
 #[derive(Debug, Default)]
@@ -653,6 +664,17 @@ impl PlaneState {
         (runs, self.finished.len().max(from))
     }
 
+    /// How many runs were submitted, wait for a node, and reached a final
+    /// status: what a load generator polls to see a batch end, at no cost
+    /// that grows with the runs.
+    pub fn counts(&self) -> RunCounts {
+        RunCounts {
+            submitted: self.runs.len(),
+            pending: self.pending.len(),
+            finished: self.finished.len(),
+        }
+    }
+
     /// Records that a node acknowledged a lease. AckRequest has no run id:
     /// it is read back from the lease id, which embeds it.
     pub fn ack(&mut self, lease_id: &str, node_id: &str, now: SystemTime) -> Result<(), Refusal> {
@@ -911,6 +933,21 @@ mod tests {
             "Budgets.MaxFuel must not be negative"
         );
         assert!(state.runs().is_empty());
+    }
+
+    #[test]
+    fn counts_follow_runs_from_submission_to_outcome() {
+        let (mut state, _) = with_node_and_runs(8, 3);
+        let counts = |submitted, pending, finished| RunCounts {
+            submitted,
+            pending,
+            finished,
+        };
+        assert_eq!(state.counts(), counts(3, 3, 0));
+        let leased = grants(state.lease("node-1", 2, at(1), Duration::from_secs(300)));
+        assert_eq!(state.counts(), counts(3, 1, 0));
+        state.report(completed(&leased[0], "node-1"), at(2)).unwrap();
+        assert_eq!(state.counts(), counts(3, 1, 1));
     }
 
     #[test]
