@@ -354,3 +354,90 @@ fn dev_watch_serves_the_project_through_the_plane_and_runs_it() {
     );
     assert!(out.contains("watch: save to result in"), "{out}");
 }
+
+/// A project from elsewhere may carry links in its build output: `build`
+/// replaces a link at `target/NAME.wasm` with the component instead of
+/// writing through it, and refuses a `target` that is a link.
+#[test]
+fn build_never_writes_through_a_link_the_project_carries() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "linked"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("linked");
+    let victim = empty.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::create_dir(project.join("target")).unwrap();
+    std::os::unix::fs::symlink(&victim, project.join("target/linked.wasm")).unwrap();
+
+    let (code, out, err) = run(kit_command(&project).arg("build"));
+    assert_eq!(code, 0, "build: {out}\n{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let built = std::fs::symlink_metadata(project.join("target/linked.wasm")).unwrap();
+    assert!(built.is_file(), "the link was replaced by the component");
+
+    std::fs::remove_dir_all(project.join("target")).unwrap();
+    let elsewhere = empty.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, project.join("target")).unwrap();
+    let (code, _, err) = run(kit_command(&project).arg("build"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a folder (a link or a file)"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+}
+
+/// `agent.toml` is the project's text, not the node's: a world the node
+/// does not serve is refused, and what is quoted back is escaped.
+#[test]
+fn a_project_file_naming_a_world_the_node_does_not_serve_is_refused_with_its_text_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "name = \"evil\"\nlanguage = \"js\"\nworld = \"node-runtime:agent@9.9.9 \u{1b}[2J\u{7}FAKE\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(kit_command(dir.path()).arg("build"));
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("is not one this node serves"), "{err}");
+    assert!(
+        err.contains("\\u{1b}[2J") && !err.contains('\u{1b}') && !err.contains('\u{7}'),
+        "{err:?}"
+    );
+}
+
+/// The build runs what the tools directory holds: one others may write to
+/// is refused, and a folder of the user's where the tools would go is
+/// never deleted to make room.
+#[test]
+fn a_tools_directory_others_can_write_to_or_a_folder_in_the_way_is_refused_untouched() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "python", "careful"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("careful");
+
+    let open = empty.path().join("open-tools");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = run(kit_command(&project).env("NODE_RUNTIME_TOOLS", &open).arg("build"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing installed there");
+
+    let mine = empty.path().join("my-tools");
+    std::fs::create_dir_all(mine.join("py/src")).unwrap();
+    std::fs::write(mine.join("py/src/notes.txt"), "precious").unwrap();
+    let (code, _, err) = run(kit_command(&project).env("NODE_RUNTIME_TOOLS", &mine).arg("build"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was not made by a tools installer"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("py/src/notes.txt")).unwrap(),
+        "precious"
+    );
+}

@@ -26,10 +26,16 @@ pub async fn run(args: BuildArgs) -> Result<Exit, CommandError> {
         .map_err(|err| CommandError::internal(format!("the build stopped: {err}")))?
         .map_err(kit_error)?;
     let sandbox = checking_sandbox()?;
-    let bytes = check(&sandbox, &built.component).await?;
+    let (bytes, kind) = check(&sandbox, &built.component).await?;
     println!("built {}", built.component.display());
     println!("  size          {}", support::units::format_bytes(bytes.len() as u64));
-    println!("  world         {}", built.project.world);
+    // What the component is, as the node loaded it; the project's world
+    // (checked to be one the node serves) for an agent of the agent world.
+    if kind == "command" {
+        println!("  world         a WASI command (wasi:cli/run)");
+    } else {
+        println!("  world         {} (agent.toml)", built.project.world);
+    }
     println!("  agent.digest  {}", AgentDigest::of(&bytes));
     Ok(Exit::Completed)
 }
@@ -44,10 +50,10 @@ pub(crate) fn checking_sandbox() -> Result<Sandbox, CommandError> {
 
 /// Loads the component as a node would: an agent of a world this node
 /// serves, or an `agent.invalid` error saying why not.
-pub(crate) async fn check(sandbox: &Sandbox, component: &Path) -> Result<Vec<u8>, CommandError> {
+pub(crate) async fn check(sandbox: &Sandbox, component: &Path) -> Result<(Vec<u8>, &'static str), CommandError> {
     let bytes = super::read_agent_file("the built component", &component.to_path_buf())?;
     match sandbox.load(Arc::from(bytes.clone())).await {
-        Ok(_) => Ok(bytes),
+        Ok(agent) => Ok((bytes, agent.kind())),
         Err(invalid) => Err(CommandError {
             exit: Exit::AgentInvalid,
             message: format!("{}: {invalid}", component.display()),

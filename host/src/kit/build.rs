@@ -22,15 +22,19 @@ pub struct Built {
 pub fn build(dir: &Path) -> Result<Built, KitError> {
     let project = Project::open(dir)?;
     let dir = std::path::absolute(dir).map_err(KitError::io("cannot resolve", dir))?;
-    let out_dir = dir.join("target");
-    std::fs::create_dir_all(&out_dir).map_err(KitError::io("cannot create", &out_dir))?;
+    let out_dir = output_folder(&dir)?;
     let component = out_dir.join(format!("{}.wasm", project.name));
+    // Built under a fresh name and renamed into place: a link planted at
+    // `target/NAME.wasm` is replaced, never written through, and a tool
+    // that ends without writing leaves no older component to pass as new.
+    let partial = out_dir.join(format!(".{}.wasm.partial", project.name));
+    remove_if_there(&partial)?;
     let wit = dir.join("wit");
     match project.language {
         Language::Rust => {
             toolchain::rust_target()?;
             let built = cargo_build(&dir)?;
-            std::fs::copy(&built, &component).map_err(KitError::io("cannot copy the component from", &built))?;
+            copy_new(&built, &partial)?;
         }
         Language::Python => {
             let tool = toolchain::componentize_py()?;
@@ -42,7 +46,7 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
                 .arg(&dir)
                 .arg("app")
                 .arg("--output")
-                .arg(&component);
+                .arg(&partial);
             run_build(command.current_dir(&dir), "componentize-py")?;
         }
         Language::Js => {
@@ -53,11 +57,60 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
                 .arg("--wit")
                 .arg(&wit)
                 .args(["--world-name", "agent", "--out"])
-                .arg(&component);
+                .arg(&partial);
             run_build(command.current_dir(&dir), "componentize-js")?;
         }
     }
+    match std::fs::symlink_metadata(&partial) {
+        Ok(meta) if meta.is_file() => {}
+        _ => {
+            return Err(KitError::Build(format!(
+                "the build ended without writing the component {}",
+                partial.display()
+            )));
+        }
+    }
+    std::fs::rename(&partial, &component).map_err(KitError::io("cannot move the component to", &component))?;
     Ok(Built { project, component })
+}
+
+/// `DIR/target`, created if missing; a link or a file there is refused
+/// rather than followed (a project from elsewhere may carry one).
+fn output_folder(dir: &Path) -> Result<PathBuf, KitError> {
+    let out_dir = dir.join("target");
+    match std::fs::symlink_metadata(&out_dir) {
+        Ok(meta) if meta.is_dir() => Ok(out_dir),
+        Ok(_) => Err(KitError::Usage(format!(
+            "{} is not a folder (a link or a file): the build writes its component there; remove \
+             it and build again",
+            out_dir.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(&out_dir).map_err(KitError::io("cannot create", &out_dir))?;
+            Ok(out_dir)
+        }
+        Err(err) => Err(KitError::io("cannot read", &out_dir)(err)),
+    }
+}
+
+fn remove_if_there(path: &Path) -> Result<(), KitError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(KitError::io("cannot remove", path)(err)),
+    }
+}
+
+/// Copies `from` into the new file `to` (never through a link).
+fn copy_new(from: &Path, to: &Path) -> Result<(), KitError> {
+    let mut source = std::fs::File::open(from).map_err(KitError::io("cannot read the component", from))?;
+    let mut target = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(KitError::io("cannot write", to))?;
+    std::io::copy(&mut source, &mut target).map_err(KitError::io("cannot write", to))?;
+    Ok(())
 }
 
 /// `cargo build --release --target wasm32-wasip2`; the `.wasm` cargo made

@@ -9,6 +9,9 @@ use super::{KitError, embedded};
 /// The world new projects target: the newest the node serves.
 pub const WORLD: &str = "node-runtime:agent@0.2.0";
 
+/// The worlds a project may say it targets: the ones the node serves.
+pub const WORLDS: [&str; 2] = [WORLD, "node-runtime:agent@0.1.0"];
+
 /// The project file's name.
 pub const PROJECT_FILE: &str = "agent.toml";
 
@@ -74,15 +77,25 @@ impl Project {
         let language = value("language")?;
         let language = Language::parse(&language).ok_or_else(|| {
             KitError::Usage(format!(
-                "{}: language \"{language}\" is not one the kit builds: rust, python or js",
-                file.display()
+                "{}: language {:?} is not one the kit builds: rust, python or js",
+                file.display(),
+                language
             ))
         })?;
+        let world = value("world")?;
+        if !WORLDS.contains(&world.as_str()) {
+            return Err(KitError::Usage(format!(
+                "{}: world {world:?} is not one this node serves: {}; `node-runtime new` writes \
+                 the newest, {WORLD}",
+                file.display(),
+                WORLDS.join(", ")
+            )));
+        }
         Ok(Project {
             dir: dir.to_path_buf(),
             name,
             language,
-            world: value("world")?,
+            world,
         })
     }
 
@@ -177,14 +190,52 @@ pub fn create(language: Language, name: &str, dir: &Path) -> Result<Project, Kit
         .into_bytes(),
     ));
     files.push((".gitignore".to_string(), b"/target/\n".to_vec()));
+    write_new(dir, files)?;
+    Ok(project)
+}
+
+/// Writes `files` (paths relative to `dir`) into `dir`, new or empty,
+/// creating every folder and file afresh: a folder or file that appears in
+/// the meantime (a link planted by someone racing the command in a shared
+/// parent folder) is an error, never written through.
+fn write_new(dir: &Path, files: Vec<(String, Vec<u8>)>) -> Result<(), KitError> {
+    use std::io::Write as _;
+    if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(KitError::io("cannot create", parent))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        // Checked empty by the caller; a link is not followed.
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(err) => return Err(KitError::io("cannot create", dir)(err)),
+    }
+    let mut folders: Vec<PathBuf> = files
+        .iter()
+        .flat_map(|(path, _)| {
+            Path::new(path)
+                .ancestors()
+                .skip(1)
+                .map(Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
+        .filter(|folder| !folder.as_os_str().is_empty())
+        .collect();
+    folders.sort();
+    folders.dedup();
+    for folder in folders {
+        let at = dir.join(folder);
+        std::fs::create_dir(&at).map_err(KitError::io("cannot create", &at))?;
+    }
     for (path, bytes) in files {
         let to = dir.join(&path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(KitError::io("cannot create", parent))?;
-        }
-        std::fs::write(&to, bytes).map_err(KitError::io("cannot write", &to))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&to)
+            .and_then(|mut file| file.write_all(&bytes))
+            .map_err(KitError::io("cannot write", &to))?;
     }
-    Ok(project)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -39,20 +39,76 @@ pub fn tools_dir() -> Result<PathBuf, KitError> {
     Ok(cache.join("node-runtime").join("tools"))
 }
 
+/// The tools directory, created if missing, checked (see [`check_private`])
+/// and locked against another build installing into it at the same time;
+/// the lock holds while the returned file is open.
+fn locked_tools_dir() -> Result<(PathBuf, std::fs::File), KitError> {
+    let tools = tools_dir()?;
+    std::fs::create_dir_all(&tools).map_err(KitError::io("cannot create", &tools))?;
+    check_private(&tools)?;
+    let lock_path = tools.join(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(KitError::io("cannot open", &lock_path))?;
+    lock.lock().map_err(KitError::io("cannot lock", &lock_path))?;
+    Ok((tools, lock))
+}
+
+/// The tools run as the user who builds: a directory another user owns,
+/// or one others may write to, could hold anything under the pinned
+/// names, so it is refused rather than trusted.
+fn check_private(dir: &Path) -> Result<(), KitError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(dir).map_err(KitError::io("cannot read", dir))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(KitError::Tool(format!(
+                "the tools directory {} must be a folder of your own that others cannot write to \
+                 (it is {}, owner uid {}, mode {:o}): the build runs the programs in it; fix it \
+                 with `chmod go-w` (or remove it, or point {TOOLS_VARIABLE} elsewhere)",
+                dir.display(),
+                if meta.is_symlink() {
+                    "a link"
+                } else if meta.is_dir() {
+                    "a folder"
+                } else {
+                    "a file"
+                },
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `componentize-py`, installed into `TOOLS/py` if it is not there.
 pub fn componentize_py() -> Result<PathBuf, KitError> {
-    let env = tools_dir()?.join("py");
+    let (tools, _lock) = locked_tools_dir()?;
+    let env = tools.join("py");
     let pins = pin("requirements.txt")?;
-    let version = output_of("python3", &["--version"], true, "python3", PYTHON_FIX)?;
+    // Asked from the tools directory: a project's `.python-version` (pyenv)
+    // does not choose the interpreter the shared tools are built with.
+    let version = output_of_in(&tools, "python3", &["--version"], true, "python3", PYTHON_FIX)?;
     let want = stamp(&[pins, &version, format!("{}\n", env.display()).as_bytes()]);
     let tool = env.join("bin").join("componentize-py");
     if stamp_matches(&env, &want) && tool.is_file() {
         return Ok(tool);
     }
     eprintln!("installing componentize-py (pinned) into {}", env.display());
-    reset(&env)?;
+    reset(&env, "pyvenv.cfg")?;
     run_tool(
-        Command::new("python3").arg("-m").arg("venv").arg(&env),
+        Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&env)
+            .current_dir(&tools),
         "python3 -m venv",
         VENV_FIX,
     )?;
@@ -71,7 +127,8 @@ pub fn componentize_py() -> Result<PathBuf, KitError> {
 
 /// `componentize-js`, installed into `TOOLS/js` if it is not there.
 pub fn componentize_js() -> Result<PathBuf, KitError> {
-    let env = tools_dir()?.join("js");
+    let (tools, _lock) = locked_tools_dir()?;
+    let env = tools.join("js");
     let (package, lock) = (pin("package.json")?, pin("package-lock.json")?);
     let version = output_of("node", &["--version"], false, "node", NODE_FIX)?;
     let want = stamp(&[package, lock, &version]);
@@ -81,7 +138,7 @@ pub fn componentize_js() -> Result<PathBuf, KitError> {
     }
     output_of("npm", &["--version"], false, "npm", NODE_FIX)?;
     eprintln!("installing componentize-js (pinned) into {}", env.display());
-    reset(&env)?;
+    reset(&env, "package-lock.json")?;
     for (name, bytes) in [("package.json", package), ("package-lock.json", lock)] {
         let to = env.join(name);
         std::fs::write(&to, bytes).map_err(KitError::io("cannot write", &to))?;
@@ -168,12 +225,27 @@ fn write_stamp(env: &Path, want: &str) -> Result<(), KitError> {
     std::fs::write(&path, format!("{want}\n")).map_err(KitError::io("cannot write", &path))
 }
 
-/// Empties `env` for a fresh install.
-fn reset(env: &Path) -> Result<(), KitError> {
-    match std::fs::remove_dir_all(env) {
-        Ok(()) => {}
+/// Empties `env` for a fresh install, if it is one a tools installer made
+/// (it holds a `.stamp` or `marker`) or is empty: a folder of the user's
+/// that happens to sit where the tools go is never deleted.
+fn reset(env: &Path, marker: &str) -> Result<(), KitError> {
+    match std::fs::symlink_metadata(env) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(KitError::io("cannot remove", env)(err)),
+        Err(err) => return Err(KitError::io("cannot read", env)(err)),
+        Ok(meta) => {
+            let ours = meta.is_dir()
+                && (env.join(".stamp").is_file()
+                    || env.join(marker).is_file()
+                    || std::fs::read_dir(env).is_ok_and(|mut entries| entries.next().is_none()));
+            if !ours {
+                return Err(KitError::Tool(format!(
+                    "{} is in the way of the build tools and was not made by a tools installer \
+                     (no .stamp or {marker}): move it away, or point {TOOLS_VARIABLE} elsewhere",
+                    env.display()
+                )));
+            }
+            std::fs::remove_dir_all(env).map_err(KitError::io("cannot remove", env))?;
+        }
     }
     std::fs::create_dir_all(env).map_err(KitError::io("cannot create", env))
 }
@@ -181,11 +253,27 @@ fn reset(env: &Path) -> Result<(), KitError> {
 /// A program's stdout (and stderr, as a shell's `2>&1`, when asked); a
 /// program that is not there is an error with `fix`.
 fn output_of(program: &str, args: &[&str], with_stderr: bool, name: &str, fix: &str) -> Result<Vec<u8>, KitError> {
-    let output = Command::new(program).args(args).output().map_err(|err| {
-        KitError::Tool(format!(
-            "`{name}` is needed for this build and cannot run ({err}); {fix}"
-        ))
-    })?;
+    output_of_in(Path::new("."), program, args, with_stderr, name, fix)
+}
+
+/// As [`output_of`], run in `dir`.
+fn output_of_in(
+    dir: &Path,
+    program: &str,
+    args: &[&str],
+    with_stderr: bool,
+    name: &str,
+    fix: &str,
+) -> Result<Vec<u8>, KitError> {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|err| {
+            KitError::Tool(format!(
+                "`{name}` is needed for this build and cannot run ({err}); {fix}"
+            ))
+        })?;
     let mut bytes = output.stdout;
     if with_stderr {
         bytes.extend_from_slice(&output.stderr);

@@ -77,14 +77,31 @@ pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime
         if seen == *before {
             continue;
         }
-        let saved = seen
-            .iter()
-            .filter(|(path, modified)| before.get(*path) != Some(*modified))
-            .map(|(_, modified)| *modified)
-            .max()
-            .unwrap_or_else(SystemTime::now);
-        return (seen, saved);
+        // A file restored with an older time (`cp -p`, `tar`, `mv` of an
+        // older file) would look unchanged to cargo, which compares times:
+        // it is given the time of the save, so the build sees it.
+        let newest_before = before.values().max().copied();
+        let mut saved: Option<SystemTime> = None;
+        for (path, modified) in seen.iter_mut() {
+            if before.get(path) == Some(modified) {
+                continue;
+            }
+            if newest_before.is_some_and(|newest| *modified <= newest)
+                && let Ok(now) = touch(path)
+            {
+                *modified = now;
+            }
+            saved = saved.max(Some(*modified));
+        }
+        return (seen, saved.unwrap_or_else(SystemTime::now));
     }
+}
+
+/// Sets `path`'s modification time to now; returns it.
+fn touch(path: &Path) -> std::io::Result<SystemTime> {
+    let file = std::fs::File::options().append(true).open(path)?;
+    file.set_modified(SystemTime::now())?;
+    file.metadata()?.modified()
 }
 
 #[cfg(test)]
@@ -110,5 +127,33 @@ mod tests {
             .map(|path| path.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["sdk/target.rs", "src/lib.rs"]);
+    }
+
+    /// A file put back with an older time than the last build (`cp -p`)
+    /// is seen, and given the time of the save so cargo rebuilds it.
+    #[tokio::test]
+    async fn a_file_restored_with_an_older_time_is_seen_and_given_the_time_of_the_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("lib.rs");
+        std::fs::write(&source, "new").unwrap();
+        let before = snapshot(dir.path());
+        let hours_ago = SystemTime::now() - Duration::from_secs(3 * 3600);
+        std::fs::write(&source, "old").unwrap();
+        std::fs::File::options()
+            .append(true)
+            .open(&source)
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+        let (after, saved) = tokio::time::timeout(Duration::from_secs(10), next_change(dir.path(), &before))
+            .await
+            .expect("the change is seen");
+        let modified = std::fs::metadata(&source).unwrap().modified().unwrap();
+        assert!(
+            modified > before[&source],
+            "the file's time moves past the last build's"
+        );
+        assert_eq!(after[&source], modified);
+        assert_eq!(saved, modified);
     }
 }

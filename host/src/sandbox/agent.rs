@@ -313,9 +313,11 @@ const GUEST_NAME_BYTES: usize = 200;
 /// The most exports a message lists.
 const LISTED_EXPORTS: usize = 20;
 
-/// `text` from the agent, cut to `max` bytes for a message.
+/// `text` from the agent, cut to `max` bytes for a message, its control
+/// characters escaped: a name the agent chose cannot forge a line of the
+/// report or drive the terminal it is printed on.
 fn guest_text(text: &str, max: usize) -> String {
-    super::capabilities::log::truncate(text, max).into_owned()
+    support::one_line::escape(&super::capabilities::log::truncate(text, max)).into_owned()
 }
 
 /// The agent's exports for a message: the first few, each name cut.
@@ -331,17 +333,31 @@ fn export_list(exports: &[String]) -> String {
     listed.join(", ")
 }
 
-/// `outer: inner: innermost`, the way wasmtime's errors read best.
+/// `outer: inner: innermost`, the way wasmtime's errors read best, on one
+/// line: a validation error quotes the component's own names and bytes,
+/// so control characters are escaped.
 pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
-    err.chain()
+    let chain = err
+        .chain()
         .map(|cause| cause.to_string())
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    support::one_line::escape(&chain).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_or_error_from_the_component_stays_on_one_line() {
+        let forged = "a\u{1b}]0;PWN\u{7}b\ncompleted";
+        assert_eq!(export_list(&[forged.to_string()]), "a\\u{1b}]0;PWN\\u{7}b\\ncompleted");
+        let err = wasmtime::Error::msg(format!("import name `{forged}`")).context("invalid component");
+        let chain = error_chain(&err);
+        assert!(!chain.contains(['\u{1b}', '\u{7}', '\n']), "{chain:?}");
+        assert!(chain.starts_with("invalid component: import name `a\\u{1b}"), "{chain}");
+    }
 
     #[test]
     fn an_export_list_quotes_a_few_names_each_cut() {
