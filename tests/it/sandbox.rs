@@ -588,3 +588,49 @@ async fn a_compilation_whose_caller_stopped_waiting_finishes_and_serves_the_next
     assert_eq!(agent.kind(), "agent");
     assert_eq!(sandbox.compile_counts().compiled, 1, "compiled once");
 }
+
+/// A guest looping on synchronous host calls (a megabyte of random bytes
+/// at a time) barely advances its fuel, so fuel alone would not make it
+/// yield: it would hold a runtime thread, and every task queued behind it,
+/// until its own deadline. With two such guests on a two-thread runtime,
+/// a run waiting in a host call must still be stopped at its earlier
+/// deadline while they run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_looping_on_host_calls_leave_the_runtime_to_other_runs() {
+    let sandbox = Arc::new(sandbox());
+    let hostile = load(&sandbox, "hostile").await;
+    let sleeper = load(&sandbox, "sleep-forever").await;
+    let seconds = |s| BudgetRequest {
+        duration: Some(Duration::from_secs(s)),
+        ..BudgetRequest::default()
+    };
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let (sandbox, hostile) = (sandbox.clone(), hostile.clone());
+            tokio::spawn(async move {
+                sandbox
+                    .run(&hostile, request("hostile", &[("attack", "random-loop")], seconds(10)))
+                    .await
+            })
+        })
+        .collect();
+    // The hogs take both threads first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move { sandbox.run(&sleeper, request("sleep-forever", &[], seconds(1))).await })
+    }
+    .await
+    .unwrap();
+    assert_eq!(failure(&probe).kind, FailKind::BudgetDeadline, "{probe:?}");
+    let running = hogs.iter().filter(|hog| !hog.is_finished()).count();
+    assert_eq!(
+        running, 2,
+        "the waiting run ended only after the host-call loops did: {:?}",
+        probe.report
+    );
+    for hog in hogs {
+        let result = hog.await.unwrap();
+        assert_eq!(failure(&result).kind, FailKind::BudgetDeadline, "{result:?}");
+    }
+}

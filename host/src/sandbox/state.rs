@@ -50,6 +50,10 @@ pub struct RunState {
     pub(crate) llm: Option<RunLlm>,
     /// When the run must end: its duration budget or the lease deadline.
     pub(crate) deadline: Instant,
+    /// When the guest last gave its thread back (or started): a guest
+    /// looping on host calls, where fuel does not advance, is made to
+    /// yield once this is a time slice ago (`run::back_from_host`).
+    pub(crate) slice_started: Instant,
 }
 
 impl WasiView for RunState {

@@ -207,6 +207,7 @@ impl<'a> RunStateBuilder<'a> {
             tokens: TokenMeter::new(self.budget.tokens()),
             llm: self.llm,
             deadline: self.deadline,
+            slice_started: Instant::now(),
         })
     }
 }

@@ -214,10 +214,7 @@ fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) 
             .fuel_async_yield_interval(Some(fuel_per_yield(engine)))
             .expect("the engine is configured with fuel and async support");
     }
-    store.call_hook(move |ctx, hook| match hook {
-        CallHook::ReturningFromHost => back_from_host(ctx, metering),
-        _ => Ok(()),
-    });
+    store.call_hook_async(CallHooks { metering });
     if metering.epochs() {
         // The epoch callback is itself a call into the host: the call hook
         // checks the deadline when it returns.
@@ -227,13 +224,50 @@ fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) 
     store
 }
 
+/// The longest a guest keeps its thread between two host calls' returns
+/// without giving it back. A computing guest yields every
+/// [`fuel_per_yield`] units of fuel (a fraction of a millisecond); a guest
+/// looping on synchronous host calls barely advances fuel, and without
+/// this would hold a runtime thread, and every task queued on it (other
+/// runs' timers, heartbeats, the admin endpoint), until its deadline.
+const TIME_SLICE: Duration = Duration::from_millis(2);
+
+/// The store's call hook: checks at every return to the guest, and a
+/// yield to the async runtime when the guest has held its thread for a
+/// time slice.
+struct CallHooks {
+    metering: Metering,
+}
+
+#[async_trait::async_trait]
+impl wasmtime::CallHookHandler<RunState> for CallHooks {
+    async fn handle_call_event(&self, mut ctx: StoreContextMut<'_, RunState>, hook: CallHook) -> wasmtime::Result<()> {
+        if !matches!(hook, CallHook::ReturningFromHost) {
+            return Ok(());
+        }
+        let now = back_from_host(&mut ctx, self.metering)?;
+        if now.duration_since(ctx.data().slice_started) >= TIME_SLICE {
+            // tokio's yield lets the runtime look at its timers and I/O
+            // before this task runs again.
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            ctx.data_mut().slice_started = now;
+            if now >= ctx.data().deadline {
+                return Err(DeadlineExceeded.into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every return to the guest from the host: from a host call, a fuel or
 /// epoch yield, or a libcall such as `memory.grow`. Fuel does not advance
 /// while the host works, so this is where a guest that loops on host calls
 /// (a megabyte of random bytes at a time, say) meets its deadline and pays
-/// for the host work it caused.
-fn back_from_host(ctx: StoreContextMut<'_, RunState>, metering: Metering) -> wasmtime::Result<()> {
-    if Instant::now() >= ctx.data().deadline {
+/// for the host work it caused. Returns the time it looked at.
+fn back_from_host(ctx: &mut StoreContextMut<'_, RunState>, metering: Metering) -> wasmtime::Result<Instant> {
+    let now = Instant::now();
+    if now >= ctx.data().deadline {
         return Err(DeadlineExceeded.into());
     }
     // The host work the run caused counts against its fuel. It is kept
@@ -243,7 +277,7 @@ fn back_from_host(ctx: StoreContextMut<'_, RunState>, metering: Metering) -> was
     if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
         return Err(Trap::OutOfFuel.into());
     }
-    Ok(())
+    Ok(now)
 }
 
 /// Instantiates the agent and calls its entry point. `instantiate_us` is
