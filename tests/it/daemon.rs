@@ -461,6 +461,18 @@ async fn sigterm_drains_finished_runs_complete_unfinished_ones_are_handed_back()
         max_duration_seconds: Some(1),
         ..Budgets::default()
     };
+    // sleep-forever compiled and kept before the signal: on a loaded
+    // machine its first compile can take longer than the whole drain,
+    // and the 1 s run below must start at once to end inside it.
+    let warm = plane
+        .submit(new_run("sleep-forever", "{}", short))
+        .await
+        .unwrap()
+        .run_id;
+    eventually(Duration::from_secs(120), "a first sleep-forever to end", || {
+        plane.run(&warm).filter(ended)
+    })
+    .await;
     let ends_during_drain = plane
         .submit(new_run("sleep-forever", "{}", short))
         .await
