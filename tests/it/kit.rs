@@ -109,13 +109,11 @@ fn a_new_javascript_agent_builds_and_runs_from_an_empty_folder() {
     assert!(!result.is_empty(), "the JavaScript template answers with a result");
 }
 
-#[test]
-fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
-    let empty = tempfile::tempdir().unwrap();
-    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "watched"]));
-    assert_eq!(code, 0, "{out}\n{err}");
-    let project = empty.path().join("watched");
-    let mut child = kit_command(&project)
+/// Runs `run-agent --watch` in `project` for two cycles, calling `on_wait`
+/// the first time it says it waits for a change (the test's save); returns
+/// its exit status, its stdout lines and its stderr.
+fn watch_two_cycles(project: &Path, mut on_wait: impl FnMut()) -> (std::process::ExitStatus, Vec<String>, String) {
+    let mut child = kit_command(project)
         .args([
             "run-agent",
             "--input-file",
@@ -126,7 +124,7 @@ fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
             "2",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (lines, seen) = mpsc::channel();
@@ -140,19 +138,35 @@ fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
     });
     let give_up = Instant::now() + Duration::from_secs(300);
     let mut printed = Vec::new();
-    let mut edited = false;
+    let mut saved = false;
     while let Ok(line) = seen.recv_timeout(give_up.saturating_duration_since(Instant::now())) {
-        if line.starts_with("watch: waiting for a change") && !edited {
-            let source = project.join("src/lib.rs");
-            let text = std::fs::read_to_string(&source).unwrap();
-            std::fs::write(&source, text.replace("hello from", "goodbye from")).unwrap();
-            edited = true;
+        if line.starts_with("watch: waiting for a change") && !saved {
+            on_wait();
+            saved = true;
         }
         printed.push(line);
     }
     let _ = child.kill();
-    let status = child.wait().unwrap();
+    let output = child.wait_with_output().unwrap();
     reader.join().unwrap();
+    (
+        output.status,
+        printed,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "watched"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("watched");
+    let source = project.join("src/lib.rs");
+    let (status, printed, err) = watch_two_cycles(&project, || {
+        let text = std::fs::read_to_string(&source).unwrap();
+        std::fs::write(&source, text.replace("hello from", "goodbye from")).unwrap();
+    });
     let text = printed.join("\n");
     let greetings: Vec<&str> = printed
         .iter()
@@ -168,7 +182,10 @@ fn watch_rebuilds_and_reruns_the_rust_template_when_its_source_is_saved() {
         2,
         "each cycle prints the time from the save to the result: {text}"
     );
-    assert!(status.success(), "two cycles, then a clean exit: {status}\n{text}");
+    assert!(
+        status.success(),
+        "two cycles, then a clean exit: {status}\n{text}\n{err}"
+    );
 }
 
 #[test]
@@ -184,50 +201,15 @@ fn build_refuses_a_folder_that_is_no_project_and_watch_waits_out_a_failed_build(
     let source = project.join("src/lib.rs");
     let good = std::fs::read_to_string(&source).unwrap();
     std::fs::write(&source, "this is not rust").unwrap();
-    let output = kit_command(&project)
-        .args([
-            "run-agent",
-            "--input-file",
-            "input.json",
-            "--watch",
-            ".",
-            "--watch-cycles",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // The first build fails; once it waits, the source is mended.
-    let mut child = output;
-    let stdout = child.stdout.take().unwrap();
-    let (lines, seen) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let give_up = Instant::now() + Duration::from_secs(300);
-    let mut printed = Vec::new();
-    while let Ok(line) = seen.recv_timeout(give_up.saturating_duration_since(Instant::now())) {
-        if line.starts_with("watch: waiting for a change") {
-            std::fs::write(&source, &good).unwrap();
-        }
-        printed.push(line);
-    }
-    let _ = child.kill();
-    let result = child.wait_with_output().unwrap();
-    reader.join().unwrap();
-    let err = String::from_utf8_lossy(&result.stderr);
+    let (status, printed, err) = watch_two_cycles(&project, || std::fs::write(&source, &good).unwrap());
     let text = printed.join("\n");
     assert!(err.contains("cargo build failed"), "the failed build is told: {err}");
     assert!(
         text.contains("hello from broken"),
         "the mended project ran: {text}\n{err}"
     );
-    assert!(result.status.success(), "{}\n{text}\n{err}", result.status);
+    assert!(status.success(), "{status}\n{text}\n{err}");
 }
 
 #[test]
