@@ -45,6 +45,9 @@ pub fn tools_dir() -> Result<PathBuf, KitError> {
 fn locked_tools_dir() -> Result<(PathBuf, std::fs::File), KitError> {
     let tools = tools_dir()?;
     std::fs::create_dir_all(&tools).map_err(KitError::io("cannot create", &tools))?;
+    // One spelling of the path (no `..`, no links): the venv's stamp
+    // carries it, as `scripts/install-guest-tools` writes it.
+    let tools = std::fs::canonicalize(&tools).map_err(KitError::io("cannot resolve", &tools))?;
     check_private(&tools)?;
     let lock_path = tools.join(".lock");
     let lock = std::fs::OpenOptions::new()
