@@ -341,11 +341,14 @@ async fn one_run_is_exported(protocol: &str) {
         llm_cost.usd_cost
     );
 
-    // Metrics: cumulative, so the latest export has the totals.
+    // Metrics: cumulative, so the latest export has the totals. A lease is
+    // counted completed a moment before its slot is given back, so an
+    // export can fall between the two: wait for the slots too.
     let metrics = eventually(Duration::from_secs(60), "metrics counting the three runs", || {
         let metrics = received.lock().unwrap().metrics();
         (latest_value(&metrics, "leases_completed_total") == Some(3.0)
-            && latest_value(&metrics, "agent_execution_duration_ms") == Some(3.0))
+            && latest_value(&metrics, "agent_execution_duration_ms") == Some(3.0)
+            && latest_value(&metrics, "available_slots") == Some(2.0))
         .then_some(metrics)
     })
     .await;
