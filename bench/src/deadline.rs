@@ -17,10 +17,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bench::{Spread, agent_wasm, wait_for_quiet_machine};
-use node_runtime::sandbox::{
-    BudgetRequest, EngineSettings, FailKind, Metering, RunOutcome, RunRequest, Sandbox, SandboxConfig,
-};
+use bench::{Spread, agent_wasm, metered_sandbox, wait_for_quiet_machine};
+use node_runtime::sandbox::{BudgetRequest, FailKind, Metering, RunOutcome, RunRequest};
 
 const DEADLINE: Duration = Duration::from_millis(200);
 const CASES: [&str; 2] = ["spin-forever", "sleep-forever"];
@@ -39,15 +37,7 @@ pub async fn main(args: Vec<String>) {
         ("fuel (node)", Metering::Fuel),
         ("fuel + epochs", Metering::FuelAndEpochs),
     ] {
-        let sandbox = Sandbox::new(SandboxConfig {
-            engine: EngineSettings {
-                metering,
-                max_concurrent_runs: 2,
-                ..EngineSettings::default()
-            },
-            ..SandboxConfig::default()
-        })
-        .expect("sandbox");
+        let sandbox = metered_sandbox(metering);
         for case in CASES {
             let agent = sandbox.load(agent_wasm(case)).await.expect("the agent loads");
             let mut overruns = Vec::with_capacity(runs);

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_runtime::sandbox::{Agent, BudgetRequest, RunContext, RunOutcome, RunRequest, Sandbox};
+use node_runtime::sandbox::{
+    Agent, BudgetRequest, EngineSettings, Metering, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig,
+};
 
 /// The `p` quantile (0..=1) of sorted samples, nearest rank.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
@@ -96,9 +98,21 @@ pub fn echo_request() -> RunRequest {
 /// One run of `prime-sieve` below `limit`: its wall time, and the number
 /// of primes it found (every variant must agree).
 pub async fn sieve_run(sandbox: &Sandbox, agent: &Agent, limit: u64) -> (Duration, String) {
+    let input = [("limit".to_string(), limit.to_string())];
+    let (elapsed, result) = timed_run(sandbox, agent, &input).await;
+    (elapsed, result["primes"].clone())
+}
+
+/// One run of `agent` with `input`, which must complete: its wall time and
+/// its result.
+pub async fn timed_run(
+    sandbox: &Sandbox,
+    agent: &Agent,
+    input: &[(String, String)],
+) -> (Duration, BTreeMap<String, String>) {
     let request = RunRequest {
         context: RunContext {
-            input_ref: BTreeMap::from([("limit".to_string(), limit.to_string())]),
+            input_ref: input.iter().cloned().collect(),
             ..RunContext::default()
         },
         budget: BudgetRequest::default(),
@@ -108,7 +122,20 @@ pub async fn sieve_run(sandbox: &Sandbox, agent: &Agent, limit: u64) -> (Duratio
     let result = sandbox.run(agent, request).await;
     let elapsed = started.elapsed();
     match result.outcome {
-        RunOutcome::Completed(map) => (elapsed, map["primes"].clone()),
-        other => panic!("prime-sieve did not complete: {other:?}"),
+        RunOutcome::Completed(map) => (elapsed, map),
+        other => panic!("the run did not complete: {other:?}"),
     }
+}
+
+/// A sandbox whose guests are metered as `metering`, for two runs at once.
+pub fn metered_sandbox(metering: Metering) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        engine: EngineSettings {
+            metering,
+            max_concurrent_runs: 2,
+            ..EngineSettings::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .expect("sandbox")
 }

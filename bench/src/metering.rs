@@ -22,13 +22,10 @@
 //! alternate run by run so that load from elsewhere on the machine falls
 //! on all alike.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bench::{Spread, agent_wasm, wait_for_quiet_machine};
-use node_runtime::sandbox::{
-    Agent, BudgetRequest, EngineSettings, Metering, RunContext, RunOutcome, RunRequest, Sandbox, SandboxConfig,
-};
+use bench::{Spread, agent_wasm, metered_sandbox, timed_run, wait_for_quiet_machine};
+use node_runtime::sandbox::{Metering, Sandbox};
 
 /// The node's mode first, the baseline last.
 const VARIANTS: [(&str, Metering); 4] = [
@@ -70,18 +67,7 @@ pub async fn main(args: Vec<String>) {
     ];
     let sandboxes: Vec<(&str, Sandbox)> = VARIANTS
         .iter()
-        .map(|&(name, metering)| {
-            let sandbox = Sandbox::new(SandboxConfig {
-                engine: EngineSettings {
-                    metering,
-                    max_concurrent_runs: 2,
-                    ..EngineSettings::default()
-                },
-                ..SandboxConfig::default()
-            })
-            .expect("sandbox");
-            (name, sandbox)
-        })
+        .map(|&(name, metering)| (name, metered_sandbox(metering)))
         .collect();
     for workload in &workloads {
         measure(workload, &sandboxes, runs).await;
@@ -144,27 +130,4 @@ async fn measure(workload: &Workload, sandboxes: &[(&str, Sandbox)], runs: usize
         workload.agent,
         if node <= workload.target { "met" } else { "NOT met" }
     );
-}
-
-/// One run: its wall time, and its result (every variant must agree).
-async fn timed_run(
-    sandbox: &Sandbox,
-    agent: &Agent,
-    input: &[(String, String)],
-) -> (Duration, BTreeMap<String, String>) {
-    let request = RunRequest {
-        context: RunContext {
-            input_ref: input.iter().cloned().collect(),
-            ..RunContext::default()
-        },
-        budget: BudgetRequest::default(),
-        ..RunRequest::default()
-    };
-    let started = Instant::now();
-    let result = sandbox.run(agent, request).await;
-    let elapsed = started.elapsed();
-    match result.outcome {
-        RunOutcome::Completed(map) => (elapsed, map),
-        other => panic!("the workload did not complete: {other:?}"),
-    }
 }
