@@ -505,6 +505,83 @@ async fn runs_keep_completing_when_the_collector_is_down_or_silent() {
     }
 }
 
+/// Nothing listens at the configured endpoint (as with the default one on
+/// most machines): the node notices at its first export and stops
+/// building spans and log records for OTLP. A collector that starts there
+/// later is found by the node's probe and receives the next run's spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_not_built_while_no_collector_listens_and_a_late_collector_gets_them() {
+    let collector_port = free_port();
+    let plane = DevPlane::start(PlaneOptions {
+        listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = base_config(&plane.url(), agents.path(), data.path());
+    config["OpenTelemetry"] = serde_json::json!({
+        "OtlpExporter": { "Endpoint": format!("http://127.0.0.1:{collector_port}"), "Protocol": "grpc" },
+        "Traces": { "Enabled": true, "SamplingRatio": 1.0 },
+        "Metrics": { "Enabled": false },
+    });
+    let mut node = Node::start(config, &[], &[]);
+    let run_echo = || async {
+        let run = plane
+            .submit(NewRun {
+                agent_id: "echo".to_string(),
+                version: "1.0.0".to_string(),
+                input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
+                metadata: BTreeMap::new(),
+                budgets: Default::default(),
+            })
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(60), "the run to complete", || {
+            plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
+        })
+        .await;
+        run.run_id
+    };
+
+    run_echo().await;
+    eventually(Duration::from_secs(30), "the node to find no collector", || {
+        node.stderr()
+            .contains("no OTLP collector listens at the endpoint")
+            .then_some(())
+    })
+    .await;
+
+    let (_, received) = otlp::start_at(collector_port).await;
+    eventually(
+        Duration::from_secs(30),
+        "the node's probe to find the collector",
+        || {
+            node.stderr()
+                .contains("an OTLP collector listens at the endpoint")
+                .then_some(())
+        },
+    )
+    .await;
+    let run_id = run_echo().await;
+    eventually(
+        Duration::from_secs(30),
+        "the late run's lease span at the collector",
+        || {
+            received.lock().unwrap().spans().into_iter().find(|(_, span)| {
+                span.name == "lease" && otlp::attribute(&span.attributes, "run.id").as_deref() == Some(run_id.as_str())
+            })
+        },
+    )
+    .await;
+
+    let status = node.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "stderr:\n{}", node.stderr());
+    plane.shutdown().await;
+}
+
 async fn get(url: &str) -> (u16, String) {
     node_runtime::support::tls::install_crypto_provider();
     match reqwest::get(url).await {

@@ -143,6 +143,11 @@ fn protobuf(body: Vec<u8>) -> impl axum::response::IntoResponse {
 
 /// Starts the receiver; returns its `http://127.0.0.1:PORT` and records.
 pub async fn start() -> (String, Arc<Mutex<Received>>) {
+    start_at(0).await
+}
+
+/// Like [`start`], on `port` of 127.0.0.1 (0: any free one).
+pub async fn start_at(port: u16) -> (String, Arc<Mutex<Received>>) {
     let received = Arc::new(Mutex::new(Received::default()));
     let sink = Sink(received.clone());
     let (traces, metrics, logs) = (sink.clone(), sink.clone(), sink.clone());
@@ -189,7 +194,7 @@ pub async fn start() -> (String, Arc<Mutex<Received>>) {
             "/opentelemetry.proto.collector.logs.v1.LogsService/{*method}",
             LogsServiceServer::new(sink),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, received)

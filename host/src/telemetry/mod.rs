@@ -18,9 +18,12 @@
 //!
 //! Every exporter is batched with a bounded queue and a timeout on its own
 //! thread: a collector that is down costs dropped telemetry, never a
-//! slower or stuck node.
+//! slower or stuck node. While no collector listens at the endpoint (the
+//! default endpoint, set whether or not one runs), spans and log records
+//! are not built at all (`collector.rs`).
 
 pub mod admin;
+mod collector;
 mod log_line;
 mod metrics;
 mod otlp;
@@ -32,7 +35,7 @@ use std::sync::Arc;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, dynamic_filter_fn, filter_fn};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -136,6 +139,11 @@ impl Telemetry {
                 .boxed(),
         };
         layers.push(stderr);
+        // Nothing is built for OTLP while no collector listens. A dynamic
+        // filter: a plain `filter_fn`'s answer is cached per callsite.
+        let listening = |collector: Option<collector::Collector>| {
+            dynamic_filter_fn(move |_, _| collector.as_ref().is_none_or(collector::Collector::listening))
+        };
         if let Some(tracer) = providers.tracer() {
             // The node's own spans; the libraries' (hyper, h2, tonic) would
             // only be noise, and the exporter's own would feed back.
@@ -144,7 +152,7 @@ impl Telemetry {
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
                     .with_threads(false)
-                    .with_filter(targets)
+                    .with_filter(targets.and(listening(providers.collector.clone())))
                     .boxed(),
             );
         }
@@ -161,7 +169,12 @@ impl Telemetry {
                         ),
                     )
                     .build()
-                    .with_filter(env_filter(&filter)?.and(filter_fn(log_line::capped)).and(quiet))
+                    .with_filter(
+                        env_filter(&filter)?
+                            .and(filter_fn(log_line::capped))
+                            .and(quiet)
+                            .and(listening(providers.collector.clone())),
+                    )
                     .boxed(),
             );
         }
@@ -192,7 +205,7 @@ impl Telemetry {
     pub async fn shutdown(self) {
         let metrics = self.metrics.clone();
         let Telemetry { providers, .. } = self;
-        let otlp::Providers { tracer, logger } = providers;
+        let otlp::Providers { tracer, logger, .. } = providers;
         let mut tasks = vec![tokio::task::spawn_blocking(move || metrics.shutdown())];
         if let Some(tracer) = tracer {
             tasks.push(tokio::task::spawn_blocking(move || {

@@ -18,6 +18,7 @@ use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::PeriodicReader;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
+use super::collector::{Collector, Gated};
 use super::metrics::METER_NAME;
 
 /// How long one export may take before it is abandoned.
@@ -127,11 +128,14 @@ pub enum OtlpError {
     },
 }
 
-/// The trace and log providers (the meter provider lives in `NodeMetrics`).
+/// The trace and log providers (the meter provider lives in `NodeMetrics`),
+/// and whether their collector listens.
 #[derive(Default)]
 pub(super) struct Providers {
     pub(super) tracer: Option<SdkTracerProvider>,
     pub(super) logger: Option<SdkLoggerProvider>,
+    /// Told by every span and log export; `None` when neither is on.
+    pub(super) collector: Option<Collector>,
 }
 
 impl Providers {
@@ -152,6 +156,7 @@ impl Providers {
         };
         let base = settings.endpoint.trim_end_matches('/');
         let grpc = settings.protocol == OtlpProtocol::Grpc;
+        let collector = (settings.traces || settings.logs).then(|| Collector::watch(base));
         let tracer = if settings.traces {
             let exporter = if grpc {
                 SpanExporter::builder()
@@ -167,6 +172,7 @@ impl Providers {
                     .build()
             }
             .map_err(fail("trace"))?;
+            let exporter = Gated::new(exporter, collector.clone().expect("made when traces are on"));
             Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -192,6 +198,7 @@ impl Providers {
                     .build()
             }
             .map_err(fail("log"))?;
+            let exporter = Gated::new(exporter, collector.clone().expect("made when logs are on"));
             Some(
                 SdkLoggerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -221,7 +228,14 @@ impl Providers {
             }
             None => None,
         };
-        Ok((Providers { tracer, logger }, metrics))
+        Ok((
+            Providers {
+                tracer,
+                logger,
+                collector,
+            },
+            metrics,
+        ))
     }
 
     pub(super) fn tracer(&self) -> Option<SdkTracer> {
