@@ -17,6 +17,11 @@
 //! alone and in queue order. A transaction that fails fails every write in
 //! it.
 //!
+//! A commit of removals alone is not synced (see `Outbox::remove`): the
+//! next synced commit carries it to disk, or, when none comes within
+//! [`SYNC_AFTER`], the writer thread syncs it itself, as it does before
+//! it ends.
+//!
 //! A failed (or panicked) commit leaves the store unable to record (redb
 //! refuses everything after an I/O error). From then on the writer thread
 //! answers each write at once with the committer's "unavailable" error,
@@ -76,7 +81,20 @@ pub(super) trait Committer: Send + 'static {
     fn reopen(&self, attempt: u32) -> bool;
     /// The answer to a write while the store is not healthy.
     fn unavailable(&self) -> Self::Error;
+    /// Whether a commit left writes that are not yet on disk (see
+    /// [`Committer::sync`]).
+    fn unsynced(&self) -> bool {
+        false
+    }
+    /// Puts every committed write on disk.
+    fn sync(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
+
+/// How long the writer thread leaves unsynced writes (removals) waiting
+/// for the next synced commit to carry them before it syncs them itself.
+pub(super) const SYNC_AFTER: Duration = Duration::from_millis(100);
 
 /// The first wait before reopening a failed store, and the longest.
 const REOPEN_FIRST: Duration = Duration::from_millis(200);
@@ -205,7 +223,21 @@ fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C:
             }
             continue;
         }
-        let Ok(first) = queue.recv() else { return };
+        let first = if committer.unsynced() {
+            match queue.recv_timeout(SYNC_AFTER) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    sync(committer);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return sync(committer),
+            }
+        } else {
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
             match queue.try_recv() {
@@ -214,6 +246,20 @@ fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C:
             }
         }
         commit_jobs(committer, jobs);
+    }
+}
+
+/// Syncs what earlier commits left unsynced. A failure is the store's
+/// (it stops recording until reopened), as for a failed commit.
+fn sync<C: Committer>(committer: &C) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.sync())) {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            committer.each(&error);
+        }
+        Err(_) => {
+            committer.panicked();
+        }
     }
 }
 
@@ -438,6 +484,69 @@ mod tests {
         assert_eq!(Arc::strong_count(&h.batches), 1);
         assert_eq!(*h.batches.lock().unwrap(), [1]);
         assert!(waiting.recv().is_ok(), "the queued write was answered");
+    }
+
+    /// Leaves every commit unsynced; counts the syncs.
+    struct Lazy {
+        unsynced: std::cell::Cell<bool>,
+        syncs: Arc<Mutex<u32>>,
+    }
+
+    impl Committer for Lazy {
+        type Error = String;
+
+        fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, String> {
+            self.unsynced.set(true);
+            Ok(batch.iter().map(|_| Written::Removed(true)).collect())
+        }
+        fn each(&self, error: &String) -> String {
+            error.clone()
+        }
+        fn panicked(&self) -> String {
+            "panicked".into()
+        }
+        fn healthy(&self) -> bool {
+            true
+        }
+        fn reopen(&self, _: u32) -> bool {
+            true
+        }
+        fn unavailable(&self) -> String {
+            "unavailable".into()
+        }
+        fn unsynced(&self) -> bool {
+            self.unsynced.get()
+        }
+        fn sync(&self) -> Result<(), String> {
+            self.unsynced.set(false);
+            *self.syncs.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unsynced_writes_are_synced_when_no_write_follows_and_before_the_writer_stops() {
+        let syncs = Arc::new(Mutex::new(0));
+        let lazy = Lazy {
+            unsynced: std::cell::Cell::new(false),
+            syncs: syncs.clone(),
+        };
+        let group = GroupCommit::start(lazy, || "gone".to_string()).unwrap();
+        let remove = || Write::Remove {
+            lease_id: "a".to_string(),
+        };
+        assert_eq!(group.submit_blocking(vec![remove()]).len(), 1);
+        // Bounded: 100 polls of 50 ms.
+        let synced = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            *syncs.lock().unwrap() == 1
+        });
+        assert!(synced, "the writer synced the lone unsynced commit");
+        std::thread::sleep(SYNC_AFTER * 3);
+        assert_eq!(*syncs.lock().unwrap(), 1, "nothing left to sync, no more syncs");
+        assert_eq!(group.submit_blocking(vec![remove()]).len(), 1);
+        drop(group);
+        assert_eq!(*syncs.lock().unwrap(), 2, "synced before the writer stopped");
     }
 
     /// Queues one put without waiting for its answer.

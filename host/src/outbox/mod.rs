@@ -5,7 +5,7 @@
 //! Why redb: it is pure Rust (no C toolchain, unlike SQLite), one file,
 //! and ACID: a write transaction's `commit()` returns only after the data
 //! is fsynced (`Durability::Immediate`, its default; only removals are
-//! not, see [`Outbox::remove`]), so an outcome
+//! not, see [`Outbox::remove`]: they reach the disk within 100 ms), so an outcome
 //! written is on disk before the node tries to send it, and a crash
 //! (SIGKILL, power loss) leaves either the old or the new state, never a
 //! torn one. Concurrent runs' writes share transactions and fsyncs (group
@@ -166,6 +166,8 @@ struct Tables {
     file: Arc<DatabaseFile>,
     path: PathBuf,
     limits: OutboxLimits,
+    /// A commit since the last synced one was not synced.
+    unsynced: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -206,6 +208,7 @@ impl Outbox {
             file: Arc::clone(&file),
             path: path.clone(),
             limits,
+            unsynced: std::cell::Cell::new(false),
         };
         let gone = {
             let path = path.clone();
@@ -418,14 +421,14 @@ impl Outbox {
 
     /// Removes a report (the control plane answered). True if it was there.
     ///
-    /// Synced only when it leaves no report pending: while others wait, the
-    /// removal reaches the disk with the next synced write (a report, an
-    /// accepted lease, or the removal that empties the table). A node that
-    /// crashes in between sends those answered reports again on its next
-    /// start, and the control plane takes each as the repeat it is (same
-    /// outcome, same lease); that window exists anyway, between the plane's
-    /// answer and this call. Under load this saves one fsync per run on the
-    /// hot path; once everything is delivered, the disk says so.
+    /// Not synced: the removal reaches the disk with the next synced write
+    /// (a report, an accepted lease), or within 100 ms
+    /// (`group_commit::SYNC_AFTER`) when none comes, and before the outbox
+    /// closes. A node that crashes in between sends those answered reports
+    /// again on its next start, and the control plane takes each as the
+    /// repeat it is (same outcome, same lease); that window exists anyway,
+    /// between the plane's answer and this call. This saves one fsync per
+    /// run on the hot path, whether the node is loaded or not.
     pub fn remove(&self, lease_id: &str) -> Result<bool, OutboxError> {
         removed(self.group.submit_blocking(vec![remove_write(lease_id)]))
     }
@@ -679,8 +682,7 @@ impl Committer for Tables {
     type Error = OutboxError;
 
     /// One transaction for the whole batch, in queue order. Synced unless
-    /// it holds only removals and leaves reports pending (see
-    /// [`Outbox::remove`]).
+    /// it holds only removals (see [`Outbox::remove`]).
     fn commit(&self, batch: &[Write]) -> Result<Vec<Written>, OutboxError> {
         let run = || -> Result<Vec<Written>, redb::Error> {
             let db = self
@@ -690,7 +692,7 @@ impl Committer for Tables {
             let mut txn = db.begin_write()?;
             let mut answers = Vec::with_capacity(batch.len());
             let mut must_sync = false;
-            let others_wait = {
+            {
                 let mut pending = txn.open_table(PENDING)?;
                 let mut accepted = txn.open_table(ACCEPTED)?;
                 let mut in_flight = txn.open_table(IN_FLIGHT)?;
@@ -726,12 +728,12 @@ impl Committer for Tables {
                         }
                     });
                 }
-                !pending.is_empty()?
-            };
-            if !must_sync && others_wait {
+            }
+            if !must_sync {
                 txn.set_durability(redb::Durability::None);
             }
             txn.commit()?;
+            self.unsynced.set(!must_sync);
             Ok(answers)
         };
         run().map_err(|err| database(&self.path, err))
@@ -774,6 +776,26 @@ impl Committer for Tables {
 
     fn unavailable(&self) -> OutboxError {
         self.file.unavailable()
+    }
+
+    fn unsynced(&self) -> bool {
+        self.unsynced.get()
+    }
+
+    /// An empty synced commit: redb puts the unsynced commits before it on
+    /// disk with it.
+    fn sync(&self) -> Result<(), OutboxError> {
+        let run = || -> Result<(), redb::Error> {
+            let db = self
+                .file
+                .current()
+                .map_err(|err| redb::Error::Corrupted(err.to_string()))?;
+            db.begin_write()?.commit()?;
+            Ok(())
+        };
+        run().map_err(|err| database(&self.path, err))?;
+        self.unsynced.set(false);
+        Ok(())
     }
 }
 
