@@ -10,12 +10,18 @@
 //! and `MaxConcurrentLeases` N, a fresh data directory on the machine's
 //! disk, the default log level, its log to a file) on loopback, waits
 //! for the node to register, warms `echo` up with one run (compiling it),
+//! waits until the node has run for 7 s (past its first OTLP export),
 //! then submits RUNS `echo` runs over REST as fast as its connections
 //! allow (HTTP/1.1 keep-alive, a small load generator of its own) and
 //! waits until the plane has every outcome (`GET /v1/runs:counts`, polled
 //! every 2 ms). Over that window it reads utime + stime of both processes
 //! (`/proc/<pid>/stat`) and prints each one's CPU per lease, the runs/s
 //! from the first submission to the last outcome, and the load average.
+//! `--rate R` paces the submissions at R runs/s in all, so that the node's
+//! cost per lease is measured without the two cores saturated (at
+//! saturation, contention between the node, the plane and the load
+//! generator moves CPU per lease by 15-30% between identical runs).
+//! `LEASE_COST_KEEP=1` keeps the scratch folder with both logs.
 //! A different `--node` or `--plane` binary (say, the commit before a
 //! change) measures a before/after in the same session.
 
@@ -30,12 +36,17 @@ use bench::wait_for_quiet_machine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// How long after its start the node is first measured.
+const SETTLE: Duration = Duration::from_secs(7);
+
 struct Options {
     runs: usize,
     node: PathBuf,
     plane: PathBuf,
     slots: u32,
     connections: usize,
+    /// Submissions per second in all (None: as fast as the plane takes them).
+    rate: Option<f64>,
 }
 
 fn options(args: Vec<String>) -> Options {
@@ -47,8 +58,9 @@ fn options(args: Vec<String>) -> Options {
         plane: built,
         slots: 64,
         connections: 8,
+        rate: None,
     };
-    let usage = "usage: bench lease-cost [RUNS] [--node BINARY] [--plane BINARY] [--slots N] [--connections N]";
+    let usage = "usage: bench lease-cost [RUNS] [--node BINARY] [--plane BINARY] [--slots N] [--connections N] [--rate RUNS_PER_S]";
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value\n{usage}"));
@@ -57,6 +69,7 @@ fn options(args: Vec<String>) -> Options {
             "--plane" => options.plane = value("--plane").into(),
             "--slots" => options.slots = value("--slots").parse().expect(usage),
             "--connections" => options.connections = value("--connections").parse().expect(usage),
+            "--rate" => options.rate = Some(value("--rate").parse().expect(usage)),
             runs => options.runs = runs.parse().unwrap_or_else(|_| panic!("{usage}")),
         }
     }
@@ -299,6 +312,7 @@ pub async fn main(args: Vec<String>) {
     let scratch = tempfile_dir();
     let (mut plane, address) = start_plane(&options.plane, &scratch);
     let mut node = start_node(&options.node, &scratch, &address, options.slots);
+    let node_started = Instant::now();
     let mut control = Connection::open(&address).await;
 
     // Registered and active: then the warm-up run (compiles `echo`).
@@ -319,12 +333,21 @@ pub async fn main(args: Vec<String>) {
     let warmed = finished_at(&mut control, 1, Duration::from_secs(180), &mut [&mut plane, &mut node]).await;
     assert!(warmed.is_some(), "the warm-up run did not end:\n{}", node.log_tail());
 
+    // The node in its steady state: past its first OTLP export (5 s after
+    // start by default), after which a node with no collector listening
+    // stops building spans.
+    tokio::time::sleep_until((node_started + SETTLE).into()).await;
     let load = wait_for_quiet_machine("lease-cost");
+    // A fresh connection: the plane may close one left idle meanwhile.
+    let mut control = Connection::open(&address).await;
     println!(
-        "lease-cost: {} echo runs, slots {}, {} connections; node {}, plane {}; load {load:.2}",
+        "lease-cost: {} echo runs, slots {}, {} connections, {}; node {}, plane {}; load {load:.2}",
         options.runs,
         options.slots,
         options.connections,
+        options
+            .rate
+            .map_or("unpaced".to_string(), |rate| format!("paced at {rate} runs/s")),
         options.node.display(),
         options.plane.display()
     );
@@ -334,11 +357,21 @@ pub async fn main(args: Vec<String>) {
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(1));
     let mut submitters = Vec::new();
-    for _ in 0..options.connections.max(1) {
+    let connections = options.connections.max(1);
+    for _ in 0..connections {
         let (next, address, runs) = (next.clone(), address.clone(), options.runs);
+        // Paced: each connection submits its share of the rate.
+        let mut pace = options.rate.map(|rate| {
+            let mut interval = tokio::time::interval(Duration::from_secs_f64(connections as f64 / rate));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            interval
+        });
         submitters.push(tokio::spawn(async move {
             let mut connection = Connection::open(&address).await;
             loop {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i > runs {
                     return;
@@ -391,7 +424,11 @@ pub async fn main(args: Vec<String>) {
     println!("  load after: {:.2}", bench::load_average());
     drop(node);
     drop(plane);
-    let _ = std::fs::remove_dir_all(&scratch);
+    if std::env::var_os("LEASE_COST_KEEP").is_some() {
+        println!("  logs kept in {}", scratch.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
 }
 
 /// With `LEASE_COST_PERF=DIR`: `perf record` of each process over the
