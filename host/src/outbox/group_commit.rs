@@ -93,7 +93,9 @@ pub(super) trait Committer: Send + 'static {
 }
 
 /// How long the writer thread leaves unsynced writes (removals) waiting
-/// for the next synced commit to carry them before it syncs them itself.
+/// for the next synced commit to carry them before it syncs them itself,
+/// counted from the first of them: a stream of unsynced writes does not
+/// put the sync off.
 pub(super) const SYNC_AFTER: Duration = Duration::from_millis(100);
 
 /// The first wait before reopening a failed store, and the longest.
@@ -202,6 +204,8 @@ impl<E> Drop for GroupCommit<E> {
 fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C::Error>>) {
     let mut backoff = Backoff::new(REOPEN_FIRST, REOPEN_MAX);
     let mut next_reopen: Option<Instant> = None;
+    // When the oldest commit not yet on disk was made.
+    let mut unsynced_since: Option<Instant> = None;
     loop {
         if !committer.healthy() {
             // Answer what arrives at once, and reopen when it is time.
@@ -224,15 +228,26 @@ fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C:
             continue;
         }
         let first = if committer.unsynced() {
-            match queue.recv_timeout(SYNC_AFTER) {
+            // Due SYNC_AFTER after the first unsynced commit, however many
+            // unsynced ones follow it.
+            let since = *unsynced_since.get_or_insert_with(Instant::now);
+            let left = (since + SYNC_AFTER).saturating_duration_since(Instant::now());
+            let next = if left.is_zero() {
+                Err(mpsc::RecvTimeoutError::Timeout)
+            } else {
+                queue.recv_timeout(left)
+            };
+            match next {
                 Ok(job) => job,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     sync(committer);
+                    unsynced_since = None;
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return sync(committer),
             }
         } else {
+            unsynced_since = None;
             match queue.recv() {
                 Ok(job) => job,
                 Err(_) => return,
@@ -547,6 +562,32 @@ mod tests {
         assert_eq!(group.submit_blocking(vec![remove()]).len(), 1);
         drop(group);
         assert_eq!(*syncs.lock().unwrap(), 2, "synced before the writer stopped");
+    }
+
+    #[test]
+    fn a_stream_of_unsynced_writes_does_not_put_the_sync_off() {
+        let syncs = Arc::new(Mutex::new(0));
+        let lazy = Lazy {
+            unsynced: std::cell::Cell::new(false),
+            syncs: syncs.clone(),
+        };
+        let group = GroupCommit::start(lazy, || "gone".to_string()).unwrap();
+        // A removal every 30 ms for at least 600 ms: each comes sooner
+        // than SYNC_AFTER after the one before it.
+        let started = Instant::now();
+        for _ in 0..20 {
+            let remove = Write::Remove {
+                lease_id: "a".to_string(),
+            };
+            assert_eq!(group.submit_blocking(vec![remove]).len(), 1);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let elapsed = started.elapsed();
+        let synced = *syncs.lock().unwrap();
+        assert!(
+            synced >= 3,
+            "{synced} syncs in {elapsed:?} of removals every 30 ms (one due every {SYNC_AFTER:?})"
+        );
     }
 
     /// Queues one put without waiting for its answer.
