@@ -528,25 +528,7 @@ async fn spans_are_not_built_while_no_collector_listens_and_a_late_collector_get
         "Metrics": { "Enabled": false },
     });
     let mut node = Node::start(config, &[], &[]);
-    let run_echo = || async {
-        let run = plane
-            .submit(NewRun {
-                agent_id: "echo".to_string(),
-                version: "1.0.0".to_string(),
-                input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
-                metadata: BTreeMap::new(),
-                budgets: Default::default(),
-            })
-            .await
-            .unwrap();
-        eventually(Duration::from_secs(60), "the run to complete", || {
-            plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
-        })
-        .await;
-        run.run_id
-    };
-
-    run_echo().await;
+    complete_echo(&plane).await;
     eventually(Duration::from_secs(30), "the node to find no collector", || {
         node.stderr()
             .contains("no OTLP collector listens at the endpoint")
@@ -565,7 +547,7 @@ async fn spans_are_not_built_while_no_collector_listens_and_a_late_collector_get
         },
     )
     .await;
-    let run_id = run_echo().await;
+    let run_id = complete_echo(&plane).await;
     eventually(
         Duration::from_secs(30),
         "the late run's lease span at the collector",
@@ -580,6 +562,25 @@ async fn spans_are_not_built_while_no_collector_listens_and_a_late_collector_get
     let status = node.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "stderr:\n{}", node.stderr());
     plane.shutdown().await;
+}
+
+/// Submits an `echo` run to `plane` and waits until it completes; its id.
+async fn complete_echo(plane: &DevPlane) -> String {
+    let run = plane
+        .submit(NewRun {
+            agent_id: "echo".to_string(),
+            version: "1.0.0".to_string(),
+            input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
+            metadata: BTreeMap::new(),
+            budgets: Default::default(),
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "the run to complete", || {
+        plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
+    })
+    .await;
+    run.run_id
 }
 
 async fn get(url: &str) -> (u16, String) {
@@ -675,20 +676,7 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
     // Two runs of one agent: the histograms have something to show, and
     // the second finds the agent compiled.
     for _ in 0..2 {
-        let run = plane
-            .submit(NewRun {
-                agent_id: "echo".to_string(),
-                version: "1.0.0".to_string(),
-                input_ref: BTreeMap::from([("message".to_string(), "{}".to_string())]),
-                metadata: BTreeMap::new(),
-                budgets: Default::default(),
-            })
-            .await
-            .unwrap();
-        eventually(Duration::from_secs(60), "the run to complete", || {
-            plane.run(&run.run_id).filter(|r| r.status == RunStatus::Completed)
-        })
-        .await;
+        complete_echo(&plane).await;
     }
 
     let samples = eventually_async(Duration::from_secs(30), "/metrics with the completed run", || async {

@@ -539,14 +539,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unsynced_writes_are_synced_when_no_write_follows_and_before_the_writer_stops() {
+    /// A writer over a [`Lazy`] committer, and its sync count.
+    fn lazy_group() -> (GroupCommit<String>, Arc<Mutex<u32>>) {
         let syncs = Arc::new(Mutex::new(0));
         let lazy = Lazy {
             unsynced: std::cell::Cell::new(false),
             syncs: syncs.clone(),
         };
-        let group = GroupCommit::start(lazy, || "gone".to_string()).unwrap();
+        (GroupCommit::start(lazy, || "gone".to_string()).unwrap(), syncs)
+    }
+
+    #[test]
+    fn unsynced_writes_are_synced_when_no_write_follows_and_before_the_writer_stops() {
+        let (group, syncs) = lazy_group();
         let remove = || Write::Remove {
             lease_id: "a".to_string(),
         };
@@ -566,12 +571,7 @@ mod tests {
 
     #[test]
     fn a_stream_of_unsynced_writes_does_not_put_the_sync_off() {
-        let syncs = Arc::new(Mutex::new(0));
-        let lazy = Lazy {
-            unsynced: std::cell::Cell::new(false),
-            syncs: syncs.clone(),
-        };
-        let group = GroupCommit::start(lazy, || "gone".to_string()).unwrap();
+        let (group, syncs) = lazy_group();
         // A removal every 30 ms for at least 600 ms: each comes sooner
         // than SYNC_AFTER after the one before it.
         let started = Instant::now();
