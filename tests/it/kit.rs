@@ -372,22 +372,36 @@ fn build_never_writes_through_a_link_the_project_carries() {
 }
 
 /// `agent.toml` is the project's text, not the node's: a world the node
-/// does not serve is refused, and what is quoted back is escaped.
+/// does not serve, a language the kit does not build or a name that
+/// breaks the rule is refused, and what is quoted back is escaped.
 #[test]
 fn a_project_file_naming_a_world_the_node_does_not_serve_is_refused_with_its_text_escaped() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("agent.toml"),
-        "name = \"evil\"\nlanguage = \"js\"\nworld = \"node-runtime:agent@9.9.9 \u{1b}[2J\u{7}FAKE\"\n",
-    )
-    .unwrap();
-    let (code, out, err) = run(kit_command(dir.path()).arg("build"));
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert!(err.contains("is not one this node serves"), "{err}");
-    assert!(
-        err.contains("\\u{1b}[2J") && !err.contains('\u{1b}') && !err.contains('\u{7}'),
-        "{err:?}"
-    );
+    let world = "node-runtime:agent@0.2.0";
+    let evil = "x \u{1b}[2J\u{7}FAKE";
+    for (name, language, world, refusal) in [
+        (
+            "evil",
+            "js",
+            &*format!("node-runtime:agent@9.9.9 {evil}"),
+            "is not one this node serves",
+        ),
+        ("evil", &*format!("js{evil}"), world, "is not one the kit builds"),
+        (&*format!("evil{evil}"), "js", world, "is not a valid agent name"),
+    ] {
+        std::fs::write(
+            dir.path().join("agent.toml"),
+            format!("name = \"{name}\"\nlanguage = \"{language}\"\nworld = \"{world}\"\n"),
+        )
+        .unwrap();
+        let (code, out, err) = run(kit_command(dir.path()).arg("build"));
+        assert_eq!(code, 2, "{out}\n{err}");
+        assert!(err.contains(refusal), "{err}");
+        assert!(
+            err.contains("\\u{1b}[2J\\u{7}FAKE") && !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "{err:?}"
+        );
+    }
 }
 
 /// The build runs what the tools directory holds: one others may write to
