@@ -372,22 +372,36 @@ fn build_never_writes_through_a_link_the_project_carries() {
 }
 
 /// `agent.toml` is the project's text, not the node's: a world the node
-/// does not serve is refused, and what is quoted back is escaped.
+/// does not serve, a language the kit does not build or a name that
+/// breaks the rule is refused, and what is quoted back is escaped.
 #[test]
 fn a_project_file_naming_a_world_the_node_does_not_serve_is_refused_with_its_text_escaped() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("agent.toml"),
-        "name = \"evil\"\nlanguage = \"js\"\nworld = \"node-runtime:agent@9.9.9 \u{1b}[2J\u{7}FAKE\"\n",
-    )
-    .unwrap();
-    let (code, out, err) = run(kit_command(dir.path()).arg("build"));
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert!(err.contains("is not one this node serves"), "{err}");
-    assert!(
-        err.contains("\\u{1b}[2J") && !err.contains('\u{1b}') && !err.contains('\u{7}'),
-        "{err:?}"
-    );
+    let world = "node-runtime:agent@0.2.0";
+    let evil = "x \u{1b}[2J\u{7}FAKE";
+    for (name, language, world, refusal) in [
+        (
+            "evil",
+            "js",
+            &*format!("node-runtime:agent@9.9.9 {evil}"),
+            "is not one this node serves",
+        ),
+        ("evil", &*format!("js{evil}"), world, "is not one the kit builds"),
+        (&*format!("evil{evil}"), "js", world, "is not a valid agent name"),
+    ] {
+        std::fs::write(
+            dir.path().join("agent.toml"),
+            format!("name = \"{name}\"\nlanguage = \"{language}\"\nworld = \"{world}\"\n"),
+        )
+        .unwrap();
+        let (code, out, err) = run(kit_command(dir.path()).arg("build"));
+        assert_eq!(code, 2, "{out}\n{err}");
+        assert!(err.contains(refusal), "{err}");
+        assert!(
+            err.contains("\\u{1b}[2J\\u{7}FAKE") && !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "{err:?}"
+        );
+    }
 }
 
 /// The build runs what the tools directory holds: one others may write to
@@ -421,5 +435,189 @@ fn a_tools_directory_others_can_write_to_or_a_folder_in_the_way_is_refused_untou
     assert_eq!(
         std::fs::read_to_string(mine.join("py/src/notes.txt")).unwrap(),
         "precious"
+    );
+}
+
+/// A `target/` others may write to is refused before anything is built
+/// there: they could swap what the build writes for a link.
+#[test]
+fn build_refuses_a_target_folder_others_can_write_to() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "rust", "shared"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let target = empty.path().join("shared/target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = run(kit_command(&empty.path().join("shared")).arg("build"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "nothing built there");
+}
+
+/// A stand-in node and npm (no network): each call logs its program and
+/// working directory to `$KIT_FAKE_LOG`; `npm ci` installs a
+/// componentize-js that logs the same and the mode of the folder it is
+/// told to write into, and writes a file that is no component there.
+fn fake_node_toolchain(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = dir.join("fake-bin");
+    std::fs::create_dir(&bin).unwrap();
+    let componentize = r#"#!/bin/sh
+out=
+while [ $# -gt 0 ]; do
+    if [ "$1" = --out ]; then out="$2"; fi
+    shift
+done
+echo "componentize-js $(pwd) $(stat -c %a "$(dirname "$out")")" >> "$KIT_FAKE_LOG"
+echo "not a component" > "$out"
+"#;
+    let scripts = [
+        (
+            "node",
+            "#!/bin/sh\necho \"node $(pwd)\" >> \"$KIT_FAKE_LOG\"\necho v20.0.0\n".to_string(),
+        ),
+        (
+            "npm",
+            format!(
+                "#!/bin/sh\necho \"npm $(pwd)\" >> \"$KIT_FAKE_LOG\"\n\
+                 if [ \"$1\" = --version ]; then echo 10.0.0; exit 0; fi\n\
+                 [ \"$1\" = ci ] || exit 1\n\
+                 mkdir -p node_modules/.bin\n\
+                 cat > node_modules/.bin/componentize-js <<'EOF'\n{componentize}EOF\n\
+                 chmod +x node_modules/.bin/componentize-js\n"
+            ),
+        ),
+    ];
+    for (name, text) in scripts {
+        let path = bin.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// `build` of a JavaScript project with the stand-in toolchain, under
+/// umask 002, with `tools` as the tools directory; its exit code and
+/// stderr.
+fn build_with_fake_node(project: &Path, bin: &Path, tools: &Path, log: &Path) -> (i32, String) {
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let mut command = kit_command(project);
+    let program = command.get_program().to_owned();
+    command
+        .env("PATH", path)
+        .env("NODE_RUNTIME_TOOLS", tools)
+        .env("KIT_FAKE_LOG", log);
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .args(["-c", "umask 002; exec \"$0\" build"])
+        .arg(program)
+        .current_dir(project);
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    let (code, _, err) = run(&mut wrapped);
+    (code, err)
+}
+
+/// The tools directory: a user's own JavaScript project sitting at
+/// `TOOLS/js` is refused, never deleted; an install killed before its
+/// stamp (the installer's marker, no `.stamp`) is redone; `TOOLS/js`
+/// others may write to is refused; under umask 002 the folders the build
+/// makes are private still. And node and componentize-js run from the
+/// tools, not the project, whose `.node-version` would pick their node.
+#[test]
+fn the_tools_directory_keeps_a_user_s_folder_redoes_a_half_install_and_runs_node_from_the_tools() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(kit_command(empty.path()).args(["new", "js", "faked"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let project = empty.path().join("faked");
+    std::fs::write(project.join(".node-version"), "18.0.0\n").unwrap();
+    let bin = fake_node_toolchain(empty.path());
+    let log = empty.path().join("calls.log");
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().mode() & 0o777;
+
+    // A user's JavaScript project where the tools would go.
+    let mine = empty.path().join("my-tools");
+    std::fs::create_dir_all(mine.join("js/src")).unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(mine.join("js/package-lock.json"), "{}").unwrap();
+    std::fs::write(mine.join("js/src/app.js"), "precious").unwrap();
+    let (code, err) = build_with_fake_node(&project, &bin, &mine, &log);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was not made by a tools installer"), "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("js/src/app.js")).unwrap(), "precious");
+    assert!(mine.join("js/package-lock.json").is_file());
+
+    // The same folder, open to others: refused as the tools directory is.
+    std::fs::set_permissions(mine.join("js"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = build_with_fake_node(&project, &bin, &mine, &log);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(mine.join("js/src/app.js")).unwrap(), "precious");
+
+    // An install killed half way, in a tools directory not made yet.
+    let tools = empty.path().join("cache/tools");
+    std::fs::create_dir_all(tools.join("js")).unwrap();
+    std::fs::set_permissions(&tools, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(tools.join("js/.node-runtime-tools"), "").unwrap();
+    std::fs::write(tools.join("js/half-written"), "").unwrap();
+    let (code, err) = build_with_fake_node(&project, &bin, &tools, &log);
+    // The stand-in writes no component: the build gets that far.
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("installing componentize-js"), "{err}");
+    assert!(!tools.join("js/half-written").exists(), "the half install is redone");
+    assert!(tools.join("js/.stamp").is_file() && tools.join("js/.node-runtime-tools").is_file());
+    assert_eq!(
+        mode(&project.join("target")),
+        0o755,
+        "target/ is made private under umask 002"
+    );
+
+    let fresh = empty.path().join("new-cache/tools");
+    let (code, err) = build_with_fake_node(&project, &bin, &fresh, &log);
+    assert_eq!(code, 5, "the tools directory made under umask 002 is accepted: {err}");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("js")) & 0o022, 0);
+
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let project = std::fs::canonicalize(&project).unwrap();
+    let built: Vec<&str> = calls
+        .lines()
+        .filter(|line| line.starts_with("componentize-js "))
+        .collect();
+    assert_eq!(built.len(), 2, "{calls}");
+    for line in built {
+        assert!(
+            line.ends_with(" 700"),
+            "componentize-js writes into a private folder of its own: {line}"
+        );
+    }
+    for line in calls.lines() {
+        let (_, cwd) = line.split_once(' ').unwrap();
+        let cwd = cwd.split(' ').next().unwrap();
+        assert!(
+            !Path::new(cwd).starts_with(&project),
+            "run in the project, whose .node-version would pick the node: {line}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(project.join("target"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("faked.wasm")],
+        "no build folder is left"
     );
 }

@@ -24,11 +24,13 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
     let dir = std::path::absolute(dir).map_err(KitError::io("cannot resolve", dir))?;
     let out_dir = output_folder(&dir)?;
     let component = out_dir.join(format!("{}.wasm", project.name));
-    // Built under a fresh name and renamed into place: a link planted at
-    // `target/NAME.wasm` is replaced, never written through, and a tool
-    // that ends without writing leaves no older component to pass as new.
-    let partial = out_dir.join(format!(".{}.wasm.partial", project.name));
-    remove_if_there(&partial)?;
+    // Built in a folder this build makes afresh (private; never one that
+    // was there before, so nothing planted in it is followed), then renamed
+    // into place: a link at `target/NAME.wasm` is replaced, never written
+    // through, and a tool that ends without writing leaves no older
+    // component to pass as new.
+    let scratch = Scratch::create(&out_dir)?;
+    let partial = scratch.dir.join(format!("{}.wasm", project.name));
     let wit = dir.join("wit");
     match project.language {
         Language::Rust => {
@@ -50,7 +52,10 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
             run_build(command.current_dir(&dir), "componentize-py")?;
         }
         Language::Js => {
-            let tool = toolchain::componentize_js()?;
+            // Run from the tools' folder, every path absolute: a version
+            // manager's `.node-version` in the project does not pick the
+            // node that runs it.
+            let (tool, tools) = toolchain::componentize_js()?;
             let mut command = Command::new(tool);
             command
                 .arg(dir.join("agent.js"))
@@ -58,7 +63,7 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
                 .arg(&wit)
                 .args(["--world-name", "agent", "--out"])
                 .arg(&partial);
-            run_build(command.current_dir(&dir), "componentize-js")?;
+            run_build(command.current_dir(&tools), "componentize-js")?;
         }
     }
     match std::fs::symlink_metadata(&partial) {
@@ -74,30 +79,92 @@ pub fn build(dir: &Path) -> Result<Built, KitError> {
     Ok(Built { project, component })
 }
 
-/// `DIR/target`, created if missing; a link or a file there is refused
-/// rather than followed (a project from elsewhere may carry one).
+/// `DIR/target`, created if missing (mode 0755, whatever the umask); a
+/// link or a file there is refused rather than followed (a project from
+/// elsewhere may carry one), and so is a folder another user owns or
+/// others may write to: they could swap what the build writes there.
 fn output_folder(dir: &Path) -> Result<PathBuf, KitError> {
     let out_dir = dir.join("target");
     match std::fs::symlink_metadata(&out_dir) {
-        Ok(meta) if meta.is_dir() => Ok(out_dir),
+        Ok(meta) if meta.is_dir() => {
+            check_own(&out_dir, &meta)?;
+            Ok(out_dir)
+        }
         Ok(_) => Err(KitError::Usage(format!(
             "{} is not a folder (a link or a file): the build writes its component there; remove \
              it and build again",
             out_dir.display()
         ))),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir(&out_dir).map_err(KitError::io("cannot create", &out_dir))?;
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o755);
+            builder
+                .create(&out_dir)
+                .map_err(KitError::io("cannot create", &out_dir))?;
             Ok(out_dir)
         }
         Err(err) => Err(KitError::io("cannot read", &out_dir)(err)),
     }
 }
 
-fn remove_if_there(path: &Path) -> Result<(), KitError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(KitError::io("cannot remove", path)(err)),
+/// The project's `target/` must be the user's own, and not writable by
+/// others.
+fn check_own(out_dir: &Path, meta: &std::fs::Metadata) -> Result<(), KitError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(KitError::Usage(format!(
+                "{} must be a folder of your own that others cannot write to (owner uid {}, mode \
+                 {:o}): the build writes its component there; fix it with `chmod go-w` (or remove \
+                 it and build again)",
+                out_dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (out_dir, meta);
+    Ok(())
+}
+
+/// A folder made afresh for one build in `target/` (mode 0700, a name no
+/// other folder had: `create_dir`, never an existing one), removed with
+/// whatever is left in it when the build ends.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn create(out_dir: &Path) -> Result<Scratch, KitError> {
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let dir = out_dir.join(format!(".build-{}-{nanos:x}-{attempt}", std::process::id()));
+            match builder.create(&dir) {
+                Ok(()) => return Ok(Scratch { dir }),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => last = Some((dir, err)),
+                Err(err) => return Err(KitError::io("cannot create", &dir)(err)),
+            }
+        }
+        let (dir, err) = last.expect("tried at least once");
+        Err(KitError::io("cannot create", &dir)(err))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use support::one_line::escape;
+
 use super::{KitError, embedded};
 
 /// The world new projects target: the newest the node serves.
@@ -77,17 +79,18 @@ impl Project {
         let language = value("language")?;
         let language = Language::parse(&language).ok_or_else(|| {
             KitError::Usage(format!(
-                "{}: language {:?} is not one the kit builds: rust, python or js",
+                "{}: language `{}` is not one the kit builds: rust, python or js",
                 file.display(),
-                language
+                escape(&language)
             ))
         })?;
         let world = value("world")?;
         if !WORLDS.contains(&world.as_str()) {
             return Err(KitError::Usage(format!(
-                "{}: world {world:?} is not one this node serves: {}; `node-runtime new` writes \
-                 the newest, {WORLD}",
+                "{}: world `{}` is not one this node serves: {}; `node-runtime new` writes the \
+                 newest, {WORLD}",
                 file.display(),
+                escape(&world),
                 WORLDS.join(", ")
             )));
         }
@@ -106,7 +109,9 @@ impl Project {
 }
 
 /// The name rule: it becomes a crate's, a module's, a file's and an agent's
-/// name, so it is the narrow set all of them accept.
+/// name, so it is the narrow set all of them accept. A name that breaks it
+/// is quoted back escaped: it may come from a project file from elsewhere,
+/// and its control characters would reach the terminal.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -118,8 +123,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "`{name}` is not a valid agent name: use 1 to 64 lowercase letters, digits, `-` and \
-             `_`, starting with a letter and not ending with `-` or `_` (e.g. invoice-router)"
+            "`{}` is not a valid agent name: use 1 to 64 lowercase letters, digits, `-` and `_`, \
+             starting with a letter and not ending with `-` or `_` (e.g. invoice-router)",
+            escape(name)
         ))
     }
 }
@@ -128,6 +134,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// or existing and empty); returns the project.
 pub fn create(language: Language, name: &str, dir: &Path) -> Result<Project, KitError> {
     check_name(name).map_err(KitError::Usage)?;
+    // Without a trailing `/`, which would make the checks below follow a link.
+    let dir: &Path = &dir.components().collect::<PathBuf>();
+    refuse_link(dir)?;
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -194,6 +203,19 @@ pub fn create(language: Language, name: &str, dir: &Path) -> Result<Project, Kit
     Ok(project)
 }
 
+/// A link where the project goes is refused, naming it: `new` writes into
+/// a folder of the user's choosing, not wherever a link points.
+fn refuse_link(dir: &Path) -> Result<(), KitError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_symlink() => Err(KitError::Usage(format!(
+            "{} is a link: `new` never writes through one; name the folder itself (or a new one) \
+             with --dir",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `files` (paths relative to `dir`) into `dir`, new or empty,
 /// creating every folder and file afresh: a folder or file that appears in
 /// the meantime (a link planted by someone racing the command in a shared
@@ -205,9 +227,15 @@ fn write_new(dir: &Path, files: Vec<(String, Vec<u8>)>) -> Result<(), KitError> 
     }
     match std::fs::create_dir(dir) {
         Ok(()) => {}
-        // Checked empty by the caller; a link is not followed.
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-        Err(err) => return Err(KitError::io("cannot create", dir)(err)),
+        // Checked empty by the caller; a link (planted since) is refused,
+        // not followed.
+        Err(err)
+            if err.kind() == std::io::ErrorKind::AlreadyExists
+                && std::fs::symlink_metadata(dir).is_ok_and(|meta| meta.is_dir()) => {}
+        Err(err) => {
+            refuse_link(dir)?;
+            return Err(KitError::io("cannot create", dir)(err));
+        }
     }
     let mut folders: Vec<PathBuf> = files
         .iter()
@@ -265,5 +293,38 @@ mod tests {
         assert!(at.join("wit/agent.wit").is_file() && at.join("wit/deps/http.wit").is_file());
         let err = create(Language::Rust, "hello-agent", &at).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
+    }
+
+    /// `--dir` naming a link to an empty folder: refused, naming the link,
+    /// and nothing is written where it points.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_where_the_project_goes_is_refused_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        for named in [link.clone(), dir.path().join("link/")] {
+            let err = create(Language::Rust, "hello", &named).unwrap_err().to_string();
+            assert!(
+                err.contains("is a link") && err.contains(&*link.to_string_lossy()),
+                "{err}"
+            );
+            assert_eq!(
+                std::fs::read_dir(&elsewhere).unwrap().count(),
+                0,
+                "nothing written through"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_name_is_quoted_back_escaped() {
+        let err = check_name("evil\u{1b}[2J\u{7}").unwrap_err();
+        assert!(
+            err.contains("`evil\\u{1b}[2J\\u{7}`") && !err.contains('\u{1b}'),
+            "{err:?}"
+        );
     }
 }

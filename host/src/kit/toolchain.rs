@@ -8,7 +8,11 @@
 //! else `~/.cache/node-runtime/tools`. Each environment carries the stamp
 //! `scripts/install-guest-tools` writes (the SHA-256 of the pins and the
 //! interpreter's version, and for the venv its path), computed the same
-//! way, so either installer accepts what the other installed.
+//! way, so either installer accepts what the other installed. Both write
+//! [`INSTALL_MARKER`] into an environment's folder before anything else,
+//! so a folder may be emptied for a fresh install only when it carries
+//! the marker or a `.stamp`, or is empty: never a user's own folder that
+//! happens to sit where the tools go, and always an install killed half way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +23,11 @@ use super::{KitError, embedded};
 
 /// The environment variable that names the tools directory.
 pub const TOOLS_VARIABLE: &str = "NODE_RUNTIME_TOOLS";
+
+/// The file a tools installer writes first into an environment's folder
+/// (`scripts/install-guest-tools` writes the same): the folder is the
+/// installer's, even when the install stopped before its `.stamp`.
+pub const INSTALL_MARKER: &str = ".node-runtime-tools";
 
 /// The directory the toolchains live in.
 pub fn tools_dir() -> Result<PathBuf, KitError> {
@@ -44,7 +53,9 @@ pub fn tools_dir() -> Result<PathBuf, KitError> {
 /// the lock holds while the returned file is open.
 fn locked_tools_dir() -> Result<(PathBuf, std::fs::File), KitError> {
     let tools = tools_dir()?;
-    std::fs::create_dir_all(&tools).map_err(KitError::io("cannot create", &tools))?;
+    // Private from the start, whatever the umask: a group-writable umask
+    // (002) would otherwise make a folder the check below refuses.
+    create_dir_all_private(&tools)?;
     // One spelling of the path (no `..`, no links): the venv's stamp
     // carries it, as `scripts/install-guest-tools` writes it.
     let tools = std::fs::canonicalize(&tools).map_err(KitError::io("cannot resolve", &tools))?;
@@ -91,10 +102,30 @@ fn check_private(dir: &Path) -> Result<(), KitError> {
     Ok(())
 }
 
+/// `dir` and its missing parents, created with mode 0700 (not what the
+/// umask leaves); an existing `dir` is left as it is, for the check.
+fn create_dir_all_private(dir: &Path) -> Result<(), KitError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(KitError::io("cannot create", dir))
+}
+
+/// An environment's folder (`TOOLS/py`, `TOOLS/js`), when it is there, is
+/// checked as the tools directory is: the build runs what it holds.
+fn check_env(env: &Path) -> Result<(), KitError> {
+    match std::fs::symlink_metadata(env) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => check_private(env),
+    }
+}
+
 /// `componentize-py`, installed into `TOOLS/py` if it is not there.
 pub fn componentize_py() -> Result<PathBuf, KitError> {
     let (tools, _lock) = locked_tools_dir()?;
     let env = tools.join("py");
+    check_env(&env)?;
     let pins = pin("requirements.txt")?;
     // Asked from the tools directory: a project's `.python-version` (pyenv)
     // does not choose the interpreter the shared tools are built with.
@@ -105,7 +136,8 @@ pub fn componentize_py() -> Result<PathBuf, KitError> {
         return Ok(tool);
     }
     eprintln!("installing componentize-py (pinned) into {}", env.display());
-    reset(&env, "pyvenv.cfg")?;
+    reset(&env)?;
+    // Into the folder `reset` made (and marked): venv fills an existing one.
     run_tool(
         Command::new("python3")
             .arg("-m")
@@ -128,20 +160,26 @@ pub fn componentize_py() -> Result<PathBuf, KitError> {
     Ok(tool)
 }
 
-/// `componentize-js`, installed into `TOOLS/js` if it is not there.
-pub fn componentize_js() -> Result<PathBuf, KitError> {
+/// `componentize-js`, installed into `TOOLS/js` if it is not there; and
+/// the folder to run it from (`TOOLS/js`), so that a version manager's
+/// `.node-version` or `.nvmrc` in the project does not pick its node.
+pub fn componentize_js() -> Result<(PathBuf, PathBuf), KitError> {
     let (tools, _lock) = locked_tools_dir()?;
     let env = tools.join("js");
+    check_env(&env)?;
     let (package, lock) = (pin("package.json")?, pin("package-lock.json")?);
-    let version = output_of("node", &["--version"], false, "node", NODE_FIX)?;
+    // Asked from the tools directory, as python3 is: a project's
+    // `.node-version` would otherwise choose the node, and a change of it
+    // would wipe and reinstall the shared tools.
+    let version = output_of_in(&tools, "node", &["--version"], false, "node", NODE_FIX)?;
     let want = stamp(&[package, lock, &version]);
     let tool = env.join("node_modules").join(".bin").join("componentize-js");
     if stamp_matches(&env, &want) && tool.exists() {
-        return Ok(tool);
+        return Ok((tool, env));
     }
-    output_of("npm", &["--version"], false, "npm", NODE_FIX)?;
+    output_of_in(&tools, "npm", &["--version"], false, "npm", NODE_FIX)?;
     eprintln!("installing componentize-js (pinned) into {}", env.display());
-    reset(&env, "package-lock.json")?;
+    reset(&env)?;
     for (name, bytes) in [("package.json", package), ("package-lock.json", lock)] {
         let to = env.join(name);
         std::fs::write(&to, bytes).map_err(KitError::io("cannot write", &to))?;
@@ -155,7 +193,7 @@ pub fn componentize_js() -> Result<PathBuf, KitError> {
         "check the network and the npm registry, then run the build again",
     )?;
     write_stamp(&env, &want)?;
-    Ok(tool)
+    Ok((tool, env))
 }
 
 /// Makes sure Rust can build for `wasm32-wasip2`: cargo is there, and the
@@ -228,29 +266,42 @@ fn write_stamp(env: &Path, want: &str) -> Result<(), KitError> {
     std::fs::write(&path, format!("{want}\n")).map_err(KitError::io("cannot write", &path))
 }
 
-/// Empties `env` for a fresh install, if it is one a tools installer made
-/// (it holds a `.stamp` or `marker`) or is empty: a folder of the user's
-/// that happens to sit where the tools go is never deleted.
-fn reset(env: &Path, marker: &str) -> Result<(), KitError> {
+/// Empties `env` for a fresh install, if a tools installer made it (it
+/// carries a `.stamp` or [`INSTALL_MARKER`]) or it is empty: a folder of
+/// the user's that happens to sit where the tools go (a JavaScript project
+/// with its own `package-lock.json`, say) is never deleted. The folder is
+/// made again, private, with the marker in it before anything else, so an
+/// install killed half way is still the installer's to redo.
+fn reset(env: &Path) -> Result<(), KitError> {
     match std::fs::symlink_metadata(env) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(KitError::io("cannot read", env)(err)),
         Ok(meta) => {
+            let installers = |name: &str| std::fs::symlink_metadata(env.join(name)).is_ok_and(|meta| meta.is_file());
             let ours = meta.is_dir()
-                && (env.join(".stamp").is_file()
-                    || env.join(marker).is_file()
+                && (installers(".stamp")
+                    || installers(INSTALL_MARKER)
                     || std::fs::read_dir(env).is_ok_and(|mut entries| entries.next().is_none()));
             if !ours {
                 return Err(KitError::Tool(format!(
                     "{} is in the way of the build tools and was not made by a tools installer \
-                     (no .stamp or {marker}): move it away, or point {TOOLS_VARIABLE} elsewhere",
+                     (no .stamp or {INSTALL_MARKER}): move it away, or point {TOOLS_VARIABLE} elsewhere",
                     env.display()
                 )));
             }
             std::fs::remove_dir_all(env).map_err(KitError::io("cannot remove", env))?;
         }
     }
-    std::fs::create_dir_all(env).map_err(KitError::io("cannot create", env))
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o755);
+    builder.create(env).map_err(KitError::io("cannot create", env))?;
+    let marker = env.join(INSTALL_MARKER);
+    std::fs::write(
+        &marker,
+        "made by a node-runtime tools installer; removed and made again on a reinstall\n",
+    )
+    .map_err(KitError::io("cannot write", &marker))
 }
 
 /// A program's stdout (and stderr, as a shell's `2>&1`, when asked); a

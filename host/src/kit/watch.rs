@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime};
 pub const POLL: Duration = Duration::from_millis(100);
 /// How long a change must stand alone before it counts.
 pub const QUIET: Duration = Duration::from_millis(200);
+/// How far behind the clock a file's modification time may be stamped
+/// (the kernel takes it from a clock updated every tick).
+const CLOCK_SLACK: Duration = Duration::from_millis(20);
 /// The most files looked at: more means the watched folder is not a
 /// project (a home directory, say).
 const MAX_FILES: usize = 20_000;
@@ -57,11 +60,27 @@ pub fn snapshot(dir: &Path) -> Snapshot {
 /// (the newest modification time among the changed files, or now for a
 /// removal).
 pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime) {
+    // The last moment the files were seen as `before` has them (at first
+    // the call's, after the last build ended): a change saved later has a
+    // later time. A changed file whose time is not later (restored by `cp
+    // -p`, `tar`, `mv` of an older file, with any older time, even one
+    // newer than every other source) could look unchanged to cargo, which
+    // compares it with its last build's: it is given the time of the save.
+    // A plain save keeps its own time, so an editor sees no change on disk
+    // it did not make.
+    let mut unchanged_at = SystemTime::now();
     let mut seen = before.clone();
     loop {
         tokio::time::sleep(POLL).await;
+        // A save before this moment is in the snapshot taken after it.
+        let polled_at = SystemTime::now();
         let now = snapshot(dir);
         if now == seen {
+            if seen == *before {
+                // Less the kernel's coarse clock, that stamps a write
+                // made just after `polled_at` a little earlier than it.
+                unchanged_at = unchanged_at.max(polled_at - CLOCK_SLACK);
+            }
             continue;
         }
         seen = now;
@@ -77,16 +96,12 @@ pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime
         if seen == *before {
             continue;
         }
-        // A file restored with an older time (`cp -p`, `tar`, `mv` of an
-        // older file) would look unchanged to cargo, which compares times:
-        // it is given the time of the save, so the build sees it.
-        let newest_before = before.values().max().copied();
         let mut saved: Option<SystemTime> = None;
         for (path, modified) in seen.iter_mut() {
             if before.get(path) == Some(modified) {
                 continue;
             }
-            if newest_before.is_some_and(|newest| *modified <= newest)
+            if *modified <= unchanged_at
                 && let Ok(now) = touch(path)
             {
                 *modified = now;
@@ -155,5 +170,55 @@ mod tests {
         );
         assert_eq!(after[&source], modified);
         assert_eq!(saved, modified);
+    }
+
+    /// A file put back with a time newer than every source but older than
+    /// the last build (`mv` of a file saved in between) is given the time
+    /// of the save too; a plain save in the same change keeps its own.
+    #[tokio::test]
+    async fn a_file_restored_with_a_time_between_the_newest_source_and_the_last_build_is_given_the_time_of_the_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let (restored, edited) = (dir.path().join("lib.rs"), dir.path().join("main.rs"));
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+        for file in [&restored, &edited] {
+            std::fs::write(file, "old").unwrap();
+            std::fs::File::options()
+                .append(true)
+                .open(file)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        let before = snapshot(dir.path());
+        let called = SystemTime::now();
+        let watching = tokio::spawn({
+            let (dir, before) = (dir.path().to_path_buf(), before.clone());
+            async move { next_change(&dir, &before).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Newer than every source in `before`, older than the call.
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::write(&restored, "new").unwrap();
+        std::fs::File::options()
+            .append(true)
+            .open(&restored)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        std::fs::write(&edited, "edited").unwrap();
+        let edited_at = std::fs::metadata(&edited).unwrap().modified().unwrap();
+        let (after, saved) = tokio::time::timeout(Duration::from_secs(10), watching)
+            .await
+            .expect("the change is seen")
+            .unwrap();
+        let modified = std::fs::metadata(&restored).unwrap().modified().unwrap();
+        assert!(modified >= called, "the restored file's time moves past the call's");
+        assert_eq!(after[&restored], modified);
+        assert_eq!(
+            std::fs::metadata(&edited).unwrap().modified().unwrap(),
+            edited_at,
+            "a plain save keeps its time"
+        );
+        assert_eq!(saved, modified.max(edited_at));
     }
 }
