@@ -421,7 +421,7 @@ fn a_tools_directory_others_can_write_to_or_a_folder_in_the_way_is_refused_untou
     let (code, _, err) = run(kit_command(&project).env("NODE_RUNTIME_TOOLS", &open).arg("build"));
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        err.contains("others cannot write to") && err.contains("remove it"),
         "{err}"
     );
     assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing installed there");
@@ -452,7 +452,7 @@ fn build_refuses_a_target_folder_others_can_write_to() {
     let (code, _, err) = run(kit_command(&empty.path().join("shared")).arg("build"));
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        err.contains("others cannot write to") && err.contains("remove it"),
         "{err}"
     );
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "nothing built there");
@@ -555,13 +555,19 @@ fn the_tools_directory_keeps_a_user_s_folder_redoes_a_half_install_and_runs_node
     assert!(err.contains("was not made by a tools installer"), "{err}");
     assert_eq!(std::fs::read_to_string(mine.join("js/src/app.js")).unwrap(), "precious");
     assert!(mine.join("js/package-lock.json").is_file());
+    // With a `.stamp` of its own (make's empty one): not an installer's.
+    std::fs::write(mine.join("js/.stamp"), "").unwrap();
+    let (code, err) = build_with_fake_node(&project, &bin, &mine, &log);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was not made by a tools installer"), "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("js/src/app.js")).unwrap(), "precious");
 
     // The same folder, open to others: refused as the tools directory is.
     std::fs::set_permissions(mine.join("js"), std::fs::Permissions::from_mode(0o777)).unwrap();
     let (code, err) = build_with_fake_node(&project, &bin, &mine, &log);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("others cannot write to") && err.contains("chmod go-w"),
+        err.contains("others cannot write to") && err.contains("remove it"),
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(mine.join("js/src/app.js")).unwrap(), "precious");

@@ -119,8 +119,8 @@ fn check_own(out_dir: &Path, meta: &std::fs::Metadata) -> Result<(), KitError> {
         if meta.uid() != me || meta.mode() & 0o022 != 0 {
             return Err(KitError::Usage(format!(
                 "{} must be a folder of your own that others cannot write to (owner uid {}, mode \
-                 {:o}): the build writes its component there; fix it with `chmod go-w` (or remove \
-                 it and build again)",
+                 {:o}): the build writes its component there, and others may have put files or \
+                 links there already, which `chmod go-w` alone would keep: remove it and build again",
                 out_dir.display(),
                 meta.uid(),
                 meta.mode() & 0o7777

@@ -84,8 +84,9 @@ fn check_private(dir: &Path) -> Result<(), KitError> {
         if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
             return Err(KitError::Tool(format!(
                 "the tools directory {} must be a folder of your own that others cannot write to \
-                 (it is {}, owner uid {}, mode {:o}): the build runs the programs in it; fix it \
-                 with `chmod go-w` (or remove it, or point {TOOLS_VARIABLE} elsewhere)",
+                 (it is {}, owner uid {}, mode {:o}): the build runs the programs in it, and \
+                 others may have put programs there already, which `chmod go-w` alone would keep: \
+                 remove it (the build installs the tools again), or point {TOOLS_VARIABLE} elsewhere",
                 dir.display(),
                 if meta.is_symlink() {
                     "a link"
@@ -267,7 +268,8 @@ fn write_stamp(env: &Path, want: &str) -> Result<(), KitError> {
 }
 
 /// Empties `env` for a fresh install, if a tools installer made it (it
-/// carries a `.stamp` or [`INSTALL_MARKER`]) or it is empty: a folder of
+/// carries an installer's `.stamp`, a SHA-256 in hex, or
+/// [`INSTALL_MARKER`]) or it is empty: a folder of
 /// the user's that happens to sit where the tools go (a JavaScript project
 /// with its own `package-lock.json`, say) is never deleted. The folder is
 /// made again, private, with the marker in it before anything else, so an
@@ -278,8 +280,15 @@ fn reset(env: &Path) -> Result<(), KitError> {
         Err(err) => return Err(KitError::io("cannot read", env)(err)),
         Ok(meta) => {
             let installers = |name: &str| std::fs::symlink_metadata(env.join(name)).is_ok_and(|meta| meta.is_file());
+            // An installer's stamp is a SHA-256 in hex; a `.stamp` of
+            // another kind (make's empty one, say) proves nothing.
+            let stamped = installers(".stamp")
+                && std::fs::read_to_string(env.join(".stamp")).is_ok_and(|stamp| {
+                    let stamp = stamp.trim();
+                    stamp.len() == 64 && stamp.bytes().all(|b| b.is_ascii_hexdigit())
+                });
             let ours = meta.is_dir()
-                && (installers(".stamp")
+                && (stamped
                     || installers(INSTALL_MARKER)
                     || std::fs::read_dir(env).is_ok_and(|mut entries| entries.next().is_none()));
             if !ours {

@@ -101,10 +101,17 @@ pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime
             if before.get(path) == Some(modified) {
                 continue;
             }
-            if *modified <= unchanged_at
-                && let Ok(now) = touch(path)
-            {
-                *modified = now;
+            if *modified <= unchanged_at {
+                match touch(path) {
+                    Ok(now) => *modified = now,
+                    // A file the watcher cannot write (read-only, or
+                    // immutable) keeps its older time, and cargo may skip
+                    // it: say so rather than run a stale build unawares.
+                    Err(err) => eprintln!(
+                        "watch: {} came back with a time from before the save and cannot be given                          the save's time ({err}); the build may not see the change: make the file                          writable, or touch it",
+                        support::one_line::escape(&path.display().to_string())
+                    ),
+                }
             }
             saved = saved.max(Some(*modified));
         }
