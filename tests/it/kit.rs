@@ -595,6 +595,11 @@ fn the_tools_directory_keeps_a_user_s_folder_redoes_a_half_install_and_runs_node
     assert_eq!(code, 5, "the tools directory made under umask 002 is accepted: {err}");
     assert_eq!(mode(&fresh), 0o700);
     assert_eq!(mode(&fresh.join("js")) & 0o022, 0);
+    assert_eq!(
+        mode(&fresh.join("js/node_modules/.bin")) & 0o022,
+        0,
+        "what the install made under umask 002 is not writable by others"
+    );
 
     let calls = std::fs::read_to_string(&log).unwrap();
     let project = std::fs::canonicalize(&project).unwrap();

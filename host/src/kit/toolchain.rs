@@ -157,6 +157,7 @@ pub fn componentize_py() -> Result<PathBuf, KitError> {
         "pip install componentize-py",
         "check the network and the package index, then run the build again",
     )?;
+    others_cannot_write(&env)?;
     write_stamp(&env, &want)?;
     Ok(tool)
 }
@@ -193,6 +194,7 @@ pub fn componentize_js() -> Result<(PathBuf, PathBuf), KitError> {
         "npm ci (componentize-js)",
         "check the network and the npm registry, then run the build again",
     )?;
+    others_cannot_write(&env)?;
     write_stamp(&env, &want)?;
     Ok((tool, env))
 }
@@ -247,6 +249,40 @@ fn pin(name: &str) -> Result<&'static [u8], KitError> {
              complete source tree"
         ))
     })
+}
+
+/// Takes group and others' write permission off everything an install
+/// made (venv and npm create folders under the user's umask, 002 on some
+/// systems), links not followed: nobody else can swap a tool the build
+/// later runs.
+fn others_cannot_write(dir: &Path) -> Result<(), KitError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut folders = vec![dir.to_path_buf()];
+        // Bounded by what the install wrote.
+        while let Some(folder) = folders.pop() {
+            let entries = std::fs::read_dir(&folder).map_err(KitError::io("cannot read", &folder))?;
+            for entry in entries {
+                let path = entry.map_err(KitError::io("cannot read", &folder))?.path();
+                let meta = std::fs::symlink_metadata(&path).map_err(KitError::io("cannot read", &path))?;
+                if meta.is_symlink() {
+                    continue;
+                }
+                let mode = meta.permissions().mode();
+                if mode & 0o022 != 0 {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !0o022))
+                        .map_err(KitError::io("cannot change the mode of", &path))?;
+                }
+                if meta.is_dir() {
+                    folders.push(path);
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// The stamp: SHA-256 of the parts, concatenated, in hex.
