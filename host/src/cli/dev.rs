@@ -506,17 +506,32 @@ async fn watch_project(
             .map_err(|err| CommandError::internal(format!("the build stopped: {err}")))?;
         match built {
             Ok(built) => {
+                // A failure to stage or run this build is this cycle's: it
+                // is printed, and the next save is waited for.
                 let staged = folder.join(".dev.wasm.part");
-                std::fs::copy(&built.component, &staged)
+                let ran = match std::fs::copy(&built.component, &staged)
                     .and_then(|_| std::fs::rename(&staged, folder.join("dev.wasm")))
-                    .map_err(|err| CommandError::internal(format!("cannot stage {}: {err}", staged.display())))?;
-                let input = std::fs::read_to_string(dir.join("input.json")).unwrap_or_else(|_| "{}".to_string());
-                let run = submit_and_wait(&http, url, &project.name, &input).await?;
-                println!("{}", watched_outcome(&run));
-                println!(
-                    "watch: save to result in {} ms",
-                    saved.elapsed().unwrap_or_default().as_millis()
-                );
+                {
+                    Ok(()) => {
+                        let input =
+                            std::fs::read_to_string(dir.join("input.json")).unwrap_or_else(|_| "{}".to_string());
+                        submit_and_wait(&http, url, &project.name, &input).await
+                    }
+                    Err(err) => Err(CommandError::internal(format!(
+                        "cannot stage {}: {err}",
+                        staged.display()
+                    ))),
+                };
+                match ran {
+                    Ok(run) => {
+                        println!("{}", watched_outcome(&run));
+                        println!(
+                            "watch: save to result in {} ms",
+                            saved.elapsed().unwrap_or_default().as_millis()
+                        );
+                    }
+                    Err(err) => eprintln!("error: {}", err.message),
+                }
             }
             Err(err) => eprintln!("error: {err}"),
         }
@@ -542,16 +557,23 @@ async fn submit_and_wait(
 ) -> Result<serde_json::Value, CommandError> {
     let fail = |err: reqwest::Error| CommandError::internal(format!("the dev plane at {url}: {err}"));
     let body = serde_json::json!({"agentId": agent, "version": "dev", "inputRef": {"message": input}});
-    let answer: serde_json::Value = http
+    let answered = http
         .post(format!("{url}/v1/runs"))
         .json(&body)
         .send()
         .await
-        .map_err(fail)?
-        .json()
-        .await
         .map_err(fail)?;
-    let id = answer["runId"].as_str().unwrap_or_default().to_string();
+    let status = answered.status();
+    let answer: serde_json::Value = answered.json().await.unwrap_or_default();
+    let id = match answer["runId"].as_str() {
+        Some(id) if status.is_success() && !id.is_empty() => id.to_string(),
+        _ => {
+            return Err(CommandError::internal(format!(
+                "the dev plane at {url} refused the run ({status}): {}",
+                support::one_line::escape(&answer.to_string())
+            )));
+        }
+    };
     let started = Instant::now();
     loop {
         let run: serde_json::Value = http
