@@ -108,7 +108,9 @@ pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime
                     // immutable) keeps its older time, and cargo may skip
                     // it: say so rather than run a stale build unawares.
                     Err(err) => eprintln!(
-                        "watch: {} came back with a time from before the save and cannot be given                          the save's time ({err}); the build may not see the change: make the file                          writable, or touch it",
+                        "watch: {} came back with a time from before the save and cannot be given \
+                         the save's time ({err}); the build may not see the change: make the file \
+                         writable, or touch it",
                         support::one_line::escape(&path.display().to_string())
                     ),
                 }
@@ -121,8 +123,13 @@ pub async fn next_change(dir: &Path, before: &Snapshot) -> (Snapshot, SystemTime
 
 /// Sets `path`'s modification time to now; returns it.
 fn touch(path: &Path) -> std::io::Result<SystemTime> {
+    set_modified(path, SystemTime::now())
+}
+
+/// Sets `path`'s modification time; returns it as the file system keeps it.
+fn set_modified(path: &Path, time: SystemTime) -> std::io::Result<SystemTime> {
     let file = std::fs::File::options().append(true).open(path)?;
-    file.set_modified(SystemTime::now())?;
+    file.set_modified(time)?;
     file.metadata()?.modified()
 }
 
@@ -161,12 +168,7 @@ mod tests {
         let before = snapshot(dir.path());
         let hours_ago = SystemTime::now() - Duration::from_secs(3 * 3600);
         std::fs::write(&source, "old").unwrap();
-        std::fs::File::options()
-            .append(true)
-            .open(&source)
-            .unwrap()
-            .set_modified(hours_ago)
-            .unwrap();
+        set_modified(&source, hours_ago).unwrap();
         let (after, saved) = tokio::time::timeout(Duration::from_secs(10), next_change(dir.path(), &before))
             .await
             .expect("the change is seen");
@@ -189,12 +191,7 @@ mod tests {
         let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
         for file in [&restored, &edited] {
             std::fs::write(file, "old").unwrap();
-            std::fs::File::options()
-                .append(true)
-                .open(file)
-                .unwrap()
-                .set_modified(two_hours_ago)
-                .unwrap();
+            set_modified(file, two_hours_ago).unwrap();
         }
         let before = snapshot(dir.path());
         let called = SystemTime::now();
@@ -206,12 +203,7 @@ mod tests {
         // Newer than every source in `before`, older than the call.
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
         std::fs::write(&restored, "new").unwrap();
-        std::fs::File::options()
-            .append(true)
-            .open(&restored)
-            .unwrap()
-            .set_modified(an_hour_ago)
-            .unwrap();
+        set_modified(&restored, an_hour_ago).unwrap();
         std::fs::write(&edited, "edited").unwrap();
         let edited_at = std::fs::metadata(&edited).unwrap().modified().unwrap();
         let (after, saved) = tokio::time::timeout(Duration::from_secs(10), watching)

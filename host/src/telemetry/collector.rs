@@ -81,14 +81,10 @@ impl Collector {
     /// What an export's result says of the collector.
     fn exported(&self, result: &OTelSdkResult) {
         match result {
-            Ok(()) => self.open(),
+            Ok(()) => self.state.open(),
             Err(_) if !self.state.reachable() => self.close(),
             Err(_) => {}
         }
-    }
-
-    fn open(&self) {
-        self.state.open();
     }
 
     fn close(&self) {
