@@ -5,7 +5,9 @@
 //!
 //! `cargo run -p bench -- deadline [RUNS [NODE_BINARY]]`, after
 //! `scripts/build-agents`. In process, each case is timed from the call to
-//! `Sandbox::run` to its return (the agent already loaded), under the
+//! `Sandbox::run_reported` to its result (the agent already loaded; a call
+//! cut off in a host call is unwound after, as the daemon does once the
+//! report is stored), under the
 //! node's metering (`fuel`) and, for comparison, the metering nodes used
 //! before issue 22 (`fuel + epochs`: epoch checks compiled in, ticking
 //! every 10 ms). With NODE_BINARY (a built `node-runtime`), each case is
@@ -50,9 +52,12 @@ pub async fn main(args: Vec<String>) {
                     ..RunRequest::default()
                 };
                 let started = Instant::now();
-                let result = sandbox.run(&agent, request).await;
+                let reported = sandbox.run_reported(&agent, request).await;
                 overruns.push(started.elapsed().saturating_sub(DEADLINE));
-                match result.outcome {
+                if let Some(call) = reported.cut_off {
+                    call.unwind().await;
+                }
+                match reported.result.outcome {
                     RunOutcome::Failed(failure) if failure.kind == FailKind::BudgetDeadline => {}
                     other => panic!("{case} did not end at its deadline: {other:?}"),
                 }

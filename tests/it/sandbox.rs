@@ -118,6 +118,62 @@ async fn sleep_forever_fails_budget_deadline_on_time() {
     );
 }
 
+/// A run cut off while it waits in a host call is reported before its
+/// call is unwound, from its meters as the guest entered that call: the
+/// fuel it burned up to its sleep, whenever the deadline comes. A guest
+/// stopped while computing ends in the call hook, with nothing to unwind.
+#[tokio::test]
+async fn a_run_cut_off_in_a_host_call_is_reported_before_it_is_unwound_with_exact_fuel() {
+    let sandbox = sandbox();
+    let sleeper = load(&sandbox, "sleep-forever").await;
+    let mut fuel = Vec::new();
+    for millis in [300, 700] {
+        let budget = BudgetRequest {
+            duration: Some(Duration::from_millis(millis)),
+            ..BudgetRequest::default()
+        };
+        let reported = sandbox
+            .run_reported(&sleeper, request("sleep-forever", &[], budget))
+            .await;
+        let call = reported.cut_off.expect("the call is left to unwind");
+        let result = reported.result;
+        let failure = failure(&result);
+        assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
+        assert!(
+            failure.message.contains("waiting in a host call"),
+            "{}",
+            failure.message
+        );
+        assert!(result.report.wall_ms >= millis, "{:?}", result.report);
+        assert!(result.report.instantiate_us > 0, "{:?}", result.report);
+        assert!(result.report.peak_memory_bytes > 0, "{:?}", result.report);
+        fuel.push(result.report.fuel_consumed);
+        call.unwind().await;
+    }
+    assert!(fuel[0] > 0, "the run computed before it slept: {fuel:?}");
+    assert_eq!(fuel[0], fuel[1], "the same work before the same sleep");
+
+    let spinner = load(&sandbox, "spin-forever").await;
+    let budget = BudgetRequest {
+        duration: Some(Duration::from_millis(300)),
+        ..BudgetRequest::default()
+    };
+    let reported = sandbox
+        .run_reported(&spinner, request("spin-forever", &[], budget))
+        .await;
+    assert!(
+        reported.cut_off.is_none(),
+        "a computing guest is stopped in the call hook"
+    );
+    let failure = failure(&reported.result);
+    assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
+    assert!(!failure.message.contains("host call"), "{}", failure.message);
+
+    // Every slot is free again once the calls are unwound.
+    let echo = load(&sandbox, "echo").await;
+    completed(&sandbox.run(&echo, request("echo", &[], BudgetRequest::default())).await);
+}
+
 #[tokio::test]
 async fn a_lease_already_past_its_deadline_fails_without_running() {
     let sandbox = sandbox();

@@ -10,6 +10,7 @@ use crate::support::*;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use node_runtime::dev_plane::stubs::{STUB_TOOLS_FOREVER_MODEL, STUB_TOOLS_MODEL, StubModel};
 use node_runtime::sandbox::{
@@ -241,6 +242,80 @@ async fn ask_about_paper_co(sandbox: &Sandbox, tool_url: &str) -> node_runtime::
             ),
         )
         .await
+}
+
+/// A run cut off at its deadline while it waits for the model reports what
+/// it spent before: the first call's tokens, the tool's request, and the
+/// host work of copying out the prompt it is waiting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_off_waiting_for_the_model_reports_the_tokens_it_spent_before() {
+    node_runtime::support::tls::install_crypto_provider();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let call = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if call > 0 {
+                    // The second call is never answered.
+                    std::future::pending::<()>().await;
+                }
+                axum::Json(serde_json::json!({
+                    "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "lookup_vendor", "arguments": "{\"vendor\":\"Paper Co\"}"}}]},
+                        "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 123, "completion_tokens": 45},
+                }))
+            }
+        }),
+    );
+    let url = model_at(app).await;
+    let (registry, asked) = registry().await;
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(&url, Secret::new("k"), "m")),
+        allowed_hosts: BTreeMap::from([("tool-loop".to_string(), vec![registry.clone()])]),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let agent = load(&sandbox, "tool-loop").await;
+    let ask = |deadline: Duration| {
+        request(
+            "tool-loop",
+            &[
+                ("message", "Paper Co"),
+                ("tool_url", &format!("http://{registry}/vendors")),
+            ],
+            BudgetRequest {
+                duration: Some(deadline),
+                ..BudgetRequest::default()
+            },
+        )
+    };
+    let mut fuel = Vec::new();
+    for seconds in [2, 3] {
+        let reported = sandbox.run_reported(&agent, ask(Duration::from_secs(seconds))).await;
+        let result = reported.result;
+        let failure = result.outcome.failure().expect("the deadline cuts the run off");
+        assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
+        assert!(failure.message.contains("waiting in a host call"), "{failure:?}");
+        assert!(reported.cut_off.is_some(), "the call is left to unwind");
+        assert_eq!(
+            (result.report.tokens_in, result.report.tokens_out),
+            (123, 45),
+            "{:?}",
+            result.report
+        );
+        assert_eq!(result.report.http_requests, 1, "{:?}", result.report);
+        fuel.push(result.report.fuel_consumed);
+        reported.cut_off.unwrap().unwind().await;
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_eq!(asked.lock().unwrap().len(), 2, "one tool call each run");
+    assert!(fuel[0] > 0, "{fuel:?}");
+    assert_eq!(fuel[0], fuel[1], "the same work up to the same wait: {fuel:?}");
 }
 
 /// An answer the node cannot use (here 200 tool calls, more than it

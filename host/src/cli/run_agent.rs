@@ -18,8 +18,8 @@ use crate::app::{self, NodeConfig};
 use crate::sandbox::declarative::{AgentSpec, SPEC_BYTES};
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
 use crate::sandbox::{
-    BudgetRequest, DirectoryGrant, Execution, FailKind, Grants, InvalidGrant, RunContext, RunOutcome, RunReport,
-    RunRequest, Sandbox, SandboxError,
+    BudgetRequest, DirectoryGrant, Execution, FailKind, Grants, InvalidGrant, Reported, RunContext, RunOutcome,
+    RunReport, RunRequest, Sandbox, SandboxError,
 };
 use crate::telemetry::{LogFormat, ResourceIdentity, Telemetry, TelemetrySettings};
 
@@ -269,15 +269,19 @@ async fn run_once(
         budget,
         deadline: None,
     };
-    let result = match agent {
-        Runnable::Component(agent) => sandbox.run(agent, request).instrument(span).await,
-        Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await,
+    let Reported { result, cut_off } = match agent {
+        Runnable::Component(agent) => sandbox.run_reported(agent, request).instrument(span).await,
+        Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await.into(),
     };
 
     if args.json {
         println!("{}", json_report(&result.outcome, &result.report));
     } else {
         print!("{}", human_report(&result.outcome, &result.report));
+    }
+    // A run cut off in a host call is printed first, then unwound.
+    if let Some(call) = cut_off {
+        call.unwind().await;
     }
     exit_for(&result.outcome)
 }

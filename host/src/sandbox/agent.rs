@@ -29,6 +29,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 pub struct InvalidAgent(pub String);
 
 /// Which calling convention the component follows.
+#[derive(Clone)]
 pub(crate) enum Entry {
     /// The node-runtime agent world: `run(context) -> result<map, error>`.
     World(AgentPre<RunState>),

@@ -60,7 +60,7 @@ pub use grants::{
 pub use host_memory::HostLimits;
 pub use llm::{LlmEndpoint, LlmSettings, ModelPrice};
 pub use outcome::{FailKind, ResultMap, RunFailure, RunOutcome, RunReport};
-pub use run::{RunContext, RunRequest, RunResult};
+pub use run::{CutOffCall, Reported, RunContext, RunRequest, RunResult};
 
 use artifact_trust::ArtifactKind;
 use state::RunState;
@@ -442,6 +442,19 @@ impl Sandbox {
     /// Runs `agent` once in a fresh store. Never panics on guest behaviour:
     /// every way a run can end is a [`RunOutcome`].
     pub async fn run(&self, agent: &Agent, request: RunRequest) -> RunResult {
+        let reported = self.run_reported(agent, request).await;
+        if let Some(call) = reported.cut_off {
+            call.unwind().await;
+        }
+        reported.result
+    }
+
+    /// [`run`](Self::run), returning as soon as the result is known: a run
+    /// cut off at its deadline while it waits in a host call comes back
+    /// with that call still to unwind ([`CutOffCall`]), which can take
+    /// milliseconds for an agent that carries DWARF. The run holds its
+    /// instance's slot in the pool until the call is unwound.
+    pub async fn run_reported(&self, agent: &Agent, request: RunRequest) -> Reported {
         // The caller's span carries the run's ids (the worker's `lease`,
         // run-agent's `run`); this one times the sandbox's part, and the
         // instantiation, LLM and HTTP spans nest in it.

@@ -22,6 +22,7 @@ use super::capabilities::log::RunLog;
 use super::host_memory::HostLimits;
 use super::meters::{MemoryMeter, TokenMeter};
 use super::output::BoundedOutput;
+use super::run::LastReading;
 
 pub struct RunState {
     pub(crate) wasi: WasiCtx,
@@ -50,10 +51,19 @@ pub struct RunState {
     pub(crate) llm: Option<RunLlm>,
     /// When the run must end: its duration budget or the lease deadline.
     pub(crate) deadline: Instant,
+    /// When the host's own waits for the run (an LLM call, an outbound
+    /// HTTP request) give up: a little after `deadline`, so that the run's
+    /// timer, not a host call returning, ends a run that waits.
+    pub(crate) host_deadline: Instant,
     /// When the guest last gave its thread back (or started): a guest
     /// looping on host calls, where fuel does not advance, is made to
     /// yield once this is a time slice ago (`run::back_from_host`).
     pub(crate) slice_started: Instant,
+    /// Time to instantiate the component, once it is instantiated.
+    pub(crate) instantiate_us: u64,
+    /// The meters as read when the guest last called into the host: what
+    /// the run reports if it is cut off at its deadline in that call.
+    pub(crate) last_reading: LastReading,
 }
 
 impl WasiView for RunState {

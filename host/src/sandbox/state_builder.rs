@@ -26,7 +26,7 @@ use super::grants::DirectoryGrant;
 use super::host_memory::HostLimits;
 use super::meters::{MemoryMeter, TokenMeter};
 use super::output::{BoundedOutput, Overflow};
-use super::run::RunContext;
+use super::run::{LastReading, RunContext};
 use super::state::RunState;
 
 /// How much of a guest's stderr the node keeps: enough for a panic message
@@ -78,6 +78,16 @@ pub(crate) struct RunStateBuilder<'a> {
     http_hosts: Vec<HostGrant>,
     llm: Option<RunLlm>,
 }
+
+/// How long after a run's deadline the host's own waits for it (an LLM
+/// call, an outbound HTTP request) give up. The run's timer ends a run
+/// waiting in a host call at its deadline, and the run is reported from
+/// its meters before the call is unwound (`run/reading.rs`); a host call
+/// that returned at the deadline instead would be stopped in the call
+/// hook, and unwinding there is on the report's path (milliseconds for an
+/// agent that carries DWARF). These waits are backstops: a request still
+/// under way when the run is unwound is dropped with it.
+const HOST_WAITS_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A granted directory that cannot be opened for a run: it was checked at
 /// start-up, and is gone or unreadable since.
@@ -199,7 +209,7 @@ impl<'a> RunStateBuilder<'a> {
                 context.metadata.get(HTTP_ALLOW_METADATA_KEY).map(String::as_str),
                 &context.run_id,
                 &context.trace_id,
-                self.deadline,
+                self.deadline + HOST_WAITS_GRACE,
                 host_limits,
             ),
             memory: MemoryMeter::new(self.budget.memory_bytes(), limits.table_elements as usize, RUN_SHAPE),
@@ -207,7 +217,10 @@ impl<'a> RunStateBuilder<'a> {
             tokens: TokenMeter::new(self.budget.tokens()),
             llm: self.llm,
             deadline: self.deadline,
+            host_deadline: self.deadline + HOST_WAITS_GRACE,
             slice_started: Instant::now(),
+            instantiate_us: 0,
+            last_reading: LastReading::default(),
         })
     }
 }

@@ -115,6 +115,9 @@ impl Dispatcher {
             "run.cost_usd" = Empty,
         );
         telemetry::adopt_trace_id(&span, &context.trace_id);
+        // A run cut off in a host call is reported before its call is
+        // unwound; the unwinding is done after the report is stored.
+        let mut cut_off = None;
         let (outcome, run_report) = async {
             let pin = request.context.metadata.get(DIGEST_METADATA_KEY);
             let resolving = async {
@@ -198,8 +201,8 @@ impl Dispatcher {
             let running = tokio::spawn(
                 async move {
                     match &runnable {
-                        Runnable::Component(agent) => sandbox.run(agent, request).await,
-                        Runnable::Spec(spec) => sandbox.run_spec(spec, request).await,
+                        Runnable::Component(agent) => sandbox.run_reported(agent, request).await,
+                        Runnable::Spec(spec) => sandbox.run_spec(spec, request).await.into(),
                     }
                 }
                 .in_current_span(),
@@ -207,7 +210,10 @@ impl Dispatcher {
             let abort = running.abort_handle();
             tokio::select! {
                 joined = running => match joined {
-                    Ok(result) => (result.outcome, result.report),
+                    Ok(reported) => {
+                        cut_off = reported.cut_off;
+                        (reported.result.outcome, reported.result.report)
+                    }
                     Err(failed) => {
                         let why = if failed.is_panic() { "panicked" } else { "was cancelled" };
                         tracing::error!("the run {why}: a bug in the node; the lease is handed back");
@@ -274,6 +280,11 @@ impl Dispatcher {
         self.reporter
             .deliver(report, accepted.lease.deadline_unix_ms, Some(&span))
             .await;
+        // The run's instance keeps its slot in the pool until its call is
+        // unwound: the slot is given back after that.
+        if let Some(call) = cut_off {
+            call.unwind().await;
+        }
         drop(permit);
     }
 }

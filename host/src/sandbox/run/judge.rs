@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use tokio::time::error::Elapsed;
 use wasmtime::{Trap, WasmBacktrace};
 use wasmtime_wasi::I32Exit;
 
@@ -52,9 +51,9 @@ pub(super) enum Returned {
     Command(Result<(), ()>),
 }
 
-/// How a run's call ended: what the guest returned, a wasmtime error from
-/// instantiating or calling it, or the outer timeout.
-pub(super) type Ended = Result<Result<Returned, (Stage, wasmtime::Error)>, Elapsed>;
+/// How a run's call ended: what the guest returned, or a wasmtime error
+/// from instantiating or calling it.
+pub(super) type Ended = Result<Returned, (Stage, wasmtime::Error)>;
 
 /// Turns what happened into an outcome, with the evidence a developer
 /// needs in the message and details.
@@ -86,26 +85,22 @@ impl<'a> Judge<'a> {
     /// what a report carries.
     pub(super) fn verdict(&self, ended: Ended) -> RunOutcome {
         let outcome = match ended {
-            Err(_elapsed) => RunOutcome::Failed(self.deadline_in_host_call()),
-            Ok(Err((stage, err))) => match err.downcast_ref::<I32Exit>() {
+            Err((stage, err)) => match err.downcast_ref::<I32Exit>() {
                 Some(I32Exit(0)) => self.command_output(),
                 Some(I32Exit(code)) => RunOutcome::Failed(self.command_exit(*code)),
                 None => RunOutcome::Failed(self.error(stage, &err)),
             },
-            Ok(Ok(Returned::World(Ok(pairs)))) => self.result(pairs),
-            Ok(Ok(Returned::World(Err(error)))) => RunOutcome::Failed(RunFailure {
+            Ok(Returned::World(Ok(pairs))) => self.result(pairs),
+            Ok(Returned::World(Err(error))) => RunOutcome::Failed(RunFailure {
                 kind: FailKind::AgentError,
                 message: error.message,
                 retryable: error.retryable,
                 details: self.stderr_details(),
             }),
-            Ok(Ok(Returned::Command(Ok(())))) => self.command_output(),
-            Ok(Ok(Returned::Command(Err(())))) => RunOutcome::Failed(self.command_exit(1)),
+            Ok(Returned::Command(Ok(()))) => self.command_output(),
+            Ok(Returned::Command(Err(()))) => RunOutcome::Failed(self.command_exit(1)),
         };
-        match self.check_tokens(outcome) {
-            RunOutcome::Failed(failure) => RunOutcome::Failed(failure.capped()),
-            completed => completed,
-        }
+        checked_and_capped(&self.state.tokens, outcome)
     }
 
     fn result(&self, pairs: Vec<(String, String)>) -> RunOutcome {
@@ -165,19 +160,8 @@ impl<'a> Judge<'a> {
         )
     }
 
-    fn deadline_in_host_call(&self) -> RunFailure {
-        RunFailure::new(
-            FailKind::BudgetDeadline,
-            format!(
-                "the run did not finish within its deadline ({}); it was waiting in a host call",
-                self.deadline_text()
-            ),
-        )
-        .with_details(self.stderr_details())
-    }
-
     fn deadline_text(&self) -> String {
-        humantime::format_duration(self.allowed).to_string()
+        deadline_text(self.allowed)
     }
 
     fn error(&self, stage: Stage, err: &wasmtime::Error) -> RunFailure {
@@ -346,21 +330,8 @@ impl<'a> Judge<'a> {
         }
     }
 
-    /// A run that spent more tokens than its budget fails, whatever it
-    /// returned, unless the overrun is within the tolerance. The LLM
-    /// capability refuses a call whose estimated prompt plus its output
-    /// cap does not fit what remains, so a run goes over only by what the
-    /// estimate missed on the call that crossed the budget: up to the
-    /// tolerance (10% of the budget, at least 32 tokens) the run ends as
-    /// the agent decides, and the report shows the tokens used. A provider
-    /// that wrote past the cap it was given fails the run however small
-    /// the overrun.
-    fn check_tokens(&self, outcome: RunOutcome) -> RunOutcome {
-        check_tokens(&self.state.tokens, outcome)
-    }
-
     fn stderr_text(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.contents()).into_owned()
+        stderr_text(self.stderr)
     }
 
     /// Adds the end of stderr (a panic message, typically) to a one-line
@@ -391,22 +362,7 @@ impl<'a> Judge<'a> {
     }
 
     fn details(&self, backtrace: &str) -> String {
-        let mut details = String::new();
-        if !backtrace.is_empty() {
-            details.push_str(backtrace.trim_end());
-        }
-        let stderr = self.stderr_text();
-        if !stderr.trim().is_empty() {
-            if !details.is_empty() {
-                details.push_str("\n\n");
-            }
-            details.push_str("stderr:\n");
-            details.push_str(stderr.trim_end());
-            if self.stderr.overflowed() {
-                details.push_str("\n[stderr truncated]");
-            }
-        }
-        details
+        details(self.stderr, backtrace)
     }
 
     /// A world agent's stderr (its `eprintln!`s) reaches the node's log,
@@ -421,7 +377,69 @@ impl<'a> Judge<'a> {
     }
 }
 
-/// The token check of [`Judge`], for any run that metered tokens (the
+/// The outcome of a run cut off at its deadline while it waited in a host
+/// call, `allowed` after its start: judged from what does not need its
+/// store, which the waiting call still holds (its captured stderr, and the
+/// tokens it had spent as last read).
+pub(super) fn cut_off_in_host_call(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenMeter) -> RunOutcome {
+    let failure = RunFailure::new(
+        FailKind::BudgetDeadline,
+        format!(
+            "the run did not finish within its deadline ({}); it was waiting in a host call",
+            deadline_text(allowed)
+        ),
+    )
+    .with_details(details(stderr, ""));
+    checked_and_capped(tokens, RunOutcome::Failed(failure))
+}
+
+/// A run that spent more tokens than its budget fails, whatever it
+/// returned, unless the overrun is within the tolerance. The LLM
+/// capability refuses a call whose estimated prompt plus its output
+/// cap does not fit what remains, so a run goes over only by what the
+/// estimate missed on the call that crossed the budget: up to the
+/// tolerance (10% of the budget, at least 32 tokens) the run ends as
+/// the agent decides, and the report shows the tokens used. A provider
+/// that wrote past the cap it was given fails the run however small
+/// the overrun.
+///
+/// A failure is then cut to what a report carries.
+fn checked_and_capped(tokens: &TokenMeter, outcome: RunOutcome) -> RunOutcome {
+    match check_tokens(tokens, outcome) {
+        RunOutcome::Failed(failure) => RunOutcome::Failed(failure.capped()),
+        completed => completed,
+    }
+}
+
+fn deadline_text(allowed: Duration) -> String {
+    humantime::format_duration(allowed).to_string()
+}
+
+fn stderr_text(stderr: &BoundedOutput) -> String {
+    String::from_utf8_lossy(&stderr.contents()).into_owned()
+}
+
+/// A failure's details: the guest backtrace, then the agent's stderr.
+fn details(stderr: &BoundedOutput, backtrace: &str) -> String {
+    let mut details = String::new();
+    if !backtrace.is_empty() {
+        details.push_str(backtrace.trim_end());
+    }
+    let text = stderr_text(stderr);
+    if !text.trim().is_empty() {
+        if !details.is_empty() {
+            details.push_str("\n\n");
+        }
+        details.push_str("stderr:\n");
+        details.push_str(text.trim_end());
+        if stderr.overflowed() {
+            details.push_str("\n[stderr truncated]");
+        }
+    }
+    details
+}
+
+/// The token check of [`checked_and_capped`], for any run that metered tokens (the
 /// built-in declarative agent's too).
 pub(crate) fn check_tokens(tokens: &TokenMeter, outcome: RunOutcome) -> RunOutcome {
     let why = match tokens.overrun() {

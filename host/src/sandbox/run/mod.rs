@@ -14,19 +14,24 @@
 //! store's call hook, which traps the guest once its deadline has passed.
 //! So a guest looping on synchronous host calls, where fuel does not
 //! advance, is stopped too. A guest blocked in an async host call never
-//! returns to the hook: a timer at the deadline ends it there.
+//! returns to the hook: a timer at the deadline ends it there, and the
+//! run is reported from its meters as they read when it entered that call
+//! (`reading.rs`), before the call is unwound.
 
 mod judge;
+mod reading;
 
 pub(crate) use judge::check_tokens;
+pub use reading::CutOffCall;
+pub(crate) use reading::LastReading;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::time::error::Elapsed;
 use tracing::Instrument;
 use wasmtime::{CallHook, Engine, Store, StoreContextMut, Trap, UpdateDeadline};
 
@@ -41,7 +46,8 @@ use super::llm::LlmClient;
 use super::outcome::{FailKind, RunFailure, RunOutcome, RunReport};
 use super::state::RunState;
 use super::state_builder::RunStateBuilder;
-use judge::{DeadlineExceeded, Judge, Returned, Stage};
+use judge::{DeadlineExceeded, Ended, Judge, Returned, Stage};
+use reading::Reading;
 
 /// What the node knows about a run, from its lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,6 +78,24 @@ pub struct RunResult {
     pub report: RunReport,
 }
 
+/// A run's result, as soon as it is known, and the call of a run cut off
+/// in a host call, still to be unwound.
+#[derive(Debug)]
+pub struct Reported {
+    pub result: RunResult,
+    pub cut_off: Option<CutOffCall>,
+}
+
+impl From<RunResult> for Reported {
+    fn from(result: RunResult) -> Self {
+        Reported { result, cut_off: None }
+    }
+}
+
+/// A run's call, which owns its store and gives it back with how the call
+/// ended.
+type Calling = Pin<Box<dyn Future<Output = (Ended, Store<RunState>)> + Send>>;
+
 /// What every run of one sandbox shares: the engine and how it meters
 /// guests, the node's limits, and the LLM client (`None`: no LLM
 /// configured).
@@ -84,12 +108,7 @@ pub(crate) struct Shared<'a> {
 
 /// Runs `agent` once for `request`, granted `grants` (its agent id's, as
 /// checked at start-up).
-pub(crate) async fn execute(
-    shared: &Shared<'_>,
-    grants: &AgentGrants,
-    agent: &Agent,
-    request: RunRequest,
-) -> RunResult {
+pub(crate) async fn execute(shared: &Shared<'_>, grants: &AgentGrants, agent: &Agent, request: RunRequest) -> Reported {
     let limits = shared.limits;
     let (budget, started, deadline) = match begin(limits, &request) {
         Ok(begun) => begun,
@@ -97,7 +116,8 @@ pub(crate) async fn execute(
             return RunResult {
                 outcome: RunOutcome::Failed(late),
                 report: RunReport::default(),
-            };
+            }
+            .into();
         }
     };
 
@@ -130,15 +150,38 @@ pub(crate) async fn execute(
             return RunResult {
                 outcome: RunOutcome::Failed(RunFailure::handed_back(unavailable.to_string())),
                 report: RunReport::default(),
-            };
+            }
+            .into();
         }
     };
+    // What outlives the store's reach while a call waits in the host.
+    let last_reading = state.last_reading.clone();
+    let stderr = state.stderr.clone();
+    let warnings = state.egress.warnings.clone();
     let mut store = store(shared.engine, shared.metering, &budget, state);
 
-    let mut instantiate_us = 0;
-    let ended = until_deadline(deadline, call(&mut store, agent, &request.context, &mut instantiate_us)).await;
+    let entry = agent.entry.clone();
+    let context = request.context;
+    let mut calling: Calling = Box::pin(async move {
+        let ended = call(&mut store, &entry, &context).await;
+        (ended, store)
+    });
+    let ended = until_deadline(deadline, calling.as_mut()).await;
 
     let allowed = Duration::from_millis((deadline - started).as_millis() as u64);
+    let Some((ended, mut store)) = ended else {
+        // Cut off while waiting in a host call: reported from the meters
+        // as the guest entered it; the call is unwound by the caller.
+        let reading = last_reading.get();
+        let outcome = judge::cut_off_in_host_call(allowed, &stderr, &reading.tokens);
+        let report = reading.report(budget.fuel(), started.elapsed(), warnings.suppressed());
+        warnings.summarise();
+        return Reported {
+            result: RunResult { outcome, report },
+            cut_off: Some(CutOffCall { _calling: calling }),
+        };
+    };
+    drop(calling);
     let judge = Judge::new(&budget, allowed, limits, store.data());
     let outcome = judge.verdict(ended);
     // A failure carries stderr in its details; a completed world agent's
@@ -146,9 +189,9 @@ pub(crate) async fn execute(
     if !is_command && matches!(outcome, RunOutcome::Completed(_)) {
         judge.pass_on_stderr();
     }
-    let report = report(&mut store, &budget, started, instantiate_us);
-    store.data().egress.warnings.summarise();
-    RunResult { outcome, report }
+    let report = report(&mut store, &budget, started);
+    warnings.summarise();
+    RunResult { outcome, report }.into()
 }
 
 /// The run's budget, when it starts, and when it must end: its duration
@@ -176,7 +219,8 @@ pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget
     Ok((budget, started, deadline))
 }
 
-/// Runs `calling` until it ends or the run's deadline passes.
+/// Runs `calling` until it ends or the run's deadline passes: `None` if
+/// the deadline found it waiting in a host call.
 ///
 /// The timer fires at the deadline itself, and is looked at whenever the
 /// guest hands control back: at each fuel (or epoch) yield of a computing
@@ -185,13 +229,12 @@ pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget
 /// its yield into the call hook, which traps it with the deadline at once
 /// (its fuel count exact, as stored for the yield); a guest still pending
 /// is waiting in a host call, and is cut off here.
-async fn until_deadline<T>(deadline: Instant, calling: impl Future<Output = T>) -> Result<T, Elapsed> {
-    let mut calling = std::pin::pin!(calling);
+async fn until_deadline<F: Future + ?Sized>(deadline: Instant, mut calling: Pin<&mut F>) -> Option<F::Output> {
     match tokio::time::timeout_at(deadline.into(), calling.as_mut()).await {
-        Ok(ended) => Ok(ended),
-        Err(elapsed) => match std::future::poll_fn(|cx| Poll::Ready(calling.as_mut().poll(cx))).await {
-            Poll::Ready(ended) => Ok(ended),
-            Poll::Pending => Err(elapsed),
+        Ok(ended) => Some(ended),
+        Err(_) => match std::future::poll_fn(|cx| Poll::Ready(calling.as_mut().poll(cx))).await {
+            Poll::Ready(ended) => Some(ended),
+            Poll::Pending => None,
         },
     }
 }
@@ -213,6 +256,10 @@ fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) 
         store
             .fuel_async_yield_interval(Some(fuel_per_yield(engine)))
             .expect("the engine is configured with fuel and async support");
+        // Nothing spent yet, should the run be cut off before its first
+        // call into the host.
+        let state = store.data();
+        state.last_reading.take(state, Some(budget.fuel()));
     }
     store.call_hook_async(CallHooks { metering });
     if metering.epochs() {
@@ -242,8 +289,21 @@ struct CallHooks {
 #[async_trait::async_trait]
 impl wasmtime::CallHookHandler<RunState> for CallHooks {
     async fn handle_call_event(&self, mut ctx: StoreContextMut<'_, RunState>, hook: CallHook) -> wasmtime::Result<()> {
-        if !matches!(hook, CallHook::ReturningFromHost) {
-            return Ok(());
+        match hook {
+            CallHook::CallingHost => {
+                // Fuel cannot move until the call returns: if the run is
+                // cut off in it, this is what it reports.
+                let fuel_left = if self.metering.fuel() {
+                    Some(ctx.get_fuel()?)
+                } else {
+                    None
+                };
+                let state = ctx.data();
+                state.last_reading.take(state, fuel_left);
+                return Ok(());
+            }
+            CallHook::ReturningFromHost => {}
+            CallHook::CallingWasm | CallHook::ReturningFromWasm => return Ok(()),
         }
         let now = back_from_host(&mut ctx, self.metering)?;
         if now.duration_since(ctx.data().slice_started) >= TIME_SLICE {
@@ -280,24 +340,19 @@ fn back_from_host(ctx: &mut StoreContextMut<'_, RunState>, metering: Metering) -
     Ok(now)
 }
 
-/// Instantiates the agent and calls its entry point. `instantiate_us` is
-/// set as soon as the instance is made, so that a run cut off during its
-/// call still reports it.
-async fn call(
-    store: &mut Store<RunState>,
-    agent: &Agent,
-    context: &RunContext,
-    instantiate_us: &mut u64,
-) -> Result<Returned, (Stage, wasmtime::Error)> {
+/// Instantiates the agent and calls its entry point. The time it took to
+/// instantiate is kept as soon as the instance is made, so that a run cut
+/// off during its call still reports it.
+async fn call(store: &mut Store<RunState>, entry: &Entry, context: &RunContext) -> Ended {
     let began = Instant::now();
-    match &agent.entry {
+    match entry {
         Entry::World(pre) => {
             let instance = pre
                 .instantiate_async(&mut *store)
                 .instrument(tracing::info_span!("instantiate"))
                 .await
                 .map_err(|e| (Stage::Instantiate, e))?;
-            *instantiate_us = began.elapsed().as_micros() as u64;
+            store.data_mut().instantiate_us = began.elapsed().as_micros() as u64;
             let context = wit_context(context);
             instance
                 .call_run(&mut *store, &context)
@@ -311,7 +366,7 @@ async fn call(
                 .instrument(tracing::info_span!("instantiate"))
                 .await
                 .map_err(|e| (Stage::Instantiate, e))?;
-            *instantiate_us = began.elapsed().as_micros() as u64;
+            store.data_mut().instantiate_us = began.elapsed().as_micros() as u64;
             instance
                 .wasi_cli_run()
                 .call_run(&mut *store)
@@ -323,34 +378,18 @@ async fn call(
 }
 
 /// What the run's meters read at its end.
-fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant, instantiate_us: u64) -> RunReport {
+fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant) -> RunReport {
     // The host's share at the end, for runs that made no `wasi:http` call
     // after their last resource appeared.
     let state = store.data_mut();
     let (held, _) = host_memory::charge(&mut state.table, &state.host_limits);
     state.memory.set_host_bytes(held);
     let state = store.data();
-    RunReport {
-        // Exact for a run that returned, ran out of fuel, or was stopped
-        // at its deadline by the call hook or in a host call: compiled code
-        // stores its fuel count before every call out of the guest, fuel
-        // yields included. (Under epochs only there is no fuel to report.)
-        fuel_consumed: (budget.fuel() - store.get_fuel().unwrap_or(0))
-            .saturating_add(state.host_work_fuel)
-            .min(budget.fuel()),
-        peak_memory_bytes: state.memory.peak_bytes(),
-        peak_host_bytes: state.memory.peak_host_bytes(),
-        wall_ms: started.elapsed().as_millis() as u64,
-        instantiate_us,
-        tokens_in: state.tokens.tokens_in,
-        tokens_out: state.tokens.tokens_out,
-        usd_cost: state.tokens.usd_cost,
-        log_lines: state.log.lines(),
-        log_lines_dropped: state.log.dropped(),
-        http_requests: state.egress.requests + state.egress.denied,
-        http_denied: state.egress.denied,
-        host_warnings_suppressed: state.egress.warnings.suppressed(),
-    }
+    Reading::of(state, store.get_fuel().ok()).report(
+        budget.fuel(),
+        started.elapsed(),
+        state.egress.warnings.suppressed(),
+    )
 }
 
 fn wit_context(context: &RunContext) -> WitRunContext {

@@ -29,6 +29,8 @@ pub struct EgressPolicy {
     allowed: Vec<HostGrant>,
     pub(super) run_id: String,
     trace_id: String,
+    /// When the host gives up on a request: a little after the run's
+    /// deadline (`state_builder::HOST_WAITS_GRACE`).
     pub(super) deadline: Instant,
     pub(super) limits: HostLimits,
     /// Requests sent and not yet finished (their connection task holds a

@@ -155,6 +155,9 @@ impl RunState {
         // again as JSON: host work paid in fuel like a log line's.
         let bytes = request.bytes;
         self.host_work_fuel += bytes as u64 * crate::sandbox::capabilities::log::FUEL_PER_BYTE;
+        // The call may wait for the provider until the run's deadline cuts
+        // it off; the report then comes from the last reading.
+        self.last_reading.refresh(self);
         if request.messages.is_empty() {
             return Err(ChatFailure::from(LlmError::InvalidRequest(
                 "the chat request has no messages; give at least one".to_string(),
@@ -234,7 +237,7 @@ impl RunState {
         };
         let answer = match llm
             .client
-            .chat(&provider_request, self.deadline)
+            .chat(&provider_request, self.host_deadline)
             .instrument(span.clone())
             .await
         {
@@ -250,6 +253,7 @@ impl RunState {
                         let (tokens_in, tokens_out) = charged(usage);
                         self.tokens.record(tokens_in, tokens_out, max_tokens);
                         self.tokens.usd_cost += llm.client.price(&model, &model, tokens_in, tokens_out);
+                        self.last_reading.refresh(self);
                         (LlmError::Provider(message), false)
                     }
                 };
@@ -273,6 +277,7 @@ impl RunState {
             );
         }
         tokens.usd_cost += llm.client.price(&model, &answer.model, tokens_in, tokens_out);
+        self.last_reading.refresh(self);
         if let Some(refusal) = answer.refusal {
             // Metered and priced above: a refusal costs its tokens too.
             return Err(LlmError::Provider(format!(
