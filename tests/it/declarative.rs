@@ -547,3 +547,38 @@ async fn a_huge_retry_after_from_the_model_ends_the_call_not_the_node() {
     );
     assert!(failure.message.contains("429"), "{failure:?}");
 }
+
+/// A definition's model call cut off by the run's deadline was perhaps
+/// answered and billed: the run fails `budget.deadline`, charged its
+/// estimated prompt and every token the answer was allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_call_cut_off_by_the_deadline_is_charged_the_most_it_may_cost() {
+    use node_runtime::sandbox::declarative::AgentSpec;
+    use node_runtime::sandbox::{BudgetRequest, FailKind, LlmSettings, Sandbox, SandboxConfig};
+    use node_runtime::support::Secret;
+
+    node_runtime::support::tls::install_crypto_provider();
+    let model = serve(axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(std::future::pending::<StatusCode>),
+    ))
+    .await;
+    let sandbox = Sandbox::new(SandboxConfig {
+        llm: Some(LlmSettings::openai(format!("http://{model}"), Secret::new("k"), "m")),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let spec = AgentSpec::parse(br#"{"name": "n", "instructions": "i", "modelProfile": {"maxTokens": 400}}"#).unwrap();
+    let budget = BudgetRequest {
+        duration: Some(std::time::Duration::from_millis(500)),
+        ..BudgetRequest::default()
+    };
+    let result = sandbox
+        .run_spec(&spec, request("n", &[("message", "hi")], budget))
+        .await;
+    let failure = result.outcome.failure().expect("the deadline cuts the call off");
+    assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
+    assert!(failure.message.contains("the model's answer"), "{failure:?}");
+    assert!(result.report.tokens_in > 0, "{:?}", result.report);
+    assert_eq!(result.report.tokens_out, 400, "{:?}", result.report);
+}

@@ -300,6 +300,49 @@ async fn a_target_that_never_answers_ends_by_the_runs_deadline() {
     }
 }
 
+/// A run cut off at its deadline while it reads a response body that
+/// never ends has its connection closed there, before it is reported and
+/// without waiting for its call to be unwound: the target sees the close
+/// while the cut-off call is still held, not unwound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_cut_off_mid_response_has_its_connection_closed_before_its_call_is_unwound() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 4096];
+        let _ = socket.read(&mut request).await;
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n";
+        let mut open = socket.write_all(head).await.is_ok();
+        // A byte every 20 ms, for 30 s at most, until the node closes.
+        for _ in 0..1500 {
+            if !open {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            open = socket.write_all(b"x").await.is_ok();
+        }
+        let _ = closed_tx.send(!open);
+    });
+    let sandbox = egress_sandbox(&[&format!("127.0.0.1:{}", addr.port())]);
+    let agent = load(&sandbox, AGENT).await;
+    let request = fetch_request(&format!("http://{addr}/"), None, &[], Duration::from_millis(500));
+    let reported = tokio::time::timeout(Duration::from_secs(20), sandbox.run_reported(&agent, request))
+        .await
+        .expect("the run ends");
+    let failure = reported.result.outcome.failure().expect("the deadline ends the run");
+    assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
+    let call = reported.cut_off.expect("cut off while reading the body");
+    let closed = tokio::time::timeout(Duration::from_secs(40), closed).await;
+    assert!(
+        matches!(closed, Ok(Ok(true))),
+        "the connection stayed open while the call was held: {closed:?}"
+    );
+    call.unwind().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_response_body_past_the_cap_ends_with_an_error() {
     let target = Target::start().await;

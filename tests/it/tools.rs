@@ -245,10 +245,11 @@ async fn ask_about_paper_co(sandbox: &Sandbox, tool_url: &str) -> node_runtime::
 }
 
 /// A run cut off at its deadline while it waits for the model reports what
-/// it spent before: the first call's tokens, the tool's request, and the
-/// host work of copying out the prompt it is waiting on.
+/// it spent before (the first call's tokens, the tool's request, the host
+/// work of copying out the prompt it is waiting on) and the most the call
+/// it waits on may cost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_cut_off_waiting_for_the_model_reports_the_tokens_it_spent_before() {
+async fn a_run_cut_off_waiting_for_the_model_is_charged_what_it_spent_and_the_most_the_call_may_cost() {
     node_runtime::support::tls::install_crypto_provider();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = calls.clone();
@@ -302,12 +303,11 @@ async fn a_run_cut_off_waiting_for_the_model_reports_the_tokens_it_spent_before(
         assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
         assert!(failure.message.contains("waiting in a host call"), "{failure:?}");
         assert!(reported.cut_off.is_some(), "the call is left to unwind");
-        assert_eq!(
-            (result.report.tokens_in, result.report.tokens_out),
-            (123, 45),
-            "{:?}",
-            result.report
-        );
+        // The first call's usage, and the second's most: its estimated
+        // prompt and the 300 tokens tool-loop allows each answer (it may
+        // have been answered and billed).
+        assert!(result.report.tokens_in > 123, "{:?}", result.report);
+        assert_eq!(result.report.tokens_out, 45 + 300, "{:?}", result.report);
         assert_eq!(result.report.http_requests, 1, "{:?}", result.report);
         fuel.push(result.report.fuel_consumed);
         reported.cut_off.unwrap().unwind().await;

@@ -217,10 +217,14 @@ pub(crate) async fn execute(
         max_tokens: spec.max_output_tokens,
         temperature: spec.temperature,
     };
-    // The chat call bounds its own waits by the deadline; this bounds
-    // everything else around it the same way a component's backstop does.
+    // The run's deadline ends the call (the chat call's own waits end a
+    // little after it); cut off, the call is charged what it may have
+    // cost, as the run's last reading has it.
     let answer = match tokio::time::timeout_at(deadline.into(), state.metered_chat(chat)).await {
-        Err(_) => return finish(&state, deadline_passed("the model's answer")),
+        Err(_) => {
+            state.tokens = state.last_reading.tokens();
+            return finish(&state, deadline_passed("the model's answer"));
+        }
         Ok(Err(failure)) => return finish(&state, chat_failed(failure)),
         Ok(Ok(answer)) => answer,
     };

@@ -158,6 +158,7 @@ pub(crate) async fn execute(shared: &Shared<'_>, grants: &AgentGrants, agent: &A
     let last_reading = state.last_reading.clone();
     let stderr = state.stderr.clone();
     let warnings = state.egress.warnings.clone();
+    let requests = state.egress.cut_off.clone();
     let mut store = store(shared.engine, shared.metering, &budget, state);
 
     let entry = agent.entry.clone();
@@ -170,8 +171,10 @@ pub(crate) async fn execute(shared: &Shared<'_>, grants: &AgentGrants, agent: &A
 
     let allowed = Duration::from_millis((deadline - started).as_millis() as u64);
     let Some((ended, mut store)) = ended else {
-        // Cut off while waiting in a host call: reported from the meters
-        // as the guest entered it; the call is unwound by the caller.
+        // Cut off while waiting in a host call: its outbound requests end
+        // now; it is reported from the meters as the guest entered that
+        // call; the call is unwound by the caller.
+        requests.cancel();
         let reading = last_reading.get();
         let outcome = judge::cut_off_in_host_call(allowed, &stderr, &reading.tokens);
         let report = reading.report(budget.fuel(), started.elapsed(), warnings.suppressed());

@@ -109,6 +109,19 @@ impl LastReading {
         self.lock().read_host_side(state);
     }
 
+    /// [`refresh`](Self::refresh), with `tokens` for the run's tokens: what
+    /// a call that is about to wait would cost at most.
+    pub(crate) fn refresh_charging(&self, state: &RunState, tokens: TokenMeter) {
+        let mut last = self.lock();
+        last.read_host_side(state);
+        last.tokens = tokens;
+    }
+
+    /// The tokens as last read.
+    pub(crate) fn tokens(&self) -> TokenMeter {
+        self.lock().tokens.clone()
+    }
+
     pub(super) fn get(&self) -> Reading {
         self.lock().clone()
     }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use http::header::HeaderValue;
+use tokio_util::sync::CancellationToken;
 
 use super::grant::{HTTP_ALLOW_METADATA_KEY, HostGrant};
 use crate::sandbox::capabilities::log::{HostWarning, HostWarnings};
@@ -42,6 +43,10 @@ pub struct EgressPolicy {
     /// The run's denials and failures as the node logs them: the first few
     /// of each kind, the rest counted.
     pub(crate) warnings: HostWarnings,
+    /// Cancelled when the run is cut off at its deadline: its requests and
+    /// their connections end there, before the run is reported, rather
+    /// than when its suspended call is unwound.
+    pub(crate) cut_off: CancellationToken,
 }
 
 /// One request in flight; dropping it frees the place.
@@ -102,6 +107,7 @@ impl EgressPolicy {
             requests: 0,
             denied: 0,
             warnings,
+            cut_off: CancellationToken::new(),
         }
     }
 

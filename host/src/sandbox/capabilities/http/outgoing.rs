@@ -180,23 +180,24 @@ impl WasiHttpHooks for EgressPolicy {
             between_bytes_timeout: bounded(guest.between_bytes_timeout, left),
         };
         let field_bytes = self.limits.field_bytes;
+        let cut_off = self.cut_off.clone();
         Box::new(
             async move {
-                let sent = tokio::time::timeout_at(
+                let sending = tokio::time::timeout_at(
                     deadline.into(),
                     wasmtime_wasi_http::default_send_request(request, Some(options)),
-                )
-                .await;
+                );
+                let sent = cut_off.run_until_cancelled(sending).await.and_then(Result::ok);
                 let (response, io) = match sent {
-                    Ok(Ok(sent)) => sent,
-                    Ok(Err(err)) => {
+                    Some(Ok(sent)) => sent,
+                    Some(Err(err)) => {
                         tracing::Span::current().record("error", tracing::field::display(&err));
                         if warnings.admit(HostWarning::EgressFailed) {
 tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request failed: {err}");
 }
                         return Err(err);
                     }
-                    Err(_elapsed) => {
+                    None => {
                         tracing::Span::current().record("error", "cut off by the run's deadline");
                         if warnings.admit(HostWarning::EgressFailed) {
 tracing::info!(target: LOG_TARGET, host = %host, port, "outbound HTTP request cut off by the run's deadline");
@@ -225,10 +226,11 @@ tracing::info!(target: LOG_TARGET, host = %host, port, limit = field_bytes, "out
                         })
                         .boxed_unsync()
                 });
-                // The connection's task holds the place until it ends.
+                // The connection's task holds the place until it ends, or
+                // until the run is cut off.
                 let io = async move {
                     let _place = place;
-                    io.await
+                    cut_off.run_until_cancelled(io).await.unwrap_or(Err(Error::ConnectionTimeout))
                 };
                 Ok((
                     response,

@@ -235,12 +235,21 @@ impl RunState {
                 (prompt_tokens, max_tokens)
             })
         };
-        let answer = match llm
+        // Cut off by the run's deadline while it waits, the call may have
+        // been answered and billed all the same: the run's reading charges
+        // it the most it may cost, as an answer without usage is, until it
+        // comes back with what it cost.
+        let mut waiting = self.tokens.clone();
+        waiting.record(prompt_tokens, max_tokens, max_tokens);
+        waiting.usd_cost += llm.client.price(&model, &model, prompt_tokens, max_tokens);
+        self.last_reading.refresh_charging(self, waiting);
+        let answered = llm
             .client
             .chat(&provider_request, self.host_deadline)
             .instrument(span.clone())
-            .await
-        {
+            .await;
+        self.last_reading.refresh(self);
+        let answer = match answered {
             Ok(answer) => answer,
             Err(err) => {
                 let (error, retryable) = match err {
