@@ -297,12 +297,24 @@ async fn a_run_cut_off_waiting_for_the_model_is_charged_what_it_spent_and_the_mo
     };
     let mut fuel = Vec::new();
     for seconds in [2, 3] {
-        let reported = sandbox.run_reported(&agent, ask(Duration::from_secs(seconds))).await;
+        // The model call's own wait ends 50 ms after the deadline: should
+        // the run's timer be seen later than that (a loaded machine), the
+        // call returns first and the run is stopped in the call hook
+        // instead. Three attempts at most.
+        let mut cut_off = None;
+        for _attempt in 0..3 {
+            calls.store(0, std::sync::atomic::Ordering::SeqCst);
+            let reported = sandbox.run_reported(&agent, ask(Duration::from_secs(seconds))).await;
+            if reported.cut_off.is_some() {
+                cut_off = Some(reported);
+                break;
+            }
+        }
+        let reported = cut_off.expect("cut off while waiting for the model in one of three attempts");
         let result = reported.result;
         let failure = result.outcome.failure().expect("the deadline cuts the run off");
         assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
         assert!(failure.message.contains("waiting in a host call"), "{failure:?}");
-        assert!(reported.cut_off.is_some(), "the call is left to unwind");
         // The first call's usage, and the second's most: its estimated
         // prompt and the 300 tokens tool-loop allows each answer (it may
         // have been answered and billed).
@@ -311,9 +323,8 @@ async fn a_run_cut_off_waiting_for_the_model_is_charged_what_it_spent_and_the_mo
         assert_eq!(result.report.http_requests, 1, "{:?}", result.report);
         fuel.push(result.report.fuel_consumed);
         reported.cut_off.unwrap().unwind().await;
-        calls.store(0, std::sync::atomic::Ordering::SeqCst);
     }
-    assert_eq!(asked.lock().unwrap().len(), 2, "one tool call each run");
+    assert!(asked.lock().unwrap().len() >= 2, "one tool call each run");
     assert!(fuel[0] > 0, "{fuel:?}");
     assert_eq!(fuel[0], fuel[1], "the same work up to the same wait: {fuel:?}");
 }

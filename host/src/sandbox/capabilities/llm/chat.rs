@@ -241,7 +241,7 @@ impl RunState {
         // comes back with what it cost.
         let mut waiting = self.tokens.clone();
         waiting.record(prompt_tokens, max_tokens, max_tokens);
-        waiting.usd_cost += llm.client.price(&model, &model, prompt_tokens, max_tokens);
+        waiting.usd_cost += llm.client.price_unanswered(&model, prompt_tokens, max_tokens);
         self.last_reading.refresh_charging(self, waiting);
         let answered = llm
             .client

@@ -7,7 +7,7 @@
 //! the per-run part in `chat.rs`, which owns the run's meters. Error
 //! messages quoting a provider's answer have the key masked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -337,7 +337,13 @@ pub struct LlmClient {
     http: reqwest::Client,
     /// Models already warned about as missing from the price table.
     unpriced_warned: Mutex<HashSet<String>>,
+    /// For a model asked for that has no price: the priced model the
+    /// provider last answered as (a few, at most [`ANSWERED_AS_MODELS`]).
+    answered_as: Mutex<HashMap<String, String>>,
 }
+
+/// How many unpriced models [`LlmClient`] remembers the answering model of.
+const ANSWERED_AS_MODELS: usize = 64;
 
 impl fmt::Debug for LlmClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -368,6 +374,7 @@ impl LlmClient {
             settings,
             http,
             unpriced_warned: Mutex::new(unpriced),
+            answered_as: Mutex::default(),
         })
     }
 
@@ -380,6 +387,12 @@ impl LlmClient {
     /// unknown model costs 0, with one warning per model per process.
     pub(crate) fn price(&self, asked: &str, answered: &str, tokens_in: u32, tokens_out: u32) -> f64 {
         let prices = &self.settings.prices;
+        if !prices.contains_key(asked) && prices.contains_key(answered) {
+            let mut answered_as = lock(&self.answered_as);
+            if answered_as.len() < ANSWERED_AS_MODELS || answered_as.contains_key(asked) {
+                answered_as.insert(asked.to_string(), answered.to_string());
+            }
+        }
         match prices.get(asked).or_else(|| prices.get(answered)) {
             Some(price) => price.cost(tokens_in, tokens_out),
             None => {
@@ -394,6 +407,19 @@ impl LlmClient {
                 0.0
             }
         }
+    }
+
+    /// What a call to `asked` that has not answered yet may cost: priced
+    /// as [`price`](Self::price) would, the answering model taken to be
+    /// the one the provider last answered `asked` as; 0, without a
+    /// warning, when neither has a price.
+    pub(crate) fn price_unanswered(&self, asked: &str, tokens_in: u32, tokens_out: u32) -> f64 {
+        let prices = &self.settings.prices;
+        let answered = lock(&self.answered_as).get(asked).cloned();
+        prices
+            .get(asked)
+            .or_else(|| answered.and_then(|answered| prices.get(&answered)))
+            .map_or(0.0, |price| price.cost(tokens_in, tokens_out))
     }
 
     /// Sends `request`, retrying 429 and 5xx with backoff while `deadline`
@@ -751,5 +777,27 @@ mod tests {
         let mut fits = CappedBuffer::new(16);
         serde_json::to_writer(&mut fits, &"ok").unwrap();
         assert_eq!(fits.bytes, br#""ok""#);
+    }
+
+    /// A call still waiting is priced as its answer will be: by the model
+    /// asked for, else by the priced model the provider answered it as.
+    #[test]
+    fn an_unanswered_call_is_priced_as_its_answer_would_be() {
+        let mut settings = LlmSettings::openai("http://127.0.0.1:9", support::Secret::new("k"), "alias");
+        let price = super::super::settings::ModelPrice {
+            input_per_1k: 1.0,
+            output_per_1k: 2.0,
+        };
+        settings.prices.insert("dated-model".into(), price);
+        let client = LlmClient::new(settings).unwrap();
+        assert_eq!(
+            client.price_unanswered("alias", 1000, 1000),
+            0.0,
+            "nothing answered yet"
+        );
+        assert_eq!(client.price("alias", "dated-model", 1000, 1000), 3.0);
+        assert_eq!(client.price_unanswered("alias", 1000, 1000), 3.0);
+        assert_eq!(client.price_unanswered("dated-model", 1000, 0), 1.0);
+        assert_eq!(client.price_unanswered("other", 1000, 1000), 0.0);
     }
 }
