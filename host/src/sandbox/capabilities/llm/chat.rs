@@ -155,9 +155,6 @@ impl RunState {
         // again as JSON: host work paid in fuel like a log line's.
         let bytes = request.bytes;
         self.host_work_fuel += bytes as u64 * crate::sandbox::capabilities::log::FUEL_PER_BYTE;
-        // The call may wait for the provider until the run's deadline cuts
-        // it off; the report then comes from the last reading.
-        self.last_reading.refresh(self);
         if request.messages.is_empty() {
             return Err(ChatFailure::from(LlmError::InvalidRequest(
                 "the chat request has no messages; give at least one".to_string(),
