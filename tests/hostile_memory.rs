@@ -8,7 +8,10 @@
 //!   per-run limit plus the documented per-run constant, and it runs
 //!   `echo` afterwards.
 //!
-//! Its own test binary, so no other test shares the process it measures.
+//! Its own test binary, so no other test shares the process it measures;
+//! its two tests take turns ([`ONE_AT_A_TIME`]): the second one's plane and
+//! clients allocate in this process too, and run beside the first they
+//! moved its resident memory by tens of MiB either way.
 
 mod hostile_set;
 mod support;
@@ -20,6 +23,9 @@ use hostile_set::{CASES, Env};
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, RunStatus};
 use support::*;
 
+/// Held by each test for its whole run.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -28,6 +34,7 @@ fn resident_bytes() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hostile_set_leaves_the_node_healthy_and_its_memory_flat() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = Env::start(Duration::from_millis(300)).await;
     let started = Instant::now();
     for (name, case) in CASES {
@@ -79,6 +86,7 @@ const PER_RUN_CONSTANT: u64 = 12 * MIB;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_memory_bomb_in_every_slot_at_once_stays_within_the_slots_limits() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const SLOTS: u64 = 4;
     const LIMIT: u64 = 32 * MIB;
     let plane = DevPlane::start(PlaneOptions {
