@@ -145,6 +145,9 @@ pub struct DevPlane {
     tls: bool,
     client_subjects: Arc<tls::ClientSubjects>,
     server: Option<JoinHandle<()>>,
+    /// The TLS accept loop, which owns the listening socket (without TLS,
+    /// `server` owns it).
+    accept_loop: Option<JoinHandle<()>>,
     expiry: Option<JoinHandle<()>>,
 }
 
@@ -202,6 +205,7 @@ impl DevPlane {
             .layer(axum::middleware::from_fn_with_state(rules, access::guard));
         let client_subjects = Arc::new(tls::ClientSubjects::default());
         let header_read_timeout = options.header_read_timeout;
+        let mut accept_loop = None;
         let server = match &options.tls {
             None => {
                 // Without TCP_NODELAY a lease written while the previous
@@ -217,9 +221,10 @@ impl DevPlane {
                 let config = plane_tls.server_config().map_err(PlaneError::Tls)?;
                 // Each request learns its connection's client certificate
                 // (`ConnectInfo<Peer>`).
-                let listener =
+                let (listener, accepting) =
                     tls::TlsListener::start(listener, config, Arc::clone(&client_subjects), shutdown_rx.clone())
                         .map_err(|source| PlaneError::Listen { addr, source })?;
+                accept_loop = Some(accepting);
                 tokio::spawn(serve::serve(listener, app, header_read_timeout, shutdown_rx.clone()))
             }
         };
@@ -232,6 +237,7 @@ impl DevPlane {
             tls: options.tls.is_some(),
             client_subjects,
             server: Some(server),
+            accept_loop,
             expiry: Some(expiry),
         })
     }
@@ -316,8 +322,15 @@ impl DevPlane {
                 Err(_) => {
                     tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; dropping them");
                     server.abort();
+                    // Aborted is not yet dropped: wait for the listener to close.
+                    let _ = server.await;
                 }
             }
+        }
+        // The port is free once the task holding the socket has ended: a
+        // plane started on it next does not find it in use.
+        if let Some(accept_loop) = self.accept_loop.take() {
+            let _ = accept_loop.await;
         }
         if let Some(expiry) = self.expiry.take() {
             let _ = expiry.await;

@@ -24,6 +24,7 @@ use rustls::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 
 use super::access::Peer;
@@ -189,17 +190,18 @@ pub(super) struct TlsListener {
 
 impl TlsListener {
     /// Accepts on `listener` until shutdown, handshaking each connection in
-    /// its own task.
+    /// its own task. The accept loop owns the socket: the port is free once
+    /// the returned task has ended.
     pub(super) fn start(
         listener: TcpListener,
         config: ServerConfig,
         subjects: Arc<ClientSubjects>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> std::io::Result<TlsListener> {
+    ) -> std::io::Result<(TlsListener, JoinHandle<()>)> {
         let local = listener.local_addr()?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let (ready_tx, ready) = mpsc::channel(64);
-        tokio::spawn(async move {
+        let accept_loop = tokio::spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
                     () = wait_for_shutdown(&mut shutdown) => return,
@@ -240,7 +242,7 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { ready, local })
+        Ok((TlsListener { ready, local }, accept_loop))
     }
 }
 

@@ -437,11 +437,29 @@ async fn a_missing_or_non_pem_certificate_file_stops_start_up_naming_the_key() {
     .await;
 }
 
+/// A TLS plane's port is free when `shutdown` returns: a plane started on
+/// it next (a restart in the same process) finds it unused, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_plane_frees_its_port_before_shutdown_returns() {
+    let setup = Setup::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    for restart in 0..100 {
+        let plane = DevPlane::start(PlaneOptions {
+            listen: listen.parse().unwrap(),
+            tls: Some(plane_tls(&setup.server, &setup.ca, &[])),
+            ..PlaneOptions::default()
+        })
+        .await
+        .unwrap_or_else(|err| panic!("start {restart} on {listen}: {err}"));
+        plane.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_client_certificate_is_presented_from_the_next_reconnect_on() {
     let setup = Setup::new();
-    let plane = start_plane("127.0.0.1:0", plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
-    let listen = plane.local_addr().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let plane = start_plane(&listen, plane_tls(&setup.server, &setup.ca, &["node-a"])).await;
     // The certificate about to be replaced is close to its end: warned at start.
     let (cert, key) = setup.ca.client_expiring_in("node-a", 3).write(setup.dir.path(), "node");
     let config = write_config(
