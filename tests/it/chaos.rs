@@ -34,11 +34,7 @@ pub(crate) async fn wait_for_plane(http: &reqwest::Client, url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
     node_runtime::support::tls::install_crypto_provider();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();
@@ -183,11 +179,7 @@ async fn ended(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
     node_runtime::support::tls::install_crypto_provider();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();

@@ -197,11 +197,7 @@ async fn a_missing_agent_fails_naming_what_was_looked_for() {
 async fn registration_retries_until_the_plane_starts() {
     // Reserve a port, free it, and point the node there before anything
     // listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let agents = agents_layout();
     let node = start_node(&url, 1, &agents);
@@ -393,7 +389,7 @@ async fn serve_against_a_plane_that_404s_every_heartbeat_backs_off_and_exits_on_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plane_restarted_without_persistence_gets_the_node_back_by_itself() {
-    let first = start_plane("127.0.0.1:0").await;
+    let first = start_plane(&format!("127.0.0.1:{}", free_port())).await;
     let addr = first.local_addr();
     let agents = agents_layout();
     let node = start_node(&first.url(), 1, &agents);
@@ -599,11 +595,7 @@ async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plane_killed_with_runs_in_flight_and_restarted_with_its_data_ends_each_run_once() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let data = tempfile::tempdir().unwrap();
     node_runtime::support::tls::install_crypto_provider();

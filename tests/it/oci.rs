@@ -25,11 +25,7 @@ struct Registry {
 }
 
 async fn start_registry(dir: &Path) -> Registry {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let config = dir.join("registry.yml");
     std::fs::write(

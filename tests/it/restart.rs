@@ -320,11 +320,7 @@ async fn runs(http: &reqwest::Client, url: &str) -> Option<Vec<serde_json::Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node_is_sigkilled_and_restarted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let plane_data = tempfile::tempdir().unwrap();
     let node_data = tempfile::tempdir().unwrap();

@@ -153,8 +153,27 @@ where
 }
 
 /// A port free on 127.0.0.1 a moment ago, for a server the test starts
-/// (in another process, or one that must bind a known port).
+/// (in another process, or one that must bind a known port, or again on
+/// the same port after a restart).
+///
+/// The port is below the kernel's range of ephemeral ports: an outgoing
+/// connection of another test never takes it as its source port while the
+/// server is down, which a port the kernel handed out with `:0` allows (a
+/// restart then fails with "address in use").
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = 10_000u16..ephemeral_low.max(10_001);
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
