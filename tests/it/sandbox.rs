@@ -153,6 +153,8 @@ async fn a_run_cut_off_in_a_host_call_is_reported_before_it_is_unwound_with_exac
     assert!(fuel[0] > 0, "the run computed before it slept: {fuel:?}");
     assert_eq!(fuel[0], fuel[1], "the same work before the same sleep");
 
+    // A computing guest is parked by the call hook, read there, reported,
+    // and unwound after: the unwinding gives its backtrace.
     let spinner = load(&sandbox, "spin-forever").await;
     let budget = BudgetRequest {
         duration: Some(Duration::from_millis(300)),
@@ -161,13 +163,24 @@ async fn a_run_cut_off_in_a_host_call_is_reported_before_it_is_unwound_with_exac
     let reported = sandbox
         .run_reported(&spinner, request("spin-forever", &[], budget))
         .await;
+    let call = reported.cut_off.expect("a computing guest is parked, left to unwind");
+    let cut_off = failure(&reported.result);
+    assert_eq!(cut_off.kind, FailKind::BudgetDeadline, "{cut_off:?}");
+    assert!(!cut_off.message.contains("host call"), "{}", cut_off.message);
+    assert!(!cut_off.details.contains("wasm backtrace"), "{}", cut_off.details);
+    let report = &reported.result.report;
+    assert!(report.fuel_consumed > 1_000_000, "it computed: {report:?}");
+    assert!(report.instantiate_us > 0 && report.peak_memory_bytes > 0, "{report:?}");
+    let backtrace = call.unwind().await.expect("a parked guest's backtrace");
     assert!(
-        reported.cut_off.is_none(),
-        "a computing guest is stopped in the call hook"
+        backtrace.contains("wasm backtrace") && backtrace.contains("SpinForever"),
+        "{backtrace}"
     );
-    let failure = failure(&reported.result);
-    assert_eq!(failure.kind, FailKind::BudgetDeadline, "{failure:?}");
-    assert!(!failure.message.contains("host call"), "{}", failure.message);
+    // `run`, which waits for the unwinding, gives the backtrace in the details.
+    let result = sandbox.run(&spinner, request("spin-forever", &[], budget)).await;
+    let waited = failure(&result);
+    assert_eq!(waited.kind, FailKind::BudgetDeadline, "{waited:?}");
+    assert!(waited.details.contains("SpinForever"), "{}", waited.details);
 
     // Every slot is free again once the calls are unwound.
     let echo = load(&sandbox, "echo").await;

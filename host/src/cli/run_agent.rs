@@ -279,9 +279,12 @@ async fn run_once(
     } else {
         print!("{}", human_report(&result.outcome, &result.report));
     }
-    // A run cut off in a host call is printed first, then unwound.
-    if let Some(call) = cut_off {
-        call.unwind().await;
+    // A run cut off at its deadline is printed first, then unwound; a
+    // guest cut off while computing says where it was.
+    if let Some(call) = cut_off
+        && let Some(backtrace) = call.unwind().await
+    {
+        eprintln!("where the agent was when its deadline cut it off:\n{backtrace}");
     }
     exit_for(&result.outcome)
 }

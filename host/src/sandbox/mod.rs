@@ -440,18 +440,27 @@ impl Sandbox {
     }
 
     /// Runs `agent` once in a fresh store. Never panics on guest behaviour:
-    /// every way a run can end is a [`RunOutcome`].
+    /// every way a run can end is a [`RunOutcome`]. A run cut off at its
+    /// deadline while computing has its backtrace (where it was) at the
+    /// head of its failure's details.
     pub async fn run(&self, agent: &Agent, request: RunRequest) -> RunResult {
-        let reported = self.run_reported(agent, request).await;
-        if let Some(call) = reported.cut_off {
-            call.unwind().await;
+        let mut reported = self.run_reported(agent, request).await;
+        if let Some(call) = reported.cut_off
+            && let Some(backtrace) = call.unwind().await
+            && let RunOutcome::Failed(failure) = &mut reported.result.outcome
+        {
+            let details = std::mem::take(&mut failure.details);
+            *failure = failure
+                .clone()
+                .with_details(format!("{backtrace}\n\n{details}").trim_end().to_string())
+                .capped();
         }
         reported.result
     }
 
     /// [`run`](Self::run), returning as soon as the result is known: a run
-    /// cut off at its deadline while it waits in a host call comes back
-    /// with that call still to unwind ([`CutOffCall`]), which can take
+    /// cut off at its deadline, waiting in a host call or computing, comes
+    /// back with its call still to unwind ([`CutOffCall`]), which can take
     /// milliseconds for an agent that carries DWARF. The run holds its
     /// instance's slot in the pool until the call is unwound.
     pub async fn run_reported(&self, agent: &Agent, request: RunRequest) -> Reported {

@@ -281,9 +281,12 @@ impl Dispatcher {
             .deliver(report, accepted.lease.deadline_unix_ms, Some(&span))
             .await;
         // The run's instance keeps its slot in the pool until its call is
-        // unwound: the slot is given back after that.
-        if let Some(call) = cut_off {
-            call.unwind().await;
+        // unwound: the slot is given back after that. A guest cut off while
+        // computing says where it was.
+        if let Some(call) = cut_off
+            && let Some(backtrace) = call.unwind().await
+        {
+            span.in_scope(|| tracing::info!(%backtrace, "where the guest was when its deadline cut it off"));
         }
         drop(permit);
     }

@@ -165,17 +165,7 @@ impl<'a> Judge<'a> {
     }
 
     fn error(&self, stage: Stage, err: &wasmtime::Error) -> RunFailure {
-        // Frame names come from the agent's name section: each line is cut.
-        let backtrace = err
-            .downcast_ref::<WasmBacktrace>()
-            .map(|bt| {
-                bt.to_string()
-                    .lines()
-                    .map(|line| truncate(line, BACKTRACE_LINE_BYTES))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default();
+        let backtrace = backtrace(err).unwrap_or_default();
         let details = self.details(&backtrace);
         if err.is::<DeadlineExceeded>() {
             return RunFailure::new(
@@ -377,20 +367,39 @@ impl<'a> Judge<'a> {
     }
 }
 
-/// The outcome of a run cut off at its deadline while it waited in a host
-/// call, `allowed` after its start: judged from what does not need its
-/// store, which the waiting call still holds (its captured stderr, and the
-/// tokens it had spent as last read).
-pub(super) fn cut_off_in_host_call(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenMeter) -> RunOutcome {
+/// A run cut off at its deadline, `allowed` after its start, while it
+/// waited in a host call or was computing (parked in the call hook):
+/// judged from what does not need its store, which the suspended call
+/// still holds (its captured stderr, and the tokens it had spent as last
+/// read). A computing guest's backtrace is taken when its call is unwound,
+/// after the report.
+pub(super) fn cut_off(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenMeter, computing: bool) -> RunOutcome {
+    let waiting = if computing {
+        ""
+    } else {
+        "; it was waiting in a host call"
+    };
     let failure = RunFailure::new(
         FailKind::BudgetDeadline,
         format!(
-            "the run did not finish within its deadline ({}); it was waiting in a host call",
+            "the run did not finish within its deadline ({}){waiting}",
             deadline_text(allowed)
         ),
     )
     .with_details(details(stderr, ""));
     checked_and_capped(tokens, RunOutcome::Failed(failure))
+}
+
+/// The guest backtrace an error carries, each line cut (frame names come
+/// from the agent's name section).
+pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
+    err.downcast_ref::<WasmBacktrace>().map(|bt| {
+        bt.to_string()
+            .lines()
+            .map(|line| truncate(line, BACKTRACE_LINE_BYTES))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 /// A run that spent more tokens than its budget fails, whatever it

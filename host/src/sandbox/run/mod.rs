@@ -11,12 +11,14 @@
 //! [`fuel_per_yield`](super::engine::fuel_per_yield) units of fuel (an
 //! engine without fuel: every epoch tick). A yield is a call into the host
 //! (a libcall), and every return from the host to the guest passes the
-//! store's call hook, which traps the guest once its deadline has passed.
-//! So a guest looping on synchronous host calls, where fuel does not
-//! advance, is stopped too. A guest blocked in an async host call never
-//! returns to the hook: a timer at the deadline ends it there, and the
-//! run is reported from its meters as they read when it entered that call
-//! (`reading.rs`), before the call is unwound.
+//! store's call hook, which parks the guest once its deadline has passed,
+//! with its meters read. So a guest looping on synchronous host calls,
+//! where fuel does not advance, is stopped too. A guest blocked in an async
+//! host call never returns to the hook: the run is reported from its meters
+//! as they read when it entered that call. Either way a timer at the
+//! deadline finds the call pending, the run is reported (`reading.rs`), and
+//! the call is unwound afterwards: unwinding is a trap, which wasmtime
+//! symbolicates against the agent's DWARF, milliseconds per frame.
 
 mod judge;
 mod reading;
@@ -32,8 +34,9 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use wasmtime::{CallHook, Engine, Store, StoreContextMut, Trap, UpdateDeadline};
+use wasmtime::{AsContextMut, CallHook, Engine, Store, StoreContextMut, Trap, UpdateDeadline};
 
 use super::agent::{Agent, Entry};
 use super::bindings::types::RunContext as WitRunContext;
@@ -159,7 +162,8 @@ pub(crate) async fn execute(shared: &Shared<'_>, grants: &AgentGrants, agent: &A
     let stderr = state.stderr.clone();
     let warnings = state.egress.warnings.clone();
     let requests = state.egress.cut_off.clone();
-    let mut store = store(shared.engine, shared.metering, &budget, state);
+    let unwinding = CancellationToken::new();
+    let mut store = store(shared.engine, shared.metering, &budget, state, unwinding.clone());
 
     let entry = agent.entry.clone();
     let context = request.context;
@@ -171,17 +175,21 @@ pub(crate) async fn execute(shared: &Shared<'_>, grants: &AgentGrants, agent: &A
 
     let allowed = Duration::from_millis((deadline - started).as_millis() as u64);
     let Some((ended, mut store)) = ended else {
-        // Cut off while waiting in a host call: its outbound requests end
-        // now; it is reported from the meters as the guest entered that
-        // call; the call is unwound by the caller.
+        // Cut off, waiting in a host call or parked by the call hook: its
+        // outbound requests end now; it is reported from its last reading;
+        // the call is unwound by the caller.
         requests.cancel();
         let reading = last_reading.get();
-        let outcome = judge::cut_off_in_host_call(allowed, &stderr, &reading.tokens);
+        let outcome = judge::cut_off(allowed, &stderr, &reading.tokens, reading.computing);
         let report = reading.report(budget.fuel(), started.elapsed(), warnings.suppressed());
         warnings.summarise();
         return Reported {
             result: RunResult { outcome, report },
-            cut_off: Some(CutOffCall { _calling: calling }),
+            cut_off: Some(CutOffCall {
+                calling: Some(calling),
+                unwinding,
+                computing: reading.computing,
+            }),
         };
     };
     drop(calling);
@@ -223,15 +231,14 @@ pub(crate) fn begin(limits: &NodeLimits, request: &RunRequest) -> Result<(Budget
 }
 
 /// Runs `calling` until it ends or the run's deadline passes: `None` if
-/// the deadline found it waiting in a host call.
+/// the deadline found it pending, waiting in a host call or parked.
 ///
 /// The timer fires at the deadline itself, and is looked at whenever the
 /// guest hands control back: at each fuel (or epoch) yield of a computing
 /// guest, and while it waits in an async host call. The call is then
-/// polled once more to tell the two apart: a computing guest resumes from
-/// its yield into the call hook, which traps it with the deadline at once
-/// (its fuel count exact, as stored for the yield); a guest still pending
-/// is waiting in a host call, and is cut off here.
+/// polled once more: a computing guest resumes from its yield into the
+/// call hook, which parks it (its meters read, its fuel count exact, as
+/// stored for the yield); one that ends in that poll has ended.
 async fn until_deadline<F: Future + ?Sized>(deadline: Instant, mut calling: Pin<&mut F>) -> Option<F::Output> {
     match tokio::time::timeout_at(deadline.into(), calling.as_mut()).await {
         Ok(ended) => Some(ended),
@@ -244,9 +251,16 @@ async fn until_deadline<F: Future + ?Sized>(deadline: Instant, mut calling: Pin<
 
 /// A fresh store for one run: its state, its memory meter as the store's
 /// limiter, the host's ceilings, the run's fuel and how often a computing
-/// guest yields, and the call hook that ends the run at its deadline and
-/// charges it for the host work it caused.
-fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) -> Store<RunState> {
+/// guest yields, and the call hook that parks the guest at its deadline
+/// (until `unwinding` is cancelled) and charges it for the host work it
+/// caused.
+fn store(
+    engine: &Engine,
+    metering: Metering,
+    budget: &Budget,
+    state: RunState,
+    unwinding: CancellationToken,
+) -> Store<RunState> {
     let host_limits = state.host_limits;
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.memory);
@@ -264,7 +278,7 @@ fn store(engine: &Engine, metering: Metering, budget: &Budget, state: RunState) 
         let state = store.data();
         state.last_reading.take(state, Some(budget.fuel()));
     }
-    store.call_hook_async(CallHooks { metering });
+    store.call_hook_async(CallHooks { metering, unwinding });
     if metering.epochs() {
         // The epoch callback is itself a call into the host: the call hook
         // checks the deadline when it returns.
@@ -287,6 +301,24 @@ const TIME_SLICE: Duration = Duration::from_millis(2);
 /// time slice.
 struct CallHooks {
     metering: Metering,
+    /// Cancelled once the run has been reported: a parked guest traps.
+    unwinding: CancellationToken,
+}
+
+impl CallHooks {
+    /// A guest past its deadline, back from the host: its meters are read
+    /// whole and it waits here, so the run's timer finds its call pending
+    /// and reports the run from that reading. Once the run is reported and
+    /// its call unwound, it traps with the deadline (the trap's backtrace,
+    /// symbolicated against the agent's DWARF, is off the report's path).
+    async fn park(&self, mut ctx: StoreContextMut<'_, RunState>) -> wasmtime::Result<()> {
+        if !self.unwinding.is_cancelled() {
+            let reading = read(&mut ctx);
+            ctx.data().last_reading.park(reading);
+            self.unwinding.cancelled().await;
+        }
+        Err(DeadlineExceeded.into())
+    }
 }
 
 #[async_trait::async_trait]
@@ -308,7 +340,11 @@ impl wasmtime::CallHookHandler<RunState> for CallHooks {
             CallHook::ReturningFromHost => {}
             CallHook::CallingWasm | CallHook::ReturningFromWasm => return Ok(()),
         }
-        let now = back_from_host(&mut ctx, self.metering)?;
+        let now = Instant::now();
+        if now >= ctx.data().deadline {
+            return self.park(ctx).await;
+        }
+        charge_host_work(&mut ctx, self.metering)?;
         if now.duration_since(ctx.data().slice_started) >= TIME_SLICE {
             // tokio's yield lets the runtime look at its timers and I/O
             // before this task runs again.
@@ -316,23 +352,20 @@ impl wasmtime::CallHookHandler<RunState> for CallHooks {
             let now = Instant::now();
             ctx.data_mut().slice_started = now;
             if now >= ctx.data().deadline {
-                return Err(DeadlineExceeded.into());
+                return self.park(ctx).await;
             }
         }
         Ok(())
     }
 }
 
-/// Every return to the guest from the host: from a host call, a fuel or
-/// epoch yield, or a libcall such as `memory.grow`. Fuel does not advance
-/// while the host works, so this is where a guest that loops on host calls
-/// (a megabyte of random bytes at a time, say) meets its deadline and pays
-/// for the host work it caused. Returns the time it looked at.
-fn back_from_host(ctx: &mut StoreContextMut<'_, RunState>, metering: Metering) -> wasmtime::Result<Instant> {
-    let now = Instant::now();
-    if now >= ctx.data().deadline {
-        return Err(DeadlineExceeded.into());
-    }
+/// At every return to the guest from the host (from a host call, a fuel
+/// or epoch yield, or a libcall such as `memory.grow`) before its time
+/// slice is looked at. Fuel does not advance while the host works, so this
+/// is where a guest that loops on host calls (a megabyte of random bytes
+/// at a time, say) meets its deadline (in the hook) and pays for the host
+/// work it caused (here).
+fn charge_host_work(ctx: &mut StoreContextMut<'_, RunState>, metering: Metering) -> wasmtime::Result<()> {
     // The host work the run caused counts against its fuel. It is kept
     // beside the store's count rather than taken out of it: compiled code
     // holds its fuel count in a register across some of these returns.
@@ -340,7 +373,7 @@ fn back_from_host(ctx: &mut StoreContextMut<'_, RunState>, metering: Metering) -
     if owed > 0 && metering.fuel() && owed >= ctx.get_fuel()? {
         return Err(Trap::OutOfFuel.into());
     }
-    Ok(now)
+    Ok(())
 }
 
 /// Instantiates the agent and calls its entry point. The time it took to
@@ -382,17 +415,25 @@ async fn call(store: &mut Store<RunState>, entry: &Entry, context: &RunContext) 
 
 /// What the run's meters read at its end.
 fn report(store: &mut Store<RunState>, budget: &Budget, started: Instant) -> RunReport {
-    // The host's share at the end, for runs that made no `wasi:http` call
-    // after their last resource appeared.
+    let reading = read(&mut *store);
+    reading.report(
+        budget.fuel(),
+        started.elapsed(),
+        store.data().egress.warnings.suppressed(),
+    )
+}
+
+/// Every meter of a run whose store is at hand: at its end, or parked at
+/// its deadline.
+fn read(mut store: impl AsContextMut<Data = RunState>) -> Reading {
+    let mut store = store.as_context_mut();
+    // The host's share now, for runs that made no `wasi:http` call after
+    // their last resource appeared.
     let state = store.data_mut();
     let (held, _) = host_memory::charge(&mut state.table, &state.host_limits);
     state.memory.set_host_bytes(held);
-    let state = store.data();
-    Reading::of(state, store.get_fuel().ok()).report(
-        budget.fuel(),
-        started.elapsed(),
-        state.egress.warnings.suppressed(),
-    )
+    let fuel_left = store.get_fuel().ok();
+    Reading::of(store.data(), fuel_left)
 }
 
 fn wit_context(context: &RunContext) -> WitRunContext {

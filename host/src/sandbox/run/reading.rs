@@ -1,5 +1,4 @@
-//! A run cut off at its deadline while it waits in a host call is reported
-//! before its call is unwound.
+//! A run cut off at its deadline is reported before its call is unwound.
 //!
 //! While the guest's call is suspended in the host, its store is out of
 //! reach: the suspended call holds it. Unwinding that call is a trap, whose
@@ -8,12 +7,16 @@
 //! for each). So the run's meters are read every time the guest calls into
 //! the host ([`LastReading::take`]): fuel cannot move until the call
 //! returns, and the host work a waiting call charges is added as it is
-//! charged ([`LastReading::refresh`]). A run cut off in a host call is
-//! reported from that reading, and its call is unwound afterwards
-//! ([`CutOffCall::unwind`]), off the report's path.
+//! charged ([`LastReading::refresh`]). A computing guest that the call hook
+//! finds past its deadline is read there, whole, and parked
+//! ([`LastReading::park`]). A run cut off either way is reported from that
+//! reading, and its call is unwound afterwards ([`CutOffCall::unwind`]),
+//! off the report's path.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::super::meters::TokenMeter;
 use super::super::outcome::RunReport;
@@ -34,6 +37,9 @@ pub(crate) struct Reading {
     log_lines_dropped: u32,
     http_requests: u32,
     http_denied: u32,
+    /// Taken by the call hook as it parked a computing guest past its
+    /// deadline, not as the guest entered a host call.
+    pub(super) computing: bool,
 }
 
 impl Reading {
@@ -103,6 +109,15 @@ impl LastReading {
         last.read_host_side(state);
     }
 
+    /// As the call hook parks a computing guest past its deadline: the
+    /// whole `reading`, which nothing changes until the call is unwound.
+    pub(super) fn park(&self, reading: Reading) {
+        *self.lock() = Reading {
+            computing: true,
+            ..reading
+        };
+    }
+
     /// From within a host call that charged the run (host work, tokens)
     /// and may yet wait: the host's meters again, the fuel as it was.
     pub(crate) fn refresh(&self, state: &RunState) {
@@ -133,28 +148,64 @@ impl LastReading {
     }
 }
 
-/// The call of a run cut off at its deadline while it waited in a host
-/// call, reported and not yet unwound. Dropping it unwinds it where it is
-/// dropped; [`unwind`](Self::unwind) does so on a blocking thread. Until
-/// then the run still holds its store and its instance's slot in the pool,
-/// so a caller that bounds concurrent runs keeps the run's slot until this
-/// is unwound.
+/// The call of a run cut off at its deadline, reported and not yet
+/// unwound: suspended in a host call, or parked by the call hook. Dropping
+/// it unwinds it where it is dropped; [`unwind`](Self::unwind) does so on
+/// a blocking thread. Until then the run still holds its store and its
+/// instance's slot in the pool, so a caller that bounds concurrent runs
+/// keeps the run's slot until this is unwound.
 pub struct CutOffCall {
-    /// Held to be dropped: that is the unwinding.
-    pub(super) _calling: super::Calling,
+    pub(super) calling: Option<super::Calling>,
+    /// Cancelled before the call is unwound: a parked call hook then traps
+    /// the guest, and one called while the call is torn down returns at once.
+    pub(super) unwinding: CancellationToken,
+    /// Parked in the call hook: unwinding it runs the guest's trap to its
+    /// end, and gives its backtrace.
+    pub(super) computing: bool,
 }
 
 impl CutOffCall {
-    /// Unwinds the call (a trap through the guest's frames, symbolicated
-    /// if the agent carries DWARF) off the async runtime's threads.
-    pub async fn unwind(self) {
+    /// Unwinds the call off the async runtime's threads: a trap through the
+    /// guest's frames, symbolicated if the agent carries DWARF. Returns the
+    /// backtrace of a guest that was computing when it was cut off (where
+    /// it was), `None` for one waiting in a host call.
+    pub async fn unwind(mut self) -> Option<String> {
+        self.unwinding.cancel();
+        let calling = self.calling.take()?;
+        let computing = self.computing;
+        let runtime = tokio::runtime::Handle::current();
         // A panic there (a bug) has nothing left to report to.
-        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        tokio::task::spawn_blocking(move || {
+            if !computing {
+                // Dropping a call suspended in the host unwinds it.
+                drop(calling);
+                return None;
+            }
+            // The parked hook returns the deadline's trap: the call ends at once.
+            let (ended, store) = runtime.block_on(calling);
+            drop(store);
+            match ended {
+                Err((_, err)) => super::judge::backtrace(&err),
+                Ok(_) => None,
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+impl Drop for CutOffCall {
+    fn drop(&mut self) {
+        // Before the call itself is dropped (a field, dropped after this).
+        self.unwinding.cancel();
     }
 }
 
 impl std::fmt::Debug for CutOffCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CutOffCall")
+        f.debug_struct("CutOffCall")
+            .field("computing", &self.computing)
+            .finish_non_exhaustive()
     }
 }
