@@ -81,6 +81,15 @@ fn spin_forever_with_a_timeout_fails_budget_deadline() {
     let (code, json) = run_agent_json(&agent_path("spin-forever"), &["--timeout", "1s"]);
     assert_eq!(code, 6, "{json}");
     assert_eq!(json["kind"], "budget.deadline");
+    // Where the guest was comes after the result, once its call is unwound.
+    let agent = agent_path("spin-forever");
+    let output = node_runtime(&["run-agent", agent.to_str().unwrap(), "--timeout", "300ms"]);
+    assert_eq!(output.status.code(), Some(6));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (_, backtrace) = stderr
+        .split_once("where the agent was when its deadline cut it off:")
+        .unwrap_or_else(|| panic!("no backtrace after the result: {stderr}"));
+    assert!(backtrace.contains("SpinForever"), "{backtrace}");
 }
 
 #[test]

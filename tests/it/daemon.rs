@@ -850,3 +850,49 @@ async fn a_lease_over_max_lease_message_bytes_is_logged_and_counted_and_the_next
     assert!(line.contains("1048576"), "the limit: {line}");
     assert!(line.contains("found 2097"), "the size found: {line}");
 }
+
+/// A guest cut off while computing is reported first; its backtrace, taken
+/// when its call is unwound after the report, goes to the node's log with
+/// the lease's ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cut_off_while_computing_is_failed_and_where_it_was_is_logged() {
+    node_runtime::support::tls::install_crypto_provider();
+    let deadline = node_runtime::outbox::now_unix_ms() + 3_000;
+    let (url, recorded) = scripted::serve_pulls(
+        vec![vec![scripted::lease("lease-spinning", "spin-forever", deadline)]],
+        scripted::Answers::default(),
+    )
+    .await;
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("serve.log");
+    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__ControlPlaneUrl", &url)
+        .env("NodeRuntime__AgentsDirectory", agents.path())
+        .env("NodeRuntime__DataDirectory", data.path().join("data"))
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let fail = eventually(Duration::from_secs(60), "the spinning lease's report", || {
+        recorded.lock().unwrap().fails.first().cloned()
+    })
+    .await;
+    assert_eq!(fail.lease_id, "lease-spinning");
+    assert!(
+        fail.error_message.contains("deadline") && !fail.error_message.contains("host call"),
+        "{fail:?}"
+    );
+    let logged = eventually(Duration::from_secs(30), "where the guest was, logged", || {
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        let at = stderr.find("where the guest was when its deadline cut it off")?;
+        Some(stderr[..at].rsplit_once('\n').map_or("", |(_, line)| line).to_string() + &stderr[at..])
+    })
+    .await;
+    node.kill().await.unwrap();
+    assert!(logged.contains("lease-spinning"), "the lease's ids: {logged}");
+    assert!(logged.contains("SpinForever"), "the guest's frames: {logged}");
+}
