@@ -92,6 +92,32 @@ fn spin_forever_with_a_timeout_fails_budget_deadline() {
     assert!(backtrace.contains("SpinForever"), "{backtrace}");
 }
 
+/// A guest chooses how long its backtrace is (every inlined call is two
+/// lines in each frame): what is printed, and logged, is cut at 16 KiB.
+#[test]
+fn the_backtrace_of_a_guest_cut_off_while_computing_is_bounded() {
+    let hostile = agent_path("hostile");
+    let output = node_runtime(&[
+        "run-agent",
+        hostile.to_str().unwrap(),
+        "--input-ref",
+        "attack=inline-spin",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(output.status.code(), Some(6));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (_, backtrace) = stderr
+        .split_once("where the agent was when its deadline cut it off:")
+        .unwrap_or_else(|| panic!("no backtrace after the result: {stderr}"));
+    assert!(backtrace.contains("recurse"), "{backtrace}");
+    assert!(
+        backtrace.trim_end().ends_with("[backtrace cut at 16 KiB]"),
+        "{backtrace}"
+    );
+    assert!(backtrace.len() <= 16 * 1024 + 64, "{} bytes", backtrace.len());
+}
+
 #[test]
 fn usage_errors_exit_2_and_name_the_problem() {
     let echo = agent_path("echo");

@@ -131,6 +131,12 @@ impl Guest for Hostile {
                 }
             }
             "unreachable" => core::arch::wasm32::unreachable(),
+            // Computes until it is cut off, 30 frames deep, each frame
+            // holding 64 inlined calls with long names: wasmtime's
+            // backtrace of it is megabytes of text.
+            "inline-spin" => {
+                seen.push(("r".to_string(), recurse(30).to_string()));
+            }
             "huge-log" => {
                 let bytes = input(&context, "bytes")
                     .and_then(|b| b.parse().ok())
@@ -396,3 +402,50 @@ fn socket(addr: &str, seen: &mut Vec<(String, String)>) {
 }
 
 export!(Hostile);
+
+/// A frame of the `inline-spin` recursion: 64 inlined levels of
+/// [`Chain::go`] down to the next one, and a spin at the bottom.
+#[inline(never)]
+fn recurse(depth: u32) -> u64 {
+    if depth == 0 {
+        let mut counter = 0u64;
+        loop {
+            counter = std::hint::black_box(counter.wrapping_add(1));
+        }
+    }
+    <Nested as Chain>::go(depth - 1)
+}
+
+/// One inlined level per wrapper: the type's name (and so the frame's)
+/// grows with every level.
+trait Chain {
+    fn go(depth: u32) -> u64;
+}
+
+struct Bottom;
+struct Wrap<T>(std::marker::PhantomData<T>);
+
+impl Chain for Bottom {
+    #[inline(always)]
+    fn go(depth: u32) -> u64 {
+        recurse(depth)
+    }
+}
+
+impl<T: Chain> Chain for Wrap<T> {
+    #[inline(always)]
+    fn go(depth: u32) -> u64 {
+        std::hint::black_box(T::go(depth)) ^ 1
+    }
+}
+
+/// `Wrap<Wrap<...<Bottom>...>>`, a level per token.
+macro_rules! nested {
+    () => { Bottom };
+    ($level:tt $($rest:tt)*) => { Wrap<nested!($($rest)*)> };
+}
+
+type Nested = nested!(
+    0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+);

@@ -8,6 +8,7 @@
 //! details with the evidence a developer needs (the guest backtrace, the
 //! agent's stderr).
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use wasmtime::{Trap, WasmBacktrace};
@@ -31,6 +32,9 @@ const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exh
 /// The longest line of a guest backtrace kept (a frame's name is the
 /// agent's to choose).
 const BACKTRACE_LINE_BYTES: usize = 512;
+/// The most of a guest backtrace kept: wasmtime's 20 frames, with the
+/// functions inlined into them, many times over for an ordinary agent.
+const BACKTRACE_BYTES: usize = 16 * 1024;
 /// How much of stderr goes into a failure's one-line message.
 const MESSAGE_STDERR_TAIL: usize = 300;
 
@@ -390,16 +394,60 @@ pub(super) fn cut_off(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenM
     checked_and_capped(tokens, RunOutcome::Failed(failure))
 }
 
-/// The guest backtrace an error carries, each line cut (frame names come
-/// from the agent's name section).
+/// The guest backtrace an error carries, at most [`BACKTRACE_BYTES`] of
+/// it, each line cut and its control characters escaped. Frame names come
+/// from the agent (its name section, its DWARF), and so does the length:
+/// wasmtime writes two lines for every function inlined into each of its
+/// frames, so a guest that inlines deeply can make the whole text tens of
+/// megabytes. It is written through the bound, never whole.
 pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
-    err.downcast_ref::<WasmBacktrace>().map(|bt| {
-        bt.to_string()
-            .lines()
-            .map(|line| truncate(line, BACKTRACE_LINE_BYTES))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
+    let backtrace = err.downcast_ref::<WasmBacktrace>()?;
+    let mut written = BoundedText {
+        text: String::new(),
+        room: BACKTRACE_BYTES,
+        cut: false,
+    };
+    // An error here is the bound reached: what fits is kept.
+    let _ = write!(written, "{backtrace}");
+    let mut text = written
+        .text
+        .lines()
+        .map(|line| support::one_line::escape(&truncate(line, BACKTRACE_LINE_BYTES)).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if written.cut {
+        text.push_str(&format!(
+            "\n[backtrace cut at {}]",
+            format_bytes(BACKTRACE_BYTES as u64)
+        ));
+    }
+    Some(text)
+}
+
+/// Text written up to `room` bytes: past it a write fails, and `cut` says
+/// so.
+struct BoundedText {
+    text: String,
+    room: usize,
+    cut: bool,
+}
+
+impl std::fmt::Write for BoundedText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if s.len() <= self.room {
+            self.text.push_str(s);
+            self.room -= s.len();
+            return Ok(());
+        }
+        let mut end = self.room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.room = 0;
+        self.cut = true;
+        Err(std::fmt::Error)
+    }
 }
 
 /// A run that spent more tokens than its budget fails, whatever it
