@@ -255,7 +255,7 @@ impl Dispatcher {
             RunOutcome::Failed(failure) => {
                 span.record("outcome", "failed");
                 span.record("outcome.kind", failure.kind.as_str());
-                span.in_scope(|| tracing::info!(kind = %failure.kind, message = %failure.message, "run failed"));
+                span.in_scope(|| tracing::info!(kind = %failure.kind, reason = %failure.message, "run failed"));
                 Some(failure.kind.as_str())
             }
         };
