@@ -808,19 +808,17 @@ async fn a_lease_over_max_lease_message_bytes_is_logged_and_counted_and_the_next
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .env("NodeRuntime__ControlPlaneUrl", &url)
-        .env("NodeRuntime__AgentsDirectory", agents.path())
-        .env("NodeRuntime__DataDirectory", data.path().join("data"))
-        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
-        .env("NodeRuntime__MaxLeaseMessageBytes", "1MiB")
-        .env("NodeRuntime__AdminListen", admin.to_string())
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut node = serve_logging_to(
+        &log,
+        &url,
+        agents.path(),
+        data.path(),
+        &[
+            ("NodeRuntime__MaxLeaseMessageBytes", "1MiB"),
+            ("NodeRuntime__AdminListen", &admin.to_string()),
+            ("RUST_LOG", "warn"),
+        ],
+    );
     eventually(Duration::from_secs(60), "the small lease's report", || {
         (!recorded.lock().unwrap().completes.is_empty()).then_some(())
     })
@@ -866,17 +864,7 @@ async fn a_guest_cut_off_while_computing_is_failed_and_where_it_was_is_logged() 
     let agents = agents_layout();
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("serve.log");
-    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .env("NodeRuntime__ControlPlaneUrl", &url)
-        .env("NodeRuntime__AgentsDirectory", agents.path())
-        .env("NodeRuntime__DataDirectory", data.path().join("data"))
-        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut node = serve_logging_to(&log, &url, agents.path(), data.path(), &[("RUST_LOG", "info")]);
     let fail = eventually(Duration::from_secs(60), "the spinning lease's report", || {
         recorded.lock().unwrap().fails.first().cloned()
     })
@@ -895,4 +883,26 @@ async fn a_guest_cut_off_while_computing_is_failed_and_where_it_was_is_logged() 
     node.kill().await.unwrap();
     assert!(logged.contains("lease-spinning"), "the lease's ids: {logged}");
     assert!(logged.contains("SpinForever"), "the guest's frames: {logged}");
+}
+
+/// `node-runtime serve` against `url`, its data under `data/data`, its log
+/// (stderr) written to `log`, with `env` set on top.
+fn serve_logging_to(
+    log: &std::path::Path,
+    url: &str,
+    agents: &std::path::Path,
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__ControlPlaneUrl", url)
+        .env("NodeRuntime__AgentsDirectory", agents)
+        .env("NodeRuntime__DataDirectory", data.join("data"))
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .envs(env.iter().copied())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
