@@ -15,6 +15,7 @@ use node_runtime::agent_store::AgentStore;
 use node_runtime::control_plane::Capacity;
 use node_runtime::dev_plane::{Budgets, DevPlane, NewRun, PlaneOptions, Run, RunStatus};
 use node_runtime::outbox::Outbox;
+use node_runtime::proto::BudgetConstraints;
 use node_runtime::sandbox::{EngineSettings, Sandbox, SandboxConfig};
 use node_runtime::worker::{NodeHandle, NodeSettings};
 use support::*;
@@ -855,12 +856,18 @@ async fn a_lease_over_max_lease_message_bytes_is_logged_and_counted_and_the_next
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_cut_off_while_computing_is_failed_and_where_it_was_is_logged() {
     node_runtime::support::tls::install_crypto_provider();
-    let deadline = node_runtime::outbox::now_unix_ms() + 3_000;
-    let (url, recorded) = scripted::serve_pulls(
-        vec![vec![scripted::lease("lease-spinning", "spin-forever", deadline)]],
-        scripted::Answers::default(),
-    )
-    .await;
+    // A second of budget, and a lease deadline far enough that a slow
+    // first compile of the agent does not pass it.
+    let mut lease = scripted::lease(
+        "lease-spinning",
+        "spin-forever",
+        node_runtime::outbox::now_unix_ms() + 120_000,
+    );
+    lease.run_spec.as_mut().unwrap().budgets = Some(BudgetConstraints {
+        max_duration_seconds: 1,
+        ..BudgetConstraints::default()
+    });
+    let (url, recorded) = scripted::serve_pulls(vec![vec![lease]], scripted::Answers::default()).await;
     let agents = agents_layout();
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("serve.log");
