@@ -636,8 +636,10 @@ pub fn human_report(outcome: &RunOutcome, report: &RunReport) -> String {
             let _ = writeln!(out, "failed: {}{retry}\n  {}", failure.kind, failure.message);
             if !failure.details.is_empty() {
                 out.push_str("\ndetails:\n");
+                // The agent's stderr and its frames' names: a control
+                // character there must not drive the terminal.
                 for line in failure.details.lines() {
-                    let _ = writeln!(out, "  {line}");
+                    let _ = writeln!(out, "  {}", support::one_line::escape(line));
                 }
             }
         }
@@ -705,5 +707,17 @@ mod tests {
         assert!(!text.contains('\x1b') && !text.contains('\r'), "{text}");
         assert!(text.contains("forged\\nfailed: agent.trap\\u{1b}[2J"), "{text}");
         assert!(text.contains(&format!("... ({} bytes)", huge.len())), "{text}");
+    }
+
+    #[test]
+    fn a_failure_s_details_are_printed_a_line_each_with_control_characters_escaped() {
+        let failure = crate::sandbox::RunFailure::new(crate::sandbox::FailKind::AgentTrap, "trapped")
+            .with_details("stderr:\n\x1b]0;owned\x07title\x1b[2J\rforged");
+        let text = human_report(&RunOutcome::Failed(failure), &RunReport::default());
+        assert!(
+            !text.contains('\x1b') && !text.contains('\r') && !text.contains('\x07'),
+            "{text}"
+        );
+        assert!(text.contains("\n  stderr:\n  \\u{1b}]0;owned"), "{text}");
     }
 }
