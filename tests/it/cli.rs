@@ -82,34 +82,30 @@ fn spin_forever_with_a_timeout_fails_budget_deadline() {
     assert_eq!(code, 6, "{json}");
     assert_eq!(json["kind"], "budget.deadline");
     // Where the guest was comes after the result, once its call is unwound.
-    let agent = agent_path("spin-forever");
-    let output = node_runtime(&["run-agent", agent.to_str().unwrap(), "--timeout", "300ms"]);
+    let backtrace = cut_off_backtrace("spin-forever", &[]);
+    assert!(backtrace.contains("SpinForever"), "{backtrace}");
+}
+
+/// `run-agent AGENT --timeout 300ms` with `extra` flags, for an agent that
+/// computes past it: what it printed after the result, where the agent was.
+fn cut_off_backtrace(agent: &str, extra: &[&str]) -> String {
+    let agent = agent_path(agent);
+    let mut args = vec!["run-agent", agent.to_str().unwrap(), "--timeout", "300ms"];
+    args.extend_from_slice(extra);
+    let output = node_runtime(&args);
     assert_eq!(output.status.code(), Some(6));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let (_, backtrace) = stderr
         .split_once("where the agent was when its deadline cut it off:")
         .unwrap_or_else(|| panic!("no backtrace after the result: {stderr}"));
-    assert!(backtrace.contains("SpinForever"), "{backtrace}");
+    backtrace.to_string()
 }
 
 /// A guest chooses how long its backtrace is (every inlined call is two
 /// lines in each frame): what is printed, and logged, is cut at 16 KiB.
 #[test]
 fn the_backtrace_of_a_guest_cut_off_while_computing_is_bounded() {
-    let hostile = agent_path("hostile");
-    let output = node_runtime(&[
-        "run-agent",
-        hostile.to_str().unwrap(),
-        "--input-ref",
-        "attack=inline-spin",
-        "--timeout",
-        "300ms",
-    ]);
-    assert_eq!(output.status.code(), Some(6));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let (_, backtrace) = stderr
-        .split_once("where the agent was when its deadline cut it off:")
-        .unwrap_or_else(|| panic!("no backtrace after the result: {stderr}"));
+    let backtrace = cut_off_backtrace("hostile", &["--input-ref", "attack=inline-spin"]);
     assert!(backtrace.contains("recurse"), "{backtrace}");
     assert!(
         backtrace.trim_end().ends_with("[backtrace cut at 16 KiB]"),
