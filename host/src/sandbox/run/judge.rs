@@ -415,6 +415,15 @@ pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
         .map(|line| support::one_line::escape(&truncate(line, BACKTRACE_LINE_BYTES)).into_owned())
         .collect::<Vec<_>>()
         .join("\n");
+    // An escape is longer than the character it stands for.
+    if text.len() > BACKTRACE_BYTES {
+        let mut end = BACKTRACE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        written.cut = true;
+    }
     if written.cut {
         text.push_str(&format!(
             "\n[backtrace cut at {}]",
