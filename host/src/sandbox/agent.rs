@@ -338,12 +338,47 @@ fn export_list(exports: &[String]) -> String {
 /// line: a validation error quotes the component's own names and bytes,
 /// so control characters are escaped.
 pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
-    let chain = err
-        .chain()
-        .map(|cause| cause.to_string())
-        .collect::<Vec<_>>()
-        .join(": ");
+    let chain = err.chain().filter_map(cause_text).collect::<Vec<_>>().join(": ");
     support::one_line::escape(&chain).into_owned()
+}
+
+/// How wasmtime's guest backtrace (attached to a trap as context) begins.
+const BACKTRACE_HEADER: &str = "error while executing at wasm backtrace:";
+/// The most of one cause's text kept.
+const CAUSE_BYTES: usize = 16 * 1024;
+
+/// A cause's text, at most [`CAUSE_BYTES`] of it; `None` for the guest
+/// backtrace. That one is written by the judge, bounded: wasmtime's own
+/// text of it demangles every frame's name whole first, which a crafted
+/// name makes take seconds each.
+fn cause_text(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut text = CauseText::default();
+    // An error is the bound reached, or the backtrace recognised.
+    let _ = std::fmt::write(&mut text, format_args!("{cause}"));
+    (!text.backtrace).then_some(text.text)
+}
+
+/// Text written up to [`CAUSE_BYTES`]; it stops at once at the backtrace's
+/// header, before any frame.
+#[derive(Default)]
+struct CauseText {
+    text: String,
+    backtrace: bool,
+}
+
+impl std::fmt::Write for CauseText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = CAUSE_BYTES.saturating_sub(self.text.len());
+        self.text.push_str(&super::capabilities::log::truncate(s, room));
+        if self.text.starts_with(BACKTRACE_HEADER) {
+            self.backtrace = true;
+            return Err(std::fmt::Error);
+        }
+        if self.text.len() >= CAUSE_BYTES {
+            return Err(std::fmt::Error);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +393,24 @@ mod tests {
         let chain = error_chain(&err);
         assert!(!chain.contains(['\u{1b}', '\u{7}', '\n']), "{chain:?}");
         assert!(chain.starts_with("invalid component: import name `a\\u{1b}"), "{chain}");
+    }
+
+    #[test]
+    fn an_error_chain_leaves_out_the_guest_backtrace_and_cuts_each_cause() {
+        struct Backtrace;
+        impl std::fmt::Display for Backtrace {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                writeln!(f, "{BACKTRACE_HEADER}")?;
+                panic!("the frames were written")
+            }
+        }
+        let err = wasmtime::Error::msg("x".repeat(100_000))
+            .context("wasm trap: stack overflow")
+            .context(Backtrace);
+        let chain = error_chain(&err);
+        assert!(chain.starts_with("wasm trap: stack overflow: xxx"), "{chain}");
+        assert!(!chain.contains("backtrace"), "{chain}");
+        assert!(chain.len() <= CAUSE_BYTES + 64, "{} bytes", chain.len());
     }
 
     #[test]
