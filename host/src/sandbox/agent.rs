@@ -342,8 +342,9 @@ pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
     support::one_line::escape(&chain).into_owned()
 }
 
-/// How wasmtime's guest backtrace (attached to a trap as context) begins.
-const BACKTRACE_HEADER: &str = "error while executing at wasm backtrace:";
+/// How wasmtime's guest backtrace (attached to a trap as context) begins,
+/// and the judge's text of it.
+pub(crate) const BACKTRACE_HEADER: &str = "error while executing at wasm backtrace:";
 /// The most of one cause's text kept.
 const CAUSE_BYTES: usize = 16 * 1024;
 

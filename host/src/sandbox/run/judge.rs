@@ -16,7 +16,7 @@ use wasmtime_wasi::I32Exit;
 
 use support::units::format_bytes;
 
-use crate::sandbox::agent::error_chain;
+use crate::sandbox::agent::{BACKTRACE_HEADER, error_chain};
 use crate::sandbox::bindings::types::AgentError;
 use crate::sandbox::budget::{Budget, NodeLimits};
 use crate::sandbox::capabilities::log::truncate;
@@ -407,7 +407,7 @@ pub(super) fn cut_off(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenM
 pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
     let backtrace = err.downcast_ref::<WasmBacktrace>()?;
     let mut out = BoundedLines::new(BACKTRACE_BYTES);
-    out.line("error while executing at wasm backtrace:");
+    out.line(BACKTRACE_HEADER);
     'frames: for (i, frame) in backtrace.frames().iter().enumerate() {
         let offset = frame
             .module_offset()
@@ -418,7 +418,7 @@ pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
             None => format!("<wasm function {}>", frame.func_index()),
         };
         if frame.symbols().is_empty() {
-            let module = frame.module().name().map_or("<unknown>".to_string(), demangled);
+            let module = frame.module().name().unwrap_or("<unknown>");
             if !out.line(&format!("  {i:>3}: {offset}{module}!{}", function())) {
                 break;
             }
