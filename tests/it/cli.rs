@@ -101,17 +101,45 @@ fn cut_off_backtrace(agent: &str, extra: &[&str]) -> String {
     backtrace.to_string()
 }
 
-/// A guest chooses how long its backtrace is (every inlined call is two
-/// lines in each frame): what is printed, and logged, is cut at 16 KiB.
+/// A guest chooses how long the source lines of its backtrace are (every
+/// inlined call is two lines in each frame): `run-agent` adds 16 KiB of
+/// them at most.
 #[test]
 fn the_backtrace_of_a_guest_cut_off_while_computing_is_bounded() {
     let backtrace = cut_off_backtrace("hostile", &["--input-ref", "attack=inline-spin"]);
-    assert!(backtrace.contains("recurse"), "{backtrace}");
+    assert!(backtrace.contains("hostile.wasm!hostile::recurse"), "{backtrace}");
+    assert!(backtrace.contains("sample-agents/hostile/src/lib.rs:"), "{backtrace}");
+    assert!(backtrace.contains("\n[source lines cut at 16 KiB]\n"), "{backtrace}");
+    // Every frame is still there, past the cut.
+    assert!(backtrace.contains("  19: "), "{backtrace}");
+    // 20 frames of a line each, and the source lines.
     assert!(
-        backtrace.trim_end().ends_with("[backtrace cut at 16 KiB]"),
-        "{backtrace}"
+        backtrace.len() <= 20 * 100 + 16 * 1024 + 64,
+        "{} bytes",
+        backtrace.len()
     );
-    assert!(backtrace.len() <= 16 * 1024 + 64, "{} bytes", backtrace.len());
+}
+
+/// The engine reports a trap without reading the agent's DWARF;
+/// `run-agent`, which has the file, puts the source lines under the
+/// frames after the run, as wasmtime would have.
+#[test]
+fn a_trap_s_backtrace_in_run_agent_has_the_source_lines_of_the_agent_s_file() {
+    let (code, json) = run_agent_json(&agent_path("panic"), &[]);
+    assert_eq!(code, 4, "{json}");
+    let details = json["details"].as_str().unwrap();
+    let (_, run) = details
+        .split_once(" - panic.wasm!run\n")
+        .unwrap_or_else(|| panic!("no frame of `run`: {details}"));
+    assert!(
+        run.trim_start().starts_with("at ") && run.contains("sample-agents/panic/src/lib.rs:17:9"),
+        "the panic's line under the frame: {details}"
+    );
+    // The human form too, and the stderr after it is left as it was.
+    let output = node_runtime(&["run-agent", agent_path("panic").to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("panic/src/lib.rs:17:9\n"), "{stdout}");
+    assert!(stdout.contains("stderr:"), "{stdout}");
 }
 
 #[test]

@@ -889,7 +889,7 @@ async fn a_guest_cut_off_while_computing_is_failed_and_where_it_was_is_logged() 
     .await;
     node.kill().await.unwrap();
     assert!(logged.contains("lease-spinning"), "the lease's ids: {logged}");
-    assert!(logged.contains("SpinForever"), "the guest's frames: {logged}");
+    assert!(logged.contains("spin_forever.wasm!run"), "the guest's frames: {logged}");
 }
 
 /// `node-runtime serve` against `url`, its data under `data/data`, its log

@@ -179,15 +179,18 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
 
     let agent = match subject {
         Subject::Spec(spec) => Runnable::Spec(spec),
-        Subject::Component(bytes) => match sandbox.load(Arc::from(bytes)).await {
-            Ok(agent) => Runnable::Component(agent),
-            Err(invalid) => {
-                let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
-                let message = format!("{}: {invalid}", path.display());
-                print_invalid(&args, &message);
-                return Ok(Exit::AgentInvalid);
+        Subject::Component(bytes) => {
+            let bytes: Arc<[u8]> = Arc::from(bytes);
+            match sandbox.load(bytes.clone()).await {
+                Ok(agent) => Runnable::Component(agent, bytes),
+                Err(invalid) => {
+                    let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
+                    let message = format!("{}: {invalid}", path.display());
+                    print_invalid(&args, &message);
+                    return Ok(Exit::AgentInvalid);
+                }
             }
-        },
+        }
     };
     Ok(run_once(&args, &sandbox, &agent, context, budget).await)
 }
@@ -269,10 +272,17 @@ async fn run_once(
         budget,
         deadline: None,
     };
-    let Reported { result, cut_off } = match agent {
-        Runnable::Component(agent) => sandbox.run_reported(agent, request).instrument(span).await,
+    let Reported { mut result, cut_off } = match agent {
+        Runnable::Component(agent, _) => sandbox.run_reported(agent, request).instrument(span).await,
         Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await.into(),
     };
+    let file: &[u8] = match agent {
+        Runnable::Component(_, bytes) => bytes,
+        Runnable::Spec(_) => &[],
+    };
+    if let RunOutcome::Failed(failure) = &mut result.outcome {
+        failure.details = with_source_lines(file, &failure.details);
+    }
 
     if args.json {
         println!("{}", json_report(&result.outcome, &result.report));
@@ -284,9 +294,27 @@ async fn run_once(
     if let Some(call) = cut_off
         && let Some(backtrace) = call.unwind().await
     {
+        let backtrace = with_source_lines(file, &backtrace);
         eprintln!("where the agent was when its deadline cut it off:\n{backtrace}");
     }
     exit_for(&result.outcome)
+}
+
+/// `text` with the source lines of its backtrace's frames, read from the
+/// DWARF in the agent's file (`file`) now that the run is over: the
+/// engine never reads it (`sandbox/backtrace.rs`). Without the
+/// `guest-symbols` feature, or DWARF, `text` as it is.
+fn with_source_lines(file: &[u8], text: &str) -> String {
+    #[cfg(feature = "guest-symbols")]
+    if crate::sandbox::backtrace::has_frames(text) {
+        let symbols = crate::sandbox::symbols::GuestSymbols::read(file);
+        if !symbols.is_empty() {
+            return crate::sandbox::backtrace::with_source_lines(text, |offset| symbols.locate(offset));
+        }
+    }
+    #[cfg(not(feature = "guest-symbols"))]
+    let _ = file;
+    text.to_string()
 }
 
 /// `--watch DIR`: build, run, wait for a save, again. Never exits on a
@@ -309,9 +337,10 @@ async fn watch(mut args: RunAgentArgs, dir: PathBuf) -> Result<Exit, CommandErro
         match built {
             Ok(built) => {
                 let bytes = read_agent_file("the built component", &built.component)?;
-                last = match sandbox.load(Arc::from(bytes)).await {
+                let bytes: Arc<[u8]> = Arc::from(bytes);
+                last = match sandbox.load(bytes.clone()).await {
                     Ok(agent) => {
-                        let runnable = Runnable::Component(agent);
+                        let runnable = Runnable::Component(agent, bytes);
                         run_once(&args, &sandbox, &runnable, context_of(&args)?, budget).await
                     }
                     Err(invalid) => {
@@ -342,9 +371,10 @@ enum Subject {
     Spec(Box<AgentSpec>),
 }
 
-/// What runs: a loaded component, or a definition for the built-in agent.
+/// What runs: a loaded component (with its file's bytes, for the source
+/// lines of a backtrace), or a definition for the built-in agent.
 enum Runnable {
-    Component(Arc<crate::sandbox::Agent>),
+    Component(Arc<crate::sandbox::Agent>, Arc<[u8]>),
     Spec(Box<AgentSpec>),
 }
 

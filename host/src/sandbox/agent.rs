@@ -210,6 +210,14 @@ fn incompatible(engine: &Engine, err: &wasmtime::Error) -> InvalidAgent {
              that this node enforces through fuel instead ({reason}); {rebuild}"
         ));
     }
+    if reason.contains("compiled with WebAssembly backtrace support") {
+        // Nodes before this one kept the agent's DWARF in the `.cwasm`
+        // for wasmtime to symbolicate traps with; this node never does.
+        return InvalidAgent(format!(
+            "the .cwasm was compiled by an older node-runtime, which kept the agent's debug \
+             information in it for backtraces; this node does not ({reason}); {rebuild}"
+        ));
+    }
     InvalidAgent(format!(
         "the .cwasm was precompiled for a different engine and cannot run here: {reason}; {rebuild}"
     ))
@@ -385,6 +393,36 @@ impl std::fmt::Write for CauseText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nodes before this one compiled with `wasm_backtrace_details` on,
+    /// which keeps the agent's DWARF in the `.cwasm`; wasmtime refuses
+    /// such a file here, and the node says why and what to run.
+    #[cfg(feature = "cranelift")]
+    #[test]
+    fn a_cwasm_that_kept_the_agent_s_dwarf_is_refused_with_the_command_to_rebuild() {
+        use crate::sandbox::engine::{Metering, compiler_config};
+        const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
+        let mut older = compiler_config(Metering::Fuel, None).unwrap();
+        older.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
+        let artifact = Engine::new(&older)
+            .unwrap()
+            .precompile_component(EMPTY_COMPONENT)
+            .unwrap();
+        let here = Engine::new(&compiler_config(Metering::Fuel, None).unwrap()).unwrap();
+        // SAFETY: the artifact was just made by wasmtime, in this process.
+        let refused = unsafe { Component::deserialize(&here, &artifact) }
+            .map(|_| ())
+            .unwrap_err();
+        let message = incompatible(&here, &refused).0;
+        assert!(message.contains("compiled by an older node-runtime"), "{message}");
+        assert!(message.contains("debug information"), "{message}");
+        assert!(message.contains("`node-runtime compile`"), "{message}");
+        // The same engine's own artifact loads.
+        let own = Engine::new(&compiler_config(Metering::Fuel, None).unwrap()).unwrap();
+        let artifact = own.precompile_component(EMPTY_COMPONENT).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { Component::deserialize(&here, &artifact) }.is_ok());
+    }
 
     #[test]
     fn a_name_or_error_from_the_component_stays_on_one_line() {

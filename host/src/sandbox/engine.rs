@@ -204,7 +204,7 @@ pub(crate) const RUN_SHAPE: InstanceShape = InstanceShape {
 /// Settings that change generated code. A `.cwasm` records them and is
 /// refused by an engine whose settings differ. `target` is `None` for this
 /// host, whose CPU features Cranelift then uses.
-fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result<Config> {
+pub(super) fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result<Config> {
     let mut config = Config::new();
     if let Some(target) = target {
         config.target(target)?;
@@ -212,7 +212,10 @@ fn compiler_config(metering: Metering, target: Option<&str>) -> wasmtime::Result
     config.wasm_component_model(true);
     config.consume_fuel(metering.fuel());
     config.epoch_interruption(metering.epochs());
-    config.wasm_backtrace_details(WasmBacktraceDetails::Enable);
+    // A trap's frames are named, not symbolicated: wasmtime would read
+    // the agent's DWARF for each frame on the runtime thread, before the
+    // run is reported (`backtrace.rs`). The `.cwasm` then keeps no DWARF.
+    config.wasm_backtrace_details(WasmBacktraceDetails::Disable);
     Ok(config)
 }
 

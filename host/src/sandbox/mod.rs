@@ -11,6 +11,7 @@
 
 mod agent;
 pub mod artifact_trust;
+pub mod backtrace;
 mod bindings;
 pub mod budget;
 pub(crate) mod capabilities;
@@ -28,6 +29,8 @@ mod run;
 pub mod signature;
 mod state;
 mod state_builder;
+#[cfg(feature = "guest-symbols")]
+pub mod symbols;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,6 @@
 //! details with the evidence a developer needs (the guest backtrace, the
 //! agent's stderr).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use wasmtime::{Trap, WasmBacktrace};
@@ -16,7 +15,8 @@ use wasmtime_wasi::I32Exit;
 
 use support::units::format_bytes;
 
-use crate::sandbox::agent::{BACKTRACE_HEADER, error_chain};
+use crate::sandbox::agent::error_chain;
+use crate::sandbox::backtrace;
 use crate::sandbox::bindings::types::AgentError;
 use crate::sandbox::budget::{Budget, NodeLimits};
 use crate::sandbox::capabilities::log::truncate;
@@ -29,12 +29,6 @@ use crate::sandbox::state::RunState;
 /// store's hostcall fuel allows; the error type is private.
 const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
-/// The longest line of a guest backtrace kept (a frame's name is the
-/// agent's to choose).
-const BACKTRACE_LINE_BYTES: usize = 512;
-/// The most of a guest backtrace kept: wasmtime's 20 frames, with the
-/// functions inlined into them, many times over for an ordinary agent.
-const BACKTRACE_BYTES: usize = 16 * 1024;
 /// How much of stderr goes into a failure's one-line message.
 const MESSAGE_STDERR_TAIL: usize = 300;
 
@@ -169,7 +163,7 @@ impl<'a> Judge<'a> {
     }
 
     fn error(&self, stage: Stage, err: &wasmtime::Error) -> RunFailure {
-        let backtrace = backtrace(err).unwrap_or_default();
+        let backtrace = backtrace::write(err).unwrap_or_default();
         let details = self.details(&backtrace);
         if err.is::<DeadlineExceeded>() {
             return RunFailure::new(
@@ -394,117 +388,6 @@ pub(super) fn cut_off(allowed: Duration, stderr: &BoundedOutput, tokens: &TokenM
     checked_and_capped(tokens, RunOutcome::Failed(failure))
 }
 
-/// The guest backtrace an error carries, at most [`BACKTRACE_BYTES`] of
-/// it, each line cut and its control characters escaped.
-///
-/// Written here, frame by frame, not by wasmtime's `Display`: the names
-/// come from the agent (its name section, its DWARF), and so does the
-/// length. wasmtime writes two lines for every function inlined into each
-/// of its frames, and demangles each name whole before writing it, with
-/// a C++ demangler whose output can grow exponentially with a crafted
-/// name. Here a name is cut before it is demangled, only Rust's mangling
-/// (linear) is demangled, and the writing stops at the bound.
-pub(super) fn backtrace(err: &wasmtime::Error) -> Option<String> {
-    let backtrace = err.downcast_ref::<WasmBacktrace>()?;
-    let mut out = BoundedLines::new(BACKTRACE_BYTES);
-    out.line(BACKTRACE_HEADER);
-    'frames: for (i, frame) in backtrace.frames().iter().enumerate() {
-        let offset = frame
-            .module_offset()
-            .map(|offset| format!("{offset:#8x} - "))
-            .unwrap_or_default();
-        let function = || match frame.func_name() {
-            Some(name) => demangled(name),
-            None => format!("<wasm function {}>", frame.func_index()),
-        };
-        if frame.symbols().is_empty() {
-            let module = frame.module().name().unwrap_or("<unknown>");
-            if !out.line(&format!("  {i:>3}: {offset}{module}!{}", function())) {
-                break;
-            }
-            continue;
-        }
-        for (j, symbol) in frame.symbols().iter().enumerate() {
-            let name = match symbol.name() {
-                Some(name) => demangled(name),
-                None if j == 0 => function(),
-                None => "<inlined function>".to_string(),
-            };
-            let head = if j == 0 {
-                format!("  {i:>3}: {offset}")
-            } else {
-                "                - ".to_string()
-            };
-            if !out.line(&format!("{head}{name}")) {
-                break 'frames;
-            }
-            if let Some(file) = symbol.file() {
-                let mut at = format!("                    at {}", truncate(file, BACKTRACE_LINE_BYTES));
-                if let Some(line) = symbol.line() {
-                    let _ = write!(at, ":{line}");
-                    if let Some(column) = symbol.column() {
-                        let _ = write!(at, ":{column}");
-                    }
-                }
-                if !out.line(&at) {
-                    break 'frames;
-                }
-            }
-        }
-    }
-    Some(out.finish())
-}
-
-/// A function's name from the agent, cut to [`BACKTRACE_LINE_BYTES`] and
-/// then demangled if it is a Rust symbol (shown as it is otherwise).
-fn demangled(name: &str) -> String {
-    let name = truncate(name, BACKTRACE_LINE_BYTES);
-    match rustc_demangle::try_demangle(&name) {
-        Ok(symbol) => symbol.to_string(),
-        Err(_) => name.into_owned(),
-    }
-}
-
-/// Lines kept up to `room` bytes, each cut and escaped first; past the
-/// room nothing more is kept, and the text says it was cut.
-struct BoundedLines {
-    text: String,
-    cap: usize,
-    room: usize,
-    cut: bool,
-}
-
-impl BoundedLines {
-    fn new(room: usize) -> Self {
-        BoundedLines {
-            text: String::new(),
-            cap: room,
-            room,
-            cut: false,
-        }
-    }
-
-    /// Keeps `line` if it fits; `false` once the room is spent.
-    fn line(&mut self, line: &str) -> bool {
-        let line = support::one_line::escape(&truncate(line, BACKTRACE_LINE_BYTES)).into_owned();
-        if self.cut || line.len() + 1 > self.room {
-            self.cut = true;
-            return false;
-        }
-        self.room -= line.len() + 1;
-        self.text.push_str(&line);
-        self.text.push('\n');
-        true
-    }
-
-    fn finish(mut self) -> String {
-        if self.cut {
-            let _ = write!(self.text, "[backtrace cut at {}]", format_bytes(self.cap as u64));
-        }
-        self.text.trim_end().to_string()
-    }
-}
-
 /// A run that spent more tokens than its budget fails, whatever it
 /// returned, unless the overrun is within the tolerance. The LLM
 /// capability refuses a call whose estimated prompt plus its output
@@ -573,41 +456,4 @@ pub(crate) fn check_tokens(tokens: &TokenMeter, outcome: RunOutcome) -> RunOutco
             tokens.over(),
         ),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_name_crafted_for_a_cpp_demangler_is_cut_and_shown_as_it_is() {
-        // Each `S1_IS..._E` doubles what a C++ demangler writes: 23 of them
-        // took wasmtime's 0.5 s and 31 MB for one name.
-        let mut crafted = String::from("_Z1fP1A1BIS0_S0_E");
-        for n in 1..=40 {
-            let _ = write!(crafted, "S1_IS{n}_S{n}_E");
-        }
-        let shown = demangled(&crafted);
-        assert!(shown.starts_with("_Z1fP1A1BIS0_S0_ES1_IS1_S1_E"), "{shown}");
-        assert!(shown.len() <= BACKTRACE_LINE_BYTES + 32, "{} bytes", shown.len());
-        // Rust's own mangling is demangled.
-        assert_eq!(
-            demangled("_ZN10deep_sleep4down17h93dd516bcbd98aa2E"),
-            "deep_sleep::down::h93dd516bcbd98aa2"
-        );
-    }
-
-    #[test]
-    fn bounded_lines_stop_at_the_bound_counting_escapes() {
-        let mut out = BoundedLines::new(1024);
-        let mut kept = 0;
-        while out.line(&"\u{1b}".repeat(100)) {
-            kept += 1;
-            assert!(kept < 100, "the bound never stopped it");
-        }
-        let text = out.finish();
-        assert!(!text.contains('\u{1b}'), "{text}");
-        assert!(text.len() <= 1024 + 40, "{} bytes", text.len());
-        assert!(text.ends_with("[backtrace cut at 1 KiB]"), "{text}");
-    }
 }

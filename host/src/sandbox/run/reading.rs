@@ -185,7 +185,7 @@ impl CutOffCall {
             let (ended, store) = runtime.block_on(calling);
             drop(store);
             match ended {
-                Err((_, err)) => super::judge::backtrace(&err),
+                Err((_, err)) => crate::sandbox::backtrace::write(&err),
                 Ok(_) => None,
             }
         })
