@@ -306,15 +306,12 @@ async fn run_once(
 /// `guest-symbols` feature, or DWARF, `text` as it is.
 fn with_source_lines(file: &[u8], text: &str) -> String {
     #[cfg(feature = "guest-symbols")]
-    if crate::sandbox::backtrace::has_frames(text) {
-        let symbols = crate::sandbox::symbols::GuestSymbols::read(file);
-        if !symbols.is_empty() {
-            return crate::sandbox::backtrace::with_source_lines(text, |offset| symbols.locate(offset));
-        }
-    }
+    return crate::sandbox::symbols::with_source_lines(file, text);
     #[cfg(not(feature = "guest-symbols"))]
-    let _ = file;
-    text.to_string()
+    {
+        let _ = file;
+        text.to_string()
+    }
 }
 
 /// `--watch DIR`: build, run, wait for a save, again. Never exits on a

@@ -9,6 +9,12 @@
 //! ask, at the position relative to that section, as DWARF for
 //! WebAssembly counts. Each module's DWARF context is built once, when a
 //! frame first needs it.
+//!
+//! The DWARF is the agent's, so it is read as untrusted: addr2line reads
+//! nested inlined functions by recursion, so a module whose entries nest
+//! deeper than [`MAX_NESTING`] gets no source lines, and the reading runs
+//! on a thread of its own with a stack sized for that depth, where a
+//! panic costs the source lines and nothing else.
 
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -20,8 +26,41 @@ use super::backtrace::{SOURCE_LINES_PER_FRAME, SourceLine};
 
 type Reader<'a> = EndianSlice<'a, LittleEndian>;
 
+/// The deepest nesting of DWARF entries read (an ordinary agent's is
+/// tens: namespaces, a function, the functions inlined into it).
+const MAX_NESTING: isize = 4096;
+/// The stack of the thread that reads DWARF: room for addr2line's
+/// recursion [`MAX_NESTING`] deep, unoptimised builds included.
+const READER_STACK_BYTES: usize = 64 << 20;
+
+/// `text` (a failure's details, or a backtrace) with the source lines of
+/// its backtrace's frames, read from the DWARF in `file` (the agent's
+/// component) on a thread of its own; `text` as it is when the file has
+/// no DWARF, or the reading failed.
+pub fn with_source_lines(file: &[u8], text: &str) -> String {
+    if !super::backtrace::has_frames(text) {
+        return text.to_string();
+    }
+    let read = || {
+        let symbols = GuestSymbols::read(file);
+        if symbols.is_empty() {
+            return text.to_string();
+        }
+        super::backtrace::with_source_lines(text, |offset| symbols.locate(offset))
+    };
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("guest-symbols".to_string())
+            .stack_size(READER_STACK_BYTES)
+            .spawn_scoped(scope, read)
+            .ok()
+            .and_then(|reader| reader.join().ok())
+    })
+    .unwrap_or_else(|| text.to_string())
+}
+
 /// The DWARF of every core module of a component (or of a core module).
-pub struct GuestSymbols<'a> {
+struct GuestSymbols<'a> {
     modules: Vec<CoreModule<'a>>,
 }
 
@@ -37,7 +76,7 @@ struct CoreModule<'a> {
 impl<'a> GuestSymbols<'a> {
     /// Reads where each core module's code and DWARF are in `bytes`. A
     /// file that does not parse gives what was read before the fault.
-    pub fn read(bytes: &'a [u8]) -> Self {
+    fn read(bytes: &'a [u8]) -> Self {
         let mut modules = Vec::new();
         // One entry per module or component being read (they nest); a
         // component's is `None`.
@@ -78,13 +117,13 @@ impl<'a> GuestSymbols<'a> {
     }
 
     /// Whether any core module carries DWARF.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.modules.is_empty()
     }
 
     /// The source lines at `offset` (a position in the file), innermost
     /// function first; none where no DWARF covers it.
-    pub fn locate(&self, offset: u64) -> Vec<SourceLine> {
+    fn locate(&self, offset: u64) -> Vec<SourceLine> {
         let Ok(offset) = usize::try_from(offset) else {
             return Vec::new();
         };
@@ -129,6 +168,123 @@ impl<'a> CoreModule<'a> {
             Ok(EndianSlice::new(data, LittleEndian))
         })
         .ok()?;
+        if !nesting_within_bound(&dwarf) {
+            return None;
+        }
         addr2line::Context::from_dwarf(dwarf).ok()
+    }
+}
+
+/// Whether every unit's entries parse and nest at most [`MAX_NESTING`]
+/// deep, read without recursion.
+fn nesting_within_bound(dwarf: &gimli::Dwarf<Reader<'_>>) -> bool {
+    let mut units = dwarf.units();
+    loop {
+        let header = match units.next() {
+            Ok(Some(header)) => header,
+            Ok(None) => return true,
+            Err(_) => return false,
+        };
+        let Ok(abbreviations) = dwarf.abbreviations(&header) else {
+            return false;
+        };
+        let Ok(mut entries) = header.entries_raw(&abbreviations, None) else {
+            return false;
+        };
+        while !entries.is_empty() {
+            if entries.next_depth() > MAX_NESTING {
+                return false;
+            }
+            match entries.read_abbreviation() {
+                Ok(Some(abbreviation)) => {
+                    if entries.skip_attributes(abbreviation.attributes()).is_err() {
+                        return false;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core module with one function and DWARF of a compile unit, a
+    /// function covering its code, and `nesting` inlined functions, each
+    /// inside the last; and a backtrace with a frame in that function.
+    fn module_with_inlining(nesting: usize) -> (Vec<u8>, String) {
+        fn section(id: u8, contents: &[u8]) -> Vec<u8> {
+            let mut out = vec![id];
+            leb(&mut out, contents.len());
+            out.extend_from_slice(contents);
+            out
+        }
+        fn leb(out: &mut Vec<u8>, mut n: usize) {
+            loop {
+                let byte = (n & 0x7f) as u8;
+                n >>= 7;
+                out.push(if n == 0 { byte } else { byte | 0x80 });
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        fn custom(name: &str, data: &[u8]) -> Vec<u8> {
+            let mut contents = vec![name.len() as u8];
+            contents.extend_from_slice(name.as_bytes());
+            contents.extend_from_slice(data);
+            section(0, &contents)
+        }
+        // Abbreviations 1-3: compile unit, function, inlined function;
+        // each with children, a low_pc (addr) and a high_pc (data4).
+        let mut abbrev = Vec::new();
+        for (code, tag) in [(1u8, 0x11u8), (2, 0x2e), (3, 0x1d)] {
+            abbrev.extend_from_slice(&[code, tag, 1, 0x11, 0x01, 0x12, 0x06, 0, 0]);
+        }
+        abbrev.push(0);
+        let entry = |code: u8| [code, 0, 0, 0, 0, 100, 0, 0, 0];
+        let mut entries = Vec::new();
+        entries.extend_from_slice(&entry(1));
+        entries.extend_from_slice(&entry(2));
+        for _ in 0..nesting {
+            entries.extend_from_slice(&entry(3));
+        }
+        entries.extend(std::iter::repeat_n(0, nesting + 2));
+        // DWARF 4, 32-bit: version, abbreviation offset, address size.
+        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
+        info.extend_from_slice(&[4, 0, 0, 0, 0, 0, 4]);
+        info.extend_from_slice(&entries);
+
+        let mut module = b"\0asm\x01\0\0\0".to_vec();
+        module.extend(section(1, &[1, 0x60, 0, 0]));
+        module.extend(section(3, &[1, 0]));
+        let code_start = module.len() + 2;
+        module.extend(section(10, &[1, 2, 0, 0x0b]));
+        module.extend(custom(".debug_abbrev", &abbrev));
+        module.extend(custom(".debug_info", &info));
+        let backtrace = format!(
+            "error while executing at wasm backtrace:\n    0: {:#8x} - <unknown>!f",
+            code_start + 1
+        );
+        (module, backtrace)
+    }
+
+    #[test]
+    fn the_functions_inlined_at_a_frame_are_read_from_the_module_s_dwarf() {
+        let (module, backtrace) = module_with_inlining(3);
+        let text = with_source_lines(&module, &backtrace);
+        // The three inlined functions and the one they are in, unnamed.
+        assert_eq!(text.matches("- <inlined function>").count(), 3, "{text}");
+    }
+
+    /// addr2line reads inlined functions by recursion: DWARF nested this
+    /// deep would overflow any thread's stack.
+    #[test]
+    fn dwarf_nested_past_the_bound_gives_no_source_lines_and_no_overflow() {
+        let (module, backtrace) = module_with_inlining(200_000);
+        assert_eq!(with_source_lines(&module, &backtrace), backtrace);
     }
 }
