@@ -140,6 +140,12 @@ fn a_trap_s_backtrace_in_run_agent_has_the_source_lines_of_the_agent_s_file() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("panic/src/lib.rs:17:9\n"), "{stdout}");
     assert!(stdout.contains("stderr:"), "{stdout}");
+    // A stack overflow's innermost frame has no position; the frames
+    // after it still get their lines.
+    let (code, json) = run_agent_json(&agent_path("stack-overflow"), &[]);
+    assert_eq!(code, 4, "{json}");
+    let details = json["details"].as_str().unwrap();
+    assert!(details.contains("stack-overflow/src/lib.rs:"), "{details}");
 }
 
 #[test]

@@ -276,12 +276,12 @@ async fn run_once(
         Runnable::Component(agent, _) => sandbox.run_reported(agent, request).instrument(span).await,
         Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await.into(),
     };
-    let file: &[u8] = match agent {
-        Runnable::Component(_, bytes) => bytes,
-        Runnable::Spec(_) => &[],
+    let file: Arc<[u8]> = match agent {
+        Runnable::Component(_, bytes) => bytes.clone(),
+        Runnable::Spec(_) => Arc::from([]),
     };
     if let RunOutcome::Failed(failure) = &mut result.outcome {
-        failure.details = with_source_lines(file, &failure.details);
+        failure.details = with_source_lines(&file, &failure.details);
     }
 
     if args.json {
@@ -294,7 +294,7 @@ async fn run_once(
     if let Some(call) = cut_off
         && let Some(backtrace) = call.unwind().await
     {
-        let backtrace = with_source_lines(file, &backtrace);
+        let backtrace = with_source_lines(&file, &backtrace);
         eprintln!("where the agent was when its deadline cut it off:\n{backtrace}");
     }
     exit_for(&result.outcome)
@@ -304,9 +304,9 @@ async fn run_once(
 /// DWARF in the agent's file (`file`) now that the run is over: the
 /// engine never reads it (`sandbox/backtrace.rs`). Without the
 /// `guest-symbols` feature, or DWARF, `text` as it is.
-fn with_source_lines(file: &[u8], text: &str) -> String {
+fn with_source_lines(file: &Arc<[u8]>, text: &str) -> String {
     #[cfg(feature = "guest-symbols")]
-    return crate::sandbox::symbols::with_source_lines(file, text);
+    return crate::sandbox::symbols::with_source_lines(file.clone(), text);
     #[cfg(not(feature = "guest-symbols"))]
     {
         let _ = file;

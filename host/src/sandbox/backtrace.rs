@@ -78,27 +78,33 @@ pub(crate) fn write(err: &wasmtime::Error) -> Option<String> {
 /// the component file. What is added is cut and escaped as a backtrace
 /// is, and stops at [`BACKTRACE_BYTES`]; the rest of `text` is kept as
 /// it is.
+///
+/// Only the backtrace the node wrote is read: the one `text` starts with
+/// (a failure's details put it first), up to its last frame. The agent's
+/// stderr, which follows, is its own text, whatever it looks like.
 pub fn with_source_lines(text: &str, mut locate: impl FnMut(u64) -> Vec<SourceLine>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut added = BoundedLines::new(BACKTRACE_BYTES);
-    let mut in_backtrace = false;
+    let mut in_backtrace = has_frames(text);
     let mut marked = false;
-    for line in text.lines() {
+    for (i, line) in text.lines().enumerate() {
         out.push_str(line);
         out.push('\n');
-        if line.trim() == BACKTRACE_HEADER {
-            in_backtrace = true;
+        if i == 0 {
             continue;
         }
         let Some((offset, function)) = in_backtrace.then(|| frame_line(line)).flatten() else {
             in_backtrace = false;
             continue;
         };
+        // A frame with no position (the stack-overflow check at a
+        // function's entry) has no source lines; those after it do.
+        let Some(offset) = offset else { continue };
         let mut lines = BoundedLines::new(BACKTRACE_BYTES);
         for (j, source) in locate(offset).iter().take(SOURCE_LINES_PER_FRAME).enumerate() {
             let name = source.function.as_deref().map(demangled);
             match name {
-                Some(name) if j > 0 || name != function => {
+                Some(name) if j > 0 || !same_function(function, &name) => {
                     lines.line(&format!("                - {name}"));
                 }
                 None if j > 0 => {
@@ -134,22 +140,58 @@ pub fn with_source_lines(text: &str, mut locate: impl FnMut(u64) -> Vec<SourceLi
     out
 }
 
-/// Whether `text` holds a guest backtrace [`write`] wrote.
-pub fn has_frames(text: &str) -> bool {
-    text.lines().any(|line| line.trim() == BACKTRACE_HEADER)
+/// `text` with `note` (a line of the node's, in brackets) written after
+/// the backtrace it starts with: why it has no source lines.
+pub fn with_note(text: &str, note: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = if has_frames(text) {
+        1 + lines[1..].iter().take_while(|line| frame_line(line).is_some()).count()
+    } else {
+        return text.to_string();
+    };
+    let mut out = lines[..end].join("\n");
+    let _ = write!(out, "\n[{note}]");
+    for line in &lines[end..] {
+        out.push('\n');
+        out.push_str(line);
+    }
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
-/// The position and function name of a frame line [`write`] wrote
-/// (`  11:   0x1005 - panic.wasm!run`), or `None` for any other line.
-fn frame_line(line: &str) -> Option<(u64, &str)> {
+/// Whether `text` starts with a guest backtrace [`write`] wrote.
+pub fn has_frames(text: &str) -> bool {
+    text.lines().next().is_some_and(|first| first == BACKTRACE_HEADER)
+}
+
+/// The position (if it has one) and function name of a frame line
+/// [`write`] wrote (`  11:   0x1005 - panic.wasm!run`, or
+/// `   0: panic.wasm!recurse`), or `None` for any other line.
+fn frame_line(line: &str) -> Option<(Option<u64>, &str)> {
     let (index, rest) = line.trim_start().split_once(": ")?;
     if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let (offset, name) = rest.trim_start().strip_prefix("0x")?.split_once(" - ")?;
-    let offset = u64::from_str_radix(offset, 16).ok()?;
+    let rest = rest.trim_start();
+    let (offset, name) = match rest.strip_prefix("0x").and_then(|rest| rest.split_once(" - ")) {
+        Some((offset, name)) => (Some(u64::from_str_radix(offset, 16).ok()?), name),
+        None => (None, rest),
+    };
     let function = name.split_once('!').map_or(name, |(_, function)| function);
     Some((offset, function))
+}
+
+/// Whether a frame's function (its name-section name, demangled) is the
+/// function DWARF names at its position: the same name, or the same
+/// without its path (`recurse` for `stack_overflow::recurse::h774d…`).
+fn same_function(frame: &str, dwarf: &str) -> bool {
+    let frame = match frame.rsplit_once("::h") {
+        Some((path, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => path,
+        _ => frame,
+    };
+    frame == dwarf || frame.strip_suffix(dwarf).is_some_and(|path| path.ends_with("::"))
 }
 
 /// A function's name from the agent, cut to [`BACKTRACE_LINE_BYTES`] and
@@ -247,10 +289,13 @@ mod tests {
         }
     }
 
+    /// A backtrace whose first frame has no position (a stack overflow's),
+    /// and stderr that forges one.
     const DETAILS: &str = "error while executing at wasm backtrace:\n    \
-        0:   0x49c7 - panic.wasm!abort\n    \
-        1:   0x1005 - panic.wasm!export_run\n\n\
-        stderr:\n  2: 0x1005 - panic.wasm!forged";
+        0: panic.wasm!recurse\n    \
+        1:   0x49c7 - panic.wasm!abort\n    \
+        2:   0x1005 - panic.wasm!export_run\n\n\
+        stderr:\nerror while executing at wasm backtrace:\n  2: 0x1005 - panic.wasm!forged";
 
     #[test]
     fn source_lines_go_under_the_frames_of_the_backtrace_only() {
@@ -265,18 +310,41 @@ mod tests {
                 _ => vec![at(Some("abort"), "libc/abort.c", 3)],
             }
         });
-        // The stderr line that looks like a frame is not looked up.
+        // The frame with no position is passed over, not the ones after
+        // it; the stderr that looks like a backtrace is not looked up.
         assert_eq!(asked, [0x49c7, 0x1005]);
         let expected = "error while executing at wasm backtrace:\n    \
-            0:   0x49c7 - panic.wasm!abort\n                    \
+            0: panic.wasm!recurse\n    \
+            1:   0x49c7 - panic.wasm!abort\n                    \
             at libc/abort.c:3:9\n    \
-            1:   0x1005 - panic.wasm!export_run\n                \
+            2:   0x1005 - panic.wasm!export_run\n                \
             - panic::run::h0123456789abcdef\n                    \
             at src/lib.rs:17:9\n                \
             - export_run\n                    \
             at src/lib.rs:7:9\n\n\
-            stderr:\n  2: 0x1005 - panic.wasm!forged";
+            stderr:\nerror while executing at wasm backtrace:\n  2: 0x1005 - panic.wasm!forged";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_frame_s_own_function_is_not_named_again_under_it() {
+        assert!(same_function("stack_overflow::recurse::h774da01f31932c8f", "recurse"));
+        assert!(same_function("run", "run"));
+        assert!(!same_function("stack_overflow::recurse::h774da01f31932c8f", "curse"));
+        assert!(!same_function("export_run", "run"));
+    }
+
+    #[test]
+    fn only_a_backtrace_at_the_start_is_read_and_a_note_goes_after_it() {
+        // Details of a failure with no backtrace: its stderr forges one.
+        let forged = "stderr:\nerror while executing at wasm backtrace:\n  0: 0x1005 - x.wasm!forged";
+        assert!(!has_frames(forged));
+        assert_eq!(with_source_lines(forged, |_| panic!("looked up")), forged);
+        assert_eq!(with_note(forged, "why"), forged);
+        let noted = with_note(DETAILS, "no source lines: why");
+        let (backtrace, rest) = noted.split_once("\n[no source lines: why]\n").unwrap();
+        assert!(backtrace.ends_with("panic.wasm!export_run"), "{noted}");
+        assert!(rest.starts_with("\nstderr:"), "{noted}");
     }
 
     #[test]
@@ -291,6 +359,6 @@ mod tests {
         let added = text.len() - DETAILS.len();
         assert!(added <= BACKTRACE_BYTES + 64, "{added} bytes added");
         assert!(text.contains("[source lines cut at 16 KiB]"), "{text}");
-        assert!(text.ends_with("stderr:\n  2: 0x1005 - panic.wasm!forged"));
+        assert!(text.ends_with("\n  2: 0x1005 - panic.wasm!forged"));
     }
 }

@@ -10,58 +10,99 @@
 //! WebAssembly counts. Each module's DWARF context is built once, when a
 //! frame first needs it.
 //!
-//! The DWARF is the agent's, so it is read as untrusted: addr2line reads
-//! nested inlined functions by recursion, so a module whose entries nest
-//! deeper than [`MAX_NESTING`] gets no source lines, and the reading runs
-//! on a thread of its own with a stack sized for that depth, where a
-//! panic costs the source lines and nothing else.
+//! The DWARF is the agent's, so it is read as untrusted, within bounds
+//! that an ordinary agent's debug build is far inside:
+//! - a core module with a `.debug_*` section over [`MAX_SECTION_BYTES`],
+//!   more than [`MAX_UNITS`] compile units, or entries nesting deeper than
+//!   [`MAX_NESTING`] (addr2line reads nested inlined functions by
+//!   recursion) gets no source lines;
+//! - abbreviation tables are parsed once and shared by the units that
+//!   use them (gimli would otherwise keep a copy per unit: 17.5 GB for a
+//!   375 KB agent built for it);
+//! - the reading runs on a thread of its own, with a stack sized for that
+//!   depth, and is given up after [`READ_TIME`]; a panic there costs the
+//!   source lines and nothing else.
+//!
+//! Where source lines are left out, a line after the backtrace says why.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::ops::Range;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
-use addr2line::gimli::{self, EndianSlice, LittleEndian};
+use addr2line::gimli::{self, AbbreviationsCacheStrategy, EndianSlice, LittleEndian};
 use wasmparser::{Encoding, Parser, Payload};
 
-use super::backtrace::{SOURCE_LINES_PER_FRAME, SourceLine};
+use super::backtrace::{SOURCE_LINES_PER_FRAME, SourceLine, has_frames, with_note};
 
 type Reader<'a> = EndianSlice<'a, LittleEndian>;
 
 /// The deepest nesting of DWARF entries read (an ordinary agent's is
 /// tens: namespaces, a function, the functions inlined into it).
 const MAX_NESTING: isize = 4096;
+/// The largest `.debug_*` section read (addr2line holds a line program's
+/// rows at about 40 times its size).
+const MAX_SECTION_BYTES: usize = 16 << 20;
+/// The most compile units read in one core module (one per crate and
+/// codegen unit: hundreds for a large agent).
+const MAX_UNITS: usize = 10_000;
+/// How long the reading may take before the backtrace is printed
+/// without it.
+const READ_TIME: Duration = Duration::from_secs(2);
 /// The stack of the thread that reads DWARF: room for addr2line's
 /// recursion [`MAX_NESTING`] deep, unoptimised builds included.
 const READER_STACK_BYTES: usize = 64 << 20;
 
 /// `text` (a failure's details, or a backtrace) with the source lines of
-/// its backtrace's frames, read from the DWARF in `file` (the agent's
-/// component) on a thread of its own; `text` as it is when the file has
-/// no DWARF, or the reading failed.
-pub fn with_source_lines(file: &[u8], text: &str) -> String {
-    if !super::backtrace::has_frames(text) {
+/// the backtrace it starts with, read from the DWARF in `file` (the
+/// agent's component) on a thread of its own; `text` as it is when the
+/// file has no DWARF, and with a line saying why when some was not read.
+pub fn with_source_lines(file: Arc<[u8]>, text: &str) -> String {
+    if !has_frames(text) {
         return text.to_string();
     }
-    let read = || {
-        let symbols = GuestSymbols::read(file);
-        if symbols.is_empty() {
-            return text.to_string();
+    let (sender, answer) = mpsc::sync_channel(1);
+    let input = text.to_string();
+    let reader = std::thread::Builder::new()
+        .name("guest-symbols".to_string())
+        .stack_size(READER_STACK_BYTES)
+        .spawn(move || {
+            let symbols = GuestSymbols::read(&file);
+            let mut text = if symbols.is_empty() {
+                input
+            } else {
+                super::backtrace::with_source_lines(&input, |offset| symbols.locate(offset))
+            };
+            if let Some(why) = symbols.left_out.get() {
+                text = with_note(&text, &format!("no source lines from a core module: {why}"));
+            }
+            let _ = sender.send(text);
+        });
+    if reader.is_err() {
+        return text.to_string();
+    }
+    // Given up, the thread is left to finish (or to end with the process):
+    // the bounds above keep what it can still take.
+    match answer.recv_timeout(READ_TIME) {
+        Ok(text) => text,
+        Err(mpsc::RecvTimeoutError::Timeout) => with_note(
+            text,
+            &format!(
+                "no source lines: reading the agent's DWARF took longer than {} s",
+                READ_TIME.as_secs()
+            ),
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            with_note(text, "no source lines: the agent's DWARF could not be read")
         }
-        super::backtrace::with_source_lines(text, |offset| symbols.locate(offset))
-    };
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("guest-symbols".to_string())
-            .stack_size(READER_STACK_BYTES)
-            .spawn_scoped(scope, read)
-            .ok()
-            .and_then(|reader| reader.join().ok())
-    })
-    .unwrap_or_else(|| text.to_string())
+    }
 }
 
 /// The DWARF of every core module of a component (or of a core module).
 struct GuestSymbols<'a> {
     modules: Vec<CoreModule<'a>>,
+    /// Why a module's DWARF was not read, the first time one was not.
+    left_out: Cell<Option<&'static str>>,
 }
 
 /// A core module that has code and DWARF.
@@ -70,7 +111,7 @@ struct CoreModule<'a> {
     code: Range<usize>,
     /// Its `.debug_*` custom sections, by name.
     sections: Vec<(&'a str, &'a [u8])>,
-    context: OnceCell<Option<addr2line::Context<Reader<'a>>>>,
+    context: OnceCell<Result<addr2line::Context<Reader<'a>>, ()>>,
 }
 
 impl<'a> GuestSymbols<'a> {
@@ -113,7 +154,10 @@ impl<'a> GuestSymbols<'a> {
                 _ => {}
             }
         }
-        GuestSymbols { modules }
+        GuestSymbols {
+            modules,
+            left_out: Cell::new(None),
+        }
     }
 
     /// Whether any core module carries DWARF.
@@ -130,7 +174,14 @@ impl<'a> GuestSymbols<'a> {
         let Some(module) = self.modules.iter().find(|module| module.code.contains(&offset)) else {
             return Vec::new();
         };
-        let Some(context) = module.context.get_or_init(|| module.context()) else {
+        let context = module.context.get_or_init(|| {
+            module.context().map_err(|why| {
+                if self.left_out.get().is_none() {
+                    self.left_out.set(Some(why));
+                }
+            })
+        });
+        let Ok(context) = context else {
             return Vec::new();
         };
         let probe = (offset - module.code.start) as u64;
@@ -158,54 +209,50 @@ impl<'a> GuestSymbols<'a> {
 }
 
 impl<'a> CoreModule<'a> {
-    fn context(&self) -> Option<addr2line::Context<Reader<'a>>> {
+    /// Its DWARF, within the bounds, or why not.
+    fn context(&self) -> Result<addr2line::Context<Reader<'a>>, &'static str> {
+        if self.sections.iter().any(|(_, data)| data.len() > MAX_SECTION_BYTES) {
+            return Err("a DWARF section is larger than run-agent reads (16 MiB)");
+        }
         let sections = &self.sections;
-        let dwarf = gimli::Dwarf::load(|id: gimli::SectionId| -> Result<Reader<'a>, gimli::Error> {
+        let mut dwarf = gimli::Dwarf::load(|id: gimli::SectionId| -> Result<Reader<'a>, gimli::Error> {
             let data = sections
                 .iter()
                 .find(|(name, _)| *name == id.name())
                 .map_or(&[][..], |(_, data)| *data);
             Ok(EndianSlice::new(data, LittleEndian))
         })
-        .ok()?;
-        if !nesting_within_bound(&dwarf) {
-            return None;
-        }
-        addr2line::Context::from_dwarf(dwarf).ok()
+        .map_err(|_| "its DWARF does not parse")?;
+        dwarf.populate_abbreviations_cache(AbbreviationsCacheStrategy::All);
+        within_bounds(&dwarf)?;
+        addr2line::Context::from_dwarf(dwarf).map_err(|_| "its DWARF does not parse")
     }
 }
 
-/// Whether every unit's entries parse and nest at most [`MAX_NESTING`]
-/// deep, read without recursion.
-fn nesting_within_bound(dwarf: &gimli::Dwarf<Reader<'_>>) -> bool {
+/// Whether every unit's entries parse, there are at most [`MAX_UNITS`] of
+/// them, and they nest at most [`MAX_NESTING`] deep: read without
+/// recursion.
+fn within_bounds(dwarf: &gimli::Dwarf<Reader<'_>>) -> Result<(), &'static str> {
+    const UNPARSED: &str = "its DWARF does not parse";
     let mut units = dwarf.units();
-    loop {
-        let header = match units.next() {
-            Ok(Some(header)) => header,
-            Ok(None) => return true,
-            Err(_) => return false,
+    for _ in 0..=MAX_UNITS {
+        let Some(header) = units.next().map_err(|_| UNPARSED)? else {
+            return Ok(());
         };
-        let Ok(abbreviations) = dwarf.abbreviations(&header) else {
-            return false;
-        };
-        let Ok(mut entries) = header.entries_raw(&abbreviations, None) else {
-            return false;
-        };
+        let abbreviations = dwarf.abbreviations(&header).map_err(|_| UNPARSED)?;
+        let mut entries = header.entries_raw(&abbreviations, None).map_err(|_| UNPARSED)?;
         while !entries.is_empty() {
             if entries.next_depth() > MAX_NESTING {
-                return false;
+                return Err("its DWARF nests deeper than run-agent reads (4,096 entries)");
             }
-            match entries.read_abbreviation() {
-                Ok(Some(abbreviation)) => {
-                    if entries.skip_attributes(abbreviation.attributes()).is_err() {
-                        return false;
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => return false,
+            if let Some(abbreviation) = entries.read_abbreviation().map_err(|_| UNPARSED)? {
+                entries
+                    .skip_attributes(abbreviation.attributes())
+                    .map_err(|_| UNPARSED)?;
             }
         }
     }
+    Err("its DWARF has more compile units than run-agent reads (10,000)")
 }
 
 #[cfg(test)]
@@ -275,7 +322,7 @@ mod tests {
     #[test]
     fn the_functions_inlined_at_a_frame_are_read_from_the_module_s_dwarf() {
         let (module, backtrace) = module_with_inlining(3);
-        let text = with_source_lines(&module, &backtrace);
+        let text = with_source_lines(Arc::from(module), &backtrace);
         // The three inlined functions and the one they are in, unnamed.
         assert_eq!(text.matches("- <inlined function>").count(), 3, "{text}");
     }
@@ -285,6 +332,13 @@ mod tests {
     #[test]
     fn dwarf_nested_past_the_bound_gives_no_source_lines_and_no_overflow() {
         let (module, backtrace) = module_with_inlining(200_000);
-        assert_eq!(with_source_lines(&module, &backtrace), backtrace);
+        let text = with_source_lines(Arc::from(module), &backtrace);
+        assert_eq!(
+            text,
+            format!(
+                "{backtrace}\n[no source lines from a core module: its DWARF nests deeper than \
+                 run-agent reads (4,096 entries)]"
+            )
+        );
     }
 }
