@@ -101,6 +101,82 @@ fn cut_off_backtrace(agent: &str, extra: &[&str]) -> String {
     backtrace.to_string()
 }
 
+/// A node reports positions only; `symbolize`, given the agent's file,
+/// writes the details again with the source lines, from stdin or a file,
+/// indented as `run-agent` prints them or not.
+#[test]
+fn symbolize_adds_the_source_lines_to_a_backtrace_a_node_reported() {
+    let (_, json) = run_agent_json(&agent_path("panic"), &[]);
+    // The backtrace as a node reports it: the frames, no source lines.
+    let reported: Vec<&str> = json["details"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|line| line.starts_with("error while") || line.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(
+        reported.len() > 5 && !reported.join("\n").contains(".rs:"),
+        "{reported:?}"
+    );
+    let panic = agent_path("panic");
+    let symbolize = |details: String, extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .arg("symbolize")
+            .arg(&panic)
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(details.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let indented: String = reported.iter().map(|line| format!("  {line}\n")).collect();
+    for details in [reported.join("\n"), indented] {
+        let output = symbolize(details, &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (_, run) = stdout.split_once(" - panic.wasm!run\n").expect(&stdout);
+        assert!(
+            run.trim_start().starts_with("at ") && run.contains("panic/src/lib.rs:17:9"),
+            "{stdout}"
+        );
+    }
+    // From a file too.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("details.txt");
+    std::fs::write(&file, reported.join("\n")).unwrap();
+    let output = node_runtime(&[
+        "symbolize",
+        panic.to_str().unwrap(),
+        "--details",
+        file.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("panic/src/lib.rs:17:9"));
+    // Text without a backtrace, and a .cwasm, are usage errors naming why.
+    let output = symbolize("stderr:\nerror while executing at wasm backtrace:".to_string(), &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no backtrace"));
+    let cwasm = dir.path().join("panic.cwasm");
+    let compiled = node_runtime(&["compile", panic.to_str().unwrap(), "-o", cwasm.to_str().unwrap()]);
+    assert!(compiled.status.success());
+    let output = node_runtime(&[
+        "symbolize",
+        cwasm.to_str().unwrap(),
+        "--details",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("a .cwasm keeps no DWARF"));
+}
+
 /// A guest chooses how long the source lines of its backtrace are (every
 /// inlined call is two lines in each frame): `run-agent` adds 16 KiB of
 /// them at most.

@@ -19,6 +19,8 @@ mod outbox;
 mod registry;
 mod run_agent;
 mod serve;
+#[cfg(feature = "guest-symbols")]
+mod symbolize;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +77,11 @@ pub enum Command {
     /// it as the node will, and print its path, size and `agent.digest`.
     #[cfg(feature = "dev")]
     Build(build::BuildArgs),
+    /// Add the source lines to a backtrace a node reported (a Fail's
+    /// details, or its log), from the agent's DWARF: read on stdin or
+    /// from --details, written to stdout.
+    #[cfg(feature = "guest-symbols")]
+    Symbolize(symbolize::SymbolizeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +180,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::New(args) => new::run(args).await,
         #[cfg(feature = "dev")]
         Command::Build(args) => build::run(args).await,
+        #[cfg(feature = "guest-symbols")]
+        Command::Symbolize(args) => symbolize::run(args).await,
     };
     match result {
         Ok(exit) => exit.into(),

@@ -19,6 +19,9 @@ use support::units::format_bytes;
 use crate::sandbox::agent::BACKTRACE_HEADER;
 use crate::sandbox::capabilities::log::truncate;
 
+/// The first line of a guest backtrace, as wasmtime words it.
+pub const BACKTRACE_HEADER_TEXT: &str = BACKTRACE_HEADER;
+
 /// The longest line of a guest backtrace kept (a frame's name is the
 /// agent's to choose).
 pub(crate) const BACKTRACE_LINE_BYTES: usize = 512;
