@@ -177,6 +177,114 @@ fn symbolize_adds_the_source_lines_to_a_backtrace_a_node_reported() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("a .cwasm keeps no DWARF"));
 }
 
+/// DWARF within every bound that still makes the reader's work grow past
+/// its size: 10,000 compile units all naming one list of 100,000 ranges
+/// (addr2line would hold 10^9 of them). `symbolize` limits its own
+/// address space (2 GiB) and gives up at 2 s: it ends with the frames as
+/// they were, and never holds more than its limit.
+#[test]
+fn symbolize_stays_within_its_memory_however_the_dwarf_multiplies_the_work() {
+    fn section(id: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![id];
+        let mut n = contents.len();
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(contents);
+        out
+    }
+    fn custom(name: &str, data: &[u8]) -> Vec<u8> {
+        let mut contents = vec![name.len() as u8];
+        contents.extend_from_slice(name.as_bytes());
+        contents.extend_from_slice(data);
+        section(0, &contents)
+    }
+    // Abbreviation 1: a compile unit with DW_AT_ranges (sec_offset).
+    let abbrev = [1u8, 0x11, 0, 0x55, 0x17, 0, 0, 0];
+    let mut info = Vec::new();
+    for _ in 0..10_000 {
+        // DWARF 4, 32-bit, address size 4; the entry: code 1, ranges at 0.
+        info.extend_from_slice(&12u32.to_le_bytes());
+        info.extend_from_slice(&[4, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]);
+    }
+    let mut ranges = Vec::new();
+    for i in 0..100_000u32 {
+        ranges.extend_from_slice(&(i * 2).to_le_bytes());
+        ranges.extend_from_slice(&(i * 2 + 1).to_le_bytes());
+    }
+    ranges.extend_from_slice(&[0; 8]);
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    module.extend(section(1, &[1, 0x60, 0, 0]));
+    module.extend(section(3, &[1, 0]));
+    let code = module.len() + 2;
+    module.extend(section(10, &[1, 2, 0, 0x0b]));
+    module.extend(custom(".debug_abbrev", &abbrev));
+    module.extend(custom(".debug_info", &info));
+    module.extend(custom(".debug_ranges", &ranges));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("shared-ranges.wasm");
+    std::fs::write(&agent, &module).unwrap();
+    let details = dir.path().join("details.txt");
+    let backtrace = format!(
+        "error while executing at wasm backtrace:\n    0: {:#8x} - <unknown>!f",
+        code + 1
+    );
+    std::fs::write(&details, &backtrace).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args([
+            "symbolize",
+            agent.to_str().unwrap(),
+            "--details",
+            details.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (mut peak_kib, mut limited, mut status) = (0u64, false, None);
+    for _ in 0..1200 {
+        if let Some(ended) = child.try_wait().unwrap() {
+            status = Some(ended);
+            break;
+        }
+        // The limit it set itself, as the kernel holds it.
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        limited |= limits
+            .lines()
+            .any(|line| line.starts_with("Max address space") && line.contains("2147483648"));
+        let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(kib) = proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("symbolize did not end within a minute");
+    };
+    let stdout = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
+    assert!(limited, "symbolize limits its address space to 2 GiB");
+    assert!(peak_kib <= 2 * 1024 * 1024, "it held {peak_kib} KiB");
+    // It gave up (the frames as they were, and why), or its allocator
+    // refused past the limit; never source lines it could not have read.
+    assert!(
+        (status.success() && stdout.starts_with(&backtrace) && stdout.contains("[no source lines"))
+            || !status.success(),
+        "{status}: {stdout}"
+    );
+}
+
 /// A guest chooses how long the source lines of its backtrace are (every
 /// inlined call is two lines in each frame): `run-agent` adds 16 KiB of
 /// them at most.

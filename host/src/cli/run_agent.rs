@@ -180,9 +180,9 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
     let agent = match subject {
         Subject::Spec(spec) => Runnable::Spec(spec),
         Subject::Component(bytes) => {
-            let bytes: Arc<[u8]> = Arc::from(bytes);
-            match sandbox.load(bytes.clone()).await {
-                Ok(agent) => Runnable::Component(agent, bytes),
+            let path = args.agent.clone().unwrap_or_default();
+            match sandbox.load(Arc::from(bytes)).await {
+                Ok(agent) => Runnable::Component(agent, path),
                 Err(invalid) => {
                     let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
                     let message = format!("{}: {invalid}", path.display());
@@ -276,12 +276,12 @@ async fn run_once(
         Runnable::Component(agent, _) => sandbox.run_reported(agent, request).instrument(span).await,
         Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await.into(),
     };
-    let file: Arc<[u8]> = match agent {
-        Runnable::Component(_, bytes) => bytes.clone(),
-        Runnable::Spec(_) => Arc::from([]),
+    let file = match agent {
+        Runnable::Component(_, path) => Some(path.as_path()),
+        Runnable::Spec(_) => None,
     };
     if let RunOutcome::Failed(failure) = &mut result.outcome {
-        failure.details = with_source_lines(&file, &failure.details);
+        failure.details = with_source_lines(file, &failure.details).await;
     }
 
     if args.json {
@@ -294,24 +294,25 @@ async fn run_once(
     if let Some(call) = cut_off
         && let Some(backtrace) = call.unwind().await
     {
-        let backtrace = with_source_lines(&file, &backtrace);
+        let backtrace = with_source_lines(file, &backtrace).await;
         eprintln!("where the agent was when its deadline cut it off:\n{backtrace}");
     }
     exit_for(&result.outcome)
 }
 
 /// `text` with the source lines of its backtrace's frames, read from the
-/// DWARF in the agent's file (`file`) now that the run is over: the
-/// engine never reads it (`sandbox/backtrace.rs`). Without the
-/// `guest-symbols` feature, or DWARF, `text` as it is.
-fn with_source_lines(file: &Arc<[u8]>, text: &str) -> String {
+/// DWARF in the agent's file now that the run is over (the engine never
+/// reads it, `sandbox/backtrace.rs`), by `node-runtime symbolize` in a
+/// process of its own that limits its memory and CPU and is killed if it
+/// takes too long: the DWARF is the agent's. Without the `guest-symbols`
+/// feature, an agent file or DWARF, `text` as it is.
+async fn with_source_lines(file: Option<&std::path::Path>, text: &str) -> String {
     #[cfg(feature = "guest-symbols")]
-    return crate::sandbox::symbols::with_source_lines(file.clone(), text);
-    #[cfg(not(feature = "guest-symbols"))]
-    {
-        let _ = file;
-        text.to_string()
+    if let Some(file) = file {
+        return super::symbolize::in_child(file, text).await;
     }
+    let _ = file;
+    text.to_string()
 }
 
 /// `--watch DIR`: build, run, wait for a save, again. Never exits on a
@@ -334,10 +335,9 @@ async fn watch(mut args: RunAgentArgs, dir: PathBuf) -> Result<Exit, CommandErro
         match built {
             Ok(built) => {
                 let bytes = read_agent_file("the built component", &built.component)?;
-                let bytes: Arc<[u8]> = Arc::from(bytes);
-                last = match sandbox.load(bytes.clone()).await {
+                last = match sandbox.load(Arc::from(bytes)).await {
                     Ok(agent) => {
-                        let runnable = Runnable::Component(agent, bytes);
+                        let runnable = Runnable::Component(agent, built.component.clone());
                         run_once(&args, &sandbox, &runnable, context_of(&args)?, budget).await
                     }
                     Err(invalid) => {
@@ -368,10 +368,10 @@ enum Subject {
     Spec(Box<AgentSpec>),
 }
 
-/// What runs: a loaded component (with its file's bytes, for the source
-/// lines of a backtrace), or a definition for the built-in agent.
+/// What runs: a loaded component (with its file, for the source lines of a
+/// backtrace), or a definition for the built-in agent.
 enum Runnable {
-    Component(Arc<crate::sandbox::Agent>, Arc<[u8]>),
+    Component(Arc<crate::sandbox::Agent>, PathBuf),
     Spec(Box<AgentSpec>),
 }
 

@@ -6,18 +6,34 @@
 //! the component file. Given that file, this writes the details again as
 //! `run-agent` writes its own, with the source lines under the frames,
 //! within the same bounds (`sandbox/symbols.rs`).
+//!
+//! The DWARF is the agent's, and shared data (one range list or line
+//! program for thousands of units) can make a reader's work grow far past
+//! the file's size: the command limits its own address space and CPU time
+//! before it reads, and `run-agent` runs it as a child process
+//! ([`in_child`]) that it kills after [`CHILD_TIME`], so a reading that
+//! outgrows them costs the source lines and nothing else.
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::{CommandError, Exit, read_agent_file, read_file_at_most};
-use crate::sandbox::backtrace::has_frames;
+use crate::sandbox::backtrace::{has_frames, with_note};
 
 /// The most text read: a Fail's details are cut at 256 KiB.
 const DETAILS_BYTES: u64 = 1 << 20;
+/// The address space the command may take (an allocation past it fails,
+/// and ends the process).
+const ADDRESS_SPACE_BYTES: u64 = 2 << 30;
+/// The CPU time it may take.
+const CPU_SECONDS: u64 = 5;
+/// How long `run-agent` waits for its `symbolize` child.
+const CHILD_TIME: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Args)]
 pub struct SymbolizeArgs {
@@ -32,6 +48,7 @@ pub struct SymbolizeArgs {
 }
 
 pub async fn run(args: SymbolizeArgs) -> Result<Exit, CommandError> {
+    limit_this_process();
     let agent = read_agent_file("the agent file", &args.agent)?;
     if !agent.starts_with(crate::sandbox::WASM_MAGIC) {
         return Err(CommandError::usage(format!(
@@ -56,6 +73,87 @@ pub async fn run(args: SymbolizeArgs) -> Result<Exit, CommandError> {
             .map_err(|err| CommandError::internal(format!("reading the agent's DWARF stopped: {err}")))?;
     println!("{}", annotated.trim_end());
     Ok(Exit::Completed)
+}
+
+/// `text` (a failure's details, or a backtrace) with the source lines
+/// `node-runtime symbolize` reads from `agent`, run as a child process;
+/// with a note saying why not, when it fails or takes longer than
+/// [`CHILD_TIME`] (it is killed then).
+pub(super) async fn in_child(agent: &std::path::Path, text: &str) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    if !has_frames(text) {
+        return text.to_string();
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return with_note(
+            text,
+            "no source lines: cannot find the node-runtime binary to read them",
+        );
+    };
+    let child = tokio::process::Command::new(exe)
+        .arg("symbolize")
+        .arg(agent)
+        .args(["--details", "-"])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = child else {
+        return with_note(text, "no source lines: cannot start `node-runtime symbolize`");
+    };
+    let read = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            // A child that ends early stops reading: what it printed says.
+            let _ = stdin.write_all(text.as_bytes()).await;
+        }
+        child.wait_with_output().await
+    };
+    match tokio::time::timeout(CHILD_TIME, read).await {
+        Ok(Ok(output)) if output.status.success() => {
+            let mut annotated = String::from_utf8_lossy(&output.stdout).trim_end().to_string();
+            if text.ends_with('\n') {
+                annotated.push('\n');
+            }
+            annotated
+        }
+        Ok(_) => with_note(
+            text,
+            "no source lines: reading the agent's DWARF failed or outgrew its bounds (2 GiB, 5 s of CPU)",
+        ),
+        Err(_) => with_note(
+            text,
+            &format!(
+                "no source lines: reading the agent's DWARF took longer than {} s",
+                CHILD_TIME.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Caps this process's address space and CPU time, so that reading an
+/// agent's DWARF cannot take the machine's memory or a core for long.
+fn limit_this_process() {
+    #[cfg(target_os = "linux")]
+    for (resource, limit) in [(libc::RLIMIT_AS, ADDRESS_SPACE_BYTES), (libc::RLIMIT_CPU, CPU_SECONDS)] {
+        let wanted = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write only the structs
+        // passed; a limit already lower is kept.
+        unsafe {
+            if libc::getrlimit(resource, &mut current) == 0 && current.rlim_cur <= limit {
+                continue;
+            }
+            libc::setrlimit(resource, &wanted);
+        }
+    }
 }
 
 fn details_name(path: &std::path::Path) -> String {

@@ -64,7 +64,13 @@ pub(crate) fn write(err: &wasmtime::Error) -> Option<String> {
             Some(name) => demangled(name),
             None => format!("<wasm function {}>", frame.func_index()),
         };
-        let module = frame.module().name().unwrap_or("<unknown>");
+        // The agent names its modules: a name that could pass for a
+        // position, or end one, is not shown (`frame_line` reads these).
+        let module = frame
+            .module()
+            .name()
+            .filter(|name| !name.starts_with("0x") && !name.contains(" - ") && !name.contains('!'))
+            .unwrap_or("<unknown>");
         if !out.line(&format!("  {i:>3}: {offset}{module}!{function}")) {
             break;
         }
@@ -144,14 +150,18 @@ pub fn with_source_lines(text: &str, mut locate: impl FnMut(u64) -> Vec<SourceLi
 }
 
 /// `text` with `note` (a line of the node's, in brackets) written after
-/// the backtrace it starts with: why it has no source lines.
+/// the backtrace it starts with, its source lines included (the blank
+/// line a failure's details put before stderr ends it): why it has no
+/// source lines.
 pub fn with_note(text: &str, note: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let end = if has_frames(text) {
-        1 + lines[1..].iter().take_while(|line| frame_line(line).is_some()).count()
-    } else {
+    if !has_frames(text) {
         return text.to_string();
-    };
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .iter()
+        .position(|line| line.trim().is_empty())
+        .unwrap_or(lines.len());
     let mut out = lines[..end].join("\n");
     let _ = write!(out, "\n[{note}]");
     for line in &lines[end..] {
@@ -344,6 +354,11 @@ mod tests {
         assert!(!has_frames(forged));
         assert_eq!(with_source_lines(forged, |_| panic!("looked up")), forged);
         assert_eq!(with_note(forged, "why"), forged);
+        // After the frames' source lines, not between a frame and its own.
+        let annotated = with_source_lines(DETAILS, |_| vec![at(Some("f"), "src/lib.rs", 1)]);
+        let noted = with_note(&annotated, "why");
+        let (before, _) = noted.split_once("\n[why]\n\nstderr:").expect(&noted);
+        assert!(before.ends_with("at src/lib.rs:1:9"), "{noted}");
         let noted = with_note(DETAILS, "no source lines: why");
         let (backtrace, rest) = noted.split_once("\n[no source lines: why]\n").unwrap();
         assert!(backtrace.ends_with("panic.wasm!export_run"), "{noted}");

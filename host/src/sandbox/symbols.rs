@@ -21,7 +21,12 @@
 //!   375 KB agent built for it);
 //! - the reading runs on a thread of its own, with a stack sized for that
 //!   depth, and is given up after [`READ_TIME`]; a panic there costs the
-//!   source lines and nothing else.
+//!   source lines and nothing else;
+//! - shared data can still make the work grow far past the file's size
+//!   (one range list or line program referenced by thousands of units),
+//!   so the `symbolize` command that does the reading limits its own
+//!   memory and CPU, and `run-agent` runs it as a child process it kills
+//!   after a few seconds (`cli/symbolize.rs`).
 //!
 //! Where source lines are left out, a line after the backtrace says why.
 
@@ -81,8 +86,8 @@ pub fn with_source_lines(file: Arc<[u8]>, text: &str) -> String {
     if reader.is_err() {
         return text.to_string();
     }
-    // Given up, the thread is left to finish (or to end with the process):
-    // the bounds above keep what it can still take.
+    // Given up, the thread is left to end with the process, whose limits
+    // bound what it can take meanwhile (`cli/symbolize.rs`).
     match answer.recv_timeout(READ_TIME) {
         Ok(text) => text,
         Err(mpsc::RecvTimeoutError::Timeout) => with_note(
@@ -223,8 +228,8 @@ impl<'a> CoreModule<'a> {
             Ok(EndianSlice::new(data, LittleEndian))
         })
         .map_err(|_| "its DWARF does not parse")?;
-        dwarf.populate_abbreviations_cache(AbbreviationsCacheStrategy::All);
         within_bounds(&dwarf)?;
+        dwarf.populate_abbreviations_cache(AbbreviationsCacheStrategy::All);
         addr2line::Context::from_dwarf(dwarf).map_err(|_| "its DWARF does not parse")
     }
 }
