@@ -180,9 +180,9 @@ pub async fn run(args: RunAgentArgs) -> Result<Exit, CommandError> {
     let agent = match subject {
         Subject::Spec(spec) => Runnable::Spec(spec),
         Subject::Component(bytes) => {
-            let path = args.agent.clone().unwrap_or_default();
-            match sandbox.load(Arc::from(bytes)).await {
-                Ok(agent) => Runnable::Component(agent, path),
+            let bytes: Arc<[u8]> = Arc::from(bytes);
+            match sandbox.load(bytes.clone()).await {
+                Ok(agent) => Runnable::Component(agent, bytes),
                 Err(invalid) => {
                     let path = args.agent.as_deref().unwrap_or(std::path::Path::new("agent"));
                     let message = format!("{}: {invalid}", path.display());
@@ -277,7 +277,7 @@ async fn run_once(
         Runnable::Spec(spec) => sandbox.run_spec(spec, request).instrument(span).await.into(),
     };
     let file = match agent {
-        Runnable::Component(_, path) => Some(path.as_path()),
+        Runnable::Component(_, bytes) => Some(&bytes[..]),
         Runnable::Spec(_) => None,
     };
     if let RunOutcome::Failed(failure) = &mut result.outcome {
@@ -306,7 +306,7 @@ async fn run_once(
 /// process of its own that limits its memory and CPU and is killed if it
 /// takes too long: the DWARF is the agent's. Without the `guest-symbols`
 /// feature, an agent file or DWARF, `text` as it is.
-async fn with_source_lines(file: Option<&std::path::Path>, text: &str) -> String {
+async fn with_source_lines(file: Option<&[u8]>, text: &str) -> String {
     #[cfg(feature = "guest-symbols")]
     if let Some(file) = file {
         return super::symbolize::in_child(file, text).await;
@@ -335,9 +335,10 @@ async fn watch(mut args: RunAgentArgs, dir: PathBuf) -> Result<Exit, CommandErro
         match built {
             Ok(built) => {
                 let bytes = read_agent_file("the built component", &built.component)?;
-                last = match sandbox.load(Arc::from(bytes)).await {
+                let bytes: Arc<[u8]> = Arc::from(bytes);
+                last = match sandbox.load(bytes.clone()).await {
                     Ok(agent) => {
-                        let runnable = Runnable::Component(agent, built.component.clone());
+                        let runnable = Runnable::Component(agent, bytes);
                         run_once(&args, &sandbox, &runnable, context_of(&args)?, budget).await
                     }
                     Err(invalid) => {
@@ -368,10 +369,10 @@ enum Subject {
     Spec(Box<AgentSpec>),
 }
 
-/// What runs: a loaded component (with its file, for the source lines of a
-/// backtrace), or a definition for the built-in agent.
+/// What runs: a loaded component (with its bytes, for the source lines of
+/// a backtrace), or a definition for the built-in agent.
 enum Runnable {
-    Component(Arc<crate::sandbox::Agent>, PathBuf),
+    Component(Arc<crate::sandbox::Agent>, Arc<[u8]>),
     Spec(Box<AgentSpec>),
 }
 

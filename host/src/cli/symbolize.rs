@@ -27,13 +27,16 @@ use crate::sandbox::backtrace::{has_frames, with_note};
 
 /// The most text read: a Fail's details are cut at 256 KiB.
 const DETAILS_BYTES: u64 = 1 << 20;
-/// The address space the command may take (an allocation past it fails,
-/// and ends the process).
+/// The address space the command may take beyond what it has when it
+/// starts (an allocation past it fails, and ends the process).
 const ADDRESS_SPACE_BYTES: u64 = 2 << 30;
 /// The CPU time it may take.
 const CPU_SECONDS: u64 = 5;
 /// How long `run-agent` waits for its `symbolize` child.
 const CHILD_TIME: Duration = Duration::from_secs(4);
+/// What the child may print beyond the text it was given: the source
+/// lines (16 KiB at most, escaped) and a note.
+const CHILD_OUTPUT_SLACK: usize = 64 * 1024;
 
 #[derive(Debug, Args)]
 pub struct SymbolizeArgs {
@@ -76,31 +79,59 @@ pub async fn run(args: SymbolizeArgs) -> Result<Exit, CommandError> {
 }
 
 /// `text` (a failure's details, or a backtrace) with the source lines
-/// `node-runtime symbolize` reads from `agent`, run as a child process;
-/// with a note saying why not, when it fails or takes longer than
-/// [`CHILD_TIME`] (it is killed then).
-pub(super) async fn in_child(agent: &std::path::Path, text: &str) -> String {
+/// `node-runtime symbolize` reads from `agent` (the bytes that ran, given
+/// to it in a private temporary file, so that a file replaced since, or
+/// a pipe, reads the same), run as a child process; with a note saying
+/// why not, when it fails or takes longer than [`CHILD_TIME`] (it is
+/// killed then, and with this process).
+pub(super) async fn in_child(agent: &[u8], text: &str) -> String {
+    use std::io::Write as _;
     use tokio::io::AsyncWriteExt as _;
     if !has_frames(text) {
         return text.to_string();
     }
-    let Ok(exe) = std::env::current_exe() else {
+    let copy = tempfile::Builder::new()
+        .prefix("node-runtime-agent-")
+        .suffix(".wasm")
+        .tempfile()
+        .and_then(|mut file| file.write_all(agent).map(|()| file));
+    let Ok(copy) = copy else {
+        return with_note(
+            text,
+            "no source lines: cannot write the agent to a temporary file to read them",
+        );
+    };
+    // The running binary, even if its file was replaced or deleted since.
+    let exe = if cfg!(target_os = "linux") {
+        Ok(PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe()
+    };
+    let Ok(exe) = exe else {
         return with_note(
             text,
             "no source lines: cannot find the node-runtime binary to read them",
         );
     };
-    let child = tokio::process::Command::new(exe)
-        .arg("symbolize")
-        .arg(agent)
-        .args(["--details", "-"])
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args(["symbolize", "--details", "-", "--"])
+        .arg(copy.path())
         .env("RUST_LOG", "off")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let Ok(mut child) = child else {
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    // SAFETY: only prctl, async-signal-safe, runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            // Ends with run-agent, however run-agent ends.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let Ok(mut child) = command.spawn() else {
         return with_note(text, "no source lines: cannot start `node-runtime symbolize`");
     };
     let read = async {
@@ -110,9 +141,17 @@ pub(super) async fn in_child(agent: &std::path::Path, text: &str) -> String {
         }
         child.wait_with_output().await
     };
-    match tokio::time::timeout(CHILD_TIME, read).await {
+    let output = tokio::time::timeout(CHILD_TIME, read).await;
+    drop(copy);
+    match output {
         Ok(Ok(output)) if output.status.success() => {
-            let mut annotated = String::from_utf8_lossy(&output.stdout).trim_end().to_string();
+            let annotated = String::from_utf8_lossy(&output.stdout);
+            // What it prints is the text with at most 16 KiB of source
+            // lines and a note; anything else is not taken.
+            if !has_frames(&annotated) || annotated.len() > text.len() + CHILD_OUTPUT_SLACK {
+                return with_note(text, "no source lines: `node-runtime symbolize` printed something else");
+            }
+            let mut annotated = annotated.trim_end().to_string();
             if text.ends_with('\n') {
                 annotated.push('\n');
             }
@@ -120,7 +159,8 @@ pub(super) async fn in_child(agent: &std::path::Path, text: &str) -> String {
         }
         Ok(_) => with_note(
             text,
-            "no source lines: reading the agent's DWARF failed or outgrew its bounds (2 GiB, 5 s of CPU)",
+            "no source lines: reading the agent's DWARF failed or outgrew its bounds (2 GiB more \
+             memory, 5 s of CPU)",
         ),
         Err(_) => with_note(
             text,
@@ -132,26 +172,44 @@ pub(super) async fn in_child(agent: &std::path::Path, text: &str) -> String {
     }
 }
 
-/// Caps this process's address space and CPU time, so that reading an
-/// agent's DWARF cannot take the machine's memory or a core for long.
+/// Caps this process: its address space at what it has now plus
+/// [`ADDRESS_SPACE_BYTES`] (its allocator's and threads' reservations
+/// grow with the machine's cores, so a fixed total would leave nothing on
+/// a large machine), its CPU time at [`CPU_SECONDS`], and its core dumps
+/// at nothing (a dump of a process stopped at its limit is gigabytes).
 fn limit_this_process() {
     #[cfg(target_os = "linux")]
-    for (resource, limit) in [(libc::RLIMIT_AS, ADDRESS_SPACE_BYTES), (libc::RLIMIT_CPU, CPU_SECONDS)] {
-        let wanted = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: limit,
-        };
-        let mut current = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit and setrlimit read and write only the structs
-        // passed; a limit already lower is kept.
-        unsafe {
-            if libc::getrlimit(resource, &mut current) == 0 && current.rlim_cur <= limit {
-                continue;
+    {
+        let now = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmSize:"))
+                    .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib * 1024);
+        for (resource, limit) in [
+            (libc::RLIMIT_AS, now + ADDRESS_SPACE_BYTES),
+            (libc::RLIMIT_CPU, CPU_SECONDS),
+            (libc::RLIMIT_CORE, 0),
+        ] {
+            let wanted = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            let mut current = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit and setrlimit read and write only the
+            // structs passed; a limit already lower is kept.
+            unsafe {
+                if libc::getrlimit(resource, &mut current) == 0 && current.rlim_cur <= limit {
+                    continue;
+                }
+                libc::setrlimit(resource, &wanted);
             }
-            libc::setrlimit(resource, &wanted);
         }
     }
 }

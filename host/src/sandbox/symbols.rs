@@ -84,7 +84,7 @@ pub fn with_source_lines(file: Arc<[u8]>, text: &str) -> String {
             let _ = sender.send(text);
         });
     if reader.is_err() {
-        return text.to_string();
+        return with_note(text, "no source lines: cannot start a thread to read them");
     }
     // Given up, the thread is left to end with the process, whose limits
     // bound what it can take meanwhile (`cli/symbolize.rs`).
