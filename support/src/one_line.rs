@@ -4,16 +4,31 @@
 //! error) end up in log lines and in a Fail's one-line message. A newline
 //! there forges a second log line; an escape sequence rewrites a terminal.
 //! [`escape`] writes every control character (C0, DEL, C1), the Unicode
-//! line and paragraph separators and the bidirectional overrides as a
-//! visible escape (`\n`, `\r`, `\t`, `\u{1b}`), so the text reads the same
+//! line and paragraph separators, the bidirectional overrides, isolates
+//! and marks, and the invisible spaces as a visible escape (`\n`, `\r`, `\t`, `\u{1b}`), so the text reads the same
 //! and cannot break out of its line.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-/// Whether `c` is written as an escape.
+/// Whether `c` is written as an escape: a control character, a line or
+/// paragraph separator, a bidirectional override, isolate or mark (which
+/// reorder or restyle the text around them), or an invisible space.
 fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{061c}'
+                | '\u{200b}'
+                | '\u{2060}'
+                | '\u{feff}'
+        )
 }
 
 /// `text` with its control characters escaped; borrowed when it has none.
@@ -71,6 +86,11 @@ mod tests {
             "lease-1\\n2026-01-01T00:00:00Z  INFO forged\\r\\t\\u{1b}]0;x\\u{7}\\u{2028}\\u{202e}"
         );
         assert!(matches!(escape("plain text, ünïcode"), Cow::Borrowed(_)));
+        // Marks that reorder text, and spaces that hide it.
+        assert_eq!(
+            escape("a\u{200e}b\u{200f}c\u{61c}d\u{200b}e\u{2060}f\u{feff}"),
+            "a\\u{200e}b\\u{200f}c\\u{61c}d\\u{200b}e\\u{2060}f\\u{feff}"
+        );
     }
 
     #[test]
