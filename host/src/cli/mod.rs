@@ -243,6 +243,31 @@ pub(crate) fn read_file_at_most(flag: &str, path: &PathBuf, max: u64, what: &str
         .ok_or_else(|| too_large(flag, path, max, what))
 }
 
+/// As [`read_file_at_most`], with `-` for stdin.
+pub(crate) fn read_file_or_stdin_at_most(
+    flag: &str,
+    path: &std::path::Path,
+    max: u64,
+    what: &str,
+) -> Result<Vec<u8>, CommandError> {
+    use std::io::Read;
+    if path.as_os_str() != "-" {
+        return read_file_at_most(flag, &path.to_path_buf(), max, what);
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| CommandError::usage(format!("cannot read {flag} - (stdin): {err}")))?;
+    if bytes.len() as u64 > max {
+        return Err(CommandError::usage(format!(
+            "{flag} - (stdin) is more than the {max} bytes {what} may take"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Appends what is left of `file` to `bytes`, up to `max` bytes in all;
 /// `None` when there is more.
 fn read_rest(file: std::fs::File, mut bytes: Vec<u8>, max: u64) -> std::io::Result<Option<Vec<u8>>> {

@@ -13,7 +13,7 @@ use support::Secret;
 use support::units::format_bytes;
 
 use super::args::{parse_duration, parse_key_value, parse_size};
-use super::{CommandError, Exit, read_agent_file, read_file_at_most};
+use super::{CommandError, Exit, read_agent_file, read_file_at_most, read_file_or_stdin_at_most};
 use crate::app::{self, NodeConfig};
 use crate::sandbox::declarative::{AgentSpec, SPEC_BYTES};
 use crate::sandbox::grants::{check_environment_name, check_guest_path};
@@ -378,21 +378,7 @@ enum Runnable {
 
 /// `--spec FILE|-`: the definition's bytes, at most [`SPEC_BYTES`].
 fn read_spec(path: &std::path::Path) -> Result<Vec<u8>, CommandError> {
-    if path.as_os_str() == "-" {
-        let mut bytes = Vec::new();
-        let read = std::io::Read::read_to_end(
-            &mut std::io::Read::take(std::io::stdin().lock(), SPEC_BYTES as u64 + 1),
-            &mut bytes,
-        );
-        read.map_err(|err| CommandError::usage(format!("cannot read --spec - (stdin): {err}")))?;
-        if bytes.len() > SPEC_BYTES {
-            return Err(CommandError::usage(format!(
-                "--spec - (stdin) is more than the {SPEC_BYTES} bytes a definition may take"
-            )));
-        }
-        return Ok(bytes);
-    }
-    read_file_at_most("--spec", &path.to_path_buf(), SPEC_BYTES as u64, "a definition")
+    read_file_or_stdin_at_most("--spec", path, SPEC_BYTES as u64, "a definition")
 }
 
 /// `--secret NAME=VAR` as the node's `DeclarativeAgents` section: each

@@ -14,7 +14,6 @@
 //! ([`in_child`]) that it kills after [`CHILD_TIME`], so a reading that
 //! outgrows them costs the source lines and nothing else.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{CommandError, Exit, read_agent_file, read_file_at_most};
+use super::{CommandError, Exit, read_agent_file, read_file_or_stdin_at_most};
 use crate::sandbox::backtrace::{has_frames, with_note};
 
 /// The most text read: a Fail's details are cut at 256 KiB.
@@ -67,7 +66,7 @@ pub async fn run(args: SymbolizeArgs) -> Result<Exit, CommandError> {
         return Err(CommandError::usage(format!(
             "{}: no backtrace: the text must start with the line `{}`, as a failure's details do",
             details_name(&args.details),
-            crate::sandbox::backtrace::BACKTRACE_HEADER_TEXT
+            crate::sandbox::backtrace::BACKTRACE_HEADER
         )));
     }
     let annotated =
@@ -222,23 +221,8 @@ fn details_name(path: &std::path::Path) -> String {
     }
 }
 
-fn read_details(path: &PathBuf) -> Result<String, CommandError> {
-    let bytes = if path.as_os_str() == "-" {
-        let mut bytes = Vec::new();
-        std::io::stdin()
-            .lock()
-            .take(DETAILS_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|err| CommandError::usage(format!("cannot read --details - (stdin): {err}")))?;
-        if bytes.len() as u64 > DETAILS_BYTES {
-            return Err(CommandError::usage(format!(
-                "--details - (stdin) is more than the {DETAILS_BYTES} bytes a failure's details take"
-            )));
-        }
-        bytes
-    } else {
-        read_file_at_most("--details", path, DETAILS_BYTES, "a failure's details")?
-    };
+fn read_details(path: &std::path::Path) -> Result<String, CommandError> {
+    let bytes = read_file_or_stdin_at_most("--details", path, DETAILS_BYTES, "a failure's details")?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

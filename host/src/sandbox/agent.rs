@@ -17,6 +17,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, InstancePre, Linker};
 
 use super::artifact_trust::ArtifactKind;
+use super::backtrace::BACKTRACE_HEADER;
 use super::bindings::AgentPre;
 use super::compile_limits::CompileLimits;
 use super::precompiled;
@@ -350,9 +351,6 @@ pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
     support::one_line::escape(&chain).into_owned()
 }
 
-/// How wasmtime's guest backtrace (attached to a trap as context) begins,
-/// and the judge's text of it.
-pub(crate) const BACKTRACE_HEADER: &str = "error while executing at wasm backtrace:";
 /// The most of one cause's text kept.
 const CAUSE_BYTES: usize = 16 * 1024;
 

@@ -16,11 +16,11 @@ use wasmtime::WasmBacktrace;
 
 use support::units::format_bytes;
 
-use crate::sandbox::agent::BACKTRACE_HEADER;
 use crate::sandbox::capabilities::log::truncate;
 
-/// The first line of a guest backtrace, as wasmtime words it.
-pub const BACKTRACE_HEADER_TEXT: &str = BACKTRACE_HEADER;
+/// How wasmtime's guest backtrace (attached to a trap as context) begins,
+/// and the first line of the node's text of it.
+pub const BACKTRACE_HEADER: &str = "error while executing at wasm backtrace:";
 
 /// The longest line of a guest backtrace kept (a frame's name is the
 /// agent's to choose).
@@ -109,15 +109,15 @@ pub fn with_source_lines(text: &str, mut locate: impl FnMut(u64) -> Vec<SourceLi
         // A frame with no position (the stack-overflow check at a
         // function's entry) has no source lines; those after it do.
         let Some(offset) = offset else { continue };
-        let mut lines = BoundedLines::new(BACKTRACE_BYTES);
+        let mut lines = Vec::new();
         for (j, source) in locate(offset).iter().take(SOURCE_LINES_PER_FRAME).enumerate() {
             let name = source.function.as_deref().map(demangled);
             match name {
                 Some(name) if j > 0 || !same_function(function, &name) => {
-                    lines.line(&format!("                - {name}"));
+                    lines.push(format!("                - {name}"));
                 }
                 None if j > 0 => {
-                    lines.line("                - <inlined function>");
+                    lines.push("                - <inlined function>".to_string());
                 }
                 _ => {}
             }
@@ -129,12 +129,12 @@ pub fn with_source_lines(text: &str, mut locate: impl FnMut(u64) -> Vec<SourceLi
                         let _ = write!(at, ":{column}");
                     }
                 }
-                lines.line(&at);
+                lines.push(at);
             }
         }
-        for line in lines.text.lines() {
-            if added.line(line) {
-                out.push_str(line);
+        for line in lines {
+            if let Some(line) = added.fit(&line) {
+                out.push_str(&line);
                 out.push('\n');
             } else if !marked {
                 // Said where it happened, inside the backtrace.
@@ -238,15 +238,24 @@ impl BoundedLines {
 
     /// Keeps `line` if it fits; `false` once the room is spent.
     fn line(&mut self, line: &str) -> bool {
-        let line = support::one_line::escape(&truncate(line, BACKTRACE_LINE_BYTES)).into_owned();
-        if self.cut || line.len() + 1 > self.room {
-            self.cut = true;
+        let Some(line) = self.fit(line) else {
             return false;
-        }
-        self.room -= line.len() + 1;
+        };
         self.text.push_str(&line);
         self.text.push('\n');
         true
+    }
+
+    /// `line`, cut and escaped, counted against the room, for the caller
+    /// to write; `None` once the room is spent.
+    fn fit(&mut self, line: &str) -> Option<String> {
+        let line = support::one_line::escape(&truncate(line, BACKTRACE_LINE_BYTES)).into_owned();
+        if self.cut || line.len() + 1 > self.room {
+            self.cut = true;
+            return None;
+        }
+        self.room -= line.len() + 1;
+        Some(line)
     }
 
     fn finish(mut self) -> String {

@@ -1,8 +1,9 @@
-//! An agent's DWARF, read by the node for `run-agent`: the source lines
-//! under each frame of a trap's backtrace.
+//! An agent's DWARF, read by `node-runtime symbolize` (which `run-agent`
+//! runs after its run): the source lines under each frame of a trap's
+//! backtrace.
 //!
-//! The engine leaves DWARF alone (`backtrace.rs` says why); `run-agent`
-//! has the component file and its one run is over when it reads them. A
+//! The engine leaves DWARF alone (`backtrace.rs` says why); the command
+//! is given the component file, and no run is waiting on it. A
 //! frame's position is an offset into the component file (wasmtime
 //! parses a core module inside a component at the module's place in the
 //! file), so the core module whose code section holds it is the one to
