@@ -68,6 +68,30 @@ pub fn escape_keeping_colours(text: &str, keep_colours: bool) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Compact JSON text (as `serde_json` writes it) with the characters
+/// [`escape`] would escape, and JSON leaves raw, written as `\uXXXX`:
+/// DEL, the C1 controls (U+009B is a terminal's CSI), the separators,
+/// the bidirectional marks and the invisible spaces. JSON already escapes
+/// C0 inside strings and has nothing but ASCII outside them, so the text
+/// means the same to a parser and shows the same on a terminal as it
+/// reads. Every such character is in the Basic Multilingual Plane: one
+/// `\uXXXX` each.
+pub fn escape_json(json: &str) -> Cow<'_, str> {
+    let raw = |c: char| c >= '\u{7f}' && needs_escape(c);
+    if !json.chars().any(raw) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if raw(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The length of the SGR sequence `ESC [ [0-9;]* m` at the start of `text`.
 fn colour_sequence(text: &str) -> Option<usize> {
     let body = text.strip_prefix("\x1b[")?;
@@ -91,6 +115,24 @@ mod tests {
             escape("a\u{200e}b\u{200f}c\u{61c}d\u{200b}e\u{2060}f\u{feff}"),
             "a\\u{200e}b\\u{200f}c\\u{61c}d\\u{200b}e\\u{2060}f\\u{feff}"
         );
+    }
+
+    #[test]
+    fn json_text_shows_what_it_holds_and_parses_to_the_same() {
+        let value = serde_json::json!({
+            "message": "a\u{7f}b\u{85}c\u{9b}2Jd\u{202e}e\u{2028}f\u{feff}g\nh",
+            "plain": "ünïcode ✓ 𝄞",
+        });
+        let text = serde_json::to_string(&value).unwrap();
+        let shown = escape_json(&text);
+        assert_eq!(
+            shown,
+            r#"{"message":"a\u007fb\u0085c\u009b2Jd\u202ee\u2028f\ufeffg\nh","plain":"ünïcode ✓ 𝄞"}"#
+        );
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&shown).unwrap(), value);
+        assert!(!shown.chars().any(needs_escape));
+        let plain = serde_json::to_string(&serde_json::json!({"a": "ünïcode"})).unwrap();
+        assert!(matches!(escape_json(&plain), Cow::Borrowed(_)));
     }
 
     #[test]

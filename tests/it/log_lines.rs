@@ -288,11 +288,19 @@ async fn at_trace_level_the_http_client_crates_print_nothing_and_the_key_never_a
 
 #[test]
 fn json_log_lines_stay_json_whatever_the_ids_hold() {
-    let agent_id = "evil\n2026 FORGED\u{85}\u{2028}\u{1b}[2J";
+    let agent_id = "evil\n2026 FORGED\u{85}\u{2028}\u{1b}[2J\u{9b}2J\u{202e}";
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
         .arg("run-agent")
         .arg(support::agent_path("echo"))
-        .args(["--log-format", "json", "--agent-id", agent_id, "--input", "{}"])
+        .args([
+            "--log-format",
+            "json",
+            "--json",
+            "--agent-id",
+            agent_id,
+            "--input",
+            "{}",
+        ])
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
@@ -305,4 +313,14 @@ fn json_log_lines_stay_json_whatever_the_ids_hold() {
         seen_id |= event["spans"][0]["agent.id"] == agent_id;
     }
     assert!(seen_id, "the id round-trips: {stderr}");
+    // `--json` on stdout: the echo agent returns the id; it parses back to
+    // itself, and what a terminal would act on is written as `\uXXXX`.
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["result"]["agent_id"], agent_id, "{stdout}");
+    for raw in ['\u{85}', '\u{2028}', '\u{9b}', '\u{202e}', '\u{1b}'] {
+        assert!(!stdout.contains(raw), "{raw:?} raw on stdout: {stdout:?}");
+        assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
+    }
+    assert!(stdout.contains(r"\u009b2J\u202e"), "{stdout}");
 }

@@ -285,7 +285,7 @@ async fn run_once(
     }
 
     if args.json {
-        println!("{}", json_report(&result.outcome, &result.report));
+        print_json(&json_report(&result.outcome, &result.report));
     } else {
         print!("{}", human_report(&result.outcome, &result.report));
     }
@@ -570,10 +570,18 @@ fn exit_for(outcome: &RunOutcome) -> Exit {
 fn print_invalid(args: &RunAgentArgs, message: &str) {
     if args.json {
         let outcome = RunOutcome::Failed(crate::sandbox::RunFailure::new(FailKind::AgentInvalid, message));
-        println!("{}", json_report(&outcome, &RunReport::default()));
+        print_json(&json_report(&outcome, &RunReport::default()));
     } else {
         println!("failed: agent.invalid: {message}");
     }
+}
+
+/// Prints `--json`'s object on one line: what the agent wrote in it (a
+/// result, a message) may hold characters JSON leaves raw that a terminal
+/// acts on (U+009B starts an escape sequence, U+202E reverses the text):
+/// they are written as `\uXXXX`, which parses to the same value.
+fn print_json(value: &serde_json::Value) {
+    println!("{}", support::one_line::escape_json(&value.to_string()));
 }
 
 /// The `--json` form: one object, stable field names.

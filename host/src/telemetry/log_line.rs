@@ -14,6 +14,7 @@
 //! operator's, not directives added to it: `RUST_LOG` directives for a
 //! module (`hyper_util::client::legacy=trace`) would win over a crate's.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -53,7 +54,8 @@ pub struct SafeStderr {
     pub colours: bool,
     /// Whether to escape control characters: for the human format. The
     /// JSON formatter escapes what JSON must itself, and an escape of ours
-    /// inside a JSON string would not be JSON.
+    /// inside a JSON string would not be JSON: its lines get
+    /// [`support::one_line::escape_json`] instead.
     pub escape: bool,
 }
 
@@ -93,6 +95,9 @@ impl Write for SafeLine {
         let redacted = support::redact::urls_in(body);
         let escaped = if self.stderr.escape {
             support::one_line::escape_keeping_colours(&redacted, self.stderr.colours)
+        } else if let Cow::Owned(escaped) = support::one_line::escape_json(&redacted) {
+            // JSON: what JSON leaves raw and a terminal acts on, as `\uXXXX`.
+            Cow::Owned(escaped)
         } else {
             redacted
         };
