@@ -419,7 +419,7 @@ fn register_observed(meter: &Meter, observer: &Arc<Mutex<Option<Weak<dyn NodeObs
         })
         .build();
     let gauges: [(&'static str, &'static str, Pick); 3] = [
-        ("active_leases", "Runs executing now", |c| c.active_leases),
+        ("active_leases", "Runs holding a slot now", |c| c.active_leases),
         (
             "outbox_writable",
             "1 while the outbox records, 0 while it cannot (no leases are taken meanwhile)",

@@ -238,9 +238,9 @@ impl Dispatcher {
         }
         .instrument(span.clone())
         .await;
-        // The slot is given back once the report is stored (below), not
-        // when the run ends.
-        self.stats.run_ended();
+        // The slot is given back once the report is stored and the call
+        // unwound (below), not when the run ends; the run counts as active
+        // until then, so that active and free slots add up to the slots.
         span.record("run.fuel_consumed", run_report.fuel_consumed);
         span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
         span.record("run.tokens_in", run_report.tokens_in);
@@ -288,6 +288,7 @@ impl Dispatcher {
         {
             span.in_scope(|| tracing::info!(%backtrace, "where the guest was when its deadline cut it off"));
         }
+        self.stats.run_ended();
         drop(permit);
     }
 }
