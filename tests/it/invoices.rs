@@ -480,6 +480,31 @@ async fn a_target_api_the_node_denies_is_final_after_one_attempt(agent: &str, sa
         "{agent}: one attempt, denied: {:?}",
         denied.report
     );
+
+    // A URL with user information: the advice names what an allow-list
+    // takes (host and port), and the message shows no credentials.
+    let with_user = sandbox
+        .run(
+            &loaded,
+            invoice_request(
+                agent,
+                "City Water",
+                Some("http://deploy:s3cret@denied.invalid:8080/invoices"),
+            ),
+        )
+        .await;
+    let RunOutcome::Failed(failure) = &with_user.outcome else {
+        panic!("{agent}: {:?}", with_user.outcome)
+    };
+    assert!(
+        failure.message.contains("--allow-http denied.invalid:8080;")
+            && failure
+                .message
+                .contains("request to denied.invalid:8080 (http://***@denied.invalid:8080/invoices)"),
+        "{agent}: {}",
+        failure.message
+    );
+    assert!(!failure.message.contains("s3cr"), "{agent}: {}", failure.message);
 }
 
 async fn half_the_fuel_or_memory_of_a_successful_run_fails_its_budget(agent: &str, sandbox: &Sandbox) {

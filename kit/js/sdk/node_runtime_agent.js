@@ -279,12 +279,20 @@ const DEFAULT_MAX_BYTES = 16 * 1024 * 1024;
 const WRITE_CHUNK = 4096;
 const METHODS = new Set(['get', 'head', 'post', 'put', 'delete', 'connect', 'options', 'trace', 'patch']);
 
+// The authority without its user information (`user:pass@`): what an
+// allow-list names, and what a message may show.
+function hostOf(authority) {
+  return authority.slice(authority.lastIndexOf('@') + 1);
+}
+
 function failure(url, authority, code) {
   const tag = code && code.tag;
   if (tag === 'HTTP-request-denied') {
+    const host = hostOf(authority);
+    const shown = url.replace(/^(https?:\/\/)[^/?#]*@/, '$1***@');
     return new Denied(
-      `the node denied the request to ${authority} (${url}): the host is not on this run's allow-list ` +
-        `(run-agent: add --allow-http ${authority}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), ` +
+      `the node denied the request to ${host} (${shown}): the host is not on this run's allow-list ` +
+        `(run-agent: add --allow-http ${host}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), ` +
         'or the run has too many requests in flight',
       { url, code: tag, retryable: false },
     );

@@ -98,9 +98,14 @@ def _code_name(code):
 def _failure(url, authority, code):
     name = _code_name(code)
     if isinstance(code, _http.ErrorCode_HttpRequestDenied):
+        # What an allow-list names, and what a message may show: the
+        # authority without its user information (`user:pass@`).
+        host = authority.rpartition("@")[2]
+        scheme, _, rest = url.partition("://")
+        shown = f"{scheme}://***@{host}{rest[len(authority):]}" if "@" in authority else url
         return Denied(
-            f"the node denied the request to {authority} ({url}): the host is not on this run's allow-list "
-            f"(run-agent: add --allow-http {authority}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), "
+            f"the node denied the request to {host} ({shown}): the host is not on this run's allow-list "
+            f"(run-agent: add --allow-http {host}; a node: add it to Sandbox.Grants.<agentId>.AllowedHosts), "
             f"or the run has too many requests in flight",
             url, name, retryable=False,
         )
