@@ -13,7 +13,11 @@ use std::fmt::Write as _;
 
 /// Whether `c` is written as an escape: a control character, a line or
 /// paragraph separator, a bidirectional override, isolate or mark (which
-/// reorder or restyle the text around them), or an invisible space.
+/// reorder or restyle the text around them), or a character that shows
+/// nothing: the invisible spaces, the soft hyphen, the invisible
+/// operators, the deprecated format characters, the interlinear
+/// annotation marks, the Hangul fillers and the tag characters. (The
+/// zero-width joiner and non-joiner stay: scripts and emoji need them.)
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -28,12 +32,33 @@ fn needs_escape(c: char) -> bool {
                 | '\u{200b}'
                 | '\u{2060}'
                 | '\u{feff}'
+                | '\u{ad}'
+                | '\u{180e}'
+                | '\u{2061}'..='\u{2064}'
+                | '\u{206a}'..='\u{206f}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{3164}'
+                | '\u{ffa0}'
+                | '\u{e0000}'..='\u{e007f}'
         )
 }
 
 /// `text` with its control characters escaped; borrowed when it has none.
 pub fn escape(text: &str) -> Cow<'_, str> {
     escape_keeping_colours(text, false)
+}
+
+/// As [`escape`], line by line: the newlines of a message written on
+/// several lines (an error and its hints) are kept; everything else
+/// [`escape`] escapes is escaped.
+pub fn escape_keeping_lines(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c != '\n' && needs_escape(c)) {
+        return Cow::Borrowed(text);
+    }
+    let lines: Vec<Cow<'_, str>> = text.split('\n').map(escape).collect();
+    Cow::Owned(lines.join("\n"))
 }
 
 /// As [`escape`], but with `keep_colours` the terminal colour sequences a
@@ -71,11 +96,11 @@ pub fn escape_keeping_colours(text: &str, keep_colours: bool) -> Cow<'_, str> {
 /// Compact JSON text (as `serde_json` writes it) with the characters
 /// [`escape`] would escape, and JSON leaves raw, written as `\uXXXX`:
 /// DEL, the C1 controls (U+009B is a terminal's CSI), the separators,
-/// the bidirectional marks and the invisible spaces. JSON already escapes
-/// C0 inside strings and has nothing but ASCII outside them, so the text
-/// means the same to a parser and shows the same on a terminal as it
-/// reads. Every such character is in the Basic Multilingual Plane: one
-/// `\uXXXX` each.
+/// the bidirectional marks and the invisible characters (a tag character,
+/// beyond the Basic Multilingual Plane, as its surrogate pair). JSON
+/// already escapes C0 inside strings and has nothing but ASCII outside
+/// them, so the text means the same to a parser and shows the same on a
+/// terminal as it reads.
 pub fn escape_json(json: &str) -> Cow<'_, str> {
     let raw = |c: char| c >= '\u{7f}' && needs_escape(c);
     if !json.chars().any(raw) {
@@ -84,7 +109,9 @@ pub fn escape_json(json: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(json.len() + 16);
     for c in json.chars() {
         if raw(c) {
-            let _ = write!(out, "\\u{:04x}", c as u32);
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
         } else {
             out.push(c);
         }
@@ -115,19 +142,33 @@ mod tests {
             escape("a\u{200e}b\u{200f}c\u{61c}d\u{200b}e\u{2060}f\u{feff}"),
             "a\\u{200e}b\\u{200f}c\\u{61c}d\\u{200b}e\\u{2060}f\\u{feff}"
         );
+        // Characters that show nothing; the joiners stay (emoji need them).
+        assert_eq!(
+            escape("a\u{ad}b\u{180e}c\u{2062}d\u{206f}e\u{fffa}f\u{3164}g\u{e0001}h\u{200d}i"),
+            "a\\u{ad}b\\u{180e}c\\u{2062}d\\u{206f}e\\u{fffa}f\\u{3164}g\\u{e0001}h\u{200d}i"
+        );
+    }
+
+    #[test]
+    fn lines_are_kept_and_each_escaped() {
+        assert_eq!(
+            escape_keeping_lines("error: a\u{9b}2J\n  hint\u{202e}\r\n"),
+            "error: a\\u{9b}2J\n  hint\\u{202e}\\r\n"
+        );
+        assert!(matches!(escape_keeping_lines("two\nlines"), Cow::Borrowed(_)));
     }
 
     #[test]
     fn json_text_shows_what_it_holds_and_parses_to_the_same() {
         let value = serde_json::json!({
-            "message": "a\u{7f}b\u{85}c\u{9b}2Jd\u{202e}e\u{2028}f\u{feff}g\nh",
+            "message": "a\u{7f}b\u{85}c\u{9b}2Jd\u{202e}e\u{2028}f\u{feff}g\nh\u{e0041}i\u{ad}j",
             "plain": "ünïcode ✓ 𝄞",
         });
         let text = serde_json::to_string(&value).unwrap();
         let shown = escape_json(&text);
         assert_eq!(
             shown,
-            r#"{"message":"a\u007fb\u0085c\u009b2Jd\u202ee\u2028f\ufeffg\nh","plain":"ünïcode ✓ 𝄞"}"#
+            r#"{"message":"a\u007fb\u0085c\u009b2Jd\u202ee\u2028f\ufeffg\nh\udb40\udc41i\u00adj","plain":"ünïcode ✓ 𝄞"}"#
         );
         assert_eq!(serde_json::from_str::<serde_json::Value>(&shown).unwrap(), value);
         assert!(!shown.chars().any(needs_escape));

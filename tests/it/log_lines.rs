@@ -324,3 +324,80 @@ fn json_log_lines_stay_json_whatever_the_ids_hold() {
     }
     assert!(stdout.contains(r"\u009b2J\u202e"), "{stdout}");
 }
+
+/// What a terminal acts on and a line cannot show, in the characters an
+/// operator's configuration or an agent can put in the node's output.
+const UNSHOWN: [char; 6] = ['\u{9b}', '\u{85}', '\u{202e}', '\u{2028}', '\u{ad}', '\u{e0041}'];
+
+#[test]
+fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_escapes_bidi_marks() {
+    // `serve --log-format json`: the warning written while the configuration
+    // loads is a JSON line like the rest, quoting the key safely. The admin
+    // address is taken, so the node stops at once after loading.
+    let dir = tempfile::tempdir().unwrap();
+    let key = "Foo\u{202e}\u{2028}X\u{9b}\u{ad}\u{e0041}";
+    let config = dir.path().join("node.json");
+    let body = serde_json::json!({"NodeRuntime": {
+        "NodeId": "n1",
+        "ControlPlaneUrl": "http://127.0.0.1:9",
+        "DataDirectory": dir.path().join("data"),
+        key: 1,
+    }});
+    std::fs::write(&config, body.to_string()).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--log-format", "json", "--admin-listen"])
+        .arg(taken.local_addr().unwrap().to_string())
+        .env_remove("RUST_LOG")
+        .env("OpenTelemetry__OtlpExporter__Endpoint", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "the admin address is taken: {stderr}");
+    let warning = stderr
+        .lines()
+        .find(|line| line.contains("ignoring configuration keys"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    let event: serde_json::Value = serde_json::from_str(warning).unwrap_or_else(|err| panic!("{err}: {warning}"));
+    let message = event["fields"]["message"].as_str().unwrap();
+    assert!(message.ends_with(&format!("NodeRuntime.{key}")), "{message}");
+    for raw in UNSHOWN {
+        assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
+    }
+
+    // An invalid value: the error quotes it, escaped.
+    let body = serde_json::json!({"NodeRuntime": {"NodeId": "n\u{202e}\u{9b}\u{2028}1"}});
+    std::fs::write(&config, body.to_string()).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("NodeRuntime.NodeId"), "{stderr}");
+    for raw in UNSHOWN {
+        assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
+    }
+
+    // `run-agent`'s human report: the echo agent returns the id.
+    let agent_id = "a\u{202e}b\u{9b}c\u{e0041}d";
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("run-agent")
+        .arg(support::agent_path("echo"))
+        .args(["--agent-id", agent_id, "--input", "{}"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(r"a\u{202e}b\u{9b}c\u{e0041}d"), "{stdout}");
+    for raw in UNSHOWN {
+        assert!(!stdout.contains(raw), "{raw:?} raw on stdout: {stdout:?}");
+    }
+}

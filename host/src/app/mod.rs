@@ -25,7 +25,7 @@ use thiserror::Error;
 pub use agent_store::agent_store;
 pub use control_plane::{control_plane_tls, node_settings, tls_options};
 pub use sandbox::{llm_settings, sandbox_config};
-pub use telemetry::{loading_logger, telemetry_settings};
+pub use telemetry::telemetry_settings;
 
 /// The configuration the root builds from: the commands reach it through
 /// here, and describe nodes of their own (`dev`) with it.
@@ -36,7 +36,7 @@ use crate::config::ConfigError;
 use crate::control_plane::TlsError;
 use crate::outbox::{Outbox, OutboxError};
 use crate::sandbox::{Sandbox, SandboxError};
-use crate::telemetry::NodeMetrics;
+use crate::telemetry::{LogFormat, NodeMetrics};
 use crate::worker::{NodeHandle, StartError};
 
 /// The target of the start-up lines from before they moved here from
@@ -46,9 +46,10 @@ const LOG_TARGET: &str = "node_runtime::cli::serve";
 
 /// Loads the configuration as `serve` does: `path` (or, without one, the
 /// defaults), its environment's file, then the process environment; the
-/// warnings of loading (ignored keys) go to stderr.
-pub fn load_config(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
-    tracing::subscriber::with_default(loading_logger(), || match path {
+/// warnings of loading (ignored keys) go to stderr, in `log_format`, as
+/// safe to print as every other line (they quote the keys).
+pub fn load_config(path: Option<&Path>, log_format: LogFormat) -> Result<NodeConfig, ConfigError> {
+    tracing::subscriber::with_default(crate::telemetry::loading_logger(log_format), || match path {
         Some(path) => NodeConfig::load(path, config::process_env()),
         None => NodeConfig::from_json_str(
             "{}",

@@ -38,12 +38,3 @@ pub fn telemetry_settings(config: &NodeConfig, log_format: LogFormat) -> Telemet
         },
     }
 }
-
-/// A stderr logger for the moments before the configured one exists
-/// (loading the configuration may warn).
-pub fn loading_logger() -> impl tracing::Subscriber + Send + Sync {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .finish()
-}

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use super::{CommandError, Exit};
 use crate::app;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigCheckArgs {
@@ -21,7 +22,8 @@ pub struct ConfigCheckArgs {
 }
 
 pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
-    let config = app::load_config(Some(&args.config)).map_err(|err| CommandError::usage(err.to_string()))?;
+    let config =
+        app::load_config(Some(&args.config), LogFormat::Human).map_err(|err| CommandError::usage(err.to_string()))?;
     eprintln!("note: {}", config.sources);
     // The certificate files are read as `serve` reads them.
     if config.mtls.enabled {

@@ -186,8 +186,12 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(exit) => exit.into(),
         Err(err) => {
-            // No URL's credentials, whatever the error quotes.
-            eprintln!("error: {}", support::redact::urls_in(&err.message));
+            // No URL's credentials, and nothing a terminal acts on,
+            // whatever the error quotes (a configuration value, a path).
+            eprintln!(
+                "error: {}",
+                support::one_line::escape_keeping_lines(&support::redact::urls_in(&err.message))
+            );
             err.exit.into()
         }
     }

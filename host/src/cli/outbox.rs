@@ -16,6 +16,7 @@ use super::{CommandError, Exit};
 use crate::app::{self, NodeConfig};
 use crate::control_plane::LeaseClient;
 use crate::outbox::{self, Outbox, OutboxError, PendingReport, now_unix_ms};
+use crate::telemetry::LogFormat;
 use crate::worker::{Delivery, Sent};
 
 #[derive(Debug, Args)]
@@ -90,7 +91,7 @@ pub async fn run(args: OutboxArgs) -> Result<Exit, CommandError> {
 }
 
 fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
-    let config = app::load_config(args.config.as_deref())
+    let config = app::load_config(args.config.as_deref(), LogFormat::Human)
         .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let dir = &config.node_runtime.data_directory;
     // Opening creates: a mistyped directory would show an empty outbox, and

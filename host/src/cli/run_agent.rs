@@ -608,21 +608,18 @@ pub fn json_report(outcome: &RunOutcome, report: &RunReport) -> serde_json::Valu
     }
 }
 
-/// Shows a result key or value on one line: control characters (newlines,
-/// escape sequences) escaped, so an agent's result cannot forge lines or
-/// drive the terminal; long text cut.
+/// Shows a result key or value on one line: what `one_line::escape`
+/// escapes (newlines, escape sequences, bidirectional marks, invisible
+/// characters) escaped, so an agent's result cannot forge lines, drive
+/// the terminal or reorder the report; long text cut.
 fn one_line(value: &str, max_chars: usize) -> String {
-    let mut shown = String::new();
-    for (count, c) in value.chars().enumerate() {
-        if count == max_chars {
-            let _ = write!(shown, "... ({} bytes)", value.len());
-            break;
-        }
-        if c.is_control() {
-            shown.extend(c.escape_default());
-        } else {
-            shown.push(c);
-        }
+    let cut = value
+        .char_indices()
+        .nth(max_chars)
+        .map_or(value, |(end, _)| &value[..end]);
+    let mut shown = support::one_line::escape(cut).into_owned();
+    if cut.len() < value.len() {
+        let _ = write!(shown, "... ({} bytes)", value.len());
     }
     shown
 }

@@ -28,7 +28,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
-    let config = app::load_config(args.config.as_deref())
+    let config = app::load_config(args.config.as_deref(), args.log_format)
         .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let telemetry = Telemetry::init(app::telemetry_settings(&config, args.log_format))
         .map_err(|err| CommandError::usage(err.to_string()))?;

@@ -223,6 +223,36 @@ impl Telemetry {
     }
 }
 
+/// A stderr logger for the moments before the configured one exists
+/// (loading the configuration may warn): info and above, in `format`,
+/// through the same safe writer as the configured one.
+pub fn loading_logger(format: LogFormat) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    let level = tracing_subscriber::filter::LevelFilter::INFO;
+    match format {
+        LogFormat::Human => {
+            let colours = std::io::stderr().is_terminal();
+            Box::new(
+                tracing_subscriber::registry().with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(colours)
+                        .with_writer(log_line::SafeStderr::human(colours))
+                        .with_filter(level),
+                ),
+            )
+        }
+        LogFormat::Json => Box::new(
+            tracing_subscriber::registry().with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(true)
+                    .with_writer(log_line::SafeStderr::json())
+                    .with_filter(level),
+            ),
+        ),
+    }
+}
+
 /// Installs a plain stderr logger for commands that need no telemetry
 /// (`compile`, `outbox`, `config check`): `RUST_LOG`, else `default`.
 pub fn init_plain_logging(default: &str) {
