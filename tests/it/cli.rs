@@ -84,6 +84,30 @@ fn spin_forever_with_a_timeout_fails_budget_deadline() {
     // Where the guest was comes after the result, once its call is unwound.
     let backtrace = cut_off_backtrace("spin-forever", &[]);
     assert!(backtrace.contains("SpinForever"), "{backtrace}");
+
+    // With JSON log lines, it is one of them: stderr stays JSON lines.
+    let agent = agent_path("spin-forever");
+    let output = node_runtime(&[
+        "run-agent",
+        agent.to_str().unwrap(),
+        "--timeout",
+        "300ms",
+        "--json",
+        "--log-format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(6));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}")))
+        .collect();
+    assert!(
+        events.iter().any(|event| event["fields"]["backtrace"]
+            .as_str()
+            .is_some_and(|backtrace| backtrace.contains("SpinForever"))),
+        "{stderr}"
+    );
 }
 
 /// `run-agent AGENT --timeout 300ms` with `extra` flags, for an agent that

@@ -295,7 +295,11 @@ async fn run_once(
         && let Some(backtrace) = call.unwind().await
     {
         let backtrace = with_source_lines(file, &backtrace).await;
-        eprintln!("where the agent was when its deadline cut it off:\n{backtrace}");
+        match args.log_format {
+            // stderr stays one JSON object per line.
+            LogFormat::Json => tracing::warn!(%backtrace, "where the agent was when its deadline cut it off"),
+            LogFormat::Human => eprintln!("where the agent was when its deadline cut it off:\n{backtrace}"),
+        }
     }
     exit_for(&result.outcome)
 }
