@@ -401,3 +401,52 @@ fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_esc
         assert!(!stdout.contains(raw), "{raw:?} raw on stdout: {stdout:?}");
     }
 }
+
+#[test]
+fn the_commands_quote_paths_safely_on_stdout_and_stderr() {
+    // A folder an operator named badly: `config check` prints the
+    // configuration (JSON) and the files it read, `outbox list` the
+    // outbox's path, `run-agent` an invalid agent's path.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("d\u{202e}\u{9b}\u{ad}\u{e0041}x");
+    std::fs::create_dir(&dir).unwrap();
+    let config = dir.join("node.json");
+    std::fs::write(&config, r#"{"NodeRuntime": {"NodeId": "n1"}}"#).unwrap();
+    let agent = dir.join("agent.wasm");
+    std::fs::write(&agent, b"\0asm\x0d\0\x01\0").unwrap();
+    let runs: [&[&std::ffi::OsStr]; 3] = [
+        &[
+            "config".as_ref(),
+            "check".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        &[
+            "outbox".as_ref(),
+            "list".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        &["run-agent".as_ref(), agent.as_os_str()],
+    ];
+    for args in runs {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .args(args)
+            .current_dir(&dir)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        );
+        assert!(
+            stdout.contains(r"d\u") || stderr.contains(r"d\u"),
+            "{args:?}: the path is shown: {stdout}{stderr}"
+        );
+        for raw in UNSHOWN {
+            assert!(!stdout.contains(raw), "{args:?}: {raw:?} raw on stdout: {stdout:?}");
+            assert!(!stderr.contains(raw), "{args:?}: {raw:?} raw on stderr: {stderr:?}");
+        }
+    }
+}

@@ -99,7 +99,7 @@ pub async fn run(args: CompileArgs) -> Result<Exit, CommandError> {
             return Err(CommandError::usage(format!("--target: {unsupported}")));
         }
         Err(PrecompileError::Agent(invalid)) => {
-            eprintln!("error: {}: {invalid}", args.agent.display());
+            say_err!("error: {}: {invalid}", args.agent.display());
             return Ok(Exit::AgentInvalid);
         }
     };

@@ -24,7 +24,7 @@ pub struct ConfigCheckArgs {
 pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
     let config =
         app::load_config(Some(&args.config), LogFormat::Human).map_err(|err| CommandError::usage(err.to_string()))?;
-    eprintln!("note: {}", config.sources);
+    say_err!("note: {}", config.sources);
     // The certificate files are read as `serve` reads them.
     if config.mtls.enabled {
         app::control_plane_tls(&config).map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
@@ -45,6 +45,6 @@ pub async fn run(args: ConfigCheckArgs) -> Result<Exit, CommandError> {
             );
         }
     }
-    println!("{}", config.redacted_json());
+    println!("{}", support::one_line::escape_json(&config.redacted_json()));
     Ok(Exit::Completed)
 }

@@ -530,15 +530,15 @@ async fn watch_project(
                             saved.elapsed().unwrap_or_default().as_millis()
                         );
                     }
-                    Err(err) => eprintln!("error: {}", err.message),
+                    Err(err) => say_err!("error: {}", err.message),
                 }
             }
-            Err(err) => eprintln!("error: {err}"),
+            Err(err) => say_err!("error: {err}"),
         }
         if cycles.is_some_and(|cycles| cycle >= cycles) {
             break;
         }
-        println!("watch: waiting for a change in {}", dir.display());
+        say!("watch: waiting for a change in {}", dir.display());
         tokio::select! {
             change = next_change(dir, &files) => (files, saved) = change,
             () = stop_signal() => break,

@@ -5,6 +5,23 @@
 //! can be tested alone. Exit codes are part of the interface: see
 //! [`Exit`].
 
+/// `println!` for a line of a command's own output that quotes outside
+/// text (ids a control plane sent, paths, messages): escaped as a log line
+/// is, so printing it can neither drive nor reorder the terminal, nor
+/// forge another line.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", support::one_line::escape(&format!($($arg)*)))
+    };
+}
+
+/// [`say!`] for stderr.
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        eprintln!("{}", support::one_line::escape(&format!($($arg)*)))
+    };
+}
+
 mod args;
 #[cfg(feature = "dev")]
 mod build;

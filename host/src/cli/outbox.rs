@@ -136,7 +136,7 @@ fn pending(outbox: &Outbox) -> Result<Vec<PendingReport>, CommandError> {
 fn list(args: &ConfigArg) -> Result<Exit, CommandError> {
     let (_, outbox) = load(args)?;
     let reports = pending(&outbox)?;
-    println!("{} pending report(s) in {}", reports.len(), outbox.path().display());
+    say!("{} pending report(s) in {}", reports.len(), outbox.path().display());
     print_reports(&reports, |report| {
         outbox.expired(report.deadline_unix_ms, report.written_unix_ms, now_unix_ms())
     });
@@ -158,9 +158,9 @@ fn list_file(path: &std::path::Path) -> Result<Exit, CommandError> {
         }
         other => CommandError::internal(other.to_string()),
     })?;
-    println!("{} report(s) read from {}", salvaged.reports.len(), path.display());
+    say!("{} report(s) read from {}", salvaged.reports.len(), path.display());
     if salvaged.unreadable > 0 || salvaged.stopped.is_some() {
-        println!(
+        say!(
             "{} entr(y/ies) could not be read{}",
             salvaged.unreadable,
             salvaged
@@ -188,7 +188,7 @@ fn print_reports(reports: &[PendingReport], expired: impl Fn(&PendingReport) -> 
         return;
     }
     let now = now_unix_ms();
-    println!("{:<40}  {:<40}  {:<8}  {:>10}  DEADLINE", "LEASE", "RUN", "KIND", "AGE");
+    say!("{:<40}  {:<40}  {:<8}  {:>10}  DEADLINE", "LEASE", "RUN", "KIND", "AGE");
     for report in reports {
         let age = Duration::from_secs(u64::try_from((now - report.written_unix_ms) / 1000).unwrap_or(0));
         let deadline = match u64::try_from(report.deadline_unix_ms) {
@@ -200,7 +200,7 @@ fn print_reports(reports: &[PendingReport], expired: impl Fn(&PendingReport) -> 
         } else {
             ""
         };
-        println!(
+        say!(
             "{:<40}  {:<40}  {:<8}  {:>10}  {deadline}{expired}",
             report.lease_id(),
             report.run_id(),
@@ -227,16 +227,16 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
     let url = support::redact::url(&url);
     let reports = pending(&outbox)?;
     if args.dry_run {
-        println!(
+        say!(
             "would send {} pending report(s) to {url}; sending nothing (--dry-run)",
             reports.len()
         );
         for report in &reports {
-            println!("would send {}", report.lease_id());
+            say!("would send {}", report.lease_id());
         }
         return Ok(Exit::Completed);
     }
-    println!("sending {} pending report(s) to {url}", reports.len());
+    say!("sending {} pending report(s) to {url}", reports.len());
     let (mut delivered, mut refused, mut failed) = (0, 0, 0);
     for report in reports {
         let lease_id = report.lease_id().to_string();
@@ -246,29 +246,27 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
         loop {
             match delivery.send(&client).await {
                 Sent::Shrunk { .. } => {
-                    println!(
-                        "shrunk     {lease_id}: the control plane refused its size; sending it without its details"
-                    );
+                    say!("shrunk     {lease_id}: the control plane refused its size; sending it without its details");
                     continue;
                 }
                 Sent::Delivered => {
                     delivered += 1;
-                    println!("delivered  {lease_id}");
+                    say!("delivered  {lease_id}");
                 }
                 Sent::Refused(message) => {
                     refused += 1;
-                    println!("refused    {lease_id}: {url} answered: {message} (removed: it would never be taken)");
+                    say!("refused    {lease_id}: {url} answered: {message} (removed: it would never be taken)");
                 }
                 Sent::TooLarge(err) => {
                     refused += 1;
-                    println!(
+                    say!(
                         "refused    {lease_id}: {url}: {} (removed: it would never be taken)",
                         support::redact::urls_in(&err.to_string())
                     );
                 }
                 Sent::Failed(err) => {
                     failed += 1;
-                    println!(
+                    say!(
                         "failed     {lease_id}: {url}: {} (kept)",
                         support::redact::urls_in(&err.to_string())
                     );
@@ -281,7 +279,7 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
             break;
         }
     }
-    println!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
+    say!("{delivered} delivered, {refused} refused by the control plane, {failed} not delivered");
     Ok(if failed == 0 { Exit::Completed } else { Exit::Internal })
 }
 
@@ -291,14 +289,14 @@ fn purge(args: &PurgeArgs) -> Result<Exit, CommandError> {
     match &args.lease {
         Some(lease_id) => {
             if outbox.remove(lease_id).map_err(internal)? {
-                println!("purged the report of lease {lease_id}");
+                say!("purged the report of lease {lease_id}");
             } else {
                 return Err(CommandError::usage(format!("no pending report for lease {lease_id}")));
             }
         }
         None => {
             let count = outbox.purge_all().map_err(internal)?;
-            println!("purged {count} report(s)");
+            say!("purged {count} report(s)");
         }
     }
     Ok(Exit::Completed)

@@ -354,14 +354,14 @@ async fn watch(mut args: RunAgentArgs, dir: PathBuf) -> Result<Exit, CommandErro
                 println!("watch: save to result in {} ms", took.as_millis());
             }
             Err(err) => {
-                eprintln!("error: {err}");
+                say_err!("error: {err}");
                 last = super::kit_error(err).exit;
             }
         }
         if args.watch_cycles.is_some_and(|cycles| cycle >= cycles) {
             break;
         }
-        println!("watch: waiting for a change in {}", dir.display());
+        say!("watch: waiting for a change in {}", dir.display());
         (files, saved) = next_change(&dir, &files).await;
     }
     Ok(last)
@@ -576,7 +576,7 @@ fn print_invalid(args: &RunAgentArgs, message: &str) {
         let outcome = RunOutcome::Failed(crate::sandbox::RunFailure::new(FailKind::AgentInvalid, message));
         print_json(&json_report(&outcome, &RunReport::default()));
     } else {
-        println!("failed: agent.invalid: {message}");
+        say!("failed: agent.invalid: {message}");
     }
 }
 
