@@ -364,6 +364,19 @@ fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_esc
     let event: serde_json::Value = serde_json::from_str(warning).unwrap_or_else(|err| panic!("{err}: {warning}"));
     let message = event["fields"]["message"].as_str().unwrap();
     assert!(message.ends_with(&format!("NodeRuntime.{key}")), "{message}");
+    // Every line is JSON, the closing error included.
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+        assert!(event["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|line| line.contains(r#""level":"ERROR""#)),
+        "{stderr}"
+    );
     for raw in UNSHOWN {
         assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
     }

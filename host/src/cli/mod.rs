@@ -44,6 +44,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::telemetry::LogFormat;
+
 pub use args::{parse_duration, parse_key_value, parse_size};
 
 /// Run business-process agents as sandboxed WebAssembly components.
@@ -173,11 +175,12 @@ impl From<crate::app::BuildError> for CommandError {
 pub async fn run(cli: Cli) -> ExitCode {
     // run-agent, serve and dev install their own logging (format, level,
     // OpenTelemetry); the others log plainly.
-    let own_logging = match &cli.command {
-        Command::RunAgent(_) | Command::Serve(_) => true,
+    let (own_logging, log_format) = match &cli.command {
+        Command::RunAgent(args) => (true, args.log_format),
+        Command::Serve(args) => (true, args.log_format),
         #[cfg(feature = "dev")]
-        Command::Dev(_) => true,
-        _ => false,
+        Command::Dev(args) => (true, args.log_format),
+        _ => (false, LogFormat::Human),
     };
     if !own_logging {
         crate::telemetry::init_plain_logging("info");
@@ -205,10 +208,20 @@ pub async fn run(cli: Cli) -> ExitCode {
         Err(err) => {
             // No URL's credentials, and nothing a terminal acts on,
             // whatever the error quotes (a configuration value, a path).
-            eprintln!(
-                "error: {}",
-                support::one_line::escape_keeping_lines(&support::redact::urls_in(&err.message))
-            );
+            let message = support::redact::urls_in(&err.message);
+            match log_format {
+                LogFormat::Human => eprintln!("error: {}", support::one_line::escape_keeping_lines(&message)),
+                // With JSON log lines, the last line is one of them.
+                LogFormat::Json => {
+                    let line = serde_json::json!({
+                        "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                        "level": "ERROR",
+                        "fields": {"message": message},
+                        "target": "node_runtime::cli",
+                    });
+                    eprintln!("{}", support::one_line::escape_json(&line.to_string()));
+                }
+            }
             err.exit.into()
         }
     }
