@@ -11,7 +11,10 @@ use node_runtime::cli::{self, Cli};
 fn main() -> ExitCode {
     // Before the heap grows: what is touched before stays in huge pages.
     node_runtime::sandbox::engine::no_transparent_huge_pages();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return cli::parse_error(&err),
+    };
     node_runtime::support::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -442,6 +442,20 @@ fn the_commands_quote_paths_safely_on_stdout_and_stderr() {
         ],
         &["run-agent".as_ref(), agent.as_os_str()],
     ];
+    // An argument the command line cannot take is quoted in the usage
+    // error.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("run-agent")
+        .arg(&agent)
+        .args(["--input-ref", "novalue\u{202e}\u{9b}\u{2028}\u{e0041}"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(r"novalue\u{202e}"), "{stderr}");
+    for raw in UNSHOWN {
+        assert!(!stderr.contains(raw), "{raw:?} raw in the usage error: {stderr:?}");
+    }
     for args in runs {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
             .args(args)

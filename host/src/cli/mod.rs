@@ -171,6 +171,36 @@ impl From<crate::app::BuildError> for CommandError {
     }
 }
 
+/// Prints what parsing the command line came to (a usage error, or the
+/// help or version asked for) and returns its exit code. A usage error
+/// quotes the argument it could not take: each line is escaped as a log
+/// line is (clap's colours kept on a terminal), so an argument cannot
+/// drive or reorder the terminal through it.
+pub fn parse_error(err: &clap::Error) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let colours = if err.use_stderr() {
+        std::io::stderr().is_terminal()
+    } else {
+        std::io::stdout().is_terminal()
+    };
+    let text = if colours {
+        err.render().ansi().to_string()
+    } else {
+        err.render().to_string()
+    };
+    let shown: Vec<_> = text
+        .split('\n')
+        .map(|line| support::one_line::escape_keeping_colours(line, colours))
+        .collect();
+    let shown = shown.join("\n");
+    let _ = if err.use_stderr() {
+        std::io::stderr().write_all(shown.as_bytes())
+    } else {
+        std::io::stdout().write_all(shown.as_bytes())
+    };
+    ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
+}
+
 /// Runs the parsed command and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     // run-agent, serve and dev install their own logging (format, level,
