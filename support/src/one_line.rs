@@ -50,14 +50,17 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     escape_keeping_colours(text, false)
 }
 
-/// As [`escape`], line by line: the newlines of a message written on
-/// several lines (an error and its hints) are kept; everything else
-/// [`escape`] escapes is escaped.
-pub fn escape_keeping_lines(text: &str) -> Cow<'_, str> {
+/// As [`escape_keeping_colours`], line by line: the newlines of a message
+/// written on several lines (an error and its hints) are kept; everything
+/// else is escaped.
+pub fn escape_keeping_lines(text: &str, keep_colours: bool) -> Cow<'_, str> {
     if !text.chars().any(|c| c != '\n' && needs_escape(c)) {
         return Cow::Borrowed(text);
     }
-    let lines: Vec<Cow<'_, str>> = text.split('\n').map(escape).collect();
+    let lines: Vec<Cow<'_, str>> = text
+        .split('\n')
+        .map(|line| escape_keeping_colours(line, keep_colours))
+        .collect();
     Cow::Owned(lines.join("\n"))
 }
 
@@ -152,10 +155,10 @@ mod tests {
     #[test]
     fn lines_are_kept_and_each_escaped() {
         assert_eq!(
-            escape_keeping_lines("error: a\u{9b}2J\n  hint\u{202e}\r\n"),
+            escape_keeping_lines("error: a\u{9b}2J\n  hint\u{202e}\r\n", false),
             "error: a\\u{9b}2J\n  hint\\u{202e}\\r\n"
         );
-        assert!(matches!(escape_keeping_lines("two\nlines"), Cow::Borrowed(_)));
+        assert!(matches!(escape_keeping_lines("two\nlines", false), Cow::Borrowed(_)));
     }
 
     #[test]

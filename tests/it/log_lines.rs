@@ -329,6 +329,23 @@ fn json_log_lines_stay_json_whatever_the_ids_hold() {
 /// operator's configuration or an agent can put in the node's output.
 const UNSHOWN: [char; 6] = ['\u{9b}', '\u{85}', '\u{202e}', '\u{2028}', '\u{ad}', '\u{e0041}'];
 
+/// `node-runtime ARGS` (warnings logged): its exit code, stdout and stderr.
+fn node_runtime_text(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = support::node_runtime(args);
+    (
+        output.status.code(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// Fails if `text` (`what` it is) holds one of [`UNSHOWN`] raw.
+fn assert_none_raw(what: &str, text: &str) {
+    for raw in UNSHOWN {
+        assert!(!text.contains(raw), "{raw:?} raw in {what}: {text:?}");
+    }
+}
+
 #[test]
 fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_escapes_bidi_marks() {
     // `serve --log-format json`: the warning written while the configuration
@@ -337,6 +354,7 @@ fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_esc
     let dir = tempfile::tempdir().unwrap();
     let key = "Foo\u{202e}\u{2028}X\u{9b}\u{ad}\u{e0041}";
     let config = dir.path().join("node.json");
+    let config_arg = config.to_str().unwrap();
     let body = serde_json::json!({"NodeRuntime": {
         "NodeId": "n1",
         "ControlPlaneUrl": "http://127.0.0.1:9",
@@ -345,18 +363,17 @@ fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_esc
     }});
     std::fs::write(&config, body.to_string()).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--log-format", "json", "--admin-listen"])
-        .arg(taken.local_addr().unwrap().to_string())
-        .env_remove("RUST_LOG")
-        .env("OpenTelemetry__OtlpExporter__Endpoint", "")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "the admin address is taken: {stderr}");
+    let taken = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = node_runtime_text(&[
+        "serve",
+        "--config",
+        config_arg,
+        "--log-format",
+        "json",
+        "--admin-listen",
+        &taken,
+    ]);
+    assert_eq!(code, Some(2), "the admin address is taken: {stderr}");
     let warning = stderr
         .lines()
         .find(|line| line.contains("ignoring configuration keys"))
@@ -377,42 +394,30 @@ fn serve_warns_of_configuration_keys_in_its_log_format_safely_and_the_report_esc
             .is_some_and(|line| line.contains(r#""level":"ERROR""#)),
         "{stderr}"
     );
-    for raw in UNSHOWN {
-        assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
-    }
+    assert_none_raw("serve's stderr", &stderr);
 
     // An invalid value: the error quotes it, escaped.
     let body = serde_json::json!({"NodeRuntime": {"NodeId": "n\u{202e}\u{9b}\u{2028}1"}});
     std::fs::write(&config, body.to_string()).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, _, stderr) = node_runtime_text(&["serve", "--config", config_arg]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("NodeRuntime.NodeId"), "{stderr}");
-    for raw in UNSHOWN {
-        assert!(!stderr.contains(raw), "{raw:?} raw on stderr: {stderr:?}");
-    }
+    assert_none_raw("serve's error", &stderr);
 
     // `run-agent`'s human report: the echo agent returns the id.
     let agent_id = "a\u{202e}b\u{9b}c\u{e0041}d";
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("run-agent")
-        .arg(support::agent_path("echo"))
-        .args(["--agent-id", agent_id, "--input", "{}"])
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let echo = support::agent_path("echo");
+    let (code, stdout, _) = node_runtime_text(&[
+        "run-agent",
+        echo.to_str().unwrap(),
+        "--agent-id",
+        agent_id,
+        "--input",
+        "{}",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains(r"a\u{202e}b\u{9b}c\u{e0041}d"), "{stdout}");
-    for raw in UNSHOWN {
-        assert!(!stdout.contains(raw), "{raw:?} raw on stdout: {stdout:?}");
-    }
+    assert_none_raw("the report", &stdout);
 }
 
 #[test]
@@ -427,53 +432,32 @@ fn the_commands_quote_paths_safely_on_stdout_and_stderr() {
     std::fs::write(&config, r#"{"NodeRuntime": {"NodeId": "n1"}}"#).unwrap();
     let agent = dir.join("agent.wasm");
     std::fs::write(&agent, b"\0asm\x0d\0\x01\0").unwrap();
-    let runs: [&[&std::ffi::OsStr]; 3] = [
-        &[
-            "config".as_ref(),
-            "check".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ],
-        &[
-            "outbox".as_ref(),
-            "list".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ],
-        &["run-agent".as_ref(), agent.as_os_str()],
-    ];
+    let (config, agent) = (config.to_str().unwrap(), agent.to_str().unwrap());
+
     // An argument the command line cannot take is quoted in the usage
     // error.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-        .arg("run-agent")
-        .arg(&agent)
-        .args(["--input-ref", "novalue\u{202e}\u{9b}\u{2028}\u{e0041}"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, _, stderr) = node_runtime_text(&[
+        "run-agent",
+        agent,
+        "--input-ref",
+        "novalue\u{202e}\u{9b}\u{2028}\u{e0041}",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains(r"novalue\u{202e}"), "{stderr}");
-    for raw in UNSHOWN {
-        assert!(!stderr.contains(raw), "{raw:?} raw in the usage error: {stderr:?}");
-    }
+    assert_none_raw("the usage error", &stderr);
+
+    let runs: [&[&str]; 3] = [
+        &["config", "check", "--config", config],
+        &["outbox", "list", "--config", config],
+        &["run-agent", agent],
+    ];
     for args in runs {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
-            .args(args)
-            .current_dir(&dir)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (
-            String::from_utf8(output.stdout).unwrap(),
-            String::from_utf8(output.stderr).unwrap(),
-        );
+        let (_, stdout, stderr) = node_runtime_text(args);
         assert!(
             stdout.contains(r"d\u") || stderr.contains(r"d\u"),
             "{args:?}: the path is shown: {stdout}{stderr}"
         );
-        for raw in UNSHOWN {
-            assert!(!stdout.contains(raw), "{args:?}: {raw:?} raw on stdout: {stdout:?}");
-            assert!(!stderr.contains(raw), "{args:?}: {raw:?} raw on stderr: {stderr:?}");
-        }
+        assert_none_raw(&format!("{args:?}'s stdout"), &stdout);
+        assert_none_raw(&format!("{args:?}'s stderr"), &stderr);
     }
 }

@@ -188,11 +188,7 @@ pub fn parse_error(err: &clap::Error) -> ExitCode {
     } else {
         err.render().to_string()
     };
-    let shown: Vec<_> = text
-        .split('\n')
-        .map(|line| support::one_line::escape_keeping_colours(line, colours))
-        .collect();
-    let shown = shown.join("\n");
+    let shown = support::one_line::escape_keeping_lines(&text, colours);
     let _ = if err.use_stderr() {
         std::io::stderr().write_all(shown.as_bytes())
     } else {
@@ -240,7 +236,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             // whatever the error quotes (a configuration value, a path).
             let message = support::redact::urls_in(&err.message);
             match log_format {
-                LogFormat::Human => eprintln!("error: {}", support::one_line::escape_keeping_lines(&message)),
+                LogFormat::Human => eprintln!("error: {}", support::one_line::escape_keeping_lines(&message, false)),
                 // With JSON log lines, the last line is one of them.
                 LogFormat::Json => {
                     let line = serde_json::json!({

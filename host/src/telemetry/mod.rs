@@ -120,24 +120,9 @@ impl Telemetry {
         } else {
             FmtSpan::NONE
         };
-        let colours = std::io::stderr().is_terminal();
-        let stderr = match settings.log_format {
-            LogFormat::Human => tracing_subscriber::fmt::layer()
-                .with_writer(log_line::SafeStderr::human(colours))
-                // Colours for a terminal; plain text for journald and files.
-                .with_ansi(colours)
-                .with_span_events(span_events)
-                .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
-                .boxed(),
-            LogFormat::Json => tracing_subscriber::fmt::layer()
-                .json()
-                .with_span_events(span_events)
-                .with_current_span(false)
-                .with_span_list(true)
-                .with_writer(log_line::SafeStderr::json())
-                .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
-                .boxed(),
-        };
+        let stderr = stderr_layer(settings.log_format, span_events)
+            .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
+            .boxed();
         layers.push(stderr);
         // Nothing is built for OTLP while no collector listens. A dynamic
         // filter: a plain `filter_fn`'s answer is cached per callsite.
@@ -223,34 +208,36 @@ impl Telemetry {
     }
 }
 
-/// A stderr logger for the moments before the configured one exists
-/// (loading the configuration may warn): info and above, in `format`,
-/// through the same safe writer as the configured one.
-pub fn loading_logger(format: LogFormat) -> Box<dyn tracing::Subscriber + Send + Sync> {
-    let level = tracing_subscriber::filter::LevelFilter::INFO;
+/// How every logger of the node writes to stderr: one line per event in
+/// `format`, through the safe writer ([`log_line::SafeStderr`]); colours
+/// only on a terminal.
+fn stderr_layer(format: LogFormat, span_events: FmtSpan) -> Box<dyn Layer<Registry> + Send + Sync> {
     match format {
         LogFormat::Human => {
             let colours = std::io::stderr().is_terminal();
-            Box::new(
-                tracing_subscriber::registry().with(
-                    tracing_subscriber::fmt::layer()
-                        .with_ansi(colours)
-                        .with_writer(log_line::SafeStderr::human(colours))
-                        .with_filter(level),
-                ),
-            )
+            tracing_subscriber::fmt::layer()
+                .with_writer(log_line::SafeStderr::human(colours))
+                // Colours for a terminal; plain text for journald and files.
+                .with_ansi(colours)
+                .with_span_events(span_events)
+                .boxed()
         }
-        LogFormat::Json => Box::new(
-            tracing_subscriber::registry().with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(false)
-                    .with_span_list(true)
-                    .with_writer(log_line::SafeStderr::json())
-                    .with_filter(level),
-            ),
-        ),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_span_events(span_events)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(log_line::SafeStderr::json())
+            .boxed(),
     }
+}
+
+/// A stderr logger for the moments before the configured one exists
+/// (loading the configuration may warn): info and above, written as the
+/// configured one writes.
+pub fn loading_logger(format: LogFormat) -> impl tracing::Subscriber + Send + Sync {
+    let level = tracing_subscriber::filter::LevelFilter::INFO;
+    tracing_subscriber::registry().with(stderr_layer(format, FmtSpan::NONE).with_filter(level))
 }
 
 /// Installs a plain stderr logger for commands that need no telemetry
@@ -261,14 +248,8 @@ pub fn init_plain_logging(default: &str) {
         .filter(|asked| EnvFilter::from_str(asked).is_ok())
         .unwrap_or_else(|| default.to_string());
     let filter = EnvFilter::from_str(&asked).unwrap_or_else(|_| EnvFilter::new(default));
-    let colours = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(colours)
-                .with_writer(log_line::SafeStderr::human(colours))
-                .with_filter(filter.and(filter_fn(log_line::capped))),
-        )
+        .with(stderr_layer(LogFormat::Human, FmtSpan::NONE).with_filter(filter.and(filter_fn(log_line::capped))))
         .try_init();
 }
 
