@@ -8,16 +8,19 @@
 //! lease (the node must be built for that, so the dev plane does it too).
 //! Beyond the reference: a node id the connection's client certificate
 //! does not carry is PERMISSION_DENIED when the plane binds them (see
-//! `access`), and a change that cannot be saved is UNAVAILABLE.
+//! `access`), a change that cannot be saved is UNAVAILABLE, and `Calls`
+//! carries the three calls on one stream (a node falls back to unary calls
+//! where a plane lacks it, as the reference does).
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::access::NodeIds;
 use super::ledger::Ledger;
@@ -25,8 +28,9 @@ use super::state::{Costs, ErrorInfo, Grant, Outcome, Poll, Report, SandboxReadin
 use super::wait_for_shutdown;
 use proto::lease_service_server::LeaseService;
 use proto::{
-    AckRequest, AckResponse, BudgetConstraints, CompleteRequest, CompleteResponse, CostInfo, FailRequest, FailResponse,
-    Lease, PullRequest, RunSpec, SandboxReport, TimingInfo,
+    AckRequest, AckResponse, BudgetConstraints, CallStatus, CompleteRequest, CompleteResponse, CostInfo, FailRequest,
+    FailResponse, Lease, NodeCall, NodeCallAnswer, PullRequest, RunSpec, SandboxReport, TimingInfo, node_call,
+    node_call_answer,
 };
 
 /// The reference's budgets for every lease, used when a run gives none.
@@ -43,6 +47,23 @@ pub struct LeaseDesk {
     ledger: Arc<Ledger>,
     shutdown: watch::Receiver<bool>,
     idle_poll: Duration,
+    calls_streams: Arc<CallsStreamCounts>,
+}
+
+/// Calls streams opened, and calls answered on them.
+#[derive(Default)]
+pub struct CallsStreamCounts {
+    opened: AtomicU64,
+    answered: AtomicU64,
+}
+
+impl CallsStreamCounts {
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.opened.load(Ordering::Relaxed),
+            self.answered.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl LeaseDesk {
@@ -51,7 +72,12 @@ impl LeaseDesk {
             ledger,
             shutdown,
             idle_poll,
+            calls_streams: Arc::default(),
         }
+    }
+
+    pub fn calls_stream_counts(&self) -> Arc<CallsStreamCounts> {
+        Arc::clone(&self.calls_streams)
     }
 }
 
@@ -99,8 +125,127 @@ impl LeaseService for LeaseDesk {
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let node_ids = NodeIds::of(request.extensions());
-        let AckRequest { lease_id, node_id, .. } = request.into_inner();
-        may_act_as(&node_ids, &node_id)?;
+        self.desk()
+            .ack(&node_ids, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
+        self.desk()
+            .complete(&node_ids, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn fail(&self, request: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
+        self.desk()
+            .fail(&node_ids, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type CallsStream = CallsStream;
+
+    /// The three calls on one stream: each is answered as its unary form
+    /// would be, by id, as soon as it is done (calls run concurrently, as
+    /// separate requests would). The stream ends when the node ends its
+    /// side, or, once the calls under way are answered, when the plane
+    /// shuts down.
+    async fn calls(&self, request: Request<Streaming<NodeCall>>) -> Result<Response<CallsStream>, Status> {
+        let node_ids = NodeIds::of(request.extensions());
+        let mut incoming = request.into_inner();
+        let (answers, answered) = mpsc::channel(MAX_CALLS_UNDER_WAY);
+        let (desk, mut shutdown) = (self.desk(), self.shutdown.clone());
+        let counts = Arc::clone(&self.calls_streams);
+        counts.opened.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let under_way = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_UNDER_WAY));
+            loop {
+                let call = tokio::select! {
+                    biased;
+                    () = wait_for_shutdown(&mut shutdown) => break,
+                    call = incoming.message() => call,
+                };
+                let call = match call {
+                    Ok(Some(call)) => call,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "a node's call stream broke");
+                        break;
+                    }
+                };
+                // Like requests on a connection, calls wait for room
+                // rather than pile up without bound.
+                let Ok(room) = Arc::clone(&under_way).acquire_owned().await else {
+                    break;
+                };
+                let (desk, node_ids, answers, counts) =
+                    (desk.clone(), node_ids.clone(), answers.clone(), Arc::clone(&counts));
+                tokio::spawn(async move {
+                    let answer = desk.answer(&node_ids, call).await;
+                    if answers.send(Ok(answer)).await.is_ok() {
+                        counts.answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(room);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            answered,
+        ))))
+    }
+}
+
+/// Calls on one Calls stream answered at once, at most.
+const MAX_CALLS_UNDER_WAY: usize = 256;
+
+type CallsStream = Pin<Box<dyn Stream<Item = Result<NodeCallAnswer, Status>> + Send>>;
+
+/// Ack, Complete and Fail against the state's rules, for the unary calls
+/// and the Calls stream alike.
+#[derive(Clone)]
+struct CallDesk {
+    ledger: Arc<Ledger>,
+}
+
+impl LeaseDesk {
+    fn desk(&self) -> CallDesk {
+        CallDesk {
+            ledger: Arc::clone(&self.ledger),
+        }
+    }
+}
+
+impl CallDesk {
+    async fn answer(&self, node_ids: &NodeIds, call: NodeCall) -> NodeCallAnswer {
+        let answer = match call.call {
+            Some(node_call::Call::Ack(ack)) => self.ack(node_ids, ack).await.map(node_call_answer::Answer::Ack),
+            Some(node_call::Call::Complete(complete)) => self
+                .complete(node_ids, complete)
+                .await
+                .map(node_call_answer::Answer::Complete),
+            Some(node_call::Call::Fail(fail)) => self.fail(node_ids, fail).await.map(node_call_answer::Answer::Fail),
+            None => Err(Status::invalid_argument(
+                "the call is empty: Ack, Complete or Fail expected",
+            )),
+        };
+        NodeCallAnswer {
+            id: call.id,
+            answer: Some(answer.unwrap_or_else(|status| {
+                node_call_answer::Answer::Status(CallStatus {
+                    code: status.code().into(),
+                    message: status.message().to_string(),
+                })
+            })),
+        }
+    }
+
+    async fn ack(&self, node_ids: &NodeIds, request: AckRequest) -> Result<AckResponse, Status> {
+        let AckRequest { lease_id, node_id, .. } = request;
+        may_act_as(node_ids, &node_id)?;
         let answer = self
             .ledger
             .write(|state, now| state.ack(&lease_id, &node_id, now))
@@ -108,13 +253,11 @@ impl LeaseService for LeaseDesk {
         let (success, message) = verdict(answer.map_err(unavailable)?, || {
             format!("lease {lease_id} acknowledged")
         });
-        Ok(Response::new(AckResponse { success, message }))
+        Ok(AckResponse { success, message })
     }
 
-    async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
-        let node_ids = NodeIds::of(request.extensions());
-        let request = request.into_inner();
-        may_act_as(&node_ids, &request.node_id)?;
+    async fn complete(&self, node_ids: &NodeIds, request: CompleteRequest) -> Result<CompleteResponse, Status> {
+        may_act_as(node_ids, &request.node_id)?;
         let run_id = request.run_id.clone();
         let report = Report {
             lease_id: request.lease_id,
@@ -129,13 +272,11 @@ impl LeaseService for LeaseDesk {
         };
         let answer = self.ledger.write(|state, now| state.report(report, now)).await;
         let (success, message) = verdict(answer.map_err(unavailable)?, || format!("run {run_id} completed"));
-        Ok(Response::new(CompleteResponse { success, message }))
+        Ok(CompleteResponse { success, message })
     }
 
-    async fn fail(&self, request: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
-        let node_ids = NodeIds::of(request.extensions());
-        let request = request.into_inner();
-        may_act_as(&node_ids, &request.node_id)?;
+    async fn fail(&self, node_ids: &NodeIds, request: FailRequest) -> Result<FailResponse, Status> {
+        may_act_as(node_ids, &request.node_id)?;
         let (run_id, retryable) = (request.run_id.clone(), request.retryable);
         let report = Report {
             lease_id: request.lease_id,
@@ -154,11 +295,11 @@ impl LeaseService for LeaseDesk {
         let answer = self.ledger.write(|state, now| state.report(report, now)).await;
         let (success, message) = verdict(answer.map_err(unavailable)?, || format!("run {run_id} failed"));
         // The reference echoes `retryable`; nothing on this side re-queues.
-        Ok(Response::new(FailResponse {
+        Ok(FailResponse {
             success,
             message,
             should_retry: success && retryable,
-        }))
+        })
     }
 }
 

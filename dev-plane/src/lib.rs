@@ -149,6 +149,7 @@ pub struct DevPlane {
     /// `server` owns it).
     accept_loop: Option<JoinHandle<()>>,
     expiry: Option<JoinHandle<()>>,
+    calls_streams: Arc<grpc::CallsStreamCounts>,
 }
 
 impl DevPlane {
@@ -189,6 +190,7 @@ impl DevPlane {
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let desk = grpc::LeaseDesk::new(Arc::clone(&ledger), shutdown_rx.clone(), options.idle_poll);
+        let calls_streams = desk.calls_stream_counts();
         // The generated server is routed like tonic's own `Routes` does,
         // but without its gRPC "unimplemented" fallback, so an unknown REST
         // path still gets a plain 404.
@@ -239,6 +241,7 @@ impl DevPlane {
             server: Some(server),
             accept_loop,
             expiry: Some(expiry),
+            calls_streams,
         })
     }
 
@@ -262,6 +265,11 @@ impl DevPlane {
     /// TLS connection, oldest first (the newest 10,000).
     pub fn client_subjects(&self) -> Vec<String> {
         self.client_subjects.all()
+    }
+
+    /// Calls streams nodes opened, and the calls answered on them.
+    pub fn calls_on_streams(&self) -> (u64, u64) {
+        self.calls_streams.read()
     }
 
     /// Submits a run, as `POST /v1/runs` does.

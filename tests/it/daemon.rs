@@ -172,6 +172,78 @@ async fn a_run_over_its_fuel_budget_fails_budget_fuel_not_retryable() {
     plane.shutdown().await;
 }
 
+/// Where the plane has the Calls stream, Ack, Complete and Fail take it,
+/// each answered as its unary call: a report too large for the stream is
+/// sent unary, and every run ends as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_reports_share_one_stream_where_the_plane_has_it() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let node = start_node(&plane.url(), 4, &agents);
+    // The first call opens the stream (and is itself unary).
+    let first = plane
+        .submit(new_run("echo", "first", Budgets::default()))
+        .await
+        .unwrap()
+        .run_id;
+    eventually(Duration::from_secs(30), "the first run to end", || {
+        plane.run(&first).filter(ended)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the node to open the Calls stream", || {
+        (plane.calls_on_streams().0 == 1).then_some(())
+    })
+    .await;
+    let answered_before = plane.calls_on_streams().1;
+    let echoes = 10;
+    let mut ids = Vec::new();
+    for n in 0..echoes {
+        ids.push(
+            plane
+                .submit(new_run("echo", &format!("run {n}"), Budgets::default()))
+                .await
+                .unwrap()
+                .run_id,
+        );
+    }
+    let fuel = Budgets {
+        max_fuel: Some(5_000_000),
+        ..Budgets::default()
+    };
+    let spin = plane.submit(new_run("spin-forever", "{}", fuel)).await.unwrap().run_id;
+    let mut big = new_run("big-result", "", Budgets::default());
+    big.input_ref.insert("size".to_string(), (200 * 1024).to_string());
+    let big = plane.submit(big).await.unwrap().run_id;
+    for id in ids.iter().chain([&spin, &big]) {
+        eventually(Duration::from_secs(30), "each run to end", || {
+            plane.run(id).filter(ended)
+        })
+        .await;
+    }
+    for id in &ids {
+        assert_eq!(plane.run(id).unwrap().status, RunStatus::Completed);
+    }
+    let spin = plane.run(&spin).unwrap();
+    assert_eq!(spin.status, RunStatus::Failed);
+    assert_eq!(error_details(&spin)["kind"], "budget.fuel");
+    let big = plane.run(&big).unwrap();
+    assert_eq!(big.status, RunStatus::Completed);
+    assert_eq!(
+        big.result
+            .as_ref()
+            .and_then(|result| result.get("big"))
+            .map(String::len),
+        Some(200 * 1024)
+    );
+    // Each run's Ack and report on the one stream, but for the report of
+    // 200 KiB, sent unary.
+    let (opened, answered) = plane.calls_on_streams();
+    assert_eq!(opened, 1, "one stream, kept open");
+    assert_eq!(answered - answered_before, 2 * (echoes + 2) - 1);
+    node.shutdown().await;
+    plane.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_agent_fails_naming_what_was_looked_for() {
     let plane = start_plane("127.0.0.1:0").await;
@@ -585,6 +657,9 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
         let details: serde_json::Value = serde_json::from_str(&late.error_details).unwrap();
         assert_eq!(details["kind"], "budget.deadline");
         assert_eq!(details["report"]["fuel_consumed"], 0, "it never ran");
+        // Like the reference, the script has no Calls stream: the node
+        // asked once, then made unary calls.
+        assert_eq!(recorded.calls_streams, 1);
     }
     assert_eq!(node.stats().duplicate_leases.load(Ordering::SeqCst), 1);
     node.shutdown().await;

@@ -20,6 +20,8 @@ pub struct Recorded {
     pub acks: Vec<(AckRequest, usize)>,
     /// Pull streams opened.
     pub pulls: usize,
+    /// Calls streams asked for (each refused UNIMPLEMENTED).
+    pub calls_streams: usize,
 }
 
 /// How the script answers Complete and Fail.
@@ -109,6 +111,20 @@ impl LeaseService for Script {
             message: String::new(),
             should_retry: retryable,
         }))
+    }
+
+    type CallsStream = ReceiverStream<Result<NodeCallAnswer, tonic::Status>>;
+
+    /// The reference has no Calls stream: the script answers as its
+    /// server does, so the node makes unary calls here.
+    async fn calls(
+        &self,
+        _: tonic::Request<tonic::Streaming<NodeCall>>,
+    ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+        self.recorded.lock().unwrap().calls_streams += 1;
+        Err(tonic::Status::unimplemented(
+            "lease.LeaseService/Calls is not a method of the reference",
+        ))
     }
 }
 

@@ -4,16 +4,21 @@
 //! detect a dead connection: an idle `Pull` legitimately sends nothing,
 //! not even headers, until the first lease exists.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
 
+use super::calls::CallStream;
 use super::report::Report;
 use super::tls::{self, ControlPlaneTls, TlsConnector};
 
 use proto::lease_service_client::LeaseServiceClient;
-use proto::{AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest};
+use proto::{
+    AckRequest, CompleteRequest, CompleteResponse, FailRequest, FailResponse, Lease, PullRequest, node_call,
+    node_call_answer,
+};
 
 #[derive(Debug, Error)]
 pub enum LeaseClientError {
@@ -57,11 +62,21 @@ impl LeaseClientError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LeaseClient {
     client: LeaseServiceClient<Channel>,
-    /// Bound on each unary call (Ack, Complete, Fail), not on Pull.
+    /// Ack, Complete and Fail, where the plane has the Calls stream.
+    calls: Arc<CallStream>,
+    /// Bound on each call (Ack, Complete, Fail), not on Pull.
     call_timeout: Duration,
+}
+
+impl std::fmt::Debug for LeaseClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseClient")
+            .field("call_timeout", &self.call_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The stream of leases for this node.
@@ -118,8 +133,10 @@ impl LeaseClient {
             }
             None => endpoint.connect_lazy(),
         };
+        let client = LeaseServiceClient::new(channel);
         Ok(LeaseClient {
-            client: LeaseServiceClient::new(channel),
+            calls: CallStream::new(client.clone()),
+            client,
             call_timeout,
         })
     }
@@ -147,6 +164,12 @@ impl LeaseClient {
     }
 
     pub async fn ack(&self, request: AckRequest) -> Result<(bool, String), LeaseClientError> {
+        let request = match self.calls.call(node_call::Call::Ack(request), self.call_timeout).await {
+            Ok(Ok(node_call_answer::Answer::Ack(response))) => return Ok((response.success, response.message)),
+            Ok(answered) => return Err(unexpected("Ack", answered)),
+            Err(node_call::Call::Ack(request)) => request,
+            Err(_) => unreachable!("the call stream gives back the call it was given"),
+        };
         let response = self
             .client
             .clone()
@@ -174,6 +197,16 @@ impl LeaseClient {
     }
 
     pub async fn complete(&self, request: CompleteRequest) -> Result<CompleteResponse, LeaseClientError> {
+        let request = match self
+            .calls
+            .call(node_call::Call::Complete(request), self.call_timeout)
+            .await
+        {
+            Ok(Ok(node_call_answer::Answer::Complete(response))) => return Ok(response),
+            Ok(answered) => return Err(unexpected("Complete", answered)),
+            Err(node_call::Call::Complete(request)) => request,
+            Err(_) => unreachable!("the call stream gives back the call it was given"),
+        };
         self.client
             .clone()
             .complete(self.bounded(request))
@@ -183,6 +216,12 @@ impl LeaseClient {
     }
 
     pub async fn fail(&self, request: FailRequest) -> Result<FailResponse, LeaseClientError> {
+        let request = match self.calls.call(node_call::Call::Fail(request), self.call_timeout).await {
+            Ok(Ok(node_call_answer::Answer::Fail(response))) => return Ok(response),
+            Ok(answered) => return Err(unexpected("Fail", answered)),
+            Err(node_call::Call::Fail(request)) => request,
+            Err(_) => unreachable!("the call stream gives back the call it was given"),
+        };
         self.client
             .clone()
             .fail(self.bounded(request))
@@ -212,4 +251,13 @@ fn describe_status(status: &tonic::Status) -> String {
         }
     }
     text
+}
+
+/// A call's answer on the stream that is not its response: the status it
+/// ended with, or another call's response.
+fn unexpected(call: &'static str, answered: Result<node_call_answer::Answer, tonic::Status>) -> LeaseClientError {
+    let status = answered.err().unwrap_or_else(|| {
+        tonic::Status::internal("the control plane answered with another call's response on the call stream")
+    });
+    LeaseClientError::call(call, status)
 }

@@ -7,6 +7,7 @@
 //! clients use.
 
 pub mod agents;
+pub mod calls;
 pub mod leases;
 pub mod registration;
 pub mod report;

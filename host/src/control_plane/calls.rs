@@ -1,0 +1,280 @@
+//! The Calls stream: Ack, Complete and Fail on one long-lived gRPC stream
+//! (a node-runtime addition to the LeaseService), answered by id, instead
+//! of one HTTP/2 request each. A request costs both sides its headers, a
+//! stream's setup and its own task; a message on an open stream costs a
+//! frame. Each call means exactly what its unary form means, and is
+//! answered as that form would be: a response, or the status the call
+//! would have ended with.
+//!
+//! The stream is opened at the first call, which is made unary meanwhile,
+//! as is every call while the stream is not open. A plane without it (the
+//! reference) answers UNIMPLEMENTED: the node then makes unary calls, and
+//! asks again every [`ASK_AGAIN_AFTER`], as the plane may be upgraded. A
+//! broken stream fails the calls waiting on it (as a broken connection
+//! fails requests: their callers retry as they do then) and is reopened
+//! at a later call. A call that gets no answer in its time closes the
+//! stream too: a plane that stopped reading it is not sent more.
+//!
+//! Only calls up to [`MAX_STREAMED_CALL_BYTES`] take the stream. A larger
+//! report goes unary: it would hold the Acks behind it, and a plane that
+//! refuses it for its size refuses that one call (the reporter shrinks it),
+//! where on the stream the refusal would break every call sharing it.
+
+// A call not taken is given back (`Err(call)`) to be made unary: moved
+// once, where boxing it would cost every call an allocation.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::transport::Channel;
+
+use proto::lease_service_client::LeaseServiceClient;
+use proto::{NodeCall, NodeCallAnswer, node_call, node_call_answer};
+
+/// The largest call (encoded) sent on the stream; larger ones are unary.
+pub const MAX_STREAMED_CALL_BYTES: usize = 64 * 1024;
+
+/// How long a plane that has no Calls stream is not asked again.
+pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(600);
+
+/// How long opening the stream may take before it is given up (and calls
+/// stay unary until a later one tries again).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the stream broke (or could not be opened), calls stay unary this
+/// long before one opens it again.
+const REOPEN_AFTER: Duration = Duration::from_secs(2);
+
+/// Calls queued for the stream at most; past it, calls go unary.
+const MAX_QUEUED_CALLS: usize = 1024;
+
+type Answered = Result<node_call_answer::Answer, tonic::Status>;
+
+/// The Calls stream of one [`LeaseClient`](super::LeaseClient) and all its
+/// clones.
+pub struct CallStream {
+    client: LeaseServiceClient<Channel>,
+    state: Mutex<State>,
+}
+
+struct State {
+    mode: Mode,
+    /// Calls sent on the open stream and not yet answered, by id.
+    waiting: HashMap<u64, oneshot::Sender<Answered>>,
+    next_id: u64,
+    /// Whether the plane's lack of the stream has been logged.
+    said_unsupported: bool,
+}
+
+enum Mode {
+    /// Not open: the next call from `at` on opens it.
+    Closed {
+        at: Instant,
+    },
+    Opening,
+    Open {
+        calls: mpsc::Sender<NodeCall>,
+        /// Wakes the stream's reader to drop it.
+        close: Arc<Notify>,
+    },
+    /// The plane answered UNIMPLEMENTED: unary calls until `until`.
+    Unsupported {
+        until: Instant,
+    },
+}
+
+impl CallStream {
+    pub fn new(client: LeaseServiceClient<Channel>) -> Arc<CallStream> {
+        Arc::new(CallStream {
+            client,
+            state: Mutex::new(State {
+                mode: Mode::Closed { at: Instant::now() },
+                waiting: HashMap::new(),
+                next_id: 0,
+                said_unsupported: false,
+            }),
+        })
+    }
+
+    /// Makes `call` on the stream and waits up to `timeout` for its answer.
+    /// `Err(call)`: the stream is not open (or the call is too large for
+    /// it): make the unary call instead.
+    pub async fn call(self: &Arc<Self>, call: node_call::Call, timeout: Duration) -> Result<Answered, node_call::Call> {
+        let (id, answer) = self.send(call)?;
+        // A caller that stops waiting (its future dropped) leaves no entry.
+        let _waiting = Waiting { stream: self, id };
+        Ok(match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => Err(tonic::Status::unavailable(
+                "the call stream closed before the control plane answered",
+            )),
+            Err(_) => {
+                self.close(
+                    Some(id),
+                    "a call got no answer in its time; the stream is closed, not sent more",
+                );
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "the control plane did not answer within {timeout:?}"
+                )))
+            }
+        })
+    }
+
+    /// Queues `call` on the open stream: its id and where its answer comes.
+    fn send(self: &Arc<Self>, call: node_call::Call) -> Result<(u64, oneshot::Receiver<Answered>), node_call::Call> {
+        let mut state = self.state.lock().expect("the call stream's state is never poisoned");
+        let now = Instant::now();
+        let calls = match &state.mode {
+            Mode::Open { calls, .. } => calls,
+            Mode::Closed { at } | Mode::Unsupported { until: at } if *at <= now => {
+                state.mode = Mode::Opening;
+                tokio::spawn(open(Arc::downgrade(self), self.client.clone()));
+                return Err(call);
+            }
+            Mode::Closed { .. } | Mode::Opening | Mode::Unsupported { .. } => return Err(call),
+        };
+        if call.encoded_len() > MAX_STREAMED_CALL_BYTES {
+            return Err(call);
+        }
+        let id = state.next_id;
+        match calls.try_send(NodeCall { id, call: Some(call) }) {
+            Ok(()) => {}
+            // Full: this one goes unary; the stream is kept.
+            Err(mpsc::error::TrySendError::Full(sent)) => return Err(sent.call.expect("just set")),
+            Err(mpsc::error::TrySendError::Closed(sent)) => {
+                drop(state);
+                self.close(None, "its sender closed");
+                return Err(sent.call.expect("just set"));
+            }
+        }
+        let (answer, answered) = oneshot::channel();
+        state.next_id += 1;
+        state.waiting.insert(id, answer);
+        Ok((id, answered))
+    }
+
+    /// Closes the open stream: the calls waiting on it fail (the one that
+    /// timed out, `timed_out`, has given up already), and a later call
+    /// opens a new one.
+    fn close(&self, timed_out: Option<u64>, why: &str) {
+        let mut state = self.state.lock().expect("the call stream's state is never poisoned");
+        // A call of a stream already closed says nothing of the open one.
+        if let Some(id) = timed_out
+            && state.waiting.remove(&id).is_none()
+        {
+            return;
+        }
+        if let Mode::Open { close, .. } = &state.mode {
+            close.notify_one();
+            tracing::info!("the stream of calls to the control plane closed ({why}); calls are unary until it reopens");
+            state.mode = Mode::Closed {
+                at: Instant::now() + REOPEN_AFTER,
+            };
+        }
+        // Dropping each waiting call's sender answers it "closed".
+        state.waiting.clear();
+    }
+
+    fn answered(&self, answer: NodeCallAnswer) {
+        let waiting = {
+            let mut state = self.state.lock().expect("the call stream's state is never poisoned");
+            state.waiting.remove(&answer.id)
+        };
+        let Some(waiting) = waiting else {
+            // Its caller gave up (timed out), or the plane answered an id
+            // it was never sent: nothing waits for it.
+            tracing::debug!(id = answer.id, "an answer on the call stream that no call waits for");
+            return;
+        };
+        let answered = answer
+            .answer
+            .ok_or_else(|| tonic::Status::internal("the control plane's answer on the call stream was empty"))
+            .and_then(|answer| match answer {
+                node_call_answer::Answer::Status(status) => Err(tonic::Status::new(status.code.into(), status.message)),
+                answer => Ok(answer),
+            });
+        let _ = waiting.send(answered);
+    }
+}
+
+/// A call waiting for its answer: removed from the waiting calls when its
+/// caller stops waiting, however it stops.
+struct Waiting<'s> {
+    stream: &'s CallStream,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.stream.state.lock() {
+            state.waiting.remove(&self.id);
+        }
+    }
+}
+
+/// Opens the stream and reads its answers until it ends, breaks, or is
+/// closed. Holds the stream only weakly: when the last client goes, its
+/// side of the stream ends, and so does the stream.
+async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>) {
+    let (calls, queued) = mpsc::channel(MAX_QUEUED_CALLS);
+    let opening = client.calls(tokio_stream::wrappers::ReceiverStream::new(queued));
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, opening).await;
+    let Some(this) = stream.upgrade() else { return };
+    let mut answers = match opened {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            let mut state = this.state.lock().expect("the call stream's state is never poisoned");
+            if !state.said_unsupported {
+                state.said_unsupported = true;
+                tracing::info!(
+                    "the control plane has no stream of calls (Calls is UNIMPLEMENTED, as on the reference): \
+                     one request per Ack, Complete and Fail"
+                );
+            }
+            state.mode = Mode::Unsupported {
+                until: Instant::now() + ASK_AGAIN_AFTER,
+            };
+            return;
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(status)) => status.to_string(),
+                _ => format!("no answer within {OPEN_TIMEOUT:?}"),
+            };
+            tracing::debug!(%why, "the stream of calls to the control plane could not be opened; calls stay unary");
+            let mut state = this.state.lock().expect("the call stream's state is never poisoned");
+            state.mode = Mode::Closed {
+                at: Instant::now() + REOPEN_AFTER,
+            };
+            return;
+        }
+    };
+    let close = Arc::new(Notify::new());
+    {
+        let mut state = this.state.lock().expect("the call stream's state is never poisoned");
+        state.mode = Mode::Open {
+            calls,
+            close: close.clone(),
+        };
+    }
+    tracing::info!("Ack, Complete and Fail share one stream to the control plane (Calls)");
+    drop(this);
+    let why = loop {
+        let message = tokio::select! {
+            () = close.notified() => return,
+            message = answers.message() => message,
+        };
+        let Some(this) = stream.upgrade() else { return };
+        match message {
+            Ok(Some(answer)) => this.answered(answer),
+            Ok(None) => break "the control plane ended it".to_string(),
+            Err(status) => break status.to_string(),
+        }
+    };
+    if let Some(this) = stream.upgrade() {
+        this.close(None, &why);
+    }
+}
