@@ -49,6 +49,20 @@ struct Options {
     rate: Option<f64>,
 }
 
+const USAGE: &str =
+    "usage: bench lease-cost [RUNS] [--node BINARY] [--plane BINARY] [--slots N] [--connections N] [--rate RUNS_PER_S]";
+
+/// A usage error: said with the usage, exit status 2, no backtrace.
+fn refuse(why: &str) -> ! {
+    eprintln!("bench lease-cost: {why}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn number<T: std::str::FromStr>(name: &str, text: &str) -> T {
+    text.parse()
+        .unwrap_or_else(|_| refuse(&format!("{name} takes a number, not {text:?}")))
+}
+
 fn options(args: Vec<String>) -> Options {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let built = Path::new(&target).join("release/node-runtime");
@@ -60,25 +74,25 @@ fn options(args: Vec<String>) -> Options {
         connections: 8,
         rate: None,
     };
-    let usage = "usage: bench lease-cost [RUNS] [--node BINARY] [--plane BINARY] [--slots N] [--connections N] [--rate RUNS_PER_S]";
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value\n{usage}"));
+        let mut value = |name: &str| args.next().unwrap_or_else(|| refuse(&format!("{name} needs a value")));
         match arg.as_str() {
             "--node" => options.node = value("--node").into(),
             "--plane" => options.plane = value("--plane").into(),
-            "--slots" => options.slots = value("--slots").parse().expect(usage),
-            "--connections" => options.connections = value("--connections").parse().expect(usage),
-            "--rate" => options.rate = Some(value("--rate").parse().expect(usage)),
-            runs => options.runs = runs.parse().unwrap_or_else(|_| panic!("{usage}")),
+            "--slots" => options.slots = number("--slots", &value("--slots")),
+            "--connections" => options.connections = number("--connections", &value("--connections")),
+            "--rate" => options.rate = Some(number("--rate", &value("--rate"))),
+            runs => options.runs = number("RUNS", runs),
         }
     }
     for binary in [&options.node, &options.plane] {
-        assert!(
-            binary.is_file(),
-            "{} does not exist: build it (cargo build --release -p node-runtime) or pass --node/--plane",
-            binary.display()
-        );
+        if !binary.is_file() {
+            refuse(&format!(
+                "{} does not exist: build it (cargo build --release -p node-runtime) or pass --node/--plane",
+                binary.display()
+            ));
+        }
     }
     options
 }
