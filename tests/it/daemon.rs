@@ -665,6 +665,56 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
     node.shutdown().await;
 }
 
+/// A plane that takes the Calls stream but never answers on it: each call
+/// on it times out (10 s) and is made again unary, and the stream is not
+/// opened again, since a stream the plane stopped reading cannot be taken
+/// back (each would stay open at the plane).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_stream_that_never_answers_is_given_up_and_every_report_arrives_unary() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let answers = scripted::Answers {
+        calls: scripted::CallsStream::Silent,
+        ..scripted::Answers::default()
+    };
+    // Two runs that end at once, and one cut off by its deadline 14 s on:
+    // after the stream is given up (10 s), and after the 2 s a broken
+    // stream waits before it reopens.
+    let (url, recorded) = scripted::serve_with(
+        vec![
+            scripted::lease("lease-a", "echo", now_ms + 60_000),
+            scripted::lease("lease-b", "echo", now_ms + 60_000),
+            scripted::lease("lease-late", "sleep-forever", now_ms + 14_000),
+        ],
+        answers,
+    )
+    .await;
+    let agents = agents_layout();
+    let node = start_node(&url, 4, &agents);
+    eventually(Duration::from_secs(60), "three reports", || {
+        let recorded = recorded.lock().unwrap();
+        (recorded.completes.len() + recorded.fails.len() >= 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let recorded = recorded.lock().unwrap();
+        let mut completed: Vec<&str> = recorded.completes.iter().map(|c| c.lease_id.as_str()).collect();
+        completed.sort_unstable();
+        assert_eq!(completed, ["lease-a", "lease-b"]);
+        assert_eq!(recorded.fails.len(), 1);
+        assert_eq!(recorded.fails[0].lease_id, "lease-late");
+        assert!(
+            recorded.streamed_calls >= 1,
+            "calls went to the stream and got no answer"
+        );
+        assert_eq!(recorded.calls_streams, 1, "the stream was not opened again");
+    }
+    node.shutdown().await;
+}
+
 async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
     request.send().await.ok()?.json().await.ok()
 }

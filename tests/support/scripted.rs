@@ -20,8 +20,10 @@ pub struct Recorded {
     pub acks: Vec<(AckRequest, usize)>,
     /// Pull streams opened.
     pub pulls: usize,
-    /// Calls streams asked for (each refused UNIMPLEMENTED).
+    /// Calls streams asked for.
     pub calls_streams: usize,
+    /// Calls read on Calls streams (none is answered: see [`CallsStream`]).
+    pub streamed_calls: usize,
 }
 
 /// How the script answers Complete and Fail.
@@ -34,6 +36,18 @@ pub struct Answers {
     /// The largest message the plane's gRPC server decodes (tonic's
     /// default, 4 MiB, when `None`); a larger one is refused OUT_OF_RANGE.
     pub max_message_bytes: Option<usize>,
+    /// What the Calls stream does.
+    pub calls: CallsStream,
+}
+
+/// What the script does with a node's Calls stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CallsStream {
+    /// Refuses it UNIMPLEMENTED, as the reference does.
+    #[default]
+    Unimplemented,
+    /// Takes it and reads every call, but never answers one.
+    Silent,
 }
 
 impl Default for Answers {
@@ -42,6 +56,7 @@ impl Default for Answers {
             delay: std::time::Duration::ZERO,
             success: true,
             max_message_bytes: None,
+            calls: CallsStream::Unimplemented,
         }
     }
 }
@@ -115,16 +130,29 @@ impl LeaseService for Script {
 
     type CallsStream = ReceiverStream<Result<NodeCallAnswer, tonic::Status>>;
 
-    /// The reference has no Calls stream: the script answers as its
-    /// server does, so the node makes unary calls here.
+    /// By default as the reference's server answers (it has no Calls
+    /// stream), so the node makes unary calls here.
     async fn calls(
         &self,
-        _: tonic::Request<tonic::Streaming<NodeCall>>,
+        request: tonic::Request<tonic::Streaming<NodeCall>>,
     ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
         self.recorded.lock().unwrap().calls_streams += 1;
-        Err(tonic::Status::unimplemented(
-            "lease.LeaseService/Calls is not a method of the reference",
-        ))
+        match self.answers.calls {
+            CallsStream::Unimplemented => Err(tonic::Status::unimplemented(
+                "lease.LeaseService/Calls is not a method of the reference",
+            )),
+            CallsStream::Silent => {
+                let (answers, answered) = tokio::sync::mpsc::channel(1);
+                let (mut incoming, recorded) = (request.into_inner(), self.recorded.clone());
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = incoming.message().await {
+                        recorded.lock().unwrap().streamed_calls += 1;
+                    }
+                    drop(answers);
+                });
+                Ok(tonic::Response::new(ReceiverStream::new(answered)))
+            }
+        }
     }
 }
 

@@ -12,8 +12,19 @@
 //! asks again every [`ASK_AGAIN_AFTER`], as the plane may be upgraded. A
 //! broken stream fails the calls waiting on it (as a broken connection
 //! fails requests: their callers retry as they do then) and is reopened
-//! at a later call. A call that gets no answer in its time closes the
-//! stream too: a plane that stopped reading it is not sent more.
+//! at a later call: [`REOPEN_AFTER`] after a connection's trouble or the
+//! plane ending it, [`ASK_AGAIN_AFTER`] after the plane refused it a
+//! status of its own (a call too large for it, say).
+//!
+//! A call that gets no answer in its time closes the stream for the life
+//! of the process. A plane that stopped reading it holds what was queued
+//! on it, and HTTP/2 gives the node no way to take that back: dropping
+//! its side does not reset a stream whose sending waits for the plane's
+//! window, so each stream closed that way would stay open at the plane
+//! (with the calls queued on it, which the plane may still read and
+//! answer as repeats), and enough of them would use up the connection's
+//! streams, Pull's and the unary calls' included. One such stream, with
+//! at most [`MAX_QUEUED_CALLS`] calls, is the bound.
 //!
 //! Only calls up to [`MAX_STREAMED_CALL_BYTES`] take the stream. A larger
 //! report goes unary: it would hold the Acks behind it, and a plane that
@@ -46,10 +57,10 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// After the stream broke (or could not be opened), calls stay unary this
 /// long before one opens it again.
-const REOPEN_AFTER: Duration = Duration::from_secs(2);
+pub const REOPEN_AFTER: Duration = Duration::from_secs(2);
 
 /// Calls queued for the stream at most; past it, calls go unary.
-const MAX_QUEUED_CALLS: usize = 1024;
+pub const MAX_QUEUED_CALLS: usize = 128;
 
 type Answered = Result<node_call_answer::Answer, tonic::Status>;
 
@@ -70,9 +81,10 @@ struct State {
 }
 
 enum Mode {
-    /// Not open: the next call from `at` on opens it.
+    /// Not open: the next call from `at` on opens it; `None`: no call
+    /// does, in this process.
     Closed {
-        at: Instant,
+        at: Option<Instant>,
     },
     Opening,
     Open {
@@ -91,7 +103,9 @@ impl CallStream {
         Arc::new(CallStream {
             client,
             state: Mutex::new(State {
-                mode: Mode::Closed { at: Instant::now() },
+                mode: Mode::Closed {
+                    at: Some(Instant::now()),
+                },
                 waiting: HashMap::new(),
                 next_id: 0,
                 said_unsupported: false,
@@ -112,10 +126,7 @@ impl CallStream {
                 "the call stream closed before the control plane answered",
             )),
             Err(_) => {
-                self.close(
-                    Some(id),
-                    "a call got no answer in its time; the stream is closed, not sent more",
-                );
+                self.close(Some(id), Closing::Unanswered(timeout));
                 Err(tonic::Status::deadline_exceeded(format!(
                     "the control plane did not answer within {timeout:?}"
                 )))
@@ -129,7 +140,7 @@ impl CallStream {
         let now = Instant::now();
         let calls = match &state.mode {
             Mode::Open { calls, .. } => calls,
-            Mode::Closed { at } | Mode::Unsupported { until: at } if *at <= now => {
+            Mode::Closed { at: Some(at) } | Mode::Unsupported { until: at } if *at <= now => {
                 state.mode = Mode::Opening;
                 tokio::spawn(open(Arc::downgrade(self), self.client.clone()));
                 return Err(call);
@@ -146,7 +157,7 @@ impl CallStream {
             Err(mpsc::error::TrySendError::Full(sent)) => return Err(sent.call.expect("just set")),
             Err(mpsc::error::TrySendError::Closed(sent)) => {
                 drop(state);
-                self.close(None, "its sender closed");
+                self.close(None, Closing::Broke("its sender closed".to_string()));
                 return Err(sent.call.expect("just set"));
             }
         }
@@ -158,8 +169,8 @@ impl CallStream {
 
     /// Closes the open stream: the calls waiting on it fail (the one that
     /// timed out, `timed_out`, has given up already), and a later call
-    /// opens a new one.
-    fn close(&self, timed_out: Option<u64>, why: &str) {
+    /// opens a new one, when `why` says.
+    fn close(&self, timed_out: Option<u64>, why: Closing) {
         let mut state = self.state.lock().expect("the call stream's state is never poisoned");
         // A call of a stream already closed says nothing of the open one.
         if let Some(id) = timed_out
@@ -169,10 +180,32 @@ impl CallStream {
         }
         if let Mode::Open { close, .. } = &state.mode {
             close.notify_one();
-            tracing::info!("the stream of calls to the control plane closed ({why}); calls are unary until it reopens");
-            state.mode = Mode::Closed {
-                at: Instant::now() + REOPEN_AFTER,
+            let now = Instant::now();
+            let at = match why {
+                Closing::Broke(why) => {
+                    tracing::info!(
+                        "the stream of calls to the control plane closed ({why}); calls are unary until it reopens"
+                    );
+                    Some(now + REOPEN_AFTER)
+                }
+                Closing::Refused(status) => {
+                    tracing::warn!(
+                        error = %status,
+                        "the control plane ended the stream of calls with an error of its own; calls are unary for {} minutes",
+                        ASK_AGAIN_AFTER.as_secs() / 60
+                    );
+                    Some(now + ASK_AGAIN_AFTER)
+                }
+                Closing::Unanswered(timeout) => {
+                    tracing::warn!(
+                        "a call on the stream of calls got no answer within {timeout:?}: the stream is closed, and \
+                         calls are unary until the node restarts (a plane that stopped reading a stream keeps \
+                         it open, with what was queued on it)"
+                    );
+                    None
+                }
             };
+            state.mode = Mode::Closed { at };
         }
         // Dropping each waiting call's sender answers it "closed".
         state.waiting.clear();
@@ -247,7 +280,7 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
             tracing::debug!(%why, "the stream of calls to the control plane could not be opened; calls stay unary");
             let mut state = this.state.lock().expect("the call stream's state is never poisoned");
             state.mode = Mode::Closed {
-                at: Instant::now() + REOPEN_AFTER,
+                at: Some(Instant::now() + REOPEN_AFTER),
             };
             return;
         }
@@ -270,11 +303,34 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
         let Some(this) = stream.upgrade() else { return };
         match message {
             Ok(Some(answer)) => this.answered(answer),
-            Ok(None) => break "the control plane ended it".to_string(),
-            Err(status) => break status.to_string(),
+            Ok(None) => break Closing::Broke("the control plane ended it".to_string()),
+            Err(status) => break Closing::of(status),
         }
     };
     if let Some(this) = stream.upgrade() {
-        this.close(None, &why);
+        this.close(None, why);
+    }
+}
+
+/// Why the open stream closes, which says when it may open again.
+enum Closing {
+    /// The connection's trouble, or the plane ended it: soon.
+    Broke(String),
+    /// The plane ended it with a status of its own: after a while.
+    Refused(tonic::Status),
+    /// A call on it got no answer in its time: never, in this process.
+    Unanswered(Duration),
+}
+
+impl Closing {
+    fn of(status: tonic::Status) -> Closing {
+        use tonic::Code;
+        match status.code() {
+            // What a lost connection, a restart or a shutdown ends it with.
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded => {
+                Closing::Broke(status.to_string())
+            }
+            _ => Closing::Refused(status),
+        }
     }
 }
