@@ -97,6 +97,44 @@ async fn ids_with_control_characters_forge_no_log_line_and_the_fail_message_stay
     }
 }
 
+/// A report sent three times: each failed attempt's warning names its
+/// attempt, and no line repeats the report span's `report.attempts`
+/// (a formatter appends each recording of a span field to the span).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_retried_says_each_attempt_once() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let answers = scripted::Answers {
+        unavailable_first: 2,
+        ..scripted::Answers::default()
+    };
+    // No such agent: the lease fails at once, and its Fail is the report.
+    let (url, recorded) = scripted::serve_with(
+        vec![scripted::lease("lease-retried", "ghost", now_ms + 60_000)],
+        answers,
+    )
+    .await;
+    let stderr = serve_until(&[("NodeRuntime__ControlPlaneUrl", &url)], |_| {
+        !recorded.lock().unwrap().fails.is_empty()
+    })
+    .await;
+    assert_eq!(recorded.lock().unwrap().fails.len(), 1, "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("report not delivered"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings[0].contains("attempt=1") && warnings[1].contains("attempt=2"),
+        "{warnings:#?}"
+    );
+    for line in stderr.lines() {
+        assert!(line.matches("report.attempts").count() <= 1, "a field repeated: {line}");
+    }
+}
+
 #[test]
 fn credentials_in_urls_appear_in_neither_config_check_nor_its_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,8 @@ pub struct Recorded {
     pub calls_streams: usize,
     /// Calls read on Calls streams (none is answered: see [`CallsStream`]).
     pub streamed_calls: usize,
+    /// Reports answered UNAVAILABLE (see [`Answers::unavailable_first`]).
+    pub unavailable: usize,
 }
 
 /// How the script answers Complete and Fail.
@@ -38,6 +40,9 @@ pub struct Answers {
     pub max_message_bytes: Option<usize>,
     /// What the Calls stream does.
     pub calls: CallsStream,
+    /// The first this many reports (Complete or Fail) are answered
+    /// UNAVAILABLE, unrecorded: the node must send them again.
+    pub unavailable_first: usize,
 }
 
 /// What the script does with a node's Calls stream.
@@ -57,7 +62,20 @@ impl Default for Answers {
             success: true,
             max_message_bytes: None,
             calls: CallsStream::Unimplemented,
+            unavailable_first: 0,
         }
+    }
+}
+
+impl Script {
+    /// UNAVAILABLE while reports are still to be refused so.
+    fn unavailable_now(&self) -> Result<(), tonic::Status> {
+        let mut recorded = self.recorded.lock().unwrap();
+        if recorded.unavailable < self.answers.unavailable_first {
+            recorded.unavailable += 1;
+            return Err(tonic::Status::unavailable("the script is not taking reports yet"));
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +122,7 @@ impl LeaseService for Script {
         request: tonic::Request<CompleteRequest>,
     ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
         tokio::time::sleep(self.answers.delay).await;
+        self.unavailable_now()?;
         self.recorded.lock().unwrap().completes.push(request.into_inner());
         let message = if self.answers.success {
             String::new()
@@ -118,6 +137,7 @@ impl LeaseService for Script {
 
     async fn fail(&self, request: tonic::Request<FailRequest>) -> Result<tonic::Response<FailResponse>, tonic::Status> {
         tokio::time::sleep(self.answers.delay).await;
+        self.unavailable_now()?;
         let request = request.into_inner();
         let retryable = request.retryable;
         self.recorded.lock().unwrap().fails.push(request);

@@ -368,7 +368,6 @@ impl Reporter {
         let mut attempts = 0u32;
         let remove = loop {
             attempts += 1;
-            tracing::Span::current().record("report.attempts", attempts);
             if self
                 .outbox
                 .expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms())
@@ -403,7 +402,7 @@ impl Reporter {
                         recorded = self.record(delivery.report(), deadline_unix_ms).await;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(%lease_id, error = %err, retry_in = ?delay, "report not delivered");
+                    tracing::warn!(%lease_id, attempt = attempts, error = %err, retry_in = ?delay, "report not delivered");
                     tokio::select! {
                         _ = self.shutdown.delivery_given_up() => {
                             tracing::error!(%lease_id, "report not delivered before exit; it stays in the outbox for the next start");
@@ -414,6 +413,9 @@ impl Reporter {
                 }
             }
         };
+        // Once: a log formatter appends each recording of a field to the
+        // span's line, so one per attempt would repeat it.
+        tracing::Span::current().record("report.attempts", attempts);
         if remove {
             self.forget(&lease_id).await;
         }
