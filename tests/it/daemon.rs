@@ -665,23 +665,38 @@ async fn a_lease_sent_twice_runs_once_and_a_lease_past_its_deadline_never_runs()
     node.shutdown().await;
 }
 
-/// A plane that takes the Calls stream but never answers on it: each call
-/// on it times out (10 s) and is made again unary, and the stream is not
-/// opened again, since a stream the plane stopped reading cannot be taken
-/// back (each would stay open at the plane).
+/// A plane that takes the Calls stream but never answers on it, nor ends
+/// it: each call on it times out (10 s) and is made again unary, and no
+/// stream is opened again, since one the plane stopped reading cannot be
+/// taken back (each would stay open at the plane).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_calls_stream_that_never_answers_is_given_up_and_every_report_arrives_unary() {
+    let calls_streams = unanswered_calls_stream(scripted::CallsStream::Silent).await;
+    assert_eq!(calls_streams, 1, "the stream was not opened again");
+}
+
+/// The same plane, but it ends the stream once the node has ended its
+/// side: nothing of it is left, so a later call opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_stream_given_up_is_opened_again_once_the_plane_has_ended_it() {
+    let calls_streams = unanswered_calls_stream(scripted::CallsStream::SilentUntilEnd).await;
+    assert_eq!(calls_streams, 2, "a new stream after the old one ended");
+}
+
+/// Runs two leases that end at once and one cut off by its deadline 14 s
+/// on (after the stream is given up, at 10 s, and after the 2 s a broken
+/// stream waits before it reopens) against a plane whose Calls stream
+/// never answers; checks every report arrived once, unary. Returns the
+/// Calls streams the node opened.
+async fn unanswered_calls_stream(mode: scripted::CallsStream) -> usize {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
     let answers = scripted::Answers {
-        calls: scripted::CallsStream::Silent,
+        calls: mode,
         ..scripted::Answers::default()
     };
-    // Two runs that end at once, and one cut off by its deadline 14 s on:
-    // after the stream is given up (10 s), and after the 2 s a broken
-    // stream waits before it reopens.
     let (url, recorded) = scripted::serve_with(
         vec![
             scripted::lease("lease-a", "echo", now_ms + 60_000),
@@ -699,7 +714,7 @@ async fn a_calls_stream_that_never_answers_is_given_up_and_every_report_arrives_
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    {
+    let calls_streams = {
         let recorded = recorded.lock().unwrap();
         let mut completed: Vec<&str> = recorded.completes.iter().map(|c| c.lease_id.as_str()).collect();
         completed.sort_unstable();
@@ -710,9 +725,10 @@ async fn a_calls_stream_that_never_answers_is_given_up_and_every_report_arrives_
             recorded.streamed_calls >= 1,
             "calls went to the stream and got no answer"
         );
-        assert_eq!(recorded.calls_streams, 1, "the stream was not opened again");
-    }
+        recorded.calls_streams
+    };
     node.shutdown().await;
+    calls_streams
 }
 
 async fn http_json(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {

@@ -51,8 +51,11 @@ pub enum CallsStream {
     /// Refuses it UNIMPLEMENTED, as the reference does.
     #[default]
     Unimplemented,
-    /// Takes it and reads every call, but never answers one.
+    /// Takes it and reads every call, but never answers one, and never
+    /// ends its side.
     Silent,
+    /// As `Silent`, but ends its side once the node has ended its own.
+    SilentUntilEnd,
 }
 
 impl Default for Answers {
@@ -161,12 +164,16 @@ impl LeaseService for Script {
             CallsStream::Unimplemented => Err(tonic::Status::unimplemented(
                 "lease.LeaseService/Calls is not a method of the reference",
             )),
-            CallsStream::Silent => {
+            mode @ (CallsStream::Silent | CallsStream::SilentUntilEnd) => {
                 let (answers, answered) = tokio::sync::mpsc::channel(1);
                 let (mut incoming, recorded) = (request.into_inner(), self.recorded.clone());
                 tokio::spawn(async move {
                     while let Ok(Some(_)) = incoming.message().await {
                         recorded.lock().unwrap().streamed_calls += 1;
+                    }
+                    if mode == CallsStream::Silent {
+                        // Held until the node's connection goes.
+                        answers.closed().await;
                     }
                     drop(answers);
                 });

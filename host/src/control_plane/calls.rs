@@ -16,15 +16,18 @@
 //! plane ending it, [`ASK_AGAIN_AFTER`] after the plane refused it a
 //! status of its own (a call too large for it, say).
 //!
-//! A call that gets no answer in its time closes the stream for the life
-//! of the process. A plane that stopped reading it holds what was queued
-//! on it, and HTTP/2 gives the node no way to take that back: dropping
-//! its side does not reset a stream whose sending waits for the plane's
-//! window, so each stream closed that way would stay open at the plane
-//! (with the calls queued on it, which the plane may still read and
-//! answer as repeats), and enough of them would use up the connection's
-//! streams, Pull's and the unary calls' included. One such stream, with
-//! at most [`MAX_QUEUED_CALLS`] calls, is the bound.
+//! A call that gets no answer in its time closes the stream, and no new
+//! one is opened until the plane has ended that one (or its connection
+//! went). A plane that stopped reading it holds what was queued on it,
+//! and HTTP/2 gives the node no way to take that back: dropping its side
+//! does not reset a stream whose sending waits for the plane's window, so
+//! each stream closed that way would stay open at the plane (with the
+//! calls queued on it, which the plane may still read and answer as
+//! repeats), and enough of them would use up the connection's streams,
+//! Pull's and the unary calls' included. One such stream, with at most
+//! [`MAX_QUEUED_CALLS`] calls, is the bound: against a plane that never
+//! reads it again, for the life of the process; after a stall, until the
+//! plane has read the rest and ended it.
 //!
 //! Only calls up to [`MAX_STREAMED_CALL_BYTES`] take the stream. A larger
 //! report goes unary: it would hold the Acks behind it, and a plane that
@@ -82,7 +85,7 @@ struct State {
 
 enum Mode {
     /// Not open: the next call from `at` on opens it; `None`: no call
-    /// does, in this process.
+    /// does until the stream given up has ended.
     Closed {
         at: Option<Instant>,
     },
@@ -199,8 +202,9 @@ impl CallStream {
                 Closing::Unanswered(timeout) => {
                     tracing::warn!(
                         "a call on the stream of calls got no answer within {timeout:?}: the stream is closed, and \
-                         calls are unary until the node restarts (a plane that stopped reading a stream keeps \
-                         it open, with what was queued on it)"
+                         calls are unary until the plane has ended it (a plane that stopped reading a stream keeps \
+                         it open, with what was queued on it; against one that never reads it again, until the \
+                         node restarts)"
                     );
                     None
                 }
@@ -209,6 +213,19 @@ impl CallStream {
         }
         // Dropping each waiting call's sender answers it "closed".
         state.waiting.clear();
+    }
+
+    /// The stream given up for an unanswered call has ended (the plane
+    /// ended it, or its connection went): nothing of it is left at the
+    /// plane, so a later call may open a new one.
+    fn abandoned_ended(&self) {
+        let mut state = self.state.lock().expect("the call stream's state is never poisoned");
+        if let Mode::Closed { at: None } = state.mode {
+            tracing::info!("the stream of calls given up earlier has ended; a later call opens a new one");
+            state.mode = Mode::Closed {
+                at: Some(Instant::now() + REOPEN_AFTER),
+            };
+        }
     }
 
     fn answered(&self, answer: NodeCallAnswer) {
@@ -297,7 +314,16 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
     drop(this);
     let why = loop {
         let message = tokio::select! {
-            () = close.notified() => return,
+            () = close.notified() => {
+                // Closed from outside (a call unanswered, its sender gone):
+                // the plane may still hold it. Its answers are read and
+                // dropped until it ends; then a later call may open another.
+                while let Ok(Some(_)) = answers.message().await {}
+                if let Some(this) = stream.upgrade() {
+                    this.abandoned_ended();
+                }
+                return;
+            }
             message = answers.message() => message,
         };
         let Some(this) = stream.upgrade() else { return };
@@ -318,7 +344,7 @@ enum Closing {
     Broke(String),
     /// The plane ended it with a status of its own: after a while.
     Refused(tonic::Status),
-    /// A call on it got no answer in its time: never, in this process.
+    /// A call on it got no answer in its time: once the plane ended it.
     Unanswered(Duration),
 }
 
