@@ -683,6 +683,47 @@ async fn a_calls_stream_given_up_is_opened_again_once_the_plane_has_ended_it() {
     assert_eq!(calls_streams, 2, "a new stream after the old one ended");
 }
 
+/// A plane that takes the Calls stream only to end it at once, answering
+/// nothing: the node does not ask every two seconds, but ever less often,
+/// and every report arrives, unary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_stream_ended_at_once_is_asked_for_less_and_less_often() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let answers = scripted::Answers {
+        calls: scripted::CallsStream::EndsAtOnce,
+        ..scripted::Answers::default()
+    };
+    // A Fail a second, for twelve seconds: a call whenever the stream may
+    // reopen. Every two seconds, it would be opened seven times.
+    let leases = (1..=12)
+        .map(|n| scripted::lease(&format!("lease-{n}"), "sleep-forever", now_ms + n * 1_000))
+        .collect();
+    let (url, recorded) = scripted::serve_with(leases, answers).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 16, &agents);
+    eventually(Duration::from_secs(60), "twelve reports", || {
+        (recorded.lock().unwrap().fails.len() >= 12).then_some(())
+    })
+    .await;
+    {
+        let recorded = recorded.lock().unwrap();
+        let mut failed: Vec<&str> = recorded.fails.iter().map(|fail| fail.lease_id.as_str()).collect();
+        failed.sort_unstable();
+        failed.dedup();
+        assert_eq!(failed.len(), 12, "each lease failed once: {failed:?}");
+        // At 0, within 2 s, within 4 s more, within 8 s more: four at most.
+        assert!(
+            (2..=4).contains(&recorded.calls_streams),
+            "streams asked for: {}",
+            recorded.calls_streams
+        );
+    }
+    node.shutdown().await;
+}
+
 /// Runs two leases that end at once and one cut off by its deadline 14 s
 /// on (after the stream is given up, at 10 s, and after the 2 s a broken
 /// stream waits before it reopens) against a plane whose Calls stream

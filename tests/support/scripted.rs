@@ -56,6 +56,8 @@ pub enum CallsStream {
     Silent,
     /// As `Silent`, but ends its side once the node has ended its own.
     SilentUntilEnd,
+    /// Takes it and ends it at once (OK, no answer).
+    EndsAtOnce,
 }
 
 impl Default for Answers {
@@ -164,6 +166,10 @@ impl LeaseService for Script {
             CallsStream::Unimplemented => Err(tonic::Status::unimplemented(
                 "lease.LeaseService/Calls is not a method of the reference",
             )),
+            CallsStream::EndsAtOnce => {
+                let (_, answered) = tokio::sync::mpsc::channel(1);
+                Ok(tonic::Response::new(ReceiverStream::new(answered)))
+            }
             mode @ (CallsStream::Silent | CallsStream::SilentUntilEnd) => {
                 let (answers, answered) = tokio::sync::mpsc::channel(1);
                 let (mut incoming, recorded) = (request.into_inner(), self.recorded.clone());

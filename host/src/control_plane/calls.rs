@@ -13,8 +13,10 @@
 //! broken stream fails the calls waiting on it (as a broken connection
 //! fails requests: their callers retry as they do then) and is reopened
 //! at a later call: [`REOPEN_AFTER`] after a connection's trouble or the
-//! plane ending it, [`ASK_AGAIN_AFTER`] after the plane refused it a
-//! status of its own (a call too large for it, say).
+//! plane ending it (doubling, up to [`ASK_AGAIN_AFTER`], while the streams
+//! opened end without answering a call: a plane that takes the stream only
+//! to end it is not asked every two seconds), [`ASK_AGAIN_AFTER`] after
+//! the plane refused it a status of its own (a call too large for it, say).
 //!
 //! A call that gets no answer in its time closes the stream, and no new
 //! one is opened until the plane has ended that one (or its connection
@@ -42,6 +44,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use support::Backoff;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::transport::Channel;
 
@@ -79,6 +82,8 @@ struct State {
     /// Calls sent on the open stream and not yet answered, by id.
     waiting: HashMap<u64, oneshot::Sender<Answered>>,
     next_id: u64,
+    /// How long after a break the stream may open again.
+    reopen: Backoff,
     /// Whether the plane's lack of the stream has been logged.
     said_unsupported: bool,
 }
@@ -111,6 +116,7 @@ impl CallStream {
                 },
                 waiting: HashMap::new(),
                 next_id: 0,
+                reopen: Backoff::new(REOPEN_AFTER, ASK_AGAIN_AFTER),
                 said_unsupported: false,
             }),
         })
@@ -160,7 +166,13 @@ impl CallStream {
             Err(mpsc::error::TrySendError::Full(sent)) => return Err(sent.call.expect("just set")),
             Err(mpsc::error::TrySendError::Closed(sent)) => {
                 drop(state);
-                self.close(None, Closing::Broke("its sender closed".to_string()));
+                self.close(
+                    None,
+                    Closing::Broke {
+                        why: "its sender closed".to_string(),
+                        answered: false,
+                    },
+                );
                 return Err(sent.call.expect("just set"));
             }
         }
@@ -185,11 +197,14 @@ impl CallStream {
             close.notify_one();
             let now = Instant::now();
             let at = match why {
-                Closing::Broke(why) => {
+                Closing::Broke { why, answered } => {
                     tracing::info!(
                         "the stream of calls to the control plane closed ({why}); calls are unary until it reopens"
                     );
-                    Some(now + REOPEN_AFTER)
+                    if answered {
+                        state.reopen.reset();
+                    }
+                    Some(now + state.reopen.next_delay())
                 }
                 Closing::Refused(status) => {
                     tracing::warn!(
@@ -296,8 +311,9 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
             };
             tracing::debug!(%why, "the stream of calls to the control plane could not be opened; calls stay unary");
             let mut state = this.state.lock().expect("the call stream's state is never poisoned");
+            let delay = state.reopen.next_delay();
             state.mode = Mode::Closed {
-                at: Some(Instant::now() + REOPEN_AFTER),
+                at: Some(Instant::now() + delay),
             };
             return;
         }
@@ -312,6 +328,7 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
     }
     tracing::info!("Ack, Complete and Fail share one stream to the control plane (Calls)");
     drop(this);
+    let mut answered = false;
     let why = loop {
         let message = tokio::select! {
             () = close.notified() => {
@@ -328,9 +345,17 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
         };
         let Some(this) = stream.upgrade() else { return };
         match message {
-            Ok(Some(answer)) => this.answered(answer),
-            Ok(None) => break Closing::Broke("the control plane ended it".to_string()),
-            Err(status) => break Closing::of(status),
+            Ok(Some(answer)) => {
+                answered = true;
+                this.answered(answer);
+            }
+            Ok(None) => {
+                break Closing::Broke {
+                    why: "the control plane ended it".to_string(),
+                    answered,
+                };
+            }
+            Err(status) => break Closing::of(status, answered),
         }
     };
     if let Some(this) = stream.upgrade() {
@@ -340,8 +365,9 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
 
 /// Why the open stream closes, which says when it may open again.
 enum Closing {
-    /// The connection's trouble, or the plane ended it: soon.
-    Broke(String),
+    /// The connection's trouble, or the plane ended it: soon, if it
+    /// `answered` a call (else later each time).
+    Broke { why: String, answered: bool },
     /// The plane ended it with a status of its own: after a while.
     Refused(tonic::Status),
     /// A call on it got no answer in its time: once the plane ended it.
@@ -349,12 +375,15 @@ enum Closing {
 }
 
 impl Closing {
-    fn of(status: tonic::Status) -> Closing {
+    fn of(status: tonic::Status, answered: bool) -> Closing {
         use tonic::Code;
         match status.code() {
             // What a lost connection, a restart or a shutdown ends it with.
             Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded => {
-                Closing::Broke(status.to_string())
+                Closing::Broke {
+                    why: status.to_string(),
+                    answered,
+                }
             }
             _ => Closing::Refused(status),
         }
