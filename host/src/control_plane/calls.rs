@@ -168,9 +168,11 @@ impl CallStream {
                 drop(state);
                 self.close(
                     None,
+                    // Its reader will say whether it answered; this is a
+                    // plain break, not a sign the plane refuses it.
                     Closing::Broke {
                         why: "its sender closed".to_string(),
-                        answered: false,
+                        answered: true,
                     },
                 );
                 return Err(sent.call.expect("just set"));
@@ -305,13 +307,24 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
             return;
         }
         failed => {
-            let why = match failed {
-                Ok(Err(status)) => status.to_string(),
-                _ => format!("no answer within {OPEN_TIMEOUT:?}"),
+            // The connection's trouble (an outage, or no answer in time):
+            // asked again soon, so that calls share a stream as soon as the
+            // plane is back. A plane that refuses it otherwise: ever less
+            // often.
+            let (why, refused) = match failed {
+                Ok(Err(status)) => (
+                    status.to_string(),
+                    !matches!(Closing::of(status, false), Closing::Broke { .. }),
+                ),
+                _ => (format!("no answer within {OPEN_TIMEOUT:?}"), false),
             };
             tracing::debug!(%why, "the stream of calls to the control plane could not be opened; calls stay unary");
             let mut state = this.state.lock().expect("the call stream's state is never poisoned");
-            let delay = state.reopen.next_delay();
+            let delay = if refused {
+                state.reopen.next_delay()
+            } else {
+                REOPEN_AFTER
+            };
             state.mode = Mode::Closed {
                 at: Some(Instant::now() + delay),
             };
@@ -360,6 +373,9 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
     };
     if let Some(this) = stream.upgrade() {
         this.close(None, why);
+        // Given up by a call's timeout just as it ended by itself: it has
+        // ended all the same.
+        this.abandoned_ended();
     }
 }
 
