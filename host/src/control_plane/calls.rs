@@ -100,10 +100,6 @@ enum Mode {
         /// Wakes the stream's reader to drop it.
         close: Arc<Notify>,
     },
-    /// The plane answered UNIMPLEMENTED: unary calls until `until`.
-    Unsupported {
-        until: Instant,
-    },
 }
 
 impl CallStream {
@@ -149,12 +145,12 @@ impl CallStream {
         let now = Instant::now();
         let calls = match &state.mode {
             Mode::Open { calls, .. } => calls,
-            Mode::Closed { at: Some(at) } | Mode::Unsupported { until: at } if *at <= now => {
+            Mode::Closed { at: Some(at) } if *at <= now => {
                 state.mode = Mode::Opening;
                 tokio::spawn(open(Arc::downgrade(self), self.client.clone()));
                 return Err(call);
             }
-            Mode::Closed { .. } | Mode::Opening | Mode::Unsupported { .. } => return Err(call),
+            Mode::Closed { .. } | Mode::Opening => return Err(call),
         };
         if call.encoded_len() > MAX_STREAMED_CALL_BYTES {
             return Err(call);
@@ -301,8 +297,9 @@ async fn open(stream: Weak<CallStream>, mut client: LeaseServiceClient<Channel>)
                      one request per Ack, Complete and Fail"
                 );
             }
-            state.mode = Mode::Unsupported {
-                until: Instant::now() + ASK_AGAIN_AFTER,
+            // Asked again in a while: the plane may be upgraded.
+            state.mode = Mode::Closed {
+                at: Some(Instant::now() + ASK_AGAIN_AFTER),
             };
             return;
         }
