@@ -45,6 +45,14 @@ fn needs_escape(c: char) -> bool {
         )
 }
 
+/// Whether nothing in `text` is written as an escape. Log lines are
+/// nearly always printable ASCII, where only C0 and DEL are: the common
+/// case is a scan of bytes, the characters are decoded only past ASCII.
+fn is_clean(text: &str) -> bool {
+    let printable_ascii = |b: &u8| (0x20..0x7f).contains(b);
+    text.as_bytes().iter().all(printable_ascii) || !text.chars().any(needs_escape)
+}
+
 /// `text` with its control characters escaped; borrowed when it has none.
 pub fn escape(text: &str) -> Cow<'_, str> {
     escape_keeping_colours(text, false)
@@ -68,7 +76,7 @@ pub fn escape_keeping_lines(text: &str, keep_colours: bool) -> Cow<'_, str> {
 /// log formatter writes (`ESC [ digits ; ... m`, which can only change
 /// colours) are kept.
 pub fn escape_keeping_colours(text: &str, keep_colours: bool) -> Cow<'_, str> {
-    if !text.chars().any(needs_escape) {
+    if is_clean(text) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
@@ -106,7 +114,7 @@ pub fn escape_keeping_colours(text: &str, keep_colours: bool) -> Cow<'_, str> {
 /// terminal as it reads.
 pub fn escape_json(json: &str) -> Cow<'_, str> {
     let raw = |c: char| c >= '\u{7f}' && needs_escape(c);
-    if !json.chars().any(raw) {
+    if (json.is_ascii() && !json.as_bytes().contains(&0x7f)) || !json.chars().any(raw) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 16);
@@ -150,6 +158,21 @@ mod tests {
             escape("a\u{ad}b\u{180e}c\u{2062}d\u{206f}e\u{fffa}f\u{3164}g\u{e0001}h\u{200d}i"),
             "a\\u{ad}b\\u{180e}c\\u{2062}d\\u{206f}e\\u{fffa}f\\u{3164}g\\u{e0001}h\u{200d}i"
         );
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_rule_for_every_character() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let text = format!("id={c}.");
+            assert_eq!(is_clean(&text), !needs_escape(c), "U+{:04X}", c as u32);
+            let json = serde_json::to_string(&text).unwrap();
+            assert_eq!(
+                matches!(escape_json(&json), Cow::Borrowed(_)),
+                c < '\u{7f}' || !needs_escape(c),
+                "U+{:04X} in JSON",
+                c as u32
+            );
+        }
     }
 
     #[test]

@@ -101,11 +101,13 @@ impl Write for SafeLine {
         } else {
             redacted
         };
-        let mut stderr = io::stderr().lock();
-        stderr.write_all(escaped.as_bytes())?;
+        // The line and its newline in one system call, not two.
+        let mut line = Vec::with_capacity(escaped.len() + 1);
+        line.extend_from_slice(escaped.as_bytes());
         if newline {
-            stderr.write_all(b"\n")?;
+            line.push(b'\n');
         }
+        io::stderr().lock().write_all(&line)?;
         Ok(buf.len())
     }
 

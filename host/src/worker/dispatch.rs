@@ -19,9 +19,10 @@ use super::specs::{SpecError, Specs};
 use super::{NodeStats, Slots};
 use crate::agent_store::{AgentDigest, AgentStore, DIGEST_METADATA_KEY, ResolveError};
 use crate::sandbox::declarative::AgentSpec;
-use crate::sandbox::{Agent, FailKind, RunFailure, RunOutcome, RunReport, Sandbox};
+use crate::sandbox::{Agent, FailKind, RunContext, RunFailure, RunOutcome, RunReport, Sandbox};
 use crate::telemetry::{self, FinishedRun, NodeMetrics};
-use tracing::field::Empty;
+use tracing::Span;
+use tracing::field::{Empty, Field, Value};
 
 /// The dispatch task's state: what running a lease needs.
 pub(super) struct Dispatcher {
@@ -96,25 +97,7 @@ impl Dispatcher {
         self.stats.run_started();
         let request = accepted.run_request();
         let context = &request.context;
-        // The lease's span: every log line about the run carries its ids, and
-        // its OpenTelemetry trace is the lease's (`trace_id`).
-        let span = tracing::info_span!(
-            "lease",
-            "lease.id" = %context.lease_id,
-            "run.id" = %context.run_id,
-            trace_id = %context.trace_id,
-            "node.id" = %self.node_id,
-            "agent.id" = %context.agent_id,
-            "agent.version" = %context.agent_version,
-            "outcome" = Empty,
-            "outcome.kind" = Empty,
-            "run.fuel_consumed" = Empty,
-            "run.peak_memory_bytes" = Empty,
-            "run.tokens_in" = Empty,
-            "run.tokens_out" = Empty,
-            "run.cost_usd" = Empty,
-        );
-        telemetry::adopt_trace_id(&span, &context.trace_id);
+        let span = lease_span(context, &self.node_id);
         // A run cut off in a host call is reported before its call is
         // unwound; the unwinding is done after the report is stored.
         let mut cut_off = None;
@@ -241,24 +224,17 @@ impl Dispatcher {
         // The slot is given back once the report is stored and the call
         // unwound (below), not when the run ends; the run counts as active
         // until then, so that active and free slots add up to the slots.
-        span.record("run.fuel_consumed", run_report.fuel_consumed);
-        span.record("run.peak_memory_bytes", run_report.peak_memory_bytes);
-        span.record("run.tokens_in", run_report.tokens_in);
-        span.record("run.tokens_out", run_report.tokens_out);
-        span.record("run.cost_usd", run_report.usd_cost);
         let fail_kind = match &outcome {
-            RunOutcome::Completed(_) => {
-                span.record("outcome", "completed");
-                span.in_scope(|| tracing::info!("run completed"));
-                None
-            }
-            RunOutcome::Failed(failure) => {
-                span.record("outcome", "failed");
-                span.record("outcome.kind", failure.kind.as_str());
-                span.in_scope(|| tracing::info!(kind = %failure.kind, reason = %failure.message, "run failed"));
-                Some(failure.kind.as_str())
-            }
+            RunOutcome::Completed(_) => None,
+            RunOutcome::Failed(failure) => Some(failure.kind.as_str()),
         };
+        record_run(&span, &run_report, fail_kind);
+        match &outcome {
+            RunOutcome::Completed(_) => span.in_scope(|| tracing::info!("run completed")),
+            RunOutcome::Failed(failure) => {
+                span.in_scope(|| tracing::info!(kind = %failure.kind, reason = %failure.message, "run failed"));
+            }
+        }
         let timings = Timings {
             received: accepted.received,
             started: Some(started),
@@ -293,6 +269,72 @@ impl Dispatcher {
     }
 }
 
+/// The lease's span: every log line about the run carries its ids, and its
+/// OpenTelemetry trace is the lease's (`trace_id`). What the run did is
+/// recorded on it at the end ([`record_run`]).
+fn lease_span(context: &RunContext, node_id: &str) -> Span {
+    let span = tracing::info_span!(
+        "lease",
+        "lease.id" = %context.lease_id,
+        "run.id" = %context.run_id,
+        trace_id = %context.trace_id,
+        "node.id" = %node_id,
+        "agent.id" = %context.agent_id,
+        "agent.version" = %context.agent_version,
+        "outcome" = Empty,
+        "outcome.kind" = Empty,
+        "run.fuel_consumed" = Empty,
+        "run.peak_memory_bytes" = Empty,
+        "run.tokens_in" = Empty,
+        "run.tokens_out" = Empty,
+        "run.cost_usd" = Empty,
+    );
+    telemetry::adopt_trace_id(&span, &context.trace_id);
+    span
+}
+
+/// The run's outcome and numbers on the lease's span, in one record: each
+/// record is a call into every layer, which formats what it is given.
+fn record_run(span: &Span, report: &RunReport, fail_kind: Option<&str>) {
+    let Some(metadata) = span.metadata() else {
+        return; // no layer wants the span
+    };
+    let fields = metadata.fields();
+    let names = [
+        "run.fuel_consumed",
+        "run.peak_memory_bytes",
+        "run.tokens_in",
+        "run.tokens_out",
+        "run.cost_usd",
+        "outcome",
+        "outcome.kind",
+    ];
+    let [
+        Some(fuel),
+        Some(memory),
+        Some(tokens_in),
+        Some(tokens_out),
+        Some(cost),
+        Some(outcome),
+        Some(kind),
+    ] = names.map(|name| fields.field(name))
+    else {
+        debug_assert!(false, "the lease span declares every run field");
+        return;
+    };
+    let said = if fail_kind.is_some() { "failed" } else { "completed" };
+    let values: [(&Field, Option<&dyn Value>); 7] = [
+        (&fuel, Some(&report.fuel_consumed)),
+        (&memory, Some(&report.peak_memory_bytes)),
+        (&tokens_in, Some(&report.tokens_in)),
+        (&tokens_out, Some(&report.tokens_out)),
+        (&cost, Some(&report.usd_cost)),
+        (&outcome, Some(&said)),
+        (&kind, fail_kind.as_ref().map(|kind| kind as &dyn Value)),
+    ];
+    span.record_all(&fields.value_set(&values));
+}
+
 /// What a lease's agent turned out to be.
 enum Runnable {
     /// A component from one of the node's sources.
@@ -311,5 +353,78 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// What a lease's line says once its run is recorded, as the human
+    /// format writes it.
+    fn line_after(report: &RunReport, fail_kind: Option<&str>) -> String {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let sink = written.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || SharedBuffer(sink.clone())),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let context = RunContext {
+                lease_id: "lease-1".into(),
+                run_id: "run-1".into(),
+                agent_id: "echo".into(),
+                agent_version: "1.0.0".into(),
+                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+                ..RunContext::default()
+            };
+            let span = lease_span(&context, "node-1");
+            record_run(&span, report, fail_kind);
+            span.in_scope(|| tracing::info!("run ended"));
+        });
+        String::from_utf8(written.lock().unwrap().clone()).unwrap()
+    }
+
+    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_run_is_recorded_on_its_lease_span_in_one_go() {
+        let report = RunReport {
+            fuel_consumed: 12757,
+            peak_memory_bytes: 1114720,
+            tokens_in: 3,
+            tokens_out: 4,
+            usd_cost: 0.5,
+            ..RunReport::default()
+        };
+        let completed = line_after(&report, None);
+        assert!(
+            completed.contains(
+                "node.id=node-1 agent.id=echo agent.version=1.0.0 run.fuel_consumed=12757 \
+                 run.peak_memory_bytes=1114720 run.tokens_in=3 run.tokens_out=4 run.cost_usd=0.5 \
+                 outcome=\"completed\"}"
+            ),
+            "{completed}"
+        );
+        let failed = line_after(&report, Some("budget_fuel"));
+        assert!(
+            failed.contains("run.cost_usd=0.5 outcome=\"failed\" outcome.kind=\"budget_fuel\"}"),
+            "{failed}"
+        );
     }
 }

@@ -262,7 +262,7 @@ impl Puller {
         let mut accepted = Vec::with_capacity(recorded.len());
         for lease in recorded {
             let lease = AcceptedLease { lease, received };
-            tracing::info!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
+            tracing::debug!(lease_id = %lease.lease.lease_id, run_id = %lease.lease.run_id, agent_id = lease.agent_id(), "lease received");
             self.acknowledge(&lease);
             accepted.push(lease);
         }
