@@ -244,6 +244,46 @@ async fn acks_and_reports_share_one_stream_where_the_plane_has_it() {
     plane.shutdown().await;
 }
 
+/// `NodeRuntime.CallsStream` false: every Ack, Complete and Fail is a
+/// request of its own, even to a plane that has the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_stream_false_keeps_every_call_unary() {
+    let plane = start_plane("127.0.0.1:0").await;
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("serve.log");
+    let mut node = serve_logging_to(
+        &log,
+        &plane.url(),
+        agents.path(),
+        data.path(),
+        &[("NodeRuntime__CallsStream", "false")],
+    );
+    // One run, then more: with the stream on, the first call opens it and
+    // the later ones use it.
+    for round in [1, 3] {
+        let mut ids = Vec::new();
+        for n in 0..round {
+            let run = new_run("echo", &format!("round {round}, run {n}"), Budgets::default());
+            ids.push(plane.submit(run).await.unwrap().run_id);
+        }
+        for id in &ids {
+            let run = eventually(Duration::from_secs(60), "each run to end", || {
+                plane.run(id).filter(ended)
+            })
+            .await;
+            assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+        }
+    }
+    assert_eq!(
+        plane.calls_on_streams(),
+        (0, 0),
+        "no stream opened, nothing sent on one"
+    );
+    node.kill().await.unwrap();
+    plane.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_agent_fails_naming_what_was_looked_for() {
     let plane = start_plane("127.0.0.1:0").await;

@@ -143,6 +143,7 @@ impl<'a> NodeBuild<'a> {
             .metrics(self.metrics)
             .max_lease_message_bytes(usize::try_from(config.node_runtime.max_lease_message_bytes).unwrap_or(usize::MAX))
             .declarative_agents(config.declarative_agents.enabled)
+            .calls_stream(config.node_runtime.calls_stream)
             .start()?;
         Ok(node)
     }

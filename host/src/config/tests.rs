@@ -186,6 +186,7 @@ fn environment_variables_override_the_file_the_dotnet_way() {
             ("Logging__LogLevel__Default", "Debug"),
             ("NodeRuntime__AdminListen", "0.0.0.0:9090"),
             ("NodeRuntime__MaxLeaseMessageBytes", "5MiB"),
+            ("NodeRuntime__CallsStream", "false"),
             // Not the node's sections: none of its business.
             ("PATH", "/usr/bin"),
             ("Kestrel__Endpoints__Http__Url", "http://*:80"),
@@ -203,6 +204,8 @@ fn environment_variables_override_the_file_the_dotnet_way() {
     assert!(config.log_filter().starts_with("debug,"));
     assert_eq!(config.node_runtime.admin_listen, Some("0.0.0.0:9090".parse().unwrap()));
     assert_eq!(config.node_runtime.max_lease_message_bytes, 5 << 20);
+    assert!(!config.node_runtime.calls_stream);
+    assert!(NodeConfig::default().node_runtime.calls_stream, "on unless turned off");
     assert_eq!(config.ignored_keys, ["AllowedHosts"]);
 }
 
@@ -352,6 +355,13 @@ fn every_bad_value_is_refused_with_an_error_naming_its_key() {
             env: &[],
             key: "NodeRuntime.MaxLeaseMessageBytes",
             fix: "at least 64KiB",
+        },
+        Case {
+            what: "a calls stream neither on nor off",
+            json: r#"{"NodeRuntime": {"CallsStream": "sometimes"}}"#,
+            env: &[],
+            key: "NodeRuntime.CallsStream",
+            fix: "true or false",
         },
         Case {
             what: "a negative drain timeout",

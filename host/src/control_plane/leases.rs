@@ -66,7 +66,8 @@ impl LeaseClientError {
 pub struct LeaseClient {
     client: LeaseServiceClient<Channel>,
     /// Ack, Complete and Fail, where the plane has the Calls stream.
-    calls: Arc<CallStream>,
+    /// None: every call is unary (`NodeRuntime.CallsStream` false).
+    calls: Option<Arc<CallStream>>,
     /// Bound on each call (Ack, Complete, Fail), not on Pull.
     call_timeout: Duration,
 }
@@ -135,10 +136,30 @@ impl LeaseClient {
         };
         let client = LeaseServiceClient::new(channel);
         Ok(LeaseClient {
-            calls: CallStream::new(client.clone()),
+            calls: Some(CallStream::new(client.clone())),
             client,
             call_timeout,
         })
+    }
+
+    /// Whether Ack, Complete and Fail try the `Calls` stream first (on
+    /// unless turned off).
+    pub fn calls_stream(mut self, enabled: bool) -> Self {
+        if !enabled {
+            self.calls = None;
+        }
+        self
+    }
+
+    /// `call` on the Calls stream; `Err(call)`: make it unary instead.
+    async fn on_stream(
+        &self,
+        call: node_call::Call,
+    ) -> Result<Result<node_call_answer::Answer, tonic::Status>, node_call::Call> {
+        match &self.calls {
+            Some(calls) => calls.call(call, self.call_timeout).await,
+            None => Err(call),
+        }
     }
 
     /// Decodes lease messages of up to `bytes` (tonic's default is 4 MiB).
@@ -164,7 +185,7 @@ impl LeaseClient {
     }
 
     pub async fn ack(&self, request: AckRequest) -> Result<(bool, String), LeaseClientError> {
-        let request = match self.calls.call(node_call::Call::Ack(request), self.call_timeout).await {
+        let request = match self.on_stream(node_call::Call::Ack(request)).await {
             Ok(Ok(node_call_answer::Answer::Ack(response))) => return Ok((response.success, response.message)),
             Ok(answered) => return Err(unexpected("Ack", answered)),
             Err(node_call::Call::Ack(request)) => request,
@@ -197,11 +218,7 @@ impl LeaseClient {
     }
 
     pub async fn complete(&self, request: CompleteRequest) -> Result<CompleteResponse, LeaseClientError> {
-        let request = match self
-            .calls
-            .call(node_call::Call::Complete(request), self.call_timeout)
-            .await
-        {
+        let request = match self.on_stream(node_call::Call::Complete(request)).await {
             Ok(Ok(node_call_answer::Answer::Complete(response))) => return Ok(response),
             Ok(answered) => return Err(unexpected("Complete", answered)),
             Err(node_call::Call::Complete(request)) => request,
@@ -216,7 +233,7 @@ impl LeaseClient {
     }
 
     pub async fn fail(&self, request: FailRequest) -> Result<FailResponse, LeaseClientError> {
-        let request = match self.calls.call(node_call::Call::Fail(request), self.call_timeout).await {
+        let request = match self.on_stream(node_call::Call::Fail(request)).await {
             Ok(Ok(node_call_answer::Answer::Fail(response))) => return Ok(response),
             Ok(answered) => return Err(unexpected("Fail", answered)),
             Err(node_call::Call::Fail(request)) => request,

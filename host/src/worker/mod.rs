@@ -321,6 +321,7 @@ impl NodeHandle {
             metrics: Arc::default(),
             max_lease_message_bytes: DEFAULT_MAX_LEASE_MESSAGE_BYTES,
             declarative_agents: true,
+            calls_stream: true,
         }
     }
 }
@@ -339,6 +340,7 @@ pub struct NodeBuilder {
     metrics: Arc<NodeMetrics>,
     max_lease_message_bytes: usize,
     declarative_agents: bool,
+    calls_stream: bool,
 }
 
 impl NodeBuilder {
@@ -370,6 +372,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether Ack, Complete and Fail share one stream where the control
+    /// plane has it (`CallsStream`; on unless turned off).
+    pub fn calls_stream(mut self, enabled: bool) -> Self {
+        self.calls_stream = enabled;
+        self
+    }
+
     /// Starts the node's tasks.
     pub fn start(self) -> Result<NodeHandle, StartError> {
         let NodeBuilder {
@@ -381,6 +390,7 @@ impl NodeBuilder {
             metrics,
             max_lease_message_bytes,
             declarative_agents,
+            calls_stream,
         } = self;
         let tls = match tls {
             Some(tls) => tls,
@@ -403,7 +413,8 @@ impl NodeBuilder {
         });
         let rest = RestClient::new(&settings.control_plane_url, rest_http);
         let leases = LeaseClient::connect_lazy_with(&settings.control_plane_url, Duration::from_secs(10), &tls)?
-            .max_lease_message_bytes(max_lease_message_bytes);
+            .max_lease_message_bytes(max_lease_message_bytes)
+            .calls_stream(calls_stream);
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity(settings.slots));
         // Created once; each task gets what it uses.
         let shutdown = Shutdown::default();

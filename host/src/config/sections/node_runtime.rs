@@ -48,6 +48,11 @@ pub struct NodeRuntimeSection {
     /// memory (one stream, one message at a time) while taking any input
     /// a plane is likely to send inline.
     pub max_lease_message_bytes: u64,
+    /// `CallsStream` (this node): whether Ack, Complete and Fail share one
+    /// stream (`Calls`) where the control plane has it, or are each a
+    /// request of their own. On by default; off for a proxy that mishandles
+    /// a long-lived bidirectional stream.
+    pub calls_stream: bool,
 }
 
 /// `NodeRuntime.Capacity`.
@@ -76,6 +81,7 @@ impl Default for NodeRuntimeSection {
             drain_timeout: Duration::from_secs(30),
             admin_listen: None,
             max_lease_message_bytes: 64 << 20,
+            calls_stream: true,
         }
     }
 }
@@ -188,8 +194,10 @@ pub(in crate::config) fn bind(reader: &mut Reader<'_>, root: &mut Section) -> Re
         64 << 10,
         "a size in bytes of at least 64KiB: a number, or with a unit such as 64MiB",
     )?;
+    let calls_stream = reader.boolean(&mut s, "CallsStream", defaults.calls_stream)?;
     reader.finish(s);
     Ok(NodeRuntimeSection {
+        calls_stream,
         admin_listen,
         max_lease_message_bytes,
         node_id,
@@ -253,6 +261,7 @@ pub(in crate::config) struct View<'a> {
     drain_timeout_seconds: u64,
     admin_listen: Option<String>,
     max_lease_message_bytes: u64,
+    calls_stream: bool,
 }
 
 #[derive(Serialize)]
@@ -281,6 +290,7 @@ impl<'a> View<'a> {
             drain_timeout_seconds: node.drain_timeout.as_secs(),
             admin_listen: node.admin_listen.map(|addr| addr.to_string()),
             max_lease_message_bytes: node.max_lease_message_bytes,
+            calls_stream: node.calls_stream,
         }
     }
 }
