@@ -18,7 +18,15 @@
 //!   `[tag: 1 byte][deadline unix ms: i64 LE][written unix ms: i64 LE]`
 //!   then the prost-encoded `CompleteRequest` (tag 1) or `FailRequest`
 //!   (tag 2);
-//! - `accepted`: lease id -> (accepted-at unix ms, lease deadline unix ms);
+//! - `accepted_in_order`: (accepted-at unix ms, lease id) -> lease deadline
+//!   unix ms. Keyed in the order leases arrive, so that each accept adds
+//!   to the table's last page instead of rewriting a page at random: with
+//!   random lease ids as keys (the table until 2026-12-07, `accepted`,
+//!   moved into this one at open), an accept's commit cost grew with the
+//!   table, which holds every lease of the last deadline plus grace. Whether
+//!   an id was accepted is answered from memory: a set of 128-bit digests
+//!   of the ids in the table, read at open and changed only after each
+//!   commit that changes the table;
 //! - `in_flight`: lease id -> (run id, lease deadline unix ms), for each
 //!   accepted lease that has no report yet. Written with the accept,
 //!   removed (in the same commit) when its report is stored or answered.
@@ -43,8 +51,9 @@ mod damaged;
 mod file;
 mod group_commit;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -60,7 +69,11 @@ use crate::control_plane::Report;
 use proto::{CompleteRequest, FailRequest};
 
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
-const ACCEPTED: TableDefinition<&str, (i64, i64)> = TableDefinition::new("accepted");
+const ACCEPTED: TableDefinition<(i64, &str), i64> = TableDefinition::new("accepted_in_order");
+/// The accepted ids as nodes before 2026-12-07 kept them: lease id ->
+/// (accepted-at unix ms, lease deadline unix ms). Moved into [`ACCEPTED`]
+/// at open.
+const ACCEPTED_BY_ID: TableDefinition<&str, (i64, i64)> = TableDefinition::new("accepted");
 const IN_FLIGHT: TableDefinition<&str, (&str, i64)> = TableDefinition::new("in_flight");
 
 const TAG_COMPLETE: u8 = 1;
@@ -159,6 +172,41 @@ pub struct Outbox {
     /// Accepts, reports and removals of concurrent runs share commits,
     /// made by one writer thread.
     group: Arc<GroupCommit<OutboxError>>,
+    accepted: Arc<AcceptedIds>,
+}
+
+/// The ids in the `accepted_in_order` table, as digests: what an accept
+/// and [`Outbox::is_accepted`] look up, instead of the table. Changed only
+/// once a commit that changes the table has succeeded, and read again
+/// from the table when the file is reopened after a failure.
+#[derive(Default)]
+struct AcceptedIds(Mutex<HashSet<u128>>);
+
+impl AcceptedIds {
+    fn lock(&self) -> MutexGuard<'_, HashSet<u128>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the set with the ids the table holds.
+    fn load(&self, db: &Database) -> Result<(), redb::Error> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(ACCEPTED)?;
+        let mut ids = HashSet::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+        for entry in table.iter()? {
+            let (key, _) = entry?;
+            ids.insert(digest(key.value().1));
+        }
+        *self.lock() = ids;
+        Ok(())
+    }
+}
+
+/// 128 bits of SHA-256 of a lease id: two ids of the same digest would be
+/// one lease to the outbox, at odds of about 1 in 2^128 / n^2.
+fn digest(lease_id: &str) -> u128 {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(lease_id.as_bytes());
+    u128::from_le_bytes(hash[..16].try_into().expect("SHA-256 has 32 bytes"))
 }
 
 /// The writer thread's side of the outbox: the tables the writes go to.
@@ -168,6 +216,7 @@ struct Tables {
     limits: OutboxLimits,
     /// A commit since the last synced one was not synced.
     unsynced: std::cell::Cell<bool>,
+    accepted: Arc<AcceptedIds>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -204,11 +253,13 @@ impl Outbox {
             Err(OpenFailure::Other(err)) => return Err(database(&path, err)),
         };
         let file = Arc::new(DatabaseFile::new(path.clone(), db));
+        let accepted = Arc::new(AcceptedIds::default());
         let tables = Tables {
             file: Arc::clone(&file),
             path: path.clone(),
             limits,
             unsynced: std::cell::Cell::new(false),
+            accepted: Arc::clone(&accepted),
         };
         let gone = {
             let path = path.clone();
@@ -226,14 +277,25 @@ impl Outbox {
             path,
             limits,
             group: Arc::new(group),
+            accepted,
         };
-        // Create both tables, so readers never meet a missing one.
+        // Create the tables, so readers never meet a missing one, and move
+        // the accepted ids of an older node's file into today's table.
         outbox.write(|txn| {
             txn.open_table(PENDING)?;
-            txn.open_table(ACCEPTED)?;
             txn.open_table(IN_FLIGHT)?;
+            let mut accepted = txn.open_table(ACCEPTED)?;
+            let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
+            for entry in old_ids.iter()? {
+                let (lease_id, value) = entry?;
+                let (accepted_at, deadline) = value.value();
+                accepted.insert((accepted_at, lease_id.value()), deadline)?;
+            }
+            drop(old_ids);
+            txn.delete_table(ACCEPTED_BY_ID)?;
             Ok(())
         })?;
+        outbox.read(|db| outbox.accepted.load(db))?;
         Ok(outbox)
     }
 
@@ -353,10 +415,7 @@ impl Outbox {
     }
 
     pub fn is_accepted(&self, lease_id: &str) -> Result<bool, OutboxError> {
-        self.read(|db| {
-            let txn = db.begin_read()?;
-            Ok(txn.open_table(ACCEPTED)?.get(lease_id)?.is_some())
-        })
+        Ok(self.accepted.lock().contains(&digest(lease_id)))
     }
 
     /// The leases accepted that have no report stored or answered: at
@@ -503,7 +562,8 @@ impl Outbox {
 
     /// Drops expired reports and accepted ids.
     pub fn prune(&self, now_unix_ms: i64) -> Result<Pruned, OutboxError> {
-        self.write(|txn| {
+        let mut stale_ids = Vec::new();
+        let pruned = self.write(|txn| {
             let mut pruned = Pruned::default();
             let mut pending = txn.open_table(PENDING)?;
             let mut stale = Vec::new();
@@ -518,9 +578,20 @@ impl Outbox {
                 pending.remove(lease_id.as_str())?;
                 pruned.expired_reports.push(lease_id);
             }
-            pruned.expired_accepted = self.prune_accepted_in(txn, now_unix_ms)?;
+            stale_ids = self.prune_accepted_in(txn, now_unix_ms)?;
+            pruned.expired_accepted = stale_ids.len();
             Ok(pruned)
-        })
+        })?;
+        self.forget(&stale_ids);
+        Ok(pruned)
+    }
+
+    /// Takes ids pruned (and committed) out of the set.
+    fn forget(&self, lease_ids: &[String]) {
+        let mut accepted = self.accepted.lock();
+        for lease_id in lease_ids {
+            accepted.remove(&digest(lease_id));
+        }
     }
 
     /// [`Outbox::prune`] for async callers.
@@ -531,7 +602,9 @@ impl Outbox {
     /// Drops expired accepted ids only (a running node's pending reports
     /// are its delivery tasks' business). Returns how many.
     pub fn prune_accepted(&self, now_unix_ms: i64) -> Result<usize, OutboxError> {
-        self.write(|txn| self.prune_accepted_in(txn, now_unix_ms))
+        let stale = self.write(|txn| self.prune_accepted_in(txn, now_unix_ms))?;
+        self.forget(&stale);
+        Ok(stale.len())
     }
 
     /// [`Outbox::prune_accepted`] for async callers.
@@ -539,32 +612,36 @@ impl Outbox {
         self.blocking(move |outbox| outbox.prune_accepted(now_unix_ms)).await
     }
 
-    fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<usize, redb::Error> {
+    /// Removes the expired accepted ids from the table (not yet from the
+    /// set: the caller does, once the commit succeeded) and returns them.
+    fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<Vec<String>, redb::Error> {
         let mut accepted = txn.open_table(ACCEPTED)?;
         let mut stale = Vec::new();
         for entry in accepted.iter()? {
-            let (key, value) = entry?;
-            let (accepted_at, deadline) = value.value();
-            if self.expired(deadline, accepted_at, now_unix_ms) {
-                stale.push(key.value().to_string());
+            let (key, deadline) = entry?;
+            let (accepted_at, lease_id) = key.value();
+            if self.expired(deadline.value(), accepted_at, now_unix_ms) {
+                stale.push((accepted_at, lease_id.to_string()));
             }
         }
-        for lease_id in &stale {
-            accepted.remove(lease_id.as_str())?;
+        for (accepted_at, lease_id) in &stale {
+            accepted.remove((*accepted_at, lease_id.as_str()))?;
         }
+        let stale: Vec<String> = stale.into_iter().map(|(_, lease_id)| lease_id).collect();
         // An in-flight lease goes with its accepted id.
+        let gone: HashSet<&str> = stale.iter().map(String::as_str).collect();
         let mut in_flight = txn.open_table(IN_FLIGHT)?;
-        let mut gone = Vec::new();
+        let mut left = Vec::new();
         for entry in in_flight.iter()? {
             let (key, _) = entry?;
-            if accepted.get(key.value())?.is_none() {
-                gone.push(key.value().to_string());
+            if gone.contains(key.value()) {
+                left.push(key.value().to_string());
             }
         }
-        for lease_id in &gone {
+        for lease_id in &left {
             in_flight.remove(lease_id.as_str())?;
         }
-        Ok(stale.len())
+        Ok(stale)
     }
 
     /// Runs a blocking read or write of this outbox on a blocking thread,
@@ -692,6 +769,9 @@ impl Committer for Tables {
             let mut txn = db.begin_write()?;
             let mut answers = Vec::with_capacity(batch.len());
             let mut must_sync = false;
+            // The ids this commit accepts: in the set once it succeeded.
+            let mut fresh_ids = Vec::new();
+            let known = self.accepted.lock();
             {
                 let mut pending = txn.open_table(PENDING)?;
                 let mut accepted = txn.open_table(ACCEPTED)?;
@@ -704,10 +784,12 @@ impl Committer for Tables {
                             deadline_unix_ms,
                         } => {
                             must_sync = true;
-                            let fresh = accepted.get(lease_id.as_str())?.is_none();
+                            let id = digest(lease_id);
+                            let fresh = !known.contains(&id) && !fresh_ids.contains(&id);
                             if fresh {
-                                accepted.insert(lease_id.as_str(), (now_unix_ms(), *deadline_unix_ms))?;
+                                accepted.insert((now_unix_ms(), lease_id.as_str()), *deadline_unix_ms)?;
                                 in_flight.insert(lease_id.as_str(), (run_id.as_str(), *deadline_unix_ms))?;
+                                fresh_ids.push(id);
                             }
                             Written::Accepted(fresh)
                         }
@@ -729,11 +811,13 @@ impl Committer for Tables {
                     });
                 }
             }
+            drop(known);
             if !must_sync {
                 txn.set_durability(redb::Durability::None);
             }
             txn.commit()?;
             self.unsynced.set(!must_sync);
+            self.accepted.lock().extend(fresh_ids);
             Ok(answers)
         };
         run().map_err(|err| database(&self.path, err))
@@ -765,7 +849,22 @@ impl Committer for Tables {
     }
 
     fn reopen(&self, attempt: u32) -> bool {
-        match self.file.reopen(attempt) {
+        // A commit that failed may still have reached the file: the set is
+        // read again from what the file holds.
+        let reopened = self.file.reopen(attempt).and_then(|()| {
+            let loaded = self
+                .file
+                .current()
+                .map_err(|err| err.to_string())
+                .and_then(|db| self.accepted.load(&db).map_err(|err| err.to_string()));
+            if let Err(error) = &loaded {
+                // Not without the set: the file counts as failed again.
+                self.file
+                    .failed(&format!("reading the accepted ids after reopening: {error}"));
+            }
+            loaded
+        });
+        match reopened {
             Ok(()) => true,
             Err(error) => {
                 tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
@@ -837,6 +936,8 @@ fn database(path: &Path, err: impl Into<redb::Error>) -> OutboxError {
 
 #[cfg(test)]
 mod tests {
+    use redb::TableHandle;
+
     use super::*;
 
     fn fail(lease_id: &str) -> Report {
@@ -884,5 +985,61 @@ mod tests {
         assert!(outbox.accept("old lease", 1).expect("accept"));
         assert_eq!(outbox.prune_accepted_async(now_unix_ms()).await.expect("prune"), 1);
         assert!(!outbox.is_accepted("old lease").expect("read"));
+    }
+
+    #[test]
+    fn the_accepted_ids_of_an_older_file_are_moved_and_still_known() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join(FILE_NAME);
+        let now = now_unix_ms();
+        {
+            // The layout of a node before 2026-12-07: ids as keys.
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut old = txn.open_table(ACCEPTED_BY_ID).expect("table");
+                old.insert("recent", (now, now + 60_000)).expect("insert");
+                old.insert("expired", (now - 3_600_000, 1)).expect("insert");
+                txn.open_table(PENDING).expect("table");
+            }
+            txn.commit().expect("commit");
+        }
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens");
+        for lease_id in ["recent", "expired"] {
+            assert!(outbox.is_accepted(lease_id).expect("read"), "{lease_id}");
+            assert!(
+                !outbox.accept(lease_id, now + 60_000).expect("accept"),
+                "{lease_id} runs once"
+            );
+        }
+        assert!(outbox.accept("new", now + 60_000).expect("accept"));
+        assert_eq!(outbox.prune_accepted(now_unix_ms()).expect("prune"), 1);
+        assert!(!outbox.is_accepted("expired").expect("read"));
+        drop(outbox);
+
+        // Moved, not copied: the old table is gone, and a reopen reads the
+        // set from the new one.
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens again");
+        let names: Vec<String> = outbox
+            .read(|db| Ok(db.begin_read()?.list_tables()?.map(|t| t.name().to_string()).collect()))
+            .expect("tables");
+        assert!(!names.contains(&"accepted".to_string()), "{names:?}");
+        for (lease_id, known) in [("recent", true), ("new", true), ("expired", false), ("never", false)] {
+            assert_eq!(outbox.is_accepted(lease_id).expect("read"), known, "{lease_id}");
+        }
+    }
+
+    #[test]
+    fn a_lease_accepted_twice_in_one_commit_runs_once() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens");
+        let deadline = now_unix_ms() + 60_000;
+        let answers: Vec<bool> = outbox
+            .accept_all(&[("a", deadline), ("b", deadline), ("a", deadline)])
+            .into_iter()
+            .map(|answer| answer.expect("accept"))
+            .collect();
+        assert_eq!(answers, [true, true, false]);
+        assert_eq!(outbox.in_flight().expect("in flight").len(), 2);
     }
 }
