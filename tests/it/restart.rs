@@ -434,12 +434,23 @@ async fn outcomes_finished_while_the_plane_was_down_reach_it_once_after_the_node
 
 /// `node-runtime outbox ...` against the outbox in `data`.
 pub(crate) async fn outbox_command(data: &std::path::Path, args: &[&str], url: Option<&str>) -> std::process::Output {
+    outbox_command_with(data, args, url, &[]).await
+}
+
+/// [`outbox_command`] with `env` set on top.
+async fn outbox_command_with(
+    data: &std::path::Path,
+    args: &[&str],
+    url: Option<&str>,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"));
     command
         .arg("outbox")
         .args(args)
         .env("NodeRuntime__DataDirectory", data)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     if let Some(url) = url {
         command.env("NodeRuntime__ControlPlaneUrl", url);
     }
@@ -539,6 +550,27 @@ async fn outbox_list_retry_and_purge_through_the_binary() {
         assert_eq!(recorded.fails[0].lease_id, "lease-three");
     }
     assert_eq!(Outbox::open(data.path()).unwrap().pending_count().unwrap(), 0);
+    let asked = recorded.lock().unwrap().calls_streams;
+    assert!(asked >= 1, "the retry asked for the Calls stream first");
+
+    // NodeRuntime.CallsStream false: the retry does not ask for it.
+    Outbox::open(data.path())
+        .unwrap()
+        .put(&fail("lease-six"), deadline)
+        .unwrap();
+    let retry = outbox_command_with(
+        data.path(),
+        &["retry"],
+        Some(&url),
+        &[("NodeRuntime__CallsStream", "false")],
+    )
+    .await;
+    assert!(retry.status.success(), "{retry:?}");
+    {
+        let recorded = recorded.lock().unwrap();
+        assert_eq!(recorded.fails.len(), 2, "lease-six delivered");
+        assert_eq!(recorded.calls_streams, asked, "no Calls stream asked for");
+    }
 
     Outbox::open(data.path())
         .unwrap()

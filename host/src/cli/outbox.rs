@@ -222,7 +222,8 @@ async fn retry(args: &RetryArgs) -> Result<Exit, CommandError> {
     let tls =
         app::control_plane_tls(&config).map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let client = LeaseClient::connect_lazy_with(&url, Duration::from_secs(10), &tls)
-        .map_err(|err| CommandError::usage(err.to_string()))?;
+        .map_err(|err| CommandError::usage(err.to_string()))?
+        .calls_stream(config.node_runtime.calls_stream);
     // Printed from here on: without the URL's credentials.
     let url = support::redact::url(&url);
     let reports = pending(&outbox)?;
