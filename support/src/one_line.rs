@@ -130,11 +130,17 @@ pub fn escape_json(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The length of the SGR sequence `ESC [ [0-9;]* m` at the start of `text`.
+/// The length of the SGR sequence `ESC [ [0-9;]* m` at the start of
+/// `text`, if it asks only for what the log formatter and clap write:
+/// reset, bold, dim, italic, underline and the colours red to magenta. Not
+/// the rest, which a lease id or an agent's message could use to hide what
+/// follows (conceal, black on black, the background colours).
 fn colour_sequence(text: &str) -> Option<usize> {
+    const FORMATTERS: [&str; 11] = ["", "0", "1", "2", "3", "4", "31", "32", "33", "34", "35"];
     let body = text.strip_prefix("\x1b[")?;
     let digits = body.find(|c: char| !(c.is_ascii_digit() || c == ';'))?;
-    (body[digits..].starts_with('m') && digits <= 16).then_some(2 + digits + 1)
+    let ours = body[..digits].split(';').all(|code| FORMATTERS.contains(&code));
+    (body[digits..].starts_with('m') && digits <= 16 && ours).then_some(2 + digits + 1)
 }
 
 #[cfg(test)]
@@ -210,5 +216,11 @@ mod tests {
             "\x1b[32mINFO\x1b[0m id=a\\u{1b}[2Jb"
         );
         assert_eq!(escape(line), "\\u{1b}[32mINFO\\u{1b}[0m id=a\\u{1b}[2Jb");
+        // Only the formatter's own: not what would hide the text after it.
+        let hiding = "\x1b[1;2;3;31;35mx\x1b[mid=\x1b[8mhidden\x1b[30;40mblack\x1b[37;47mwhite\x1b[38;5;0mk";
+        assert_eq!(
+            escape_keeping_colours(hiding, true),
+            "\x1b[1;2;3;31;35mx\x1b[mid=\\u{1b}[8mhidden\\u{1b}[30;40mblack\\u{1b}[37;47mwhite\\u{1b}[38;5;0mk"
+        );
     }
 }
