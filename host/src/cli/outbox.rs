@@ -112,7 +112,7 @@ fn load(args: &ConfigArg) -> Result<(NodeConfig, Outbox), CommandError> {
             outbox::FILE_NAME
         )));
     }
-    let outbox = Outbox::open(dir).map_err(|err| match err {
+    let outbox = Outbox::open_leaving_layout(dir).map_err(|err| match err {
         OutboxError::Locked(path) => CommandError::usage(format!(
             "the outbox {} is locked by a running node; stop that node first \
              (it delivers what the outbox holds by itself)",

@@ -241,6 +241,17 @@ impl Outbox {
     }
 
     pub fn open_with(dir: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
+        Outbox::open_moving(dir, limits, true)
+    }
+
+    /// Opens the outbox for the `outbox` commands, which accept no lease:
+    /// an older node's accepted ids are left where that node reads them
+    /// (moved, that node would no longer know them once started again).
+    pub fn open_leaving_layout(dir: &Path) -> Result<Outbox, OutboxError> {
+        Outbox::open_moving(dir, OutboxLimits::default(), false)
+    }
+
+    fn open_moving(dir: &Path, limits: OutboxLimits, move_old_ids: bool) -> Result<Outbox, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|source| OutboxError::Directory {
             path: dir.to_path_buf(),
             source,
@@ -280,21 +291,46 @@ impl Outbox {
             accepted,
         };
         // Create the tables, so readers never meet a missing one, and move
-        // the accepted ids of an older node's file into today's table.
-        outbox.write(|txn| {
-            txn.open_table(PENDING)?;
-            txn.open_table(IN_FLIGHT)?;
-            let mut accepted = txn.open_table(ACCEPTED)?;
-            let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
-            for entry in old_ids.iter()? {
-                let (lease_id, value) = entry?;
-                let (accepted_at, deadline) = value.value();
-                accepted.insert((accepted_at, lease_id.value()), deadline)?;
-            }
-            drop(old_ids);
-            txn.delete_table(ACCEPTED_BY_ID)?;
-            Ok(())
-        })?;
+        // the accepted ids of an older node's file into today's table. An
+        // id both hold (a file that went to an older node and came back)
+        // then has two rows, each with its own deadline: it is forgotten
+        // once neither is live (see `prune_accepted_in`).
+        let moved = if move_old_ids {
+            outbox.write(|txn| {
+                txn.open_table(PENDING)?;
+                txn.open_table(IN_FLIGHT)?;
+                let mut accepted = txn.open_table(ACCEPTED)?;
+                let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
+                for entry in old_ids.iter()? {
+                    let (lease_id, value) = entry?;
+                    let (accepted_at, deadline) = value.value();
+                    accepted.insert((accepted_at, lease_id.value()), deadline)?;
+                }
+                drop(old_ids);
+                txn.delete_table(ACCEPTED_BY_ID)?;
+                Ok(())
+            })
+        } else {
+            outbox.write(|txn| {
+                txn.open_table(PENDING)?;
+                txn.open_table(IN_FLIGHT)?;
+                txn.open_table(ACCEPTED)?;
+                Ok(())
+            })
+        };
+        if let Err(error) = moved {
+            return Err(match error {
+                OutboxError::Database { path, message } if move_old_ids => OutboxError::Database {
+                    message: format!(
+                        "{message} (opening the outbox moves the accepted lease ids of a node before \
+                         2026-12-07 to today's layout, which needs room on its disk for a copy of them: \
+                         free some space next to the file and start again; the file is unchanged)"
+                    ),
+                    path,
+                },
+                other => other,
+            });
+        }
         outbox.read(|db| outbox.accepted.load(db))?;
         Ok(outbox)
     }
@@ -617,17 +653,25 @@ impl Outbox {
     fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<Vec<String>, redb::Error> {
         let mut accepted = txn.open_table(ACCEPTED)?;
         let mut stale = Vec::new();
+        // Ids with a row that stays: not forgotten, should an id have two.
+        let mut live = HashSet::new();
         for entry in accepted.iter()? {
             let (key, deadline) = entry?;
             let (accepted_at, lease_id) = key.value();
             if self.expired(deadline.value(), accepted_at, now_unix_ms) {
                 stale.push((accepted_at, lease_id.to_string()));
+            } else {
+                live.insert(digest(lease_id));
             }
         }
         for (accepted_at, lease_id) in &stale {
             accepted.remove((*accepted_at, lease_id.as_str()))?;
         }
-        let stale: Vec<String> = stale.into_iter().map(|(_, lease_id)| lease_id).collect();
+        let stale: Vec<String> = stale
+            .into_iter()
+            .map(|(_, lease_id)| lease_id)
+            .filter(|lease_id| !live.contains(&digest(lease_id)))
+            .collect();
         // An in-flight lease goes with its accepted id.
         let gone: HashSet<&str> = stale.iter().map(String::as_str).collect();
         let mut in_flight = txn.open_table(IN_FLIGHT)?;
@@ -1027,6 +1071,58 @@ mod tests {
         for (lease_id, known) in [("recent", true), ("new", true), ("expired", false), ("never", false)] {
             assert_eq!(outbox.is_accepted(lease_id).expect("read"), known, "{lease_id}");
         }
+    }
+
+    /// A file that went to an older node and came back: the id has a row
+    /// in each layout, the older one expired. It stays known.
+    #[test]
+    fn an_id_in_both_layouts_is_known_until_neither_row_is_live() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let now = now_unix_ms();
+        drop(Outbox::open(dir.path()).expect("the outbox opens"));
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).expect("open");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut today = txn.open_table(ACCEPTED).expect("table");
+                today.insert((now - 3_600_000, "again"), 1).expect("insert");
+                let mut old = txn.open_table(ACCEPTED_BY_ID).expect("table");
+                old.insert("again", (now, now + 60_000)).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens");
+        assert_eq!(
+            outbox.prune_accepted(now_unix_ms()).expect("prune"),
+            0,
+            "no id forgotten"
+        );
+        assert!(outbox.is_accepted("again").expect("read"));
+        assert!(!outbox.accept("again", now + 60_000).expect("accept"), "it runs once");
+        assert_eq!(outbox.prune_accepted(now + 60_000 + 11 * 60_000).expect("prune"), 1);
+        assert!(!outbox.is_accepted("again").expect("read"));
+    }
+
+    /// The `outbox` commands leave an older node's accepted ids where that
+    /// node reads them.
+    #[test]
+    fn opening_for_a_command_moves_nothing() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).expect("create");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(ACCEPTED_BY_ID)
+                .expect("table")
+                .insert("old", (now_unix_ms(), now_unix_ms() + 60_000))
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let outbox = Outbox::open_leaving_layout(dir.path()).expect("the outbox opens");
+        assert_eq!(outbox.pending_count().expect("count"), 0);
+        let left = outbox
+            .read(|db| Ok(db.begin_read()?.open_table(ACCEPTED_BY_ID)?.len()?))
+            .expect("the old table");
+        assert_eq!(left, 1);
     }
 
     #[test]
