@@ -296,20 +296,23 @@ impl Outbox {
         // then has two rows, each with its own deadline: it is forgotten
         // once neither is live (see `prune_accepted_in`).
         let moved = if move_old_ids {
-            outbox.write(|txn| {
-                txn.open_table(PENDING)?;
-                txn.open_table(IN_FLIGHT)?;
-                let mut accepted = txn.open_table(ACCEPTED)?;
-                let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
-                for entry in old_ids.iter()? {
-                    let (lease_id, value) = entry?;
-                    let (accepted_at, deadline) = value.value();
-                    accepted.insert((accepted_at, lease_id.value()), deadline)?;
-                }
-                drop(old_ids);
-                txn.delete_table(ACCEPTED_BY_ID)?;
-                Ok(())
-            })
+            outbox.write_then(
+                |txn| {
+                    txn.open_table(PENDING)?;
+                    txn.open_table(IN_FLIGHT)?;
+                    let mut accepted = txn.open_table(ACCEPTED)?;
+                    let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
+                    for entry in old_ids.iter()? {
+                        let (lease_id, value) = entry?;
+                        let (accepted_at, deadline) = value.value();
+                        accepted.insert((accepted_at, lease_id.value()), deadline)?;
+                    }
+                    drop(old_ids);
+                    txn.delete_table(ACCEPTED_BY_ID)?;
+                    Ok(())
+                },
+                false,
+            )
         } else {
             outbox.write(|txn| {
                 txn.open_table(PENDING)?;
@@ -407,6 +410,17 @@ impl Outbox {
     }
 
     fn write<T>(&self, body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, OutboxError> {
+        self.write_then(body, true)
+    }
+
+    /// [`Outbox::write`]; with `episode` false a failure is only returned,
+    /// not made the start of an outage the writer thread waits out (at
+    /// open, where the caller gives up instead).
+    fn write_then<T>(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+        episode: bool,
+    ) -> Result<T, OutboxError> {
         let db = self.file.current()?;
         let run = || -> Result<T, redb::Error> {
             let txn = db.begin_write()?;
@@ -419,7 +433,9 @@ impl Outbox {
             .unwrap_or_else(|_| Err(redb::Error::Corrupted("redb panicked while writing".to_string())));
         written.map_err(|err| {
             let err = database(&self.path, err);
-            self.file.failed(&err.to_string());
+            if episode {
+                self.file.failed(&err.to_string());
+            }
             err
         })
     }
