@@ -295,12 +295,12 @@ impl Outbox {
         // id both hold (a file that went to an older node and came back)
         // then has two rows, each with its own deadline: it is forgotten
         // once neither is live (see `prune_accepted_in`).
-        let moved = if move_old_ids {
-            outbox.write_then(
-                |txn| {
-                    txn.open_table(PENDING)?;
-                    txn.open_table(IN_FLIGHT)?;
-                    let mut accepted = txn.open_table(ACCEPTED)?;
+        let moved = outbox.write_then(
+            |txn| {
+                txn.open_table(PENDING)?;
+                txn.open_table(IN_FLIGHT)?;
+                let mut accepted = txn.open_table(ACCEPTED)?;
+                if move_old_ids {
                     let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
                     for entry in old_ids.iter()? {
                         let (lease_id, value) = entry?;
@@ -309,18 +309,12 @@ impl Outbox {
                     }
                     drop(old_ids);
                     txn.delete_table(ACCEPTED_BY_ID)?;
-                    Ok(())
-                },
-                false,
-            )
-        } else {
-            outbox.write(|txn| {
-                txn.open_table(PENDING)?;
-                txn.open_table(IN_FLIGHT)?;
-                txn.open_table(ACCEPTED)?;
+                }
                 Ok(())
-            })
-        };
+            },
+            // A move that fails stops the start (below): no outage to wait out.
+            !move_old_ids,
+        );
         if let Err(error) = moved {
             return Err(match error {
                 OutboxError::Database { path, message } if move_old_ids => OutboxError::Database {
@@ -669,39 +663,36 @@ impl Outbox {
     fn prune_accepted_in(&self, txn: &redb::WriteTransaction, now_unix_ms: i64) -> Result<Vec<String>, redb::Error> {
         let mut accepted = txn.open_table(ACCEPTED)?;
         let mut stale = Vec::new();
-        // Ids with a row that stays: not forgotten, should an id have two.
-        let mut live = HashSet::new();
         for entry in accepted.iter()? {
             let (key, deadline) = entry?;
             let (accepted_at, lease_id) = key.value();
             if self.expired(deadline.value(), accepted_at, now_unix_ms) {
                 stale.push((accepted_at, lease_id.to_string()));
-            } else {
-                live.insert(digest(lease_id));
             }
         }
         for (accepted_at, lease_id) in &stale {
             accepted.remove((*accepted_at, lease_id.as_str()))?;
         }
-        let stale: Vec<String> = stale
-            .into_iter()
-            .map(|(_, lease_id)| lease_id)
-            .filter(|lease_id| !live.contains(&digest(lease_id)))
-            .collect();
-        // An in-flight lease goes with its accepted id.
-        let gone: HashSet<&str> = stale.iter().map(String::as_str).collect();
-        let mut in_flight = txn.open_table(IN_FLIGHT)?;
-        let mut left = Vec::new();
-        for entry in in_flight.iter()? {
-            let (key, _) = entry?;
-            if gone.contains(key.value()) {
-                left.push(key.value().to_string());
+        let mut stale: HashSet<String> = stale.into_iter().map(|(_, lease_id)| lease_id).collect();
+        // An id with a row that stays (it can have two) is not forgotten.
+        if !stale.is_empty() {
+            for entry in accepted.iter()? {
+                stale.remove(entry?.0.value().1);
             }
         }
-        for lease_id in &left {
+        // An in-flight lease goes with its accepted id.
+        let mut in_flight = txn.open_table(IN_FLIGHT)?;
+        let mut gone = Vec::new();
+        for entry in in_flight.iter()? {
+            let (key, _) = entry?;
+            if stale.contains(key.value()) {
+                gone.push(key.value().to_string());
+            }
+        }
+        for lease_id in &gone {
             in_flight.remove(lease_id.as_str())?;
         }
-        Ok(stale)
+        Ok(stale.into_iter().collect())
     }
 
     /// Runs a blocking read or write of this outbox on a blocking thread,
