@@ -127,8 +127,8 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
 
     fill(&inside.join("filler"));
     // A write that needs new room fails: the record of a lease (then it
-    // waits, unacknowledged), or of its report (then the report is sent
-    // from memory). redb may still fit a small write in pages it holds, so
+    // waits, unacknowledged), or of its report (then the report waits,
+    // unsent). redb may still fit a small write in pages it holds, so
     // runs are submitted until one write fails.
     let mut triggers = Vec::new();
     let mut unready = None;
@@ -236,6 +236,169 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
         "an unreadable backlog is logged once per episode, not per scrape:\n{stderr}"
     );
     assert!(!stderr.contains("running it anyway"), "{stderr}");
+    plane.shutdown().await;
+}
+
+/// A node in the mount namespace of `holder` (where its data directory is
+/// a tmpfs), logging to `stderr`.
+fn node_in(holder: u32, plane: &DevPlane, agents: &Path, data: &Path, stderr: &Path) -> tokio::process::Child {
+    tokio::process::Command::new("nsenter")
+        .args(["-t", &holder.to_string(), "-m", "--"])
+        .arg(env!("CARGO_BIN_EXE_node-runtime"))
+        .arg("serve")
+        .env("NodeRuntime__NodeId", "held-report-node")
+        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__AgentsDirectory", agents)
+        .env("NodeRuntime__DataDirectory", data)
+        .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
+        .env("NodeRuntime__DrainTimeoutSeconds", "1")
+        // Compiled components in memory only: the outbox alone is on the disk.
+        .env("Sandbox__CompiledCacheMaxBytes", "0")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nsenter starts")
+}
+
+/// The review's case: a run that ends while the disk is full has a report
+/// the outbox cannot record. Sent from memory, it reached the plane, and a
+/// node stopped before the disk was freed then failed the lease as
+/// interrupted at its next start: a second outcome overwriting the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_lease_one_outcome() {
+    let mount = tempfile::tempdir().unwrap();
+    if let Err(reason) = tmpfs_available(mount.path()) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let plane = DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap();
+    // The tmpfs lives in the mount namespace of a process that outlives
+    // both nodes, so the second finds what the first left.
+    let mut holder = tokio::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=2m tmpfs \"$0\" && touch \"$0/mounted\" && exec sleep 600",
+        ])
+        .arg(mount.path())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare starts");
+    let holder_pid = holder.id().expect("the holder runs");
+    let inside: PathBuf =
+        PathBuf::from(format!("/proc/{holder_pid}/root")).join(mount.path().strip_prefix("/").unwrap());
+    eventually(Duration::from_secs(10), "the tmpfs to be mounted", || {
+        inside.join("mounted").exists().then_some(())
+    })
+    .await;
+    let agents = agents_layout();
+    let logs = tempfile::tempdir().unwrap();
+    let data = mount.path().join("data");
+    let first_log = logs.path().join("first.log");
+    let mut node = node_in(holder_pid, &plane, agents.path(), &data, &first_log);
+    let ended = |run_id: &str| {
+        plane
+            .run(run_id)
+            .filter(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+    };
+    let before = plane.submit(echo("before the disk filled")).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "the first run", || ended(&before)).await;
+
+    // Running (acknowledged, so recorded) when the disk fills; its time
+    // budget ends it while the outbox cannot record.
+    let mut held = echo("");
+    held.agent_id = "sleep-forever".to_string();
+    held.budgets.max_duration_seconds = Some(8);
+    let held = plane.submit(held).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "the sleeping run to be acknowledged", || {
+        plane.run(&held).filter(|run| run.acked_at.is_some())
+    })
+    .await;
+    fill(&inside.join("filler"));
+    // Leases submitted until a write fails (redb may fit a small one in
+    // pages it holds); from then on the outbox records nothing.
+    let mut failed = false;
+    for attempt in 0..20 {
+        plane
+            .submit(echo(&format!("a write that may fail {attempt}")))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !failed && started.elapsed() < Duration::from_secs(2) {
+            failed = std::fs::read_to_string(&first_log)
+                .unwrap()
+                .contains("the outbox cannot record:");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if failed {
+            break;
+        }
+    }
+    assert!(failed, "no write failed on the full disk");
+    assert!(
+        ended(&held).is_none(),
+        "the sleeping run ended before the outbox failed: the test proves nothing"
+    );
+    eventually(Duration::from_secs(60), "the sleeping run to end", || {
+        let log = std::fs::read_to_string(&first_log).unwrap();
+        log.lines()
+            .any(|line| line.contains("run failed") && line.contains(held.as_str()))
+            .then_some(())
+    })
+    .await;
+    // Time for a report sent from memory to reach the plane.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let run = plane.run(&held).unwrap();
+    let log = std::fs::read_to_string(&first_log).unwrap();
+    assert_eq!(
+        run.outcomes, 0,
+        "a report the outbox could not record was sent: {run:?}\n{log}"
+    );
+    assert!(
+        log.contains("the outbox cannot record this report: it waits, unsent"),
+        "{log}"
+    );
+
+    // Stopped before the disk is freed: the report is lost with the
+    // process, and the next start fails the lease, its one outcome.
+    let pid = node.id().expect("the node runs");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), node.wait())
+        .await
+        .expect("the node stops within a minute")
+        .unwrap();
+    let first = std::fs::read_to_string(&first_log).unwrap();
+    assert!(status.success(), "{status:?}\n{first}");
+    assert!(
+        first.contains("exiting before the outbox could record this report, which was therefore not sent"),
+        "{first}"
+    );
+    std::fs::remove_file(inside.join("filler")).unwrap();
+    let second_log = logs.path().join("second.log");
+    let mut node = node_in(holder_pid, &plane, agents.path(), &data, &second_log);
+    let run = eventually(Duration::from_secs(60), "the held lease to be failed", || ended(&held)).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:?}");
+    let error = run.error_info.as_ref().unwrap();
+    assert!(error.error_message.contains("restarted"), "{run:?}");
+    assert!(error.retryable, "{run:?}");
+    // Time for a second outcome to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for run in plane.runs() {
+        assert!(run.outcomes <= 1, "one outcome at most: {run:?}");
+    }
+    node.kill().await.unwrap();
+    holder.kill().await.unwrap();
     plane.shutdown().await;
 }
 

@@ -103,8 +103,8 @@ impl DatabaseFile {
                 path = %self.path.display(),
                 %error,
                 "the outbox cannot record: the node takes no more leases (leases already read \
-                 wait, unacknowledged) and reports are sent from memory, until the outbox \
-                 records again; it is reopened with back-off (free the disk, or fix the device)"
+                 wait, unacknowledged) and reports finished meanwhile wait, unsent, until the \
+                 outbox records again; it is reopened with back-off (free the disk, or fix the device)"
             );
             *fault = Some(OutboxFault {
                 error: error.to_string(),

@@ -850,10 +850,10 @@ impl Committer for Tables {
                             Written::Put(self.put_in(&mut pending, lease_id, value)?)
                         }
                         Write::Remove { lease_id } => {
-                            // A lease answered without a stored report (the
-                            // outbox could not record it): that it was
-                            // answered must reach the disk, or a restart
-                            // would fail it after its outcome.
+                            // A lease whose report was dropped unrecorded
+                            // (it expired while the outbox could not
+                            // record): synced, as a lease with no report
+                            // still marked in flight is failed at start.
                             if in_flight.remove(lease_id.as_str())?.is_some() {
                                 must_sync = true;
                             }

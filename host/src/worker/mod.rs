@@ -613,7 +613,7 @@ async fn lifecycle(
     reporter.tasks.close();
     if tokio::time::timeout(REPORT_FLUSH, reporter.tasks.wait()).await.is_err() {
         tracing::error!(
-            "some reports could not be delivered before exit; they stay in the outbox \
+            "some reports could not be delivered before exit; those recorded stay in the outbox \
              and are sent when the node starts again"
         );
         shutdown.give_up_delivering();

@@ -158,14 +158,14 @@ impl Reporter {
             }
         };
         // Recorded before this returns, sent in the background: the caller
-        // keeps its run's slot until the report is on disk, so a node whose
-        // recording lags takes no more leases meanwhile, and a crash never
-        // finds a finished run without its report (it would be failed as
-        // interrupted at the next start).
+        // keeps its run's slot until the report is on disk (or the outbox
+        // refused it), so a node whose recording lags takes no more leases
+        // meanwhile, and a crash never finds a finished run without its
+        // report (it would be failed as interrupted at the next start).
         let written = outbox::now_unix_ms();
         let recorded = self.record(&report, deadline_unix_ms).instrument(span.clone()).await;
         if !recorded {
-            span.in_scope(|| tracing::warn!(%lease_id, "the outbox cannot record this report: sending it from memory now, and recording it if the outbox records again before it is delivered"));
+            span.in_scope(|| tracing::warn!(%lease_id, "the outbox cannot record this report: it waits, unsent, until the outbox records again (sent unrecorded, it could be followed by a second outcome: a start that finds the lease with no report fails it as interrupted)"));
         }
         let reporter = self.clone();
         self.tasks.spawn(
@@ -314,10 +314,10 @@ impl Reporter {
         }
     }
 
-    /// Removes an answered report, and with it the lease's in-flight mark.
-    /// While the outbox cannot record, this waits for it (until the node
-    /// gives up delivering at exit): a lease answered but still marked in
-    /// flight would be failed by the next start, after its outcome.
+    /// Removes an answered (or expired) report, and with it the lease's
+    /// in-flight mark. While the outbox cannot record, this waits for it
+    /// (until the node gives up delivering at exit), so that the next start
+    /// does not send the report again.
     async fn forget(&self, lease_id: &str) {
         loop {
             let Err(err) = self.outbox.remove_async(lease_id).await else {
@@ -328,7 +328,7 @@ impl Reporter {
             }
             tokio::select! {
                 _ = self.shutdown.delivery_given_up() => {
-                    tracing::error!(%lease_id, "exiting before the outbox could record that this lease was answered; the next start fails it (retryable) as interrupted");
+                    tracing::warn!(%lease_id, "exiting before the outbox could record that this lease's report was answered; the next start sends the stored report again, a repeat of the same outcome");
                     return;
                 }
                 _ = self.outbox.writable() => {}
@@ -355,19 +355,19 @@ impl Reporter {
     /// report the plane refuses for its size is shrunk and sent once more;
     /// refused again, it is dropped: waiting cannot make it smaller.
     ///
-    /// A report the outbox could not record (`recorded` false) is sent
-    /// from memory all the same: the plane having it is what matters, and
-    /// waiting for the disk would only widen the window in which a crash
-    /// loses it. Between attempts it is recorded as soon as the outbox
-    /// can, so a node that dies while the plane is unreachable still
-    /// delivers it after the restart.
+    /// A report the outbox could not record (`recorded` false) is not sent
+    /// until it is recorded. Sent from memory, it could reach the plane and
+    /// then, should the node stop before the outbox records again, be
+    /// followed by the Fail a start sends for a lease left with no report:
+    /// two outcomes, the second overwriting the first. Held, the lease ends
+    /// with one: this report once recorded, or that Fail.
     async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64, mut recorded: bool) {
         let lease_id = report.lease_id().to_string();
         let mut delivery = Delivery::new(report);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut recording = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut attempts = 0u32;
         let remove = loop {
-            attempts += 1;
             if self
                 .outbox
                 .expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms())
@@ -375,6 +375,33 @@ impl Reporter {
                 self.expired(&lease_id);
                 break true;
             }
+            if !recorded {
+                let writable = self.outbox.is_writable();
+                if writable {
+                    recorded = self.record(delivery.report(), deadline_unix_ms).await;
+                }
+                if !recorded {
+                    // A write refused while the outbox said it records
+                    // (it fails now and then) is not tried again at once.
+                    let pause = if writable {
+                        recording.next_delay()
+                    } else {
+                        Duration::ZERO
+                    };
+                    tokio::select! {
+                        _ = self.shutdown.delivery_given_up() => {
+                            tracing::error!(%lease_id, "exiting before the outbox could record this report, which was therefore not sent; the next start fails the lease (retryable) as interrupted, its one outcome");
+                            break false;
+                        }
+                        _ = async {
+                            tokio::time::sleep(pause).await;
+                            self.outbox.writable().await;
+                        } => {}
+                    }
+                    continue;
+                }
+            }
+            attempts += 1;
             match delivery.send(&self.leases).await {
                 Sent::Delivered => {
                     self.stats.reports_delivered.fetch_add(1, Ordering::Relaxed);
@@ -398,9 +425,6 @@ impl Reporter {
                     break true;
                 }
                 Sent::Failed(err) => {
-                    if !recorded && self.outbox.is_writable() {
-                        recorded = self.record(delivery.report(), deadline_unix_ms).await;
-                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(%lease_id, attempt = attempts, error = %err, retry_in = ?delay, "report not delivered");
                     tokio::select! {
