@@ -241,13 +241,13 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
 
 /// A node in the mount namespace of `holder` (where its data directory is
 /// a tmpfs), logging to `stderr`.
-fn node_in(holder: u32, plane: &DevPlane, agents: &Path, data: &Path, stderr: &Path) -> tokio::process::Child {
+fn node_in(holder: u32, plane_url: &str, agents: &Path, data: &Path, stderr: &Path) -> tokio::process::Child {
     tokio::process::Command::new("nsenter")
         .args(["-t", &holder.to_string(), "-m", "--"])
         .arg(env!("CARGO_BIN_EXE_node-runtime"))
         .arg("serve")
         .env("NodeRuntime__NodeId", "held-report-node")
-        .env("NodeRuntime__ControlPlaneUrl", plane.url())
+        .env("NodeRuntime__ControlPlaneUrl", plane_url)
         .env("NodeRuntime__AgentsDirectory", agents)
         .env("NodeRuntime__DataDirectory", data)
         .env("NodeRuntime__HeartbeatIntervalSeconds", "1")
@@ -259,6 +259,45 @@ fn node_in(holder: u32, plane: &DevPlane, agents: &Path, data: &Path, stderr: &P
         .kill_on_drop(true)
         .spawn()
         .expect("nsenter starts")
+}
+
+/// A tmpfs of `size` at `mount`, in the mount namespace of a process
+/// that outlives the nodes started in it (see [`node_in`]), so a node
+/// started again finds what the last one left: the process, its pid, and
+/// where this process sees the tmpfs.
+async fn tmpfs_holder(mount: &Path, size: &str) -> (tokio::process::Child, u32, PathBuf) {
+    let holder = tokio::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=\"$1\" tmpfs \"$0\" && touch \"$0/mounted\" && exec sleep 600",
+        ])
+        .arg(mount)
+        .arg(size)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare starts");
+    let pid = holder.id().expect("the holder runs");
+    let inside = PathBuf::from(format!("/proc/{pid}/root")).join(mount.strip_prefix("/").unwrap());
+    eventually(Duration::from_secs(10), "the tmpfs to be mounted", || {
+        inside.join("mounted").exists().then_some(())
+    })
+    .await;
+    (holder, pid, inside)
+}
+
+/// Sends SIGTERM to `node` and waits (up to a minute) for it to exit.
+async fn stop(node: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = node.id().expect("the node runs");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), node.wait())
+        .await
+        .expect("the node stops within a minute")
+        .unwrap()
 }
 
 /// The review's case: a run that ends while the disk is full has a report
@@ -279,31 +318,12 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
     })
     .await
     .unwrap();
-    // The tmpfs lives in the mount namespace of a process that outlives
-    // both nodes, so the second finds what the first left.
-    let mut holder = tokio::process::Command::new("unshare")
-        .args([
-            "-m",
-            "sh",
-            "-c",
-            "mount -t tmpfs -o size=2m tmpfs \"$0\" && touch \"$0/mounted\" && exec sleep 600",
-        ])
-        .arg(mount.path())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("unshare starts");
-    let holder_pid = holder.id().expect("the holder runs");
-    let inside: PathBuf =
-        PathBuf::from(format!("/proc/{holder_pid}/root")).join(mount.path().strip_prefix("/").unwrap());
-    eventually(Duration::from_secs(10), "the tmpfs to be mounted", || {
-        inside.join("mounted").exists().then_some(())
-    })
-    .await;
+    let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "2m").await;
     let agents = agents_layout();
     let logs = tempfile::tempdir().unwrap();
     let data = mount.path().join("data");
     let first_log = logs.path().join("first.log");
-    let mut node = node_in(holder_pid, &plane, agents.path(), &data, &first_log);
+    let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &first_log);
     let ended = |run_id: &str| {
         plane
             .run(run_id)
@@ -369,15 +389,7 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
 
     // Stopped before the disk is freed: the report is lost with the
     // process, and the next start fails the lease, its one outcome.
-    let pid = node.id().expect("the node runs");
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), node.wait())
-        .await
-        .expect("the node stops within a minute")
-        .unwrap();
+    let status = stop(&mut node).await;
     let first = std::fs::read_to_string(&first_log).unwrap();
     assert!(status.success(), "{status:?}\n{first}");
     assert!(
@@ -386,7 +398,7 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
     );
     std::fs::remove_file(inside.join("filler")).unwrap();
     let second_log = logs.path().join("second.log");
-    let mut node = node_in(holder_pid, &plane, agents.path(), &data, &second_log);
+    let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &second_log);
     let run = eventually(Duration::from_secs(60), "the held lease to be failed", || ended(&held)).await;
     assert_eq!(run.status, RunStatus::Failed, "{run:?}");
     let error = run.error_info.as_ref().unwrap();
@@ -400,6 +412,134 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
     node.kill().await.unwrap();
     holder.kill().await.unwrap();
     plane.shutdown().await;
+}
+
+/// An upgrade from a node before 2026-12-07 on a disk without room for
+/// a copy of its accepted ids: the node serves, with the ids where they
+/// are, and moves them at a start with room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_without_room_to_move_the_accepted_ids_serves_and_still_knows_them() {
+    const OLD_IDS: redb::TableDefinition<&str, (i64, i64)> = redb::TableDefinition::new("accepted");
+    const NEW_IDS: redb::TableDefinition<(i64, &str), i64> = redb::TableDefinition::new("accepted_in_order");
+    let mount = tempfile::tempdir().unwrap();
+    if let Err(reason) = tmpfs_available(mount.path()) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let now = node_runtime::outbox::now_unix_ms();
+    let (url, recorded) = support::scripted::serve(vec![
+        support::scripted::lease("lease-old-7", "echo", now + 600_000),
+        support::scripted::lease("lease-fresh", "echo", now + 600_000),
+    ])
+    .await;
+    let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "8m").await;
+    let file = inside.join("data").join("outbox.redb");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let ids = 20_000;
+    {
+        // As an older node leaves it: its tables, and pages its reports
+        // used and gave back, where the next writes go.
+        const CHURN: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("pending");
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut old = txn.open_table(OLD_IDS).unwrap();
+            for i in 0..ids {
+                old.insert(format!("lease-old-{i}").as_str(), (now, now + 3_600_000))
+                    .unwrap();
+            }
+            let mut reports = txn.open_table(CHURN).unwrap();
+            for i in 0..64 {
+                reports
+                    .insert(format!("report-{i}").as_str(), [7u8; 8 * 1024].as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(CHURN).unwrap().retain(|_, _| false).unwrap();
+        txn.commit().unwrap();
+    }
+    // Room for the node's own writes, not for a copy of the ids.
+    let filler = inside.join("filler");
+    fill(&filler);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(full - 256 * 1024)
+        .unwrap();
+
+    let agents = agents_layout();
+    let logs = tempfile::tempdir().unwrap();
+    let first_log = logs.path().join("first.log");
+    let data = mount.path().join("data");
+    let mut node = node_in(holder_pid, &url, agents.path(), &data, &first_log);
+    let completed = || {
+        let recorded = recorded.lock().unwrap();
+        recorded
+            .completes
+            .iter()
+            .any(|complete| complete.lease_id == "lease-fresh")
+    };
+    let started = std::time::Instant::now();
+    while !completed() && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        completed(),
+        "the fresh lease did not complete within 60 s:\n{}",
+        std::fs::read_to_string(&first_log).unwrap()
+    );
+    let status = stop(&mut node).await;
+    let log = std::fs::read_to_string(&first_log).unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.contains("were not moved to today's layout: the move needs room"),
+        "{log}"
+    );
+    {
+        let recorded = recorded.lock().unwrap();
+        let ran = |lease_id: &str| {
+            recorded.completes.iter().any(|report| report.lease_id == lease_id)
+                || recorded.fails.iter().any(|report| report.lease_id == lease_id)
+                || recorded.acks.iter().any(|(ack, _)| ack.lease_id == lease_id)
+        };
+        assert!(!ran("lease-old-7"), "a lease the older node accepted ran again\n{log}");
+    }
+    assert!(log.contains("lease received twice"), "{log}");
+    let count = |table: &str| {
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_read().unwrap();
+        match table {
+            "old" => txn
+                .open_table(OLD_IDS)
+                .map(|t| redb::ReadableTableMetadata::len(&t).unwrap())
+                .ok(),
+            _ => txn
+                .open_table(NEW_IDS)
+                .map(|t| redb::ReadableTableMetadata::len(&t).unwrap())
+                .ok(),
+        }
+    };
+    assert_eq!(count("old"), Some(ids), "the older ids stay where they were");
+
+    // With room, the next start moves them.
+    std::fs::remove_file(&filler).unwrap();
+    let second_log = logs.path().join("second.log");
+    let mut node = node_in(holder_pid, &url, agents.path(), &data, &second_log);
+    eventually(Duration::from_secs(60), "the restarted node to pull", || {
+        (recorded.lock().unwrap().pulls >= 2).then_some(())
+    })
+    .await;
+    let status = stop(&mut node).await;
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("were not moved"), "{log}");
+    assert_eq!(count("old"), None, "moved at the start with room");
+    assert_eq!(count("new"), Some(ids + 1));
+    holder.kill().await.unwrap();
 }
 
 /// An outbox file with two reports in `dir`, closed.

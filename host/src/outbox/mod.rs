@@ -22,7 +22,8 @@
 //!   unix ms. Keyed in the order leases arrive, so that each accept adds
 //!   to the table's last page instead of rewriting a page at random: with
 //!   random lease ids as keys (the table until 2026-12-07, `accepted`,
-//!   moved into this one at open), an accept's commit cost grew with the
+//!   moved into this one at open, or read where it is while the disk has
+//!   no room for the move), an accept's commit cost grew with the
 //!   table, which holds every lease of the last deadline plus grace. Whether
 //!   an id was accepted is answered from memory: a set of 128-bit digests
 //!   of the ids in the table, read at open and changed only after each
@@ -175,19 +176,29 @@ pub struct Outbox {
     accepted: Arc<AcceptedIds>,
 }
 
-/// The ids in the `accepted_in_order` table, as digests: what an accept
-/// and [`Outbox::is_accepted`] look up, instead of the table. Changed only
-/// once a commit that changes the table has succeeded, and read again
-/// from the table when the file is reopened after a failure.
+/// The ids in the `accepted_in_order` table (and in an older node's
+/// `accepted`, while it could not be moved), as digests: what an accept
+/// and [`Outbox::is_accepted`] look up, instead of the tables. Changed
+/// only once a commit that changes a table has succeeded, and read again
+/// from the tables when the file is reopened after a failure.
 #[derive(Default)]
-struct AcceptedIds(Mutex<HashSet<u128>>);
+struct AcceptedIds {
+    ids: Mutex<HashSet<u128>>,
+    /// The file still has an older node's `accepted` table: its ids are in
+    /// the set, and pruning covers it too.
+    old_table: std::sync::atomic::AtomicBool,
+}
 
 impl AcceptedIds {
     fn lock(&self) -> MutexGuard<'_, HashSet<u128>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Replaces the set with the ids the table holds.
+    fn has_old_table(&self) -> bool {
+        self.old_table.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the set with the ids the tables hold.
     fn load(&self, db: &Database) -> Result<(), redb::Error> {
         let txn = db.begin_read()?;
         let table = txn.open_table(ACCEPTED)?;
@@ -196,7 +207,18 @@ impl AcceptedIds {
             let (key, _) = entry?;
             ids.insert(digest(key.value().1));
         }
+        let old_table = match txn.open_table(ACCEPTED_BY_ID) {
+            Ok(old) => {
+                for entry in old.iter()? {
+                    ids.insert(digest(entry?.0.value()));
+                }
+                true
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(err) => return Err(err.into()),
+        };
         *self.lock() = ids;
+        self.old_table.store(old_table, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -257,12 +279,47 @@ impl Outbox {
             source,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = match open_database(&path, true) {
-            Ok(db) => db,
-            Err(OpenFailure::Locked) => return Err(OutboxError::Locked(path)),
-            Err(OpenFailure::Damaged(reason)) => return Err(OutboxError::Damaged { path, reason }),
-            Err(OpenFailure::Other(err)) => return Err(database(&path, err)),
+        let open = || match open_database(&path, true) {
+            Ok(db) => Ok(db),
+            Err(OpenFailure::Locked) => Err(OutboxError::Locked(path.clone())),
+            Err(OpenFailure::Damaged(reason)) => Err(OutboxError::Damaged {
+                path: path.clone(),
+                reason,
+            }),
+            Err(OpenFailure::Other(err)) => Err(database(&path, err)),
         };
+        let mut db = open()?;
+        // Create the tables, so readers never meet a missing one, and move
+        // the accepted ids of an older node's file into today's table. An
+        // id both hold (a file that went to an older node and came back)
+        // then has two rows, each with its own deadline: it is forgotten
+        // once neither is live (see `prune_accepted_in`).
+        if let Err(error) = commit_on(&db, |txn| prepare_tables(txn, move_old_ids)) {
+            if !move_old_ids {
+                return Err(database(&path, error));
+            }
+            // The move needs room for a copy of the ids next to the file.
+            // Without it, the node starts with them where they are (read
+            // from both tables, pruned in both) and moves them at a later
+            // start. redb refuses everything after a failed commit until
+            // the file is opened again.
+            drop(db);
+            db = open()?;
+            commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| OutboxError::Database {
+                message: format!(
+                    "{error} (the disk next to the outbox has no room for it to record: free some space \
+                     and start again; the file is unchanged)"
+                ),
+                path: path.clone(),
+            })?;
+            tracing::warn!(
+                path = %path.display(),
+                %error,
+                "the accepted lease ids of a node before 2026-12-07 were not moved to today's layout: \
+                 the move needs room for a copy of them next to the file. The node reads them where \
+                 they are and tries the move again at its next start (free some space on that disk)"
+            );
+        }
         let file = Arc::new(DatabaseFile::new(path.clone(), db));
         let accepted = Arc::new(AcceptedIds::default());
         let tables = Tables {
@@ -290,44 +347,6 @@ impl Outbox {
             group: Arc::new(group),
             accepted,
         };
-        // Create the tables, so readers never meet a missing one, and move
-        // the accepted ids of an older node's file into today's table. An
-        // id both hold (a file that went to an older node and came back)
-        // then has two rows, each with its own deadline: it is forgotten
-        // once neither is live (see `prune_accepted_in`).
-        let moved = outbox.write_then(
-            |txn| {
-                txn.open_table(PENDING)?;
-                txn.open_table(IN_FLIGHT)?;
-                let mut accepted = txn.open_table(ACCEPTED)?;
-                if move_old_ids {
-                    let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
-                    for entry in old_ids.iter()? {
-                        let (lease_id, value) = entry?;
-                        let (accepted_at, deadline) = value.value();
-                        accepted.insert((accepted_at, lease_id.value()), deadline)?;
-                    }
-                    drop(old_ids);
-                    txn.delete_table(ACCEPTED_BY_ID)?;
-                }
-                Ok(())
-            },
-            // A move that fails stops the start (below): no outage to wait out.
-            !move_old_ids,
-        );
-        if let Err(error) = moved {
-            return Err(match error {
-                OutboxError::Database { path, message } if move_old_ids => OutboxError::Database {
-                    message: format!(
-                        "{message} (opening the outbox moves the accepted lease ids of a node before \
-                         2026-12-07 to today's layout, which needs room on its disk for a copy of them: \
-                         free some space next to the file and start again; the file is unchanged)"
-                    ),
-                    path,
-                },
-                other => other,
-            });
-        }
         outbox.read(|db| outbox.accepted.load(db))?;
         Ok(outbox)
     }
@@ -404,32 +423,10 @@ impl Outbox {
     }
 
     fn write<T>(&self, body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, OutboxError> {
-        self.write_then(body, true)
-    }
-
-    /// [`Outbox::write`]; with `episode` false a failure is only returned,
-    /// not made the start of an outage the writer thread waits out (at
-    /// open, where the caller gives up instead).
-    fn write_then<T>(
-        &self,
-        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
-        episode: bool,
-    ) -> Result<T, OutboxError> {
         let db = self.file.current()?;
-        let run = || -> Result<T, redb::Error> {
-            let txn = db.begin_write()?;
-            let value = body(&txn)?;
-            // Durability::Immediate (the default): fsynced before it returns.
-            txn.commit()?;
-            Ok(value)
-        };
-        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-            .unwrap_or_else(|_| Err(redb::Error::Corrupted("redb panicked while writing".to_string())));
-        written.map_err(|err| {
+        commit_on(&db, body).map_err(|err| {
             let err = database(&self.path, err);
-            if episode {
-                self.file.failed(&err.to_string());
-            }
+            self.file.failed(&err.to_string());
             err
         })
     }
@@ -674,10 +671,35 @@ impl Outbox {
             accepted.remove((*accepted_at, lease_id.as_str()))?;
         }
         let mut stale: HashSet<String> = stale.into_iter().map(|(_, lease_id)| lease_id).collect();
+        // An older node's table, not moved yet: pruned on the same rule.
+        let mut old_ids = if self.accepted.has_old_table() {
+            Some(txn.open_table(ACCEPTED_BY_ID)?)
+        } else {
+            None
+        };
+        if let Some(old_ids) = &mut old_ids {
+            let mut old_stale = Vec::new();
+            for entry in old_ids.iter()? {
+                let (lease_id, value) = entry?;
+                let (accepted_at, deadline) = value.value();
+                if self.expired(deadline, accepted_at, now_unix_ms) {
+                    old_stale.push(lease_id.value().to_string());
+                }
+            }
+            for lease_id in &old_stale {
+                old_ids.remove(lease_id.as_str())?;
+            }
+            stale.extend(old_stale);
+        }
         // An id with a row that stays (it can have two) is not forgotten.
         if !stale.is_empty() {
             for entry in accepted.iter()? {
                 stale.remove(entry?.0.value().1);
+            }
+            if let Some(old_ids) = &old_ids {
+                for entry in old_ids.iter()? {
+                    stale.remove(entry?.0.value());
+                }
             }
         }
         // An in-flight lease goes with its accepted id.
@@ -721,6 +743,41 @@ impl Outbox {
             Ok(count)
         })
     }
+}
+
+/// Commits `body` on `db`, synced (`Durability::Immediate`, the default:
+/// fsynced before it returns). A panic inside redb is a failed commit.
+fn commit_on<T>(
+    db: &Database,
+    body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+) -> Result<T, redb::Error> {
+    let run = || -> Result<T, redb::Error> {
+        let txn = db.begin_write()?;
+        let value = body(&txn)?;
+        txn.commit()?;
+        Ok(value)
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Err(redb::Error::Corrupted("redb panicked while writing".to_string())))
+}
+
+/// Creates the tables, and with `move_old_ids` moves an older node's
+/// accepted ids into today's table.
+fn prepare_tables(txn: &redb::WriteTransaction, move_old_ids: bool) -> Result<(), redb::Error> {
+    txn.open_table(PENDING)?;
+    txn.open_table(IN_FLIGHT)?;
+    let mut accepted = txn.open_table(ACCEPTED)?;
+    if move_old_ids {
+        let old_ids = txn.open_table(ACCEPTED_BY_ID)?;
+        for entry in old_ids.iter()? {
+            let (lease_id, value) = entry?;
+            let (accepted_at, deadline) = value.value();
+            accepted.insert((accepted_at, lease_id.value()), deadline)?;
+        }
+        drop(old_ids);
+        txn.delete_table(ACCEPTED_BY_ID)?;
+    }
+    Ok(())
 }
 
 fn accept_writes(leases: &[LeaseKey]) -> Vec<Write> {
@@ -1130,6 +1187,52 @@ mod tests {
             .read(|db| Ok(db.begin_read()?.open_table(ACCEPTED_BY_ID)?.len()?))
             .expect("the old table");
         assert_eq!(left, 1);
+    }
+
+    /// An older node's table left in place (no room to move it, or opened
+    /// for a command): its ids are known, pruned on the same rule, and an
+    /// id with a live row in either table stays known.
+    #[test]
+    fn ids_left_in_the_older_table_are_known_and_pruned_there() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let now = now_unix_ms();
+        let hour = 3_600_000;
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).expect("create");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut old = txn.open_table(ACCEPTED_BY_ID).expect("table");
+                old.insert("old-live", (now, now + 60_000)).expect("insert");
+                old.insert("old-expired", (now - hour, 1)).expect("insert");
+                old.insert("both", (now - hour, 1)).expect("insert");
+                let mut new = txn.open_table(ACCEPTED).expect("table");
+                new.insert((now, "both"), now + 60_000).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let outbox = Outbox::open_leaving_layout(dir.path()).expect("the outbox opens");
+        for lease_id in ["old-live", "old-expired", "both"] {
+            assert!(outbox.is_accepted(lease_id).expect("read"), "{lease_id}");
+            assert!(
+                !outbox.accept(lease_id, now + 60_000).expect("accept"),
+                "{lease_id} runs once"
+            );
+        }
+        assert_eq!(outbox.prune_accepted(now_unix_ms()).expect("prune"), 1);
+        for (lease_id, known) in [("old-live", true), ("old-expired", false), ("both", true)] {
+            assert_eq!(outbox.is_accepted(lease_id).expect("read"), known, "{lease_id}");
+        }
+        let left = outbox
+            .read(|db| Ok(db.begin_read()?.open_table(ACCEPTED_BY_ID)?.len()?))
+            .expect("the old table");
+        assert_eq!(left, 1, "old-live alone stays in the older table");
+        drop(outbox);
+        // The next start with room moves what is left.
+        let outbox = Outbox::open(dir.path()).expect("the outbox opens again");
+        for (lease_id, known) in [("old-live", true), ("old-expired", false), ("both", true)] {
+            assert_eq!(outbox.is_accepted(lease_id).expect("read"), known, "{lease_id}");
+        }
+        assert!(!outbox.accepted.has_old_table());
     }
 
     #[test]
