@@ -764,6 +764,58 @@ async fn a_calls_stream_ended_at_once_is_asked_for_less_and_less_often() {
     node.shutdown().await;
 }
 
+/// A plane that reads calls on the stream and then ends it unanswered:
+/// the Acks waiting on it are made again unary (nothing else sends an Ack
+/// again), and the reports are resent by their senders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_lost_with_a_broken_calls_stream_are_made_again_unary() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let answers = scripted::Answers {
+        calls: scripted::CallsStream::EndsAfter(3),
+        // The first lease's Ack opens the stream (made unary meanwhile);
+        // the later ones arrive while it is open.
+        lease_gap: Duration::from_millis(300),
+        ..scripted::Answers::default()
+    };
+    let ids: Vec<String> = (1..=6).map(|n| format!("lease-{n}")).collect();
+    let leases = ids
+        .iter()
+        .map(|id| scripted::lease(id, "echo", now_ms + 120_000))
+        .collect();
+    let (url, recorded) = scripted::serve_with(leases, answers).await;
+    let agents = agents_layout();
+    let node = start_node(&url, 4, &agents);
+    eventually(Duration::from_secs(60), "six reports", || {
+        (recorded.lock().unwrap().completes.len() >= 6).then_some(())
+    })
+    .await;
+    let acked = |recorded: &scripted::Recorded| {
+        let mut acked: Vec<String> = recorded.acks.iter().map(|(ack, _)| ack.lease_id.clone()).collect();
+        acked.sort_unstable();
+        acked.dedup();
+        acked
+    };
+    eventually(Duration::from_secs(30), "every lease acknowledged", || {
+        (acked(&recorded.lock().unwrap()) == ids).then_some(())
+    })
+    .await;
+    {
+        let recorded = recorded.lock().unwrap();
+        assert!(
+            recorded.streamed_calls >= 1,
+            "no call went on the stream: the test proves nothing"
+        );
+        let mut completed: Vec<&str> = recorded.completes.iter().map(|c| c.lease_id.as_str()).collect();
+        completed.sort_unstable();
+        completed.dedup();
+        assert_eq!(completed, ids, "each lease completed");
+    }
+    node.shutdown().await;
+}
+
 /// Runs two leases that end at once and one cut off by its deadline 14 s
 /// on (after the stream is given up, at 10 s, and after the 2 s a broken
 /// stream waits before it reopens) against a plane whose Calls stream

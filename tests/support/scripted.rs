@@ -43,6 +43,8 @@ pub struct Answers {
     /// The first this many reports (Complete or Fail) are answered
     /// UNAVAILABLE, unrecorded: the node must send them again.
     pub unavailable_first: usize,
+    /// How long Pull waits before each lease it streams.
+    pub lease_gap: std::time::Duration,
 }
 
 /// What the script does with a node's Calls stream.
@@ -58,6 +60,9 @@ pub enum CallsStream {
     SilentUntilEnd,
     /// Takes it and ends it at once (OK, no answer).
     EndsAtOnce,
+    /// Takes it, reads this many calls without answering one, then ends
+    /// it (OK): the calls waiting on it are lost with it.
+    EndsAfter(usize),
 }
 
 impl Default for Answers {
@@ -68,6 +73,7 @@ impl Default for Answers {
             max_message_bytes: None,
             calls: CallsStream::Unimplemented,
             unavailable_first: 0,
+            lease_gap: std::time::Duration::ZERO,
         }
     }
 }
@@ -99,8 +105,10 @@ impl LeaseService for Script {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         self.recorded.lock().unwrap().pulls += 1;
         let leases = self.leases.lock().unwrap().pop_front().unwrap_or_default();
+        let gap = self.answers.lease_gap;
         tokio::spawn(async move {
             for lease in leases {
+                tokio::time::sleep(gap).await;
                 if tx.send(Ok(lease)).await.is_err() {
                     return;
                 }
@@ -168,6 +176,20 @@ impl LeaseService for Script {
             )),
             CallsStream::EndsAtOnce => {
                 let (_, answered) = tokio::sync::mpsc::channel(1);
+                Ok(tonic::Response::new(ReceiverStream::new(answered)))
+            }
+            CallsStream::EndsAfter(count) => {
+                let (answers, answered) = tokio::sync::mpsc::channel(1);
+                let (mut incoming, recorded) = (request.into_inner(), self.recorded.clone());
+                tokio::spawn(async move {
+                    for _ in 0..count {
+                        if !matches!(incoming.message().await, Ok(Some(_))) {
+                            break;
+                        }
+                        recorded.lock().unwrap().streamed_calls += 1;
+                    }
+                    drop(answers);
+                });
                 Ok(tonic::Response::new(ReceiverStream::new(answered)))
             }
             mode @ (CallsStream::Silent | CallsStream::SilentUntilEnd) => {

@@ -11,7 +11,8 @@
 //! reference) answers UNIMPLEMENTED: the node then makes unary calls, and
 //! asks again every [`ASK_AGAIN_AFTER`], as the plane may be upgraded. A
 //! broken stream fails the calls waiting on it (as a broken connection
-//! fails requests: their callers retry as they do then) and is reopened
+//! fails requests: their callers retry as they do then; an Ack is made
+//! again unary, see [`LeaseClient::ack`](super::LeaseClient::ack)) and is reopened
 //! at a later call: [`REOPEN_AFTER`] after a connection's trouble or the
 //! plane ending it (doubling, up to [`ASK_AGAIN_AFTER`], while the streams
 //! opened end without answering a call: a plane that takes the stream only

@@ -184,12 +184,24 @@ impl LeaseClient {
             .map_err(|status| LeaseClientError::call("Pull", status))
     }
 
+    /// Acks a lease. An Ack the Calls stream lost (the stream broke, or
+    /// no answer came in time) is made once more, unary: nothing else
+    /// would send it again (a report is retried by its sender), and a
+    /// repeated Ack changes nothing at the plane.
     pub async fn ack(&self, request: AckRequest) -> Result<(bool, String), LeaseClientError> {
-        let request = match self.on_stream(node_call::Call::Ack(request)).await {
-            Ok(Ok(node_call_answer::Answer::Ack(response))) => return Ok((response.success, response.message)),
-            Ok(answered) => return Err(unexpected("Ack", answered)),
-            Err(node_call::Call::Ack(request)) => request,
-            Err(_) => unreachable!("the call stream gives back the call it was given"),
+        let request = match &self.calls {
+            None => request,
+            Some(_) => match self.on_stream(node_call::Call::Ack(request.clone())).await {
+                Ok(Ok(node_call_answer::Answer::Ack(response))) => return Ok((response.success, response.message)),
+                Ok(Err(status))
+                    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+                {
+                    tracing::debug!(lease_id = %request.lease_id, error = %status, "an Ack the call stream lost is made again, unary");
+                    request
+                }
+                Ok(answered) => return Err(unexpected("Ack", answered)),
+                Err(_) => request,
+            },
         };
         let response = self
             .client
