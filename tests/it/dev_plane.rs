@@ -2074,6 +2074,62 @@ async fn dev_takes_definitions_and_stops_with_exit_2_naming_a_bad_file() {
     );
 }
 
+/// `dev --log-format json`: its own lines (certificates generated, where
+/// it listens, how to start a node) are JSON lines too, whatever the
+/// paths in them hold.
+#[tokio::test]
+async fn dev_says_everything_in_json_lines_with_log_format_json() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tls_dir = scratch.path().join("odd\nFORGED line\u{202e}");
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+        .args([
+            "dev",
+            "--plane-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--tls-dir",
+        ])
+        .arg(&tls_dir)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(dev.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while stderr.read_line(&mut line).await.unwrap() > 0 {
+            lines.push(std::mem::take(&mut line));
+            if lines.last().unwrap().contains("plane only: start nodes") {
+                break;
+            }
+        }
+    })
+    .await;
+    dev.kill().await.unwrap();
+    assert!(read.is_ok(), "no 'plane only' line within a minute: {lines:?}");
+    let mut messages = Vec::new();
+    for line in &lines {
+        let event: Value = serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+        assert!(!line.contains('\u{202e}'), "raw bidi mark: {line:?}");
+        messages.push(event["fields"]["message"].as_str().unwrap_or_default().to_string());
+    }
+    let generated = messages
+        .iter()
+        .find(|message| message.starts_with("generated in "))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(generated.contains(tls_dir.to_str().unwrap()), "{generated:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|message| message.starts_with("dev control plane listening on https://")),
+        "{lines:?}"
+    );
+}
+
 // ---- the stub model and the recording target ---------------------------------
 
 mod stub_shapes {

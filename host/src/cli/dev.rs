@@ -155,7 +155,10 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         Some(dir) => {
             let certificates = tls_dir::prepare(dir).map_err(|err| CommandError::usage(err.to_string()))?;
             if !certificates.generated.is_empty() {
-                eprintln!("generated in {}: {}", dir.display(), certificates.generated.join(", "));
+                say(
+                    args.log_format,
+                    &format!("generated in {}: {}", dir.display(), certificates.generated.join(", ")),
+                );
             }
             Some(certificates)
         }
@@ -187,6 +190,24 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     result
 }
 
+/// Says `message` on stderr in the log's format: plain lines for people
+/// (newlines kept, anything else that could forge a line escaped), one
+/// JSON object of the log's own shape for machines.
+fn say(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Human => eprintln!("{}", support::one_line::escape_keeping_lines(message, false)),
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": "INFO",
+                "fields": { "message": message },
+                "target": module_path!(),
+            });
+            eprintln!("{}", support::one_line::escape_json(&line.to_string()));
+        }
+    }
+}
+
 /// Refuses to serve beyond loopback without client certificates, unless
 /// told `--insecure-listen`; then says loudly what that means.
 fn check_listen(args: &DevArgs) -> Result<(), CommandError> {
@@ -202,9 +223,12 @@ fn check_listen(args: &DevArgs) -> Result<(), CommandError> {
             args.listen
         )));
     }
-    eprintln!(
-        "WARNING: --insecure-listen: the dev plane listens on {} without TLS or authentication; {risk}",
-        args.listen
+    say(
+        args.log_format,
+        &format!(
+            "WARNING: --insecure-listen: the dev plane listens on {} without TLS or authentication; {risk}",
+            args.listen
+        ),
     );
     Ok(())
 }
@@ -290,26 +314,36 @@ async fn run_with(
     }
     let node_tls = app::control_plane_tls(&config).map_err(|err| CommandError::usage(err.to_string()))?;
     match &certificates {
-        Some(_) => {
-            eprintln!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)")
-        }
-        None => eprintln!("dev control plane listening on {url} (REST and gRPC)"),
+        Some(_) => say(
+            args.log_format,
+            &format!("dev control plane listening on {url} (REST and gRPC over TLS, client certificates required)"),
+        ),
+        None => say(
+            args.log_format,
+            &format!("dev control plane listening on {url} (REST and gRPC)"),
+        ),
     }
 
     if args.plane_only {
         match &certificates {
             // The plane binds node ids to certificates: a node presenting
             // node-cert.pem must use its CN as its id.
-            Some(c) => eprintln!(
-                "plane only: start nodes with NodeRuntime__ControlPlaneUrl={url} NodeRuntime__NodeId={node_id} \\\n  \
+            Some(c) => say(
+                args.log_format,
+                &format!(
+                    "plane only: start nodes with NodeRuntime__ControlPlaneUrl={url} NodeRuntime__NodeId={node_id} \\\n  \
                  MTls__Enabled=true MTls__ClientCertificatePath={} MTls__ClientKeyPath={} MTls__ServerCaCertificatePath={}\n\
                  (a node's id must be its client certificate's CN: issue each further node its own from {})",
-                c.path(tls_dir::NODE_CERT).display(),
-                c.path(tls_dir::NODE_KEY).display(),
-                c.path(tls_dir::CA_CERT).display(),
-                c.path(tls_dir::CA_KEY).display()
+                    c.path(tls_dir::NODE_CERT).display(),
+                    c.path(tls_dir::NODE_KEY).display(),
+                    c.path(tls_dir::CA_CERT).display(),
+                    c.path(tls_dir::CA_KEY).display()
+                ),
             ),
-            None => eprintln!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}"),
+            None => say(
+                args.log_format,
+                &format!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}"),
+            ),
         }
         stop_signal().await;
         plane.shutdown().await;
@@ -431,9 +465,12 @@ async fn run_with(
     let admin = match args.admin_listen {
         Some(addr) => match AdminServer::start(addr, node.readiness_probe(), node.metrics()).await {
             Ok(admin) => {
-                eprintln!(
-                    "admin endpoint on http://{} (/healthz, /readyz, /metrics)",
-                    admin.addr()
+                say(
+                    args.log_format,
+                    &format!(
+                        "admin endpoint on http://{} (/healthz, /readyz, /metrics)",
+                        admin.addr()
+                    ),
                 );
                 Some(admin)
             }
@@ -447,21 +484,30 @@ async fn run_with(
     };
 
     let result = if let Some(dir) = &args.watch {
-        watch_project(&url, &node_tls, dir, layout.path(), args.watch_cycles).await
+        watch_project(&url, &node_tls, dir, layout.path(), args.watch_cycles, args.log_format).await
     } else if let Some(target) = &target {
-        let result = demo(&url, &target.addr.to_string(), &node_tls).await;
-        eprintln!("the target API received {} classified invoices", target.received());
+        let result = demo(&url, &target.addr.to_string(), &node_tls, args.log_format).await;
+        say(
+            args.log_format,
+            &format!("the target API received {} classified invoices", target.received()),
+        );
         result
     } else {
-        eprintln!(
-            "node {node_id} joined with {} slots; agents: {}",
-            args.slots,
-            offered.join(", ")
+        say(
+            args.log_format,
+            &format!(
+                "node {node_id} joined with {} slots; agents: {}",
+                args.slots,
+                offered.join(", ")
+            ),
         );
-        eprintln!(
-            "submit a run:\n  curl -s {curl_tls}-X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
+        say(
+            args.log_format,
+            &format!(
+                "submit a run:\n  curl -s {curl_tls}-X POST {url}/v1/runs -H 'content-type: application/json' \\\n    \
              -d '{{\"agentId\": \"echo\", \"version\": \"1.0.0\", \"inputRef\": {{\"message\": \"{{\\\"invoice\\\": 1}}\"}}}}'\n\
              see it:\n  curl -s {curl_tls}{url}/v1/runs\nCtrl-C stops."
+            ),
         );
         stop_signal().await;
         Ok(())
@@ -484,6 +530,7 @@ async fn watch_project(
     dir: &Path,
     layout: &Path,
     cycles: Option<u32>,
+    format: LogFormat,
 ) -> Result<(), CommandError> {
     use crate::kit::watch::{next_change, snapshot};
     let project = crate::kit::Project::open(dir).map_err(super::kit_error)?;
@@ -492,10 +539,13 @@ async fn watch_project(
         .map_err(|err| CommandError::internal(format!("cannot create {}: {err}", folder.display())))?;
     let http = crate::control_plane::registration::http_client_with(Duration::from_secs(30), tls)
         .map_err(|err| CommandError::internal(format!("cannot build the HTTP client: {err}")))?;
-    eprintln!(
-        "serving {} as agent `{}` version `dev` on {url}; saving a file rebuilds and reruns it",
-        dir.display(),
-        project.name
+    say(
+        format,
+        &format!(
+            "serving {} as agent `{}` version `dev` on {url}; saving a file rebuilds and reruns it",
+            dir.display(),
+            project.name
+        ),
     );
     let mut files = snapshot(dir);
     let mut saved = std::time::SystemTime::now();
@@ -703,7 +753,7 @@ const DEMO_INVOICES: [&str; 3] = [
     r#"{"vendor": "City Water Works", "number": "INV-2003", "date": "2026-11-04", "amount": 310.2, "currency": "EUR"}"#,
 ];
 
-async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), CommandError> {
+async fn demo(url: &str, target: &str, tls: &ControlPlaneTls, format: LogFormat) -> Result<(), CommandError> {
     let runs = [
         DemoRun {
             agent: "echo",
@@ -788,7 +838,10 @@ async fn demo(url: &str, target: &str, tls: &ControlPlaneTls) -> Result<(), Comm
         let answer = fetch(http.post(format!("{url}/v1/runs")).json(&body)).await?;
         ids.push(answer["runId"].as_str().unwrap_or_default().to_string());
     }
-    eprintln!("submitted {} runs; waiting for their outcomes", ids.len());
+    say(
+        format,
+        &format!("submitted {} runs; waiting for their outcomes", ids.len()),
+    );
 
     let started = Instant::now();
     let mut finished: Vec<serde_json::Value>;
