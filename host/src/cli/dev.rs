@@ -190,22 +190,9 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
     result
 }
 
-/// Says `message` on stderr in the log's format: plain lines for people
-/// (newlines kept, anything else that could forge a line escaped), one
-/// JSON object of the log's own shape for machines.
+/// Says `message` on stderr as the log would (see [`super::say`]).
 fn say(format: LogFormat, message: &str) {
-    match format {
-        LogFormat::Human => eprintln!("{}", support::one_line::escape_keeping_lines(message, false)),
-        LogFormat::Json => {
-            let line = serde_json::json!({
-                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                "level": "INFO",
-                "fields": { "message": message },
-                "target": module_path!(),
-            });
-            eprintln!("{}", support::one_line::escape_json(&line.to_string()));
-        }
-    }
+    super::say(format, tracing::Level::INFO, module_path!(), message);
 }
 
 /// Refuses to serve beyond loopback without client certificates, unless

@@ -197,6 +197,28 @@ pub fn parse_error(err: &clap::Error) -> ExitCode {
     ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
 }
 
+/// Writes a command's own line (not a log event) on stderr in the log's
+/// `format`: for people, the message with its newlines kept and anything
+/// else a terminal acts on escaped (`error: ` before an error); for
+/// machines, one JSON object of the log's own shape.
+pub(crate) fn say(format: LogFormat, level: tracing::Level, target: &str, message: &str) {
+    match format {
+        LogFormat::Human => {
+            let prefix = if level == tracing::Level::ERROR { "error: " } else { "" };
+            eprintln!("{prefix}{}", support::one_line::escape_keeping_lines(message, false));
+        }
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": level.as_str(),
+                "fields": {"message": message},
+                "target": target,
+            });
+            eprintln!("{}", support::one_line::escape_json(&line.to_string()));
+        }
+    }
+}
+
 /// Runs the parsed command and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     // run-agent, serve and dev install their own logging (format, level,
@@ -235,19 +257,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             // No URL's credentials, and nothing a terminal acts on,
             // whatever the error quotes (a configuration value, a path).
             let message = support::redact::urls_in(&err.message);
-            match log_format {
-                LogFormat::Human => eprintln!("error: {}", support::one_line::escape_keeping_lines(&message, false)),
-                // With JSON log lines, the last line is one of them.
-                LogFormat::Json => {
-                    let line = serde_json::json!({
-                        "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                        "level": "ERROR",
-                        "fields": {"message": message},
-                        "target": "node_runtime::cli",
-                    });
-                    eprintln!("{}", support::one_line::escape_json(&line.to_string()));
-                }
-            }
+            // With JSON log lines, the last line is one of them.
+            say(log_format, tracing::Level::ERROR, "node_runtime::cli", &message);
             err.exit.into()
         }
     }
