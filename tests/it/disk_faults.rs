@@ -48,6 +48,17 @@ async fn get(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
     Some((status, response.text().await.ok()?))
 }
 
+/// A dev plane on loopback that looks for pending runs every 200 ms.
+async fn quick_plane() -> DevPlane {
+    DevPlane::start(PlaneOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_poll: Duration::from_millis(200),
+        ..PlaneOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// Writes zeros to `path` until the filesystem refuses more (bounded).
 fn fill(path: &Path) {
     use std::io::Write;
@@ -68,13 +79,7 @@ async fn a_full_disk_stops_the_node_taking_leases_until_space_returns_and_every_
         println!("skipped: {reason}");
         return;
     }
-    let plane = DevPlane::start(PlaneOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        idle_poll: Duration::from_millis(200),
-        ..PlaneOptions::default()
-    })
-    .await
-    .unwrap();
+    let plane = quick_plane().await;
     let agents = agents_layout();
     let admin = format!("127.0.0.1:{}", free_port());
     let logs = tempfile::tempdir().unwrap();
@@ -311,13 +316,7 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
         println!("skipped: {reason}");
         return;
     }
-    let plane = DevPlane::start(PlaneOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        idle_poll: Duration::from_millis(200),
-        ..PlaneOptions::default()
-    })
-    .await
-    .unwrap();
+    let plane = quick_plane().await;
     let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "2m").await;
     let agents = agents_layout();
     let logs = tempfile::tempdir().unwrap();
@@ -562,13 +561,7 @@ fn outbox_with_reports(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_outbox_is_moved_aside_at_start_up_and_the_node_serves() {
-    let plane = DevPlane::start(PlaneOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        idle_poll: Duration::from_millis(200),
-        ..PlaneOptions::default()
-    })
-    .await
-    .unwrap();
+    let plane = quick_plane().await;
     let agents = agents_layout();
     // Truncated (redb used to panic on it: a crash loop under
     // Restart=always), and random bytes.
