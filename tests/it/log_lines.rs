@@ -363,6 +363,31 @@ fn json_log_lines_stay_json_whatever_the_ids_hold() {
     assert!(stdout.contains(r"\u009b2J\u202e"), "{stdout}");
 }
 
+/// The `log` crate's records (wasmtime's) reach the log at the level the
+/// filter asks for, and no further: its own level follows the filter.
+#[test]
+fn wasmtime_records_of_the_log_crate_follow_the_filter() {
+    let wasmtime_lines = |filter: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .arg("run-agent")
+            .arg(support::agent_path("echo"))
+            .args(["--input", "{}"])
+            .env("RUST_LOG", filter)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let debug = stderr.lines().filter(|line| line.contains("DEBUG wasmtime")).count();
+        let trace = stderr.lines().filter(|line| line.contains("TRACE wasmtime")).count();
+        (debug, trace)
+    };
+    assert_eq!(wasmtime_lines("info"), (0, 0));
+    let (debug, trace) = wasmtime_lines("info,wasmtime=debug");
+    assert!(debug > 0 && trace == 0, "{debug} debug, {trace} trace lines");
+    let (_, trace) = wasmtime_lines("info,wasmtime=trace");
+    assert!(trace > 0, "no trace line");
+}
+
 /// What a terminal acts on and a line cannot show, in the characters an
 /// operator's configuration or an agent can put in the node's output.
 const UNSHOWN: [char; 6] = ['\u{9b}', '\u{85}', '\u{202e}', '\u{2028}', '\u{ad}', '\u{e0041}'];

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, dynamic_filter_fn, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -105,6 +105,7 @@ impl Telemetry {
             })
         };
         let stderr_filter = env_filter(&filter)?;
+        let most_verbose = stderr_filter.max_level_hint();
         let (providers, meter_reader) = match &settings.otlp {
             Some(otlp) => otlp::Providers::build(otlp, &settings.resource)?,
             None => (otlp::Providers::default(), None),
@@ -167,6 +168,7 @@ impl Telemetry {
             .with(layers)
             .try_init()
             .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+        log::set_max_level(log_level(most_verbose));
         if let Some(otlp) = &settings.otlp {
             tracing::info!(
                 endpoint = %otlp.endpoint,
@@ -238,6 +240,25 @@ fn stderr_layer(format: LogFormat, span_events: FmtSpan) -> Box<dyn Layer<Regist
 pub fn loading_logger(format: LogFormat) -> impl tracing::Subscriber + Send + Sync {
     let level = tracing_subscriber::filter::LevelFilter::INFO;
     tracing_subscriber::registry().with(stderr_layer(format, FmtSpan::NONE).with_filter(level))
+}
+
+/// The `log` crate's own level for records of at most `most_verbose`
+/// (TRACE when unknown). Its records (wasmtime writes them: some
+/// two dozen debug and trace records per instantiation) cross into
+/// `tracing` only below this level. `try_init` sets it from the
+/// subscriber's hint, which the OTLP layers' dynamic gates leave at
+/// TRACE: every record then crossed, to be dropped by the filters, about
+/// 2% of the node's CPU per lease (bench `lease-cost`). Every layer that
+/// takes log records uses the stderr filter, whose hint this is.
+fn log_level(most_verbose: Option<LevelFilter>) -> log::LevelFilter {
+    match most_verbose.unwrap_or(LevelFilter::TRACE).into_level() {
+        None => log::LevelFilter::Off,
+        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
+        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
+        Some(tracing::Level::INFO) => log::LevelFilter::Info,
+        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
+        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
+    }
 }
 
 /// Installs a plain stderr logger for commands that need no telemetry
