@@ -293,7 +293,7 @@ async fn tmpfs_holder(mount: &Path, size: &str) -> (tokio::process::Child, u32, 
 }
 
 /// Sends SIGTERM to `node` and waits (up to a minute) for it to exit.
-async fn stop(node: &mut tokio::process::Child) -> std::process::ExitStatus {
+async fn stop_node(node: &mut tokio::process::Child) -> std::process::ExitStatus {
     let pid = node.id().expect("the node runs");
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -388,7 +388,7 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
 
     // Stopped before the disk is freed: the report is lost with the
     // process, and the next start fails the lease, its one outcome.
-    let status = stop(&mut node).await;
+    let status = stop_node(&mut node).await;
     let first = std::fs::read_to_string(&first_log).unwrap();
     assert!(status.success(), "{status:?}\n{first}");
     assert!(
@@ -407,10 +407,101 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
     tokio::time::sleep(Duration::from_secs(1)).await;
     for run in plane.runs() {
         assert!(run.outcomes <= 1, "one outcome at most: {run:?}");
+        assert_eq!(
+            run.repeats, 0,
+            "a report answered before the restart was sent again: {run:?}"
+        );
     }
     node.kill().await.unwrap();
     holder.kill().await.unwrap();
     plane.shutdown().await;
+}
+
+/// Removals of answered reports are committed unsynced; a commit that
+/// fails on the full disk takes them back (redb reopens at the last
+/// synced commit). The reopen removes them again: a restart afterwards
+/// sends no answered report a second time (review 2 of stop 34 saw
+/// thousands sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_restart() {
+    let mount = tempfile::tempdir().unwrap();
+    if let Err(reason) = tmpfs_available(mount.path()) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let plane = std::sync::Arc::new(quick_plane().await);
+    let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "2m").await;
+    let agents = agents_layout();
+    let logs = tempfile::tempdir().unwrap();
+    let data = mount.path().join("data");
+    let first_log = logs.path().join("first.log");
+    let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &first_log);
+    let first = plane.submit(echo("first")).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "the first run", || {
+        plane.run(&first).filter(|run| run.outcomes == 1)
+    })
+    .await;
+    // A steady stream of runs, so that removals are always in flight
+    // when a commit fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitter = {
+        let (plane, stop) = (plane.clone(), stop.clone());
+        tokio::spawn(async move {
+            for i in 0..3_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let _ = plane.submit(echo(&format!("stream {i}"))).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fill(&inside.join("filler"));
+    let log_says = |what: &str| std::fs::read_to_string(&first_log).unwrap().contains(what);
+    eventually(Duration::from_secs(60), "a commit to fail", || {
+        log_says("the outbox cannot record:").then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    submitter.await.unwrap();
+    std::fs::remove_file(inside.join("filler")).unwrap();
+    eventually(Duration::from_secs(60), "the outbox to record again", || {
+        log_says("the outbox records again").then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(120), "every run to end", || {
+        plane.runs().iter().all(|run| run.outcomes == 1).then_some(())
+    })
+    .await;
+    let status = stop_node(&mut node).await;
+    assert!(status.success(), "{status:?}");
+
+    let second_log = logs.path().join("second.log");
+    let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &second_log);
+    eventually(Duration::from_secs(60), "the restarted node to register", || {
+        std::fs::read_to_string(&second_log)
+            .unwrap()
+            .contains("registered")
+            .then_some(())
+    })
+    .await;
+    // Time for reports sent again to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = plane.runs();
+    let repeated: Vec<_> = runs.iter().filter(|run| run.repeats > 0).collect();
+    assert!(
+        repeated.is_empty(),
+        "{} of {} answered reports were sent again after the restart:\n{}",
+        repeated.len(),
+        runs.len(),
+        std::fs::read_to_string(&first_log).unwrap()
+    );
+    for run in &runs {
+        assert_eq!(run.outcomes, 1, "{run:?}");
+    }
+    node.kill().await.unwrap();
+    holder.kill().await.unwrap();
 }
 
 /// An upgrade from a node before 2026-12-07 on a disk without room for
@@ -491,7 +582,7 @@ async fn an_upgrade_without_room_to_move_the_accepted_ids_serves_and_still_knows
         "the fresh lease did not complete within 60 s:\n{}",
         std::fs::read_to_string(&first_log).unwrap()
     );
-    let status = stop(&mut node).await;
+    let status = stop_node(&mut node).await;
     let log = std::fs::read_to_string(&first_log).unwrap();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(
@@ -532,7 +623,7 @@ async fn an_upgrade_without_room_to_move_the_accepted_ids_serves_and_still_knows
         (recorded.lock().unwrap().pulls >= 2).then_some(())
     })
     .await;
-    let status = stop(&mut node).await;
+    let status = stop_node(&mut node).await;
     let log = std::fs::read_to_string(&second_log).unwrap();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(!log.contains("were not moved"), "{log}");

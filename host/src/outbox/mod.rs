@@ -238,6 +238,11 @@ struct Tables {
     limits: OutboxLimits,
     /// A commit since the last synced one was not synced.
     unsynced: std::cell::Cell<bool>,
+    /// The reports those unsynced commits removed. A commit that fails
+    /// takes them back: redb reopens at the last synced commit. So the
+    /// reopen removes them again, or a restart would send each answered
+    /// report once more.
+    unsynced_removals: std::cell::RefCell<Vec<String>>,
     accepted: Arc<AcceptedIds>,
 }
 
@@ -327,6 +332,7 @@ impl Outbox {
             path: path.clone(),
             limits,
             unsynced: std::cell::Cell::new(false),
+            unsynced_removals: std::cell::RefCell::default(),
             accepted: Arc::clone(&accepted),
         };
         let gone = {
@@ -863,6 +869,45 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// After a reopen: removes again the reports that unsynced commits
+    /// removed before the failed one took them back. On failure the file
+    /// counts as failed again, and the next reopen tries again.
+    fn remove_again(&self) -> Result<(), String> {
+        let lost = self.unsynced_removals.take();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let removed = self.file.current().map_err(|err| err.to_string()).and_then(|db| {
+            commit_on(&db, |txn| {
+                let mut pending = txn.open_table(PENDING)?;
+                let mut in_flight = txn.open_table(IN_FLIGHT)?;
+                for lease_id in &lost {
+                    pending.remove(lease_id.as_str())?;
+                    in_flight.remove(lease_id.as_str())?;
+                }
+                Ok(())
+            })
+            .map_err(|err| err.to_string())
+        });
+        match removed {
+            Ok(()) => {
+                tracing::info!(
+                    count = lost.len(),
+                    "removed again the answered reports whose removal the failed commit took back"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                *self.unsynced_removals.borrow_mut() = lost;
+                self.file
+                    .failed(&format!("removing answered reports again after reopening: {error}"));
+                Err(error)
+            }
+        }
+    }
+}
+
 impl Committer for Tables {
     type Error = OutboxError;
 
@@ -925,6 +970,16 @@ impl Committer for Tables {
             }
             txn.commit()?;
             self.unsynced.set(!must_sync);
+            let mut removals = self.unsynced_removals.borrow_mut();
+            if must_sync {
+                removals.clear();
+            } else {
+                removals.extend(batch.iter().filter_map(|write| match write {
+                    Write::Remove { lease_id } => Some(lease_id.clone()),
+                    _ => None,
+                }));
+            }
+            drop(removals);
             self.accepted.lock().extend(fresh_ids);
             Ok(answers)
         };
@@ -970,7 +1025,8 @@ impl Committer for Tables {
                 self.file
                     .failed(&format!("reading the accepted ids after reopening: {error}"));
             }
-            loaded
+            loaded?;
+            self.remove_again()
         });
         match reopened {
             Ok(()) => true,
@@ -1002,6 +1058,7 @@ impl Committer for Tables {
         };
         run().map_err(|err| database(&self.path, err))?;
         self.unsynced.set(false);
+        self.unsynced_removals.borrow_mut().clear();
         Ok(())
     }
 }
