@@ -395,9 +395,16 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
         first.contains("exiting before the outbox could record this report, which was therefore not sent"),
         "{first}"
     );
-    std::fs::remove_file(inside.join("filler")).unwrap();
+    // Started again on the disk still full (an operator's first try),
+    // then given room: the lease it finds interrupted ends with one Fail.
     let second_log = logs.path().join("second.log");
     let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &second_log);
+    eventually(Duration::from_secs(60), "the second node to register", || {
+        let log = std::fs::read_to_string(&second_log).unwrap();
+        log.contains("registered with the control plane").then_some(())
+    })
+    .await;
+    std::fs::remove_file(inside.join("filler")).unwrap();
     let run = eventually(Duration::from_secs(60), "the held lease to be failed", || ended(&held)).await;
     assert_eq!(run.status, RunStatus::Failed, "{run:?}");
     let error = run.error_info.as_ref().unwrap();
@@ -415,6 +422,73 @@ async fn a_report_the_full_disk_cannot_record_waits_so_a_restart_leaves_its_leas
     node.kill().await.unwrap();
     holder.kill().await.unwrap();
     plane.shutdown().await;
+}
+
+/// A report larger than the room the disk has left cannot be recorded
+/// whole, before or after the outbox reopens: the lease is marked
+/// answered (a small write) and the report sent from memory, and the node
+/// goes on taking leases (review 1 of stop 35: it held such a report for
+/// good, and its retries kept the outbox failing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_too_large_for_the_room_left_is_sent_once_the_lease_is_marked_answered() {
+    let mount = tempfile::tempdir().unwrap();
+    if let Err(reason) = tmpfs_available(mount.path()) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let plane = quick_plane().await;
+    let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "8m").await;
+    let agents = agents_layout();
+    let logs = tempfile::tempdir().unwrap();
+    let data = mount.path().join("data");
+    let log_path = logs.path().join("node.log");
+    let mut node = node_in(holder_pid, &plane.url(), agents.path(), &data, &log_path);
+    let ended = |run_id: &str| {
+        plane
+            .run(run_id)
+            .filter(|run| matches!(run.status, RunStatus::Completed | RunStatus::Failed))
+    };
+    let before = plane.submit(echo("before the disk filled")).await.unwrap().run_id;
+    eventually(Duration::from_secs(60), "the first run", || ended(&before)).await;
+    let filler = inside.join("filler");
+    fill(&filler);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(full - 600 * 1024)
+        .unwrap();
+
+    let mut big = echo("");
+    big.agent_id = "big-result".to_string();
+    big.input_ref = [("size".to_string(), "1000000".to_string())].into_iter().collect();
+    let big = plane.submit(big).await.unwrap().run_id;
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    let run = eventually(Duration::from_secs(60), "the large report", || ended(&big)).await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}\n{}", log());
+    assert!(
+        log().contains("the report does not fit in the room the outbox has"),
+        "{}",
+        log()
+    );
+    for i in 0..3 {
+        let run_id = plane.submit(echo(&format!("after {i}"))).await.unwrap().run_id;
+        let started = std::time::Instant::now();
+        while ended(&run_id).is_none() && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            ended(&run_id).is_some(),
+            "run {i} after the large report did not end:\n{}",
+            log()
+        );
+    }
+    for run in plane.runs() {
+        assert_eq!(run.outcomes, 1, "{run:?}");
+    }
+    node.kill().await.unwrap();
+    holder.kill().await.unwrap();
 }
 
 /// Removals of answered reports are committed unsynced; a commit that

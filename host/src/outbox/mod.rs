@@ -600,13 +600,28 @@ impl Outbox {
 
     /// True when a report's lease is past its deadline plus the grace.
     pub fn expired(&self, deadline_unix_ms: i64, written_unix_ms: i64, now_unix_ms: i64) -> bool {
+        now_unix_ms > self.expiry_unix_ms(deadline_unix_ms, written_unix_ms)
+    }
+
+    /// How long until [`Outbox::expired`] says so (zero once it does).
+    pub fn expires_in(&self, deadline_unix_ms: i64, written_unix_ms: i64, now_unix_ms: i64) -> Duration {
+        let left = self
+            .expiry_unix_ms(deadline_unix_ms, written_unix_ms)
+            .saturating_add(1)
+            .saturating_sub(now_unix_ms);
+        Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    }
+
+    /// When a report's lease is past its deadline plus the grace (counted
+    /// from its writing when the lease has no deadline), unix ms.
+    fn expiry_unix_ms(&self, deadline_unix_ms: i64, written_unix_ms: i64) -> i64 {
         let from = if deadline_unix_ms > 0 {
             deadline_unix_ms
         } else {
             written_unix_ms
         };
         let grace = i64::try_from(self.limits.grace.as_millis()).unwrap_or(i64::MAX);
-        now_unix_ms > from.saturating_add(grace)
+        from.saturating_add(grace)
     }
 
     /// Drops expired reports and accepted ids.

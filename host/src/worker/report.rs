@@ -356,16 +356,23 @@ impl Reporter {
     /// refused again, it is dropped: waiting cannot make it smaller.
     ///
     /// A report the outbox could not record (`recorded` false) is not sent
-    /// until it is recorded. Sent from memory, it could reach the plane and
-    /// then, should the node stop before the outbox records again, be
-    /// followed by the Fail a start sends for a lease left with no report:
-    /// two outcomes, the second overwriting the first. Held, the lease ends
-    /// with one: this report once recorded, or that Fail.
+    /// until the outbox has recorded either the report or, when the report
+    /// will not fit (over [`RECORD_WHOLE_UP_TO`], or refused once more
+    /// after a reopen), that the lease is answered: its in-flight mark
+    /// removed, a small write. Sent with neither, it could reach the plane
+    /// and then, should the node stop before the outbox records again, be
+    /// followed by the Fail a start sends for a lease still marked in
+    /// flight: two outcomes, the second overwriting the first. Sent after
+    /// the mark alone, it is lost if the node dies before the plane has
+    /// it: no outcome from this node, and the plane re-leases the run.
     async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64, mut recorded: bool) {
         let lease_id = report.lease_id().to_string();
         let mut delivery = Delivery::new(report);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut recording = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // Whether the lease is marked answered (the report itself unrecorded).
+        let mut marked = false;
+        let mut record_whole = delivery.report().encoded_len() <= RECORD_WHOLE_UP_TO;
         let mut attempts = 0u32;
         let remove = loop {
             if self
@@ -375,12 +382,20 @@ impl Reporter {
                 self.expired(&lease_id);
                 break true;
             }
-            if !recorded {
+            if !recorded && !marked {
                 let writable = self.outbox.is_writable();
-                if writable {
+                if writable && record_whole {
                     recorded = self.record(delivery.report(), deadline_unix_ms).await;
+                    // Refused again with the room a reopen proved: the
+                    // next try writes the mark alone.
+                    record_whole = recorded;
+                } else if writable {
+                    marked = self.outbox.remove_async(&lease_id).await.is_ok();
+                    if marked {
+                        tracing::warn!(%lease_id, size = delivery.report().encoded_len(), "the report does not fit in the room the outbox has: the lease is marked answered and the report sent from memory (should the node stop before the plane has it, this node reports nothing for the lease)");
+                    }
                 }
-                if !recorded {
+                if !recorded && !marked {
                     // A write refused while the outbox said it records
                     // (it fails now and then) is not tried again at once.
                     let pause = if writable {
@@ -388,11 +403,15 @@ impl Reporter {
                     } else {
                         Duration::ZERO
                     };
+                    let expires_in = self
+                        .outbox
+                        .expires_in(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms());
                     tokio::select! {
                         _ = self.shutdown.delivery_given_up() => {
                             tracing::error!(%lease_id, "exiting before the outbox could record this report, which was therefore not sent; the next start fails the lease (retryable) as interrupted, its one outcome");
                             break false;
                         }
+                        _ = tokio::time::sleep(expires_in) => {}
                         _ = async {
                             tokio::time::sleep(pause).await;
                             self.outbox.writable().await;
@@ -429,7 +448,11 @@ impl Reporter {
                     tracing::warn!(%lease_id, attempt = attempts, error = %err, retry_in = ?delay, "report not delivered");
                     tokio::select! {
                         _ = self.shutdown.delivery_given_up() => {
-                            tracing::error!(%lease_id, "report not delivered before exit; it stays in the outbox for the next start");
+                            if recorded {
+                                tracing::error!(%lease_id, "report not delivered before exit; it stays in the outbox for the next start");
+                            } else {
+                                tracing::error!(%lease_id, "report not delivered before exit, and the outbox could not record it: this node reports nothing more for the lease, which the control plane re-leases");
+                            }
                             break false;
                         }
                         _ = tokio::time::sleep(delay) => {}
@@ -447,6 +470,12 @@ impl Reporter {
         self.delivering.lock().await.remove(&lease_id);
     }
 }
+
+/// The largest report tried again whole once the outbox records after a
+/// fault; a larger one gets the small mark at once (see
+/// [`Reporter::send`]): the reopen proves room for 256 KiB, and a failed
+/// write starts the fault over for every write that shares its commit.
+const RECORD_WHOLE_UP_TO: usize = 64 * 1024;
 
 /// The message of the Fail a lease gets when the node died while it ran.
 pub(super) const INTERRUPTED: &str = "the node restarted during this lease";
