@@ -578,6 +578,41 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
     holder.kill().await.unwrap();
 }
 
+/// A node started on a disk with no room at all for its outbox says so,
+/// and what to do, and exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_full_disk_says_to_free_space() {
+    let mount = tempfile::tempdir().unwrap();
+    if let Err(reason) = tmpfs_available(mount.path()) {
+        println!("skipped: {reason}");
+        return;
+    }
+    let plane = quick_plane().await;
+    let (mut holder, holder_pid, inside) = tmpfs_holder(mount.path(), "1m").await;
+    fill(&inside.join("filler"));
+    let agents = agents_layout();
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("node.log");
+    let mut node = node_in(
+        holder_pid,
+        &plane.url(),
+        agents.path(),
+        &mount.path().join("data"),
+        &log_path,
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), node.wait())
+        .await
+        .expect("the node stops at once")
+        .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("the disk next to the outbox is full: free some space there and start again"),
+        "{log}"
+    );
+    holder.kill().await.unwrap();
+}
+
 /// An upgrade from a node before 2026-12-07 on a disk without room for
 /// a copy of its accepted ids: the node serves, with the ids where they
 /// are, and moves them at a start with room.

@@ -291,7 +291,7 @@ impl Outbox {
                 path: path.clone(),
                 reason,
             }),
-            Err(OpenFailure::Other(err)) => Err(database(&path, err)),
+            Err(OpenFailure::Other(err)) => Err(opening(&path, err)),
         };
         let mut db = open()?;
         // Create the tables, so readers never meet a missing one, and move
@@ -299,24 +299,31 @@ impl Outbox {
         // id both hold (a file that went to an older node and came back)
         // then has two rows, each with its own deadline: it is forgotten
         // once neither is live (see `prune_accepted_in`).
-        if let Err(error) = commit_on(&db, |txn| prepare_tables(txn, move_old_ids)) {
-            if !move_old_ids {
-                return Err(database(&path, error));
+        //
+        // The move needs room for a copy of the ids next to the file.
+        // Without it, the node starts with them where they are (read from
+        // both tables, pruned in both) and moves them at a later start.
+        // The room is looked at first: a move that fails leaves a file
+        // that redb repairs at the next open, which needs room of its own.
+        let not_moved = if !move_old_ids {
+            commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| opening(&path, error))?;
+            None
+        } else if let Err(short) = room_to_move(&db, &path) {
+            Some(short)
+        } else {
+            match commit_on(&db, |txn| prepare_tables(txn, true)) {
+                Ok(()) => None,
+                Err(error) => {
+                    // redb refuses everything after a failed commit until
+                    // the file is opened again.
+                    drop(db);
+                    db = open()?;
+                    Some(error.to_string())
+                }
             }
-            // The move needs room for a copy of the ids next to the file.
-            // Without it, the node starts with them where they are (read
-            // from both tables, pruned in both) and moves them at a later
-            // start. redb refuses everything after a failed commit until
-            // the file is opened again.
-            drop(db);
-            db = open()?;
-            commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| OutboxError::Database {
-                message: format!(
-                    "{error} (the disk next to the outbox has no room for it to record: free some space \
-                     and start again; the file is unchanged)"
-                ),
-                path: path.clone(),
-            })?;
+        };
+        if let Some(error) = not_moved {
+            commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| opening(&path, error))?;
             tracing::warn!(
                 path = %path.display(),
                 %error,
@@ -764,6 +771,70 @@ impl Outbox {
             Ok(count)
         })
     }
+}
+
+/// Ok when the disk of `path` has room to move an older node's accepted
+/// ids, or there are none: twice what their table takes, and 1 MiB more
+/// (a file of 100,000 ids, 9.8 MB, took 16 MB more); else how short it
+/// is. What cannot be read (the table, the free room) does not stop the
+/// move being tried.
+fn room_to_move(db: &Database, path: &Path) -> Result<(), String> {
+    let table_bytes = || -> Result<u64, redb::Error> {
+        match db.begin_read()?.open_table(ACCEPTED_BY_ID) {
+            Ok(old) if old.is_empty()? => Ok(0),
+            Ok(old) => {
+                let stats = old.stats()?;
+                Ok(stats.stored_bytes() + stats.metadata_bytes() + stats.fragmented_bytes())
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(err) => Err(err.into()),
+        }
+    };
+    let Ok(size) = table_bytes() else {
+        return Ok(());
+    };
+    if size == 0 {
+        return Ok(());
+    }
+    let needed = size.saturating_mul(2).saturating_add(1 << 20);
+    match path.parent().and_then(free_bytes) {
+        Some(free) if free < needed => Err(format!(
+            "{free} bytes free next to the file, {needed} wanted for the move"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The bytes an unprivileged process may still write on the filesystem of
+/// `dir`; None when they cannot be read.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is writable memory of
+    // the type statvfs(3) fills; it is read only when the call succeeded.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    // Both are u64 here; narrower on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+}
+
+/// An error opening the outbox; on a full disk it says what to do.
+fn opening(path: &Path, err: impl Into<redb::Error>) -> OutboxError {
+    let err = err.into();
+    let full = matches!(&err, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull);
+    let mut error = database(path, err);
+    if full && let OutboxError::Database { message, .. } = &mut error {
+        message.push_str(
+            " (the disk next to the outbox is full: free some space there and start again; the file is unchanged)",
+        );
+    }
+    error
 }
 
 /// Commits `body` on `db`, synced (`Durability::Immediate`, the default:
