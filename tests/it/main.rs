@@ -38,6 +38,8 @@ mod disk_faults;
 mod edge;
 /// Outbound HTTP allow-lists and trace context.
 mod egress;
+/// Reports, restarts and upgrades on a disk that fills, across node lives.
+mod full_disk;
 /// Agents that attack the node (the set is in `tests/hostile_set/`).
 mod hostile;
 /// The invoice classifier in Rust, Python and JavaScript.
