@@ -36,6 +36,8 @@ pub struct OutboxFault {
 /// The open database, or none while it is being reopened.
 pub(super) struct DatabaseFile {
     path: PathBuf,
+    /// The outbox's lock file, locked for as long as this lives.
+    _lock: std::fs::File,
     db: RwLock<Option<Arc<Database>>>,
     writable: watch::Sender<bool>,
     fault: Mutex<Option<OutboxFault>>,
@@ -43,9 +45,10 @@ pub(super) struct DatabaseFile {
 }
 
 impl DatabaseFile {
-    pub(super) fn new(path: PathBuf, db: Database) -> DatabaseFile {
+    pub(super) fn new(path: PathBuf, db: Database, lock: std::fs::File) -> DatabaseFile {
         DatabaseFile {
             path,
+            _lock: lock,
             db: RwLock::new(Some(Arc::new(db))),
             writable: watch::Sender::new(true),
             fault: Mutex::new(None),

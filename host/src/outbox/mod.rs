@@ -11,7 +11,9 @@
 //! torn one. Concurrent runs' writes share transactions and fsyncs (group
 //! commit, see `group_commit`), so the disk does not serialise the slots.
 //! It also takes a file lock, so two processes cannot share one outbox by
-//! mistake.
+//! mistake; and since redb's lock goes with the database while the file
+//! is reopened after a failure, the outbox holds `outbox.lock` beside it
+//! for as long as it is open.
 //!
 //! The file is `{DataDirectory}/outbox.redb`. Two tables:
 //! - `pending`: lease id -> a report not yet answered by the control plane:
@@ -284,6 +286,7 @@ impl Outbox {
             source,
         })?;
         let path = dir.join(FILE_NAME);
+        let lock = lock_directory(dir, &path)?;
         let open = || match open_database(&path, true) {
             Ok(db) => Ok(db),
             Err(OpenFailure::Locked) => Err(OutboxError::Locked(path.clone())),
@@ -305,13 +308,14 @@ impl Outbox {
         // both tables, pruned in both) and moves them at a later start.
         // The room is looked at first: a move that fails leaves a file
         // that redb repairs at the next open, which needs room of its own.
-        let not_moved = if !move_old_ids {
-            commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| opening(&path, error))?;
-            None
-        } else if let Err(short) = room_to_move(&db, &path) {
-            Some(short)
-        } else {
-            match commit_on(&db, |txn| prepare_tables(txn, true)) {
+        let not_moved = match (move_old_ids, room_to_move(&db, &path)) {
+            // Nothing to move: a failure is the file's or the disk's.
+            (false, _) | (true, Ok(false)) => {
+                commit_on(&db, |txn| prepare_tables(txn, move_old_ids)).map_err(|error| opening(&path, error))?;
+                None
+            }
+            (true, Err(short)) => Some(short),
+            (true, Ok(true)) => match commit_on(&db, |txn| prepare_tables(txn, true)) {
                 Ok(()) => None,
                 Err(error) => {
                     // redb refuses everything after a failed commit until
@@ -320,7 +324,7 @@ impl Outbox {
                     db = open()?;
                     Some(error.to_string())
                 }
-            }
+            },
         };
         if let Some(error) = not_moved {
             commit_on(&db, |txn| prepare_tables(txn, false)).map_err(|error| opening(&path, error))?;
@@ -332,7 +336,7 @@ impl Outbox {
                  they are and tries the move again at its next start (free some space on that disk)"
             );
         }
-        let file = Arc::new(DatabaseFile::new(path.clone(), db));
+        let file = Arc::new(DatabaseFile::new(path.clone(), db, lock));
         let accepted = Arc::new(AcceptedIds::default());
         let tables = Tables {
             file: Arc::clone(&file),
@@ -773,12 +777,37 @@ impl Outbox {
     }
 }
 
-/// Ok when the disk of `path` has room to move an older node's accepted
-/// ids, or there are none: twice what their table takes, and 1 MiB more
-/// (a file of 100,000 ids, 9.8 MB, took 16 MB more); else how short it
-/// is. What cannot be read (the table, the free room) does not stop the
-/// move being tried.
-fn room_to_move(db: &Database, path: &Path) -> Result<(), String> {
+/// The lock file next to the outbox, held while it is open: redb's own
+/// lock goes with the database each time the file is reopened after a
+/// failure, and a second node started in that moment would take the file
+/// (review 2 of stop 35 got two outcomes for one lease so).
+pub const LOCK_FILE_NAME: &str = "outbox.lock";
+
+fn lock_directory(dir: &Path, outbox: &Path) -> Result<std::fs::File, OutboxError> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let failed = |err: std::io::Error| OutboxError::Database {
+        path: path.clone(),
+        message: format!("cannot open the outbox's lock file: {err}"),
+    };
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError::Locked(outbox.to_path_buf())),
+        Err(std::fs::TryLockError::Error(err)) => Err(failed(err)),
+    }
+}
+
+/// Whether `path` holds an older node's accepted ids to move (false:
+/// none), and Err (how short it is) when its disk has not the room for
+/// the move: twice what their table takes, and 1 MiB more (a file of
+/// 100,000 ids, 9.8 MB, took 16 MB more). What cannot be read (the table,
+/// the free room) does not stop the move being tried.
+fn room_to_move(db: &Database, path: &Path) -> Result<bool, String> {
     let table_bytes = || -> Result<u64, redb::Error> {
         match db.begin_read()?.open_table(ACCEPTED_BY_ID) {
             Ok(old) if old.is_empty()? => Ok(0),
@@ -791,17 +820,17 @@ fn room_to_move(db: &Database, path: &Path) -> Result<(), String> {
         }
     };
     let Ok(size) = table_bytes() else {
-        return Ok(());
+        return Ok(true);
     };
     if size == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let needed = size.saturating_mul(2).saturating_add(1 << 20);
     match path.parent().and_then(free_bytes) {
         Some(free) if free < needed => Err(format!(
             "{free} bytes free next to the file, {needed} wanted for the move"
         )),
-        _ => Ok(()),
+        _ => Ok(true),
     }
 }
 
@@ -1376,6 +1405,23 @@ mod tests {
             assert_eq!(outbox.is_accepted(lease_id).expect("read"), known, "{lease_id}");
         }
         assert!(!outbox.accepted.has_old_table());
+    }
+
+    /// The lock file, not redb's lock alone, keeps a second opener out:
+    /// redb's goes with the database while the file is reopened.
+    #[test]
+    fn the_lock_file_keeps_a_second_opener_out() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let held = std::fs::File::create(dir.path().join(LOCK_FILE_NAME)).expect("the lock file");
+        held.try_lock().expect("locked here");
+        match Outbox::open(dir.path()) {
+            Err(OutboxError::Locked(path)) => assert_eq!(path, dir.path().join(FILE_NAME)),
+            other => panic!("opened past the lock: {other:?}"),
+        }
+        drop(held);
+        let outbox = Outbox::open(dir.path()).expect("opens once the lock is free");
+        assert!(matches!(Outbox::open(dir.path()), Err(OutboxError::Locked(_))));
+        drop(outbox);
     }
 
     #[test]
