@@ -982,9 +982,7 @@ impl Tables {
         }
         Ok(dropped)
     }
-}
 
-impl Tables {
     /// After a reopen: removes again the reports that unsynced commits
     /// removed before the failed one took them back. On failure the file
     /// counts as failed again, and the next reopen tries again.

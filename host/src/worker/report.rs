@@ -365,100 +365,68 @@ impl Reporter {
     /// flight: two outcomes, the second overwriting the first. Sent after
     /// the mark alone, it is lost if the node dies before the plane has
     /// it: no outcome from this node, and the plane re-leases the run.
-    async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64, mut recorded: bool) {
+    async fn send(&self, report: Report, deadline_unix_ms: i64, written_unix_ms: i64, recorded: bool) {
         let lease_id = report.lease_id().to_string();
         let mut delivery = Delivery::new(report);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        let mut recording = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        // Whether the lease is marked answered (the report itself unrecorded).
-        let mut marked = false;
-        let mut record_whole = delivery.report().encoded_len() <= RECORD_WHOLE_UP_TO;
         let mut attempts = 0u32;
-        let remove = loop {
-            if self
-                .outbox
-                .expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms())
-            {
-                self.expired(&lease_id);
-                break true;
-            }
-            if !recorded && !marked {
-                let writable = self.outbox.is_writable();
-                if writable && record_whole {
-                    recorded = self.record(delivery.report(), deadline_unix_ms).await;
-                    // Refused again with the room a reopen proved: the
-                    // next try writes the mark alone.
-                    record_whole = recorded;
-                } else if writable {
-                    marked = self.outbox.remove_async(&lease_id).await.is_ok();
-                    if marked {
-                        tracing::warn!(%lease_id, size = delivery.report().encoded_len(), "the report does not fit in the room the outbox has: the lease is marked answered and the report sent from memory (should the node stop before the plane has it, this node reports nothing for the lease)");
-                    }
+        let held = if recorded {
+            Held::Recorded
+        } else {
+            self.hold(&lease_id, delivery.report(), deadline_unix_ms, written_unix_ms)
+                .await
+        };
+        let remove = match held {
+            Held::Expired => true,
+            Held::GivenUp => false,
+            Held::Recorded | Held::Marked => loop {
+                if self
+                    .outbox
+                    .expired(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms())
+                {
+                    self.expired(&lease_id);
+                    break true;
                 }
-                if !recorded && !marked {
-                    // A write refused while the outbox said it records
-                    // (it fails now and then) is not tried again at once.
-                    let pause = if writable {
-                        recording.next_delay()
-                    } else {
-                        Duration::ZERO
-                    };
-                    let expires_in = self
-                        .outbox
-                        .expires_in(deadline_unix_ms, written_unix_ms, outbox::now_unix_ms());
-                    tokio::select! {
-                        _ = self.shutdown.delivery_given_up() => {
-                            tracing::error!(%lease_id, "exiting before the outbox could record this report, which was therefore not sent; the next start fails the lease (retryable) as interrupted, its one outcome");
-                            break false;
+                attempts += 1;
+                match delivery.send(&self.leases).await {
+                    Sent::Delivered => {
+                        self.stats.reports_delivered.fetch_add(1, Ordering::Relaxed);
+                        break true;
+                    }
+                    Sent::Refused(message) => {
+                        tracing::error!(%lease_id, %message, "the control plane refused the report; it will not be sent again");
+                        break true;
+                    }
+                    Sent::Shrunk { error, size } => {
+                        let report = delivery.report();
+                        tracing::error!(%lease_id, error = %error, size, shrunk_to = report.encoded_len(), "the control plane refused the report for its size; sending it once more without its details");
+                        // Replaces the stored copy (same lease): nothing overflows.
+                        if let Err(err) = self.outbox.put_async(report, deadline_unix_ms).await {
+                            self.outbox_error(&lease_id, &err);
                         }
-                        _ = tokio::time::sleep(expires_in) => {}
-                        _ = async {
-                            tokio::time::sleep(pause).await;
-                            self.outbox.writable().await;
-                        } => {}
                     }
-                    continue;
-                }
-            }
-            attempts += 1;
-            match delivery.send(&self.leases).await {
-                Sent::Delivered => {
-                    self.stats.reports_delivered.fetch_add(1, Ordering::Relaxed);
-                    break true;
-                }
-                Sent::Refused(message) => {
-                    tracing::error!(%lease_id, %message, "the control plane refused the report; it will not be sent again");
-                    break true;
-                }
-                Sent::Shrunk { error, size } => {
-                    let report = delivery.report();
-                    tracing::error!(%lease_id, error = %error, size, shrunk_to = report.encoded_len(), "the control plane refused the report for its size; sending it once more without its details");
-                    // Replaces the stored copy (same lease): nothing overflows.
-                    if let Err(err) = self.outbox.put_async(report, deadline_unix_ms).await {
-                        self.outbox_error(&lease_id, &err);
+                    Sent::TooLarge(err) => {
+                        self.stats.reports_refused_for_size.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%lease_id, error = %err, size = delivery.report().encoded_len(), "the control plane refused the shrunk report for its size too; it will not be sent again, and the plane will re-lease the run after its lease expires");
+                        break true;
                     }
-                }
-                Sent::TooLarge(err) => {
-                    self.stats.reports_refused_for_size.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%lease_id, error = %err, size = delivery.report().encoded_len(), "the control plane refused the shrunk report for its size too; it will not be sent again, and the plane will re-lease the run after its lease expires");
-                    break true;
-                }
-                Sent::Failed(err) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%lease_id, attempt = attempts, error = %err, retry_in = ?delay, "report not delivered");
-                    tokio::select! {
-                        _ = self.shutdown.delivery_given_up() => {
-                            if recorded {
-                                tracing::error!(%lease_id, "report not delivered before exit; it stays in the outbox for the next start");
-                            } else {
-                                tracing::error!(%lease_id, "report not delivered before exit, and the outbox could not record it: this node reports nothing more for the lease, which the control plane re-leases");
+                    Sent::Failed(err) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%lease_id, attempt = attempts, error = %err, retry_in = ?delay, "report not delivered");
+                        tokio::select! {
+                            _ = self.shutdown.delivery_given_up() => {
+                                if held == Held::Recorded {
+                                    tracing::error!(%lease_id, "report not delivered before exit; it stays in the outbox for the next start");
+                                } else {
+                                    tracing::error!(%lease_id, "report not delivered before exit, and the outbox could not record it: this node reports nothing more for the lease, which the control plane re-leases");
+                                }
+                                break false;
                             }
-                            break false;
+                            _ = tokio::time::sleep(delay) => {}
                         }
-                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
-            }
+            },
         };
         // Once: a log formatter appends each recording of a field to the
         // span's line, so one per attempt would repeat it.
@@ -469,6 +437,65 @@ impl Reporter {
         // Only now: a stored copy is gone before another task may look for it.
         self.delivering.lock().await.remove(&lease_id);
     }
+
+    /// Holds a report the outbox could not record until the outbox has
+    /// recorded it, or the mark of its lease answered (see
+    /// [`Reporter::send`]); or until it expires, or the node gives up
+    /// delivering at exit.
+    async fn hold(&self, lease_id: &str, report: &Report, deadline_unix_ms: i64, written_unix_ms: i64) -> Held {
+        let mut record_whole = report.encoded_len() <= RECORD_WHOLE_UP_TO;
+        let mut recording = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let now = outbox::now_unix_ms();
+            if self.outbox.expired(deadline_unix_ms, written_unix_ms, now) {
+                self.expired(lease_id);
+                return Held::Expired;
+            }
+            let writable = self.outbox.is_writable();
+            if writable && record_whole {
+                if self.record(report, deadline_unix_ms).await {
+                    return Held::Recorded;
+                }
+                // Refused again with the room a reopen proved: the next
+                // try writes the mark alone.
+                record_whole = false;
+            } else if writable && self.outbox.remove_async(lease_id).await.is_ok() {
+                tracing::warn!(%lease_id, size = report.encoded_len(), "the report does not fit in the room the outbox has: the lease is marked answered and the report sent from memory (should the node stop before the plane has it, this node reports nothing for the lease)");
+                return Held::Marked;
+            }
+            // A write refused while the outbox said it records (it fails
+            // now and then) is not tried again at once.
+            let pause = if writable {
+                recording.next_delay()
+            } else {
+                Duration::ZERO
+            };
+            tokio::select! {
+                _ = self.shutdown.delivery_given_up() => {
+                    tracing::error!(%lease_id, "exiting before the outbox could record this report, which was therefore not sent; the next start fails the lease (retryable) as interrupted, its one outcome");
+                    return Held::GivenUp;
+                }
+                _ = tokio::time::sleep(self.outbox.expires_in(deadline_unix_ms, written_unix_ms, now)) => {}
+                _ = async {
+                    tokio::time::sleep(pause).await;
+                    self.outbox.writable().await;
+                } => {}
+            }
+        }
+    }
+}
+
+/// Where [`Reporter::hold`] left a report the outbox could not record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Recorded (or recorded from the start): sent as any report.
+    Recorded,
+    /// Its lease marked answered: sent from memory.
+    Marked,
+    /// Past its lease's deadline plus the grace: dropped.
+    Expired,
+    /// The node exits: not sent.
+    GivenUp,
 }
 
 /// The largest report tried again whole once the outbox records after a
