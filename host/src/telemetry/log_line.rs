@@ -41,6 +41,21 @@ pub fn capped(metadata: &tracing::Metadata<'_>) -> bool {
     *metadata.level() <= tracing::Level::INFO || !of_crates(metadata.target(), HEADER_PRINTING_CRATES)
 }
 
+/// The node's spans a stderr line names: what the line is about (a
+/// lease, a local run). The node's other spans time the parts of a run
+/// (resolving, instantiating, reporting, each LLM or HTTP call) for the
+/// exported trace; on stderr they would only lengthen every line, and
+/// while no OTLP layer wants them they are not built at all (about 5% of
+/// the node's CPU per lease, bench `lease-cost`). The console exporter
+/// (`OpenTelemetry.ConsoleExporter.Enabled`) writes them all.
+pub const STDERR_SPANS: &[&str] = &["lease", "run"];
+
+/// Whether stderr takes this event or span: every event, every library's
+/// span, and of the node's own spans those in [`STDERR_SPANS`].
+pub fn on_stderr(metadata: &tracing::Metadata<'_>) -> bool {
+    !metadata.is_span() || !of_crates(metadata.target(), &["node_runtime"]) || STDERR_SPANS.contains(&metadata.name())
+}
+
 /// Whether `target` (`hyper_util::client::legacy::pool`) belongs to one of `crates`.
 pub fn of_crates(target: &str, crates: &[&str]) -> bool {
     let root = target.split("::").next().unwrap_or(target);

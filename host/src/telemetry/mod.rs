@@ -121,8 +121,15 @@ impl Telemetry {
         } else {
             FmtSpan::NONE
         };
+        let console_spans = settings.console_spans;
         let stderr = stderr_layer(settings.log_format, span_events)
-            .with_filter(stderr_filter.and(filter_fn(log_line::capped)))
+            .with_filter(
+                stderr_filter
+                    .and(filter_fn(log_line::capped))
+                    .and(filter_fn(move |metadata| {
+                        console_spans || log_line::on_stderr(metadata)
+                    })),
+            )
             .boxed();
         layers.push(stderr);
         // Nothing is built for OTLP while no collector listens. A dynamic
