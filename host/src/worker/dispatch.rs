@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use futures_util::FutureExt as _;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -176,40 +177,38 @@ impl Dispatcher {
                     return (RunOutcome::Failed(failure), RunReport::default());
                 }
             };
-            // The run is a task of its own, so that a panic in the node's
-            // code (a bug, whatever input caused it) still ends the lease
-            // with a Fail rather than with no report at all.
-            let sandbox = self.sandbox.clone();
-            let request = request.clone();
-            let running = tokio::spawn(
-                async move {
-                    match &runnable {
-                        Runnable::Component(agent) => sandbox.run_reported(agent, request).await,
-                        Runnable::Spec(spec) => sandbox.run_spec(spec, request).await.into(),
-                    }
+            // A panic in the node's code (a bug, whatever input caused
+            // it) is caught, so that it still ends the lease with a Fail
+            // rather than with no report at all. (Caught here rather than
+            // by running the run as a task of its own: a task costs every
+            // lease a spawn, a wake-up and a copy of the run's future.)
+            let running = std::panic::AssertUnwindSafe(async {
+                match &runnable {
+                    Runnable::Component(agent) => self.sandbox.run_reported(agent, request).await,
+                    Runnable::Spec(spec) => self.sandbox.run_spec(spec, request).await.into(),
                 }
-                .in_current_span(),
-            );
-            let abort = running.abort_handle();
+            })
+            .catch_unwind();
             tokio::select! {
-                joined = running => match joined {
+                // Boxed: the run's future is large, and the lease's task
+                // would otherwise be as large, copied whole when spawned.
+                caught = Box::pin(running) => match caught {
                     Ok(reported) => {
                         cut_off = reported.cut_off;
                         (reported.result.outcome, reported.result.report)
                     }
-                    Err(failed) => {
-                        let why = if failed.is_panic() { "panicked" } else { "was cancelled" };
-                        tracing::error!("the run {why}: a bug in the node; the lease is handed back");
+                    Err(_) => {
+                        tracing::error!("the run panicked: a bug in the node; the lease is handed back");
                         (
-                            RunOutcome::Failed(RunFailure::handed_back(format!(
-                                "the node failed running this lease (it {why}: a bug in the node, logged on it)"
-                            ))),
+                            RunOutcome::Failed(RunFailure::handed_back(
+                                "the node failed running this lease (it panicked: a bug in the node, logged on it)",
+                            )),
                             RunReport::default(),
                         )
                     }
                 },
+                // Dropping the run's future ends the run.
                 _ = self.shutdown.runs_aborted() => {
-                    abort.abort();
                     (
                         RunOutcome::Failed(RunFailure::handed_back(
                             "the node shut down before the run finished (drain timeout)",
