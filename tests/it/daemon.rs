@@ -455,6 +455,50 @@ async fn a_plane_that_takes_every_registration_and_forgets_it_at_once_gets_no_ho
 /// about 8,000 registrations a second, and a SIGINT that logged
 /// "draining" without the process ever exiting. Registration backs off,
 /// and either signal ends the process while it waits.
+/// A SIGTERM that comes while the node is still starting (its first log
+/// line written, its sandbox and outbox not yet ready) stops it cleanly,
+/// exit status 0: until 2026-12-07 the handler was installed by a task
+/// that ran only after the start, and such a signal killed the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_the_start_stops_the_node_cleanly() {
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    for attempt in 0..3 {
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("node.log");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-runtime"))
+            .arg("serve")
+            .env("NodeRuntime__NodeId", "early-term-node")
+            .env("NodeRuntime__ControlPlaneUrl", &nowhere)
+            .env("NodeRuntime__DataDirectory", data.path().join("data"))
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node-runtime serve starts");
+        // Its first line: the configuration is read, nothing started yet.
+        let started = std::time::Instant::now();
+        while !std::fs::read_to_string(&log).unwrap().contains("configuration:") {
+            assert!(started.elapsed() < Duration::from_secs(30), "no first line within 30 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let pid = child.id().unwrap();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("the node exits within 30 s of the signal")
+            .unwrap();
+        assert!(
+            status.success(),
+            "attempt {attempt}: exit status {status:?}\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_against_a_plane_that_404s_every_heartbeat_backs_off_and_exits_on_either_signal() {
     for signal in ["INT", "TERM"] {

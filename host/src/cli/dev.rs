@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::serve::stop_signal;
+use super::serve::StopSignals;
 use super::{CommandError, Exit};
 use support::Secret;
 use support::units::format_bytes;
@@ -147,6 +147,9 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
+    // From here on a SIGTERM or Ctrl-C stops the plane and the node
+    // cleanly, whenever it comes.
+    let mut signals = StopSignals::listen();
     if args.slots == 0 {
         return Err(CommandError::usage("--slots must be at least 1"));
     }
@@ -185,7 +188,7 @@ pub async fn run(args: DevArgs) -> Result<Exit, CommandError> {
         },
     })
     .map_err(|err| CommandError::usage(err.to_string()))?;
-    let result = run_with(args, certificates, node_id, &telemetry).await;
+    let result = run_with(args, certificates, node_id, &telemetry, &mut signals).await;
     telemetry.shutdown().await;
     result
 }
@@ -225,6 +228,7 @@ async fn run_with(
     certificates: Option<DevCertificates>,
     node_id: String,
     telemetry: &Telemetry,
+    signals: &mut StopSignals,
 ) -> Result<Exit, CommandError> {
     let plane_tls = match &certificates {
         Some(certificates) => Some(
@@ -332,7 +336,7 @@ async fn run_with(
                 &format!("plane only: start nodes with NodeRuntime__ControlPlaneUrl={url}"),
             ),
         }
-        stop_signal().await;
+        signals.received().await;
         plane.shutdown().await;
         return Ok(Exit::Completed);
     }
@@ -471,7 +475,16 @@ async fn run_with(
     };
 
     let result = if let Some(dir) = &args.watch {
-        watch_project(&url, &node_tls, dir, layout.path(), args.watch_cycles, args.log_format).await
+        watch_project(
+            &url,
+            &node_tls,
+            dir,
+            layout.path(),
+            args.watch_cycles,
+            args.log_format,
+            signals,
+        )
+        .await
     } else if let Some(target) = &target {
         let result = demo(&url, &target.addr.to_string(), &node_tls, args.log_format).await;
         say(
@@ -496,7 +509,7 @@ async fn run_with(
              see it:\n  curl -s {curl_tls}{url}/v1/runs\nCtrl-C stops."
             ),
         );
-        stop_signal().await;
+        signals.received().await;
         Ok(())
     };
     node.shutdown().await;
@@ -518,6 +531,7 @@ async fn watch_project(
     layout: &Path,
     cycles: Option<u32>,
     format: LogFormat,
+    signals: &mut StopSignals,
 ) -> Result<(), CommandError> {
     use crate::kit::watch::{next_change, snapshot};
     let project = crate::kit::Project::open(dir).map_err(super::kit_error)?;
@@ -578,7 +592,7 @@ async fn watch_project(
         say!("watch: waiting for a change in {}", dir.display());
         tokio::select! {
             change = next_change(dir, &files) => (files, saved) = change,
-            () = stop_signal() => break,
+            () = signals.received() => break,
         }
     }
     Ok(())

@@ -28,6 +28,8 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
+    // Before anything starts: a SIGTERM from here on drains the node.
+    let mut signals = StopSignals::listen();
     let config = app::load_config(args.config.as_deref(), args.log_format)
         .map_err(|err| CommandError::usage(format!("invalid configuration: {err}")))?;
     let telemetry = Telemetry::init(app::telemetry_settings(&config, args.log_format))
@@ -47,7 +49,7 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     };
     let stop = node.stop_token();
     tokio::spawn(async move {
-        stop_signal().await;
+        signals.received().await;
         stop.cancel();
     });
     node.wait().await;
@@ -58,19 +60,39 @@ pub async fn run(args: ServeArgs) -> Result<Exit, CommandError> {
     Ok(Exit::Completed)
 }
 
-/// SIGTERM (systemd, Kubernetes) or SIGINT (Ctrl-C).
-pub async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM (systemd, Kubernetes) or SIGINT (Ctrl-C), listened for from
+/// the moment [`StopSignals::listen`] is called: a signal that comes
+/// before it is awaited (while the node starts) is kept, not lost, and
+/// does not kill the process undrained, as it did when the listening
+/// began in a task that had not run yet.
+pub struct StopSignals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    /// Starts listening. Must run inside the tokio runtime.
+    pub fn listen() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        StopSignals { streams }
+    }
+
+    /// The first signal since [`listen`](Self::listen).
+    pub async fn received(&mut self) {
+        match &mut self.streams {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
             }
-        }
-        _ => {
-            tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the node");
-            let _ = tokio::signal::ctrl_c().await;
+            None => {
+                tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the node");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
