@@ -323,10 +323,17 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
     assert!(status.success(), "{status:?}");
 
     let mut node = disk.start(&plane.url(), "second");
-    eventually(Duration::from_secs(60), "the restarted node to register", || {
-        disk.log("second").contains("registered").then_some(())
+    let registered = tokio::time::timeout(Duration::from_secs(60), async {
+        while !disk.log("second").contains("registered") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
+    assert!(
+        registered.is_ok(),
+        "the restarted node did not register within 60 s:\n{}",
+        disk.log("second")
+    );
     // Time for reports sent again to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let runs = plane.runs();
