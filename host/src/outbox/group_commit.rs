@@ -17,15 +17,19 @@
 //! alone and in queue order. A transaction that fails fails every write in
 //! it.
 //!
-//! Under a steady stream of writes, a commit waits a little for company:
-//! when a write arrives within [`Gather::BUSY_WITHIN`] of the last commit,
+//! Under a steady stream of writes from many callers, a commit waits a
+//! little for company: when the last commit carried writes of two callers
+//! or more and a write arrives within [`Gather::BUSY_WITHIN`] of its end,
 //! the writer gathers for [`Gather::FOR`] unless [`Gather::WRITES`]
 //! writes are queued already (MySQL's `binlog_group_commit_sync_delay`
-//! and `..._no_delay_count`). At a few
-//! thousand leases a second each commit otherwise carried three or four
-//! writes, and an fsync costs the node tens of microseconds of CPU on a
-//! virtual disk; a saturated node's batches are full without waiting, and
-//! an idle node's lone write still commits at once.
+//! and `..._no_delay_count`). At a few thousand leases a second each
+//! commit otherwise carried three or four writes, and an fsync costs the
+//! node tens of microseconds of CPU on a virtual disk. After
+//! [`Gather::MISSES`] waits in a row that each brought fewer than
+//! [`Gather::WORTH`] callers, none is made for [`Gather::REST`]: where
+//! the callers wait on each other's commits (a node of a few slots, a
+//! lone lease), waiting brings no one and only adds latency. An idle node's lone write commits at once; a saturated
+//! node's batches are full without waiting.
 //!
 //! A commit of removals alone is not synced (see `Outbox::remove`): the
 //! next synced commit carries it to disk, or, when none comes within
@@ -140,17 +144,28 @@ pub(super) struct Gather {
     pub(super) wait: Duration,
     /// The writes queued already that make the wait needless.
     pub(super) writes: usize,
+    /// The callers a wait must bring to be worth it.
+    pub(super) worth: usize,
+    /// Waits in a row not worth it after which no wait is made for `rest`.
+    pub(super) misses: u32,
+    pub(super) rest: Duration,
 }
 
 impl Gather {
     pub(super) const BUSY_WITHIN: Duration = Duration::from_millis(1);
     pub(super) const FOR: Duration = Duration::from_micros(500);
     pub(super) const WRITES: usize = 16;
+    pub(super) const WORTH: usize = 2;
+    pub(super) const MISSES: u32 = 3;
+    pub(super) const REST: Duration = Duration::from_millis(100);
 
     pub(super) const DEFAULT: Gather = Gather {
         busy_within: Gather::BUSY_WITHIN,
         wait: Gather::FOR,
         writes: Gather::WRITES,
+        worth: Gather::WORTH,
+        misses: Gather::MISSES,
+        rest: Gather::REST,
     };
 }
 
@@ -250,8 +265,12 @@ fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C:
     let mut next_reopen: Option<Instant> = None;
     // When the oldest commit not yet on disk was made.
     let mut unsynced_since: Option<Instant> = None;
-    // When the last commit ended.
-    let mut last_commit: Option<Instant> = None;
+    // When the last commit ended, and how many callers' writes it carried.
+    let mut last_commit: Option<(Instant, usize)> = None;
+    // Waits in a row that brought too few callers, and no wait for
+    // company before `rest_until` once they were too many.
+    let mut misses = 0;
+    let mut rest_until: Option<Instant> = None;
     loop {
         if !committer.healthy() {
             // Answer what arrives at once, and reopen when it is time.
@@ -300,20 +319,39 @@ fn write_until_closed<C: Committer>(committer: &C, queue: &mpsc::Receiver<Job<C:
             }
         };
         let arrived = Instant::now();
-        let busy = last_commit.is_some_and(|ended| arrived.duration_since(ended) < gather.busy_within);
-        let jobs = gathered(queue, first, busy.then(|| (arrived + gather.wait, gather.writes)));
+        let busy = last_commit
+            .is_some_and(|(ended, callers)| callers > 1 && arrived.duration_since(ended) < gather.busy_within)
+            && rest_until.is_none_or(|until| arrived >= until);
+        let (jobs, brought) = gathered(queue, first, busy.then(|| (arrived + gather.wait, gather.writes)));
+        match brought {
+            Some(brought) if brought < gather.worth => {
+                misses += 1;
+                if misses >= gather.misses {
+                    misses = 0;
+                    rest_until = Some(Instant::now() + gather.rest);
+                }
+            }
+            Some(_) => misses = 0,
+            None => {}
+        }
+        let callers = jobs.len();
         commit_jobs(committer, jobs);
-        last_commit = Some(Instant::now());
+        last_commit = Some((Instant::now(), callers));
     }
 }
 
 /// `first` and the jobs queued behind it, up to [`MAX_JOBS_PER_COMMIT`];
 /// with `until`, while they hold fewer than its count of writes, also
-/// those that arrive before its instant. The writer sleeps through that
-/// wait rather than wait on the queue: a writer waiting on the queue is
-/// woken by every job (a system call of the runs' threads each), where
-/// one asleep is not, as one busy with a commit is not.
-fn gathered<E>(queue: &mpsc::Receiver<Job<E>>, first: Job<E>, until: Option<(Instant, usize)>) -> Vec<Job<E>> {
+/// those that arrive before its instant, and how many those were (None:
+/// no wait). The writer sleeps through that wait rather than wait on the
+/// queue: a writer waiting on the queue is woken by every job (a system
+/// call of the runs' threads each), where one asleep is not, as one busy
+/// with a commit is not.
+fn gathered<E>(
+    queue: &mpsc::Receiver<Job<E>>,
+    first: Job<E>,
+    until: Option<(Instant, usize)>,
+) -> (Vec<Job<E>>, Option<usize>) {
     let mut writes = first.writes.len();
     let mut jobs = vec![first];
     let mut drain = |jobs: &mut Vec<Job<E>>| {
@@ -329,14 +367,17 @@ fn gathered<E>(queue: &mpsc::Receiver<Job<E>>, first: Job<E>, until: Option<(Ins
         writes
     };
     let queued = drain(&mut jobs);
+    let mut brought = None;
     if let Some((deadline, enough)) = until
         && queued < enough
         && jobs.len() < MAX_JOBS_PER_COMMIT
     {
         std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        let before = jobs.len();
         drain(&mut jobs);
+        brought = Some(jobs.len() - before);
     }
-    jobs
+    (jobs, brought)
 }
 
 /// Syncs what earlier commits left unsynced. A failure is the store's
@@ -540,34 +581,70 @@ mod tests {
         );
     }
 
+    /// Windows no test outlasts, but for the wait itself.
+    const LONG: Gather = Gather {
+        busy_within: Duration::from_secs(600),
+        wait: Duration::from_secs(2),
+        writes: 16,
+        worth: 2,
+        misses: 1,
+        rest: Duration::from_secs(600),
+    };
+
     #[tokio::test]
-    async fn a_busy_writer_gathers_writes_until_enough_and_an_idle_one_commits_at_once() {
-        let gather = Gather {
-            busy_within: Duration::from_secs(600),
-            wait: Duration::from_secs(2),
-            writes: 3,
-        };
-        let h = harness_gathering(None, gather);
+    async fn writes_of_many_callers_gather_and_a_lone_write_commits_at_once() {
+        let h = harness_gathering(None, LONG);
         let first = queued(&h.group, vec![put("a")]);
         // No commit before it: the lone write is not held for company.
         h.started
             .recv_timeout(Duration::from_secs(60))
             .expect("an idle writer commits a lone write at once");
+        // Two callers queue during the first commit: they share the next.
+        let x = queued(&h.group, vec![put("x")]);
+        let y = queued(&h.group, vec![put("y")]);
         h.gate.send(()).unwrap();
         assert_eq!(ids(first.await), ["a"]);
-        // Just after a commit: a write waits for company, and the writes
-        // that come meanwhile share its commit.
+        assert_eq!(ids(x.await), ["x"]);
+        assert_eq!(ids(y.await), ["y"]);
+        // Just after a commit of two callers: a write waits for company,
+        // and the writes that come meanwhile share its commit.
         let mut b = queued(&h.group, vec![put("b")]);
         assert!(
             tokio::time::timeout(Duration::from_millis(200), &mut b).await.is_err(),
-            "a write just after a commit waits for company"
+            "a write just after a commit of many callers waits for company"
         );
         let c = queued(&h.group, vec![put("c")]);
         let de = queued(&h.group, vec![put("d"), put("e")]);
         assert_eq!(ids(b.await), ["b"]);
         assert_eq!(ids(c.await), ["c"]);
         assert_eq!(ids(de.await), ["d", "e"]);
-        assert_eq!(*h.batches.lock().unwrap(), [1, 4]);
+        assert_eq!(*h.batches.lock().unwrap(), [1, 2, 4]);
+    }
+
+    /// The review's case: a caller that waits for each commit before its
+    /// next write (a node of one slot) must not find the writer waiting
+    /// for company that cannot come.
+    #[tokio::test]
+    async fn one_caller_writing_after_each_commit_never_waits_for_company() {
+        // Longer than the test waits for an answer (a failure then takes
+        // this long more: the writer is joined when the group drops).
+        let gather = Gather {
+            wait: Duration::from_secs(120),
+            ..LONG
+        };
+        let h = harness_gathering(None, gather);
+        let first = queued(&h.group, vec![put("a")]);
+        h.started.recv_timeout(Duration::from_secs(60)).unwrap();
+        h.gate.send(()).unwrap();
+        assert_eq!(ids(first.await), ["a"]);
+        for i in 0..5 {
+            let id = format!("w{i}");
+            let answered = tokio::time::timeout(Duration::from_secs(60), h.group.submit(vec![put(&id)]))
+                .await
+                .expect("a lone caller's write commits without waiting 120 s for company");
+            assert_eq!(ids(answered), [id]);
+        }
+        assert_eq!(*h.batches.lock().unwrap(), [1; 6]);
     }
 
     #[tokio::test]
