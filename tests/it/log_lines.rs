@@ -98,7 +98,7 @@ async fn ids_with_control_characters_forge_no_log_line_and_the_fail_message_stay
 }
 
 /// A report sent three times: each failed attempt's warning names its
-/// attempt, and no line repeats the report span's `report.attempts`
+/// attempt and the lease's span, and no line repeats the report span's `report.attempts`
 /// (a formatter appends each recording of a span field to the span).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_retried_says_each_attempt_once() {
@@ -130,6 +130,14 @@ async fn a_report_retried_says_each_attempt_once() {
         warnings[0].contains("attempt=1") && warnings[1].contains("attempt=2"),
         "{warnings:#?}"
     );
+    // Sent in the background, each still names its lease and run (the
+    // review of 4ee6738: with the report span not built, they lost both).
+    for warning in &warnings {
+        assert!(
+            warning.contains("lease{lease.id=lease-retried") && warning.contains("run.id="),
+            "{warning}"
+        );
+    }
     for line in stderr.lines() {
         assert!(line.matches("report.attempts").count() <= 1, "a field repeated: {line}");
     }

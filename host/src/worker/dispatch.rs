@@ -254,6 +254,7 @@ impl Dispatcher {
         let report = Report::build(&accepted, &self.node_id, &outcome, &run_report, timings);
         self.reporter
             .deliver(report, accepted.lease.deadline_unix_ms, Some(&span))
+            .instrument(span.clone())
             .await;
         // The run's instance keeps its slot in the pool until its call is
         // unwound: the slot is given back after that. A guest cut off while

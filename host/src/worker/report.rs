@@ -168,12 +168,18 @@ impl Reporter {
             span.in_scope(|| tracing::warn!(%lease_id, "the outbox cannot record this report: it waits, unsent, until the outbox records again (sent unrecorded, it could be followed by a second outcome: a start that finds the lease with no report fails it as interrupted)"));
         }
         let reporter = self.clone();
-        self.tasks.spawn(
-            async move {
-                reporter.send(report, deadline_unix_ms, written, recorded).await;
-            }
-            .instrument(span),
-        );
+        let delivery = async move {
+            reporter.send(report, deadline_unix_ms, written, recorded).await;
+        }
+        .instrument(span);
+        // Its lines carry the lease's ids: stderr names the spans entered
+        // on the thread that it takes, and it does not take `report` (nor
+        // is `report` built while no collector takes it), so the lease's
+        // span is entered around it.
+        match lease_span {
+            Some(lease_span) => self.tasks.spawn(delivery.instrument(lease_span.clone())),
+            None => self.tasks.spawn(delivery),
+        };
     }
 
     /// Stores a report; false when the outbox could not.
