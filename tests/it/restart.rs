@@ -120,6 +120,7 @@ fn the_bounds_drop_the_oldest_and_the_expired() {
         OutboxLimits {
             max_reports: 2,
             grace: Duration::from_secs(60),
+            gather: false,
         },
     )
     .unwrap();

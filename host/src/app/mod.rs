@@ -34,7 +34,7 @@ pub use crate::config::{self, NodeConfig};
 use crate::agent_store::AgentStore;
 use crate::config::ConfigError;
 use crate::control_plane::TlsError;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, OutboxLimits};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::telemetry::{LogFormat, NodeMetrics};
 use crate::worker::{NodeHandle, StartError};
@@ -136,7 +136,10 @@ impl<'a> NodeBuild<'a> {
             Some(store) => store,
             None => agent_store(config, &tls)?,
         };
-        let outbox = Outbox::open_setting_aside_damaged(&config.node_runtime.data_directory, Default::default())?;
+        let outbox = Outbox::open_setting_aside_damaged(
+            &config.node_runtime.data_directory,
+            OutboxLimits::for_slots(config.slots()),
+        )?;
         tracing::info!(target: LOG_TARGET, path = %outbox.path().display(), "outbox open");
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)

@@ -17,7 +17,8 @@
 //! alone and in queue order. A transaction that fails fails every write in
 //! it.
 //!
-//! Under a steady stream of writes from many callers, a commit waits a
+//! On a node of many slots ([`super::OutboxLimits::gather`]), under a
+//! steady stream of writes from many callers, a commit waits a
 //! little for company: when the last commit carried writes of two callers
 //! or more and a write arrives within [`Gather::BUSY_WITHIN`] of its end,
 //! the writer gathers for [`Gather::FOR`] unless [`Gather::WRITES`]
@@ -159,6 +160,12 @@ impl Gather {
     pub(super) const MISSES: u32 = 3;
     pub(super) const REST: Duration = Duration::from_millis(100);
 
+    /// Never waits: every commit takes what is queued when it starts.
+    pub(super) const OFF: Gather = Gather {
+        busy_within: Duration::ZERO,
+        ..Gather::DEFAULT
+    };
+
     pub(super) const DEFAULT: Gather = Gather {
         busy_within: Gather::BUSY_WITHIN,
         wait: Gather::FOR,
@@ -182,6 +189,7 @@ pub(super) struct GroupCommit<E> {
 impl<E: Send + 'static> GroupCommit<E> {
     /// Starts the writer thread, which owns `committer`. `gone` makes the
     /// error for writes the thread does not answer.
+    #[cfg(test)]
     pub(super) fn start<C: Committer<Error = E>>(
         committer: C,
         gone: impl Fn() -> E + Send + Sync + 'static,

@@ -93,6 +93,25 @@ pub struct OutboxLimits {
     pub max_reports: usize,
     /// How long after its lease's deadline a report is still worth sending.
     pub grace: Duration,
+    /// Whether a commit may wait for company under a steady stream of
+    /// writes (see `group_commit`): for a node of many slots. With a few,
+    /// the writes of one commit are mostly the same leases' (an accept, a
+    /// report, a removal), which waiting only delays.
+    pub gather: bool,
+}
+
+impl OutboxLimits {
+    /// The slots from which a node's outbox gathers (the attack reviews
+    /// of 2026-12-07 measured 1-4 slots slower with it, 8 even, 64 faster).
+    pub const GATHER_FROM_SLOTS: u32 = 16;
+
+    /// The limits for a node of `slots`.
+    pub fn for_slots(slots: u32) -> Self {
+        OutboxLimits {
+            gather: slots >= Self::GATHER_FROM_SLOTS,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for OutboxLimits {
@@ -100,6 +119,7 @@ impl Default for OutboxLimits {
         OutboxLimits {
             max_reports: 100_000,
             grace: Duration::from_secs(600),
+            gather: false,
         }
     }
 }
@@ -353,7 +373,12 @@ impl Outbox {
                 message: "the outbox writer thread has stopped".to_string(),
             }
         };
-        let group = GroupCommit::start(tables, gone).map_err(|err| OutboxError::Database {
+        let gather = if limits.gather {
+            group_commit::Gather::DEFAULT
+        } else {
+            group_commit::Gather::OFF
+        };
+        let group = GroupCommit::start_gathering(tables, gone, gather).map_err(|err| OutboxError::Database {
             path: path.clone(),
             message: format!("cannot start the outbox writer thread: {err}"),
         })?;
