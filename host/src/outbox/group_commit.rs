@@ -18,19 +18,20 @@
 //! it.
 //!
 //! On a node of many slots ([`super::OutboxLimits::gather`]), under a
-//! steady stream of writes from many callers, a commit waits a
-//! little for company: when the last commit carried writes of two callers
-//! or more and a write arrives within [`Gather::BUSY_WITHIN`] of its end,
-//! the writer gathers for [`Gather::FOR`] unless [`Gather::WRITES`]
-//! writes are queued already (MySQL's `binlog_group_commit_sync_delay`
-//! and `..._no_delay_count`). At a few thousand leases a second each
-//! commit otherwise carried three or four writes, and an fsync costs the
-//! node tens of microseconds of CPU on a virtual disk. After
+//! steady stream of writes from many callers, a commit waits a little for
+//! company: when the last commit carried writes of two callers or more
+//! and a write arrives within [`Gather::BUSY_WITHIN`] of its end, the
+//! writer gathers for [`Gather::FOR`] unless [`Gather::WRITES`] writes
+//! are queued already (MySQL's `binlog_group_commit_sync_delay` and
+//! `..._no_delay_count`). At a few thousand leases a second each commit
+//! otherwise carried three or four writes, and an fsync costs the node
+//! tens of microseconds of CPU on a virtual disk. After
 //! [`Gather::MISSES`] waits in a row that each brought fewer than
 //! [`Gather::WORTH`] callers, none is made for [`Gather::REST`]: where
 //! the callers wait on each other's commits (a node of a few slots, a
-//! lone lease), waiting brings no one and only adds latency. An idle node's lone write commits at once; a saturated
-//! node's batches are full without waiting.
+//! lone lease), waiting brings no one and only adds latency. An idle
+//! node's lone write commits at once; a saturated node's batches are full
+//! without waiting.
 //!
 //! A commit of removals alone is not synced (see `Outbox::remove`): the
 //! next synced commit carries it to disk, or, when none comes within
@@ -187,18 +188,10 @@ pub(super) struct GroupCommit<E> {
 }
 
 impl<E: Send + 'static> GroupCommit<E> {
-    /// Starts the writer thread, which owns `committer`. `gone` makes the
-    /// error for writes the thread does not answer.
-    #[cfg(test)]
+    /// Starts the writer thread, which owns `committer` and gathers as
+    /// `gather` says. `gone` makes the error for writes the thread does
+    /// not answer.
     pub(super) fn start<C: Committer<Error = E>>(
-        committer: C,
-        gone: impl Fn() -> E + Send + Sync + 'static,
-    ) -> std::io::Result<Self> {
-        Self::start_gathering(committer, gone, Gather::DEFAULT)
-    }
-
-    /// [`start`](Self::start), gathering as `gather` says.
-    pub(super) fn start_gathering<C: Committer<Error = E>>(
         committer: C,
         gone: impl Fn() -> E + Send + Sync + 'static,
         gather: Gather,
@@ -526,7 +519,7 @@ mod tests {
             panic_on,
             broken: Mutex::new(false),
         };
-        let group = GroupCommit::start_gathering(recorder, || "gone".to_string(), gather).expect("writer thread");
+        let group = GroupCommit::start(recorder, || "gone".to_string(), gather).expect("writer thread");
         Harness {
             group: Arc::new(group),
             batches,
@@ -740,7 +733,10 @@ mod tests {
             unsynced: std::cell::Cell::new(false),
             syncs: syncs.clone(),
         };
-        (GroupCommit::start(lazy, || "gone".to_string()).unwrap(), syncs)
+        (
+            GroupCommit::start(lazy, || "gone".to_string(), Gather::DEFAULT).unwrap(),
+            syncs,
+        )
     }
 
     #[test]

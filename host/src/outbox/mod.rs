@@ -378,7 +378,7 @@ impl Outbox {
         } else {
             group_commit::Gather::OFF
         };
-        let group = GroupCommit::start_gathering(tables, gone, gather).map_err(|err| OutboxError::Database {
+        let group = GroupCommit::start(tables, gone, gather).map_err(|err| OutboxError::Database {
             path: path.clone(),
             message: format!("cannot start the outbox writer thread: {err}"),
         })?;
