@@ -321,23 +321,33 @@ impl Reporter {
     }
 
     /// Removes an answered (or expired) report, and with it the lease's
-    /// in-flight mark. While the outbox cannot record, this waits for it
-    /// (until the node gives up delivering at exit), so that the next start
-    /// does not send the report again.
+    /// in-flight mark. A removal refused is tried again (once the outbox
+    /// records again, or after a pause while it says it does) until it is
+    /// done or the node gives up delivering at exit, so that the next start
+    /// does not send the report again. Whether the outbox records when the
+    /// refusal arrives does not tell what refused it: the writer may have
+    /// reopened the file since the commit that failed (a CI run under load
+    /// saw answered reports sent again after a restart when a refusal met
+    /// an outbox reopened meanwhile, and was dropped as a lasting error).
     async fn forget(&self, lease_id: &str) {
+        let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let Err(err) = self.outbox.remove_async(lease_id).await else {
                 return;
             };
-            if self.outbox.is_writable() {
-                return self.outbox_error(lease_id, &err);
-            }
+            let pause = if self.outbox.is_writable() {
+                self.outbox_error(lease_id, &err);
+                Some(retry.next_delay())
+            } else {
+                None
+            };
             tokio::select! {
                 _ = self.shutdown.delivery_given_up() => {
                     tracing::warn!(%lease_id, "exiting before the outbox could record that this lease's report was answered; the next start sends the stored report again, a repeat of the same outcome");
                     return;
                 }
-                _ = self.outbox.writable() => {}
+                _ = self.outbox.writable(), if pause.is_none() => {}
+                _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
             }
         }
     }
