@@ -104,6 +104,13 @@ impl Disk {
     }
 }
 
+/// The last `count` lines of `text`, for a failure message that must stay
+/// short enough to be read in a CI excerpt.
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<_> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
 /// The run, once it has ended.
 fn ended(plane: &DevPlane, run_id: &str) -> Option<Run> {
     plane
@@ -320,7 +327,11 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
     })
     .await;
     let status = stop_node(&mut node).await;
-    assert!(status.success(), "{status:?}");
+    assert!(
+        status.success(),
+        "{status:?}; the end of the node's log:\n{}",
+        last_lines(&disk.log("first"), 40)
+    );
 
     let mut node = disk.start(&plane.url(), "second");
     let registered = tokio::time::timeout(Duration::from_secs(60), async {
@@ -331,20 +342,39 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
     .await;
     assert!(
         registered.is_ok(),
-        "the restarted node did not register within 60 s:\n{}",
-        disk.log("second")
+        "the restarted node did not register within 60 s; the end of its log:\n{}",
+        last_lines(&disk.log("second"), 40)
     );
     // Time for reports sent again to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let runs = plane.runs();
     let repeated: Vec<_> = runs.iter().filter(|run| run.repeats > 0).collect();
-    assert!(
-        repeated.is_empty(),
-        "{} of {} answered reports were sent again after the restart:\n{}",
-        repeated.len(),
-        runs.len(),
-        disk.log("first")
-    );
+    if let Some(first_repeated) = repeated.first() {
+        // What each node logged of one of them, and the first node's
+        // warnings and errors (the whole log is thousands of lines).
+        let about = |log: &str| {
+            log.lines()
+                .filter(|line| line.contains(first_repeated.run_id.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let first = disk.log("first");
+        let troubles: Vec<_> = first
+            .lines()
+            .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+            .collect();
+        panic!(
+            "{} of {} answered reports were sent again after the restart.\n\
+             The first node's warnings and errors:\n{}\n\
+             What the nodes logged of run {}:\n{}\n{}",
+            repeated.len(),
+            runs.len(),
+            last_lines(&troubles.join("\n"), 30),
+            first_repeated.run_id,
+            about(&first),
+            about(&disk.log("second")),
+        );
+    }
     for run in &runs {
         assert_eq!(run.outcomes, 1, "{run:?}");
     }
