@@ -84,6 +84,12 @@ impl BuildError {
 
 /// Builds every part `config` asks for and starts the node, recording into
 /// `metrics`.
+/// What the node's outbox keeps, and whether its commits wait for company:
+/// they do on a node of [`OutboxLimits::GATHER_FROM_SLOTS`] slots or more.
+pub(crate) fn outbox_limits(config: &NodeConfig) -> OutboxLimits {
+    OutboxLimits::for_slots(config.slots())
+}
+
 pub fn start_node(config: &NodeConfig, metrics: Arc<NodeMetrics>) -> Result<NodeHandle, BuildError> {
     NodeBuild::new(config).metrics(metrics).start()
 }
@@ -136,10 +142,7 @@ impl<'a> NodeBuild<'a> {
             Some(store) => store,
             None => agent_store(config, &tls)?,
         };
-        let outbox = Outbox::open_setting_aside_damaged(
-            &config.node_runtime.data_directory,
-            OutboxLimits::for_slots(config.slots()),
-        )?;
+        let outbox = Outbox::open_setting_aside_damaged(&config.node_runtime.data_directory, outbox_limits(config))?;
         tracing::info!(target: LOG_TARGET, path = %outbox.path().display(), "outbox open");
         let node = NodeHandle::builder(node_settings(config), Arc::new(sandbox), Arc::new(store), outbox)
             .tls(tls)

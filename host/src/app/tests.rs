@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::sandbox_config;
+use super::{outbox_limits, sandbox_config};
 use crate::config::tests::{env, fixtures, load, no_env};
 use crate::config::*;
 use crate::sandbox::*;
@@ -64,6 +64,28 @@ fn sizes_take_kubernetes_and_binary_units_and_the_slots_follow_capacity() {
     assert_eq!(sandbox.engine.allocator, AllocatorChoice::Pooling);
     assert_eq!(sandbox.engine.execution, Execution::Cranelift, "the default");
     assert_eq!(sandbox_config(&NodeConfig::default()).limits, NodeLimits::default());
+}
+
+#[test]
+fn the_outbox_gathers_commits_on_a_node_of_sixteen_slots_or_more() {
+    let gathers = |json: &str| outbox_limits(&load(json).unwrap()).gather;
+    assert!(!gathers("{}"), "the default 5 slots");
+    assert!(!gathers(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": 15, "Capacity": {"Slots": 15}}}"#
+    ));
+    assert!(gathers(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": 16, "Capacity": {"Slots": 16}}}"#
+    ));
+    assert!(gathers(
+        r#"{"NodeRuntime": {"MaxConcurrentLeases": 64, "Capacity": {"Slots": 64}}}"#
+    ));
+    assert!(
+        !gathers(r#"{"NodeRuntime": {"MaxConcurrentLeases": 8, "Capacity": {"Slots": 64}}}"#),
+        "the slots a node runs at once: the lower of the two"
+    );
+    let limits = outbox_limits(&load(r#"{"NodeRuntime": {"Capacity": {"Slots": 64}}}"#).unwrap());
+    let default = crate::outbox::OutboxLimits::default();
+    assert_eq!((limits.max_reports, limits.grace), (default.max_reports, default.grace));
 }
 
 #[test]
