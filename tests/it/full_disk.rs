@@ -381,6 +381,83 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
     node.kill().await.unwrap();
 }
 
+/// An outbox closed while removals a failed commit took back are not yet
+/// made again (its file not reopened since: the node got SIGTERM during
+/// the outage) reopens the file once more as it closes, and makes them
+/// again when the disk has room; with the disk still full they stay, and
+/// the next start sends those reports again (the node names them as it
+/// exits). Review 1 of stop 37 saw such repeats, and no line about them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_a_failed_commit_took_back_are_made_again_as_the_outbox_closes() {
+    use node_runtime::control_plane::Report;
+    use node_runtime::outbox::Outbox;
+    use node_runtime::proto::CompleteRequest;
+    let Some(disk) = Disk::mount("8m").await else { return };
+    let report = |lease_id: &str, bytes: usize| {
+        Report::Complete(CompleteRequest {
+            lease_id: lease_id.to_string(),
+            run_id: format!("run-of-{lease_id}"),
+            node_id: "closing-node".to_string(),
+            result: [("padding".to_string(), "x".repeat(bytes))].into_iter().collect(),
+            ..CompleteRequest::default()
+        })
+    };
+    let deadline = node_runtime::outbox::now_unix_ms() + 600_000;
+    // Answered reports, removed by unsynced commits, then a commit the
+    // full disk refuses: the file reopens at the last synced commit,
+    // which still holds them.
+    let filler = disk.inside.join("filler");
+    // Each round an outbox of its own: a failed commit can leave room
+    // inside the file that a later reopen finds.
+    let answered_then_refused = |round: &str| {
+        let outbox = Outbox::open(&disk.inside.join(round)).unwrap();
+        for i in 0..20 {
+            let lease_id = format!("{round}-{i}");
+            outbox.put(&report(&lease_id, 512), deadline).unwrap();
+        }
+        for i in 0..20 {
+            assert!(outbox.remove(&format!("{round}-{i}")).unwrap(), "removed");
+        }
+        fill(&filler);
+        assert!(
+            outbox
+                .put(&report(&format!("{round}-refused"), 300 << 10), deadline)
+                .is_err(),
+            "the full disk took a 300 KiB report"
+        );
+        assert!(!outbox.is_writable());
+        outbox
+    };
+
+    // The disk freed, and the outbox closed before the writer's next
+    // reopen (200 ms after the failure): the closing reopen makes the
+    // removals again.
+    let outbox = answered_then_refused("room");
+    std::fs::remove_file(&filler).unwrap();
+    drop(outbox);
+    let reopened = Outbox::open(&disk.inside.join("room")).unwrap();
+    assert_eq!(
+        reopened.pending_count().unwrap(),
+        0,
+        "answered reports came back after the outbox closed: {:?}",
+        reopened
+            .pending()
+            .unwrap()
+            .iter()
+            .map(|pending| pending.report.lease_id().to_string())
+            .collect::<Vec<_>>()
+    );
+    drop(reopened);
+
+    // Closed with the disk still full: nothing can make them again, and
+    // they are there at the next start, to be sent again.
+    let outbox = answered_then_refused("full");
+    drop(outbox);
+    std::fs::remove_file(&filler).unwrap();
+    let reopened = Outbox::open(&disk.inside.join("full")).unwrap();
+    assert_eq!(reopened.pending_count().unwrap(), 20);
+}
+
 /// A node started on a disk with no room at all for its outbox says so,
 /// and what to do, and exits 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,8 +120,9 @@ impl DatabaseFile {
     }
 
     /// Closes the database and opens the file again, then commits a write
-    /// to prove it records. On success the episode ends.
-    pub(super) fn reopen(&self, attempt: u32) -> Result<(), String> {
+    /// to prove it records. On success the episode ends. `at_exit`: the
+    /// last try of a closing outbox (the node takes no more leases).
+    pub(super) fn reopen(&self, attempt: u32, at_exit: bool) -> Result<(), String> {
         let mut slot = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Dropping the failed database releases its file lock, unless a
         // reader still holds it: then this attempt fails and the next one
@@ -158,12 +159,16 @@ impl DatabaseFile {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         let down_for = fault.map_or(Duration::ZERO, |fault| fault.started.elapsed());
-        tracing::info!(
-            path = %self.path.display(),
-            down_for = ?down_for,
-            attempts = attempt,
-            "the outbox records again: taking leases again"
-        );
+        if at_exit {
+            tracing::info!(path = %self.path.display(), down_for = ?down_for, "the outbox records again, as the node exits");
+        } else {
+            tracing::info!(
+                path = %self.path.display(),
+                down_for = ?down_for,
+                attempts = attempt,
+                "the outbox records again: taking leases again"
+            );
+        }
         self.writable.send_replace(true);
         Ok(())
     }

@@ -106,6 +106,9 @@ pub(super) trait Committer: Send + 'static {
     fn sync(&self) -> Result<(), Self::Error> {
         Ok(())
     }
+    /// The writer's last act, once the queue is closed and what it held
+    /// is committed (or answered with errors).
+    fn closing(&self) {}
 }
 
 /// How long the writer thread leaves unsynced writes (removals) waiting
@@ -199,7 +202,10 @@ impl<E: Send + 'static> GroupCommit<E> {
         let (jobs, queue) = mpsc::channel::<Job<E>>();
         let writer = std::thread::Builder::new()
             .name("outbox-writer".to_string())
-            .spawn(move || write_until_closed(&committer, &queue, gather))?;
+            .spawn(move || {
+                write_until_closed(&committer, &queue, gather);
+                committer.closing();
+            })?;
         Ok(GroupCommit {
             jobs: Some(jobs),
             writer: Some(writer),

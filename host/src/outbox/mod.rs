@@ -1044,6 +1044,34 @@ impl Tables {
             }
         }
     }
+
+    /// Reopens the failed file, reads the accepted ids again and makes
+    /// again the removals the failure took back; true once it records.
+    fn reopen_file(&self, attempt: u32, at_exit: bool) -> bool {
+        // A commit that failed may still have reached the file: the set is
+        // read again from what the file holds.
+        let reopened = self.file.reopen(attempt, at_exit).and_then(|()| {
+            let loaded = self
+                .file
+                .current()
+                .map_err(|err| err.to_string())
+                .and_then(|db| self.accepted.load(&db).map_err(|err| err.to_string()));
+            if let Err(error) = &loaded {
+                // Not without the set: the file counts as failed again.
+                self.file
+                    .failed(&format!("reading the accepted ids after reopening: {error}"));
+            }
+            loaded?;
+            self.remove_again()
+        });
+        match reopened {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
+                false
+            }
+        }
+    }
 }
 
 impl Committer for Tables {
@@ -1150,29 +1178,46 @@ impl Committer for Tables {
     }
 
     fn reopen(&self, attempt: u32) -> bool {
-        // A commit that failed may still have reached the file: the set is
-        // read again from what the file holds.
-        let reopened = self.file.reopen(attempt).and_then(|()| {
-            let loaded = self
-                .file
-                .current()
-                .map_err(|err| err.to_string())
-                .and_then(|db| self.accepted.load(&db).map_err(|err| err.to_string()));
-            if let Err(error) = &loaded {
-                // Not without the set: the file counts as failed again.
-                self.file
-                    .failed(&format!("reading the accepted ids after reopening: {error}"));
-            }
-            loaded?;
-            self.remove_again()
-        });
-        match reopened {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
-                false
-            }
+        self.reopen_file(attempt, false)
+    }
+
+    /// At exit, with removals a failed commit took back and nothing has
+    /// made again yet (the file was not reopened since, or the last sync
+    /// failed): the file is reopened once more, which makes them again if
+    /// the disk has room now. Otherwise each of those leases is named: the
+    /// next start sends its report again, a repeat of the outcome the
+    /// plane has (review 1 of stop 37 saw such repeats with no line about
+    /// them, after a SIGTERM while the disk was full).
+    fn closing(&self) {
+        if self.unsynced_removals.borrow().is_empty() {
+            return;
         }
+        // Healthy, they are a sync away from the disk (the writer syncs as
+        // it closes; should it not have, this does).
+        if self.healthy() && self.sync().is_ok() {
+            return;
+        }
+        self.reopen_file(0, true);
+        let lost = self.unsynced_removals.borrow();
+        if lost.is_empty() {
+            return;
+        }
+        const NAMED: usize = 20;
+        let leases = lost
+            .iter()
+            .take(NAMED)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::warn!(
+            path = %self.path.display(),
+            count = lost.len(),
+            %leases,
+            more = lost.len().saturating_sub(NAMED),
+            "exiting before the outbox could record that these leases' reports were answered (the disk \
+             refused the commit after their removal): the next start sends those reports again, a repeat \
+             of the outcome the control plane has"
+        );
     }
 
     fn unavailable(&self) -> OutboxError {
