@@ -384,9 +384,11 @@ async fn answered_reports_a_failed_commit_took_back_are_not_sent_again_after_a_r
 /// An outbox closed while removals a failed commit took back are not yet
 /// made again (its file not reopened since: the node got SIGTERM during
 /// the outage) reopens the file once more as it closes, and makes them
-/// again when the disk has room; with the disk still full they stay, and
-/// the next start sends those reports again (the node names them as it
-/// exits). Review 1 of stop 37 saw such repeats, and no line about them.
+/// again if it can, with the little room removals need; if it cannot,
+/// they stay, and the next start sends those reports again (the node
+/// names them as it exits). Review 1 of stop 37 saw such repeats, and no
+/// line about them; review 2, a closing reopen that asked for the room
+/// of a burst of leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removals_a_failed_commit_took_back_are_made_again_as_the_outbox_closes() {
     use node_runtime::control_plane::Report;
@@ -429,12 +431,20 @@ async fn removals_a_failed_commit_took_back_are_made_again_as_the_outbox_closes(
         outbox
     };
 
-    // The disk freed, and the outbox closed before the writer's next
-    // reopen (200 ms after the failure): the closing reopen makes the
-    // removals again.
+    // Some room made (64 KiB: less than a reopen proves before the node
+    // takes leases again, enough for removals), and the outbox closed
+    // before the writer's next reopen (200 ms after the failure): the
+    // closing reopen makes the removals again.
     let outbox = answered_then_refused("room");
-    std::fs::remove_file(&filler).unwrap();
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(full - (64 << 10))
+        .unwrap();
     drop(outbox);
+    std::fs::remove_file(&filler).unwrap();
     let reopened = Outbox::open(&disk.inside.join("room")).unwrap();
     assert_eq!(
         reopened.pending_count().unwrap(),
@@ -449,12 +459,16 @@ async fn removals_a_failed_commit_took_back_are_made_again_as_the_outbox_closes(
     );
     drop(reopened);
 
-    // Closed with the disk still full: nothing can make them again, and
-    // they are there at the next start, to be sent again.
-    let outbox = answered_then_refused("full");
+    // Closed while its file cannot be reopened (its directory moved away:
+    // a full disk can still take a removal in pages the file holds):
+    // nothing can make them again, and they are there at the next start,
+    // to be sent again.
+    let outbox = answered_then_refused("gone");
+    std::fs::rename(disk.inside.join("gone"), disk.inside.join("away")).unwrap();
     drop(outbox);
+    std::fs::rename(disk.inside.join("away"), disk.inside.join("gone")).unwrap();
     std::fs::remove_file(&filler).unwrap();
-    let reopened = Outbox::open(&disk.inside.join("full")).unwrap();
+    let reopened = Outbox::open(&disk.inside.join("gone")).unwrap();
     assert_eq!(reopened.pending_count().unwrap(), 20);
 }
 

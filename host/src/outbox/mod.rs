@@ -1046,8 +1046,8 @@ impl Tables {
     }
 
     /// Reopens the failed file, reads the accepted ids again and makes
-    /// again the removals the failure took back; true once it records.
-    fn reopen_file(&self, attempt: u32, at_exit: bool) -> bool {
+    /// again the removals the failure took back; Ok once it records.
+    fn reopen_file(&self, attempt: u32, at_exit: bool) -> Result<(), String> {
         // A commit that failed may still have reached the file: the set is
         // read again from what the file holds.
         let reopened = self.file.reopen(attempt, at_exit).and_then(|()| {
@@ -1064,13 +1064,10 @@ impl Tables {
             loaded?;
             self.remove_again()
         });
-        match reopened {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
-                false
-            }
+        if let Err(error) = &reopened {
+            tracing::debug!(path = %self.path.display(), %error, attempt, "the outbox could not be reopened yet");
         }
+        reopened
     }
 }
 
@@ -1178,7 +1175,7 @@ impl Committer for Tables {
     }
 
     fn reopen(&self, attempt: u32) -> bool {
-        self.reopen_file(attempt, false)
+        self.reopen_file(attempt, false).is_ok()
     }
 
     /// At exit, with removals a failed commit took back and nothing has
@@ -1197,26 +1194,21 @@ impl Committer for Tables {
         if self.healthy() && self.sync().is_ok() {
             return;
         }
-        self.reopen_file(0, true);
-        let lost = self.unsynced_removals.borrow();
-        if lost.is_empty() {
+        let Err(error) = self.reopen_file(0, true) else {
             return;
-        }
+        };
+        let lost = self.unsynced_removals.borrow();
         const NAMED: usize = 20;
-        let leases = lost
-            .iter()
-            .take(NAMED)
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let leases: Vec<&str> = lost.iter().take(NAMED).map(String::as_str).collect();
         tracing::warn!(
             path = %self.path.display(),
+            %error,
             count = lost.len(),
-            %leases,
+            ?leases,
             more = lost.len().saturating_sub(NAMED),
-            "exiting before the outbox could record that these leases' reports were answered (the disk \
-             refused the commit after their removal): the next start sends those reports again, a repeat \
-             of the outcome the control plane has"
+            "exiting before the outbox could record that these leases' reports were answered (a commit \
+             after their removal failed, and the file could not be reopened to make them again): the next \
+             start sends those reports again, a repeat of the outcome the control plane has"
         );
     }
 
