@@ -76,9 +76,7 @@ async fn a_thousand_runs_through_five_plane_restarts_each_end_exactly_once() {
 
     const RUNS: usize = 1000;
     // Runs of some milliseconds each (a sieve below a million), so that
-    // the kills land while work remains: a fast node ran the rest of 500
-    // `echo` runs between two polls of the plane, and the last kills came
-    // after every run had ended.
+    // the plane's restarts land while work remains.
     for i in 0..RUNS {
         let body = serde_json::json!({
             "agentId": "prime-sieve",
@@ -198,9 +196,16 @@ async fn five_hundred_runs_through_five_node_kills_each_end_exactly_once() {
 
     const RUNS: usize = 500;
     const KILLS: usize = 5;
+    // Runs of some milliseconds each (a sieve below a million), so that
+    // the kills land while work remains: with `echo`, a fast node ran the
+    // rest of the runs between two polls of the plane, and the last kill
+    // came after every run had ended.
     for i in 0..RUNS {
-        let body =
-            serde_json::json!({"agentId": "echo", "version": "1.0.0", "inputRef": {"message": format!("run {i}")}});
+        let body = serde_json::json!({
+            "agentId": "prime-sieve",
+            "version": "1.0.0",
+            "inputRef": {"limit": "1000000", "run": format!("run {i}")}
+        });
         let answer: serde_json::Value = http
             .post(format!("{url}/v1/runs"))
             .json(&body)
