@@ -82,14 +82,14 @@ impl BuildError {
     }
 }
 
-/// Builds every part `config` asks for and starts the node, recording into
-/// `metrics`.
 /// What the node's outbox keeps, and whether its commits wait for company:
 /// they do on a node of [`OutboxLimits::GATHER_FROM_SLOTS`] slots or more.
 pub(crate) fn outbox_limits(config: &NodeConfig) -> OutboxLimits {
     OutboxLimits::for_slots(config.slots())
 }
 
+/// Builds every part `config` asks for and starts the node, recording into
+/// `metrics`.
 pub fn start_node(config: &NodeConfig, metrics: Arc<NodeMetrics>) -> Result<NodeHandle, BuildError> {
     NodeBuild::new(config).metrics(metrics).start()
 }

@@ -326,9 +326,9 @@ impl Reporter {
     /// done or the node gives up delivering at exit, so that the next start
     /// does not send the report again. Whether the outbox records when the
     /// refusal arrives does not tell what refused it: the writer may have
-    /// reopened the file since the commit that failed (a CI run under load
-    /// saw answered reports sent again after a restart when a refusal met
-    /// an outbox reopened meanwhile, and was dropped as a lasting error).
+    /// reopened the file since the commit that failed (such a refusal was
+    /// once dropped as a lasting error, and the report sent again after a
+    /// restart).
     async fn forget(&self, lease_id: &str) {
         let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
@@ -341,13 +341,18 @@ impl Reporter {
             } else {
                 None
             };
+            let ready = async {
+                match pause {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => self.outbox.writable().await,
+                }
+            };
             tokio::select! {
                 _ = self.shutdown.delivery_given_up() => {
                     tracing::warn!(%lease_id, "exiting before the outbox could record that this lease's report was answered; the next start sends the stored report again, a repeat of the same outcome");
                     return;
                 }
-                _ = self.outbox.writable(), if pause.is_none() => {}
-                _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
+                () = ready => {}
             }
         }
     }
