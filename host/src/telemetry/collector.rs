@@ -5,7 +5,8 @@
 //! lease's spans and log records for OTLP costs the node about a third of
 //! its CPU per lease (bench/README.md, lease-cost); when nothing listens,
 //! all of it is thrown away by the exporter. So the OTLP layers ask
-//! [`Collector::listening`] before they build anything:
+//! [`Collector::listening`] before they build anything (an answer each
+//! callsite caches until the gate changes):
 //!
 //! - an export that fails while the endpoint refuses a TCP connection
 //!   closes the gate (an export that fails at a listening collector, say
@@ -89,6 +90,7 @@ impl Collector {
 
     fn close(&self) {
         if self.state.listening.swap(false, Ordering::Relaxed) {
+            gate_changed();
             tracing::info!(
                 endpoint = %self.state.endpoint,
                 "no OTLP collector listens at the endpoint: spans and log records are not built \
@@ -103,6 +105,7 @@ impl Collector {
 impl State {
     fn open(&self) {
         if !self.listening.swap(true, Ordering::Relaxed) {
+            gate_changed();
             tracing::info!(endpoint = %self.endpoint, "an OTLP collector listens at the endpoint: exporting again");
         }
     }
@@ -119,6 +122,14 @@ impl State {
             .take(4)
             .any(|address: SocketAddr| TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).is_ok())
     }
+}
+
+/// Tells every callsite to ask the subscriber again whether it is
+/// wanted. The OTLP layers' gate is a filter whose answer each callsite
+/// caches (a callsite that only they would take then costs nothing while
+/// the gate is closed), so its answers change only with this.
+fn gate_changed() {
+    tracing::callsite::rebuild_interest_cache();
 }
 
 /// The probe thread: while the gate is closed, a connection attempt every

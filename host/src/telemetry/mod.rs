@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -132,20 +132,24 @@ impl Telemetry {
             )
             .boxed();
         layers.push(stderr);
-        // Nothing is built for OTLP while no collector listens. A dynamic
-        // filter: a plain `filter_fn`'s answer is cached per callsite.
-        let listening = |collector: Option<collector::Collector>| {
-            dynamic_filter_fn(move |_, _| collector.as_ref().is_none_or(collector::Collector::listening))
-        };
+        // The OTLP layers sit behind one gate of their own: while no
+        // collector listens, a span is asked about once for both (one
+        // lookup at each enter and exit, not one per layer), and a callsite
+        // that only they would take is not asked about at all. The gate's
+        // answer is cached per callsite; the collector rebuilds the cache
+        // when it changes (`collector.rs`).
+        let mut otlp: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
+        let mut otlp_most_verbose = LevelFilter::OFF;
         if let Some(tracer) = providers.tracer() {
             // The node's own spans; the libraries' (hyper, h2, tonic) would
             // only be noise, and the exporter's own would feed back.
             let targets = Targets::new().with_target("node_runtime", tracing::Level::INFO);
-            layers.push(
+            otlp_most_verbose = otlp_most_verbose.max(LevelFilter::INFO);
+            otlp.push(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
                     .with_threads(false)
-                    .with_filter(targets.and(listening(providers.collector.clone())))
+                    .with_filter(targets)
                     .boxed(),
             );
         }
@@ -154,7 +158,9 @@ impl Telemetry {
             // record must not log (and so export) again. A filter of its
             // own, as a module's directive in RUST_LOG would win over `=off`.
             let quiet = filter_fn(|metadata| !log_line::of_crates(metadata.target(), EXPORTER_CRATES));
-            layers.push(
+            let logs_filter = env_filter(&filter)?;
+            otlp_most_verbose = otlp_most_verbose.max(logs_filter.max_level_hint().unwrap_or(LevelFilter::TRACE));
+            otlp.push(
                 opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::builder(logger)
                     .with_tracing_span_attributes(
                         opentelemetry_appender_tracing::layer::TracingSpanAttributes::allowlist(
@@ -162,14 +168,17 @@ impl Telemetry {
                         ),
                     )
                     .build()
-                    .with_filter(
-                        env_filter(&filter)?
-                            .and(filter_fn(log_line::capped))
-                            .and(quiet)
-                            .and(listening(providers.collector.clone())),
-                    )
+                    .with_filter(logs_filter.and(filter_fn(log_line::capped)).and(quiet))
                     .boxed(),
             );
+        }
+        if !otlp.is_empty() {
+            let collector = providers.collector.clone();
+            let listening = filter_fn(move |metadata| {
+                otlp_most_verbose >= *metadata.level() && collector.as_ref().is_none_or(collector::Collector::listening)
+            })
+            .with_max_level_hint(otlp_most_verbose);
+            layers.push(otlp.with_filter(listening).boxed());
         }
         tracing_subscriber::registry()
             .with(layers)
@@ -253,8 +262,8 @@ pub fn loading_logger(format: LogFormat) -> impl tracing::Subscriber + Send + Sy
 /// (TRACE when unknown). Its records (wasmtime writes them: some
 /// two dozen debug and trace records per instantiation) cross into
 /// `tracing` only below this level. `try_init` sets it from the
-/// subscriber's hint, which the OTLP layers' dynamic gates leave at
-/// TRACE: every record then crossed, to be dropped by the filters, about
+/// subscriber's hint, which was TRACE while the OTLP layers' gate gave
+/// none: every record then crossed, to be dropped by the filters, about
 /// 2% of the node's CPU per lease (bench `lease-cost`). Every layer that
 /// takes log records uses the stderr filter, whose hint this is.
 fn log_level(most_verbose: Option<LevelFilter>) -> log::LevelFilter {
