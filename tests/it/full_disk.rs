@@ -104,13 +104,6 @@ impl Disk {
     }
 }
 
-/// The last `count` lines of `text`, for a failure message that must stay
-/// short enough to be read in a CI excerpt.
-fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<_> = text.lines().collect();
-    lines[lines.len().saturating_sub(count)..].join("\n")
-}
-
 /// The run, once it has ended.
 fn ended(plane: &DevPlane, run_id: &str) -> Option<Run> {
     plane

@@ -789,6 +789,62 @@ async fn json_log_lines_about_a_run_carry_its_run_lease_and_trace_ids() {
     }
 }
 
+/// The daemon gathers its log lines and writes them a few at a time: none
+/// is lost or torn, and those logged as it exits are written before it
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gathered_log_lines_are_whole_in_order_and_written_before_exit() {
+    const RUNS: usize = 300;
+    let leases = (0..RUNS)
+        .map(|n| lease(&format!("lease-many-{n}"), "echo", TRACE_GUID, &[("message", "{}")]))
+        .collect();
+    let (plane, recorded) = scripted::serve(leases).await;
+    let agents = agents_layout();
+    let data = tempfile::tempdir().unwrap();
+    let mut node = Node::start(
+        base_config(&plane, agents.path(), data.path()),
+        &["--log-format", "json"],
+        &[],
+    );
+    eventually(Duration::from_secs(120), "every Complete", || {
+        (recorded.lock().unwrap().completes.len() == RUNS).then_some(())
+    })
+    .await;
+    let status = node.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status:?}");
+    let stderr = node.stderr();
+    let messages: Vec<(String, Option<String>)> = stderr
+        .lines()
+        .map(|line| {
+            let line: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|err| panic!("not one JSON line ({err}): {line}"));
+            let lease = line["spans"].as_array().and_then(|spans| {
+                spans
+                    .iter()
+                    .find(|s| s["name"] == "lease")
+                    .and_then(|s| s["lease.id"].as_str().map(str::to_string))
+            });
+            (
+                line["fields"]["message"].as_str().unwrap_or_default().to_string(),
+                lease,
+            )
+        })
+        .collect();
+    let completed: BTreeSet<&str> = messages
+        .iter()
+        .filter(|(message, _)| message == "run completed")
+        .filter_map(|(_, lease)| lease.as_deref())
+        .collect();
+    assert_eq!(completed.len(), RUNS, "a `run completed` line per lease");
+    let last_run = messages.iter().rposition(|(message, _)| message == "run completed");
+    let stopped = messages.iter().position(|(message, _)| message == "stopped");
+    assert!(
+        matches!((last_run, stopped), (Some(run), Some(stop)) if run < stop),
+        "the line logged as the node stops, after the runs' lines; the last lines:\n{}",
+        last_lines(&stderr, 10)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logging_loglevel_sets_the_level_and_rust_log_overrides_it() {
     // A control plane that is not there: the node warns about it.

@@ -225,3 +225,10 @@ pub fn run_agent_json(agent: &std::path::Path, extra: &[&str]) -> (i32, serde_js
     });
     (output.status.code().expect("exited"), json)
 }
+
+/// The last `count` lines of `text`, for a failure message that must stay
+/// short enough to be read in a CI excerpt.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<_> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}

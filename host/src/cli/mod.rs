@@ -18,7 +18,10 @@ macro_rules! say {
 /// [`say!`] for stderr.
 macro_rules! say_err {
     ($($arg:tt)*) => {
-        eprintln!("{}", support::one_line::escape(&format!($($arg)*)))
+        {
+            $crate::telemetry::flush_log_lines();
+            eprintln!("{}", support::one_line::escape(&format!($($arg)*)))
+        }
     };
 }
 
@@ -202,6 +205,7 @@ pub fn parse_error(err: &clap::Error) -> ExitCode {
 /// else a terminal acts on escaped (`error: ` before an error); for
 /// machines, one JSON object of the log's own shape.
 pub(crate) fn say(format: LogFormat, level: tracing::Level, target: &str, message: &str) {
+    crate::telemetry::flush_log_lines();
     match format {
         LogFormat::Human => {
             let prefix = if level == tracing::Level::ERROR { "error: " } else { "" };

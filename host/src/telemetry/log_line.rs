@@ -16,6 +16,8 @@
 
 use std::borrow::Cow;
 use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -116,13 +118,18 @@ impl Write for SafeLine {
         } else {
             redacted
         };
-        // The line and its newline in one system call, not two.
-        let mut line = Vec::with_capacity(escaped.len() + 1);
-        line.extend_from_slice(escaped.as_bytes());
-        if newline {
-            line.push(b'\n');
+        match BATCHER.get() {
+            Some(batcher) => batcher.push(escaped.as_bytes(), newline)?,
+            None => {
+                // The line and its newline in one system call, not two.
+                let mut line = Vec::with_capacity(escaped.len() + 1);
+                line.extend_from_slice(escaped.as_bytes());
+                if newline {
+                    line.push(b'\n');
+                }
+                io::stderr().lock().write_all(&line)?;
+            }
         }
-        io::stderr().lock().write_all(&line)?;
         Ok(buf.len())
     }
 
@@ -131,9 +138,226 @@ impl Write for SafeLine {
     }
 }
 
+/// How long a line may wait for company before it is written.
+pub const GATHER_FOR: Duration = Duration::from_millis(2);
+
+/// Past this many bytes waiting, a line is written at once, with what
+/// waits before it, by the thread that logs it.
+const MOST_WAITING: usize = 1 << 20;
+
+/// The process's batcher, once [`Batcher::start`] ran (the daemon's
+/// logging); without it, each line is a system call of its own.
+static BATCHER: OnceLock<Arc<Batcher>> = OnceLock::new();
+
+/// Log lines gathered for up to [`GATHER_FOR`] and written together, by a
+/// thread of their own: at thousands of runs a second, a system call per
+/// line cost the node several microseconds per lease (bench `lease-cost`).
+/// Lines keep their order and none is dropped (past [`MOST_WAITING`] the
+/// logging thread writes itself); [`flush`] writes what waits, and the
+/// guard does so when dropped, at the end of the command. A crash can lose
+/// the last [`GATHER_FOR`] of lines.
+pub struct Batcher {
+    waiting: Mutex<Waiting>,
+    woken: Condvar,
+    /// Taken before `waiting` by whoever writes: whoever writes first took
+    /// everything logged before.
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    bytes: Vec<u8>,
+    /// The writing thread is gone: lines are written at once.
+    stopped: bool,
+}
+
+/// Writes what waits and stops the batcher's thread when dropped; lines
+/// logged later are written at once.
+pub struct BatcherGuard {
+    batcher: Arc<Batcher>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Batcher {
+    /// Starts the process's batcher, writing on stderr; `None` if it runs
+    /// already or its thread cannot start (lines are then written one by
+    /// one).
+    pub fn start() -> Option<BatcherGuard> {
+        if BATCHER.get().is_some() {
+            return None;
+        }
+        let (batcher, guard) = Batcher::start_on(Box::new(io::stderr()))?;
+        BATCHER.set(batcher).ok()?;
+        Some(guard)
+    }
+
+    /// A batcher writing on `out`, with its thread.
+    fn start_on(out: Box<dyn Write + Send>) -> Option<(Arc<Batcher>, BatcherGuard)> {
+        let batcher = Arc::new(Batcher {
+            waiting: Mutex::new(Waiting::default()),
+            woken: Condvar::new(),
+            out: Mutex::new(out),
+        });
+        let writer = batcher.clone();
+        let thread = std::thread::Builder::new()
+            .name("log-lines".into())
+            .spawn(move || writer.write_until_stopped())
+            .ok()?;
+        let guard = BatcherGuard {
+            batcher: batcher.clone(),
+            thread: Some(thread),
+        };
+        Some((batcher, guard))
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn out(&self) -> MutexGuard<'_, Box<dyn Write + Send>> {
+        self.out.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, line: &[u8], newline: bool) -> io::Result<()> {
+        let mut waiting = self.waiting();
+        if waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
+            drop(waiting);
+            let mut out = self.out();
+            let mut bytes = std::mem::take(&mut self.waiting().bytes);
+            bytes.extend_from_slice(line);
+            if newline {
+                bytes.push(b'\n');
+            }
+            return out.write_all(&bytes);
+        }
+        let was_empty = waiting.bytes.is_empty();
+        waiting.bytes.extend_from_slice(line);
+        if newline {
+            waiting.bytes.push(b'\n');
+        }
+        drop(waiting);
+        if was_empty {
+            self.woken.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Writes what waits now; `spare` is swapped in as the next buffer.
+    fn write_waiting(&self, spare: &mut Vec<u8>) {
+        let mut out = self.out();
+        std::mem::swap(&mut self.waiting().bytes, spare);
+        // Nothing to do with a failed write but go on: this is the log.
+        let _ = out.write_all(spare);
+        spare.clear();
+    }
+
+    fn write_until_stopped(&self) {
+        let mut spare = Vec::new();
+        loop {
+            {
+                let mut waiting = self.waiting();
+                while waiting.bytes.is_empty() && !waiting.stopped {
+                    waiting = self.woken.wait(waiting).unwrap_or_else(PoisonError::into_inner);
+                }
+                if waiting.stopped {
+                    return;
+                }
+            }
+            std::thread::sleep(GATHER_FOR);
+            self.write_waiting(&mut spare);
+        }
+    }
+
+    fn stop(&self) {
+        self.waiting().stopped = true;
+        self.woken.notify_one();
+    }
+}
+
+/// Writes the log lines that wait, before a line written on stderr by
+/// other means, so that the order holds.
+pub fn flush() {
+    if let Some(batcher) = BATCHER.get() {
+        batcher.write_waiting(&mut Vec::new());
+    }
+}
+
+impl Drop for BatcherGuard {
+    fn drop(&mut self) {
+        self.batcher.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.batcher.write_waiting(&mut Vec::new());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a test batcher wrote.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Written {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn gathered_lines_are_written_whole_in_each_threads_order_and_all_by_the_guard() {
+        let written = Written::default();
+        let (batcher, guard) = Batcher::start_on(Box::new(written.clone())).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|thread| {
+                let batcher = batcher.clone();
+                std::thread::spawn(move || {
+                    for n in 0..2_000 {
+                        // Some lines past the bound, which the logging
+                        // thread writes itself.
+                        let filler = if n % 500 == 0 {
+                            "x".repeat(MOST_WAITING / 2)
+                        } else {
+                            String::new()
+                        };
+                        batcher
+                            .push(format!("thread {thread} line {n} {filler}").as_bytes(), true)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // Dropped at once: most of the last lines still wait.
+        drop(guard);
+        let lines_written = || {
+            String::from_utf8(written.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!(lines_written(), 4 * 2_000, "every line, written by the guard");
+        batcher.push(b"after the guard", true).unwrap();
+        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.last(), Some(&"after the guard"), "written at once");
+        for thread in 0..4 {
+            let numbers: Vec<usize> = lines
+                .iter()
+                .filter_map(|line| line.strip_prefix(&format!("thread {thread} line ")))
+                .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+                .collect();
+            assert_eq!(numbers, (0..2_000).collect::<Vec<_>>(), "thread {thread}");
+        }
+    }
 
     #[test]
     fn the_client_crates_and_their_modules_stay_at_info_and_above() {

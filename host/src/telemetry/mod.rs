@@ -7,8 +7,8 @@
 //! [`Telemetry::init`] turns that into:
 //! - log lines on stderr, human-readable or JSON (`--log-format`), filtered
 //!   by `Logging.LogLevel` unless `RUST_LOG` is set, each one line with
-//!   credentials in URLs redacted, the client crates never below `info`
-//!   (`log_line.rs`);
+//!   credentials in URLs redacted, the client crates never below `info`,
+//!   gathered for up to 2 ms and written together (`log_line.rs`);
 //! - spans exported over OTLP (the `node_runtime` crate's spans at info
 //!   level and above), each lease's span adopting the lease's trace id
 //!   ([`adopt_trace_id`]);
@@ -88,6 +88,8 @@ pub enum TelemetryError {
 pub struct Telemetry {
     metrics: Arc<NodeMetrics>,
     providers: otlp::Providers,
+    /// Writes the log lines that wait when dropped.
+    lines: Option<log_line::BatcherGuard>,
 }
 
 impl Telemetry {
@@ -184,6 +186,7 @@ impl Telemetry {
             .with(layers)
             .try_init()
             .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+        let lines = log_line::Batcher::start();
         log::set_max_level(log_level(most_verbose));
         if let Some(otlp) = &settings.otlp {
             tracing::info!(
@@ -194,7 +197,11 @@ impl Telemetry {
                 "exporting telemetry over OTLP"
             );
         }
-        Ok(Telemetry { metrics, providers })
+        Ok(Telemetry {
+            metrics,
+            providers,
+            lines,
+        })
     }
 
     /// The metrics registry: give it to the worker and the admin endpoint.
@@ -207,7 +214,7 @@ impl Telemetry {
     /// delays exit by that much at most.
     pub async fn shutdown(self) {
         let metrics = self.metrics.clone();
-        let Telemetry { providers, .. } = self;
+        let Telemetry { providers, lines, .. } = self;
         let otlp::Providers { tracer, logger, .. } = providers;
         let mut tasks = vec![tokio::task::spawn_blocking(move || metrics.shutdown())];
         if let Some(tracer) = tracer {
@@ -223,7 +230,15 @@ impl Telemetry {
         for task in tasks {
             let _ = task.await;
         }
+        drop(lines);
     }
+}
+
+/// Writes the daemon's log lines that wait to be written together
+/// ([`Telemetry::init`] gathers them for a few milliseconds): call it
+/// before writing on stderr by other means, so the order holds.
+pub fn flush_log_lines() {
+    log_line::flush();
 }
 
 /// How every logger of the node writes to stderr: one line per event in
