@@ -93,13 +93,26 @@ impl<'a> MakeWriter<'a> for SafeStderr {
     type Writer = SafeLine;
 
     fn make_writer(&'a self) -> SafeLine {
-        SafeLine { stderr: *self }
+        SafeLine {
+            stderr: *self,
+            at_once: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, metadata: &tracing::Metadata<'_>) -> SafeLine {
+        SafeLine {
+            stderr: *self,
+            at_once: *metadata.level() <= tracing::Level::WARN,
+        }
     }
 }
 
 /// One event on its way to stderr.
 pub struct SafeLine {
     stderr: SafeStderr,
+    /// A warning or an error: written at once (with the lines that wait
+    /// before it), never left to gather.
+    at_once: bool,
 }
 
 impl Write for SafeLine {
@@ -119,7 +132,7 @@ impl Write for SafeLine {
             redacted
         };
         match BATCHER.get() {
-            Some(batcher) => batcher.push(escaped.as_bytes(), newline)?,
+            Some(batcher) => batcher.push(escaped.as_bytes(), newline, self.at_once)?,
             None => {
                 // The line and its newline in one system call, not two.
                 let mut line = Vec::with_capacity(escaped.len() + 1);
@@ -149,13 +162,15 @@ const MOST_WAITING: usize = 1 << 20;
 /// logging); without it, each line is a system call of its own.
 static BATCHER: OnceLock<Arc<Batcher>> = OnceLock::new();
 
-/// Log lines gathered for up to [`GATHER_FOR`] and written together, by a
-/// thread of their own: at thousands of runs a second, a system call per
-/// line cost the node several microseconds per lease (bench `lease-cost`).
-/// Lines keep their order and none is dropped (past [`MOST_WAITING`] the
-/// logging thread writes itself); [`flush`] writes what waits, and the
-/// guard does so when dropped, at the end of the command. A crash can lose
-/// the last [`GATHER_FOR`] of lines.
+/// Log lines below `WARN` gathered for up to [`GATHER_FOR`] and written
+/// together, by a thread of their own: at thousands of runs a second, a
+/// system call per line cost the node several microseconds per lease
+/// (bench `lease-cost`). Lines keep their order and none is dropped (past
+/// [`MOST_WAITING`] the logging thread writes itself); a warning or an
+/// error is written at once, with what waits before it; [`flush`] writes
+/// what waits, and the guard does so when dropped, at the end of the
+/// command. A crash can lose the last [`GATHER_FOR`] of lines below
+/// `WARN`.
 pub struct Batcher {
     waiting: Mutex<Waiting>,
     woken: Condvar,
@@ -218,9 +233,11 @@ impl Batcher {
         self.out.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, line: &[u8], newline: bool) -> io::Result<()> {
+    /// Adds `line` to what waits, or writes it now with what waits before
+    /// it: `at_once`, past [`MOST_WAITING`], or once stopped.
+    fn push(&self, line: &[u8], newline: bool, at_once: bool) -> io::Result<()> {
         let mut waiting = self.waiting();
-        if waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
+        if at_once || waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
             drop(waiting);
             let mut out = self.out();
             let mut bytes = std::mem::take(&mut self.waiting().bytes);
@@ -311,6 +328,20 @@ mod tests {
     }
 
     #[test]
+    fn a_warning_is_written_at_once_after_the_lines_that_wait() {
+        let written = Written::default();
+        let (batcher, guard) = Batcher::start_on(Box::new(written.clone())).unwrap();
+        batcher.push(b"info 1", true, false).unwrap();
+        batcher.push(b"info 2", true, false).unwrap();
+        batcher.push(b"warn", true, true).unwrap();
+        assert_eq!(
+            String::from_utf8(written.0.lock().unwrap().clone()).unwrap(),
+            "info 1\ninfo 2\nwarn\n"
+        );
+        drop(guard);
+    }
+
+    #[test]
     fn gathered_lines_are_written_whole_in_each_threads_order_and_all_by_the_guard() {
         let written = Written::default();
         let (batcher, guard) = Batcher::start_on(Box::new(written.clone())).unwrap();
@@ -327,7 +358,11 @@ mod tests {
                             String::new()
                         };
                         batcher
-                            .push(format!("thread {thread} line {n} {filler}").as_bytes(), true)
+                            .push(
+                                format!("thread {thread} line {n} {filler}").as_bytes(),
+                                true,
+                                n % 700 == 0,
+                            )
                             .unwrap();
                     }
                 })
@@ -345,7 +380,7 @@ mod tests {
                 .count()
         };
         assert_eq!(lines_written(), 4 * 2_000, "every line, written by the guard");
-        batcher.push(b"after the guard", true).unwrap();
+        batcher.push(b"after the guard", true, false).unwrap();
         let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.last(), Some(&"after the guard"), "written at once");
