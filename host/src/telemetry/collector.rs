@@ -227,6 +227,45 @@ mod tests {
         assert_eq!(host_and_port("not a url"), None);
     }
 
+    /// The gate is a filter whose answer each callsite caches: a change
+    /// must reach a callsite that was asked already.
+    #[test]
+    fn a_callsite_asked_before_the_gate_changes_follows_it() {
+        use std::sync::atomic::AtomicUsize;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::{Layer, filter::filter_fn};
+
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> Layer<S> for Count {
+            fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+                if event.metadata().target() == "gate_test" {
+                    self.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let collector = Collector::watch(&format!("http://127.0.0.1:{port}"));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let gate = collector.clone();
+        let subscriber =
+            tracing_subscriber::registry().with(Count(seen.clone()).with_filter(filter_fn(move |_| gate.listening())));
+        tracing::subscriber::with_default(subscriber, || {
+            // One callsite, asked in each state.
+            let emit = || tracing::info!(target: "gate_test", "an event");
+            emit();
+            emit();
+            assert_eq!(seen.load(Ordering::Relaxed), 2, "open");
+            collector.close();
+            emit();
+            assert_eq!(seen.load(Ordering::Relaxed), 2, "closed: not taken");
+            collector.state.open();
+            emit();
+            assert_eq!(seen.load(Ordering::Relaxed), 3, "open again");
+        });
+    }
+
     #[test]
     fn the_gate_closes_when_nothing_listens_and_opens_when_something_does() {
         // A port that was just free, and one that listens.
