@@ -156,21 +156,28 @@ pub const GATHER_FOR: Duration = Duration::from_millis(2);
 
 /// Past this many bytes waiting, a line is written at once, with what
 /// waits before it, by the thread that logs it.
-const MOST_WAITING: usize = 1 << 20;
+const MOST_WAITING: usize = 256 << 10;
+
+/// At most this much in one `write(2)` (but a longer line, alone): a pipe
+/// takes a write of up to `PIPE_BUF` (4 KiB on Linux) whole, so the lines
+/// of a stderr that other processes write to as well are never torn.
+const ONE_WRITE: usize = 4096;
 
 /// The process's batcher, once [`Batcher::start`] ran (the daemon's
 /// logging); without it, each line is a system call of its own.
 static BATCHER: OnceLock<Arc<Batcher>> = OnceLock::new();
 
 /// Log lines below `WARN` gathered for up to [`GATHER_FOR`] and written
-/// together, by a thread of their own: at thousands of runs a second, a
-/// system call per line cost the node several microseconds per lease
-/// (bench `lease-cost`). Lines keep their order and none is dropped (past
-/// [`MOST_WAITING`] the logging thread writes itself); a warning or an
-/// error is written at once, with what waits before it; [`flush`] writes
-/// what waits, and the guard does so when dropped, at the end of the
-/// command. A crash can lose the last [`GATHER_FOR`] of lines below
-/// `WARN`.
+/// together ([`ONE_WRITE`] at a time), by a thread of their own: at
+/// thousands of runs a second, a system call per line cost the node
+/// several microseconds per lease (bench `lease-cost`). Lines keep their
+/// order and none is dropped. A line is written by the thread that logs
+/// it, with what waits before it, when it is a warning or an error, when
+/// a write is under way (a slow stderr slows the loggers, as it did
+/// before, instead of piling lines up), or past [`MOST_WAITING`].
+/// [`flush`] writes what waits, and the guard does so when dropped, at the
+/// end of the command. A crash can lose the last [`GATHER_FOR`] of lines
+/// below `WARN`, and the write under way.
 pub struct Batcher {
     waiting: Mutex<Waiting>,
     woken: Condvar,
@@ -182,6 +189,8 @@ pub struct Batcher {
 #[derive(Default)]
 struct Waiting {
     bytes: Vec<u8>,
+    /// A write of what waited is under way.
+    writing: bool,
     /// The writing thread is gone: lines are written at once.
     stopped: bool,
 }
@@ -234,18 +243,21 @@ impl Batcher {
     }
 
     /// Adds `line` to what waits, or writes it now with what waits before
-    /// it: `at_once`, past [`MOST_WAITING`], or once stopped.
+    /// it: `at_once`, while a write is under way, past [`MOST_WAITING`], or
+    /// once stopped.
     fn push(&self, line: &[u8], newline: bool, at_once: bool) -> io::Result<()> {
         let mut waiting = self.waiting();
-        if at_once || waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
+        if at_once || waiting.writing || waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
             drop(waiting);
             let mut out = self.out();
-            let mut bytes = std::mem::take(&mut self.waiting().bytes);
+            let mut bytes = self.take_for_writing();
             bytes.extend_from_slice(line);
             if newline {
                 bytes.push(b'\n');
             }
-            return out.write_all(&bytes);
+            let written = write_lines(&mut **out, &bytes);
+            self.waiting().writing = false;
+            return written;
         }
         let was_empty = waiting.bytes.is_empty();
         waiting.bytes.extend_from_slice(line);
@@ -259,12 +271,26 @@ impl Batcher {
         Ok(())
     }
 
+    /// What waits, taken to be written: the caller holds `out`, and
+    /// clears `writing` once written. Lines logged meanwhile are written by
+    /// their own threads, after it.
+    fn take_for_writing(&self) -> Vec<u8> {
+        let mut waiting = self.waiting();
+        waiting.writing = true;
+        std::mem::take(&mut waiting.bytes)
+    }
+
     /// Writes what waits now; `spare` is swapped in as the next buffer.
     fn write_waiting(&self, spare: &mut Vec<u8>) {
         let mut out = self.out();
-        std::mem::swap(&mut self.waiting().bytes, spare);
+        {
+            let mut waiting = self.waiting();
+            std::mem::swap(&mut waiting.bytes, spare);
+            waiting.writing = true;
+        }
         // Nothing to do with a failed write but go on: this is the log.
-        let _ = out.write_all(spare);
+        let _ = write_lines(&mut **out, spare);
+        self.waiting().writing = false;
         spare.clear();
     }
 
@@ -289,6 +315,27 @@ impl Batcher {
         self.waiting().stopped = true;
         self.woken.notify_one();
     }
+}
+
+/// Writes `bytes`, whole lines, [`ONE_WRITE`] at most at a time (a longer
+/// line alone).
+fn write_lines(out: &mut dyn Write, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let cut = if bytes.len() <= ONE_WRITE {
+            bytes.len()
+        } else {
+            match bytes[..ONE_WRITE].iter().rposition(|&byte| byte == b'\n') {
+                Some(end) => end + 1,
+                None => bytes
+                    .iter()
+                    .position(|&byte| byte == b'\n')
+                    .map_or(bytes.len(), |end| end + 1),
+            }
+        };
+        out.write_all(&bytes[..cut])?;
+        bytes = &bytes[cut..];
+    }
+    Ok(())
 }
 
 /// Writes the log lines that wait, before a line written on stderr by
@@ -325,6 +372,99 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Each write a test batcher made.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_write_is_longer_than_a_pipe_takes_whole_but_a_longer_line_alone() {
+        let writes = Writes::default();
+        let (batcher, guard) = Batcher::start_on(Box::new(writes.clone())).unwrap();
+        let mut expected = String::new();
+        for n in 0..200 {
+            let line = if n == 100 {
+                "long ".repeat(2_000)
+            } else {
+                format!("line {n} {}", "x".repeat(n * 3))
+            };
+            batcher.push(line.as_bytes(), true, false).unwrap();
+            expected.push_str(&line);
+            expected.push('\n');
+        }
+        drop(guard);
+        let writes = writes.0.lock().unwrap().clone();
+        for write in &writes {
+            assert!(write.ends_with(b"\n"), "whole lines");
+            let lines = write.iter().filter(|&&byte| byte == b'\n').count();
+            assert!(
+                write.len() <= ONE_WRITE || lines == 1,
+                "{} bytes, {lines} lines",
+                write.len()
+            );
+        }
+        assert!(
+            writes.iter().any(|write| write.len() > ONE_WRITE),
+            "the long line, alone"
+        );
+        assert_eq!(String::from_utf8(writes.concat()).unwrap(), expected);
+    }
+
+    /// Stands for a stderr that takes a write only when the test says.
+    struct Held {
+        started: std::sync::mpsc::Sender<Vec<u8>>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Write for Held {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.started.send(buf.to_vec());
+            // Bounded, so that a failing test ends.
+            let _ = self.release.recv_timeout(Duration::from_secs(10));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn while_a_write_is_under_way_a_line_is_written_by_its_logging_thread() {
+        let (started, writes_started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        let (batcher, guard) = Batcher::start_on(Box::new(Held {
+            started,
+            release: released,
+        }))
+        .unwrap();
+        batcher.push(b"first", true, false).unwrap();
+        // The batcher's thread is in its write of "first".
+        assert_eq!(writes_started.recv().unwrap(), b"first\n");
+        let logging = {
+            let batcher = batcher.clone();
+            std::thread::spawn(move || batcher.push(b"second", true, false).unwrap())
+        };
+        // "second" does not wait to be gathered: its thread waits for the
+        // write under way, then writes it.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!logging.is_finished(), "the logging thread waits for the slow write");
+        release.send(()).unwrap();
+        assert_eq!(writes_started.recv().unwrap(), b"second\n");
+        release.send(()).unwrap();
+        logging.join().unwrap();
+        assert!(batcher.waiting().bytes.is_empty(), "nothing left to gather");
+        drop(guard);
     }
 
     #[test]
