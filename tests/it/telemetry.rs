@@ -744,20 +744,7 @@ async fn readyz_follows_the_control_plane_and_metrics_show_the_heartbeats_free_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_about_a_run_carry_its_run_lease_and_trace_ids() {
-    let (plane, recorded) = scripted::serve(vec![lease("lease-json", "echo", TRACE_GUID, &[("message", "{}")])]).await;
-    let agents = agents_layout();
-    let data = tempfile::tempdir().unwrap();
-    let mut node = Node::start(
-        base_config(&plane, agents.path(), data.path()),
-        &["--log-format", "json"],
-        &[],
-    );
-    eventually(Duration::from_secs(60), "the Complete", || {
-        (recorded.lock().unwrap().completes.len() == 1).then_some(())
-    })
-    .await;
-    node.terminate(Duration::from_secs(30)).await;
-    let stderr = node.stderr();
+    let stderr = json_lines_of(vec![lease("lease-json", "echo", TRACE_GUID, &[("message", "{}")])]).await;
     let lines: Vec<serde_json::Value> = stderr
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
@@ -789,15 +776,10 @@ async fn json_log_lines_about_a_run_carry_its_run_lease_and_trace_ids() {
     }
 }
 
-/// The daemon gathers its log lines and writes them a few at a time: none
-/// is lost or torn, and those logged as it exits are written before it
-/// does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gathered_log_lines_are_whole_in_order_and_written_before_exit() {
-    const RUNS: usize = 300;
-    let leases = (0..RUNS)
-        .map(|n| lease(&format!("lease-many-{n}"), "echo", TRACE_GUID, &[("message", "{}")]))
-        .collect();
+/// What a node logging JSON lines wrote on stderr, run against a scripted
+/// plane until every one of `leases` is completed, then stopped (SIGTERM).
+async fn json_lines_of(leases: Vec<Lease>) -> String {
+    let count = leases.len();
     let (plane, recorded) = scripted::serve(leases).await;
     let agents = agents_layout();
     let data = tempfile::tempdir().unwrap();
@@ -807,12 +789,24 @@ async fn gathered_log_lines_are_whole_in_order_and_written_before_exit() {
         &[],
     );
     eventually(Duration::from_secs(120), "every Complete", || {
-        (recorded.lock().unwrap().completes.len() == RUNS).then_some(())
+        (recorded.lock().unwrap().completes.len() == count).then_some(())
     })
     .await;
     let status = node.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status:?}");
-    let stderr = node.stderr();
+    node.stderr()
+}
+
+/// The daemon gathers its log lines and writes them a few at a time: none
+/// is lost or torn, and those logged as it exits are written before it
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gathered_log_lines_are_whole_in_order_and_written_before_exit() {
+    const RUNS: usize = 300;
+    let leases = (0..RUNS)
+        .map(|n| lease(&format!("lease-many-{n}"), "echo", TRACE_GUID, &[("message", "{}")]))
+        .collect();
+    let stderr = json_lines_of(leases).await;
     let messages: Vec<(String, Option<String>)> = stderr
         .lines()
         .map(|line| {
