@@ -247,7 +247,7 @@ impl Batcher {
     /// once stopped.
     fn push(&self, line: &[u8], newline: bool, at_once: bool) -> io::Result<()> {
         let mut waiting = self.waiting();
-        if at_once || waiting.writing || waiting.stopped || waiting.bytes.len() + line.len() > MOST_WAITING {
+        if at_once || waiting.writing || waiting.stopped || waiting.bytes.len() + line.len() + 1 > MOST_WAITING {
             drop(waiting);
             let mut out = self.out();
             let mut bytes = self.take_for_writing();
@@ -318,8 +318,10 @@ impl Batcher {
 }
 
 /// Writes `bytes`, whole lines, [`ONE_WRITE`] at most at a time (a longer
-/// line alone).
+/// line alone). A write that fails loses its own lines, not the rest: the
+/// first error is returned once every piece was tried.
 fn write_lines(out: &mut dyn Write, mut bytes: &[u8]) -> io::Result<()> {
+    let mut failed = None;
     while !bytes.is_empty() {
         let cut = if bytes.len() <= ONE_WRITE {
             bytes.len()
@@ -332,10 +334,12 @@ fn write_lines(out: &mut dyn Write, mut bytes: &[u8]) -> io::Result<()> {
                     .map_or(bytes.len(), |end| end + 1),
             }
         };
-        out.write_all(&bytes[..cut])?;
+        if let Err(err) = out.write_all(&bytes[..cut]) {
+            failed.get_or_insert(err);
+        }
         bytes = &bytes[cut..];
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Writes the log lines that wait, before a line written on stderr by
@@ -419,6 +423,39 @@ mod tests {
             "the long line, alone"
         );
         assert_eq!(String::from_utf8(writes.concat()).unwrap(), expected);
+    }
+
+    /// A stderr whose first write fails.
+    struct FailsOnce(Writes, bool);
+
+    impl Write for FailsOnce {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if std::mem::replace(&mut self.1, false) {
+                return Err(io::Error::other("a failed write"));
+            }
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_loses_its_own_lines_not_the_rest() {
+        let writes = Writes::default();
+        let mut out = FailsOnce(writes.clone(), true);
+        let lines: String = (0..100).map(|n| format!("line {n} {}\n", "x".repeat(100))).collect();
+        assert!(
+            write_lines(&mut out, lines.as_bytes()).is_err(),
+            "the error is returned"
+        );
+        let written = String::from_utf8(writes.0.lock().unwrap().concat()).unwrap();
+        assert!(
+            written.ends_with(&format!("line 99 {}\n", "x".repeat(100))),
+            "the pieces after it are written"
+        );
+        assert!(!written.starts_with("line 0 "), "the first piece failed");
+        assert_eq!(written.lines().count() + lines[..ONE_WRITE].matches('\n').count(), 100);
     }
 
     /// Stands for a stderr that takes a write only when the test says.
