@@ -136,10 +136,7 @@ impl Write for SafeLine {
             None => {
                 // The line and its newline in one system call, not two.
                 let mut line = Vec::with_capacity(escaped.len() + 1);
-                line.extend_from_slice(escaped.as_bytes());
-                if newline {
-                    line.push(b'\n');
-                }
+                append_line(&mut line, escaped.as_bytes(), newline);
                 io::stderr().lock().write_all(&line)?;
             }
         }
@@ -249,21 +246,10 @@ impl Batcher {
         let mut waiting = self.waiting();
         if at_once || waiting.writing || waiting.stopped || waiting.bytes.len() + line.len() + 1 > MOST_WAITING {
             drop(waiting);
-            let mut out = self.out();
-            let mut bytes = self.take_for_writing();
-            bytes.extend_from_slice(line);
-            if newline {
-                bytes.push(b'\n');
-            }
-            let written = write_lines(&mut **out, &bytes);
-            self.waiting().writing = false;
-            return written;
+            return self.write_now(&mut Vec::new(), line, newline);
         }
         let was_empty = waiting.bytes.is_empty();
-        waiting.bytes.extend_from_slice(line);
-        if newline {
-            waiting.bytes.push(b'\n');
-        }
+        append_line(&mut waiting.bytes, line, newline);
         drop(waiting);
         if was_empty {
             self.woken.notify_one();
@@ -271,27 +257,27 @@ impl Batcher {
         Ok(())
     }
 
-    /// What waits, taken to be written: the caller holds `out`, and
-    /// clears `writing` once written. Lines logged meanwhile are written by
-    /// their own threads, after it.
-    fn take_for_writing(&self) -> Vec<u8> {
-        let mut waiting = self.waiting();
-        waiting.writing = true;
-        std::mem::take(&mut waiting.bytes)
-    }
-
-    /// Writes what waits now; `spare` is swapped in as the next buffer.
-    fn write_waiting(&self, spare: &mut Vec<u8>) {
+    /// Writes what waits, then `line`. `spare` is swapped in as the next
+    /// buffer to gather into. Lines logged during the write are written by
+    /// their own threads, after it (`writing`).
+    fn write_now(&self, spare: &mut Vec<u8>, line: &[u8], newline: bool) -> io::Result<()> {
         let mut out = self.out();
         {
             let mut waiting = self.waiting();
             std::mem::swap(&mut waiting.bytes, spare);
             waiting.writing = true;
         }
-        // Nothing to do with a failed write but go on: this is the log.
-        let _ = write_lines(&mut **out, spare);
+        append_line(spare, line, newline);
+        let written = write_lines(&mut **out, spare);
         self.waiting().writing = false;
         spare.clear();
+        written
+    }
+
+    /// Writes what waits now.
+    fn write_waiting(&self, spare: &mut Vec<u8>) {
+        // Nothing to do with a failed write but go on: this is the log.
+        let _ = self.write_now(spare, b"", false);
     }
 
     fn write_until_stopped(&self) {
@@ -314,6 +300,14 @@ impl Batcher {
     fn stop(&self) {
         self.waiting().stopped = true;
         self.woken.notify_one();
+    }
+}
+
+/// `line`, and its newline if it has one, at the end of `bytes`.
+fn append_line(bytes: &mut Vec<u8>, line: &[u8], newline: bool) {
+    bytes.extend_from_slice(line);
+    if newline {
+        bytes.push(b'\n');
     }
 }
 
@@ -364,23 +358,16 @@ impl Drop for BatcherGuard {
 mod tests {
     use super::*;
 
-    /// What a test batcher wrote.
-    #[derive(Clone, Default)]
-    struct Written(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Written {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Each write a test batcher made.
     #[derive(Clone, Default)]
     struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Writes {
+        /// Everything written, in order.
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().concat()).unwrap()
+        }
+    }
 
     impl Write for Writes {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -449,7 +436,7 @@ mod tests {
             write_lines(&mut out, lines.as_bytes()).is_err(),
             "the error is returned"
         );
-        let written = String::from_utf8(writes.0.lock().unwrap().concat()).unwrap();
+        let written = writes.text();
         assert!(
             written.ends_with(&format!("line 99 {}\n", "x".repeat(100))),
             "the pieces after it are written"
@@ -506,21 +493,18 @@ mod tests {
 
     #[test]
     fn a_warning_is_written_at_once_after_the_lines_that_wait() {
-        let written = Written::default();
+        let written = Writes::default();
         let (batcher, guard) = Batcher::start_on(Box::new(written.clone())).unwrap();
         batcher.push(b"info 1", true, false).unwrap();
         batcher.push(b"info 2", true, false).unwrap();
         batcher.push(b"warn", true, true).unwrap();
-        assert_eq!(
-            String::from_utf8(written.0.lock().unwrap().clone()).unwrap(),
-            "info 1\ninfo 2\nwarn\n"
-        );
+        assert_eq!(written.text(), "info 1\ninfo 2\nwarn\n");
         drop(guard);
     }
 
     #[test]
     fn gathered_lines_are_written_whole_in_each_threads_order_and_all_by_the_guard() {
-        let written = Written::default();
+        let written = Writes::default();
         let (batcher, guard) = Batcher::start_on(Box::new(written.clone())).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|thread| {
@@ -550,15 +534,13 @@ mod tests {
         }
         // Dropped at once: most of the last lines still wait.
         drop(guard);
-        let lines_written = || {
-            String::from_utf8(written.0.lock().unwrap().clone())
-                .unwrap()
-                .lines()
-                .count()
-        };
-        assert_eq!(lines_written(), 4 * 2_000, "every line, written by the guard");
+        assert_eq!(
+            written.text().lines().count(),
+            4 * 2_000,
+            "every line, written by the guard"
+        );
         batcher.push(b"after the guard", true, false).unwrap();
-        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        let text = written.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.last(), Some(&"after the guard"), "written at once");
         for thread in 0..4 {

@@ -8,7 +8,8 @@
 //! - log lines on stderr, human-readable or JSON (`--log-format`), filtered
 //!   by `Logging.LogLevel` unless `RUST_LOG` is set, each one line with
 //!   credentials in URLs redacted, the client crates never below `info`,
-//!   gathered for up to 2 ms and written together (`log_line.rs`);
+//!   those below `WARN` gathered for up to 2 ms and written together
+//!   (`log_line.rs`);
 //! - spans exported over OTLP (the `node_runtime` crate's spans at info
 //!   level and above), each lease's span adopting the lease's trace id
 //!   ([`adopt_trace_id`]);
